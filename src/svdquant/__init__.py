@@ -1,0 +1,26 @@
+"""svdquant: 4-bit weights and activations for diffusion models (SVDQuant).
+
+The public API::
+
+    quantize_linear(linear, calib_inputs, fmt="int4", rank=32, alpha=None, gptq=False,
+                    method="svdquant") -> SVDQLinear
+    SVDQLinear                  # the quantized layer; .dequantize() gives its weight
+    save_quantized(module, path) / load_quantized(path, model=None)
+"""
+
+from svdquant.algorithm import METHODS, quantize_linear
+from svdquant.checkpoint import CheckpointError, load_quantized, save_quantized
+from svdquant.formats import FORMATS
+from svdquant.nn import SVDQLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMATS",
+    "METHODS",
+    "CheckpointError",
+    "SVDQLinear",
+    "load_quantized",
+    "quantize_linear",
+    "save_quantized",
+]

@@ -1,0 +1,181 @@
+"""``SVDQLinear``: the quantized replacement of ``nn.Linear``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from svdquant import formats, kernels
+
+__all__ = ["SVDQLinear"]
+
+# Buffers whose dtype is part of the format: ``module.to(dtype)`` / ``.half()`` must not
+# cast them (a pipeline's ``.to(torch.bfloat16)`` would otherwise round fp16 scales).
+_FIXED_DTYPE = ("qweight", "wscales", "wtensor_scale", "smooth", "act_amax")
+
+
+class SVDQLinear(nn.Module):
+    """A linear layer with a 4-bit residual weight and a 16-bit low-rank branch.
+
+    ``y = Q(x / s) · Q(R)ᵀ + ((x / s) · L_downᵀ) · L_upᵀ + b``
+
+    Buffers (the checkpoint's tensors):
+
+    * ``qweight`` uint8 [N, K_pad / 2]: the residual's packed 4-bit codes,
+    * ``wscales`` [N, K_pad / group]: its group scales (fp16 for int4, fp8 E4M3 for nvfp4),
+    * ``wtensor_scale`` fp32 []: its tensor scale (1 for int4),
+    * ``smooth`` fp32 [K]: the smoothing vector s,
+    * ``act_amax`` fp32 []: the calibration max of |x / s| (the fused engine derives its
+      static activation scale from it; the reference backend does not use it),
+    * ``lowrank_down`` [r, K] and ``lowrank_up`` [N, r]: the 16-bit low-rank branch,
+    * ``bias`` [N] (optional).
+
+    ``K_pad`` is K rounded up to the format's group size: the residual is zero-padded
+    along K, and the activations are zero-padded the same way when quantized, so any K
+    works. ``fmt`` is the weight format, ``act_fmt`` the activation format (one of
+    ``kernels.ACT_FORMATS``; by default the same as ``fmt``: W4A4).
+
+    Build one with ``svdquant.quantize_linear`` (= ``SVDQLinear.from_linear``); the
+    constructor makes an empty shell of the right shapes (e.g. on the meta device, to be
+    filled from a checkpoint).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        fmt: str = "int4",
+        act_fmt: str | None = None,
+        rank: int = 32,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        f = formats.get_format(fmt)
+        act_fmt = act_fmt or f.name
+        if act_fmt not in kernels.ACT_FORMATS:
+            raise ValueError(
+                f"unknown activation format {act_fmt!r}; supported: {kernels.ACT_FORMATS}"
+            )
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(
+                f"in_features and out_features must be positive, got {in_features}, {out_features}"
+            )
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        if backend not in kernels.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; supported: {kernels.BACKENDS}")
+        self.in_features, self.out_features = in_features, out_features
+        self.fmt, self.act_fmt, self.rank, self.backend = f.name, act_fmt, rank, backend
+        self.alpha: float | None = None  # the smoothing strength chosen (informational)
+        kp = f.padded(in_features)
+        new = dict(device=device)
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, kp // 2, dtype=torch.uint8, **new)
+        )
+        self.register_buffer(
+            "wscales", torch.zeros(out_features, kp // f.group_size, dtype=f.scale_dtype, **new)
+        )
+        self.register_buffer("wtensor_scale", torch.ones((), dtype=torch.float32, **new))
+        self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32, **new))
+        self.register_buffer("act_amax", torch.ones((), dtype=torch.float32, **new))
+        self.register_buffer("lowrank_down", torch.zeros(rank, in_features, dtype=dtype, **new))
+        self.register_buffer("lowrank_up", torch.zeros(out_features, rank, dtype=dtype, **new))
+        self.register_buffer(
+            "bias", torch.zeros(out_features, dtype=dtype, **new) if bias else None
+        )
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, calib_inputs: torch.Tensor | Iterable[torch.Tensor], **kwargs: Any
+    ) -> SVDQLinear:
+        """Quantize ``linear`` with SVDQuant; same arguments as ``svdquant.quantize_linear``."""
+        from svdquant.algorithm import quantize_linear
+
+        return quantize_linear(linear, calib_inputs, **kwargs)
+
+    def config(self) -> dict[str, Any]:
+        """What it takes to rebuild an empty shell of this layer (saved in checkpoints)."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "fmt": self.fmt,
+            "act_fmt": self.act_fmt,
+            "rank": self.rank,
+            "dtype": str(self.lowrank_down.dtype).removeprefix("torch."),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **kwargs: Any) -> SVDQLinear:
+        """An empty shell from ``config()`` (kwargs: ``device``, ``backend``)."""
+        cfg = dict(config)
+        cfg["dtype"] = getattr(torch, cfg["dtype"])
+        return cls(**cfg, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(
+                f"SVDQLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}"
+            )
+        if not torch.is_floating_point(x):
+            raise ValueError(f"SVDQLinear expects floating-point inputs, got {x.dtype}")
+        if x.device != self.qweight.device:
+            raise ValueError(
+                f"input is on {x.device} but the layer is on {self.qweight.device}; "
+                "move one of them (e.g. layer.to(x.device))"
+            )
+        return kernels.svdq_linear(
+            x,
+            self.qweight,
+            self.wscales,
+            self.wtensor_scale,
+            self.smooth,
+            self.lowrank_down,
+            self.lowrank_up,
+            self.bias,
+            self.fmt,
+            self.act_fmt,
+        )
+
+    def quantized_residual(self) -> formats.QuantizedTensor:
+        """The 4-bit residual R as a ``QuantizedTensor``."""
+        shape = torch.Size((self.out_features, self.in_features))
+        return formats.QuantizedTensor(
+            self.qweight, self.wscales, self.wtensor_scale, self.fmt, shape
+        )
+
+    @torch.no_grad()
+    def dequantize(self) -> torch.Tensor:
+        """The effective weight ``(Q(R) + L_up · L_down) / s`` [N, K], for debugging.
+
+        Returned in the layer's 16-bit dtype (the dtype of its low-rank branch). It leaves
+        out activation quantization, so ``x @ W.T + b`` is the layer with 16-bit
+        activations.
+        """
+        w = formats.dequantize(self.quantized_residual())
+        if self.rank:
+            w = w + self.lowrank_up.float() @ self.lowrank_down.float()
+        return (w / self.smooth.float()).to(self.lowrank_down.dtype)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SVDQLinear:
+        fixed = {name: self._buffers[name] for name in _FIXED_DTYPE}
+        super()._apply(fn, recurse)
+        for name, old in fixed.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:  # a dtype cast: keep the format's dtype, take the device
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, fmt={self.fmt}, act_fmt={self.act_fmt}, "
+            f"rank={self.rank}"
+        )
