@@ -117,7 +117,7 @@ def _grouped(x: torch.Tensor, f: Format) -> torch.Tensor:
     x = x.float()
     if f.padded(k) != k:
         x = F.pad(x, (0, f.padded(k) - k))
-    return x.reshape(*x.shape[:-1], -1, f.group_size)
+    return x.reshape(*x.shape[:-1], x.shape[-1] // f.group_size, f.group_size)
 
 
 def _nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +199,7 @@ def quantize_with_scales(
         step = step * tensor_scale.float().unsqueeze(-1)
     v = torch.where(step > 0, xg / step, torch.zeros_like(xg))
     codes = round_codes(v, f)
-    return codes.reshape(*codes.shape[:-2], -1)
+    return codes.flatten(-2)
 
 
 def quantize(
@@ -222,11 +222,11 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     """The values ``q`` stands for, in its original (unpadded) shape."""
     f = get_format(q.fmt)
     v = code_values(q.codes(), f)
-    v = v.reshape(*v.shape[:-1], -1, f.group_size)
+    v = v.unflatten(-1, (v.shape[-1] // f.group_size, f.group_size))
     step = q.scales.float().unsqueeze(-1)
     if f.name == "nvfp4":
         step = step * q.tensor_scale.float().unsqueeze(-1)
-    out = (v * step).reshape(*v.shape[:-2], -1)
+    out = (v * step).flatten(-2)
     return out[..., : q.shape[-1]].to(dtype)
 
 
@@ -259,4 +259,4 @@ def unpack(packed: torch.Tensor, signed: bool = True) -> torch.Tensor:
     if signed:
         lo = (lo ^ 8) - 8
         hi = (hi ^ 8) - 8
-    return torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], -1)
+    return torch.stack((lo, hi), dim=-1).flatten(-2)

@@ -15,7 +15,20 @@ import torch
 
 from svdquant import formats
 
-__all__ = ["ACT_FORMATS", "quantize_activations", "svdq_linear"]
+__all__ = [
+    "ACT_FORMATS",
+    "ACT_SCALE_TARGET",
+    "ENGINE_ACT_FORMATS",
+    "act_scale_from_amax",
+    "fp8_gemm_ref",
+    "quantize_act_ref",
+    "quantize_activations",
+    "round_e4m3",
+    "svdq_linear",
+    "svdq_linear_fp8_ref",
+    "w4a16_linear_ref",
+    "widen_weight_ref",
+]
 
 #: Activation formats: the two 4-bit formats (W4A4), fp8 E4M3 per token (W4A8) and
 #: "none" (16-bit activations, W4A16).
@@ -79,3 +92,151 @@ def svdq_linear(
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*lead, n).to(x.dtype)
+
+
+# --- The Hopper engine's arithmetic (fp8 containers), one reference per Triton kernel ---
+#
+# Each function below has the signature of a kernel launcher in ``kernels/`` and computes
+# what that kernel computes, fp8 roundings included, so kernel tests compare like with
+# like. Only the order of fp32 sums differs from the kernels.
+
+#: Activation formats the fp8 engine computes itself (``nvfp4`` activations need a
+#: per-token scale, a row-wide reduction: that layer stays on the reference).
+ENGINE_ACT_FORMATS = ("int4", "fp8", "none")
+
+#: The static activation scale S maps the calibration max of |x / s| to this fp8 value:
+#: half of E4M3's 448, headroom for activations larger than calibration's.
+ACT_SCALE_TARGET = 224.0
+
+
+def act_scale_from_amax(act_amax: torch.Tensor) -> torch.Tensor:
+    """The static per-layer activation scale S (fp32 []) from the calibration max."""
+    a = act_amax.float()
+    return torch.where(a > 0, a / ACT_SCALE_TARGET, torch.ones_like(a))
+
+
+def round_e4m3(v: torch.Tensor) -> torch.Tensor:
+    """fp32 ``v`` rounded to fp8 E4M3 (nearest, ties to even), saturating at ±448."""
+    e4m3_max = formats.FP8_E4M3_MAX
+    return v.float().clamp(-e4m3_max, e4m3_max).to(torch.float8_e4m3fn)
+
+
+def quantize_act_ref(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    lowrank_down: torch.Tensor,
+    act_scale: torch.Tensor,
+    k_out: int,
+    act_fmt: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation quantize kernel: ``x`` [M, K] -> (fp8 [M, k_out], fp32 [M, r]).
+
+    ``x̂ = x / s``; ``act_fmt="int4"``: the paper's int4 g64 codes and fp16 group scales
+    (exactly as ``quantize_activations``), written as ``fp8(code · s_group / S)``;
+    ``"fp8"``: ``fp8(x̂ / S)`` (W4A8). Columns from K to ``k_out`` (the weight's padded
+    K) are zero. The second output is the low-rank down projection ``x̂ · L_downᵀ``.
+    """
+    if act_fmt not in ("int4", "fp8"):
+        raise ValueError(f"the fp8 engine quantizes activations to int4 or fp8, got {act_fmt!r}")
+    k = x.shape[-1]
+    xs = x.float() / smooth.float()
+    if act_fmt == "int4":
+        q = formats.quantize(xs, "int4", saturate=True)
+        g = formats.FORMATS["int4"].group_size
+        codes = q.codes().float().reshape(*xs.shape[:-1], -1, g)
+        val = (codes * q.scales.float().unsqueeze(-1)).reshape(*xs.shape[:-1], -1)[..., :k]
+    else:
+        val = xs
+    xq = round_e4m3(val / act_scale.float())
+    xq = torch.nn.functional.pad(xq.float(), (0, k_out - k)).to(torch.float8_e4m3fn)
+    lora = xs @ lowrank_down.float().t()
+    return xq, lora
+
+
+def widen_weight_ref(
+    qweight: torch.Tensor, wscales: torch.Tensor, wtensor_scale: torch.Tensor, fmt: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The widen kernel: stored 4-bit weight -> (fp8 [N, K_pad], fp32 s_channel [N]).
+
+    ``c = qmax · max_g(s_group) / 448`` per output channel (1 for an all-zero row), the fp8
+    operand is ``fp8(code_value · s_group / c)`` and ``s_channel = c · s_tensor``, so
+    ``W ≈ fp8 · s_channel`` with each row's largest possible value at 448.
+    """
+    f = formats.get_format(fmt)
+    vals = formats.code_values(formats.unpack(qweight, signed=f.name == "int4"), f)
+    sg = wscales.float()
+    c = f.qmax * sg.amax(-1) / formats.FP8_E4M3_MAX
+    c = torch.where(c > 0, c, torch.ones_like(c))
+    v = (vals.reshape(*sg.shape, f.group_size) * sg.unsqueeze(-1)).reshape(vals.shape)
+    return round_e4m3(v / c.unsqueeze(-1)), c * wtensor_scale.float()
+
+
+def fp8_gemm_ref(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
+    act_scale: torch.Tensor,
+    lora_act: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The fp8 GEMM: ``(xq · wqᵀ) · (S · s_channel) + lora_act · L_upᵀ + b`` in ``out_dtype``.
+
+    fp8 x fp8 products are exact in fp32; the sums are fp32.
+    """
+    acc = xq.float() @ wq.float().t()
+    y = acc * (act_scale.float() * s_channel.float())
+    if lowrank_up.shape[-1]:
+        y = y + lora_act.float() @ lowrank_up.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def w4a16_linear_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtensor_scale: torch.Tensor,
+    smooth: torch.Tensor,
+    lowrank_down: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    fmt: str,
+) -> torch.Tensor:
+    """The W4A16 GEMV: 4-bit weights, activations not quantized (``act_fmt="none"``)."""
+    return svdq_linear(
+        x, qweight, wscales, wtensor_scale, smooth, lowrank_down, lowrank_up, bias, fmt, "none"
+    )
+
+
+def svdq_linear_fp8_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtensor_scale: torch.Tensor,
+    smooth: torch.Tensor,
+    act_scale: torch.Tensor,
+    lowrank_down: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    fmt: str,
+    act_fmt: str,
+) -> torch.Tensor:
+    """The whole fp8 engine layer in torch: quantize, widen, GEMM (what ``triton`` computes).
+
+    ``act_fmt="none"`` is the W4A16 path (``w4a16_linear_ref``).
+    """
+    k, n = smooth.shape[0], qweight.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if act_fmt == "none":
+        y = w4a16_linear_ref(
+            x2, qweight, wscales, wtensor_scale, smooth, lowrank_down, lowrank_up, bias, fmt
+        )
+        return y.reshape(*lead, n)
+    xq, lora = quantize_act_ref(x2, smooth, lowrank_down, act_scale, qweight.shape[1] * 2, act_fmt)
+    wq, s_channel = widen_weight_ref(qweight, wscales, wtensor_scale, fmt)
+    y = fp8_gemm_ref(xq, wq, s_channel, act_scale, lora, lowrank_up, bias, x.dtype)
+    return y.reshape(*lead, n)
