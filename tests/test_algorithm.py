@@ -169,3 +169,15 @@ def test_single_sample_and_zero_weight():
     q = svdquant.quantize_linear(lin, torch.randn(1, 64), rank=8)
     x = torch.randn(3, 64)
     assert torch.allclose(q(x), lin(x), atol=1e-3)  # the bias is kept in fp16
+
+
+def test_large_layers_use_a_randomized_svd_that_matches_the_exact_one():
+    g = torch.Generator().manual_seed(6)
+    n, k = 1100, 1300  # above EXACT_SVD_MAX
+    w = torch.randn(n, 40, generator=g) @ torch.randn(40, k, generator=g)
+    w += 0.05 * torch.randn(n, k, generator=g)
+    down, up = low_rank(w, 32, torch.float32)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    best = (u[:, :32] * s[:32]) @ vh[:32]
+    assert rel_err(w - up @ down, w - best) < 1e-3
+    assert torch.equal(low_rank(w, 32, torch.float32)[0], down)  # deterministic
