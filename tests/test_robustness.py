@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import rel_err
 from torch import nn
 
 import svdquant
+
+from conftest import rel_err
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def layer():
 
 
 def test_one_token_and_long_sequences(layer):
-    lin, q = layer
+    _, q = layer
     g = torch.Generator().manual_seed(1)
     one = torch.randn(1, 1, 96, generator=g)
     assert q(one).shape == (1, 1, 40)
