@@ -6,12 +6,14 @@ The public API::
                     method="svdquant") -> SVDQLinear
     SVDQLinear                  # the quantized layer; .dequantize() gives its weight
     save_quantized(module, path) / load_quantized(path, model=None)
+    quantize_model(model, calibration, QuantizeConfig(...))   # a whole diffusers model
 """
 
 from svdquant.algorithm import METHODS, quantize_linear
 from svdquant.checkpoint import CheckpointError, load_quantized, save_quantized
 from svdquant.formats import FORMATS
 from svdquant.nn import SVDQLinear
+from svdquant.quantize_model import QuantizeConfig, quantize_model
 
 __version__ = "0.1.0"
 
@@ -19,8 +21,10 @@ __all__ = [
     "FORMATS",
     "METHODS",
     "CheckpointError",
+    "QuantizeConfig",
     "SVDQLinear",
     "load_quantized",
     "quantize_linear",
+    "quantize_model",
     "save_quantized",
 ]

@@ -1,0 +1,294 @@
+"""The ``svdquant`` command line.
+
+    svdquant quantize --model <diffusers dir> --out <dir> [--format int4|nvfp4] [--rank 32]
+                      [--prompts file] [--gptq]
+    svdquant generate --model <diffusers dir | quantized dir> --prompt "..." --out image.png
+                      [--steps N] [--seed S]
+
+Each subcommand is a ``register_*(subparsers)`` function that adds its parser and sets
+``func``; add new ones to ``COMMANDS``. ``main(argv)`` returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["COMMANDS", "CLIError", "main"]
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class CLIError(Exception):
+    """An error to report in one line, without a traceback."""
+
+
+def _dtype(name: str | None) -> Any:
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name:
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_base_pipeline(path: str, dtype: Any) -> Any:
+    from diffusers import DiffusionPipeline
+
+    from svdquant.pipeline import dtype_kwargs, is_pipeline_dir
+
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"model directory not found: {p}")
+    if not is_pipeline_dir(p):
+        raise CLIError(
+            f"{p} is not a diffusers pipeline directory (no model_index.json); pass the "
+            "folder written by `pipe.save_pretrained(...)` or downloaded from the hub"
+        )
+    return DiffusionPipeline.from_pretrained(str(p), **dtype_kwargs(dtype))
+
+
+def _size_kwargs(pipe: Any, height: int | None, width: int | None) -> dict[str, Any]:
+    """``height``/``width`` for ``pipe(...)``; an explicit size is what the user wants, so
+    pipelines that snap sizes to their aspect-ratio bins (PixArt, SANA) are told not to."""
+    import inspect
+
+    kw = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    if kw and "use_resolution_binning" in inspect.signature(pipe.__call__).parameters:
+        kw["use_resolution_binning"] = False
+    return kw
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+def register_quantize(sub: Any) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize the denoiser of a diffusers pipeline to 4 bits",
+        description="Calibrate on prompts, quantize the pipeline's transformer/UNet with "
+        "SVDQuant and save it (svdquant.safetensors + config.json + svdquant.json).",
+    )
+    p.add_argument("--model", required=True, help="diffusers pipeline directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", default="int4", choices=("int4", "nvfp4"), help="weight format")
+    p.add_argument(
+        "--act-format",
+        default=None,
+        choices=("int4", "nvfp4", "fp8", "none"),
+        help="activation format of the W4A4 layers (default: same as --format)",
+    )
+    p.add_argument("--rank", type=int, default=32, help="rank of the low-rank branch")
+    p.add_argument("--alpha", type=float, default=None, help="smoothing α (default: search)")
+    p.add_argument("--gptq", action="store_true", help="quantize the residual with GPTQ")
+    p.add_argument(
+        "--method",
+        default="svdquant",
+        choices=("svdquant", "naive", "smoothquant", "lowrank"),
+        help="svdquant or a baseline",
+    )
+    p.add_argument("--skip", action="append", default=[], help="regex of layers to keep 16-bit")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line")
+    p.add_argument("--num-prompts", type=int, default=128, help="calibration prompts (128)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per prompt")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--max-samples", type=int, default=1024, help="tokens kept per layer")
+    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from svdquant.pipeline import (
+        denoiser,
+        pipeline_calibration,
+        save_pretrained_quantized,
+    )
+    from svdquant.prompts import load_prompts
+    from svdquant.quantize_model import QuantizeConfig, quantize_model
+
+    prompts = load_prompts(args.prompts, args.num_prompts, seed=args.seed)
+    pipe = _load_base_pipeline(args.model, _dtype(args.dtype))
+    component, model = denoiser(pipe)
+    from svdquant.models import get_adapter
+
+    get_adapter(model)  # fail early, naming the supported architectures
+    pipe.to(_device(args.device))
+    cfg = QuantizeConfig(
+        fmt=args.format,
+        act_fmt=args.act_format,
+        rank=args.rank,
+        alpha=args.alpha,
+        gptq=args.gptq,
+        method=args.method,
+        skip=tuple(args.skip),
+        max_samples=args.max_samples,
+    )
+    extra = _size_kwargs(pipe, args.height, args.width)
+    calib = pipeline_calibration(
+        pipe,
+        prompts,
+        num_inference_steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        **extra,
+    )
+    t0 = time.perf_counter()
+    quantize_model(model, calib, cfg)
+    secs = time.perf_counter() - t0
+    out = save_pretrained_quantized(model, args.out, base_model=args.model, component=component)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(
+        f"quantized {type(model).__name__} in {secs:.1f} s on {len(prompts)} prompts -> "
+        f"{out} ({size / 2**20:.1f} MiB)"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def register_generate(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate an image with a diffusers pipeline or a quantized model",
+        description="Generate images. --model is a diffusers pipeline directory (16-bit) "
+        "or a directory written by `svdquant quantize`.",
+    )
+    p.add_argument("--model", required=True, help="diffusers pipeline or quantized directory")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="pipeline providing the other components of a quantized "
+        "model (default: the one recorded at quantization)",
+    )
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument(
+        "--out",
+        required=True,
+        help="image file (.png/.jpg); with --num-images > 1, an index is added before the suffix",
+    )
+    p.add_argument("--steps", type=int, default=None, help="denoising steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload()")
+    p.set_defaults(func=cmd_generate)
+
+
+def _call_kwargs(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    kw: dict[str, Any] = {"prompt": args.prompt, "num_images_per_prompt": args.num_images}
+    opt = {
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "negative_prompt": args.negative_prompt,
+    }
+    kw.update({k: v for k, v in opt.items() if v is not None})
+    kw.update(_size_kwargs(pipe, args.height, args.width))
+    unknown = [k for k in kw if k not in params]
+    if unknown:
+        raise CLIError(f"{type(pipe).__name__} does not take {', '.join(unknown)}")
+    return kw
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from svdquant.pipeline import is_pipeline_dir, is_quantized_dir, load_pipeline
+
+    dtype = _dtype(args.dtype)
+    path = Path(args.model)
+    if is_quantized_dir(path):
+        pipe = load_pipeline(path, base_model=args.base, torch_dtype=dtype)
+    elif is_pipeline_dir(path):
+        pipe = _load_base_pipeline(args.model, dtype)
+    elif not path.exists():
+        raise CLIError(f"model directory not found: {path}")
+    else:
+        raise CLIError(
+            f"{path} is neither a diffusers pipeline directory (model_index.json) nor an "
+            "svdquant quantized model (svdquant.safetensors)"
+        )
+    device = _device(args.device)
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    gen = torch.Generator("cpu").manual_seed(args.seed)
+    t0 = time.perf_counter()
+    images = pipe(generator=gen, **_call_kwargs(pipe, args)).images
+    secs = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = (
+        [out]
+        if len(images) == 1
+        else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    )
+    for img, p in zip(images, paths, strict=True):
+        img.save(p)
+    print(f"generated {len(images)} image(s) in {secs:.1f} s -> {', '.join(map(str, paths))}")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+#: The subcommands: each adds its parser to the subparsers and sets ``func``.
+COMMANDS: list[Callable[[Any], None]] = [register_quantize, register_generate]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="svdquant", description="4-bit diffusion models with SVDQuant"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in COMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    from svdquant.checkpoint import CheckpointError
+    from svdquant.models import UnsupportedModelError
+    from svdquant.pipeline import NotADiffusersModelError
+
+    try:
+        return args.func(args)
+    except (
+        CLIError,
+        UnsupportedModelError,
+        NotADiffusersModelError,
+        CheckpointError,
+        FileNotFoundError,
+    ) as e:
+        print(f"svdquant {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

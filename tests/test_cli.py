@@ -1,0 +1,160 @@
+"""The ``svdquant`` command line on a tiny PixArt-Σ pipeline saved to disk (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from svdquant.cli import main
+from svdquant.models.tiny import tiny_pipeline
+from svdquant.pipeline import load_pipeline
+
+SIZE = ["--height", "16", "--width", "16"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny PixArt-Σ pipeline saved with ``save_pretrained`` (a diffusers directory)."""
+    path = tmp_path_factory.mktemp("pixart")
+    tiny_pipeline("pixart").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def quantized(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "pixart-int4"
+    prompts = tmp_path_factory.mktemp("p") / "prompts.txt"
+    prompts.write_text("# my prompts\na cat on a sofa\n\na red fox in the snow\na lighthouse\n")
+    argv = ["quantize", "--model", str(base), "--out", str(out), "--rank", "8"]
+    argv += ["--prompts", str(prompts), "--num-prompts", "2", "--steps", "2", *SIZE]
+    argv += ["--dtype", "float32", "--device", "cpu", "--max-samples", "128"]
+    assert main(argv) == 0
+    return out
+
+
+def test_quantize_writes_a_checkpoint(quantized, base):
+    names = {p.name for p in quantized.iterdir()}
+    assert {"svdquant.safetensors", "config.json", "svdquant.json"} <= names
+    info = json.loads((quantized / "svdquant.json").read_text())
+    assert info["class_name"] == "PixArtTransformer2DModel"
+    assert info["component"] == "transformer"
+    assert info["base_model"] == str(base.resolve())
+    assert info["quantize_config"]["rank"] == 8
+
+
+def test_generate_from_quantized_and_from_base(quantized, base, tmp_path):
+    from PIL import Image
+
+    for model, name in ((quantized, "q.png"), (base, "base.png")):
+        out = tmp_path / name
+        argv = ["generate", "--model", str(model), "--prompt", "a cat", "--out", str(out)]
+        argv += ["--steps", "2", "--seed", "3", *SIZE, "--dtype", "float32", "--device", "cpu"]
+        assert main(argv) == 0
+        assert Image.open(out).size == (16, 16)
+    argv = ["generate", "--model", str(quantized), "--prompt", "a cat", "--out"]
+    argv += [str(tmp_path / "many.png"), "--steps", "1", *SIZE, "--num-images", "2"]
+    argv += ["--dtype", "bfloat16", "--device", "cpu", "--cpu-offload"]
+    assert main(argv) == 0
+    assert (tmp_path / "many-0.png").is_file() and (tmp_path / "many-1.png").is_file()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_loaded_pipeline_behaves_like_a_diffusers_pipeline(quantized, dtype):
+    from svdquant import SVDQLinear
+
+    pipe = load_pipeline(quantized, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    layer = pipe.transformer.transformer_blocks[0].attn1.to_q
+    assert isinstance(layer, SVDQLinear)
+    assert layer.lowrank_down.dtype == dtype and layer.qweight.dtype == torch.uint8
+    pipe.to("cpu")
+    kw = dict(num_inference_steps=2, height=16, width=16, use_resolution_binning=False)
+    kw.update(output_type="pt", clean_caption=False, max_sequence_length=16)
+
+    def run():
+        gen = torch.Generator("cpu").manual_seed(0)
+        return pipe(prompt=["a cat", "a dog"], generator=gen, **kw).images
+
+    a, b = run(), run()
+    assert a.shape[0] == 2 and torch.isfinite(a.float()).all()
+    torch.testing.assert_close(a, b)  # same seed, same images
+
+
+def _err(capsys, argv):
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_errors_are_clear(quantized, base, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    code, err = _err(capsys, ["quantize", "--model", str(tmp_path / "nope"), "--out", out])
+    assert code == 2 and "not found" in err
+    code, err = _err(capsys, ["quantize", "--model", str(tmp_path), "--out", out])
+    assert code == 2 and "not a diffusers pipeline directory" in err
+    code, err = _err(capsys, ["generate", "--model", str(tmp_path), "--prompt", "x", "--out", out])
+    assert code == 2 and "neither a diffusers pipeline" in err
+
+    # an architecture without an adapter: names the supported ones
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    ddpm = tmp_path / "ddpm"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(ddpm)
+    code, err = _err(capsys, ["quantize", "--model", str(ddpm), "--out", out])
+    assert code == 2 and "unsupported architecture 'UNet2DModel'" in err
+    assert "FluxTransformer2DModel" in err and "SanaTransformer2DModel" in err
+
+    # a checkpoint for another architecture than the pipeline it is loaded into
+    other = tmp_path / "flux-pipe"
+    other.mkdir()
+    (other / "model_index.json").write_text(
+        json.dumps(
+            {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
+        )
+    )
+    argv = ["generate", "--model", str(quantized), "--base", str(other), "--prompt", "x"]
+    code, err = _err(capsys, [*argv, "--out", out])
+    assert code == 2 and "made for another architecture" in err
+
+    # config.json and checkpoint disagree / config.json of an unsupported class
+    bad = tmp_path / "bad"
+    shutil.copytree(quantized, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    for cls, msg in (
+        ("SanaTransformer2DModel", "made for 'PixArtTransformer2DModel'"),
+        ("UNet2DModel", "unsupported architecture"),
+    ):
+        (bad / "config.json").write_text(json.dumps({**cfg, "_class_name": cls}))
+        code, err = _err(capsys, ["generate", "--model", str(bad), "--prompt", "x", "--out", out])
+        assert code == 2 and msg in err
+
+
+def test_python_dash_m(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "svdquant", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "quantize" in r.stdout and "generate" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "svdquant", "frobnicate"], capture_output=True)
+    assert r.returncode == 2
