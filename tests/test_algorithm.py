@@ -181,3 +181,17 @@ def test_large_layers_use_a_randomized_svd_that_matches_the_exact_one():
     best = (u[:, :32] * s[:32]) @ vh[:32]
     assert rel_err(w - up @ down, w - best) < 1e-3
     assert torch.equal(low_rank(w, 32, torch.float32)[0], down)  # deterministic
+
+
+def test_subsample_depends_only_on_the_set_of_tokens(calib_batches):
+    x = torch.cat(calib_batches)
+
+    def stats_of(batches):
+        st = ActivationStats(512, max_samples=300)
+        for b in batches:
+            st.update(b)
+        return st
+
+    a = stats_of(calib_batches)
+    b = stats_of([x[1500:], x[:700], x[700:1500]])  # other batching, other order
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.amax, b.amax)

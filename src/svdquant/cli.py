@@ -112,6 +112,7 @@ def register_quantize(sub: Any) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from svdquant import distributed
     from svdquant.pipeline import (
         denoiser,
         pipeline_calibration,
@@ -120,13 +121,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from svdquant.prompts import load_prompts
     from svdquant.quantize_model import QuantizeConfig, quantize_model
 
+    # under torchrun: join the group, one GPU per rank; prompts are sharded in calibration
+    device = distributed.init_from_env(args.device)
     prompts = load_prompts(args.prompts, args.num_prompts, seed=args.seed)
     pipe = _load_base_pipeline(args.model, _dtype(args.dtype))
     component, model = denoiser(pipe)
     from svdquant.models import get_adapter
 
     get_adapter(model)  # fail early, naming the supported architectures
-    pipe.to(_device(args.device))
+    pipe.to(_device(device))
     cfg = QuantizeConfig(
         fmt=args.format,
         act_fmt=args.act_format,
@@ -136,6 +139,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         method=args.method,
         skip=tuple(args.skip),
         max_samples=args.max_samples,
+        progress=distributed.is_main(),
     )
     extra = _size_kwargs(pipe, args.height, args.width)
     calib = pipeline_calibration(
@@ -149,12 +153,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     quantize_model(model, calib, cfg)
     secs = time.perf_counter() - t0
-    out = save_pretrained_quantized(model, args.out, base_model=args.model, component=component)
-    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(
-        f"quantized {type(model).__name__} in {secs:.1f} s on {len(prompts)} prompts -> "
-        f"{out} ({size / 2**20:.1f} MiB)"
-    )
+    if distributed.is_main():  # every rank holds the same model: one writes it
+        out = save_pretrained_quantized(model, args.out, base_model=args.model, component=component)
+        size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        ranks = f" on {distributed.world_size()} ranks" if distributed.world_size() > 1 else ""
+        print(
+            f"quantized {type(model).__name__} in {secs:.1f} s on {len(prompts)} prompts"
+            f"{ranks} -> {out} ({size / 2**20:.1f} MiB)"
+        )
+    distributed.barrier()
     return 0
 
 

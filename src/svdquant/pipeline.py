@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from svdquant import distributed
 from svdquant.checkpoint import (
     FILENAME,
     CheckpointError,
@@ -112,7 +113,8 @@ def pipeline_calibration(
     the pipeline's denoiser (the original is put back afterwards).
 
     Latents are not decoded (``output_type="latent"``); each batch gets a seeded CPU
-    generator, so calibration is reproducible. ``call_kwargs`` go to ``pipe(...)``
+    generator, so calibration is reproducible. Under ``torchrun`` the batches are sharded
+    across ranks (``svdquant.distributed``). ``call_kwargs`` go to ``pipe(...)``
     (e.g. ``height``, ``width``, ``guidance_scale``).
     """
     prompts = list(prompts) if prompts is not None else load_prompts()
@@ -132,8 +134,11 @@ def pipeline_calibration(
         setattr(pipe, component, model)
         pipe.set_progress_bar_config(disable=True)
         try:
-            starts = range(0, len(prompts), batch_size)
-            for i in tqdm(starts, desc="svdquant: calibration", disable=not progress):
+            # under torchrun each rank runs its share of the batches; a batch keeps its
+            # seed, so the ranks together see exactly what one process would
+            starts = distributed.shard(range(0, len(prompts), batch_size))
+            bar = progress and distributed.is_main()
+            for i in tqdm(starts, desc="svdquant: calibration", disable=not bar):
                 gen = torch.Generator("cpu").manual_seed(seed + i)
                 pipe(prompt=prompts[i : i + batch_size], generator=gen, **kwargs)
         finally:

@@ -252,6 +252,7 @@ def quantize_model(
                 h.remove()
         for g in pass_groups:
             s = stats.pop(g.names[0])
+            s.all_reduce()  # under torchrun: combine the statistics of every rank
             s.check_ready(g.names[0])
             check.verify(g)
             new.update(_quantize_group(model, g, s, cfg))
