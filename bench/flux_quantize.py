@@ -104,11 +104,13 @@ def main() -> None:
         file_bytes = os.path.getsize(os.path.join(tmp, "svdquant.safetensors"))
     n_q = sum(isinstance(m, svdquant.SVDQLinear) for m in model.modules())
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    # the device's copy of the tree has no .git: the caller passes the commit
+    commit_id = commit.stdout.strip() if commit.returncode == 0 else os.environ.get("GIT_COMMIT")
     res = {
         "bench": "flux_quantize",
         "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": commit.stdout.strip() or None,
+        "commit": commit_id,
         "torch": torch.__version__,
         "config": "tiny" if args.tiny else "FLUX.1-dev",
         "fmt": args.fmt,
