@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,12 @@ _DTYPES = ("float32", "float16", "bfloat16")
 
 class CLIError(Exception):
     """An error to report in one line, without a traceback."""
+
+
+def to_device(obj: Any, device: str, what: str) -> Any:
+    from svdquant.resources import to_device as move
+
+    return move(obj, device, what)
 
 
 def _dtype(name: str | None) -> Any:
@@ -129,7 +136,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from svdquant.models import get_adapter
 
     get_adapter(model)  # fail early, naming the supported architectures
-    pipe.to(_device(device))
+    to_device(pipe, _device(device), "the pipeline")
     cfg = QuantizeConfig(
         fmt=args.format,
         act_fmt=args.act_format,
@@ -151,11 +158,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         **extra,
     )
     t0 = time.perf_counter()
-    quantize_model(model, calib, cfg)
+    # finished layers go to <out>/.partial as they are done: a rerun of the same command
+    # after an interruption resumes there
+    partial = Path(args.out) / ".partial"
+    quantize_model(model, calib, cfg, resume_dir=partial)
     secs = time.perf_counter() - t0
     if distributed.is_main():  # every rank holds the same model: one writes it
         out = save_pretrained_quantized(model, args.out, base_model=args.model, component=component)
         size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        shutil.rmtree(partial, ignore_errors=True)
         ranks = f" on {distributed.world_size()} ranks" if distributed.world_size() > 1 else ""
         print(
             f"quantized {type(model).__name__} in {secs:.1f} s on {len(prompts)} prompts"
@@ -241,7 +252,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
-        pipe.to(device)
+        to_device(pipe, device, "the pipeline")
     gen = torch.Generator("cpu").manual_seed(args.seed)
     t0 = time.perf_counter()
     images = pipe(generator=gen, **_call_kwargs(pipe, args)).images
@@ -283,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from svdquant.checkpoint import CheckpointError
     from svdquant.models import UnsupportedModelError
     from svdquant.pipeline import NotADiffusersModelError
+    from svdquant.resources import InsufficientMemoryError
 
     try:
         return args.func(args)
@@ -292,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         NotADiffusersModelError,
         CheckpointError,
         FileNotFoundError,
+        InsufficientMemoryError,
     ) as e:
         print(f"svdquant {args.command}: error: {e}", file=sys.stderr)
         return 2

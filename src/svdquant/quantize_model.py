@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,8 @@ from svdquant.algorithm.quantize import METHODS
 from svdquant.formats import get_format
 from svdquant.models import ModelAdapter, QuantGroup, get_adapter
 from svdquant.nn import SVDQLinear
+from svdquant.resources import explain_oom
+from svdquant.resume import PartialQuantization
 
 __all__ = ["QuantizeConfig", "quantize_model"]
 
@@ -190,6 +193,7 @@ def quantize_model(
     config: QuantizeConfig | None = None,
     *,
     adapter: ModelAdapter | None = None,
+    resume_dir: str | os.PathLike[str] | None = None,
 ) -> nn.Module:
     """Quantize ``model`` (a supported diffusers denoiser) in place and return it.
 
@@ -202,6 +206,9 @@ def quantize_model(
             called more than once (once per pass, see ``QuantizeConfig``).
         config: the ``QuantizeConfig`` (default: int4 W4A4, rank 32, α searched).
         adapter: override the adapter found from the model's class.
+        resume_dir: keep every finished group of layers there (``svdquant.resume``); a
+            rerun with the same model and config skips the groups already done (and the
+            calibration passes that only they needed).
 
     The statistics are taken on the 16-bit model; layers are swapped only at the end, so
     the result does not depend on how the layers were split into passes.
@@ -213,7 +220,30 @@ def quantize_model(
     if not groups:
         raise ValueError(f"{adapter.name}: no layer left to quantize (check `skip`)")
     k_of = {n: model.get_submodule(n).in_features for g in groups for n in g.names}
-    passes = _passes(groups, k_of, cfg)
+    new: dict[str, SVDQLinear] = {}
+    index = {g.names[0]: i for i, g in enumerate(groups)}
+    partial = None
+    if resume_dir is not None:
+        manifest = {
+            "model": type(model).__name__,
+            "config": cfg.to_dict() | {"progress": None},
+            "groups": [list(g.names) for g in groups],
+        }
+        partial = PartialQuantization(resume_dir, manifest)
+        home = next(model.parameters()).device
+        for g in groups:
+            layers = partial.load(index[g.names[0]], home)
+            if layers is not None:
+                new.update(layers)
+        if new:
+            logger.warning(
+                "svdquant: resuming from %s: %d of %d layers already quantized",
+                resume_dir,
+                len(new),
+                sum(len(g.names) for g in groups),
+            )
+    todo = [g for g in groups if g.names[0] not in new]
+    passes = _passes(todo, k_of, cfg) if todo else []
     n_layers = sum(len(g.names) for g in groups)
     logger.info(
         "svdquant: %d layers in %d groups, %d calibration pass(es)",
@@ -221,8 +251,12 @@ def quantize_model(
         len(groups),
         len(passes),
     )
-    new: dict[str, SVDQLinear] = {}
-    bar = tqdm(total=len(groups), desc="svdquant: quantizing", disable=not cfg.progress)
+    bar = tqdm(
+        total=len(groups),
+        initial=len(groups) - len(todo),
+        desc="svdquant: quantizing",
+        disable=not cfg.progress,
+    )
     for i, pass_groups in enumerate(passes):
         stats = {
             g.names[0]: ActivationStats(
@@ -255,7 +289,18 @@ def quantize_model(
             s.all_reduce()  # under torchrun: combine the statistics of every rank
             s.check_ready(g.names[0])
             check.verify(g)
-            new.update(_quantize_group(model, g, s, cfg))
+            try:
+                layers = _quantize_group(model, g, s, cfg)
+            except torch.OutOfMemoryError as e:
+                k = k_of[g.names[0]]
+                n = sum(model.get_submodule(name).out_features for name in g.names)
+                # fp32 weight, smoothed weight, residual and one quantization temporary
+                raise explain_oom(
+                    e, f"quantizing {g.names[0]} ({n} x {k})", 16 * n * k, str(s.amax.device)
+                ) from e
+            if partial is not None:
+                partial.save(index[g.names[0]], layers)
+            new.update(layers)
             bar.update()
     bar.close()
     for name, layer in new.items():
