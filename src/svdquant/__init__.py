@@ -7,11 +7,13 @@ The public API::
     SVDQLinear                  # the quantized layer; .dequantize() gives its weight
     save_quantized(module, path) / load_quantized(path, model=None)
     quantize_model(model, calibration, QuantizeConfig(...))   # a whole diffusers model
+    load_lora / set_lora_strength / unload_lora / list_loras    # LoRAs, no requantization
 """
 
 from svdquant.algorithm import METHODS, quantize_linear
 from svdquant.checkpoint import CheckpointError, load_quantized, save_quantized
 from svdquant.formats import FORMATS
+from svdquant.lora import list_loras, load_lora, set_lora_strength, unload_lora
 from svdquant.nn import SVDQLinear
 from svdquant.quantize_model import QuantizeConfig, quantize_model
 
@@ -23,8 +25,12 @@ __all__ = [
     "CheckpointError",
     "QuantizeConfig",
     "SVDQLinear",
+    "list_loras",
+    "load_lora",
     "load_quantized",
     "quantize_linear",
     "quantize_model",
     "save_quantized",
+    "set_lora_strength",
+    "unload_lora",
 ]
