@@ -158,3 +158,38 @@ def test_python_dash_m(tmp_path):
     assert "quantize" in r.stdout and "generate" in r.stdout
     r = subprocess.run([sys.executable, "-m", "svdquant", "frobnicate"], capture_output=True)
     assert r.returncode == 2
+
+
+def test_generate_with_a_lora(quantized, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    layer = load_pipeline(quantized).transformer.transformer_blocks[0].attn1.to_q
+    g = torch.Generator().manual_seed(0)
+    lora = tmp_path / "style.safetensors"
+    save_file(
+        {
+            "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(
+                4, layer.in_features, generator=g
+            ),
+            "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(
+                layer.out_features, 4, generator=g
+            ),
+        },
+        lora,
+    )
+
+    def generate(*extra):
+        out = tmp_path / f"img{len(list(tmp_path.iterdir()))}.png"
+        argv = ["generate", "--model", str(quantized), "--prompt", "a cat", "--out", str(out)]
+        argv += ["--steps", "2", "--seed", "3", *SIZE, "--dtype", "float32", "--device", "cpu"]
+        assert main([*argv, *extra]) == 0
+        return np.asarray(Image.open(out))
+
+    plain = generate()
+    assert (generate("--lora", f"{lora}:0") == plain).all()  # strength 0: no change
+    assert (generate("--lora", str(lora)) != plain).any()
+    bad = ["generate", "--model", str(quantized), "--prompt", "x", "--out", str(tmp_path / "b.png")]
+    assert main([*bad, "--lora", str(tmp_path / "missing.safetensors"), "--device", "cpu"]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err

@@ -209,6 +209,13 @@ def register_generate(sub: Any) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload()")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:STRENGTH]",
+        help="a LoRA safetensors file (diffusers/PEFT or kohya), optionally :strength; repeatable",
+    )
     p.set_defaults(func=cmd_generate)
 
 
@@ -248,6 +255,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"{path} is neither a diffusers pipeline directory (model_index.json) nor an "
             "svdquant quantized model (svdquant.safetensors)"
         )
+    for spec in args.lora:
+        from svdquant.lora import load_lora
+
+        path, _, strength = spec.rpartition(":") if ":" in spec else (spec, "", "")
+        try:
+            value = float(strength) if strength else 1.0
+        except ValueError:
+            path, value = spec, 1.0  # a ':' that is part of the path
+        load_lora(pipe, path, strength=value)
     device = _device(args.device)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
@@ -292,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     from svdquant.checkpoint import CheckpointError
+    from svdquant.lora import LoraError
     from svdquant.models import UnsupportedModelError
     from svdquant.pipeline import NotADiffusersModelError
     from svdquant.resources import InsufficientMemoryError
@@ -305,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointError,
         FileNotFoundError,
         InsufficientMemoryError,
+        LoraError,
     ) as e:
         print(f"svdquant {args.command}: error: {e}", file=sys.stderr)
         return 2
