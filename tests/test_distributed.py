@@ -3,6 +3,7 @@ the same quantized checkpoint as 1 process."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -33,6 +34,10 @@ def _quantize(base, out, prompts, nproc: int, gptq: bool = False) -> None:
     argv += ["--prompts", str(prompts), "--num-prompts", "4", "--steps", "2"]
     argv += ["--height", "16", "--width", "16", "--dtype", "float32", "--device", "cpu"]
     argv += ["--max-samples", "64"] + (["--gptq"] if gptq else [])
+    _run(argv, nproc)
+
+
+def _run(argv: list[str], nproc: int) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if nproc == 1:
         cmd = [sys.executable, "-m", "svdquant", *argv]
@@ -97,3 +102,18 @@ def test_all_reduce_of_statistics_matches_one_process():
         assert torch.equal(amax, one.amax) and torch.equal(samples, one.samples)
         assert torch.allclose(hessian, one.hessian, rtol=1e-5, atol=1e-5)
         assert n == 35
+
+
+def test_two_ranks_give_the_one_rank_evaluation(setup, tmp_path):
+    base, prompts = setup
+    _quantize(base, tmp_path / "q", prompts, 1)
+    reports = []
+    for nproc in (1, 2):
+        out = tmp_path / f"eval{nproc}"
+        argv = ["eval", "--model", str(base), "--quantized", str(tmp_path / "q")]
+        argv += ["--prompts", str(prompts), "--num-images", "3", "--steps", "2", "--out"]
+        argv += [str(out), "--height", "16", "--width", "16", "--dtype", "float32"]
+        _run([*argv, "--device", "cpu"], nproc)
+        reports.append(json.loads((out / "metrics.json").read_text()))
+    assert reports[0]["metrics"] == reports[1]["metrics"]  # images sharded, then gathered
+    assert reports[1]["ranks"] == 2 and reports[1]["num_images"] == 3

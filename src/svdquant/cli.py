@@ -289,7 +289,83 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- main
 
 #: The subcommands: each adds its parser to the subparsers and sets ``func``.
-COMMANDS: list[Callable[[Any], None]] = [register_quantize, register_generate]
+# --------------------------------------------------------------------------- eval
+
+
+def register_eval(sub: Any) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="compare a quantized model's images with the 16-bit model's",
+        description="Generate the same prompts with the same seeds from the 16-bit pipeline "
+        "and the quantized one; report PSNR, SSIM (and LPIPS, FID, CLIP score where their "
+        "weights are on disk); write a side-by-side grid and a table. Works under torchrun.",
+    )
+    p.add_argument("--model", required=True, help="the 16-bit diffusers pipeline directory")
+    p.add_argument("--quantized", required=True, help="directory written by svdquant quantize")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line")
+    p.add_argument("--num-images", type=int, default=16)
+    p.add_argument("--out", default="svdquant-eval", help="output directory")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip-model", default=None, help="local CLIP model directory (CLIP score)")
+    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload()")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from svdquant import distributed
+    from svdquant.eval.harness import run_eval
+    from svdquant.pipeline import is_quantized_dir, load_pipeline
+    from svdquant.prompts import load_prompts
+
+    device = _device(distributed.init_from_env(args.device))
+    if not is_quantized_dir(Path(args.quantized)):
+        raise CLIError(f"{args.quantized} is not a directory written by `svdquant quantize`")
+    if args.num_images <= 0:
+        raise CLIError("--num-images must be positive")
+    prompts = load_prompts(args.prompts, args.num_images, seed=args.seed)
+    dtype = _dtype(args.dtype)
+
+    def ready(pipe: Any) -> Any:
+        if args.cpu_offload:
+            pipe.enable_model_cpu_offload(device=device)
+            return pipe
+        return to_device(pipe, device, "the pipeline")
+
+    reference = lambda: ready(_load_base_pipeline(args.model, dtype))  # noqa: E731
+    quantized = lambda: ready(  # noqa: E731
+        load_pipeline(args.quantized, base_model=args.model, torch_dtype=dtype)
+    )
+    kw = {
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "height": args.height,
+        "width": args.width,
+    }
+    kw = {k: v for k, v in kw.items() if v is not None}
+    meta = {"model": args.model, "quantized": args.quantized, "ranks": distributed.world_size()}
+    metrics = run_eval(
+        reference,
+        quantized,
+        prompts,
+        args.out,
+        seed=args.seed,
+        clip_model=args.clip_model,
+        meta=meta,
+        **kw,
+    )
+    if metrics is not None:
+        print((Path(args.out) / "metrics.md").read_text(), end="")
+        print(f"grid and tables in {args.out}/")
+    return 0
+
+
+COMMANDS: list[Callable[[Any], None]] = [register_quantize, register_generate, register_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:
