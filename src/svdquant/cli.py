@@ -365,7 +365,147 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[Any], None]] = [register_quantize, register_generate, register_eval]
+# --------------------------------------------------------------------------- demo
+
+
+def register_demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="quantize the shipped digit-drawing DiT and compare 16-bit and 4-bit samples",
+        description="Runs offline on a CPU in a few minutes: loads the small DiT trained on "
+        "MNIST that ships with svdquant, quantizes it with SVDQuant (and naive W4A4 for "
+        "comparison), samples both with the same seeds, writes grid.png and demo.json and "
+        "prints PSNR/SSIM and the memory of both models.",
+    )
+    p.add_argument("--out", default="svdquant-demo", help="output directory")
+    p.add_argument("--num-images", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--format", default="int4", choices=("int4", "nvfp4"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from svdquant.demo import run_demo
+
+    if args.num_images <= 0 or args.steps <= 0:
+        raise CLIError("--num-images and --steps must be positive")
+    run_demo(
+        args.out,
+        device=args.device,
+        num_images=args.num_images,
+        steps=args.steps,
+        seed=args.seed,
+        fmt=args.format,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def register_bench(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="speed and memory: the engine's layers and the whole FLUX.1-dev step",
+        description="Run the benchmarks of the source checkout's bench/ folder: the layer "
+        "benchmark (bench/gemm.py, needs CUDA and triton) and the end-to-end FLUX.1-dev step "
+        "against BF16, bitsandbytes NF4 and torchao (bench/e2e.py). Without --layers or --e2e "
+        "both run. Writes JSON and a PNG under --out and prints a table.",
+    )
+    p.add_argument("--layers", action="store_true", help="the layer benchmark (bench/gemm.py)")
+    p.add_argument("--e2e", action="store_true", help="the end-to-end benchmark (bench/e2e.py)")
+    p.add_argument("--tiny", action="store_true", help="a 1-block model on the CPU (a check)")
+    p.add_argument("--out", default=None, help="output folder (default bench/results, or $OUT)")
+    p.add_argument("--rows", default=None, help="end-to-end rows, comma-separated")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd rows")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per batch size")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="wall-time budget of the whole command; end-to-end rows that would not fit are "
+        "skipped (default 540 s for the full-size model)",
+    )
+    p.add_argument(
+        "--full-layers", action="store_true", help="all layer shapes (default: gemm.py --quick)"
+    )
+    p.set_defaults(func=cmd_bench)
+
+
+def _bench_dir() -> Path:
+    d = Path(__file__).resolve().parents[2] / "bench"
+    if not (d / "e2e.py").is_file():
+        raise CLIError(
+            f"the benchmarks live in the source checkout's bench/ folder, not found at {d}: "
+            "run `svdquant bench` from an editable install (pip install -e .)"
+        )
+    return d
+
+
+def _load_bench(path: Path) -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_svdquant_bench_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    t0 = time.perf_counter()
+    bench = _bench_dir()
+    layers = args.layers or not args.e2e
+    e2e = args.e2e or not args.layers
+    out = args.out or os.environ.get("OUT") or str(bench / "results")
+    if e2e and not args.tiny and not torch.cuda.is_available():
+        raise CLIError(
+            "the end-to-end benchmark builds the full-size FLUX.1-dev transformer and needs a "
+            "CUDA GPU; --tiny runs a 1-block model on the CPU"
+        )
+    if layers:
+        gemm = bench / "gemm.py"
+        if not gemm.is_file():
+            print("layer benchmark skipped: bench/gemm.py is not in this checkout")
+        elif not torch.cuda.is_available():
+            print("layer benchmark skipped: it times CUDA kernels and no CUDA device is here")
+        elif args.tiny:
+            print("layer benchmark skipped with --tiny (it has no tiny mode)")
+        else:
+            argv = sys.argv
+            sys.argv = [str(gemm), "--out", out] + ([] if args.full_layers else ["--quick"])
+            try:
+                _load_bench(gemm).main()
+            finally:
+                sys.argv = argv
+    if e2e:
+        argv = ["--out", out]
+        argv += ["--tiny"] if args.tiny else []
+        argv += ["--rows", args.rows] if args.rows else []
+        argv += ["--compile"] if args.compile else []
+        argv += ["--steps", str(args.steps)] if args.steps else []
+        budget = args.budget_s
+        if budget is None and not args.tiny:
+            budget = 540.0
+        if budget is not None:
+            argv += ["--budget-s", str(max(budget - (time.perf_counter() - t0), 0.0))]
+        _load_bench(bench / "e2e.py").main(argv)
+    return 0
+
+
+COMMANDS: list[Callable[[Any], None]] = [
+    register_demo,
+    register_quantize,
+    register_generate,
+    register_eval,
+    register_bench,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
