@@ -1,0 +1,158 @@
+"""The end-to-end benchmark harness (bench/e2e.py) and ``svdquant bench`` in --tiny mode on
+the CPU: JSON schema, plot, skipped rows with reasons, failing rows recorded, the budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from svdquant.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_e2e():
+    spec = importlib.util.spec_from_file_location("_test_bench_e2e", ROOT / "bench" / "e2e.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+e2e = _load_e2e()
+
+TOP_KEYS = {
+    "bench", "device", "device_type", "date", "commit", "versions", "config", "model_config",
+    "image_tokens", "text_tokens", "batches", "steps", "warmup", "timer", "budget_s",
+    "compile", "rows", "wall_s", "plot",
+}  # fmt: skip
+ROW_KEYS = {
+    "name", "method", "label", "library", "weights", "activations", "mode", "compiled",
+    "compile_mode", "cuda_graphs", "status", "reason", "error", "latency_ms", "latency",
+    "step_peak_bytes",
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _check_schema(res: dict, out: Path) -> None:
+    assert set(res) >= TOP_KEYS
+    assert res["bench"] == "e2e" and res["config"] == "tiny"
+    assert {"torch", "diffusers", "triton", "bitsandbytes", "torchao"} <= set(res["versions"])
+    assert res["versions"]["torch"] == torch.__version__
+    on_disk = json.loads(Path(res["json"]).read_text())
+    assert on_disk["rows"] == res["rows"]
+    assert Path(res["json"]).parent == out
+    png = out / res["plot"]
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for r in res["rows"]:
+        assert set(r) >= ROW_KEYS, r["name"]
+        assert r["status"] in ("ok", "skipped", "error")
+        if r["status"] == "skipped":
+            assert r["reason"], r["name"]
+        if r["status"] == "error":
+            assert r["error"], r["name"]
+
+
+def test_tiny_rows_schema_plot_and_reasons(tmp_path, monkeypatch, capsys):
+    def boom(model, ctx):
+        raise RuntimeError("planted failure")
+
+    # a row that fails is recorded and the run goes on to the next row
+    monkeypatch.setattr(e2e.METHODS["svdq-w4a16"], "apply", boom)
+    rows = "bf16,svdq-int4,nf4,svdq-w4a16,ao-int8wo,ao-fp8dq"
+    res = e2e.main(["--tiny", "--out", str(tmp_path), "--rows", rows, "--batches", "1,2"])
+    _check_schema(res, tmp_path)
+    by = {r["name"]: r for r in res["rows"]}
+    assert [r["method"] for r in res["rows"]] == rows.split(",")  # the importance order
+    for name in ("bf16", "svdq-int4"):
+        r = by[name]
+        assert r["status"] == "ok", r
+        assert set(r["latency_ms"]) == {"b1", "b2"} and min(r["latency_ms"].values()) > 0
+        assert len(r["latency"]["b1"]["times_ms"]) == 2  # --tiny: 2 timed steps
+        assert r["mode"] == "eager" and r["compiled"] is False
+        assert r["state_bytes"] > 0
+    assert by["bf16"]["speedup_vs_bf16"] == {"b1": 1.0, "b2": 1.0}
+    prof = by["svdq-int4"]["profile_b1"]  # where one step's time goes, per op
+    assert (
+        prof["ops"] and prof["total_ms"] > 0 and {"name", "calls", "self_ms"} <= set(prof["ops"][0])
+    )
+    assert by["svdq-int4"]["svdq_backend"] == "reference"
+    assert by["svdq-int4"]["state_bytes"] < by["bf16"]["state_bytes"]
+    assert by["svdq-w4a16"]["status"] == "error"
+    assert "planted failure" in by["svdq-w4a16"]["error"]
+    # without CUDA, torchao's float8 row is skipped with the reason
+    assert by["ao-fp8dq"]["status"] == "skipped" and by["ao-fp8dq"]["reason"]
+    for lib, name in (("bitsandbytes", "nf4"), ("torchao", "ao-int8wo")):
+        if importlib.util.find_spec(lib) is None:
+            assert by[name]["status"] == "skipped" and lib in by[name]["reason"]
+        else:
+            assert by[name]["status"] in ("ok", "error")
+    if by["nf4"]["status"] == "ok":
+        assert by["nf4"]["speedup_vs_nf4"]["b1"] == 1.0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[-len(rows.split(",")) - 2].startswith("| row | mode | ms/step b1")
+    assert "planted failure" in table[-3]
+
+
+def test_missing_library_gives_reason(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("bitsandbytes", "torchao") else real(name, *a),
+    )
+    ctx = e2e.Ctx("cpu", True, e2e.TINY, 64, 16, (1,), 2, 1)
+    assert "bitsandbytes is not installed" in e2e.METHODS["nf4"].missing(ctx)
+    assert "torchao is not installed" in e2e.METHODS["ao-int8dq"].missing(ctx)
+
+
+def test_budget_skips_rows_with_reason(tmp_path):
+    res = e2e.main(
+        ["--tiny", "--out", str(tmp_path), "--rows", "bf16,svdq-int4", "--budget-s", "0"]
+    )
+    _check_schema(res, tmp_path)
+    assert [r["status"] for r in res["rows"]] == ["skipped", "skipped"]
+    assert all("budget" in r["reason"] for r in res["rows"])
+
+
+def test_compiled_row_is_marked(tmp_path):
+    # the eager backend exercises the compile path quickly; inductor is what the GPU runs
+    res = e2e.main(
+        ["--tiny", "--out", str(tmp_path), "--rows", "bf16", "--compile", "--batches", "1",
+         "--compile-backend", "eager"]
+    )  # fmt: skip
+    _check_schema(res, tmp_path)
+    eager, compiled = res["rows"]
+    assert eager["mode"] == "eager" and compiled["mode"] == "compile"
+    assert compiled["compiled"] is True and compiled["compile_mode"] == "default"
+    assert compiled["status"] == "ok", compiled.get("error")
+    assert "b1" in compiled["compile_s"]
+    assert compiled["speedup_vs_bf16"]["b1"] > 0
+
+
+def test_cli_bench_tiny(tmp_path, capsys):
+    assert cli_main(["bench", "--tiny", "--out", str(tmp_path), "--rows", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "| row | mode |" in out and "diffusers BF16" in out
+    if not torch.cuda.is_available():
+        assert "layer benchmark skipped" in out
+    assert len(list(tmp_path.glob("e2e-*.json"))) == 1
+    assert len(list(tmp_path.glob("e2e-*.png"))) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cli_bench_full_size_needs_cuda(capsys):
+    assert cli_main(["bench", "--e2e"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
