@@ -179,6 +179,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- generate
 
 
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that run a pipeline to make images."""
+    p.add_argument("--steps", type=int, default=None, help="denoising steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload()")
+
+
 def register_generate(sub: Any) -> None:
     p = sub.add_parser(
         "generate",
@@ -200,15 +212,8 @@ def register_generate(sub: Any) -> None:
         required=True,
         help="image file (.png/.jpg); with --num-images > 1, an index is added before the suffix",
     )
-    p.add_argument("--steps", type=int, default=None, help="denoising steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    _add_sampling_args(p)
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload()")
     p.add_argument(
         "--lora",
         action="append",
@@ -286,9 +291,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- main
-
-#: The subcommands: each adds its parser to the subparsers and sets ``func``.
 # --------------------------------------------------------------------------- eval
 
 
@@ -305,15 +307,8 @@ def register_eval(sub: Any) -> None:
     p.add_argument("--prompts", default=None, help="text file, one prompt per line")
     p.add_argument("--num-images", type=int, default=16)
     p.add_argument("--out", default="svdquant-eval", help="output directory")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip-model", default=None, help="local CLIP model directory (CLIP score)")
-    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload()")
+    _add_sampling_args(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -499,6 +494,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- main
+
+#: The subcommands: each adds its parser to the subparsers and sets ``func``.
 COMMANDS: list[Callable[[Any], None]] = [
     register_demo,
     register_quantize,
