@@ -1,8 +1,16 @@
 """Shared fixtures: a linear layer with planted outliers (svdquant.testing)."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
+
+# Without CUDA the Triton kernels run in triton's CPU interpreter. The variable must be
+# set before the first kernel module is imported (triton.jit reads it at decoration), and
+# importing svdquant imports them: so here, before anything imports svdquant.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from svdquant.testing import planted_outlier_inputs, planted_outlier_layer
 

@@ -131,6 +131,20 @@ class SVDQLinear(nn.Module):
                 f"input is on {x.device} but the layer is on {self.qweight.device}; "
                 "move one of them (e.g. layer.to(x.device))"
             )
+        if kernels.resolve_backend(self.backend, x.device) == "triton":
+            return kernels.svdq_linear_triton(
+                x,
+                self.qweight,
+                self.wscales,
+                self.wtensor_scale,
+                self.smooth,
+                self.act_amax,
+                self.lowrank_down,
+                self.lowrank_up,
+                self.bias,
+                self.fmt,
+                self.act_fmt,
+            )
         return kernels.svdq_linear(
             x,
             self.qweight,

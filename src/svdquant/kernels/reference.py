@@ -20,6 +20,7 @@ __all__ = [
     "ACT_SCALE_TARGET",
     "ENGINE_ACT_FORMATS",
     "act_scale_from_amax",
+    "fp8_gemm_quantize_next_ref",
     "fp8_gemm_ref",
     "quantize_act_ref",
     "quantize_activations",
@@ -128,29 +129,40 @@ def quantize_act_ref(
     act_scale: torch.Tensor,
     k_out: int,
     act_fmt: str,
+    lora_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The activation quantize kernel: ``x`` [M, K] -> (fp8 [M, k_out], fp32 [M, r]).
 
-    ``x̂ = x / s``; ``act_fmt="int4"``: the paper's int4 g64 codes and fp16 group scales
-    (exactly as ``quantize_activations``), written as ``fp8(code · s_group / S)``;
-    ``"fp8"``: ``fp8(x̂ / S)`` (W4A8). Columns from K to ``k_out`` (the weight's padded
-    K) are zero. The second output is the low-rank down projection ``x̂ · L_downᵀ``.
+    ``x̂ = x · (1 / s)``; ``act_fmt="int4"``: the paper's int4 g64 codes against fp16 group
+    scales ``fp16(max|x̂_group| / 7)``, found as ``round(x̂ · (1 / s_group))``, written as
+    ``fp8(code · s_group · (1 / S))``; ``"fp8"``: ``fp8(x̂ · (1 / S))`` (W4A8). Columns from
+    K to ``k_out`` (the weight's padded K) are zero. The second output is the low-rank down
+    projection ``x̂ · L_downᵀ`` with x̂ rounded to L_down's 16-bit dtype (``lora_fp32``:
+    not rounded), summed in fp32.
+
+    Every division is a reciprocal taken once (per column, group or layer) and multiplied
+    in, as the kernel does; against the paper's ``x / s`` and ``x̂ / s_group`` this moves a
+    value by at most one fp32 ulp, which can flip a code only on an exact rounding tie.
     """
     if act_fmt not in ("int4", "fp8"):
         raise ValueError(f"the fp8 engine quantizes activations to int4 or fp8, got {act_fmt!r}")
-    k = x.shape[-1]
-    xs = x.float() / smooth.float()
+    m, k = x.shape
+    xs = x.float() * (1.0 / smooth.float())
+    inv_act = 1.0 / act_scale.float()
     if act_fmt == "int4":
-        q = formats.quantize(xs, "int4", saturate=True)
         g = formats.FORMATS["int4"].group_size
-        codes = q.codes().float().reshape(*xs.shape[:-1], -1, g)
-        val = (codes * q.scales.float().unsqueeze(-1)).reshape(*xs.shape[:-1], -1)[..., :k]
+        kg = -(-k // g) * g
+        xg = torch.nn.functional.pad(xs, (0, kg - k)).reshape(m, -1, g)
+        sg = (xg.abs().amax(-1) / 7.0).clamp(max=formats.FP16_MAX).half().float()
+        inv_sg = torch.where(sg > 0, 1.0 / torch.where(sg > 0, sg, 1.0), 0.0)
+        code = torch.round(xg * inv_sg.unsqueeze(-1)).clamp(-7, 7)
+        val = (code * sg.unsqueeze(-1)).reshape(m, kg)[:, :k]
     else:
         val = xs
-    xq = round_e4m3(val / act_scale.float())
+    xq = round_e4m3(val * inv_act)
     xq = torch.nn.functional.pad(xq.float(), (0, k_out - k)).to(torch.float8_e4m3fn)
-    lora = xs @ lowrank_down.float().t()
-    return xq, lora
+    xl = xs if lora_fp32 else xs.to(lowrank_down.dtype).float()
+    return xq, xl @ lowrank_down.float().t()
 
 
 def widen_weight_ref(
@@ -159,7 +171,7 @@ def widen_weight_ref(
     """The widen kernel: stored 4-bit weight -> (fp8 [N, K_pad], fp32 s_channel [N]).
 
     ``c = qmax · max_g(s_group) / 448`` per output channel (1 for an all-zero row), the fp8
-    operand is ``fp8(code_value · s_group / c)`` and ``s_channel = c · s_tensor``, so
+    operand is ``fp8(code_value · s_group · (1 / c))`` and ``s_channel = c · s_tensor``, so
     ``W ≈ fp8 · s_channel`` with each row's largest possible value at 448.
     """
     f = formats.get_format(fmt)
@@ -168,7 +180,7 @@ def widen_weight_ref(
     c = f.qmax * sg.amax(-1) / formats.FP8_E4M3_MAX
     c = torch.where(c > 0, c, torch.ones_like(c))
     v = (vals.reshape(*sg.shape, f.group_size) * sg.unsqueeze(-1)).reshape(vals.shape)
-    return round_e4m3(v / c.unsqueeze(-1)), c * wtensor_scale.float()
+    return round_e4m3(v * (1.0 / c).unsqueeze(-1)), c * wtensor_scale.float()
 
 
 def fp8_gemm_ref(
@@ -183,15 +195,49 @@ def fp8_gemm_ref(
 ) -> torch.Tensor:
     """The fp8 GEMM: ``(xq · wqᵀ) · (S · s_channel) + lora_act · L_upᵀ + b`` in ``out_dtype``.
 
-    fp8 x fp8 products are exact in fp32; the sums are fp32.
+    fp8 x fp8 products are exact in fp32; the sums are fp32. The low-rank term is 16-bit:
+    ``lora_act`` is rounded to L_up's dtype (a 16-bit MMA in the kernel).
     """
     acc = xq.float() @ wq.float().t()
     y = acc * (act_scale.float() * s_channel.float())
     if lowrank_up.shape[-1]:
-        y = y + lora_act.float() @ lowrank_up.float().t()
+        y = y + lora_act.to(lowrank_up.dtype).float() @ lowrank_up.float().t()
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
+
+
+def fp8_gemm_quantize_next_ref(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
+    act_scale: torch.Tensor,
+    lora_act: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    activation: str,
+    smooth2: torch.Tensor,
+    lowrank_down2: torch.Tensor,
+    act_scale2: torch.Tensor,
+    k_out2: int,
+    act_fmt2: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GEMM whose epilogue quantizes the next layer's input: ``fp8_gemm_ref`` (rounded
+    to ``out_dtype``), the activation in fp32 (rounded to ``out_dtype``), then
+    ``quantize_act_ref`` — the unfused pair's numbers."""
+    y = fp8_gemm_ref(xq, wq, s_channel, act_scale, lora_act, lowrank_up, None, torch.float32)
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(out_dtype)  # the layer's output as written (fp32 math inside, like torch's)
+    if activation == "gelu_tanh":
+        y = torch.nn.functional.gelu(y.float(), approximate="tanh")
+    elif activation == "silu":
+        y = torch.nn.functional.silu(y.float())
+    elif activation != "none":
+        raise ValueError(f"unknown activation {activation!r}")
+    h = y.to(out_dtype)
+    return quantize_act_ref(h, smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2)
 
 
 def w4a16_linear_ref(
@@ -205,10 +251,22 @@ def w4a16_linear_ref(
     bias: torch.Tensor | None,
     fmt: str,
 ) -> torch.Tensor:
-    """The W4A16 GEMV: 4-bit weights, activations not quantized (``act_fmt="none"``)."""
-    return svdq_linear(
-        x, qweight, wscales, wtensor_scale, smooth, lowrank_down, lowrank_up, bias, fmt, "none"
-    )
+    """The W4A16 GEMV on ``x`` [M, K]: 4-bit weights, activations not quantized.
+
+    ``x̂ = x · (1 / s)``; ``y = (x̂ · (code · s_group)ᵀ) · s_tensor + (x̂ · L_downᵀ) · L_upᵀ + b``,
+    all fp32 (the kernel multiplies the 4-bit part in tf32, the low-rank part in ~fp32).
+    """
+    f = formats.get_format(fmt)
+    n, k = qweight.shape[0], x.shape[-1]
+    xs = x.float() * (1.0 / smooth.float())
+    codes = formats.code_values(formats.unpack(qweight, signed=f.name == "int4"), f)
+    w = (codes.reshape(n, -1, f.group_size) * wscales.float().unsqueeze(-1)).reshape(n, -1)
+    y = (xs @ w[:, :k].t()) * wtensor_scale.float()
+    if lowrank_down.shape[0]:
+        y = y + (xs @ lowrank_down.float().t()) @ lowrank_up.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 def svdq_linear_fp8_ref(

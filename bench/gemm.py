@@ -1,0 +1,365 @@
+"""Benchmark the fp8 engine's kernels against cuBLAS on FLUX.1 layer shapes (one GPU).
+
+    PYTHONPATH=src python bench/gemm.py [--out DIR] [--quick] [--sweep]
+
+Per (M, N, K): cuBLAS BF16 ``F.linear`` with bias; cuBLAS fp8 rowwise ``torch._scaled_mm``
+(no bias); our quantize alone (GB/s, % of the measured copy bandwidth); widen alone;
+GEMM + low-rank + bias alone; the full layer (quantize + widen + GEMM) with and without
+the low-rank branch, eagerly and replayed from a CUDA graph (no launch overhead). Then
+the MLP pair (fc1 3072->12288, GELU-tanh, fc2 12288->3072), unfused and fused (fc1's
+epilogue writes fc2's quantized input), and the W4A16 GEMV. Times are medians of
+``triton.testing.do_bench``; ratios are BF16 time / our time (> 1: faster). Writes
+``gemm-<date>.json`` under ``--out`` (default ``bench/results``, or ``$OUT`` when set)
+and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from svdquant import formats
+from svdquant.kernels import gemv as gemv_mod
+from svdquant.kernels import quantize as quantize_mod
+from svdquant.kernels import reference as ref
+from svdquant.kernels import widen as widen_mod
+from svdquant.kernels.gemm import fp8_gemm
+from svdquant.kernels.gemv import w4a16_linear
+from svdquant.kernels.ops import svdq_linear_triton, svdq_mlp_triton
+from svdquant.kernels.quantize import quantize_act
+from svdquant.kernels.widen import widen_weight
+
+MS = (512, 1024, 4096, 4608)
+NKS = ((3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (21504, 3072), (3072, 15360))
+RANK = 32
+
+
+def bench(fn) -> float:
+    """Median time of ``fn()`` in microseconds."""
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def bench_graph(fn) -> float:
+    """Median time of ``fn()`` replayed from a CUDA graph (no launch overhead), in µs."""
+    fn()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench(g.replay)
+
+
+def copy_bandwidth() -> float:
+    """Device copy bandwidth (read + write) in GB/s, on a 1 GiB buffer."""
+    a = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    us = bench(lambda: b.copy_(a))
+    return 2 * a.numel() * a.element_size() / us / 1e3
+
+
+class Layer:
+    """A random 4-bit layer (int4 weights) in the engine's stored format."""
+
+    def __init__(self, n: int, k: int, fmt: str = "int4", seed: int = 0) -> None:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+        self.w16 = w.bfloat16()
+        q = formats.quantize(w, fmt)
+        self.qweight, self.wscales, self.wtensor_scale = q.packed, q.scales, q.tensor_scale
+        self.smooth = torch.rand(k, device="cuda", generator=g) + 0.5
+        self.act_amax = torch.tensor(8.0, device="cuda")
+        self.down = (torch.randn(RANK, k, device="cuda", generator=g) / k**0.5).bfloat16()
+        self.up = (torch.randn(n, RANK, device="cuda", generator=g) * 0.02).bfloat16()
+        self.bias = torch.randn(n, device="cuda", generator=g).bfloat16()
+        self.fmt, self.act_fmt = fmt, "int4"
+        self.in_features, self.out_features = k, n
+        self.lowrank_down, self.lowrank_up = self.down, self.up  # SVDQLinear's names
+
+    def __call__(self, x: torch.Tensor, act_fmt: str = "int4", lowrank: bool = True):
+        down = self.down if lowrank else self.down[:0]
+        up = self.up if lowrank else self.up[:, :0]
+        return svdq_linear_triton(
+            x, self.qweight, self.wscales, self.wtensor_scale, self.smooth, self.act_amax,
+            down, up, self.bias, self.fmt, act_fmt,
+        )  # fmt: skip
+
+
+def bench_shape(m: int, n: int, k: int, copy_gbs: float) -> dict:
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    layer = Layer(n, k)
+    s = ref.act_scale_from_amax(layer.act_amax)
+    kp = layer.qweight.shape[1] * 2
+    flop = 2 * m * n * k
+    row: dict = {"M": m, "N": n, "K": k}
+
+    row["bf16_us"] = bench(lambda: F.linear(x, layer.w16, layer.bias))
+    xf8 = x.to(torch.float8_e4m3fn)
+    wf8 = layer.w16.to(torch.float8_e4m3fn)
+    sa = torch.ones(m, 1, device="cuda")
+    sb = torch.ones(1, n, device="cuda")
+    try:
+        row["cublas_fp8_us"] = bench(
+            lambda: torch._scaled_mm(xf8, wf8.t(), sa, sb, out_dtype=torch.bfloat16)
+        )
+    except RuntimeError as e:  # rowwise scaling needs a recent torch + Hopper
+        row["cublas_fp8_us"], row["cublas_fp8_error"] = None, str(e)[:200]
+
+    row["quantize_us"] = bench(lambda: quantize_act(x, layer.smooth, layer.down, s, kp, "int4"))
+    q_bytes = m * k * 2 + m * kp + m * RANK * 4 + RANK * k * 2
+    row["quantize_gbs"] = q_bytes / row["quantize_us"] / 1e3
+    row["quantize_pct_copy"] = 100 * row["quantize_gbs"] / copy_gbs
+    row["quantize_fp8_us"] = bench(lambda: quantize_act(x, layer.smooth, layer.down, s, kp, "fp8"))
+    row["quantize_nolr_us"] = bench(
+        lambda: quantize_act(x, layer.smooth, layer.down[:0], s, kp, "int4")
+    )
+
+    args = (layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
+    row["widen_us"] = bench(lambda: widen_weight(*args))
+    w_bytes = n * kp // 2 + layer.wscales.numel() * 2 + n * kp + n * 4
+    row["widen_gbs"] = w_bytes / row["widen_us"] / 1e3
+
+    xq, lora = quantize_act(x, layer.smooth, layer.down, s, kp, "int4")
+    wq, s_ch = widen_weight(*args)
+    row["gemm_us"] = bench(
+        lambda: fp8_gemm(xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16)
+    )
+    row["gemm_nolr_us"] = bench(
+        lambda: fp8_gemm(xq, wq, s_ch, s, lora[:, :0], layer.up[:, :0], layer.bias, x.dtype)
+    )
+    row["layer_us"] = bench(lambda: layer(x))
+    row["layer_nolr_us"] = bench(lambda: layer(x, lowrank=False))
+    row["layer_w4a8_us"] = bench(lambda: layer(x, act_fmt="fp8"))
+    row["layer_graph_us"] = bench_graph(lambda: layer(x))
+    row["layer_nolr_graph_us"] = bench_graph(lambda: layer(x, lowrank=False))
+    for key in [c for c in row if c.endswith("_us") and row[c]]:
+        row[key.replace("_us", "_tflops")] = flop / row[key] / 1e6
+        row[key.replace("_us", "_x")] = row["bf16_us"] / row[key]
+    return row
+
+
+def bench_mlp(m: int) -> dict:
+    """fc1 3072->12288, GELU-tanh, fc2 12288->3072: BF16 vs the engine (unfused)."""
+    fc1, fc2 = Layer(12288, 3072, seed=1), Layer(3072, 12288, seed=2)
+    x = torch.randn(m, 3072, device="cuda").bfloat16()
+
+    def bf16():
+        h = F.gelu(F.linear(x, fc1.w16, fc1.bias), approximate="tanh")
+        return F.linear(h, fc2.w16, fc2.bias)
+
+    def ours(act_fmt: str = "int4"):
+        return fc2(F.gelu(fc1(x, act_fmt), approximate="tanh"), act_fmt)
+
+    def fused(act_fmt: str = "int4"):
+        fc1.act_fmt = fc2.act_fmt = act_fmt
+        return svdq_mlp_triton(x, fc1, fc2)
+
+    row = {"M": m, "bf16_us": bench(bf16), "ours_us": bench(ours)}
+    row["fused_us"] = bench(fused)
+    row["fused_w4a8_us"] = bench(lambda: fused("fp8"))
+    row["fused_graph_us"] = bench_graph(fused)
+    row["fused_w4a8_graph_us"] = bench_graph(lambda: fused("fp8"))
+    row["ours_w4a8_us"] = bench(lambda: ours("fp8"))
+    row["bf16_graph_us"] = bench_graph(bf16)
+    row["ours_graph_us"] = bench_graph(ours)
+    row["ours_w4a8_graph_us"] = bench_graph(lambda: ours("fp8"))
+    row["x"] = row["bf16_us"] / row["ours_us"]
+    row["graph_x"] = row["bf16_graph_us"] / row["ours_graph_us"]
+    row["fused_x"] = row["bf16_us"] / row["fused_us"]
+    row["fused_graph_x"] = row["bf16_graph_us"] / row["fused_graph_us"]
+    row["fused_w4a8_graph_x"] = row["bf16_graph_us"] / row["fused_w4a8_graph_us"]
+    return row
+
+
+def bench_gemv(m: int, n: int, k: int, copy_gbs: float) -> dict:
+    layer = Layer(n, k)
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    row = {"M": m, "N": n, "K": k, "bf16_us": bench(lambda: F.linear(x, layer.w16, layer.bias))}
+    args = (layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth, layer.down)
+    row["gemv_us"] = bench(lambda: w4a16_linear(x, *args, layer.up, layer.bias, layer.fmt))
+    row["gemv_nolr_us"] = bench(
+        lambda: w4a16_linear(x, *args[:-1], layer.down[:0], layer.up[:, :0], layer.bias, "int4")
+    )
+    row["gemv_graph_us"] = bench_graph(
+        lambda: w4a16_linear(x, *args, layer.up, layer.bias, layer.fmt)
+    )
+    read = n * k // 2 + layer.wscales.numel() * 2
+    row["gemv_nolr_gbs"] = read / row["gemv_nolr_us"] / 1e3
+    row["gemv_nolr_pct_copy"] = 100 * row["gemv_nolr_gbs"] / copy_gbs
+    row["x"] = row["bf16_us"] / row["gemv_us"]
+    row["nolr_x"] = row["bf16_us"] / row["gemv_nolr_us"]
+    row["bf16_graph_us"] = bench_graph(lambda: F.linear(x, layer.w16, layer.bias))
+    row["graph_x"] = row["bf16_graph_us"] / row["gemv_graph_us"]
+    return row
+
+
+def _timed(fn, nbytes: float, copy_gbs: float, graph: bool = False) -> dict:
+    try:
+        us = (bench_graph if graph else bench)(fn)
+    except Exception as e:  # a tile that does not compile or fit
+        return {"error": str(e)[:120]}
+    return {"us": us, "pct_copy": 100 * nbytes / us / 1e3 / copy_gbs}
+
+
+def sweep(copy_gbs: float) -> dict:
+    """Time the memory-bound kernels over tile shapes (M = 4608, N = 12288, K = 3072)."""
+    out: dict = {"quantize": [], "widen": [], "gemv": []}
+    m, n, k = 4608, 12288, 3072
+    layer = Layer(n, k)
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    s = ref.act_scale_from_amax(layer.act_amax)
+    tiles3 = [(a, b, w) for a in (16, 32, 64) for b in (128, 256, 512) for w in (4, 8)]
+    for tile in tiles3:
+        quantize_mod.TILES["large"] = tile
+        fn = lambda: quantize_act(x, layer.smooth, layer.down, s, k, "int4")  # noqa: E731
+        out["quantize"].append({"tile": tile, **_timed(fn, m * k * 3, copy_gbs)})
+    args = (layer.qweight, layer.wscales, layer.wtensor_scale, "int4")
+    for tile in [(a, b, w) for a in (16, 32, 64) for b in (256, 512, 1024) for w in (4, 8)]:
+        widen_mod.TILE = tile
+        timed = _timed(lambda: widen_weight(*args), n * k * 1.5, copy_gbs)
+        out["widen"].append({"tile": tile, **timed})
+    g = Layer(18432, 3072)
+    gargs = (g.qweight, g.wscales, g.wtensor_scale, g.smooth, g.down[:0], g.up[:, :0], None)
+    for mm in (1, 4):
+        xg = torch.randn(mm, 3072, device="cuda").bfloat16()
+        for tile in [(a, b, w) for a in (32, 64, 128) for b in (64, 128, 256) for w in (4, 8)]:
+            gemv_mod.TILE = tile
+            fn = lambda xg=xg: w4a16_linear(xg, *gargs, "int4")  # noqa: E731
+            out["gemv"].append({"M": mm, "tile": tile, **_timed(fn, 18432 * 1536, copy_gbs, True)})
+    best = {}
+    for key, rows in out.items():
+        ok = [r for r in rows if "us" in r]
+        for mm in sorted({r.get("M", 0) for r in ok}):
+            best[key, mm] = min((r for r in ok if r.get("M", 0) == mm), key=lambda r: r["us"])
+            print(f"sweep {key}: best {best[key, mm]}", flush=True)
+    # the rest of this run uses the best tiles (M = 4 for the GEMV)
+    quantize_mod.TILES["large"] = best["quantize", 0]["tile"]
+    widen_mod.TILE = best["widen", 0]["tile"]
+    gemv_mod.TILE = best["gemv", 4]["tile"]
+    return out
+
+
+def kernel_stats() -> dict:
+    """Registers, spills and shared memory of every compiled variant of our kernels, and
+    the GEMM's autotuned configs (for NOTES.md)."""
+    from svdquant.kernels import gemm as gemm_mod
+
+    fns = {
+        "quantize": quantize_mod._quantize_act_kernel,
+        "widen": widen_mod._widen_kernel,
+        "gemv": gemv_mod._w4a16_kernel,
+        "gemm": gemm_mod._fp8_gemm_kernel.fn,
+    }
+    out: dict = {}
+    for name, fn in fns.items():
+        rows = []
+        try:
+            for caches in fn.device_caches.values():
+                for k in caches[0].values():
+                    rows.append({a: getattr(k, a, None) for a in ("n_regs", "n_spills", "shared")})
+        except Exception as e:  # the cache layout is triton-internal
+            rows.append({"error": str(e)[:120]})
+        out[name] = rows
+    try:
+        out["gemm_autotune"] = {str(k): str(v) for k, v in gemm_mod._fp8_gemm_kernel.cache.items()}
+    except Exception as e:
+        out["gemm_autotune"] = str(e)[:120]
+    return out
+
+
+def _commit() -> str:
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument("--quick", action="store_true", help="M = 4608 only, 3 shapes")
+    p.add_argument("--sweep", action="store_true", help="also sweep the memory-bound tiles")
+    a = p.parse_args()
+    torch.manual_seed(0)
+    ms, nks = ((4608,), NKS[:3]) if a.quick else (MS, NKS)
+    copy_gbs = copy_bandwidth()
+    tiles = sweep(copy_gbs) if a.sweep else None
+    rows = []
+    for m in ms:
+        for n, k in nks:
+            rows.append(bench_shape(m, n, k, copy_gbs))
+            print(json.dumps({c: round(v, 3) if isinstance(v, float) else v
+                              for c, v in rows[-1].items()}), flush=True)  # fmt: skip
+    mlp = [bench_mlp(m) for m in (4096, 4608)]
+    gemv = [bench_gemv(m, 18432, 3072, copy_gbs) for m in (1, 4)]
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "copy_gbs": copy_gbs,
+        "rank": RANK,
+        "layers": rows,
+        "mlp": mlp,
+        "gemv": gemv,
+        "sweep": tiles,
+        "kernels": kernel_stats(),
+    }
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gemm-{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"\n{result['device']}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"copy {copy_gbs:.0f} GB/s  -> {path}")  # fmt: skip
+    print("ratios = BF16 time / ours; quantize in % of copy bandwidth; G = in a CUDA graph")
+    for name, rows_ in result["kernels"].items():
+        print(f"kernel {name}: {rows_}")
+    hdr = ("M", "N", "K", "bf16us", "fp8cub", "quant%", "widenGB/s", "gemm+lr", "gemm",
+           "layer", "layer-lr", "w4a8", "layerG", "layer-lrG")  # fmt: skip
+    print(" ".join(f"{h:>9}" for h in hdr))
+    for r in rows:
+        vals = (r["M"], r["N"], r["K"], f"{r['bf16_us']:.0f}", _x(r.get("cublas_fp8_x")),
+                f"{r['quantize_pct_copy']:.0f}", f"{r['widen_gbs']:.0f}", _x(r["gemm_x"]),
+                _x(r["gemm_nolr_x"]), _x(r["layer_x"]), _x(r["layer_nolr_x"]),
+                _x(r["layer_w4a8_x"]), _x(r["layer_graph_x"]),
+                _x(r["layer_nolr_graph_x"]))  # fmt: skip
+        print(" ".join(f"{v:>9}" for v in vals))
+    for r in mlp:
+        print(f"MLP M={r['M']}: bf16 {r['bf16_us']:.0f} us, ours {r['ours_us']:.0f} us "
+              f"({r['x']:.2f}x), W4A8 {r['ours_w4a8_us']:.0f} us; CUDA graph: bf16 "
+              f"{r['bf16_graph_us']:.0f} us, ours {r['ours_graph_us']:.0f} us "
+              f"({r['graph_x']:.2f}x), W4A8 {r['ours_w4a8_graph_us']:.0f} us")  # fmt: skip
+        print(f"  fused MLP: {r['fused_us']:.0f} us ({r['fused_x']:.2f}x); CUDA graph "
+              f"{r['fused_graph_us']:.0f} us ({r['fused_graph_x']:.2f}x), W4A8 "
+              f"{r['fused_w4a8_graph_us']:.0f} us ({r['fused_w4a8_graph_x']:.2f}x)")  # fmt: skip
+    for r in gemv:
+        print(f"W4A16 GEMV M={r['M']} N={r['N']} K={r['K']}: bf16 {r['bf16_us']:.1f} us, "
+              f"ours {r['gemv_us']:.1f} us ({r['x']:.2f}x), no low-rank {r['gemv_nolr_us']:.1f}"
+              f" us ({r['nolr_x']:.2f}x, {r['gemv_nolr_pct_copy']:.0f}% of copy); CUDA graph: "
+              f"bf16 {r['bf16_graph_us']:.1f} us, ours {r['gemv_graph_us']:.1f} us "
+              f"({r['graph_x']:.2f}x)")  # fmt: skip
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+if __name__ == "__main__":
+    main()

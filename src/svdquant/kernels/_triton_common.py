@@ -1,0 +1,113 @@
+"""Small ``@triton.jit`` helpers shared by the engine's kernels.
+
+The rounding helpers do their work in fp32 with exact operations only, so a kernel gives
+bit-identical results on the GPU and in the CPU interpreter (``TRITON_INTERPRET=1``), whose
+own fp32 -> fp8 conversion rounds wrongly (seen in triton 3.9: 127.99 -> 64, ties away
+from even). The fp8 cast that follows them converts an exactly representable value.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+#: The largest finite fp8 E4M3 value.
+E4M3_MAX: float = 448.0
+
+
+def interpreting() -> bool:
+    """Whether triton runs kernels in its CPU interpreter (read at kernel import time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_precision() -> str:
+    """``input_precision`` for the fp32 ``tl.dot`` of the low-rank branch.
+
+    ``tf32x3`` (three tf32 products, about fp32 accuracy) on the GPU; the interpreter
+    computes in fp32 whatever it is told.
+    """
+    return "ieee" if interpreting() else "tf32x3"
+
+
+@triton.jit
+def rint_even(x):
+    """Round fp32 ``x`` to the nearest integer, ties to even (``torch.round``).
+
+    Exact for |x| < 2**22: ``x - floor(x)`` and the parity test are exact there.
+    """
+    f = tl.floor(x)
+    d = x - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def round_e4m3(x):
+    """The fp8 E4M3 value nearest fp32 ``x`` (ties to even), saturated to ±448, as fp32.
+
+    Equal to ``x.clamp(-448, 448).to(torch.float8_e4m3fn).float()``: the value is rounded
+    to 3 mantissa bits at its own exponent (at least -6, below which E4M3 is subnormal
+    with a fixed step of 2**-9).
+    """
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    bits = x.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    inv_ulp = ((127 - (e - 3)) << 23).to(tl.float32, bitcast=True)
+    r = rint_even(x * inv_ulp) * ulp
+    return tl.where(x < 0.0, -tl.abs(r), r)  # keep the sign of values that round to 0
+
+
+@triton.jit
+def e2m1_value(nib):
+    """The value of an FP4 E2M1 code (int32 nibble 0..15: bit 3 sign, bits 0-2 index)."""
+    idx = nib & 7
+    e = idx >> 1
+    m = (idx & 1).to(tl.float32)
+    pow2 = (1 << tl.maximum(e - 1, 0)).to(tl.float32)
+    mag = tl.where(e == 0, 0.5 * m, pow2 * (1.0 + 0.5 * m))
+    return tl.where((nib & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 ``x`` rounded to the nearest bf16 value (ties to even), still as fp32.
+
+    triton 3.9's interpreter converts fp32 -> bf16 by truncation; kernels call this first
+    under the interpreter so that the cast that follows is exact.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+def needs_bf16_rounding(dtype) -> bool:
+    """Whether a kernel writing ``dtype`` must call ``round_bf16`` (interpreter only)."""
+    import torch
+
+    return interpreting() and dtype == torch.bfloat16
+
+
+@triton.jit
+def nibble_value(nib, NVFP4: tl.constexpr):
+    """The grid value (fp32) of a 4-bit code: E2M1 if ``NVFP4`` else two's complement int4."""
+    if NVFP4:
+        return e2m1_value(nib)
+    return (nib - ((nib & 8) << 1)).to(tl.float32)
+
+
+@triton.jit
+def dot16(a, b, acc, INTERPRET: tl.constexpr):
+    """``acc + a16 · b`` with ``a`` (fp32) rounded to ``b``'s 16-bit dtype, fp32 sums.
+
+    Under the interpreter (``INTERPRET``), whose bf16 ``tl.dot`` is wrong and whose fp32 ->
+    bf16 cast truncates, the same 16-bit values are rounded here and multiplied in fp32,
+    where products of 16-bit numbers are exact.
+    """
+    if INTERPRET:
+        a16 = round_bf16(a) if b.dtype == tl.bfloat16 else a.to(b.dtype).to(tl.float32)
+        return tl.dot(a16, b.to(tl.float32), acc)
+    return tl.dot(a.to(b.dtype), b, acc)

@@ -1,0 +1,333 @@
+"""fp8 GEMM with the layer's epilogue: scales, low-rank up projection, bias.
+
+``y = (xq · wqᵀ) · (S · s_channel) + lora_act · L_upᵀ + b``, written once in the output
+dtype. ``xq`` [M, K] and ``wq`` [N, K] are fp8 E4M3 (from ``quantize_act`` and
+``widen_weight``); the K loop is a plain fp8 ``tl.dot`` with fp32 accumulation and no
+per-group work, and every scale is applied once, after it. The low-rank term is a rank-r
+``tl.dot`` in the epilogue on 16-bit operands (``lora_act`` rounded to L_up's dtype) with
+fp32 sums.
+
+Reference: ``reference.fp8_gemm_ref``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from svdquant.kernels._triton_common import (
+    dot16,
+    interpreting,
+    needs_bf16_rounding,
+    round_bf16,
+)
+from svdquant.kernels.quantize import quantize_tile
+
+__all__ = ["fp8_gemm", "fp8_gemm_quantize_next"]
+
+
+def _configs() -> list[triton.Config]:
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4})]
+    out = []
+    for bm, bn, bk, warps, stages in (
+        (128, 128, 128, 8, 3),
+        (128, 256, 128, 8, 3),
+        (128, 128, 128, 4, 4),
+        (64, 128, 128, 4, 4),
+        (64, 64, 128, 4, 4),
+    ):
+        out.append(
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                num_warps=warps,
+                num_stages=stages,
+            )
+        )
+    return out
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key for M: powers of two, so a new sequence length rarely re-tunes."""
+    return triton.next_power_of_2(max(m, 1))
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["M_BUCKET", "N", "K", "HAS_LORA", "NEXT"],
+    reset_to_zero=["lora2_ptr"],  # the fused next-layer epilogue accumulates into it
+)
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    sch_ptr,
+    scale_ptr,
+    lora_ptr,
+    lu_ptr,
+    bias_ptr,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    stride_am,
+    stride_bn,
+    stride_cm,
+    stride_lm,
+    stride_un,
+    s2_ptr,
+    ld2_ptr,
+    scale2_ptr,
+    xq2_ptr,
+    lora2_ptr,
+    K2_OUT,
+    R2,
+    stride_q2m,
+    stride_ld2,
+    stride_l2m,
+    HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    NEXT: tl.constexpr,
+    ACT: tl.constexpr,
+    NEXT_INT4: tl.constexpr,
+    BLOCK_R2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row-tiles share the columns they read from L2.
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_m
+    pid_n = (pid % width) // group_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mmask = rm < M
+    nmask = rn < N
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + rn[None, :] * stride_bn + rk[:, None]  # [BLOCK_K, BLOCK_N], K-major
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (k0 + rk) < K
+        a = tl.load(a_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    scale = tl.load(scale_ptr) * tl.load(sch_ptr + rn, mask=nmask, other=0.0)
+    y = acc * scale[None, :]
+    if HAS_LORA:
+        rr = tl.arange(0, BLOCK_R)
+        la = tl.load(
+            lora_ptr + rm[:, None] * stride_lm + rr[None, :],
+            mask=mmask[:, None] & (rr < R)[None, :],
+            other=0.0,
+        )
+        lu = tl.trans(  # loaded [BLOCK_N, BLOCK_R], contiguous along r: coalesced
+            tl.load(
+                lu_ptr + rn[:, None] * stride_un + rr[None, :],
+                mask=nmask[:, None] & (rr < R)[None, :],
+                other=0.0,
+            )
+        )
+        y = dot16(la, lu, y, DOT_FP32)  # the 16-bit low-rank branch: one 16-bit MMA
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if ACT != 0:  # the activation reads the layer output as written: in 16 bits
+        if ROUND_BF16:
+            y = round_bf16(y)
+        y = y.to(c_ptr.dtype.element_ty).to(tl.float32)
+    if ACT == 1:  # GELU, tanh approximation; tanh(u) = 1 - 2 / (exp(2u) + 1)
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = 0.5 * y * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+    elif ACT == 2:  # SiLU
+        y = y / (1.0 + tl.exp(-y))
+    if ROUND_BF16:
+        y = round_bf16(y)
+    y16 = y.to(c_ptr.dtype.element_ty)
+    if NEXT:
+        # This tile is a [BLOCK_M, BLOCK_N] tile of the next layer's input: quantize it
+        # (its groups of 64 lie inside the tile) and add its share of that layer's
+        # low-rank down projection; the 16-bit output itself is never written.
+        s2 = tl.load(s2_ptr + rn, mask=nmask, other=1.0)
+        xh = y16.to(tl.float32) * tl.math.div_rn(1.0, s2)[None, :]
+        xh = tl.where(nmask[None, :], xh, 0.0)
+        q = quantize_tile(xh, tl.math.div_rn(1.0, tl.load(scale2_ptr)), NEXT_INT4, BLOCK_M, BLOCK_N)
+        tl.store(
+            xq2_ptr + rm[:, None] * stride_q2m + rn[None, :],
+            q.to(tl.float8e4nv),
+            mask=mmask[:, None] & (rn < K2_OUT)[None, :],
+        )
+        r2 = tl.arange(0, BLOCK_R2)
+        ld2 = tl.trans(
+            tl.load(
+                ld2_ptr + r2[:, None] * stride_ld2 + rn[None, :],
+                mask=(r2 < R2)[:, None] & nmask[None, :],
+                other=0.0,
+            )
+        )
+        part = dot16(xh, ld2, tl.zeros([BLOCK_M, BLOCK_R2], dtype=tl.float32), DOT_FP32)
+        tl.atomic_add(
+            lora2_ptr + rm[:, None] * stride_l2m + r2[None, :],
+            part,
+            mask=mmask[:, None] & (r2 < R2)[None, :],
+            sem="relaxed",
+        )
+    else:
+        tl.store(
+            c_ptr + rm[:, None] * stride_cm + rn[None, :],
+            y16,
+            mask=mmask[:, None] & nmask[None, :],
+        )
+
+
+_ACTS = {"none": 0, "gelu_tanh": 1, "silu": 2}
+
+
+def _launch(xq, wq, lora_act, lowrank_up, s_channel, act_scale, bias, out, nxt) -> None:
+    """Launch the GEMM; ``nxt`` = (smooth2, ld2, scale2, xq2, lora2, act, act_fmt2) or None."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    r = lowrank_up.shape[1]
+    if nxt is None:
+        s2 = ld2 = sc2 = xq2 = s_channel  # never read
+        lora2 = torch.zeros(1, device=xq.device)  # autotune zeroes it between trials
+        k2_out = r2 = 0
+        act, int4 = "none", False
+        strides2 = (0, 0, 0)
+    else:
+        s2, ld2, sc2, xq2, lora2, act, act_fmt2 = nxt
+        k2_out, r2 = xq2.shape[1], ld2.shape[0]
+        int4 = act_fmt2 == "int4"
+        strides2 = (xq2.stride(0), ld2.stride(0) if r2 else 0, lora2.stride(0) if r2 else 0)
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
+    )
+    _fp8_gemm_kernel[grid](
+        xq,
+        wq,
+        out,
+        s_channel,
+        act_scale.float().reshape(1),
+        lora_act,
+        lowrank_up,
+        bias if bias is not None else s_channel,
+        m,
+        n,
+        k,
+        r,
+        _m_bucket(m),
+        xq.stride(0),
+        wq.stride(0),
+        out.stride(0),
+        lora_act.stride(0) if r else 0,
+        lowrank_up.stride(0) if r else 0,
+        s2,
+        ld2,
+        sc2,
+        xq2,
+        lora2,
+        k2_out,
+        r2,
+        *strides2,
+        HAS_LORA=r > 0,
+        HAS_BIAS=bias is not None,
+        ROUND_BF16=needs_bf16_rounding(out.dtype),
+        BLOCK_R=max(16, triton.next_power_of_2(max(r, 1))),
+        DOT_FP32=interpreting(),
+        NEXT=nxt is not None,
+        ACT=_ACTS[act],
+        NEXT_INT4=int4,
+        BLOCK_R2=max(16, triton.next_power_of_2(max(r2, 1))),
+    )
+
+
+def fp8_gemm(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
+    act_scale: torch.Tensor,
+    lora_act: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(xq · wqᵀ) · (S · s_channel) + lora_act · L_upᵀ + b`` -> [M, N] in ``out_dtype``.
+
+    ``xq`` fp8 [M, K], ``wq`` fp8 [N, K], ``s_channel`` fp32 [N], ``act_scale`` fp32 [],
+    ``lora_act`` fp32 [M, r], ``lowrank_up`` [N, r]. See ``fp8_gemm_ref``.
+    """
+    m, n = xq.shape[0], wq.shape[0]
+    y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    if m and n:
+        _launch(*_contiguous(xq, wq, lora_act, lowrank_up), s_channel, act_scale, bias, y, None)
+    return y
+
+
+def fp8_gemm_quantize_next(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
+    act_scale: torch.Tensor,
+    lora_act: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    activation: str,
+    smooth2: torch.Tensor,
+    lowrank_down2: torch.Tensor,
+    act_scale2: torch.Tensor,
+    k_out2: int,
+    act_fmt2: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This layer's GEMM whose epilogue writes the *next* layer's quantized input.
+
+    The layer output and ``h = activation(output)`` are each rounded to ``out_dtype`` as
+    if written and read back (the unfused pair's numbers); ``h`` then goes exactly through
+    ``quantize_act(h, smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2)``. Returns
+    ``(xq2 fp8 [M, k_out2], lora_act2 fp32 [M, r2])``; ``activation``: ``"none"``,
+    ``"gelu_tanh"`` or ``"silu"``. An MLP (fc1 -> GELU -> fc2) so runs with no standalone
+    quantize pass and without writing fc1's output. Reference:
+    ``reference.fp8_gemm_quantize_next_ref``.
+    """
+    if act_fmt2 not in ("int4", "fp8"):
+        raise ValueError(f"the next layer's activations must be int4 or fp8, got {act_fmt2!r}")
+    if activation not in _ACTS:
+        raise ValueError(f"unknown activation {activation!r}; supported: {sorted(_ACTS)}")
+    m, n = xq.shape[0], wq.shape[0]
+    if k_out2 < n or k_out2 > triton.cdiv(n, 64) * 64:
+        raise ValueError(f"k_out2 = {k_out2} must be the next layer's padded K for K = {n}")
+    # every column < k_out2 lies in some BLOCK_N tile (BLOCK_N a multiple of 64): empty is safe
+    xq2 = torch.empty(m, k_out2, dtype=torch.float8_e4m3fn, device=xq.device)
+    lora2 = torch.zeros(m, lowrank_down2.shape[0], dtype=torch.float32, device=xq.device)
+    if m and n:
+        nxt = (
+            smooth2.float().contiguous(),
+            lowrank_down2.contiguous(),
+            act_scale2.float().reshape(1),
+            xq2,
+            lora2,
+            activation,
+            act_fmt2,
+        )
+        out = torch.empty(0, dtype=out_dtype, device=xq.device)  # not written
+        _launch(*_contiguous(xq, wq, lora_act, lowrank_up), s_channel, act_scale, bias, out, nxt)
+    return xq2, lora2
+
+
+def _contiguous(xq, wq, lora_act, lowrank_up):
+    return xq.contiguous(), wq.contiguous(), lora_act.contiguous(), lowrank_up.contiguous()

@@ -1,0 +1,227 @@
+"""The engine's kernels as ``torch.library`` custom ops, and the layer built from them.
+
+Each kernel is one op (``svdquant::quantize_act``, ``::widen_weight``, ``::fp8_gemm``,
+``::w4a16_linear``) with a fake (meta) implementation that only computes output shapes,
+so ``torch.compile(fullgraph=True)`` traces a layer into three opaque nodes with no graph
+break and no host sync, and Inductor fuses the elementwise work around them. Triton is
+imported on the first real call, not here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from svdquant.kernels import reference
+
+__all__ = ["svdq_linear_triton", "svdq_mlp_triton"]
+
+_FP8 = torch.float8_e4m3fn
+
+
+@torch.library.custom_op("svdquant::quantize_act", mutates_args=())
+def quantize_act(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    lowrank_down: torch.Tensor,
+    act_scale: torch.Tensor,
+    k_out: int,
+    act_fmt: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.quantize.quantize_act`` as a custom op."""
+    from svdquant.kernels.quantize import quantize_act as impl
+
+    return impl(x, smooth, lowrank_down, act_scale, k_out, act_fmt)
+
+
+@quantize_act.register_fake
+def _(x, smooth, lowrank_down, act_scale, k_out, act_fmt):
+    m = x.shape[0]
+    return (
+        x.new_empty(m, k_out, dtype=_FP8),
+        x.new_empty(m, lowrank_down.shape[0], dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("svdquant::widen_weight", mutates_args=())
+def widen_weight(
+    qweight: torch.Tensor, wscales: torch.Tensor, wtensor_scale: torch.Tensor, fmt: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.widen.widen_weight`` as a custom op."""
+    from svdquant.kernels.widen import widen_weight as impl
+
+    return impl(qweight, wscales, wtensor_scale, fmt)
+
+
+@widen_weight.register_fake
+def _(qweight, wscales, wtensor_scale, fmt):
+    n, kp = qweight.shape[0], qweight.shape[1] * 2
+    return qweight.new_empty(n, kp, dtype=_FP8), qweight.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("svdquant::fp8_gemm", mutates_args=())
+def fp8_gemm(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
+    act_scale: torch.Tensor,
+    lora_act: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``kernels.gemm.fp8_gemm`` as a custom op."""
+    from svdquant.kernels.gemm import fp8_gemm as impl
+
+    return impl(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype)
+
+
+@fp8_gemm.register_fake
+def _(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype):
+    return xq.new_empty(xq.shape[0], wq.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("svdquant::fp8_gemm_quantize_next", mutates_args=())
+def fp8_gemm_quantize_next(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
+    act_scale: torch.Tensor,
+    lora_act: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    activation: str,
+    smooth2: torch.Tensor,
+    lowrank_down2: torch.Tensor,
+    act_scale2: torch.Tensor,
+    k_out2: int,
+    act_fmt2: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.gemm.fp8_gemm_quantize_next`` as a custom op."""
+    from svdquant.kernels.gemm import fp8_gemm_quantize_next as impl
+
+    return impl(
+        xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, activation,
+        smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2,
+    )  # fmt: skip
+
+
+@fp8_gemm_quantize_next.register_fake
+def _(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, activation,
+      smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2):  # fmt: skip
+    m = xq.shape[0]
+    return (
+        xq.new_empty(m, k_out2, dtype=_FP8),
+        xq.new_empty(m, lowrank_down2.shape[0], dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("svdquant::w4a16_linear", mutates_args=())
+def w4a16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtensor_scale: torch.Tensor,
+    smooth: torch.Tensor,
+    lowrank_down: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    fmt: str,
+) -> torch.Tensor:
+    """``kernels.gemv.w4a16_linear`` as a custom op."""
+    from svdquant.kernels.gemv import w4a16_linear as impl
+
+    return impl(x, qweight, wscales, wtensor_scale, smooth, lowrank_down, lowrank_up, bias, fmt)
+
+
+@w4a16_linear.register_fake
+def _(x, qweight, wscales, wtensor_scale, smooth, lowrank_down, lowrank_up, bias, fmt):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+#: Largest M that the W4A16 path sends to the GEMV kernel (``kernels.gemv.MAX_GEMV_M``).
+MAX_GEMV_M = 16
+
+
+def svdq_linear_triton(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtensor_scale: torch.Tensor,
+    smooth: torch.Tensor,
+    act_amax: torch.Tensor,
+    lowrank_down: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    fmt: str,
+    act_fmt: str,
+) -> torch.Tensor:
+    """The quantized layer on the fp8 engine: ``x`` [..., K] -> [..., N] in ``x.dtype``.
+
+    ``act_fmt`` ``"int4"`` (the paper's codes in fp8 containers) or ``"fp8"`` (W4A8):
+    quantize + widen + fp8 GEMM against the static scale ``S = act_amax / 224``;
+    ``"none"``: the W4A16 GEMV for M ≤ 16, the torch reference above that; ``"nvfp4"``
+    activations (a per-token scale, a row-wide reduction) stay on the torch reference.
+    Computes what ``reference.svdq_linear_fp8_ref`` computes.
+    """
+    k, n = smooth.shape[0], qweight.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if act_fmt == "none" and x2.shape[0] <= MAX_GEMV_M:
+        y = torch.ops.svdquant.w4a16_linear(
+            x2, qweight, wscales, wtensor_scale, smooth, lowrank_down, lowrank_up, bias, fmt
+        )
+    elif act_fmt in ("int4", "fp8"):
+        s = reference.act_scale_from_amax(act_amax)
+        xq, lora = torch.ops.svdquant.quantize_act(
+            x2, smooth, lowrank_down, s, qweight.shape[1] * 2, act_fmt
+        )
+        wq, s_channel = torch.ops.svdquant.widen_weight(qweight, wscales, wtensor_scale, fmt)
+        y = torch.ops.svdquant.fp8_gemm(xq, wq, s_channel, s, lora, lowrank_up, bias, x.dtype)
+    else:
+        y = reference.svdq_linear(
+            x2,
+            qweight,
+            wscales,
+            wtensor_scale,
+            smooth,
+            lowrank_down,
+            lowrank_up,
+            bias,
+            fmt,
+            act_fmt,
+        )
+    return y.reshape(*lead, n)
+
+
+def svdq_mlp_triton(
+    x: torch.Tensor, fc1: torch.nn.Module, fc2: torch.nn.Module, activation: str = "gelu_tanh"
+) -> torch.Tensor:
+    """``fc2(activation(fc1(x)))`` for two ``SVDQLinear`` layers on the fp8 engine, fused.
+
+    fc1's GEMM epilogue applies the activation and writes fc2's quantized input and fc2's
+    low-rank down projection (``fp8_gemm_quantize_next``): no standalone quantize pass and
+    no 16-bit intermediate in memory. Both layers need ``act_fmt`` ``"int4"`` or ``"fp8"``.
+    Computes what the two layers compute unfused (``reference.svdq_linear_fp8_ref`` twice,
+    the activation in between), up to the activation's fp32 rounding.
+    """
+    if fc1.act_fmt not in ("int4", "fp8") or fc2.act_fmt not in ("int4", "fp8"):
+        raise ValueError("the fused MLP needs both layers' act_fmt in ('int4', 'fp8')")
+    if fc2.in_features != fc1.out_features:
+        raise ValueError(f"fc1 gives {fc1.out_features} features, fc2 takes {fc2.in_features}")
+    ops = torch.ops.svdquant
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, fc1.in_features)
+    s1 = reference.act_scale_from_amax(fc1.act_amax)
+    s2 = reference.act_scale_from_amax(fc2.act_amax)
+    xq, lora = ops.quantize_act(
+        x2, fc1.smooth, fc1.lowrank_down, s1, fc1.qweight.shape[1] * 2, fc1.act_fmt
+    )
+    w1, c1 = ops.widen_weight(fc1.qweight, fc1.wscales, fc1.wtensor_scale, fc1.fmt)
+    xq2, lora2 = ops.fp8_gemm_quantize_next(
+        xq, w1, c1, s1, lora, fc1.lowrank_up, fc1.bias, x.dtype, activation,
+        fc2.smooth, fc2.lowrank_down, s2, fc2.qweight.shape[1] * 2, fc2.act_fmt,
+    )  # fmt: skip
+    w2, c2 = ops.widen_weight(fc2.qweight, fc2.wscales, fc2.wtensor_scale, fc2.fmt)
+    y = ops.fp8_gemm(xq2, w2, c2, s2, lora2, fc2.lowrank_up, fc2.bias, x.dtype)
+    return y.reshape(*lead, fc2.out_features)

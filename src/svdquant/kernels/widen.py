@@ -1,0 +1,136 @@
+"""Widen kernel: the stored 4-bit weight -> fp8 GEMM operand + per-channel scale.
+
+Reads ``qweight`` (packed codes, two per byte, low nibble first) and its group scales
+(``int4``: fp16 per 64; ``nvfp4``: fp8 E4M3 per 16 times an fp32 tensor scale) and writes
+
+* ``wq = fp8(code_value · s_group · (1 / c))`` [N, K_pad], with ``c = qmax · max_g(s_group) / 448``
+  per output channel, so each row's largest possible value lands at 448,
+* ``s_channel = c · s_tensor`` [N] (fp32), applied in the GEMM's epilogue.
+
+Memory-bound: one program per [BLOCK_N, BLOCK_K] tile (a 2-D grid); each reads its rows'
+scales (a few hundred bytes, from L2) for ``c`` and then its tile of codes.
+Reference: ``reference.widen_weight_ref``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from svdquant import formats
+from svdquant.kernels._triton_common import nibble_value, round_e4m3
+
+__all__ = ["widen_weight"]
+
+#: (BLOCK_N, BLOCK_K, num_warps), tuned on the H100 with ``bench/gemm.py --sweep``.
+TILE = (16, 256, 8)
+
+
+@triton.jit
+def _widen_kernel(
+    q_ptr,
+    sc_ptr,
+    ts_ptr,
+    w_ptr,
+    sch_ptr,
+    N,
+    KP,
+    G,
+    stride_qn,
+    stride_sn,
+    stride_wn,
+    NVFP4: tl.constexpr,
+    GROUP: tl.constexpr,
+    QMAX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    # c = qmax * max_g(s_group) / 448 per row, from all of the row's (few) scales.
+    mx = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        gs = g0 + tl.arange(0, BLOCK_G)
+        s = tl.load(
+            sc_ptr + rows[:, None] * stride_sn + gs[None, :],
+            mask=rmask[:, None] & (gs < G)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        mx = tl.maximum(mx, tl.max(s, axis=1))
+    c = tl.math.div_rn(QMAX * mx, 448.0)
+    c = tl.where(c > 0.0, c, 1.0)
+    if pid_k == 0:
+        tl.store(sch_ptr + rows, c * tl.load(ts_ptr), mask=rmask)
+    inv_c = tl.math.div_rn(1.0, c)
+    # This program's [BLOCK_N, BLOCK_K] tile: decode, scale by s_group / c, round to fp8.
+    HALF: tl.constexpr = BLOCK_K // 2
+    bcols = pid_k * HALF + tl.arange(0, HALF)
+    b = tl.load(
+        q_ptr + rows[:, None] * stride_qn + bcols[None, :],
+        mask=rmask[:, None] & (bcols < KP // 2)[None, :],
+        other=0,
+    ).to(tl.int32)
+    nib = tl.join(b & 0xF, (b >> 4) & 0xF).reshape([BLOCK_N, BLOCK_K])  # 2j: low nibble
+    v = nibble_value(nib, NVFP4)
+    NG: tl.constexpr = BLOCK_K // GROUP
+    gcols = pid_k * NG + tl.arange(0, NG)
+    sg = tl.load(
+        sc_ptr + rows[:, None] * stride_sn + gcols[None, :],
+        mask=rmask[:, None] & (gcols < G)[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    v = tl.reshape(tl.reshape(v, [BLOCK_N, NG, GROUP]) * sg[:, :, None], [BLOCK_N, BLOCK_K])
+    w = round_e4m3(v * inv_c[:, None])
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(
+        w_ptr + rows[:, None] * stride_wn + cols[None, :],
+        w.to(tl.float8e4nv),
+        mask=rmask[:, None] & (cols < KP)[None, :],
+    )
+
+
+def widen_weight(
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtensor_scale: torch.Tensor,
+    fmt: str,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Widen a stored 4-bit weight into ``(wq fp8 [N, K_pad], s_channel fp32 [N])``.
+
+    ``out`` (fp8 [N, K_pad]) may be a reused scratch buffer. See ``widen_weight_ref``.
+    """
+    f = formats.get_format(fmt)
+    n, kp = qweight.shape[0], qweight.shape[1] * 2
+    g = wscales.shape[1]
+    qweight, wscales = qweight.contiguous(), wscales.contiguous()
+    wq = out if out is not None else qweight.new_empty(n, kp, dtype=torch.float8_e4m3fn)
+    s_channel = torch.empty(n, dtype=torch.float32, device=qweight.device)
+    if n == 0:
+        return wq, s_channel
+    block_n, block_k, warps = TILE
+    _widen_kernel[(triton.cdiv(n, block_n), triton.cdiv(kp, block_k))](
+        qweight,
+        wscales,
+        wtensor_scale.float().reshape(1),
+        wq,
+        s_channel,
+        n,
+        kp,
+        g,
+        qweight.stride(0),
+        wscales.stride(0),
+        wq.stride(0),
+        NVFP4=f.name == "nvfp4",
+        GROUP=f.group_size,
+        QMAX=f.qmax,
+        BLOCK_N=block_n,
+        BLOCK_G=min(triton.next_power_of_2(g), 256),
+        BLOCK_K=block_k,
+        num_warps=warps,
+    )
+    return wq, s_channel
