@@ -35,12 +35,14 @@ import datetime
 import gc
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -556,6 +558,30 @@ def run_method(
     return rows
 
 
+def run_isolated(
+    method: Method, modes: Sequence[str], args: argparse.Namespace, time_left: float
+) -> list[dict[str, Any]]:
+    """``run_method`` in a child process (this script with ``--rows NAME --no-isolate``);
+    its rows are read back from the JSON it writes. A child that crashes or runs out of
+    time gives rows with the error, and the parent goes on."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--rows", method.name]
+        cmd += ["--no-isolate", "--out", tmp, "--budget-s", "inf", "--batches", args.batches]
+        cmd += ["--warmup", str(args.warmup), "--profile-rows", args.profile_rows]
+        cmd += ["--steps", str(args.steps)] if args.steps else []
+        cmd += ["--tiny"] if args.tiny else []
+        cmd += ["--no-cuda-graphs"] if "cudagraph" not in modes else []
+        try:
+            limit = max(time_left, 1.0) if math.isfinite(time_left) else None
+            subprocess.run(cmd, timeout=limit, check=False)
+            rows = json.loads(next(Path(tmp).glob("*.json")).read_text())["rows"]
+        except Exception as e:  # a crash, a time-out, no JSON
+            rows = [_row_base(method, m, args.compile_mode) for m in modes]
+            for row in rows:
+                _record_error(row, e)
+    return rows
+
+
 def _record_error(row: dict[str, Any], e: BaseException) -> None:
     msg = f"{type(e).__name__}: {e}"
     row.update(status="error", error=msg[:2000], traceback=traceback.format_exc()[-4000:])
@@ -775,6 +801,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,4")
     p.add_argument("--tag", default=None, help="added to the output file names")
     p.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run each row in its own process (default on the GPU: a failed CUDA-graph "
+        "capture leaves the CUDA RNG unusable for every later row of the process)",
+    )
+    p.add_argument(
         "--profile-rows",
         default="bf16,svdq-int4",
         help="eager rows whose first batch size gets a per-op profile of one step ('' = none)",
@@ -871,6 +904,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.compile:
         plan += [(METHODS[n], ("compile",)) for n in _select(args.compile_rows or args.rows)]
     measured_wall: dict[str, float] = {}
+    isolate = ctx.cuda if args.isolate is None else args.isolate
+    if isolate and args.budget_s is None:
+        args.budget_s = float("inf")
     for b in ctx.batches:  # made once, before any memory is measured
         ctx.inputs(b)
     for method, modes in plan:
@@ -894,6 +930,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for r in rows:
                 r.update(status="skipped", reason=reason)
             print(f"  skipped: {reason}", flush=True)
+        elif isolate and "compile" not in modes:
+            rows = run_isolated(method, modes, args, args.budget_s - elapsed)
         else:
             rows = run_method(method, ctx, modes, args)
             if "compile" not in modes:

@@ -156,3 +156,12 @@ def test_cli_bench_tiny(tmp_path, capsys):
 def test_cli_bench_full_size_needs_cuda(capsys):
     assert cli_main(["bench", "--e2e"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_isolated_rows_run_in_their_own_process(tmp_path):
+    """On the GPU each row runs in a child process (a failed CUDA-graph capture must not
+    poison later rows); the rows come back through the child's JSON."""
+    res = e2e.main(["--tiny", "--isolate", "--rows", "bf16", "--out", str(tmp_path)])
+    (row,) = res["rows"]
+    assert row["status"] == "ok" and row["latency_ms"]["b1"] > 0
+    assert len(list(tmp_path.glob("*.json"))) == 1  # the child wrote to its own folder
