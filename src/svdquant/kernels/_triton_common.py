@@ -62,6 +62,38 @@ def round_e4m3(x):
 
 
 @triton.jit
+def round_small(t):
+    """fp32 ``t`` (|t| ≤ 2**22) rounded to the nearest integer, ties to even: 2 operations.
+
+    Adding 1.5 · 2**23 leaves no fraction bits, so the fp32 add itself rounds (to nearest
+    even); subtracting it back is exact. Callers clamp ``t`` first, which also keeps the
+    compiler from contracting a preceding multiply into the add (an FMA would round once
+    instead of twice and could flip a tie).
+    """
+    return (t + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def to_e4m3(x, EXACT: tl.constexpr):
+    """fp32 ``x`` -> fp8 E4M3 (nearest, ties to even, saturating at ±448).
+
+    On the GPU the hardware conversion (one ``cvt`` for two values) does it; ``EXACT``
+    (under the interpreter, whose own conversion rounds wrongly) rounds with
+    ``round_e4m3`` first so the cast that follows is exact.
+    """
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    if EXACT:
+        x = round_e4m3(x)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def int4_sign_extend(b, SHIFT: tl.constexpr):
+    """The signed int4 code in bits [SHIFT, SHIFT + 4) of int32 ``b``, as int32."""
+    return (b << (28 - SHIFT)) >> 28
+
+
+@triton.jit
 def e2m1_value(nib):
     """The value of an FP4 E2M1 code (int32 nibble 0..15: bit 3 sign, bits 0-2 index)."""
     idx = nib & 7

@@ -166,10 +166,11 @@ def _fp8_gemm_kernel(
         s2 = tl.load(s2_ptr + rn, mask=nmask, other=1.0)
         xh = y16.to(tl.float32) * tl.math.div_rn(1.0, s2)[None, :]
         xh = tl.where(nmask[None, :], xh, 0.0)
-        q = quantize_tile(xh, tl.math.div_rn(1.0, tl.load(scale2_ptr)), NEXT_INT4, BLOCK_M, BLOCK_N)
+        inv2 = tl.math.div_rn(1.0, tl.load(scale2_ptr))
+        q = quantize_tile(xh, inv2, NEXT_INT4, DOT_FP32, BLOCK_M, BLOCK_N)
         tl.store(
             xq2_ptr + rm[:, None] * stride_q2m + rn[None, :],
-            q.to(tl.float8e4nv),
+            q,
             mask=mmask[:, None] & (rn < K2_OUT)[None, :],
         )
         r2 = tl.arange(0, BLOCK_R2)

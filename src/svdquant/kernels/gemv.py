@@ -2,17 +2,21 @@
 
 For the linears whose activations stay 16-bit (``act_fmt="none"``; FLUX's AdaLayerNorm
 modulation linears run at M = batch size). Memory-bound: each program streams a block of
-weight rows once (0.5 byte per weight plus the group scales), decodes and scales them in
-registers into fp32 and uses them as the *left* operand of a tf32 ``tl.dot``,
-``yᵀ = W · x̂ᵀ`` with x̂ padded to 16 columns, so the tensor cores do the sums and no
-per-element reduction runs in the loop; the next tile's bytes are loaded before the
-current tile is decoded. A K split gives the GPU enough programs in flight; the partial
-sums then meet in an fp32 buffer through atomics (one cast to the output dtype after).
+weight rows once (0.5 byte per weight plus the group scales) and the tensor cores do the
+sums, ``yᵀ = W · x̂ᵀ`` with x̂ padded to 16 columns:
 
-``y = (x̂ · (code · s_group)ᵀ) · s_tensor + lora_act · L_upᵀ + b`` with ``x̂ = x · (1/s)``;
-``lora_act = x̂ · L_downᵀ`` comes from the quantize kernel (its fp32 low-rank dot), the
-rest is this kernel's epilogue. Reference:
-``reference.w4a16_linear_ref`` (exact fp32; the kernel's tf32 products differ by ~1e-4).
+* the codes go into the MMA as they are (small integers, exact in bf16), low nibbles and
+  high nibbles as two operands against x̂'s even and odd columns, so nothing is
+  interleaved in registers; an int4 group (64 wide, one per step) is scaled after its
+  MMA, an nvfp4 value is scaled before it (E2M1 × E4M3 is exact in bf16);
+* x̂ = x · (1/s) enters as two bf16 parts, ``hi + lo`` (16 significant bits, fp32-like
+  accuracy), so the 16-bit MMA adds no visible rounding;
+* the next step's bytes are loaded before this step's decode, and a K split gives the GPU
+  enough programs in flight; the partial sums meet in an fp32 buffer through atomics.
+
+``y = (x̂ · (code · s_group)ᵀ) · s_tensor + lora_act · L_upᵀ + b``; x̂, its two parts and
+``lora_act = x̂ · L_downᵀ`` (fp32, a [M, r] product) are computed by torch before the
+kernel, the rest is this kernel's epilogue. Reference: ``reference.w4a16_linear_ref``.
 """
 
 from __future__ import annotations
@@ -23,28 +27,37 @@ import triton.language as tl
 
 from svdquant import formats
 from svdquant.kernels._triton_common import (
+    e2m1_value,
+    int4_sign_extend,
     interpreting,
     needs_bf16_rounding,
-    nibble_value,
     round_bf16,
 )
-from svdquant.kernels.quantize import quantize_act
 
 __all__ = ["MAX_GEMV_M", "w4a16_linear"]
 
 #: Largest M the GEMV kernel takes (the padded width of its ``tl.dot``).
 MAX_GEMV_M = 16
 
-#: (BLOCK_N, BLOCK_K, num_warps), tuned on the H100 with ``bench/gemm.py --sweep``.
-TILE = (128, 64, 4)
+#: (BLOCK_N, num_warps), tuned on the H100 with ``bench/gemm.py --sweep``.
+TILE = (128, 4)
 #: A K split is used until there are this many programs per multiprocessor.
 SPLIT_TARGET = 4
 
 
 @triton.jit
+def _mma(w, x, acc, DOT_FP32: tl.constexpr):
+    """``acc + w · x`` for bf16-exact fp32 ``w`` and bf16 ``x`` (fp32 under the interpreter,
+    whose bf16 ``tl.dot`` is wrong; the values are the same)."""
+    if DOT_FP32:
+        return tl.dot(w, x.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(w.to(tl.bfloat16), x, acc)
+
+
+@triton.jit
 def _w4a16_kernel(
-    x_ptr,
-    smooth_ptr,
+    xhi_ptr,
+    xlo_ptr,
     q_ptr,
     sc_ptr,
     ts_ptr,
@@ -70,9 +83,8 @@ def _w4a16_kernel(
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = 16
     pid_n = tl.program_id(0)
@@ -81,54 +93,51 @@ def _w4a16_kernel(
     nmask = rows < N
     rm = tl.arange(0, BLOCK_M)
     mmask = rm < M
-    HALF: tl.constexpr = BLOCK_K // 2
-    NG: tl.constexpr = BLOCK_K // GROUP
+    j = tl.arange(0, 32)  # byte j of a 64-column step holds columns 2j and 2j + 1
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # yᵀ
     k_start = pid_k * k_per_split
-    k_end = k_start + k_per_split
-    hb = tl.arange(0, HALF)
-    gg = tl.arange(0, NG)
+    k_end = tl.minimum(k_start + k_per_split, KP)
     q_rows = q_ptr + rows[:, None] * stride_qn
-    s_rows = sc_ptr + rows[:, None] * stride_sn
-    # Register double buffering: the next tile's codes and scales are loaded before this
-    # tile's decode, so the memory latency overlaps the arithmetic.
-    b_next = tl.load(
-        q_rows + (k_start // 2 + hb)[None, :],
-        mask=nmask[:, None] & ((k_start // 2 + hb) < KP // 2)[None, :],
-        other=0,
-    )
-    s_next = tl.load(
-        s_rows + (k_start // GROUP + gg)[None, :],
-        mask=nmask[:, None] & ((k_start // GROUP + gg) < KP // GROUP)[None, :],
-        other=0.0,
-    )
-    for k0 in range(k_start, k_end, BLOCK_K):
+    s_rows = sc_ptr + rows * stride_sn
+    if NVFP4:  # the scale of byte j's two columns, for each of the step's 32 bytes
+        s_cols = s_rows[:, None] + (j // (GROUP // 2))[None, :]
+    x_cols = rm[None, :] * stride_xm + 2 * j[:, None]  # [32, 16]: x̂ᵀ at columns 2j
+    wmask = nmask[:, None] & (j < 32)[None, :]  # [BLOCK_N, 32]
+    # Register double buffering: the next step's codes (and scales) are loaded before
+    # this step's decode, so the memory latency overlaps the arithmetic.
+    more = wmask & (k_start + 2 * j < k_end)[None, :]  # (KP may end inside a step)
+    b_next = tl.load(q_rows + (k_start // 2 + j)[None, :], mask=more, other=0)
+    if NVFP4:
+        s_next = tl.load(s_cols + k_start // GROUP, mask=more, other=0.0)
+    else:
+        s_next = tl.load(s_rows + k_start // GROUP, mask=nmask, other=0.0)
+    for k0 in range(k_start, k_end, 64):
         b = b_next.to(tl.int32)
         sg = s_next.to(tl.float32)
-        kn = k0 + BLOCK_K  # the next tile; past k_end it is masked off
-        nb = kn // 2 + hb
-        ng = kn // GROUP + gg
-        b_next = tl.load(
-            q_rows + nb[None, :],
-            mask=nmask[:, None] & ((nb < KP // 2) & (nb < k_end // 2))[None, :],
-            other=0,
-        )
-        s_next = tl.load(
-            s_rows + ng[None, :],
-            mask=nmask[:, None] & ((ng < KP // GROUP) & (ng < k_end // GROUP))[None, :],
-            other=0.0,
-        )
-        v = nibble_value(tl.join(b & 0xF, (b >> 4) & 0xF).reshape([BLOCK_N, BLOCK_K]), NVFP4)
-        w = tl.reshape(tl.reshape(v, [BLOCK_N, NG, GROUP]) * sg[:, :, None], [BLOCK_N, BLOCK_K])
-        cols = k0 + tl.arange(0, BLOCK_K)
-        kmask = cols < K
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + cols[None, :],
-            mask=mmask[:, None] & kmask[None, :],
-            other=0.0,
-        ).to(tl.float32)  # [16, BLOCK_K], contiguous along K
-        inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + cols, mask=kmask, other=1.0))
-        acc = tl.dot(w, tl.trans(x * inv_s[None, :]), acc, input_precision=DOT_PREC)
+        kn = k0 + 64  # the next step; past k_end it is masked off
+        more = wmask & (kn + 2 * j < k_end)[None, :]
+        b_next = tl.load(q_rows + (kn // 2 + j)[None, :], mask=more, other=0)
+        if NVFP4:
+            s_next = tl.load(s_cols + kn // GROUP, mask=more, other=0.0)
+            lo = e2m1_value(b & 0xF) * sg
+            hi = e2m1_value((b >> 4) & 0xF) * sg
+        else:
+            smask = nmask & ((kn + 0 * rows) < k_end)  # (a vector: the interpreter needs one)
+            s_next = tl.load(s_rows + kn // GROUP, mask=smask, other=0.0)
+            lo = int4_sign_extend(b, 0).to(tl.float32)
+            hi = int4_sign_extend(b, 4).to(tl.float32)
+        xmask = mmask[None, :] & ((k0 + 2 * j) < K)[:, None]
+        xe = x_cols + k0
+        part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        part = _mma(lo, tl.load(xhi_ptr + xe, mask=xmask, other=0.0), part, DOT_FP32)
+        part = _mma(lo, tl.load(xlo_ptr + xe, mask=xmask, other=0.0), part, DOT_FP32)
+        xmask = mmask[None, :] & ((k0 + 2 * j + 1) < K)[:, None]
+        part = _mma(hi, tl.load(xhi_ptr + xe + 1, mask=xmask, other=0.0), part, DOT_FP32)
+        part = _mma(hi, tl.load(xlo_ptr + xe + 1, mask=xmask, other=0.0), part, DOT_FP32)
+        if NVFP4:
+            acc += part
+        else:
+            acc += part * sg[:, None]
     # Epilogue. Every term is a sum, so with a K split each program adds its share into
     # an fp32 buffer: its partial product, and (the first split only) low-rank and bias.
     y = acc * tl.load(ts_ptr)
@@ -178,26 +187,29 @@ def w4a16_linear(
     r = lowrank_down.shape[0]
     if m == 0 or n == 0:
         return x.new_empty(m, n)
-    block_n, block_k, warps = TILE
+    block_n, warps = TILE
     n_blocks = triton.cdiv(n, block_n)
+    steps = triton.cdiv(kp, 64)
     split = 1
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    while n_blocks * split < SPLIT_TARGET * sms and kp // (block_k * split * 2) >= 4:
+    while n_blocks * split < SPLIT_TARGET * sms and steps // (split * 2) >= 4:
         split *= 2
-    kps = triton.cdiv(triton.cdiv(kp, split), block_k) * block_k
+    kps = triton.cdiv(steps, split) * 64
     split = triton.cdiv(kp, kps)
+    xs = x.float() * (1.0 / smooth)  # x̂, as the reference computes it
+    x_hi = xs.to(torch.bfloat16)
+    x_lo = (xs - x_hi.float()).to(torch.bfloat16)
     lora = x.new_empty(m, 0, dtype=torch.float32)
-    if r:  # the 16-bit low-rank down projection, as in the W4A4 path (its xq is unused)
-        one = torch.ones((), device=x.device)
-        lora = quantize_act(x, smooth, lowrank_down, one, 16, "fp8", lora_fp32=True)[1]
+    if r:  # the low-rank down projection, fp32 (tiny: [M, K] x [K, r])
+        lora = xs @ lowrank_down.float().t()
     lowrank_up = lowrank_up.contiguous()
     if split > 1:
         out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     else:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _w4a16_kernel[(n_blocks, split)](
-        x,
-        smooth,
+        x_hi,
+        x_lo,
         qweight,
         wscales,
         wtensor_scale.float().reshape(1),
@@ -211,7 +223,7 @@ def w4a16_linear(
         kp,
         r,
         kps,
-        x.stride(0),
+        x_hi.stride(0),
         qweight.stride(0),
         wscales.stride(0),
         out.stride(0),
@@ -223,9 +235,8 @@ def w4a16_linear(
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
         ROUND_BF16=needs_bf16_rounding(x.dtype),
-        DOT_PREC="ieee" if interpreting() else "tf32",
+        DOT_FP32=interpreting(),
         BLOCK_N=block_n,
-        BLOCK_K=block_k,
         num_warps=warps,
     )
     return out if split == 1 else out.to(x.dtype)

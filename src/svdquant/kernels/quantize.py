@@ -11,9 +11,12 @@ One pass over ``x`` [M, K] (16-bit or fp32):
   whose output has no 4-bit error to hide this rounding), from the same registers.
 
 Per element only multiplications: every division (``1/s``, ``1/s_group``, ``1/S``) is one
-IEEE division per column, group or program. No row-wide reduction: each program owns one
-[BLOCK_M, BLOCK_K] tile (a 2-D grid); the low-rank partial sums of the K tiles meet through
-fp32 atomics. Reference: ``reference.quantize_act_ref``.
+IEEE division per column, group or program; codes are rounded with one add and one
+subtract, and fp8 values by the hardware conversion (exactly emulated under the
+interpreter). No row-wide reduction: a program walks one group of 64 columns at a time
+through its rows and its share of K (a K split when M alone gives too few programs); the
+low-rank partial sums of the splits meet through fp32 atomics.
+Reference: ``reference.quantize_act_ref``.
 """
 
 from __future__ import annotations
@@ -26,38 +29,56 @@ from svdquant.kernels._triton_common import (
     dot16,
     dot_precision,
     interpreting,
-    rint_even,
-    round_e4m3,
+    round_small,
+    to_e4m3,
 )
 
 __all__ = ["quantize_act", "quantize_tile"]
 
 _GROUP = 64  # the int4 activation group (formats.FORMATS["int4"].group_size)
 
-#: Tile shapes (BLOCK_K a multiple of 64) for few rows (M ≤ 64) and for many; tuned on the
-#: H100 with ``bench/gemm.py --sweep``.
-TILES = {"small": (16, 256, 4), "large": (64, 128, 4)}  # (BLOCK_M, BLOCK_K, num_warps)
+#: (BLOCK_M, num_warps) for few rows (M ≤ 64) and for many, and the number of programs
+#: per multiprocessor the K split aims for; tuned on the H100 with ``bench/gemm.py --sweep``.
+TILES = {"small": (16, 4), "large": (64, 4)}
+PROGRAMS_PER_SM = 4
 
 
 @triton.jit
-def quantize_tile(xh, inv_act, INT4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The fp8 values (as fp32) of a [BLOCK_M, BLOCK_K] tile of x̂, BLOCK_K a multiple of 64.
+def int4_values(xg, AXIS: tl.constexpr):
+    """The paper's int4 quantization of groups laid along ``AXIS`` (the last axis, 64 wide)
+    of fp32 ``xg``: ``code · s_group`` with ``s_group = fp16(max|x| / 7)`` and
+    ``code = round(x · (1 / s_group))`` in [-7, 7], as fp32."""
+    amax = tl.max(tl.abs(xg), axis=AXIS)
+    sg = tl.minimum(tl.math.div_rn(amax, 7.0), 65504.0).to(tl.float16).to(tl.float32)
+    inv_sg = tl.where(sg > 0.0, tl.math.div_rn(1.0, tl.where(sg > 0.0, sg, 1.0)), 0.0)
+    sg = tl.expand_dims(sg, AXIS)
+    t = xg * tl.expand_dims(inv_sg, AXIS)
+    return round_small(tl.minimum(tl.maximum(t, -7.0), 7.0)) * sg
+
+
+@triton.jit
+def quantize_tile(
+    xh,
+    inv_act,
+    INT4: tl.constexpr,
+    EXACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """A [BLOCK_M, BLOCK_K] tile of x̂ (fp32, BLOCK_K a multiple of 64) as fp8 operands.
 
     ``INT4``: the paper's codes, ``fp8(code · s_group · inv_act)``; else ``fp8(x̂ · inv_act)``.
     Shared with the GEMM epilogue that quantizes the next layer's input.
     """
     if INT4:
-        NG: tl.constexpr = BLOCK_K // 64
-        xg = tl.reshape(xh, [BLOCK_M, NG, 64])
-        amax = tl.max(tl.abs(xg), axis=2)
-        sg = tl.minimum(tl.math.div_rn(amax, 7.0), 65504.0).to(tl.float16).to(tl.float32)
-        inv_sg = tl.where(sg > 0.0, tl.math.div_rn(1.0, tl.where(sg > 0.0, sg, 1.0)), 0.0)
-        code = tl.minimum(tl.maximum(rint_even(xg * inv_sg[:, :, None]), -7.0), 7.0)
-        code = tl.where(code == 0.0, 0.0, code)  # integer codes: no -0
-        val = tl.reshape(code * sg[:, :, None], [BLOCK_M, BLOCK_K])
+        if BLOCK_K == 64:
+            val = int4_values(xh, 1)
+        else:
+            xg = tl.reshape(xh, [BLOCK_M, BLOCK_K // 64, 64])
+            val = tl.reshape(int4_values(xg, 2), [BLOCK_M, BLOCK_K])
     else:
         val = xh
-    return round_e4m3(val * inv_act)
+    return to_e4m3(val * inv_act, EXACT)
 
 
 @triton.jit
@@ -72,6 +93,7 @@ def _quantize_act_kernel(
     K,
     K_OUT,
     R,
+    k_per_split,
     stride_xm,
     stride_qm,
     stride_ldr,
@@ -82,49 +104,58 @@ def _quantize_act_kernel(
     DOT_FP32: tl.constexpr,
     LORA_FP32: tl.constexpr,
     FP32_PREC: tl.constexpr,
+    EXACT: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
+    # Each program walks one group (64 columns) at a time through its rows' share of K:
+    # the group max is a reduction within the tile, and the low-rank partial sums stay in
+    # registers until the end (one atomic add per program when K is split).
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rmask = rows < M
-    kmask = cols < K
-    x = tl.load(
-        x_ptr + rows[:, None] * stride_xm + cols[None, :],
-        mask=rmask[:, None] & kmask[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + cols, mask=kmask, other=1.0))
-    xh = x * inv_s[None, :]
-    q = quantize_tile(xh, tl.math.div_rn(1.0, tl.load(scale_ptr)), INT4, BLOCK_M, BLOCK_K)
-    tl.store(
-        xq_ptr + rows[:, None] * stride_qm + cols[None, :],
-        q.to(tl.float8e4nv),
-        mask=rmask[:, None] & (cols < K_OUT)[None, :],
-    )
-    if HAS_LORA:
-        rr = tl.arange(0, BLOCK_R)
-        ld = tl.trans(  # loaded [BLOCK_R, BLOCK_K], contiguous along K: coalesced
-            tl.load(
-                ld_ptr + rr[:, None] * stride_ldr + cols[None, :],
-                mask=(rr < R)[:, None] & kmask[None, :],
-                other=0.0,
+    g = tl.arange(0, 64)
+    rr = tl.arange(0, BLOCK_R)
+    inv_act = tl.math.div_rn(1.0, tl.load(scale_ptr))
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, tl.maximum(K, K_OUT))
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    q_rows = xq_ptr + rows[:, None] * stride_qm
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(k_start, k_end, 64):
+        cols = k0 + g
+        kmask = cols < K
+        x = tl.load(x_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + cols, mask=kmask, other=1.0))
+        xh = x.to(tl.float32) * inv_s[None, :]
+        q = quantize_tile(xh, inv_act, INT4, EXACT, BLOCK_M, 64)
+        tl.store(q_rows + cols[None, :], q, mask=rmask[:, None] & (cols < K_OUT)[None, :])
+        if HAS_LORA:
+            ld = tl.trans(  # loaded [BLOCK_R, 64], contiguous along K: coalesced
+                tl.load(
+                    ld_ptr + rr[:, None] * stride_ldr + cols[None, :],
+                    mask=(rr < R)[:, None] & kmask[None, :],
+                    other=0.0,
+                )
             )
-        )
-        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        if LORA_FP32:
-            acc = tl.dot(xh, ld.to(tl.float32), acc, input_precision=FP32_PREC)
-        else:
-            acc = dot16(xh, ld, acc, DOT_FP32)
+            if LORA_FP32:
+                acc = tl.dot(xh, ld.to(tl.float32), acc, input_precision=FP32_PREC)
+            else:
+                acc = dot16(xh, ld, acc, DOT_FP32)
+    if HAS_LORA:
         lptr = lora_ptr + rows[:, None] * stride_lm + rr[None, :]
         lmask = rmask[:, None] & (rr < R)[None, :]
         if ATOMIC:
             tl.atomic_add(lptr, acc, mask=lmask, sem="relaxed")
         else:
             tl.store(lptr, acc, mask=lmask)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def quantize_act(
@@ -149,13 +180,22 @@ def quantize_act(
         x = x.contiguous()
     lowrank_down = lowrank_down.contiguous()
     smooth = smooth.float().contiguous()
-    block_m, block_k, warps = TILES["small" if m <= 64 else "large"]
-    k_tiles = triton.cdiv(max(k, k_out), block_k)
-    xq = torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=x.device)
-    lora = (torch.zeros if k_tiles > 1 else torch.empty)(m, r, dtype=torch.float32, device=x.device)
     if m == 0:
-        return xq, lora
-    _quantize_act_kernel[(triton.cdiv(m, block_m), k_tiles)](
+        xq = torch.empty(0, k_out, dtype=torch.float8_e4m3fn, device=x.device)
+        return xq, torch.empty(0, r, dtype=torch.float32, device=x.device)
+    block_m, warps = TILES["small" if m <= 64 else "large"]
+    block_r = max(16, triton.next_power_of_2(max(r, 1)))
+    block_m = min(block_m, max(16, 4096 // block_r))  # a large rank's sums fit in registers
+    groups = triton.cdiv(max(k, k_out), _GROUP)
+    m_blocks = triton.cdiv(m, block_m)
+    # Split K until the GPU has enough programs in flight (each split adds one atomic add
+    # of its low-rank partial sums per row).
+    split = min(groups, max(1, triton.cdiv(PROGRAMS_PER_SM * _num_sms(x.device), m_blocks)))
+    k_per_split = triton.cdiv(groups, split) * _GROUP
+    split = triton.cdiv(groups * _GROUP, k_per_split)
+    xq = torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=x.device)
+    lora = (torch.zeros if split > 1 else torch.empty)(m, r, dtype=torch.float32, device=x.device)
+    _quantize_act_kernel[(m_blocks, split)](
         x,
         smooth,
         lowrank_down,
@@ -166,19 +206,20 @@ def quantize_act(
         k,
         k_out,
         r,
+        k_per_split,
         x.stride(0),
         xq.stride(0),
         lowrank_down.stride(0) if r else 0,
         lora.stride(0) if r else 0,
         INT4=act_fmt == "int4",
         HAS_LORA=r > 0,
-        ATOMIC=k_tiles > 1,
+        ATOMIC=split > 1,
         DOT_FP32=interpreting(),
         LORA_FP32=lora_fp32,
         FP32_PREC=dot_precision(),
+        EXACT=interpreting(),
         BLOCK_M=block_m,
-        BLOCK_K=block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(max(r, 1))),
+        BLOCK_R=block_r,
         num_warps=warps,
     )
     return xq, lora

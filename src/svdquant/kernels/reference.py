@@ -152,7 +152,7 @@ def quantize_act_ref(
     if act_fmt == "int4":
         g = formats.FORMATS["int4"].group_size
         kg = -(-k // g) * g
-        xg = torch.nn.functional.pad(xs, (0, kg - k)).reshape(m, -1, g)
+        xg = torch.nn.functional.pad(xs, (0, kg - k)).reshape(m, kg // g, g)
         sg = (xg.abs().amax(-1) / 7.0).clamp(max=formats.FP16_MAX).half().float()
         inv_sg = torch.where(sg > 0, 1.0 / torch.where(sg > 0, sg, 1.0), 0.0)
         code = torch.round(xg * inv_sg.unsqueeze(-1)).clamp(-7, 7)

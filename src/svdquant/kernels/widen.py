@@ -19,7 +19,12 @@ import triton
 import triton.language as tl
 
 from svdquant import formats
-from svdquant.kernels._triton_common import nibble_value, round_e4m3
+from svdquant.kernels._triton_common import (
+    int4_sign_extend,
+    interpreting,
+    nibble_value,
+    to_e4m3,
+)
 
 __all__ = ["widen_weight"]
 
@@ -41,6 +46,7 @@ def _widen_kernel(
     stride_sn,
     stride_wn,
     NVFP4: tl.constexpr,
+    EXACT: tl.constexpr,
     GROUP: tl.constexpr,
     QMAX: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -74,8 +80,11 @@ def _widen_kernel(
         mask=rmask[:, None] & (bcols < KP // 2)[None, :],
         other=0,
     ).to(tl.int32)
-    nib = tl.join(b & 0xF, (b >> 4) & 0xF).reshape([BLOCK_N, BLOCK_K])  # 2j: low nibble
-    v = nibble_value(nib, NVFP4)
+    if NVFP4:
+        v = nibble_value(tl.join(b & 0xF, (b >> 4) & 0xF), True)
+    else:
+        v = tl.join(int4_sign_extend(b, 0), int4_sign_extend(b, 4)).to(tl.float32)
+    v = v.reshape([BLOCK_N, BLOCK_K])  # column 2j: the low nibble of byte j
     NG: tl.constexpr = BLOCK_K // GROUP
     gcols = pid_k * NG + tl.arange(0, NG)
     sg = tl.load(
@@ -84,11 +93,11 @@ def _widen_kernel(
         other=0.0,
     ).to(tl.float32)
     v = tl.reshape(tl.reshape(v, [BLOCK_N, NG, GROUP]) * sg[:, :, None], [BLOCK_N, BLOCK_K])
-    w = round_e4m3(v * inv_c[:, None])
+    w = to_e4m3(v * inv_c[:, None], EXACT)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(
         w_ptr + rows[:, None] * stride_wn + cols[None, :],
-        w.to(tl.float8e4nv),
+        w,
         mask=rmask[:, None] & (cols < KP)[None, :],
     )
 
@@ -126,6 +135,7 @@ def widen_weight(
         wscales.stride(0),
         wq.stride(0),
         NVFP4=f.name == "nvfp4",
+        EXACT=interpreting(),
         GROUP=f.group_size,
         QMAX=f.qmax,
         BLOCK_N=block_n,
