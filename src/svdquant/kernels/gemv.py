@@ -11,12 +11,14 @@ sums, ``yᵀ = W · x̂ᵀ`` with x̂ padded to 16 columns:
   MMA, an nvfp4 value is scaled before it (E2M1 × E4M3 is exact in bf16);
 * x̂ = x · (1/s) enters as two bf16 parts, ``hi + lo`` (16 significant bits, fp32-like
   accuracy), so the 16-bit MMA adds no visible rounding;
-* the next step's bytes are loaded before this step's decode, and a K split gives the GPU
-  enough programs in flight; the partial sums meet in an fp32 buffer through atomics.
+* the next step's bytes are loaded before this step's decode, and K is split into short
+  chunks (``STEPS_PER_PROGRAM``) so that many programs are in flight: a program's steps
+  form a dependent chain, and with few steps each the GPU hides its latency by running
+  others. The partial sums meet in an fp32 buffer through atomics.
 
-``y = (x̂ · (code · s_group)ᵀ) · s_tensor + lora_act · L_upᵀ + b``; x̂, its two parts and
-``lora_act = x̂ · L_downᵀ`` (fp32, a [M, r] product) are computed by torch before the
-kernel, the rest is this kernel's epilogue. Reference: ``reference.w4a16_linear_ref``.
+``y = (x̂ · (code · s_group)ᵀ) · s_tensor + lora_act · L_upᵀ + b``; ``lora_act = x̂ · L_downᵀ``
+(fp32, [M, r]) comes from a small kernel before it, the rest is this kernel's epilogue.
+Reference: ``reference.w4a16_linear_ref``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import triton.language as tl
 
 from svdquant import formats
 from svdquant.kernels._triton_common import (
+    dot_precision,
     e2m1_value,
     int4_sign_extend,
     interpreting,
@@ -41,8 +44,65 @@ MAX_GEMV_M = 16
 
 #: (BLOCK_N, num_warps), tuned on the H100 with ``bench/gemm.py --sweep``.
 TILE = (128, 4)
-#: A K split is used until there are this many programs per multiprocessor.
-SPLIT_TARGET = 4
+#: 64-column steps per program: K is split into chunks of this many steps.
+STEPS_PER_PROGRAM = 4
+
+
+@triton.jit
+def _bf16(x, INTERPRET: tl.constexpr):
+    """fp32 ``x`` rounded to bf16 (nearest even; the interpreter's own cast truncates)."""
+    if INTERPRET:
+        x = round_bf16(x)
+    return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _lora_down_kernel(
+    x_ptr,
+    smooth_ptr,
+    ld_ptr,
+    out_ptr,
+    M,
+    K,
+    R,
+    k_per_split,
+    stride_xm,
+    stride_ldr,
+    stride_om,
+    FP32_PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``out += x̂[:, chunk] · L_down[:, chunk]ᵀ`` (fp32, ~fp32-accurate dot) for this
+    program's K chunk and block of ranks; M ≤ 16."""
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, 16)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros([16, BLOCK_R], dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        c = k0 + tl.arange(0, BLOCK_K)
+        cmask = c < K
+        inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + c, mask=cmask, other=1.0))
+        xv = tl.load(
+            x_ptr + rm[:, None] * stride_xm + c[None, :],
+            mask=(rm < M)[:, None] & cmask[None, :],
+            other=0.0,
+        )
+        ld = tl.load(
+            ld_ptr + rr[:, None] * stride_ldr + c[None, :],
+            mask=(rr < R)[:, None] & cmask[None, :],
+            other=0.0,
+        )
+        xh = xv.to(tl.float32) * inv_s[None, :]
+        acc = tl.dot(xh, tl.trans(ld.to(tl.float32)), acc, input_precision=FP32_PREC)
+    tl.atomic_add(
+        out_ptr + rm[:, None] * stride_om + rr[None, :],
+        acc,
+        mask=(rm < M)[:, None] & (rr < R)[None, :],
+        sem="relaxed",
+    )
 
 
 @triton.jit
@@ -56,8 +116,8 @@ def _mma(w, x, acc, DOT_FP32: tl.constexpr):
 
 @triton.jit
 def _w4a16_kernel(
-    xhi_ptr,
-    xlo_ptr,
+    x_ptr,
+    smooth_ptr,
     q_ptr,
     sc_ptr,
     ts_ptr,
@@ -101,7 +161,7 @@ def _w4a16_kernel(
     s_rows = sc_ptr + rows * stride_sn
     if NVFP4:  # the scale of byte j's two columns, for each of the step's 32 bytes
         s_cols = s_rows[:, None] + (j // (GROUP // 2))[None, :]
-    x_cols = rm[None, :] * stride_xm + 2 * j[:, None]  # [32, 16]: x̂ᵀ at columns 2j
+    x_cols = x_ptr + rm[None, :] * stride_xm + 2 * j[:, None]  # [32, 16]: xᵀ at columns 2j
     wmask = nmask[:, None] & (j < 32)[None, :]  # [BLOCK_N, 32]
     # Register double buffering: the next step's codes (and scales) are loaded before
     # this step's decode, so the memory latency overlaps the arithmetic.
@@ -126,14 +186,21 @@ def _w4a16_kernel(
             s_next = tl.load(s_rows + kn // GROUP, mask=smask, other=0.0)
             lo = int4_sign_extend(b, 0).to(tl.float32)
             hi = int4_sign_extend(b, 4).to(tl.float32)
-        xmask = mmask[None, :] & ((k0 + 2 * j) < K)[:, None]
-        xe = x_cols + k0
         part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        part = _mma(lo, tl.load(xhi_ptr + xe, mask=xmask, other=0.0), part, DOT_FP32)
-        part = _mma(lo, tl.load(xlo_ptr + xe, mask=xmask, other=0.0), part, DOT_FP32)
-        xmask = mmask[None, :] & ((k0 + 2 * j + 1) < K)[:, None]
-        part = _mma(hi, tl.load(xhi_ptr + xe + 1, mask=xmask, other=0.0), part, DOT_FP32)
-        part = _mma(hi, tl.load(xlo_ptr + xe + 1, mask=xmask, other=0.0), part, DOT_FP32)
+        for odd in tl.static_range(2):
+            c = k0 + 2 * j + odd  # [32]
+            cmask = c < K
+            inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + c, mask=cmask, other=1.0))
+            xv = tl.load(x_cols + k0 + odd, mask=mmask[None, :] & cmask[:, None], other=0.0)
+            xh = xv.to(tl.float32) * inv_s[:, None]  # x̂ᵀ, exactly the reference's
+            x_hi = _bf16(xh, DOT_FP32)
+            x_lo = _bf16(xh - x_hi.to(tl.float32), DOT_FP32)
+            if odd == 1:
+                part = _mma(hi, x_hi, part, DOT_FP32)
+                part = _mma(hi, x_lo, part, DOT_FP32)
+            else:
+                part = _mma(lo, x_hi, part, DOT_FP32)
+                part = _mma(lo, x_lo, part, DOT_FP32)
         if NVFP4:
             acc += part
         else:
@@ -190,26 +257,38 @@ def w4a16_linear(
     block_n, warps = TILE
     n_blocks = triton.cdiv(n, block_n)
     steps = triton.cdiv(kp, 64)
-    split = 1
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    while n_blocks * split < SPLIT_TARGET * sms and steps // (split * 2) >= 4:
-        split *= 2
-    kps = triton.cdiv(steps, split) * 64
+    # Few steps per program, many programs: latency is hidden by programs in flight.
+    kps = min(steps, STEPS_PER_PROGRAM) * 64
     split = triton.cdiv(kp, kps)
-    xs = x.float() * (1.0 / smooth)  # x̂, as the reference computes it
-    x_hi = xs.to(torch.bfloat16)
-    x_lo = (xs - x_hi.float()).to(torch.bfloat16)
-    lora = x.new_empty(m, 0, dtype=torch.float32)
-    if r:  # the low-rank down projection, fp32 (tiny: [M, K] x [K, r])
-        lora = xs @ lowrank_down.float().t()
+    lora = x.new_zeros(m, r, dtype=torch.float32)
+    if r:  # the low-rank down projection x̂ · L_downᵀ, fp32 sums
+        lowrank_down = lowrank_down.contiguous()
+        block_r = min(64, max(16, triton.next_power_of_2(r)))
+        lora_split = triton.cdiv(k, 512)
+        _lora_down_kernel[(triton.cdiv(r, block_r), lora_split)](
+            x,
+            smooth,
+            lowrank_down,
+            lora,
+            m,
+            k,
+            r,
+            512,
+            x.stride(0),
+            lowrank_down.stride(0),
+            lora.stride(0),
+            FP32_PREC=dot_precision(),
+            BLOCK_R=block_r,
+            BLOCK_K=64,
+        )
     lowrank_up = lowrank_up.contiguous()
     if split > 1:
         out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     else:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _w4a16_kernel[(n_blocks, split)](
-        x_hi,
-        x_lo,
+        x,
+        smooth,
         qweight,
         wscales,
         wtensor_scale.float().reshape(1),
@@ -223,7 +302,7 @@ def w4a16_linear(
         kp,
         r,
         kps,
-        x_hi.stride(0),
+        x.stride(0),
         qweight.stride(0),
         wscales.stride(0),
         out.stride(0),

@@ -29,7 +29,7 @@ from svdquant.kernels._triton_common import (
 __all__ = ["widen_weight"]
 
 #: (BLOCK_N, BLOCK_K, num_warps), tuned on the H100 with ``bench/gemm.py --sweep``.
-TILE = (16, 256, 8)
+TILE = (32, 256, 4)
 
 
 @triton.jit
