@@ -88,9 +88,11 @@ def to_e4m3(x, EXACT: tl.constexpr):
 
 
 @triton.jit
-def int4_sign_extend(b, SHIFT: tl.constexpr):
-    """The signed int4 code in bits [SHIFT, SHIFT + 4) of int32 ``b``, as int32."""
-    return (b << (28 - SHIFT)) >> 28
+def int4_value(nib):
+    """The signed int4 code of nibble ``nib`` (int32 0..15) as fp32, in two bit operations
+    and one subtraction: ``nib ^ 8`` is the code + 8, placed in the mantissa of 2**23
+    (no int -> float conversion, which runs at a quarter of the FMA rate)."""
+    return ((nib ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
 
 
 @triton.jit

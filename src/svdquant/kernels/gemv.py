@@ -31,7 +31,7 @@ from svdquant import formats
 from svdquant.kernels._triton_common import (
     dot_precision,
     e2m1_value,
-    int4_sign_extend,
+    int4_value,
     interpreting,
     needs_bf16_rounding,
     round_bf16,
@@ -44,6 +44,8 @@ MAX_GEMV_M = 16
 
 #: (BLOCK_N, num_warps), tuned on the H100 with ``bench/gemm.py --sweep``.
 TILE = (128, 4)
+#: Up to this many rows the FMA path runs (else the tensor-core path).
+MAX_FMA_M = 4
 #: 64-column steps per program: K is split into chunks of this many steps.
 STEPS_PER_PROGRAM = 4
 
@@ -144,9 +146,12 @@ def _w4a16_kernel(
     HAS_BIAS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    FMA_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    BLOCK_M: tl.constexpr = 16
+    # FMA_M > 0 (M ≤ FMA_M ≤ 4): scaled weights times x̂ on the FMA units, [BLOCK_N, M, 32]
+    # partial sums reduced once at the end; else the tensor-core path, x̂ padded to 16 rows.
+    BLOCK_M: tl.constexpr = FMA_M if FMA_M > 0 else 16
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -155,6 +160,7 @@ def _w4a16_kernel(
     mmask = rm < M
     j = tl.arange(0, 32)  # byte j of a 64-column step holds columns 2j and 2j + 1
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # yᵀ
+    acc3 = tl.zeros([BLOCK_N, BLOCK_M, 32], dtype=tl.float32)  # FMA path: yᵀ per column
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, KP)
     q_rows = q_ptr + rows[:, None] * stride_qn
@@ -184,27 +190,41 @@ def _w4a16_kernel(
         else:
             smask = nmask & ((kn + 0 * rows) < k_end)  # (a vector: the interpreter needs one)
             s_next = tl.load(s_rows + kn // GROUP, mask=smask, other=0.0)
-            lo = int4_sign_extend(b, 0).to(tl.float32)
-            hi = int4_sign_extend(b, 4).to(tl.float32)
+            if FMA_M > 0:  # scaled weights (exact in fp32: a 4-bit code times an fp16 scale)
+                lo = int4_value(b & 0xF) * sg[:, None]
+                hi = int4_value((b >> 4) & 0xF) * sg[:, None]
+            else:  # raw codes for the MMA (exact in bf16), scaled after it
+                lo = int4_value(b & 0xF)
+                hi = int4_value((b >> 4) & 0xF)
         part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for odd in tl.static_range(2):
             c = k0 + 2 * j + odd  # [32]
             cmask = c < K
             inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + c, mask=cmask, other=1.0))
             xv = tl.load(x_cols + k0 + odd, mask=mmask[None, :] & cmask[:, None], other=0.0)
-            xh = xv.to(tl.float32) * inv_s[:, None]  # x̂ᵀ, exactly the reference's
-            x_hi = _bf16(xh, DOT_FP32)
-            x_lo = _bf16(xh - x_hi.to(tl.float32), DOT_FP32)
-            if odd == 1:
-                part = _mma(hi, x_hi, part, DOT_FP32)
-                part = _mma(hi, x_lo, part, DOT_FP32)
+            xh = xv.to(tl.float32) * inv_s[:, None]  # x̂ᵀ [32, BLOCK_M], the reference's
+            if FMA_M > 0:
+                xt = tl.expand_dims(tl.trans(xh), 0)  # [1, BLOCK_M, 32]
+                if odd == 1:
+                    acc3 += tl.expand_dims(hi, 1) * xt
+                else:
+                    acc3 += tl.expand_dims(lo, 1) * xt
             else:
-                part = _mma(lo, x_hi, part, DOT_FP32)
-                part = _mma(lo, x_lo, part, DOT_FP32)
-        if NVFP4:
-            acc += part
-        else:
-            acc += part * sg[:, None]
+                x_hi = _bf16(xh, DOT_FP32)
+                x_lo = _bf16(xh - x_hi.to(tl.float32), DOT_FP32)
+                if odd == 1:
+                    part = _mma(hi, x_hi, part, DOT_FP32)
+                    part = _mma(hi, x_lo, part, DOT_FP32)
+                else:
+                    part = _mma(lo, x_hi, part, DOT_FP32)
+                    part = _mma(lo, x_lo, part, DOT_FP32)
+        if FMA_M == 0:
+            if NVFP4:
+                acc += part
+            else:
+                acc += part * sg[:, None]
+    if FMA_M > 0:
+        acc = tl.sum(acc3, axis=2)
     # Epilogue. Every term is a sum, so with a K split each program adds its share into
     # an fp32 buffer: its partial product, and (the first split only) low-rank and bias.
     y = acc * tl.load(ts_ptr)
@@ -254,6 +274,7 @@ def w4a16_linear(
     r = lowrank_down.shape[0]
     if m == 0 or n == 0:
         return x.new_empty(m, n)
+    fma_m = triton.next_power_of_2(m) if m <= MAX_FMA_M else 0
     block_n, warps = TILE
     n_blocks = triton.cdiv(n, block_n)
     steps = triton.cdiv(kp, 64)
@@ -315,6 +336,7 @@ def w4a16_linear(
         HAS_BIAS=bias is not None,
         ROUND_BF16=needs_bf16_rounding(x.dtype),
         DOT_FP32=interpreting(),
+        FMA_M=fma_m,
         BLOCK_N=block_n,
         num_warps=warps,
     )

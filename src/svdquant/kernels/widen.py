@@ -20,7 +20,7 @@ import triton.language as tl
 
 from svdquant import formats
 from svdquant.kernels._triton_common import (
-    int4_sign_extend,
+    int4_value,
     interpreting,
     nibble_value,
     to_e4m3,
@@ -83,7 +83,7 @@ def _widen_kernel(
     if NVFP4:
         v = nibble_value(tl.join(b & 0xF, (b >> 4) & 0xF), True)
     else:
-        v = tl.join(int4_sign_extend(b, 0), int4_sign_extend(b, 4)).to(tl.float32)
+        v = tl.join(int4_value(b & 0xF), int4_value((b >> 4) & 0xF))
     v = v.reshape([BLOCK_N, BLOCK_K])  # column 2j: the low nibble of byte j
     NG: tl.constexpr = BLOCK_K // GROUP
     gcols = pid_k * NG + tl.arange(0, NG)
