@@ -233,6 +233,8 @@ METHODS: dict[str, Method] = {
                "bf16", _torchao("int4wo"), _torchao_missing("int4wo"), est_s=50),
         Method("svdq-nvfp4", "svdquant W4A4 nvfp4", "svdquant", "nvfp4 g16 + rank 32",
                "nvfp4 g16", _ours("nvfp4", None), est_s=90),
+        Method("svdq-w4a8", "svdquant W4A8 (int4 weights, fp8 acts)", "svdquant",
+               "int4 g64 + rank 32", "fp8 e4m3 (static scale)", _ours("int4", "fp8"), est_s=90),
     )
 }  # fmt: skip
 #: the order rows run in: most important first (--budget-s cuts the tail)

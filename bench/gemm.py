@@ -279,7 +279,7 @@ def sweep(copy_gbs: float) -> dict:
     for mm in (1, 4):
         xg = torch.randn(mm, 3072, device="cuda").bfloat16()
         for tile in [(a, w, st) for a in (32, 64, 128) for w in (2, 4) for st in (1, 2, 4, 8)]:
-            gemv_mod.TILE, gemv_mod.STEPS_PER_PROGRAM = tile[:2], tile[2]
+            gemv_mod.TILES["fma" if mm <= gemv_mod.MAX_FMA_M else "mma"] = tile
             fn = lambda xg=xg: w4a16_linear(xg, *gargs, "int4")  # noqa: E731
             out["gemv"].append({"M": mm, "tile": tile, **_timed(fn, 18432 * 1536, copy_gbs, True)})
     best = {}
@@ -292,10 +292,8 @@ def sweep(copy_gbs: float) -> dict:
     *quantize_mod.TILES["large"], quantize_mod.PROGRAMS_PER_SM = best["quantize", 0]["tile"]
     quantize_mod.TILES["large"] = tuple(quantize_mod.TILES["large"])
     widen_mod.TILE = best["widen", 0]["tile"]
-    gemv_mod.TILE, gemv_mod.STEPS_PER_PROGRAM = (
-        best["gemv", 4]["tile"][:2],
-        best["gemv", 4]["tile"][2],
-    )
+    gemv_mod.TILES["fma"] = tuple(best["gemv", 1]["tile"])
+    gemv_mod.TILES["mma"] = tuple(best["gemv", 4]["tile"])
     return out
 
 

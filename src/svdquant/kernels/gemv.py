@@ -12,7 +12,7 @@ sums, ``yᵀ = W · x̂ᵀ`` with x̂ padded to 16 columns:
 * x̂ = x · (1/s) enters as two bf16 parts, ``hi + lo`` (16 significant bits, fp32-like
   accuracy), so the 16-bit MMA adds no visible rounding;
 * the next step's bytes are loaded before this step's decode, and K is split into short
-  chunks (``STEPS_PER_PROGRAM``) so that many programs are in flight: a program's steps
+  chunks (a few steps, ``TILES``) so that many programs are in flight: a program's steps
   form a dependent chain, and with few steps each the GPU hides its latency by running
   others. The partial sums meet in an fp32 buffer through atomics.
 
@@ -43,11 +43,11 @@ __all__ = ["MAX_GEMV_M", "w4a16_linear"]
 MAX_GEMV_M = 16
 
 #: (BLOCK_N, num_warps), tuned on the H100 with ``bench/gemm.py --sweep``.
-TILE = (128, 4)
+#: (BLOCK_N, num_warps, 64-column steps per program) of the FMA path (M = 1) and of the
+#: tensor-core path (M = 2..16), from ``bench/gemm.py --sweep`` on the H100 (run v5).
+TILES = {"fma": (32, 4, 8), "mma": (128, 2, 4)}
 #: Up to this many rows the FMA path runs (else the tensor-core path).
-MAX_FMA_M = 4
-#: 64-column steps per program: K is split into chunks of this many steps.
-STEPS_PER_PROGRAM = 4
+MAX_FMA_M = 1
 
 
 @triton.jit
@@ -275,11 +275,11 @@ def w4a16_linear(
     if m == 0 or n == 0:
         return x.new_empty(m, n)
     fma_m = triton.next_power_of_2(m) if m <= MAX_FMA_M else 0
-    block_n, warps = TILE
+    block_n, warps, steps_per_program = TILES["fma" if fma_m else "mma"]
     n_blocks = triton.cdiv(n, block_n)
     steps = triton.cdiv(kp, 64)
     # Few steps per program, many programs: latency is hidden by programs in flight.
-    kps = min(steps, STEPS_PER_PROGRAM) * 64
+    kps = min(steps, steps_per_program) * 64
     split = triton.cdiv(kp, kps)
     lora = x.new_zeros(m, r, dtype=torch.float32)
     if r:  # the low-rank down projection x̂ · L_downᵀ, fp32 sums
