@@ -39,8 +39,8 @@ _GROUP = 64  # the int4 activation group (formats.FORMATS["int4"].group_size)
 
 #: (BLOCK_M, num_warps) for few rows (M ≤ 64) and for many, and the number of programs
 #: per multiprocessor the K split aims for; tuned on the H100 with ``bench/gemm.py --sweep``.
-TILES = {"small": (16, 4), "large": (64, 8)}
-PROGRAMS_PER_SM = 2
+TILES = {"small": (16, 4), "large": (64, 2)}
+PROGRAMS_PER_SM = 8
 
 
 @triton.jit
