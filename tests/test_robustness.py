@@ -70,3 +70,25 @@ def test_rank_larger_than_the_layer_is_a_clear_error():
     q = svdquant.quantize_linear(lin, torch.randn(4, 20), rank=10)  # the limit itself works
     x = torch.randn(3, 20)
     assert rel_err(q(x), lin(x)) < 0.2
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+@pytest.mark.parametrize("act_fmt", ["int4", "fp8", "none"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_triton_backend_propagates_nan_and_inf_per_token(act_fmt, bad, rank):
+    """The engine's kernels keep the documented behaviour (on the CPU: in the interpreter):
+    a non-finite activation makes its own token's outputs non-finite, never a finite
+    value clamped from it (rank 0: no low-rank branch to carry it), and leaves the other
+    tokens alone."""
+    torch.manual_seed(4)
+    lin = nn.Linear(96, 40).to(torch.bfloat16)
+    calib = torch.randn(128, 96).bfloat16()
+    q = svdquant.quantize_linear(lin, calib, rank=rank, act_fmt=act_fmt)
+    q.backend = "triton"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q = q.to(device)
+    x = torch.randn(3, 96, device=device).bfloat16()
+    x[1, 5] = bad
+    y = q(x)
+    assert not torch.isfinite(y[1]).any()
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all()

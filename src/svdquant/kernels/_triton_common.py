@@ -75,16 +75,28 @@ def round_small(t):
 
 @triton.jit
 def to_e4m3(x, EXACT: tl.constexpr):
-    """fp32 ``x`` -> fp8 E4M3 (nearest, ties to even, saturating at ±448).
+    """fp32 ``x`` -> fp8 E4M3 (nearest, ties to even, saturating at ±448; NaN stays NaN).
 
     On the GPU the hardware conversion (one ``cvt`` for two values) does it; ``EXACT``
     (under the interpreter, whose own conversion rounds wrongly) rounds with
     ``round_e4m3`` first so the cast that follows is exact.
     """
-    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
-    if EXACT:
-        x = round_e4m3(x)
+    nan = tl.PropagateNan.ALL
+    x = tl.minimum(tl.maximum(x, -448.0, propagate_nan=nan), 448.0, propagate_nan=nan)
+    if EXACT:  # the interpreter also converts NaN wrongly: write E4M3's NaN (0x7F) itself
+        q = round_e4m3(x).to(tl.float8e4nv)
+        nan8 = tl.full(x.shape, 0x7F, tl.int8).to(tl.float8e4nv, bitcast=True)
+        return tl.where(x == x, q, nan8)
     return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def fp8_to_f32(x):
+    """fp8 E4M3 ``x`` as fp32 with NaN (0x7F/0xFF) kept NaN: under the interpreter, whose
+    own conversion turns E4M3's NaN into a finite value."""
+    f = x.to(tl.float32)
+    nan = (x.to(tl.int8, bitcast=True) & 0x7F) == 0x7F
+    return tl.where(nan, float("nan"), f)
 
 
 @triton.jit

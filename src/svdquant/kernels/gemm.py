@@ -18,6 +18,7 @@ import triton.language as tl
 
 from svdquant.kernels._triton_common import (
     dot16,
+    fp8_to_f32,
     interpreting,
     needs_bf16_rounding,
     round_bf16,
@@ -124,7 +125,10 @@ def _fp8_gemm_kernel(
         kmask = (k0 + rk) < K
         a = tl.load(a_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        if DOT_FP32:  # the interpreter: fp8 -> fp32 by hand (its own loses NaN)
+            acc = tl.dot(fp8_to_f32(a), fp8_to_f32(b), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
