@@ -75,14 +75,13 @@ def round_small(t):
 
 @triton.jit
 def to_e4m3(x, EXACT: tl.constexpr):
-    """fp32 ``x`` -> fp8 E4M3 (nearest, ties to even, saturating at ±448; NaN stays NaN).
+    """fp32 ``x`` -> fp8 E4M3 (nearest, ties to even, saturating at ±448).
 
     On the GPU the hardware conversion (one ``cvt`` for two values) does it; ``EXACT``
     (under the interpreter, whose own conversion rounds wrongly) rounds with
     ``round_e4m3`` first so the cast that follows is exact.
     """
-    nan = tl.PropagateNan.ALL
-    x = tl.minimum(tl.maximum(x, -448.0, propagate_nan=nan), 448.0, propagate_nan=nan)
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
     if EXACT:  # the interpreter also converts NaN wrongly: write E4M3's NaN (0x7F) itself
         q = round_e4m3(x).to(tl.float8e4nv)
         nan8 = tl.full(x.shape, 0x7F, tl.int8).to(tl.float8e4nv, bitcast=True)

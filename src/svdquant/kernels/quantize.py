@@ -78,10 +78,6 @@ def quantize_tile(
             val = tl.reshape(int4_values(xg, 2), [BLOCK_M, BLOCK_K])
     else:
         val = xh
-    # A NaN or ±Inf in x̂ becomes NaN (x - x is NaN exactly there), which the fp8 NaN
-    # carries through the GEMM into its token's outputs; without this the clamps below
-    # would turn it into a finite ±448.
-    val = tl.where(xh - xh == 0.0, val, xh - xh)
     return to_e4m3(val * inv_act, EXACT)
 
 
