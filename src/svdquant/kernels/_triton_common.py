@@ -137,14 +137,6 @@ def needs_bf16_rounding(dtype) -> bool:
 
 
 @triton.jit
-def nibble_value(nib, NVFP4: tl.constexpr):
-    """The grid value (fp32) of a 4-bit code: E2M1 if ``NVFP4`` else two's complement int4."""
-    if NVFP4:
-        return e2m1_value(nib)
-    return (nib - ((nib & 8) << 1)).to(tl.float32)
-
-
-@triton.jit
 def dot16(a, b, acc, INTERPRET: tl.constexpr):
     """``acc + a16 · b`` with ``a`` (fp32) rounded to ``b``'s 16-bit dtype, fp32 sums.
 

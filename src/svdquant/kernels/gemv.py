@@ -42,12 +42,13 @@ __all__ = ["MAX_GEMV_M", "w4a16_linear"]
 #: Largest M the GEMV kernel takes (the padded width of its ``tl.dot``).
 MAX_GEMV_M = 16
 
-#: (BLOCK_N, num_warps), tuned on the H100 with ``bench/gemm.py --sweep``.
 #: (BLOCK_N, num_warps, 64-column steps per program) of the FMA path (M = 1) and of the
 #: tensor-core path (M = 2..16), from ``bench/gemm.py --sweep`` on the H100 (run v5).
 TILES = {"fma": (32, 4, 8), "mma": (128, 2, 4)}
 #: Up to this many rows the FMA path runs (else the tensor-core path).
 MAX_FMA_M = 1
+#: Columns per program of the low-rank down kernel (its K split).
+LORA_CHUNK = 512
 
 
 @triton.jit
@@ -149,8 +150,9 @@ def _w4a16_kernel(
     FMA_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # FMA_M > 0 (M ≤ FMA_M ≤ 4): scaled weights times x̂ on the FMA units, [BLOCK_N, M, 32]
-    # partial sums reduced once at the end; else the tensor-core path, x̂ padded to 16 rows.
+    # FMA_M > 0 (M ≤ FMA_M, a power of two): scaled weights times x̂ on the FMA units,
+    # [BLOCK_N, FMA_M, 32] partial sums reduced once at the end; else the tensor-core
+    # path, x̂ padded to 16 rows.
     BLOCK_M: tl.constexpr = FMA_M if FMA_M > 0 else 16
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -285,8 +287,7 @@ def w4a16_linear(
     if r:  # the low-rank down projection x̂ · L_downᵀ, fp32 sums
         lowrank_down = lowrank_down.contiguous()
         block_r = min(64, max(16, triton.next_power_of_2(r)))
-        lora_split = triton.cdiv(k, 512)
-        _lora_down_kernel[(triton.cdiv(r, block_r), lora_split)](
+        _lora_down_kernel[(triton.cdiv(r, block_r), triton.cdiv(k, LORA_CHUNK))](
             x,
             smooth,
             lowrank_down,
@@ -294,7 +295,7 @@ def w4a16_linear(
             m,
             k,
             r,
-            512,
+            LORA_CHUNK,
             x.stride(0),
             lowrank_down.stride(0),
             lora.stride(0),

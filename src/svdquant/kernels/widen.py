@@ -20,9 +20,9 @@ import triton.language as tl
 
 from svdquant import formats
 from svdquant.kernels._triton_common import (
+    e2m1_value,
     int4_value,
     interpreting,
-    nibble_value,
     to_e4m3,
 )
 
@@ -81,7 +81,7 @@ def _widen_kernel(
         other=0,
     ).to(tl.int32)
     if NVFP4:
-        v = nibble_value(tl.join(b & 0xF, (b >> 4) & 0xF), True)
+        v = e2m1_value(tl.join(b & 0xF, (b >> 4) & 0xF))
     else:
         v = tl.join(int4_value(b & 0xF), int4_value((b >> 4) & 0xF))
     v = v.reshape([BLOCK_N, BLOCK_K])  # column 2j: the low nibble of byte j
