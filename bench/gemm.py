@@ -256,44 +256,59 @@ def _timed(fn, nbytes: float, copy_gbs: float, graph: bool = False) -> dict:
     return {"us": us, "pct_copy": 100 * nbytes / us / 1e3 / copy_gbs}
 
 
-def sweep(copy_gbs: float) -> dict:
-    """Time the memory-bound kernels over tile shapes (M = 4608, N = 12288, K = 3072)."""
+def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
+    """Time the memory-bound kernels (``parts`` of them) over tile shapes (M = 4608,
+    N = 12288, K = 3072; the GEMV at N = 18432) and keep the best tiles for the run."""
     out: dict = {"quantize": [], "widen": [], "gemv": []}
     m, n, k = 4608, 12288, 3072
     layer = Layer(n, k)
     x = torch.randn(m, k, device="cuda").bfloat16()
     s = ref.act_scale_from_amax(layer.act_amax)
-    for tile in [(a, w) for a in (16, 32, 64, 128) for w in (2, 4, 8)]:
+    for tile in [(a, w) for a in (16, 32, 64, 128) for w in (2, 4, 8)] * ("quantize" in parts):
         for per_sm in (2, 4, 8):
             quantize_mod.TILES["large"], quantize_mod.PROGRAMS_PER_SM = tile, per_sm
             fn = lambda: quantize_act(x, layer.smooth, layer.down, s, k, "int4")  # noqa: E731
             timed = _timed(fn, m * k * 3, copy_gbs, True)
             out["quantize"].append({"tile": (*tile, per_sm), **timed})
     args = (layer.qweight, layer.wscales, layer.wtensor_scale, "int4")
-    for tile in [(a, b, w) for a in (16, 32, 64) for b in (256, 512, 1024) for w in (4, 8)]:
+    widen_tiles = [(a, b, w) for a in (16, 32, 64) for b in (256, 512, 1024) for w in (4, 8)]
+    for tile in widen_tiles * ("widen" in parts):
         widen_mod.TILE = tile
         timed = _timed(lambda: widen_weight(*args), n * k * 1.5, copy_gbs, True)
         out["widen"].append({"tile": tile, **timed})
     g = Layer(18432, 3072)
     gargs = (g.qweight, g.wscales, g.wtensor_scale, g.smooth, g.down[:0], g.up[:, :0], None)
-    for mm in (1, 4):
+    fma_tiles = [(a, b, w) for a in (8, 16, 32, 64) for b in (256, 512, 1024) for w in (2, 4, 8)]
+    mma_tiles = [(a, 64, w) for a in (32, 64, 128) for w in (2, 4)]
+    gemv_runs = ((1, 1, fma_tiles), (4, 4, fma_tiles), (4, "mma", mma_tiles))
+    for mm, key, tiles in gemv_runs * ("gemv" in parts):
         xg = torch.randn(mm, 3072, device="cuda").bfloat16()
-        for tile in [(a, w, st) for a in (32, 64, 128) for w in (2, 4) for st in (1, 2, 4, 8)]:
-            gemv_mod.TILES["fma" if mm <= gemv_mod.MAX_FMA_M else "mma"] = tile
+        gemv_mod.MAX_FMA_M = 4 if key != "mma" else 0
+        for tile in tiles:
+            gemv_mod.TILES[key] = tile
             fn = lambda xg=xg: w4a16_linear(xg, *gargs, "int4")  # noqa: E731
-            out["gemv"].append({"M": mm, "tile": tile, **_timed(fn, 18432 * 1536, copy_gbs, True)})
+            timed = _timed(fn, 18432 * 1536, copy_gbs, True)
+            out["gemv"].append({"M": mm, "path": str(key), "tile": tile, **timed})
+    gemv_mod.MAX_FMA_M = 4
     best = {}
     for key, rows in out.items():
         ok = [r for r in rows if "us" in r]
-        for mm in sorted({r.get("M", 0) for r in ok}):
-            best[key, mm] = min((r for r in ok if r.get("M", 0) == mm), key=lambda r: r["us"])
-            print(f"sweep {key}: best {best[key, mm]}", flush=True)
-    # the rest of this run uses the best tiles (M = 4 for the GEMV)
-    *quantize_mod.TILES["large"], quantize_mod.PROGRAMS_PER_SM = best["quantize", 0]["tile"]
-    quantize_mod.TILES["large"] = tuple(quantize_mod.TILES["large"])
-    widen_mod.TILE = best["widen", 0]["tile"]
-    gemv_mod.TILES["fma"] = tuple(best["gemv", 1]["tile"])
-    gemv_mod.TILES["mma"] = tuple(best["gemv", 4]["tile"])
+        for mm in sorted({(r.get("M", 0), r.get("path", "")) for r in ok}):
+            best[key, *mm] = min(
+                (r for r in ok if (r.get("M", 0), r.get("path", "")) == mm), key=lambda r: r["us"]
+            )
+            print(f"sweep {key}: best {best[key, *mm]}", flush=True)
+    # the rest of this run uses the best tiles
+    if ("quantize", 0, "") in best:
+        *tile, quantize_mod.PROGRAMS_PER_SM = best["quantize", 0, ""]["tile"]
+        quantize_mod.TILES["large"] = tuple(tile)
+    if ("widen", 0, "") in best:
+        widen_mod.TILE = best["widen", 0, ""]["tile"]
+    if ("gemv", 4, "mma") in best:
+        for mm, key in ((1, 1), (4, 4), (4, "mma")):
+            gemv_mod.TILES[key] = tuple(best["gemv", mm, str(key)]["tile"])
+        if best["gemv", 4, "mma"]["us"] < best["gemv", 4, "4"]["us"]:  # M = 2..4: the MMAs
+            gemv_mod.MAX_FMA_M = 1
     return out
 
 
@@ -305,7 +320,8 @@ def kernel_stats() -> dict:
     fns = {
         "quantize": quantize_mod._quantize_act_kernel,
         "widen": widen_mod._widen_kernel,
-        "gemv": gemv_mod._w4a16_kernel,
+        "gemv_fma": gemv_mod._w4a16_fma_kernel,
+        "gemv_mma": gemv_mod._w4a16_mma_kernel,
         "gemm": gemm_mod._fp8_gemm_kernel.fn,
     }
     out: dict = {}
@@ -338,23 +354,31 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--quick", action="store_true", help="M = 4608 only, 3 shapes")
-    p.add_argument("--sweep", action="store_true", help="also sweep the memory-bound tiles")
+    p.add_argument(
+        "--sweep",
+        nargs="?",
+        const="quantize,widen,gemv",
+        default="",
+        help="first sweep the memory-bound kernels' tiles (all, or e.g. 'gemv,quantize')",
+    )
+    p.add_argument("--no-table", action="store_true", help="only the sweep")
     a = p.parse_args()
     torch.manual_seed(0)
     ms, nks = ((4608,), NKS[:3]) if a.quick else (MS, NKS)
+    ms = () if a.no_table else ms
     copy_gbs = copy_bandwidth()
-    tiles = sweep(copy_gbs) if a.sweep else None
+    tiles = sweep(copy_gbs, a.sweep) if a.sweep else None
     rows = []
     for m in ms:
         for n, k in nks:
             rows.append(bench_shape(m, n, k, copy_gbs))
             print(json.dumps({c: round(v, 3) if isinstance(v, float) else v
                               for c, v in rows[-1].items()}), flush=True)  # fmt: skip
-    mlp = [bench_mlp(m) for m in (4096, 4608)]
+    mlp = [bench_mlp(m) for m in ms and (4096, 4608)]
     gemv = [bench_gemv(m, 18432, 3072, copy_gbs) for m in (1, 4)]
     lora_ranks = (
         []
-        if a.quick
+        if a.quick or a.no_table
         else [row for n, k in ((3072, 3072), (12288, 3072)) for row in bench_lora_ranks(4096, n, k)]
     )
     result = {

@@ -1,9 +1,10 @@
 """Where the activation quantize kernel's time goes: variants that leave one stage out.
 
 Times ``_quantize_act_kernel`` (CUDA-graph replays, M = 4608, K = 3072, rank 32) with the
-low-rank branch on and off, with its K-split partial sums added atomically or merely
-stored (racy: a timing, not a result), in int4 and fp8, over tiles and K splits, so the
-differences say what each stage costs (no hardware counters needed). For NOTES.md.
+low-rank branch on and off, with one or two groups per step, and with the low-rank MMA
+fed by x̂ (as the kernel does) or by x itself with 1/s folded into L_down (``fold``: x is
+then a plain load into the MMA, which triton can pipeline), over tiles and K splits, so
+the differences say what each stage costs (no hardware counters needed). For NOTES.md.
 
     PYTHONPATH=src python bench/probe_quantize.py [--out DIR]
 """
@@ -32,7 +33,10 @@ def _graph_us(fn) -> float:
     return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median") * 1e3
 
 
-def variant(x, smooth, down, scale, *, block_m, warps, split, lora, atomic, int4) -> float:
+def variant(
+    x, smooth, down, scale, *, block_m, warps, split, lora, atomic, int4,
+    block_k=64, fold=False, stages=None,
+) -> float:  # fmt: skip
     m, k = x.shape
     r = down.shape[0] if lora else 0
     groups = triton.cdiv(k, 64)
@@ -46,7 +50,8 @@ def variant(x, smooth, down, scale, *, block_m, warps, split, lora, atomic, int4
             x, smooth, down, scale, xq, out, m, k, k, r, kps, x.stride(0), xq.stride(0),
             down.stride(0), out.stride(0), INT4=int4, HAS_LORA=r > 0, ATOMIC=atomic,
             DOT_FP32=False, LORA_FP32=False, FP32_PREC="tf32x3", EXACT=False,
-            BLOCK_M=block_m, BLOCK_R=32, num_warps=warps,
+            BLOCK_M=block_m, BLOCK_R=32, BLOCK_K=block_k, FOLD=fold, num_warps=warps,
+            **({} if stages is None else {"num_stages": stages}),
         )  # fmt: skip
 
     return _graph_us(run)
@@ -66,23 +71,28 @@ def main() -> None:
     copy2 = torch.empty_like(copy)
     copy_gbs = 4 * copy.numel() / _graph_us(lambda: copy2.copy_(copy)) / 1e3
     rows = []
-    for block_m, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)):
-        for split in (1, 2, 4, 8, 16):
-            for lora, atomic, int4 in (
-                (True, True, True),
-                (True, False, True),
-                (False, False, True),
-                (True, True, False),
-                (False, False, False),
-            ):
-                cfg = {"block_m": block_m, "warps": warps, "split": split}
-                cfg |= {"lora": lora, "atomic": atomic, "int4": int4}
-                try:
-                    us = variant(x, smooth, down, scale, **cfg)
-                except Exception as e:  # a tile that does not compile
-                    rows.append({**cfg, "error": str(e)[:100]})
-                    continue
-                rows.append({**cfg, "us": us, "pct_copy": 100 * nbytes / us / 1e3 / copy_gbs})
+    kinds = (  # (lora, atomic, int4, fold, block_k)
+        (True, True, True, False, 64),  # the kernel as it is
+        (False, False, True, False, 64),  # without the low-rank branch
+        (True, True, True, True, 64),  # x itself as the MMA operand, 1/s folded into L_down
+        (True, True, True, False, 128),  # two groups per step
+        (True, True, True, True, 128),
+        (False, False, True, False, 128),
+    )
+    for block_m, warps in ((32, 2), (64, 2), (64, 4), (128, 4), (128, 8)):
+        for split in (4, 8, 12, 16):
+            for lora, atomic, int4, fold, block_k in kinds:
+                for stages in (None, 1) if fold else (None,):
+                    cfg = {"block_m": block_m, "warps": warps, "split": split, "lora": lora}
+                    cfg |= {"atomic": atomic, "int4": int4, "fold": fold, "block_k": block_k}
+                    cfg |= {"stages": stages}
+                    try:
+                        us = variant(x, smooth, down, scale, **cfg)
+                    except Exception as e:  # a tile that does not compile
+                        rows.append({**cfg, "error": str(e)[:100]})
+                        continue
+                    pct = 100 * nbytes / us / 1e3 / copy_gbs
+                    rows.append({**cfg, "us": us, "pct_copy": pct})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(), "M": M, "K": K, "rank": RANK,
@@ -90,13 +100,17 @@ def main() -> None:
     (out / "probe_quantize.json").write_text(json.dumps(result, indent=1))
     ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
     print(f"copy {copy_gbs:.0f} GB/s; fastest variants of each kind:")
-    for kind in ((True, True, True), (True, False, True), (False, False, True),
-                 (True, True, False), (False, False, False)):  # fmt: skip
-        best = [r for r in ok if (r["lora"], r["atomic"], r["int4"]) == kind][:3]
+    for kind in kinds:
+        best = [r for r in ok if tuple(r[c] for c in KIND) == kind][:3]
         for r in best:
-            print(f"  lora={r['lora']!s:5} atomic={r['atomic']!s:5} int4={r['int4']!s:5} "
-                  f"BM={r['block_m']:>3} w={r['warps']} split={r['split']:>2}: "
-                  f"{r['us']:6.1f} us {r['pct_copy']:4.0f}% of copy")  # fmt: skip
+            print(
+                f"  lora={r['lora']!s:5} fold={r['fold']!s:5} BK={r['block_k']:>3} "
+                f"BM={r['block_m']:>3} w={r['warps']} split={r['split']:>2} "
+                f"stages={r['stages']}: {r['us']:6.1f} us {r['pct_copy']:4.0f}% of copy"
+            )
+
+
+KIND = ("lora", "atomic", "int4", "fold", "block_k")
 
 
 if __name__ == "__main__":

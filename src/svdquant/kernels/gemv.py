@@ -1,23 +1,24 @@
 """W4A16 GEMV: 4-bit weights, 16-bit activations, for a few tokens (M = 1..16).
 
 For the linears whose activations stay 16-bit (``act_fmt="none"``; FLUX's AdaLayerNorm
-modulation linears run at M = batch size). Memory-bound: each program streams a block of
-weight rows once (0.5 byte per weight plus the group scales) and the tensor cores do the
-sums, ``yᵀ = W · x̂ᵀ`` with x̂ padded to 16 columns:
+modulation linears run at M = batch size). Memory-bound: the weight bytes (0.5 per
+weight plus the group scales) are read once and everything else is arranged so that as
+many of them as possible are in flight:
 
-* the codes go into the MMA as they are (small integers, exact in bf16), low nibbles and
-  high nibbles as two operands against x̂'s even and odd columns, so nothing is
-  interleaved in registers; an int4 group (64 wide, one per step) is scaled after its
-  MMA, an nvfp4 value is scaled before it (E2M1 × E4M3 is exact in bf16);
-* x̂ = x · (1/s) enters as two bf16 parts, ``hi + lo`` (16 significant bits, fp32-like
-  accuracy), so the 16-bit MMA adds no visible rounding;
-* the next step's bytes are loaded before this step's decode, and K is split into short
-  chunks (a few steps, ``TILES``) so that many programs are in flight: a program's steps
-  form a dependent chain, and with few steps each the GPU hides its latency by running
-  others. The partial sums meet in an fp32 buffer through atomics.
+* a small kernel first writes x̂ = x · (1/s) once (fp32, its even and odd columns apart,
+  matching the low and high nibbles of a packed byte) and the low-rank down projection
+  ``x̂ · L_downᵀ`` (fp32 partial sums per K chunk, summed by the GEMV's epilogue: no
+  atomics, no memset);
+* the GEMV proper gives each program a block of weight rows and, where N is large enough
+  to fill the GPU, all of K: wide steps (several groups, 16-byte loads) with the next
+  step's bytes loaded before this step's arithmetic, and the 16-bit output written once.
+  Few tokens (M ≤ ``MAX_FMA_M``) multiply on the FMA units — per group
+  ``Σ code · x̂`` then one multiply by the group scale; more tokens use the tensor cores
+  with the raw codes (exact in bf16) against x̂ split into two bf16 parts (hi + lo,
+  fp32-like accuracy). Where N alone gives too few programs, K is split and the partial
+  sums meet in an fp32 buffer through atomics.
 
-``y = (x̂ · (code · s_group)ᵀ) · s_tensor + lora_act · L_upᵀ + b``; ``lora_act = x̂ · L_downᵀ``
-(fp32, [M, r]) comes from a small kernel before it, the rest is this kernel's epilogue.
+``y = (x̂ · (code · s_group)ᵀ) · s_tensor + lora_act · L_upᵀ + b``.
 Reference: ``reference.w4a16_linear_ref``.
 """
 
@@ -39,16 +40,218 @@ from svdquant.kernels._triton_common import (
 
 __all__ = ["MAX_GEMV_M", "w4a16_linear"]
 
-#: Largest M the GEMV kernel takes (the padded width of its ``tl.dot``).
+#: Largest M the GEMV kernels take (the padded width of the tensor-core path's dot).
 MAX_GEMV_M = 16
-
-#: (BLOCK_N, num_warps, 64-column steps per program) of the FMA path (M = 1) and of the
-#: tensor-core path (M = 2..16), from ``bench/gemm.py --sweep`` on the H100 (run v5).
-TILES = {"fma": (32, 4, 8), "mma": (128, 2, 4)}
-#: Up to this many rows the FMA path runs (else the tensor-core path).
-MAX_FMA_M = 1
-#: Columns per program of the low-rank down kernel (its K split).
+#: Up to this many rows the FMA kernel runs (else the tensor-core kernel).
+MAX_FMA_M = 4
+#: (BLOCK_N, columns per step, num_warps) per padded M of the FMA kernel, and of the
+#: tensor-core kernel ("mma"), from ``bench/gemm.py --sweep`` on the H100.
+TILES = {1: (16, 512, 4), 2: (16, 256, 4), 4: (16, 256, 4), "mma": (64, 128, 4)}
+#: Split K until the grid has this many programs per SM (when N alone is too small).
+PROGRAMS_PER_SM = 4
+#: Columns per program of the x̂ / low-rank down kernel (its K split).
 LORA_CHUNK = 512
+
+
+@triton.jit
+def _prep_kernel(
+    x_ptr,
+    smooth_ptr,
+    ld_ptr,
+    xh_ptr,
+    lora_ptr,
+    M,
+    K,
+    KP,
+    R,
+    stride_xm,
+    stride_ldr,
+    stride_hm,
+    stride_ls,
+    stride_lm,
+    HAS_LORA: tl.constexpr,
+    FP32_PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """x̂ = x · (1/s) for this program's K chunk, written as [M, 2, KP/2] (even columns,
+    then odd; zero past K), and its share of ``x̂ · L_downᵀ`` for a block of ranks."""
+    pid_k = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rm = tl.arange(0, 16)
+    mmask = rm < M
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros([16, BLOCK_R], dtype=tl.float32)
+    for k0 in range(pid_k * CHUNK, tl.minimum(pid_k * CHUNK + CHUNK, KP), 64):
+        c = k0 + tl.arange(0, 64)
+        cmask = c < K
+        inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + c, mask=cmask, other=1.0))
+        xv = tl.load(
+            x_ptr + rm[:, None] * stride_xm + c[None, :],
+            mask=mmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
+        xh = xv.to(tl.float32) * inv_s[None, :]
+        if pid_r == 0:
+            dst = xh_ptr + rm[:, None] * stride_hm + (c % 2) * (KP // 2) + c // 2
+            tl.store(dst, xh, mask=mmask[:, None] & (c < KP)[None, :])
+        if HAS_LORA:
+            ld = tl.load(
+                ld_ptr + rr[:, None] * stride_ldr + c[None, :],
+                mask=(rr < R)[:, None] & cmask[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(xh, tl.trans(ld.to(tl.float32)), acc, input_precision=FP32_PREC)
+    if HAS_LORA:
+        dst = lora_ptr + pid_k * stride_ls + rm[:, None] * stride_lm + rr[None, :]
+        tl.store(dst, acc, mask=mmask[:, None] & (rr < R)[None, :])
+
+
+@triton.jit
+def _nibble_values(b, NVFP4: tl.constexpr):
+    """The values of the low and high nibbles of the (int32) bytes ``b``, as fp32."""
+    if NVFP4:
+        return e2m1_value(b & 0xF), e2m1_value((b >> 4) & 0xF)
+    return int4_value(b & 0xF), int4_value((b >> 4) & 0xF)
+
+
+@triton.jit
+def _epilogue(
+    acc,
+    rows,
+    rm,
+    pid_k,
+    N,
+    M,
+    R,
+    S,
+    ts_ptr,
+    lora_ptr,
+    lu_ptr,
+    bias_ptr,
+    out_ptr,
+    stride_ls,
+    stride_lm,
+    stride_un,
+    stride_om,
+    ATOMIC: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    """``acc`` [BLOCK_N, BLOCK_M] (yᵀ, unscaled) · s_tensor + low-rank up + bias, stored.
+
+    With a K split every term is a sum: each program adds its share into an fp32 buffer,
+    the low-rank and bias terms from the first split only."""
+    nmask = rows < N
+    mmask = rm < M
+    y = acc * tl.load(ts_ptr)
+    first = (pid_k == 0).to(tl.float32)
+    if HAS_LORA:
+        for r0 in range(0, R, 32):
+            rr = r0 + tl.arange(0, 32)
+            rmask = rr < R
+            lu = tl.load(
+                lu_ptr + rows[:, None] * stride_un + rr[None, :],
+                mask=nmask[:, None] & rmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            la = tl.zeros([acc.shape[1], 32], dtype=tl.float32)
+            for s in range(0, S):  # the down projection's partial sums, one per K chunk
+                la += tl.load(
+                    lora_ptr + s * stride_ls + rm[:, None] * stride_lm + rr[None, :],
+                    mask=mmask[:, None] & rmask[None, :],
+                    other=0.0,
+                )
+            y += tl.sum(lu[:, None, :] * la[None, :, :], axis=2) * first
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=nmask, other=0.0).to(tl.float32)[:, None] * first
+    optr = out_ptr + rm[None, :] * stride_om + rows[:, None]
+    omask = nmask[:, None] & mmask[None, :]
+    if ATOMIC:
+        tl.atomic_add(optr, y, mask=omask, sem="relaxed")
+    else:
+        if ROUND_BF16:
+            y = round_bf16(y)
+        tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _w4a16_fma_kernel(
+    xh_ptr,
+    q_ptr,
+    sc_ptr,
+    ts_ptr,
+    lora_ptr,
+    lu_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    KP,
+    R,
+    S,
+    k_per_split,
+    stride_hm,
+    stride_qn,
+    stride_sn,
+    stride_ls,
+    stride_lm,
+    stride_un,
+    stride_om,
+    NVFP4: tl.constexpr,
+    GROUP: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """M ≤ 4 tokens on the FMA units: per step [BLOCK_N, groups, GROUP/2] bytes, each
+    group's ``Σ lo · x̂_even + hi · x̂_odd`` times its scale."""
+    GPS: tl.constexpr = BLOCK_K // GROUP  # groups per step
+    HG: tl.constexpr = GROUP // 2  # bytes per group
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rows < N
+    rm = tl.arange(0, BLOCK_M)
+    mmask = rm < M
+    byte = tl.arange(0, GPS)[:, None] * HG + tl.arange(0, HG)[None, :]  # [GPS, HG]
+    grp = tl.arange(0, GPS)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, KP)
+    q_rows = q_ptr + rows[:, None, None] * stride_qn + byte[None, :, :]
+    s_rows = sc_ptr + rows[:, None] * stride_sn + grp[None, :]
+    x_even = xh_ptr + rm[:, None, None] * stride_hm + byte[None, :, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_M, GPS], dtype=tl.float32)
+    # Register double buffering: the next step's bytes and scales are loaded before this
+    # step's arithmetic, so their latency overlaps it.
+    more = (k_start + 2 * byte < k_end)[None, :, :] & nmask[:, None, None]
+    b_next = tl.load(q_rows + k_start // 2, mask=more, other=0)
+    smore = (k_start + grp * GROUP < k_end)[None, :] & nmask[:, None]
+    s_next = tl.load(s_rows + k_start // GROUP, mask=smore, other=0.0)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        b = b_next.to(tl.int32)
+        sg = s_next.to(tl.float32)
+        kn = k0 + BLOCK_K
+        more = (kn + 2 * byte < k_end)[None, :, :] & nmask[:, None, None]
+        b_next = tl.load(q_rows + kn // 2, mask=more, other=0)
+        smore = (kn + grp * GROUP < k_end)[None, :] & nmask[:, None]
+        s_next = tl.load(s_rows + kn // GROUP, mask=smore, other=0.0)
+        xmask = mmask[:, None, None] & (k0 + 2 * byte < KP)[None, :, :]
+        xe = tl.load(x_even + k0 // 2, mask=xmask, other=0.0)  # [BLOCK_M, GPS, HG]
+        xo = tl.load(x_even + KP // 2 + k0 // 2, mask=xmask, other=0.0)
+        lo, hi = _nibble_values(b, NVFP4)
+        part = lo[:, None, :, :] * xe[None, :, :, :] + hi[:, None, :, :] * xo[None, :, :, :]
+        acc += tl.sum(part, axis=3) * sg[:, None, :]
+    _epilogue(
+        tl.sum(acc, axis=2), rows, rm, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr,
+        bias_ptr, out_ptr, stride_ls, stride_lm, stride_un, stride_om,
+        ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -57,55 +260,6 @@ def _bf16(x, INTERPRET: tl.constexpr):
     if INTERPRET:
         x = round_bf16(x)
     return x.to(tl.bfloat16)
-
-
-@triton.jit
-def _lora_down_kernel(
-    x_ptr,
-    smooth_ptr,
-    ld_ptr,
-    out_ptr,
-    M,
-    K,
-    R,
-    k_per_split,
-    stride_xm,
-    stride_ldr,
-    stride_om,
-    FP32_PREC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """``out += x̂[:, chunk] · L_down[:, chunk]ᵀ`` (fp32, ~fp32-accurate dot) for this
-    program's K chunk and block of ranks; M ≤ 16."""
-    pid_r = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rm = tl.arange(0, 16)
-    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    acc = tl.zeros([16, BLOCK_R], dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        c = k0 + tl.arange(0, BLOCK_K)
-        cmask = c < K
-        inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + c, mask=cmask, other=1.0))
-        xv = tl.load(
-            x_ptr + rm[:, None] * stride_xm + c[None, :],
-            mask=(rm < M)[:, None] & cmask[None, :],
-            other=0.0,
-        )
-        ld = tl.load(
-            ld_ptr + rr[:, None] * stride_ldr + c[None, :],
-            mask=(rr < R)[:, None] & cmask[None, :],
-            other=0.0,
-        )
-        xh = xv.to(tl.float32) * inv_s[None, :]
-        acc = tl.dot(xh, tl.trans(ld.to(tl.float32)), acc, input_precision=FP32_PREC)
-    tl.atomic_add(
-        out_ptr + rm[:, None] * stride_om + rr[None, :],
-        acc,
-        mask=(rm < M)[:, None] & (rr < R)[None, :],
-        sem="relaxed",
-    )
 
 
 @triton.jit
@@ -118,9 +272,8 @@ def _mma(w, x, acc, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _w4a16_kernel(
-    x_ptr,
-    smooth_ptr,
+def _w4a16_mma_kernel(
+    xh_ptr,
     q_ptr,
     sc_ptr,
     ts_ptr,
@@ -130,16 +283,17 @@ def _w4a16_kernel(
     out_ptr,
     M,
     N,
-    K,
     KP,
     R,
+    S,
     k_per_split,
-    stride_xm,
+    stride_hm,
     stride_qn,
     stride_sn,
-    stride_om,
+    stride_ls,
     stride_lm,
     stride_un,
+    stride_om,
     NVFP4: tl.constexpr,
     GROUP: tl.constexpr,
     ATOMIC: tl.constexpr,
@@ -147,106 +301,61 @@ def _w4a16_kernel(
     HAS_BIAS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     DOT_FP32: tl.constexpr,
-    FMA_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    # FMA_M > 0 (M ≤ FMA_M, a power of two): scaled weights times x̂ on the FMA units,
-    # [BLOCK_N, FMA_M, 32] partial sums reduced once at the end; else the tensor-core
-    # path, x̂ padded to 16 rows.
-    BLOCK_M: tl.constexpr = FMA_M if FMA_M > 0 else 16
+    """M ≤ 16 tokens on the tensor cores: ``yᵀ = codes · x̂ᵀ`` (x̂ padded to 16 rows), low
+    nibbles against x̂'s even columns and high nibbles against its odd ones; an int4 group
+    is scaled after its MMA, an nvfp4 value before it (E2M1 × E4M3 is exact in bf16)."""
+    HK: tl.constexpr = BLOCK_K // 2  # bytes per step
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rows < N
-    rm = tl.arange(0, BLOCK_M)
-    mmask = rm < M
-    j = tl.arange(0, 32)  # byte j of a 64-column step holds columns 2j and 2j + 1
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # yᵀ
-    acc3 = tl.zeros([BLOCK_N, BLOCK_M, 32], dtype=tl.float32)  # FMA path: yᵀ per column
+    rm = tl.arange(0, 16)
+    j = tl.arange(0, HK)
+    acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)  # yᵀ
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, KP)
-    q_rows = q_ptr + rows[:, None] * stride_qn
-    s_rows = sc_ptr + rows * stride_sn
-    if NVFP4:  # the scale of byte j's two columns, for each of the step's 32 bytes
-        s_cols = s_rows[:, None] + (j // (GROUP // 2))[None, :]
-    x_cols = x_ptr + rm[None, :] * stride_xm + 2 * j[:, None]  # [32, 16]: xᵀ at columns 2j
-    wmask = nmask[:, None] & (j < 32)[None, :]  # [BLOCK_N, 32]
-    # Register double buffering: the next step's codes (and scales) are loaded before
-    # this step's decode, so the memory latency overlaps the arithmetic.
-    more = wmask & (k_start + 2 * j < k_end)[None, :]  # (KP may end inside a step)
-    b_next = tl.load(q_rows + (k_start // 2 + j)[None, :], mask=more, other=0)
-    if NVFP4:
-        s_next = tl.load(s_cols + k_start // GROUP, mask=more, other=0.0)
-    else:
-        s_next = tl.load(s_rows + k_start // GROUP, mask=nmask, other=0.0)
-    for k0 in range(k_start, k_end, 64):
-        b = b_next.to(tl.int32)
-        sg = s_next.to(tl.float32)
-        kn = k0 + 64  # the next step; past k_end it is masked off
-        more = wmask & (kn + 2 * j < k_end)[None, :]
-        b_next = tl.load(q_rows + (kn // 2 + j)[None, :], mask=more, other=0)
+    q_rows = q_ptr + rows[:, None] * stride_qn + j[None, :]
+    if NVFP4:  # the scale of each byte's two columns
+        s_cols = sc_ptr + rows[:, None] * stride_sn + (j // (GROUP // 2))[None, :]
+    x_even = xh_ptr + rm[None, :] * stride_hm + j[:, None]  # [HK, 16]: x̂ᵀ, even columns
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kmask = (k0 + 2 * j) < k_end
+        b = tl.load(q_rows + k0 // 2, mask=nmask[:, None] & kmask[None, :], other=0)
+        b = b.to(tl.int32)
+        lo, hi = _nibble_values(b, NVFP4)
         if NVFP4:
-            s_next = tl.load(s_cols + kn // GROUP, mask=more, other=0.0)
-            lo = e2m1_value(b & 0xF) * sg
-            hi = e2m1_value((b >> 4) & 0xF) * sg
-        else:
-            smask = nmask & ((kn + 0 * rows) < k_end)  # (a vector: the interpreter needs one)
-            s_next = tl.load(s_rows + kn // GROUP, mask=smask, other=0.0)
-            if FMA_M > 0:  # scaled weights (exact in fp32: a 4-bit code times an fp16 scale)
-                lo = int4_value(b & 0xF) * sg[:, None]
-                hi = int4_value((b >> 4) & 0xF) * sg[:, None]
-            else:  # raw codes for the MMA (exact in bf16), scaled after it
-                lo = int4_value(b & 0xF)
-                hi = int4_value((b >> 4) & 0xF)
-        part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            sg = tl.load(s_cols + k0 // GROUP, mask=nmask[:, None] & kmask[None, :], other=0.0)
+            lo *= sg.to(tl.float32)
+            hi *= sg.to(tl.float32)
+        xmask = (rm < M)[None, :] & kmask[:, None]
+        xe = tl.load(x_even + k0 // 2, mask=xmask, other=0.0)
+        xo = tl.load(x_even + KP // 2 + k0 // 2, mask=xmask, other=0.0)
+        part = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         for odd in tl.static_range(2):
-            c = k0 + 2 * j + odd  # [32]
-            cmask = c < K
-            inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + c, mask=cmask, other=1.0))
-            xv = tl.load(x_cols + k0 + odd, mask=mmask[None, :] & cmask[:, None], other=0.0)
-            xh = xv.to(tl.float32) * inv_s[:, None]  # x̂ᵀ [32, BLOCK_M], the reference's
-            if FMA_M > 0:
-                xt = tl.expand_dims(tl.trans(xh), 0)  # [1, BLOCK_M, 32]
-                if odd == 1:
-                    acc3 += tl.expand_dims(hi, 1) * xt
-                else:
-                    acc3 += tl.expand_dims(lo, 1) * xt
-            else:
-                x_hi = _bf16(xh, DOT_FP32)
-                x_lo = _bf16(xh - x_hi.to(tl.float32), DOT_FP32)
-                if odd == 1:
-                    part = _mma(hi, x_hi, part, DOT_FP32)
-                    part = _mma(hi, x_lo, part, DOT_FP32)
-                else:
-                    part = _mma(lo, x_hi, part, DOT_FP32)
-                    part = _mma(lo, x_lo, part, DOT_FP32)
-        if FMA_M == 0:
-            if NVFP4:
-                acc += part
-            else:
-                acc += part * sg[:, None]
-    if FMA_M > 0:
-        acc = tl.sum(acc3, axis=2)
-    # Epilogue. Every term is a sum, so with a K split each program adds its share into
-    # an fp32 buffer: its partial product, and (the first split only) low-rank and bias.
-    y = acc * tl.load(ts_ptr)
-    first = (pid_k == 0).to(tl.float32)  # 1 for the first K split, else 0
-    if HAS_LORA:
-        for r in range(0, R):
-            lu = tl.load(lu_ptr + rows * stride_un + r, mask=nmask, other=0.0)
-            la = tl.load(lora_ptr + rm * stride_lm + r, mask=mmask, other=0.0) * first
-            y += lu.to(tl.float32)[:, None] * la[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rows, mask=nmask, other=0.0).to(tl.float32) * first
-        y += bias[:, None]
-    optr = out_ptr + rm[None, :] * stride_om + rows[:, None]
-    omask = nmask[:, None] & mmask[None, :]
-    if ATOMIC:
-        tl.atomic_add(optr, y, mask=omask, sem="relaxed")
-    else:
-        if ROUND_BF16:
-            y = round_bf16(y)
-        tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=omask)
+            xv = xo if odd == 1 else xe
+            w = hi if odd == 1 else lo
+            x_hi = _bf16(xv, DOT_FP32)
+            x_lo = _bf16(xv - x_hi.to(tl.float32), DOT_FP32)
+            part = _mma(w, x_hi, part, DOT_FP32)
+            part = _mma(w, x_lo, part, DOT_FP32)
+        if NVFP4:
+            acc += part
+        else:  # one int4 group per step (BLOCK_K == GROUP)
+            sg = tl.load(sc_ptr + rows * stride_sn + k0 // GROUP, mask=nmask, other=0.0)
+            acc += part * sg.to(tl.float32)[:, None]
+    _epilogue(
+        acc, rows, rm, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr, bias_ptr, out_ptr,
+        stride_ls, stride_lm, stride_un, stride_om, ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16,
+    )  # fmt: skip
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def w4a16_linear(
@@ -269,76 +378,63 @@ def w4a16_linear(
     if m > MAX_GEMV_M:
         raise ValueError(f"the W4A16 GEMV takes at most {MAX_GEMV_M} rows, got {m}")
     n, kp = qweight.shape[0], qweight.shape[1] * 2
+    if m == 0 or n == 0:
+        return x.new_empty(m, n)
     if x.stride(-1) != 1:
         x = x.contiguous()
     qweight, wscales = qweight.contiguous(), wscales.contiguous()
     smooth = smooth.float().contiguous()
+    lowrank_down, lowrank_up = lowrank_down.contiguous(), lowrank_up.contiguous()
     r = lowrank_down.shape[0]
-    if m == 0 or n == 0:
-        return x.new_empty(m, n)
-    fma_m = triton.next_power_of_2(m) if m <= MAX_FMA_M else 0
-    block_n, warps, steps_per_program = TILES["fma" if fma_m else "mma"]
+
+    # x̂ and the low-rank down projection's partial sums, one per LORA_CHUNK columns
+    chunks = triton.cdiv(kp, LORA_CHUNK)
+    xh = torch.empty(m, 2, kp // 2, dtype=torch.float32, device=x.device)
+    lora = torch.empty(chunks, m, max(r, 1), dtype=torch.float32, device=x.device)
+    block_r = min(64, max(16, triton.next_power_of_2(max(r, 1))))
+    _prep_kernel[(chunks, triton.cdiv(r, block_r) if r else 1)](
+        x, smooth, lowrank_down, xh, lora, m, k, kp, r,
+        x.stride(0), lowrank_down.stride(0), xh.stride(0), lora.stride(0), lora.stride(1),
+        HAS_LORA=r > 0, FP32_PREC=dot_precision(), BLOCK_R=block_r, CHUNK=LORA_CHUNK,
+    )  # fmt: skip
+
+    fma = m <= MAX_FMA_M
+    if fma:
+        block_m = triton.next_power_of_2(m)
+        block_n, block_k, warps = TILES[block_m]
+        block_k = max(block_k, f.group_size)
+    else:
+        block_n, block_k, warps = TILES["mma"]
+        block_k = f.group_size if f.name == "int4" else block_k  # one int4 group a step
     n_blocks = triton.cdiv(n, block_n)
-    steps = triton.cdiv(kp, 64)
-    # Few steps per program, many programs: latency is hidden by programs in flight.
-    kps = min(steps, steps_per_program) * 64
+    steps = triton.cdiv(kp, block_k)
+    # Split K only as far as needed to give the GPU enough programs.
+    split = max(1, min(steps, PROGRAMS_PER_SM * _num_sms(x.device) // n_blocks))
+    kps = triton.cdiv(steps, split) * block_k
     split = triton.cdiv(kp, kps)
-    lora = x.new_zeros(m, r, dtype=torch.float32)
-    if r:  # the low-rank down projection x̂ · L_downᵀ, fp32 sums
-        lowrank_down = lowrank_down.contiguous()
-        block_r = min(64, max(16, triton.next_power_of_2(r)))
-        _lora_down_kernel[(triton.cdiv(r, block_r), triton.cdiv(k, LORA_CHUNK))](
-            x,
-            smooth,
-            lowrank_down,
-            lora,
-            m,
-            k,
-            r,
-            LORA_CHUNK,
-            x.stride(0),
-            lowrank_down.stride(0),
-            lora.stride(0),
-            FP32_PREC=dot_precision(),
-            BLOCK_R=block_r,
-            BLOCK_K=64,
-        )
-    lowrank_up = lowrank_up.contiguous()
     if split > 1:
         out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     else:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _w4a16_kernel[(n_blocks, split)](
-        x,
-        smooth,
-        qweight,
-        wscales,
-        wtensor_scale.float().reshape(1),
-        lora,
-        lowrank_up,
-        bias if bias is not None else smooth,
-        out,
-        m,
-        n,
-        k,
-        kp,
-        r,
-        kps,
-        x.stride(0),
-        qweight.stride(0),
-        wscales.stride(0),
-        out.stride(0),
-        lora.stride(0) if r else 0,
-        lowrank_up.stride(0) if r else 0,
+    common = (
+        xh, qweight, wscales, wtensor_scale.float().reshape(1), lora, lowrank_up,
+        bias if bias is not None else smooth, out, m, n, kp, r, chunks, kps,
+        xh.stride(0), qweight.stride(0), wscales.stride(0), lora.stride(0), lora.stride(1),
+        lowrank_up.stride(0) if r else 0, out.stride(0),
+    )  # fmt: skip
+    flags = dict(
         NVFP4=f.name == "nvfp4",
         GROUP=f.group_size,
         ATOMIC=split > 1,
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
         ROUND_BF16=needs_bf16_rounding(x.dtype),
-        DOT_FP32=interpreting(),
-        FMA_M=fma_m,
         BLOCK_N=block_n,
+        BLOCK_K=block_k,
         num_warps=warps,
     )
+    if fma:
+        _w4a16_fma_kernel[(n_blocks, split)](*common, BLOCK_M=block_m, **flags)
+    else:
+        _w4a16_mma_kernel[(n_blocks, split)](*common, DOT_FP32=interpreting(), **flags)
     return out if split == 1 else out.to(x.dtype)

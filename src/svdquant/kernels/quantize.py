@@ -107,6 +107,8 @@ def _quantize_act_kernel(
     EXACT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr = 64,
+    FOLD: tl.constexpr = False,
 ):
     # Each program walks one group (64 columns) at a time through its rows' share of K:
     # the group max is a reduction within the tile, and the low-rank partial sums stay in
@@ -115,7 +117,7 @@ def _quantize_act_kernel(
     pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    g = tl.arange(0, 64)
+    g = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
     inv_act = tl.math.div_rn(1.0, tl.load(scale_ptr))
     k_start = pid_k * k_per_split
@@ -123,13 +125,13 @@ def _quantize_act_kernel(
     x_rows = x_ptr + rows[:, None] * stride_xm
     q_rows = xq_ptr + rows[:, None] * stride_qm
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k0 in range(k_start, k_end, 64):
+    for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + g
         kmask = cols < K
         x = tl.load(x_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + cols, mask=kmask, other=1.0))
         xh = x.to(tl.float32) * inv_s[None, :]
-        q = quantize_tile(xh, inv_act, INT4, EXACT, BLOCK_M, 64)
+        q = quantize_tile(xh, inv_act, INT4, EXACT, BLOCK_M, BLOCK_K)
         tl.store(q_rows + cols[None, :], q, mask=rmask[:, None] & (cols < K_OUT)[None, :])
         if HAS_LORA:
             ld = tl.trans(  # loaded [BLOCK_R, 64], contiguous along K: coalesced
@@ -141,6 +143,8 @@ def _quantize_act_kernel(
             )
             if LORA_FP32:
                 acc = tl.dot(xh, ld.to(tl.float32), acc, input_precision=FP32_PREC)
+            elif FOLD:  # (probe) x itself as the MMA operand, 1/s folded into L_down
+                acc = tl.dot(x, (ld.to(tl.float32) * inv_s[:, None]).to(x.dtype), acc)
             else:
                 acc = dot16(xh, ld, acc, DOT_FP32)
     if HAS_LORA:
