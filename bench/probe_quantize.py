@@ -72,17 +72,15 @@ def main() -> None:
     copy_gbs = 4 * copy.numel() / _graph_us(lambda: copy2.copy_(copy)) / 1e3
     rows = []
     kinds = (  # (lora, atomic, int4, fold, block_k)
-        (True, True, True, False, 64),  # the kernel as it is
-        (False, False, True, False, 64),  # without the low-rank branch
-        (True, True, True, True, 64),  # x itself as the MMA operand, 1/s folded into L_down
-        (True, True, True, False, 128),  # two groups per step
-        (True, True, True, True, 128),
-        (False, False, True, False, 128),
+        (True, True, True, True, 128),  # x itself as the MMA operand, 1/s folded into L_down
+        (True, True, True, True, 256),
+        (False, False, True, False, 256),  # without the low-rank branch
+        (True, True, False, True, 128),  # fp8 activations (W4A8)
     )
-    for block_m, warps in ((32, 2), (64, 2), (64, 4), (128, 4), (128, 8)):
-        for split in (4, 8, 12, 16):
+    for block_m, warps in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)):
+        for split in (8, 12, 16, 24):
             for lora, atomic, int4, fold, block_k in kinds:
-                for stages in (None, 1) if fold else (None,):
+                for stages in (1, 2) if fold else (None,):
                     cfg = {"block_m": block_m, "warps": warps, "split": split, "lora": lora}
                     cfg |= {"atomic": atomic, "int4": int4, "fold": fold, "block_k": block_k}
                     cfg |= {"stages": stages}
