@@ -1,10 +1,10 @@
 """Where the activation quantize kernel's time goes: variants that leave one stage out.
 
 Times ``_quantize_act_kernel`` (CUDA-graph replays, M = 4608, K = 3072, rank 32) with the
-low-rank branch on and off, with one or two groups per step, and with the low-rank MMA
-fed by x̂ (as the kernel does) or by x itself with 1/s folded into L_down (``fold``: x is
-then a plain load into the MMA, which triton can pipeline), over tiles and K splits, so
-the differences say what each stage costs (no hardware counters needed). For NOTES.md.
+low-rank branch on and off, its K-split partial sums added atomically or merely stored
+(racy: a timing, not a result), int4 or fp8 activations, one to four groups per step,
+over tiles, K splits and pipeline depths, so the differences say what each stage costs
+(no hardware counters needed). For NOTES.md.
 
     PYTHONPATH=src python bench/probe_quantize.py [--out DIR]
 """
@@ -14,12 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 import triton
 
 from svdquant.kernels import quantize as qmod
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gemm import copy_bandwidth
 
 M, K, RANK = 4608, 3072, 32
 
@@ -35,13 +39,13 @@ def _graph_us(fn) -> float:
 
 def variant(
     x, smooth, down, scale, *, block_m, warps, split, lora, atomic, int4,
-    block_k=64, fold=False, stages=None,
+    block_k=64, stages=None,
 ) -> float:  # fmt: skip
     m, k = x.shape
     r = down.shape[0] if lora else 0
-    groups = triton.cdiv(k, 64)
-    kps = triton.cdiv(groups, split) * 64
-    split = triton.cdiv(groups * 64, kps)
+    steps = triton.cdiv(k, block_k)
+    kps = triton.cdiv(steps, split) * block_k
+    split = triton.cdiv(steps * block_k, kps)
     xq = torch.empty(m, k, dtype=torch.float8_e4m3fn, device="cuda")
     out = torch.zeros(m, max(r, 1), device="cuda")
 
@@ -49,8 +53,7 @@ def variant(
         qmod._quantize_act_kernel[(triton.cdiv(m, block_m), split)](
             x, smooth, down, scale, xq, out, m, k, k, r, kps, x.stride(0), xq.stride(0),
             down.stride(0), out.stride(0), INT4=int4, HAS_LORA=r > 0, ATOMIC=atomic,
-            DOT_FP32=False, LORA_FP32=False, FP32_PREC="tf32x3", EXACT=False,
-            BLOCK_M=block_m, BLOCK_R=32, BLOCK_K=block_k, FOLD=fold, num_warps=warps,
+            EXACT=False, BLOCK_M=block_m, BLOCK_R=32, BLOCK_K=block_k, num_warps=warps,
             **({} if stages is None else {"num_stages": stages}),
         )  # fmt: skip
 
@@ -67,22 +70,22 @@ def main() -> None:
     down = (torch.randn(RANK, K, device="cuda", generator=g) / K**0.5).bfloat16()
     scale = torch.ones(1, device="cuda")
     nbytes = M * K * 3  # bf16 in, fp8 out
-    copy = torch.empty(2**28, dtype=torch.bfloat16, device="cuda")
-    copy2 = torch.empty_like(copy)
-    copy_gbs = 4 * copy.numel() / _graph_us(lambda: copy2.copy_(copy)) / 1e3
+    copy_gbs = copy_bandwidth()  # the figure bench/gemm.py's "% of copy" uses
     rows = []
-    kinds = (  # (lora, atomic, int4, fold, block_k)
-        (True, True, True, True, 128),  # x itself as the MMA operand, 1/s folded into L_down
-        (True, True, True, True, 256),
-        (False, False, True, False, 256),  # without the low-rank branch
-        (True, True, False, True, 128),  # fp8 activations (W4A8)
+    kinds = (  # (lora, atomic, int4, block_k)
+        (True, True, True, 128),
+        (True, True, True, 256),
+        (True, False, True, 128),  # partial sums stored, not added
+        (False, False, True, 128),  # without the low-rank branch
+        (False, False, True, 256),
+        (True, True, False, 128),  # fp8 activations (W4A8)
     )
     for block_m, warps in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)):
-        for split in (8, 12, 16, 24):
-            for lora, atomic, int4, fold, block_k in kinds:
-                for stages in (1, 2) if fold else (None,):
+        for split in (8, 12, 16):
+            for lora, atomic, int4, block_k in kinds:
+                for stages in (1, 2):
                     cfg = {"block_m": block_m, "warps": warps, "split": split, "lora": lora}
-                    cfg |= {"atomic": atomic, "int4": int4, "fold": fold, "block_k": block_k}
+                    cfg |= {"atomic": atomic, "int4": int4, "block_k": block_k}
                     cfg |= {"stages": stages}
                     try:
                         us = variant(x, smooth, down, scale, **cfg)
@@ -102,13 +105,14 @@ def main() -> None:
         best = [r for r in ok if tuple(r[c] for c in KIND) == kind][:3]
         for r in best:
             print(
-                f"  lora={r['lora']!s:5} fold={r['fold']!s:5} BK={r['block_k']:>3} "
+                f"  lora={r['lora']!s:5} atomic={r['atomic']!s:5} int4={r['int4']!s:5} "
+                f"BK={r['block_k']:>3} "
                 f"BM={r['block_m']:>3} w={r['warps']} split={r['split']:>2} "
                 f"stages={r['stages']}: {r['us']:6.1f} us {r['pct_copy']:4.0f}% of copy"
             )
 
 
-KIND = ("lora", "atomic", "int4", "fold", "block_k")
+KIND = ("lora", "atomic", "int4", "block_k")
 
 
 if __name__ == "__main__":

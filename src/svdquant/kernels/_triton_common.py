@@ -148,3 +148,21 @@ def dot16(a, b, acc, INTERPRET: tl.constexpr):
         a16 = round_bf16(a) if b.dtype == tl.bfloat16 else a.to(b.dtype).to(tl.float32)
         return tl.dot(a16, b.to(tl.float32), acc)
     return tl.dot(a.to(b.dtype), b, acc)
+
+
+@triton.jit
+def folded_lowrank_dot(x, ld_t, inv_s, acc, INTERPRET: tl.constexpr):
+    """``acc + x · (diag(1/s) · L_downᵀ)``: the low-rank down projection of x̂ = x · (1/s)
+    with the smoothing folded into L_down's chunk ``ld_t`` [BLOCK_K, BLOCK_R] (16-bit),
+    rounded to its dtype, and ``x`` rounded to it too (exact when x is 16-bit already).
+
+    Folding keeps ``x`` a plain 16-bit tensor as the MMA's left operand (the big one),
+    instead of a computed x̂ that must be rounded and moved into the MMA layout.
+    """
+    b = ld_t.to(tl.float32) * inv_s[:, None]
+    if INTERPRET and ld_t.dtype == tl.bfloat16:
+        b = round_bf16(b)
+    b16 = b.to(ld_t.dtype)
+    if INTERPRET or x.dtype != ld_t.dtype:
+        return dot16(x.to(tl.float32), b16, acc, INTERPRET)
+    return tl.dot(x, b16, acc)

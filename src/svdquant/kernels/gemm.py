@@ -18,6 +18,7 @@ import triton.language as tl
 
 from svdquant.kernels._triton_common import (
     dot16,
+    folded_lowrank_dot,
     fp8_to_f32,
     interpreting,
     needs_bf16_rounding,
@@ -167,8 +168,8 @@ def _fp8_gemm_kernel(
         # This tile is a [BLOCK_M, BLOCK_N] tile of the next layer's input: quantize it
         # (its groups of 64 lie inside the tile) and add its share of that layer's
         # low-rank down projection; the 16-bit output itself is never written.
-        s2 = tl.load(s2_ptr + rn, mask=nmask, other=1.0)
-        xh = y16.to(tl.float32) * tl.math.div_rn(1.0, s2)[None, :]
+        inv_s2 = tl.math.div_rn(1.0, tl.load(s2_ptr + rn, mask=nmask, other=1.0))
+        xh = y16.to(tl.float32) * inv_s2[None, :]
         xh = tl.where(nmask[None, :], xh, 0.0)
         inv2 = tl.math.div_rn(1.0, tl.load(scale2_ptr))
         q = quantize_tile(xh, inv2, NEXT_INT4, DOT_FP32, BLOCK_M, BLOCK_N)
@@ -185,7 +186,8 @@ def _fp8_gemm_kernel(
                 other=0.0,
             )
         )
-        part = dot16(xh, ld2, tl.zeros([BLOCK_M, BLOCK_R2], dtype=tl.float32), DOT_FP32)
+        part = tl.zeros([BLOCK_M, BLOCK_R2], dtype=tl.float32)
+        part = folded_lowrank_dot(y16, ld2, inv_s2, part, DOT_FP32)
         tl.atomic_add(
             lora2_ptr + rm[:, None] * stride_l2m + r2[None, :],
             part,

@@ -138,6 +138,7 @@ def _epilogue(
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    FP32_PREC: tl.constexpr,
 ):
     """``acc`` [BLOCK_N, BLOCK_M] (yᵀ, unscaled) · s_tensor + low-rank up + bias, stored.
 
@@ -163,7 +164,10 @@ def _epilogue(
                     mask=mmask[:, None] & rmask[None, :],
                     other=0.0,
                 )
-            y += tl.sum(lu[:, None, :] * la[None, :, :], axis=2) * first
+            if acc.shape[1] >= 16:  # the tensor-core kernel's 16 tokens: an MMA
+                y += tl.dot(lu, tl.trans(la), input_precision=FP32_PREC) * first
+            else:
+                y += tl.sum(lu[:, None, :] * la[None, :, :], axis=2) * first
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=nmask, other=0.0).to(tl.float32)[:, None] * first
     optr = out_ptr + rm[None, :] * stride_om + rows[:, None]
@@ -205,6 +209,7 @@ def _w4a16_fma_kernel(
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    FP32_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -216,41 +221,37 @@ def _w4a16_fma_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = rows < N
     rm = tl.arange(0, BLOCK_M)
-    mmask = rm < M
+    # No masks in the loop (a per-byte mask would split the 16-byte loads into single
+    # bytes): rows past N and tokens past M read row N-1 and token M-1 (never stored),
+    # BLOCK_K divides KP and the split, and the prefetch past the end re-reads a step.
+    rows_c = tl.minimum(rows, N - 1)
     byte = tl.arange(0, GPS)[:, None] * HG + tl.arange(0, HG)[None, :]  # [GPS, HG]
-    grp = tl.arange(0, GPS)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, KP)
-    q_rows = q_ptr + rows[:, None, None] * stride_qn + byte[None, :, :]
-    s_rows = sc_ptr + rows[:, None] * stride_sn + grp[None, :]
-    x_even = xh_ptr + rm[:, None, None] * stride_hm + byte[None, :, :]
+    q_rows = q_ptr + rows_c[:, None, None] * stride_qn + byte[None, :, :]
+    s_rows = sc_ptr + rows_c[:, None] * stride_sn + tl.arange(0, GPS)[None, :]
+    x_even = xh_ptr + tl.minimum(rm, M - 1)[:, None, None] * stride_hm + byte[None, :, :]
     acc = tl.zeros([BLOCK_N, BLOCK_M, GPS], dtype=tl.float32)
     # Register double buffering: the next step's bytes and scales are loaded before this
     # step's arithmetic, so their latency overlaps it.
-    more = (k_start + 2 * byte < k_end)[None, :, :] & nmask[:, None, None]
-    b_next = tl.load(q_rows + k_start // 2, mask=more, other=0)
-    smore = (k_start + grp * GROUP < k_end)[None, :] & nmask[:, None]
-    s_next = tl.load(s_rows + k_start // GROUP, mask=smore, other=0.0)
+    b_next = tl.load(q_rows + k_start // 2)
+    s_next = tl.load(s_rows + k_start // GROUP)
     for k0 in range(k_start, k_end, BLOCK_K):
         b = b_next.to(tl.int32)
         sg = s_next.to(tl.float32)
-        kn = k0 + BLOCK_K
-        more = (kn + 2 * byte < k_end)[None, :, :] & nmask[:, None, None]
-        b_next = tl.load(q_rows + kn // 2, mask=more, other=0)
-        smore = (kn + grp * GROUP < k_end)[None, :] & nmask[:, None]
-        s_next = tl.load(s_rows + kn // GROUP, mask=smore, other=0.0)
-        xmask = mmask[:, None, None] & (k0 + 2 * byte < KP)[None, :, :]
-        xe = tl.load(x_even + k0 // 2, mask=xmask, other=0.0)  # [BLOCK_M, GPS, HG]
-        xo = tl.load(x_even + KP // 2 + k0 // 2, mask=xmask, other=0.0)
+        kn = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
+        b_next = tl.load(q_rows + kn // 2)
+        s_next = tl.load(s_rows + kn // GROUP)
+        xe = tl.load(x_even + k0 // 2)  # [BLOCK_M, GPS, HG]
+        xo = tl.load(x_even + KP // 2 + k0 // 2)
         lo, hi = _nibble_values(b, NVFP4)
         part = lo[:, None, :, :] * xe[None, :, :, :] + hi[:, None, :, :] * xo[None, :, :, :]
         acc += tl.sum(part, axis=3) * sg[:, None, :]
     _epilogue(
         tl.sum(acc, axis=2), rows, rm, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr,
         bias_ptr, out_ptr, stride_ls, stride_lm, stride_un, stride_om,
-        ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16,
+        ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16, FP32_PREC,
     )  # fmt: skip
 
 
@@ -300,6 +301,7 @@ def _w4a16_mma_kernel(
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    FP32_PREC: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -311,28 +313,25 @@ def _w4a16_mma_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = rows < N
+    rows_c = tl.minimum(rows, N - 1)  # unmasked loads, as in the FMA kernel
     rm = tl.arange(0, 16)
     j = tl.arange(0, HK)
     acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)  # yᵀ
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, KP)
-    q_rows = q_ptr + rows[:, None] * stride_qn + j[None, :]
+    q_rows = q_ptr + rows_c[:, None] * stride_qn + j[None, :]
     if NVFP4:  # the scale of each byte's two columns
-        s_cols = sc_ptr + rows[:, None] * stride_sn + (j // (GROUP // 2))[None, :]
-    x_even = xh_ptr + rm[None, :] * stride_hm + j[:, None]  # [HK, 16]: x̂ᵀ, even columns
+        s_cols = sc_ptr + rows_c[:, None] * stride_sn + (j // (GROUP // 2))[None, :]
+    x_even = xh_ptr + tl.minimum(rm, M - 1)[None, :] * stride_hm + j[:, None]  # [HK, 16]
     for k0 in range(k_start, k_end, BLOCK_K):
-        kmask = (k0 + 2 * j) < k_end
-        b = tl.load(q_rows + k0 // 2, mask=nmask[:, None] & kmask[None, :], other=0)
-        b = b.to(tl.int32)
+        b = tl.load(q_rows + k0 // 2).to(tl.int32)
         lo, hi = _nibble_values(b, NVFP4)
         if NVFP4:
-            sg = tl.load(s_cols + k0 // GROUP, mask=nmask[:, None] & kmask[None, :], other=0.0)
-            lo *= sg.to(tl.float32)
-            hi *= sg.to(tl.float32)
-        xmask = (rm < M)[None, :] & kmask[:, None]
-        xe = tl.load(x_even + k0 // 2, mask=xmask, other=0.0)
-        xo = tl.load(x_even + KP // 2 + k0 // 2, mask=xmask, other=0.0)
+            sg = tl.load(s_cols + k0 // GROUP).to(tl.float32)
+            lo *= sg
+            hi *= sg
+        xe = tl.load(x_even + k0 // 2)  # x̂ᵀ: even columns
+        xo = tl.load(x_even + KP // 2 + k0 // 2)
         part = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         for odd in tl.static_range(2):
             xv = xo if odd == 1 else xe
@@ -344,11 +343,12 @@ def _w4a16_mma_kernel(
         if NVFP4:
             acc += part
         else:  # one int4 group per step (BLOCK_K == GROUP)
-            sg = tl.load(sc_ptr + rows * stride_sn + k0 // GROUP, mask=nmask, other=0.0)
-            acc += part * sg.to(tl.float32)[:, None]
+            sg = tl.load(sc_ptr + rows_c * stride_sn + k0 // GROUP).to(tl.float32)
+            acc += part * sg[:, None]
     _epilogue(
         acc, rows, rm, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr, bias_ptr, out_ptr,
         stride_ls, stride_lm, stride_un, stride_om, ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16,
+        FP32_PREC,
     )  # fmt: skip
 
 
@@ -402,10 +402,13 @@ def w4a16_linear(
     if fma:
         block_m = triton.next_power_of_2(m)
         block_n, block_k, warps = TILES[block_m]
-        block_k = max(block_k, f.group_size)
     else:
         block_n, block_k, warps = TILES["mma"]
         block_k = f.group_size if f.name == "int4" else block_k  # one int4 group a step
+    # the widest step (whole groups, a power of two) that divides KP: no partial steps
+    block_k = max(block_k, f.group_size)
+    while kp % block_k:
+        block_k //= 2
     n_blocks = triton.cdiv(n, block_n)
     steps = triton.cdiv(kp, block_k)
     # Split K only as far as needed to give the GPU enough programs.
@@ -429,6 +432,7 @@ def w4a16_linear(
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
         ROUND_BF16=needs_bf16_rounding(x.dtype),
+        FP32_PREC=dot_precision(),
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,

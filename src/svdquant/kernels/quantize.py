@@ -6,14 +6,14 @@ One pass over ``x`` [M, K] (16-bit or fp32):
 * ``act_fmt="int4"``: the paper's int4 codes with fp16 scales per group of 64, written as
   ``fp8(code · s_group · (1 / S))`` against the static per-layer scale S, so the GEMM needs
   no per-group rescale of its accumulator; ``act_fmt="fp8"``: ``fp8(x̂ · (1 / S))`` (W4A8),
-* ``lora_act = x̂ · L_downᵀ`` (fp32 sums of 16-bit products: x̂ is rounded to L_down's
-  dtype, the 16-bit low-rank branch; ``lora_fp32=True``: fp32 x̂, for the W4A16 path
-  whose output has no 4-bit error to hide this rounding), from the same registers.
+* ``lora_act = x̂ · L_downᵀ``, computed as ``x · (L_down · diag(1/s))ᵀ``: the smoothing is
+  folded into the small L_down chunk, so the loaded 16-bit ``x`` itself is the MMA's
+  operand (fp32 sums of 16-bit products, the 16-bit low-rank branch).
 
 Per element only multiplications: every division (``1/s``, ``1/s_group``, ``1/S``) is one
 IEEE division per column, group or program; codes are rounded with one add and one
 subtract, and fp8 values by the hardware conversion (exactly emulated under the
-interpreter). No row-wide reduction: a program walks one group of 64 columns at a time
+interpreter). No row-wide reduction: a program walks a few groups of 64 columns at a time
 through its rows and its share of K (a K split when M alone gives too few programs); the
 low-rank partial sums of the splits meet through fp32 atomics.
 Reference: ``reference.quantize_act_ref``.
@@ -26,8 +26,7 @@ import triton
 import triton.language as tl
 
 from svdquant.kernels._triton_common import (
-    dot16,
-    dot_precision,
+    folded_lowrank_dot,
     interpreting,
     round_small,
     to_e4m3,
@@ -35,12 +34,11 @@ from svdquant.kernels._triton_common import (
 
 __all__ = ["quantize_act", "quantize_tile"]
 
-_GROUP = 64  # the int4 activation group (formats.FORMATS["int4"].group_size)
-
-#: (BLOCK_M, num_warps) for few rows (M ≤ 64) and for many, and the number of programs
-#: per multiprocessor the K split aims for; tuned on the H100 with ``bench/gemm.py --sweep``.
-TILES = {"small": (16, 4), "large": (64, 2)}
-PROGRAMS_PER_SM = 8
+#: (BLOCK_M, columns per step, num_warps) for few rows (M ≤ 64) and for many, and the
+#: number of programs per multiprocessor the K split aims for; tuned on the H100 with
+#: ``bench/probe_quantize.py`` and ``bench/gemm.py --sweep``.
+TILES = {"small": (16, 64, 4), "large": (64, 128, 4)}
+PROGRAMS_PER_SM = 7
 
 
 @triton.jit
@@ -101,18 +99,14 @@ def _quantize_act_kernel(
     INT4: tl.constexpr,
     HAS_LORA: tl.constexpr,
     ATOMIC: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    LORA_FP32: tl.constexpr,
-    FP32_PREC: tl.constexpr,
     EXACT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr = 64,
-    FOLD: tl.constexpr = False,
+    BLOCK_K: tl.constexpr,
 ):
-    # Each program walks one group (64 columns) at a time through its rows' share of K:
-    # the group max is a reduction within the tile, and the low-rank partial sums stay in
-    # registers until the end (one atomic add per program when K is split).
+    # Each program walks BLOCK_K columns (whole groups) at a time through its rows' share
+    # of K: the group max is a reduction within the tile, and the low-rank partial sums
+    # stay in registers until the end (one atomic add per program when K is split).
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -141,12 +135,7 @@ def _quantize_act_kernel(
                     other=0.0,
                 )
             )
-            if LORA_FP32:
-                acc = tl.dot(xh, ld.to(tl.float32), acc, input_precision=FP32_PREC)
-            elif FOLD:  # (probe) x itself as the MMA operand, 1/s folded into L_down
-                acc = tl.dot(x, (ld.to(tl.float32) * inv_s[:, None]).to(x.dtype), acc)
-            else:
-                acc = dot16(xh, ld, acc, DOT_FP32)
+            acc = folded_lowrank_dot(x, ld, inv_s, acc, EXACT)
     if HAS_LORA:
         lptr = lora_ptr + rows[:, None] * stride_lm + rr[None, :]
         lmask = rmask[:, None] & (rr < R)[None, :]
@@ -169,7 +158,6 @@ def quantize_act(
     act_scale: torch.Tensor,
     k_out: int,
     act_fmt: str,
-    lora_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations ``x`` [M, K] for the fp8 GEMM; see ``quantize_act_ref``.
 
@@ -187,16 +175,16 @@ def quantize_act(
     if m == 0:
         xq = torch.empty(0, k_out, dtype=torch.float8_e4m3fn, device=x.device)
         return xq, torch.empty(0, r, dtype=torch.float32, device=x.device)
-    block_m, warps = TILES["small" if m <= 64 else "large"]
+    block_m, block_k, warps = TILES["small" if m <= 64 else "large"]
     block_r = max(16, triton.next_power_of_2(max(r, 1)))
     block_m = min(block_m, max(16, 4096 // block_r))  # a large rank's sums fit in registers
-    groups = triton.cdiv(max(k, k_out), _GROUP)
+    steps = triton.cdiv(max(k, k_out), block_k)
     m_blocks = triton.cdiv(m, block_m)
     # Split K until the GPU has enough programs in flight (each split adds one atomic add
     # of its low-rank partial sums per row).
-    split = min(groups, max(1, triton.cdiv(PROGRAMS_PER_SM * _num_sms(x.device), m_blocks)))
-    k_per_split = triton.cdiv(groups, split) * _GROUP
-    split = triton.cdiv(groups * _GROUP, k_per_split)
+    split = min(steps, max(1, triton.cdiv(PROGRAMS_PER_SM * _num_sms(x.device), m_blocks)))
+    k_per_split = triton.cdiv(steps, split) * block_k
+    split = triton.cdiv(steps * block_k, k_per_split)
     xq = torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=x.device)
     lora = (torch.zeros if split > 1 else torch.empty)(m, r, dtype=torch.float32, device=x.device)
     _quantize_act_kernel[(m_blocks, split)](
@@ -218,12 +206,11 @@ def quantize_act(
         INT4=act_fmt == "int4",
         HAS_LORA=r > 0,
         ATOMIC=split > 1,
-        DOT_FP32=interpreting(),
-        LORA_FP32=lora_fp32,
-        FP32_PREC=dot_precision(),
         EXACT=interpreting(),
         BLOCK_M=block_m,
         BLOCK_R=block_r,
+        BLOCK_K=block_k,
         num_warps=warps,
+        num_stages=1,  # (bench/probe_quantize.py: no gain from pipelining the loads)
     )
     return xq, lora

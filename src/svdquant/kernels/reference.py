@@ -129,7 +129,6 @@ def quantize_act_ref(
     act_scale: torch.Tensor,
     k_out: int,
     act_fmt: str,
-    lora_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The activation quantize kernel: ``x`` [M, K] -> (fp8 [M, k_out], fp32 [M, r]).
 
@@ -137,8 +136,8 @@ def quantize_act_ref(
     scales ``fp16(max|x̂_group| / 7)``, found as ``round(x̂ · (1 / s_group))``, written as
     ``fp8(code · s_group · (1 / S))``; ``"fp8"``: ``fp8(x̂ · (1 / S))`` (W4A8). Columns from
     K to ``k_out`` (the weight's padded K) are zero. The second output is the low-rank down
-    projection ``x̂ · L_downᵀ`` with x̂ rounded to L_down's 16-bit dtype (``lora_fp32``:
-    not rounded), summed in fp32.
+    projection ``x̂ · L_downᵀ``, computed as ``x · (L_down · diag(1/s))ᵀ`` with both
+    factors in L_down's 16-bit dtype (the smoothing folded into L_down), summed in fp32.
 
     Every division is a reciprocal taken once (per column, group or layer) and multiplied
     in, as the kernel does; against the paper's ``x / s`` and ``x̂ / s_group`` this moves a
@@ -161,8 +160,9 @@ def quantize_act_ref(
         val = xs
     xq = round_e4m3(val * inv_act)
     xq = torch.nn.functional.pad(xq.float(), (0, k_out - k)).to(torch.float8_e4m3fn)
-    xl = xs if lora_fp32 else xs.to(lowrank_down.dtype).float()
-    return xq, xl @ lowrank_down.float().t()
+    dt = lowrank_down.dtype
+    folded = (lowrank_down.float() * (1.0 / smooth.float())).to(dt).float()
+    return xq, x.to(dt).float() @ folded.t()
 
 
 def widen_weight_ref(
