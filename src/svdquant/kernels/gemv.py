@@ -50,7 +50,7 @@ TILES = {1: (16, 512, 4), 2: (16, 256, 4), 4: (16, 256, 4), "mma": (64, 128, 4)}
 #: Split K until the grid has this many programs per SM (when N alone is too small).
 PROGRAMS_PER_SM = 4
 #: Columns per program of the x̂ / low-rank down kernel (its K split).
-LORA_CHUNK = 512
+LORA_CHUNK = 256
 
 
 @triton.jit
@@ -74,35 +74,33 @@ def _prep_kernel(
     BLOCK_R: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    """x̂ = x · (1/s) for this program's K chunk, written as [M, 2, KP/2] (even columns,
-    then odd; zero past K), and its share of ``x̂ · L_downᵀ`` for a block of ranks."""
+    """x̂ = x · (1/s) for this program's CHUNK columns, written as [M, 2, KP/2] (even
+    columns, then odd; zero past K), and its share of ``x̂ · L_downᵀ`` for a block of
+    ranks: one step, so the whole kernel takes about one memory round trip."""
     pid_k = tl.program_id(0)
     pid_r = tl.program_id(1)
     rm = tl.arange(0, 16)
     mmask = rm < M
-    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    acc = tl.zeros([16, BLOCK_R], dtype=tl.float32)
-    for k0 in range(pid_k * CHUNK, tl.minimum(pid_k * CHUNK + CHUNK, KP), 64):
-        c = k0 + tl.arange(0, 64)
-        cmask = c < K
-        inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + c, mask=cmask, other=1.0))
-        xv = tl.load(
-            x_ptr + rm[:, None] * stride_xm + c[None, :],
-            mask=mmask[:, None] & cmask[None, :],
+    c = pid_k * CHUNK + tl.arange(0, CHUNK)
+    cmask = c < K
+    inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + c, mask=cmask, other=1.0))
+    xv = tl.load(
+        x_ptr + rm[:, None] * stride_xm + c[None, :],
+        mask=mmask[:, None] & cmask[None, :],
+        other=0.0,
+    )
+    xh = xv.to(tl.float32) * inv_s[None, :]
+    if pid_r == 0:
+        dst = xh_ptr + rm[:, None] * stride_hm + (c % 2) * (KP // 2) + c // 2
+        tl.store(dst, xh, mask=mmask[:, None] & (c < KP)[None, :])
+    if HAS_LORA:
+        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        ld = tl.load(
+            ld_ptr + rr[:, None] * stride_ldr + c[None, :],
+            mask=(rr < R)[:, None] & cmask[None, :],
             other=0.0,
         )
-        xh = xv.to(tl.float32) * inv_s[None, :]
-        if pid_r == 0:
-            dst = xh_ptr + rm[:, None] * stride_hm + (c % 2) * (KP // 2) + c // 2
-            tl.store(dst, xh, mask=mmask[:, None] & (c < KP)[None, :])
-        if HAS_LORA:
-            ld = tl.load(
-                ld_ptr + rr[:, None] * stride_ldr + c[None, :],
-                mask=(rr < R)[:, None] & cmask[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(xh, tl.trans(ld.to(tl.float32)), acc, input_precision=FP32_PREC)
-    if HAS_LORA:
+        acc = tl.dot(xh, tl.trans(ld.to(tl.float32)), input_precision=FP32_PREC)
         dst = lora_ptr + pid_k * stride_ls + rm[:, None] * stride_lm + rr[None, :]
         tl.store(dst, acc, mask=mmask[:, None] & (rr < R)[None, :])
 
@@ -231,8 +229,8 @@ def _w4a16_fma_kernel(
     k_end = tl.minimum(k_start + k_per_split, KP)
     q_rows = q_ptr + rows_c[:, None, None] * stride_qn + byte[None, :, :]
     s_rows = sc_ptr + rows_c[:, None] * stride_sn + tl.arange(0, GPS)[None, :]
-    x_even = xh_ptr + tl.minimum(rm, M - 1)[:, None, None] * stride_hm + byte[None, :, :]
-    acc = tl.zeros([BLOCK_N, BLOCK_M, GPS], dtype=tl.float32)
+    x_even = xh_ptr + byte
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     # Register double buffering: the next step's bytes and scales are loaded before this
     # step's arithmetic, so their latency overlaps it.
     b_next = tl.load(q_rows + k_start // 2)
@@ -243,13 +241,18 @@ def _w4a16_fma_kernel(
         kn = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
         b_next = tl.load(q_rows + kn // 2)
         s_next = tl.load(s_rows + kn // GROUP)
-        xe = tl.load(x_even + k0 // 2)  # [BLOCK_M, GPS, HG]
-        xo = tl.load(x_even + KP // 2 + k0 // 2)
         lo, hi = _nibble_values(b, NVFP4)
-        part = lo[:, None, :, :] * xe[None, :, :, :] + hi[:, None, :, :] * xo[None, :, :, :]
-        acc += tl.sum(part, axis=3) * sg[:, None, :]
+        # One token at a time, in the weights' own [BLOCK_N, GPS, HG] layout (a 4-D
+        # token axis would move the decoded weights through shared memory every step).
+        for t in tl.static_range(BLOCK_M):
+            x_t = x_even + tl.minimum(t, M - 1) * stride_hm + k0 // 2
+            xe = tl.load(x_t)  # [GPS, HG]
+            xo = tl.load(x_t + KP // 2)
+            part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, GPS]
+            y_t = tl.sum(part * sg, axis=1)
+            acc += tl.where(rm[None, :] == t, y_t[:, None], 0.0)
     _epilogue(
-        tl.sum(acc, axis=2), rows, rm, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr,
+        acc, rows, rm, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr,
         bias_ptr, out_ptr, stride_ls, stride_lm, stride_un, stride_om,
         ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16, FP32_PREC,
     )  # fmt: skip
@@ -324,14 +327,15 @@ def _w4a16_mma_kernel(
         s_cols = sc_ptr + rows_c[:, None] * stride_sn + (j // (GROUP // 2))[None, :]
     x_even = xh_ptr + tl.minimum(rm, M - 1)[None, :] * stride_hm + j[:, None]  # [HK, 16]
     for k0 in range(k_start, k_end, BLOCK_K):
-        b = tl.load(q_rows + k0 // 2).to(tl.int32)
+        kmask = k0 // 2 + j < k_end // 2  # by bytes (contiguous: the loads stay wide)
+        b = tl.load(q_rows + k0 // 2, mask=kmask[None, :], other=0).to(tl.int32)
         lo, hi = _nibble_values(b, NVFP4)
         if NVFP4:
-            sg = tl.load(s_cols + k0 // GROUP).to(tl.float32)
+            sg = tl.load(s_cols + k0 // GROUP, mask=kmask[None, :], other=0.0).to(tl.float32)
             lo *= sg
             hi *= sg
-        xe = tl.load(x_even + k0 // 2)  # x̂ᵀ: even columns
-        xo = tl.load(x_even + KP // 2 + k0 // 2)
+        xe = tl.load(x_even + k0 // 2, mask=kmask[:, None], other=0.0)  # x̂ᵀ: even columns
+        xo = tl.load(x_even + KP // 2 + k0 // 2, mask=kmask[:, None], other=0.0)
         part = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         for odd in tl.static_range(2):
             xv = xo if odd == 1 else xe
@@ -373,21 +377,27 @@ def w4a16_linear(
 
     Same arguments as ``reference.w4a16_linear_ref``; the result is in ``x.dtype``.
     """
-    f = formats.get_format(fmt)
-    m, k = x.shape
+    m = x.shape[0]
     if m > MAX_GEMV_M:
         raise ValueError(f"the W4A16 GEMV takes at most {MAX_GEMV_M} rows, got {m}")
     n, kp = qweight.shape[0], qweight.shape[1] * 2
     if m == 0 or n == 0:
         return x.new_empty(m, n)
+    xh, lora = prep(x, smooth, lowrank_down, kp)
+    return gemv(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, fmt, x.dtype)
+
+
+def prep(
+    x: torch.Tensor, smooth: torch.Tensor, lowrank_down: torch.Tensor, kp: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x̂ = x · (1/s) as [M, 2, kp/2] fp32 (even columns, then odd) and the low-rank down
+    projection's partial sums [chunks, M, r] (one per ``LORA_CHUNK`` columns)."""
+    m, k = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    qweight, wscales = qweight.contiguous(), wscales.contiguous()
     smooth = smooth.float().contiguous()
-    lowrank_down, lowrank_up = lowrank_down.contiguous(), lowrank_up.contiguous()
+    lowrank_down = lowrank_down.contiguous()
     r = lowrank_down.shape[0]
-
-    # x̂ and the low-rank down projection's partial sums, one per LORA_CHUNK columns
     chunks = triton.cdiv(kp, LORA_CHUNK)
     xh = torch.empty(m, 2, kp // 2, dtype=torch.float32, device=x.device)
     lora = torch.empty(chunks, m, max(r, 1), dtype=torch.float32, device=x.device)
@@ -397,31 +407,50 @@ def w4a16_linear(
         x.stride(0), lowrank_down.stride(0), xh.stride(0), lora.stride(0), lora.stride(1),
         HAS_LORA=r > 0, FP32_PREC=dot_precision(), BLOCK_R=block_r, CHUNK=LORA_CHUNK,
     )  # fmt: skip
+    return xh, lora[..., :r]
 
+
+def gemv(
+    xh: torch.Tensor,
+    lora: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtensor_scale: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    fmt: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The GEMV proper on ``prep``'s outputs: [M, N] in ``out_dtype``."""
+    f = formats.get_format(fmt)
+    m, kp = xh.shape[0], xh.shape[2] * 2
+    n, r, chunks = qweight.shape[0], lora.shape[2], lora.shape[0]
+    qweight, wscales = qweight.contiguous(), wscales.contiguous()
+    lowrank_up = lowrank_up.contiguous()
     fma = m <= MAX_FMA_M
     if fma:
         block_m = triton.next_power_of_2(m)
         block_n, block_k, warps = TILES[block_m]
-    else:
+        # the widest step (whole groups, a power of two) that divides KP: no partial steps
+        block_k = max(block_k, f.group_size)
+        while kp % block_k:
+            block_k //= 2
+    else:  # one int4 group a step; nvfp4 steps of ≥ 32 columns (the MMA's K ≥ 16 bytes)
         block_n, block_k, warps = TILES["mma"]
-        block_k = f.group_size if f.name == "int4" else block_k  # one int4 group a step
-    # the widest step (whole groups, a power of two) that divides KP: no partial steps
-    block_k = max(block_k, f.group_size)
-    while kp % block_k:
-        block_k //= 2
+        block_k = f.group_size if f.name == "int4" else max(32, block_k)
     n_blocks = triton.cdiv(n, block_n)
     steps = triton.cdiv(kp, block_k)
     # Split K only as far as needed to give the GPU enough programs.
-    split = max(1, min(steps, PROGRAMS_PER_SM * _num_sms(x.device) // n_blocks))
+    split = max(1, min(steps, PROGRAMS_PER_SM * _num_sms(xh.device) // n_blocks))
     kps = triton.cdiv(steps, split) * block_k
     split = triton.cdiv(kp, kps)
     if split > 1:
-        out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+        out = torch.zeros(m, n, dtype=torch.float32, device=xh.device)
     else:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        out = torch.empty(m, n, dtype=out_dtype, device=xh.device)
     common = (
         xh, qweight, wscales, wtensor_scale.float().reshape(1), lora, lowrank_up,
-        bias if bias is not None else smooth, out, m, n, kp, r, chunks, kps,
+        bias if bias is not None else out, out, m, n, kp, r, chunks, kps,
         xh.stride(0), qweight.stride(0), wscales.stride(0), lora.stride(0), lora.stride(1),
         lowrank_up.stride(0) if r else 0, out.stride(0),
     )  # fmt: skip
@@ -431,7 +460,7 @@ def w4a16_linear(
         ATOMIC=split > 1,
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
-        ROUND_BF16=needs_bf16_rounding(x.dtype),
+        ROUND_BF16=needs_bf16_rounding(out_dtype),
         FP32_PREC=dot_precision(),
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -441,4 +470,4 @@ def w4a16_linear(
         _w4a16_fma_kernel[(n_blocks, split)](*common, BLOCK_M=block_m, **flags)
     else:
         _w4a16_mma_kernel[(n_blocks, split)](*common, DOT_FP32=interpreting(), **flags)
-    return out if split == 1 else out.to(x.dtype)
+    return out if split == 1 else out.to(out_dtype)
