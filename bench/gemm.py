@@ -279,18 +279,16 @@ def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
     g = Layer(18432, 3072)
     gargs = (g.qweight, g.wscales, g.wtensor_scale, g.smooth, g.down[:0], g.up[:, :0], None)
     fma_tiles = [(a, b, w) for a in (8, 16, 32) for b in (256, 512, 1024) for w in (2, 4)]
-    mma_tiles = [(a, 64, w) for a in (32, 64, 128) for w in (2, 4)]
-    gemv_runs = ((1, 1, fma_tiles), (4, 4, fma_tiles[:12]), (4, "mma", mma_tiles))
+    mma_tiles = [(a, 64, w) for a in (64, 128, 256) for w in (2, 4, 8)]
+    gemv_runs = ((1, "fma", fma_tiles), (4, "mma", mma_tiles))
     for mm, key, tiles in gemv_runs * ("gemv" in parts):
         xg = torch.randn(mm, 3072, device="cuda").bfloat16()
-        gemv_mod.MAX_FMA_M = 4 if key != "mma" else 0
         for tile in tiles:
             gemv_mod.TILES[key] = tile
             fn = lambda xg=xg: w4a16_linear(xg, *gargs, "int4")  # noqa: E731
             timed = _timed(fn, 18432 * 1536, copy_gbs, True)
-            out["gemv"].append({"M": mm, "path": str(key), "tile": tile, **timed})
+            out["gemv"].append({"M": mm, "path": key, "tile": tile, **timed})
             print(f"gemv M={mm} {key} {tile}: {timed.get('us', timed.get('error'))}", flush=True)
-    gemv_mod.MAX_FMA_M = 4
     best = {}
     for key, rows in out.items():
         ok = [r for r in rows if "us" in r]
@@ -306,10 +304,8 @@ def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
     if ("widen", 0, "") in best:
         widen_mod.TILE = best["widen", 0, ""]["tile"]
     if ("gemv", 4, "mma") in best:
-        for mm, key in ((1, 1), (4, 4), (4, "mma")):
-            gemv_mod.TILES[key] = tuple(best["gemv", mm, str(key)]["tile"])
-        if best["gemv", 4, "mma"]["us"] < best["gemv", 4, "4"]["us"]:  # M = 2..4: the MMAs
-            gemv_mod.MAX_FMA_M = 1
+        for mm, key in ((1, "fma"), (4, "mma")):
+            gemv_mod.TILES[key] = tuple(best["gemv", mm, key]["tile"])
     return out
 
 

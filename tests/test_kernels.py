@@ -233,6 +233,19 @@ def test_w4a16_matches_reference(m, fmt, n, k, r):
     assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
+def test_w4a16_fma_kernel_takes_up_to_four_tokens(monkeypatch):
+    """The FMA kernel's token loop (M ≤ 4; the default sends M ≥ 2 to the tensor cores)."""
+    from svdquant.kernels import gemv as gemv_mod
+
+    monkeypatch.setattr(gemv_mod, "MAX_FMA_M", 4)
+    for m in (2, 3, 4):
+        x = _acts(m, 333, torch.bfloat16)
+        q = _weight(45, 333, "int4")
+        down, up = _lowrank(45, 333, 5, torch.bfloat16)
+        args = (q.packed, q.scales, q.tensor_scale, _smooth(333), down, up, None, "int4")
+        assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
 # --- the layer ------------------------------------------------------------------------
 
 

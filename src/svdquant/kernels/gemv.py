@@ -42,11 +42,12 @@ __all__ = ["MAX_GEMV_M", "w4a16_linear"]
 
 #: Largest M the GEMV kernels take (the padded width of the tensor-core path's dot).
 MAX_GEMV_M = 16
-#: Up to this many rows the FMA kernel runs (else the tensor-core kernel).
-MAX_FMA_M = 4
-#: (BLOCK_N, columns per step, num_warps) per padded M of the FMA kernel, and of the
-#: tensor-core kernel ("mma"), from ``bench/gemm.py --sweep`` on the H100.
-TILES = {1: (16, 512, 4), 2: (16, 256, 4), 4: (16, 256, 4), "mma": (64, 128, 4)}
+#: Up to this many rows the FMA kernel runs (else the tensor-core kernel; the FMA kernel
+#: takes up to 4, one token at a time, but at M = 4 the tensor cores were 2x faster).
+MAX_FMA_M = 1
+#: (BLOCK_N, columns per step, num_warps) of the FMA kernel and of the tensor-core kernel,
+#: from ``bench/gemm.py --sweep gemv`` on the H100.
+TILES = {"fma": (16, 512, 4), "mma": (128, 64, 4)}
 #: Split K until the grid has this many programs per SM (when N alone is too small).
 PROGRAMS_PER_SM = 4
 #: Columns per program of the x̂ / low-rank down kernel (its K split).
@@ -430,7 +431,7 @@ def gemv(
     fma = m <= MAX_FMA_M
     if fma:
         block_m = triton.next_power_of_2(m)
-        block_n, block_k, warps = TILES[block_m]
+        block_n, block_k, warps = TILES["fma"]
         # the widest step (whole groups, a power of two) that divides KP: no partial steps
         block_k = max(block_k, f.group_size)
         while kp % block_k:
