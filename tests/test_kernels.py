@@ -27,7 +27,7 @@ from svdquant.kernels._triton_common import round_bf16, round_e4m3  # noqa: E402
 from svdquant.kernels.gemm import fp8_gemm, fp8_gemm_quantize_next  # noqa: E402
 from svdquant.kernels.gemv import w4a16_linear  # noqa: E402
 from svdquant.kernels.quantize import quantize_act  # noqa: E402
-from svdquant.kernels.widen import widen_weight  # noqa: E402
+from svdquant.kernels.widen import dequantize_weight, widen_weight  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 4e-3
@@ -162,6 +162,32 @@ def test_widen_matches_reference(fmt, n, k):
     # and it stands for the stored weight, up to fp8's 3 mantissa bits
     w = formats.dequantize(q)
     assert rel_err((wq.float() * s_ch[:, None])[:, :k], w) < 0.04
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequantize_matches_reference(fmt, dtype):
+    """The 16-bit weight of the W4A16 path at many tokens: the same kernel, ``DEQUANT``."""
+    q = _weight(37, 333, fmt)
+    w = dequantize_weight(q.packed, q.scales, q.tensor_scale, fmt, dtype)
+    w_ref = ref.dequantize_weight_ref(q.packed, q.scales, q.tensor_scale, fmt, dtype)
+    assert w.dtype == dtype and w.shape == w_ref.shape
+    assert torch.equal(w.float(), w_ref.float())
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_w4a16_layer_at_many_tokens(fmt):
+    """act_fmt="none" above the GEMV's 16 rows: dequantized 16-bit weight, 16-bit GEMM."""
+    _, layer, calib = _layer(fmt, "none")
+    x = calib[:40]
+    layer.backend = "triton"
+    y = layer(x)
+    y_ref = ref.w4a16_linear_ref(
+        x, layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth,
+        layer.lowrank_down, layer.lowrank_up, layer.bias, fmt,
+    )  # fmt: skip
+    assert y.dtype == x.dtype
+    assert rel_err(y, y_ref) < 1e-2  # x̂, the weight and the low-rank product in bf16
 
 
 # --- fp8 GEMM -------------------------------------------------------------------------

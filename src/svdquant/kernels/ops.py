@@ -58,6 +58,25 @@ def _(qweight, wscales, wtensor_scale, fmt):
     return qweight.new_empty(n, kp, dtype=_FP8), qweight.new_empty(n, dtype=torch.float32)
 
 
+@torch.library.custom_op("svdquant::dequantize_weight", mutates_args=())
+def dequantize_weight(
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtensor_scale: torch.Tensor,
+    fmt: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``kernels.widen.dequantize_weight`` as a custom op."""
+    from svdquant.kernels.widen import dequantize_weight as impl
+
+    return impl(qweight, wscales, wtensor_scale, fmt, dtype)
+
+
+@dequantize_weight.register_fake
+def _(qweight, wscales, wtensor_scale, fmt, dtype):
+    return qweight.new_empty(qweight.shape[0], qweight.shape[1] * 2, dtype=dtype)
+
+
 @torch.library.custom_op("svdquant::fp8_gemm", mutates_args=())
 def fp8_gemm(
     xq: torch.Tensor,
@@ -160,7 +179,8 @@ def svdq_linear_triton(
 
     ``act_fmt`` ``"int4"`` (the paper's codes in fp8 containers) or ``"fp8"`` (W4A8):
     quantize + widen + fp8 GEMM against the static scale ``S = act_amax / 224``;
-    ``"none"``: the W4A16 GEMV for M ≤ 16, the torch reference above that; ``"nvfp4"``
+    ``"none"``: the W4A16 GEMV for M ≤ 16, above that the weight dequantized to 16 bits
+    (a memory-bound kernel) and cuBLAS; ``"nvfp4"``
     activations (a per-token scale, a row-wide reduction) stay on the torch reference.
     Computes what ``reference.svdq_linear_fp8_ref`` computes.
     """
@@ -171,6 +191,12 @@ def svdq_linear_triton(
         y = torch.ops.svdquant.w4a16_linear(
             x2, qweight, wscales, wtensor_scale, smooth, lowrank_down, lowrank_up, bias, fmt
         )
+    elif act_fmt == "none" and x.dtype in (torch.bfloat16, torch.float16):
+        w = torch.ops.svdquant.dequantize_weight(qweight, wscales, wtensor_scale, fmt, x.dtype)
+        xh = (x2.float() * (1.0 / smooth.float())).to(x.dtype)
+        y = torch.nn.functional.linear(xh, w[:, :k], bias)
+        if lowrank_down.shape[0]:
+            y = y + (xh @ lowrank_down.t().to(x.dtype)) @ lowrank_up.t().to(x.dtype)
     elif act_fmt in ("int4", "fp8"):
         s = reference.act_scale_from_amax(act_amax)
         xq, lora = torch.ops.svdquant.quantize_act(

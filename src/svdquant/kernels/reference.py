@@ -183,6 +183,22 @@ def widen_weight_ref(
     return round_e4m3(v * (1.0 / c).unsqueeze(-1)), c * wtensor_scale.float()
 
 
+def dequantize_weight_ref(
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtensor_scale: torch.Tensor,
+    fmt: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The stored 4-bit weight as 16-bit [N, K_pad]: ``code_value · s_group · s_tensor``
+    in fp32, rounded once to ``dtype`` (the W4A16 path's GEMM operand at many tokens)."""
+    f = formats.get_format(fmt)
+    vals = formats.code_values(formats.unpack(qweight, signed=f.name == "int4"), f)
+    sg = wscales.float()
+    v = (vals.reshape(*sg.shape, f.group_size) * sg.unsqueeze(-1)).reshape(vals.shape)
+    return (v * wtensor_scale.float()).to(dtype)
+
+
 def fp8_gemm_ref(
     xq: torch.Tensor,
     wq: torch.Tensor,

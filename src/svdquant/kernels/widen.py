@@ -7,6 +7,9 @@ Reads ``qweight`` (packed codes, two per byte, low nibble first) and its group s
   per output channel, so each row's largest possible value lands at 448,
 * ``s_channel = c · s_tensor`` [N] (fp32), applied in the GEMM's epilogue.
 
+``dequantize_weight`` runs the same kernel with ``DEQUANT``: the plain 16-bit weight
+``code_value · s_group · s_tensor`` for the W4A16 path at many tokens (a cuBLAS GEMM on it).
+
 Memory-bound: one program per [BLOCK_N, BLOCK_K] tile (a 2-D grid); each reads its rows'
 scales (a few hundred bytes, from L2) for ``c`` and then its tile of codes.
 Reference: ``reference.widen_weight_ref``.
@@ -23,10 +26,11 @@ from svdquant.kernels._triton_common import (
     e2m1_value,
     int4_value,
     interpreting,
+    round_bf16,
     to_e4m3,
 )
 
-__all__ = ["widen_weight"]
+__all__ = ["dequantize_weight", "widen_weight"]
 
 #: (BLOCK_N, BLOCK_K, num_warps), tuned on the H100 with ``bench/gemm.py --sweep``.
 TILE = (32, 256, 4)
@@ -47,6 +51,7 @@ def _widen_kernel(
     stride_wn,
     NVFP4: tl.constexpr,
     EXACT: tl.constexpr,
+    DEQUANT: tl.constexpr,
     GROUP: tl.constexpr,
     QMAX: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -59,7 +64,7 @@ def _widen_kernel(
     rmask = rows < N
     # c = qmax * max_g(s_group) / 448 per row, from all of the row's (few) scales.
     mx = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):
+    for g0 in range(0, G * (1 - DEQUANT), BLOCK_G):
         gs = g0 + tl.arange(0, BLOCK_G)
         s = tl.load(
             sc_ptr + rows[:, None] * stride_sn + gs[None, :],
@@ -69,7 +74,7 @@ def _widen_kernel(
         mx = tl.maximum(mx, tl.max(s, axis=1))
     c = tl.math.div_rn(QMAX * mx, 448.0)
     c = tl.where(c > 0.0, c, 1.0)
-    if pid_k == 0:
+    if pid_k == 0 and not DEQUANT:
         tl.store(sch_ptr + rows, c * tl.load(ts_ptr), mask=rmask)
     inv_c = tl.math.div_rn(1.0, c)
     # This program's [BLOCK_N, BLOCK_K] tile: decode, scale by s_group / c, round to fp8.
@@ -93,7 +98,13 @@ def _widen_kernel(
         other=0.0,
     ).to(tl.float32)
     v = tl.reshape(tl.reshape(v, [BLOCK_N, NG, GROUP]) * sg[:, :, None], [BLOCK_N, BLOCK_K])
-    w = to_e4m3(v * inv_c[:, None], EXACT)
+    if DEQUANT:  # 16-bit: code · s_group · s_tensor
+        w = v * tl.load(ts_ptr)
+        if EXACT and w_ptr.dtype.element_ty == tl.bfloat16:
+            w = round_bf16(w)
+        w = w.to(w_ptr.dtype.element_ty)
+    else:
+        w = to_e4m3(v * inv_c[:, None], EXACT)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(
         w_ptr + rows[:, None] * stride_wn + cols[None, :],
@@ -115,27 +126,47 @@ def widen_weight(
     """
     f = formats.get_format(fmt)
     n, kp = qweight.shape[0], qweight.shape[1] * 2
-    g = wscales.shape[1]
     qweight, wscales = qweight.contiguous(), wscales.contiguous()
     wq = out if out is not None else qweight.new_empty(n, kp, dtype=torch.float8_e4m3fn)
     s_channel = torch.empty(n, dtype=torch.float32, device=qweight.device)
     if n == 0:
         return wq, s_channel
+    _launch(qweight, wscales, wtensor_scale, wq, s_channel, f, dequant=False)
+    return wq, s_channel
+
+
+def dequantize_weight(
+    qweight: torch.Tensor, wscales: torch.Tensor, wtensor_scale: torch.Tensor, fmt: str, dtype
+) -> torch.Tensor:
+    """The stored 4-bit weight as a 16-bit ``dtype`` matrix [N, K_pad]: ``code_value ·
+    s_group · s_tensor``, rounded once. See ``reference.dequantize_weight_ref``."""
+    f = formats.get_format(fmt)
+    n, kp = qweight.shape[0], qweight.shape[1] * 2
+    qweight, wscales = qweight.contiguous(), wscales.contiguous()
+    w = torch.empty(n, kp, dtype=dtype, device=qweight.device)
+    if n:
+        _launch(qweight, wscales, wtensor_scale, w, w, f, dequant=True)
+    return w
+
+
+def _launch(qweight, wscales, wtensor_scale, out, s_channel, f, dequant: bool) -> None:
+    n, kp, g = qweight.shape[0], qweight.shape[1] * 2, wscales.shape[1]
     block_n, block_k, warps = TILE
     _widen_kernel[(triton.cdiv(n, block_n), triton.cdiv(kp, block_k))](
         qweight,
         wscales,
         wtensor_scale.float().reshape(1),
-        wq,
+        out,
         s_channel,
         n,
         kp,
         g,
         qweight.stride(0),
         wscales.stride(0),
-        wq.stride(0),
+        out.stride(0),
         NVFP4=f.name == "nvfp4",
         EXACT=interpreting(),
+        DEQUANT=dequant,
         GROUP=f.group_size,
         QMAX=f.qmax,
         BLOCK_N=block_n,
@@ -143,4 +174,3 @@ def widen_weight(
         BLOCK_K=block_k,
         num_warps=warps,
     )
-    return wq, s_channel
