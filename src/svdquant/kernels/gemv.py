@@ -74,10 +74,12 @@ def _prep_kernel(
     FP32_PREC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     CHUNK: tl.constexpr,
+    PLANES: tl.constexpr,
 ):
-    """x̂ = x · (1/s) for this program's CHUNK columns, written as [M, 2, KP/2] (even
-    columns, then odd; zero past K), and its share of ``x̂ · L_downᵀ`` for a block of
-    ranks: one step, so the whole kernel takes about one memory round trip."""
+    """x̂ = x · (1/s) for this program's CHUNK columns, written as [M, PLANES, KP/PLANES]
+    (plane p holds the columns c ≡ p mod PLANES; zero past K), and its share of
+    ``x̂ · L_downᵀ`` for a block of ranks: one step, so the kernel takes about one memory
+    round trip."""
     pid_k = tl.program_id(0)
     pid_r = tl.program_id(1)
     rm = tl.arange(0, 16)
@@ -92,7 +94,7 @@ def _prep_kernel(
     )
     xh = xv.to(tl.float32) * inv_s[None, :]
     if pid_r == 0:
-        dst = xh_ptr + rm[:, None] * stride_hm + (c % 2) * (KP // 2) + c // 2
+        dst = xh_ptr + rm[:, None] * stride_hm + (c % PLANES) * (KP // PLANES) + c // PLANES
         tl.store(dst, xh, mask=mmask[:, None] & (c < KP)[None, :])
     if HAS_LORA:
         rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -112,6 +114,14 @@ def _nibble_values(b, NVFP4: tl.constexpr):
     if NVFP4:
         return e2m1_value(b & 0xF), e2m1_value((b >> 4) & 0xF)
     return int4_value(b & 0xF), int4_value((b >> 4) & 0xF)
+
+
+@triton.jit
+def _code_value(nib, NVFP4: tl.constexpr):
+    """The value of the 4-bit codes ``nib`` (int32 0..15), as fp32."""
+    if NVFP4:
+        return e2m1_value(nib)
+    return int4_value(nib)
 
 
 @triton.jit
@@ -191,10 +201,10 @@ def _w4a16_fma_kernel(
     out_ptr,
     M,
     N,
-    KP,
+    KPW,
     R,
     S,
-    k_per_split,
+    kw_per_split,
     stride_hm,
     stride_qn,
     stride_sn,
@@ -213,44 +223,42 @@ def _w4a16_fma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """M ≤ 4 tokens on the FMA units: per step [BLOCK_N, groups, GROUP/2] bytes, each
-    group's ``Σ lo · x̂_even + hi · x̂_odd`` times its scale."""
+    """M ≤ 4 tokens on the FMA units. The codes are read as 32-bit words (8 nibbles; nibble
+    p of word i is column 8i + p) and x̂ as 8 planes (plane p: columns 8i + p), both as
+    [BLOCK_N, groups, words per group] tensors — x̂'s rows broadcast — so the two loads get
+    the same register layout and nothing moves through shared memory in the loop."""
+    WPG: tl.constexpr = GROUP // 8  # 32-bit words per group
     GPS: tl.constexpr = BLOCK_K // GROUP  # groups per step
-    HG: tl.constexpr = GROUP // 2  # bytes per group
+    BKW: tl.constexpr = BLOCK_K // 8  # words per step
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
-    # No masks in the loop (a per-byte mask would split the 16-byte loads into single
-    # bytes): rows past N and tokens past M read row N-1 and token M-1 (never stored),
-    # BLOCK_K divides KP and the split, and the prefetch past the end re-reads a step.
+    # No masks in the loop (a per-element mask would split the 16-byte loads): rows past
+    # N and tokens past M read row N-1 and token M-1 (never stored), BLOCK_K divides KP
+    # and the split, and the prefetch past the end re-reads a step. K is counted in words
+    # (KPW = KP / 8, kw_per_split), so the compiler sees multiples of 16 (wide loads).
     rows_c = tl.minimum(rows, N - 1)
-    byte = tl.arange(0, GPS)[:, None] * HG + tl.arange(0, HG)[None, :]  # [GPS, HG]
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, KP)
-    q_rows = q_ptr + rows_c[:, None, None] * stride_qn + byte[None, :, :]
+    word = tl.arange(0, GPS)[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [GPS, WPG]
+    kw_start = pid_k * kw_per_split
+    kw_end = tl.minimum(kw_start + kw_per_split, KPW)
+    q_rows = q_ptr + rows_c[:, None, None] * stride_qn + word[None, :, :]
     s_rows = sc_ptr + rows_c[:, None] * stride_sn + tl.arange(0, GPS)[None, :]
-    x_even = xh_ptr + byte
+    x_rows = xh_ptr + (rows_c * 0)[:, None, None] + word[None, :, :]  # x̂, rows broadcast
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    # Register double buffering: the next step's bytes and scales are loaded before this
-    # step's arithmetic, so their latency overlaps it.
-    b_next = tl.load(q_rows + k_start // 2)
-    s_next = tl.load(s_rows + k_start // GROUP)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        b = b_next.to(tl.int32)
-        sg = s_next.to(tl.float32)
-        kn = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
-        b_next = tl.load(q_rows + kn // 2)
-        s_next = tl.load(s_rows + kn // GROUP)
-        lo, hi = _nibble_values(b, NVFP4)
-        # One token at a time, in the weights' own [BLOCK_N, GPS, HG] layout (a 4-D
-        # token axis would move the decoded weights through shared memory every step).
+    # Register double buffering: the next step's words are loaded before this step's
+    # arithmetic, so their latency overlaps it.
+    w_next = tl.load(q_rows + kw_start)
+    for kw in range(kw_start, kw_end, BKW):
+        w = w_next
+        w_next = tl.load(q_rows + tl.minimum(kw + BKW, kw_end - BKW))
+        sg = tl.load(s_rows + kw // WPG).to(tl.float32)  # [BLOCK_N, GPS]
         for t in tl.static_range(BLOCK_M):
-            x_t = x_even + tl.minimum(t, M - 1) * stride_hm + k0 // 2
-            xe = tl.load(x_t)  # [GPS, HG]
-            xo = tl.load(x_t + KP // 2)
-            part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, GPS]
-            y_t = tl.sum(part * sg, axis=1)
+            x_t = x_rows + tl.minimum(t, M - 1) * stride_hm + kw
+            part = tl.zeros([BLOCK_N, GPS, WPG], dtype=tl.float32)
+            for p in tl.static_range(8):
+                part += _code_value((w >> (4 * p)) & 0xF, NVFP4) * tl.load(x_t + p * KPW)
+            y_t = tl.sum(tl.sum(part, axis=2) * sg, axis=1)
             acc += tl.where(rm[None, :] == t, y_t[:, None], 0.0)
     _epilogue(
         acc, rows, rm, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr,
@@ -384,15 +392,16 @@ def w4a16_linear(
     n, kp = qweight.shape[0], qweight.shape[1] * 2
     if m == 0 or n == 0:
         return x.new_empty(m, n)
-    xh, lora = prep(x, smooth, lowrank_down, kp)
+    xh, lora = prep(x, smooth, lowrank_down, kp, planes=8 if m <= MAX_FMA_M else 2)
     return gemv(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, fmt, x.dtype)
 
 
 def prep(
-    x: torch.Tensor, smooth: torch.Tensor, lowrank_down: torch.Tensor, kp: int
+    x: torch.Tensor, smooth: torch.Tensor, lowrank_down: torch.Tensor, kp: int, planes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x̂ = x · (1/s) as [M, 2, kp/2] fp32 (even columns, then odd) and the low-rank down
-    projection's partial sums [chunks, M, r] (one per ``LORA_CHUNK`` columns)."""
+    """x̂ = x · (1/s) as [M, planes, kp/planes] fp32 (plane p: the columns ≡ p mod planes;
+    8 for the FMA kernel, 2 — even, odd — for the tensor-core kernel) and the low-rank
+    down projection's partial sums [chunks, M, r] (one per ``LORA_CHUNK`` columns)."""
     m, k = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -400,13 +409,14 @@ def prep(
     lowrank_down = lowrank_down.contiguous()
     r = lowrank_down.shape[0]
     chunks = triton.cdiv(kp, LORA_CHUNK)
-    xh = torch.empty(m, 2, kp // 2, dtype=torch.float32, device=x.device)
+    xh = torch.empty(m, planes, kp // planes, dtype=torch.float32, device=x.device)
     lora = torch.empty(chunks, m, max(r, 1), dtype=torch.float32, device=x.device)
     block_r = min(64, max(16, triton.next_power_of_2(max(r, 1))))
     _prep_kernel[(chunks, triton.cdiv(r, block_r) if r else 1)](
         x, smooth, lowrank_down, xh, lora, m, k, kp, r,
         x.stride(0), lowrank_down.stride(0), xh.stride(0), lora.stride(0), lora.stride(1),
         HAS_LORA=r > 0, FP32_PREC=dot_precision(), BLOCK_R=block_r, CHUNK=LORA_CHUNK,
+        PLANES=planes,
     )  # fmt: skip
     return xh, lora[..., :r]
 
@@ -424,11 +434,17 @@ def gemv(
 ) -> torch.Tensor:
     """The GEMV proper on ``prep``'s outputs: [M, N] in ``out_dtype``."""
     f = formats.get_format(fmt)
-    m, kp = xh.shape[0], xh.shape[2] * 2
+    m, kp = xh.shape[0], xh.shape[1] * xh.shape[2]
     n, r, chunks = qweight.shape[0], lora.shape[2], lora.shape[0]
     qweight, wscales = qweight.contiguous(), wscales.contiguous()
     lowrank_up = lowrank_up.contiguous()
-    fma = m <= MAX_FMA_M
+    fma = xh.shape[1] == 8
+    if fma:  # the codes as 32-bit words (kp / 2 bytes a row: a multiple of 8)
+        qweight = (
+            qweight.view(torch.int32)
+            if qweight.storage_offset() % 4 == 0
+            else (qweight.clone().view(torch.int32))
+        )
     if fma:
         block_m = triton.next_power_of_2(m)
         block_n, block_k, warps = TILES["fma"]
@@ -449,9 +465,10 @@ def gemv(
         out = torch.zeros(m, n, dtype=torch.float32, device=xh.device)
     else:
         out = torch.empty(m, n, dtype=out_dtype, device=xh.device)
+    kdim, kstep = (kp // 8, kps // 8) if fma else (kp, kps)  # the FMA kernel counts words
     common = (
         xh, qweight, wscales, wtensor_scale.float().reshape(1), lora, lowrank_up,
-        bias if bias is not None else out, out, m, n, kp, r, chunks, kps,
+        bias if bias is not None else out, out, m, n, kdim, r, chunks, kstep,
         xh.stride(0), qweight.stride(0), wscales.stride(0), lora.stride(0), lora.stride(1),
         lowrank_up.stride(0) if r else 0, out.stride(0),
     )  # fmt: skip
