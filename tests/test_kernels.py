@@ -245,9 +245,12 @@ def test_fp8_gemm_quantize_next_matches_reference(m, n, activation, act_fmt2):
 
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
-@pytest.mark.parametrize(("n", "k", "r"), [(45, 100, 5), (130, 333, 0), (45, 1024, 3)])
+@pytest.mark.parametrize(
+    ("n", "k", "r"), [(45, 100, 5), (130, 333, 0), (45, 1024, 3), (20, 4500, 2)]
+)
 def test_w4a16_matches_reference(m, fmt, n, k, r):
-    """(45, 1024): a K split (partial sums through atomics)."""
+    """(45, 1024): a K split (partial sums through atomics); (20, 4500): more low-rank
+    partial sums (18 chunks of K) than one epilogue load takes."""
     dtype = torch.bfloat16 if fmt == "int4" else torch.float16
     x = _acts(m, k, dtype)
     q = _weight(n, k, fmt)

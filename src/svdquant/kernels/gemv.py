@@ -47,7 +47,7 @@ MAX_GEMV_M = 16
 MAX_FMA_M = 1
 #: (BLOCK_N, columns per step, num_warps) of the FMA kernel and of the tensor-core kernel,
 #: from ``bench/gemm.py --sweep gemv`` on the H100.
-TILES = {"fma": (16, 512, 4), "mma": (128, 64, 4)}
+TILES = {"fma": (8, 256, 2), "mma": (128, 64, 4)}
 #: Split K until the grid has this many programs per SM (when N alone is too small).
 PROGRAMS_PER_SM = 4
 #: Columns per program of the x̂ / low-rank down kernel (its K split).
@@ -148,6 +148,7 @@ def _epilogue(
     HAS_BIAS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     FP32_PREC: tl.constexpr,
+    S_BLOCK: tl.constexpr,
 ):
     """``acc`` [BLOCK_N, BLOCK_M] (yᵀ, unscaled) · s_tensor + low-rank up + bias, stored.
 
@@ -166,13 +167,20 @@ def _epilogue(
                 mask=nmask[:, None] & rmask[None, :],
                 other=0.0,
             ).to(tl.float32)
+            # the down projection's partial sums (one per K chunk), S_BLOCK at a time: one
+            # wide load each, not a chain of S dependent ones
             la = tl.zeros([acc.shape[1], 32], dtype=tl.float32)
-            for s in range(0, S):  # the down projection's partial sums, one per K chunk
-                la += tl.load(
-                    lora_ptr + s * stride_ls + rm[:, None] * stride_lm + rr[None, :],
-                    mask=mmask[:, None] & rmask[None, :],
+            for s0 in range(0, S, S_BLOCK):
+                sp = s0 + tl.arange(0, S_BLOCK)
+                parts = tl.load(
+                    lora_ptr
+                    + sp[:, None, None] * stride_ls
+                    + rm[None, :, None] * stride_lm
+                    + rr[None, None, :],
+                    mask=(sp < S)[:, None, None] & mmask[None, :, None] & rmask[None, None, :],
                     other=0.0,
                 )
+                la += tl.sum(parts, axis=0)
             if acc.shape[1] >= 16:  # the tensor-core kernel's 16 tokens: an MMA
                 y += tl.dot(lu, tl.trans(la), input_precision=FP32_PREC) * first
             else:
@@ -219,6 +227,7 @@ def _w4a16_fma_kernel(
     HAS_BIAS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     FP32_PREC: tl.constexpr,
+    S_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -263,7 +272,7 @@ def _w4a16_fma_kernel(
     _epilogue(
         acc, rows, rm, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr,
         bias_ptr, out_ptr, stride_ls, stride_lm, stride_un, stride_om,
-        ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16, FP32_PREC,
+        ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16, FP32_PREC, S_BLOCK,
     )  # fmt: skip
 
 
@@ -314,6 +323,7 @@ def _w4a16_mma_kernel(
     HAS_BIAS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     FP32_PREC: tl.constexpr,
+    S_BLOCK: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -361,7 +371,7 @@ def _w4a16_mma_kernel(
     _epilogue(
         acc, rows, rm, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr, bias_ptr, out_ptr,
         stride_ls, stride_lm, stride_un, stride_om, ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16,
-        FP32_PREC,
+        FP32_PREC, S_BLOCK,
     )  # fmt: skip
 
 
@@ -480,6 +490,7 @@ def gemv(
         HAS_BIAS=bias is not None,
         ROUND_BF16=needs_bf16_rounding(out_dtype),
         FP32_PREC=dot_precision(),
+        S_BLOCK=min(16, triton.next_power_of_2(chunks)),
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,
