@@ -490,7 +490,9 @@ def gemv(
         HAS_BIAS=bias is not None,
         ROUND_BF16=needs_bf16_rounding(out_dtype),
         FP32_PREC=dot_precision(),
-        S_BLOCK=min(16, triton.next_power_of_2(chunks)),
+        # the FMA kernel (few tokens) sums up to 16 partials per load; the tensor-core
+        # kernel's 16 tokens make that tensor too big (v9: 55 -> 70 us at M = 4)
+        S_BLOCK=min(16, triton.next_power_of_2(chunks)) if fma else 1,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,
