@@ -16,15 +16,18 @@ from svdquant.cli import main as cli_main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_e2e():
-    spec = importlib.util.spec_from_file_location("_test_bench_e2e", ROOT / "bench" / "e2e.py")
+def _load(name: str):
+    """Import ``bench/<name>.py`` by path (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        f"_test_bench_{name}", ROOT / "bench" / f"{name}.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
 
 
-e2e = _load_e2e()
+e2e = _load("e2e")
 
 TOP_KEYS = {
     "bench", "device", "device_type", "date", "commit", "versions", "config", "model_config",
@@ -165,3 +168,25 @@ def test_isolated_rows_run_in_their_own_process(tmp_path):
     (row,) = res["rows"]
     assert row["status"] == "ok" and row["latency_ms"]["b1"] > 0
     assert len(list(tmp_path.glob("*.json"))) == 1  # the child wrote to its own folder
+
+
+def test_sass_report_guards_the_gemv_layout(tmp_path):
+    """bench/sass_report.py compiles the GEMV for sm_90 on the CPU: 16-byte loads of the
+    codes and x̂, no spills, and at most one layout conversion in the main loop (the group
+    scales) — the design that keeps the decoded weights out of shared memory."""
+    import os
+    import subprocess
+
+    triton = pytest.importorskip("triton")
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip("this triton wheel ships no cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels
+    out = tmp_path / "report.json"
+    script = str(ROOT / "bench" / "sass_report.py")
+    cmd = [sys.executable, script, "--kernels", "gemv_fma", "--json", str(out)]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    r = json.loads(out.read_text())["gemv_fma"]
+    assert r["spill_bytes"] == 0 and 0 < r["registers"] <= 128
+    assert r["memory"].get("LDG.E.128", 0) >= 8
+    assert r["loop_layout_conversions"] <= 1

@@ -1,0 +1,282 @@
+"""What the H100 will run, read without an H100: compile the engine's kernels for sm_90.
+
+    python bench/sass_report.py [--kernels quantize,gemv_fma,...] [--dump DIR] [--json PATH]
+
+Triton compiles for any target on a machine without a GPU (its wheel ships ``ptxas`` and
+``cuobjdump``), so the code the kernels become at FLUX's shapes can be inspected on the
+CPU: registers and spills (occupancy), global load/store widths (``LDG.E.128`` is a
+16-byte vector; ``LDG.E.U8`` a single byte: a mask or an offset the compiler cannot
+prove aligned), barriers and shared-memory stores (``BAR.SYNC``/``STS``: data moved
+between register layouts), MMA instructions, and — from the TTGIR — the layout
+conversions inside the main loop. Two GEMV redesigns of 2026-11-25 came from this report
+(bench/NOTES.md, v7–v8): a 4-D token axis that moved the decoded weights through shared
+memory every step, and a mask on a strided index that split 16-byte loads into bytes.
+
+The numbers are the local triton's code generation (CI: triton 3.9; the device runs
+3.6, whose code can differ): a guide to what to measure, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+#: (kernel name) -> (module, kernel attribute, pointer dtypes, int arguments, constexprs,
+#: num_warps); shapes: FLUX.1-dev at 1024x1024 (M = 4608, K = 3072, rank 32; the GEMV at
+#: N = 18432, one token)
+SPECS: dict[str, Callable[[], dict[str, Any]]] = {}
+
+
+def _spec(name: str):
+    def wrap(fn):
+        SPECS[name] = fn
+        return fn
+
+    return wrap
+
+
+@_spec("quantize")
+def _quantize() -> dict[str, Any]:
+    from svdquant.kernels import quantize as q
+
+    bm, bk, warps = q.TILES["large"]
+    return dict(
+        kernel=q._quantize_act_kernel,
+        ptrs=dict(
+            x_ptr="*bf16",
+            smooth_ptr="*fp32",
+            ld_ptr="*bf16",
+            scale_ptr="*fp32",
+            xq_ptr="*fp8e4nv",
+            lora_ptr="*fp32",
+        ),
+        ints=dict(
+            M=4608,
+            K=3072,
+            K_OUT=3072,
+            R=32,
+            k_per_split=256,
+            stride_xm=3072,
+            stride_qm=3072,
+            stride_ldr=3072,
+            stride_lm=32,
+        ),
+        consts=dict(
+            INT4=True, HAS_LORA=True, ATOMIC=True, EXACT=False, BLOCK_M=bm, BLOCK_R=32, BLOCK_K=bk
+        ),
+        warps=warps,
+        stages=1,
+    )
+
+
+@_spec("widen")
+def _widen() -> dict[str, Any]:
+    from svdquant.kernels import widen as w
+
+    bn, bk, warps = w.TILE
+    return dict(
+        kernel=w._widen_kernel,
+        ptrs=dict(q_ptr="*u8", sc_ptr="*fp16", ts_ptr="*fp32", w_ptr="*fp8e4nv", sch_ptr="*fp32"),
+        ints=dict(N=12288, KP=3072, G=48, stride_qn=1536, stride_sn=48, stride_wn=3072),
+        consts=dict(
+            NVFP4=False,
+            EXACT=False,
+            DEQUANT=False,
+            GROUP=64,
+            QMAX=7,
+            BLOCK_N=bn,
+            BLOCK_G=64,
+            BLOCK_K=bk,
+        ),
+        warps=warps,
+    )
+
+
+def _gemv_common() -> dict[str, Any]:
+    return dict(
+        ptrs=dict(
+            xh_ptr="*fp32",
+            sc_ptr="*fp16",
+            ts_ptr="*fp32",
+            lora_ptr="*fp32",
+            lu_ptr="*bf16",
+            bias_ptr="*bf16",
+            out_ptr="*bf16",
+        ),
+        consts=dict(
+            NVFP4=False,
+            GROUP=64,
+            ATOMIC=False,
+            HAS_LORA=True,
+            HAS_BIAS=True,
+            ROUND_BF16=False,
+            FP32_PREC="tf32x3",
+        ),
+    )
+
+
+@_spec("gemv_fma")
+def _gemv_fma() -> dict[str, Any]:
+    from svdquant.kernels import gemv as g
+
+    bn, bk, warps = g.TILES["fma"]
+    d = _gemv_common()
+    d["ptrs"]["q_ptr"] = "*i32"
+    d["ints"] = dict(
+        M=1,
+        N=18432,
+        KPW=384,
+        R=32,
+        S=12,
+        kw_per_split=384,
+        stride_hm=3072,
+        stride_qn=384,
+        stride_sn=48,
+        stride_ls=32,
+        stride_lm=32,
+        stride_un=32,
+        stride_om=18432,
+    )
+    d["consts"] |= dict(S_BLOCK=16, BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk)
+    return dict(kernel=g._w4a16_fma_kernel, warps=warps, **d)
+
+
+@_spec("gemv_mma")
+def _gemv_mma() -> dict[str, Any]:
+    from svdquant.kernels import gemv as g
+
+    bn, _, warps = g.TILES["mma"]
+    d = _gemv_common()
+    d["ptrs"]["q_ptr"] = "*u8"
+    d["ints"] = dict(
+        M=4,
+        N=18432,
+        KP=3072,
+        R=32,
+        S=12,
+        k_per_split=3072,
+        stride_hm=3072,
+        stride_qn=1536,
+        stride_sn=48,
+        stride_ls=128,
+        stride_lm=32,
+        stride_un=32,
+        stride_om=18432,
+    )
+    d["consts"] |= dict(S_BLOCK=1, DOT_FP32=False, BLOCK_N=bn, BLOCK_K=64)
+    return dict(kernel=g._w4a16_mma_kernel, warps=warps, **d)
+
+
+def compile_sm90(spec: dict[str, Any]):
+    """Compile ``spec['kernel']`` for sm_90 with the given argument types and values
+    (integers that are multiples of 16 get triton's divisibility hint, as at launch)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = spec["kernel"]
+    sig: dict[str, str] = {}
+    const: dict[str, Any] = {}
+    attrs: dict[tuple[int, ...], list] = {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in spec["ptrs"]:
+            sig[name] = spec["ptrs"][name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in spec["consts"]:
+            sig[name], const[name] = "constexpr", spec["consts"][name]
+        elif name in spec["ints"]:
+            v = spec["ints"][name]
+            if v == 1:  # triton specializes 1 as a constant, as at launch
+                sig[name], const[name] = "constexpr", 1
+            else:
+                sig[name] = "i32"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            raise KeyError(f"{kernel.__name__}: no value for argument {name!r}")
+    src = ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs)
+    opts = {"num_warps": spec["warps"], "num_stages": spec.get("stages", 3)}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def report(compiled) -> dict[str, Any]:
+    """Registers, spills, memory instructions, barriers, MMAs and loop conversions."""
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        Path(cubin).write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True
+        ).stdout
+        sass = subprocess.run(
+            [_tool("cuobjdump"), "--dump-sass", cubin], capture_output=True, text=True
+        ).stdout
+    ttgir = compiled.asm["ttgir"]
+    loops = ttgir.split("scf.for")[1:]
+    reg = re.search(r"REG:(\d+)", usage)
+    local = re.search(r"LOCAL:(\d+)", usage)
+    return {
+        "registers": int(reg.group(1)) if reg else None,
+        "spill_bytes": int(local.group(1)) if local else None,
+        "memory": dict(Counter(re.findall(r"\b(?:LDG|STG|LDS|STS|LDSM)\.?[A-Z0-9.]*", sass))),
+        "barriers": sass.count("BAR.SYNC"),
+        "mma": sass.count("HMMA") + sass.count("HGMMA") + sass.count("QGMMA"),
+        "shuffles": sass.count("SHFL"),
+        "instructions": sass.count(";"),
+        "loop_layout_conversions": sum(
+            b.split("scf.yield")[0].count("convert_layout") for b in loops
+        ),
+        "loop_smem_allocs": sum(b.split("scf.yield")[0].count("local_alloc") for b in loops),
+        "sass": sass,
+        "ttgir": ttgir,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kernels", default=",".join(SPECS), help=f"some of {', '.join(SPECS)}")
+    p.add_argument("--dump", default=None, help="write each kernel's SASS and TTGIR here")
+    p.add_argument("--json", default=None, help="write the summary as JSON here")
+    a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out: dict[str, dict[str, Any]] = {}
+    for name in [k.strip() for k in a.kernels.split(",") if k.strip()]:
+        if name not in SPECS:
+            raise SystemExit(f"unknown kernel {name!r}; choose from {', '.join(SPECS)}")
+        r = report(compile_sm90(SPECS[name]()))
+        if a.dump:
+            Path(a.dump).mkdir(parents=True, exist_ok=True)
+            Path(a.dump, f"{name}.sass").write_text(r["sass"])
+            Path(a.dump, f"{name}.ttgir").write_text(r["ttgir"])
+        out[name] = {k: v for k, v in r.items() if k not in ("sass", "ttgir")}
+        print(
+            f"{name:9} regs {r['registers']:>3}  spill {r['spill_bytes']:>4} B  "
+            f"barriers {r['barriers']:>3}  loop conversions {r['loop_layout_conversions']:>2}"
+            f"  mma {r['mma']:>3}  memory {r['memory']}",
+            flush=True,
+        )
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
