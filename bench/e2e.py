@@ -14,7 +14,8 @@ the wall time runs out, each with its reason):
 
     bf16 (diffusers), svdq-int4 (ours W4A4), nf4 (bitsandbytes W4A16), svdq-w4a16 (ours),
     torchao int8 weight-only / int8 dynamic / float8 dynamic / int4 weight-only,
-    svdq-nvfp4, then with --compile the torch.compile'd variants of the same rows.
+    svdq-nvfp4, svdq-w4a8, svdq-int4-fused (q/k/v fused: ``svdquant.fuse_projections``),
+    then with --compile the torch.compile'd variants of the same rows.
 
 Each eager row is also replayed from a CUDA graph captured around one step (mode
 ``cudagraph``; off with ``--no-cuda-graphs``), which removes the CPU launch overhead. Our
@@ -106,7 +107,7 @@ def _no_module(mod: str) -> Callable[[Ctx], str | None]:
     return check
 
 
-def _ours(fmt: str, act_fmt: str | None) -> Callable[[nn.Module, Ctx], None]:
+def _ours(fmt: str, act_fmt: str | None, fuse: bool = False) -> Callable[[nn.Module, Ctx], None]:
     def apply(model: nn.Module, ctx: Ctx) -> None:
         import svdquant
 
@@ -114,6 +115,8 @@ def _ours(fmt: str, act_fmt: str | None) -> Callable[[nn.Module, Ctx], None]:
             fmt=fmt, act_fmt=act_fmt, alpha=0.5, max_samples=256, progress=False
         )
         svdquant.quantize_model(model, ctx.calibration, cfg)
+        if fuse:  # q/k/v of every attention as one layer: one quantize, one wider GEMM
+            svdquant.fuse_projections(model)
 
     return apply
 
@@ -235,6 +238,8 @@ METHODS: dict[str, Method] = {
                "nvfp4 g16", _ours("nvfp4", None), est_s=90),
         Method("svdq-w4a8", "svdquant W4A8 (int4 weights, fp8 acts)", "svdquant",
                "int4 g64 + rank 32", "fp8 e4m3 (static scale)", _ours("int4", "fp8"), est_s=90),
+        Method("svdq-int4-fused", "svdquant W4A4 int4, fused q/k/v", "svdquant",
+               "int4 g64 + rank 32", "int4 g64", _ours("int4", None, fuse=True), est_s=90),
     )
 }  # fmt: skip
 #: the order rows run in: most important first (--budget-s cuts the tail)
@@ -636,7 +641,7 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     CUDA graph, compiled vs compiled); None where that baseline row was not run."""
     out = []
     for r in rows:
-        if r["method"] != "svdq-int4" or r["status"] != "ok":
+        if r["method"] not in ("svdq-int4", "svdq-int4-fused") or r["status"] != "ok":
             continue
         x_bf16 = r.get("speedup_vs_bf16_same_mode", {}).get("b1")
         x_nf4 = r.get("speedup_vs_nf4_same_mode", {}).get("b1")

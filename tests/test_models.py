@@ -189,6 +189,44 @@ def test_adapter_decisions_flux(tmp_path):
     assert isinstance(blk.ff.net[2], SVDQLinear) and isinstance(single.proj_out, SVDQLinear)
 
 
+@torch.no_grad()
+def test_fused_projections_flux(tmp_path):
+    """fuse_projections runs each attention's q/k/v (and the text stream's) as one layer:
+    the same outputs, unfuse restores the layers bit for bit, saving and LoRA loading
+    refuse a fused model; the quantized FLUX transformer, fused or not, compiles with
+    fullgraph=True and matches eager."""
+    import svdquant
+    from svdquant.lora import LoraError
+
+    pipe, model, kwargs = _quantized_flux(tmp_path)
+    calls, _ = record_denoiser(pipe, kwargs)
+    args, kw, _ = calls[0]
+    before = _sample(model(*args, **kw))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    n_attn = len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    assert svdquant.fuse_projections(model) == n_attn
+    blk, single = model.transformer_blocks[0], model.single_transformer_blocks[0]
+    assert blk.attn.fused_projections and not hasattr(blk.attn, "to_q")
+    assert blk.attn.to_qkv.out_features == 3 * blk.attn.inner_dim
+    assert isinstance(blk.attn.to_added_qkv, SVDQLinear) and hasattr(single.attn, "to_qkv")
+    assert rel(_sample(model(*args, **kw)), before) < 1e-5
+    with pytest.raises(ValueError, match="unfuse_projections"):
+        checkpoint.save_quantized(model, tmp_path / "fused")
+    with pytest.raises(LoraError, match="unfuse_projections"):
+        svdquant.load_lora(model, tmp_path / "none.safetensors")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert rel(_sample(compiled(*args, **kw)), before) < 1e-5
+    assert svdquant.unfuse_projections(model) == n_attn
+    assert not blk.attn.fused_projections and not hasattr(blk.attn, "to_qkv")
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], state[k]) for k in state)
+    # and the separate layers compile with fullgraph=True too (the custom ops, no breaks)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert rel(_sample(compiled(*args, **kw)), before) < 1e-5
+
+
 def test_sana_pointwise_convs_become_linear():
     pipe = tiny_pipeline("sana")
     _, model = denoiser(pipe)

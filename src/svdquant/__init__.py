@@ -8,11 +8,13 @@ The public API::
     save_quantized(module, path) / load_quantized(path, model=None)
     quantize_model(model, calibration, QuantizeConfig(...))   # a whole diffusers model
     load_lora / set_lora_strength / unload_lora / list_loras    # LoRAs, no requantization
+    fuse_projections(model) / unfuse_projections(model)       # q/k/v as one layer (FLUX)
 """
 
 from svdquant.algorithm import METHODS, quantize_linear
 from svdquant.checkpoint import CheckpointError, load_quantized, save_quantized
 from svdquant.formats import FORMATS
+from svdquant.fuse import fuse_projections, unfuse_projections
 from svdquant.lora import list_loras, load_lora, set_lora_strength, unload_lora
 from svdquant.nn import SVDQLinear
 from svdquant.quantize_model import QuantizeConfig, quantize_model
@@ -25,6 +27,7 @@ __all__ = [
     "CheckpointError",
     "QuantizeConfig",
     "SVDQLinear",
+    "fuse_projections",
     "list_loras",
     "load_lora",
     "load_quantized",
@@ -32,5 +35,6 @@ __all__ = [
     "quantize_model",
     "save_quantized",
     "set_lora_strength",
+    "unfuse_projections",
     "unload_lora",
 ]

@@ -51,7 +51,14 @@ def save_quantized(module: nn.Module, path: str | os.PathLike[str]) -> Path:
     ``.safetensors`` file. Every tensor of ``module.state_dict()`` is saved: the 4-bit
     layers' buffers and whatever stayed 16-bit. Returns the file written.
     """
+    from svdquant.fuse import is_fused
+
     file = _file(path)
+    if is_fused(module):
+        raise ValueError(
+            "the model's projections are fused (svdquant.fuse_projections), a runtime form "
+            "that checkpoints do not hold: call svdquant.unfuse_projections(model) first"
+        )
     layers = {n: m.config() for n, m in module.named_modules() if isinstance(m, SVDQLinear)}
     if not layers:
         raise ValueError("the module holds no SVDQLinear layer: quantize it first")

@@ -468,6 +468,13 @@ def load_lora(
     """
     model = _model(model_or_pipe)
     file = Path(path)
+    from svdquant.fuse import is_fused
+
+    if is_fused(model):
+        raise LoraError(
+            f"{file}: the model's q/k/v projections are fused (svdquant.fuse_projections): "
+            "call svdquant.unfuse_projections(model), load the LoRA, then fuse again"
+        )
     name = name if name is not None else file.stem
     registry = _registry(model)
     if name in registry:
