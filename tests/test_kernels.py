@@ -291,6 +291,25 @@ def _layer(fmt: str, act_fmt: str, k: int = 200, n: int = 130, rank: int = 8):
 ENGINE_CASES = [("int4", "int4"), ("int4", "fp8"), ("nvfp4", "int4"), ("nvfp4", "fp8")]
 
 
+@pytest.mark.parametrize("act_fmt", ["int4", "fp8"])
+def test_fused_layer_equals_its_parts(act_fmt):
+    """``svdquant.fuse_projections``'s concatenation on the engine: one quantize and one
+    GEMM over N = 3n give each part's output, value for value."""
+    from svdquant.fuse import _concat, _split
+
+    _, layer, calib = _layer("int4", act_fmt, n=96)
+    layer.backend = "triton"
+    parts = _split(layer, [32, 32, 32])  # three layers sharing s, L_down and S
+    fused = _concat(parts)
+    x = calib[:19]
+    y = fused(x)
+    for ref_y in (torch.cat([p(x) for p in parts], dim=-1), layer(x)):
+        if DEVICE == "cpu":
+            assert torch.equal(y, ref_y)
+        else:  # the GEMM autotunes per N: its tiles (and fp32 sum order) may differ
+            assert rel_err(y, ref_y) <= TOL
+
+
 @pytest.mark.parametrize(("fmt", "act_fmt"), ENGINE_CASES)
 @pytest.mark.parametrize("m", [3, 257])
 def test_layer_triton_matches_engine_reference(fmt, act_fmt, m):
