@@ -53,19 +53,16 @@ def _fusable(layers: list[nn.Module]) -> str | None:
     return None
 
 
+def _shell(like: SVDQLinear, out_features: int) -> SVDQLinear:
+    """An empty layer (meta device) like ``like`` with ``out_features`` outputs."""
+    return SVDQLinear.from_config(
+        {**like.config(), "out_features": out_features}, device="meta", backend=like.backend
+    )
+
+
 def _concat(layers: list[SVDQLinear]) -> SVDQLinear:
     a = layers[0]
-    fused = SVDQLinear(
-        a.in_features,
-        sum(m.out_features for m in layers),
-        bias=a.bias is not None,
-        fmt=a.fmt,
-        act_fmt=a.act_fmt,
-        rank=a.rank,
-        dtype=a.lowrank_down.dtype,
-        device="meta",
-        backend=a.backend,
-    )
+    fused = _shell(a, sum(m.out_features for m in layers))
     for name in ("qweight", "wscales", "lowrank_up") + (("bias",) if a.bias is not None else ()):
         setattr(fused, name, torch.cat([getattr(m, name) for m in layers]))
     for name in ("wtensor_scale", "smooth", "act_amax", "lowrank_down"):
@@ -78,17 +75,7 @@ def _split(fused: SVDQLinear, sizes: list[int]) -> list[SVDQLinear]:
     out = []
     start = 0
     for n in sizes:
-        m = SVDQLinear(
-            fused.in_features,
-            n,
-            bias=fused.bias is not None,
-            fmt=fused.fmt,
-            act_fmt=fused.act_fmt,
-            rank=fused.rank,
-            dtype=fused.lowrank_down.dtype,
-            device="meta",
-            backend=fused.backend,
-        )
+        m = _shell(fused, n)
         rows = slice(start, start + n)
         for name in ("qweight", "wscales", "lowrank_up"):
             setattr(m, name, getattr(fused, name)[rows].clone())

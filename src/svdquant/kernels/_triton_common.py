@@ -22,6 +22,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def num_sms(device, cpu: int = 1) -> int:
+    """Multiprocessors of ``device`` (the launchers size their K splits by it); ``cpu``
+    under the interpreter, where a value above 1 exercises the split in CI."""
+    import torch
+
+    if device.type != "cuda":
+        return cpu
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def dot_precision() -> str:
     """``input_precision`` for the fp32 ``tl.dot`` of the low-rank branch.
 

@@ -35,6 +35,7 @@ from svdquant.kernels._triton_common import (
     int4_value,
     interpreting,
     needs_bf16_rounding,
+    num_sms,
     round_bf16,
 )
 
@@ -375,12 +376,6 @@ def _w4a16_mma_kernel(
     )  # fmt: skip
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def w4a16_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -468,7 +463,7 @@ def gemv(
     n_blocks = triton.cdiv(n, block_n)
     steps = triton.cdiv(kp, block_k)
     # Split K only as far as needed to give the GPU enough programs.
-    split = max(1, min(steps, PROGRAMS_PER_SM * _num_sms(xh.device) // n_blocks))
+    split = max(1, min(steps, PROGRAMS_PER_SM * num_sms(xh.device, cpu=4) // n_blocks))
     kps = triton.cdiv(steps, split) * block_k
     split = triton.cdiv(kp, kps)
     if split > 1:

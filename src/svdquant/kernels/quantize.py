@@ -28,6 +28,7 @@ import triton.language as tl
 from svdquant.kernels._triton_common import (
     folded_lowrank_dot,
     interpreting,
+    num_sms,
     round_small,
     to_e4m3,
 )
@@ -145,12 +146,6 @@ def _quantize_act_kernel(
             tl.store(lptr, acc, mask=lmask)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def quantize_act(
     x: torch.Tensor,
     smooth: torch.Tensor,
@@ -182,7 +177,7 @@ def quantize_act(
     m_blocks = triton.cdiv(m, block_m)
     # Split K until the GPU has enough programs in flight (each split adds one atomic add
     # of its low-rank partial sums per row).
-    split = min(steps, max(1, triton.cdiv(PROGRAMS_PER_SM * _num_sms(x.device), m_blocks)))
+    split = min(steps, max(1, triton.cdiv(PROGRAMS_PER_SM * num_sms(x.device), m_blocks)))
     k_per_split = triton.cdiv(steps, split) * block_k
     split = triton.cdiv(steps * block_k, k_per_split)
     xq = torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=x.device)

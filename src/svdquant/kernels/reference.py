@@ -165,6 +165,15 @@ def quantize_act_ref(
     return xq, x.to(dt).float() @ folded.t()
 
 
+def _group_scaled(qweight: torch.Tensor, wscales: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``code_value · s_group`` [N, K_pad] in fp32: the stored weight before its tensor
+    scale (what the widen, dequantize and GEMV kernels decode)."""
+    f = formats.get_format(fmt)
+    vals = formats.code_values(formats.unpack(qweight, signed=f.name == "int4"), f)
+    sg = wscales.float()
+    return (vals.reshape(*sg.shape, f.group_size) * sg.unsqueeze(-1)).reshape(vals.shape)
+
+
 def widen_weight_ref(
     qweight: torch.Tensor, wscales: torch.Tensor, wtensor_scale: torch.Tensor, fmt: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,11 +184,9 @@ def widen_weight_ref(
     ``W ≈ fp8 · s_channel`` with each row's largest possible value at 448.
     """
     f = formats.get_format(fmt)
-    vals = formats.code_values(formats.unpack(qweight, signed=f.name == "int4"), f)
-    sg = wscales.float()
-    c = f.qmax * sg.amax(-1) / formats.FP8_E4M3_MAX
+    c = f.qmax * wscales.float().amax(-1) / formats.FP8_E4M3_MAX
     c = torch.where(c > 0, c, torch.ones_like(c))
-    v = (vals.reshape(*sg.shape, f.group_size) * sg.unsqueeze(-1)).reshape(vals.shape)
+    v = _group_scaled(qweight, wscales, fmt)
     return round_e4m3(v * (1.0 / c).unsqueeze(-1)), c * wtensor_scale.float()
 
 
@@ -192,11 +199,7 @@ def dequantize_weight_ref(
 ) -> torch.Tensor:
     """The stored 4-bit weight as 16-bit [N, K_pad]: ``code_value · s_group · s_tensor``
     in fp32, rounded once to ``dtype`` (the W4A16 path's GEMM operand at many tokens)."""
-    f = formats.get_format(fmt)
-    vals = formats.code_values(formats.unpack(qweight, signed=f.name == "int4"), f)
-    sg = wscales.float()
-    v = (vals.reshape(*sg.shape, f.group_size) * sg.unsqueeze(-1)).reshape(vals.shape)
-    return (v * wtensor_scale.float()).to(dtype)
+    return (_group_scaled(qweight, wscales, fmt) * wtensor_scale.float()).to(dtype)
 
 
 def fp8_gemm_ref(
@@ -272,11 +275,9 @@ def w4a16_linear_ref(
     ``x̂ = x · (1 / s)``; ``y = (x̂ · (code · s_group)ᵀ) · s_tensor + (x̂ · L_downᵀ) · L_upᵀ + b``,
     all fp32 (the kernel multiplies the 4-bit part in tf32, the low-rank part in ~fp32).
     """
-    f = formats.get_format(fmt)
-    n, k = qweight.shape[0], x.shape[-1]
+    k = x.shape[-1]
     xs = x.float() * (1.0 / smooth.float())
-    codes = formats.code_values(formats.unpack(qweight, signed=f.name == "int4"), f)
-    w = (codes.reshape(n, -1, f.group_size) * wscales.float().unsqueeze(-1)).reshape(n, -1)
+    w = _group_scaled(qweight, wscales, fmt)
     y = (xs @ w[:, :k].t()) * wtensor_scale.float()
     if lowrank_down.shape[0]:
         y = y + (xs @ lowrank_down.float().t()) @ lowrank_up.float().t()
