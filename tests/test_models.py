@@ -227,6 +227,19 @@ def test_fused_projections_flux(tmp_path):
     assert rel(_sample(compiled(*args, **kw)), before) < 1e-5
 
 
+def test_fuse_projections_leaves_other_models_alone():
+    """Nothing to fuse (16-bit layers, no supported attention): 0, and nothing changes."""
+    import svdquant
+
+    pipe = tiny_pipeline("flux")
+    _, model = denoiser(pipe)  # not quantized: its q/k/v are nn.Linear
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert svdquant.fuse_projections(model) == 0
+    assert svdquant.unfuse_projections(model) == 0
+    assert not model.transformer_blocks[0].attn.fused_projections
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_sana_pointwise_convs_become_linear():
     pipe = tiny_pipeline("sana")
     _, model = denoiser(pipe)
