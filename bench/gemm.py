@@ -280,23 +280,16 @@ def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
     gargs = (g.qweight, g.wscales, g.wtensor_scale, g.smooth, g.down[:0], g.up[:, :0], None)
     fma_tiles = [(a, b, w) for a in (8, 16, 32) for b in (256, 512, 1024) for w in (2, 4)]
     mma_tiles = [(a, 64, w) for a in (64, 128, 256) for w in (2, 4, 8)]
-    # (M, path label, tiles, MAX_FMA_M): M = 4 on the FMA kernel's token loop or the MMAs
-    gemv_runs = (
-        (1, "fma", fma_tiles, 1),
-        (4, "fma4", fma_tiles[6:12], 4),
-        (4, "mma", mma_tiles, 1),
-    )
-    default_max = gemv_mod.MAX_FMA_M
-    for mm, key, tiles, max_fma in gemv_runs * ("gemv" in parts):
+    # (M, path label, tiles): one token on the FMA kernel, more on the tensor cores
+    gemv_runs = ((1, "fma", fma_tiles), (4, "mma", mma_tiles))
+    for mm, key, tiles in gemv_runs * ("gemv" in parts):
         xg = torch.randn(mm, 3072, device="cuda").bfloat16()
-        gemv_mod.MAX_FMA_M = max_fma
         for tile in tiles:
             gemv_mod.TILES["mma" if key == "mma" else "fma"] = tile
             fn = lambda xg=xg: w4a16_linear(xg, *gargs, "int4")  # noqa: E731
             timed = _timed(fn, 18432 * 1536, copy_gbs, True)
             out["gemv"].append({"M": mm, "path": key, "tile": tile, **timed})
             print(f"gemv M={mm} {key} {tile}: {timed.get('us', timed.get('error'))}", flush=True)
-    gemv_mod.MAX_FMA_M = default_max
     best = {}
     for key, rows in out.items():
         ok = [r for r in rows if "us" in r]
@@ -314,8 +307,6 @@ def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
     if ("gemv", 4, "mma") in best:
         for mm, key in ((1, "fma"), (4, "mma")):
             gemv_mod.TILES[key] = tuple(best["gemv", mm, key]["tile"])
-        if best["gemv", 4, "fma4"]["us"] < best["gemv", 4, "mma"]["us"]:
-            gemv_mod.MAX_FMA_M = 4
     return out
 
 

@@ -136,7 +136,6 @@ def _gemv_fma() -> dict[str, Any]:
     d["ints"] = dict(
         M=1,
         N=18432,
-        KPW=384,
         R=32,
         S=12,
         kw_per_split=384,
@@ -148,8 +147,33 @@ def _gemv_fma() -> dict[str, Any]:
         stride_un=32,
         stride_om=18432,
     )
-    d["consts"] |= dict(S_BLOCK=16, BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk)
+    d["consts"] |= dict(S_BLOCK=16, BLOCK_N=bn, BLOCK_K=bk, KPW=384)
     return dict(kernel=g._w4a16_fma_kernel, warps=warps, **d)
+
+
+@_spec("gemv_prep")
+def _gemv_prep() -> dict[str, Any]:
+    from svdquant.kernels import gemv as g
+
+    return dict(
+        kernel=g._prep_kernel,
+        ptrs=dict(
+            x_ptr="*bf16", smooth_ptr="*fp32", ld_ptr="*bf16", xh_ptr="*fp32", lora_ptr="*fp32"
+        ),
+        ints=dict(
+            M=1,
+            K=3072,
+            KP=3072,
+            R=32,
+            stride_xm=3072,
+            stride_ldr=3072,
+            stride_hm=3072,
+            stride_ls=32,
+            stride_lm=32,
+        ),
+        consts=dict(CHUNK=g.LORA_CHUNK, PLANES=8, PRESCALE=True),
+        warps=4,
+    )
 
 
 @_spec("gemv_mma")

@@ -5,15 +5,15 @@ modulation linears run at M = batch size). Memory-bound: the weight bytes (0.5 p
 weight plus the group scales) are read once and everything else is arranged so that as
 many of them as possible are in flight:
 
-* a small kernel first writes x̂ = x · (1/s) once (fp32, its even and odd columns apart,
-  matching the low and high nibbles of a packed byte) and the low-rank down projection
+* a small kernel first writes x̂ = x · (1/s) once (fp32, in planes of columns matching
+  the nibbles of the packed codes) and the low-rank down projection
   ``x̂ · L_downᵀ`` (fp32 partial sums per K chunk, summed by the GEMV's epilogue: no
   atomics, no memset);
 * the GEMV proper gives each program a block of weight rows and, where N is large enough
   to fill the GPU, all of K: wide steps (several groups, 16-byte loads) with the next
   step's bytes loaded before this step's arithmetic, and the 16-bit output written once.
-  Few tokens (M ≤ ``MAX_FMA_M``) multiply on the FMA units — per group
-  ``Σ code · x̂`` then one multiply by the group scale; more tokens use the tensor cores
+  One token multiplies on the FMA units — per group ``Σ code · x̂`` then one multiply
+  by the group scale; more tokens (at M = 4 the FMA units were 1.6x slower) use the tensor cores
   with the raw codes (exact in bf16) against x̂ split into two bf16 parts (hi + lo,
   fp32-like accuracy). Where N alone gives too few programs, K is split and the partial
   sums meet in an fp32 buffer through atomics.
@@ -43,16 +43,13 @@ __all__ = ["MAX_GEMV_M", "w4a16_linear"]
 
 #: Largest M the GEMV kernels take (the padded width of the tensor-core path's dot).
 MAX_GEMV_M = 16
-#: Up to this many rows the FMA kernel runs (else the tensor-core kernel; the FMA kernel
-#: takes up to 4, one token at a time, but at M = 4 the tensor cores were 2x faster).
-MAX_FMA_M = 1
 #: (BLOCK_N, columns per step, num_warps) of the FMA kernel and of the tensor-core kernel,
 #: from ``bench/gemm.py --sweep gemv`` on the H100.
 TILES = {"fma": (8, 256, 2), "mma": (128, 64, 4)}
 #: Split K until the grid has this many programs per SM (when N alone is too small).
 PROGRAMS_PER_SM = 4
 #: Columns per program of the x̂ / low-rank down kernel (its K split).
-LORA_CHUNK = 256
+LORA_CHUNK = 128
 
 
 @triton.jit
@@ -71,42 +68,41 @@ def _prep_kernel(
     stride_hm,
     stride_ls,
     stride_lm,
-    HAS_LORA: tl.constexpr,
-    FP32_PREC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
     CHUNK: tl.constexpr,
     PLANES: tl.constexpr,
+    PRESCALE: tl.constexpr,
 ):
     """x̂ = x · (1/s) for this program's CHUNK columns, written as [M, PLANES, KP/PLANES]
-    (plane p holds the columns c ≡ p mod PLANES; zero past K), and its share of
-    ``x̂ · L_downᵀ`` for a block of ranks: one step, so the kernel takes about one memory
-    round trip."""
+    (plane p holds the columns c ≡ p mod PLANES; zero past K; with ``PRESCALE``, plane p
+    times ``2**-_plane_shift(p)``, for the FMA kernel's int4 decode), and this chunk's share of
+    ``x̂ · L_downᵀ`` (fp32 FMAs, 32 ranks at a time, each L_down block loaded once).
+
+    A handful of tokens: no tensor-core tile to fill (a 16-row ``tl.dot`` for one token
+    took 255 registers and 10 µs, v9), many small programs, a couple of memory round
+    trips."""
     pid_k = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    rm = tl.arange(0, 16)
-    mmask = rm < M
     c = pid_k * CHUNK + tl.arange(0, CHUNK)
     cmask = c < K
     inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + c, mask=cmask, other=1.0))
-    xv = tl.load(
-        x_ptr + rm[:, None] * stride_xm + c[None, :],
-        mask=mmask[:, None] & cmask[None, :],
-        other=0.0,
-    )
-    xh = xv.to(tl.float32) * inv_s[None, :]
-    if pid_r == 0:
-        dst = xh_ptr + rm[:, None] * stride_hm + (c % PLANES) * (KP // PLANES) + c // PLANES
-        tl.store(dst, xh, mask=mmask[:, None] & (c < KP)[None, :])
-    if HAS_LORA:
-        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    dst = xh_ptr + (c % PLANES) * (KP // PLANES) + c // PLANES
+    plane_inv_s = inv_s
+    if PRESCALE:  # 2**-shift built from its exponent bits: exact
+        pow2 = ((127 - _plane_shift(c % PLANES)) << 23).to(tl.float32, bitcast=True)
+        plane_inv_s = inv_s * pow2
+    for m in range(M):
+        xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask, other=0.0)
+        tl.store(dst + m * stride_hm, xv.to(tl.float32) * plane_inv_s, mask=c < KP)
+    for r0 in range(0, R, 32):
+        rr = r0 + tl.arange(0, 32)
         ld = tl.load(
             ld_ptr + rr[:, None] * stride_ldr + c[None, :],
             mask=(rr < R)[:, None] & cmask[None, :],
             other=0.0,
-        )
-        acc = tl.dot(xh, tl.trans(ld.to(tl.float32)), input_precision=FP32_PREC)
-        dst = lora_ptr + pid_k * stride_ls + rm[:, None] * stride_lm + rr[None, :]
-        tl.store(dst, acc, mask=mmask[:, None] & (rr < R)[None, :])
+        ).to(tl.float32)
+        for m in range(M):
+            xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask, other=0.0)
+            part = tl.sum(ld * (xv.to(tl.float32) * inv_s)[None, :], axis=1)
+            tl.store(lora_ptr + pid_k * stride_ls + m * stride_lm + rr, part, mask=rr < R)
 
 
 @triton.jit
@@ -118,11 +114,30 @@ def _nibble_values(b, NVFP4: tl.constexpr):
 
 
 @triton.jit
-def _code_value(nib, NVFP4: tl.constexpr):
-    """The value of the 4-bit codes ``nib`` (int32 0..15), as fp32."""
+def _plane_shift(p):
+    """Where nibble ``p`` of a 32-bit word sits for ``_word_code``: bit ``4p`` for
+    p < 5, bit ``4p - 12`` for the top three (read from the word shifted right by 12),
+    so that every nibble fits in the 23-bit mantissa trick below."""
+    return tl.where(p < 5, 4 * p, 4 * p - 12)
+
+
+@triton.jit
+def _word_code(t, P: tl.constexpr, NVFP4: tl.constexpr):
+    """Code ``P`` (nibble P) of the int32 words ``t``, as fp32.
+
+    nvfp4: ``t`` are the stored words, the result the E2M1 value. int4: ``t`` are the
+    words XOR 0x88888888 (every nibble: code + 8), the result the signed code times
+    ``2**_plane_shift(P)`` — the nibble is masked in place (no shift), OR 2**23's
+    exponent makes it the float ``2**23 + (code + 8) · 2**shift`` and one subtraction
+    leaves ``code · 2**shift`` exactly: one logic op (one immediate, one register
+    constant) and one add per code. The prep kernel writes x̂'s plane P times
+    ``2**-shift``, so every product is the exact ``code · x̂``."""
     if NVFP4:
-        return e2m1_value(nib)
-    return int4_value(nib)
+        return e2m1_value((t >> (4 * P)) & 0xF)
+    SH: tl.constexpr = 4 * P if P < 5 else 4 * P - 12
+    v = t if P < 5 else t >> 12
+    bits = (v & (0xF << SH)) | 0x4B000000
+    return bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << SH))
 
 
 @triton.jit
@@ -210,7 +225,7 @@ def _w4a16_fma_kernel(
     out_ptr,
     M,
     N,
-    KPW,
+    KPW: tl.constexpr,
     R,
     S,
     kw_per_split,
@@ -229,25 +244,26 @@ def _w4a16_fma_kernel(
     ROUND_BF16: tl.constexpr,
     FP32_PREC: tl.constexpr,
     S_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """M ≤ 4 tokens on the FMA units. The codes are read as 32-bit words (8 nibbles; nibble
+    """One token on the FMA units. The codes are read as 32-bit words (8 nibbles; nibble
     p of word i is column 8i + p) and x̂ as 8 planes (plane p: columns 8i + p), both as
-    [BLOCK_N, groups, words per group] tensors — x̂'s rows broadcast — so the two loads get
-    the same register layout and nothing moves through shared memory in the loop."""
+    [BLOCK_N, groups, words per group] tensors — x̂'s rows broadcast — so the two loads
+    get the same register layout and nothing moves through shared memory in the loop.
+    Each step reduces only within a group (one shuffle) and keeps per-group sums; the
+    groups are summed once at the end. ``KPW`` (KP / 8) is a constant so the 8 planes'
+    addresses are one register plus immediate offsets."""
     WPG: tl.constexpr = GROUP // 8  # 32-bit words per group
     GPS: tl.constexpr = BLOCK_K // GROUP  # groups per step
     BKW: tl.constexpr = BLOCK_K // 8  # words per step
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
     # No masks in the loop (a per-element mask would split the 16-byte loads): rows past
-    # N and tokens past M read row N-1 and token M-1 (never stored), BLOCK_K divides KP
-    # and the split, and the prefetch past the end re-reads a step. K is counted in words
-    # (KPW = KP / 8, kw_per_split), so the compiler sees multiples of 16 (wide loads).
+    # N read row N-1 (never stored), BLOCK_K divides KP and the split, and the prefetch
+    # past the end re-reads a step. K is counted in words (KPW, kw_per_split), so the
+    # compiler sees multiples of 16 (wide loads).
     rows_c = tl.minimum(rows, N - 1)
     word = tl.arange(0, GPS)[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [GPS, WPG]
     kw_start = pid_k * kw_per_split
@@ -255,7 +271,7 @@ def _w4a16_fma_kernel(
     q_rows = q_ptr + rows_c[:, None, None] * stride_qn + word[None, :, :]
     s_rows = sc_ptr + rows_c[:, None] * stride_sn + tl.arange(0, GPS)[None, :]
     x_rows = xh_ptr + (rows_c * 0)[:, None, None] + word[None, :, :]  # x̂, rows broadcast
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, GPS], dtype=tl.float32)
     # Register double buffering: the next step's words are loaded before this step's
     # arithmetic, so their latency overlaps it.
     w_next = tl.load(q_rows + kw_start)
@@ -263,15 +279,14 @@ def _w4a16_fma_kernel(
         w = w_next
         w_next = tl.load(q_rows + tl.minimum(kw + BKW, kw_end - BKW))
         sg = tl.load(s_rows + kw // WPG).to(tl.float32)  # [BLOCK_N, GPS]
-        for t in tl.static_range(BLOCK_M):
-            x_t = x_rows + tl.minimum(t, M - 1) * stride_hm + kw
-            part = tl.zeros([BLOCK_N, GPS, WPG], dtype=tl.float32)
-            for p in tl.static_range(8):
-                part += _code_value((w >> (4 * p)) & 0xF, NVFP4) * tl.load(x_t + p * KPW)
-            y_t = tl.sum(tl.sum(part, axis=2) * sg, axis=1)
-            acc += tl.where(rm[None, :] == t, y_t[:, None], 0.0)
+        t = w if NVFP4 else w ^ -0x77777778  # int4: 0x88888888, each nibble code + 8
+        part = tl.zeros([BLOCK_N, GPS, WPG], dtype=tl.float32)
+        for p in tl.static_range(8):
+            part += _word_code(t, p, NVFP4) * tl.load(x_rows + kw + p * KPW)
+        acc += tl.sum(part, axis=2) * sg
+    y = tl.sum(acc, axis=1)
     _epilogue(
-        acc, rows, rm, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr,
+        y[:, None], rows, tl.arange(0, 1), pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr,
         bias_ptr, out_ptr, stride_ls, stride_lm, stride_un, stride_om,
         ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16, FP32_PREC, S_BLOCK,
     )  # fmt: skip
@@ -346,9 +361,14 @@ def _w4a16_mma_kernel(
     if NVFP4:  # the scale of each byte's two columns
         s_cols = sc_ptr + rows_c[:, None] * stride_sn + (j // (GROUP // 2))[None, :]
     x_even = xh_ptr + tl.minimum(rm, M - 1)[None, :] * stride_hm + j[:, None]  # [HK, 16]
+    # Register double buffering of the codes (as in the FMA kernel): the next step's
+    # bytes are requested before this step's MMAs.
+    b_next = tl.load(q_rows + k_start // 2, mask=(k_start // 2 + j < k_end // 2)[None, :])
     for k0 in range(k_start, k_end, BLOCK_K):
         kmask = k0 // 2 + j < k_end // 2  # by bytes (contiguous: the loads stay wide)
-        b = tl.load(q_rows + k0 // 2, mask=kmask[None, :], other=0).to(tl.int32)
+        b = b_next.to(tl.int32)
+        kn = k0 // 2 + HK  # past the end: masked off entirely
+        b_next = tl.load(q_rows + kn, mask=(kn + j < k_end // 2)[None, :], other=0)
         lo, hi = _nibble_values(b, NVFP4)
         if NVFP4:
             sg = tl.load(s_cols + k0 // GROUP, mask=kmask[None, :], other=0.0).to(tl.float32)
@@ -397,16 +417,24 @@ def w4a16_linear(
     n, kp = qweight.shape[0], qweight.shape[1] * 2
     if m == 0 or n == 0:
         return x.new_empty(m, n)
-    xh, lora = prep(x, smooth, lowrank_down, kp, planes=8 if m <= MAX_FMA_M else 2)
+    xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=m == 1)
     return gemv(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, fmt, x.dtype)
 
 
 def prep(
-    x: torch.Tensor, smooth: torch.Tensor, lowrank_down: torch.Tensor, kp: int, planes: int
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    lowrank_down: torch.Tensor,
+    kp: int,
+    fmt: str,
+    fma: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x̂ = x · (1/s) as [M, planes, kp/planes] fp32 (plane p: the columns ≡ p mod planes;
-    8 for the FMA kernel, 2 — even, odd — for the tensor-core kernel) and the low-rank
-    down projection's partial sums [chunks, M, r] (one per ``LORA_CHUNK`` columns)."""
+    8 for the FMA kernel — for int4 weights each plane scaled by the power of two its
+    shift-free decode needs — 2, even and odd, for the tensor-core kernel) and the
+    low-rank down projection's partial sums [chunks, M, r] (one per ``LORA_CHUNK``
+    columns). ``gemv`` takes both."""
+    planes = 8 if fma else 2
     m, k = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -416,12 +444,10 @@ def prep(
     chunks = triton.cdiv(kp, LORA_CHUNK)
     xh = torch.empty(m, planes, kp // planes, dtype=torch.float32, device=x.device)
     lora = torch.empty(chunks, m, max(r, 1), dtype=torch.float32, device=x.device)
-    block_r = min(64, max(16, triton.next_power_of_2(max(r, 1))))
-    _prep_kernel[(chunks, triton.cdiv(r, block_r) if r else 1)](
+    _prep_kernel[(chunks,)](
         x, smooth, lowrank_down, xh, lora, m, k, kp, r,
         x.stride(0), lowrank_down.stride(0), xh.stride(0), lora.stride(0), lora.stride(1),
-        HAS_LORA=r > 0, FP32_PREC=dot_precision(), BLOCK_R=block_r, CHUNK=LORA_CHUNK,
-        PLANES=planes,
+        CHUNK=LORA_CHUNK, PLANES=planes, PRESCALE=fma and fmt == "int4", num_warps=4,
     )  # fmt: skip
     return xh, lora[..., :r]
 
@@ -451,7 +477,6 @@ def gemv(
             else (qweight.clone().view(torch.int32))
         )
     if fma:
-        block_m = triton.next_power_of_2(m)
         block_n, block_k, warps = TILES["fma"]
         # the widest step (whole groups, a power of two) that divides KP: no partial steps
         block_k = max(block_k, f.group_size)
@@ -485,7 +510,7 @@ def gemv(
         HAS_BIAS=bias is not None,
         ROUND_BF16=needs_bf16_rounding(out_dtype),
         FP32_PREC=dot_precision(),
-        # the FMA kernel (few tokens) sums up to 16 partials per load; the tensor-core
+        # the FMA kernel (one token) sums up to 16 partials per load; the tensor-core
         # kernel's 16 tokens make that tensor too big (v9: 55 -> 70 us at M = 4)
         S_BLOCK=min(16, triton.next_power_of_2(chunks)) if fma else 1,
         BLOCK_N=block_n,
@@ -493,7 +518,7 @@ def gemv(
         num_warps=warps,
     )
     if fma:
-        _w4a16_fma_kernel[(n_blocks, split)](*common, BLOCK_M=block_m, **flags)
+        _w4a16_fma_kernel[(n_blocks, split)](*common, **flags)
     else:
         _w4a16_mma_kernel[(n_blocks, split)](*common, DOT_FP32=interpreting(), **flags)
     return out if split == 1 else out.to(out_dtype)

@@ -1,0 +1,84 @@
+"""Hardware counters of the engine's kernels, one launch each, under Nsight Compute.
+
+    ncu --profile-from-start off --clock-control none --section SpeedOfLight \\
+        --section MemoryWorkloadAnalysis --section Occupancy --section SchedulerStats \\
+        --section WarpStateStats --section LaunchStats \\
+        python bench/profile_ncu.py [--only gemv,quantize,...]
+
+Everything is compiled and run once first (autotuning, JIT) outside the profiled range;
+then each kernel of a FLUX.1 layer shape runs once between ``cudaProfilerStart`` and
+``cudaProfilerStop``, so ncu sees exactly those launches: the W4A16 GEMV at M = 1 and 4
+(N = 18432, K = 3072, rank 32, bias) with its x̂ prep kernel, the activation quantize
+(M = 4608, K = 3072, rank 32), the widen (N = K = 3072) and the fp8 GEMM + low-rank + bias
+(M = 4608, N = K = 3072), and the fused MLP's fc1 (quantize-next epilogue). For NOTES.md:
+what limits each kernel (issue slots, memory pipes, stalls), not its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gemm import Layer
+
+from svdquant.kernels import reference as ref
+from svdquant.kernels.gemm import fp8_gemm, fp8_gemm_quantize_next
+from svdquant.kernels.gemv import w4a16_linear
+from svdquant.kernels.quantize import quantize_act
+from svdquant.kernels.widen import widen_weight
+
+
+def cases() -> dict:
+    """name -> a function running that case's kernels once."""
+    torch.manual_seed(0)
+    big = Layer(18432, 3072)
+    sq = Layer(3072, 3072)
+    fc1, fc2 = Layer(12288, 3072, seed=1), Layer(3072, 12288, seed=2)
+    x1 = torch.randn(1, 3072, device="cuda").bfloat16()
+    x4 = torch.randn(4, 3072, device="cuda").bfloat16()
+    xm = torch.randn(4608, 3072, device="cuda").bfloat16()
+    s = ref.act_scale_from_amax(sq.act_amax)
+    g = (big.qweight, big.wscales, big.wtensor_scale, big.smooth, big.down, big.up, big.bias)
+    wargs = (sq.qweight, sq.wscales, sq.wtensor_scale, sq.fmt)
+    xq, lora = quantize_act(xm, sq.smooth, sq.down, s, 3072, "int4")
+    wq, s_ch = widen_weight(*wargs)
+    w1, c1 = widen_weight(fc1.qweight, fc1.wscales, fc1.wtensor_scale, fc1.fmt)
+    s2 = ref.act_scale_from_amax(fc2.act_amax)
+    mlp = (xq, w1, c1, s, lora, fc1.up, fc1.bias, torch.bfloat16, "gelu_tanh")
+    mlp += (fc2.smooth, fc2.down, s2, 12288, "int4")
+    return {
+        "gemv": lambda: (w4a16_linear(x1, *g, "int4"), w4a16_linear(x4, *g, "int4")),
+        "quantize": lambda: quantize_act(xm, sq.smooth, sq.down, s, 3072, "int4"),
+        "widen": lambda: widen_weight(*wargs),
+        "gemm": lambda: fp8_gemm(xq, wq, s_ch, s, lora, sq.up, sq.bias, torch.bfloat16),
+        "mlp_fc1": lambda: fp8_gemm_quantize_next(*mlp),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated case names (default: all)")
+    args = ap.parse_args()
+    todo = cases()
+    if args.only:
+        todo = {k: v for k, v in todo.items() if k in args.only.split(",")}
+    for fn in todo.values():  # compile, autotune
+        fn()
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for name, fn in todo.items():
+        torch.cuda.nvtx.range_push(name)
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_pop()
+    torch.cuda.cudart().cudaProfilerStop()
+    print("profiled:", ", ".join(todo))
+
+
+if __name__ == "__main__":
+    main()
