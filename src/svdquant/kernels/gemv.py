@@ -361,14 +361,9 @@ def _w4a16_mma_kernel(
     if NVFP4:  # the scale of each byte's two columns
         s_cols = sc_ptr + rows_c[:, None] * stride_sn + (j // (GROUP // 2))[None, :]
     x_even = xh_ptr + tl.minimum(rm, M - 1)[None, :] * stride_hm + j[:, None]  # [HK, 16]
-    # Register double buffering of the codes (as in the FMA kernel): the next step's
-    # bytes are requested before this step's MMAs.
-    b_next = tl.load(q_rows + k_start // 2, mask=(k_start // 2 + j < k_end // 2)[None, :])
     for k0 in range(k_start, k_end, BLOCK_K):
         kmask = k0 // 2 + j < k_end // 2  # by bytes (contiguous: the loads stay wide)
-        b = b_next.to(tl.int32)
-        kn = k0 // 2 + HK  # past the end: masked off entirely
-        b_next = tl.load(q_rows + kn, mask=(kn + j < k_end // 2)[None, :], other=0)
+        b = tl.load(q_rows + k0 // 2, mask=kmask[None, :], other=0).to(tl.int32)
         lo, hi = _nibble_values(b, NVFP4)
         if NVFP4:
             sg = tl.load(s_cols + k0 // GROUP, mask=kmask[None, :], other=0.0).to(tl.float32)
