@@ -279,17 +279,22 @@ def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
     g = Layer(18432, 3072)
     gargs = (g.qweight, g.wscales, g.wtensor_scale, g.smooth, g.down[:0], g.up[:, :0], None)
     fma_tiles = [(a, b, w) for a in (8, 16, 32) for b in (256, 512, 1024) for w in (2, 4)]
-    mma_tiles = [(a, 64, w) for a in (64, 128, 256) for w in (2, 4, 8)]
+    # the tensor-core kernel also over its K split (programs per SM): at M = 4 it ran
+    # with 13 warps per SM, latency-bound (ncu, 2026-11-25)
+    mma_tiles = [(a, 64, w, pps) for a in (64, 128, 256) for w in (2, 4) for pps in (4, 8, 16)]
+    default_pps = gemv_mod.PROGRAMS_PER_SM
     # (M, path label, tiles): one token on the FMA kernel, more on the tensor cores
-    gemv_runs = ((1, "fma", fma_tiles), (4, "mma", mma_tiles))
+    gemv_runs = ((1, "fma", [(*t, default_pps) for t in fma_tiles]), (4, "mma", mma_tiles))
     for mm, key, tiles in gemv_runs * ("gemv" in parts):
         xg = torch.randn(mm, 3072, device="cuda").bfloat16()
-        for tile in tiles:
-            gemv_mod.TILES["mma" if key == "mma" else "fma"] = tile
+        for *tile, pps in tiles:
+            gemv_mod.TILES[key] = tuple(tile)
+            gemv_mod.PROGRAMS_PER_SM = pps
             fn = lambda xg=xg: w4a16_linear(xg, *gargs, "int4")  # noqa: E731
             timed = _timed(fn, 18432 * 1536, copy_gbs, True)
-            out["gemv"].append({"M": mm, "path": key, "tile": tile, **timed})
-            print(f"gemv M={mm} {key} {tile}: {timed.get('us', timed.get('error'))}", flush=True)
+            out["gemv"].append({"M": mm, "path": key, "tile": (*tile, pps), **timed})
+            print(f"gemv M={mm} {key} {tile} pps {pps}: {timed.get('us', timed.get('error'))}")
+    gemv_mod.PROGRAMS_PER_SM = default_pps
     best = {}
     for key, rows in out.items():
         ok = [r for r in rows if "us" in r]
@@ -305,8 +310,9 @@ def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
     if ("widen", 0, "") in best:
         widen_mod.TILE = best["widen", 0, ""]["tile"]
     if ("gemv", 4, "mma") in best:
-        for mm, key in ((1, "fma"), (4, "mma")):
-            gemv_mod.TILES[key] = tuple(best["gemv", mm, key]["tile"])
+        gemv_mod.TILES["fma"] = tuple(best["gemv", 1, "fma"]["tile"][:3])
+        *tile, gemv_mod.PROGRAMS_PER_SM = best["gemv", 4, "mma"]["tile"]
+        gemv_mod.TILES["mma"] = tuple(tile)
     return out
 
 
