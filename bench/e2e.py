@@ -115,7 +115,7 @@ def _ours(fmt: str, act_fmt: str | None, fuse: bool = False) -> Callable[[nn.Mod
             fmt=fmt, act_fmt=act_fmt, alpha=0.5, max_samples=256, progress=False
         )
         svdquant.quantize_model(model, ctx.calibration, cfg)
-        if fuse:  # q/k/v of every attention as one layer: one quantize, one wider GEMM
+        if fuse:  # q/k/v (+ the single blocks' MLP up) as one layer: one quantize, one GEMM
             svdquant.fuse_projections(model)
 
     return apply
@@ -222,7 +222,7 @@ METHODS: dict[str, Method] = {
         Method("bf16", "diffusers BF16", "diffusers", "bf16", "bf16", lambda m, c: None, est_s=25),
         Method("svdq-int4", "svdquant W4A4 int4", "svdquant", "int4 g64 + rank 32", "int4 g64",
                _ours("int4", None), est_s=90),
-        Method("svdq-int4-fused", "svdquant W4A4 int4, fused q/k/v", "svdquant",
+        Method("svdq-int4-fused", "svdquant W4A4 int4, fused projections", "svdquant",
                "int4 g64 + rank 32", "int4 g64", _ours("int4", None, fuse=True), est_s=90),
         Method("nf4", "bitsandbytes NF4 W4A16", "bitsandbytes", "nf4 g64", "bf16", _nf4,
                _no_module("bitsandbytes"), est_s=40),

@@ -24,7 +24,12 @@ import svdquant  # noqa: E402
 from svdquant import formats  # noqa: E402
 from svdquant.kernels import reference as ref  # noqa: E402
 from svdquant.kernels._triton_common import round_bf16, round_e4m3  # noqa: E402
-from svdquant.kernels.gemm import fp8_gemm, fp8_gemm_quantize_next  # noqa: E402
+from svdquant.kernels.gemm import (  # noqa: E402
+    fp8_gemm,
+    fp8_gemm_quantize_next,
+    fp8_gemm_split,
+    split_supported,
+)
 from svdquant.kernels.gemv import w4a16_linear  # noqa: E402
 from svdquant.kernels.quantize import quantize_act  # noqa: E402
 from svdquant.kernels.widen import dequantize_weight, widen_weight  # noqa: E402
@@ -211,6 +216,33 @@ def test_fp8_gemm_matches_reference(m, n, k, r, bias, dtype):
     assert rel_err(y, y_ref) <= TOL
 
 
+@pytest.mark.parametrize(("m", "sizes"), [(1, [256, 256]), (37, [256, 512, 256, 300])])
+def test_fp8_gemm_split_writes_each_segment_contiguous(m, sizes):
+    """The split output (fused q/k/v, q/k/v/mlp): segment i of the flat buffer is columns
+    [c_i, c_i + sizes[i]) of the plain GEMM, value for value; bounds that are not
+    multiples of 256 are refused."""
+    n, k, r = sum(sizes), 64, 5
+    g = _gen(m)
+    xq = ref.round_e4m3(torch.randn(m, k, generator=g) * 50).to(DEVICE)
+    wq = ref.round_e4m3(torch.randn(n, k, generator=g) * 100).to(DEVICE)
+    s_ch = (torch.rand(n, generator=g) * 1e-3).to(DEVICE)
+    act_scale = torch.tensor(0.02, device=DEVICE)
+    lora = torch.randn(m, r, generator=g).to(DEVICE)
+    _, up = _lowrank(n, k, r, torch.bfloat16)
+    b = torch.randn(n, generator=g).to(DEVICE, torch.bfloat16)
+    args = (xq, wq, s_ch, act_scale, lora, up, b, torch.bfloat16)
+    y = fp8_gemm(*args)
+    flat = fp8_gemm_split(*args, sizes)
+    start = 0
+    for w in sizes:
+        seg = flat[m * start : m * (start + w)].view(m, w)
+        assert torch.equal(seg, y[:, start : start + w])
+        start += w
+    assert not split_supported([100, 156]) and not split_supported([n])
+    with pytest.raises(ValueError, match="multiples of 256"):
+        fp8_gemm_split(*args, [100, n - 100])
+
+
 @pytest.mark.parametrize(("m", "n", "activation", "act_fmt2"), [
     (3, 130, "gelu_tanh", "int4"), (257, 128, "silu", "fp8"), (40, 64, "none", "int4"),
 ])  # fmt: skip
@@ -278,6 +310,25 @@ def _layer(fmt: str, act_fmt: str, k: int = 200, n: int = 130, rank: int = 8):
 
 
 ENGINE_CASES = [("int4", "int4"), ("int4", "fp8"), ("nvfp4", "int4"), ("nvfp4", "fp8")]
+
+
+@pytest.mark.parametrize("sizes", [[256, 256, 512], [40, 40, 16]])
+def test_forward_split_gives_contiguous_parts(sizes):
+    """``SVDQLinear.forward_split`` (fused projections): each part equals the layer's
+    output columns and is contiguous — written by the GEMM directly when the bounds are
+    multiples of 256, split and copied otherwise."""
+    _, layer, calib = _layer("int4", "int4", k=64, n=sum(sizes))
+    layer.backend = "triton"
+    x = calib[:7].reshape(7, 1, 64)
+    parts = layer.forward_split(x, sizes)
+    y = layer(x)
+    start = 0
+    for p, w in zip(parts, sizes, strict=True):
+        assert p.shape == (7, 1, w) and p.is_contiguous()
+        assert torch.equal(p, y[..., start : start + w])
+        start += w
+    with pytest.raises(ValueError, match="add up"):
+        layer.forward_split(x, [1, 2])
 
 
 @pytest.mark.parametrize("act_fmt", ["int4", "fp8"])

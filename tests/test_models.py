@@ -205,11 +205,21 @@ def test_fused_projections_flux(tmp_path):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     n_attn = len(model.transformer_blocks) + len(model.single_transformer_blocks)
     assert svdquant.fuse_projections(model) == n_attn
+    assert svdquant.fuse_projections(model) == 0  # already fused: nothing more to do
     blk, single = model.transformer_blocks[0], model.single_transformer_blocks[0]
     assert blk.attn.fused_projections and not hasattr(blk.attn, "to_q")
     assert blk.attn.to_qkv.out_features == 3 * blk.attn.inner_dim
-    assert isinstance(blk.attn.to_added_qkv, SVDQLinear) and hasattr(single.attn, "to_qkv")
+    assert isinstance(blk.attn.to_added_qkv.linear, SVDQLinear)
+    # single blocks: q/k/v and the MLP's up projection as one layer, parts contiguous
+    assert not hasattr(single, "proj_mlp") and not hasattr(single.attn, "to_q")
+    width = single.attn.inner_dim
+    assert single.qkv_mlp.sizes == [width] * 3 + [single.mlp_hidden_dim]
+    parts = single.qkv_mlp(torch.randn(2, 5, width, dtype=torch.bfloat16))
+    assert [p.shape[-1] for p in parts] == single.qkv_mlp.sizes
+    assert all(p.is_contiguous() for p in parts)
     assert rel(_sample(model(*args, **kw)), before) < 1e-5
+    with pytest.raises(ValueError, match="joint_attention_kwargs"):
+        model(*args, **{**kw, "joint_attention_kwargs": {"unused": 1}})
     with pytest.raises(ValueError, match="unfuse_projections"):
         checkpoint.save_quantized(model, tmp_path / "fused")
     with pytest.raises(LoraError, match="unfuse_projections"):
@@ -218,6 +228,8 @@ def test_fused_projections_flux(tmp_path):
     assert rel(_sample(compiled(*args, **kw)), before) < 1e-5
     assert svdquant.unfuse_projections(model) == n_attn
     assert not blk.attn.fused_projections and not hasattr(blk.attn, "to_qkv")
+    assert type(single).__name__ == "FluxSingleTransformerBlock"
+    assert type(single.attn.processor).__name__ == "FluxAttnProcessor"
     after = model.state_dict()
     assert after.keys() == state.keys()
     assert all(torch.equal(after[k], state[k]) for k in state)

@@ -1,36 +1,65 @@
-"""Fused projections: the quantized q/k/v of an attention run as one layer.
+"""Fused projections: the quantized layers that read one input run as one layer.
 
 A ``QuantGroup`` (``models.base``) quantizes the linears that read the same input with
 one smoothing vector, one low-rank down projection and one activation scale, so their
-concatenation along N is itself an ``SVDQLinear``: ``fuse_projections`` builds it and
-switches diffusers' attention to its fused path (``attn.to_qkv``, ``attn.to_added_qkv``,
-``attn.fused_projections = True``). The fused engine then quantizes the input once
-instead of three times and runs one GEMM with N = 3 · width, the wider shape at which it
-is faster. The numbers are the same as unfused (each output column is computed from the
-same quantized input and its own weight row).
+concatenation along N is itself an ``SVDQLinear``. ``fuse_projections`` builds it — for
+FLUX.1, each attention's q/k/v (and the text stream's added q/k/v), and in the single
+blocks q/k/v together with the MLP's up projection — so the fused engine quantizes the
+input once and runs one GEMM with N = 3 · 3072 (or 3 · 3072 + 12288), the wide shapes at
+which it is fastest. The GEMM writes each part (q, k, v, mlp) to its own contiguous
+tensor (``SVDQLinear.forward_split``): diffusers' own fused path splits one wide output
+with ``chunk``, and the strided parts were copied downstream (4.3 ms per FLUX step on
+the H100, more than the fusion saved). The numbers are the same as unfused (each output
+column is computed from the same quantized input and its own weight row).
 
 It is a runtime transform, applied after loading and after LoRAs: ``unfuse_projections``
-restores the separate layers (bit for bit), which saving and LoRA loading need.
-Supported: FLUX.1's attention (``FluxAttention``).
+restores the separate layers (bit for bit), the attention processors and the blocks,
+which saving and LoRA loading need. Supported: FLUX.1 (``FluxAttention``,
+``FluxSingleTransformerBlock``).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 import torch
 from torch import nn
 
 from svdquant.nn import SVDQLinear
 
-__all__ = ["fuse_projections", "unfuse_projections"]
+__all__ = ["FusedProjection", "fuse_projections", "unfuse_projections"]
 
-#: attention classes whose processor takes ``to_qkv`` / ``to_added_qkv`` when fused
-_FUSABLE = ("FluxAttention",)
-#: (fused name, the separate layers) of diffusers' attention modules
+#: (fused name, the separate layers) of FLUX's attention modules
 _PARTS = (
     ("to_qkv", ("to_q", "to_k", "to_v")),
     ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
 )
-_FUSED_ATTR = "_svdquant_fused"  # on the attention: {fused name: (member names, widths)}
+#: on a fused module: {fused attribute: (original attribute paths, widths)}, and what to
+#: restore (the attention processor, the block class)
+_FUSED_ATTR = "_svdquant_fused"
+_ORIG_PROCESSOR = "_svdquant_processor"
+_ORIG_CLASS = "_svdquant_class"
+
+
+class FusedProjection(nn.Module):
+    """Several projections of the same input as one quantized layer: ``forward`` returns
+    the parts (widths ``sizes``) as separate contiguous tensors."""
+
+    def __init__(self, linear: SVDQLinear, sizes: list[int]) -> None:
+        super().__init__()
+        self.linear = linear
+        self.sizes = list(sizes)
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear.forward_split(x, self.sizes)
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}"
 
 
 def _fusable(layers: list[nn.Module]) -> str | None:
@@ -89,54 +118,203 @@ def _split(fused: SVDQLinear, sizes: list[int]) -> list[SVDQLinear]:
     return out
 
 
+@functools.cache
+def _flux_runtime() -> tuple[type, type]:
+    """(attention processor, single-block class) of the fused FLUX runtime: diffusers'
+    own code with the projections taken from ``FusedProjection`` layers."""
+    from diffusers.models.transformers import transformer_flux as tf
+
+    class FluxFusedAttnProcessor:
+        """``FluxAttnProcessor`` with q/k/v (and the text stream's) from fused layers, or
+        passed in (``qkv``: the single block computed them with its MLP input)."""
+
+        _attention_backend = None
+        _parallel_config = None
+
+        def __call__(
+            self,
+            attn: nn.Module,
+            hidden_states: torch.Tensor,
+            encoder_hidden_states: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            image_rotary_emb: Any = None,
+            qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        ) -> Any:
+            query, key, value = attn.to_qkv(hidden_states) if qkv is None else qkv
+            query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+            key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+            value = value.unflatten(-1, (-1, attn.head_dim))
+            if attn.added_kv_proj_dim is not None:
+                eq, ek, ev = attn.to_added_qkv(encoder_hidden_states)
+                eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
+                ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
+                ev = ev.unflatten(-1, (-1, attn.head_dim))
+                query = torch.cat([eq, query], dim=1)
+                key = torch.cat([ek, key], dim=1)
+                value = torch.cat([ev, value], dim=1)
+            if image_rotary_emb is not None:
+                query = tf.apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = tf.apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            hidden_states = tf.dispatch_attention_fn(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+            hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+            if encoder_hidden_states is None:
+                return hidden_states
+            n_txt = encoder_hidden_states.shape[1]
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [n_txt, hidden_states.shape[1] - n_txt], dim=1
+            )
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+
+    class FusedFluxSingleTransformerBlock(tf.FluxSingleTransformerBlock):
+        """The single block with q/k/v and the MLP's up projection as one layer
+        (``qkv_mlp``): the norm output is quantized once for all four."""
+
+        def forward(
+            self,
+            hidden_states: torch.Tensor,
+            encoder_hidden_states: torch.Tensor,
+            temb: torch.Tensor,
+            image_rotary_emb: Any = None,
+            joint_attention_kwargs: dict[str, Any] | None = None,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if joint_attention_kwargs:
+                raise ValueError(
+                    f"fused FLUX blocks take no joint_attention_kwargs (got "
+                    f"{sorted(joint_attention_kwargs)}); call svdquant.unfuse_projections first"
+                )
+            n_txt = encoder_hidden_states.shape[1]
+            hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+            residual = hidden_states
+            norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+            q, k, v, mlp = self.qkv_mlp(norm_hidden_states)
+            attn_output = self.attn.processor(
+                self.attn, norm_hidden_states, image_rotary_emb=image_rotary_emb, qkv=(q, k, v)
+            )
+            hidden_states = torch.cat([attn_output, self.act_mlp(mlp)], dim=2)
+            hidden_states = residual + gate.unsqueeze(1) * self.proj_out(hidden_states)
+            if hidden_states.dtype == torch.float16:
+                hidden_states = hidden_states.clip(-65504, 65504)
+            return hidden_states[:, :n_txt], hidden_states[:, n_txt:]
+
+    return FluxFusedAttnProcessor, FusedFluxSingleTransformerBlock
+
+
+def _set_fused_processor(attn: nn.Module) -> None:
+    processor_cls, _ = _flux_runtime()
+    old = attn.processor
+    new = processor_cls()
+    new._attention_backend = getattr(old, "_attention_backend", None)
+    new._parallel_config = getattr(old, "_parallel_config", None)
+    setattr(attn, _ORIG_PROCESSOR, old)
+    attn.processor = new
+
+
+def _fuse_layers(owner: nn.Module, fused_name: str, paths: list[str]) -> bool:
+    """Replace the layers at ``paths`` (relative to ``owner``) by one ``FusedProjection``
+    named ``fused_name`` on ``owner``; False (nothing changed) if they cannot be fused."""
+    layers = [owner.get_submodule(p) for p in paths]
+    if _fusable(layers) is not None:
+        return False
+    sizes = [m.out_features for m in layers]
+    setattr(owner, fused_name, FusedProjection(_concat(layers), sizes))
+    for p in paths:
+        parent, _, child = p.rpartition(".")
+        delattr(owner.get_submodule(parent) if parent else owner, child)
+    getattr(owner, _FUSED_ATTR)[fused_name] = (list(paths), sizes)
+    return True
+
+
+def _fuse_single_block(block: nn.Module) -> bool:
+    attn = block.attn
+    paths = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
+    setattr(block, _FUSED_ATTR, {})
+    if not _fuse_layers(block, "qkv_mlp", paths):
+        delattr(block, _FUSED_ATTR)
+        return False
+    _, single_cls = _flux_runtime()
+    setattr(block, _ORIG_CLASS, type(block))
+    block.__class__ = single_cls
+    _set_fused_processor(attn)
+    attn.fused_projections = True
+    return True
+
+
+def _fuse_attention(attn: nn.Module) -> bool:
+    plan = [(f, list(names)) for f, names in _PARTS if getattr(attn, names[0], None) is not None]
+    # both groups or neither: the processor takes the text stream's from a fused layer too
+    if not plan or any(_fusable([getattr(attn, n) for n in names]) for _, names in plan):
+        return False
+    setattr(attn, _FUSED_ATTR, {})
+    for fused_name, names in plan:
+        _fuse_layers(attn, fused_name, names)
+    _set_fused_processor(attn)
+    attn.fused_projections = True
+    return True
+
+
 def fuse_projections(model: nn.Module) -> int:
-    """Fuse the quantized q/k/v (and the text stream's added q/k/v) of every supported
-    attention in ``model``; returns how many attention modules were fused. Modules whose
-    layers cannot be fused (16-bit, separately quantized, LoRAs loaded) stay as they are."""
+    """Fuse the quantized projections that read one input in every supported module of
+    ``model`` (FLUX.1: q/k/v of each attention and the text stream's added q/k/v; in the
+    single blocks q/k/v with the MLP's up projection); returns how many attention modules
+    now take fused projections. Modules whose layers cannot be fused (16-bit, separately
+    quantized, LoRAs loaded) stay as they are."""
     count = 0
-    for attn in model.modules():
-        if type(attn).__name__ not in _FUSABLE or getattr(attn, "fused_projections", False):
+    for module in list(model.modules()):
+        if getattr(module, _FUSED_ATTR, None) is not None:
             continue
-        plan = []
-        for fused_name, names in _PARTS:
-            if getattr(attn, names[0], None) is None:
-                continue
-            layers = [getattr(attn, n) for n in names]
-            if _fusable(layers) is not None:
-                plan = []  # both groups or neither: diffusers' fused path takes both
-                break
-            plan.append((fused_name, names, layers))
-        if not plan:
+        kind = type(module).__name__
+        if kind == "FluxSingleTransformerBlock" and _fuse_single_block(module):
+            count += 1
+    for module in list(model.modules()):
+        if type(module).__name__ != "FluxAttention" or getattr(module, "fused_projections", False):
             continue
-        for fused_name, names, layers in plan:
-            setattr(attn, fused_name, _concat(layers))
-            for n in names:
-                delattr(attn, n)
-        setattr(attn, _FUSED_ATTR, {f: ([n for n in names], [m.out_features for m in ls])
-                                    for f, names, ls in plan})  # fmt: skip
-        attn.fused_projections = True
-        count += 1
+        count += _fuse_attention(module)
     return count
 
 
+def _restore(owner: nn.Module) -> None:
+    for fused_name, (paths, sizes) in getattr(owner, _FUSED_ATTR).items():
+        fused = getattr(owner, fused_name)
+        for p, layer in zip(paths, _split(fused.linear, sizes), strict=True):
+            parent, _, child = p.rpartition(".")
+            setattr(owner.get_submodule(parent) if parent else owner, child, layer)
+        delattr(owner, fused_name)
+    delattr(owner, _FUSED_ATTR)
+
+
+def _restore_processor(attn: nn.Module) -> None:
+    attn.processor = getattr(attn, _ORIG_PROCESSOR)
+    delattr(attn, _ORIG_PROCESSOR)
+    attn.fused_projections = False
+
+
 def unfuse_projections(model: nn.Module) -> int:
-    """Undo ``fuse_projections`` (the separate layers come back bit for bit); returns how
-    many attention modules were unfused."""
+    """Undo ``fuse_projections`` (the separate layers come back bit for bit, with the
+    original attention processors and block classes); returns how many attention modules
+    were unfused."""
     count = 0
-    for attn in model.modules():
-        parts = getattr(attn, _FUSED_ATTR, None)
-        if not parts:
+    for module in list(model.modules()):
+        if getattr(module, _FUSED_ATTR, None) is None:
             continue
-        for fused_name, (names, sizes) in parts.items():
-            for n, m in zip(names, _split(getattr(attn, fused_name), sizes), strict=True):
-                setattr(attn, n, m)
-            delattr(attn, fused_name)
-        delattr(attn, _FUSED_ATTR)
-        attn.fused_projections = False
+        _restore(module)
+        if hasattr(module, _ORIG_CLASS):  # a single block: its attention was fused with it
+            module.__class__ = getattr(module, _ORIG_CLASS)
+            delattr(module, _ORIG_CLASS)
+            module = module.attn
+        _restore_processor(module)
         count += 1
     return count
 
 
 def is_fused(model: nn.Module) -> bool:
-    """Whether ``fuse_projections`` fused any attention of ``model``."""
+    """Whether ``fuse_projections`` fused anything in ``model``."""
     return any(getattr(m, _FUSED_ATTR, None) for m in model.modules())

@@ -119,7 +119,7 @@ class SVDQLinear(nn.Module):
         cfg["dtype"] = getattr(torch, cfg["dtype"])
         return cls(**cfg, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(
                 f"SVDQLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}"
@@ -131,6 +131,9 @@ class SVDQLinear(nn.Module):
                 f"input is on {x.device} but the layer is on {self.qweight.device}; "
                 "move one of them (e.g. layer.to(x.device))"
             )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         if kernels.resolve_backend(self.backend, x.device) == "triton":
             return kernels.svdq_linear_triton(
                 x,
@@ -157,6 +160,17 @@ class SVDQLinear(nn.Module):
             self.fmt,
             self.act_fmt,
         )
+
+    def forward_split(self, x: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+        """``forward(x)`` split along N into contiguous parts of widths ``sizes`` — for a
+        fused projection (``svdquant.fuse_projections``): on the fp8 engine the GEMM
+        writes each part to its own tensor, so the split costs no copy."""
+        if sum(sizes) != self.out_features:
+            raise ValueError(f"sizes {list(sizes)} do not add up to {self.out_features}")
+        self._check_input(x)
+        if kernels.resolve_backend(self.backend, x.device) == "triton":
+            return kernels.svdq_linear_split_triton(self, x, list(sizes))
+        return tuple(t.contiguous() for t in self.forward(x).split(list(sizes), dim=-1))
 
     def quantized_residual(self) -> formats.QuantizedTensor:
         """The 4-bit residual R as a ``QuantizedTensor``."""

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from svdquant.kernels.ops import svdq_linear_triton, svdq_mlp_triton
+from svdquant.kernels.ops import svdq_linear_split_triton, svdq_linear_triton, svdq_mlp_triton
 from svdquant.kernels.reference import ACT_FORMATS, quantize_activations, svdq_linear
 
 BACKENDS = ("auto", "reference", "triton")
@@ -28,6 +28,7 @@ __all__ = [
     "quantize_activations",
     "resolve_backend",
     "svdq_linear",
+    "svdq_linear_split_triton",
     "svdq_linear_triton",
     "svdq_mlp_triton",
 ]

@@ -26,7 +26,7 @@ from svdquant.kernels._triton_common import (
 )
 from svdquant.kernels.quantize import quantize_tile
 
-__all__ = ["fp8_gemm", "fp8_gemm_quantize_next"]
+__all__ = ["fp8_gemm", "fp8_gemm_quantize_next", "fp8_gemm_split", "split_supported"]
 
 
 def _configs() -> list[triton.Config]:
@@ -90,12 +90,16 @@ def _fp8_gemm_kernel(
     stride_q2m,
     stride_ld2,
     stride_l2m,
+    B1,
+    B2,
+    B3,
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT_FP32: tl.constexpr,
     NEXT: tl.constexpr,
+    SPLIT: tl.constexpr,
     ACT: tl.constexpr,
     NEXT_INT4: tl.constexpr,
     BLOCK_R2: tl.constexpr,
@@ -194,6 +198,21 @@ def _fp8_gemm_kernel(
             mask=mmask[:, None] & (r2 < R2)[None, :],
             sem="relaxed",
         )
+    elif SPLIT:
+        # Column segments [0, B1), [B1, B2), [B2, B3), [B3, N) go to separate contiguous
+        # [M, width] tensors laid end to end in ``c`` (the segment at column ``start``
+        # begins at element M · start). The bounds are multiples of every BLOCK_N, so a
+        # tile lies in one segment and its rows stay contiguous.
+        col0 = pid_n * BLOCK_N
+        start = tl.where(col0 >= B3, B3, tl.where(col0 >= B2, B2, tl.where(col0 >= B1, B1, 0)))
+        end = tl.where(col0 >= B3, N, tl.where(col0 >= B2, B3, tl.where(col0 >= B1, B2, B1)))
+        width = tl.multiple_of(end - start, 16)
+        seg = c_ptr + start.to(tl.int64) * M
+        tl.store(
+            seg + rm[:, None] * width + (rn - start)[None, :],
+            y16,
+            mask=mmask[:, None] & nmask[None, :],
+        )
     else:
         tl.store(
             c_ptr + rm[:, None] * stride_cm + rn[None, :],
@@ -205,8 +224,15 @@ def _fp8_gemm_kernel(
 _ACTS = {"none": 0, "gelu_tanh": 1, "silu": 2}
 
 
-def _launch(xq, wq, lora_act, lowrank_up, s_channel, act_scale, bias, out, nxt) -> None:
-    """Launch the GEMM; ``nxt`` = (smooth2, ld2, scale2, xq2, lora2, act, act_fmt2) or None."""
+#: Segment bounds of a split output must be multiples of this (every config's BLOCK_N).
+SPLIT_ALIGN = 256
+
+
+def _launch(
+    xq, wq, lora_act, lowrank_up, s_channel, act_scale, bias, out, nxt, bounds=None
+) -> None:
+    """Launch the GEMM; ``nxt`` = (smooth2, ld2, scale2, xq2, lora2, act, act_fmt2) or None;
+    ``bounds``: the inner column bounds of a split output (see ``fp8_gemm_split``)."""
     m, k = xq.shape
     n = wq.shape[0]
     r = lowrank_up.shape[1]
@@ -251,12 +277,14 @@ def _launch(xq, wq, lora_act, lowrank_up, s_channel, act_scale, bias, out, nxt) 
         k2_out,
         r2,
         *strides2,
+        *_three_bounds(bounds, n),
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
         ROUND_BF16=needs_bf16_rounding(out.dtype),
         BLOCK_R=max(16, triton.next_power_of_2(max(r, 1))),
         DOT_FP32=interpreting(),
         NEXT=nxt is not None,
+        SPLIT=bounds is not None,
         ACT=_ACTS[act],
         NEXT_INT4=int4,
         BLOCK_R2=max(16, triton.next_power_of_2(max(r2, 1))),
@@ -283,6 +311,54 @@ def fp8_gemm(
     if m and n:
         _launch(*_contiguous(xq, wq, lora_act, lowrank_up), s_channel, act_scale, bias, y, None)
     return y
+
+
+def _three_bounds(bounds, n: int) -> tuple[int, int, int]:
+    b = list(bounds or ())
+    return tuple(b + [n] * (3 - len(b)))  # type: ignore[return-value]
+
+
+def split_supported(sizes: list[int]) -> bool:
+    """Whether ``fp8_gemm_split`` takes these segment widths (2 to 4 segments, inner
+    bounds multiples of ``SPLIT_ALIGN``)."""
+    return 2 <= len(sizes) <= 4 and all(
+        sum(sizes[: i + 1]) % SPLIT_ALIGN == 0 for i in range(len(sizes) - 1)
+    )
+
+
+def fp8_gemm_split(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
+    act_scale: torch.Tensor,
+    lora_act: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    sizes: list[int],
+) -> torch.Tensor:
+    """``fp8_gemm`` whose output columns go to ``len(sizes)`` separate contiguous tensors,
+    returned end to end in one flat buffer of M · N elements: segment i (``sizes[i]``
+    columns starting at column c_i) is ``flat[M·c_i : M·(c_i + sizes[i])].view(M, sizes[i])``.
+
+    For fused projections (q/k/v in one GEMM) whose consumers want each part contiguous:
+    splitting the [M, N] output afterwards would cost a copy of it. Needs
+    ``split_supported(sizes)``.
+    """
+    m, n = xq.shape[0], wq.shape[0]
+    if sum(sizes) != n or not split_supported(sizes):
+        raise ValueError(
+            f"fp8_gemm_split takes 2-4 segments summing to N = {n} whose inner bounds are "
+            f"multiples of {SPLIT_ALIGN}, got {sizes}"
+        )
+    flat = torch.empty(m * n, dtype=out_dtype, device=xq.device)
+    bounds = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+    if m and n:
+        _launch(
+            *_contiguous(xq, wq, lora_act, lowrank_up), s_channel, act_scale, bias, flat, None,
+            bounds,
+        )  # fmt: skip
+    return flat
 
 
 def fp8_gemm_quantize_next(

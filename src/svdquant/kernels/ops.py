@@ -1,10 +1,10 @@
 """The engine's kernels as ``torch.library`` custom ops, and the layer built from them.
 
 Each kernel is one op (``svdquant::quantize_act``, ``::widen_weight``, ``::fp8_gemm``,
-``::w4a16_linear``) with a fake (meta) implementation that only computes output shapes,
-so ``torch.compile(fullgraph=True)`` traces a layer into three opaque nodes with no graph
-break and no host sync, and Inductor fuses the elementwise work around them. Triton is
-imported on the first real call, not here.
+``::fp8_gemm_split``, ``::w4a16_linear``) with a fake (meta) implementation that only
+computes output shapes, so ``torch.compile(fullgraph=True)`` traces a layer into three
+opaque nodes with no graph break and no host sync, and Inductor fuses the elementwise
+work around them. Triton is imported on the first real call, not here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from svdquant.kernels import reference
 
-__all__ = ["svdq_linear_triton", "svdq_mlp_triton"]
+__all__ = ["svdq_linear_split_triton", "svdq_linear_triton", "svdq_mlp_triton"]
 
 _FP8 = torch.float8_e4m3fn
 
@@ -97,6 +97,30 @@ def fp8_gemm(
 @fp8_gemm.register_fake
 def _(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype):
     return xq.new_empty(xq.shape[0], wq.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("svdquant::fp8_gemm_split", mutates_args=())
+def fp8_gemm_split(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
+    act_scale: torch.Tensor,
+    lora_act: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    sizes: list[int],
+) -> torch.Tensor:
+    """``kernels.gemm.fp8_gemm_split`` as a custom op (the flat buffer; the caller views
+    the segments: a custom op may not return aliasing outputs)."""
+    from svdquant.kernels.gemm import fp8_gemm_split as impl
+
+    return impl(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, sizes)
+
+
+@fp8_gemm_split.register_fake
+def _(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, sizes):
+    return xq.new_empty(xq.shape[0] * wq.shape[0], dtype=out_dtype)
 
 
 @torch.library.custom_op("svdquant::fp8_gemm_quantize_next", mutates_args=())
@@ -218,6 +242,36 @@ def svdq_linear_triton(
             act_fmt,
         )
     return y.reshape(*lead, n)
+
+
+def svdq_linear_split_triton(layer: torch.nn.Module, x: torch.Tensor, sizes: list[int]):
+    """An ``SVDQLinear``'s output split along N into ``len(sizes)`` contiguous tensors
+    [..., sizes[i]], for a fused projection (q/k/v in one layer) whose consumers want
+    each part contiguous. On the fp8 engine (``act_fmt`` ``"int4"`` or ``"fp8"``, bounds
+    ``kernels.gemm.split_supported``) the GEMM writes each part to its own tensor; else
+    the layer's output is split and copied."""
+    from svdquant.kernels.gemm import split_supported
+
+    lead = x.shape[:-1]
+    if layer.act_fmt not in ("int4", "fp8") or not split_supported(list(sizes)):
+        y = layer(x)
+        return tuple(t.contiguous() for t in y.split(list(sizes), dim=-1))
+    x2 = x.reshape(-1, layer.in_features)
+    m = x2.shape[0]
+    ops = torch.ops.svdquant
+    s = reference.act_scale_from_amax(layer.act_amax)
+    xq, lora = ops.quantize_act(
+        x2, layer.smooth, layer.lowrank_down, s, layer.qweight.shape[1] * 2, layer.act_fmt
+    )
+    wq, s_channel = ops.widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
+    flat = ops.fp8_gemm_split(
+        xq, wq, s_channel, s, lora, layer.lowrank_up, layer.bias, x.dtype, list(sizes)
+    )
+    out, start = [], 0
+    for w in sizes:
+        out.append(flat[m * start : m * (start + w)].view(*lead, w))
+        start += w
+    return tuple(out)
 
 
 def svdq_mlp_triton(
