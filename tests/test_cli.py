@@ -91,6 +91,28 @@ def test_generate_compile_wraps_the_denoiser(quantized, tmp_path, monkeypatch, c
     assert "do not mix" in capsys.readouterr().err
 
 
+def test_generate_fuses_projections_unless_told_not_to(quantized, tmp_path, monkeypatch, capsys):
+    """generate runs svdquant.fuse_projections on the denoiser by default (FLUX: q/k/v as
+    one layer, same images; tested on the model in test_models) and not with --no-fuse."""
+    import svdquant.fuse
+
+    seen = []
+
+    def fake_fuse(model):
+        seen.append(type(model).__name__)
+        return 3
+
+    monkeypatch.setattr(svdquant.fuse, "fuse_projections", fake_fuse)
+    argv = ["generate", "--model", str(quantized), "--prompt", "a cat"]
+    argv += ["--out", str(tmp_path / "f.png"), "--steps", "1", *SIZE]
+    argv += ["--dtype", "float32", "--device", "cpu"]
+    assert main(argv) == 0
+    assert seen == ["PixArtTransformer2DModel"]
+    assert "fused the projections of 3 attention modules" in capsys.readouterr().out
+    assert main([*argv, "--no-fuse"]) == 0
+    assert seen == ["PixArtTransformer2DModel"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_loaded_pipeline_behaves_like_a_diffusers_pipeline(quantized, dtype):
     from svdquant import SVDQLinear

@@ -228,6 +228,14 @@ def register_generate(sub: Any) -> None:
         metavar="FILE[:STRENGTH]",
         help="a LoRA safetensors file (diffusers/PEFT or kohya), optionally :strength; repeatable",
     )
+    p.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="keep the projections that read one input as separate layers (by default a "
+        "quantized FLUX runs q/k/v — and in its single blocks the MLP's up projection — as "
+        "one layer: the same images, 4%% faster per step on an H100; not with --lora or "
+        "--cpu-offload)",
+    )
     p.set_defaults(func=cmd_generate)
 
 
@@ -287,6 +295,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         to_device(pipe, device, "the pipeline")
     denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    if not (args.no_fuse or args.lora or args.cpu_offload):
+        from svdquant.fuse import fuse_projections
+
+        n = fuse_projections(getattr(pipe, denoiser))
+        if n:
+            print(f"fused the projections of {n} attention modules (--no-fuse keeps them apart)")
     if args.compile:
         print(f"compiling the {denoiser} (mode='reduce-overhead'; the first image waits for it)")
         setattr(pipe, denoiser, torch.compile(getattr(pipe, denoiser), mode="reduce-overhead"))
