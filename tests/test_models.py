@@ -237,6 +237,16 @@ def test_fused_projections_flux(tmp_path):
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     assert rel(_sample(compiled(*args, **kw)), before) < 1e-5
+    # an attention with another processor (an IP-adapter's) is left alone
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    class OtherProcessor(FluxAttnProcessor):
+        pass
+
+    single.attn.processor = OtherProcessor()
+    assert svdquant.fuse_projections(model) == n_attn - 1
+    assert hasattr(single, "proj_mlp") and isinstance(single.attn.processor, OtherProcessor)
+    assert svdquant.unfuse_projections(model) == n_attn - 1
 
 
 def test_fuse_projections_leaves_other_models_alone():

@@ -233,8 +233,16 @@ def _fuse_layers(owner: nn.Module, fused_name: str, paths: list[str]) -> bool:
     return True
 
 
+def _plain_processor(attn: nn.Module) -> bool:
+    """Whether ``attn`` runs diffusers' own processor (an IP-adapter's or a user's stays:
+    the fused one would drop what it adds)."""
+    return type(getattr(attn, "processor", None)).__name__ == "FluxAttnProcessor"
+
+
 def _fuse_single_block(block: nn.Module) -> bool:
     attn = block.attn
+    if not _plain_processor(attn):
+        return False
     paths = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
     setattr(block, _FUSED_ATTR, {})
     if not _fuse_layers(block, "qkv_mlp", paths):
@@ -251,7 +259,9 @@ def _fuse_single_block(block: nn.Module) -> bool:
 def _fuse_attention(attn: nn.Module) -> bool:
     plan = [(f, list(names)) for f, names in _PARTS if getattr(attn, names[0], None) is not None]
     # both groups or neither: the processor takes the text stream's from a fused layer too
-    if not plan or any(_fusable([getattr(attn, n) for n in names]) for _, names in plan):
+    if not plan or not _plain_processor(attn):
+        return False
+    if any(_fusable([getattr(attn, n) for n in names]) for _, names in plan):
         return False
     setattr(attn, _FUSED_ATTR, {})
     for fused_name, names in plan:
@@ -266,7 +276,8 @@ def fuse_projections(model: nn.Module) -> int:
     ``model`` (FLUX.1: q/k/v of each attention and the text stream's added q/k/v; in the
     single blocks q/k/v with the MLP's up projection); returns how many attention modules
     now take fused projections. Modules whose layers cannot be fused (16-bit, separately
-    quantized, LoRAs loaded) stay as they are."""
+    quantized, LoRAs loaded) or whose attention runs another processor than diffusers'
+    own (an IP-adapter's) stay as they are."""
     count = 0
     for module in list(model.modules()):
         if getattr(module, _FUSED_ATTR, None) is not None:
