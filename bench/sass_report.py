@@ -202,6 +202,83 @@ def _gemv_mma() -> dict[str, Any]:
     return dict(kernel=g._w4a16_mma_kernel, warps=warps, **d)
 
 
+def _gemm(split: bool) -> dict[str, Any]:
+    from triton.runtime import JITFunction
+
+    from svdquant.kernels import gemm as g
+
+    fn = g._fp8_gemm_kernel
+    while not isinstance(fn, JITFunction):  # the autotuner's wrapped JIT function
+        fn = fn.fn
+    return dict(
+        kernel=fn,
+        ptrs=dict(
+            a_ptr="*fp8e4nv",
+            b_ptr="*fp8e4nv",
+            c_ptr="*bf16",
+            sch_ptr="*fp32",
+            scale_ptr="*fp32",
+            lora_ptr="*fp32",
+            lu_ptr="*bf16",
+            bias_ptr="*bf16",
+            s2_ptr="*fp32",
+            ld2_ptr="*bf16",
+            scale2_ptr="*fp32",
+            xq2_ptr="*fp8e4nv",
+            lora2_ptr="*fp32",
+        ),
+        ints=dict(
+            M=4608,
+            N=21504,
+            K=3072,
+            R=32,
+            M_BUCKET=8192,
+            stride_am=3072,
+            stride_bn=3072,
+            stride_cm=21504,
+            stride_lm=32,
+            stride_un=32,
+            K2_OUT=0,
+            R2=0,
+            stride_q2m=0,
+            stride_ld2=0,
+            stride_l2m=0,
+            B1=3072,
+            B2=6144,
+            B3=9216,
+        ),
+        consts=dict(
+            HAS_LORA=True,
+            HAS_BIAS=True,
+            ROUND_BF16=False,
+            BLOCK_R=32,
+            DOT_FP32=False,
+            NEXT=False,
+            SPLIT=split,
+            ACT=0,
+            NEXT_INT4=False,
+            BLOCK_R2=16,
+            BLOCK_M=128,
+            BLOCK_N=256,
+            BLOCK_K=128,
+            GROUP_M=8,
+        ),
+        warps=8,
+        stages=3,
+    )
+
+
+@_spec("gemm")
+def _gemm_plain() -> dict[str, Any]:
+    return _gemm(split=False)
+
+
+@_spec("gemm_split")
+def _gemm_split() -> dict[str, Any]:
+    """The fused single block's q/k/v/mlp GEMM writing four contiguous outputs."""
+    return _gemm(split=True)
+
+
 def compile_sm90(spec: dict[str, Any]):
     """Compile ``spec['kernel']`` for sm_90 with the given argument types and values
     (integers that are multiples of 16 get triton's divisibility hint, as at launch)."""
