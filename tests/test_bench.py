@@ -173,7 +173,8 @@ def test_isolated_rows_run_in_their_own_process(tmp_path):
 def test_sass_report_guards_the_gemv_layout(tmp_path):
     """bench/sass_report.py compiles the GEMV for sm_90 on the CPU: 16-byte loads of the
     codes and x̂, no spills, and at most one layout conversion in the main loop (the group
-    scales) — the design that keeps the decoded weights out of shared memory."""
+    scales) — the design that keeps the decoded weights out of shared memory; and the
+    GEMM's split output (fused projections) keeps its 16-byte stores."""
     import os
     import subprocess
 
@@ -184,9 +185,12 @@ def test_sass_report_guards_the_gemv_layout(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels
     out = tmp_path / "report.json"
     script = str(ROOT / "bench" / "sass_report.py")
-    cmd = [sys.executable, script, "--kernels", "gemv_fma", "--json", str(out)]
+    cmd = [sys.executable, script, "--kernels", "gemv_fma,gemm_split", "--json", str(out)]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
-    r = json.loads(out.read_text())["gemv_fma"]
+    report = json.loads(out.read_text())
+    r = report["gemv_fma"]
     assert r["spill_bytes"] == 0 and 0 < r["registers"] <= 128
     assert r["memory"].get("LDG.E.128", 0) >= 8
     assert r["loop_layout_conversions"] <= 1
+    split = report["gemm_split"]["memory"]
+    assert split.get("STG.E.128", 0) > 0 and not split.get("STG.E.U16")
