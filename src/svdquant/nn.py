@@ -168,9 +168,12 @@ class SVDQLinear(nn.Module):
         if sum(sizes) != self.out_features:
             raise ValueError(f"sizes {list(sizes)} do not add up to {self.out_features}")
         self._check_input(x)
-        if kernels.resolve_backend(self.backend, x.device) == "triton":
-            return kernels.svdq_linear_split_triton(self, x, list(sizes))
-        return tuple(t.contiguous() for t in self.forward(x).split(list(sizes), dim=-1))
+        sizes = list(sizes)
+        if kernels.resolve_backend(self.backend, x.device) == "triton" and (
+            kernels.splits_in_gemm(self.act_fmt, sizes)
+        ):
+            return kernels.svdq_linear_split_triton(self, x, sizes)
+        return tuple(t.contiguous() for t in self.forward(x).split(sizes, dim=-1))
 
     def quantized_residual(self) -> formats.QuantizedTensor:
         """The 4-bit residual R as a ``QuantizedTensor``."""

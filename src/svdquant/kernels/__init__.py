@@ -15,7 +15,12 @@ import os
 
 import torch
 
-from svdquant.kernels.ops import svdq_linear_split_triton, svdq_linear_triton, svdq_mlp_triton
+from svdquant.kernels.ops import (
+    splits_in_gemm,
+    svdq_linear_split_triton,
+    svdq_linear_triton,
+    svdq_mlp_triton,
+)
 from svdquant.kernels.reference import ACT_FORMATS, quantize_activations, svdq_linear
 
 BACKENDS = ("auto", "reference", "triton")
@@ -27,6 +32,7 @@ __all__ = [
     "BACKENDS",
     "quantize_activations",
     "resolve_backend",
+    "splits_in_gemm",
     "svdq_linear",
     "svdq_linear_split_triton",
     "svdq_linear_triton",

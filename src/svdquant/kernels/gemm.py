@@ -12,6 +12,8 @@ Reference: ``reference.fp8_gemm_ref``.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -318,12 +320,15 @@ def _three_bounds(bounds, n: int) -> tuple[int, int, int]:
     return tuple(b + [n] * (3 - len(b)))  # type: ignore[return-value]
 
 
+def _inner_bounds(sizes: list[int]) -> list[int]:
+    """The columns where segments of widths ``sizes`` meet."""
+    return list(itertools.accumulate(sizes))[:-1]
+
+
 def split_supported(sizes: list[int]) -> bool:
     """Whether ``fp8_gemm_split`` takes these segment widths (2 to 4 segments, inner
     bounds multiples of ``SPLIT_ALIGN``)."""
-    return 2 <= len(sizes) <= 4 and all(
-        sum(sizes[: i + 1]) % SPLIT_ALIGN == 0 for i in range(len(sizes) - 1)
-    )
+    return 2 <= len(sizes) <= 4 and all(b % SPLIT_ALIGN == 0 for b in _inner_bounds(sizes))
 
 
 def fp8_gemm_split(
@@ -352,11 +357,10 @@ def fp8_gemm_split(
             f"multiples of {SPLIT_ALIGN}, got {sizes}"
         )
     flat = torch.empty(m * n, dtype=out_dtype, device=xq.device)
-    bounds = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
     if m and n:
         _launch(
             *_contiguous(xq, wq, lora_act, lowrank_up), s_channel, act_scale, bias, flat, None,
-            bounds,
+            _inner_bounds(sizes),
         )  # fmt: skip
     return flat
 

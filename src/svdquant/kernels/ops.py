@@ -13,7 +13,12 @@ import torch
 
 from svdquant.kernels import reference
 
-__all__ = ["svdq_linear_split_triton", "svdq_linear_triton", "svdq_mlp_triton"]
+__all__ = [
+    "splits_in_gemm",
+    "svdq_linear_split_triton",
+    "svdq_linear_triton",
+    "svdq_mlp_triton",
+]
 
 _FP8 = torch.float8_e4m3fn
 
@@ -186,6 +191,19 @@ def _(x, qweight, wscales, wtensor_scale, smooth, lowrank_down, lowrank_up, bias
 MAX_GEMV_M = 16
 
 
+def _fp8_operands(x2, qweight, wscales, wtensor_scale, smooth, act_amax, lowrank_down, fmt,
+                  act_fmt):  # fmt: skip
+    """One layer's fp8 GEMM operands from its two memory-bound passes: the activation
+    quantize (with the low-rank down projection) and the weight widen. Returns
+    ``(xq, lora_act, wq, s_channel, S)``."""
+    s = reference.act_scale_from_amax(act_amax)
+    xq, lora = torch.ops.svdquant.quantize_act(
+        x2, smooth, lowrank_down, s, qweight.shape[1] * 2, act_fmt
+    )
+    wq, s_channel = torch.ops.svdquant.widen_weight(qweight, wscales, wtensor_scale, fmt)
+    return xq, lora, wq, s_channel, s
+
+
 def svdq_linear_triton(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -222,11 +240,9 @@ def svdq_linear_triton(
         if lowrank_down.shape[0]:
             y = y + (xh @ lowrank_down.t().to(x.dtype)) @ lowrank_up.t().to(x.dtype)
     elif act_fmt in ("int4", "fp8"):
-        s = reference.act_scale_from_amax(act_amax)
-        xq, lora = torch.ops.svdquant.quantize_act(
-            x2, smooth, lowrank_down, s, qweight.shape[1] * 2, act_fmt
+        xq, lora, wq, s_channel, s = _fp8_operands(
+            x2, qweight, wscales, wtensor_scale, smooth, act_amax, lowrank_down, fmt, act_fmt
         )
-        wq, s_channel = torch.ops.svdquant.widen_weight(qweight, wscales, wtensor_scale, fmt)
         y = torch.ops.svdquant.fp8_gemm(xq, wq, s_channel, s, lora, lowrank_up, bias, x.dtype)
     else:
         y = reference.svdq_linear(
@@ -244,27 +260,27 @@ def svdq_linear_triton(
     return y.reshape(*lead, n)
 
 
-def svdq_linear_split_triton(layer: torch.nn.Module, x: torch.Tensor, sizes: list[int]):
-    """An ``SVDQLinear``'s output split along N into ``len(sizes)`` contiguous tensors
-    [..., sizes[i]], for a fused projection (q/k/v in one layer) whose consumers want
-    each part contiguous. On the fp8 engine (``act_fmt`` ``"int4"`` or ``"fp8"``, bounds
-    ``kernels.gemm.split_supported``) the GEMM writes each part to its own tensor; else
-    the layer's output is split and copied."""
+def splits_in_gemm(act_fmt: str, sizes: list[int]) -> bool:
+    """Whether ``svdq_linear_split_triton`` takes a layer of ``act_fmt`` split into
+    ``sizes``: the fp8 engine's activations, bounds ``kernels.gemm.split_supported``."""
     from svdquant.kernels.gemm import split_supported
 
+    return act_fmt in ("int4", "fp8") and split_supported(list(sizes))
+
+
+def svdq_linear_split_triton(layer: torch.nn.Module, x: torch.Tensor, sizes: list[int]):
+    """An ``SVDQLinear``'s output split along N into ``len(sizes)`` contiguous tensors
+    [..., sizes[i]], the GEMM writing each part to its own tensor — for a fused projection
+    (q/k/v in one layer) whose consumers want each part contiguous. Needs
+    ``splits_in_gemm(layer.act_fmt, sizes)``."""
     lead = x.shape[:-1]
-    if layer.act_fmt not in ("int4", "fp8") or not split_supported(list(sizes)):
-        y = layer(x)
-        return tuple(t.contiguous() for t in y.split(list(sizes), dim=-1))
     x2 = x.reshape(-1, layer.in_features)
     m = x2.shape[0]
-    ops = torch.ops.svdquant
-    s = reference.act_scale_from_amax(layer.act_amax)
-    xq, lora = ops.quantize_act(
-        x2, layer.smooth, layer.lowrank_down, s, layer.qweight.shape[1] * 2, layer.act_fmt
-    )
-    wq, s_channel = ops.widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
-    flat = ops.fp8_gemm_split(
+    xq, lora, wq, s_channel, s = _fp8_operands(
+        x2, layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth, layer.act_amax,
+        layer.lowrank_down, layer.fmt, layer.act_fmt,
+    )  # fmt: skip
+    flat = torch.ops.svdquant.fp8_gemm_split(
         xq, wq, s_channel, s, lora, layer.lowrank_up, layer.bias, x.dtype, list(sizes)
     )
     out, start = [], 0
@@ -292,12 +308,11 @@ def svdq_mlp_triton(
     ops = torch.ops.svdquant
     lead = x.shape[:-1]
     x2 = x.reshape(-1, fc1.in_features)
-    s1 = reference.act_scale_from_amax(fc1.act_amax)
     s2 = reference.act_scale_from_amax(fc2.act_amax)
-    xq, lora = ops.quantize_act(
-        x2, fc1.smooth, fc1.lowrank_down, s1, fc1.qweight.shape[1] * 2, fc1.act_fmt
-    )
-    w1, c1 = ops.widen_weight(fc1.qweight, fc1.wscales, fc1.wtensor_scale, fc1.fmt)
+    xq, lora, w1, c1, s1 = _fp8_operands(
+        x2, fc1.qweight, fc1.wscales, fc1.wtensor_scale, fc1.smooth, fc1.act_amax,
+        fc1.lowrank_down, fc1.fmt, fc1.act_fmt,
+    )  # fmt: skip
     xq2, lora2 = ops.fp8_gemm_quantize_next(
         xq, w1, c1, s1, lora, fc1.lowrank_up, fc1.bias, x.dtype, activation,
         fc2.smooth, fc2.lowrank_down, s2, fc2.qweight.shape[1] * 2, fc2.act_fmt,
