@@ -329,6 +329,9 @@ def test_forward_split_gives_contiguous_parts(sizes):
         start += w
     with pytest.raises(ValueError, match="add up"):
         layer.forward_split(x, [1, 2])
+    if sizes[0] % 256:  # the engine's own split refuses what its GEMM cannot split
+        with pytest.raises(ValueError, match="multiples of 256"):
+            svdquant.kernels.svdq_linear_split_triton(layer, x, sizes)
 
 
 @pytest.mark.parametrize("act_fmt", ["int4", "fp8"])

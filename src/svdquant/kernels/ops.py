@@ -273,6 +273,12 @@ def svdq_linear_split_triton(layer: torch.nn.Module, x: torch.Tensor, sizes: lis
     [..., sizes[i]], the GEMM writing each part to its own tensor — for a fused projection
     (q/k/v in one layer) whose consumers want each part contiguous. Needs
     ``splits_in_gemm(layer.act_fmt, sizes)``."""
+    if not splits_in_gemm(layer.act_fmt, sizes):
+        raise ValueError(
+            f"the GEMM splits only int4/fp8 activations into 2-4 parts meeting at multiples "
+            f"of 256 columns; got act_fmt={layer.act_fmt!r}, sizes {list(sizes)} "
+            "(SVDQLinear.forward_split splits any layer)"
+        )
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features)
     m = x2.shape[0]
