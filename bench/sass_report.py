@@ -221,7 +221,7 @@ def _gemm(split: bool) -> dict[str, Any]:
             lora_ptr="*fp32",
             lu_ptr="*bf16",
             bias_ptr="*bf16",
-            s2_ptr="*fp32",
+            inv_s2_ptr="*fp32",
             ld2_ptr="*bf16",
             scale2_ptr="*fp32",
             xq2_ptr="*fp8e4nv",

@@ -83,6 +83,38 @@ def round_small(t):
     return (t + 12582912.0) - 12582912.0
 
 
+#: RN32(1/7), the fp32 nearest 1/7 (exactly this decimal).
+ONE_SEVENTH = tl.constexpr(0.142857149243354797363281250)
+
+
+@triton.jit
+def div7_rn(a, EXACT: tl.constexpr):
+    """``a / 7`` correctly rounded (as IEEE ``div.rn``), in one multiply and two FMAs.
+
+    ``q0 = a · RN(1/7)``, then the exact remainder ``r = a - 7 · q0`` (one FMA) corrects
+    it: ``q0 + r · RN(1/7)`` rounds to ``RN(a / 7)`` for every fp32 ``a`` (checked
+    exhaustively over all 2²³ mantissas by ``tests/test_exact_division.py``). A
+    ``div.rn`` compiles to a call into a slow path whose register saves made the fused
+    epilogues spill. ``EXACT`` (the interpreter, whose FMA may round twice) divides.
+    """
+    if EXACT:
+        return tl.math.div_rn(a, 7.0)
+    q0 = a * ONE_SEVENTH
+    return tl.fma(tl.fma(-q0, 7.0, a), ONE_SEVENTH, q0)
+
+
+@triton.jit
+def recip16_rn(y, EXACT: tl.constexpr):
+    """``1 / y`` correctly rounded, for ``y`` > 0 holding an fp16 value (≤ 11 significant
+    bits), with no division: the fast reciprocal (≤ 2 ulp off) and one Newton step
+    through FMAs (exact for every fp16 value and every start within 2 ulp:
+    ``tests/test_exact_division.py``). ``EXACT``: the interpreter divides."""
+    if EXACT:
+        return tl.math.div_rn(1.0, y)
+    c0 = 1.0 / y
+    return tl.fma(c0, tl.fma(-y, c0, 1.0), c0)
+
+
 @triton.jit
 def to_e4m3(x, EXACT: tl.constexpr):
     """fp32 ``x`` -> fp8 E4M3 (nearest, ties to even, saturating at ±448).

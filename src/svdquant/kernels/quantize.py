@@ -26,9 +26,11 @@ import triton
 import triton.language as tl
 
 from svdquant.kernels._triton_common import (
+    div7_rn,
     folded_lowrank_dot,
     interpreting,
     num_sms,
+    recip16_rn,
     round_small,
     to_e4m3,
 )
@@ -43,13 +45,14 @@ PROGRAMS_PER_SM = 7
 
 
 @triton.jit
-def int4_values(xg, AXIS: tl.constexpr):
+def int4_values(xg, AXIS: tl.constexpr, EXACT: tl.constexpr):
     """The paper's int4 quantization of groups laid along ``AXIS`` (the last axis, 64 wide)
     of fp32 ``xg``: ``code · s_group`` with ``s_group = fp16(max|x| / 7)`` and
-    ``code = round(x · (1 / s_group))`` in [-7, 7], as fp32."""
+    ``code = round(x · (1 / s_group))`` in [-7, 7], as fp32. Both divisions are IEEE
+    (``div7_rn``, ``recip16_rn``)."""
     amax = tl.max(tl.abs(xg), axis=AXIS)
-    sg = tl.minimum(tl.math.div_rn(amax, 7.0), 65504.0).to(tl.float16).to(tl.float32)
-    inv_sg = tl.where(sg > 0.0, tl.math.div_rn(1.0, tl.where(sg > 0.0, sg, 1.0)), 0.0)
+    sg = tl.minimum(div7_rn(amax, EXACT), 65504.0).to(tl.float16).to(tl.float32)
+    inv_sg = tl.where(sg > 0.0, recip16_rn(tl.where(sg > 0.0, sg, 1.0), EXACT), 0.0)
     sg = tl.expand_dims(sg, AXIS)
     t = xg * tl.expand_dims(inv_sg, AXIS)
     return round_small(tl.minimum(tl.maximum(t, -7.0), 7.0)) * sg
@@ -71,10 +74,10 @@ def quantize_tile(
     """
     if INT4:
         if BLOCK_K == 64:
-            val = int4_values(xh, 1)
+            val = int4_values(xh, 1, EXACT)
         else:
             xg = tl.reshape(xh, [BLOCK_M, BLOCK_K // 64, 64])
-            val = tl.reshape(int4_values(xg, 2), [BLOCK_M, BLOCK_K])
+            val = tl.reshape(int4_values(xg, 2, EXACT), [BLOCK_M, BLOCK_K])
     else:
         val = xh
     return to_e4m3(val * inv_act, EXACT)
