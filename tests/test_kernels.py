@@ -141,6 +141,72 @@ def test_quantize_act_matches_reference(m, act_fmt, k, k_out, r):
         assert rel_err(lora, lora_ref) < 1e-5
 
 
+@pytest.mark.parametrize(
+    ("m", "k1", "k2", "act", "dtype", "k_out"),
+    [
+        (1, 64, 64, "gelu_tanh", torch.bfloat16, 128),
+        (3, 70, 100, "gelu_tanh", torch.float16, 192),  # the seam inside a group
+        (257, 128, 192, "silu", torch.bfloat16, 320),
+        (17, 40, 24, "none", torch.float32, 64),
+        (5, 192, 1, "gelu_tanh", torch.bfloat16, 256),  # k_out past K: zero columns
+    ],
+)
+@pytest.mark.parametrize("act_fmt", ["int4", "fp8"])
+def test_quantize_act_cat_matches_reference(m, k1, k2, act, dtype, k_out, act_fmt):
+    """quantize of ``cat([x, act(tail)])`` read from the two tensors (FLUX's proj_out):
+    value for value the reference's, which concatenates and applies the activation."""
+    x, tail = _acts(m, k1, dtype, seed=3), _acts(m, k2, dtype, seed=4) * 0.5
+    s = _smooth(k1 + k2)
+    down, _ = _lowrank(8, k1 + k2, 4, dtype)
+    h = torch.cat([x, ref.activation_ref(tail, act).to(dtype)], dim=-1)
+    act_scale = ref.act_scale_from_amax((h.float() / s).abs().amax() * 0.8)
+    xq, lora = quantize_act(x, s, down, act_scale, k_out, act_fmt, tail=tail, tail_act=act)
+    args = (s, down, act_scale, k_out, act_fmt)
+    xq_ref, lora_ref = ref.quantize_act_cat_ref(x, tail, act, *args)
+    assert xq.shape == (m, k_out) and lora.shape == (m, 4)
+    if act == "none" or DEVICE == "cpu":
+        assert same_values(xq, xq_ref)
+    else:  # the GPU's exp2 differs from torch's in the last fp32 bits: a rare bf16 flip
+        assert fp8_close(xq, xq_ref, max_frac=5e-3)
+    assert rel_err(lora, lora_ref) < 1e-4
+
+
+def test_quantize_act_cat_refuses_bad_input():
+    x = _acts(4, 64, torch.bfloat16)
+    s, down = _smooth(128), x.new_zeros(0, 128)
+    one = torch.ones((), device=DEVICE)
+    with pytest.raises(ValueError, match="tail must be"):
+        quantize_act(x, s, down, one, 128, "int4", tail=x.half())
+    with pytest.raises(ValueError, match="smooth has 128"):
+        quantize_act(x, s, down, one, 128, "int4", tail=x[:, :32])
+    with pytest.raises(ValueError, match="unknown activation"):
+        quantize_act(x, s, down, one, 128, "int4", tail=x, tail_act="relu")
+
+
+@pytest.mark.parametrize("act_fmt", ["int4", "fp8"])
+def test_forward_cat_on_the_engine(act_fmt):
+    """``SVDQLinear.forward_cat`` on the engine = the layer on ``cat([x, gelu(tail)])``;
+    the reference backend concatenates, the same numbers."""
+    _, layer, calib = _layer("int4", act_fmt, k=200, n=48)
+    x = calib[:33].reshape(3, 11, 200)
+    head, tail = x[..., :72], x[..., 72:] * 0.3
+    h = torch.cat([head, torch.nn.functional.gelu(tail, approximate="tanh")], dim=-1)
+    for backend in ("triton", "reference"):
+        layer.backend = backend
+        y = layer.forward_cat(head, tail, "gelu_tanh")
+        assert y.shape == (3, 11, 48)
+        assert rel_err(y, layer(h)) <= TOL
+    with pytest.raises(ValueError, match="together have 200"):
+        layer.forward_cat(head, tail[..., 1:], "gelu_tanh")
+    with pytest.raises(ValueError, match="share a dtype"):
+        layer.forward_cat(head, tail.half(), "gelu_tanh")
+    torch._dynamo.reset()
+    layer.backend = "triton"
+    fn = lambda a, b: layer.forward_cat(a, b, "gelu_tanh")  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(head, tail), fn(head, tail))
+
+
 def test_quantize_act_int4_is_the_papers_codes():
     """The fp8 operand times S is the paper's int4 fake-quantized activation, up to fp8."""
     x = _acts(5, 192, torch.float32)
@@ -536,3 +602,54 @@ def test_gpu_compile_inductor_and_cuda_graph(act_fmt):
     for _ in range(3):
         out = graphed(x)
     assert rel_err(out, eager) <= TOL
+
+
+@torch.no_grad()
+def test_fused_flux_runtime_on_the_engine(monkeypatch):
+    """``fuse_projections`` on a tiny FLUX transformer, on the engine: the single blocks'
+    ``proj_out`` quantizes the attention output and the MLP's GELU where they lie, the
+    double blocks' feed-forwards run as fused MLPs — the unfused engine's output within
+    bf16 rounding, under ``torch.compile(fullgraph=True)`` too; unfusing restores
+    diffusers' classes."""
+    from svdquant.models.tiny import tiny_call_kwargs, tiny_pipeline
+    from svdquant.pipeline import denoiser, pipeline_calibration
+    from svdquant.quantize_model import QuantizeConfig, quantize_model
+
+    pipe = tiny_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {**tiny_call_kwargs("flux"), "num_inference_steps": 1}
+    _, model = denoiser(pipe)
+    calib = pipeline_calibration(pipe, ["a red fox asleep in fresh snow"], progress=False, **kwargs)
+    quantize_model(model, calib, QuantizeConfig(rank=8, alpha=0.5, progress=False))
+    seen = []
+    model.register_forward_pre_hook(lambda _m, a, kw: seen.append((a, kw)), with_kwargs=True)
+    pipe(prompt=["a lighthouse"], generator=torch.Generator().manual_seed(0), **kwargs)
+    args, kw = seen[0]
+    model.to(DEVICE)
+    args = [a.to(DEVICE) if torch.is_tensor(a) else a for a in args]
+    kw = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in kw.items()}
+    for m in model.modules():
+        if isinstance(m, svdquant.SVDQLinear):
+            m.backend = "triton"
+    unfused = model(*args, **kw)[0]
+    calls = {"mlp": 0, "cat": 0}
+    for name, key in (("svdq_mlp_triton", "mlp"), ("svdq_linear_cat_triton", "cat")):
+        real = getattr(svdquant.kernels, name)
+
+        def counted(*a, _real=real, _key=key, **k):
+            calls[_key] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(svdquant.kernels, name, counted)
+    svdquant.fuse_projections(model)
+    assert type(model.transformer_blocks[0].ff).__name__ == "FusedGeluFeedForward"
+    fused = model(*args, **kw)[0]
+    n_double, n_single = len(model.transformer_blocks), len(model.single_transformer_blocks)
+    assert calls == {"mlp": 2 * n_double, "cat": n_single}
+    assert rel_err(fused, unfused) <= TOL
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert rel_err(compiled(*args, **kw)[0], fused) <= TOL
+    svdquant.unfuse_projections(model)
+    assert type(model.transformer_blocks[0].ff).__name__ == "FeedForward"
+    assert not svdquant.fuse.is_fused(model)

@@ -199,13 +199,68 @@ def _flux_runtime() -> tuple[type, type]:
             attn_output = self.attn.processor(
                 self.attn, norm_hidden_states, image_rotary_emb=image_rotary_emb, qkv=(q, k, v)
             )
-            hidden_states = torch.cat([attn_output, self.act_mlp(mlp)], dim=2)
-            hidden_states = residual + gate.unsqueeze(1) * self.proj_out(hidden_states)
+            if isinstance(self.proj_out, SVDQLinear) and _is_gelu_tanh(self.act_mlp):
+                # the quantize reads both parts: no [M, 15360] concatenation, no GELU pass
+                proj = self.proj_out.forward_cat(attn_output, mlp, "gelu_tanh")
+            else:
+                proj = self.proj_out(torch.cat([attn_output, self.act_mlp(mlp)], dim=2))
+            hidden_states = residual + gate.unsqueeze(1) * proj
             if hidden_states.dtype == torch.float16:
                 hidden_states = hidden_states.clip(-65504, 65504)
             return hidden_states[:, :n_txt], hidden_states[:, n_txt:]
 
     return FluxFusedAttnProcessor, FusedFluxSingleTransformerBlock
+
+
+def _is_gelu_tanh(module: nn.Module) -> bool:
+    return isinstance(module, nn.GELU) and module.approximate == "tanh"
+
+
+@functools.cache
+def _mlp_runtime() -> type:
+    """diffusers' ``FeedForward`` (GELU-tanh, dropout, linear) run as one fused MLP."""
+    from diffusers.models.attention import FeedForward
+
+    from svdquant import kernels
+
+    class FusedGeluFeedForward(FeedForward):
+        """fc1 -> GELU -> fc2 with fc1's GEMM epilogue writing fc2's quantized input
+        (``kernels.svdq_mlp_triton``) on the fp8 engine; diffusers' own forward elsewhere
+        (the reference backend, training with dropout)."""
+
+        def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            fc1, drop, fc2 = self.net[0].proj, self.net[1], self.net[2]
+            if (not self.training or drop.p == 0) and all(
+                kernels.resolve_backend(m.backend, hidden_states.device) == "triton"
+                for m in (fc1, fc2)
+            ):
+                fc1._check_input(hidden_states)
+                return kernels.svdq_mlp_triton(hidden_states, fc1, fc2, "gelu_tanh")
+            return super().forward(hidden_states, *args, **kwargs)
+
+    return FusedGeluFeedForward
+
+
+def _fuse_feed_forward(ff: nn.Module) -> bool:
+    """Run a FLUX ``FeedForward`` (GELU-tanh with an ``SVDQLinear`` projection, dropout,
+    ``SVDQLinear``; activations int4 or fp8) as one fused MLP: its class is swapped, its
+    modules, parameters and state-dict keys stay."""
+    net = getattr(ff, "net", None)
+    if type(ff).__name__ != "FeedForward" or net is None or len(net) != 3:
+        return False
+    gelu, drop, fc2 = net
+    fc1 = getattr(gelu, "proj", None)
+    if not (
+        type(gelu).__name__ == "GELU"
+        and getattr(gelu, "approximate", None) == "tanh"
+        and isinstance(drop, nn.Dropout)
+        and all(isinstance(m, SVDQLinear) and m.act_fmt in ("int4", "fp8") for m in (fc1, fc2))
+        and fc1.out_features == fc2.in_features
+    ):
+        return False
+    setattr(ff, _ORIG_CLASS, type(ff))
+    ff.__class__ = _mlp_runtime()
+    return True
 
 
 def _set_fused_processor(attn: nn.Module) -> None:
@@ -274,17 +329,22 @@ def _fuse_attention(attn: nn.Module) -> bool:
 def fuse_projections(model: nn.Module) -> int:
     """Fuse the quantized projections that read one input in every supported module of
     ``model`` (FLUX.1: q/k/v of each attention and the text stream's added q/k/v; in the
-    single blocks q/k/v with the MLP's up projection); returns how many attention modules
-    now take fused projections. Modules whose layers cannot be fused (16-bit, separately
-    quantized, LoRAs loaded) or whose attention runs another processor than diffusers'
-    own (an IP-adapter's) stay as they are."""
+    single blocks q/k/v with the MLP's up projection, and their ``proj_out`` reading the
+    attention output and the MLP's GELU without concatenating them; each double block's
+    feed-forwards as fused MLPs); returns how many attention modules now take fused
+    projections. Modules whose layers cannot be fused (16-bit, separately quantized, LoRAs
+    loaded) or whose attention runs another processor than diffusers' own (an
+    IP-adapter's) stay as they are."""
     count = 0
     for module in list(model.modules()):
-        if getattr(module, _FUSED_ATTR, None) is not None:
+        if getattr(module, _FUSED_ATTR, None) is not None or hasattr(module, _ORIG_CLASS):
             continue
         kind = type(module).__name__
         if kind == "FluxSingleTransformerBlock" and _fuse_single_block(module):
             count += 1
+        elif kind == "FluxTransformerBlock":
+            for ff in (module.ff, module.ff_context):
+                _fuse_feed_forward(ff)
     for module in list(model.modules()):
         if type(module).__name__ != "FluxAttention" or getattr(module, "fused_projections", False):
             continue
@@ -315,6 +375,9 @@ def unfuse_projections(model: nn.Module) -> int:
     count = 0
     for module in list(model.modules()):
         if getattr(module, _FUSED_ATTR, None) is None:
+            if hasattr(module, _ORIG_CLASS):  # a fused feed-forward
+                module.__class__ = getattr(module, _ORIG_CLASS)
+                delattr(module, _ORIG_CLASS)
             continue
         _restore(module)
         if hasattr(module, _ORIG_CLASS):  # a single block: its attention was fused with it
@@ -328,4 +391,4 @@ def unfuse_projections(model: nn.Module) -> int:
 
 def is_fused(model: nn.Module) -> bool:
     """Whether ``fuse_projections`` fused anything in ``model``."""
-    return any(getattr(m, _FUSED_ATTR, None) for m in model.modules())
+    return any(getattr(m, _FUSED_ATTR, None) or hasattr(m, _ORIG_CLASS) for m in model.modules())

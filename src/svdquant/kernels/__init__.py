@@ -17,6 +17,7 @@ import torch
 
 from svdquant.kernels.ops import (
     splits_in_gemm,
+    svdq_linear_cat_triton,
     svdq_linear_split_triton,
     svdq_linear_triton,
     svdq_mlp_triton,
@@ -34,6 +35,7 @@ __all__ = [
     "resolve_backend",
     "splits_in_gemm",
     "svdq_linear",
+    "svdq_linear_cat_triton",
     "svdq_linear_split_triton",
     "svdq_linear_triton",
     "svdq_mlp_triton",

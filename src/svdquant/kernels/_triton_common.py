@@ -116,6 +116,26 @@ def recip16_rn(y, EXACT: tl.constexpr):
 
 
 @triton.jit
+def apply_activation(y, ACT: tl.constexpr):
+    """``ACT`` 0: ``y``; 1: GELU, tanh approximation; 2: SiLU — on fp32 ``y``.
+
+    GELU as ``y · (1 + tanh(u)) / 2 = y - y / (exp(2u) + 1)`` with
+    ``u = √(2/π) · (y + 0.044715 y³)`` and ``exp(2u) = 2^(y · (A + B y²))``: six operations,
+    no division slow path (within a few fp32 ulps of torch's ``gelu(approximate="tanh")``).
+    """
+    if ACT == 1:
+        e = tl.exp2(y * (2.302208198144325 + 0.1029432395800235 * y * y))
+        y = y - y / (e + 1.0)
+    elif ACT == 2:
+        y = y / (1.0 + tl.exp(-y))
+    return y
+
+
+#: activation name -> the ``ACT`` code of ``apply_activation``
+ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "silu": 2}
+
+
+@triton.jit
 def to_e4m3(x, EXACT: tl.constexpr):
     """fp32 ``x`` -> fp8 E4M3 (nearest, ties to even, saturating at ±448).
 

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 
 from svdquant.kernels._triton_common import (
+    ACTIVATIONS,
+    apply_activation,
     dot16,
     folded_lowrank_dot,
     fp8_to_f32,
@@ -162,12 +164,7 @@ def _fp8_gemm_kernel(
         if ROUND_BF16:
             y = round_bf16(y)
         y = y.to(c_ptr.dtype.element_ty).to(tl.float32)
-    if ACT == 1:  # GELU, tanh approximation: y · (1 + tanh(u)) / 2 = y - y / (exp(2u) + 1)
-        # with u = √(2/π) · (y + 0.044715 y³), exp(2u) = 2^(y · (A + B y²)): 6 operations
-        e = tl.exp2(y * (2.302208198144325 + 0.1029432395800235 * y * y))
-        y = y - y / (e + 1.0)
-    elif ACT == 2:  # SiLU
-        y = y / (1.0 + tl.exp(-y))
+    y = apply_activation(y, ACT)
     if ROUND_BF16:
         y = round_bf16(y)
     y16 = y.to(c_ptr.dtype.element_ty)
@@ -224,9 +221,6 @@ def _fp8_gemm_kernel(
             y16,
             mask=mmask[:, None] & nmask[None, :],
         )
-
-
-_ACTS = {"none": 0, "gelu_tanh": 1, "silu": 2}
 
 
 #: Segment bounds of a split output must be multiples of this (every config's BLOCK_N).
@@ -290,7 +284,7 @@ def _launch(
         DOT_FP32=interpreting(),
         NEXT=nxt is not None,
         SPLIT=bounds is not None,
-        ACT=_ACTS[act],
+        ACT=ACTIVATIONS[act],
         NEXT_INT4=int4,
         BLOCK_R2=max(16, triton.next_power_of_2(max(r2, 1))),
     )
@@ -396,8 +390,8 @@ def fp8_gemm_quantize_next(
     """
     if act_fmt2 not in ("int4", "fp8"):
         raise ValueError(f"the next layer's activations must be int4 or fp8, got {act_fmt2!r}")
-    if activation not in _ACTS:
-        raise ValueError(f"unknown activation {activation!r}; supported: {sorted(_ACTS)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; supported: {sorted(ACTIVATIONS)}")
     m, n = xq.shape[0], wq.shape[0]
     if k_out2 < n or k_out2 > triton.cdiv(n, 64) * 64:
         raise ValueError(f"k_out2 = {k_out2} must be the next layer's padded K for K = {n}")

@@ -1,6 +1,7 @@
 """The engine's kernels as ``torch.library`` custom ops, and the layer built from them.
 
-Each kernel is one op (``svdquant::quantize_act``, ``::widen_weight``, ``::fp8_gemm``,
+Each kernel is one op (``svdquant::quantize_act``, ``::quantize_act_cat``,
+``::widen_weight``, ``::fp8_gemm``,
 ``::fp8_gemm_split``, ``::w4a16_linear``) with a fake (meta) implementation that only
 computes output shapes, so ``torch.compile(fullgraph=True)`` traces a layer into three
 opaque nodes with no graph break and no host sync, and Inductor fuses the elementwise
@@ -15,6 +16,7 @@ from svdquant.kernels import reference
 
 __all__ = [
     "splits_in_gemm",
+    "svdq_linear_cat_triton",
     "svdq_linear_split_triton",
     "svdq_linear_triton",
     "svdq_mlp_triton",
@@ -40,6 +42,32 @@ def quantize_act(
 
 @quantize_act.register_fake
 def _(x, smooth, lowrank_down, act_scale, k_out, act_fmt):
+    m = x.shape[0]
+    return (
+        x.new_empty(m, k_out, dtype=_FP8),
+        x.new_empty(m, lowrank_down.shape[0], dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("svdquant::quantize_act_cat", mutates_args=())
+def quantize_act_cat(
+    x: torch.Tensor,
+    tail: torch.Tensor,
+    tail_act: str,
+    smooth: torch.Tensor,
+    lowrank_down: torch.Tensor,
+    act_scale: torch.Tensor,
+    k_out: int,
+    act_fmt: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.quantize.quantize_act`` of ``cat([x, tail_act(tail)], -1)`` as a custom op."""
+    from svdquant.kernels.quantize import quantize_act as impl
+
+    return impl(x, smooth, lowrank_down, act_scale, k_out, act_fmt, tail, tail_act)
+
+
+@quantize_act_cat.register_fake
+def _(x, tail, tail_act, smooth, lowrank_down, act_scale, k_out, act_fmt):
     m = x.shape[0]
     return (
         x.new_empty(m, k_out, dtype=_FP8),
@@ -294,6 +322,37 @@ def svdq_linear_split_triton(layer: torch.nn.Module, x: torch.Tensor, sizes: lis
         out.append(flat[m * start : m * (start + w)].view(*lead, w))
         start += w
     return tuple(out)
+
+
+def svdq_linear_cat_triton(
+    layer: torch.nn.Module, x: torch.Tensor, tail: torch.Tensor, tail_act: str = "none"
+) -> torch.Tensor:
+    """``layer(cat([x, tail_act(tail)], -1))`` for an ``SVDQLinear`` on the fp8 engine, with
+    the quantize reading ``x`` and ``tail`` where they are: no concatenated copy, no
+    separate activation pass (FLUX's single-block ``proj_out``). ``x`` [..., K1] and
+    ``tail`` [..., K - K1] in the same dtype; the activation (``"none"``, ``"gelu_tanh"``,
+    ``"silu"``) is rounded to that dtype, as the unfused modules' output would be."""
+    if layer.act_fmt not in ("int4", "fp8"):
+        raise ValueError(
+            f"the fused concatenation needs act_fmt int4 or fp8, got {layer.act_fmt!r}"
+        )
+    k1 = x.shape[-1]
+    if x.shape[:-1] != tail.shape[:-1] or k1 + tail.shape[-1] != layer.in_features:
+        raise ValueError(
+            f"x {tuple(x.shape)} and tail {tuple(tail.shape)} must share their leading "
+            f"dimensions and together have {layer.in_features} features"
+        )
+    lead = x.shape[:-1]
+    x2, t2 = x.reshape(-1, k1), tail.reshape(-1, tail.shape[-1])
+    s = reference.act_scale_from_amax(layer.act_amax)
+    ops = torch.ops.svdquant
+    xq, lora = ops.quantize_act_cat(
+        x2, t2, tail_act, layer.smooth, layer.lowrank_down, s, layer.qweight.shape[1] * 2,
+        layer.act_fmt,
+    )  # fmt: skip
+    wq, s_channel = ops.widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
+    y = ops.fp8_gemm(xq, wq, s_channel, s, lora, layer.lowrank_up, layer.bias, x.dtype)
+    return y.reshape(*lead, layer.out_features)
 
 
 def svdq_mlp_triton(

@@ -16,7 +16,12 @@ subtract, and fp8 values by the hardware conversion (exactly emulated under the
 interpreter). No row-wide reduction: a program walks a few groups of 64 columns at a time
 through its rows and its share of K (a K split when M alone gives too few programs); the
 low-rank partial sums of the splits meet through fp32 atomics.
-Reference: ``reference.quantize_act_ref``.
+
+A second input (``tail``) makes the quantized input ``cat([x, act(tail)], -1)`` without
+that tensor ever existing: FLUX's single blocks feed ``proj_out`` the attention output
+next to the GELU of the MLP's up projection (a [M, 15360] concatenation and a GELU pass
+per block, unfused).
+Reference: ``reference.quantize_act_ref``, ``reference.quantize_act_cat_ref``.
 """
 
 from __future__ import annotations
@@ -26,11 +31,15 @@ import triton
 import triton.language as tl
 
 from svdquant.kernels._triton_common import (
+    ACTIVATIONS,
+    apply_activation,
     div7_rn,
     folded_lowrank_dot,
     interpreting,
+    needs_bf16_rounding,
     num_sms,
     recip16_rn,
+    round_bf16,
     round_small,
     to_e4m3,
 )
@@ -86,6 +95,7 @@ def quantize_tile(
 @triton.jit
 def _quantize_act_kernel(
     x_ptr,
+    tail_ptr,
     smooth_ptr,
     ld_ptr,
     scale_ptr,
@@ -93,10 +103,12 @@ def _quantize_act_kernel(
     lora_ptr,
     M,
     K,
+    K_HEAD,
     K_OUT,
     R,
     k_per_split,
     stride_xm,
+    stride_tm,
     stride_qm,
     stride_ldr,
     stride_lm,
@@ -104,6 +116,8 @@ def _quantize_act_kernel(
     HAS_LORA: tl.constexpr,
     ATOMIC: tl.constexpr,
     EXACT: tl.constexpr,
+    TAIL_ACT: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -121,12 +135,23 @@ def _quantize_act_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, tl.maximum(K, K_OUT))
     x_rows = x_ptr + rows[:, None] * stride_xm
+    t_rows = tail_ptr + rows[:, None] * stride_tm
     q_rows = xq_ptr + rows[:, None] * stride_qm
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + g
         kmask = cols < K
-        x = tl.load(x_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if TAIL_ACT < 0:
+            x = tl.load(x_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        else:  # columns from K_HEAD on: act(tail), rounded to x's dtype as if written
+            head = cols < K_HEAD
+            xa = tl.load(x_rows + cols[None, :], mask=rmask[:, None] & head[None, :], other=0.0)
+            tmask = rmask[:, None] & (kmask & ~head)[None, :]
+            t = tl.load(t_rows + (cols - K_HEAD)[None, :], mask=tmask, other=0.0)
+            t = apply_activation(t.to(tl.float32), TAIL_ACT)
+            if ROUND_BF16:
+                t = round_bf16(t)
+            x = tl.where(head[None, :], xa, t.to(xa.dtype))
         inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + cols, mask=kmask, other=1.0))
         xh = x.to(tl.float32) * inv_s[None, :]
         q = quantize_tile(xh, inv_act, INT4, EXACT, BLOCK_M, BLOCK_K)
@@ -156,18 +181,37 @@ def quantize_act(
     act_scale: torch.Tensor,
     k_out: int,
     act_fmt: str,
+    tail: torch.Tensor | None = None,
+    tail_act: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations ``x`` [M, K] for the fp8 GEMM; see ``quantize_act_ref``.
 
     Returns ``(xq, lora_act)``: fp8 E4M3 [M, k_out] (``k_out`` ≥ K, the weight's padded K;
-    extra columns are zero) and fp32 [M, r].
+    extra columns are zero) and fp32 [M, r]. With ``tail`` [M, K2] (x's dtype) the input is
+    ``cat([x, tail_act(tail)], -1)`` — the activation rounded to x's dtype, as if written
+    — read from the two tensors (``quantize_act_cat_ref``): a layer whose input is a
+    concatenation (FLUX's single-block ``proj_out``) needs no concatenated copy and no
+    separate activation pass.
     """
     if act_fmt not in ("int4", "fp8"):
         raise ValueError(f"the fp8 engine quantizes activations to int4 or fp8, got {act_fmt!r}")
-    m, k = x.shape
-    r = lowrank_down.shape[0]
+    if tail_act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {tail_act!r}; supported: {sorted(ACTIVATIONS)}")
     if x.stride(-1) != 1:
         x = x.contiguous()
+    k_head = x.shape[1]
+    if tail is not None:
+        if tail.dim() != 2 or tail.shape[0] != x.shape[0] or tail.dtype != x.dtype:
+            raise ValueError(
+                f"tail must be [M, K2] in x's dtype: x {tuple(x.shape)} {x.dtype}, "
+                f"tail {tuple(tail.shape)} {tail.dtype}"
+            )
+        if tail.stride(-1) != 1:
+            tail = tail.contiguous()
+    m, k = x.shape[0], k_head + (tail.shape[1] if tail is not None else 0)
+    if smooth.shape[0] != k:
+        raise ValueError(f"smooth has {smooth.shape[0]} entries for an input of {k} columns")
+    r = lowrank_down.shape[0]
     lowrank_down = lowrank_down.contiguous()
     smooth = smooth.float().contiguous()
     if m == 0:
@@ -187,6 +231,7 @@ def quantize_act(
     lora = (torch.zeros if split > 1 else torch.empty)(m, r, dtype=torch.float32, device=x.device)
     _quantize_act_kernel[(m_blocks, split)](
         x,
+        x if tail is None else tail,
         smooth,
         lowrank_down,
         act_scale.float().reshape(1),
@@ -194,10 +239,12 @@ def quantize_act(
         lora,
         m,
         k,
+        k_head,
         k_out,
         r,
         k_per_split,
         x.stride(0),
+        x.stride(0) if tail is None else tail.stride(0),
         xq.stride(0),
         lowrank_down.stride(0) if r else 0,
         lora.stride(0) if r else 0,
@@ -205,6 +252,8 @@ def quantize_act(
         HAS_LORA=r > 0,
         ATOMIC=split > 1,
         EXACT=interpreting(),
+        TAIL_ACT=-1 if tail is None else ACTIVATIONS[tail_act],
+        ROUND_BF16=needs_bf16_rounding(x.dtype),
         BLOCK_M=block_m,
         BLOCK_R=block_r,
         BLOCK_K=block_k,

@@ -20,8 +20,10 @@ __all__ = [
     "ACT_SCALE_TARGET",
     "ENGINE_ACT_FORMATS",
     "act_scale_from_amax",
+    "activation_ref",
     "fp8_gemm_quantize_next_ref",
     "fp8_gemm_ref",
+    "quantize_act_cat_ref",
     "quantize_act_ref",
     "quantize_activations",
     "round_e4m3",
@@ -165,6 +167,33 @@ def quantize_act_ref(
     return xq, x.to(dt).float() @ folded.t()
 
 
+def activation_ref(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """``activation`` ("none", "gelu_tanh", "silu") of ``y`` computed in fp32, as fp32."""
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(y.float(), approximate="tanh")
+    if activation == "silu":
+        return torch.nn.functional.silu(y.float())
+    if activation != "none":
+        raise ValueError(f"unknown activation {activation!r}")
+    return y.float()
+
+
+def quantize_act_cat_ref(
+    x: torch.Tensor,
+    tail: torch.Tensor,
+    tail_act: str,
+    smooth: torch.Tensor,
+    lowrank_down: torch.Tensor,
+    act_scale: torch.Tensor,
+    k_out: int,
+    act_fmt: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_act_ref`` of ``cat([x, tail_act(tail)], -1)``, the activation computed in
+    fp32 and rounded to x's dtype (the unfused ``cat([x, act(tail)])`` of 16-bit tensors)."""
+    h = torch.cat([x, activation_ref(tail, tail_act).to(x.dtype)], dim=-1)
+    return quantize_act_ref(h, smooth, lowrank_down, act_scale, k_out, act_fmt)
+
+
 def _group_scaled(qweight: torch.Tensor, wscales: torch.Tensor, fmt: str) -> torch.Tensor:
     """``code_value · s_group`` [N, K_pad] in fp32: the stored weight before its tensor
     scale (what the widen, dequantize and GEMV kernels decode)."""
@@ -249,13 +278,7 @@ def fp8_gemm_quantize_next_ref(
     if bias is not None:
         y = y + bias.float()
     y = y.to(out_dtype)  # the layer's output as written (fp32 math inside, like torch's)
-    if activation == "gelu_tanh":
-        y = torch.nn.functional.gelu(y.float(), approximate="tanh")
-    elif activation == "silu":
-        y = torch.nn.functional.silu(y.float())
-    elif activation != "none":
-        raise ValueError(f"unknown activation {activation!r}")
-    h = y.to(out_dtype)
+    h = activation_ref(y, activation).to(out_dtype)
     return quantize_act_ref(h, smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2)
 
 
