@@ -378,7 +378,7 @@ def main() -> None:
             rows.append(bench_shape(m, n, k, copy_gbs))
             print(json.dumps({c: round(v, 3) if isinstance(v, float) else v
                               for c, v in rows[-1].items()}), flush=True)  # fmt: skip
-    mlp = [bench_mlp(m) for m in ms and (4096, 4608)]
+    mlp = [bench_mlp(m) for m in ms and (512, 4096, 4608)]
     gemv = [bench_gemv(m, 18432, 3072, copy_gbs) for m in (1, 4)]
     lora_ranks = (
         []

@@ -46,38 +46,67 @@ def _spec(name: str):
     return wrap
 
 
-@_spec("quantize")
-def _quantize() -> dict[str, Any]:
+def _quantize_spec(tail_act: int, x: str = "bf16", ld: str = "bf16") -> dict[str, Any]:
     from svdquant.kernels import quantize as q
 
     bm, bk, warps = q.TILES["large"]
+    k = 15360 if tail_act >= 0 else 3072  # with a tail: FLUX's single-block proj_out input
     return dict(
         kernel=q._quantize_act_kernel,
         ptrs=dict(
-            x_ptr="*bf16",
+            x_ptr=f"*{x}",
+            tail_ptr=f"*{x}",
             smooth_ptr="*fp32",
-            ld_ptr="*bf16",
+            ld_ptr=f"*{ld}",
             scale_ptr="*fp32",
             xq_ptr="*fp8e4nv",
             lora_ptr="*fp32",
         ),
         ints=dict(
             M=4608,
-            K=3072,
-            K_OUT=3072,
+            K=k,
+            K_HEAD=3072,
+            K_OUT=k,
             R=32,
             k_per_split=256,
             stride_xm=3072,
-            stride_qm=3072,
-            stride_ldr=3072,
+            stride_tm=k - 3072,
+            stride_qm=k,
+            stride_ldr=k,
             stride_lm=32,
         ),
         consts=dict(
-            INT4=True, HAS_LORA=True, ATOMIC=True, EXACT=False, BLOCK_M=bm, BLOCK_R=32, BLOCK_K=bk
+            INT4=True,
+            HAS_LORA=True,
+            ATOMIC=True,
+            EXACT=False,
+            TAIL_ACT=tail_act,
+            SEAM_ALIGNED=True,
+            ROUND_BF16=False,
+            BLOCK_M=bm,
+            BLOCK_R=32,
+            BLOCK_K=bk,
         ),
         warps=warps,
         stages=1,
     )
+
+
+@_spec("quantize")
+def _quantize() -> dict[str, Any]:
+    return _quantize_spec(-1)
+
+
+@_spec("quantize_cat")
+def _quantize_cat() -> dict[str, Any]:
+    """proj_out's input: the attention output, then GELU(the MLP's up projection)."""
+    return _quantize_spec(1)
+
+
+@_spec("quantize_fp32_fp16")
+def _quantize_fp32_fp16() -> dict[str, Any]:
+    """An fp32 model's input against a 16-bit low-rank branch (mixed dtypes)."""
+    return _quantize_spec(1, x="fp32", ld="fp16")
 
 
 @_spec("widen")

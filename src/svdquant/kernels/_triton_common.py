@@ -208,8 +208,12 @@ def dot16(a, b, acc, INTERPRET: tl.constexpr):
     """
     if INTERPRET:
         a16 = round_bf16(a) if b.dtype == tl.bfloat16 else a.to(b.dtype).to(tl.float32)
-        return tl.dot(a16, b.to(tl.float32), acc)
-    return tl.dot(a.to(b.dtype), b, acc)
+        out = tl.dot(a16, b.to(tl.float32), acc)
+    elif b.dtype == tl.float32:  # an fp32 model's branch: tf32 alone is ~1e-3 off
+        out = tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        out = tl.dot(a.to(b.dtype), b, acc)
+    return out
 
 
 @triton.jit
@@ -225,6 +229,9 @@ def folded_lowrank_dot(x, ld_t, inv_s, acc, INTERPRET: tl.constexpr):
     if INTERPRET and ld_t.dtype == tl.bfloat16:
         b = round_bf16(b)
     b16 = b.to(ld_t.dtype)
-    if INTERPRET or x.dtype != ld_t.dtype:
-        return dot16(x.to(tl.float32), b16, acc, INTERPRET)
-    return tl.dot(x, b16, acc)
+    # (one return: triton 3.6 compiles the statements after a static branch's return too)
+    if INTERPRET or x.dtype != ld_t.dtype or x.dtype == tl.float32:
+        out = dot16(x.to(tl.float32), b16, acc, INTERPRET)
+    else:
+        out = tl.dot(x, b16, acc)
+    return out

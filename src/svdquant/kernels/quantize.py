@@ -117,6 +117,7 @@ def _quantize_act_kernel(
     ATOMIC: tl.constexpr,
     EXACT: tl.constexpr,
     TAIL_ACT: tl.constexpr,
+    SEAM_ALIGNED: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -143,6 +144,18 @@ def _quantize_act_kernel(
         kmask = cols < K
         if TAIL_ACT < 0:
             x = tl.load(x_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        elif SEAM_ALIGNED:  # a step lies in x or in the tail: load only that one
+            if k0 < K_HEAD:
+                x = tl.load(x_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            else:
+                tcols = cols - K_HEAD
+                t = tl.load(
+                    t_rows + tcols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
+                )
+                t = apply_activation(t.to(tl.float32), TAIL_ACT)
+                if ROUND_BF16:
+                    t = round_bf16(t)
+                x = t.to(x_ptr.dtype.element_ty)
         else:  # columns from K_HEAD on: act(tail), rounded to x's dtype as if written
             head = cols < K_HEAD
             xa = tl.load(x_rows + cols[None, :], mask=rmask[:, None] & head[None, :], other=0.0)
@@ -253,6 +266,9 @@ def quantize_act(
         ATOMIC=split > 1,
         EXACT=interpreting(),
         TAIL_ACT=-1 if tail is None else ACTIVATIONS[tail_act],
+        # the seam at a step boundary (FLUX: 3072): each step reads one tensor (with both
+        # loads and a select per element the kernel took 239 registers, 2 programs per SM)
+        SEAM_ALIGNED=k_head % block_k == 0 and k_per_split % block_k == 0,
         ROUND_BF16=needs_bf16_rounding(x.dtype),
         BLOCK_M=block_m,
         BLOCK_R=block_r,
