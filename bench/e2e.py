@@ -358,11 +358,12 @@ def stray_cuda_tensors(model: nn.Module, top: int = 5) -> list[dict[str, Any]]:
             if not (isinstance(obj, torch.Tensor) and obj.is_cuda):
                 continue
             st = obj.untyped_storage()
-        except Exception:  # wrapper subclasses without storage, freed objects
+            ptr = st.data_ptr()
+        except Exception:  # wrapper subclasses without storage, freed objects, and the
+            continue  # fake tensors an earlier row's torch.compile left behind
+        if ptr in owned or ptr in found:
             continue
-        if st.data_ptr() in owned or st.data_ptr() in found:
-            continue
-        found[st.data_ptr()] = {
+        found[ptr] = {
             "shape": list(obj.shape),
             "dtype": str(obj.dtype).removeprefix("torch."),
             "bytes": st.nbytes(),
