@@ -12,6 +12,14 @@ with ``chunk``, and the strided parts were copied downstream (4.3 ms per FLUX st
 the H100, more than the fusion saved). The numbers are the same as unfused (each output
 column is computed from the same quantized input and its own weight row).
 
+Two fusions of the same runtime read activations where they lie: each single block's
+``proj_out`` quantizes ``cat([attention output, gelu(mlp)])`` from the two tensors
+(``SVDQLinear.forward_cat``: no [tokens, 15360] concatenation and no GELU pass, 6.3 ms of a
+FLUX step on an H200 unfused, v15), and each double block's feed-forwards run as fused MLPs
+(``kernels.svdq_mlp_triton``: fc1's epilogue writes fc2's quantized input). Both keep the
+modules and their state-dict keys; the numbers are the unfused ones up to GELU's fp32
+rounding.
+
 It is a runtime transform, applied after loading and after LoRAs: ``unfuse_projections``
 restores the separate layers (bit for bit), the attention processors and the blocks,
 which saving and LoRA loading need. Supported: FLUX.1 (``FluxAttention``,
@@ -176,7 +184,8 @@ def _flux_runtime() -> tuple[type, type]:
 
     class FusedFluxSingleTransformerBlock(tf.FluxSingleTransformerBlock):
         """The single block with q/k/v and the MLP's up projection as one layer
-        (``qkv_mlp``): the norm output is quantized once for all four."""
+        (``qkv_mlp``): the norm output is quantized once for all four; ``proj_out`` reads
+        the attention output and the MLP's GELU without their concatenation."""
 
         def forward(
             self,
