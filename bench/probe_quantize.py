@@ -94,6 +94,20 @@ def main() -> None:
                         continue
                     pct = 100 * nbytes / us / 1e3 / copy_gbs
                     rows.append({**cfg, "us": us, "pct_copy": pct})
+    # Long loops that triton can pipeline (cp.async into shared memory with num_stages >= 2:
+    # 187-194 registers with the low-rank branch, triton 3.6 sm_90): few splits, deep
+    # pipelines, the layer's own kind (low-rank, atomics, int4) only.
+    for block_m, warps in ((32, 4), (64, 4), (64, 8)):
+        for split in (2, 4):
+            for stages in (2, 3, 4):
+                cfg = {"block_m": block_m, "warps": warps, "split": split, "lora": True}
+                cfg |= {"atomic": True, "int4": True, "block_k": 128, "stages": stages}
+                try:
+                    us = variant(x, smooth, down, scale, **cfg)
+                except Exception as e:
+                    rows.append({**cfg, "error": str(e)[:100]})
+                    continue
+                rows.append({**cfg, "us": us, "pct_copy": 100 * nbytes / us / 1e3 / copy_gbs})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(), "M": M, "K": K, "rank": RANK,
