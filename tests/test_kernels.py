@@ -493,6 +493,37 @@ def test_fused_mlp_compiles_fullgraph():
     assert torch.equal(torch.compile(mlp, fullgraph=True, backend="aot_eager")(x), mlp(x))
 
 
+def test_act_scale_is_computed_once_per_value():
+    """The engine keeps S = act_amax / 224 per value of the buffer: the same tensor while
+    the buffer is unchanged, a new one after an in-place update (``load_state_dict``)."""
+    from svdquant.kernels import ops
+
+    a = torch.tensor(448.0, device=DEVICE)
+    s1 = ops._act_scale(a)
+    assert s1 is ops._act_scale(a) and torch.equal(s1, ref.act_scale_from_amax(a))
+    a.copy_(torch.tensor(224.0))
+    s2 = ops._act_scale(a)
+    assert s2 is not s1 and s2.item() == 1.0
+    with torch.inference_mode():  # no version counter: computed every time
+        b = torch.tensor(0.0, device=DEVICE)
+    assert ops._act_scale(b).item() == 1.0
+    # a layer whose calibration max is loaded again computes with the new scale
+    _, layer, calib = _layer("int4", "int4", k=64, n=48)
+    layer.backend = "triton"
+    x = calib[:5]
+    y1 = layer(x)
+    state = layer.state_dict()
+    state["act_amax"] = state["act_amax"] * 0.3  # not a power of two; some saturate
+    layer.load_state_dict(state)
+    y2 = layer(x)
+    y_ref = ref.svdq_linear_fp8_ref(
+        x, layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth,
+        ref.act_scale_from_amax(layer.act_amax), layer.lowrank_down, layer.lowrank_up,
+        layer.bias, "int4", "int4",
+    )  # fmt: skip
+    assert not torch.equal(y1, y2) and rel_err(y2, y_ref) <= TOL
+
+
 def test_auto_backend_is_reference_on_cpu():
     layer = svdquant.SVDQLinear(64, 32)
     assert svdquant.kernels.resolve_backend(layer.backend, torch.device("cpu")) == "reference"

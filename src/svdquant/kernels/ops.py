@@ -23,6 +23,35 @@ __all__ = [
 ]
 
 _FP8 = torch.float8_e4m3fn
+#: on a layer's ``act_amax`` tensor: (its version counter, the scale S computed from it)
+_SCALE_ATTR = "_svdquant_act_scale"
+
+
+def _act_scale(act_amax: torch.Tensor) -> torch.Tensor:
+    """``reference.act_scale_from_amax(act_amax)``, computed once per value of the buffer.
+
+    Computing S is four tiny kernels (compare, divide, fill, select); per FLUX step that
+    is ~1100 launches, each a node of a CUDA graph. The result is kept on the tensor
+    itself with its version counter: an in-place update (``load_state_dict``) or a new
+    tensor computes it again. Traced by ``torch.compile`` it is computed in the graph
+    (Inductor fuses it); while a CUDA graph is being captured nothing new is kept (a
+    tensor made during capture holds its value only when the graph replays); a graph
+    captured with a kept S goes on using it (capture again after changing ``act_amax``).
+    """
+    if torch.compiler.is_compiling():
+        return reference.act_scale_from_amax(act_amax)
+    try:
+        version = act_amax._version
+    except RuntimeError:  # an inference-mode tensor has no version counter
+        return reference.act_scale_from_amax(act_amax)
+    cached = getattr(act_amax, _SCALE_ATTR, None)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    s = reference.act_scale_from_amax(act_amax)
+    capturing = act_amax.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing:
+        setattr(act_amax, _SCALE_ATTR, (version, s))
+    return s
 
 
 @torch.library.custom_op("svdquant::quantize_act", mutates_args=())
@@ -224,7 +253,7 @@ def _fp8_operands(x2, qweight, wscales, wtensor_scale, smooth, act_amax, lowrank
     """One layer's fp8 GEMM operands from its two memory-bound passes: the activation
     quantize (with the low-rank down projection) and the weight widen. Returns
     ``(xq, lora_act, wq, s_channel, S)``."""
-    s = reference.act_scale_from_amax(act_amax)
+    s = _act_scale(act_amax)
     xq, lora = torch.ops.svdquant.quantize_act(
         x2, smooth, lowrank_down, s, qweight.shape[1] * 2, act_fmt
     )
@@ -344,7 +373,7 @@ def svdq_linear_cat_triton(
         )
     lead = x.shape[:-1]
     x2, t2 = x.reshape(-1, k1), tail.reshape(-1, tail.shape[-1])
-    s = reference.act_scale_from_amax(layer.act_amax)
+    s = _act_scale(layer.act_amax)
     ops = torch.ops.svdquant
     xq, lora = ops.quantize_act_cat(
         x2, t2, tail_act, layer.smooth, layer.lowrank_down, s, layer.qweight.shape[1] * 2,
@@ -373,7 +402,7 @@ def svdq_mlp_triton(
     ops = torch.ops.svdquant
     lead = x.shape[:-1]
     x2 = x.reshape(-1, fc1.in_features)
-    s2 = reference.act_scale_from_amax(fc2.act_amax)
+    s2 = _act_scale(fc2.act_amax)
     xq, lora, w1, c1, s1 = _fp8_operands(
         x2, fc1.qweight, fc1.wscales, fc1.wtensor_scale, fc1.smooth, fc1.act_amax,
         fc1.lowrank_down, fc1.fmt, fc1.act_fmt,
