@@ -2,11 +2,12 @@
 
     PYTHONPATH=src python bench/gemm.py [--out DIR] [--quick] [--sweep]
 
-Per (M, N, K): cuBLAS BF16 ``F.linear`` with bias; cuBLAS fp8 rowwise ``torch._scaled_mm``
-(no bias); our quantize alone (GB/s, % of the measured copy bandwidth); widen alone;
-GEMM + low-rank + bias alone; the full layer (quantize + widen + GEMM) with and without
-the low-rank branch, eagerly and replayed from a CUDA graph (no launch overhead). Then
-the MLP pair (fc1 3072->12288, GELU-tanh, fc2 12288->3072), unfused and fused (fc1's
+Per (M, N, K): cuBLAS BF16 ``F.linear`` with bias; cuBLAS fp8 rowwise
+``torch._scaled_mm`` (no bias); our quantize alone (GB/s, % of the measured copy
+bandwidth); widen alone; GEMM + low-rank + bias alone (also with the split-K tail,
+``gemm.TAIL_SPLIT``); the full layer (quantize + widen + GEMM) with and without the
+low-rank branch, eagerly and replayed from a CUDA graph (no launch overhead). Then the
+MLP pair (fc1 3072->12288, GELU-tanh, fc2 12288->3072), unfused and fused (fc1's
 epilogue writes fc2's quantized input), and the W4A16 GEMV. Times are medians of
 ``triton.testing.do_bench``; ratios are BF16 time / our time (> 1: faster). Writes
 ``gemm-<date>.json`` under ``--out`` (default ``bench/results``, or ``$OUT`` when set)
@@ -29,6 +30,7 @@ import triton
 from triton.testing import do_bench
 
 from svdquant import formats
+from svdquant.kernels import gemm as gemm_mod
 from svdquant.kernels import gemv as gemv_mod
 from svdquant.kernels import quantize as quantize_mod
 from svdquant.kernels import reference as ref
@@ -154,6 +156,13 @@ def bench_shape(m: int, n: int, k: int, copy_gbs: float) -> dict:
     row["gemm_graph_us"] = bench_graph(
         lambda: fp8_gemm(xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16)
     )
+    gemm_mod.TAIL_SPLIT = True  # the split-K tail (off by default until measured)
+    try:
+        row["gemm_tail_graph_us"] = bench_graph(
+            lambda: fp8_gemm(xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16)
+        )
+    finally:
+        gemm_mod.TAIL_SPLIT = False
     row["layer_us"] = bench(lambda: layer(x))
     row["layer_nolr_us"] = bench(lambda: layer(x, lowrank=False))
     row["layer_w4a8_us"] = bench(lambda: layer(x, act_fmt="fp8"))
@@ -410,13 +419,13 @@ def main() -> None:
     print("ratios = BF16 time / ours; quantize in % of copy bandwidth; G = in a CUDA graph")
     for name, rows_ in result["kernels"].items():
         print(f"kernel {name}: {rows_}")
-    hdr = ("M", "N", "K", "bf16Gus", "fp8cub", "quant%", "widen%", "gemm+lrG", "gemm",
-           "layer", "layer-lr", "w4a8", "layerG", "layer-lrG")  # fmt: skip
+    hdr = ("M", "N", "K", "bf16Gus", "fp8cub", "quant%", "widen%", "gemm+lrG", "+tailG",
+           "gemm", "layer", "layer-lr", "w4a8", "layerG", "layer-lrG")  # fmt: skip
     print(" ".join(f"{h:>9}" for h in hdr))
     for r in rows:
         vals = (r["M"], r["N"], r["K"], f"{r['bf16_graph_us']:.0f}", _x(r.get("cublas_fp8_x")),
                 f"{r['quantize_pct_copy']:.0f}", f"{r['widen_pct_copy']:.0f}",
-                _x(r["gemm_graph_x"]),
+                _x(r["gemm_graph_x"]), _x(r.get("gemm_tail_graph_x")),
                 _x(r["gemm_nolr_x"]), _x(r["layer_x"]), _x(r["layer_nolr_x"]),
                 _x(r["layer_w4a8_x"]), _x(r["layer_graph_x"]),
                 _x(r["layer_nolr_graph_x"]))  # fmt: skip

@@ -231,7 +231,7 @@ def _gemv_mma() -> dict[str, Any]:
     return dict(kernel=g._w4a16_mma_kernel, warps=warps, **d)
 
 
-def _gemm(split: bool) -> dict[str, Any]:
+def _gemm(split: bool, tail: bool = False, next_int4: bool = False) -> dict[str, Any]:
     from triton.runtime import JITFunction
 
     from svdquant.kernels import gemm as g
@@ -255,10 +255,12 @@ def _gemm(split: bool) -> dict[str, Any]:
             scale2_ptr="*fp32",
             xq2_ptr="*fp8e4nv",
             lora2_ptr="*fp32",
+            ws_ptr="*fp32",
+            cnt_ptr="*i32",
         ),
         ints=dict(
             M=4608,
-            N=21504,
+            N=3072 if tail or next_int4 else 21504,
             K=3072,
             R=32,
             M_BUCKET=8192,
@@ -275,6 +277,7 @@ def _gemm(split: bool) -> dict[str, Any]:
             B1=3072,
             B2=6144,
             B3=9216,
+            NUM_SMS=132,
         ),
         consts=dict(
             HAS_LORA=True,
@@ -282,11 +285,12 @@ def _gemm(split: bool) -> dict[str, Any]:
             ROUND_BF16=False,
             BLOCK_R=32,
             DOT_FP32=False,
-            NEXT=False,
+            NEXT=next_int4,
             SPLIT=split,
-            ACT=0,
-            NEXT_INT4=False,
-            BLOCK_R2=16,
+            ACT=1 if next_int4 else 0,
+            NEXT_INT4=next_int4,
+            BLOCK_R2=32 if next_int4 else 16,
+            TAIL=tail,
             BLOCK_M=128,
             BLOCK_N=256,
             BLOCK_K=128,
@@ -300,6 +304,18 @@ def _gemm(split: bool) -> dict[str, Any]:
 @_spec("gemm")
 def _gemm_plain() -> dict[str, Any]:
     return _gemm(split=False)
+
+
+@_spec("gemm_tail")
+def _gemm_tail() -> dict[str, Any]:
+    """The plain GEMM with the split-K tail (``gemm.TAIL_SPLIT``) at N = 3072."""
+    return _gemm(split=False, tail=True)
+
+
+@_spec("gemm_next")
+def _gemm_next() -> dict[str, Any]:
+    """fc1 of the fused MLP: GELU, the int4 quantize of fc2's input, its low-rank share."""
+    return _gemm(split=False, next_int4=True)
 
 
 @_spec("gemm_split")

@@ -338,6 +338,42 @@ def test_fp8_gemm_quantize_next_matches_reference(m, n, activation, act_fmt2):
     assert rel_err(lora2, lora2_ref) < 1e-3
 
 
+@pytest.mark.parametrize(("m", "n", "k"), [(100, 200, 333), (20, 60, 200), (70, 512, 96)])
+def test_fp8_gemm_split_k_tail_matches_whole_tiles(monkeypatch, m, n, k):
+    """``gemm.TAIL_SPLIT``: the tiles past the last whole wave run as K slices whose fp32
+    partial sums meet in a workspace; the last slice to arrive runs the epilogue. Every
+    mode (plain, split output, next-layer quantize) gives the whole-tile results up to
+    the order of fp32 sums. Under the interpreter the GPU has 3 "SMs": 16 tiles leave a
+    tail of 1, a single tile is all tail, 3 × 2 tiles none."""
+    from svdquant.kernels import gemm
+
+    g = _gen(m + n + k)
+    xq = ref.round_e4m3(torch.randn(m, k, generator=g) * 30).to(DEVICE)
+    wq = ref.round_e4m3(torch.randn(n, k, generator=g) * 100).to(DEVICE)
+    s_ch = (torch.rand(n, generator=g) * 1e-3).to(DEVICE)
+    act_scale = torch.tensor(0.02, device=DEVICE)
+    lora = torch.randn(m, 5, generator=g).to(DEVICE)
+    _, up = _lowrank(n, k, 5, torch.bfloat16)
+    b = torch.randn(n, generator=g).to(DEVICE, torch.bfloat16)
+    args = (xq, wq, s_ch, act_scale, lora, up, b, torch.bfloat16)
+    down2, _ = _lowrank(8, n, 6, torch.bfloat16)
+    nxt = ("gelu_tanh", _smooth(n), down2, torch.tensor(0.01, device=DEVICE), -(-n // 64) * 64)
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(gemm, "TAIL_SPLIT", on)
+        out = [fp8_gemm(*args), *fp8_gemm_quantize_next(*args, *nxt, "int4")]
+        if n == 512:
+            out.append(fp8_gemm_split(*args, [256, 256]))
+        results.append(out)
+    (y0, q0, l0, *s0), (y1, q1, l1, *s1) = results
+    assert rel_err(y1, y0) <= TOL and rel_err(l1, l0) < 1e-3
+    assert (q1.float() != q0.float()).float().mean().item() < 0.01
+    for a, c in zip(s0, s1, strict=True):
+        assert rel_err(c, a) <= TOL
+    _, tail, slices = gemm._tail_plan(m, n, k, 32, 64, 64, 3)  # the interpreter's tile
+    assert (tail, slices if tail else None) == {100: (1, 3), 20: (1, 3), 70: (0, None)}[m]
+
+
 # --- W4A16 GEMV -----------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from svdquant.kernels._triton_common import (
     fp8_to_f32,
     interpreting,
     needs_bf16_rounding,
+    num_sms,
     round_bf16,
 )
 from svdquant.kernels.quantize import quantize_tile
@@ -61,8 +62,9 @@ def _m_bucket(m: int) -> int:
 
 @triton.autotune(
     configs=_configs(),
-    key=["M_BUCKET", "N", "K", "HAS_LORA", "NEXT"],
-    reset_to_zero=["lora2_ptr"],  # the fused next-layer epilogue accumulates into it
+    key=["M_BUCKET", "N", "K", "HAS_LORA", "NEXT", "TAIL"],
+    # the fused next-layer epilogue and the split-K tail accumulate into these
+    reset_to_zero=["lora2_ptr", "ws_ptr", "cnt_ptr"],
 )
 @triton.jit
 def _fp8_gemm_kernel(
@@ -97,6 +99,9 @@ def _fp8_gemm_kernel(
     B1,
     B2,
     B3,
+    ws_ptr,
+    cnt_ptr,
+    NUM_SMS,
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
@@ -107,6 +112,7 @@ def _fp8_gemm_kernel(
     ACT: tl.constexpr,
     NEXT_INT4: tl.constexpr,
     BLOCK_R2: tl.constexpr,
+    TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -116,6 +122,23 @@ def _fp8_gemm_kernel(
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
+    if TAIL:  # the tiles past the last whole wave run as K slices (``_tail_plan``)
+        tiles = grid_m * grid_n
+        full = (tiles // NUM_SMS) * NUM_SMS
+        k_steps = tl.cdiv(K, BLOCK_K)
+        slices = tl.minimum(tl.maximum(NUM_SMS // tl.maximum(tiles - full, 1), 1), k_steps)
+        in_tail = pid >= full
+        q = tl.maximum(pid - full, 0)
+        tile = tl.where(in_tail, full + q // slices, pid)
+        nslices = tl.where(in_tail, slices, 1)
+        per = tl.cdiv(k_steps, nslices) * BLOCK_K
+        k_lo = tl.where(in_tail, q % slices, 0) * per
+        k_hi = tl.minimum(K, k_lo + per)
+    else:
+        tile = pid
+        k_lo = 0
+        k_hi = K
+    pid = tile
     width = GROUP_M * grid_n
     first_m = (pid // width) * GROUP_M
     group_m = tl.minimum(grid_m - first_m, GROUP_M)
@@ -127,10 +150,10 @@ def _fp8_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     mmask = rm < M
     nmask = rn < N
-    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
-    b_ptrs = b_ptr + rn[None, :] * stride_bn + rk[:, None]  # [BLOCK_K, BLOCK_N], K-major
+    a_ptrs = a_ptr + rm[:, None] * stride_am + (k_lo + rk)[None, :]
+    b_ptrs = b_ptr + rn[None, :] * stride_bn + (k_lo + rk)[:, None]  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kmask = (k0 + rk) < K
         a = tl.load(a_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
@@ -141,6 +164,41 @@ def _fp8_gemm_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
+    run = True
+    if TAIL:
+        run = nslices == 1
+        if nslices > 1:  # add this slice's partial sums; the slice that comes last goes on
+            t = tile - full
+            wm = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            ws = ws_ptr + t.to(tl.int64) * (BLOCK_M * BLOCK_N) + wm
+            tl.atomic_add(ws, acc, sem="relaxed")
+            tl.debug_barrier()  # every thread's partial sums are issued before the count
+            run = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel") == nslices - 1
+            if run:
+                acc = tl.load(ws, cache_modifier=".cg")  # the sum, from L2
+    if run:
+        _epilogue(
+            acc, rm, rn, mmask, nmask, pid_n, c_ptr, sch_ptr, scale_ptr, lora_ptr, lu_ptr,
+            bias_ptr, M, N, R, stride_cm, stride_lm, stride_un, inv_s2_ptr, ld2_ptr,
+            scale2_ptr, xq2_ptr, lora2_ptr, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m,
+            B1, B2, B3, HAS_LORA, HAS_BIAS, ROUND_BF16, BLOCK_R, DOT_FP32, NEXT, SPLIT, ACT,
+            NEXT_INT4, BLOCK_R2, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+
+
+@triton.jit
+def _epilogue(
+    acc, rm, rn, mmask, nmask, pid_n, c_ptr, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr,
+    M, N, R, stride_cm, stride_lm, stride_un, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr,
+    lora2_ptr, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m, B1, B2, B3,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr, NEXT: tl.constexpr, SPLIT: tl.constexpr,
+    ACT: tl.constexpr, NEXT_INT4: tl.constexpr, BLOCK_R2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The tile's fp32 sums ``acc`` -> the layer's output (scales, low-rank up, bias,
+    activation), stored whole, split into segments, or quantized as the next layer's
+    input."""
     scale = tl.load(scale_ptr) * tl.load(sch_ptr + rn, mask=nmask, other=0.0)
     y = acc * scale[None, :]
     if HAS_LORA:
@@ -226,6 +284,21 @@ def _fp8_gemm_kernel(
 #: Segment bounds of a split output must be multiples of this (every config's BLOCK_N).
 SPLIT_ALIGN = 256
 
+#: Run the tiles past the last whole wave as K slices (a split-K tail: at M = 4608,
+#: N = 3072 the 432 tiles of 128x256 are 3.27 waves on 132 SMs). Off until measured on
+#: the GPU (``bench/gemm.py`` times both); the tests run it in the interpreter.
+TAIL_SPLIT = False
+
+
+def _tail_plan(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int):
+    """(whole-wave tiles, tail tiles, K slices per tail tile) — what the kernel derives
+    from its block sizes; the grid has ``full + tail · slices`` programs."""
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    full = tiles // sms * sms
+    tail = tiles - full
+    slices = min(max(sms // max(tail, 1), 1), triton.cdiv(k, bk))
+    return full, tail, slices
+
 
 def _launch(
     xq, wq, lora_act, lowrank_up, s_channel, act_scale, bias, out, nxt, bounds=None
@@ -246,9 +319,30 @@ def _launch(
         k2_out, r2 = xq2.shape[1], ld2.shape[0]
         int4 = act_fmt2 == "int4"
         strides2 = (xq2.stride(0), ld2.stride(0) if r2 else 0, lora2.stride(0) if r2 else 0)
-    grid = lambda meta: (  # noqa: E731
-        triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
-    )
+    sms = num_sms(xq.device, cpu=3)  # under the interpreter: tails at small sizes
+    tail_on = TAIL_SPLIT
+
+    def grid(meta):
+        full, tail, slices = _tail_plan(
+            m, n, k, meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], sms
+        )
+        return (full + tail * (slices if tail_on else 1),)
+
+    if tail_on:  # partial sums and arrival counts, sized for the largest tail of any config
+        plans = [
+            (
+                _tail_plan(
+                    m, n, k, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], sms
+                ),
+                c,
+            )
+            for c in _fp8_gemm_kernel.configs
+        ]
+        ws_len = max(tail * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for (_, tail, _), c in plans)
+        ws = torch.zeros(max(ws_len, 1), dtype=torch.float32, device=xq.device)
+        cnt = torch.zeros(max(max(p[1] for p, _ in plans), 1), dtype=torch.int32, device=xq.device)
+    else:
+        ws = cnt = lora2  # never read
     _fp8_gemm_kernel[grid](
         xq,
         wq,
@@ -277,6 +371,9 @@ def _launch(
         r2,
         *strides2,
         *_three_bounds(bounds, n),
+        ws,
+        cnt,
+        sms,
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
         ROUND_BF16=needs_bf16_rounding(out.dtype),
@@ -287,6 +384,7 @@ def _launch(
         ACT=ACTIVATIONS[act],
         NEXT_INT4=int4,
         BLOCK_R2=max(16, triton.next_power_of_2(max(r2, 1))),
+        TAIL=tail_on,
     )
 
 
