@@ -16,13 +16,6 @@ __all__ = ["SVDQLinear"]
 # cast them (a pipeline's ``.to(torch.bfloat16)`` would otherwise round fp16 scales).
 _FIXED_DTYPE = ("qweight", "wscales", "wtensor_scale", "smooth", "act_amax")
 
-#: ``forward_cat``'s activations, computed in fp32 (as the fused kernel does)
-_ACTIVATIONS = {
-    "none": lambda t: t,
-    "gelu_tanh": lambda t: nn.functional.gelu(t, approximate="tanh"),
-    "silu": nn.functional.silu,
-}
-
 
 class SVDQLinear(nn.Module):
     """A linear layer with a 4-bit residual weight and a 16-bit low-rank branch.
@@ -192,15 +185,7 @@ class SVDQLinear(nn.Module):
         reads the attention output next to the MLP's GELU. On the fp8 engine the quantize
         reads both tensors where they are (no concatenated copy, no activation pass);
         ``tail_act``: ``"none"``, ``"gelu_tanh"`` or ``"silu"``, rounded to x's dtype."""
-        if x.shape[:-1] != tail.shape[:-1] or x.shape[-1] + tail.shape[-1] != self.in_features:
-            raise ValueError(
-                f"x {tuple(x.shape)} and tail {tuple(tail.shape)} must share their leading "
-                f"dimensions and together have {self.in_features} features"
-            )
-        if x.dtype != tail.dtype:
-            raise ValueError(f"x and tail must share a dtype, got {x.dtype} and {tail.dtype}")
-        if tail_act not in _ACTIVATIONS:
-            raise ValueError(f"unknown activation {tail_act!r}; supported: {sorted(_ACTIVATIONS)}")
+        kernels.check_cat_inputs(x, tail, self.in_features)
         self._check_kind(x)
         self._check_kind(tail)
         if kernels.resolve_backend(self.backend, x.device) == "triton" and self.act_fmt in (
@@ -208,7 +193,7 @@ class SVDQLinear(nn.Module):
             "fp8",
         ):
             return kernels.svdq_linear_cat_triton(self, x, tail, tail_act)
-        h = _ACTIVATIONS[tail_act](tail.float()).to(x.dtype)
+        h = kernels.reference.activation_ref(tail, tail_act).to(x.dtype)  # fp32, as fused
         return self.forward(torch.cat([x, h], dim=-1))
 
     def quantized_residual(self) -> formats.QuantizedTensor:

@@ -16,6 +16,7 @@ import os
 import torch
 
 from svdquant.kernels.ops import (
+    check_cat_inputs,
     splits_in_gemm,
     svdq_linear_cat_triton,
     svdq_linear_split_triton,
@@ -31,6 +32,7 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 __all__ = [
     "ACT_FORMATS",
     "BACKENDS",
+    "check_cat_inputs",
     "quantize_activations",
     "resolve_backend",
     "splits_in_gemm",

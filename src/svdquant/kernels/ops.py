@@ -15,6 +15,7 @@ import torch
 from svdquant.kernels import reference
 
 __all__ = [
+    "check_cat_inputs",
     "splits_in_gemm",
     "svdq_linear_cat_triton",
     "svdq_linear_split_triton",
@@ -69,13 +70,18 @@ def quantize_act(
     return impl(x, smooth, lowrank_down, act_scale, k_out, act_fmt)
 
 
-@quantize_act.register_fake
-def _(x, smooth, lowrank_down, act_scale, k_out, act_fmt):
+def _quantized_like(x: torch.Tensor, lowrank_down: torch.Tensor, k_out: int):
+    """The shapes of a quantize's outputs (the fake implementations')."""
     m = x.shape[0]
     return (
         x.new_empty(m, k_out, dtype=_FP8),
         x.new_empty(m, lowrank_down.shape[0], dtype=torch.float32),
     )
+
+
+@quantize_act.register_fake
+def _(x, smooth, lowrank_down, act_scale, k_out, act_fmt):
+    return _quantized_like(x, lowrank_down, k_out)
 
 
 @torch.library.custom_op("svdquant::quantize_act_cat", mutates_args=())
@@ -97,11 +103,7 @@ def quantize_act_cat(
 
 @quantize_act_cat.register_fake
 def _(x, tail, tail_act, smooth, lowrank_down, act_scale, k_out, act_fmt):
-    m = x.shape[0]
-    return (
-        x.new_empty(m, k_out, dtype=_FP8),
-        x.new_empty(m, lowrank_down.shape[0], dtype=torch.float32),
-    )
+    return _quantized_like(x, lowrank_down, k_out)
 
 
 @torch.library.custom_op("svdquant::widen_weight", mutates_args=())
@@ -353,6 +355,18 @@ def svdq_linear_split_triton(layer: torch.nn.Module, x: torch.Tensor, sizes: lis
     return tuple(out)
 
 
+def check_cat_inputs(x: torch.Tensor, tail: torch.Tensor, in_features: int) -> None:
+    """Refuse a concatenated input (``forward_cat``) that is not [..., K1] next to
+    [..., in_features - K1] of the same leading dimensions and dtype."""
+    if x.shape[:-1] != tail.shape[:-1] or x.shape[-1] + tail.shape[-1] != in_features:
+        raise ValueError(
+            f"x {tuple(x.shape)} and tail {tuple(tail.shape)} must share their leading "
+            f"dimensions and together have {in_features} features"
+        )
+    if x.dtype != tail.dtype:
+        raise ValueError(f"x and tail must share a dtype, got {x.dtype} and {tail.dtype}")
+
+
 def svdq_linear_cat_triton(
     layer: torch.nn.Module, x: torch.Tensor, tail: torch.Tensor, tail_act: str = "none"
 ) -> torch.Tensor:
@@ -365,12 +379,8 @@ def svdq_linear_cat_triton(
         raise ValueError(
             f"the fused concatenation needs act_fmt int4 or fp8, got {layer.act_fmt!r}"
         )
+    check_cat_inputs(x, tail, layer.in_features)
     k1 = x.shape[-1]
-    if x.shape[:-1] != tail.shape[:-1] or k1 + tail.shape[-1] != layer.in_features:
-        raise ValueError(
-            f"x {tuple(x.shape)} and tail {tuple(tail.shape)} must share their leading "
-            f"dimensions and together have {layer.in_features} features"
-        )
     lead = x.shape[:-1]
     x2, t2 = x.reshape(-1, k1), tail.reshape(-1, tail.shape[-1])
     s = _act_scale(layer.act_amax)

@@ -93,6 +93,16 @@ def quantize_tile(
 
 
 @triton.jit
+def _tail_values(ptrs, mask, ACT: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """``ACT`` of the tail's values at ``ptrs`` in fp32, rounded to bf16 first where the
+    interpreter's own cast would truncate: what the unfused activation writes."""
+    t = apply_activation(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), ACT)
+    if ROUND_BF16:
+        t = round_bf16(t)
+    return t
+
+
+@triton.jit
 def _quantize_act_kernel(
     x_ptr,
     tail_ptr,
@@ -148,22 +158,14 @@ def _quantize_act_kernel(
             if k0 < K_HEAD:
                 x = tl.load(x_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             else:
-                tcols = cols - K_HEAD
-                t = tl.load(
-                    t_rows + tcols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
-                )
-                t = apply_activation(t.to(tl.float32), TAIL_ACT)
-                if ROUND_BF16:
-                    t = round_bf16(t)
+                tmask = rmask[:, None] & kmask[None, :]
+                t = _tail_values(t_rows + (cols - K_HEAD)[None, :], tmask, TAIL_ACT, ROUND_BF16)
                 x = t.to(x_ptr.dtype.element_ty)
         else:  # columns from K_HEAD on: act(tail), rounded to x's dtype as if written
             head = cols < K_HEAD
             xa = tl.load(x_rows + cols[None, :], mask=rmask[:, None] & head[None, :], other=0.0)
             tmask = rmask[:, None] & (kmask & ~head)[None, :]
-            t = tl.load(t_rows + (cols - K_HEAD)[None, :], mask=tmask, other=0.0)
-            t = apply_activation(t.to(tl.float32), TAIL_ACT)
-            if ROUND_BF16:
-                t = round_bf16(t)
+            t = _tail_values(t_rows + (cols - K_HEAD)[None, :], tmask, TAIL_ACT, ROUND_BF16)
             x = tl.where(head[None, :], xa, t.to(xa.dtype))
         inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + cols, mask=kmask, other=1.0))
         xh = x.to(tl.float32) * inv_s[None, :]
