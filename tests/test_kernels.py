@@ -200,6 +200,12 @@ def test_forward_cat_on_the_engine(act_fmt):
         layer.forward_cat(head, tail[..., 1:], "gelu_tanh")
     with pytest.raises(ValueError, match="share a dtype"):
         layer.forward_cat(head, tail.half(), "gelu_tanh")
+    with pytest.raises(ValueError, match="unknown activation"):
+        layer.forward_cat(head, tail, "relu")
+    layer.act_fmt = "none"  # the fused path takes no 16-bit activations (forward_cat
+    with pytest.raises(ValueError, match="act_fmt int4 or fp8"):  # concatenates them)
+        svdquant.kernels.svdq_linear_cat_triton(layer, head, tail, "gelu_tanh")
+    layer.act_fmt = act_fmt
     torch._dynamo.reset()
     layer.backend = "triton"
     fn = lambda a, b: layer.forward_cat(a, b, "gelu_tanh")  # noqa: E731
@@ -282,21 +288,27 @@ def test_fp8_gemm_matches_reference(m, n, k, r, bias, dtype):
     assert rel_err(y, y_ref) <= TOL
 
 
-@pytest.mark.parametrize(("m", "sizes"), [(1, [256, 256]), (37, [256, 512, 256, 300])])
-def test_fp8_gemm_split_writes_each_segment_contiguous(m, sizes):
-    """The split output (fused q/k/v, q/k/v/mlp): segment i of the flat buffer is columns
-    [c_i, c_i + sizes[i]) of the plain GEMM, value for value; bounds that are not
-    multiples of 256 are refused."""
-    n, k, r = sum(sizes), 64, 5
-    g = _gen(m)
-    xq = ref.round_e4m3(torch.randn(m, k, generator=g) * 50).to(DEVICE)
+def _gemm_args(m: int, n: int, k: int, seed: int, x_scale: float = 30, r: int = 5) -> tuple:
+    """fp8_gemm's arguments: fp8 operands, channel and activation scales, a rank-``r``
+    low-rank branch and a bias, bf16 out."""
+    g = _gen(seed)
+    xq = ref.round_e4m3(torch.randn(m, k, generator=g) * x_scale).to(DEVICE)
     wq = ref.round_e4m3(torch.randn(n, k, generator=g) * 100).to(DEVICE)
     s_ch = (torch.rand(n, generator=g) * 1e-3).to(DEVICE)
     act_scale = torch.tensor(0.02, device=DEVICE)
     lora = torch.randn(m, r, generator=g).to(DEVICE)
     _, up = _lowrank(n, k, r, torch.bfloat16)
     b = torch.randn(n, generator=g).to(DEVICE, torch.bfloat16)
-    args = (xq, wq, s_ch, act_scale, lora, up, b, torch.bfloat16)
+    return xq, wq, s_ch, act_scale, lora, up, b, torch.bfloat16
+
+
+@pytest.mark.parametrize(("m", "sizes"), [(1, [256, 256]), (37, [256, 512, 256, 300])])
+def test_fp8_gemm_split_writes_each_segment_contiguous(m, sizes):
+    """The split output (fused q/k/v, q/k/v/mlp): segment i of the flat buffer is columns
+    [c_i, c_i + sizes[i]) of the plain GEMM, value for value; bounds that are not
+    multiples of 256 are refused."""
+    n, k = sum(sizes), 64
+    args = _gemm_args(m, n, k, m, x_scale=50)
     y = fp8_gemm(*args)
     flat = fp8_gemm_split(*args, sizes)
     start = 0
@@ -315,18 +327,10 @@ def test_fp8_gemm_split_writes_each_segment_contiguous(m, sizes):
 def test_fp8_gemm_quantize_next_matches_reference(m, n, activation, act_fmt2):
     """fc1's epilogue writes fc2's input: activation, 16-bit rounding, quantize, low-rank."""
     k, r2 = 128, 6
-    g = _gen(m + n)
-    xq = ref.round_e4m3(torch.randn(m, k, generator=g) * 30).to(DEVICE)
-    wq = ref.round_e4m3(torch.randn(n, k, generator=g) * 100).to(DEVICE)
-    s_ch = (torch.rand(n, generator=g) * 1e-3).to(DEVICE)
-    act_scale = torch.tensor(0.02, device=DEVICE)
-    lora = torch.randn(m, 5, generator=g).to(DEVICE)
-    _, up = _lowrank(n, k, 5, torch.bfloat16)
-    b = torch.randn(n, generator=g).to(DEVICE, torch.bfloat16)
     down2, _ = _lowrank(8, n, r2, torch.bfloat16)
     k_out2 = -(-n // 64) * 64
-    args = (xq, wq, s_ch, act_scale, lora, up, b, torch.bfloat16, activation, _smooth(n),
-            down2, torch.tensor(0.01, device=DEVICE), k_out2, act_fmt2)  # fmt: skip
+    args = (*_gemm_args(m, n, k, m + n), activation, _smooth(n), down2,
+            torch.tensor(0.01, device=DEVICE), k_out2, act_fmt2)  # fmt: skip
     xq2, lora2 = fp8_gemm_quantize_next(*args)
     xq2_ref, lora2_ref = ref.fp8_gemm_quantize_next_ref(*args)
     assert xq2.shape == (m, k_out2) and lora2.shape == (m, r2)
@@ -347,15 +351,7 @@ def test_fp8_gemm_split_k_tail_matches_whole_tiles(monkeypatch, m, n, k):
     tail of 1, a single tile is all tail, 3 × 2 tiles none."""
     from svdquant.kernels import gemm
 
-    g = _gen(m + n + k)
-    xq = ref.round_e4m3(torch.randn(m, k, generator=g) * 30).to(DEVICE)
-    wq = ref.round_e4m3(torch.randn(n, k, generator=g) * 100).to(DEVICE)
-    s_ch = (torch.rand(n, generator=g) * 1e-3).to(DEVICE)
-    act_scale = torch.tensor(0.02, device=DEVICE)
-    lora = torch.randn(m, 5, generator=g).to(DEVICE)
-    _, up = _lowrank(n, k, 5, torch.bfloat16)
-    b = torch.randn(n, generator=g).to(DEVICE, torch.bfloat16)
-    args = (xq, wq, s_ch, act_scale, lora, up, b, torch.bfloat16)
+    args = _gemm_args(m, n, k, m + n + k)
     down2, _ = _lowrank(8, n, 6, torch.bfloat16)
     nxt = ("gelu_tanh", _smooth(n), down2, torch.tensor(0.01, device=DEVICE), -(-n // 64) * 64)
     results = []
