@@ -319,28 +319,22 @@ def _launch(
         k2_out, r2 = xq2.shape[1], ld2.shape[0]
         int4 = act_fmt2 == "int4"
         strides2 = (xq2.stride(0), ld2.stride(0) if r2 else 0, lora2.stride(0) if r2 else 0)
-    sms = num_sms(xq.device, cpu=3)  # under the interpreter: tails at small sizes
     tail_on = TAIL_SPLIT
+    # the kernel reads the SM count only for the tail; one "SM": every tile is whole-wave
+    sms = num_sms(xq.device, cpu=3) if tail_on else 1  # interpreter: tails at small sizes
+
+    def plan(meta):
+        return _tail_plan(m, n, k, meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], sms)
 
     def grid(meta):
-        full, tail, slices = _tail_plan(
-            m, n, k, meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], sms
-        )
-        return (full + tail * (slices if tail_on else 1),)
+        full, tail, slices = plan(meta)
+        return (full + tail * slices,)
 
     if tail_on:  # partial sums and arrival counts, sized for the largest tail of any config
-        plans = [
-            (
-                _tail_plan(
-                    m, n, k, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], sms
-                ),
-                c,
-            )
-            for c in _fp8_gemm_kernel.configs
-        ]
-        ws_len = max(tail * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for (_, tail, _), c in plans)
+        tails = [(plan(c.kwargs)[1], c.kwargs) for c in _fp8_gemm_kernel.configs]
+        ws_len = max(t * kw["BLOCK_M"] * kw["BLOCK_N"] for t, kw in tails)
         ws = torch.zeros(max(ws_len, 1), dtype=torch.float32, device=xq.device)
-        cnt = torch.zeros(max(max(p[1] for p, _ in plans), 1), dtype=torch.int32, device=xq.device)
+        cnt = torch.zeros(max(max(t for t, _ in tails), 1), dtype=torch.int32, device=xq.device)
     else:
         ws = cnt = lora2  # never read
     _fp8_gemm_kernel[grid](
