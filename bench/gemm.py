@@ -4,14 +4,14 @@
 
 Per (M, N, K): cuBLAS BF16 ``F.linear`` with bias; cuBLAS fp8 rowwise
 ``torch._scaled_mm`` (no bias); our quantize alone (GB/s, % of the measured copy
-bandwidth); widen alone; GEMM + low-rank + bias alone (also with the split-K tail,
-``gemm.TAIL_SPLIT``); the full layer (quantize + widen + GEMM) with and without the
-low-rank branch, eagerly and replayed from a CUDA graph (no launch overhead). Then the
-MLP pair (fc1 3072->12288, GELU-tanh, fc2 12288->3072), unfused and fused (fc1's
-epilogue writes fc2's quantized input), and the W4A16 GEMV. Times are medians of
-``triton.testing.do_bench``; ratios are BF16 time / our time (> 1: faster). Writes
-``gemm-<date>.json`` under ``--out`` (default ``bench/results``, or ``$OUT`` when set)
-and prints a table last.
+bandwidth); widen alone; GEMM + low-rank + bias alone (whole tiles, and with the split-K
+tail forced on: ``gemm.TAIL_SPLIT``); the full layer (quantize + widen + GEMM, the
+default tail policy) with and without the low-rank branch, eagerly and replayed from a
+CUDA graph (no launch overhead). Then the MLP pair (fc1 3072->12288, GELU-tanh,
+fc2 12288->3072), unfused and fused (fc1's epilogue writes fc2's quantized input), and
+the W4A16 GEMV. Times are medians of ``triton.testing.do_bench``; ratios are BF16 time /
+our time (> 1: faster). Writes ``gemm-<date>.json`` under ``--out`` (default
+``bench/results``, or ``$OUT`` when set) and prints a table last.
 """
 
 from __future__ import annotations
@@ -147,22 +147,24 @@ def bench_shape(m: int, n: int, k: int, copy_gbs: float) -> dict:
 
     xq, lora = quantize_act(x, layer.smooth, layer.down, s, kp, "int4")
     wq, s_ch = widen_weight(*args)
-    row["gemm_us"] = bench(
-        lambda: fp8_gemm(xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16)
-    )
-    row["gemm_nolr_us"] = bench(
-        lambda: fp8_gemm(xq, wq, s_ch, s, lora[:, :0], layer.up[:, :0], layer.bias, x.dtype)
-    )
-    row["gemm_graph_us"] = bench_graph(
-        lambda: fp8_gemm(xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16)
-    )
-    gemm_mod.TAIL_SPLIT = True  # the split-K tail (off by default until measured)
+    # GEMM columns: whole tiles, then the split-K tail forced on; the layers: the default
+    gemm_mod.TAIL_SPLIT = False
     try:
+        row["gemm_us"] = bench(
+            lambda: fp8_gemm(xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16)
+        )
+        row["gemm_nolr_us"] = bench(
+            lambda: fp8_gemm(xq, wq, s_ch, s, lora[:, :0], layer.up[:, :0], layer.bias, x.dtype)
+        )
+        row["gemm_graph_us"] = bench_graph(
+            lambda: fp8_gemm(xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16)
+        )
+        gemm_mod.TAIL_SPLIT = True
         row["gemm_tail_graph_us"] = bench_graph(
             lambda: fp8_gemm(xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16)
         )
     finally:
-        gemm_mod.TAIL_SPLIT = False
+        gemm_mod.TAIL_SPLIT = None
     row["layer_us"] = bench(lambda: layer(x))
     row["layer_nolr_us"] = bench(lambda: layer(x, lowrank=False))
     row["layer_w4a8_us"] = bench(lambda: layer(x, act_fmt="fp8"))

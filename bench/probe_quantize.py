@@ -63,6 +63,7 @@ def variant(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument("--long-only", action="store_true", help="only the pipelined long loops")
     a = p.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
@@ -80,7 +81,14 @@ def main() -> None:
         (False, False, True, 256),
         (True, True, False, 128),  # fp8 activations (W4A8)
     )
-    for block_m, warps in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)):
+    short = () if a.long_only else ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
+    if a.long_only:  # today's tile (the launcher's 64 x 128, 4 warps, ~7 programs/SM)
+        for lora in (True, False):
+            cfg = {"block_m": 64, "warps": 4, "split": 14, "lora": lora, "atomic": lora}
+            cfg |= {"int4": True, "block_k": 128, "stages": 1}
+            us = variant(x, smooth, down, scale, **cfg)
+            rows.append({**cfg, "us": us, "pct_copy": 100 * nbytes / us / 1e3 / copy_gbs})
+    for block_m, warps in short:
         for split in (8, 12, 16):
             for lora, atomic, int4, block_k in kinds:
                 for stages in (1, 2):
@@ -97,8 +105,8 @@ def main() -> None:
     # Long loops that triton can pipeline (cp.async into shared memory with num_stages >= 2:
     # 187-194 registers with the low-rank branch, triton 3.6 sm_90): few splits, deep
     # pipelines, the layer's own kind (low-rank, atomics, int4) only.
-    for block_m, warps in ((32, 4), (64, 4), (64, 8)):
-        for split in (2, 4):
+    for block_m, warps in ((32, 4), (64, 4), (64, 8), (128, 8)):
+        for split in (1, 2, 4):
             for stages in (2, 3, 4):
                 cfg = {"block_m": block_m, "warps": warps, "split": split, "lora": True}
                 cfg |= {"atomic": True, "int4": True, "block_k": 128, "stages": stages}
@@ -115,8 +123,11 @@ def main() -> None:
     (out / "probe_quantize.json").write_text(json.dumps(result, indent=1))
     ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
     print(f"copy {copy_gbs:.0f} GB/s; fastest variants of each kind:")
-    for kind in kinds:
-        best = [r for r in ok if tuple(r[c] for c in KIND) == kind][:3]
+    for kind in (*kinds, ("long",)):
+        if kind == ("long",):
+            best = [r for r in ok if r["lora"] and r["stages"] > 1][:8]
+        else:
+            best = [r for r in ok if tuple(r[c] for c in KIND) == kind][:3]
         for r in best:
             print(
                 f"  lora={r['lora']!s:5} atomic={r['atomic']!s:5} int4={r['int4']!s:5} "

@@ -370,6 +370,23 @@ def test_fp8_gemm_split_k_tail_matches_whole_tiles(monkeypatch, m, n, k):
     assert (tail, slices if tail else None) == {100: (1, 3), 20: (1, 3), 70: (0, None)}[m]
 
 
+def test_split_k_tail_policy(monkeypatch):
+    """By default the tail runs where it was measured to pay: a long K and at least one
+    whole wave of 128x256 tiles (FLUX's single-block proj_out at batch 1); forced on or off
+    by ``TAIL_SPLIT``."""
+    from svdquant.kernels import gemm
+
+    monkeypatch.setattr(gemm, "TAIL_SPLIT", None)
+    assert gemm._tail_wanted(4608, 3072, 15360, 132)
+    assert gemm._tail_wanted(4608, 3072, 12288, 132)
+    assert not gemm._tail_wanted(4608, 3072, 3072, 132)  # short K slices: slower
+    assert not gemm._tail_wanted(1024, 3072, 12288, 132)  # no whole wave: all tail
+    monkeypatch.setattr(gemm, "TAIL_SPLIT", True)
+    assert gemm._tail_wanted(16, 16, 16, 132)
+    monkeypatch.setattr(gemm, "TAIL_SPLIT", False)
+    assert not gemm._tail_wanted(4608, 3072, 15360, 132)
+
+
 # --- W4A16 GEMV -----------------------------------------------------------------------
 
 

@@ -285,9 +285,21 @@ def _epilogue(
 SPLIT_ALIGN = 256
 
 #: Run the tiles past the last whole wave as K slices (a split-K tail: at M = 4608,
-#: N = 3072 the 432 tiles of 128x256 are 3.27 waves on 132 SMs). Off until measured on
-#: the GPU (``bench/gemm.py`` times both); the tests run it in the interpreter.
-TAIL_SPLIT = False
+#: N = 3072 the 432 tiles of 128x256 are 3.27 waves on 132 SMs). ``None`` decides per
+#: shape (``_tail_wanted``), ``True``/``False`` force it (the tests and ``bench/gemm.py``).
+TAIL_SPLIT: bool | None = None
+
+#: The tail pays (v17, H200: GEMM + low-rank +5% at M = 4608, N = 3072, K = 12288 and
+#: 15360; equal at M = 4096) only when a K slice is still long and at least one whole wave
+#: runs; at K = 3072 the workspace and the partial sums cost more than the idle SMs (-7%).
+TAIL_MIN_K = 8192
+
+
+def _tail_wanted(m: int, n: int, k: int, sms: int) -> bool:
+    """Whether the split-K tail pays at this shape (see ``TAIL_MIN_K``)."""
+    if TAIL_SPLIT is not None:
+        return TAIL_SPLIT
+    return k >= TAIL_MIN_K and triton.cdiv(m, 128) * triton.cdiv(n, 256) >= sms
 
 
 def _tail_plan(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int):
@@ -319,9 +331,9 @@ def _launch(
         k2_out, r2 = xq2.shape[1], ld2.shape[0]
         int4 = act_fmt2 == "int4"
         strides2 = (xq2.stride(0), ld2.stride(0) if r2 else 0, lora2.stride(0) if r2 else 0)
-    tail_on = TAIL_SPLIT
-    # the kernel reads the SM count only for the tail; one "SM": every tile is whole-wave
-    sms = num_sms(xq.device, cpu=3) if tail_on else 1  # interpreter: tails at small sizes
+    sms = num_sms(xq.device, cpu=3)  # interpreter: 3 "SMs", so small shapes have tails
+    tail_on = _tail_wanted(m, n, k, sms)
+    sms = sms if tail_on else 1  # one "SM": every tile is whole-wave (the kernel's plain path)
 
     def plan(meta):
         return _tail_plan(m, n, k, meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], sms)
