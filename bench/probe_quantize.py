@@ -51,9 +51,10 @@ def variant(
 
     def run():
         qmod._quantize_act_kernel[(triton.cdiv(m, block_m), split)](
-            x, smooth, down, scale, xq, out, m, k, k, r, kps, x.stride(0), xq.stride(0),
-            down.stride(0), out.stride(0), INT4=int4, HAS_LORA=r > 0, ATOMIC=atomic,
-            EXACT=False, BLOCK_M=block_m, BLOCK_R=32, BLOCK_K=block_k, num_warps=warps,
+            x, x, smooth, down, scale, xq, out, m, k, k, k, r, kps, x.stride(0), x.stride(0),
+            xq.stride(0), down.stride(0), out.stride(0), INT4=int4, HAS_LORA=r > 0,
+            ATOMIC=atomic, EXACT=False, TAIL_ACT=-1, SEAM_ALIGNED=False, ROUND_BF16=False,
+            BLOCK_M=block_m, BLOCK_R=32, BLOCK_K=block_k, num_warps=warps,
             **({} if stages is None else {"num_stages": stages}),
         )  # fmt: skip
 
