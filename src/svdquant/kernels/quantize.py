@@ -167,19 +167,21 @@ def _quantize_act_kernel(
             tmask = rmask[:, None] & (kmask & ~head)[None, :]
             t = _tail_values(t_rows + (cols - K_HEAD)[None, :], tmask, TAIL_ACT, ROUND_BF16)
             x = tl.where(head[None, :], xa, t.to(xa.dtype))
+        # L_down's chunk is loaded before the quantize's store (a load after it waits for
+        # it: an L2 round trip per step before the MMA), except with a tail, where the
+        # early tile took the kernel from 168 to 255 registers (triton 3.6, sm_90)
+        ld_ptrs = ld_ptr + rr[:, None] * stride_ldr + cols[None, :]  # [BLOCK_R, BLOCK_K]
+        ld_mask = (rr < R)[:, None] & kmask[None, :]
+        if HAS_LORA and TAIL_ACT < 0:
+            ld = tl.load(ld_ptrs, mask=ld_mask, other=0.0)
         inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + cols, mask=kmask, other=1.0))
         xh = x.to(tl.float32) * inv_s[None, :]
         q = quantize_tile(xh, inv_act, INT4, EXACT, BLOCK_M, BLOCK_K)
         tl.store(q_rows + cols[None, :], q, mask=rmask[:, None] & (cols < K_OUT)[None, :])
         if HAS_LORA:
-            ld = tl.trans(  # loaded [BLOCK_R, 64], contiguous along K: coalesced
-                tl.load(
-                    ld_ptr + rr[:, None] * stride_ldr + cols[None, :],
-                    mask=(rr < R)[:, None] & kmask[None, :],
-                    other=0.0,
-                )
-            )
-            acc = folded_lowrank_dot(x, ld, inv_s, acc, EXACT)
+            if TAIL_ACT >= 0:
+                ld = tl.load(ld_ptrs, mask=ld_mask, other=0.0)
+            acc = folded_lowrank_dot(x, tl.trans(ld), inv_s, acc, EXACT)
     if HAS_LORA:
         lptr = lora_ptr + rows[:, None] * stride_lm + rr[None, :]
         lmask = rmask[:, None] & (rr < R)[None, :]
