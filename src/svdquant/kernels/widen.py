@@ -62,25 +62,6 @@ def _widen_kernel(
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    # This program's tile as [BLOCK_N, NG, GROUP] (groups on their own axis: the group
-    # scale broadcasts without a reshape). Its codes and scales are loaded first, so that
-    # their latency overlaps the row-scale reduction below.
-    NG: tl.constexpr = BLOCK_K // GROUP
-    HALF: tl.constexpr = GROUP // 2
-    gcols = pid_k * NG + tl.arange(0, NG)
-    j = tl.arange(0, HALF)
-    r3 = rows[:, None, None]
-    m3 = rmask[:, None, None] & (gcols < G)[None, :, None]
-    b = tl.load(
-        q_ptr + r3 * stride_qn + gcols[None, :, None] * HALF + j[None, None, :],
-        mask=m3,
-        other=0,
-    )
-    sg = tl.load(
-        sc_ptr + rows[:, None] * stride_sn + gcols[None, :],
-        mask=rmask[:, None] & (gcols < G)[None, :],
-        other=0.0,
-    ).to(tl.float32)
     # c = qmax * max_g(s_group) / 448 per row, from all of the row's (few) scales.
     mx = tl.zeros([BLOCK_N], dtype=tl.float32)
     for g0 in range(0, G * (1 - DEQUANT), BLOCK_G):
@@ -96,25 +77,39 @@ def _widen_kernel(
     if pid_k == 0 and not DEQUANT:
         tl.store(sch_ptr + rows, c * tl.load(ts_ptr), mask=rmask)
     inv_c = tl.math.div_rn(1.0, c)
-    # decode (column 2j of a group: the low nibble of its byte j), scale by s_group / c
-    b = b.to(tl.int32)
+    # This program's [BLOCK_N, BLOCK_K] tile: decode, scale by s_group / c, round to fp8.
+    HALF: tl.constexpr = BLOCK_K // 2
+    bcols = pid_k * HALF + tl.arange(0, HALF)
+    b = tl.load(
+        q_ptr + rows[:, None] * stride_qn + bcols[None, :],
+        mask=rmask[:, None] & (bcols < KP // 2)[None, :],
+        other=0,
+    ).to(tl.int32)
     if NVFP4:
         v = e2m1_value(tl.join(b & 0xF, (b >> 4) & 0xF))
     else:
         v = tl.join(int4_value(b & 0xF), int4_value((b >> 4) & 0xF))
-    v = v.reshape([BLOCK_N, NG, GROUP]) * sg[:, :, None]
+    v = v.reshape([BLOCK_N, BLOCK_K])  # column 2j: the low nibble of byte j
+    NG: tl.constexpr = BLOCK_K // GROUP
+    gcols = pid_k * NG + tl.arange(0, NG)
+    sg = tl.load(
+        sc_ptr + rows[:, None] * stride_sn + gcols[None, :],
+        mask=rmask[:, None] & (gcols < G)[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    v = tl.reshape(tl.reshape(v, [BLOCK_N, NG, GROUP]) * sg[:, :, None], [BLOCK_N, BLOCK_K])
     if DEQUANT:  # 16-bit: code · s_group · s_tensor
         w = v * tl.load(ts_ptr)
         if EXACT and w_ptr.dtype.element_ty == tl.bfloat16:
             w = round_bf16(w)
         w = w.to(w_ptr.dtype.element_ty)
     else:
-        w = to_e4m3(v * inv_c[:, None, None], EXACT)
-    k = tl.arange(0, GROUP)
+        w = to_e4m3(v * inv_c[:, None], EXACT)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(
-        w_ptr + r3 * stride_wn + gcols[None, :, None] * GROUP + k[None, None, :],
+        w_ptr + rows[:, None] * stride_wn + cols[None, :],
         w,
-        mask=m3,
+        mask=rmask[:, None] & (cols < KP)[None, :],
     )
 
 
