@@ -289,7 +289,9 @@ def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
         out["widen"].append({"tile": tile, **timed})
     g = Layer(18432, 3072)
     gargs = (g.qweight, g.wscales, g.wtensor_scale, g.smooth, g.down[:0], g.up[:, :0], None)
-    fma_tiles = [(a, b, w) for a in (8, 16, 32) for b in (256, 512, 1024) for w in (2, 4)]
+    # one token: rows over threads (small steps) or every row in each thread (BLOCK_K =
+    # 1024 · warps: x̂ loaded once per step for all rows)
+    fma_tiles = [(a, b, w) for a in (4, 8, 16) for b in (256, 1024, 2048) for w in (1, 2, 4)]
     # the tensor-core kernel also over its K split (programs per SM): at M = 4 it ran
     # with 13 warps per SM, latency-bound (ncu, 2026-11-25)
     mma_tiles = [(a, 64, w, pps) for a in (64, 128, 256) for w in (2, 4) for pps in (4, 8, 16)]

@@ -175,6 +175,7 @@ def _gemv_fma() -> dict[str, Any]:
         stride_lm=32,
         stride_un=32,
         stride_om=18432,
+        magic=g.MAGIC_2P23,
     )
     d["consts"] |= dict(S_BLOCK=16, BLOCK_N=bn, BLOCK_K=bk, KPW=384)
     return dict(kernel=g._w4a16_fma_kernel, warps=warps, **d)

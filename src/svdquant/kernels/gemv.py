@@ -48,6 +48,9 @@ MAX_GEMV_M = 16
 TILES = {"fma": (8, 256, 2), "mma": (128, 64, 4)}
 #: Split K until the grid has this many programs per SM (when N alone is too small).
 PROGRAMS_PER_SM = 4
+#: 2**23's fp32 bits, the FMA kernel's int4 decode constant (a runtime argument: see
+#: ``_word_code``).
+MAGIC_2P23 = 0x4B000000
 #: Columns per program of the x̂ / low-rank down kernel (its K split).
 LORA_CHUNK = 128
 
@@ -122,7 +125,7 @@ def _plane_shift(p):
 
 
 @triton.jit
-def _word_code(t, P: tl.constexpr, NVFP4: tl.constexpr):
+def _word_code(t, P: tl.constexpr, NVFP4: tl.constexpr, magic):
     """Code ``P`` (nibble P) of the int32 words ``t``, as fp32.
 
     nvfp4: ``t`` are the stored words, the result the E2M1 value. int4: ``t`` are the
@@ -131,12 +134,14 @@ def _word_code(t, P: tl.constexpr, NVFP4: tl.constexpr):
     exponent makes it the float ``2**23 + (code + 8) · 2**shift`` and one subtraction
     leaves ``code · 2**shift`` exactly: one logic op (one immediate, one register
     constant) and one add per code. The prep kernel writes x̂'s plane P times
-    ``2**-shift``, so every product is the exact ``code · x̂``."""
+    ``2**-shift``, so every product is the exact ``code · x̂``. ``magic`` is 2**23's bits
+    (0x4B000000) passed as a kernel argument: as a literal, ptxas split the mask-and-or
+    into two logic ops (one immediate each); a register operand makes it one ``LOP3``."""
     if NVFP4:
         return e2m1_value((t >> (4 * P)) & 0xF)
     SH: tl.constexpr = 4 * P if P < 5 else 4 * P - 12
     v = t if P < 5 else t >> 12
-    bits = (v & (0xF << SH)) | 0x4B000000
+    bits = (v & (0xF << SH)) | magic
     return bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << SH))
 
 
@@ -236,6 +241,7 @@ def _w4a16_fma_kernel(
     stride_lm,
     stride_un,
     stride_om,
+    magic,
     NVFP4: tl.constexpr,
     GROUP: tl.constexpr,
     ATOMIC: tl.constexpr,
@@ -248,12 +254,15 @@ def _w4a16_fma_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """One token on the FMA units. The codes are read as 32-bit words (8 nibbles; nibble
-    p of word i is column 8i + p) and x̂ as 8 planes (plane p: columns 8i + p), both as
-    [BLOCK_N, groups, words per group] tensors — x̂'s rows broadcast — so the two loads
-    get the same register layout and nothing moves through shared memory in the loop.
-    Each step reduces only within a group (one shuffle) and keeps per-group sums; the
-    groups are summed once at the end. ``KPW`` (KP / 8) is a constant so the 8 planes'
-    addresses are one register plus immediate offsets."""
+    p of word i is column 8i + p) into a [BLOCK_N, words per step] tensor and x̂ as 8
+    planes (plane p: columns 8i + p) into [1, words per step] ones broadcast over the
+    rows: the same register layout, nothing through shared memory in the loop. When the
+    step's words take every thread (BLOCK_K / 32 = 32 · num_warps), each thread holds all
+    BLOCK_N rows of its columns and loads x̂ once for them (with fewer words, rows spread
+    over threads and each loads x̂ for its own: L1 traffic ~8x the weight bytes, the v10
+    counters' limit). Each step reduces only within a group (one shuffle) and keeps
+    per-group sums; the groups are summed once at the end. ``KPW`` (KP / 8) is a constant
+    so the 8 planes' addresses are one register plus immediate offsets."""
     WPG: tl.constexpr = GROUP // 8  # 32-bit words per group
     GPS: tl.constexpr = BLOCK_K // GROUP  # groups per step
     BKW: tl.constexpr = BLOCK_K // 8  # words per step
@@ -265,12 +274,12 @@ def _w4a16_fma_kernel(
     # past the end re-reads a step. K is counted in words (KPW, kw_per_split), so the
     # compiler sees multiples of 16 (wide loads).
     rows_c = tl.minimum(rows, N - 1)
-    word = tl.arange(0, GPS)[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [GPS, WPG]
+    word = tl.arange(0, BKW)
     kw_start = pid_k * kw_per_split
     kw_end = tl.minimum(kw_start + kw_per_split, KPW)
-    q_rows = q_ptr + rows_c[:, None, None] * stride_qn + word[None, :, :]
+    q_rows = q_ptr + rows_c[:, None] * stride_qn + word[None, :]  # [BLOCK_N, BKW]
     s_rows = sc_ptr + rows_c[:, None] * stride_sn + tl.arange(0, GPS)[None, :]
-    x_rows = xh_ptr + (rows_c * 0)[:, None, None] + word[None, :, :]  # x̂, rows broadcast
+    x_cols = xh_ptr + word[None, :]  # [1, BKW]: x̂ loaded once per step, rows broadcast
     acc = tl.zeros([BLOCK_N, GPS], dtype=tl.float32)
     # Register double buffering: the next step's words are loaded before this step's
     # arithmetic, so their latency overlaps it.
@@ -280,10 +289,10 @@ def _w4a16_fma_kernel(
         w_next = tl.load(q_rows + tl.minimum(kw + BKW, kw_end - BKW))
         sg = tl.load(s_rows + kw // WPG).to(tl.float32)  # [BLOCK_N, GPS]
         t = w if NVFP4 else w ^ -0x77777778  # int4: 0x88888888, each nibble code + 8
-        part = tl.zeros([BLOCK_N, GPS, WPG], dtype=tl.float32)
+        part = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
         for p in tl.static_range(8):
-            part += _word_code(t, p, NVFP4) * tl.load(x_rows + kw + p * KPW)
-        acc += tl.sum(part, axis=2) * sg
+            part += _word_code(t, p, NVFP4, magic) * tl.load(x_cols + kw + p * KPW)
+        acc += tl.sum(tl.reshape(part, [BLOCK_N, GPS, WPG]), axis=2) * sg
     y = tl.sum(acc, axis=1)
     _epilogue(
         y[:, None], rows, tl.arange(0, 1), pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr,
@@ -513,7 +522,7 @@ def gemv(
         num_warps=warps,
     )
     if fma:
-        _w4a16_fma_kernel[(n_blocks, split)](*common, **flags)
+        _w4a16_fma_kernel[(n_blocks, split)](*common, MAGIC_2P23, **flags)
     else:
         _w4a16_mma_kernel[(n_blocks, split)](*common, DOT_FP32=interpreting(), **flags)
     return out if split == 1 else out.to(out_dtype)
