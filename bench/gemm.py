@@ -289,17 +289,21 @@ def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
         out["widen"].append({"tile": tile, **timed})
     g = Layer(18432, 3072)
     gargs = (g.qweight, g.wscales, g.wtensor_scale, g.smooth, g.down[:0], g.up[:, :0], None)
-    # one token: rows over threads (small steps) or every row in each thread (BLOCK_K =
+    # FMA kernel: rows over threads (small steps) or every row in each thread (BLOCK_K =
     # 1024 · warps: x̂ loaded once per step for all rows)
     fma_tiles = [(a, b, w) for a in (4, 8, 16) for b in (256, 1024, 2048) for w in (1, 2, 4)]
     # the tensor-core kernel also over its K split (programs per SM): at M = 4 it ran
     # with 13 warps per SM, latency-bound (ncu, 2026-11-25)
     mma_tiles = [(a, 64, w, pps) for a in (64, 128, 256) for w in (2, 4) for pps in (4, 8, 16)]
-    default_pps = gemv_mod.PROGRAMS_PER_SM
-    # (M, path label, tiles): one token on the FMA kernel, more on the tensor cores
-    gemv_runs = ((1, "fma", [(*t, default_pps) for t in fma_tiles]), (4, "mma", mma_tiles))
+    default_pps, default_fma_max = gemv_mod.PROGRAMS_PER_SM, gemv_mod.FMA_MAX_M
+    default_multi = gemv_mod.TILES["fma_multi"]
+    # (M, path label, tiles): one token on the FMA kernel; four on the tensor cores and
+    # on the FMA kernel (FMA_MAX_M = 4)
+    fma = [(*t, default_pps) for t in fma_tiles]
+    gemv_runs = ((1, "fma", fma), (4, "mma", mma_tiles), (4, "fma_multi", fma))
     for mm, key, tiles in gemv_runs * ("gemv" in parts):
         xg = torch.randn(mm, 3072, device="cuda").bfloat16()
+        gemv_mod.FMA_MAX_M = 4 if key == "fma_multi" else default_fma_max
         for *tile, pps in tiles:
             gemv_mod.TILES[key] = tuple(tile)
             gemv_mod.PROGRAMS_PER_SM = pps
@@ -307,7 +311,8 @@ def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
             timed = _timed(fn, 18432 * 1536, copy_gbs, True)
             out["gemv"].append({"M": mm, "path": key, "tile": (*tile, pps), **timed})
             print(f"gemv M={mm} {key} {tile} pps {pps}: {timed.get('us', timed.get('error'))}")
-    gemv_mod.PROGRAMS_PER_SM = default_pps
+    gemv_mod.PROGRAMS_PER_SM, gemv_mod.FMA_MAX_M = default_pps, default_fma_max
+    gemv_mod.TILES["fma_multi"] = default_multi
     best = {}
     for key, rows in out.items():
         ok = [r for r in rows if "us" in r]
@@ -326,6 +331,11 @@ def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
         gemv_mod.TILES["fma"] = tuple(best["gemv", 1, "fma"]["tile"][:3])
         *tile, gemv_mod.PROGRAMS_PER_SM = best["gemv", 4, "mma"]["tile"]
         gemv_mod.TILES["mma"] = tuple(tile)
+        multi = best.get(("gemv", 4, "fma_multi"))
+        if multi is not None and multi["us"] < best["gemv", 4, "mma"]["us"]:
+            gemv_mod.TILES["fma_multi"] = tuple(multi["tile"][:3])  # the FMA kernel wins
+            gemv_mod.FMA_MAX_M = 4
+        print(f"sweep gemv: FMA kernel up to M = {gemv_mod.FMA_MAX_M}", flush=True)
     return out
 
 

@@ -177,7 +177,7 @@ def _gemv_fma() -> dict[str, Any]:
         stride_om=18432,
         magic=g.MAGIC_2P23,
     )
-    d["consts"] |= dict(S_BLOCK=16, BLOCK_N=bn, BLOCK_K=bk, KPW=384)
+    d["consts"] |= dict(S_BLOCK=16, BLOCK_N=bn, BLOCK_K=bk, KPW=384, BLOCK_M=1)
     return dict(kernel=g._w4a16_fma_kernel, warps=warps, **d)
 
 

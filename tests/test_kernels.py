@@ -411,18 +411,22 @@ def test_w4a16_matches_reference(m, fmt, n, k, r):
     assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
-@pytest.mark.parametrize("tile", [(8, 256, 2), (4, 1024, 1), (8, 1024, 1), (16, 512, 1)])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("tile", [(8, 256, 2), (4, 1024, 1), (16, 512, 1)])
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 @pytest.mark.parametrize(("n", "k", "r"), [(45, 1024, 3), (20, 1600, 2), (130, 3072, 8)])
-def test_w4a16_one_token_over_tiles(monkeypatch, tile, fmt, n, k, r):
-    """The one-token (FMA) kernel over its tiles: rows spread over threads (each thread
-    loads x̂ for its row) or all of a program's rows in every thread (x̂ loaded once per
-    step, broadcast over the rows); K steps narrowed until they divide K (1600 → 64)."""
+def test_w4a16_fma_kernel_over_tiles(monkeypatch, m, tile, fmt, n, k, r):
+    """The FMA kernel (one token, or up to ``FMA_MAX_M``) over its tiles: rows spread
+    over threads (each thread loads x̂ for its row) or all of a program's rows in every
+    thread (x̂ loaded once per step and token, broadcast over the rows); K steps narrowed
+    until they divide K (1600 → 64); 3 tokens padded to 4 (the 4th reads token 3)."""
     from svdquant.kernels import gemv
 
     monkeypatch.setitem(gemv.TILES, "fma", tile)
+    monkeypatch.setitem(gemv.TILES, "fma_multi", tile)
+    monkeypatch.setattr(gemv, "FMA_MAX_M", 4)
     dtype = torch.bfloat16
-    x = _acts(1, k, dtype)
+    x = _acts(m, k, dtype)
     q = _weight(n, k, fmt)
     down, up = _lowrank(n, k, r, dtype)
     b = torch.randn(n, generator=_gen(6)).to(DEVICE, dtype)

@@ -12,9 +12,9 @@ many of them as possible are in flight:
 * the GEMV proper gives each program a block of weight rows and, where N is large enough
   to fill the GPU, all of K: wide steps (several groups, 16-byte loads) with the next
   step's bytes loaded before this step's arithmetic, and the 16-bit output written once.
-  One token multiplies on the FMA units — per group ``Σ code · x̂`` then one multiply
-  by the group scale; more tokens (at M = 4 the FMA units were 1.6x slower) use the tensor cores
-  with the raw codes (exact in bf16) against x̂ split into two bf16 parts (hi + lo,
+  Up to ``FMA_MAX_M`` tokens multiply on the FMA units — per group ``Σ code · x̂``
+  then one multiply by the group scale; more tokens use the tensor cores with the raw
+  codes (exact in bf16) against x̂ split into two bf16 parts (hi + lo,
   fp32-like accuracy). Where N alone gives too few programs, K is split and the partial
   sums meet in an fp32 buffer through atomics.
 
@@ -43,11 +43,16 @@ __all__ = ["MAX_GEMV_M", "w4a16_linear"]
 
 #: Largest M the GEMV kernels take (the padded width of the tensor-core path's dot).
 MAX_GEMV_M = 16
-#: (BLOCK_N, columns per step, num_warps) of the FMA kernel and of the tensor-core kernel,
-#: from ``bench/gemm.py --sweep gemv`` on the H100.
-TILES = {"fma": (8, 256, 2), "mma": (128, 64, 4)}
+#: (BLOCK_N, columns per step, num_warps) of the FMA kernel at one token and at more
+#: (``FMA_MAX_M``), and of the tensor-core kernel; ``bench/gemm.py --sweep gemv`` (the
+#: first and the last on the H100; "fma_multi" chosen from the SASS, not yet measured).
+TILES = {"fma": (8, 256, 2), "fma_multi": (4, 1024, 1), "mma": (128, 64, 4)}
 #: Split K until the grid has this many programs per SM (when N alone is too small).
 PROGRAMS_PER_SM = 4
+#: Tokens up to which the FMA kernel runs (more: the tensor cores). v10 (H100): at M = 4
+#: the FMA kernel of the time was 1.6x slower — each thread then loaded x̂ for its own
+#: row; with all rows in each thread (v20, not yet measured) it may win at M = 2..4.
+FMA_MAX_M = 1
 #: 2**23's fp32 bits, the FMA kernel's int4 decode constant (a runtime argument: see
 #: ``_word_code``).
 MAGIC_2P23 = 0x4B000000
@@ -252,17 +257,20 @@ def _w4a16_fma_kernel(
     S_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    """One token on the FMA units. The codes are read as 32-bit words (8 nibbles; nibble
-    p of word i is column 8i + p) into a [BLOCK_N, words per step] tensor and x̂ as 8
-    planes (plane p: columns 8i + p) into [1, words per step] ones broadcast over the
-    rows: the same register layout, nothing through shared memory in the loop. When the
-    step's words take every thread (BLOCK_K / 32 = 32 · num_warps), each thread holds all
-    BLOCK_N rows of its columns and loads x̂ once for them (with fewer words, rows spread
-    over threads and each loads x̂ for its own: L1 traffic ~8x the weight bytes, the v10
-    counters' limit). Each step reduces only within a group (one shuffle) and keeps
-    per-group sums; the groups are summed once at the end. ``KPW`` (KP / 8) is a constant
-    so the 8 planes' addresses are one register plus immediate offsets."""
+    """A few tokens (BLOCK_M ≥ M, ``FMA_MAX_M``) on the FMA units. The codes are read as
+    32-bit words (8 nibbles; nibble p of word i is column 8i + p) into a [BLOCK_N, 1,
+    words per step] tensor and x̂ as 8 planes (plane p: columns 8i + p) into [1, BLOCK_M,
+    words] ones, broadcast against each other: the same register layout, nothing through
+    shared memory in the loop. When the step's words take every thread (BLOCK_K / 32 =
+    32 · num_warps), each thread holds all BLOCK_N rows and BLOCK_M tokens of its
+    columns: x̂ is loaded once per token for all rows and each code decoded once for all
+    tokens (with fewer words, rows spread over threads and each loads x̂ for its own: L1
+    traffic ~8x the weight bytes, the v10 counters' limit). Each step reduces only within
+    a group (one shuffle) and keeps per-group sums; the groups are summed once at the
+    end. ``KPW`` (KP / 8) is a constant so the 8 planes' addresses are one register plus
+    immediate offsets."""
     WPG: tl.constexpr = GROUP // 8  # 32-bit words per group
     GPS: tl.constexpr = BLOCK_K // GROUP  # groups per step
     BKW: tl.constexpr = BLOCK_K // 8  # words per step
@@ -274,28 +282,30 @@ def _w4a16_fma_kernel(
     # past the end re-reads a step. K is counted in words (KPW, kw_per_split), so the
     # compiler sees multiples of 16 (wide loads).
     rows_c = tl.minimum(rows, N - 1)
-    word = tl.arange(0, BKW)
+    rm = tl.arange(0, BLOCK_M)
+    word = tl.arange(0, BKW)[None, None, :]
     kw_start = pid_k * kw_per_split
     kw_end = tl.minimum(kw_start + kw_per_split, KPW)
-    q_rows = q_ptr + rows_c[:, None] * stride_qn + word[None, :]  # [BLOCK_N, BKW]
-    s_rows = sc_ptr + rows_c[:, None] * stride_sn + tl.arange(0, GPS)[None, :]
-    x_cols = xh_ptr + word[None, :]  # [1, BKW]: x̂ loaded once per step, rows broadcast
-    acc = tl.zeros([BLOCK_N, GPS], dtype=tl.float32)
+    q_rows = q_ptr + rows_c[:, None, None] * stride_qn + word  # [BLOCK_N, 1, BKW]
+    s_rows = sc_ptr + rows_c[:, None, None] * stride_sn + tl.arange(0, GPS)[None, None, :]
+    # x̂ [1, BLOCK_M, BKW]: once per step and token, rows broadcast (tokens past M read
+    # token M - 1: never stored)
+    x_cols = xh_ptr + tl.minimum(rm, M - 1)[None, :, None] * stride_hm + word
+    acc = tl.zeros([BLOCK_N, BLOCK_M, GPS], dtype=tl.float32)
     # Register double buffering: the next step's words are loaded before this step's
     # arithmetic, so their latency overlaps it.
     w_next = tl.load(q_rows + kw_start)
     for kw in range(kw_start, kw_end, BKW):
         w = w_next
         w_next = tl.load(q_rows + tl.minimum(kw + BKW, kw_end - BKW))
-        sg = tl.load(s_rows + kw // WPG).to(tl.float32)  # [BLOCK_N, GPS]
+        sg = tl.load(s_rows + kw // WPG).to(tl.float32)  # [BLOCK_N, 1, GPS]
         t = w if NVFP4 else w ^ -0x77777778  # int4: 0x88888888, each nibble code + 8
-        part = tl.zeros([BLOCK_N, BKW], dtype=tl.float32)
+        part = tl.zeros([BLOCK_N, BLOCK_M, BKW], dtype=tl.float32)
         for p in tl.static_range(8):
             part += _word_code(t, p, NVFP4, magic) * tl.load(x_cols + kw + p * KPW)
-        acc += tl.sum(tl.reshape(part, [BLOCK_N, GPS, WPG]), axis=2) * sg
-    y = tl.sum(acc, axis=1)
+        acc += tl.sum(tl.reshape(part, [BLOCK_N, BLOCK_M, GPS, WPG]), axis=3) * sg
     _epilogue(
-        y[:, None], rows, tl.arange(0, 1), pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr,
+        tl.sum(acc, axis=2), rows, rm, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr,
         bias_ptr, out_ptr, stride_ls, stride_lm, stride_un, stride_om,
         ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16, FP32_PREC, S_BLOCK,
     )  # fmt: skip
@@ -421,7 +431,7 @@ def w4a16_linear(
     n, kp = qweight.shape[0], qweight.shape[1] * 2
     if m == 0 or n == 0:
         return x.new_empty(m, n)
-    xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=m == 1)
+    xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=m <= FMA_MAX_M)
     return gemv(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, fmt, x.dtype)
 
 
@@ -481,7 +491,7 @@ def gemv(
             else (qweight.clone().view(torch.int32))
         )
     if fma:
-        block_n, block_k, warps = TILES["fma"]
+        block_n, block_k, warps = TILES["fma" if m == 1 else "fma_multi"]
         # the widest step (whole groups, a power of two) that divides KP: no partial steps
         block_k = max(block_k, f.group_size)
         while kp % block_k:
@@ -514,15 +524,17 @@ def gemv(
         HAS_BIAS=bias is not None,
         ROUND_BF16=needs_bf16_rounding(out_dtype),
         FP32_PREC=dot_precision(),
-        # the FMA kernel (one token) sums up to 16 partials per load; the tensor-core
+        # the FMA kernel sums up to 16 partials per load (one token); the tensor-core
         # kernel's 16 tokens make that tensor too big (v9: 55 -> 70 us at M = 4)
-        S_BLOCK=min(16, triton.next_power_of_2(chunks)) if fma else 1,
+        S_BLOCK=min(16 // triton.next_power_of_2(m), triton.next_power_of_2(chunks)) if fma else 1,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,
     )
     if fma:
-        _w4a16_fma_kernel[(n_blocks, split)](*common, MAGIC_2P23, **flags)
+        _w4a16_fma_kernel[(n_blocks, split)](
+            *common, MAGIC_2P23, BLOCK_M=triton.next_power_of_2(m), **flags
+        )
     else:
         _w4a16_mma_kernel[(n_blocks, split)](*common, DOT_FP32=interpreting(), **flags)
     return out if split == 1 else out.to(out_dtype)
