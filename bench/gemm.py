@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -268,19 +269,28 @@ def _timed(fn, nbytes: float, copy_gbs: float, graph: bool = False) -> dict:
 
 
 def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
-    """Time the memory-bound kernels (``parts`` of them) over tile shapes (M = 4608,
-    N = 12288, K = 3072; the GEMV at N = 18432) and keep the best tiles for the run."""
+    """Time the memory-bound kernels (``parts`` of them) over tile shapes (M = 4608 and,
+    for the quantize, 512; N = 12288, K = 3072; the GEMV at N = 18432) and keep the best
+    tiles for the run."""
     out: dict = {"quantize": [], "widen": [], "gemv": []}
     m, n, k = 4608, 12288, 3072
     layer = Layer(n, k)
     x = torch.randn(m, k, device="cuda").bfloat16()
     s = ref.act_scale_from_amax(layer.act_amax)
-    for tile in [(a, w) for a in (16, 32, 64, 128) for w in (2, 4, 8)] * ("quantize" in parts):
-        for per_sm in (2, 4, 8):
-            quantize_mod.TILES["large"], quantize_mod.PROGRAMS_PER_SM = tile, per_sm
-            fn = lambda: quantize_act(x, layer.smooth, layer.down, s, k, "int4")  # noqa: E731
-            timed = _timed(fn, m * k * 3, copy_gbs, True)
-            out["quantize"].append({"tile": (*tile, per_sm), **timed})
+    # quantize: (BLOCK_M, columns per step, warps) at M = 4608 ("large", also over the
+    # programs per SM its K split aims for) and at M = 512 ("medium": the text stream)
+    default_per_sm, default_q = quantize_mod.PROGRAMS_PER_SM, dict(quantize_mod.TILES)
+    q_tiles = [(a, bk, w) for a in (32, 64, 128) for bk in (64, 128) for w in (2, 4, 8)]
+    q_runs = ((4608, "large", (4, 7, 12)), (512, "medium", (default_per_sm,)))
+    for mq, key, per_sms in q_runs * ("quantize" in parts):
+        xm = x[:mq]
+        for tile, per_sm in itertools.product(q_tiles, per_sms):
+            quantize_mod.TILES[key], quantize_mod.PROGRAMS_PER_SM = tile, per_sm
+            fn = lambda xm=xm: quantize_act(xm, layer.smooth, layer.down, s, k, "int4")  # noqa: E731
+            timed = _timed(fn, mq * k * 3, copy_gbs, True)
+            out["quantize"].append({"M": mq, "path": key, "tile": (*tile, per_sm), **timed})
+    quantize_mod.PROGRAMS_PER_SM = default_per_sm
+    quantize_mod.TILES.update(default_q)
     args = (layer.qweight, layer.wscales, layer.wtensor_scale, "int4")
     widen_tiles = [(a, b, w) for a in (16, 32, 64) for b in (256, 512, 1024) for w in (4, 8)]
     for tile in widen_tiles * ("widen" in parts):
@@ -322,9 +332,11 @@ def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
             )
             print(f"sweep {key}: best {best[key, *mm]}", flush=True)
     # the rest of this run uses the best tiles
-    if ("quantize", 0, "") in best:
-        *tile, quantize_mod.PROGRAMS_PER_SM = best["quantize", 0, ""]["tile"]
+    if ("quantize", 4608, "large") in best:
+        *tile, quantize_mod.PROGRAMS_PER_SM = best["quantize", 4608, "large"]["tile"]
         quantize_mod.TILES["large"] = tuple(tile)
+    if ("quantize", 512, "medium") in best:
+        quantize_mod.TILES["medium"] = tuple(best["quantize", 512, "medium"]["tile"][:3])
     if ("widen", 0, "") in best:
         widen_mod.TILE = best["widen", 0, ""]["tile"]
     if ("gemv", 4, "mma") in best:

@@ -46,10 +46,11 @@ from svdquant.kernels._triton_common import (
 
 __all__ = ["quantize_act", "quantize_tile"]
 
-#: (BLOCK_M, columns per step, num_warps) for few rows (M ≤ 64) and for many, and the
-#: number of programs per multiprocessor the K split aims for; tuned on the H100 with
-#: ``bench/probe_quantize.py`` and ``bench/gemm.py --sweep``.
-TILES = {"small": (16, 64, 4), "large": (64, 128, 4)}
+#: (BLOCK_M, columns per step, num_warps) for few rows (M ≤ 64), up to 1024 (FLUX's text
+#: stream: 512) and more, and the number of programs per multiprocessor the K split aims
+#: for; tuned on the H100 with ``bench/probe_quantize.py`` and ``bench/gemm.py --sweep``
+#: ("medium" not yet: the large tile until the sweep says otherwise).
+TILES = {"small": (16, 64, 4), "medium": (64, 128, 4), "large": (64, 128, 4)}
 PROGRAMS_PER_SM = 7
 
 
@@ -234,7 +235,7 @@ def quantize_act(
     if m == 0:
         xq = torch.empty(0, k_out, dtype=torch.float8_e4m3fn, device=x.device)
         return xq, torch.empty(0, r, dtype=torch.float32, device=x.device)
-    block_m, block_k, warps = TILES["small" if m <= 64 else "large"]
+    block_m, block_k, warps = TILES["small" if m <= 64 else "medium" if m <= 1024 else "large"]
     block_r = max(16, triton.next_power_of_2(max(r, 1)))
     block_m = min(block_m, max(16, 4096 // block_r))  # a large rank's sums fit in registers
     steps = triton.cdiv(max(k, k_out), block_k)
