@@ -390,6 +390,16 @@ def test_split_k_tail_policy(monkeypatch):
 # --- W4A16 GEMV -----------------------------------------------------------------------
 
 
+def _w4a16_case(m, n, k, r, fmt, dtype, bias_seed):
+    """Activations and ``w4a16_linear``'s other arguments (no bias when ``bias_seed`` is
+    None) for the GEMV tests."""
+    x = _acts(m, k, dtype)
+    q = _weight(n, k, fmt)
+    down, up = _lowrank(n, k, r, dtype)
+    b = None if bias_seed is None else torch.randn(n, generator=_gen(bias_seed)).to(DEVICE, dtype)
+    return x, (q.packed, q.scales, q.tensor_scale, _smooth(k), down, up, b, fmt)
+
+
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 @pytest.mark.parametrize(
@@ -401,11 +411,7 @@ def test_w4a16_matches_reference(m, fmt, n, k, r):
     partial sums (36 chunks of K) than one epilogue load takes; rank 40: two rank
     blocks in the x̂ / low-rank down kernel."""
     dtype = torch.bfloat16 if fmt == "int4" else torch.float16
-    x = _acts(m, k, dtype)
-    q = _weight(n, k, fmt)
-    down, up = _lowrank(n, k, r, dtype)
-    b = torch.randn(n, generator=_gen(5)).to(DEVICE, dtype)
-    args = (q.packed, q.scales, q.tensor_scale, _smooth(k), down, up, b, fmt)
+    x, args = _w4a16_case(m, n, k, r, fmt, dtype, bias_seed=5)
     y = w4a16_linear(x, *args)
     assert y.dtype == dtype and y.shape == (m, n)
     assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
@@ -425,12 +431,7 @@ def test_w4a16_fma_kernel_over_tiles(monkeypatch, m, tile, fmt, n, k, r):
     monkeypatch.setitem(gemv.TILES, "fma", tile)
     monkeypatch.setitem(gemv.TILES, "fma_multi", tile)
     monkeypatch.setattr(gemv, "FMA_MAX_M", 4)
-    dtype = torch.bfloat16
-    x = _acts(m, k, dtype)
-    q = _weight(n, k, fmt)
-    down, up = _lowrank(n, k, r, dtype)
-    b = torch.randn(n, generator=_gen(6)).to(DEVICE, dtype)
-    args = (q.packed, q.scales, q.tensor_scale, _smooth(k), down, up, b, fmt)
+    x, args = _w4a16_case(m, n, k, r, fmt, torch.bfloat16, bias_seed=6)
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
@@ -669,10 +670,7 @@ def test_gpu_layer_pipeline_matches_reference(m, n, k, fmt, act_fmt):
 @pytest.mark.parametrize(("n", "k"), [(130, 333), (18432, 3072), (3072, 3072)])
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 def test_gpu_w4a16_matches_reference(m, n, k, fmt):
-    x = _acts(m, k, torch.bfloat16)
-    q = _weight(n, k, fmt)
-    down, up = _lowrank(n, k, 32, torch.bfloat16)
-    args = (q.packed, q.scales, q.tensor_scale, _smooth(k), down, up, None, fmt)
+    x, args = _w4a16_case(m, n, k, 32, fmt, torch.bfloat16, bias_seed=None)
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
