@@ -74,6 +74,16 @@ def main() -> None:
     nbytes = M * K * 3  # bf16 in, fp8 out
     copy_gbs = copy_bandwidth()  # the figure bench/gemm.py's "% of copy" uses
     rows = []
+
+    def measure(**cfg) -> None:
+        """Time one variant into ``rows`` (or the reason it does not compile)."""
+        try:
+            us = variant(x, smooth, down, scale, **cfg)
+        except Exception as e:  # a tile that does not compile
+            rows.append({**cfg, "error": str(e)[:100]})
+            return
+        rows.append({**cfg, "us": us, "pct_copy": 100 * nbytes / us / 1e3 / copy_gbs})
+
     kinds = (  # (lora, atomic, int4, block_k)
         (True, True, True, 128),
         (True, True, True, 256),
@@ -85,38 +95,22 @@ def main() -> None:
     short = () if a.long_only else ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
     if a.long_only:  # today's tile (the launcher's 64 x 128, 4 warps, ~7 programs/SM)
         for lora in (True, False):
-            cfg = {"block_m": 64, "warps": 4, "split": 14, "lora": lora, "atomic": lora}
-            cfg |= {"int4": True, "block_k": 128, "stages": 1}
-            us = variant(x, smooth, down, scale, **cfg)
-            rows.append({**cfg, "us": us, "pct_copy": 100 * nbytes / us / 1e3 / copy_gbs})
+            measure(block_m=64, warps=4, split=14, lora=lora, atomic=lora, int4=True,
+                    block_k=128, stages=1)  # fmt: skip
     for block_m, warps in short:
         for split in (8, 12, 16):
             for lora, atomic, int4, block_k in kinds:
                 for stages in (1, 2):
-                    cfg = {"block_m": block_m, "warps": warps, "split": split, "lora": lora}
-                    cfg |= {"atomic": atomic, "int4": int4, "block_k": block_k}
-                    cfg |= {"stages": stages}
-                    try:
-                        us = variant(x, smooth, down, scale, **cfg)
-                    except Exception as e:  # a tile that does not compile
-                        rows.append({**cfg, "error": str(e)[:100]})
-                        continue
-                    pct = 100 * nbytes / us / 1e3 / copy_gbs
-                    rows.append({**cfg, "us": us, "pct_copy": pct})
+                    measure(block_m=block_m, warps=warps, split=split, lora=lora,
+                            atomic=atomic, int4=int4, block_k=block_k, stages=stages)  # fmt: skip
     # Long loops that triton can pipeline (cp.async into shared memory with num_stages >= 2:
     # 187-194 registers with the low-rank branch, triton 3.6 sm_90): few splits, deep
     # pipelines, the layer's own kind (low-rank, atomics, int4) only.
     for block_m, warps in ((32, 4), (64, 4), (64, 8), (128, 8)):
         for split in (1, 2, 4):
             for stages in (2, 3, 4):
-                cfg = {"block_m": block_m, "warps": warps, "split": split, "lora": True}
-                cfg |= {"atomic": True, "int4": True, "block_k": 128, "stages": stages}
-                try:
-                    us = variant(x, smooth, down, scale, **cfg)
-                except Exception as e:
-                    rows.append({**cfg, "error": str(e)[:100]})
-                    continue
-                rows.append({**cfg, "us": us, "pct_copy": 100 * nbytes / us / 1e3 / copy_gbs})
+                measure(block_m=block_m, warps=warps, split=split, lora=True, atomic=True,
+                        int4=True, block_k=128, stages=stages)  # fmt: skip
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(), "M": M, "K": K, "rank": RANK,
