@@ -44,15 +44,17 @@ __all__ = ["MAX_GEMV_M", "w4a16_linear"]
 #: Largest M the GEMV kernels take (the padded width of the tensor-core path's dot).
 MAX_GEMV_M = 16
 #: (BLOCK_N, columns per step, num_warps) of the FMA kernel at one token and at more
-#: (``FMA_MAX_M``), and of the tensor-core kernel; ``bench/gemm.py --sweep gemv`` (the
-#: first and the last on the H100; "fma_multi" chosen from the SASS, not yet measured).
+#: (``FMA_MAX_M``), and of the tensor-core kernel; ``bench/gemm.py --sweep gemv`` (H200,
+#: 2026-11-29: "fma" (8, 256, 2) 22.0 µs and (16, 256, 4) 21.9 µs, the best of 27 at
+#: M = 1; "fma_multi" (4, 1024, 1) 31.4 µs at M = 4; "mma" from the H100).
 TILES = {"fma": (8, 256, 2), "fma_multi": (4, 1024, 1), "mma": (128, 64, 4)}
 #: Split K until the grid has this many programs per SM (when N alone is too small).
 PROGRAMS_PER_SM = 4
 #: Tokens up to which the FMA kernel runs (more: the tensor cores). v10 (H100): at M = 4
 #: the FMA kernel of the time was 1.6x slower — each thread then loaded x̂ for its own
-#: row; with all rows in each thread (v20, not yet measured) it may win at M = 2..4.
-FMA_MAX_M = 1
+#: row; with all rows in each thread (v20) it won on the H200: 31.4 µs vs the tensor
+#: cores' best 40.7 µs at M = 4 (``gemm-h200-2026-11-29-v21.json``).
+FMA_MAX_M = 4
 #: 2**23's fp32 bits, the FMA kernel's int4 decode constant (a runtime argument: see
 #: ``_word_code``).
 MAGIC_2P23 = 0x4B000000
