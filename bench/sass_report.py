@@ -151,6 +151,7 @@ def _gemv_common() -> dict[str, Any]:
             HAS_BIAS=True,
             ROUND_BF16=False,
             FP32_PREC="tf32x3",
+            PDL=True,
         ),
     )
 
@@ -201,7 +202,7 @@ def _gemv_prep() -> dict[str, Any]:
             stride_ls=32,
             stride_lm=32,
         ),
-        consts=dict(CHUNK=g.LORA_CHUNK, PLANES=8, PRESCALE=True),
+        consts=dict(CHUNK=g.LORA_CHUNK, PLANES=8, PRESCALE=True, PDL=True),
         warps=4,
     )
 

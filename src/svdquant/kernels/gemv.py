@@ -17,6 +17,11 @@ many of them as possible are in flight:
   codes (exact in bf16) against x̂ split into two bf16 parts (hi + lo,
   fp32-like accuracy). Where N alone gives too few programs, K is split and the partial
   sums meet in an fp32 buffer through atomics.
+* on Hopper the GEMV is launched as the prep kernel's programmatic dependent
+  (``PDL``): its programs start while the prep kernel runs, issue their first weight
+  loads (the weights are no earlier kernel's output) and wait (``griddepcontrol.wait``)
+  only before they read x̂ — the kernel boundary and the prep's time overlap the weight
+  stream instead of preceding it.
 
 ``y = (x̂ · (code · s_group)ᵀ) · s_tensor + lora_act · L_upᵀ + b``.
 Reference: ``reference.w4a16_linear_ref``.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from svdquant import formats
 from svdquant.kernels._triton_common import (
@@ -60,6 +66,19 @@ FMA_MAX_M = 4
 MAGIC_2P23 = 0x4B000000
 #: Columns per program of the x̂ / low-rank down kernel (its K split).
 LORA_CHUNK = 128
+#: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
+#: (sm_90+; never under the interpreter, which has no inline assembly).
+PDL = True
+
+
+def _pdl(device: torch.device) -> bool:
+    """Whether to launch the GEMV as a programmatic dependent launch on ``device``."""
+    return (
+        PDL
+        and device.type == "cuda"
+        and not interpreting()
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
 
 
 @triton.jit
@@ -81,6 +100,7 @@ def _prep_kernel(
     CHUNK: tl.constexpr,
     PLANES: tl.constexpr,
     PRESCALE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """x̂ = x · (1/s) for this program's CHUNK columns, written as [M, PLANES, KP/PLANES]
     (plane p holds the columns c ≡ p mod PLANES; zero past K; with ``PRESCALE``, plane p
@@ -89,7 +109,10 @@ def _prep_kernel(
 
     A handful of tokens: no tensor-core tile to fill (a 16-row ``tl.dot`` for one token
     took 255 registers and 10 µs, v9), many small programs, a couple of memory round
-    trips."""
+    trips. With ``PDL`` it lets the GEMV launch at once (the GEMV waits for this
+    kernel's writes before it reads them)."""
+    if PDL:
+        gdc_launch_dependents()
     pid_k = tl.program_id(0)
     c = pid_k * CHUNK + tl.arange(0, CHUNK)
     cmask = c < K
@@ -260,6 +283,7 @@ def _w4a16_fma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """A few tokens (BLOCK_M ≥ M, ``FMA_MAX_M``) on the FMA units. The codes are read as
     32-bit words (8 nibbles; nibble p of word i is column 8i + p) into a [BLOCK_N, 1,
@@ -297,6 +321,8 @@ def _w4a16_fma_kernel(
     # Register double buffering: the next step's words are loaded before this step's
     # arithmetic, so their latency overlaps it.
     w_next = tl.load(q_rows + kw_start)
+    if PDL:  # the weights are no earlier kernel's output; x̂ and everything after are
+        gdc_wait()
     for kw in range(kw_start, kw_end, BKW):
         w = w_next
         w_next = tl.load(q_rows + tl.minimum(kw + BKW, kw_end - BKW))
@@ -364,6 +390,7 @@ def _w4a16_mma_kernel(
     DOT_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """M ≤ 16 tokens on the tensor cores: ``yᵀ = codes · x̂ᵀ`` (x̂ padded to 16 rows), low
     nibbles against x̂'s even columns and high nibbles against its odd ones; an int4 group
@@ -382,6 +409,8 @@ def _w4a16_mma_kernel(
     if NVFP4:  # the scale of each byte's two columns
         s_cols = sc_ptr + rows_c[:, None] * stride_sn + (j // (GROUP // 2))[None, :]
     x_even = xh_ptr + tl.minimum(rm, M - 1)[None, :] * stride_hm + j[:, None]  # [HK, 16]
+    if PDL:  # nothing read or written yet
+        gdc_wait()
     for k0 in range(k_start, k_end, BLOCK_K):
         kmask = k0 // 2 + j < k_end // 2  # by bytes (contiguous: the loads stay wide)
         b = tl.load(q_rows + k0 // 2, mask=kmask[None, :], other=0).to(tl.int32)
@@ -433,8 +462,26 @@ def w4a16_linear(
     n, kp = qweight.shape[0], qweight.shape[1] * 2
     if m == 0 or n == 0:
         return x.new_empty(m, n)
-    xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=m <= FMA_MAX_M)
-    return gemv(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, fmt, x.dtype)
+    fma = m <= FMA_MAX_M
+    # every copy the GEMV's operands need is made before the prep kernel, so that the
+    # prep kernel is the GEMV's immediate predecessor (its programmatic dependency)
+    qweight, wscales, wtensor_scale, lowrank_up = _operands(
+        qweight, wscales, wtensor_scale, lowrank_up, fma
+    )
+    pdl = _pdl(x.device)
+    xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=fma, pdl=pdl)
+    return gemv(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, fmt, x.dtype, pdl=pdl)
+
+
+def _operands(qweight, wscales, wtensor_scale, lowrank_up, fma: bool):
+    """The weights as the kernels read them: contiguous, the codes as 32-bit words for
+    the FMA kernel (kp / 2 bytes a row: a multiple of 8), the tensor scale fp32 [1]."""
+    qweight, wscales = qweight.contiguous(), wscales.contiguous()
+    if fma and qweight.dtype != torch.int32:
+        if qweight.storage_offset() % 4:
+            qweight = qweight.clone()
+        qweight = qweight.view(torch.int32)
+    return qweight, wscales, wtensor_scale.float().reshape(1), lowrank_up.contiguous()
 
 
 def prep(
@@ -444,12 +491,14 @@ def prep(
     kp: int,
     fmt: str,
     fma: bool,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x̂ = x · (1/s) as [M, planes, kp/planes] fp32 (plane p: the columns ≡ p mod planes;
     8 for the FMA kernel — for int4 weights each plane scaled by the power of two its
     shift-free decode needs — 2, even and odd, for the tensor-core kernel) and the
     low-rank down projection's partial sums [chunks, M, r] (one per ``LORA_CHUNK``
-    columns). ``gemv`` takes both."""
+    columns). ``gemv`` takes both; ``pdl``: the next kernel is launched as this one's
+    programmatic dependent (``gemv(..., pdl=True)``)."""
     planes = 8 if fma else 2
     m, k = x.shape
     if x.stride(-1) != 1:
@@ -463,7 +512,8 @@ def prep(
     _prep_kernel[(chunks,)](
         x, smooth, lowrank_down, xh, lora, m, k, kp, r,
         x.stride(0), lowrank_down.stride(0), xh.stride(0), lora.stride(0), lora.stride(1),
-        CHUNK=LORA_CHUNK, PLANES=planes, PRESCALE=fma and fmt == "int4", num_warps=4,
+        CHUNK=LORA_CHUNK, PLANES=planes, PRESCALE=fma and fmt == "int4", PDL=pdl,
+        num_warps=4,
     )  # fmt: skip
     return xh, lora[..., :r]
 
@@ -478,20 +528,19 @@ def gemv(
     bias: torch.Tensor | None,
     fmt: str,
     out_dtype: torch.dtype,
+    pdl: bool = False,
 ) -> torch.Tensor:
-    """The GEMV proper on ``prep``'s outputs: [M, N] in ``out_dtype``."""
+    """The GEMV proper on ``prep``'s outputs: [M, N] in ``out_dtype``. ``pdl``: launched
+    as the previous kernel's programmatic dependent — only when that kernel is the prep
+    (or a fill after it) and wrote none of the weights (``w4a16_linear`` arranges both)."""
     f = formats.get_format(fmt)
     m, kp = xh.shape[0], xh.shape[1] * xh.shape[2]
-    n, r, chunks = qweight.shape[0], lora.shape[2], lora.shape[0]
-    qweight, wscales = qweight.contiguous(), wscales.contiguous()
-    lowrank_up = lowrank_up.contiguous()
+    r, chunks = lora.shape[2], lora.shape[0]
     fma = xh.shape[1] == 8
-    if fma:  # the codes as 32-bit words (kp / 2 bytes a row: a multiple of 8)
-        qweight = (
-            qweight.view(torch.int32)
-            if qweight.storage_offset() % 4 == 0
-            else (qweight.clone().view(torch.int32))
-        )
+    qweight, wscales, wtensor_scale, lowrank_up = _operands(
+        qweight, wscales, wtensor_scale, lowrank_up, fma
+    )
+    n = qweight.shape[0]
     if fma:
         block_n, block_k, warps = TILES["fma" if m == 1 else "fma_multi"]
         # the widest step (whole groups, a power of two) that divides KP: no partial steps
@@ -513,7 +562,7 @@ def gemv(
         out = torch.empty(m, n, dtype=out_dtype, device=xh.device)
     kdim, kstep = (kp // 8, kps // 8) if fma else (kp, kps)  # the FMA kernel counts words
     common = (
-        xh, qweight, wscales, wtensor_scale.float().reshape(1), lora, lowrank_up,
+        xh, qweight, wscales, wtensor_scale, lora, lowrank_up,
         bias if bias is not None else out, out, m, n, kdim, r, chunks, kstep,
         xh.stride(0), qweight.stride(0), wscales.stride(0), lora.stride(0), lora.stride(1),
         lowrank_up.stride(0) if r else 0, out.stride(0),
@@ -531,7 +580,9 @@ def gemv(
         S_BLOCK=min(16 // triton.next_power_of_2(m), triton.next_power_of_2(chunks)) if fma else 1,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        PDL=pdl,
         num_warps=warps,
+        **({"launch_pdl": True} if pdl else {}),
     )
     if fma:
         _w4a16_fma_kernel[(n_blocks, split)](
