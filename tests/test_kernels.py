@@ -615,6 +615,10 @@ def test_custom_ops_opcheck():
     cases = [
         (ops.quantize_act.default, (x, layer.smooth, layer.lowrank_down, s, 128, "int4")),
         (ops.widen_weight.default, (*w, "int4")),
+        (
+            ops.quantize_and_widen.default,
+            (x, layer.smooth, layer.lowrank_down, s, 128, "int4", *w, "int4"),
+        ),
         (ops.fp8_gemm.default, (xq, wq, s_ch, s, lora, layer.lowrank_up, layer.bias, x.dtype)),
         (
             ops.w4a16_linear.default,
@@ -625,6 +629,37 @@ def test_custom_ops_opcheck():
         torch.library.opcheck(op, args, test_utils="test_faketensor")
     # test_schema compares outputs arithmetically, which torch cannot do on fp8 tensors
     torch.library.opcheck(*cases[-1], test_utils="test_schema")
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_quantize_and_widen_is_the_two_ops(fmt):
+    """One op, two adjacent launches (on Hopper the widen is the quantize's programmatic
+    dependent): what the quantize and the widen give apart — called eagerly and,
+    on a GPU, replayed from a CUDA graph (where the dependency is a graph edge)."""
+    _, layer, calib = _layer(fmt, "int4", k=320, n=300)
+    x = calib[:77]
+    s = ref.act_scale_from_amax(layer.act_amax)
+    w = (layer.qweight, layer.wscales, layer.wtensor_scale)
+    args = (x, layer.smooth, layer.lowrank_down, s, 320, "int4", *w, fmt)
+    xq, lora = quantize_act(x, layer.smooth, layer.lowrank_down, s, 320, "int4")
+    wq, s_ch = widen_weight(*w, fmt)
+    outs = [torch.ops.svdquant.quantize_and_widen(*args)]
+    if x.is_cuda:
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = torch.ops.svdquant.quantize_and_widen(*args)
+        for t in static:
+            t.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(static)
+    for got in outs:
+        assert torch.equal(got[0].view(torch.uint8), xq.view(torch.uint8))
+        assert torch.equal(got[3], s_ch)
+        # (the low-rank partial sums meet through atomics on the GPU: any order)
+        assert torch.allclose(got[1], lora, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[2].view(torch.uint8), wq.view(torch.uint8))
 
 
 @pytest.mark.parametrize("act_fmt", ["int4", "none"])

@@ -32,6 +32,18 @@ def num_sms(device, cpu: int = 1) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def pdl_supported(device) -> bool:
+    """Whether kernels on ``device`` can be launched as programmatic dependents (sm_90+;
+    never under the interpreter, which runs no inline assembly)."""
+    import torch
+
+    return (
+        device.type == "cuda"
+        and not interpreting()
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
+
+
 def dot_precision() -> str:
     """``input_precision`` for the fp32 ``tl.dot`` of the low-rank branch.
 

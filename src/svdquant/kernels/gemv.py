@@ -42,6 +42,7 @@ from svdquant.kernels._triton_common import (
     interpreting,
     needs_bf16_rounding,
     num_sms,
+    pdl_supported,
     round_bf16,
 )
 
@@ -73,12 +74,7 @@ PDL = True
 
 def _pdl(device: torch.device) -> bool:
     """Whether to launch the GEMV as a programmatic dependent launch on ``device``."""
-    return (
-        PDL
-        and device.type == "cuda"
-        and not interpreting()
-        and torch.cuda.get_device_capability(device)[0] >= 9
-    )
+    return PDL and pdl_supported(device)
 
 
 @triton.jit

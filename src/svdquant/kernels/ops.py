@@ -1,7 +1,7 @@
 """The engine's kernels as ``torch.library`` custom ops, and the layer built from them.
 
 Each kernel is one op (``svdquant::quantize_act``, ``::quantize_act_cat``,
-``::widen_weight``, ``::fp8_gemm``,
+``::widen_weight``, ``::quantize_and_widen``, ``::fp8_gemm``,
 ``::fp8_gemm_split``, ``::w4a16_linear``) with a fake (meta) implementation that only
 computes output shapes, so ``torch.compile(fullgraph=True)`` traces a layer into three
 opaque nodes with no graph break and no host sync, and Inductor fuses the elementwise
@@ -120,6 +120,52 @@ def widen_weight(
 def _(qweight, wscales, wtensor_scale, fmt):
     n, kp = qweight.shape[0], qweight.shape[1] * 2
     return qweight.new_empty(n, kp, dtype=_FP8), qweight.new_empty(n, dtype=torch.float32)
+
+
+#: Launch the widen as the quantize's programmatic dependent in ``quantize_and_widen``
+#: (sm_90+), so that it fills the SMs the quantize's last wave leaves idle.
+OVERLAP_WIDEN = True
+
+
+@torch.library.custom_op("svdquant::quantize_and_widen", mutates_args=())
+def quantize_and_widen(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    lowrank_down: torch.Tensor,
+    act_scale: torch.Tensor,
+    k_out: int,
+    act_fmt: str,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtensor_scale: torch.Tensor,
+    fmt: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_act`` then ``widen_weight`` in one op — ``(xq, lora_act, wq,
+    s_channel)`` — so the two launches are adjacent: the widen, independent of the
+    quantize, is launched as its programmatic dependent (``OVERLAP_WIDEN``) and overlaps
+    its tail. The weights' conversions come first, so no copy kernel sits between."""
+    from svdquant.kernels.quantize import quantize_act as quantize
+    from svdquant.kernels.widen import widen_weight as widen
+
+    qweight, wscales, wtensor_scale = (
+        qweight.contiguous(),
+        wscales.contiguous(),
+        wtensor_scale.float(),
+    )
+    overlap = OVERLAP_WIDEN
+    xq, lora = quantize(x, smooth, lowrank_down, act_scale, k_out, act_fmt, trigger=overlap)
+    wq, s_channel = widen(qweight, wscales, wtensor_scale, fmt, pdl=overlap)
+    return xq, lora, wq, s_channel
+
+
+@quantize_and_widen.register_fake
+def _(x, smooth, lowrank_down, act_scale, k_out, act_fmt, qweight, wscales, wtensor_scale, fmt):
+    n, kp = qweight.shape[0], qweight.shape[1] * 2
+    return (
+        *_quantized_like(x, lowrank_down, k_out),
+        qweight.new_empty(n, kp, dtype=_FP8),
+        qweight.new_empty(n, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("svdquant::dequantize_weight", mutates_args=())
@@ -256,10 +302,10 @@ def _fp8_operands(x2, qweight, wscales, wtensor_scale, smooth, act_amax, lowrank
     quantize (with the low-rank down projection) and the weight widen. Returns
     ``(xq, lora_act, wq, s_channel, S)``."""
     s = _act_scale(act_amax)
-    xq, lora = torch.ops.svdquant.quantize_act(
-        x2, smooth, lowrank_down, s, qweight.shape[1] * 2, act_fmt
-    )
-    wq, s_channel = torch.ops.svdquant.widen_weight(qweight, wscales, wtensor_scale, fmt)
+    xq, lora, wq, s_channel = torch.ops.svdquant.quantize_and_widen(
+        x2, smooth, lowrank_down, s, qweight.shape[1] * 2, act_fmt, qweight, wscales,
+        wtensor_scale, fmt,
+    )  # fmt: skip
     return xq, lora, wq, s_channel, s
 
 

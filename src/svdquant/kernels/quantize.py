@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from svdquant.kernels._triton_common import (
     ACTIVATIONS,
@@ -38,6 +39,7 @@ from svdquant.kernels._triton_common import (
     interpreting,
     needs_bf16_rounding,
     num_sms,
+    pdl_supported,
     recip16_rn,
     round_bf16,
     round_small,
@@ -133,7 +135,13 @@ def _quantize_act_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL_TRIGGER: tl.constexpr = False,
 ):
+    # With PDL_TRIGGER the next kernel, launched as this one's programmatic dependent (the
+    # widen, ``widen.widen_weight(pdl=True)``), may start as soon as every program of this
+    # one has: it fills the SMs this kernel's last wave leaves idle.
+    if PDL_TRIGGER:
+        gdc_launch_dependents()
     # Each program walks BLOCK_K columns (whole groups) at a time through its rows' share
     # of K: the group max is a reduction within the tile, and the low-rank partial sums
     # stay in registers until the end (one atomic add per program when K is split).
@@ -201,6 +209,7 @@ def quantize_act(
     act_fmt: str,
     tail: torch.Tensor | None = None,
     tail_act: str = "none",
+    trigger: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations ``x`` [M, K] for the fp8 GEMM; see ``quantize_act_ref``.
 
@@ -209,7 +218,8 @@ def quantize_act(
     ``cat([x, tail_act(tail)], -1)`` — the activation rounded to x's dtype, as if written
     — read from the two tensors (``quantize_act_cat_ref``): a layer whose input is a
     concatenation (FLUX's single-block ``proj_out``) needs no concatenated copy and no
-    separate activation pass.
+    separate activation pass. ``trigger``: let a programmatic dependent launched next
+    (``widen_weight(pdl=True)``) start early, where the GPU has it.
     """
     if act_fmt not in ("int4", "fp8"):
         raise ValueError(f"the fp8 engine quantizes activations to int4 or fp8, got {act_fmt!r}")
@@ -280,5 +290,6 @@ def quantize_act(
         BLOCK_K=block_k,
         num_warps=warps,
         num_stages=1,  # (bench/probe_quantize.py: no gain from pipelining the loads)
+        PDL_TRIGGER=trigger and pdl_supported(x.device),
     )
     return xq, lora

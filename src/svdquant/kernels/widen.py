@@ -20,20 +20,23 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from svdquant import formats
 from svdquant.kernels._triton_common import (
     e2m1_value,
     int4_value,
     interpreting,
+    pdl_supported,
     round_bf16,
     to_e4m3,
 )
 
 __all__ = ["dequantize_weight", "widen_weight"]
 
-#: (BLOCK_N, BLOCK_K, num_warps), tuned on the H100 with ``bench/gemm.py --sweep``.
-TILE = (32, 256, 4)
+#: (BLOCK_N, BLOCK_K, num_warps): ``bench/gemm.py --sweep`` on the H200 (2026-11-29, v21:
+#: 25.7 µs at N = 12288, K = 3072, the best of 18; the H100's (32, 256, 4) took 28.2).
+TILE = (32, 512, 4)
 
 
 @triton.jit
@@ -57,7 +60,12 @@ def _widen_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    """With ``PDL`` (launched as the quantize kernel's programmatic dependent) everything
+    up to the stores overlaps that kernel; the stores wait for it (the outputs are fresh
+    buffers whose memory an earlier kernel may still read), so this kernel also ends
+    after it."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -84,8 +92,6 @@ def _widen_kernel(
         mx = tl.maximum(mx, tl.max(s, axis=1))
     c = tl.math.div_rn(QMAX * mx, 448.0)
     c = tl.where(c > 0.0, c, 1.0)
-    if pid_k == 0 and not DEQUANT:
-        tl.store(sch_ptr + rows, c * tl.load(ts_ptr), mask=rmask)
     inv_c = tl.math.div_rn(1.0, c)
     # This program's [BLOCK_N, BLOCK_K] tile: decode, scale by s_group / c, round to fp8.
     b = b.to(tl.int32)
@@ -110,6 +116,10 @@ def _widen_kernel(
     else:
         w = to_e4m3(v * inv_c[:, None], EXACT)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    if PDL:
+        gdc_wait()
+    if pid_k == 0 and not DEQUANT:
+        tl.store(sch_ptr + rows, c * tl.load(ts_ptr), mask=rmask)
     tl.store(
         w_ptr + rows[:, None] * stride_wn + cols[None, :],
         w,
@@ -123,10 +133,14 @@ def widen_weight(
     wtensor_scale: torch.Tensor,
     fmt: str,
     out: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Widen a stored 4-bit weight into ``(wq fp8 [N, K_pad], s_channel fp32 [N])``.
 
     ``out`` (fp8 [N, K_pad]) may be a reused scratch buffer. See ``widen_weight_ref``.
+    ``pdl``: launched as the previous kernel's programmatic dependent (where the GPU has
+    it) — only right after ``quantize_act(trigger=True)``, with the weights contiguous and
+    ``wtensor_scale`` fp32, so that no copy kernel comes between (``quantize_and_widen``).
     """
     f = formats.get_format(fmt)
     n, kp = qweight.shape[0], qweight.shape[1] * 2
@@ -135,7 +149,7 @@ def widen_weight(
     s_channel = torch.empty(n, dtype=torch.float32, device=qweight.device)
     if n == 0:
         return wq, s_channel
-    _launch(qweight, wscales, wtensor_scale, wq, s_channel, f, dequant=False)
+    _launch(qweight, wscales, wtensor_scale, wq, s_channel, f, dequant=False, pdl=pdl)
     return wq, s_channel
 
 
@@ -153,8 +167,9 @@ def dequantize_weight(
     return w
 
 
-def _launch(qweight, wscales, wtensor_scale, out, s_channel, f, dequant: bool) -> None:
+def _launch(qweight, wscales, wtensor_scale, out, s_channel, f, dequant: bool, pdl=False):
     n, kp, g = qweight.shape[0], qweight.shape[1] * 2, wscales.shape[1]
+    pdl = pdl and pdl_supported(qweight.device)
     block_n, block_k, warps = TILE
     _widen_kernel[(triton.cdiv(n, block_n), triton.cdiv(kp, block_k))](
         qweight,
@@ -176,5 +191,7 @@ def _launch(qweight, wscales, wtensor_scale, out, s_channel, f, dequant: bool) -
         BLOCK_N=block_n,
         BLOCK_G=min(triton.next_power_of_2(g), 256),
         BLOCK_K=block_k,
+        PDL=pdl,
         num_warps=warps,
+        **({"launch_pdl": True} if pdl else {}),
     )
