@@ -19,6 +19,7 @@ The numbers are the local triton's code generation (CI: triton 3.9; the device r
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -351,6 +352,8 @@ def compile_sm90(spec: dict[str, Any]):
                 sig[name] = "i32"
                 if v % 16 == 0:
                     attrs[(i,)] = [["tt.divisibility", 16]]
+        elif kernel.params[i].default is not inspect.Parameter.empty:  # a defaulted constexpr
+            sig[name], const[name] = "constexpr", kernel.params[i].default
         else:
             raise KeyError(f"{kernel.__name__}: no value for argument {name!r}")
     src = ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs)

@@ -123,8 +123,11 @@ def _(qweight, wscales, wtensor_scale, fmt):
 
 
 #: Launch the widen as the quantize's programmatic dependent in ``quantize_and_widen``
-#: (sm_90+), so that it fills the SMs the quantize's last wave leaves idle.
+#: (sm_90+), so that it fills the SMs the quantize's last wave leaves idle — for weights
+#: of at most ``OVERLAP_MAX_WEIGHTS`` entries. H200, v22 (``bench/gemm.py``'s layer, CUDA
+#: graph): 3–19 µs faster up to 3072 x 15360; at 21504 x 3072 (M ≥ 4096) 22–25 µs slower.
 OVERLAP_WIDEN = True
+OVERLAP_MAX_WEIGHTS = 3072 * 15360
 
 
 @torch.library.custom_op("svdquant::quantize_and_widen", mutates_args=())
@@ -152,7 +155,7 @@ def quantize_and_widen(
         wscales.contiguous(),
         wtensor_scale.float(),
     )
-    overlap = OVERLAP_WIDEN
+    overlap = OVERLAP_WIDEN and qweight.shape[0] * qweight.shape[1] * 2 <= OVERLAP_MAX_WEIGHTS
     xq, lora = quantize(x, smooth, lowrank_down, act_scale, k_out, act_fmt, trigger=overlap)
     wq, s_channel = widen(qweight, wscales, wtensor_scale, fmt, pdl=overlap)
     return xq, lora, wq, s_channel

@@ -92,6 +92,8 @@ def _widen_kernel(
         mx = tl.maximum(mx, tl.max(s, axis=1))
     c = tl.math.div_rn(QMAX * mx, 448.0)
     c = tl.where(c > 0.0, c, 1.0)
+    if pid_k == 0 and not DEQUANT and not PDL:
+        tl.store(sch_ptr + rows, c * tl.load(ts_ptr), mask=rmask)
     inv_c = tl.math.div_rn(1.0, c)
     # This program's [BLOCK_N, BLOCK_K] tile: decode, scale by s_group / c, round to fp8.
     b = b.to(tl.int32)
@@ -117,9 +119,10 @@ def _widen_kernel(
         w = to_e4m3(v * inv_c[:, None], EXACT)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     if PDL:
+        ts = tl.load(ts_ptr)
         gdc_wait()
-    if pid_k == 0 and not DEQUANT:
-        tl.store(sch_ptr + rows, c * tl.load(ts_ptr), mask=rmask)
+        if pid_k == 0 and not DEQUANT:
+            tl.store(sch_ptr + rows, c * ts, mask=rmask)
     tl.store(
         w_ptr + rows[:, None] * stride_wn + cols[None, :],
         w,
