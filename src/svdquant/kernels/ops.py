@@ -123,10 +123,14 @@ def _(qweight, wscales, wtensor_scale, fmt):
 
 
 #: Launch the widen as the quantize's programmatic dependent in ``quantize_and_widen``
-#: (sm_90+), so that it fills the SMs the quantize's last wave leaves idle — for weights
-#: of at most ``OVERLAP_MAX_WEIGHTS`` entries. H200, v22 (``bench/gemm.py``'s layer, CUDA
-#: graph): 3–19 µs faster up to 3072 x 15360; at 21504 x 3072 (M ≥ 4096) 22–25 µs slower.
+#: (sm_90+), so that it fills the SMs the quantize's last wave leaves idle — for inputs
+#: of at least ``OVERLAP_MIN_M`` rows and weights of at most ``OVERLAP_MAX_WEIGHTS``
+#: entries. H200, the layer in a CUDA graph against the same layer launched in sequence
+#: (``bench/gemm.py``, ``layerSeqG``), summed over the five shapes up to 3072 x 15360:
+#: M = 4096 -3.8% / -1.7%, M = 4608 -0.6% / -1.0% (runs v22 / v23); M = 512 and 1024
+#: +2-3% in v23; 21504 x 3072 at M ≥ 4096: 22-25 µs slower (v22).
 OVERLAP_WIDEN = True
+OVERLAP_MIN_M = 2048
 OVERLAP_MAX_WEIGHTS = 3072 * 15360
 
 
@@ -155,7 +159,11 @@ def quantize_and_widen(
         wscales.contiguous(),
         wtensor_scale.float(),
     )
-    overlap = OVERLAP_WIDEN and qweight.shape[0] * qweight.shape[1] * 2 <= OVERLAP_MAX_WEIGHTS
+    overlap = (
+        OVERLAP_WIDEN
+        and x.shape[0] >= OVERLAP_MIN_M
+        and qweight.shape[0] * qweight.shape[1] * 2 <= OVERLAP_MAX_WEIGHTS
+    )
     xq, lora = quantize(x, smooth, lowrank_down, act_scale, k_out, act_fmt, trigger=overlap)
     wq, s_channel = widen(qweight, wscales, wtensor_scale, fmt, pdl=overlap)
     return xq, lora, wq, s_channel
