@@ -351,7 +351,7 @@ def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
     gargs = (g.qweight, g.wscales, g.wtensor_scale, g.smooth, g.down[:0], g.up[:, :0], None)
     # FMA kernel: rows over threads (small steps) or every row in each thread (BLOCK_K =
     # 1024 · warps: x̂ loaded once per step for all rows)
-    fma_tiles = [(a, b, w) for a in (4, 8, 16) for b in (256, 1024, 2048) for w in (1, 2, 4)]
+    fma_tiles = [(a, b, w) for a in (1, 2, 4, 8, 16) for b in (256, 1024, 2048) for w in (1, 2, 4)]
     # the tensor-core kernel also over its K split (programs per SM): at M = 4 it ran
     # with 13 warps per SM, latency-bound (ncu, 2026-11-25)
     mma_tiles = [(a, 64, w, pps) for a in (64, 128, 256) for w in (2, 4) for pps in (4, 8, 16)]

@@ -418,9 +418,16 @@ def test_w4a16_matches_reference(m, fmt, n, k, r):
 
 
 @pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("tile", [(8, 256, 2), (4, 1024, 1), (16, 512, 1)])
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
-@pytest.mark.parametrize(("n", "k", "r"), [(45, 1024, 3), (20, 1600, 2), (130, 3072, 8)])
+@pytest.mark.parametrize(
+    ("tile", "n", "k", "r"),
+    [
+        (t, *shape)
+        for t in [(8, 256, 2), (4, 1024, 1), (16, 512, 1)]
+        for shape in [(45, 1024, 3), (20, 1600, 2), (130, 3072, 8)]
+    ]
+    + [((2, 1024, 1), 45, 1024, 3), ((1, 256, 2), 20, 1600, 2)],  # one or two rows each
+)
 def test_w4a16_fma_kernel_over_tiles(monkeypatch, m, tile, fmt, n, k, r):
     """The FMA kernel (one token, or up to ``FMA_MAX_M``) over its tiles: rows spread
     over threads (each thread loads x̂ for its row) or all of a program's rows in every
@@ -632,10 +639,12 @@ def test_custom_ops_opcheck():
 
 
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
-def test_quantize_and_widen_is_the_two_ops(fmt):
+def test_quantize_and_widen_is_the_two_ops(monkeypatch, fmt):
     """One op, two adjacent launches (on Hopper the widen is the quantize's programmatic
     dependent): what the quantize and the widen give apart — called eagerly and,
-    on a GPU, replayed from a CUDA graph (where the dependency is a graph edge)."""
+    on a GPU, replayed from a CUDA graph (where the dependency is a graph edge). The
+    overlap is forced on for these 77 rows (by default it starts at 2048)."""
+    monkeypatch.setattr(svdquant.kernels.ops, "OVERLAP_MIN_M", 0)
     _, layer, calib = _layer(fmt, "int4", k=320, n=300)
     x = calib[:77]
     s = ref.act_scale_from_amax(layer.act_amax)
