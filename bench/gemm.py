@@ -348,7 +348,9 @@ def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
         timed = _timed(lambda: widen_weight(*args), n * k * 1.5, copy_gbs, True)
         out["widen"].append({"tile": tile, **timed})
     g = Layer(18432, 3072)
-    gargs = (g.qweight, g.wscales, g.wtensor_scale, g.smooth, g.down[:0], g.up[:, :0], None)
+    # the modulation layers' case: rank 32 and a bias (the low-rank epilogue's share grows
+    # with the programs: v24 chose 2-row tiles without it, slower with it)
+    gargs = (g.qweight, g.wscales, g.wtensor_scale, g.smooth, g.down, g.up, g.bias)
     # FMA kernel: rows over threads (small steps) or every row in each thread (BLOCK_K =
     # 1024 · warps: x̂ loaded once per step for all rows)
     fma_tiles = [(a, b, w) for a in (1, 2, 4, 8, 16) for b in (256, 1024, 2048) for w in (1, 2, 4)]
@@ -363,12 +365,14 @@ def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
     gemv_runs = ((1, "fma", fma), (4, "mma", mma_tiles), (4, "fma_multi", fma))
     for mm, key, tiles in gemv_runs * ("gemv" in parts):
         xg = torch.randn(mm, 3072, device="cuda").bfloat16()
-        gemv_mod.FMA_MAX_M = 4 if key == "fma_multi" else default_fma_max
+        # which kernel M = 4 runs on is FMA_MAX_M's choice: force each (v24 timed the FMA
+        # kernel under "mma" once the default had become 4)
+        gemv_mod.FMA_MAX_M = {"fma": max(1, default_fma_max), "fma_multi": 4, "mma": 1}[key]
         for *tile, pps in tiles:
             gemv_mod.TILES[key] = tuple(tile)
             gemv_mod.PROGRAMS_PER_SM = pps
             fn = lambda xg=xg: w4a16_linear(xg, *gargs, "int4")  # noqa: E731
-            timed = _timed(fn, 18432 * 1536, copy_gbs, True)
+            timed = _timed(fn, 18432 * 1536 + g.wscales.numel() * 2, copy_gbs, True)
             out["gemv"].append({"M": mm, "path": key, "tile": (*tile, pps), **timed})
             print(f"gemv M={mm} {key} {tile} pps {pps}: {timed.get('us', timed.get('error'))}")
     gemv_mod.PROGRAMS_PER_SM, gemv_mod.FMA_MAX_M = default_pps, default_fma_max
@@ -394,9 +398,10 @@ def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
         *tile, gemv_mod.PROGRAMS_PER_SM = best["gemv", 4, "mma"]["tile"]
         gemv_mod.TILES["mma"] = tuple(tile)
         multi = best.get(("gemv", 4, "fma_multi"))
-        if multi is not None and multi["us"] < best["gemv", 4, "mma"]["us"]:
-            gemv_mod.TILES["fma_multi"] = tuple(multi["tile"][:3])  # the FMA kernel wins
-            gemv_mod.FMA_MAX_M = 4
+        fma_wins = multi is not None and multi["us"] < best["gemv", 4, "mma"]["us"]
+        if fma_wins:
+            gemv_mod.TILES["fma_multi"] = tuple(multi["tile"][:3])
+        gemv_mod.FMA_MAX_M = 4 if fma_wins else 1
         print(f"sweep gemv: FMA kernel up to M = {gemv_mod.FMA_MAX_M}", flush=True)
     return out
 
