@@ -183,6 +183,28 @@ def _gemv_fma() -> dict[str, Any]:
     return dict(kernel=g._w4a16_fma_kernel, warps=warps, **d)
 
 
+@_spec("gemv_mma_packed")
+def _gemv_mma_packed() -> dict[str, Any]:
+    """``bench/probe_gemv_mma.py``'s kernel (128 rows, one group a step, 4 warps)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import probe_gemv_mma as p
+
+    return dict(
+        kernel=p._packed_mma_gemv_kernel,
+        ptrs={
+            "xh_ptr": "*bf16",
+            "xs_ptr": "*fp32",
+            "q_ptr": "*u8",
+            "sc_ptr": "*fp16",
+            "ts_ptr": "*fp32",
+            "out_ptr": "*fp32",
+        },
+        ints=dict(M=4, N=18432, KP=3072, k_per_split=768, stride_qn=1536, stride_sn=48),
+        consts=dict(GROUP=64, BLOCK_N=128),
+        warps=4,
+    )
+
+
 @_spec("gemv_prep")
 def _gemv_prep() -> dict[str, Any]:
     from svdquant.kernels import gemv as g
@@ -367,6 +389,22 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
+def loop_instructions(sass: str) -> int | None:
+    """Instructions in the longest loop body (a backward branch's range): per step, per
+    thread — with the codes per step, the cost of a main loop."""
+    ins = [
+        (int(m.group(1), 16), m.group(2))
+        for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s*([^;]*);", sass)
+    ]
+    best = None
+    for addr, text in ins:
+        target = re.search(r"BRA (0x[0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            n = sum(1 for a, _ in ins if int(target.group(1), 16) <= a <= addr)
+            best = max(best or 0, n)
+    return best
+
+
 def report(compiled) -> dict[str, Any]:
     """Registers, spills, memory instructions, barriers, MMAs and loop conversions."""
     with tempfile.TemporaryDirectory() as d:
@@ -390,6 +428,7 @@ def report(compiled) -> dict[str, Any]:
         "mma": sass.count("HMMA") + sass.count("HGMMA") + sass.count("QGMMA"),
         "shuffles": sass.count("SHFL"),
         "instructions": sass.count(";"),
+        "loop_instructions": loop_instructions(sass),
         "loop_layout_conversions": sum(
             b.split("scf.yield")[0].count("convert_layout") for b in loops
         ),
@@ -421,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         print(
             f"{name:9} regs {r['registers']:>3}  spill {r['spill_bytes']:>4} B  "
             f"barriers {r['barriers']:>3}  loop conversions {r['loop_layout_conversions']:>2}"
-            f"  mma {r['mma']:>3}  memory {r['memory']}",
+            f"  mma {r['mma']:>3}  loop {r['loop_instructions']}  memory {r['memory']}",
             flush=True,
         )
     if a.json:
