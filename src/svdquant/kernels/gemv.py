@@ -317,7 +317,7 @@ def _w4a16_fma_kernel(
     # Register double buffering: the next step's words are loaded before this step's
     # arithmetic, so their latency overlaps it.
     w_next = tl.load(q_rows + kw_start)
-    if PDL:  # the weights are no earlier kernel's output; x̂ and everything after are
+    if PDL:  # only weights (no earlier kernel's output) are read before this; x̂ after
         gdc_wait()
     for kw in range(kw_start, kw_end, BKW):
         w = w_next
