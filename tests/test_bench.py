@@ -194,3 +194,51 @@ def test_sass_report_guards_the_gemv_layout(tmp_path):
     assert r["loop_layout_conversions"] <= 1
     split = report["gemm_split"]["memory"]
     assert split.get("STG.E.128", 0) > 0 and not split.get("STG.E.U16")
+
+
+def test_packed_gemv_probe_recipe():
+    """bench/probe_gemv_mma.py's tensor-core GEMV, emulated on the CPU: its decode recipe
+    (xor 0x8888, ``prmt`` 0x4140, shift, mask-or 0x4300 — the PTX, bit for bit) gives bf16
+    ``136 + code`` for both nibbles of every byte pair, and its per-group arithmetic on
+    ``prep_planes``'s x̂ planes (hi + lo, minus ``136 · Σ x̂``) is the reference product."""
+    probe = _load("probe_gemv_mma")
+    from svdquant import formats
+    from svdquant.kernels import reference as ref
+
+    def decode(b0: int, b1: int) -> list[float]:
+        t = (b0 | b1 << 8) ^ 0x8888
+        a = (t & 0xFF) | ((t >> 8) & 0xFF) << 16  # prmt.b32 a, t, 0, 0x4140
+        out = []
+        for word in (a, a >> 4):  # lop3 (x & 0x000F000F) | 0x43004300, both halves
+            word = (word & 0x000F000F) | 0x43004300
+            halves = torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int16)
+            out += halves.view(torch.bfloat16).float().tolist()
+        return out  # lo(b0), lo(b1), hi(b0), hi(b1)
+
+    def code(nibble: int) -> int:
+        return nibble - 16 if nibble >= 8 else nibble
+
+    for b0 in range(256):
+        b1 = (b0 * 37 + 11) % 256
+        want = [code(b0 & 15), code(b1 & 15), code(b0 >> 4), code(b1 >> 4)]
+        assert decode(b0, b1) == [136.0 + c for c in want]
+
+    g = torch.Generator().manual_seed(3)
+    n, k, m = 40, 256, 3
+    q = formats.quantize(torch.randn(n, k, generator=g) * 0.02, "int4")
+    smooth = torch.rand(k, generator=g) + 0.5
+    x = torch.randn(m, k, generator=g).bfloat16()
+    planes, xs = probe.prep_planes(x, smooth)
+    b = q.packed.to(torch.int32)
+    lo, hi = (((b & 15) ^ 8) + 128).float(), ((((b >> 4) & 15) ^ 8) + 128).float()
+    acc = torch.zeros(n, 16)
+    for grp in range(k // 64):
+        cols = slice(32 * grp, 32 * grp + 32)
+        part = sum(w[:, cols] @ planes[i, cols].float() for i, w in enumerate((lo, hi, lo, hi)))
+        acc += (part - xs[grp]) * q.scales[:, grp].float()[:, None]
+    y = (acc * q.tensor_scale.float()).t()[:m]
+    none = (torch.zeros(0, k), torch.zeros(n, 0))
+    y_ref = ref.w4a16_linear_ref(
+        x.float(), q.packed, q.scales, q.tensor_scale, smooth, *none, None, "int4"
+    )
+    assert (y - y_ref).norm() / y_ref.norm() < 1e-4
