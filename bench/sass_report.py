@@ -183,26 +183,20 @@ def _gemv_fma() -> dict[str, Any]:
     return dict(kernel=g._w4a16_fma_kernel, warps=warps, **d)
 
 
-@_spec("gemv_mma_packed")
-def _gemv_mma_packed() -> dict[str, Any]:
-    """``bench/probe_gemv_mma.py``'s kernel (128 rows, one group a step, 4 warps)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    import probe_gemv_mma as p
+@_spec("gemv_packed")
+def _gemv_packed() -> dict[str, Any]:
+    """The packed-decode tensor-core GEMV (``gemv.PACKED_MMA``), 4 tokens."""
+    from svdquant.kernels import gemv as g
 
-    return dict(
-        kernel=p._packed_mma_gemv_kernel,
-        ptrs={
-            "xh_ptr": "*bf16",
-            "xs_ptr": "*fp32",
-            "q_ptr": "*u8",
-            "sc_ptr": "*fp16",
-            "ts_ptr": "*fp32",
-            "out_ptr": "*fp32",
-        },
-        ints=dict(M=4, N=18432, KP=3072, k_per_split=768, stride_qn=1536, stride_sn=48),
-        consts=dict(GROUP=64, BLOCK_N=128),
-        warps=4,
-    )
+    bn, _, warps = g.TILES["mma"]
+    d = _gemv_common()
+    d["ptrs"] |= {"xh_ptr": "*bf16", "xs_ptr": "*fp32", "q_ptr": "*u8"}
+    d["ints"] = dict(
+        M=4, N=18432, KP=3072, R=32, S=24, k_per_split=768, stride_qn=1536, stride_sn=48,
+        stride_ls=128, stride_lm=32, stride_un=32, stride_om=18432,
+    )  # fmt: skip
+    d["consts"] |= dict(ASM=True, DOT_FP32=False, BLOCK_N=bn)
+    return dict(kernel=g._w4a16_packed_kernel, warps=warps, **d)
 
 
 @_spec("gemv_prep")
@@ -212,7 +206,12 @@ def _gemv_prep() -> dict[str, Any]:
     return dict(
         kernel=g._prep_kernel,
         ptrs=dict(
-            x_ptr="*bf16", smooth_ptr="*fp32", ld_ptr="*bf16", xh_ptr="*fp32", lora_ptr="*fp32"
+            x_ptr="*bf16",
+            smooth_ptr="*fp32",
+            ld_ptr="*bf16",
+            xh_ptr="*fp32",
+            lora_ptr="*fp32",
+            xs_ptr="*fp32",
         ),
         ints=dict(
             M=1,
@@ -389,20 +388,22 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def loop_instructions(sass: str) -> int | None:
-    """Instructions in the longest loop body (a backward branch's range): per step, per
-    thread — with the codes per step, the cost of a main loop."""
+def loop_instructions(sass: str) -> list[int]:
+    """Instructions in each loop body (a backward branch's range), in code order: per
+    step and thread — with the codes per step, the cost of a main loop (the first loop
+    is the main loop in our kernels; later ones are epilogues', e.g. the GEMV's
+    low-rank loop)."""
     ins = [
         (int(m.group(1), 16), m.group(2))
         for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s*([^;]*);", sass)
     ]
-    best = None
+    loops = []
     for addr, text in ins:
         target = re.search(r"BRA (0x[0-9a-f]+)", text)
         if target and int(target.group(1), 16) < addr:
-            n = sum(1 for a, _ in ins if int(target.group(1), 16) <= a <= addr)
-            best = max(best or 0, n)
-    return best
+            start = int(target.group(1), 16)
+            loops.append((start, sum(1 for a, _ in ins if start <= a <= addr)))
+    return [n for _, n in sorted(loops)]
 
 
 def report(compiled) -> dict[str, Any]:
@@ -460,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         print(
             f"{name:9} regs {r['registers']:>3}  spill {r['spill_bytes']:>4} B  "
             f"barriers {r['barriers']:>3}  loop conversions {r['loop_layout_conversions']:>2}"
-            f"  mma {r['mma']:>3}  loop {r['loop_instructions']}  memory {r['memory']}",
+            f"  mma {r['mma']:>3}  loops {r['loop_instructions']}  memory {r['memory']}",
             flush=True,
         )
     if a.json:

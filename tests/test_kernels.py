@@ -442,6 +442,46 @@ def test_w4a16_fma_kernel_over_tiles(monkeypatch, m, tile, fmt, n, k, r):
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
+def test_packed_decode_ptx_recipe():
+    """The packed kernel's PTX decode (``gemv._decode_pair``), emulated bit for bit — xor
+    0x8888, ``prmt`` 0x4140, shift by 4, ``lop3`` (x & 0x000F000F) | 0x43004300 — gives
+    bf16 ``136 + code`` for both nibbles of a byte pair, for every byte. (The interpreter
+    cannot run inline PTX: the kernel's tests there use integer ops for the same values.)"""
+
+    def decode(b0: int, b1: int) -> list[float]:
+        t = (b0 | b1 << 8) ^ 0x8888
+        a = (t & 0xFF) | ((t >> 8) & 0xFF) << 16
+        out = []
+        for word in (a, a >> 4):
+            word = (word & 0x000F000F) | 0x43004300
+            halves = torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32)
+            out += halves.to(torch.int16).view(torch.bfloat16).float().tolist()
+        return out  # low nibble of b0, of b1, high nibble of b0, of b1
+
+    def code(nibble: int) -> int:
+        return nibble - 16 if nibble >= 8 else nibble
+
+    for b0 in range(256):
+        b1 = (b0 * 37 + 11) % 256
+        want = [code(b0 & 15), code(b1 & 15), code(b0 >> 4), code(b1 >> 4)]
+        assert decode(b0, b1) == [136.0 + c for c in want]
+
+
+@pytest.mark.parametrize("m", [2, 5, 16])
+@pytest.mark.parametrize(("n", "k", "r"), [(45, 1024, 3), (130, 333, 0), (20, 4500, 2)])
+def test_w4a16_packed_kernel_matches_reference(monkeypatch, m, n, k, r):
+    """The packed-decode tensor-core kernel (``gemv.PACKED_MMA``, off until measured): x̂
+    as bf16 hi/lo planes with the per-group offset sums, codes decoded to ``136 + code``
+    (under the interpreter by integer ops, on the GPU by the PTX); K split into partial
+    sums at (45, 1024) and (20, 4500), K padded to 384 at 333, no low-rank branch at r = 0."""
+    from svdquant.kernels import gemv
+
+    monkeypatch.setattr(gemv, "PACKED_MMA", True)
+    monkeypatch.setattr(gemv, "FMA_MAX_M", 1)
+    x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=8)
+    assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
 # --- the layer ------------------------------------------------------------------------
 
 
@@ -715,6 +755,19 @@ def test_gpu_layer_pipeline_matches_reference(m, n, k, fmt, act_fmt):
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 def test_gpu_w4a16_matches_reference(m, n, k, fmt):
     x, args = _w4a16_case(m, n, k, 32, fmt, torch.bfloat16, bias_seed=None)
+    assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [2, 4, 16])
+@pytest.mark.parametrize(("n", "k"), [(18432, 3072), (130, 333)])
+def test_gpu_w4a16_packed_kernel(monkeypatch, m, n, k):
+    """The packed kernel with its PTX decode (``gemv.PACKED_MMA`` forced on)."""
+    from svdquant.kernels import gemv
+
+    monkeypatch.setattr(gemv, "PACKED_MMA", True)
+    monkeypatch.setattr(gemv, "FMA_MAX_M", 1)
+    x, args = _w4a16_case(m, n, k, 32, "int4", torch.bfloat16, bias_seed=9)
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
 
 

@@ -29,6 +29,8 @@ Reference: ``reference.w4a16_linear_ref``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -67,6 +69,11 @@ FMA_MAX_M = 4
 MAGIC_2P23 = 0x4B000000
 #: Columns per program of the x̂ / low-rank down kernel (its K split).
 LORA_CHUNK = 128
+#: int4 weights at more than ``FMA_MAX_M`` tokens on the packed-decode tensor-core kernel
+#: (``_w4a16_packed_kernel``: two codes per decode instruction, ~4 instructions per code
+#: in its sm_90 SASS against 8.4 for ``_w4a16_mma_kernel``) instead of the tensor-core
+#: kernel. Off until measured (``bench/probe_gemv_mma.py``, bench/NOTES.md v21–v24).
+PACKED_MMA = False
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
 PDL = True
@@ -84,6 +91,7 @@ def _prep_kernel(
     ld_ptr,
     xh_ptr,
     lora_ptr,
+    xs_ptr,
     M,
     K,
     KP,
@@ -97,6 +105,8 @@ def _prep_kernel(
     PLANES: tl.constexpr,
     PRESCALE: tl.constexpr,
     PDL: tl.constexpr,
+    PACKED: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False,
 ):
     """x̂ = x · (1/s) for this program's CHUNK columns, written as [M, PLANES, KP/PLANES]
     (plane p holds the columns c ≡ p mod PLANES; zero past K; with ``PRESCALE``, plane p
@@ -118,9 +128,13 @@ def _prep_kernel(
     if PRESCALE:  # 2**-shift built from its exponent bits: exact
         pow2 = ((127 - _plane_shift(c % PLANES)) << 23).to(tl.float32, bitcast=True)
         plane_inv_s = inv_s * pow2
-    for m in range(M):
-        xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask, other=0.0)
-        tl.store(dst + m * stride_hm, xv.to(tl.float32) * plane_inv_s, mask=c < KP)
+    if PACKED:  # the packed kernel's x̂ (``PackedX``); the sums go after the planes
+        _store_packed(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k, CHUNK,
+                      INTERPRET)  # fmt: skip
+    else:
+        for m in range(M):
+            xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask, other=0.0)
+            tl.store(dst + m * stride_hm, xv.to(tl.float32) * plane_inv_s, mask=c < KP)
     for r0 in range(0, R, 32):
         rr = r0 + tl.arange(0, 32)
         ld = tl.load(
@@ -132,6 +146,29 @@ def _prep_kernel(
             xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask, other=0.0)
             part = tl.sum(ld * (xv.to(tl.float32) * inv_s)[None, :], axis=1)
             tl.store(lora_ptr + pid_k * stride_ls + m * stride_lm + rr, part, mask=rr < R)
+
+
+@triton.jit
+def _store_packed(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k,
+                  CHUNK: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """This chunk's x̂ for the packed kernel: bf16 hi = bf16(x̂), lo = bf16(x̂ - hi) (hi +
+    lo: ~16 bits of x̂) as planes [hi even, hi odd, lo even, lo odd][KP/2][16 tokens]
+    (zero past M and past K), and ``136 · Σ (hi + lo)`` per group of 64 columns and
+    token, fp32 [KP/64][16]: the offset the kernel's ``136 + code`` adds."""
+    GPC: tl.constexpr = CHUNK // 64
+    plane = (KP // 2) * 16
+    dst = xh_ptr + (c % 2) * plane + (c // 2) * 16
+    g = pid_k * GPC + tl.arange(0, GPC)
+    for m in range(16):
+        real = c * 0 + m < M  # a tensor mask (token slots past M hold zeros)
+        xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask & real, other=0.0)
+        xh = xv.to(tl.float32) * inv_s
+        hi = _bf16(xh, INTERPRET)
+        lo = _bf16(xh - hi.to(tl.float32), INTERPRET)
+        tl.store(dst + m, hi, mask=c < KP)
+        tl.store(dst + 2 * plane + m, lo, mask=c < KP)
+        both = tl.reshape(hi.to(tl.float32) + lo.to(tl.float32), [GPC, 64])
+        tl.store(xs_ptr + g * 16 + m, 136.0 * tl.sum(both, axis=1), mask=g < KP // 64)
 
 
 @triton.jit
@@ -348,7 +385,7 @@ def _mma(w, x, acc, DOT_FP32: tl.constexpr):
     """``acc + w · x`` for bf16-exact fp32 ``w`` and bf16 ``x`` (fp32 under the interpreter,
     whose bf16 ``tl.dot`` is wrong; the values are the same)."""
     if DOT_FP32:
-        return tl.dot(w, x.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(w.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(w.to(tl.bfloat16), x, acc)
 
 
@@ -437,6 +474,114 @@ def _w4a16_mma_kernel(
     )  # fmt: skip
 
 
+@triton.jit
+def _decode_pair(b):
+    """uint8 bytes -> (low nibbles, high nibbles) as bf16 ``136 + code``, two bytes per
+    instance of the PTX: ``xor`` 0x88 makes each nibble ``code + 8``, ``prmt`` moves the
+    second byte to bit 16, and ``lop3`` keeps one nibble per 16-bit half and ORs in the
+    bits of bf16 128 (0x4300): ``128 + code + 8``, exact. Four instructions per four
+    codes, in the MMA operand's register layout (two K-adjacent bytes per thread)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 t, a, c;
+        .reg .b16 h;
+        xor.b16 h, $2, 0x8888;
+        cvt.u32.u16 t, h;
+        prmt.b32 a, t, 0, 0x4140;
+        shr.b32 c, a, 4;
+        lop3.b32 $0, a, 0x000F000F, 0x43004300, 0xea;
+        lop3.b32 $1, c, 0x000F000F, 0x43004300, 0xea;
+        }""",
+        "=r,=r,h",
+        [b],
+        dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True,
+        pack=2,
+    )
+
+
+@triton.jit
+def _nibbles_136(b, ASM: tl.constexpr):
+    """(low, high) nibbles of the uint8 ``b`` as bf16 ``136 + code``: by the PTX on the
+    GPU; under the interpreter (no inline assembly) by integer ops — the same values,
+    exact in bf16."""
+    if ASM:
+        return _decode_pair(b)
+    v = b.to(tl.int32)
+    lo = (((v & 15) ^ 8) + 128).to(tl.float32)
+    hi = ((((v >> 4) & 15) ^ 8) + 128).to(tl.float32)
+    return lo.to(tl.bfloat16), hi.to(tl.bfloat16)
+
+
+@triton.jit
+def _w4a16_packed_kernel(
+    xh_ptr,
+    xs_ptr,
+    q_ptr,
+    sc_ptr,
+    ts_ptr,
+    lora_ptr,
+    lu_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    KP,
+    R,
+    S,
+    k_per_split,
+    stride_qn,
+    stride_sn,
+    stride_ls,
+    stride_lm,
+    stride_un,
+    stride_om,
+    ATOMIC: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    FP32_PREC: tl.constexpr,
+    ASM: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """int4 weights, up to 16 tokens, on the tensor cores with a packed decode: per group
+    of 64 columns, ``Σ (136 + code) · (hi + lo)`` as four MMAs (low nibbles against x̂'s
+    even columns, high against the odd, each against x̂'s bf16 hi and lo parts), minus
+    ``136 · Σ (hi + lo)`` (``_store_packed``), times the group scale."""
+    HK: tl.constexpr = 32  # bytes of a row per step: one group
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_c = tl.minimum(rows, N - 1)  # unmasked loads, as in the other kernels
+    j = tl.arange(0, HK)
+    t = tl.arange(0, 16)
+    plane = (KP // 2) * 16
+    q_rows = q_ptr + rows_c[:, None] * stride_qn + j[None, :]
+    x_cols = xh_ptr + j[:, None] * 16 + t[None, :]
+    acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    if PDL:  # nothing read or written yet
+        gdc_wait()
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, KP), 64):
+        lo, hi = _nibbles_136(tl.load(q_rows + k0 // 2), ASM)
+        xo = (k0 // 2) * 16
+        part = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        part = _mma(lo, tl.load(x_cols + xo), part, DOT_FP32)
+        part = _mma(hi, tl.load(x_cols + plane + xo), part, DOT_FP32)
+        part = _mma(lo, tl.load(x_cols + 2 * plane + xo), part, DOT_FP32)
+        part = _mma(hi, tl.load(x_cols + 3 * plane + xo), part, DOT_FP32)
+        sg = tl.load(sc_ptr + rows_c * stride_sn + k0 // 64).to(tl.float32)
+        offset = tl.load(xs_ptr + (k0 // 64) * 16 + t)
+        acc += (part - offset[None, :]) * sg[:, None]
+    _epilogue(
+        acc, rows, t, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr, bias_ptr, out_ptr,
+        stride_ls, stride_lm, stride_un, stride_om, ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16,
+        FP32_PREC, 1,
+    )  # fmt: skip
+
+
 def w4a16_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -459,13 +604,14 @@ def w4a16_linear(
     if m == 0 or n == 0:
         return x.new_empty(m, n)
     fma = m <= FMA_MAX_M
+    packed = PACKED_MMA and not fma and fmt == "int4"
     # every copy the GEMV's operands need is made before the prep kernel, so that the
     # prep kernel is the GEMV's immediate predecessor (its programmatic dependency)
     qweight, wscales, wtensor_scale, lowrank_up = _operands(
         qweight, wscales, wtensor_scale, lowrank_up, fma
     )
     pdl = _pdl(x.device)
-    xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=fma, pdl=pdl)
+    xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=fma, pdl=pdl, packed=packed)
     return gemv(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, fmt, x.dtype, pdl=pdl)
 
 
@@ -480,6 +626,16 @@ def _operands(qweight, wscales, wtensor_scale, lowrank_up, fma: bool):
     return qweight, wscales, wtensor_scale.float().reshape(1), lowrank_up.contiguous()
 
 
+@dataclass
+class PackedX:
+    """x̂ for the packed tensor-core kernel (``prep(..., packed=True)``): bf16 ``planes``
+    [4, kp/2, 16] (x̂'s hi part at even and odd columns, then its lo part; 16 token slots,
+    zero past M) and ``sums`` fp32 [kp/64, 16] (``136 · Σ (hi + lo)`` per group)."""
+
+    planes: torch.Tensor
+    sums: torch.Tensor
+
+
 def prep(
     x: torch.Tensor,
     smooth: torch.Tensor,
@@ -488,13 +644,15 @@ def prep(
     fmt: str,
     fma: bool,
     pdl: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    packed: bool = False,
+) -> tuple[torch.Tensor | PackedX, torch.Tensor]:
     """x̂ = x · (1/s) as [M, planes, kp/planes] fp32 (plane p: the columns ≡ p mod planes;
     8 for the FMA kernel — for int4 weights each plane scaled by the power of two its
     shift-free decode needs — 2, even and odd, for the tensor-core kernel) and the
     low-rank down projection's partial sums [chunks, M, r] (one per ``LORA_CHUNK``
     columns). ``gemv`` takes both; ``pdl``: the next kernel is launched as this one's
-    programmatic dependent (``gemv(..., pdl=True)``)."""
+    programmatic dependent (``gemv(..., pdl=True)``); ``packed``: x̂ as ``PackedX``, for
+    the packed tensor-core kernel (int4, kp a multiple of 64)."""
     planes = 8 if fma else 2
     m, k = x.shape
     if x.stride(-1) != 1:
@@ -503,19 +661,24 @@ def prep(
     lowrank_down = lowrank_down.contiguous()
     r = lowrank_down.shape[0]
     chunks = triton.cdiv(kp, LORA_CHUNK)
-    xh = torch.empty(m, planes, kp // planes, dtype=torch.float32, device=x.device)
     lora = torch.empty(chunks, m, max(r, 1), dtype=torch.float32, device=x.device)
+    if packed:
+        xh = torch.empty(4, kp // 2, 16, dtype=torch.bfloat16, device=x.device)
+        sums = torch.empty(kp // 64, 16, dtype=torch.float32, device=x.device)
+    else:
+        xh = torch.empty(m, planes, kp // planes, dtype=torch.float32, device=x.device)
+        sums = lora  # never written
     _prep_kernel[(chunks,)](
-        x, smooth, lowrank_down, xh, lora, m, k, kp, r,
+        x, smooth, lowrank_down, xh, lora, sums, m, k, kp, r,
         x.stride(0), lowrank_down.stride(0), xh.stride(0), lora.stride(0), lora.stride(1),
         CHUNK=LORA_CHUNK, PLANES=planes, PRESCALE=fma and fmt == "int4", PDL=pdl,
-        num_warps=4,
+        PACKED=packed, INTERPRET=interpreting(), num_warps=4,
     )  # fmt: skip
-    return xh, lora[..., :r]
+    return (PackedX(xh, sums) if packed else xh), lora[..., :r]
 
 
 def gemv(
-    xh: torch.Tensor,
+    xh: torch.Tensor | PackedX,
     lora: torch.Tensor,
     qweight: torch.Tensor,
     wscales: torch.Tensor,
@@ -530,6 +693,9 @@ def gemv(
     as the previous kernel's programmatic dependent — only when that kernel is the prep
     (or a fill after it) and wrote none of the weights (``w4a16_linear`` arranges both)."""
     f = formats.get_format(fmt)
+    if isinstance(xh, PackedX):
+        return _gemv_packed(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias,
+                            out_dtype, pdl)  # fmt: skip
     m, kp = xh.shape[0], xh.shape[1] * xh.shape[2]
     r, chunks = lora.shape[2], lora.shape[0]
     fma = xh.shape[1] == 8
@@ -586,4 +752,34 @@ def gemv(
         )
     else:
         _w4a16_mma_kernel[(n_blocks, split)](*common, DOT_FP32=interpreting(), **flags)
+    return out if split == 1 else out.to(out_dtype)
+
+
+def _gemv_packed(
+    xh: PackedX, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, out_dtype, pdl
+) -> torch.Tensor:
+    """``gemv`` on the packed tensor-core kernel (int4)."""
+    qweight, wscales, wtensor_scale, lowrank_up = _operands(
+        qweight, wscales, wtensor_scale, lowrank_up, fma=False
+    )
+    n, kp = qweight.shape[0], qweight.shape[1] * 2
+    chunks, m, r = lora.shape
+    block_n, _, warps = TILES["mma"]
+    n_blocks = triton.cdiv(n, block_n)
+    steps = kp // 64
+    split = max(1, min(steps, PROGRAMS_PER_SM * num_sms(qweight.device, cpu=4) // n_blocks))
+    kps = triton.cdiv(steps, split) * 64
+    split = triton.cdiv(kp, kps)
+    dtype = torch.float32 if split > 1 else out_dtype
+    out = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=dtype, device=qweight.device)
+    _w4a16_packed_kernel[(n_blocks, split)](
+        xh.planes, xh.sums, qweight, wscales, wtensor_scale, lora, lowrank_up,
+        bias if bias is not None else out, out, m, n, kp, r, chunks, kps,
+        qweight.stride(0), wscales.stride(0), lora.stride(0), lora.stride(1),
+        lowrank_up.stride(0) if r else 0, out.stride(0),
+        ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None,
+        ROUND_BF16=needs_bf16_rounding(out_dtype), FP32_PREC=dot_precision(),
+        ASM=not interpreting(), DOT_FP32=interpreting(), BLOCK_N=block_n, PDL=pdl,
+        num_warps=warps, **({"launch_pdl": True} if pdl else {}),
+    )  # fmt: skip
     return out if split == 1 else out.to(out_dtype)
