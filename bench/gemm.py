@@ -435,6 +435,26 @@ def kernel_stats() -> dict:
     return out
 
 
+def run_info() -> dict:
+    """The head of every result JSON: device, date, commit, versions."""
+    return {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_result(result: dict, out: str, stem: str) -> Path:
+    """``result`` as ``<out>/<stem>-<date>.json``; returns the path."""
+    path = Path(out) / f"{stem}-{datetime.date.today().isoformat()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return path
+
+
 def _commit() -> str:
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
@@ -476,12 +496,7 @@ def main() -> None:
         else [row for n, k in ((3072, 3072), (12288, 3072)) for row in bench_lora_ranks(4096, n, k)]
     )
     result = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
+        **run_info(),
         "copy_gbs": copy_gbs,
         "rank": RANK,
         "layers": rows,
@@ -491,10 +506,7 @@ def main() -> None:
         "sweep": tiles,
         "kernels": kernel_stats(),
     }
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"gemm-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=1))
+    path = write_result(result, a.out, "gemm")
     print(f"\n{result['device']}  torch {torch.__version__}  triton {triton.__version__}  "
           f"copy {copy_gbs:.0f} GB/s  -> {path}")  # fmt: skip
     print("ratios = BF16 time / ours; quantize in % of copy bandwidth; G = in a CUDA graph; "

@@ -14,8 +14,6 @@ without PDL give the same bits. For NOTES.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gemm import Layer, _commit, bench_graph, copy_bandwidth
+from gemm import Layer, bench_graph, copy_bandwidth, run_info, write_result
 
 from svdquant.kernels import gemv as gemv_mod
 from svdquant.kernels import reference as ref
@@ -91,19 +89,13 @@ def main() -> None:
     layer = Layer(N, K)
     rows = [probe(m, layer, copy_gbs) for m in (1, 2, 4)]
     result = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "torch": torch.__version__,
+        **run_info(),
         "copy_gbs": copy_gbs,
         "tiles": dict(gemv_mod.TILES),
         "fma_max_m": gemv_mod.FMA_MAX_M,
         "rows": rows,
     }
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"probe_gemv-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=1))
+    path = write_result(result, a.out, "probe_gemv")
     print(f"{result['device']}  copy {copy_gbs:.0f} GB/s  -> {path}")
     cols = ("M", "path", "bf16_us", "full_pdl1_us", "full_pdl0_us", "prep_us", "gemv_us",
             "gemv_nolr_us", "gemv_nolr_pct_copy", "x_pdl", "pdl_same_bits", "rel_err")  # fmt: skip

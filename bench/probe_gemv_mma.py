@@ -16,7 +16,6 @@ against ``reference.w4a16_linear_ref``; and BF16 ``F.linear`` of the same run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -24,10 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gemm import Layer, _commit, bench_graph
+from gemm import Layer, bench_graph, run_info, write_result
 
 from svdquant.kernels import gemv as gemv_mod
 from svdquant.kernels import reference as ref
@@ -70,18 +68,11 @@ def main() -> None:
         print(json.dumps({c: round(v, 4) if isinstance(v, float) else v
                           for c, v in rows[-1].items()}), flush=True)  # fmt: skip
     result = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+        **run_info(),
         "tiles": dict(gemv_mod.TILES),
         "rows": rows,
     }
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"probe_gemv_mma-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=1))
+    path = write_result(result, a.out, "probe_gemv_mma")
     print(f"-> {path}")
 
 
