@@ -711,6 +711,27 @@ def test_quantize_and_widen_is_the_two_ops(monkeypatch, fmt):
         assert torch.equal(got[2].view(torch.uint8), wq.view(torch.uint8))
 
 
+def test_quantize_and_widen_refuses_bad_input():
+    """The combined op says what is wrong (as the quantize does) and leaves its inputs as
+    they were: an activation format the engine does not quantize, a smoothing vector of
+    the wrong length."""
+    _, layer, calib = _layer("int4", "int4", k=128, n=48)
+    x = calib[:5]
+    s = ref.act_scale_from_amax(layer.act_amax)
+    w = (layer.qweight, layer.wscales, layer.wtensor_scale)
+    before = [t.clone() for t in (x, layer.smooth, *w)]
+    with pytest.raises(ValueError, match="int4 or fp8"):
+        torch.ops.svdquant.quantize_and_widen(
+            x, layer.smooth, layer.lowrank_down, s, 128, "nvfp4", *w, "int4"
+        )
+    with pytest.raises(ValueError, match="smooth has 127 entries"):
+        torch.ops.svdquant.quantize_and_widen(
+            x, layer.smooth[:127], layer.lowrank_down, s, 128, "int4", *w, "int4"
+        )
+    after = (x, layer.smooth, *w)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
 @pytest.mark.parametrize("act_fmt", ["int4", "none"])
 def test_compile_fullgraph_matches_eager(act_fmt):
     """torch.compile(fullgraph=True): the custom ops trace with no graph break."""

@@ -713,15 +713,7 @@ def gemv(
         block_n, block_k, warps = TILES["mma"]
         block_k = f.group_size if f.name == "int4" else max(32, block_k)
     n_blocks = triton.cdiv(n, block_n)
-    steps = triton.cdiv(kp, block_k)
-    # Split K only as far as needed to give the GPU enough programs.
-    split = max(1, min(steps, PROGRAMS_PER_SM * num_sms(xh.device, cpu=4) // n_blocks))
-    kps = triton.cdiv(steps, split) * block_k
-    split = triton.cdiv(kp, kps)
-    if split > 1:
-        out = torch.zeros(m, n, dtype=torch.float32, device=xh.device)
-    else:
-        out = torch.empty(m, n, dtype=out_dtype, device=xh.device)
+    split, kps, out = _split_k(m, n, kp, block_k, n_blocks, out_dtype, qweight.device)
     kdim, kstep = (kp // 8, kps // 8) if fma else (kp, kps)  # the FMA kernel counts words
     common = (
         xh, qweight, wscales, wtensor_scale, lora, lowrank_up,
@@ -755,6 +747,18 @@ def gemv(
     return out if split == 1 else out.to(out_dtype)
 
 
+def _split_k(m, n, kp, block_k, n_blocks, out_dtype, device):
+    """(K splits, columns per split, output buffer): K is split only as far as needed to
+    give the GPU enough programs; split partial sums meet in a zeroed fp32 buffer."""
+    steps = triton.cdiv(kp, block_k)
+    split = max(1, min(steps, PROGRAMS_PER_SM * num_sms(device, cpu=4) // n_blocks))
+    kps = triton.cdiv(steps, split) * block_k
+    split = triton.cdiv(kp, kps)
+    if split > 1:
+        return split, kps, torch.zeros(m, n, dtype=torch.float32, device=device)
+    return split, kps, torch.empty(m, n, dtype=out_dtype, device=device)
+
+
 def _gemv_packed(
     xh: PackedX, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, out_dtype, pdl
 ) -> torch.Tensor:
@@ -766,12 +770,7 @@ def _gemv_packed(
     chunks, m, r = lora.shape
     block_n, _, warps = TILES["mma"]
     n_blocks = triton.cdiv(n, block_n)
-    steps = kp // 64
-    split = max(1, min(steps, PROGRAMS_PER_SM * num_sms(qweight.device, cpu=4) // n_blocks))
-    kps = triton.cdiv(steps, split) * 64
-    split = triton.cdiv(kp, kps)
-    dtype = torch.float32 if split > 1 else out_dtype
-    out = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=dtype, device=qweight.device)
+    split, kps, out = _split_k(m, n, kp, 64, n_blocks, out_dtype, qweight.device)
     _w4a16_packed_kernel[(n_blocks, split)](
         xh.planes, xh.sums, qweight, wscales, wtensor_scale, lora, lowrank_up,
         bias if bias is not None else out, out, m, n, kp, r, chunks, kps,
