@@ -25,6 +25,7 @@ from svdquant import formats  # noqa: E402
 from svdquant.kernels import reference as ref  # noqa: E402
 from svdquant.kernels._triton_common import round_bf16, round_e4m3  # noqa: E402
 from svdquant.kernels.gemm import (  # noqa: E402
+    PackedWeight,
     fp8_gemm,
     fp8_gemm_quantize_next,
     fp8_gemm_split,
@@ -342,6 +343,70 @@ def test_fp8_gemm_quantize_next_matches_reference(m, n, activation, act_fmt2):
     assert rel_err(lora2, lora2_ref) < 1e-3
 
 
+@pytest.fixture(params=["decode", "widen"])
+def weight_path(request, monkeypatch):
+    """Run a layer test both ways the engine reads a weight: decoded in the GEMM (few
+    rows, ``ops.DECODE_MAX_M``) and widened by its own pass."""
+    limit = 1 << 30 if request.param == "decode" else 0
+    monkeypatch.setattr(svdquant.kernels.ops, "DECODE_MAX_M", limit)
+    return request.param
+
+
+def _decode_case(m: int, n: int, k: int, fmt: str, seed: int):
+    """GEMM arguments with a real stored weight: (xq, packed weight, widened weight and
+    s_channel, the rest of ``fp8_gemm``'s arguments)."""
+    q = _weight(n, k, fmt, seed)
+    kp = q.packed.shape[1] * 2
+    xq, _, _, act_scale, lora, up, b, dtype = _gemm_args(m, n, kp, seed)
+    packed = PackedWeight(q.packed, q.scales, q.tensor_scale, fmt)
+    wq, s_ch = widen_weight(q.packed, q.scales, q.tensor_scale, fmt)
+    return xq, packed, (wq, s_ch), (act_scale, lora, up, b, dtype)
+
+
+def _same_or_close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit under the interpreter (one tile); on the GPU the two kernels' own
+    autotuned tiles may sum in another order."""
+    return torch.equal(a, b) if DEVICE == "cpu" else rel_err(a, b) <= TOL
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 33, 64), (3, 70, 333), (257, 130, 200)])
+def test_decoding_gemm_is_widen_then_gemm(fmt, m, n, k):
+    """``PackedWeight``: the GEMM decodes the stored weight in its K loop into the very
+    fp8 operand ``widen_weight`` writes — same result, K not a multiple of the tile,
+    N not of the tile, one token."""
+    xq, packed, widened, rest = _decode_case(m, n, k, fmt, m + n)
+    y = fp8_gemm(xq, packed, None, *rest)
+    assert y.shape == (m, n)
+    assert _same_or_close(y, fp8_gemm(xq, *widened, *rest))
+
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_decoding_gemm_in_every_mode(monkeypatch, tail):
+    """The split output, the next-layer quantize and the split-K tail read the decoded
+    weight as they read the widened one."""
+    from svdquant.kernels import gemm
+
+    monkeypatch.setattr(gemm, "TAIL_SPLIT", tail)
+    m, n, k = 20, 512, 200
+    xq, packed, widened, rest = _decode_case(m, n, k, "int4", 5)
+    down2, _ = _lowrank(8, n, 6, torch.bfloat16)
+    nxt = ("gelu_tanh", _smooth(n), down2, torch.tensor(0.01, device=DEVICE), n, "int4")
+    flat_d = fp8_gemm_split(xq, packed, None, *rest, [256, 256])
+    flat_w = fp8_gemm_split(xq, *widened, *rest, [256, 256])
+    assert _same_or_close(flat_d, flat_w)
+    qd, ld = fp8_gemm_quantize_next(xq, packed, None, *rest, *nxt)
+    qw, lw = fp8_gemm_quantize_next(xq, *widened, *rest, *nxt)
+    assert (qd.float() != qw.float()).float().mean().item() < (1e-9 if DEVICE == "cpu" else 0.01)
+    assert rel_err(ld, lw) < 1e-3
+
+
+def test_decoding_gemm_refuses_a_weight_of_another_width():
+    xq, packed, _, rest = _decode_case(3, 40, 128, "int4", 0)
+    with pytest.raises(ValueError, match="columns"):
+        fp8_gemm(xq[:, :64], packed, None, *rest)
+
+
 @pytest.mark.parametrize(("m", "n", "k"), [(100, 200, 333), (20, 60, 200), (70, 512, 96)])
 def test_fp8_gemm_split_k_tail_matches_whole_tiles(monkeypatch, m, n, k):
     """``gemm.TAIL_SPLIT``: the tiles past the last whole wave run as K slices whose fp32
@@ -482,6 +547,86 @@ def test_w4a16_packed_kernel_matches_reference(monkeypatch, m, n, k, r):
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
+@pytest.mark.parametrize("m", [2, 5, 16])
+@pytest.mark.parametrize(
+    ("tile", "n", "k", "r"),
+    [
+        ((64, 2, 4), 45, 1024, 3),  # 16 groups, steps of 2: K split into whole steps
+        ((32, 4, 4), 45, 1024, 3),  # steps of 4, 2 row blocks: 4 splits of 1 step
+        ((32, 2, 4), 130, 333, 0),  # K padded to 384: 6 groups, 3 steps of 2
+        ((64, 4, 4), 130, 333, 0),  # 6 groups: not whole steps of 4, so steps of 3
+        ((32, 4, 4), 70, 640, 5),  # 10 groups: steps of 2 (not 4), K split
+        ((64, 4, 8), 20, 448, 2),  # 7 groups (prime): one group a step
+    ],
+)
+def test_w4a16_packed_kernel_over_tiles(monkeypatch, m, tile, n, k, r):
+    """The packed kernel over ``TILES["packed"]``: BLOCK_N 32 and 64, 2 and 4 groups a
+    step (fewer where KP is not whole steps), with and without K splits."""
+    from svdquant.kernels import gemv
+
+    monkeypatch.setattr(gemv, "PACKED_MMA", True)
+    monkeypatch.setattr(gemv, "FMA_MAX_M", 1)
+    monkeypatch.setitem(gemv.TILES, "packed", tile)
+    x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=8)
+    assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
+def test_packed_groups_per_step_fallback():
+    """The packed launcher's groups per step: the most, up to the tile's, that divide
+    KP / 64 (so that KP and every K split are whole steps)."""
+    from svdquant.kernels import gemv
+
+    assert [gemv._groups_per_step(kp, 4) for kp in (64, 128, 192, 256, 384, 640, 1024)] == [
+        1, 2, 3, 4, 3, 2, 4
+    ]  # fmt: skip
+    assert gemv._groups_per_step(4544, 4) == 1  # 71 groups
+    assert gemv._groups_per_step(3072, 2) == 2
+    assert gemv._groups_per_step(3072, 0) == 1
+
+
+@pytest.mark.parametrize("m", [5])
+def test_w4a16_packed_kernel_groups_per_step_same_numbers(monkeypatch, m):
+    """More groups a step changes the loop, not the arithmetic: the groups are added in
+    the same order, so without a K split (n = 512: 16 row blocks of 32, enough programs
+    for the interpreter's 4 "SMs") the result is the same for 1, 2 and 4 groups a step —
+    bit for bit under the interpreter."""
+    from svdquant.kernels import gemv
+
+    monkeypatch.setattr(gemv, "PACKED_MMA", True)
+    monkeypatch.setattr(gemv, "FMA_MAX_M", 1)
+    x, args = _w4a16_case(m, 512, 512, 3, "int4", torch.bfloat16, bias_seed=8)
+    ys = []
+    for gps in (1, 2, 4):
+        monkeypatch.setitem(gemv.TILES, "packed", (32, gps, 4))
+        ys.append(w4a16_linear(x, *args))
+    assert rel_err(ys[0], ref.w4a16_linear_ref(x, *args)) <= TOL
+    for y in ys[1:]:
+        if DEVICE == "cpu":
+            assert torch.equal(y, ys[0])
+        else:
+            assert rel_err(y, ys[0]) <= 1e-6
+
+
+@pytest.mark.parametrize("tile", [(32, 1, 4), (32, 2, 4), (64, 4, 4)])
+def test_w4a16_packed_kernel_empty_split(monkeypatch, tile):
+    """A K split whose range is empty (one more split than ``_split_k`` plans: its
+    programs start past KP) adds nothing — its first-step loads stay inside the weight."""
+    from svdquant.kernels import gemv
+
+    plan = gemv._split_k
+
+    def one_more(m, n, kp, block_k, n_blocks, out_dtype, device):
+        split, kps, _ = plan(m, n, kp, block_k, n_blocks, out_dtype, device)
+        return split + 1, kps, torch.zeros(m, n, dtype=torch.float32, device=device)
+
+    monkeypatch.setattr(gemv, "PACKED_MMA", True)
+    monkeypatch.setattr(gemv, "FMA_MAX_M", 1)
+    monkeypatch.setattr(gemv, "_split_k", one_more)
+    monkeypatch.setitem(gemv.TILES, "packed", tile)
+    x, args = _w4a16_case(5, 45, 1024, 3, "int4", torch.bfloat16, bias_seed=8)
+    assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
 # --- the layer ------------------------------------------------------------------------
 
 
@@ -499,7 +644,7 @@ ENGINE_CASES = [("int4", "int4"), ("int4", "fp8"), ("nvfp4", "int4"), ("nvfp4", 
 
 
 @pytest.mark.parametrize("sizes", [[256, 256, 512], [40, 40, 16]])
-def test_forward_split_gives_contiguous_parts(sizes):
+def test_forward_split_gives_contiguous_parts(sizes, weight_path):
     """``SVDQLinear.forward_split`` (fused projections): each part equals the layer's
     output columns and is contiguous — written by the GEMM directly when the bounds are
     multiples of 256, split and copied otherwise."""
@@ -541,7 +686,7 @@ def test_fused_layer_equals_its_parts(act_fmt):
 
 @pytest.mark.parametrize(("fmt", "act_fmt"), ENGINE_CASES)
 @pytest.mark.parametrize("m", [3, 257])
-def test_layer_triton_matches_engine_reference(fmt, act_fmt, m):
+def test_layer_triton_matches_engine_reference(fmt, act_fmt, m, weight_path):
     """backend="triton" computes exactly what ``svdq_linear_fp8_ref`` emulates."""
     _, layer, calib = _layer(fmt, act_fmt)
     x = calib[:m].reshape(1, m, -1)
@@ -583,7 +728,7 @@ def test_layer_triton_vs_reference_backend(fmt, act_fmt):
 
 
 @pytest.mark.parametrize("act_fmt", ["int4", "fp8"])
-def test_fused_mlp_matches_unfused(act_fmt):
+def test_fused_mlp_matches_unfused(act_fmt, weight_path):
     """svdq_mlp_triton = fc2(gelu_tanh(fc1(x))) on the engine, without the 16-bit middle."""
     g = _gen(11)
     fc1 = torch.nn.Linear(96, 192).to(DEVICE, torch.bfloat16)
@@ -659,6 +804,8 @@ def test_custom_ops_opcheck():
     xq, lora = quantize_act(x, layer.smooth, layer.lowrank_down, s, 128, "int4")
     wq, s_ch = widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, "int4")
     w = (layer.qweight, layer.wscales, layer.wtensor_scale)
+    nxt = (layer.lowrank_up, layer.bias, x.dtype, "gelu_tanh", _smooth(48),
+           layer.lowrank_down[:, :48], s, 64, "int4")  # fmt: skip
     cases = [
         (ops.quantize_act.default, (x, layer.smooth, layer.lowrank_down, s, 128, "int4")),
         (ops.widen_weight.default, (*w, "int4")),
@@ -667,6 +814,8 @@ def test_custom_ops_opcheck():
             (x, layer.smooth, layer.lowrank_down, s, 128, "int4", *w, "int4"),
         ),
         (ops.fp8_gemm.default, (xq, wq, s_ch, s, lora, layer.lowrank_up, layer.bias, x.dtype)),
+        (ops.w4_gemm.default, (xq, *w, "int4", s, lora, layer.lowrank_up, None, x.dtype, [])),
+        (ops.w4_gemm_quantize_next.default, (xq, *w, "int4", s, lora, *nxt)),
         (
             ops.w4a16_linear.default,
             (x[:2], *w, layer.smooth, layer.lowrank_down, layer.lowrank_up, layer.bias, "int4"),
@@ -768,6 +917,19 @@ def test_gpu_layer_pipeline_matches_reference(m, n, k, fmt, act_fmt):
     assert fp8_close(wq, wq_ref) and torch.allclose(s_ch, s_ref, rtol=1e-6, atol=0)
     y = fp8_gemm(xq, wq, s_ch, act_scale, lora, up, b, dtype)
     assert rel_err(y, ref.fp8_gemm_ref(xq, wq, s_ch, act_scale, lora, up, b, dtype)) <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 257, 512, 1024])
+@pytest.mark.parametrize(("n", "k"), [(130, 333), (3072, 3072), (3072, 12288), (12288, 3072)])
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_gpu_decoding_gemm_matches_widen_then_gemm(m, n, k, fmt):
+    """The GEMM that decodes the stored weight (the engine's path at few rows) against
+    the widen + GEMM, at FLUX's shapes and odd ones, on the GPU's own tiles."""
+    xq, packed, widened, rest = _decode_case(m, n, k, fmt, m + k)
+    y = fp8_gemm(xq, packed, None, *rest)
+    assert rel_err(y, fp8_gemm(xq, *widened, *rest)) <= TOL
+    assert rel_err(y, ref.fp8_gemm_ref(xq, *widened, *rest)) <= TOL
 
 
 @pytest.mark.gpu
