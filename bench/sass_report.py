@@ -255,9 +255,7 @@ def _gemv_mma() -> dict[str, Any]:
     return dict(kernel=g._w4a16_mma_kernel, warps=warps, **d)
 
 
-def _gemm(
-    split: bool, tail: bool = False, next_int4: bool = False, decode: bool = False
-) -> dict[str, Any]:
+def _gemm(split: bool, tail: bool = False, next_int4: bool = False) -> dict[str, Any]:
     from triton.runtime import JITFunction
 
     from svdquant.kernels import gemm as g
@@ -283,8 +281,6 @@ def _gemm(
             lora2_ptr="*fp32",
             ws_ptr="*fp32",
             cnt_ptr="*i32",
-            wsc_ptr="*fp16",
-            wts_ptr="*fp32",
         ),
         ints=dict(
             M=4608,
@@ -306,8 +302,6 @@ def _gemm(
             B2=6144,
             B3=9216,
             NUM_SMS=132,
-            G=48,
-            stride_wsn=48,
         ),
         consts=dict(
             HAS_LORA=True,
@@ -321,13 +315,8 @@ def _gemm(
             NEXT_INT4=next_int4,
             BLOCK_R2=32 if next_int4 else 16,
             TAIL=tail,
-            DECODE=decode,
-            NVFP4=False,
-            GROUP=64,
-            QMAX=7.0,
-            BLOCK_G=64,
             BLOCK_M=128,
-            BLOCK_N=128 if decode else 256,
+            BLOCK_N=256,
             BLOCK_K=128,
             GROUP_M=8,
         ),
@@ -351,15 +340,6 @@ def _gemm_tail() -> dict[str, Any]:
 def _gemm_next() -> dict[str, Any]:
     """fc1 of the fused MLP: GELU, the int4 quantize of fc2's input, its low-rank share."""
     return _gemm(split=False, next_int4=True)
-
-
-@_spec("gemm_decode")
-def _gemm_decode() -> dict[str, Any]:
-    """The plain GEMM decoding the stored int4 weight in its K loop (no widen pass)."""
-    d = _gemm(split=False, decode=True)
-    d["ptrs"]["b_ptr"] = "*u8"
-    d["ints"] |= dict(M=512, N=12288, stride_bn=1536, stride_cm=12288)
-    return d
 
 
 @_spec("gemm_split")

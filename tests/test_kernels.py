@@ -25,7 +25,6 @@ from svdquant import formats  # noqa: E402
 from svdquant.kernels import reference as ref  # noqa: E402
 from svdquant.kernels._triton_common import round_bf16, round_e4m3  # noqa: E402
 from svdquant.kernels.gemm import (  # noqa: E402
-    PackedWeight,
     fp8_gemm,
     fp8_gemm_quantize_next,
     fp8_gemm_split,
@@ -343,70 +342,6 @@ def test_fp8_gemm_quantize_next_matches_reference(m, n, activation, act_fmt2):
     assert rel_err(lora2, lora2_ref) < 1e-3
 
 
-@pytest.fixture(params=["decode", "widen"])
-def weight_path(request, monkeypatch):
-    """Run a layer test both ways the engine reads a weight: decoded in the GEMM (few
-    rows, ``ops.DECODE_MAX_M``) and widened by its own pass."""
-    limit = 1 << 30 if request.param == "decode" else 0
-    monkeypatch.setattr(svdquant.kernels.ops, "DECODE_MAX_M", limit)
-    return request.param
-
-
-def _decode_case(m: int, n: int, k: int, fmt: str, seed: int):
-    """GEMM arguments with a real stored weight: (xq, packed weight, widened weight and
-    s_channel, the rest of ``fp8_gemm``'s arguments)."""
-    q = _weight(n, k, fmt, seed)
-    kp = q.packed.shape[1] * 2
-    xq, _, _, act_scale, lora, up, b, dtype = _gemm_args(m, n, kp, seed)
-    packed = PackedWeight(q.packed, q.scales, q.tensor_scale, fmt)
-    wq, s_ch = widen_weight(q.packed, q.scales, q.tensor_scale, fmt)
-    return xq, packed, (wq, s_ch), (act_scale, lora, up, b, dtype)
-
-
-def _same_or_close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit for bit under the interpreter (one tile); on the GPU the two kernels' own
-    autotuned tiles may sum in another order."""
-    return torch.equal(a, b) if DEVICE == "cpu" else rel_err(a, b) <= TOL
-
-
-@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 33, 64), (3, 70, 333), (257, 130, 200)])
-def test_decoding_gemm_is_widen_then_gemm(fmt, m, n, k):
-    """``PackedWeight``: the GEMM decodes the stored weight in its K loop into the very
-    fp8 operand ``widen_weight`` writes — same result, K not a multiple of the tile,
-    N not of the tile, one token."""
-    xq, packed, widened, rest = _decode_case(m, n, k, fmt, m + n)
-    y = fp8_gemm(xq, packed, None, *rest)
-    assert y.shape == (m, n)
-    assert _same_or_close(y, fp8_gemm(xq, *widened, *rest))
-
-
-@pytest.mark.parametrize("tail", [False, True])
-def test_decoding_gemm_in_every_mode(monkeypatch, tail):
-    """The split output, the next-layer quantize and the split-K tail read the decoded
-    weight as they read the widened one."""
-    from svdquant.kernels import gemm
-
-    monkeypatch.setattr(gemm, "TAIL_SPLIT", tail)
-    m, n, k = 20, 512, 200
-    xq, packed, widened, rest = _decode_case(m, n, k, "int4", 5)
-    down2, _ = _lowrank(8, n, 6, torch.bfloat16)
-    nxt = ("gelu_tanh", _smooth(n), down2, torch.tensor(0.01, device=DEVICE), n, "int4")
-    flat_d = fp8_gemm_split(xq, packed, None, *rest, [256, 256])
-    flat_w = fp8_gemm_split(xq, *widened, *rest, [256, 256])
-    assert _same_or_close(flat_d, flat_w)
-    qd, ld = fp8_gemm_quantize_next(xq, packed, None, *rest, *nxt)
-    qw, lw = fp8_gemm_quantize_next(xq, *widened, *rest, *nxt)
-    assert (qd.float() != qw.float()).float().mean().item() < (1e-9 if DEVICE == "cpu" else 0.01)
-    assert rel_err(ld, lw) < 1e-3
-
-
-def test_decoding_gemm_refuses_a_weight_of_another_width():
-    xq, packed, _, rest = _decode_case(3, 40, 128, "int4", 0)
-    with pytest.raises(ValueError, match="columns"):
-        fp8_gemm(xq[:, :64], packed, None, *rest)
-
-
 @pytest.mark.parametrize(("m", "n", "k"), [(100, 200, 333), (20, 60, 200), (70, 512, 96)])
 def test_fp8_gemm_split_k_tail_matches_whole_tiles(monkeypatch, m, n, k):
     """``gemm.TAIL_SPLIT``: the tiles past the last whole wave run as K slices whose fp32
@@ -644,7 +579,7 @@ ENGINE_CASES = [("int4", "int4"), ("int4", "fp8"), ("nvfp4", "int4"), ("nvfp4", 
 
 
 @pytest.mark.parametrize("sizes", [[256, 256, 512], [40, 40, 16]])
-def test_forward_split_gives_contiguous_parts(sizes, weight_path):
+def test_forward_split_gives_contiguous_parts(sizes):
     """``SVDQLinear.forward_split`` (fused projections): each part equals the layer's
     output columns and is contiguous — written by the GEMM directly when the bounds are
     multiples of 256, split and copied otherwise."""
@@ -686,7 +621,7 @@ def test_fused_layer_equals_its_parts(act_fmt):
 
 @pytest.mark.parametrize(("fmt", "act_fmt"), ENGINE_CASES)
 @pytest.mark.parametrize("m", [3, 257])
-def test_layer_triton_matches_engine_reference(fmt, act_fmt, m, weight_path):
+def test_layer_triton_matches_engine_reference(fmt, act_fmt, m):
     """backend="triton" computes exactly what ``svdq_linear_fp8_ref`` emulates."""
     _, layer, calib = _layer(fmt, act_fmt)
     x = calib[:m].reshape(1, m, -1)
@@ -728,7 +663,7 @@ def test_layer_triton_vs_reference_backend(fmt, act_fmt):
 
 
 @pytest.mark.parametrize("act_fmt", ["int4", "fp8"])
-def test_fused_mlp_matches_unfused(act_fmt, weight_path):
+def test_fused_mlp_matches_unfused(act_fmt):
     """svdq_mlp_triton = fc2(gelu_tanh(fc1(x))) on the engine, without the 16-bit middle."""
     g = _gen(11)
     fc1 = torch.nn.Linear(96, 192).to(DEVICE, torch.bfloat16)
@@ -920,19 +855,6 @@ def test_gpu_layer_pipeline_matches_reference(m, n, k, fmt, act_fmt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 257, 512, 1024])
-@pytest.mark.parametrize(("n", "k"), [(130, 333), (3072, 3072), (3072, 12288), (12288, 3072)])
-@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
-def test_gpu_decoding_gemm_matches_widen_then_gemm(m, n, k, fmt):
-    """The GEMM that decodes the stored weight (the engine's path at few rows) against
-    the widen + GEMM, at FLUX's shapes and odd ones, on the GPU's own tiles."""
-    xq, packed, widened, rest = _decode_case(m, n, k, fmt, m + k)
-    y = fp8_gemm(xq, packed, None, *rest)
-    assert rel_err(y, fp8_gemm(xq, *widened, *rest)) <= TOL
-    assert rel_err(y, ref.fp8_gemm_ref(xq, *widened, *rest)) <= TOL
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 4, 16])
 @pytest.mark.parametrize(("n", "k"), [(130, 333), (18432, 3072), (3072, 3072)])
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
@@ -950,6 +872,26 @@ def test_gpu_w4a16_packed_kernel(monkeypatch, m, n, k):
 
     monkeypatch.setattr(gemv, "PACKED_MMA", True)
     monkeypatch.setattr(gemv, "FMA_MAX_M", 1)
+    x, args = _w4a16_case(m, n, k, 32, "int4", torch.bfloat16, bias_seed=9)
+    assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [5, 16])
+@pytest.mark.parametrize(("n", "k"), [(18432, 3072), (130, 333), (300, 4500)])
+@pytest.mark.parametrize(
+    ("tile", "prefetch"),
+    [((32, 2, 4), 1), ((64, 4, 4), 0), ((128, 2, 8), 64), ((256, 4, 8), 1)],
+)
+def test_gpu_w4a16_packed_kernel_over_tiles(monkeypatch, m, n, k, tile, prefetch):
+    """The packed kernel's tiles and L2 prefetch (``PACKED_PREFETCH`` steps; 64: every
+    row's whole K range) on the GPU, with the PTX decode."""
+    from svdquant.kernels import gemv
+
+    monkeypatch.setattr(gemv, "PACKED_MMA", True)
+    monkeypatch.setattr(gemv, "FMA_MAX_M", 1)
+    monkeypatch.setattr(gemv, "PACKED_PREFETCH", prefetch)
+    monkeypatch.setitem(gemv.TILES, "packed", tile)
     x, args = _w4a16_case(m, n, k, 32, "int4", torch.bfloat16, bias_seed=9)
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
 

@@ -164,16 +164,6 @@ def to_e4m3(x, EXACT: tl.constexpr):
 
 
 @triton.jit
-def to_e4m3_finite(x, EXACT: tl.constexpr):
-    """``to_e4m3`` for finite ``x`` only, without its clamp: the hardware conversion
-    saturates finite values at ±448 itself (the clamp decides only what NaN becomes).
-    Two instructions fewer per value where every value is finite — a decoded weight."""
-    if EXACT:
-        return to_e4m3(x, EXACT)
-    return x.to(tl.float8e4nv)
-
-
-@triton.jit
 def fp8_to_f32(x):
     """fp8 E4M3 ``x`` as fp32 with NaN (0x7F/0xFF) kept NaN: under the interpreter, whose
     own conversion turns E4M3's NaN into a finite value."""

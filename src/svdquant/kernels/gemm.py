@@ -13,13 +13,11 @@ Reference: ``reference.fp8_gemm_ref``.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from svdquant import formats
 from svdquant.kernels._triton_common import (
     ACTIVATIONS,
     apply_activation,
@@ -30,18 +28,10 @@ from svdquant.kernels._triton_common import (
     needs_bf16_rounding,
     num_sms,
     round_bf16,
-    to_e4m3_finite,
 )
 from svdquant.kernels.quantize import quantize_tile
-from svdquant.kernels.widen import decode_scaled, row_scale
 
-__all__ = [
-    "PackedWeight",
-    "fp8_gemm",
-    "fp8_gemm_quantize_next",
-    "fp8_gemm_split",
-    "split_supported",
-]
+__all__ = ["fp8_gemm", "fp8_gemm_quantize_next", "fp8_gemm_split", "split_supported"]
 
 
 def _configs() -> list[triton.Config]:
@@ -112,10 +102,6 @@ def _fp8_gemm_kernel(
     ws_ptr,
     cnt_ptr,
     NUM_SMS,
-    wsc_ptr,
-    wts_ptr,
-    G,
-    stride_wsn,
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
@@ -127,19 +113,11 @@ def _fp8_gemm_kernel(
     NEXT_INT4: tl.constexpr,
     BLOCK_R2: tl.constexpr,
     TAIL: tl.constexpr,
-    DECODE: tl.constexpr,
-    NVFP4: tl.constexpr,
-    GROUP: tl.constexpr,
-    QMAX: tl.constexpr,
-    BLOCK_G: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """``DECODE``: ``b_ptr`` is the stored 4-bit weight (packed codes [N, K/2], group
-    scales ``wsc_ptr`` [N, G], tensor scale ``wts_ptr``), decoded tile by tile in the K
-    loop into exactly the fp8 operand ``widen_weight`` would write; ``sch_ptr`` unused."""
     # Grouped tile order: GROUP_M row-tiles share the columns they read from L2.
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -173,48 +151,18 @@ def _fp8_gemm_kernel(
     mmask = rm < M
     nmask = rn < N
     a_ptrs = a_ptr + rm[:, None] * stride_am + (k_lo + rk)[None, :]
+    b_ptrs = b_ptr + rn[None, :] * stride_bn + (k_lo + rk)[:, None]  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if DECODE:
-        # s_channel = c · s_tensor per row, c from the row's group scales as the widen
-        # takes it; the K loop then reads 4-bit codes instead of a widened fp8 weight
-        c = row_scale(wsc_ptr, rn, nmask, G, stride_wsn, QMAX, BLOCK_G)
-        sch = c * tl.load(wts_ptr)
-        inv_c = tl.math.div_rn(1.0, c)
-        HK: tl.constexpr = BLOCK_K // 2
-        NG: tl.constexpr = BLOCK_K // GROUP
-        rh = tl.arange(0, HK)
-        rg = tl.arange(0, NG)
-        q_ptrs = b_ptr + rn[:, None] * stride_bn + (k_lo // 2 + rh)[None, :]  # [BLOCK_N, HK]
-        g_ptrs = wsc_ptr + rn[:, None] * stride_wsn + (k_lo // GROUP + rg)[None, :]
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kmask = (k0 + rk) < K
-            a = tl.load(a_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
-            hmask = (k0 // 2 + rh) < K // 2
-            codes = tl.load(q_ptrs, mask=nmask[:, None] & hmask[None, :], other=0)
-            sg = tl.load(g_ptrs, mask=nmask[:, None] & ((k0 // GROUP + rg) < G)[None, :], other=0.0)
-            w = decode_scaled(codes, sg, NVFP4, GROUP, BLOCK_N, BLOCK_K)
-            w = to_e4m3_finite(w * inv_c[:, None], DOT_FP32)  # [BLOCK_N, BLOCK_K]
-            if DOT_FP32:
-                acc = tl.dot(fp8_to_f32(a), tl.trans(fp8_to_f32(w)), acc, input_precision="ieee")
-            else:  # (yᵀ = w · xᵀ with w as the MMA's register operand: 884 SASS instructions
-                # per step instead of 556 in triton 3.6 — x transposed through shared memory)
-                acc = tl.dot(a, tl.trans(w), acc)
-            a_ptrs += BLOCK_K
-            q_ptrs += HK
-            g_ptrs += NG
-    else:
-        sch = tl.load(sch_ptr + rn, mask=nmask, other=0.0)
-        b_ptrs = b_ptr + rn[None, :] * stride_bn + (k_lo + rk)[:, None]  # [BLOCK_K, BLOCK_N]
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kmask = (k0 + rk) < K
-            a = tl.load(a_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            if DOT_FP32:  # the interpreter: fp8 -> fp32 by hand (its own loses NaN)
-                acc = tl.dot(fp8_to_f32(a), fp8_to_f32(b), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kmask = (k0 + rk) < K
+        a = tl.load(a_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if DOT_FP32:  # the interpreter: fp8 -> fp32 by hand (its own loses NaN)
+            acc = tl.dot(fp8_to_f32(a), fp8_to_f32(b), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
 
     run = True
     if TAIL:
@@ -230,7 +178,7 @@ def _fp8_gemm_kernel(
                 acc = tl.load(ws, cache_modifier=".cg")  # the sum, from L2
     if run:
         _epilogue(
-            acc, rm, rn, mmask, nmask, pid_n, c_ptr, sch, scale_ptr, lora_ptr, lu_ptr,
+            acc, rm, rn, mmask, nmask, pid_n, c_ptr, sch_ptr, scale_ptr, lora_ptr, lu_ptr,
             bias_ptr, M, N, R, stride_cm, stride_lm, stride_un, inv_s2_ptr, ld2_ptr,
             scale2_ptr, xq2_ptr, lora2_ptr, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m,
             B1, B2, B3, HAS_LORA, HAS_BIAS, ROUND_BF16, BLOCK_R, DOT_FP32, NEXT, SPLIT, ACT,
@@ -238,40 +186,9 @@ def _fp8_gemm_kernel(
         )  # fmt: skip
 
 
-def _decode_configs() -> list[triton.Config]:
-    """Tiles for the decoding GEMM (``DECODE``): the decoded [BLOCK_N, BLOCK_K] weight tile
-    lives in registers next to the accumulator, so no 128 x 256 tile."""
-    if interpreting():
-        return _configs()
-    out = []
-    for bm, bn, bk, warps, stages in (
-        (128, 128, 128, 8, 3),
-        (128, 128, 128, 4, 3),
-        (64, 128, 128, 4, 3),
-        (128, 64, 128, 4, 3),
-        (64, 64, 128, 4, 4),
-    ):
-        out.append(
-            triton.Config(
-                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                num_warps=warps,
-                num_stages=stages,
-            )
-        )
-    return out
-
-
-#: The same kernel tuned apart for ``DECODE`` (its best tiles differ).
-_fp8_gemm_decode_kernel = triton.autotune(
-    configs=_decode_configs(),
-    key=["M_BUCKET", "N", "K", "HAS_LORA", "NEXT", "TAIL"],
-    reset_to_zero=["lora2_ptr", "ws_ptr", "cnt_ptr"],
-)(_fp8_gemm_kernel.fn)
-
-
 @triton.jit
 def _epilogue(
-    acc, rm, rn, mmask, nmask, pid_n, c_ptr, sch, scale_ptr, lora_ptr, lu_ptr, bias_ptr,
+    acc, rm, rn, mmask, nmask, pid_n, c_ptr, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr,
     M, N, R, stride_cm, stride_lm, stride_un, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr,
     lora2_ptr, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m, B1, B2, B3,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -279,10 +196,10 @@ def _epilogue(
     ACT: tl.constexpr, NEXT_INT4: tl.constexpr, BLOCK_R2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """The tile's fp32 sums ``acc`` (``sch``: its columns' s_channel) -> the layer's
-    output (scales, low-rank up, bias, activation), stored whole, split into segments, or
-    quantized as the next layer's input."""
-    scale = tl.load(scale_ptr) * sch
+    """The tile's fp32 sums ``acc`` -> the layer's output (scales, low-rank up, bias,
+    activation), stored whole, split into segments, or quantized as the next layer's
+    input."""
+    scale = tl.load(scale_ptr) * tl.load(sch_ptr + rn, mask=nmask, other=0.0)
     y = acc * scale[None, :]
     if HAS_LORA:
         rr = tl.arange(0, BLOCK_R)
@@ -395,57 +312,14 @@ def _tail_plan(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int):
     return full, tail, slices
 
 
-@dataclass(frozen=True)
-class PackedWeight:
-    """A stored 4-bit weight for the GEMM to decode in its K loop, in place of a widened
-    fp8 weight and its ``s_channel``: no widen pass, the codes (half a byte per weight)
-    read instead of fp8 (one byte) — for few rows, where the widen of the whole weight
-    costs as much as the GEMM. Same numbers as ``widen_weight`` then the GEMM."""
-
-    qweight: torch.Tensor
-    wscales: torch.Tensor
-    wtensor_scale: torch.Tensor
-    fmt: str
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.qweight.shape[0], self.qweight.shape[1] * 2
-
-    def contiguous(self) -> PackedWeight:
-        return PackedWeight(
-            self.qweight.contiguous(),
-            self.wscales.contiguous(),
-            self.wtensor_scale.float().reshape(1),
-            self.fmt,
-        )
-
-
-Weight = torch.Tensor | PackedWeight
-
-
 def _launch(
     xq, wq, lora_act, lowrank_up, s_channel, act_scale, bias, out, nxt, bounds=None
 ) -> None:
-    """Launch the GEMM; ``wq`` fp8 [N, K] with ``s_channel``, or a ``PackedWeight``
-    (``s_channel`` None); ``nxt`` = (1/smooth2, ld2, scale2, xq2, lora2, act, act_fmt2) or
-    None; ``bounds``: the inner column bounds of a split output (see ``fp8_gemm_split``)."""
+    """Launch the GEMM; ``nxt`` = (1/smooth2, ld2, scale2, xq2, lora2, act, act_fmt2) or None;
+    ``bounds``: the inner column bounds of a split output (see ``fp8_gemm_split``)."""
     m, k = xq.shape
     n = wq.shape[0]
     r = lowrank_up.shape[1]
-    decode = isinstance(wq, PackedWeight)
-    if decode:
-        f = formats.get_format(wq.fmt)
-        if wq.shape[1] != k:
-            raise ValueError(f"the weight has {wq.shape[1]} columns, the activations {k}")
-        g = wq.wscales.shape[1]
-        dec = (wq.wscales, wq.wtensor_scale, g, wq.wscales.stride(0))
-        dflags = dict(NVFP4=f.name == "nvfp4", GROUP=f.group_size, QMAX=f.qmax,
-                      BLOCK_G=min(triton.next_power_of_2(g), 64))  # fmt: skip
-        kernel, b, s_channel = _fp8_gemm_decode_kernel, wq.qweight, act_scale
-    else:
-        dec = (s_channel, s_channel, 0, 0)  # never read
-        dflags = dict(NVFP4=False, GROUP=64, QMAX=1.0, BLOCK_G=16)
-        kernel, b = _fp8_gemm_kernel, wq
     if nxt is None:
         s2 = ld2 = sc2 = xq2 = s_channel  # never read
         lora2 = torch.zeros(1, device=xq.device)  # autotune zeroes it between trials
@@ -469,15 +343,15 @@ def _launch(
         return (full + tail * slices,)
 
     if tail_on:  # partial sums and arrival counts, sized for the largest tail of any config
-        tails = [(plan(c.kwargs)[1], c.kwargs) for c in kernel.configs]
+        tails = [(plan(c.kwargs)[1], c.kwargs) for c in _fp8_gemm_kernel.configs]
         ws_len = max(t * kw["BLOCK_M"] * kw["BLOCK_N"] for t, kw in tails)
         ws = torch.zeros(max(ws_len, 1), dtype=torch.float32, device=xq.device)
         cnt = torch.zeros(max(max(t for t, _ in tails), 1), dtype=torch.int32, device=xq.device)
     else:
         ws = cnt = lora2  # never read
-    kernel[grid](
+    _fp8_gemm_kernel[grid](
         xq,
-        b,
+        wq,
         out,
         s_channel,
         act_scale.float().reshape(1),
@@ -490,7 +364,7 @@ def _launch(
         r,
         _m_bucket(m),
         xq.stride(0),
-        b.stride(0),
+        wq.stride(0),
         out.stride(0),
         lora_act.stride(0) if r else 0,
         lowrank_up.stride(0) if r else 0,
@@ -506,7 +380,6 @@ def _launch(
         ws,
         cnt,
         sms,
-        *dec,
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
         ROUND_BF16=needs_bf16_rounding(out.dtype),
@@ -518,15 +391,13 @@ def _launch(
         NEXT_INT4=int4,
         BLOCK_R2=max(16, triton.next_power_of_2(max(r2, 1))),
         TAIL=tail_on,
-        DECODE=decode,
-        **dflags,
     )
 
 
 def fp8_gemm(
     xq: torch.Tensor,
-    wq: Weight,
-    s_channel: torch.Tensor | None,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
     act_scale: torch.Tensor,
     lora_act: torch.Tensor,
     lowrank_up: torch.Tensor,
@@ -536,10 +407,7 @@ def fp8_gemm(
     """``(xq · wqᵀ) · (S · s_channel) + lora_act · L_upᵀ + b`` -> [M, N] in ``out_dtype``.
 
     ``xq`` fp8 [M, K], ``wq`` fp8 [N, K], ``s_channel`` fp32 [N], ``act_scale`` fp32 [],
-    ``lora_act`` fp32 [M, r], ``lowrank_up`` [N, r]. See ``fp8_gemm_ref``. ``wq`` may
-    instead be the stored weight, ``PackedWeight`` (``s_channel`` None), decoded in the
-    K loop into the very operand ``widen_weight`` would give — the same result, no widen
-    pass (so in every GEMM function of this module).
+    ``lora_act`` fp32 [M, r], ``lowrank_up`` [N, r]. See ``fp8_gemm_ref``.
     """
     m, n = xq.shape[0], wq.shape[0]
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
@@ -566,8 +434,8 @@ def split_supported(sizes: list[int]) -> bool:
 
 def fp8_gemm_split(
     xq: torch.Tensor,
-    wq: Weight,
-    s_channel: torch.Tensor | None,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
     act_scale: torch.Tensor,
     lora_act: torch.Tensor,
     lowrank_up: torch.Tensor,
@@ -600,8 +468,8 @@ def fp8_gemm_split(
 
 def fp8_gemm_quantize_next(
     xq: torch.Tensor,
-    wq: Weight,
-    s_channel: torch.Tensor | None,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
     act_scale: torch.Tensor,
     lora_act: torch.Tensor,
     lowrank_up: torch.Tensor,

@@ -1,9 +1,8 @@
 """The engine's kernels as ``torch.library`` custom ops, and the layer built from them.
 
 Each kernel is one op (``svdquant::quantize_act``, ``::quantize_act_cat``,
-``::widen_weight``, ``::quantize_and_widen``, ``::fp8_gemm``, ``::fp8_gemm_split``,
-``::fp8_gemm_quantize_next``, their weight-decoding twins ``::w4_gemm`` and
-``::w4_gemm_quantize_next``, ``::w4a16_linear``) with a fake (meta) implementation that only
+``::widen_weight``, ``::quantize_and_widen``, ``::fp8_gemm``,
+``::fp8_gemm_split``, ``::w4a16_linear``) with a fake (meta) implementation that only
 computes output shapes, so ``torch.compile(fullgraph=True)`` traces a layer into three
 opaque nodes with no graph break and no host sync, and Inductor fuses the elementwise
 work around them. Triton is imported on the first real call, not here.
@@ -281,78 +280,6 @@ def _(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, activ
     )
 
 
-@torch.library.custom_op("svdquant::w4_gemm", mutates_args=())
-def w4_gemm(
-    xq: torch.Tensor,
-    qweight: torch.Tensor,
-    wscales: torch.Tensor,
-    wtensor_scale: torch.Tensor,
-    fmt: str,
-    act_scale: torch.Tensor,
-    lora_act: torch.Tensor,
-    lowrank_up: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    sizes: list[int],
-) -> torch.Tensor:
-    """``fp8_gemm`` (``sizes`` empty) or ``fp8_gemm_split`` decoding the stored weight in
-    its K loop (``kernels.gemm.PackedWeight``): no widen pass."""
-    from svdquant.kernels import gemm
-
-    w = gemm.PackedWeight(qweight, wscales, wtensor_scale, fmt)
-    if sizes:
-        return gemm.fp8_gemm_split(
-            xq, w, None, act_scale, lora_act, lowrank_up, bias, out_dtype, sizes
-        )
-    return gemm.fp8_gemm(xq, w, None, act_scale, lora_act, lowrank_up, bias, out_dtype)
-
-
-@w4_gemm.register_fake
-def _(xq, qweight, wscales, wtensor_scale, fmt, act_scale, lora_act, lowrank_up, bias,
-      out_dtype, sizes):  # fmt: skip
-    m, n = xq.shape[0], qweight.shape[0]
-    return xq.new_empty(m * n, dtype=out_dtype) if sizes else xq.new_empty(m, n, dtype=out_dtype)
-
-
-@torch.library.custom_op("svdquant::w4_gemm_quantize_next", mutates_args=())
-def w4_gemm_quantize_next(
-    xq: torch.Tensor,
-    qweight: torch.Tensor,
-    wscales: torch.Tensor,
-    wtensor_scale: torch.Tensor,
-    fmt: str,
-    act_scale: torch.Tensor,
-    lora_act: torch.Tensor,
-    lowrank_up: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    activation: str,
-    smooth2: torch.Tensor,
-    lowrank_down2: torch.Tensor,
-    act_scale2: torch.Tensor,
-    k_out2: int,
-    act_fmt2: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fp8_gemm_quantize_next`` decoding the stored weight in its K loop."""
-    from svdquant.kernels import gemm
-
-    return gemm.fp8_gemm_quantize_next(
-        xq, gemm.PackedWeight(qweight, wscales, wtensor_scale, fmt), None, act_scale,
-        lora_act, lowrank_up, bias, out_dtype, activation, smooth2, lowrank_down2,
-        act_scale2, k_out2, act_fmt2,
-    )  # fmt: skip
-
-
-@w4_gemm_quantize_next.register_fake
-def _(xq, qweight, wscales, wtensor_scale, fmt, act_scale, lora_act, lowrank_up, bias,
-      out_dtype, activation, smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2):  # fmt: skip
-    m = xq.shape[0]
-    return (
-        xq.new_empty(m, k_out2, dtype=_FP8),
-        xq.new_empty(m, lowrank_down2.shape[0], dtype=torch.float32),
-    )
-
-
 @torch.library.custom_op("svdquant::w4a16_linear", mutates_args=())
 def w4a16_linear(
     x: torch.Tensor,
@@ -380,50 +307,17 @@ def _(x, qweight, wscales, wtensor_scale, smooth, lowrank_down, lowrank_up, bias
 MAX_GEMV_M = 16
 
 
-#: Layers of at most this many rows decode the stored 4-bit weight inside the GEMM's K
-#: loop (``kernels.gemm.PackedWeight``) instead of widening all of it to fp8 first: at few
-#: rows the widen (a pass over the whole weight) costs as much as the GEMM, while the
-#: decode's arithmetic, repeated by every row tile, is small. Measured by
-#: ``bench/probe_decode_gemm.py`` (bench/NOTES.md).
-DECODE_MAX_M = 1024
-
-
 def _fp8_operands(x2, qweight, wscales, wtensor_scale, smooth, act_amax, lowrank_down, fmt,
                   act_fmt):  # fmt: skip
-    """One layer's fp8 GEMM operands: the activation quantize (with the low-rank down
-    projection) and the weight — widened to fp8 by its own pass, or, for few rows
-    (``DECODE_MAX_M``), left stored for the GEMM to decode. Returns ``(xq, lora_act,
-    weight, S)``; ``weight`` goes to ``_gemm``."""
+    """One layer's fp8 GEMM operands from its two memory-bound passes: the activation
+    quantize (with the low-rank down projection) and the weight widen. Returns
+    ``(xq, lora_act, wq, s_channel, S)``."""
     s = _act_scale(act_amax)
-    kp = qweight.shape[1] * 2
-    if x2.shape[0] <= DECODE_MAX_M:
-        xq, lora = torch.ops.svdquant.quantize_act(x2, smooth, lowrank_down, s, kp, act_fmt)
-        return xq, lora, (qweight, wscales, wtensor_scale, fmt), s
     xq, lora, wq, s_channel = torch.ops.svdquant.quantize_and_widen(
-        x2, smooth, lowrank_down, s, kp, act_fmt, qweight, wscales, wtensor_scale, fmt
-    )
-    return xq, lora, (wq, s_channel), s
-
-
-def _weight(layer: torch.nn.Module, m: int) -> tuple:
-    """``layer``'s weight as ``_fp8_operands`` gives it, for an input of ``m`` rows that
-    is already quantized."""
-    if m <= DECODE_MAX_M:
-        return layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt
-    return torch.ops.svdquant.widen_weight(
-        layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt
-    )
-
-
-def _gemm(xq, weight: tuple, s, lora, lowrank_up, bias, out_dtype, sizes=None):
-    """The GEMM on a widened ``(wq, s_channel)`` or a stored ``(qweight, wscales,
-    wtensor_scale, fmt)`` weight; ``sizes``: a split output (``fp8_gemm_split``)."""
-    ops = torch.ops.svdquant
-    if len(weight) == 4:
-        return ops.w4_gemm(xq, *weight, s, lora, lowrank_up, bias, out_dtype, list(sizes or []))
-    if sizes:
-        return ops.fp8_gemm_split(xq, *weight, s, lora, lowrank_up, bias, out_dtype, list(sizes))
-    return ops.fp8_gemm(xq, *weight, s, lora, lowrank_up, bias, out_dtype)
+        x2, smooth, lowrank_down, s, qweight.shape[1] * 2, act_fmt, qweight, wscales,
+        wtensor_scale, fmt,
+    )  # fmt: skip
+    return xq, lora, wq, s_channel, s
 
 
 def svdq_linear_triton(
@@ -462,10 +356,10 @@ def svdq_linear_triton(
         if lowrank_down.shape[0]:
             y = y + (xh @ lowrank_down.t().to(x.dtype)) @ lowrank_up.t().to(x.dtype)
     elif act_fmt in ("int4", "fp8"):
-        xq, lora, w, s = _fp8_operands(
+        xq, lora, wq, s_channel, s = _fp8_operands(
             x2, qweight, wscales, wtensor_scale, smooth, act_amax, lowrank_down, fmt, act_fmt
         )
-        y = _gemm(xq, w, s, lora, lowrank_up, bias, x.dtype)
+        y = torch.ops.svdquant.fp8_gemm(xq, wq, s_channel, s, lora, lowrank_up, bias, x.dtype)
     else:
         y = reference.svdq_linear(
             x2,
@@ -504,11 +398,13 @@ def svdq_linear_split_triton(layer: torch.nn.Module, x: torch.Tensor, sizes: lis
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features)
     m = x2.shape[0]
-    xq, lora, w, s = _fp8_operands(
+    xq, lora, wq, s_channel, s = _fp8_operands(
         x2, layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth, layer.act_amax,
         layer.lowrank_down, layer.fmt, layer.act_fmt,
     )  # fmt: skip
-    flat = _gemm(xq, w, s, lora, layer.lowrank_up, layer.bias, x.dtype, sizes)
+    flat = torch.ops.svdquant.fp8_gemm_split(
+        xq, wq, s_channel, s, lora, layer.lowrank_up, layer.bias, x.dtype, list(sizes)
+    )
     out, start = [], 0
     for w in sizes:
         out.append(flat[m * start : m * (start + w)].view(*lead, w))
@@ -550,8 +446,8 @@ def svdq_linear_cat_triton(
         x2, t2, tail_act, layer.smooth, layer.lowrank_down, s, layer.qweight.shape[1] * 2,
         layer.act_fmt,
     )  # fmt: skip
-    w = _weight(layer, x2.shape[0])
-    y = _gemm(xq, w, s, lora, layer.lowrank_up, layer.bias, x.dtype)
+    wq, s_channel = ops.widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
+    y = ops.fp8_gemm(xq, wq, s_channel, s, lora, layer.lowrank_up, layer.bias, x.dtype)
     return y.reshape(*lead, layer.out_features)
 
 
@@ -574,18 +470,14 @@ def svdq_mlp_triton(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, fc1.in_features)
     s2 = _act_scale(fc2.act_amax)
-    xq, lora, w1, s1 = _fp8_operands(
+    xq, lora, w1, c1, s1 = _fp8_operands(
         x2, fc1.qweight, fc1.wscales, fc1.wtensor_scale, fc1.smooth, fc1.act_amax,
         fc1.lowrank_down, fc1.fmt, fc1.act_fmt,
     )  # fmt: skip
-    nxt = (activation, fc2.smooth, fc2.lowrank_down, s2, fc2.qweight.shape[1] * 2, fc2.act_fmt)
-    if len(w1) == 4:
-        xq2, lora2 = ops.w4_gemm_quantize_next(
-            xq, *w1, s1, lora, fc1.lowrank_up, fc1.bias, x.dtype, *nxt
-        )
-    else:
-        xq2, lora2 = ops.fp8_gemm_quantize_next(
-            xq, *w1, s1, lora, fc1.lowrank_up, fc1.bias, x.dtype, *nxt
-        )
-    y = _gemm(xq2, _weight(fc2, x2.shape[0]), s2, lora2, fc2.lowrank_up, fc2.bias, x.dtype)
+    xq2, lora2 = ops.fp8_gemm_quantize_next(
+        xq, w1, c1, s1, lora, fc1.lowrank_up, fc1.bias, x.dtype, activation,
+        fc2.smooth, fc2.lowrank_down, s2, fc2.qweight.shape[1] * 2, fc2.act_fmt,
+    )  # fmt: skip
+    w2, c2 = ops.widen_weight(fc2.qweight, fc2.wscales, fc2.wtensor_scale, fc2.fmt)
+    y = ops.fp8_gemm(xq2, w2, c2, s2, lora2, fc2.lowrank_up, fc2.bias, x.dtype)
     return y.reshape(*lead, fc2.out_features)

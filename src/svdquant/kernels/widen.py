@@ -32,47 +32,11 @@ from svdquant.kernels._triton_common import (
     to_e4m3,
 )
 
-__all__ = ["decode_scaled", "dequantize_weight", "row_scale", "widen_weight"]
+__all__ = ["dequantize_weight", "widen_weight"]
 
 #: (BLOCK_N, BLOCK_K, num_warps): ``bench/gemm.py --sweep`` on the H200 (2026-11-29, v21:
 #: 25.7 µs at N = 12288, K = 3072, the best of 18; the H100's (32, 256, 4) took 28.2).
 TILE = (32, 512, 4)
-
-
-@triton.jit
-def row_scale(sc_ptr, rows, rmask, G, stride_sn, QMAX: tl.constexpr, BLOCK_G: tl.constexpr):
-    """``c = qmax · max_g(s_group) / 448`` for each of ``rows`` (1 for a row of zero
-    scales), from all of the row's (few) group scales: the largest value a row can hold
-    lands at fp8's 448. The widen and the decoding GEMM compute it alike, bit for bit."""
-    mx = tl.zeros(rows.shape, dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):
-        gs = g0 + tl.arange(0, BLOCK_G)
-        s = tl.load(
-            sc_ptr + rows[:, None] * stride_sn + gs[None, :],
-            mask=rmask[:, None] & (gs < G)[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        mx = tl.maximum(mx, tl.max(s, axis=1))
-    c = tl.math.div_rn(QMAX * mx, 448.0)
-    return tl.where(c > 0.0, c, 1.0)
-
-
-@triton.jit
-def decode_scaled(
-    b, sg, NVFP4: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
-):
-    """Packed codes ``b`` [BLOCK_N, BLOCK_K / 2] (uint8, low nibble first) and their group
-    scales ``sg`` [BLOCK_N, BLOCK_K / GROUP] -> ``code_value · s_group`` fp32 [BLOCK_N,
-    BLOCK_K] (one fp32 rounding: what the widen and the decoding GEMM round to fp8)."""
-    b = b.to(tl.int32)
-    if NVFP4:
-        v = e2m1_value(tl.join(b & 0xF, (b >> 4) & 0xF))
-    else:
-        v = tl.join(int4_value(b & 0xF), int4_value((b >> 4) & 0xF))
-    v = v.reshape([BLOCK_N, BLOCK_K])  # column 2j: the low nibble of byte j
-    NG: tl.constexpr = BLOCK_K // GROUP
-    v = tl.reshape(v, [BLOCK_N, NG, GROUP]) * sg.to(tl.float32)[:, :, None]
-    return tl.reshape(v, [BLOCK_N, BLOCK_K])
 
 
 @triton.jit
@@ -116,22 +80,36 @@ def _widen_kernel(
         mask=rmask[:, None] & (bcols < KP // 2)[None, :],
         other=0,
     )
-    if DEQUANT:
-        c = tl.full([BLOCK_N], 1.0, tl.float32)  # not used
-    else:
-        c = row_scale(sc_ptr, rows, rmask, G, stride_sn, QMAX, BLOCK_G)
+    # c = qmax * max_g(s_group) / 448 per row, from all of the row's (few) scales.
+    mx = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for g0 in range(0, G * (1 - DEQUANT), BLOCK_G):
+        gs = g0 + tl.arange(0, BLOCK_G)
+        s = tl.load(
+            sc_ptr + rows[:, None] * stride_sn + gs[None, :],
+            mask=rmask[:, None] & (gs < G)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        mx = tl.maximum(mx, tl.max(s, axis=1))
+    c = tl.math.div_rn(QMAX * mx, 448.0)
+    c = tl.where(c > 0.0, c, 1.0)
     if pid_k == 0 and not DEQUANT and not PDL:
         tl.store(sch_ptr + rows, c * tl.load(ts_ptr), mask=rmask)
     inv_c = tl.math.div_rn(1.0, c)
     # This program's [BLOCK_N, BLOCK_K] tile: decode, scale by s_group / c, round to fp8.
+    b = b.to(tl.int32)
+    if NVFP4:
+        v = e2m1_value(tl.join(b & 0xF, (b >> 4) & 0xF))
+    else:
+        v = tl.join(int4_value(b & 0xF), int4_value((b >> 4) & 0xF))
+    v = v.reshape([BLOCK_N, BLOCK_K])  # column 2j: the low nibble of byte j
     NG: tl.constexpr = BLOCK_K // GROUP
     gcols = pid_k * NG + tl.arange(0, NG)
     sg = tl.load(
         sc_ptr + rows[:, None] * stride_sn + gcols[None, :],
         mask=rmask[:, None] & (gcols < G)[None, :],
         other=0.0,
-    )
-    v = decode_scaled(b, sg, NVFP4, GROUP, BLOCK_N, BLOCK_K)
+    ).to(tl.float32)
+    v = tl.reshape(tl.reshape(v, [BLOCK_N, NG, GROUP]) * sg[:, :, None], [BLOCK_N, BLOCK_K])
     if DEQUANT:  # 16-bit: code · s_group · s_tensor
         w = v * tl.load(ts_ptr)
         if EXACT and w_ptr.dtype.element_ty == tl.bfloat16:
