@@ -255,7 +255,9 @@ def _gemv_mma() -> dict[str, Any]:
     return dict(kernel=g._w4a16_mma_kernel, warps=warps, **d)
 
 
-def _gemm(split: bool, tail: bool = False, next_int4: bool = False) -> dict[str, Any]:
+def _gemm(
+    split: bool, tail: bool = False, next_int4: bool = False, tma: bool = False
+) -> dict[str, Any]:
     from triton.runtime import JITFunction
 
     from svdquant.kernels import gemm as g
@@ -315,6 +317,7 @@ def _gemm(split: bool, tail: bool = False, next_int4: bool = False) -> dict[str,
             NEXT_INT4=next_int4,
             BLOCK_R2=32 if next_int4 else 16,
             TAIL=tail,
+            TMA=tma,
             BLOCK_M=128,
             BLOCK_N=256,
             BLOCK_K=128,
@@ -328,6 +331,15 @@ def _gemm(split: bool, tail: bool = False, next_int4: bool = False) -> dict[str,
 @_spec("gemm")
 def _gemm_plain() -> dict[str, Any]:
     return _gemm(split=False)
+
+
+@_spec("gemm_tma")
+def _gemm_tma() -> dict[str, Any]:
+    """The plain GEMM reading its operands through tensor descriptors (``gemm.TMA_LOADS``)."""
+    d = _gemm(split=False, tma=True)
+    d["ptrs"]["a_ptr"] = "tensordesc<fp8e4nv[128, 128]>"
+    d["ptrs"]["b_ptr"] = "tensordesc<fp8e4nv[256, 128]>"
+    return d
 
 
 @_spec("gemm_tail")

@@ -271,9 +271,17 @@ def test_w4a16_layer_at_many_tokens(fmt):
 
 
 @pytest.mark.parametrize("m", [1, 3, 257])
-@pytest.mark.parametrize(("n", "k", "r", "bias"), [(45, 128, 7, True), (130, 208, 0, False)])
+@pytest.mark.parametrize(
+    ("n", "k", "r", "bias"), [(45, 128, 7, True), (130, 208, 0, False), (70, 200, 3, True)]
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fp8_gemm_matches_reference(m, n, k, r, bias, dtype):
+@pytest.mark.parametrize("tma", [True, False])
+def test_fp8_gemm_matches_reference(monkeypatch, m, n, k, r, bias, dtype, tma):
+    """Operands read through tensor descriptors (``gemm.TMA_LOADS``; rows of 200 bytes are
+    not 16-byte aligned: pointer loads) or by pointer loads."""
+    from svdquant.kernels import gemm
+
+    monkeypatch.setattr(gemm, "TMA_LOADS", tma)
     g = _gen(m + n)
     xq = ref.round_e4m3(torch.randn(m, k, generator=g) * 50).to(DEVICE)
     wq = ref.round_e4m3(torch.randn(n, k, generator=g) * 100).to(DEVICE)
@@ -739,8 +747,6 @@ def test_custom_ops_opcheck():
     xq, lora = quantize_act(x, layer.smooth, layer.lowrank_down, s, 128, "int4")
     wq, s_ch = widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, "int4")
     w = (layer.qweight, layer.wscales, layer.wtensor_scale)
-    nxt = (layer.lowrank_up, layer.bias, x.dtype, "gelu_tanh", _smooth(48),
-           layer.lowrank_down[:, :48], s, 64, "int4")  # fmt: skip
     cases = [
         (ops.quantize_act.default, (x, layer.smooth, layer.lowrank_down, s, 128, "int4")),
         (ops.widen_weight.default, (*w, "int4")),
@@ -749,8 +755,6 @@ def test_custom_ops_opcheck():
             (x, layer.smooth, layer.lowrank_down, s, 128, "int4", *w, "int4"),
         ),
         (ops.fp8_gemm.default, (xq, wq, s_ch, s, lora, layer.lowrank_up, layer.bias, x.dtype)),
-        (ops.w4_gemm.default, (xq, *w, "int4", s, lora, layer.lowrank_up, None, x.dtype, [])),
-        (ops.w4_gemm_quantize_next.default, (xq, *w, "int4", s, lora, *nxt)),
         (
             ops.w4a16_linear.default,
             (x[:2], *w, layer.smooth, layer.lowrank_down, layer.lowrank_up, layer.bias, "int4"),

@@ -17,6 +17,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from svdquant.kernels._triton_common import (
     ACTIVATIONS,
@@ -34,9 +35,22 @@ from svdquant.kernels.quantize import quantize_tile
 __all__ = ["fp8_gemm", "fp8_gemm_quantize_next", "fp8_gemm_split", "split_supported"]
 
 
+def _block_shapes(nargs: dict) -> None:
+    """A config's pre-hook: the tensor descriptors' boxes are the config's tiles."""
+    a, b = nargs["a_ptr"], nargs["b_ptr"]
+    if isinstance(a, TensorDescriptor):
+        a.block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+        b.block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
 def _configs() -> list[triton.Config]:
     if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4})]
+        return [
+            triton.Config(
+                {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4},
+                pre_hook=_block_shapes,
+            )
+        ]
     out = []
     for bm, bn, bk, warps, stages in (
         (128, 128, 128, 8, 3),
@@ -50,6 +64,7 @@ def _configs() -> list[triton.Config]:
                 {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                 num_warps=warps,
                 num_stages=stages,
+                pre_hook=_block_shapes,
             )
         )
     return out
@@ -62,7 +77,7 @@ def _m_bucket(m: int) -> int:
 
 @triton.autotune(
     configs=_configs(),
-    key=["M_BUCKET", "N", "K", "HAS_LORA", "NEXT", "TAIL"],
+    key=["M_BUCKET", "N", "K", "HAS_LORA", "NEXT", "TAIL", "TMA"],
     # the fused next-layer epilogue and the split-K tail accumulate into these
     reset_to_zero=["lora2_ptr", "ws_ptr", "cnt_ptr"],
 )
@@ -113,6 +128,7 @@ def _fp8_gemm_kernel(
     NEXT_INT4: tl.constexpr,
     BLOCK_R2: tl.constexpr,
     TAIL: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -150,19 +166,28 @@ def _fp8_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     mmask = rm < M
     nmask = rn < N
-    a_ptrs = a_ptr + rm[:, None] * stride_am + (k_lo + rk)[None, :]
-    b_ptrs = b_ptr + rn[None, :] * stride_bn + (k_lo + rk)[:, None]  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        kmask = (k0 + rk) < K
-        a = tl.load(a_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        if DOT_FP32:  # the interpreter: fp8 -> fp32 by hand (its own loses NaN)
-            acc = tl.dot(fp8_to_f32(a), fp8_to_f32(b), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    if TMA:  # a_ptr, b_ptr: tensor descriptors; the copy engine fills rows past M, N, K with 0
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            a = a_ptr.load([pid_m * BLOCK_M, k0])
+            b = b_ptr.load([pid_n * BLOCK_N, k0])
+            if DOT_FP32:
+                acc = tl.dot(fp8_to_f32(a), tl.trans(fp8_to_f32(b)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
+    else:
+        a_ptrs = a_ptr + rm[:, None] * stride_am + (k_lo + rk)[None, :]
+        b_ptrs = b_ptr + rn[None, :] * stride_bn + (k_lo + rk)[:, None]  # [BLOCK_K, BLOCK_N]
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kmask = (k0 + rk) < K
+            a = tl.load(a_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            if DOT_FP32:  # the interpreter: fp8 -> fp32 by hand (its own loses NaN)
+                acc = tl.dot(fp8_to_f32(a), fp8_to_f32(b), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
 
     run = True
     if TAIL:
@@ -349,9 +374,11 @@ def _launch(
         cnt = torch.zeros(max(max(t for t, _ in tails), 1), dtype=torch.int32, device=xq.device)
     else:
         ws = cnt = lora2  # never read
+    tma = _tma_ok(xq, wq)
+    a, b = (_descriptor(xq), _descriptor(wq)) if tma else (xq, wq)
     _fp8_gemm_kernel[grid](
-        xq,
-        wq,
+        a,
+        b,
         out,
         s_channel,
         act_scale.float().reshape(1),
@@ -391,7 +418,29 @@ def _launch(
         NEXT_INT4=int4,
         BLOCK_R2=max(16, triton.next_power_of_2(max(r2, 1))),
         TAIL=tail_on,
+        TMA=tma,
     )
+
+
+#: Read the GEMM's operands through tensor descriptors (TMA: the copy engine moves whole
+#: tiles into shared memory, bounds handled in hardware) where the GPU has them (sm_90+)
+#: and the operands are 16-byte aligned; else pointer loads with masks.
+TMA_LOADS = True
+
+
+def _tma_ok(xq: torch.Tensor, wq: torch.Tensor) -> bool:
+    if not TMA_LOADS:
+        return False
+    if not interpreting() and (
+        not xq.is_cuda or torch.cuda.get_device_capability(xq.device)[0] < 9
+    ):
+        return False
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (xq, wq))
+
+
+def _descriptor(t: torch.Tensor) -> TensorDescriptor:
+    """A descriptor of the 2-D ``t``; its box is set per config (``_block_shapes``)."""
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [16, 16])
 
 
 def fp8_gemm(

@@ -1,0 +1,91 @@
+"""Our fp8 GEMM (+ low-rank + bias) in its variants against cuBLAS, at the issue's shapes.
+
+For each M and (N, K) of ``bench/gemm.py`` (int4 weights widened, rank 32, bias), replayed
+from CUDA graphs in one run: cuBLAS BF16 ``F.linear`` with bias, cuBLAS fp8 rowwise
+``torch._scaled_mm``, and ``fp8_gemm`` with its operands read by pointer loads and
+through tensor descriptors (``gemm.TMA_LOADS``) — each autotuned apart. Checks that the
+variants agree; records the tile each chose. For NOTES.md.
+
+    PYTHONPATH=src python bench/probe_gemm.py [--ms 512,1024,4096,4608] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gemm import MS, NKS, Layer, bench_graph, run_info, write_result
+
+from svdquant.kernels import gemm as gemm_mod
+from svdquant.kernels import reference as ref
+from svdquant.kernels.quantize import quantize_act
+from svdquant.kernels.widen import widen_weight
+
+VARIANTS = {"ptr": False, "tma": True}  # gemm.TMA_LOADS
+
+
+def probe(m: int, n: int, k: int) -> dict:
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    layer = Layer(n, k)
+    s = ref.act_scale_from_amax(layer.act_amax)
+    kp = layer.qweight.shape[1] * 2
+    xq, lora = quantize_act(x, layer.smooth, layer.down, s, kp, "int4")
+    wq, s_ch = widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
+    row: dict = {"M": m, "N": n, "K": k}
+    row["bf16_us"] = bench_graph(lambda: F.linear(x, layer.w16, layer.bias))
+    xf8, wf8 = x.to(torch.float8_e4m3fn), layer.w16.to(torch.float8_e4m3fn)
+    sa, sb = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
+    row["cublas_fp8_us"] = bench_graph(
+        lambda: torch._scaled_mm(xf8, wf8.t(), sa, sb, out_dtype=torch.bfloat16)
+    )
+    outs = {}
+    for name, tma in VARIANTS.items():
+        gemm_mod.TMA_LOADS = tma
+        try:
+
+            def run():
+                return gemm_mod.fp8_gemm(
+                    xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16
+                )
+
+            outs[name] = run()
+            row[f"{name}_config"] = str(gemm_mod._fp8_gemm_kernel.best_config)
+            row[f"{name}_us"] = bench_graph(run)
+            row[f"{name}_x"] = row["bf16_us"] / row[f"{name}_us"]
+        finally:
+            gemm_mod.TMA_LOADS = True
+    a, b = outs["ptr"].float(), outs["tma"].float()
+    row["rel_diff"] = ((a - b).norm() / b.norm()).item()
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ms", default=",".join(str(m) for m in MS))
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    args = p.parse_args()
+    result = run_info()
+    result["rows"] = []
+    head = f"{'M':>5} {'N':>6} {'K':>6} | {'bf16':>6} {'fp8':>6} {'ptr':>6} {'tma':>6}"
+    print(head + " | ptr x  tma x")
+    for m in (int(v) for v in args.ms.split(",")):
+        for n, k in NKS:
+            r = probe(m, n, k)
+            result["rows"].append(r)
+            print(
+                f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:6.1f} {r['cublas_fp8_us']:6.1f} "
+                f"{r['ptr_us']:6.1f} {r['tma_us']:6.1f} | {r['ptr_x']:5.2f}  {r['tma_x']:5.2f}"
+                f"  diff {r['rel_diff']:.1e}  tma: {r['tma_config'][:60]}",
+                flush=True,
+            )
+    print("->", write_result(result, args.out, "probe_gemm"))
+
+
+if __name__ == "__main__":
+    main()
