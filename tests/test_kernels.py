@@ -277,11 +277,12 @@ def test_w4a16_layer_at_many_tokens(fmt):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tma", [True, False])
 def test_fp8_gemm_matches_reference(monkeypatch, m, n, k, r, bias, dtype, tma):
-    """Operands read through tensor descriptors (``gemm.TMA_LOADS``; rows of 200 bytes are
-    not 16-byte aligned: pointer loads) or by pointer loads."""
+    """Operands read through tensor descriptors (``gemm.TMA_LOADS``, here from one row on;
+    rows of 200 bytes are not 16-byte aligned: pointer loads) or by pointer loads."""
     from svdquant.kernels import gemm
 
     monkeypatch.setattr(gemm, "TMA_LOADS", tma)
+    monkeypatch.setattr(gemm, "TMA_MIN_M", 1)
     g = _gen(m + n)
     xq = ref.round_e4m3(torch.randn(m, k, generator=g) * 50).to(DEVICE)
     wq = ref.round_e4m3(torch.randn(n, k, generator=g) * 100).to(DEVICE)
@@ -359,6 +360,7 @@ def test_fp8_gemm_split_k_tail_matches_whole_tiles(monkeypatch, m, n, k):
     tail of 1, a single tile is all tail, 3 × 2 tiles none."""
     from svdquant.kernels import gemm
 
+    monkeypatch.setattr(gemm, "TMA_MIN_M", 1)  # K = 96: through tensor descriptors
     args = _gemm_args(m, n, k, m + n + k)
     down2, _ = _lowrank(8, n, 6, torch.bfloat16)
     nxt = ("gelu_tanh", _smooth(n), down2, torch.tensor(0.01, device=DEVICE), -(-n // 64) * 64)
