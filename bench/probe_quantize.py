@@ -12,7 +12,6 @@ over tiles, K splits and pipeline depths, so the differences say what each stage
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import triton
 from svdquant.kernels import quantize as qmod
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gemm import copy_bandwidth
+from gemm import copy_bandwidth, run_info, write_result
 
 M, K, RANK = 4608, 3072, 32
 
@@ -39,7 +38,7 @@ def _graph_us(fn) -> float:
 
 def variant(
     x, smooth, down, scale, *, block_m, warps, split, lora, atomic, int4,
-    block_k=64, stages=None,
+    block_k=64, stages=None, maxnreg=None,
 ) -> float:  # fmt: skip
     m, k = x.shape
     r = down.shape[0] if lora else 0
@@ -56,6 +55,7 @@ def variant(
             ATOMIC=atomic, EXACT=False, TAIL_ACT=-1, SEAM_ALIGNED=False, ROUND_BF16=False,
             BLOCK_M=block_m, BLOCK_R=32, BLOCK_K=block_k, num_warps=warps,
             **({} if stages is None else {"num_stages": stages}),
+            **({} if maxnreg is None else {"maxnreg": maxnreg}),
         )  # fmt: skip
 
     return _graph_us(run)
@@ -65,6 +65,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--long-only", action="store_true", help="only the pipelined long loops")
+    p.add_argument(
+        "--maxnreg",
+        action="store_true",
+        help="only today's tile under register caps (more programs per SM)",
+    )
     a = p.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
@@ -92,7 +97,19 @@ def main() -> None:
         (False, False, True, 256),
         (True, True, False, 128),  # fp8 activations (W4A8)
     )
-    short = () if a.long_only else ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
+    if a.maxnreg:  # today's tile (64 x 128, 4 warps, 12 splits) capped at fewer registers
+        for cap in (None, 128, 96, 80):
+            for split in (12, 24):
+                for lora in (True, False):
+                    measure(block_m=64, warps=4, split=split, lora=lora, atomic=lora,
+                            int4=True, block_k=128, stages=1, maxnreg=cap)  # fmt: skip
+        for r in rows:
+            print(f"  maxnreg={r['maxnreg']!s:4} split={r['split']:>2} lora={r['lora']!s:5}: "
+                  + (f"{r['us']:6.1f} us {r['pct_copy']:4.0f}% of copy" if "us" in r
+                     else r["error"]))  # fmt: skip
+    short = () if a.long_only or a.maxnreg else (
+        (32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)
+    )  # fmt: skip
     if a.long_only:  # today's tile (the launcher's 64 x 128, 4 warps, ~7 programs/SM)
         for lora in (True, False):
             measure(block_m=64, warps=4, split=14, lora=lora, atomic=lora, int4=True,
@@ -106,19 +123,16 @@ def main() -> None:
     # Long loops that triton can pipeline (cp.async into shared memory with num_stages >= 2:
     # 187-194 registers with the low-rank branch, triton 3.6 sm_90): few splits, deep
     # pipelines, the layer's own kind (low-rank, atomics, int4) only.
-    for block_m, warps in ((32, 4), (64, 4), (64, 8), (128, 8)):
+    for block_m, warps in () if a.maxnreg else ((32, 4), (64, 4), (64, 8), (128, 8)):
         for split in (1, 2, 4):
             for stages in (2, 3, 4):
                 measure(block_m=block_m, warps=warps, split=split, lora=True, atomic=True,
                         int4=True, block_k=128, stages=stages)  # fmt: skip
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"device": torch.cuda.get_device_name(), "M": M, "K": K, "rank": RANK,
-              "copy_gbs": copy_gbs, "rows": rows}  # fmt: skip
-    (out / "probe_quantize.json").write_text(json.dumps(result, indent=1))
+    result = {**run_info(), "M": M, "K": K, "rank": RANK, "copy_gbs": copy_gbs, "rows": rows}
+    print("->", write_result(result, a.out, "probe_quantize"))
     ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
     print(f"copy {copy_gbs:.0f} GB/s; fastest variants of each kind:")
-    for kind in (*kinds, ("long",)):
+    for kind in () if a.maxnreg else (*kinds, ("long",)):
         if kind == ("long",):
             best = [r for r in ok if r["lora"] and r["stages"] > 1][:8]
         else:

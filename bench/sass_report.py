@@ -183,20 +183,33 @@ def _gemv_fma() -> dict[str, Any]:
     return dict(kernel=g._w4a16_fma_kernel, warps=warps, **d)
 
 
-@_spec("gemv_packed")
-def _gemv_packed() -> dict[str, Any]:
-    """The packed-decode tensor-core GEMV (``gemv.PACKED_MMA``), 4 tokens."""
+def _packed_spec(groups_per_step: int | None = None) -> dict[str, Any]:
+    """The packed-decode tensor-core GEMV (``gemv.PACKED_MMA``), 4 tokens, at
+    ``TILES["packed"]`` (its groups per step replaced by ``groups_per_step``), the L2
+    prefetch of the first step on."""
     from svdquant.kernels import gemv as g
 
-    bn, _, warps = g.TILES["mma"]
+    bn, gps, warps = g.TILES["packed"]
+    gps = gps if groups_per_step is None else groups_per_step
     d = _gemv_common()
     d["ptrs"] |= {"xh_ptr": "*bf16", "xs_ptr": "*fp32", "q_ptr": "*u8"}
     d["ints"] = dict(
         M=4, N=18432, KP=3072, R=32, S=24, k_per_split=768, stride_qn=1536, stride_sn=48,
         stride_ls=128, stride_lm=32, stride_un=32, stride_om=18432,
     )  # fmt: skip
-    d["consts"] |= dict(ASM=True, DOT_FP32=False, BLOCK_N=bn)
+    d["consts"] |= dict(ASM=True, DOT_FP32=False, BLOCK_N=bn, GROUPS_PER_STEP=gps, PREFETCH_LINES=1)
     return dict(kernel=g._w4a16_packed_kernel, warps=warps, **d)
+
+
+@_spec("gemv_packed")
+def _gemv_packed() -> dict[str, Any]:
+    return _packed_spec()
+
+
+@_spec("gemv_packed_g2")
+def _gemv_packed_g2() -> dict[str, Any]:
+    """The packed GEMV with two groups (128 columns) a loop step."""
+    return _packed_spec(2)
 
 
 @_spec("gemv_prep")

@@ -56,7 +56,14 @@ MAX_GEMV_M = 16
 #: (``FMA_MAX_M``), and of the tensor-core kernel; ``bench/gemm.py --sweep gemv`` (H200,
 #: 2026-11-29: "fma" (8, 256, 2) 22.0 µs and (16, 256, 4) 21.9 µs, the best of 27 at
 #: M = 1; "fma_multi" (4, 1024, 1) 31.4 µs at M = 4; "mma" from the H100).
-TILES = {"fma": (8, 256, 2), "fma_multi": (4, 1024, 1), "mma": (128, 64, 4)}
+TILES = {
+    "fma": (8, 256, 2),
+    "fma_multi": (4, 1024, 1),
+    "mma": (128, 64, 4),
+    # (BLOCK_N, groups of 64 columns per step, num_warps) of ``_w4a16_packed_kernel``
+    # (``PACKED_MMA``): ``bench/probe_gemv_mma.py --sweep``
+    "packed": (128, 1, 4),
+}
 #: Split K until the grid has this many programs per SM (when N alone is too small).
 PROGRAMS_PER_SM = 4
 #: Tokens up to which the FMA kernel runs (more: the tensor cores). v10 (H100): at M = 4
@@ -74,6 +81,12 @@ LORA_CHUNK = 128
 #: in its sm_90 SASS against 8.4 for ``_w4a16_mma_kernel``) instead of the tensor-core
 #: kernel. Off until measured (``bench/probe_gemv_mma.py``, bench/NOTES.md v21–v24).
 PACKED_MMA = False
+#: Steps of every row's codes (from the start of its K range, at most the K split) that
+#: the packed kernel prefetches into the L2 before its ``gdc_wait``, on the GPU (0: none).
+#: Its code loads proper are triton's pipeliner's (``cp.async``), which come after the
+#: wait: the prefetch gets the first step's bytes moving while the prep kernel runs.
+#: ``bench/probe_gemv_mma.py --sweep`` also times 0 and the whole split.
+PACKED_PREFETCH = 1
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
 PDL = True
@@ -514,6 +527,20 @@ def _nibbles_136(b, ASM: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Prefetch the lines holding ``ptrs`` into the L2 (``prefetch.global.L2``: no
+    register written, nothing waits for it). GPU only (inline PTX)."""
+    return tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;",
+        "=r,l",
+        [ptrs],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
 def _w4a16_packed_kernel(
     xh_ptr,
     xs_ptr,
@@ -545,12 +572,26 @@ def _w4a16_packed_kernel(
     DOT_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
+    GROUPS_PER_STEP: tl.constexpr = 1,
+    PREFETCH_LINES: tl.constexpr = 0,
 ):
     """int4 weights, up to 16 tokens, on the tensor cores with a packed decode: per group
     of 64 columns, ``Σ (136 + code) · (hi + lo)`` as four MMAs (low nibbles against x̂'s
     even columns, high against the odd, each against x̂'s bf16 hi and lo parts), minus
-    ``136 · Σ (hi + lo)`` (``_store_packed``), times the group scale."""
-    HK: tl.constexpr = 32  # bytes of a row per step: one group
+    ``136 · Σ (hi + lo)`` (``_store_packed``), times the group scale.
+
+    A loop step takes ``GROUPS_PER_STEP`` consecutive groups (unrolled; KP and every K
+    split are whole steps), so that more of the codes' loads — which triton's pipeliner
+    issues (``cp.async``) steps ahead — are in flight. The group scales and offset sums
+    are loaded one step ahead (register double buffering, as in the FMA kernel). Before
+    ``gdc_wait`` only weights are read (no earlier kernel writes them): the first step's
+    group scales, and on the GPU ``PREFETCH_LINES`` 128-byte lines of every row's codes
+    from the start of the K range into the L2 (the pipeliner's first code loads come after
+    the wait, then from the L2); x̂'s planes and sums, the prep kernel's, after it. The
+    groups are added in order: the result does not depend on ``GROUPS_PER_STEP``."""
+    HK: tl.constexpr = 32  # bytes of a row per group
+    GS: tl.constexpr = GROUPS_PER_STEP
+    STEP: tl.constexpr = 64 * GROUPS_PER_STEP  # columns per step
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -559,22 +600,44 @@ def _w4a16_packed_kernel(
     t = tl.arange(0, 16)
     plane = (KP // 2) * 16
     q_rows = q_ptr + rows_c[:, None] * stride_qn + j[None, :]
+    s_rows = sc_ptr + rows_c * stride_sn
     x_cols = xh_ptr + j[:, None] * 16 + t[None, :]
     acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
     k_start = pid_k * k_per_split
-    if PDL:  # nothing read or written yet
+    k_end = tl.minimum(k_start + k_per_split, KP)
+    if ASM and PREFETCH_LINES > 0:  # the range's last byte at most (an empty range: KP's)
+        line = k_start // 2 + 128 * tl.arange(0, PREFETCH_LINES)
+        line = tl.minimum(line, k_end // 2 - 1)
+        _prefetch_l2(q_ptr + rows_c[:, None] * stride_qn + line[None, :])
+    # the first step's group scales (an empty range reads the last step's: never used)
+    k_first = tl.minimum(k_start, KP - STEP)
+    s_next = ()  # tuples grown by concatenation: triton's jit has no starred expressions
+    for g in tl.static_range(GS):
+        s_next = s_next + (tl.load(s_rows + k_first // 64 + g),)  # noqa: RUF005
+    if PDL:  # only weights (no earlier kernel's output) are read before this; x̂ after
         gdc_wait()
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, KP), 64):
-        lo, hi = _nibbles_136(tl.load(q_rows + k0 // 2), ASM)
-        xo = (k0 // 2) * 16
-        part = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-        part = _mma(lo, tl.load(x_cols + xo), part, DOT_FP32)
-        part = _mma(hi, tl.load(x_cols + plane + xo), part, DOT_FP32)
-        part = _mma(lo, tl.load(x_cols + 2 * plane + xo), part, DOT_FP32)
-        part = _mma(hi, tl.load(x_cols + 3 * plane + xo), part, DOT_FP32)
-        sg = tl.load(sc_ptr + rows_c * stride_sn + k0 // 64).to(tl.float32)
-        offset = tl.load(xs_ptr + (k0 // 64) * 16 + t)
-        acc += (part - offset[None, :]) * sg[:, None]
+    o_next = ()
+    for g in tl.static_range(GS):
+        o_next = o_next + (tl.load(xs_ptr + (k_first // 64 + g) * 16 + t),)  # noqa: RUF005
+    for k0 in range(k_start, k_end, STEP):
+        s = s_next
+        o = o_next
+        k_pre = tl.minimum(k0 + STEP, k_end - STEP)  # the next step (the last: itself)
+        s_next = ()
+        o_next = ()
+        for g in tl.static_range(GS):
+            s_next = s_next + (tl.load(s_rows + k_pre // 64 + g),)  # noqa: RUF005
+            o_next = o_next + (tl.load(xs_ptr + (k_pre // 64 + g) * 16 + t),)  # noqa: RUF005
+        for g in tl.static_range(GS):
+            kg = k0 + 64 * g
+            lo, hi = _nibbles_136(tl.load(q_rows + kg // 2), ASM)
+            xo = (kg // 2) * 16
+            part = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+            part = _mma(lo, tl.load(x_cols + xo), part, DOT_FP32)
+            part = _mma(hi, tl.load(x_cols + plane + xo), part, DOT_FP32)
+            part = _mma(lo, tl.load(x_cols + 2 * plane + xo), part, DOT_FP32)
+            part = _mma(hi, tl.load(x_cols + 3 * plane + xo), part, DOT_FP32)
+            acc += (part - o[g][None, :]) * s[g].to(tl.float32)[:, None]
     _epilogue(
         acc, rows, t, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr, bias_ptr, out_ptr,
         stride_ls, stride_lm, stride_un, stride_om, ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16,
@@ -762,15 +825,20 @@ def _split_k(m, n, kp, block_k, n_blocks, out_dtype, device):
 def _gemv_packed(
     xh: PackedX, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, out_dtype, pdl
 ) -> torch.Tensor:
-    """``gemv`` on the packed tensor-core kernel (int4)."""
+    """``gemv`` on the packed tensor-core kernel (int4), tiled by ``TILES["packed"]``."""
     qweight, wscales, wtensor_scale, lowrank_up = _operands(
         qweight, wscales, wtensor_scale, lowrank_up, fma=False
     )
     n, kp = qweight.shape[0], qweight.shape[1] * 2
     chunks, m, r = lora.shape
-    block_n, _, warps = TILES["mma"]
+    block_n, gps, warps = TILES["packed"]
+    gps = _groups_per_step(kp, gps)
     n_blocks = triton.cdiv(n, block_n)
-    split, kps, out = _split_k(m, n, kp, 64, n_blocks, out_dtype, qweight.device)
+    split, kps, out = _split_k(m, n, kp, 64 * gps, n_blocks, out_dtype, qweight.device)
+    # 128-byte lines of each row's codes: PACKED_PREFETCH steps (at most the split's),
+    # a power of two (a tensor's length; lines past the range repeat its last)
+    pf_bytes = min(PACKED_PREFETCH * 64 * gps, kps) // 2
+    lines = triton.next_power_of_2(triton.cdiv(pf_bytes, 128)) if pf_bytes > 0 else 0
     _w4a16_packed_kernel[(n_blocks, split)](
         xh.planes, xh.sums, qweight, wscales, wtensor_scale, lora, lowrank_up,
         bias if bias is not None else out, out, m, n, kp, r, chunks, kps,
@@ -779,6 +847,14 @@ def _gemv_packed(
         ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None,
         ROUND_BF16=needs_bf16_rounding(out_dtype), FP32_PREC=dot_precision(),
         ASM=not interpreting(), DOT_FP32=interpreting(), BLOCK_N=block_n, PDL=pdl,
+        GROUPS_PER_STEP=gps, PREFETCH_LINES=lines,
         num_warps=warps, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out if split == 1 else out.to(out_dtype)
+
+
+def _groups_per_step(kp: int, gps: int) -> int:
+    """The most groups per step, at most ``gps``, that KP is a whole number of steps of
+    (every K split is then whole steps too)."""
+    groups = kp // 64
+    return max(g for g in range(1, max(gps, 1) + 1) if groups % g == 0)
