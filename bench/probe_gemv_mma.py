@@ -1,23 +1,24 @@
-"""The packed-decode tensor-core GEMV against today's W4A16 kernels, on the GPU.
+"""The packed-decode tensor-core GEMV against the W4A16 kernels before it, on the GPU.
 
-``kernels.gemv.PACKED_MMA`` (off until this probe says otherwise) sends int4 weights at
-more than ``FMA_MAX_M`` tokens to ``_w4a16_packed_kernel``: two codes decoded per
-instance of a small PTX routine into bf16 ``136 + code`` and multiplied on the tensor
-cores against x̂'s bf16 hi/lo planes (bench/NOTES.md, v21–v24: ~4 instructions per code
-in its sm_90 SASS, against 4.6 for the FMA kernel at one token and 8.4 for the
-tensor-core kernel). Here, at FLUX.1's modulation shape (N = 18432, K = 3072, rank 32,
-bias), M = 1, 2, 4, 5, 6, 7, 8, 16, replayed from CUDA graphs: the whole
-``w4a16_linear`` as it runs today and with the packed kernel for every M
-(``FMA_MAX_M = 0``), each checked against ``reference.w4a16_linear_ref``; and BF16
-``F.linear`` of the same run.
+``kernels.gemv.PACKED_MMA`` (on since this probe's H200 run of 2026-11-29: 1.09-1.11x
+at M = 5, 8, 16) sends int4 weights at more than ``FMA_MAX_M`` tokens to
+``_w4a16_packed_kernel``: two codes decoded per instance of a small PTX routine into
+bf16 ``136 + code`` and multiplied on the tensor cores against x̂'s bf16 hi/lo planes
+(bench/NOTES.md, v21–v24: ~4 instructions per code in its sm_90 SASS, against 4.6 for
+the FMA kernel at one token and 8.4 for the tensor-core kernel ``_w4a16_mma_kernel``).
+Here, at FLUX.1's modulation shape (N = 18432, K = 3072, rank 32, bias), M = 1, 2, 4,
+5, 6, 7, 8, 16, replayed from CUDA graphs, the whole ``w4a16_linear`` two ways, each
+checked against ``reference.w4a16_linear_ref``: "today", the path without the packed
+kernel (``PACKED_MMA`` forced off: the FMA kernel up to ``FMA_MAX_M`` tokens,
+``_w4a16_mma_kernel`` above), and "packed", the packed kernel for every M
+(``PACKED_MMA`` on, ``FMA_MAX_M = 0``); and BF16 ``F.linear`` of the same run. The
+default path is "today" at M ≤ ``FMA_MAX_M`` and "packed" above.
 
 ``--sweep``: at M = 1, 2, 4, 5, 8, 16 the packed kernel over its tiles
 (``TILES["packed"]`` = BLOCK_N 32–256 × 1, 2, 4 groups of 64 columns a loop step × 4, 8
 warps; a tile that does not compile is recorded with its error), each checked against
-today's path (rel err) and timed like the rest (CUDA graph, median of ``do_bench``, fewer
-repetitions); then the best tile of each M with the L2 prefetch before ``gdc_wait`` off
-and over the whole K split (``PACKED_PREFETCH``; the tiles run at its default, the first
-step). Prints the best tile per M against today's path; every row goes into
+"today" (rel err) and timed like the rest (CUDA graph, median of ``do_bench``, fewer
+repetitions). Prints the best tile per M against "today"; every row goes into
 ``probe_gemv_mma_sweep-<date>.json`` (rewritten after each M: a run cut short keeps what
 it measured). A few minutes on an H200, most of it compiling.
 
@@ -51,36 +52,23 @@ MS = (1, 2, 4, 5, 6, 7, 8, 16)
 SWEEP_MS = (1, 2, 4, 5, 8, 16)
 #: (BLOCK_N, groups per step, num_warps) of the packed kernel, as ``TILES["packed"]``
 SWEEP_TILES = list(itertools.product((32, 64, 128, 256), (1, 2, 4), (4, 8)))
-#: ``PACKED_PREFETCH`` values tried on each M's best tile (steps; 1 << 20: the split)
-SWEEP_PREFETCH = (0, 1 << 20)
 
 
 @contextlib.contextmanager
-def _config(packed: bool, tile: tuple | None = None, prefetch: int | None = None):
-    """The GEMV as today (``packed`` False) or on the packed kernel for every M, at
-    ``tile`` and ``prefetch`` where given; the module's settings restored after."""
-    saved = (
-        gemv_mod.PACKED_MMA,
-        gemv_mod.FMA_MAX_M,
-        gemv_mod.TILES["packed"],
-        gemv_mod.PACKED_PREFETCH,
-    )
+def _config(packed: bool, tile: tuple | None = None):
+    """The GEMV without the packed kernel (``packed`` False: ``PACKED_MMA`` off, the FMA
+    kernel up to ``FMA_MAX_M`` tokens, ``_w4a16_mma_kernel`` above) or on the packed
+    kernel for every M, at ``tile`` where given; the module's settings restored after."""
+    saved = (gemv_mod.PACKED_MMA, gemv_mod.FMA_MAX_M, gemv_mod.TILES["packed"])
     try:
         gemv_mod.PACKED_MMA = packed
         if packed:
             gemv_mod.FMA_MAX_M = 0
         if tile is not None:
             gemv_mod.TILES["packed"] = tuple(tile)
-        if prefetch is not None:
-            gemv_mod.PACKED_PREFETCH = prefetch
         yield
     finally:
-        (
-            gemv_mod.PACKED_MMA,
-            gemv_mod.FMA_MAX_M,
-            gemv_mod.TILES["packed"],
-            gemv_mod.PACKED_PREFETCH,
-        ) = saved
+        gemv_mod.PACKED_MMA, gemv_mod.FMA_MAX_M, gemv_mod.TILES["packed"] = saved
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,9 +83,11 @@ def _case(m: int, layer: Layer):
 
 
 def probe(m: int, layer: Layer) -> dict:
-    """Today's path and the packed kernel at ``m`` tokens (time, error, ratio to BF16)."""
+    """The path without the packed kernel ("today") and the packed kernel at ``m``
+    tokens (time, error, ratio to BF16)."""
     x, args, y_ref = _case(m, layer)
     row: dict = {"M": m, "today": "fma" if m <= gemv_mod.FMA_MAX_M else "mma"}
+    row["default"] = gemv_mod._path(m, "int4")  # the kernel w4a16_linear picks
     row["bf16_us"] = bench_graph(lambda: F.linear(x, layer.w16, layer.bias))
     for name, packed in (("today", False), ("packed", True)):
         try:
@@ -116,15 +106,14 @@ def _quick(fn) -> float:
     return do_bench(_graph(fn).replay, warmup=5, rep=25, return_mode="median") * 1e3
 
 
-def _time_config(m, x, args, y_today, y_ref, packed, tile=None, prefetch=None) -> dict:
+def _time_config(m, x, args, y_today, y_ref, packed, tile=None) -> dict:
     """One sweep row: the configuration's time and errors, or the error it raised."""
     row: dict = {"M": m, "path": "packed" if packed else "today"}
     if packed:
         row["tile"] = list(tile if tile is not None else gemv_mod.TILES["packed"])
-        row["prefetch"] = gemv_mod.PACKED_PREFETCH if prefetch is None else prefetch
     t0 = time.perf_counter()
     try:
-        with _config(packed, tile, prefetch):
+        with _config(packed, tile):
             y = gemv_mod.w4a16_linear(x, *args)
             torch.cuda.synchronize()
             row["first_call_s"] = round(time.perf_counter() - t0, 2)  # mostly compiling
@@ -140,8 +129,8 @@ def _time_config(m, x, args, y_today, y_ref, packed, tile=None, prefetch=None) -
 
 
 def sweep(m: int, layer: Layer) -> tuple[list[dict], dict]:
-    """Every packed tile at ``m`` tokens, today's path, and the best tile's prefetch
-    variants: (rows, summary)."""
+    """Every packed tile at ``m`` tokens and the path without the packed kernel:
+    (rows, summary)."""
     x, args, y_ref = _case(m, layer)
     with _config(False):
         y_today = gemv_mod.w4a16_linear(x, *args)
@@ -155,18 +144,12 @@ def sweep(m: int, layer: Layer) -> tuple[list[dict], dict]:
     summary: dict = {"M": m, "today": today["kernel"], "today_us": today.get("us")}
     if ok:
         best = min(ok, key=lambda r: r["us"])
-        for pf in SWEEP_PREFETCH:
-            rows.append(_time_config(m, x, args, y_today, y_ref, True, best["tile"], pf))
-        variants = [r for r in [best, *rows[-len(SWEEP_PREFETCH) :]] if "us" in r]
-        fastest = min(variants, key=lambda r: r["us"])
         default = next(
             (r for r in ok if tuple(r["tile"]) == gemv_mod.TILES["packed"]), None
-        )  # today's packed tile
+        )  # the default packed tile
         summary |= {
             "best_tile": best["tile"],
             "best_us": best["us"],
-            "best_prefetch": fastest["prefetch"],
-            "best_prefetch_us": fastest["us"],
             "default_tile_us": default["us"] if default else None,
             "failed": sum("error" in r for r in rows),
         }
@@ -176,7 +159,7 @@ def sweep(m: int, layer: Layer) -> tuple[list[dict], dict]:
 def _table(summaries: list[dict]) -> str:
     lines = [
         f"{'M':>3} {'today':>5} {'us':>7}   {'default pk':>10}   {'best tile':>14} {'us':>7}"
-        f"   {'prefetch':>8} {'us':>7}   {'today/best':>10}"
+        f"   {'today/best':>10}"
     ]
     for s in summaries:
         if "best_us" not in s:
@@ -184,13 +167,10 @@ def _table(summaries: list[dict]) -> str:
                 f"{s['M']:>3} {s['today']:>5} {s['today_us'] or 0:7.1f}   no packed tile ran"
             )
             continue
-        best = min(s["best_us"], s["best_prefetch_us"])
-        pf = s["best_prefetch"]
         lines.append(
             f"{s['M']:>3} {s['today']:>5} {s['today_us'] or 0:7.1f}   "
             f"{s['default_tile_us'] or 0:10.1f}   {tuple(s['best_tile'])!s:>14} "
-            f"{s['best_us']:7.1f}   {'split' if pf >= 1 << 20 else pf:>8} "
-            f"{s['best_prefetch_us']:7.1f}   {(s['today_us'] or 0) / best:10.2f}"
+            f"{s['best_us']:7.1f}   {(s['today_us'] or 0) / s['best_us']:10.2f}"
         )
     return "\n".join(lines)
 
@@ -214,7 +194,6 @@ def main() -> None:
             result = {
                 **run_info(),
                 "tiles": dict(gemv_mod.TILES),
-                "packed_prefetch": gemv_mod.PACKED_PREFETCH,
                 "summary": summaries,
                 "sweep": rows,
             }
@@ -230,7 +209,6 @@ def main() -> None:
     result = {
         **run_info(),
         "tiles": dict(gemv_mod.TILES),
-        "packed_prefetch": gemv_mod.PACKED_PREFETCH,
         "rows": rows,
     }
     path = write_result(result, a.out, "probe_gemv_mma")

@@ -185,8 +185,7 @@ def _gemv_fma() -> dict[str, Any]:
 
 def _packed_spec(groups_per_step: int | None = None) -> dict[str, Any]:
     """The packed-decode tensor-core GEMV (``gemv.PACKED_MMA``), 4 tokens, at
-    ``TILES["packed"]`` (its groups per step replaced by ``groups_per_step``), the L2
-    prefetch of the first step on."""
+    ``TILES["packed"]`` (its groups per step replaced by ``groups_per_step``)."""
     from svdquant.kernels import gemv as g
 
     bn, gps, warps = g.TILES["packed"]
@@ -197,7 +196,7 @@ def _packed_spec(groups_per_step: int | None = None) -> dict[str, Any]:
         M=4, N=18432, KP=3072, R=32, S=24, k_per_split=768, stride_qn=1536, stride_sn=48,
         stride_ls=128, stride_lm=32, stride_un=32, stride_om=18432,
     )  # fmt: skip
-    d["consts"] |= dict(ASM=True, DOT_FP32=False, BLOCK_N=bn, GROUPS_PER_STEP=gps, PREFETCH_LINES=1)
+    d["consts"] |= dict(ASM=True, DOT_FP32=False, BLOCK_N=bn, GROUPS_PER_STEP=gps)
     return dict(kernel=g._w4a16_packed_kernel, warps=warps, **d)
 
 

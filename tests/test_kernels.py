@@ -416,10 +416,15 @@ def _w4a16_case(m, n, k, r, fmt, dtype, bias_seed):
     ("n", "k", "r"),
     [(45, 100, 5), (130, 333, 0), (45, 1024, 3), (20, 4500, 2), (33, 200, 40)],
 )
-def test_w4a16_matches_reference(m, fmt, n, k, r):
-    """(45, 1024): a K split (partial sums through atomics); (20, 4500): more low-rank
-    partial sums (36 chunks of K) than one epilogue load takes; rank 40: two rank
-    blocks in the x̂ / low-rank down kernel."""
+def test_w4a16_matches_reference(monkeypatch, m, fmt, n, k, r):
+    """The FMA kernel (M = 1, 3) and ``_w4a16_mma_kernel`` (M = 16, int4 too:
+    ``PACKED_MMA`` off here; the packed kernel has its own tests). (45, 1024): a K split
+    (partial sums through atomics); (20, 4500): more low-rank partial sums (36 chunks of
+    K) than one epilogue load takes; rank 40: two rank blocks in the x̂ / low-rank down
+    kernel."""
+    from svdquant.kernels import gemv
+
+    monkeypatch.setattr(gemv, "PACKED_MMA", False)
     dtype = torch.bfloat16 if fmt == "int4" else torch.float16
     x, args = _w4a16_case(m, n, k, r, fmt, dtype, bias_seed=5)
     y = w4a16_linear(x, *args)
@@ -452,6 +457,38 @@ def test_w4a16_fma_kernel_over_tiles(monkeypatch, m, tile, fmt, n, k, r):
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
+def test_w4a16_default_path(monkeypatch):
+    """The default routing: the FMA kernel up to ``FMA_MAX_M`` (4) tokens, above it int4
+    on the packed kernel (``PACKED_MMA``, on since the H200 measurement) and nvfp4 on
+    ``_w4a16_mma_kernel``; ``PACKED_MMA`` off sends int4 there too. ``w4a16_linear``
+    launches the kernel ``_path`` names."""
+    from svdquant.kernels import gemv
+
+    assert gemv.PACKED_MMA and gemv.FMA_MAX_M == 4
+    assert [gemv._path(m, "int4") for m in (1, 4, 5, 8, 16)] == ["fma"] * 2 + ["packed"] * 3
+    assert [gemv._path(m, "nvfp4") for m in (1, 4, 5, 16)] == ["fma"] * 2 + ["mma"] * 2
+    launched = []
+
+    class Spy:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launched.append(self.name)
+
+    for name in ("fma", "mma", "packed"):
+        monkeypatch.setattr(gemv, f"_w4a16_{name}_kernel", Spy(name))
+    for m, fmt in ((4, "int4"), (5, "int4"), (16, "int4"), (4, "nvfp4"), (5, "nvfp4")):
+        x, args = _w4a16_case(m, 45, 256, 3, fmt, torch.bfloat16, bias_seed=None)
+        w4a16_linear(x, *args)
+    assert launched == ["fma", "packed", "packed", "fma", "mma"]
+    monkeypatch.setattr(gemv, "PACKED_MMA", False)
+    assert gemv._path(5, "int4") == "mma"
+    x, args = _w4a16_case(5, 45, 256, 3, "int4", torch.bfloat16, bias_seed=None)
+    w4a16_linear(x, *args)
+    assert launched[-1] == "mma"
+
+
 def test_packed_decode_ptx_recipe():
     """The packed kernel's PTX decode (``gemv._decode_pair``), emulated bit for bit — xor
     0x8888, ``prmt`` 0x4140, shift by 4, ``lop3`` (x & 0x000F000F) | 0x43004300 — gives
@@ -480,7 +517,7 @@ def test_packed_decode_ptx_recipe():
 @pytest.mark.parametrize("m", [2, 5, 16])
 @pytest.mark.parametrize(("n", "k", "r"), [(45, 1024, 3), (130, 333, 0), (20, 4500, 2)])
 def test_w4a16_packed_kernel_matches_reference(monkeypatch, m, n, k, r):
-    """The packed-decode tensor-core kernel (``gemv.PACKED_MMA``, off until measured): x̂
+    """The packed-decode tensor-core kernel (``gemv.PACKED_MMA``; here from M = 2): x̂
     as bf16 hi/lo planes with the per-group offset sums, codes decoded to ``136 + code``
     (under the interpreter by integer ops, on the GPU by the PTX); K split into partial
     sums at (45, 1024) and (20, 4500), K padded to 384 at 333, no low-rank branch at r = 0."""
@@ -861,10 +898,18 @@ def test_gpu_layer_pipeline_matches_reference(m, n, k, fmt, act_fmt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 3, 4, 16])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 16])
 @pytest.mark.parametrize(("n", "k"), [(130, 333), (18432, 3072), (3072, 3072)])
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
-def test_gpu_w4a16_matches_reference(m, n, k, fmt):
+@pytest.mark.parametrize("packed", [True, False])
+def test_gpu_w4a16_matches_reference(monkeypatch, m, n, k, fmt, packed):
+    """The default path (``packed``: int4 above ``FMA_MAX_M`` on the packed kernel) and
+    ``PACKED_MMA`` off (int4 on ``_w4a16_mma_kernel``)."""
+    from svdquant.kernels import gemv
+
+    if not packed and (fmt != "int4" or m <= gemv.FMA_MAX_M):
+        pytest.skip("the same kernel as with PACKED_MMA on")
+    monkeypatch.setattr(gemv, "PACKED_MMA", packed)
     x, args = _w4a16_case(m, n, k, 32, fmt, torch.bfloat16, bias_seed=None)
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
 
@@ -885,18 +930,13 @@ def test_gpu_w4a16_packed_kernel(monkeypatch, m, n, k):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [5, 16])
 @pytest.mark.parametrize(("n", "k"), [(18432, 3072), (130, 333), (300, 4500)])
-@pytest.mark.parametrize(
-    ("tile", "prefetch"),
-    [((32, 2, 4), 1), ((64, 4, 4), 0), ((128, 2, 8), 64), ((256, 4, 8), 1)],
-)
-def test_gpu_w4a16_packed_kernel_over_tiles(monkeypatch, m, n, k, tile, prefetch):
-    """The packed kernel's tiles and L2 prefetch (``PACKED_PREFETCH`` steps; 64: every
-    row's whole K range) on the GPU, with the PTX decode."""
+@pytest.mark.parametrize("tile", [(32, 2, 4), (64, 4, 4), (128, 2, 8), (256, 4, 8)])
+def test_gpu_w4a16_packed_kernel_over_tiles(monkeypatch, m, n, k, tile):
+    """The packed kernel's tiles on the GPU, with the PTX decode."""
     from svdquant.kernels import gemv
 
     monkeypatch.setattr(gemv, "PACKED_MMA", True)
     monkeypatch.setattr(gemv, "FMA_MAX_M", 1)
-    monkeypatch.setattr(gemv, "PACKED_PREFETCH", prefetch)
     monkeypatch.setitem(gemv.TILES, "packed", tile)
     x, args = _w4a16_case(m, n, k, 32, "int4", torch.bfloat16, bias_seed=9)
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL

@@ -15,8 +15,10 @@ many of them as possible are in flight:
   Up to ``FMA_MAX_M`` tokens multiply on the FMA units — per group ``Σ code · x̂``
   then one multiply by the group scale; more tokens use the tensor cores with the raw
   codes (exact in bf16) against x̂ split into two bf16 parts (hi + lo,
-  fp32-like accuracy). Where N alone gives too few programs, K is split and the partial
-  sums meet in an fp32 buffer through atomics.
+  fp32-like accuracy): int4 codes decoded two at a time by a few PTX instructions
+  (``_w4a16_packed_kernel``, ``PACKED_MMA``), nvfp4 codes by ``_w4a16_mma_kernel``.
+  Where N alone gives too few programs, K is split and the partial sums meet in an fp32
+  buffer through atomics.
 * on Hopper the GEMV is launched as the prep kernel's programmatic dependent
   (``PDL``): its programs start while the prep kernel runs, issue their first weight
   loads (the weights are no earlier kernel's output) and wait (``griddepcontrol.wait``)
@@ -61,7 +63,8 @@ TILES = {
     "fma_multi": (4, 1024, 1),
     "mma": (128, 64, 4),
     # (BLOCK_N, groups of 64 columns per step, num_warps) of ``_w4a16_packed_kernel``
-    # (``PACKED_MMA``): ``bench/probe_gemv_mma.py --sweep``
+    # (``PACKED_MMA``): the best of 24 (BLOCK_N 32-256 x 1, 2, 4 groups x 4, 8 warps) at
+    # every M = 1..16 (``probe_gemv_mma_sweep-h200-2026-11-29.json``, H200)
     "packed": (128, 1, 4),
 }
 #: Split K until the grid has this many programs per SM (when N alone is too small).
@@ -78,15 +81,13 @@ MAGIC_2P23 = 0x4B000000
 LORA_CHUNK = 128
 #: int4 weights at more than ``FMA_MAX_M`` tokens on the packed-decode tensor-core kernel
 #: (``_w4a16_packed_kernel``: two codes per decode instruction, ~4 instructions per code
-#: in its sm_90 SASS against 8.4 for ``_w4a16_mma_kernel``) instead of the tensor-core
-#: kernel. Off until measured (``bench/probe_gemv_mma.py``, bench/NOTES.md v21–v24).
-PACKED_MMA = False
-#: Steps of every row's codes (from the start of its K range, at most the K split) that
-#: the packed kernel prefetches into the L2 before its ``gdc_wait``, on the GPU (0: none).
-#: Its code loads proper are triton's pipeliner's (``cp.async``), which come after the
-#: wait: the prefetch gets the first step's bytes moving while the prep kernel runs.
-#: ``bench/probe_gemv_mma.py --sweep`` also times 0 and the whole split.
-PACKED_PREFETCH = 1
+#: in its sm_90 SASS against 8.4 for ``_w4a16_mma_kernel``; nvfp4 stays on the latter).
+#: H200, 2026-11-29 (``bench/probe_gemv_mma.py``; N = 18432, K = 3072, rank 32 + bias,
+#: CUDA graph): ``probe_gemv_mma_sweep-h200-2026-11-29.json`` 46.0 vs 51.2 µs at M = 5,
+#: 48.4 vs 53.3 at M = 8, 54.0 vs 58.7 at M = 16 (1.09-1.11x; ``probe_gemv_mma-2026-11-29
+#: .json`` 48.9 vs 53.7 and 55.1 vs 59.5 at M = 8, 16). At M ≤ 4 the FMA kernel stays
+#: faster (M = 4: 40.9 vs 45.4 µs): ``FMA_MAX_M`` unchanged.
+PACKED_MMA = True
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
 PDL = True
@@ -527,20 +528,6 @@ def _nibbles_136(b, ASM: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Prefetch the lines holding ``ptrs`` into the L2 (``prefetch.global.L2``: no
-    register written, nothing waits for it). GPU only (inline PTX)."""
-    return tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;",
-        "=r,l",
-        [ptrs],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
-
-
-@triton.jit
 def _w4a16_packed_kernel(
     xh_ptr,
     xs_ptr,
@@ -573,7 +560,6 @@ def _w4a16_packed_kernel(
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
     GROUPS_PER_STEP: tl.constexpr = 1,
-    PREFETCH_LINES: tl.constexpr = 0,
 ):
     """int4 weights, up to 16 tokens, on the tensor cores with a packed decode: per group
     of 64 columns, ``Σ (136 + code) · (hi + lo)`` as four MMAs (low nibbles against x̂'s
@@ -585,10 +571,10 @@ def _w4a16_packed_kernel(
     issues (``cp.async``) steps ahead — are in flight. The group scales and offset sums
     are loaded one step ahead (register double buffering, as in the FMA kernel). Before
     ``gdc_wait`` only weights are read (no earlier kernel writes them): the first step's
-    group scales, and on the GPU ``PREFETCH_LINES`` 128-byte lines of every row's codes
-    from the start of the K range into the L2 (the pipeliner's first code loads come after
-    the wait, then from the L2); x̂'s planes and sums, the prep kernel's, after it. The
-    groups are added in order: the result does not depend on ``GROUPS_PER_STEP``."""
+    group scales; x̂'s planes and sums, the prep kernel's, after it. (An L2 prefetch of
+    the first step's codes before the wait gained nothing on the H200: 0.2-0.8 µs slower,
+    removed.) The groups are added in order: the result does not depend on
+    ``GROUPS_PER_STEP``."""
     HK: tl.constexpr = 32  # bytes of a row per group
     GS: tl.constexpr = GROUPS_PER_STEP
     STEP: tl.constexpr = 64 * GROUPS_PER_STEP  # columns per step
@@ -605,10 +591,6 @@ def _w4a16_packed_kernel(
     acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, KP)
-    if ASM and PREFETCH_LINES > 0:  # the range's last byte at most (an empty range: KP's)
-        line = k_start // 2 + 128 * tl.arange(0, PREFETCH_LINES)
-        line = tl.minimum(line, k_end // 2 - 1)
-        _prefetch_l2(q_ptr + rows_c[:, None] * stride_qn + line[None, :])
     # the first step's group scales (an empty range reads the last step's: never used)
     k_first = tl.minimum(k_start, KP - STEP)
     s_next = ()  # tuples grown by concatenation: triton's jit has no starred expressions
@@ -666,8 +648,8 @@ def w4a16_linear(
     n, kp = qweight.shape[0], qweight.shape[1] * 2
     if m == 0 or n == 0:
         return x.new_empty(m, n)
-    fma = m <= FMA_MAX_M
-    packed = PACKED_MMA and not fma and fmt == "int4"
+    path = _path(m, fmt)
+    fma, packed = path == "fma", path == "packed"
     # every copy the GEMV's operands need is made before the prep kernel, so that the
     # prep kernel is the GEMV's immediate predecessor (its programmatic dependency)
     qweight, wscales, wtensor_scale, lowrank_up = _operands(
@@ -676,6 +658,15 @@ def w4a16_linear(
     pdl = _pdl(x.device)
     xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=fma, pdl=pdl, packed=packed)
     return gemv(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, fmt, x.dtype, pdl=pdl)
+
+
+def _path(m: int, fmt: str) -> str:
+    """The GEMV kernel for ``m`` tokens of ``fmt`` weights: "fma" up to ``FMA_MAX_M``
+    tokens; above, "packed" (``_w4a16_packed_kernel``) for int4 when ``PACKED_MMA``,
+    otherwise "mma" (``_w4a16_mma_kernel``; always for nvfp4)."""
+    if m <= FMA_MAX_M:
+        return "fma"
+    return "packed" if PACKED_MMA and fmt == "int4" else "mma"
 
 
 def _operands(qweight, wscales, wtensor_scale, lowrank_up, fma: bool):
@@ -835,10 +826,6 @@ def _gemv_packed(
     gps = _groups_per_step(kp, gps)
     n_blocks = triton.cdiv(n, block_n)
     split, kps, out = _split_k(m, n, kp, 64 * gps, n_blocks, out_dtype, qweight.device)
-    # 128-byte lines of each row's codes: PACKED_PREFETCH steps (at most the split's),
-    # a power of two (a tensor's length; lines past the range repeat its last)
-    pf_bytes = min(PACKED_PREFETCH * 64 * gps, kps) // 2
-    lines = triton.next_power_of_2(triton.cdiv(pf_bytes, 128)) if pf_bytes > 0 else 0
     _w4a16_packed_kernel[(n_blocks, split)](
         xh.planes, xh.sums, qweight, wscales, wtensor_scale, lora, lowrank_up,
         bias if bias is not None else out, out, m, n, kp, r, chunks, kps,
@@ -847,7 +834,7 @@ def _gemv_packed(
         ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None,
         ROUND_BF16=needs_bf16_rounding(out_dtype), FP32_PREC=dot_precision(),
         ASM=not interpreting(), DOT_FP32=interpreting(), BLOCK_N=block_n, PDL=pdl,
-        GROUPS_PER_STEP=gps, PREFETCH_LINES=lines,
+        GROUPS_PER_STEP=gps,
         num_warps=warps, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out if split == 1 else out.to(out_dtype)
