@@ -297,6 +297,25 @@ def test_fp8_gemm_matches_reference(monkeypatch, m, n, k, r, bias, dtype, tma):
     assert rel_err(y, y_ref) <= TOL
 
 
+def test_tma_rule(monkeypatch):
+    """Tensor descriptors only where TMA can take the operands: from ``TMA_MIN_M`` rows,
+    16-byte aligned base and rows, a GPU of compute capability 9+ (or the interpreter);
+    the flag turns them off."""
+    from svdquant.kernels import gemm
+
+    monkeypatch.setattr(gemm, "TMA_MIN_M", 4)
+    w = torch.zeros(8, 64, device=DEVICE).to(torch.float8_e4m3fn)
+    x = torch.zeros(5, 64, device=DEVICE).to(torch.float8_e4m3fn)
+    big = torch.zeros(5 * 64 + 8, device=DEVICE).to(torch.float8_e4m3fn)
+    gpu_ok = DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9
+    assert gemm._tma_ok(x, w) == gpu_ok
+    assert not gemm._tma_ok(x[:3], w)  # fewer rows than TMA_MIN_M
+    assert not gemm._tma_ok(torch.zeros(5, 40, device=DEVICE).to(x.dtype), w)  # rows of 40 B
+    assert not gemm._tma_ok(big[1 : 1 + 5 * 64].view(5, 64), w)  # base off by one byte
+    monkeypatch.setattr(gemm, "TMA_LOADS", False)
+    assert not gemm._tma_ok(x, w)
+
+
 def _gemm_args(m: int, n: int, k: int, seed: int, x_scale: float = 30, r: int = 5) -> tuple:
     """fp8_gemm's arguments: fp8 operands, channel and activation scales, a rank-``r``
     low-rank branch and a bias, bf16 out."""
