@@ -32,16 +32,18 @@ def num_sms(device, cpu: int = 1) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def hopper_or_later(device) -> bool:
+    """Whether ``device`` is a CUDA GPU of compute capability 9 or more (sm_90: tensor
+    descriptors, programmatic dependent launches)."""
+    import torch
+
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def pdl_supported(device) -> bool:
     """Whether kernels on ``device`` can be launched as programmatic dependents (sm_90+;
     never under the interpreter, which runs no inline assembly)."""
-    import torch
-
-    return (
-        device.type == "cuda"
-        and not interpreting()
-        and torch.cuda.get_device_capability(device)[0] >= 9
-    )
+    return not interpreting() and hopper_or_later(device)
 
 
 def dot_precision() -> str:

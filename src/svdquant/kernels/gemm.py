@@ -25,6 +25,7 @@ from svdquant.kernels._triton_common import (
     dot16,
     folded_lowrank_dot,
     fp8_to_f32,
+    hopper_or_later,
     interpreting,
     needs_bf16_rounding,
     num_sms,
@@ -426,9 +427,9 @@ def _launch(
 #: tiles into shared memory, bounds handled in hardware; the sm_90 main loop 88 SASS
 #: instructions per step instead of 146) where the GPU has them (sm_90+), the operands
 #: are 16-byte aligned and M ≥ ``TMA_MIN_M``; else pointer loads with masks. H200, GEMM +
-#: low-rank + bias in one run (``bench/probe_gemm.py``, v25): 0-5% faster at M ≥ 1024
+#: low-rank + bias in one run (``bench/probe_gemm.py``, v25): 0-4.4% faster at M ≥ 1024
 #: (1.45 -> 1.47x BF16 at M = 4608, N = K = 3072), at M = 512 faster on four shapes and
-#: 17-25% slower on two (3072 x 3072, 9216 x 3072).
+#: 33% / 17% slower on two (3072 x 3072, 9216 x 3072).
 TMA_LOADS = True
 TMA_MIN_M = 1024
 
@@ -436,9 +437,7 @@ TMA_MIN_M = 1024
 def _tma_ok(xq: torch.Tensor, wq: torch.Tensor) -> bool:
     if not TMA_LOADS or xq.shape[0] < TMA_MIN_M:
         return False
-    if not interpreting() and (
-        not xq.is_cuda or torch.cuda.get_device_capability(xq.device)[0] < 9
-    ):
+    if not (interpreting() or hopper_or_later(xq.device)):  # the interpreter runs them too
         return False
     return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (xq, wq))
 

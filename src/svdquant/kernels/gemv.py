@@ -528,6 +528,17 @@ def _nibbles_136(b, ASM: tl.constexpr):
 
 
 @triton.jit
+def _step_loads(ptrs, offset, stride, GS: tl.constexpr):
+    """``GS`` loads, ``ptrs + offset + g · stride`` for g < GS: one step's groups' scales
+    or offset sums, as a tuple (grown by concatenation: triton's jit has no starred
+    expressions)."""
+    out = ()
+    for g in tl.static_range(GS):
+        out = out + (tl.load(ptrs + offset + g * stride),)  # noqa: RUF005
+    return out
+
+
+@triton.jit
 def _w4a16_packed_kernel(
     xh_ptr,
     xs_ptr,
@@ -593,23 +604,16 @@ def _w4a16_packed_kernel(
     k_end = tl.minimum(k_start + k_per_split, KP)
     # the first step's group scales (an empty range reads the last step's: never used)
     k_first = tl.minimum(k_start, KP - STEP)
-    s_next = ()  # tuples grown by concatenation: triton's jit has no starred expressions
-    for g in tl.static_range(GS):
-        s_next = s_next + (tl.load(s_rows + k_first // 64 + g),)  # noqa: RUF005
+    s_next = _step_loads(s_rows, k_first // 64, 1, GS)
     if PDL:  # only weights (no earlier kernel's output) are read before this; x̂ after
         gdc_wait()
-    o_next = ()
-    for g in tl.static_range(GS):
-        o_next = o_next + (tl.load(xs_ptr + (k_first // 64 + g) * 16 + t),)  # noqa: RUF005
+    o_next = _step_loads(xs_ptr + t, (k_first // 64) * 16, 16, GS)
     for k0 in range(k_start, k_end, STEP):
         s = s_next
         o = o_next
         k_pre = tl.minimum(k0 + STEP, k_end - STEP)  # the next step (the last: itself)
-        s_next = ()
-        o_next = ()
-        for g in tl.static_range(GS):
-            s_next = s_next + (tl.load(s_rows + k_pre // 64 + g),)  # noqa: RUF005
-            o_next = o_next + (tl.load(xs_ptr + (k_pre // 64 + g) * 16 + t),)  # noqa: RUF005
+        s_next = _step_loads(s_rows, k_pre // 64, 1, GS)
+        o_next = _step_loads(xs_ptr + t, (k_pre // 64) * 16, 16, GS)
         for g in tl.static_range(GS):
             kg = k0 + 64 * g
             lo, hi = _nibbles_136(tl.load(q_rows + kg // 2), ASM)
