@@ -53,6 +53,7 @@ def cases() -> dict:
     return {
         "gemv": lambda: (w4a16_linear(x1, *g, "int4"), w4a16_linear(x4, *g, "int4")),
         "quantize": lambda: quantize_act(xm, sq.smooth, sq.down, s, 3072, "int4"),
+        "quantize_nolr": lambda: quantize_act(xm, sq.smooth, sq.down[:0], s, 3072, "int4"),
         "widen": lambda: widen_weight(*wargs),
         "gemm": lambda: fp8_gemm(xq, wq, s_ch, s, lora, sq.up, sq.bias, torch.bfloat16),
         "mlp_fc1": lambda: fp8_gemm_quantize_next(*mlp),
