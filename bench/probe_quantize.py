@@ -12,6 +12,7 @@ over tiles, K splits and pipeline depths, so the differences say what each stage
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ def _graph_us(fn) -> float:
 
 def variant(
     x, smooth, down, scale, *, block_m, warps, split, lora, atomic, int4,
-    block_k=64, stages=None, maxnreg=None,
+    block_k=64, stages=None, maxnreg=None, prefetch=False, kernel=None,
 ) -> float:  # fmt: skip
     m, k = x.shape
     r = down.shape[0] if lora else 0
@@ -48,14 +49,17 @@ def variant(
     xq = torch.empty(m, k, dtype=torch.float8_e4m3fn, device="cuda")
     out = torch.zeros(m, max(r, 1), device="cuda")
 
+    kernel = kernel or qmod._quantize_act_kernel
+    extra = {"PREFETCH": True} if prefetch else {}
+
     def run():
-        qmod._quantize_act_kernel[(triton.cdiv(m, block_m), split)](
+        kernel[(triton.cdiv(m, block_m), split)](
             x, x, smooth, down, scale, xq, out, m, k, k, k, r, kps, x.stride(0), x.stride(0),
             xq.stride(0), down.stride(0), out.stride(0), INT4=int4, HAS_LORA=r > 0,
             ATOMIC=atomic, EXACT=False, TAIL_ACT=-1, SEAM_ALIGNED=False, ROUND_BF16=False,
             BLOCK_M=block_m, BLOCK_R=32, BLOCK_K=block_k, num_warps=warps,
             **({} if stages is None else {"num_stages": stages}),
-            **({} if maxnreg is None else {"maxnreg": maxnreg}),
+            **({} if maxnreg is None else {"maxnreg": maxnreg}), **extra,
         )  # fmt: skip
 
     return _graph_us(run)
@@ -69,6 +73,12 @@ def main() -> None:
         "--maxnreg",
         action="store_true",
         help="only today's tile under register caps (more programs per SM)",
+    )
+    p.add_argument(
+        "--diet",
+        metavar="OLD_QUANTIZE_PY",
+        help="today's tile: this kernel (with and without the next step prefetched) "
+        "against the kernel in OLD_QUANTIZE_PY (a quantize.py of an earlier commit)",
     )
     a = p.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -107,7 +117,35 @@ def main() -> None:
             print(f"  maxnreg={r['maxnreg']!s:4} split={r['split']:>2} lora={r['lora']!s:5}: "
                   + (f"{r['us']:6.1f} us {r['pct_copy']:4.0f}% of copy" if "us" in r
                      else r["error"]))  # fmt: skip
-    short = () if a.long_only or a.maxnreg else (
+    if a.diet:
+        spec = importlib.util.spec_from_file_location("quantize_old", a.diet)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+        for split in (6, 8, 12, 16, 24):
+            for name, kern, pf in (
+                ("old", old._quantize_act_kernel, False),
+                ("new", None, False),
+                ("new+prefetch", None, True),
+            ):
+                for lora in (True, False):
+                    measure(
+                        block_m=64,
+                        warps=4,
+                        split=split,
+                        lora=lora,
+                        atomic=lora,
+                        int4=True,
+                        block_k=128,
+                        stages=1,
+                        kernel=kern,
+                        prefetch=pf,
+                    )
+                    rows[-1]["kernel"] = name  # fmt: skip
+        for r in rows:
+            print(f"  {r['kernel']:13} split={r['split']:>2} lora={r['lora']!s:5}: "
+                  + (f"{r['us']:6.1f} us {r['pct_copy']:4.0f}% of copy" if "us" in r
+                     else r["error"]))  # fmt: skip
+    short = () if a.long_only or a.maxnreg or a.diet else (
         (32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)
     )  # fmt: skip
     if a.long_only:  # today's tile (the launcher's 64 x 128, 4 warps, ~7 programs/SM)
@@ -123,7 +161,7 @@ def main() -> None:
     # Long loops that triton can pipeline (cp.async into shared memory with num_stages >= 2:
     # 187-194 registers with the low-rank branch, triton 3.6 sm_90): few splits, deep
     # pipelines, the layer's own kind (low-rank, atomics, int4) only.
-    for block_m, warps in () if a.maxnreg else ((32, 4), (64, 4), (64, 8), (128, 8)):
+    for block_m, warps in () if a.maxnreg or a.diet else ((32, 4), (64, 4), (64, 8), (128, 8)):
         for split in (1, 2, 4):
             for stages in (2, 3, 4):
                 measure(block_m=block_m, warps=warps, split=split, lora=True, atomic=True,
@@ -132,7 +170,7 @@ def main() -> None:
     print("->", write_result(result, a.out, "probe_quantize"))
     ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
     print(f"copy {copy_gbs:.0f} GB/s; fastest variants of each kind:")
-    for kind in () if a.maxnreg else (*kinds, ("long",)):
+    for kind in () if a.maxnreg or a.diet else (*kinds, ("long",)):
         if kind == ("long",):
             best = [r for r in ok if r["lora"] and r["stages"] > 1][:8]
         else:

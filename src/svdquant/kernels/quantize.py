@@ -42,7 +42,6 @@ from svdquant.kernels._triton_common import (
     pdl_supported,
     recip16_rn,
     round_bf16,
-    round_small,
     to_e4m3,
 )
 
@@ -56,18 +55,34 @@ TILES = {"small": (16, 64, 4), "medium": (64, 128, 4), "large": (64, 128, 4)}
 PROGRAMS_PER_SM = 7
 
 
+#: fp32's largest finite value: a group's factor ``s_group · (1/S)`` is clamped to it so that
+#: ``0 · factor`` stays 0 (never ``0 · inf``).
+FP32_MAX = tl.constexpr(3.4028234663852886e38)
+
+
 @triton.jit
-def int4_values(xg, AXIS: tl.constexpr, EXACT: tl.constexpr):
+def int4_fp8(xg, inv_act, AXIS: tl.constexpr, EXACT: tl.constexpr):
     """The paper's int4 quantization of groups laid along ``AXIS`` (the last axis, 64 wide)
-    of fp32 ``xg``: ``code · s_group`` with ``s_group = fp16(max|x| / 7)`` and
-    ``code = round(x · (1 / s_group))`` in [-7, 7], as fp32. Both divisions are IEEE
-    (``div7_rn``, ``recip16_rn``)."""
+    of fp32 ``xg``, as fp8 operands ``fp8(code · (s_group · inv_act))``.
+
+    ``s_group = fp16(max|x| / 7)`` and ``code = round(x · (1 / s_group))`` in [-7, 7], the
+    product rounded once (an FMA against 1.5 · 2²³), both divisions IEEE (``div7_rn``,
+    ``recip16_rn``); the group's factor ``s_group · inv_act`` is one multiply per group.
+    On the GPU the conversion saturates at ±448 by itself (``cvt.rn.satfinite``), so no
+    clamp per element; ``EXACT`` (the interpreter) rounds in fp64 and clamps explicitly.
+    """
     amax = tl.max(tl.abs(xg), axis=AXIS)
     sg = tl.minimum(div7_rn(amax, EXACT), 65504.0).to(tl.float16).to(tl.float32)
     inv_sg = tl.where(sg > 0.0, recip16_rn(tl.where(sg > 0.0, sg, 1.0), EXACT), 0.0)
-    sg = tl.expand_dims(sg, AXIS)
-    t = xg * tl.expand_dims(inv_sg, AXIS)
-    return round_small(tl.minimum(tl.maximum(t, -7.0), 7.0)) * sg
+    f = tl.expand_dims(tl.minimum(sg * inv_act, FP32_MAX), AXIS)
+    inv_sg = tl.expand_dims(inv_sg, AXIS)
+    if EXACT:  # the fp64 product is exact; adding and subtracting 1.5 · 2⁵² rounds it
+        t = xg.to(tl.float64) * inv_sg.to(tl.float64)
+        code = ((t + 6755399441055744.0) - 6755399441055744.0).to(tl.float32)
+    else:
+        code = tl.fma(xg, inv_sg, 12582912.0) - 12582912.0
+    val = tl.minimum(tl.maximum(code, -7.0), 7.0) * f
+    return to_e4m3(val, EXACT) if EXACT else val.to(tl.float8e4nv)
 
 
 @triton.jit
@@ -81,18 +96,19 @@ def quantize_tile(
 ):
     """A [BLOCK_M, BLOCK_K] tile of x̂ (fp32, BLOCK_K a multiple of 64) as fp8 operands.
 
-    ``INT4``: the paper's codes, ``fp8(code · s_group · inv_act)``; else ``fp8(x̂ · inv_act)``.
-    Shared with the GEMM epilogue that quantizes the next layer's input.
+    ``INT4``: the paper's codes, ``fp8(code · (s_group · inv_act))``; else
+    ``fp8(x̂ · inv_act)``. Shared with the GEMM epilogue that quantizes the next layer's
+    input.
     """
     if INT4:
         if BLOCK_K == 64:
-            val = int4_values(xh, 1, EXACT)
+            q = int4_fp8(xh, inv_act, 1, EXACT)
         else:
             xg = tl.reshape(xh, [BLOCK_M, BLOCK_K // 64, 64])
-            val = tl.reshape(int4_values(xg, 2, EXACT), [BLOCK_M, BLOCK_K])
+            q = tl.reshape(int4_fp8(xg, inv_act, 2, EXACT), [BLOCK_M, BLOCK_K])
     else:
-        val = xh
-    return to_e4m3(val * inv_act, EXACT)
+        q = to_e4m3(xh * inv_act, EXACT)
+    return q
 
 
 @triton.jit
@@ -136,6 +152,7 @@ def _quantize_act_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL_TRIGGER: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
     # With PDL_TRIGGER the next kernel, launched as this one's programmatic dependent (the
     # widen, ``widen.widen_weight(pdl=True)``), may start as soon as every program of this
@@ -158,10 +175,19 @@ def _quantize_act_kernel(
     t_rows = tail_ptr + rows[:, None] * stride_tm
     q_rows = xq_ptr + rows[:, None] * stride_qm
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    if PREFETCH:  # the next step's x is in flight while this step computes (32 registers)
+        x_next = tl.load(x_rows + (k_start + g)[None, :],
+                         mask=rmask[:, None] & (k_start + g < K)[None, :], other=0.0)  # fmt: skip
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + g
         kmask = cols < K
-        if TAIL_ACT < 0:
+        if PREFETCH:
+            x = x_next
+            nxt = cols + BLOCK_K
+            x_next = tl.load(x_rows + nxt[None, :],
+                             mask=rmask[:, None] & ((nxt < K) & (nxt < k_end))[None, :],
+                             other=0.0)  # fmt: skip
+        elif TAIL_ACT < 0:
             x = tl.load(x_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         elif SEAM_ALIGNED:  # a step lies in x or in the tail: load only that one
             if k0 < K_HEAD:

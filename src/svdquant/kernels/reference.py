@@ -135,8 +135,9 @@ def quantize_act_ref(
     """The activation quantize kernel: ``x`` [M, K] -> (fp8 [M, k_out], fp32 [M, r]).
 
     ``x̂ = x · (1 / s)``; ``act_fmt="int4"``: the paper's int4 g64 codes against fp16 group
-    scales ``fp16(max|x̂_group| / 7)``, found as ``round(x̂ · (1 / s_group))``, written as
-    ``fp8(code · s_group · (1 / S))``; ``"fp8"``: ``fp8(x̂ · (1 / S))`` (W4A8). Columns from
+    scales ``fp16(max|x̂_group| / 7)``, found as ``round(x̂ · (1 / s_group))`` (the product
+    rounded once, to the integer), written as ``fp8(code · (s_group · (1 / S)))`` (one
+    factor per group); ``"fp8"``: ``fp8(x̂ · (1 / S))`` (W4A8). Columns from
     K to ``k_out`` (the weight's padded K) are zero. The second output is the low-rank down
     projection ``x̂ · L_downᵀ``, computed as ``x · (L_down · diag(1/s))ᵀ`` with both
     factors in L_down's 16-bit dtype (the smoothing folded into L_down), summed in fp32.
@@ -156,11 +157,13 @@ def quantize_act_ref(
         xg = torch.nn.functional.pad(xs, (0, kg - k)).reshape(m, kg // g, g)
         sg = (xg.abs().amax(-1) / 7.0).clamp(max=formats.FP16_MAX).half().float()
         inv_sg = torch.where(sg > 0, 1.0 / torch.where(sg > 0, sg, 1.0), 0.0)
-        code = torch.round(xg * inv_sg.unsqueeze(-1)).clamp(-7, 7)
-        val = (code * sg.unsqueeze(-1)).reshape(m, kg)[:, :k]
+        # the product rounded once (the kernel's FMA): exact in fp64, then to the integer
+        code = torch.round(xg.double() * inv_sg.double().unsqueeze(-1)).clamp(-7, 7).float()
+        f = (sg * inv_act).clamp(max=torch.finfo(torch.float32).max)
+        val = (code * f.unsqueeze(-1)).reshape(m, kg)[:, :k]
     else:
-        val = xs
-    xq = round_e4m3(val * inv_act)
+        val = xs * inv_act
+    xq = round_e4m3(val)
     xq = torch.nn.functional.pad(xq.float(), (0, k_out - k)).to(torch.float8_e4m3fn)
     dt = lowrank_down.dtype
     folded = (lowrank_down.float() * (1.0 / smooth.float())).to(dt).float()
