@@ -65,12 +65,69 @@ def probe(m: int, n: int, k: int) -> dict:
     return row
 
 
+def whole_waves_rows(m: int, n: int, sms: int, bm: int = 128, bn: int = 256) -> int:
+    """The rows of the whole waves of bm x bn tiles whose tile rows are complete (0: none)."""
+    tiles_n = -(-n // bn)
+    full = (-(-m // bm) * tiles_n) // sms * sms
+    return full // tiles_n * bm
+
+
+def row_split(m: int, n: int, k: int) -> dict:
+    """One GEMM launch against two: the rows of the whole waves of 128 x 256 tiles, then
+    the rest (autotuned on its own: smaller tiles spread it over the SMs)."""
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    layer = Layer(n, k)
+    s = ref.act_scale_from_amax(layer.act_amax)
+    kp = layer.qweight.shape[1] * 2
+    xq, lora = quantize_act(x, layer.smooth, layer.down, s, kp, "int4")
+    wq, s_ch = widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    m1 = whole_waves_rows(m, n, sms)
+    row: dict = {"M": m, "N": n, "K": k, "m1": m1}
+    row["bf16_us"] = bench_graph(lambda: F.linear(x, layer.w16, layer.bias))
+
+    def gemm(lo, hi):
+        return gemm_mod.fp8_gemm(
+            xq[lo:hi], wq, s_ch, s, lora[lo:hi], layer.up, layer.bias, torch.bfloat16
+        )
+
+    one = gemm(0, m)
+    row["one_us"] = bench_graph(lambda: gemm(0, m))
+    if 0 < m1 < m:
+        two = torch.cat([gemm(0, m1), gemm(m1, m)])
+        row["rest_config"] = str(gemm_mod._fp8_gemm_kernel.best_config)
+        row["two_us"] = bench_graph(lambda: (gemm(0, m1), gemm(m1, m)))
+        row["first_us"] = bench_graph(lambda: gemm(0, m1))
+        row["rest_us"] = bench_graph(lambda: gemm(m1, m))
+        row["equal"] = bool(torch.equal(one, two))
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default=",".join(str(m) for m in MS))
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument(
+        "--row-split",
+        action="store_true",
+        help="one launch against two (the whole waves' rows, then the rest)",
+    )
     args = p.parse_args()
     result = run_info()
+    if args.row_split:
+        result["rows"] = []
+        print(f"{'M':>5} {'N':>6} {'K':>6} {'m1':>5} | bf16 us  one us  two us (first+rest)")
+        for m in (int(v) for v in args.ms.split(",")):
+            for n, k in NKS:
+                r = row_split(m, n, k)
+                result["rows"].append(r)
+                two = (f"{r['two_us']:7.1f} ({r['first_us']:.1f}+{r['rest_us']:.1f}) "
+                       f"{r['one_us'] / r['two_us']:.3f}x eq={r['equal']} {r['rest_config'][:50]}"
+                       if "two_us" in r else "")  # fmt: skip
+                print(f"{m:5d} {n:6d} {k:6d} {r['m1']:5d} | {r['bf16_us']:7.1f} "
+                      f"{r['one_us']:7.1f} {two}", flush=True)  # fmt: skip
+        print("->", write_result(result, args.out, "probe_gemm_rowsplit"))
+        return
     result["rows"] = []
     head = f"{'M':>5} {'N':>6} {'K':>6} | {'bf16':>6} {'fp8':>6} {'ptr':>6} {'tma':>6}"
     print(head + " | ptr x  tma x")
