@@ -141,29 +141,6 @@ def _widen() -> dict[str, Any]:
     )
 
 
-@_spec("prepass")
-def _prepass() -> dict[str, Any]:
-    """The quantize and the widen in one launch (``ops.FUSED_PREPASS``), N = K = 3072."""
-    from svdquant.kernels import prepass
-
-    q, w = _quantize_spec(-1), _widen()
-    qp = {k: v for k, v in q["ptrs"].items() if k != "tail_ptr"}
-    qi = {k: v for k, v in q["ints"].items() if k not in ("K_HEAD", "stride_tm")}
-    qc = {k: q["consts"][k] for k in ("INT4", "HAS_LORA", "ATOMIC", "EXACT", "BLOCK_M",
-                                      "BLOCK_R", "BLOCK_K")}  # fmt: skip
-    wc = {k: v for k, v in w["consts"].items() if k not in ("EXACT", "BLOCK_K")}
-    ints = {**qi, **w["ints"], "N": 3072, "Q_ROWS": 72, "W_ROWS": 96, "Q_PROGRAMS": 864,
-            "W_PROGRAMS": 576}  # fmt: skip
-    return dict(
-        kernel=prepass._prepass_kernel,
-        ptrs={**qp, **w["ptrs"]},
-        ints=ints,
-        consts={**qc, **wc, "BLOCK_KW": w["consts"]["BLOCK_K"]},
-        warps=q["warps"],
-        stages=1,
-    )
-
-
 def _gemv_common() -> dict[str, Any]:
     return dict(
         ptrs=dict(

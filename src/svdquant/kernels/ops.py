@@ -134,11 +134,6 @@ OVERLAP_MIN_M = 2048
 OVERLAP_MAX_WEIGHTS = 3072 * 15360
 
 
-#: Run the quantize and the widen as one launch whose programs interleave the two
-#: (``kernels/prepass.py``) instead of two launches.
-FUSED_PREPASS = True
-
-
 @torch.library.custom_op("svdquant::quantize_and_widen", mutates_args=())
 def quantize_and_widen(
     x: torch.Tensor,
@@ -152,12 +147,10 @@ def quantize_and_widen(
     wtensor_scale: torch.Tensor,
     fmt: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``quantize_act`` and ``widen_weight`` in one op — ``(xq, lora_act, wq,
-    s_channel)``: one launch interleaving the two (``FUSED_PREPASS``), or two adjacent
-    launches, the widen, independent of the quantize, launched as its programmatic
-    dependent (``OVERLAP_WIDEN``) to overlap its tail. The weights' conversions come
-    first, so no copy kernel sits between."""
-    from svdquant.kernels.prepass import quantize_and_widen as fused
+    """``quantize_act`` then ``widen_weight`` in one op — ``(xq, lora_act, wq,
+    s_channel)`` — so the two launches are adjacent: the widen, independent of the
+    quantize, is launched as its programmatic dependent (``OVERLAP_WIDEN``) and overlaps
+    its tail. The weights' conversions come first, so no copy kernel sits between."""
     from svdquant.kernels.quantize import quantize_act as quantize
     from svdquant.kernels.widen import widen_weight as widen
 
@@ -166,9 +159,6 @@ def quantize_and_widen(
         wscales.contiguous(),
         wtensor_scale.float(),
     )
-    if FUSED_PREPASS:
-        return fused(x, smooth, lowrank_down, act_scale, k_out, act_fmt, qweight, wscales,
-                     wtensor_scale, fmt)  # fmt: skip
     overlap = (
         OVERLAP_WIDEN
         and x.shape[0] >= OVERLAP_MIN_M

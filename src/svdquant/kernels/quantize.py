@@ -26,8 +26,6 @@ Reference: ``reference.quantize_act_ref``, ``reference.quantize_act_cat_ref``.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -161,53 +159,11 @@ def _quantize_act_kernel(
     # one has: it fills the SMs this kernel's last wave leaves idle.
     if PDL_TRIGGER:
         gdc_launch_dependents()
-    quantize_program(
-        tl.program_id(0), tl.program_id(1), x_ptr, tail_ptr, smooth_ptr, ld_ptr, scale_ptr,
-        xq_ptr, lora_ptr, M, K, K_HEAD, K_OUT, R, k_per_split, stride_xm, stride_tm,
-        stride_qm, stride_ldr, stride_lm, INT4, HAS_LORA, ATOMIC, EXACT, TAIL_ACT,
-        SEAM_ALIGNED, ROUND_BF16, BLOCK_M, BLOCK_R, BLOCK_K, PREFETCH,
-    )  # fmt: skip
-
-
-@triton.jit
-def quantize_program(
-    pid_m,
-    pid_k,
-    x_ptr,
-    tail_ptr,
-    smooth_ptr,
-    ld_ptr,
-    scale_ptr,
-    xq_ptr,
-    lora_ptr,
-    M,
-    K,
-    K_HEAD,
-    K_OUT,
-    R,
-    k_per_split,
-    stride_xm,
-    stride_tm,
-    stride_qm,
-    stride_ldr,
-    stride_lm,
-    INT4: tl.constexpr,
-    HAS_LORA: tl.constexpr,
-    ATOMIC: tl.constexpr,
-    EXACT: tl.constexpr,
-    TAIL_ACT: tl.constexpr,
-    SEAM_ALIGNED: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr,
-):
-    """One program of the quantize: rows ``pid_m`` · BLOCK_M on, K split ``pid_k`` (also
-    run by the fused pre-pass kernel, ``prepass.py``)."""
     # Each program walks BLOCK_K columns (whole groups) at a time through its rows' share
     # of K: the group max is a reduction within the tile, and the low-rank partial sums
     # stay in registers until the end (one atomic add per program when K is split).
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     g = tl.arange(0, BLOCK_K)
@@ -270,44 +226,6 @@ def quantize_program(
             tl.store(lptr, acc, mask=lmask)
 
 
-def checked_vectors(smooth, lowrank_down, k: int, act_fmt: str):
-    """``(smooth fp32, lowrank_down)`` contiguous, after checking the format and that
-    ``smooth`` has one entry per input column."""
-    if act_fmt not in ("int4", "fp8"):
-        raise ValueError(f"the fp8 engine quantizes activations to int4 or fp8, got {act_fmt!r}")
-    if smooth.shape[0] != k:
-        raise ValueError(f"smooth has {smooth.shape[0]} entries for an input of {k} columns")
-    return smooth.float().contiguous(), lowrank_down.contiguous()
-
-
-class Plan(NamedTuple):
-    """A quantize launch: tile, warps, the low-rank block, and the grid (row tiles × K
-    splits of ``k_per_split`` columns each)."""
-
-    block_m: int
-    block_k: int
-    warps: int
-    block_r: int
-    m_blocks: int
-    split: int
-    k_per_split: int
-
-
-def plan(m: int, k: int, r: int, device) -> Plan:
-    """The launch for ``m`` rows of ``k`` columns (the padded K) at rank ``r``."""
-    block_m, block_k, warps = TILES["small" if m <= 64 else "medium" if m <= 1024 else "large"]
-    block_r = max(16, triton.next_power_of_2(max(r, 1)))
-    block_m = min(block_m, max(16, 4096 // block_r))  # a large rank's sums fit in registers
-    steps = triton.cdiv(k, block_k)
-    m_blocks = triton.cdiv(m, block_m)
-    # Split K until the GPU has enough programs in flight (each split adds one atomic add
-    # of its low-rank partial sums per row).
-    split = min(steps, max(1, triton.cdiv(PROGRAMS_PER_SM * num_sms(device), m_blocks)))
-    k_per_split = triton.cdiv(steps, split) * block_k
-    split = triton.cdiv(steps * block_k, k_per_split)
-    return Plan(block_m, block_k, warps, block_r, m_blocks, split, k_per_split)
-
-
 def quantize_act(
     x: torch.Tensor,
     smooth: torch.Tensor,
@@ -329,6 +247,8 @@ def quantize_act(
     separate activation pass. ``trigger``: let a programmatic dependent launched next
     (``widen_weight(pdl=True)``) start early, where the GPU has it.
     """
+    if act_fmt not in ("int4", "fp8"):
+        raise ValueError(f"the fp8 engine quantizes activations to int4 or fp8, got {act_fmt!r}")
     if tail_act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {tail_act!r}; supported: {sorted(ACTIVATIONS)}")
     if x.stride(-1) != 1:
@@ -343,15 +263,27 @@ def quantize_act(
         if tail.stride(-1) != 1:
             tail = tail.contiguous()
     m, k = x.shape[0], k_head + (tail.shape[1] if tail is not None else 0)
-    smooth, lowrank_down = checked_vectors(smooth, lowrank_down, k, act_fmt)
+    if smooth.shape[0] != k:
+        raise ValueError(f"smooth has {smooth.shape[0]} entries for an input of {k} columns")
     r = lowrank_down.shape[0]
+    lowrank_down = lowrank_down.contiguous()
+    smooth = smooth.float().contiguous()
     if m == 0:
         xq = torch.empty(0, k_out, dtype=torch.float8_e4m3fn, device=x.device)
         return xq, torch.empty(0, r, dtype=torch.float32, device=x.device)
-    p = plan(m, max(k, k_out), r, x.device)
+    block_m, block_k, warps = TILES["small" if m <= 64 else "medium" if m <= 1024 else "large"]
+    block_r = max(16, triton.next_power_of_2(max(r, 1)))
+    block_m = min(block_m, max(16, 4096 // block_r))  # a large rank's sums fit in registers
+    steps = triton.cdiv(max(k, k_out), block_k)
+    m_blocks = triton.cdiv(m, block_m)
+    # Split K until the GPU has enough programs in flight (each split adds one atomic add
+    # of its low-rank partial sums per row).
+    split = min(steps, max(1, triton.cdiv(PROGRAMS_PER_SM * num_sms(x.device), m_blocks)))
+    k_per_split = triton.cdiv(steps, split) * block_k
+    split = triton.cdiv(steps * block_k, k_per_split)
     xq = torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=x.device)
-    lora = (torch.zeros if p.split > 1 else torch.empty)(m, r, dtype=torch.float32, device=x.device)
-    _quantize_act_kernel[(p.m_blocks, p.split)](
+    lora = (torch.zeros if split > 1 else torch.empty)(m, r, dtype=torch.float32, device=x.device)
+    _quantize_act_kernel[(m_blocks, split)](
         x,
         x if tail is None else tail,
         smooth,
@@ -364,7 +296,7 @@ def quantize_act(
         k_head,
         k_out,
         r,
-        p.k_per_split,
+        k_per_split,
         x.stride(0),
         x.stride(0) if tail is None else tail.stride(0),
         xq.stride(0),
@@ -372,17 +304,17 @@ def quantize_act(
         lora.stride(0) if r else 0,
         INT4=act_fmt == "int4",
         HAS_LORA=r > 0,
-        ATOMIC=p.split > 1,
+        ATOMIC=split > 1,
         EXACT=interpreting(),
         TAIL_ACT=-1 if tail is None else ACTIVATIONS[tail_act],
         # the seam at a step boundary (FLUX: 3072): each step reads one tensor (with both
         # loads and a select per element the kernel took 239 registers, 2 programs per SM)
-        SEAM_ALIGNED=k_head % p.block_k == 0 and p.k_per_split % p.block_k == 0,
+        SEAM_ALIGNED=k_head % block_k == 0 and k_per_split % block_k == 0,
         ROUND_BF16=needs_bf16_rounding(x.dtype),
-        BLOCK_M=p.block_m,
-        BLOCK_R=p.block_r,
-        BLOCK_K=p.block_k,
-        num_warps=p.warps,
+        BLOCK_M=block_m,
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        num_warps=warps,
         num_stages=1,  # (bench/probe_quantize.py: no gain from pipelining the loads)
         PDL_TRIGGER=trigger and pdl_supported(x.device),
     )

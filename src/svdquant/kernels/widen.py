@@ -62,45 +62,12 @@ def _widen_kernel(
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    widen_program(
-        tl.program_id(0), tl.program_id(1), q_ptr, sc_ptr, ts_ptr, w_ptr, sch_ptr, N, KP, G,
-        stride_qn, stride_sn, stride_wn, NVFP4, EXACT, DEQUANT, GROUP, QMAX, BLOCK_N,
-        BLOCK_G, BLOCK_K, PDL,
-    )  # fmt: skip
-
-
-@triton.jit
-def widen_program(
-    pid_n,
-    pid_k,
-    q_ptr,
-    sc_ptr,
-    ts_ptr,
-    w_ptr,
-    sch_ptr,
-    N,
-    KP,
-    G,
-    stride_qn,
-    stride_sn,
-    stride_wn,
-    NVFP4: tl.constexpr,
-    EXACT: tl.constexpr,
-    DEQUANT: tl.constexpr,
-    GROUP: tl.constexpr,
-    QMAX: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """One program of the widen: rows ``pid_n`` · BLOCK_N on, columns ``pid_k`` · BLOCK_K
-    on (also run by the fused pre-pass kernel, ``prepass.py``).
-
-    With ``PDL`` (launched as the quantize kernel's programmatic dependent) everything
+    """With ``PDL`` (launched as the quantize kernel's programmatic dependent) everything
     up to the stores overlaps that kernel; the stores wait for it (the outputs are fresh
     buffers whose memory an earlier kernel may still read), so this kernel also ends
     after it."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     # This program's codes first: their latency overlaps the row-scale reduction (same 32
@@ -203,16 +170,22 @@ def dequantize_weight(
     return w
 
 
-def launch_args(qweight, wscales, wtensor_scale, out, s_channel, f, dequant: bool, pdl: bool):
-    """(grid, arguments, constexprs) of a widen launch; also the fused pre-pass's."""
+def _launch(qweight, wscales, wtensor_scale, out, s_channel, f, dequant: bool, pdl=False):
     n, kp, g = qweight.shape[0], qweight.shape[1] * 2, wscales.shape[1]
-    block_n, block_k, _ = TILE
-    grid = (triton.cdiv(n, block_n), triton.cdiv(kp, block_k))
-    args = (
-        qweight, wscales, wtensor_scale.float().reshape(1), out, s_channel, n, kp, g,
-        qweight.stride(0), wscales.stride(0), out.stride(0),
-    )  # fmt: skip
-    consts = dict(
+    pdl = pdl and pdl_supported(qweight.device)
+    block_n, block_k, warps = TILE
+    _widen_kernel[(triton.cdiv(n, block_n), triton.cdiv(kp, block_k))](
+        qweight,
+        wscales,
+        wtensor_scale.float().reshape(1),
+        out,
+        s_channel,
+        n,
+        kp,
+        g,
+        qweight.stride(0),
+        wscales.stride(0),
+        out.stride(0),
         NVFP4=f.name == "nvfp4",
         EXACT=interpreting(),
         DEQUANT=dequant,
@@ -222,12 +195,6 @@ def launch_args(qweight, wscales, wtensor_scale, out, s_channel, f, dequant: boo
         BLOCK_G=min(triton.next_power_of_2(g), 256),
         BLOCK_K=block_k,
         PDL=pdl,
+        num_warps=warps,
+        **({"launch_pdl": True} if pdl else {}),
     )
-    return grid, args, consts
-
-
-def _launch(qweight, wscales, wtensor_scale, out, s_channel, f, dequant: bool, pdl=False):
-    pdl = pdl and pdl_supported(qweight.device)
-    grid, args, consts = launch_args(qweight, wscales, wtensor_scale, out, s_channel, f,
-                                     dequant, pdl)  # fmt: skip
-    _widen_kernel[grid](*args, **consts, num_warps=TILE[2], **({"launch_pdl": True} if pdl else {}))
