@@ -38,6 +38,10 @@ __all__ = ["dequantize_weight", "widen_weight"]
 #: 25.7 µs at N = 12288, K = 3072, the best of 18; the H100's (32, 256, 4) took 28.2).
 TILE = (32, 512, 4)
 
+#: Launch the column tiles of a row tile next to each other (grid (column tiles, row
+#: tiles)) rather than the row tiles of a column tile.
+K_FAST = False
+
 
 @triton.jit
 def _widen_kernel(
@@ -61,13 +65,18 @@ def _widen_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False,
+    K_FAST: tl.constexpr = False,
 ):
     """With ``PDL`` (launched as the quantize kernel's programmatic dependent) everything
     up to the stores overlaps that kernel; the stores wait for it (the outputs are fresh
     buffers whose memory an earlier kernel may still read), so this kernel also ends
     after it."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    if K_FAST:  # grid (column tiles, row tiles): programs launched together share rows
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(0)
+    else:
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     # This program's codes first: their latency overlaps the row-scale reduction (same 32
@@ -174,7 +183,8 @@ def _launch(qweight, wscales, wtensor_scale, out, s_channel, f, dequant: bool, p
     n, kp, g = qweight.shape[0], qweight.shape[1] * 2, wscales.shape[1]
     pdl = pdl and pdl_supported(qweight.device)
     block_n, block_k, warps = TILE
-    _widen_kernel[(triton.cdiv(n, block_n), triton.cdiv(kp, block_k))](
+    grid = (triton.cdiv(n, block_n), triton.cdiv(kp, block_k))
+    _widen_kernel[grid[::-1] if K_FAST else grid](
         qweight,
         wscales,
         wtensor_scale.float().reshape(1),
@@ -195,6 +205,7 @@ def _launch(qweight, wscales, wtensor_scale, out, s_channel, f, dequant: bool, p
         BLOCK_G=min(triton.next_power_of_2(g), 256),
         BLOCK_K=block_k,
         PDL=pdl,
+        K_FAST=K_FAST,
         num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )
