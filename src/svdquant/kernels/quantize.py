@@ -55,7 +55,8 @@ TILES = {"small": (16, 64, 4), "medium": (64, 128, 4), "large": (64, 128, 4)}
 PROGRAMS_PER_SM = 7
 
 #: Launch the K splits of a row tile next to each other (grid (splits, row tiles)) rather
-#: than the row tiles of a split.
+#: than the row tiles of a split: within ±2% either way (H200, ``bench/probe_order.py``,
+#: v26; 7% slower at M = 512), so off.
 K_FAST = False
 
 
