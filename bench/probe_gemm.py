@@ -27,7 +27,7 @@ from svdquant.kernels import reference as ref
 from svdquant.kernels.quantize import quantize_act
 from svdquant.kernels.widen import widen_weight
 
-VARIANTS = {"ptr": (False, False), "tma": (True, False), "pers": (True, True)}  # TMA, PERSISTENT
+VARIANTS = {"ptr": False, "tma": True}  # gemm.TMA_LOADS
 
 
 def probe(m: int, n: int, k: int) -> dict:
@@ -45,8 +45,8 @@ def probe(m: int, n: int, k: int) -> dict:
         lambda: torch._scaled_mm(xf8, wf8.t(), sa, sb, out_dtype=torch.bfloat16)
     )
     outs = {}
-    for name, (tma, persistent) in VARIANTS.items():
-        gemm_mod.TMA_LOADS, gemm_mod.PERSISTENT = tma, persistent
+    for name, tma in VARIANTS.items():
+        gemm_mod.TMA_LOADS = tma
         try:
 
             def run():
@@ -59,10 +59,9 @@ def probe(m: int, n: int, k: int) -> dict:
             row[f"{name}_us"] = bench_graph(run)
             row[f"{name}_x"] = row["bf16_us"] / row[f"{name}_us"]
         finally:
-            gemm_mod.TMA_LOADS, gemm_mod.PERSISTENT = True, False
+            gemm_mod.TMA_LOADS = True
     a, b = outs["ptr"].float(), outs["tma"].float()
     row["rel_diff"] = ((a - b).norm() / b.norm()).item()
-    row["pers_equal"] = bool(torch.equal(outs["tma"], outs["pers"]))
     return row
 
 
@@ -130,17 +129,16 @@ def main() -> None:
         print("->", write_result(result, args.out, "probe_gemm_rowsplit"))
         return
     result["rows"] = []
-    head = f"{'M':>5} {'N':>6} {'K':>6} | {'bf16':>6} {'fp8':>6} {'ptr':>6} {'tma':>6} {'pers':>6}"
-    print(head + " | ptr x  tma x pers x")
+    head = f"{'M':>5} {'N':>6} {'K':>6} | {'bf16':>6} {'fp8':>6} {'ptr':>6} {'tma':>6}"
+    print(head + " | ptr x  tma x")
     for m in (int(v) for v in args.ms.split(",")):
         for n, k in NKS:
             r = probe(m, n, k)
             result["rows"].append(r)
             print(
                 f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:6.1f} {r['cublas_fp8_us']:6.1f} "
-                f"{r['ptr_us']:6.1f} {r['tma_us']:6.1f} {r['pers_us']:6.1f} | {r['ptr_x']:5.2f}"
-                f"  {r['tma_x']:5.2f}  {r['pers_x']:5.2f}  diff {r['rel_diff']:.1e} "
-                f"same {r['pers_equal']}  pers: {r['pers_config'][:60]}",
+                f"{r['ptr_us']:6.1f} {r['tma_us']:6.1f} | {r['ptr_x']:5.2f}  {r['tma_x']:5.2f}"
+                f"  diff {r['rel_diff']:.1e}  tma: {r['tma_config'][:60]}",
                 flush=True,
             )
     print("->", write_result(result, args.out, "probe_gemm"))

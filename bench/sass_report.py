@@ -362,14 +362,6 @@ def _gemm_tma() -> dict[str, Any]:
     return d
 
 
-@_spec("gemm_persistent")
-def _gemm_persistent() -> dict[str, Any]:
-    """``gemm_tma`` as one program per SM walking the tiles (``gemm.PERSISTENT``)."""
-    d = _gemm_tma()
-    d["consts"]["PERSISTENT"] = True
-    return d
-
-
 @_spec("gemm_tail")
 def _gemm_tail() -> dict[str, Any]:
     """The plain GEMM with the split-K tail (``gemm.TAIL_SPLIT``) at N = 3072."""

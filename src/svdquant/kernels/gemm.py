@@ -76,32 +76,9 @@ def _m_bucket(m: int) -> int:
     return triton.next_power_of_2(max(m, 1))
 
 
-@triton.jit
-def _tma_dot(a_desc, b_desc, row, col, k0, acc, DOT_FP32: tl.constexpr):
-    """``acc`` plus one K step: the [BLOCK_M, BLOCK_K] tile of A at (row, k0) times the
-    transposed [BLOCK_N, BLOCK_K] tile of B at (col, k0), both through descriptors."""
-    a = a_desc.load([row, k0])
-    b = b_desc.load([col, k0])
-    if DOT_FP32:  # the interpreter: fp8 -> fp32 by hand (its own loses NaN)
-        out = tl.dot(fp8_to_f32(a), tl.trans(fp8_to_f32(b)), acc, input_precision="ieee")
-    else:
-        out = tl.dot(a, tl.trans(b), acc)
-    return out
-
-
-@triton.jit
-def _tile_coords(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of ``tile`` in grouped order: GROUP_M row tiles share the
-    columns they read from L2."""
-    width = GROUP_M * grid_n
-    first_m = (tile // width) * GROUP_M
-    group_m = tl.minimum(grid_m - first_m, GROUP_M)
-    return first_m + (tile % width) % group_m, (tile % width) // group_m
-
-
 @triton.autotune(
     configs=_configs(),
-    key=["M_BUCKET", "N", "K", "HAS_LORA", "NEXT", "TAIL", "TMA", "PERSISTENT"],
+    key=["M_BUCKET", "N", "K", "HAS_LORA", "NEXT", "TAIL", "TMA"],
     # the fused next-layer epilogue and the split-K tail accumulate into these
     reset_to_zero=["lora2_ptr", "ws_ptr", "cnt_ptr"],
 )
@@ -157,28 +134,11 @@ def _fp8_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr = False,
 ):
+    # Grouped tile order: GROUP_M row-tiles share the columns they read from L2.
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
-    if PERSISTENT:  # NUM_SMS programs walk the tiles; the next tile's loads overlap this
-        # one's epilogue (the loops flattened into one software pipeline). TMA only.
-        for tile in tl.range(pid, grid_m * grid_n, NUM_SMS, flatten=True):
-            pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP_M)
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                acc = _tma_dot(a_ptr, b_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, k0, acc, DOT_FP32)
-            rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            _epilogue(
-                acc, rm, rn, rm < M, rn < N, pid_n, c_ptr, sch_ptr, scale_ptr, lora_ptr, lu_ptr,
-                bias_ptr, M, N, R, stride_cm, stride_lm, stride_un, inv_s2_ptr, ld2_ptr,
-                scale2_ptr, xq2_ptr, lora2_ptr, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m,
-                B1, B2, B3, HAS_LORA, HAS_BIAS, ROUND_BF16, BLOCK_R, DOT_FP32, NEXT, SPLIT, ACT,
-                NEXT_INT4, BLOCK_R2, BLOCK_M, BLOCK_N,
-            )  # fmt: skip
-        return
     if TAIL:  # the tiles past the last whole wave run as K slices (``_tail_plan``)
         tiles = grid_m * grid_n
         full = (tiles // NUM_SMS) * NUM_SMS
@@ -195,7 +155,12 @@ def _fp8_gemm_kernel(
         tile = pid
         k_lo = 0
         k_hi = K
-    pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP_M)
+    pid = tile
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_m
+    pid_n = (pid % width) // group_m
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -205,7 +170,12 @@ def _fp8_gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if TMA:  # a_ptr, b_ptr: tensor descriptors; the copy engine fills rows past M, N, K with 0
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            acc = _tma_dot(a_ptr, b_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, k0, acc, DOT_FP32)
+            a = a_ptr.load([pid_m * BLOCK_M, k0])
+            b = b_ptr.load([pid_n * BLOCK_N, k0])
+            if DOT_FP32:
+                acc = tl.dot(fp8_to_f32(a), tl.trans(fp8_to_f32(b)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
     else:
         a_ptrs = a_ptr + rm[:, None] * stride_am + (k_lo + rk)[None, :]
         b_ptrs = b_ptr + rn[None, :] * stride_bn + (k_lo + rk)[:, None]  # [BLOCK_K, BLOCK_N]
@@ -388,17 +358,13 @@ def _launch(
         int4 = act_fmt2 == "int4"
         strides2 = (xq2.stride(0), ld2.stride(0) if r2 else 0, lora2.stride(0) if r2 else 0)
     sms = num_sms(xq.device, cpu=3)  # interpreter: 3 "SMs", so small shapes have tails
-    tma = _tma_ok(xq, wq)
-    persistent = PERSISTENT and tma
-    tail_on = not persistent and _tail_wanted(m, n, k, sms)
-    sms_tail = sms if tail_on else 1  # one "SM": every tile is whole-wave (the plain path)
+    tail_on = _tail_wanted(m, n, k, sms)
+    sms = sms if tail_on else 1  # one "SM": every tile is whole-wave (the kernel's plain path)
 
     def plan(meta):
-        return _tail_plan(m, n, k, meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], sms_tail)
+        return _tail_plan(m, n, k, meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], sms)
 
     def grid(meta):
-        if persistent:
-            return (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
         full, tail, slices = plan(meta)
         return (full + tail * slices,)
 
@@ -409,6 +375,7 @@ def _launch(
         cnt = torch.zeros(max(max(t for t, _ in tails), 1), dtype=torch.int32, device=xq.device)
     else:
         ws = cnt = lora2  # never read
+    tma = _tma_ok(xq, wq)
     a, b = (_descriptor(xq), _descriptor(wq)) if tma else (xq, wq)
     _fp8_gemm_kernel[grid](
         a,
@@ -440,7 +407,7 @@ def _launch(
         *_three_bounds(bounds, n),
         ws,
         cnt,
-        sms if persistent else sms_tail,
+        sms,
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
         ROUND_BF16=needs_bf16_rounding(out.dtype),
@@ -453,7 +420,6 @@ def _launch(
         BLOCK_R2=max(16, triton.next_power_of_2(max(r2, 1))),
         TAIL=tail_on,
         TMA=tma,
-        PERSISTENT=persistent,
     )
 
 
@@ -466,10 +432,6 @@ def _launch(
 #: 33% / 17% slower on two (3072 x 3072, 9216 x 3072).
 TMA_LOADS = True
 TMA_MIN_M = 1024
-
-#: With TMA loads: one program per SM walking the tiles, each tile's epilogue overlapping
-#: the next tile's first loads (the two loops flattened into one software pipeline).
-PERSISTENT = False
 
 
 def _tma_ok(xq: torch.Tensor, wq: torch.Tensor) -> bool:
