@@ -56,6 +56,10 @@ def probe(m: int, n: int, k: int) -> dict:
 
             outs[name] = run()
             row[f"{name}_config"] = str(gemm_mod._fp8_gemm_kernel.best_config)
+            row[f"{name}_timings"] = {
+                str(c): t
+                for c, t in getattr(gemm_mod._fp8_gemm_kernel, "configs_timings", {}).items()
+            }
             row[f"{name}_us"] = bench_graph(run)
             row[f"{name}_x"] = row["bf16_us"] / row[f"{name}_us"]
         finally:

@@ -44,6 +44,14 @@ def _block_shapes(nargs: dict) -> None:
         b.block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
+#: Candidate tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) on probation (probe_gemm).
+EXTRA_CONFIGS = (
+    (128, 256, 64, 8, 5),
+    (128, 256, 128, 8, 4),
+    (256, 128, 128, 8, 3),
+)
+
+
 def _configs() -> list[triton.Config]:
     if interpreting():
         return [
@@ -59,6 +67,7 @@ def _configs() -> list[triton.Config]:
         (128, 128, 128, 4, 4),
         (64, 128, 128, 4, 4),
         (64, 64, 128, 4, 4),
+        *EXTRA_CONFIGS,
     ):
         out.append(
             triton.Config(
