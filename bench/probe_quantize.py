@@ -39,7 +39,7 @@ def _graph_us(fn) -> float:
 
 def variant(
     x, smooth, down, scale, *, block_m, warps, split, lora, atomic, int4,
-    block_k=64, stages=None, maxnreg=None, prefetch=False, kernel=None,
+    block_k=64, stages=None, maxnreg=None, kernel=None,
 ) -> float:  # fmt: skip
     m, k = x.shape
     r = down.shape[0] if lora else 0
@@ -50,7 +50,6 @@ def variant(
     out = torch.zeros(m, max(r, 1), device="cuda")
 
     kernel = kernel or qmod._quantize_act_kernel
-    extra = {"PREFETCH": True} if prefetch else {}
 
     def run():
         kernel[(triton.cdiv(m, block_m), split)](
@@ -59,7 +58,7 @@ def variant(
             ATOMIC=atomic, EXACT=False, TAIL_ACT=-1, SEAM_ALIGNED=False, ROUND_BF16=False,
             BLOCK_M=block_m, BLOCK_R=32, BLOCK_K=block_k, num_warps=warps,
             **({} if stages is None else {"num_stages": stages}),
-            **({} if maxnreg is None else {"maxnreg": maxnreg}), **extra,
+            **({} if maxnreg is None else {"maxnreg": maxnreg}),
         )  # fmt: skip
 
     return _graph_us(run)
@@ -77,8 +76,8 @@ def main() -> None:
     p.add_argument(
         "--diet",
         metavar="OLD_QUANTIZE_PY",
-        help="today's tile: this kernel (with and without the next step prefetched) "
-        "against the kernel in OLD_QUANTIZE_PY (a quantize.py of an earlier commit)",
+        help="today's tile: this kernel against the kernel in OLD_QUANTIZE_PY (a quantize.py "
+        "of an earlier commit; v26 also timed a register prefetch of the next step, dropped)",
     )
     a = p.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -122,25 +121,11 @@ def main() -> None:
         old = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(old)
         for split in (6, 8, 12, 16, 24):
-            for name, kern, pf in (
-                ("old", old._quantize_act_kernel, False),
-                ("new", None, False),
-                ("new+prefetch", None, True),
-            ):
+            for name, kern in (("old", old._quantize_act_kernel), ("new", None)):
                 for lora in (True, False):
-                    measure(
-                        block_m=64,
-                        warps=4,
-                        split=split,
-                        lora=lora,
-                        atomic=lora,
-                        int4=True,
-                        block_k=128,
-                        stages=1,
-                        kernel=kern,
-                        prefetch=pf,
-                    )
-                    rows[-1]["kernel"] = name  # fmt: skip
+                    measure(block_m=64, warps=4, split=split, lora=lora, atomic=lora,
+                            int4=True, block_k=128, stages=1, kernel=kern)  # fmt: skip
+                    rows[-1]["kernel"] = name
         for r in rows:
             print(f"  {r['kernel']:13} split={r['split']:>2} lora={r['lora']!s:5}: "
                   + (f"{r['us']:6.1f} us {r['pct_copy']:4.0f}% of copy" if "us" in r

@@ -98,14 +98,6 @@ def _quantize() -> dict[str, Any]:
     return _quantize_spec(-1)
 
 
-@_spec("quantize_prefetch")
-def _quantize_prefetch() -> dict[str, Any]:
-    """The next step's x loaded while this one computes (``PREFETCH``, a probe option)."""
-    spec = _quantize_spec(-1)
-    spec["consts"]["PREFETCH"] = True
-    return spec
-
-
 @_spec("quantize_cat")
 def _quantize_cat() -> dict[str, Any]:
     """proj_out's input: the attention output, then GELU(the MLP's up projection)."""

@@ -85,18 +85,6 @@ def round_e4m3(x):
     return tl.where(x < 0.0, -tl.abs(r), r)  # keep the sign of values that round to 0
 
 
-@triton.jit
-def round_small(t):
-    """fp32 ``t`` (|t| ≤ 2**22) rounded to the nearest integer, ties to even: 2 operations.
-
-    Adding 1.5 · 2**23 leaves no fraction bits, so the fp32 add itself rounds (to nearest
-    even); subtracting it back is exact. Callers clamp ``t`` first, which also keeps the
-    compiler from contracting a preceding multiply into the add (an FMA would round once
-    instead of twice and could flip a tie).
-    """
-    return (t + 12582912.0) - 12582912.0
-
-
 #: RN32(1/7), the fp32 nearest 1/7 (exactly this decimal).
 ONE_SEVENTH = tl.constexpr(0.142857149243354797363281250)
 

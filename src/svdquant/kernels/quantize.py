@@ -157,7 +157,6 @@ def _quantize_act_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL_TRIGGER: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False,
     K_FAST: tl.constexpr = False,
 ):
     # With PDL_TRIGGER the next kernel, launched as this one's programmatic dependent (the
@@ -185,19 +184,10 @@ def _quantize_act_kernel(
     t_rows = tail_ptr + rows[:, None] * stride_tm
     q_rows = xq_ptr + rows[:, None] * stride_qm
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    if PREFETCH:  # the next step's x is in flight while this step computes (32 registers)
-        x_next = tl.load(x_rows + (k_start + g)[None, :],
-                         mask=rmask[:, None] & (k_start + g < K)[None, :], other=0.0)  # fmt: skip
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + g
         kmask = cols < K
-        if PREFETCH:
-            x = x_next
-            nxt = cols + BLOCK_K
-            x_next = tl.load(x_rows + nxt[None, :],
-                             mask=rmask[:, None] & ((nxt < K) & (nxt < k_end))[None, :],
-                             other=0.0)  # fmt: skip
-        elif TAIL_ACT < 0:
+        if TAIL_ACT < 0:
             x = tl.load(x_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         elif SEAM_ALIGNED:  # a step lies in x or in the tail: load only that one
             if k0 < K_HEAD:
