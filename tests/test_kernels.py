@@ -223,6 +223,19 @@ def test_quantize_act_int4_is_the_papers_codes():
     assert rel_err(xq.float() * scale, exact) < 0.04  # 3 mantissa bits: ≤ 1/16 per element
 
 
+def test_quantize_act_int4_rounds_the_exact_product():
+    """A code is ``round(x̂ · (1 / s_group))`` of the exact product, rounded once: with
+    s_group = 3 (a group max of 21), 1/3 rounds up in fp32, so 7.5 · RN(1/3) lies just
+    above 2.5 — its fp32 rounding is the tie 2.5 (then 2, to even), its code is 3. The
+    kernel (one FMA on the GPU, fp64 under the interpreter) and the reference agree on 3,
+    written as fp8(3 · 3 / S) = 9 (2 would give 6)."""
+    x = torch.zeros(3, 64, dtype=torch.bfloat16, device=DEVICE)
+    x[:, 0], x[:, 1], x[:, 2] = 21.0, 7.5, -7.5
+    args = (x, torch.ones(64, device=DEVICE), x.new_empty(0, 64), torch.ones((), device=DEVICE))
+    for xq, _ in (quantize_act(*args, 64, "int4"), ref.quantize_act_ref(*args, 64, "int4")):
+        assert xq[:, 1:3].float().tolist() == [[9.0, -9.0]] * 3
+
+
 # --- widen ----------------------------------------------------------------------------
 
 
