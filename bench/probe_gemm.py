@@ -30,13 +30,19 @@ from svdquant.kernels.widen import widen_weight
 VARIANTS = {"ptr": False, "tma": True}  # gemm.TMA_LOADS
 
 
-def probe(m: int, n: int, k: int) -> dict:
+def operands(m: int, n: int, k: int):
+    """A layer of the shape and its GEMM's inputs: ``(x, layer, S, xq, lora, wq, s_ch)``."""
     x = torch.randn(m, k, device="cuda").bfloat16()
     layer = Layer(n, k)
     s = ref.act_scale_from_amax(layer.act_amax)
     kp = layer.qweight.shape[1] * 2
     xq, lora = quantize_act(x, layer.smooth, layer.down, s, kp, "int4")
     wq, s_ch = widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
+    return x, layer, s, xq, lora, wq, s_ch
+
+
+def probe(m: int, n: int, k: int) -> dict:
+    x, layer, s, xq, lora, wq, s_ch = operands(m, n, k)
     row: dict = {"M": m, "N": n, "K": k}
     row["bf16_us"] = bench_graph(lambda: F.linear(x, layer.w16, layer.bias))
     xf8, wf8 = x.to(torch.float8_e4m3fn), layer.w16.to(torch.float8_e4m3fn)
@@ -79,12 +85,7 @@ def whole_waves_rows(m: int, n: int, sms: int, bm: int = 128, bn: int = 256) -> 
 def row_split(m: int, n: int, k: int) -> dict:
     """One GEMM launch against two: the rows of the whole waves of 128 x 256 tiles, then
     the rest (autotuned on its own: smaller tiles spread it over the SMs)."""
-    x = torch.randn(m, k, device="cuda").bfloat16()
-    layer = Layer(n, k)
-    s = ref.act_scale_from_amax(layer.act_amax)
-    kp = layer.qweight.shape[1] * 2
-    xq, lora = quantize_act(x, layer.smooth, layer.down, s, kp, "int4")
-    wq, s_ch = widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
+    x, layer, s, xq, lora, wq, s_ch = operands(m, n, k)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     m1 = whole_waves_rows(m, n, sms)
     row: dict = {"M": m, "N": n, "K": k, "m1": m1}
