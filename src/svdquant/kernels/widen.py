@@ -40,7 +40,8 @@ TILE = (32, 512, 4)
 
 #: Launch the column tiles of a row tile next to each other (grid (column tiles, row
 #: tiles)) rather than the row tiles of a column tile: 1.5-2.6% faster on all six of the
-#: issue's shapes (H200, ``bench/probe_order.py``, v26; the quantize: ±2%, kept).
+#: issue's shapes (H200, ``bench/probe_order.py``, v26; the quantize's order: within ±2%,
+#: unchanged).
 K_FAST = True
 
 
