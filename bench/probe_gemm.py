@@ -3,8 +3,10 @@
 For each M and (N, K) of ``bench/gemm.py`` (int4 weights widened, rank 32, bias), replayed
 from CUDA graphs in one run: cuBLAS BF16 ``F.linear`` with bias, cuBLAS fp8 rowwise
 ``torch._scaled_mm``, and ``fp8_gemm`` with its operands read by pointer loads and
-through tensor descriptors (``gemm.TMA_LOADS``) — each autotuned apart. Checks that the
-variants agree; records the tile each chose. For NOTES.md.
+through tensor descriptors (``gemm.TMA_LOADS``) — each autotuned apart; then the GEMM
+with no low-rank branch and no bias, and cuBLAS fp8 with its bias (where the time
+goes). Checks that the variants agree; records the tile each chose and every tile's
+autotune timing. For NOTES.md.
 
     PYTHONPATH=src python bench/probe_gemm.py [--ms 512,1024,4096,4608] [--out DIR]
 """
@@ -72,6 +74,21 @@ def probe(m: int, n: int, k: int) -> dict:
             gemm_mod.TMA_LOADS = True
     a, b = outs["ptr"].float(), outs["tma"].float()
     row["rel_diff"] = ((a - b).norm() / b.norm()).item()
+    # where the time goes (default loads): the epilogue's low-rank branch and bias off,
+    # against cuBLAS fp8 with its bias fused
+    row["tma_plain_us"] = bench_graph(
+        lambda: gemm_mod.fp8_gemm(
+            xq, wq, s_ch, s, lora[:, :0], layer.up[:, :0], None, torch.bfloat16
+        )
+    )
+    try:
+        row["cublas_fp8_bias_us"] = bench_graph(
+            lambda: torch._scaled_mm(
+                xf8, wf8.t(), sa, sb, bias=layer.bias, out_dtype=torch.bfloat16
+            )
+        )
+    except RuntimeError as e:  # rowwise scaling with a bias needs a recent torch
+        row["cublas_fp8_bias_error"] = str(e)[:200]
     return row
 
 
@@ -134,15 +151,17 @@ def main() -> None:
         print("->", write_result(result, args.out, "probe_gemm_rowsplit"))
         return
     result["rows"] = []
-    head = f"{'M':>5} {'N':>6} {'K':>6} | {'bf16':>6} {'fp8':>6} {'ptr':>6} {'tma':>6}"
-    print(head + " | ptr x  tma x")
+    head = f"{'M':>5} {'N':>6} {'K':>6} | {'bf16':>6} {'fp8':>6} {'fp8+b':>6} {'ptr':>6} {'tma':>6}"
+    print(head + f" {'plain':>6} | ptr x  tma x")
     for m in (int(v) for v in args.ms.split(",")):
         for n, k in NKS:
             r = probe(m, n, k)
             result["rows"].append(r)
             print(
                 f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:6.1f} {r['cublas_fp8_us']:6.1f} "
-                f"{r['ptr_us']:6.1f} {r['tma_us']:6.1f} | {r['ptr_x']:5.2f}  {r['tma_x']:5.2f}"
+                f"{r.get('cublas_fp8_bias_us', float('nan')):6.1f} {r['ptr_us']:6.1f} "
+                f"{r['tma_us']:6.1f} {r['tma_plain_us']:6.1f} | {r['ptr_x']:5.2f}  "
+                f"{r['tma_x']:5.2f}"
                 f"  diff {r['rel_diff']:.1e}  tma: {r['tma_config'][:60]}",
                 flush=True,
             )
