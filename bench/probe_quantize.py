@@ -77,7 +77,8 @@ def main() -> None:
         "--diet",
         metavar="OLD_QUANTIZE_PY",
         help="today's tile: this kernel against the kernel in OLD_QUANTIZE_PY (a quantize.py "
-        "of an earlier commit; v26 also timed a register prefetch of the next step, dropped)",
+        "of an earlier commit whose imports today's modules still have; v26 also timed a "
+        "register prefetch of the next step, dropped)",
     )
     a = p.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
