@@ -782,19 +782,13 @@ def gemv(
     flags = dict(
         NVFP4=f.name == "nvfp4",
         GROUP=f.group_size,
-        ATOMIC=split > 1,
-        HAS_LORA=r > 0,
-        HAS_BIAS=bias is not None,
-        ROUND_BF16=needs_bf16_rounding(out_dtype),
-        FP32_PREC=dot_precision(),
         # the FMA kernel sums up to 16 partials per load (one token); the tensor-core
         # kernel's 16 tokens make that tensor too big (v9: 55 -> 70 us at M = 4)
         S_BLOCK=min(16 // triton.next_power_of_2(m), triton.next_power_of_2(chunks)) if fma else 1,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        PDL=pdl,
         num_warps=warps,
-        **({"launch_pdl": True} if pdl else {}),
+        **_shared_flags(split, r, bias, out_dtype, pdl),
     )
     if fma:
         _w4a16_fma_kernel[(n_blocks, split)](
@@ -803,6 +797,20 @@ def gemv(
     else:
         _w4a16_mma_kernel[(n_blocks, split)](*common, DOT_FP32=interpreting(), **flags)
     return out if split == 1 else out.to(out_dtype)
+
+
+def _shared_flags(split: int, r: int, bias, out_dtype, pdl: bool) -> dict:
+    """The constexprs and launch options every GEMV kernel takes alike: atomics for a K
+    split, the epilogue's low-rank branch, bias and rounding, and the PDL launch."""
+    return dict(
+        ATOMIC=split > 1,
+        HAS_LORA=r > 0,
+        HAS_BIAS=bias is not None,
+        ROUND_BF16=needs_bf16_rounding(out_dtype),
+        FP32_PREC=dot_precision(),
+        PDL=pdl,
+        **({"launch_pdl": True} if pdl else {}),
+    )
 
 
 def _split_k(m, n, kp, block_k, n_blocks, out_dtype, device):
@@ -835,11 +843,8 @@ def _gemv_packed(
         bias if bias is not None else out, out, m, n, kp, r, chunks, kps,
         qweight.stride(0), wscales.stride(0), lora.stride(0), lora.stride(1),
         lowrank_up.stride(0) if r else 0, out.stride(0),
-        ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None,
-        ROUND_BF16=needs_bf16_rounding(out_dtype), FP32_PREC=dot_precision(),
-        ASM=not interpreting(), DOT_FP32=interpreting(), BLOCK_N=block_n, PDL=pdl,
-        GROUPS_PER_STEP=gps,
-        num_warps=warps, **({"launch_pdl": True} if pdl else {}),
+        ASM=not interpreting(), DOT_FP32=interpreting(), BLOCK_N=block_n,
+        GROUPS_PER_STEP=gps, num_warps=warps, **_shared_flags(split, r, bias, out_dtype, pdl),
     )  # fmt: skip
     return out if split == 1 else out.to(out_dtype)
 
