@@ -128,6 +128,7 @@ def _widen() -> dict[str, Any]:
             BLOCK_N=bn,
             BLOCK_G=64,
             BLOCK_K=bk,
+            K_FAST=w.K_FAST,
         ),
         warps=warps,
     )

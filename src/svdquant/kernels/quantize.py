@@ -54,11 +54,6 @@ __all__ = ["quantize_act", "quantize_tile"]
 TILES = {"small": (16, 64, 4), "medium": (64, 128, 4), "large": (64, 128, 4)}
 PROGRAMS_PER_SM = 7
 
-#: Launch the K splits of a row tile next to each other (grid (splits, row tiles)) rather
-#: than the row tiles of a split: within ±2% either way (H200, ``bench/probe_order.py``,
-#: v26; 7% slower at M = 512), so off.
-K_FAST = False
-
 
 #: fp32's largest finite value: a group's factor ``s_group · (1/S)`` is clamped to it so that
 #: ``0 · factor`` stays 0 (never ``0 · inf``).
@@ -157,7 +152,6 @@ def _quantize_act_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL_TRIGGER: tl.constexpr = False,
-    K_FAST: tl.constexpr = False,
 ):
     # With PDL_TRIGGER the next kernel, launched as this one's programmatic dependent (the
     # widen, ``widen.widen_weight(pdl=True)``), may start as soon as every program of this
@@ -167,12 +161,8 @@ def _quantize_act_kernel(
     # Each program walks BLOCK_K columns (whole groups) at a time through its rows' share
     # of K: the group max is a reduction within the tile, and the low-rank partial sums
     # stay in registers until the end (one atomic add per program when K is split).
-    if K_FAST:  # grid (splits, row tiles): programs launched together share rows
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(0)
-    else:
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     g = tl.arange(0, BLOCK_K)
@@ -283,7 +273,7 @@ def quantize_act(
     split = triton.cdiv(steps * block_k, k_per_split)
     xq = torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=x.device)
     lora = (torch.zeros if split > 1 else torch.empty)(m, r, dtype=torch.float32, device=x.device)
-    _quantize_act_kernel[(split, m_blocks) if K_FAST else (m_blocks, split)](
+    _quantize_act_kernel[(m_blocks, split)](
         x,
         x if tail is None else tail,
         smooth,
@@ -317,6 +307,5 @@ def quantize_act(
         num_warps=warps,
         num_stages=1,  # (bench/probe_quantize.py: no gain from pipelining the loads)
         PDL_TRIGGER=trigger and pdl_supported(x.device),
-        K_FAST=K_FAST,
     )
     return xq, lora
