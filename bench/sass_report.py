@@ -184,6 +184,35 @@ def _gemv_fma() -> dict[str, Any]:
     return dict(kernel=g._w4a16_fma_kernel, warps=warps, **d)
 
 
+def _dp4a_spec(m: int) -> dict[str, Any]:
+    """The dp4a GEMV (int4 codes against x̂ as 16-bit integers), ``m`` tokens."""
+    from svdquant.kernels import gemv as g
+
+    bn, bk, warps = g.TILES["dp4a" if m == 1 else "dp4a_multi"]
+    d = _gemv_common()
+    d["ptrs"] = {k: v for k, v in d["ptrs"].items() if k != "xh_ptr"}
+    d["ptrs"] |= {"xq_ptr": "*i32", "xs_ptr": "*fp32", "q_ptr": "*i32"}
+    d["ints"] = dict(
+        M=m, N=18432, R=32, S=24, kw_per_split=384, stride_xm=1536, stride_qn=384,
+        stride_sn=48, stride_ls=32 * m, stride_lm=32, stride_un=32, stride_om=18432,
+    )  # fmt: skip
+    consts = {k: v for k, v in d["consts"].items() if k not in ("NVFP4", "GROUP")}
+    d["consts"] = consts | dict(
+        S_BLOCK=16 // m, BLOCK_N=bn, BLOCK_K=bk, KPW=384, BLOCK_M=m, INTERPRET=False
+    )
+    return dict(kernel=g._w4a16_dp4a_kernel, warps=warps, **d)
+
+
+@_spec("gemv_dp4a")
+def _gemv_dp4a() -> dict[str, Any]:
+    return _dp4a_spec(1)
+
+
+@_spec("gemv_dp4a_m4")
+def _gemv_dp4a_m4() -> dict[str, Any]:
+    return _dp4a_spec(4)
+
+
 def _packed_spec(groups_per_step: int | None = None) -> dict[str, Any]:
     """The packed-decode tensor-core GEMV (``gemv.PACKED_MMA``), 4 tokens, at
     ``TILES["packed"]`` (its groups per step replaced by ``groups_per_step``)."""

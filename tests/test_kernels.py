@@ -30,7 +30,8 @@ from svdquant.kernels.gemm import (  # noqa: E402
     fp8_gemm_split,
     split_supported,
 )
-from svdquant.kernels.gemv import w4a16_linear  # noqa: E402
+from svdquant.kernels._triton_common import interpreting  # noqa: E402
+from svdquant.kernels.gemv import _dp4a, w4a16_linear  # noqa: E402
 from svdquant.kernels.quantize import quantize_act  # noqa: E402
 from svdquant.kernels.widen import dequantize_weight, widen_weight  # noqa: E402
 
@@ -432,6 +433,15 @@ def test_split_k_tail_policy(monkeypatch):
 # --- W4A16 GEMV -----------------------------------------------------------------------
 
 
+@pytest.fixture
+def no_dp4a(monkeypatch):
+    """For the tests of the other GEMV kernels: the dp4a kernel, which takes int4 weights
+    first (``gemv.DP4A_MAX_M``), off."""
+    from svdquant.kernels import gemv
+
+    monkeypatch.setattr(gemv, "DP4A_MAX_M", 0)
+
+
 def _w4a16_case(m, n, k, r, fmt, dtype, bias_seed):
     """Activations and ``w4a16_linear``'s other arguments (no bias when ``bias_seed`` is
     None) for the GEMV tests."""
@@ -442,6 +452,7 @@ def _w4a16_case(m, n, k, r, fmt, dtype, bias_seed):
     return x, (q.packed, q.scales, q.tensor_scale, _smooth(k), down, up, b, fmt)
 
 
+@pytest.mark.usefixtures("no_dp4a")
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 @pytest.mark.parametrize(
@@ -464,6 +475,7 @@ def test_w4a16_matches_reference(monkeypatch, m, fmt, n, k, r):
     assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
+@pytest.mark.usefixtures("no_dp4a")
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 @pytest.mark.parametrize(
@@ -489,16 +501,111 @@ def test_w4a16_fma_kernel_over_tiles(monkeypatch, m, tile, fmt, n, k, r):
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize(
+    ("n", "k", "r"),
+    [(45, 100, 5), (130, 333, 0), (45, 1024, 3), (20, 4500, 2), (33, 200, 40)],
+)
+def test_w4a16_dp4a_matches_reference(m, n, k, r):
+    """The dp4a kernel (int4 at up to ``DP4A_MAX_M`` tokens: the default): x̂ as 16-bit
+    integers per group, codes as signed bytes; the same shapes as the other kernels' test
+    (K padded, a K split, 36 low-rank chunks, rank 40), 3 tokens padded to 4."""
+    from svdquant.kernels import gemv
+
+    assert gemv._path(m, "int4") == "dp4a"
+    x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=5)
+    y = w4a16_linear(x, *args)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize(
+    ("tile", "n", "k", "r"),
+    [
+        (t, *shape)
+        for t in [(1, 512, 1), (4, 1024, 1), (8, 2048, 2), (16, 512, 2)]
+        for shape in [(45, 1024, 3), (20, 1600, 2)]
+    ],
+)
+def test_w4a16_dp4a_kernel_over_tiles(monkeypatch, m, tile, n, k, r):
+    """The dp4a kernel over its tiles (one row to 16, steps of 512 to 2048 columns
+    narrowed until they divide KP: 1600 → 64), fp16 activations."""
+    from svdquant.kernels import gemv
+
+    monkeypatch.setitem(gemv.TILES, "dp4a", tile)
+    monkeypatch.setitem(gemv.TILES, "dp4a_multi", tile)
+    x, args = _w4a16_case(m, n, k, r, "int4", torch.float16, bias_seed=6)
+    y = w4a16_linear(x, *args)
+    assert y.dtype == torch.float16
+    assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
+@triton.jit
+def _dp4a_kernel(a_ptr, b_ptr, c_ptr, s_ptr, u_ptr, INTERPRET: tl.constexpr):
+    i = tl.arange(0, 256)
+    a, b, c = tl.load(a_ptr + i), tl.load(b_ptr + i), tl.load(c_ptr + i)
+    tl.store(s_ptr + i, _dp4a(a, b, c, True, INTERPRET))
+    tl.store(u_ptr + i, _dp4a(a, b, c, False, INTERPRET))
+
+
+def test_dp4a_matches_its_definition():
+    """``gemv._dp4a`` (PTX ``dp4a`` on the GPU, integer ops in the interpreter): c plus
+    the dot product of a's four signed bytes with b's four bytes, signed or unsigned,
+    on words with every byte value at the extremes."""
+    g = _gen(21)
+    extremes = torch.tensor([0, 1, 127, 128, 255, 0x80, 0x7F, 0xF0], dtype=torch.int64)
+    raw = torch.randint(0, 256, (3, 256, 4), generator=g)
+    raw[:2, :8, :] = extremes[torch.randint(0, 8, (2, 8, 4), generator=g)]
+    words = [(r[..., 0] | r[..., 1] << 8 | r[..., 2] << 16 | r[..., 3] << 24) for r in raw]
+    a, b, c = (((w + 2**31) % 2**32 - 2**31).to(torch.int32) for w in words)
+    signed = ((raw + 128) % 256) - 128
+    want_s = c.long() + (signed[0] * signed[1]).sum(-1)
+    want_u = c.long() + (signed[0] * raw[1]).sum(-1)
+    s, u = torch.empty_like(a), torch.empty_like(a)
+    dev = [t.to(DEVICE) for t in (a, b, c, s, u)]
+    _dp4a_kernel[(1,)](*dev, INTERPRET=interpreting())
+    assert torch.equal(dev[3].cpu().long(), want_s)
+    assert torch.equal(dev[4].cpu().long(), want_u)
+
+
+def test_w4a16_dp4a_prep_planes_decode_to_x_hat():
+    """The dp4a kernel's x̂ (``prep(..., i16=True)``): high and low bytes at even and odd
+    columns, four to a word in the code words' nibble order, times the group's step (× 16)
+    give back x · (1/s) within 2⁻¹⁵ of each group's largest value; zero past K."""
+    from svdquant.kernels import gemv
+
+    m, k, kp = 3, 333, 384
+    x = _acts(m, k, torch.bfloat16)
+    smooth = _smooth(k)
+    down = torch.zeros(2, k, dtype=torch.bfloat16, device=DEVICE)
+    xh, _ = gemv.prep(x, smooth, down, kp, "int4", fma=False, i16=True)
+    planes = xh.planes.cpu().long() % 2**32  # [m, 4, kp/8] as unsigned words
+    by = torch.stack([(planes >> (8 * b)) & 255 for b in range(4)], dim=-1)  # [m, 4, kp/8, 4]
+    hi = ((by[:, :2] + 128) % 256) - 128
+    q = hi * 256 + by[:, 2:]  # [m, parity, kp/8, 4]: column 8i + 2b + parity
+    q = q.permute(0, 2, 3, 1).reshape(m, kp)
+    xhat = q.double() * 16 * xh.scales.cpu().double().repeat_interleave(64, dim=1)
+    want = torch.zeros(m, kp, dtype=torch.float64)
+    want[:, :k] = x.cpu().double() / smooth.cpu().double()
+    amax = want.abs().reshape(m, -1, 64).amax(-1).repeat_interleave(64, dim=1)
+    assert ((xhat - want).abs() <= amax * 2.0**-15).all()
+    assert (q[:, k:] == 0).all()
+
+
 def test_w4a16_default_path(monkeypatch):
-    """The default routing: the FMA kernel up to ``FMA_MAX_M`` (4) tokens, above it int4
-    on the packed kernel (``PACKED_MMA``, on since the H200 measurement) and nvfp4 on
+    """The default routing: int4 on the dp4a kernel up to ``DP4A_MAX_M`` (16) tokens;
+    nvfp4 (and int4 with the dp4a kernel off) on the FMA kernel up to ``FMA_MAX_M`` (4)
+    tokens, above it int4 on the packed kernel (``PACKED_MMA``) and nvfp4 on
     ``_w4a16_mma_kernel``; ``PACKED_MMA`` off sends int4 there too. ``w4a16_linear``
     launches the kernel ``_path`` names."""
     from svdquant.kernels import gemv
 
-    assert gemv.PACKED_MMA and gemv.FMA_MAX_M == 4
-    assert [gemv._path(m, "int4") for m in (1, 4, 5, 8, 16)] == ["fma"] * 2 + ["packed"] * 3
+    assert gemv.PACKED_MMA and gemv.FMA_MAX_M == 4 and gemv.DP4A_MAX_M == 16
+    assert [gemv._path(m, "int4") for m in (1, 4, 5, 8, 16)] == ["dp4a"] * 5
     assert [gemv._path(m, "nvfp4") for m in (1, 4, 5, 16)] == ["fma"] * 2 + ["mma"] * 2
+    monkeypatch.setattr(gemv, "DP4A_MAX_M", 0)
+    assert [gemv._path(m, "int4") for m in (1, 4, 5, 8, 16)] == ["fma"] * 2 + ["packed"] * 3
     launched = []
 
     class Spy:
@@ -508,7 +615,7 @@ def test_w4a16_default_path(monkeypatch):
         def __getitem__(self, grid):
             return lambda *a, **kw: launched.append(self.name)
 
-    for name in ("fma", "mma", "packed"):
+    for name in ("fma", "mma", "packed", "dp4a"):
         monkeypatch.setattr(gemv, f"_w4a16_{name}_kernel", Spy(name))
     for m, fmt in ((4, "int4"), (5, "int4"), (16, "int4"), (4, "nvfp4"), (5, "nvfp4")):
         x, args = _w4a16_case(m, 45, 256, 3, fmt, torch.bfloat16, bias_seed=None)
@@ -519,6 +626,11 @@ def test_w4a16_default_path(monkeypatch):
     x, args = _w4a16_case(5, 45, 256, 3, "int4", torch.bfloat16, bias_seed=None)
     w4a16_linear(x, *args)
     assert launched[-1] == "mma"
+    monkeypatch.setattr(gemv, "DP4A_MAX_M", 16)
+    for m in (1, 16):
+        x, args = _w4a16_case(m, 45, 256, 3, "int4", torch.bfloat16, bias_seed=None)
+        w4a16_linear(x, *args)
+    assert launched[-2:] == ["dp4a", "dp4a"]
 
 
 def test_packed_decode_ptx_recipe():
@@ -546,6 +658,7 @@ def test_packed_decode_ptx_recipe():
         assert decode(b0, b1) == [136.0 + c for c in want]
 
 
+@pytest.mark.usefixtures("no_dp4a")
 @pytest.mark.parametrize("m", [2, 5, 16])
 @pytest.mark.parametrize(("n", "k", "r"), [(45, 1024, 3), (130, 333, 0), (20, 4500, 2)])
 def test_w4a16_packed_kernel_matches_reference(monkeypatch, m, n, k, r):
@@ -561,6 +674,7 @@ def test_w4a16_packed_kernel_matches_reference(monkeypatch, m, n, k, r):
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
+@pytest.mark.usefixtures("no_dp4a")
 @pytest.mark.parametrize("m", [2, 5, 16])
 @pytest.mark.parametrize(
     ("tile", "n", "k", "r"),
@@ -598,6 +712,7 @@ def test_packed_groups_per_step_fallback():
     assert gemv._groups_per_step(3072, 0) == 1
 
 
+@pytest.mark.usefixtures("no_dp4a")
 @pytest.mark.parametrize("m", [5])
 def test_w4a16_packed_kernel_groups_per_step_same_numbers(monkeypatch, m):
     """More groups a step changes the loop, not the arithmetic: the groups are added in
@@ -621,6 +736,7 @@ def test_w4a16_packed_kernel_groups_per_step_same_numbers(monkeypatch, m):
             assert rel_err(y, ys[0]) <= 1e-6
 
 
+@pytest.mark.usefixtures("no_dp4a")
 @pytest.mark.parametrize("tile", [(32, 1, 4), (32, 2, 4), (64, 4, 4)])
 def test_w4a16_packed_kernel_empty_split(monkeypatch, tile):
     """A K split whose range is empty (one more split than ``_split_k`` plans: its
@@ -929,6 +1045,7 @@ def test_gpu_layer_pipeline_matches_reference(m, n, k, fmt, act_fmt):
     assert rel_err(y, ref.fp8_gemm_ref(xq, wq, s_ch, act_scale, lora, up, b, dtype)) <= TOL
 
 
+@pytest.mark.usefixtures("no_dp4a")
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 16])
 @pytest.mark.parametrize(("n", "k"), [(130, 333), (18432, 3072), (3072, 3072)])
@@ -947,6 +1064,33 @@ def test_gpu_w4a16_matches_reference(monkeypatch, m, n, k, fmt, packed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize(("n", "k"), [(130, 333), (18432, 3072), (9216, 3072), (3072, 3072)])
+def test_gpu_w4a16_dp4a_kernel(m, n, k):
+    """The dp4a kernel (the default for int4 up to ``DP4A_MAX_M`` tokens) with PTX
+    ``dp4a``, at FLUX's modulation shapes and an odd one."""
+    from svdquant.kernels import gemv
+
+    assert gemv._path(m, "int4") == "dp4a"
+    x, args = _w4a16_case(m, n, k, 32, "int4", torch.bfloat16, bias_seed=9)
+    assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("tile", [(4, 512, 1), (8, 2048, 2), (16, 1024, 1), (2, 1024, 2)])
+def test_gpu_w4a16_dp4a_kernel_over_tiles(monkeypatch, m, tile):
+    """The dp4a kernel's tiles on the GPU (those ``bench/probe_gemv_dp4a.py`` sweeps)."""
+    from svdquant.kernels import gemv
+
+    monkeypatch.setitem(gemv.TILES, "dp4a", tile)
+    monkeypatch.setitem(gemv.TILES, "dp4a_multi", tile)
+    x, args = _w4a16_case(m, 18432, 3072, 32, "int4", torch.bfloat16, bias_seed=9)
+    assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
+@pytest.mark.usefixtures("no_dp4a")
+@pytest.mark.gpu
 @pytest.mark.parametrize("m", [2, 4, 16])
 @pytest.mark.parametrize(("n", "k"), [(18432, 3072), (130, 333)])
 def test_gpu_w4a16_packed_kernel(monkeypatch, m, n, k):
@@ -959,6 +1103,7 @@ def test_gpu_w4a16_packed_kernel(monkeypatch, m, n, k):
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
+@pytest.mark.usefixtures("no_dp4a")
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [5, 16])
 @pytest.mark.parametrize(("n", "k"), [(18432, 3072), (130, 333), (300, 4500)])

@@ -63,6 +63,10 @@ TILES = {
     "fma_multi": (4, 1024, 1),
     "mma": (128, 64, 4),
     # (BLOCK_N, groups of 64 columns per step, num_warps) of ``_w4a16_packed_kernel``
+    # (BLOCK_N, columns per step, num_warps) of ``_w4a16_dp4a_kernel`` at one token and
+    # at more (not yet measured: the FMA kernel's shapes)
+    "dp4a": (8, 1024, 1),
+    "dp4a_multi": (4, 1024, 1),
     # (``PACKED_MMA``): the best of 24 (BLOCK_N 32-256 x 1, 2, 4 groups x 4, 8 warps) at
     # every M = 1..16 (``probe_gemv_mma_sweep-h200-2026-11-29.json``, H200)
     "packed": (128, 1, 4),
@@ -88,6 +92,10 @@ LORA_CHUNK = 128
 #: .json`` 48.9 vs 53.7 and 55.1 vs 59.5 at M = 8, 16). At M ≤ 4 the FMA kernel stays
 #: faster (M = 4: 40.9 vs 45.4 µs): ``FMA_MAX_M`` unchanged.
 PACKED_MMA = True
+#: int4 weights at up to this many tokens on the dp4a kernel (``_w4a16_dp4a_kernel``:
+#: x̂ as 16-bit integers, three logic ops and four ``dp4a`` per 8 codes and token).
+#: 0: off. Not yet measured on the GPU.
+DP4A_MAX_M = 16
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
 PDL = True
@@ -121,6 +129,7 @@ def _prep_kernel(
     PDL: tl.constexpr,
     PACKED: tl.constexpr = False,
     INTERPRET: tl.constexpr = False,
+    I16: tl.constexpr = False,
 ):
     """x̂ = x · (1/s) for this program's CHUNK columns, written as [M, PLANES, KP/PLANES]
     (plane p holds the columns c ≡ p mod PLANES; zero past K; with ``PRESCALE``, plane p
@@ -142,7 +151,10 @@ def _prep_kernel(
     if PRESCALE:  # 2**-shift built from its exponent bits: exact
         pow2 = ((127 - _plane_shift(c % PLANES)) << 23).to(tl.float32, bitcast=True)
         plane_inv_s = inv_s * pow2
-    if PACKED:  # the packed kernel's x̂ (``PackedX``); the sums go after the planes
+    if I16:  # the dp4a kernel's x̂ (``Int16X``): byte planes and group scales
+        _store_i16(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, stride_hm,
+                   pid_k, CHUNK)  # fmt: skip
+    elif PACKED:  # the packed kernel's x̂ (``PackedX``); the sums go after the planes
         _store_packed(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k, CHUNK,
                       INTERPRET)  # fmt: skip
     else:
@@ -160,6 +172,42 @@ def _prep_kernel(
             xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask, other=0.0)
             part = tl.sum(ld * (xv.to(tl.float32) * inv_s)[None, :], axis=1)
             tl.store(lora_ptr + pid_k * stride_ls + m * stride_lm + rr, part, mask=rr < R)
+
+
+@triton.jit
+def _store_i16(x_ptr, xq_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, stride_qm, pid_k,
+               CHUNK: tl.constexpr):  # fmt: skip
+    """This chunk's x̂ for the dp4a kernel: per token and group of 64 columns, x̂ as 16-bit
+    integers ``q = round(x̂ / s)`` against ``s = max |x̂| / 32767`` (relative error ≤ 2⁻¹⁶
+    of the group's largest value), split into a signed high byte and an unsigned low
+    byte (q = 256 · hi + lo) and packed four to a word in the order of the code words'
+    nibbles: planes [hi even, hi odd, lo even, lo odd][KP/8] (byte b of word i: column
+    8i + 2b, or 8i + 2b + 1 for the odd planes), int32 [M, 4, KP/8]; and ``s / 16``
+    (the kernel's codes are 16 · code), fp32 [M, KP/64]. A non-finite group keeps a
+    non-finite scale, so NaN and Inf still reach the token's outputs."""
+    GPC: tl.constexpr = CHUNK // 64
+    WPC: tl.constexpr = CHUNK // 8
+    KW = KP // 8
+    g = pid_k * GPC + tl.arange(0, GPC)
+    wi = pid_k * WPC + tl.arange(0, WPC)
+    shifts = (8 * tl.arange(0, 4))[None, :]
+    for m in range(M):
+        xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask, other=0.0).to(tl.float32) * inv_s
+        xg = tl.reshape(xv, [GPC, 64])
+        amax = tl.max(tl.abs(xg), axis=1)
+        inv = tl.where(amax > 0, 32767.0 / tl.where(amax > 0, amax, 1.0), 0.0)
+        # round to nearest by 1.5 * 2**23 (|x̂ / s| ≤ 32767)
+        q = ((xg * inv[:, None] + 12582912.0) - 12582912.0).to(tl.int32)
+        q = tl.reshape(q, [WPC, 4, 2])
+        he, ho = tl.split(q >> 8)
+        le, lo = tl.split(q & 255)
+        dst = xq_ptr + m * stride_qm + wi
+        wmask = wi < KW
+        tl.store(dst, tl.sum((he & 255) << shifts, axis=1), mask=wmask)
+        tl.store(dst + KW, tl.sum((ho & 255) << shifts, axis=1), mask=wmask)
+        tl.store(dst + 2 * KW, tl.sum(le << shifts, axis=1), mask=wmask)
+        tl.store(dst + 3 * KW, tl.sum(lo << shifts, axis=1), mask=wmask)
+        tl.store(xs_ptr + m * (KP // 64) + g, amax * (1.0 / 524272.0), mask=g < KP // 64)
 
 
 @triton.jit
@@ -631,6 +679,116 @@ def _w4a16_packed_kernel(
     )  # fmt: skip
 
 
+@triton.jit
+def _dp4a(a, b, c, B_SIGNED: tl.constexpr, INTERPRET: tl.constexpr):
+    """``c`` plus the dot product of the four signed bytes of ``a`` with the four bytes
+    of ``b`` (signed or unsigned), int32: PTX ``dp4a`` (integer ops under the
+    interpreter, which has no inline assembly)."""
+    if INTERPRET:
+        for i in tl.static_range(4):
+            ai = (a << (24 - 8 * i)) >> 24
+            if B_SIGNED:
+                bi = (b << (24 - 8 * i)) >> 24
+            else:
+                bi = (b >> (8 * i)) & 255
+            c += ai * bi
+        return c
+    return tl.inline_asm_elementwise(
+        "dp4a.s32.s32 $0, $1, $2, $3;" if B_SIGNED else "dp4a.s32.u32 $0, $1, $2, $3;",
+        "=r,r,r,r",
+        [a, b, c],
+        dtype=tl.int32,
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _w4a16_dp4a_kernel(
+    xq_ptr,
+    xs_ptr,
+    q_ptr,
+    sc_ptr,
+    ts_ptr,
+    lora_ptr,
+    lu_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    KPW: tl.constexpr,
+    R,
+    S,
+    kw_per_split,
+    stride_xm,
+    stride_qn,
+    stride_sn,
+    stride_ls,
+    stride_lm,
+    stride_un,
+    stride_om,
+    ATOMIC: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    FP32_PREC: tl.constexpr,
+    S_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PDL: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """int4 weights against x̂ as 16-bit integers (``Int16X``) on the integer dot-product
+    unit: a code word's high nibbles are ``word & 0xF0F0F0F0`` and its low ones
+    ``(word << 4) & 0xF0F0F0F0`` — as signed bytes exactly 16 · code, no offset, no
+    conversion — and each ``dp4a`` multiplies four of them by four bytes of x̂ and adds:
+    three logic ops and four ``dp4a`` per 8 codes and token (x̂'s high and low bytes),
+    against ~4.6 instructions per code on the FMA kernel. Per group of 64 columns the
+    exact int32 sum ``Σ 16 · code · q`` (|·| < 2²⁹) becomes fp32 once and is scaled by
+    the weight's and x̂'s group scales. The register layout is the FMA kernel's: [BLOCK_N,
+    1, words] codes against [1, BLOCK_M, words] x̂ planes, nothing through shared memory."""
+    GPS: tl.constexpr = BLOCK_K // 64  # groups per step
+    BKW: tl.constexpr = BLOCK_K // 8  # words per step
+    HI: tl.constexpr = -0x0F0F0F10  # 0xF0F0F0F0
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_c = tl.minimum(rows, N - 1)  # unmasked loads, as in the FMA kernel
+    rm = tl.arange(0, BLOCK_M)
+    word = tl.arange(0, BKW)[None, None, :]
+    kw_start = pid_k * kw_per_split
+    kw_end = tl.minimum(kw_start + kw_per_split, KPW)
+    q_rows = q_ptr + rows_c[:, None, None] * stride_qn + word  # [BLOCK_N, 1, BKW]
+    s_rows = sc_ptr + rows_c[:, None, None] * stride_sn + tl.arange(0, GPS)[None, None, :]
+    tok = tl.minimum(rm, M - 1)[None, :, None]  # tokens past M read token M - 1
+    x_cols = xq_ptr + tok * stride_xm + word  # [1, BLOCK_M, BKW]
+    xs_cols = xs_ptr + tok * (KPW // 8) + tl.arange(0, GPS)[None, None, :]
+    zero = tl.zeros([BLOCK_N, BLOCK_M, BKW], dtype=tl.int32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M, GPS], dtype=tl.float32)
+    w_next = tl.load(q_rows + kw_start)
+    if PDL:  # only weights (no earlier kernel's output) are read before this; x̂ after
+        gdc_wait()
+    for kw in range(kw_start, kw_end, BKW):
+        w = w_next
+        w_next = tl.load(q_rows + tl.minimum(kw + BKW, kw_end - BKW))
+        sg = tl.load(s_rows + kw // 8).to(tl.float32)  # [BLOCK_N, 1, GPS]
+        sx = tl.load(xs_cols + kw // 8)  # [1, BLOCK_M, GPS]
+        hi = w & HI  # odd columns
+        lo = (w << 4) & HI  # even columns
+        ph = _dp4a(hi, tl.load(x_cols + kw + KPW), zero, True, INTERPRET)
+        ph = _dp4a(lo, tl.load(x_cols + kw), ph, True, INTERPRET)
+        pl = _dp4a(hi, tl.load(x_cols + kw + 3 * KPW), zero, False, INTERPRET)
+        pl = _dp4a(lo, tl.load(x_cols + kw + 2 * KPW), pl, False, INTERPRET)
+        part = tl.sum(tl.reshape(ph * 256 + pl, [BLOCK_N, BLOCK_M, GPS, 8]), axis=3)
+        acc += part.to(tl.float32) * (sg * sx)
+    _epilogue(
+        tl.sum(acc, axis=2), rows, rm, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr,
+        bias_ptr, out_ptr, stride_ls, stride_lm, stride_un, stride_om,
+        ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16, FP32_PREC, S_BLOCK,
+    )  # fmt: skip
+
+
 def w4a16_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -653,21 +811,24 @@ def w4a16_linear(
     if m == 0 or n == 0:
         return x.new_empty(m, n)
     path = _path(m, fmt)
-    fma, packed = path == "fma", path == "packed"
+    fma, packed, i16 = path == "fma", path == "packed", path == "dp4a"
     # every copy the GEMV's operands need is made before the prep kernel, so that the
     # prep kernel is the GEMV's immediate predecessor (its programmatic dependency)
     qweight, wscales, wtensor_scale, lowrank_up = _operands(
-        qweight, wscales, wtensor_scale, lowrank_up, fma
+        qweight, wscales, wtensor_scale, lowrank_up, fma or i16
     )
     pdl = _pdl(x.device)
-    xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=fma, pdl=pdl, packed=packed)
+    xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=fma, pdl=pdl, packed=packed, i16=i16)
     return gemv(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, fmt, x.dtype, pdl=pdl)
 
 
 def _path(m: int, fmt: str) -> str:
-    """The GEMV kernel for ``m`` tokens of ``fmt`` weights: "fma" up to ``FMA_MAX_M``
-    tokens; above, "packed" (``_w4a16_packed_kernel``) for int4 when ``PACKED_MMA``,
-    otherwise "mma" (``_w4a16_mma_kernel``; always for nvfp4)."""
+    """The GEMV kernel for ``m`` tokens of ``fmt`` weights: int4 on "dp4a"
+    (``_w4a16_dp4a_kernel``) up to ``DP4A_MAX_M`` tokens; otherwise "fma" up to
+    ``FMA_MAX_M`` tokens; above, "packed" (``_w4a16_packed_kernel``) for int4 when
+    ``PACKED_MMA``, otherwise "mma" (``_w4a16_mma_kernel``; always for nvfp4)."""
+    if fmt == "int4" and m <= DP4A_MAX_M:
+        return "dp4a"
     if m <= FMA_MAX_M:
         return "fma"
     return "packed" if PACKED_MMA and fmt == "int4" else "mma"
@@ -682,6 +843,16 @@ def _operands(qweight, wscales, wtensor_scale, lowrank_up, fma: bool):
             qweight = qweight.clone()
         qweight = qweight.view(torch.int32)
     return qweight, wscales, wtensor_scale.float().reshape(1), lowrank_up.contiguous()
+
+
+@dataclass
+class Int16X:
+    """x̂ for the dp4a kernel (``prep(..., i16=True)``): int32 ``planes`` [M, 4, kp/8]
+    (x̂ as 16-bit integers per group of 64 columns, high and low bytes at even and odd
+    columns, four to a word) and fp32 ``scales`` [M, kp/64] (each group's step, / 16)."""
+
+    planes: torch.Tensor
+    scales: torch.Tensor
 
 
 @dataclass
@@ -703,14 +874,16 @@ def prep(
     fma: bool,
     pdl: bool = False,
     packed: bool = False,
-) -> tuple[torch.Tensor | PackedX, torch.Tensor]:
+    i16: bool = False,
+) -> tuple[torch.Tensor | PackedX | Int16X, torch.Tensor]:
     """x̂ = x · (1/s) as [M, planes, kp/planes] fp32 (plane p: the columns ≡ p mod planes;
     8 for the FMA kernel — for int4 weights each plane scaled by the power of two its
     shift-free decode needs — 2, even and odd, for the tensor-core kernel) and the
     low-rank down projection's partial sums [chunks, M, r] (one per ``LORA_CHUNK``
     columns). ``gemv`` takes both; ``pdl``: the next kernel is launched as this one's
     programmatic dependent (``gemv(..., pdl=True)``); ``packed``: x̂ as ``PackedX``, for
-    the packed tensor-core kernel (int4, kp a multiple of 64)."""
+    the packed tensor-core kernel (int4, kp a multiple of 64); ``i16``: x̂ as ``Int16X``,
+    for the dp4a kernel (int4)."""
     planes = 8 if fma else 2
     m, k = x.shape
     if x.stride(-1) != 1:
@@ -723,6 +896,9 @@ def prep(
     if packed:
         xh = torch.empty(4, kp // 2, 16, dtype=torch.bfloat16, device=x.device)
         sums = torch.empty(kp // 64, 16, dtype=torch.float32, device=x.device)
+    elif i16:
+        xh = torch.empty(m, 4, kp // 8, dtype=torch.int32, device=x.device)
+        sums = torch.empty(m, kp // 64, dtype=torch.float32, device=x.device)
     else:
         xh = torch.empty(m, planes, kp // planes, dtype=torch.float32, device=x.device)
         sums = lora  # never written
@@ -730,13 +906,15 @@ def prep(
         x, smooth, lowrank_down, xh, lora, sums, m, k, kp, r,
         x.stride(0), lowrank_down.stride(0), xh.stride(0), lora.stride(0), lora.stride(1),
         CHUNK=LORA_CHUNK, PLANES=planes, PRESCALE=fma and fmt == "int4", PDL=pdl,
-        PACKED=packed, INTERPRET=interpreting(), num_warps=4,
+        PACKED=packed, INTERPRET=interpreting(), I16=i16, num_warps=4,
     )  # fmt: skip
-    return (PackedX(xh, sums) if packed else xh), lora[..., :r]
+    if packed:
+        return PackedX(xh, sums), lora[..., :r]
+    return (Int16X(xh, sums) if i16 else xh), lora[..., :r]
 
 
 def gemv(
-    xh: torch.Tensor | PackedX,
+    xh: torch.Tensor | PackedX | Int16X,
     lora: torch.Tensor,
     qweight: torch.Tensor,
     wscales: torch.Tensor,
@@ -754,6 +932,9 @@ def gemv(
     if isinstance(xh, PackedX):
         return _gemv_packed(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias,
                             out_dtype, pdl)  # fmt: skip
+    if isinstance(xh, Int16X):
+        return _gemv_dp4a(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias,
+                          out_dtype, pdl)  # fmt: skip
     m, kp = xh.shape[0], xh.shape[1] * xh.shape[2]
     r, chunks = lora.shape[2], lora.shape[0]
     fma = xh.shape[1] == 8
@@ -845,6 +1026,35 @@ def _gemv_packed(
         lowrank_up.stride(0) if r else 0, out.stride(0),
         ASM=not interpreting(), DOT_FP32=interpreting(), BLOCK_N=block_n,
         GROUPS_PER_STEP=gps, num_warps=warps, **_shared_flags(split, r, bias, out_dtype, pdl),
+    )  # fmt: skip
+    return out if split == 1 else out.to(out_dtype)
+
+
+def _gemv_dp4a(
+    xh: Int16X, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, out_dtype, pdl
+) -> torch.Tensor:
+    """``gemv`` on the dp4a kernel (int4), tiled by ``TILES["dp4a"]`` at one token and
+    ``TILES["dp4a_multi"]`` at more."""
+    qweight, wscales, wtensor_scale, lowrank_up = _operands(
+        qweight, wscales, wtensor_scale, lowrank_up, fma=True
+    )
+    n, kp = qweight.shape[0], qweight.shape[1] * 8
+    chunks, m, r = lora.shape
+    block_n, block_k, warps = TILES["dp4a" if m == 1 else "dp4a_multi"]
+    block_k = max(block_k, 64)  # the widest power-of-two step that divides KP
+    while kp % block_k:
+        block_k //= 2
+    n_blocks = triton.cdiv(n, block_n)
+    split, kps, out = _split_k(m, n, kp, block_k, n_blocks, out_dtype, qweight.device)
+    _w4a16_dp4a_kernel[(n_blocks, split)](
+        xh.planes, xh.scales, qweight, wscales, wtensor_scale, lora, lowrank_up,
+        bias if bias is not None else out, out, m, n, kp // 8, r, chunks, kps // 8,
+        xh.planes.stride(0), qweight.stride(0), wscales.stride(0), lora.stride(0),
+        lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
+        S_BLOCK=min(16 // triton.next_power_of_2(m), triton.next_power_of_2(chunks)),
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=triton.next_power_of_2(m),
+        INTERPRET=interpreting(), num_warps=warps,
+        **_shared_flags(split, r, bias, out_dtype, pdl),
     )  # fmt: skip
     return out if split == 1 else out.to(out_dtype)
 
