@@ -32,7 +32,15 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gemm import Layer, _graph, bench_graph, bench_graph_clean, copy_bandwidth, run_info, write_result
+from gemm import (
+    Layer,
+    _graph,
+    bench_graph,
+    bench_graph_clean,
+    copy_bandwidth,
+    run_info,
+    write_result,
+)
 
 from svdquant.kernels import gemv as gemv_mod
 from svdquant.kernels import reference as ref
@@ -87,9 +95,7 @@ def probe(m: int, n: int, layer: Layer, copy_gbs: float) -> dict:
                 y = gemv_mod.w4a16_linear(x, *args)
                 row[f"{name}_rel_err"] = _rel(y, y_ref)
                 row[f"{name}_us"] = bench_graph(lambda: gemv_mod.w4a16_linear(x, *args))
-                row[f"{name}_clean_us"] = bench_graph_clean(
-                    lambda: gemv_mod.w4a16_linear(x, *args)
-                )
+                row[f"{name}_clean_us"] = bench_graph_clean(lambda: gemv_mod.w4a16_linear(x, *args))
             row[f"{name}_x"] = row["bf16_us"] / row[f"{name}_us"]
             row[f"{name}_clean_x"] = row["bf16_clean_us"] / row[f"{name}_clean_us"]
             row[f"{name}_pct_copy"] = 100 * nbytes / row[f"{name}_us"] / 1e3 / copy_gbs

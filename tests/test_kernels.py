@@ -23,14 +23,17 @@ tl = triton.language
 import svdquant  # noqa: E402
 from svdquant import formats  # noqa: E402
 from svdquant.kernels import reference as ref  # noqa: E402
-from svdquant.kernels._triton_common import round_bf16, round_e4m3  # noqa: E402
+from svdquant.kernels._triton_common import (  # noqa: E402
+    interpreting,
+    round_bf16,
+    round_e4m3,
+)
 from svdquant.kernels.gemm import (  # noqa: E402
     fp8_gemm,
     fp8_gemm_quantize_next,
     fp8_gemm_split,
     split_supported,
 )
-from svdquant.kernels._triton_common import interpreting  # noqa: E402
 from svdquant.kernels.gemv import _dp4a, w4a16_linear  # noqa: E402
 from svdquant.kernels.quantize import quantize_act  # noqa: E402
 from svdquant.kernels.widen import dequantize_weight, widen_weight  # noqa: E402

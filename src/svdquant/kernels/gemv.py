@@ -687,10 +687,7 @@ def _dp4a(a, b, c, B_SIGNED: tl.constexpr, INTERPRET: tl.constexpr):
     if INTERPRET:
         for i in tl.static_range(4):
             ai = (a << (24 - 8 * i)) >> 24
-            if B_SIGNED:
-                bi = (b << (24 - 8 * i)) >> 24
-            else:
-                bi = (b >> (8 * i)) & 255
+            bi = ((b << (24 - 8 * i)) >> 24) if B_SIGNED else ((b >> (8 * i)) & 255)
             c += ai * bi
         return c
     return tl.inline_asm_elementwise(
