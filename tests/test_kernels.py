@@ -507,14 +507,16 @@ def test_w4a16_fma_kernel_over_tiles(monkeypatch, m, tile, fmt, n, k, r):
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize(
     ("n", "k", "r"),
-    [(45, 100, 5), (130, 333, 0), (45, 1024, 3), (20, 4500, 2), (33, 200, 40)],
+    [(45, 100, 5), (130, 333, 0), (45, 1024, 3), (20, 2176, 2), (33, 200, 40)],
 )
-def test_w4a16_dp4a_matches_reference(m, n, k, r):
-    """The dp4a kernel (int4 at up to ``DP4A_MAX_M`` tokens: the default): x̂ as 16-bit
-    integers per group, codes as signed bytes; the same shapes as the other kernels' test
-    (K padded, a K split, 36 low-rank chunks, rank 40), 3 tokens padded to 4."""
+def test_w4a16_dp4a_matches_reference(monkeypatch, m, n, k, r):
+    """The dp4a kernel (int4 at up to ``DP4A_MAX_M`` tokens; here up to 16): x̂ as 16-bit
+    integers per group, codes as signed bytes; shapes like the other kernels' test (K
+    padded, a K split, 17 low-rank chunks: more than one epilogue load at one token,
+    rank 40), 3 tokens padded to 4."""
     from svdquant.kernels import gemv
 
+    monkeypatch.setattr(gemv, "DP4A_MAX_M", 16)
     assert gemv._path(m, "int4") == "dp4a"
     x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=5)
     y = w4a16_linear(x, *args)
@@ -528,12 +530,12 @@ def test_w4a16_dp4a_matches_reference(m, n, k, r):
     [
         (t, *shape)
         for t in [(1, 512, 1), (4, 1024, 1), (8, 2048, 2), (16, 512, 2)]
-        for shape in [(45, 1024, 3), (20, 1600, 2)]
+        for shape in [(45, 1024, 3), (20, 1152, 2)]
     ],
 )
 def test_w4a16_dp4a_kernel_over_tiles(monkeypatch, m, tile, n, k, r):
     """The dp4a kernel over its tiles (one row to 16, steps of 512 to 2048 columns
-    narrowed until they divide KP: 1600 → 64), fp16 activations."""
+    narrowed until they divide KP: 1152 → 128), fp16 activations."""
     from svdquant.kernels import gemv
 
     monkeypatch.setitem(gemv.TILES, "dp4a", tile)
@@ -597,15 +599,15 @@ def test_w4a16_dp4a_prep_planes_decode_to_x_hat():
 
 
 def test_w4a16_default_path(monkeypatch):
-    """The default routing: int4 on the dp4a kernel up to ``DP4A_MAX_M`` (16) tokens;
+    """The default routing: int4 on the dp4a kernel up to ``DP4A_MAX_M`` (4) tokens;
     nvfp4 (and int4 with the dp4a kernel off) on the FMA kernel up to ``FMA_MAX_M`` (4)
     tokens, above it int4 on the packed kernel (``PACKED_MMA``) and nvfp4 on
     ``_w4a16_mma_kernel``; ``PACKED_MMA`` off sends int4 there too. ``w4a16_linear``
     launches the kernel ``_path`` names."""
     from svdquant.kernels import gemv
 
-    assert gemv.PACKED_MMA and gemv.FMA_MAX_M == 4 and gemv.DP4A_MAX_M == 16
-    assert [gemv._path(m, "int4") for m in (1, 4, 5, 8, 16)] == ["dp4a"] * 5
+    assert gemv.PACKED_MMA and gemv.FMA_MAX_M == 4 and gemv.DP4A_MAX_M == 4
+    assert [gemv._path(m, "int4") for m in (1, 4, 5, 8, 16)] == ["dp4a"] * 2 + ["packed"] * 3
     assert [gemv._path(m, "nvfp4") for m in (1, 4, 5, 16)] == ["fma"] * 2 + ["mma"] * 2
     monkeypatch.setattr(gemv, "DP4A_MAX_M", 0)
     assert [gemv._path(m, "int4") for m in (1, 4, 5, 8, 16)] == ["fma"] * 2 + ["packed"] * 3
@@ -629,11 +631,11 @@ def test_w4a16_default_path(monkeypatch):
     x, args = _w4a16_case(5, 45, 256, 3, "int4", torch.bfloat16, bias_seed=None)
     w4a16_linear(x, *args)
     assert launched[-1] == "mma"
-    monkeypatch.setattr(gemv, "DP4A_MAX_M", 16)
-    for m in (1, 16):
+    monkeypatch.setattr(gemv, "DP4A_MAX_M", 4)
+    for m in (1, 4, 5):
         x, args = _w4a16_case(m, 45, 256, 3, "int4", torch.bfloat16, bias_seed=None)
         w4a16_linear(x, *args)
-    assert launched[-2:] == ["dp4a", "dp4a"]
+    assert launched[-3:] == ["dp4a", "dp4a", "mma"]
 
 
 def test_packed_decode_ptx_recipe():
@@ -1069,11 +1071,12 @@ def test_gpu_w4a16_matches_reference(monkeypatch, m, n, k, fmt, packed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 16])
 @pytest.mark.parametrize(("n", "k"), [(130, 333), (18432, 3072), (9216, 3072), (3072, 3072)])
-def test_gpu_w4a16_dp4a_kernel(m, n, k):
-    """The dp4a kernel (the default for int4 up to ``DP4A_MAX_M`` tokens) with PTX
-    ``dp4a``, at FLUX's modulation shapes and an odd one."""
+def test_gpu_w4a16_dp4a_kernel(monkeypatch, m, n, k):
+    """The dp4a kernel (the default for int4 up to ``DP4A_MAX_M`` tokens; here up to 16)
+    with PTX ``dp4a``, at FLUX's modulation shapes and an odd one."""
     from svdquant.kernels import gemv
 
+    monkeypatch.setattr(gemv, "DP4A_MAX_M", 16)
     assert gemv._path(m, "int4") == "dp4a"
     x, args = _w4a16_case(m, n, k, 32, "int4", torch.bfloat16, bias_seed=9)
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL

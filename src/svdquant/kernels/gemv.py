@@ -12,8 +12,12 @@ many of them as possible are in flight:
 * the GEMV proper gives each program a block of weight rows and, where N is large enough
   to fill the GPU, all of K: wide steps (several groups, 16-byte loads) with the next
   step's bytes loaded before this step's arithmetic, and the 16-bit output written once.
-  Up to ``FMA_MAX_M`` tokens multiply on the FMA units — per group ``Σ code · x̂``
-  then one multiply by the group scale; more tokens use the tensor cores with the raw
+  int4 weights at up to ``DP4A_MAX_M`` tokens multiply on the integer dot-product
+  unit (``_w4a16_dp4a_kernel``): x̂ as 16-bit integers per group in byte planes, the
+  codes as signed bytes by one or two logic ops, four products per ``dp4a``, one
+  conversion to fp32 per group. Otherwise up to ``FMA_MAX_M`` tokens multiply on the
+  FMA units — per group ``Σ code · x̂`` then one multiply by the group scale; more
+  tokens use the tensor cores with the raw
   codes (exact in bf16) against x̂ split into two bf16 parts (hi + lo,
   fp32-like accuracy): int4 codes decoded two at a time by a few PTX instructions
   (``_w4a16_packed_kernel``, ``PACKED_MMA``), nvfp4 codes by ``_w4a16_mma_kernel``.
@@ -64,9 +68,10 @@ TILES = {
     "mma": (128, 64, 4),
     # (BLOCK_N, groups of 64 columns per step, num_warps) of ``_w4a16_packed_kernel``
     # (BLOCK_N, columns per step, num_warps) of ``_w4a16_dp4a_kernel`` at one token and
-    # at more (not yet measured: the FMA kernel's shapes)
-    "dp4a": (8, 1024, 1),
-    "dp4a_multi": (4, 1024, 1),
+    # at more: the best of 18 at M = 1 (22.3 µs) and of 12 at M = 4 (34.8 µs), N = 18432,
+    # K = 3072 (``probe_gemv_dp4a-h200-2026-11-29-sweep.json``, H200)
+    "dp4a": (8, 512, 1),
+    "dp4a_multi": (4, 512, 1),
     # (``PACKED_MMA``): the best of 24 (BLOCK_N 32-256 x 1, 2, 4 groups x 4, 8 warps) at
     # every M = 1..16 (``probe_gemv_mma_sweep-h200-2026-11-29.json``, H200)
     "packed": (128, 1, 4),
@@ -93,9 +98,14 @@ LORA_CHUNK = 128
 #: faster (M = 4: 40.9 vs 45.4 µs): ``FMA_MAX_M`` unchanged.
 PACKED_MMA = True
 #: int4 weights at up to this many tokens on the dp4a kernel (``_w4a16_dp4a_kernel``:
-#: x̂ as 16-bit integers, three logic ops and four ``dp4a`` per 8 codes and token).
-#: 0: off. Not yet measured on the GPU.
-DP4A_MAX_M = 16
+#: x̂ as 16-bit integers, three logic ops and four ``dp4a`` per 8 codes and token; 0:
+#: off). H200, 2026-11-29 (``bench/probe_gemv_dp4a.py``, whole ``w4a16_linear``, rank 32
+#: + bias, CUDA graph, against the FMA kernel of the same run): N = 18432, K = 3072:
+#: M = 1 24.5 vs 24.1 µs (clean L2 21.4 vs 22.6), M = 3 34.8 vs 40.2, M = 4 36.2 vs 41.0;
+#: N = 9216: M = 1 16.2 vs 20.2, M = 4 26.9 vs 30.4. From 5 tokens its [rows, tokens,
+#: words] integer tensors outgrow the registers (M = 5 60.7 µs vs the packed kernel's
+#: 45.8; M = 16 307 vs 53).
+DP4A_MAX_M = 4
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
 PDL = True
