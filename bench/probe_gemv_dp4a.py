@@ -104,6 +104,27 @@ def probe(m: int, n: int, layer: Layer, copy_gbs: float) -> dict:
     return row
 
 
+def split(m: int, layer: Layer) -> dict:
+    """Where the default path's time goes at ``m`` tokens: the prep kernel alone, the GEMV
+    alone on the prep's outputs (no PDL: nothing to overlap), and the two together."""
+    x, args, _ = _case(m, layer)
+    qw, ws, ts, smooth, down, up, bias, fmt = args
+    kp = qw.shape[1] * 2
+    path = gemv_mod._path(m, fmt)
+    kw = dict(fma=path == "fma", packed=path == "packed", i16=path == "dp4a")
+    xh, lora = gemv_mod.prep(x, smooth, down, kp, fmt, **kw)
+    row = {"M": m, "N": qw.shape[0], "path": path}
+    row["prep_us"] = bench_graph(lambda: gemv_mod.prep(x, smooth, down, kp, fmt, **kw))
+    row["gemv_us"] = bench_graph(
+        lambda: gemv_mod.gemv(xh, lora, qw, ws, ts, up, bias, fmt, x.dtype)
+    )
+    row["whole_us"] = bench_graph(lambda: gemv_mod.w4a16_linear(x, *args))
+    row["gemv_clean_us"] = bench_graph_clean(
+        lambda: gemv_mod.gemv(xh, lora, qw, ws, ts, up, bias, fmt, x.dtype)
+    )
+    return row
+
+
 def _quick(fn) -> float:
     return do_bench(_graph(fn).replay, warmup=5, rep=25, return_mode="median") * 1e3
 
@@ -150,6 +171,9 @@ def main() -> None:
             result["rows"].append(row)
             print(json.dumps({c: round(v, 4) if isinstance(v, float) else v
                               for c, v in row.items()}), flush=True)  # fmt: skip
+    result["split"] = [split(m, layers[n]) for n in NS for m in (1, 4)]
+    for r in result["split"]:
+        print(json.dumps({c: round(v, 2) if isinstance(v, float) else v for c, v in r.items()}))
     path = write_result(result, a.out, "probe_gemv_dp4a")
     print(f"{'N':>6} {'M':>3} {'bf16':>6} {'before':>7} {'dp4a':>6} {'x_bef':>6} {'x_dp4a':>6} "
           f"{'%copy':>6}")  # fmt: skip
