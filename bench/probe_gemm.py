@@ -92,31 +92,6 @@ def probe(m: int, n: int, k: int) -> dict:
     return row
 
 
-def prefetch(m: int, n: int, k: int) -> dict:
-    """The GEMM (TMA loads) with and without the epilogue's operands prefetched into L1
-    (``gemm.EPILOGUE_PREFETCH``), timed alternately (off, on, off, on) against BF16."""
-    x, layer, s, xq, lora, wq, s_ch = operands(m, n, k)
-    row: dict = {"M": m, "N": n, "K": k}
-    row["bf16_us"] = bench_graph(lambda: F.linear(x, layer.w16, layer.bias))
-
-    def run():
-        return gemm_mod.fp8_gemm(xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16)
-
-    outs = {}
-    try:
-        for i, pf in enumerate((False, True, False, True)):
-            gemm_mod.EPILOGUE_PREFETCH = pf
-            outs[pf] = run()
-            row[f"{'pf' if pf else 'tma'}_us_{i // 2}"] = bench_graph(run)
-    finally:
-        gemm_mod.EPILOGUE_PREFETCH = False
-    for name in ("tma", "pf"):
-        row[f"{name}_us"] = min(row[f"{name}_us_0"], row[f"{name}_us_1"])
-        row[f"{name}_x"] = row["bf16_us"] / row[f"{name}_us"]
-    row["equal"] = bool(torch.equal(outs[False], outs[True]))
-    return row
-
-
 def whole_waves_rows(m: int, n: int, sms: int, bm: int = 128, bn: int = 256) -> int:
     """The rows of the whole waves of bm x bn tiles whose tile rows are complete (0: none)."""
     tiles_n = -(-n // bn)
@@ -159,25 +134,8 @@ def main() -> None:
         action="store_true",
         help="one launch against two (the whole waves' rows, then the rest)",
     )
-    p.add_argument(
-        "--prefetch",
-        action="store_true",
-        help="the epilogue's operands prefetched into L1 or not (gemm.EPILOGUE_PREFETCH)",
-    )
     args = p.parse_args()
     result = run_info()
-    if args.prefetch:
-        result["rows"] = []
-        for m in (int(v) for v in args.ms.split(",")):
-            for n, k in NKS:
-                r = prefetch(m, n, k)
-                result["rows"].append(r)
-                print(f"{m:5d} {n:6d} {k:6d} | bf16 {r['bf16_us']:6.1f} tma {r['tma_us']:6.1f}"
-                      f" ({r['tma_us_0']:.1f}/{r['tma_us_1']:.1f}) pf {r['pf_us']:6.1f}"
-                      f" ({r['pf_us_0']:.1f}/{r['pf_us_1']:.1f}) | {r['tma_x']:.2f}x"
-                      f" -> {r['pf_x']:.2f}x equal={r['equal']}", flush=True)  # fmt: skip
-        print("->", write_result(result, args.out, "probe_gemm_prefetch"))
-        return
     if args.row_split:
         result["rows"] = []
         print(f"{'M':>5} {'N':>6} {'K':>6} {'m1':>5} | bf16 us  one us  two us (first+rest)")

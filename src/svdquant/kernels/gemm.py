@@ -81,7 +81,7 @@ def _m_bucket(m: int) -> int:
 
 @triton.autotune(
     configs=_configs(),
-    key=["M_BUCKET", "N", "K", "HAS_LORA", "NEXT", "TAIL", "TMA", "PREFETCH"],
+    key=["M_BUCKET", "N", "K", "HAS_LORA", "NEXT", "TAIL", "TMA"],
     # the fused next-layer epilogue and the split-K tail accumulate into these
     reset_to_zero=["lora2_ptr", "ws_ptr", "cnt_ptr"],
 )
@@ -133,7 +133,6 @@ def _fp8_gemm_kernel(
     BLOCK_R2: tl.constexpr,
     TAIL: tl.constexpr,
     TMA: tl.constexpr,
-    PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -171,15 +170,6 @@ def _fp8_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     mmask = rm < M
     nmask = rn < N
-    if PREFETCH:  # the epilogue's operands into this SM's L1 while the K loop runs
-        rm_c = tl.minimum(rm, M - 1)
-        rn_c = tl.minimum(rn, N - 1)
-        _prefetch_l1(sch_ptr + rn_c)
-        if HAS_LORA:
-            _prefetch_l1(lora_ptr + rm_c * stride_lm)
-            _prefetch_l1(lu_ptr + rn_c * stride_un)
-        if HAS_BIAS:
-            _prefetch_l1(bias_ptr + rn_c)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if TMA:  # a_ptr, b_ptr: tensor descriptors; the copy engine fills rows past M, N, K with 0
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -223,20 +213,6 @@ def _fp8_gemm_kernel(
             B1, B2, B3, HAS_LORA, HAS_BIAS, ROUND_BF16, BLOCK_R, DOT_FP32, NEXT, SPLIT, ACT,
             NEXT_INT4, BLOCK_R2, BLOCK_M, BLOCK_N,
         )  # fmt: skip
-
-
-@triton.jit
-def _prefetch_l1(ptrs):
-    """Ask for the cache lines of ``ptrs`` in L1 (PTX ``prefetch.global.L1``: a hint, no
-    registers held, nothing waits for it)."""
-    tl.inline_asm_elementwise(
-        "prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;",
-        "=r,l",
-        [ptrs],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
 
 
 @triton.jit
@@ -447,14 +423,8 @@ def _launch(
         BLOCK_R2=max(16, triton.next_power_of_2(max(r2, 1))),
         TAIL=tail_on,
         TMA=tma,
-        PREFETCH=EPILOGUE_PREFETCH and not interpreting(),
     )
 
-
-#: Prefetch the epilogue's operands (the low-rank activations and L_up rows of the tile,
-#: the channel scales, the bias) into L1 before the K loop: PTX hints, no registers held
-#: (the 128x256 tile's kernel is at 236). Not yet measured.
-EPILOGUE_PREFETCH = False
 
 #: Read the GEMM's operands through tensor descriptors (TMA: the copy engine moves whole
 #: tiles into shared memory, bounds handled in hardware; the sm_90 main loop 88 SASS
