@@ -47,7 +47,7 @@ from svdquant.kernels import reference as ref
 
 K = 3072
 NS = (18432, 9216)
-MS = (1, 2, 3, 4, 5, 8, 16)
+MS = (1, 2, 3, 4, 5, 8)
 SWEEP = {
     1: list(itertools.product((4, 8, 16), (512, 1024, 2048), (1, 2))),
     4: list(itertools.product((2, 4, 8), (512, 1024), (1, 2))),
@@ -56,15 +56,16 @@ SWEEP = {
 
 
 @contextlib.contextmanager
-def _config(dp4a: bool, tile: tuple | None = None, key: str = "dp4a"):
-    saved = (gemv_mod.DP4A_MAX_M, dict(gemv_mod.TILES))
+def _config(dp4a: bool, tile: tuple | None = None, key: str = "dp4a", pf: bool = False):
+    saved = (gemv_mod.DP4A_MAX_M, dict(gemv_mod.TILES), gemv_mod.DP4A_PREFETCH_X)
     try:
         gemv_mod.DP4A_MAX_M = 16 if dp4a else 0
+        gemv_mod.DP4A_PREFETCH_X = pf
         if tile is not None:
             gemv_mod.TILES[key] = tuple(tile)
         yield
     finally:
-        gemv_mod.DP4A_MAX_M = saved[0]
+        gemv_mod.DP4A_MAX_M, gemv_mod.DP4A_PREFETCH_X = saved[0], saved[2]
         gemv_mod.TILES.clear()
         gemv_mod.TILES.update(saved[1])
 
@@ -89,9 +90,9 @@ def probe(m: int, n: int, layer: Layer, copy_gbs: float) -> dict:
     w16 = layer.w16
     row["bf16_us"] = bench_graph(lambda: F.linear(x, w16, layer.bias))
     row["bf16_clean_us"] = bench_graph_clean(lambda: F.linear(x, w16, layer.bias))
-    for name, dp4a in (("before", False), ("dp4a", True)):
+    for name, dp4a, pf in (("before", False, False), ("dp4a", True, False), ("pf", True, True)):
         try:
-            with _config(dp4a):
+            with _config(dp4a, pf=pf):
                 y = gemv_mod.w4a16_linear(x, *args)
                 row[f"{name}_rel_err"] = _rel(y, y_ref)
                 row[f"{name}_us"] = bench_graph(lambda: gemv_mod.w4a16_linear(x, *args))
@@ -175,11 +176,12 @@ def main() -> None:
     for r in result["split"]:
         print(json.dumps({c: round(v, 2) if isinstance(v, float) else v for c, v in r.items()}))
     path = write_result(result, a.out, "probe_gemv_dp4a")
-    print(f"{'N':>6} {'M':>3} {'bf16':>6} {'before':>7} {'dp4a':>6} {'x_bef':>6} {'x_dp4a':>6} "
-          f"{'%copy':>6}")  # fmt: skip
+    print(f"{'N':>6} {'M':>3} {'bf16':>6} {'before':>7} {'dp4a':>6} {'pf':>6} {'x_bef':>6} "
+          f"{'x_dp4a':>6} {'x_pf':>6} {'%copy':>6}")  # fmt: skip
     for r in result["rows"]:
         print(f"{r['N']:6d} {r['M']:3d} {r['bf16_us']:6.1f} {r.get('before_us', 0):7.1f} "
-              f"{r.get('dp4a_us', 0):6.1f} {r.get('before_x', 0):6.2f} {r.get('dp4a_x', 0):6.2f} "
+              f"{r.get('dp4a_us', 0):6.1f} {r.get('pf_us', 0):6.1f} {r.get('before_x', 0):6.2f} "
+              f"{r.get('dp4a_x', 0):6.2f} {r.get('pf_x', 0):6.2f} "
               f"{r.get('dp4a_pct_copy', 0):6.1f}")  # fmt: skip
     print(f"-> {path} ({time.perf_counter() - t0:.0f} s)")
 

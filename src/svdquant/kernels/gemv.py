@@ -106,6 +106,9 @@ PACKED_MMA = True
 #: words] integer tensors outgrow the registers (M = 5 60.7 µs vs the packed kernel's
 #: 45.8; M = 16 307 vs 53).
 DP4A_MAX_M = 4
+#: The dp4a kernel loads x̂'s planes and scales one step ahead, like the codes (not yet
+#: measured).
+DP4A_PREFETCH_X = False
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
 PDL = True
@@ -711,6 +714,19 @@ def _dp4a(a, b, c, B_SIGNED: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _dp4a_x(x_cols, xs_cols, kw, KPW: tl.constexpr):
+    """One step's x̂ for the dp4a kernel: its four byte planes (high even, high odd, low
+    even, low odd) and its group scales."""
+    return (
+        tl.load(x_cols + kw),
+        tl.load(x_cols + kw + KPW),
+        tl.load(x_cols + kw + 2 * KPW),
+        tl.load(x_cols + kw + 3 * KPW),
+        tl.load(xs_cols + kw // 8),
+    )
+
+
+@triton.jit
 def _w4a16_dp4a_kernel(
     xq_ptr,
     xs_ptr,
@@ -745,6 +761,7 @@ def _w4a16_dp4a_kernel(
     BLOCK_M: tl.constexpr,
     PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PREFETCH_X: tl.constexpr = False,
 ):
     """int4 weights against x̂ as 16-bit integers (``Int16X``) on the integer dot-product
     unit: a code word's high nibbles are ``word & 0xF0F0F0F0`` and its low ones
@@ -774,19 +791,26 @@ def _w4a16_dp4a_kernel(
     zero = tl.zeros([BLOCK_N, BLOCK_M, BKW], dtype=tl.int32)
     acc = tl.zeros([BLOCK_N, BLOCK_M, GPS], dtype=tl.float32)
     w_next = tl.load(q_rows + kw_start)
+    s_next = tl.load(s_rows + kw_start // 8)  # [BLOCK_N, 1, GPS]
     if PDL:  # only weights (no earlier kernel's output) are read before this; x̂ after
         gdc_wait()
+    # x̂'s planes and scales of the next step too, with ``PREFETCH_X`` (else this step's)
+    x_next0, x_next1, x_next2, x_next3, sx_next = _dp4a_x(x_cols, xs_cols, kw_start, KPW)
     for kw in range(kw_start, kw_end, BKW):
+        k_pre = tl.minimum(kw + BKW, kw_end - BKW)  # the next step (the last: itself)
         w = w_next
-        w_next = tl.load(q_rows + tl.minimum(kw + BKW, kw_end - BKW))
-        sg = tl.load(s_rows + kw // 8).to(tl.float32)  # [BLOCK_N, 1, GPS]
-        sx = tl.load(xs_cols + kw // 8)  # [1, BLOCK_M, GPS]
+        w_next = tl.load(q_rows + k_pre)
+        sg = s_next.to(tl.float32)
+        s_next = tl.load(s_rows + k_pre // 8)
+        if PREFETCH_X:
+            xeh, xoh, xel, xol, sx = x_next0, x_next1, x_next2, x_next3, sx_next
+            x_next0, x_next1, x_next2, x_next3, sx_next = _dp4a_x(x_cols, xs_cols, k_pre, KPW)
+        else:
+            xeh, xoh, xel, xol, sx = _dp4a_x(x_cols, xs_cols, kw, KPW)
         hi = w & HI  # odd columns
         lo = (w << 4) & HI  # even columns
-        ph = _dp4a(hi, tl.load(x_cols + kw + KPW), zero, True, INTERPRET)
-        ph = _dp4a(lo, tl.load(x_cols + kw), ph, True, INTERPRET)
-        pl = _dp4a(hi, tl.load(x_cols + kw + 3 * KPW), zero, False, INTERPRET)
-        pl = _dp4a(lo, tl.load(x_cols + kw + 2 * KPW), pl, False, INTERPRET)
+        ph = _dp4a(lo, xeh, _dp4a(hi, xoh, zero, True, INTERPRET), True, INTERPRET)
+        pl = _dp4a(lo, xel, _dp4a(hi, xol, zero, False, INTERPRET), False, INTERPRET)
         part = tl.sum(tl.reshape(ph * 256 + pl, [BLOCK_N, BLOCK_M, GPS, 8]), axis=3)
         acc += part.to(tl.float32) * (sg * sx)
     _epilogue(
@@ -1060,7 +1084,7 @@ def _gemv_dp4a(
         lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         S_BLOCK=min(16 // triton.next_power_of_2(m), triton.next_power_of_2(chunks)),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=triton.next_power_of_2(m),
-        INTERPRET=interpreting(), num_warps=warps,
+        INTERPRET=interpreting(), PREFETCH_X=DP4A_PREFETCH_X, num_warps=warps,
         **_shared_flags(split, r, bias, out_dtype, pdl),
     )  # fmt: skip
     return out if split == 1 else out.to(out_dtype)
