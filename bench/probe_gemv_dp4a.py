@@ -56,16 +56,15 @@ SWEEP = {
 
 
 @contextlib.contextmanager
-def _config(dp4a: bool, tile: tuple | None = None, key: str = "dp4a", pf: bool = False):
-    saved = (gemv_mod.DP4A_MAX_M, dict(gemv_mod.TILES), gemv_mod.DP4A_PREFETCH_X)
+def _config(dp4a: bool, tile: tuple | None = None, key: str = "dp4a"):
+    saved = (gemv_mod.DP4A_MAX_M, dict(gemv_mod.TILES))
     try:
         gemv_mod.DP4A_MAX_M = 16 if dp4a else 0
-        gemv_mod.DP4A_PREFETCH_X = pf
         if tile is not None:
             gemv_mod.TILES[key] = tuple(tile)
         yield
     finally:
-        gemv_mod.DP4A_MAX_M, gemv_mod.DP4A_PREFETCH_X = saved[0], saved[2]
+        gemv_mod.DP4A_MAX_M = saved[0]
         gemv_mod.TILES.clear()
         gemv_mod.TILES.update(saved[1])
 
@@ -90,9 +89,9 @@ def probe(m: int, n: int, layer: Layer, copy_gbs: float) -> dict:
     w16 = layer.w16
     row["bf16_us"] = bench_graph(lambda: F.linear(x, w16, layer.bias))
     row["bf16_clean_us"] = bench_graph_clean(lambda: F.linear(x, w16, layer.bias))
-    for name, dp4a, pf in (("before", False, False), ("dp4a", True, False), ("pf", True, True)):
+    for name, dp4a in (("before", False), ("dp4a", True)):
         try:
-            with _config(dp4a, pf=pf):
+            with _config(dp4a):
                 y = gemv_mod.w4a16_linear(x, *args)
                 row[f"{name}_rel_err"] = _rel(y, y_ref)
                 row[f"{name}_us"] = bench_graph(lambda: gemv_mod.w4a16_linear(x, *args))
@@ -176,12 +175,12 @@ def main() -> None:
     for r in result["split"]:
         print(json.dumps({c: round(v, 2) if isinstance(v, float) else v for c, v in r.items()}))
     path = write_result(result, a.out, "probe_gemv_dp4a")
-    print(f"{'N':>6} {'M':>3} {'bf16':>6} {'before':>7} {'dp4a':>6} {'pf':>6} {'x_bef':>6} "
-          f"{'x_dp4a':>6} {'x_pf':>6} {'%copy':>6}")  # fmt: skip
+    print(f"{'N':>6} {'M':>3} {'bf16':>6} {'before':>7} {'dp4a':>6} {'x_bef':>6} "
+          f"{'x_dp4a':>6} {'%copy':>6}")  # fmt: skip
     for r in result["rows"]:
         print(f"{r['N']:6d} {r['M']:3d} {r['bf16_us']:6.1f} {r.get('before_us', 0):7.1f} "
-              f"{r.get('dp4a_us', 0):6.1f} {r.get('pf_us', 0):6.1f} {r.get('before_x', 0):6.2f} "
-              f"{r.get('dp4a_x', 0):6.2f} {r.get('pf_x', 0):6.2f} "
+              f"{r.get('dp4a_us', 0):6.1f} {r.get('before_x', 0):6.2f} "
+              f"{r.get('dp4a_x', 0):6.2f} "
               f"{r.get('dp4a_pct_copy', 0):6.1f}")  # fmt: skip
     print(f"-> {path} ({time.perf_counter() - t0:.0f} s)")
 

@@ -208,14 +208,6 @@ def _gemv_dp4a() -> dict[str, Any]:
     return _dp4a_spec(1)
 
 
-@_spec("gemv_dp4a_pf")
-def _gemv_dp4a_pf() -> dict[str, Any]:
-    """The dp4a GEMV with x̂ loaded a step ahead (``gemv.DP4A_PREFETCH_X``)."""
-    d = _dp4a_spec(1)
-    d["consts"]["PREFETCH_X"] = True
-    return d
-
-
 @_spec("gemv_dp4a_m4")
 def _gemv_dp4a_m4() -> dict[str, Any]:
     return _dp4a_spec(4)

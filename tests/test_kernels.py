@@ -535,11 +535,8 @@ def test_w4a16_dp4a_matches_reference(monkeypatch, m, n, k, r):
 )
 def test_w4a16_dp4a_kernel_over_tiles(monkeypatch, m, tile, n, k, r):
     """The dp4a kernel over its tiles (one row to 16, steps of 512 to 2048 columns
-    narrowed until they divide KP: 1152 → 128), fp16 activations; x̂ loaded a step
-    ahead for one token (``DP4A_PREFETCH_X``), in the same step for three."""
+    narrowed until they divide KP: 1152 → 128), fp16 activations."""
     from svdquant.kernels import gemv
-
-    monkeypatch.setattr(gemv, "DP4A_PREFETCH_X", m == 1)
 
     monkeypatch.setitem(gemv.TILES, "dp4a", tile)
     monkeypatch.setitem(gemv.TILES, "dp4a_multi", tile)
@@ -1072,17 +1069,14 @@ def test_gpu_w4a16_matches_reference(monkeypatch, m, n, k, fmt, packed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("prefetch_x", [False, True])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 16])
 @pytest.mark.parametrize(("n", "k"), [(130, 333), (18432, 3072), (9216, 3072), (3072, 3072)])
-def test_gpu_w4a16_dp4a_kernel(monkeypatch, m, n, k, prefetch_x):
+def test_gpu_w4a16_dp4a_kernel(monkeypatch, m, n, k):
     """The dp4a kernel (the default for int4 up to ``DP4A_MAX_M`` tokens; here up to 16)
-    with PTX ``dp4a``, at FLUX's modulation shapes and an odd one, x̂ loaded a step
-    ahead or not (``DP4A_PREFETCH_X``)."""
+    with PTX ``dp4a``, at FLUX's modulation shapes and an odd one."""
     from svdquant.kernels import gemv
 
     monkeypatch.setattr(gemv, "DP4A_MAX_M", 16)
-    monkeypatch.setattr(gemv, "DP4A_PREFETCH_X", prefetch_x)
     assert gemv._path(m, "int4") == "dp4a"
     x, args = _w4a16_case(m, n, k, 32, "int4", torch.bfloat16, bias_seed=9)
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL

@@ -106,9 +106,6 @@ PACKED_MMA = True
 #: words] integer tensors outgrow the registers (M = 5 60.7 µs vs the packed kernel's
 #: 45.8; M = 16 307 vs 53).
 DP4A_MAX_M = 4
-#: The dp4a kernel loads x̂'s planes and scales one step ahead, like the codes (not yet
-#: measured).
-DP4A_PREFETCH_X = False
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
 PDL = True
@@ -761,7 +758,6 @@ def _w4a16_dp4a_kernel(
     BLOCK_M: tl.constexpr,
     PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
-    PREFETCH_X: tl.constexpr = False,
 ):
     """int4 weights against x̂ as 16-bit integers (``Int16X``) on the integer dot-product
     unit: a code word's high nibbles are ``word & 0xF0F0F0F0`` and its low ones
@@ -794,19 +790,15 @@ def _w4a16_dp4a_kernel(
     s_next = tl.load(s_rows + kw_start // 8)  # [BLOCK_N, 1, GPS]
     if PDL:  # only weights (no earlier kernel's output) are read before this; x̂ after
         gdc_wait()
-    # x̂'s planes and scales of the next step too, with ``PREFETCH_X`` (else this step's)
-    x_next0, x_next1, x_next2, x_next3, sx_next = _dp4a_x(x_cols, xs_cols, kw_start, KPW)
     for kw in range(kw_start, kw_end, BKW):
         k_pre = tl.minimum(kw + BKW, kw_end - BKW)  # the next step (the last: itself)
         w = w_next
         w_next = tl.load(q_rows + k_pre)
         sg = s_next.to(tl.float32)
         s_next = tl.load(s_rows + k_pre // 8)
-        if PREFETCH_X:
-            xeh, xoh, xel, xol, sx = x_next0, x_next1, x_next2, x_next3, sx_next
-            x_next0, x_next1, x_next2, x_next3, sx_next = _dp4a_x(x_cols, xs_cols, k_pre, KPW)
-        else:
-            xeh, xoh, xel, xol, sx = _dp4a_x(x_cols, xs_cols, kw, KPW)
+        # x̂ of this step (loaded a step ahead too: 1-3% faster at 1-2 tokens, 10-17%
+        # slower at 3-4, probe_gemv_dp4a-h200-2026-11-29-prefetch-x.json)
+        xeh, xoh, xel, xol, sx = _dp4a_x(x_cols, xs_cols, kw, KPW)
         hi = w & HI  # odd columns
         lo = (w << 4) & HI  # even columns
         ph = _dp4a(lo, xeh, _dp4a(hi, xoh, zero, True, INTERPRET), True, INTERPRET)
@@ -1084,7 +1076,7 @@ def _gemv_dp4a(
         lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         S_BLOCK=min(16 // triton.next_power_of_2(m), triton.next_power_of_2(chunks)),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=triton.next_power_of_2(m),
-        INTERPRET=interpreting(), PREFETCH_X=DP4A_PREFETCH_X, num_warps=warps,
+        INTERPRET=interpreting(), num_warps=warps,
         **_shared_flags(split, r, bias, out_dtype, pdl),
     )  # fmt: skip
     return out if split == 1 else out.to(out_dtype)
