@@ -106,6 +106,11 @@ PACKED_MMA = True
 #: words] integer tensors outgrow the registers (M = 5 60.7 µs vs the packed kernel's
 #: 45.8; M = 16 307 vs 53).
 DP4A_MAX_M = 4
+#: How many steps ahead the dp4a kernel loads its codes (1 or 2), and a register cap for
+#: it (None: the compiler's choice; 2 steps take 121 registers in triton 3.6 for sm_90,
+#: 16 one-warp programs per SM, against 96). Not yet measured at 2.
+DP4A_DEPTH = 1
+DP4A_MAXNREG: int | None = None
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
 PDL = True
@@ -354,6 +359,29 @@ def _epilogue(
 
 
 @triton.jit
+def _word_tiles(q_ptr, sc_ptr, M, N, KPW, kw_per_split, stride_qn, stride_sn,
+                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BKW: tl.constexpr,
+                GPS: tl.constexpr):  # fmt: skip
+    """The program's rows, tokens and K range for the GEMV kernels that read the codes as
+    32-bit words (the FMA and dp4a kernels): ``(rows, rm, tok, word, kw_start, kw_end,
+    q_rows, s_rows)`` — the code words [BLOCK_N, 1, BKW] and group scales [BLOCK_N, 1, GPS]
+    of the first step. No masks in the loop (a per-element mask would split the 16-byte
+    loads): rows past N read row N - 1 and tokens past M token M - 1 (never stored),
+    BLOCK_K divides KP and the split, and the prefetch past the end re-reads a step. K is
+    counted in words (KPW, kw_per_split), so the compiler sees multiples of 16."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_c = tl.minimum(rows, N - 1)
+    rm = tl.arange(0, BLOCK_M)
+    tok = tl.minimum(rm, M - 1)[None, :, None]
+    word = tl.arange(0, BKW)[None, None, :]
+    kw_start = tl.program_id(1) * kw_per_split
+    kw_end = tl.minimum(kw_start + kw_per_split, KPW)
+    q_rows = q_ptr + rows_c[:, None, None] * stride_qn + word
+    s_rows = sc_ptr + rows_c[:, None, None] * stride_sn + tl.arange(0, GPS)[None, None, :]
+    return rows, rm, tok, word, kw_start, kw_end, q_rows, s_rows
+
+
+@triton.jit
 def _w4a16_fma_kernel(
     xh_ptr,
     q_ptr,
@@ -405,23 +433,12 @@ def _w4a16_fma_kernel(
     WPG: tl.constexpr = GROUP // 8  # 32-bit words per group
     GPS: tl.constexpr = BLOCK_K // GROUP  # groups per step
     BKW: tl.constexpr = BLOCK_K // 8  # words per step
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # No masks in the loop (a per-element mask would split the 16-byte loads): rows past
-    # N read row N-1 (never stored), BLOCK_K divides KP and the split, and the prefetch
-    # past the end re-reads a step. K is counted in words (KPW, kw_per_split), so the
-    # compiler sees multiples of 16 (wide loads).
-    rows_c = tl.minimum(rows, N - 1)
-    rm = tl.arange(0, BLOCK_M)
-    word = tl.arange(0, BKW)[None, None, :]
-    kw_start = pid_k * kw_per_split
-    kw_end = tl.minimum(kw_start + kw_per_split, KPW)
-    q_rows = q_ptr + rows_c[:, None, None] * stride_qn + word  # [BLOCK_N, 1, BKW]
-    s_rows = sc_ptr + rows_c[:, None, None] * stride_sn + tl.arange(0, GPS)[None, None, :]
-    # x̂ [1, BLOCK_M, BKW]: once per step and token, rows broadcast (tokens past M read
-    # token M - 1: never stored)
-    x_cols = xh_ptr + tl.minimum(rm, M - 1)[None, :, None] * stride_hm + word
+    rows, rm, tok, word, kw_start, kw_end, q_rows, s_rows = _word_tiles(
+        q_ptr, sc_ptr, M, N, KPW, kw_per_split, stride_qn, stride_sn, BLOCK_N, BLOCK_M, BKW, GPS
+    )
+    # x̂ [1, BLOCK_M, BKW]: once per step and token, rows broadcast
+    x_cols = xh_ptr + tok * stride_hm + word
     acc = tl.zeros([BLOCK_N, BLOCK_M, GPS], dtype=tl.float32)
     # Register double buffering: the next step's words are loaded before this step's
     # arithmetic, so their latency overlaps it.
@@ -758,6 +775,7 @@ def _w4a16_dp4a_kernel(
     BLOCK_M: tl.constexpr,
     PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
+    DEPTH: tl.constexpr = 1,
 ):
     """int4 weights against x̂ as 16-bit integers (``Int16X``) on the integer dot-product
     unit: a code word's high nibbles are ``word & 0xF0F0F0F0`` and its low ones
@@ -771,29 +789,28 @@ def _w4a16_dp4a_kernel(
     GPS: tl.constexpr = BLOCK_K // 64  # groups per step
     BKW: tl.constexpr = BLOCK_K // 8  # words per step
     HI: tl.constexpr = -0x0F0F0F10  # 0xF0F0F0F0
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_c = tl.minimum(rows, N - 1)  # unmasked loads, as in the FMA kernel
-    rm = tl.arange(0, BLOCK_M)
-    word = tl.arange(0, BKW)[None, None, :]
-    kw_start = pid_k * kw_per_split
-    kw_end = tl.minimum(kw_start + kw_per_split, KPW)
-    q_rows = q_ptr + rows_c[:, None, None] * stride_qn + word  # [BLOCK_N, 1, BKW]
-    s_rows = sc_ptr + rows_c[:, None, None] * stride_sn + tl.arange(0, GPS)[None, None, :]
-    tok = tl.minimum(rm, M - 1)[None, :, None]  # tokens past M read token M - 1
+    rows, rm, tok, word, kw_start, kw_end, q_rows, s_rows = _word_tiles(
+        q_ptr, sc_ptr, M, N, KPW, kw_per_split, stride_qn, stride_sn, BLOCK_N, BLOCK_M, BKW, GPS
+    )
     x_cols = xq_ptr + tok * stride_xm + word  # [1, BLOCK_M, BKW]
     xs_cols = xs_ptr + tok * (KPW // 8) + tl.arange(0, GPS)[None, None, :]
     zero = tl.zeros([BLOCK_N, BLOCK_M, BKW], dtype=tl.int32)
     acc = tl.zeros([BLOCK_N, BLOCK_M, GPS], dtype=tl.float32)
     w_next = tl.load(q_rows + kw_start)
+    if DEPTH == 2:  # the codes of the step after the next one as well
+        w_next2 = tl.load(q_rows + tl.minimum(kw_start + BKW, kw_end - BKW))
     s_next = tl.load(s_rows + kw_start // 8)  # [BLOCK_N, 1, GPS]
     if PDL:  # only weights (no earlier kernel's output) are read before this; x̂ after
         gdc_wait()
     for kw in range(kw_start, kw_end, BKW):
         k_pre = tl.minimum(kw + BKW, kw_end - BKW)  # the next step (the last: itself)
         w = w_next
-        w_next = tl.load(q_rows + k_pre)
+        if DEPTH == 2:
+            w_next = w_next2
+            w_next2 = tl.load(q_rows + tl.minimum(kw + 2 * BKW, kw_end - BKW))
+        else:
+            w_next = tl.load(q_rows + k_pre)
         sg = s_next.to(tl.float32)
         s_next = tl.load(s_rows + k_pre // 8)
         # x̂ of this step (loaded a step ahead too: 1-3% faster at 1-2 tokens, 10-17%
@@ -1076,7 +1093,8 @@ def _gemv_dp4a(
         lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         S_BLOCK=min(16 // triton.next_power_of_2(m), triton.next_power_of_2(chunks)),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=triton.next_power_of_2(m),
-        INTERPRET=interpreting(), num_warps=warps,
+        INTERPRET=interpreting(), DEPTH=DP4A_DEPTH, num_warps=warps,
+        **({"maxnreg": DP4A_MAXNREG} if DP4A_MAXNREG else {}),
         **_shared_flags(split, r, bias, out_dtype, pdl),
     )  # fmt: skip
     return out if split == 1 else out.to(out_dtype)
