@@ -56,16 +56,15 @@ SWEEP = {
 
 
 @contextlib.contextmanager
-def _config(dp4a: bool, tile: tuple | None = None, key: str = "dp4a", depth: int = 1, maxnreg=None):
-    saved = (gemv_mod.DP4A_MAX_M, dict(gemv_mod.TILES), gemv_mod.DP4A_DEPTH, gemv_mod.DP4A_MAXNREG)
+def _config(dp4a: bool, tile: tuple | None = None, key: str = "dp4a"):
+    saved = (gemv_mod.DP4A_MAX_M, dict(gemv_mod.TILES))
     try:
         gemv_mod.DP4A_MAX_M = 16 if dp4a else 0
-        gemv_mod.DP4A_DEPTH, gemv_mod.DP4A_MAXNREG = depth, maxnreg
         if tile is not None:
             gemv_mod.TILES[key] = tuple(tile)
         yield
     finally:
-        gemv_mod.DP4A_MAX_M, gemv_mod.DP4A_DEPTH, gemv_mod.DP4A_MAXNREG = saved[0], *saved[2:]
+        gemv_mod.DP4A_MAX_M = saved[0]
         gemv_mod.TILES.clear()
         gemv_mod.TILES.update(saved[1])
 
@@ -126,25 +125,6 @@ def split(m: int, layer: Layer) -> dict:
     return row
 
 
-def depth(m: int, layer: Layer) -> dict:
-    """The dp4a kernel loading its codes one or two steps ahead (``DP4A_DEPTH``), the
-    latter also under register caps (``DP4A_MAXNREG``): time, and equality with depth 1."""
-    x, args, _ = _case(m, layer)
-    row: dict = {"M": m, "N": layer.out_features}
-    with _config(True):
-        y1 = gemv_mod.w4a16_linear(x, *args)
-    for name, d, cap in (("d1", 1, None), ("d2", 2, None), ("d2r112", 2, 112),
-                         ("d2r96", 2, 96), ("d1b", 1, None)):  # fmt: skip
-        try:
-            with _config(True, depth=d, maxnreg=cap):
-                y = gemv_mod.w4a16_linear(x, *args)
-                row[f"{name}_equal"] = bool(torch.equal(y, y1))
-                row[f"{name}_us"] = bench_graph(lambda: gemv_mod.w4a16_linear(x, *args))
-        except Exception as e:
-            row[f"{name}_error"] = str(e)[:200]
-    return row
-
-
 def _quick(fn) -> float:
     return do_bench(_graph(fn).replay, warmup=5, rep=25, return_mode="median") * 1e3
 
@@ -170,7 +150,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--sweep", action="store_true", help="the dp4a kernel's tiles")
-    p.add_argument("--depth", action="store_true", help="codes loaded 1 or 2 steps ahead")
     a = p.parse_args()
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth()
@@ -178,13 +157,6 @@ def main() -> None:
                     "rows": [], "sweep": []}  # fmt: skip
     t0 = time.perf_counter()
     layers = {n: Layer(n, K) for n in NS}
-    if a.depth:
-        result["depth"] = [depth(m, layers[n]) for n in NS for m in (1, 2, 4)]
-        for r in result["depth"]:
-            print(json.dumps({c: round(v, 2) if isinstance(v, float) else v
-                              for c, v in r.items()}), flush=True)  # fmt: skip
-        print("->", write_result(result, a.out, "probe_gemv_dp4a_depth"))
-        return
     if a.sweep:
         for m in SWEEP:
             result["sweep"] += sweep(m, layers[NS[0]])

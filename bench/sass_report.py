@@ -208,14 +208,6 @@ def _gemv_dp4a() -> dict[str, Any]:
     return _dp4a_spec(1)
 
 
-@_spec("gemv_dp4a_depth2")
-def _gemv_dp4a_depth2() -> dict[str, Any]:
-    """The dp4a GEMV loading its codes two steps ahead (``gemv.DP4A_DEPTH = 2``)."""
-    d = _dp4a_spec(1)
-    d["consts"]["DEPTH"] = 2
-    return d
-
-
 @_spec("gemv_dp4a_m4")
 def _gemv_dp4a_m4() -> dict[str, Any]:
     return _dp4a_spec(4)

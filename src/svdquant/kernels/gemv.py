@@ -106,11 +106,6 @@ PACKED_MMA = True
 #: words] integer tensors outgrow the registers (M = 5 60.7 µs vs the packed kernel's
 #: 45.8; M = 16 307 vs 53).
 DP4A_MAX_M = 4
-#: How many steps ahead the dp4a kernel loads its codes (1 or 2), and a register cap for
-#: it (None: the compiler's choice; 2 steps take 121 registers in triton 3.6 for sm_90,
-#: 16 one-warp programs per SM, against 96). Not yet measured at 2.
-DP4A_DEPTH = 1
-DP4A_MAXNREG: int | None = None
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
 PDL = True
@@ -775,7 +770,6 @@ def _w4a16_dp4a_kernel(
     BLOCK_M: tl.constexpr,
     PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
-    DEPTH: tl.constexpr = 1,
 ):
     """int4 weights against x̂ as 16-bit integers (``Int16X``) on the integer dot-product
     unit: a code word's high nibbles are ``word & 0xF0F0F0F0`` and its low ones
@@ -798,19 +792,13 @@ def _w4a16_dp4a_kernel(
     zero = tl.zeros([BLOCK_N, BLOCK_M, BKW], dtype=tl.int32)
     acc = tl.zeros([BLOCK_N, BLOCK_M, GPS], dtype=tl.float32)
     w_next = tl.load(q_rows + kw_start)
-    if DEPTH == 2:  # the codes of the step after the next one as well
-        w_next2 = tl.load(q_rows + tl.minimum(kw_start + BKW, kw_end - BKW))
     s_next = tl.load(s_rows + kw_start // 8)  # [BLOCK_N, 1, GPS]
     if PDL:  # only weights (no earlier kernel's output) are read before this; x̂ after
         gdc_wait()
     for kw in range(kw_start, kw_end, BKW):
         k_pre = tl.minimum(kw + BKW, kw_end - BKW)  # the next step (the last: itself)
         w = w_next
-        if DEPTH == 2:
-            w_next = w_next2
-            w_next2 = tl.load(q_rows + tl.minimum(kw + 2 * BKW, kw_end - BKW))
-        else:
-            w_next = tl.load(q_rows + k_pre)
+        w_next = tl.load(q_rows + k_pre)
         sg = s_next.to(tl.float32)
         s_next = tl.load(s_rows + k_pre // 8)
         # x̂ of this step (loaded a step ahead too: 1-3% faster at 1-2 tokens, 10-17%
@@ -1093,8 +1081,7 @@ def _gemv_dp4a(
         lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         S_BLOCK=min(16 // triton.next_power_of_2(m), triton.next_power_of_2(chunks)),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=triton.next_power_of_2(m),
-        INTERPRET=interpreting(), DEPTH=DP4A_DEPTH, num_warps=warps,
-        **({"maxnreg": DP4A_MAXNREG} if DP4A_MAXNREG else {}),
+        INTERPRET=interpreting(), num_warps=warps,
         **_shared_flags(split, r, bias, out_dtype, pdl),
     )  # fmt: skip
     return out if split == 1 else out.to(out_dtype)
