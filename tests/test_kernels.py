@@ -460,12 +460,12 @@ def _w4a16_case(m, n, k, r, fmt, dtype, bias_seed):
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 @pytest.mark.parametrize(
     ("n", "k", "r"),
-    [(45, 100, 5), (130, 333, 0), (45, 1024, 3), (20, 4500, 2), (33, 200, 40)],
+    [(45, 100, 5), (130, 333, 0), (45, 1024, 3), (20, 2176, 2), (33, 200, 40)],
 )
 def test_w4a16_matches_reference(monkeypatch, m, fmt, n, k, r):
     """The FMA kernel (M = 1, 3) and ``_w4a16_mma_kernel`` (M = 16, int4 too:
     ``PACKED_MMA`` off here; the packed kernel has its own tests). (45, 1024): a K split
-    (partial sums through atomics); (20, 4500): more low-rank partial sums (36 chunks of
+    (partial sums through atomics); (20, 2176): more low-rank partial sums (17 chunks of
     K) than one epilogue load takes; rank 40: two rank blocks in the x̂ / low-rank down
     kernel."""
     from svdquant.kernels import gemv
@@ -486,15 +486,15 @@ def test_w4a16_matches_reference(monkeypatch, m, fmt, n, k, r):
     [
         (t, *shape)
         for t in [(8, 256, 2), (4, 1024, 1), (16, 512, 1)]
-        for shape in [(45, 1024, 3), (20, 1600, 2), (130, 3072, 8)]
+        for shape in [(45, 1024, 3), (20, 1088, 2), (130, 3072, 8)]
     ]
-    + [((2, 1024, 1), 45, 1024, 3), ((1, 256, 2), 20, 1600, 2)],  # one or two rows each
+    + [((2, 1024, 1), 45, 1024, 3), ((1, 256, 2), 20, 1088, 2)],  # one or two rows each
 )
 def test_w4a16_fma_kernel_over_tiles(monkeypatch, m, tile, fmt, n, k, r):
     """The FMA kernel (one token, or up to ``FMA_MAX_M``) over its tiles: rows spread
     over threads (each thread loads x̂ for its row) or all of a program's rows in every
     thread (x̂ loaded once per step and token, broadcast over the rows); K steps narrowed
-    until they divide K (1600 → 64); 3 tokens padded to 4 (the 4th reads token 3)."""
+    until they divide K (1088 → 64); 3 tokens padded to 4 (the 4th reads token 3)."""
     from svdquant.kernels import gemv
 
     monkeypatch.setitem(gemv.TILES, "fma", tile)
@@ -665,12 +665,12 @@ def test_packed_decode_ptx_recipe():
 
 @pytest.mark.usefixtures("no_dp4a")
 @pytest.mark.parametrize("m", [2, 5, 16])
-@pytest.mark.parametrize(("n", "k", "r"), [(45, 1024, 3), (130, 333, 0), (20, 4500, 2)])
+@pytest.mark.parametrize(("n", "k", "r"), [(45, 1024, 3), (130, 333, 0), (20, 2176, 2)])
 def test_w4a16_packed_kernel_matches_reference(monkeypatch, m, n, k, r):
     """The packed-decode tensor-core kernel (``gemv.PACKED_MMA``; here from M = 2): x̂
     as bf16 hi/lo planes with the per-group offset sums, codes decoded to ``136 + code``
     (under the interpreter by integer ops, on the GPU by the PTX); K split into partial
-    sums at (45, 1024) and (20, 4500), K padded to 384 at 333, no low-rank branch at r = 0."""
+    sums at (45, 1024) and (20, 2176), K padded to 384 at 333, no low-rank branch at r = 0."""
     from svdquant.kernels import gemv
 
     monkeypatch.setattr(gemv, "PACKED_MMA", True)
