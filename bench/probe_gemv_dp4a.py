@@ -41,11 +41,10 @@ from gemm import (
     run_info,
     write_result,
 )
+from probe_gemv_mma import K, _case, _rel  # the same layer inputs and error measure
 
 from svdquant.kernels import gemv as gemv_mod
-from svdquant.kernels import reference as ref
 
-K = 3072
 NS = (18432, 9216)
 MS = (1, 2, 3, 4, 5, 8)
 SWEEP = {
@@ -67,17 +66,6 @@ def _config(dp4a: bool, tile: tuple | None = None, key: str = "dp4a"):
         gemv_mod.DP4A_MAX_M = saved[0]
         gemv_mod.TILES.clear()
         gemv_mod.TILES.update(saved[1])
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def _case(m: int, layer: Layer):
-    x = torch.randn(m, K, device="cuda").bfloat16()
-    args = (layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth, layer.down)
-    args += (layer.up, layer.bias, "int4")
-    return x, args, ref.w4a16_linear_ref(x, *args)
 
 
 def probe(m: int, n: int, layer: Layer, copy_gbs: float) -> dict:
