@@ -66,12 +66,12 @@ TILES = {
     "fma": (8, 256, 2),
     "fma_multi": (4, 1024, 1),
     "mma": (128, 64, 4),
-    # (BLOCK_N, groups of 64 columns per step, num_warps) of ``_w4a16_packed_kernel``
     # (BLOCK_N, columns per step, num_warps) of ``_w4a16_dp4a_kernel`` at one token and
     # at more: the best of 18 at M = 1 (22.3 µs) and of 12 at M = 4 (34.8 µs), N = 18432,
     # K = 3072 (``probe_gemv_dp4a-h200-2026-11-29-sweep.json``, H200)
     "dp4a": (8, 512, 1),
     "dp4a_multi": (4, 512, 1),
+    # (BLOCK_N, groups of 64 columns per step, num_warps) of ``_w4a16_packed_kernel``
     # (``PACKED_MMA``): the best of 24 (BLOCK_N 32-256 x 1, 2, 4 groups x 4, 8 warps) at
     # every M = 1..16 (``probe_gemv_mma_sweep-h200-2026-11-29.json``, H200)
     "packed": (128, 1, 4),
@@ -972,10 +972,7 @@ def gemv(
     n = qweight.shape[0]
     if fma:
         block_n, block_k, warps = TILES["fma" if m == 1 else "fma_multi"]
-        # the widest step (whole groups, a power of two) that divides KP: no partial steps
-        block_k = max(block_k, f.group_size)
-        while kp % block_k:
-            block_k //= 2
+        block_k = _word_step(kp, block_k, f.group_size)
     else:  # one int4 group a step; nvfp4 steps of ≥ 32 columns (the MMA's K ≥ 16 bytes)
         block_n, block_k, warps = TILES["mma"]
         block_k = f.group_size if f.name == "int4" else max(32, block_k)
@@ -991,9 +988,9 @@ def gemv(
     flags = dict(
         NVFP4=f.name == "nvfp4",
         GROUP=f.group_size,
-        # the FMA kernel sums up to 16 partials per load (one token); the tensor-core
-        # kernel's 16 tokens make that tensor too big (v9: 55 -> 70 us at M = 4)
-        S_BLOCK=min(16 // triton.next_power_of_2(m), triton.next_power_of_2(chunks)) if fma else 1,
+        # the tensor-core kernel's 16 tokens make the summed tensor too big (v9: 55 -> 70
+        # us at M = 4)
+        S_BLOCK=_s_block(m, chunks) if fma else 1,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,
@@ -1006,6 +1003,22 @@ def gemv(
     else:
         _w4a16_mma_kernel[(n_blocks, split)](*common, DOT_FP32=interpreting(), **flags)
     return out if split == 1 else out.to(out_dtype)
+
+
+def _word_step(kp: int, block_k: int, group: int) -> int:
+    """The columns per step of the kernels that read the codes as words (FMA, dp4a): the
+    widest power of two, at least one group and at most ``block_k`` (unless that is less
+    than a group), that divides KP — no partial steps."""
+    block_k = max(block_k, group)
+    while kp % block_k:
+        block_k //= 2
+    return block_k
+
+
+def _s_block(m: int, chunks: int) -> int:
+    """How many low-rank partial sums the word kernels' epilogue loads at once: up to 16
+    at one token, fewer with more tokens (the loaded tensor is [S_BLOCK, tokens, 32])."""
+    return min(16 // triton.next_power_of_2(m), triton.next_power_of_2(chunks))
 
 
 def _shared_flags(split: int, r: int, bias, out_dtype, pdl: bool) -> dict:
@@ -1069,9 +1082,7 @@ def _gemv_dp4a(
     n, kp = qweight.shape[0], qweight.shape[1] * 8
     chunks, m, r = lora.shape
     block_n, block_k, warps = TILES["dp4a" if m == 1 else "dp4a_multi"]
-    block_k = max(block_k, 64)  # the widest power-of-two step that divides KP
-    while kp % block_k:
-        block_k //= 2
+    block_k = _word_step(kp, block_k, 64)
     n_blocks = triton.cdiv(n, block_n)
     split, kps, out = _split_k(m, n, kp, block_k, n_blocks, out_dtype, qweight.device)
     _w4a16_dp4a_kernel[(n_blocks, split)](
@@ -1079,7 +1090,7 @@ def _gemv_dp4a(
         bias if bias is not None else out, out, m, n, kp // 8, r, chunks, kps // 8,
         xh.planes.stride(0), qweight.stride(0), wscales.stride(0), lora.stride(0),
         lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
-        S_BLOCK=min(16 // triton.next_power_of_2(m), triton.next_power_of_2(chunks)),
+        S_BLOCK=_s_block(m, chunks),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=triton.next_power_of_2(m),
         INTERPRET=interpreting(), num_warps=warps,
         **_shared_flags(split, r, bias, out_dtype, pdl),
