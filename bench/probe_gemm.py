@@ -9,6 +9,7 @@ goes). Checks that the variants agree; records the tile each chose and every til
 autotune timing. For NOTES.md.
 
     PYTHONPATH=src python bench/probe_gemm.py [--ms 512,1024,4096,4608] [--out DIR]
+    PYTHONPATH=src python bench/probe_gemm.py --toggle EARLY_LOWRANK  # a flag off vs on
 """
 
 from __future__ import annotations
@@ -125,6 +126,32 @@ def row_split(m: int, n: int, k: int) -> dict:
     return row
 
 
+def toggle(flag: str, m: int, n: int, k: int) -> dict:
+    """GEMM + low-rank + bias with the module flag ``gemm.<flag>`` off and on, timed
+    off/on/off/on in one process (each setting autotuned on its own)."""
+    x, layer, s, xq, lora, wq, s_ch = operands(m, n, k)
+    row: dict = {"M": m, "N": n, "K": k, "flag": flag}
+    row["bf16_us"] = bench_graph(lambda: F.linear(x, layer.w16, layer.bias))
+
+    def run():
+        return gemm_mod.fp8_gemm(xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16)
+
+    default = getattr(gemm_mod, flag)
+    outs = {}
+    try:
+        for i, on in enumerate((False, True, False, True)):
+            setattr(gemm_mod, flag, on)
+            name = "on" if on else "off"
+            outs[name] = run()
+            row[f"{name}_us_{i // 2}"] = bench_graph(run)
+            row[f"{name}_config"] = str(gemm_mod._fp8_gemm_kernel.best_config)
+    finally:
+        setattr(gemm_mod, flag, default)
+    a, b = outs["on"].float(), outs["off"].float()
+    row["rel_diff"] = ((a - b).norm() / b.norm()).item()
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default=",".join(str(m) for m in MS))
@@ -134,8 +161,23 @@ def main() -> None:
         action="store_true",
         help="one launch against two (the whole waves' rows, then the rest)",
     )
+    p.add_argument("--toggle", metavar="FLAG", help="a gemm module flag, off against on")
     args = p.parse_args()
     result = run_info()
+    if args.toggle:
+        result["rows"] = []
+        print(f"{'M':>5} {'N':>6} {'K':>6} | bf16 us  off (x2)  on (x2) | on/off  ({args.toggle})")
+        for m in (int(v) for v in args.ms.split(",")):
+            for n, k in NKS:
+                r = toggle(args.toggle, m, n, k)
+                result["rows"].append(r)
+                off = min(r["off_us_0"], r["off_us_1"])
+                on = min(r["on_us_0"], r["on_us_1"])
+                print(f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:7.1f} {r['off_us_0']:6.1f} "
+                      f"{r['off_us_1']:6.1f} {r['on_us_0']:6.1f} {r['on_us_1']:6.1f} | "
+                      f"{off / on:.3f}x diff {r['rel_diff']:.1e}", flush=True)  # fmt: skip
+        print("->", write_result(result, args.out, f"probe_gemm_{args.toggle.lower()}"))
+        return
     if args.row_split:
         result["rows"] = []
         print(f"{'M':>5} {'N':>6} {'K':>6} {'m1':>5} | bf16 us  one us  two us (first+rest)")
