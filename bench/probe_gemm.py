@@ -152,6 +152,29 @@ def toggle(flag: str, m: int, n: int, k: int) -> dict:
     return row
 
 
+def terms(m: int, n: int, k: int) -> dict:
+    """The GEMM with each epilogue term on its own: neither, bias, low-rank, both — time
+    and the tile each autotunes to (where the epilogue's cost goes)."""
+    x, layer, s, xq, lora, wq, s_ch = operands(m, n, k)
+    row: dict = {"M": m, "N": n, "K": k}
+    row["bf16_us"] = bench_graph(lambda: F.linear(x, layer.w16, layer.bias))
+    cases = {
+        "plain": (lora[:, :0], layer.up[:, :0], None),
+        "bias": (lora[:, :0], layer.up[:, :0], layer.bias),
+        "lowrank": (lora, layer.up, None),
+        "both": (lora, layer.up, layer.bias),
+    }
+    for name, (la, lu, b) in cases.items():
+
+        def run(la=la, lu=lu, b=b):
+            return gemm_mod.fp8_gemm(xq, wq, s_ch, s, la, lu, b, torch.bfloat16)
+
+        run()
+        row[f"{name}_config"] = str(gemm_mod._fp8_gemm_kernel.best_config)
+        row[f"{name}_us"] = bench_graph(run)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default=",".join(str(m) for m in MS))
@@ -162,8 +185,22 @@ def main() -> None:
         help="one launch against two (the whole waves' rows, then the rest)",
     )
     p.add_argument("--toggle", metavar="FLAG", help="a gemm module flag, off against on")
+    p.add_argument("--terms", action="store_true", help="each epilogue term on its own")
     args = p.parse_args()
     result = run_info()
+    if args.terms:
+        result["rows"] = []
+        print(f"{'M':>5} {'N':>6} {'K':>6} | bf16 us  plain   bias lowrank  both | configs")
+        for m in (int(v) for v in args.ms.split(",")):
+            for n, k in NKS:
+                r = terms(m, n, k)
+                result["rows"].append(r)
+                cfg = " / ".join(r[f"{c}_config"][:38] for c in ("plain", "both"))
+                print(f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:7.1f} {r['plain_us']:6.1f} "
+                      f"{r['bias_us']:6.1f} {r['lowrank_us']:6.1f} {r['both_us']:6.1f} | {cfg}",
+                      flush=True)  # fmt: skip
+        print("->", write_result(result, args.out, "probe_gemm_terms"))
+        return
     if args.toggle:
         result["rows"] = []
         print(f"{'M':>5} {'N':>6} {'K':>6} | bf16 us  off (x2)  on (x2) | on/off  ({args.toggle})")
