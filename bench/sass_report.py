@@ -298,11 +298,7 @@ def _gemv_mma() -> dict[str, Any]:
 
 
 def _gemm(
-    split: bool,
-    tail: bool = False,
-    next_int4: bool = False,
-    tma: bool = False,
-    early: bool = False,
+    split: bool, tail: bool = False, next_int4: bool = False, tma: bool = False
 ) -> dict[str, Any]:
     from triton.runtime import JITFunction
 
@@ -364,7 +360,6 @@ def _gemm(
             BLOCK_R2=32 if next_int4 else 16,
             TAIL=tail,
             TMA=tma,
-            EARLY_LR=early,
             BLOCK_M=128,
             BLOCK_N=256,
             BLOCK_K=128,
@@ -384,15 +379,6 @@ def _gemm_plain() -> dict[str, Any]:
 def _gemm_tma() -> dict[str, Any]:
     """The plain GEMM reading its operands through tensor descriptors (``gemm.TMA_LOADS``)."""
     d = _gemm(split=False, tma=True)
-    d["ptrs"]["a_ptr"] = "tensordesc<fp8e4nv[128, 128]>"
-    d["ptrs"]["b_ptr"] = "tensordesc<fp8e4nv[256, 128]>"
-    return d
-
-
-@_spec("gemm_tma_early")
-def _gemm_tma_early() -> dict[str, Any]:
-    """``gemm_tma`` with the low-rank operands loaded before the K loop (``EARLY_LOWRANK``)."""
-    d = _gemm(split=False, tma=True, early=True)
     d["ptrs"]["a_ptr"] = "tensordesc<fp8e4nv[128, 128]>"
     d["ptrs"]["b_ptr"] = "tensordesc<fp8e4nv[256, 128]>"
     return d

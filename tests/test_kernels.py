@@ -292,15 +292,13 @@ def test_w4a16_layer_at_many_tokens(fmt):
     ("n", "k", "r", "bias"), [(45, 128, 7, True), (130, 208, 0, False), (70, 200, 3, True)]
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("tma", "early"), [(True, False), (False, False), (True, True)])
-def test_fp8_gemm_matches_reference(monkeypatch, m, n, k, r, bias, dtype, tma, early):
+@pytest.mark.parametrize("tma", [True, False])
+def test_fp8_gemm_matches_reference(monkeypatch, m, n, k, r, bias, dtype, tma):
     """Operands read through tensor descriptors (``gemm.TMA_LOADS``, here from one row on;
-    rows of 200 bytes are not 16-byte aligned: pointer loads) or by pointer loads; the
-    low-rank operands loaded in the epilogue or before the K loop (``EARLY_LOWRANK``)."""
+    rows of 200 bytes are not 16-byte aligned: pointer loads) or by pointer loads."""
     from svdquant.kernels import gemm
 
     monkeypatch.setattr(gemm, "TMA_LOADS", tma)
-    monkeypatch.setattr(gemm, "EARLY_LOWRANK", early)
     monkeypatch.setattr(gemm, "TMA_MIN_M", 1)
     g = _gen(m + n)
     xq = ref.round_e4m3(torch.randn(m, k, generator=g) * 50).to(DEVICE)
@@ -1055,14 +1053,14 @@ def test_gpu_layer_pipeline_matches_reference(m, n, k, fmt, act_fmt):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 257, 4608])
 @pytest.mark.parametrize(("n", "k", "r"), [(130, 333, 7), (3072, 3072, 32), (1000, 1000, 0)])
-@pytest.mark.parametrize("early", [False, True])
-def test_gpu_fp8_gemm_lowrank_loads(monkeypatch, m, n, k, r, early):
-    """The GEMM with its low-rank operands loaded in the epilogue or before the K loop
-    (``gemm.EARLY_LOWRANK``) against the reference, on every path the shape takes (tensor
-    descriptors from ``TMA_MIN_M`` rows, the split-K tail where it pays)."""
+@pytest.mark.parametrize("tma", [True, False])
+def test_gpu_fp8_gemm_matches_reference(monkeypatch, m, n, k, r, tma):
+    """The GEMM + low-rank + bias against the reference on the GPU, operands through
+    tensor descriptors (from ``TMA_MIN_M`` rows) or pointer loads, the split-K tail where
+    the shape takes it."""
     from svdquant.kernels import gemm
 
-    monkeypatch.setattr(gemm, "EARLY_LOWRANK", early)
+    monkeypatch.setattr(gemm, "TMA_LOADS", tma)
     args = _gemm_args(m, n, k, seed=m + n, r=r)
     assert rel_err(fp8_gemm(*args), ref.fp8_gemm_ref(*args)) <= TOL
 

@@ -81,7 +81,7 @@ def _m_bucket(m: int) -> int:
 
 @triton.autotune(
     configs=_configs(),
-    key=["M_BUCKET", "N", "K", "HAS_LORA", "NEXT", "TAIL", "TMA", "EARLY_LR"],
+    key=["M_BUCKET", "N", "K", "HAS_LORA", "NEXT", "TAIL", "TMA"],
     # the fused next-layer epilogue and the split-K tail accumulate into these
     reset_to_zero=["lora2_ptr", "ws_ptr", "cnt_ptr"],
 )
@@ -133,7 +133,6 @@ def _fp8_gemm_kernel(
     BLOCK_R2: tl.constexpr,
     TAIL: tl.constexpr,
     TMA: tl.constexpr,
-    EARLY_LR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -172,11 +171,6 @@ def _fp8_gemm_kernel(
     mmask = rm < M
     nmask = rn < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    la = 0.0
-    lu = 0.0
-    if EARLY_LR:  # the low-rank operands in flight during the K loop (``EARLY_LOWRANK``)
-        la, lu = _lowrank_operands(lora_ptr, lu_ptr, rm, rn, mmask, nmask, R, stride_lm,
-                                   stride_un, BLOCK_R)  # fmt: skip
     if TMA:  # a_ptr, b_ptr: tensor descriptors; the copy engine fills rows past M, N, K with 0
         for k0 in range(k_lo, k_hi, BLOCK_K):
             a = a_ptr.load([pid_m * BLOCK_M, k0])
@@ -216,8 +210,8 @@ def _fp8_gemm_kernel(
             acc, rm, rn, mmask, nmask, pid_n, c_ptr, sch_ptr, scale_ptr, lora_ptr, lu_ptr,
             bias_ptr, M, N, R, stride_cm, stride_lm, stride_un, inv_s2_ptr, ld2_ptr,
             scale2_ptr, xq2_ptr, lora2_ptr, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m,
-            B1, B2, B3, la, lu, HAS_LORA, HAS_BIAS, ROUND_BF16, BLOCK_R, DOT_FP32, NEXT,
-            SPLIT, ACT, NEXT_INT4, BLOCK_R2, EARLY_LR, BLOCK_M, BLOCK_N,
+            B1, B2, B3, HAS_LORA, HAS_BIAS, ROUND_BF16, BLOCK_R, DOT_FP32, NEXT, SPLIT, ACT,
+            NEXT_INT4, BLOCK_R2, BLOCK_M, BLOCK_N,
         )  # fmt: skip
 
 
@@ -244,25 +238,21 @@ def _lowrank_operands(lora_ptr, lu_ptr, rm, rn, mmask, nmask, R, stride_lm, stri
 def _epilogue(
     acc, rm, rn, mmask, nmask, pid_n, c_ptr, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr,
     M, N, R, stride_cm, stride_lm, stride_un, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr,
-    lora2_ptr, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m, B1, B2, B3, la, lu,
+    lora2_ptr, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m, B1, B2, B3,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr, NEXT: tl.constexpr, SPLIT: tl.constexpr,
     ACT: tl.constexpr, NEXT_INT4: tl.constexpr, BLOCK_R2: tl.constexpr,
-    EARLY_LR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The tile's fp32 sums ``acc`` -> the layer's output (scales, low-rank up, bias,
     activation), stored whole, split into segments, or quantized as the next layer's
     input."""
-    # Every operand's load first: one L2 round trip for the tile, not one per term (the
-    # compiler keeps loads below the barriers of the layout conversions between them).
-    s_act = tl.load(scale_ptr)
-    scale = s_act * tl.load(sch_ptr + rn, mask=nmask, other=0.0)
-    if EARLY_LR:
-        # a value known only after the loop, so that the compiler moves the operands into
-        # shared memory here and not right after their loads, ahead of the copy pipeline
-        la = tl.where(s_act == s_act, la, 0.0)
-        lu = tl.where(s_act == s_act, lu, 0.0)
-    if HAS_LORA and not EARLY_LR:
+    # Every operand's load first: two L2 round trips for the tile instead of three (the
+    # compiler keeps each load below the barriers of the layout conversions before it).
+    # Loading the low-rank operands before the K loop instead (one round trip, 246
+    # registers) measured 0.98-1.03x (probe_gemm_early_lowrank-h200-2026-11-29.json).
+    scale = tl.load(scale_ptr) * tl.load(sch_ptr + rn, mask=nmask, other=0.0)
+    if HAS_LORA:
         la, lu = _lowrank_operands(lora_ptr, lu_ptr, rm, rn, mmask, nmask, R, stride_lm,
                                    stride_un, BLOCK_R)  # fmt: skip
     if HAS_BIAS:
@@ -448,13 +438,7 @@ def _launch(
         BLOCK_R2=max(16, triton.next_power_of_2(max(r2, 1))),
         TAIL=tail_on,
         TMA=tma,
-        EARLY_LR=EARLY_LOWRANK and r > 0,
     )
-
-
-#: Load the low-rank operands before the K loop (in flight under it) instead of in the
-#: epilogue. Probe: not yet measured.
-EARLY_LOWRANK = False
 
 
 #: Read the GEMM's operands through tensor descriptors (TMA: the copy engine moves whole
