@@ -175,6 +175,37 @@ def terms(m: int, n: int, k: int) -> dict:
     return row
 
 
+def autotune(m: int, n: int, k: int) -> dict:
+    """The GEMM + low-rank + bias autotuned twice each way (``gemm.AUTOTUNE_GRAPH`` off:
+    Triton's flushed-L2 launches; on: CUDA-graph replays), the cache cleared before each:
+    the tile each picks and its time replayed from a graph."""
+    x, layer, s, xq, lora, wq, s_ch = operands(m, n, k)
+    row: dict = {"M": m, "N": n, "K": k}
+    row["bf16_us"] = bench_graph(lambda: F.linear(x, layer.w16, layer.bias))
+
+    def run():
+        return gemm_mod.fp8_gemm(xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16)
+
+    default = gemm_mod.AUTOTUNE_GRAPH
+    try:
+        for i, on in enumerate((False, True, False, True)):
+            gemm_mod.AUTOTUNE_GRAPH = on
+            gemm_mod._fp8_gemm_kernel.cache.clear()
+            name = f"{'graph' if on else 'flush'}_{i // 2}"
+            run()
+            row[f"{name}_config"] = str(gemm_mod._fp8_gemm_kernel.best_config)
+            row[f"{name}_us"] = bench_graph(run)
+    finally:
+        gemm_mod.AUTOTUNE_GRAPH = default
+    return row
+
+
+def _tile(config: str) -> str:
+    """'128x256x128/8w/4s' from a Config's string."""
+    v = dict(kv.split(": ") for kv in config.split(", "))
+    return f"{v['BLOCK_M']}x{v['BLOCK_N']}x{v['BLOCK_K']}/{v['num_warps']}w/{v['num_stages']}s"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default=",".join(str(m) for m in MS))
@@ -186,8 +217,23 @@ def main() -> None:
     )
     p.add_argument("--toggle", metavar="FLAG", help="a gemm module flag, off against on")
     p.add_argument("--terms", action="store_true", help="each epilogue term on its own")
+    p.add_argument("--autotune", action="store_true", help="autotune timing: flushed vs graph")
     args = p.parse_args()
     result = run_info()
+    if args.autotune:
+        result["rows"] = []
+        print(f"{'M':>5} {'N':>6} {'K':>6} | bf16 us  flush x2 (tile)  graph x2 (tile)")
+        for m in (int(v) for v in args.ms.split(",")):
+            for n, k in NKS:
+                r = autotune(m, n, k)
+                result["rows"].append(r)
+                cells = "  ".join(
+                    f"{r[c + '_us']:6.1f} {_tile(r[c + '_config'])}"
+                    for c in ("flush_0", "flush_1", "graph_0", "graph_1")
+                )
+                print(f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:7.1f}  {cells}", flush=True)
+        print("->", write_result(result, args.out, "probe_gemm_autotune"))
+        return
     if args.terms:
         result["rows"] = []
         print(f"{'M':>5} {'N':>6} {'K':>6} | bf16 us  plain   bias lowrank  both | configs")

@@ -79,8 +79,24 @@ def _m_bucket(m: int) -> int:
     return triton.next_power_of_2(max(m, 1))
 
 
+#: Time each candidate tile replayed from a CUDA graph with the operands left in L2
+#: (``triton.testing.do_bench_cudagraph``) — the conditions of a layer whose quantize and
+#: widen have just written them, and of a graph-captured model — instead of Triton's
+#: default: launches timed one by one after an L2 flush, whose picks at M = 512 differed
+#: by up to 1.3x between two runs of the same kernel (``probe_gemm_terms-h200-2026-11-29``).
+AUTOTUNE_GRAPH = True
+
+
+def _bench_config(kernel_call, quantiles):
+    """The autotuner's timing of one candidate config (see ``AUTOTUNE_GRAPH``)."""
+    if AUTOTUNE_GRAPH:
+        return triton.testing.do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
+    return triton.testing.do_bench(kernel_call, quantiles=quantiles)
+
+
 @triton.autotune(
     configs=_configs(),
+    do_bench=_bench_config,
     key=["M_BUCKET", "N", "K", "HAS_LORA", "NEXT", "TAIL", "TMA"],
     # the fused next-layer epilogue and the split-K tail accumulate into these
     reset_to_zero=["lora2_ptr", "ws_ptr", "cnt_ptr"],
