@@ -13,7 +13,7 @@ emptied before each replay as well (``_clean``), and the share of copy bandwidth
 bytes the GEMV must read (codes and group scales). Then, with ``--sweep``, the dp4a
 kernel's tiles (``TILES["dp4a"]`` at one token, ``["dp4a_multi"]`` above).
 
-    PYTHONPATH=src python bench/probe_gemv_dp4a.py [--out DIR] [--sweep | --stages]
+    PYTHONPATH=src python bench/probe_gemv_dp4a.py [--out DIR] [--sweep]
 """
 
 from __future__ import annotations
@@ -54,49 +54,18 @@ SWEEP = {
 }
 
 
-#: (stages, tile or None for the default) of ``--stages``: the pipelined loop against the
-#: register prefetch (stages 0), at the default tiles and a few longer or wider ones
-STAGES = [(0, None), (2, None), (3, None), (4, None), (3, (16, 512, 1)), (3, (8, 256, 1)),
-          (2, (16, 512, 1))]  # fmt: skip
-
-
 @contextlib.contextmanager
-def _config(dp4a: bool, tile: tuple | None = None, key: str = "dp4a", stages: int = 0):
-    saved = (gemv_mod.DP4A_MAX_M, dict(gemv_mod.TILES), gemv_mod.DP4A_STAGES)
+def _config(dp4a: bool, tile: tuple | None = None, key: str = "dp4a"):
+    saved = (gemv_mod.DP4A_MAX_M, dict(gemv_mod.TILES))
     try:
         gemv_mod.DP4A_MAX_M = 16 if dp4a else 0
-        gemv_mod.DP4A_STAGES = stages
         if tile is not None:
             gemv_mod.TILES[key] = tuple(tile)
         yield
     finally:
-        gemv_mod.DP4A_MAX_M, gemv_mod.DP4A_STAGES = saved[0], saved[2]
+        gemv_mod.DP4A_MAX_M = saved[0]
         gemv_mod.TILES.clear()
         gemv_mod.TILES.update(saved[1])
-
-
-def stages(m: int, layer: Layer) -> list[dict]:
-    """The dp4a kernel's loop software-pipelined (``DP4A_STAGES``) against the register
-    prefetch, whole ``w4a16_linear`` replayed from a graph; equality with stages 0."""
-    x, args, y_ref = _case(m, layer)
-    key = "dp4a" if m == 1 else "dp4a_multi"
-    with _config(True, key=key):
-        y0 = gemv_mod.w4a16_linear(x, *args)
-    rows = []
-    for st, tile in STAGES:
-        row: dict = {"M": m, "N": layer.qweight.shape[0], "stages": st,
-                     "tile": list(tile or gemv_mod.TILES[key])}  # fmt: skip
-        try:
-            with _config(True, tile, key, st):
-                y = gemv_mod.w4a16_linear(x, *args)
-                row["rel_err"] = _rel(y, y_ref)
-                row["equal"] = bool(torch.equal(y, y0))
-                row["us"] = bench_graph(lambda: gemv_mod.w4a16_linear(x, *args))
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
 
 
 def probe(m: int, n: int, layer: Layer, copy_gbs: float) -> dict:
@@ -169,7 +138,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--sweep", action="store_true", help="the dp4a kernel's tiles")
-    p.add_argument("--stages", action="store_true", help="the loop pipelined (DP4A_STAGES)")
     a = p.parse_args()
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth()
@@ -177,17 +145,6 @@ def main() -> None:
                     "rows": [], "sweep": []}  # fmt: skip
     t0 = time.perf_counter()
     layers = {n: Layer(n, K) for n in NS}
-    if a.stages:
-        result["stages"] = [r for n in NS for m in (1, 4) for r in stages(m, layers[n])]
-        path = write_result(result, a.out, "probe_gemv_dp4a_stages")
-        print(f"{'N':>6} {'M':>2} {'stages':>6} {'tile':>14} {'us':>6}  equal")
-        for r in result["stages"]:
-            print(
-                f"{r['N']:6d} {r['M']:2d} {r['stages']:6d} {tuple(r['tile'])!s:>14} "
-                f"{r.get('us', float('nan')):6.1f}  {r.get('equal', r.get('error'))}"
-            )
-        print(f"-> {path} ({time.perf_counter() - t0:.0f} s)")
-        return
     if a.sweep:
         for m in SWEEP:
             result["sweep"] += sweep(m, layers[NS[0]])

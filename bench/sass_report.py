@@ -198,13 +198,7 @@ def _dp4a_spec(m: int) -> dict[str, Any]:
     )  # fmt: skip
     consts = {k: v for k, v in d["consts"].items() if k not in ("NVFP4", "GROUP")}
     d["consts"] = consts | dict(
-        S_BLOCK=16 // m,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        KPW=384,
-        BLOCK_M=m,
-        INTERPRET=False,
-        STAGES=g.DP4A_STAGES,
+        S_BLOCK=16 // m, BLOCK_N=bn, BLOCK_K=bk, KPW=384, BLOCK_M=m, INTERPRET=False
     )
     return dict(kernel=g._w4a16_dp4a_kernel, warps=warps, **d)
 
@@ -212,13 +206,6 @@ def _dp4a_spec(m: int) -> dict[str, Any]:
 @_spec("gemv_dp4a")
 def _gemv_dp4a() -> dict[str, Any]:
     return _dp4a_spec(1)
-
-
-@_spec("gemv_dp4a_pipe")
-def _gemv_dp4a_pipe() -> dict[str, Any]:
-    d = _dp4a_spec(1)
-    d["consts"]["STAGES"] = 3
-    return d
 
 
 @_spec("gemv_dp4a_m4")

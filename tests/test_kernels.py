@@ -546,20 +546,6 @@ def test_w4a16_dp4a_kernel_over_tiles(monkeypatch, m, tile, n, k, r):
     assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
-@pytest.mark.parametrize("stages", [2, 3])
-@pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize(("n", "k", "r"), [(45, 1024, 3), (33, 200, 40)])
-def test_w4a16_dp4a_pipelined_loop_equals_register_prefetch(monkeypatch, stages, m, n, k, r):
-    """The dp4a loop software-pipelined (``DP4A_STAGES``) computes the same sums in the
-    same order as the register prefetch: bit-identical outputs."""
-    from svdquant.kernels import gemv
-
-    x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=7)
-    y0 = w4a16_linear(x, *args)
-    monkeypatch.setattr(gemv, "DP4A_STAGES", stages)
-    assert torch.equal(w4a16_linear(x, *args), y0)
-
-
 @triton.jit
 def _dp4a_kernel(a_ptr, b_ptr, c_ptr, s_ptr, u_ptr, INTERPRET: tl.constexpr):
     i = tl.arange(0, 256)
@@ -1109,23 +1095,6 @@ def test_gpu_w4a16_dp4a_kernel(monkeypatch, m, n, k):
     assert gemv._path(m, "int4") == "dp4a"
     x, args = _w4a16_case(m, n, k, 32, "int4", torch.bfloat16, bias_seed=9)
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("stages", [2, 3, 4])
-@pytest.mark.parametrize("m", [1, 2, 4])
-@pytest.mark.parametrize(("n", "k"), [(130, 333), (18432, 3072)])
-def test_gpu_w4a16_dp4a_pipelined_loop(monkeypatch, stages, m, n, k):
-    """The dp4a loop pipelined by Triton (asynchronous copies into shared memory,
-    ``DP4A_STAGES``) against the reference and bit for bit against the register prefetch."""
-    from svdquant.kernels import gemv
-
-    x, args = _w4a16_case(m, n, k, 32, "int4", torch.bfloat16, bias_seed=9)
-    y0 = w4a16_linear(x, *args)
-    monkeypatch.setattr(gemv, "DP4A_STAGES", stages)
-    y = w4a16_linear(x, *args)
-    assert torch.equal(y, y0)
-    assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
 @pytest.mark.gpu

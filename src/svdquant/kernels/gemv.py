@@ -106,12 +106,6 @@ PACKED_MMA = True
 #: words] integer tensors outgrow the registers (M = 5 60.7 µs vs the packed kernel's
 #: 45.8; M = 16 307 vs 53).
 DP4A_MAX_M = 4
-#: Software-pipeline the dp4a kernel's loop in this many stages (0: the codes loaded a
-#: step ahead into registers). Triton's pipeliner moves the loop's loads — codes, x̂ planes,
-#: scales — into shared memory by asynchronous copies (sm_90 ``LDGSTS``), several steps
-#: ahead, holding no registers for them (64 per thread instead of 96). Probe: not yet
-#: measured (``bench/probe_gemv_dp4a.py --stages``).
-DP4A_STAGES = 0
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
 PDL = True
@@ -776,7 +770,6 @@ def _w4a16_dp4a_kernel(
     BLOCK_M: tl.constexpr,
     PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     """int4 weights against x̂ as 16-bit integers (``Int16X``) on the integer dot-product
     unit: a code word's high nibbles are ``word & 0xF0F0F0F0`` and its low ones
@@ -798,25 +791,6 @@ def _w4a16_dp4a_kernel(
     xs_cols = xs_ptr + tok * (KPW // 8) + tl.arange(0, GPS)[None, None, :]
     zero = tl.zeros([BLOCK_N, BLOCK_M, BKW], dtype=tl.int32)
     acc = tl.zeros([BLOCK_N, BLOCK_M, GPS], dtype=tl.float32)
-    if STAGES > 0:  # the pipeliner's loads (``DP4A_STAGES``); x̂ among them: wait first
-        if PDL:
-            gdc_wait()
-        for kw in tl.range(kw_start, kw_end, BKW, num_stages=STAGES):
-            w = tl.load(q_rows + kw)
-            sg = tl.load(s_rows + kw // 8).to(tl.float32)
-            xeh, xoh, xel, xol, sx = _dp4a_x(x_cols, xs_cols, kw, KPW)
-            hi = w & HI
-            lo = (w << 4) & HI
-            ph = _dp4a(lo, xeh, _dp4a(hi, xoh, zero, True, INTERPRET), True, INTERPRET)
-            pl = _dp4a(lo, xel, _dp4a(hi, xol, zero, False, INTERPRET), False, INTERPRET)
-            part = tl.sum(tl.reshape(ph * 256 + pl, [BLOCK_N, BLOCK_M, GPS, 8]), axis=3)
-            acc += part.to(tl.float32) * (sg * sx)
-        _epilogue(
-            tl.sum(acc, axis=2), rows, rm, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr,
-            bias_ptr, out_ptr, stride_ls, stride_lm, stride_un, stride_om,
-            ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16, FP32_PREC, S_BLOCK,
-        )  # fmt: skip
-        return
     w_next = tl.load(q_rows + kw_start)
     s_next = tl.load(s_rows + kw_start // 8)  # [BLOCK_N, 1, GPS]
     if PDL:  # only weights (no earlier kernel's output) are read before this; x̂ after
@@ -1118,7 +1092,7 @@ def _gemv_dp4a(
         lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         S_BLOCK=_s_block(m, chunks),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=triton.next_power_of_2(m),
-        INTERPRET=interpreting(), STAGES=DP4A_STAGES, num_warps=warps,
+        INTERPRET=interpreting(), num_warps=warps,
         **_shared_flags(split, r, bias, out_dtype, pdl),
     )  # fmt: skip
     return out if split == 1 else out.to(out_dtype)
