@@ -959,12 +959,15 @@ def test_custom_ops_opcheck():
 
 
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
-def test_quantize_and_widen_is_the_two_ops(monkeypatch, fmt):
+@pytest.mark.parametrize("widen_first", [False, True])
+def test_quantize_and_widen_is_the_two_ops(monkeypatch, fmt, widen_first):
     """One op, two adjacent launches (on Hopper the widen is the quantize's programmatic
-    dependent): what the quantize and the widen give apart — called eagerly and,
-    on a GPU, replayed from a CUDA graph (where the dependency is a graph edge). The
-    overlap is forced on for these 77 rows (by default it starts at 2048)."""
+    dependent, or with ``WIDEN_FIRST`` the other way round, into buffers allocated before
+    both): what the quantize and the widen give apart — called eagerly and, on a GPU,
+    replayed from a CUDA graph (where the dependency is a graph edge). The overlap is
+    forced on for these 77 rows (by default it starts at 2048)."""
     monkeypatch.setattr(svdquant.kernels.ops, "OVERLAP_MIN_M", 0)
+    monkeypatch.setattr(svdquant.kernels.ops, "WIDEN_FIRST", widen_first)
     _, layer, calib = _layer(fmt, "int4", k=320, n=300)
     x = calib[:77]
     s = ref.act_scale_from_amax(layer.act_amax)

@@ -132,6 +132,11 @@ def _(qweight, wscales, wtensor_scale, fmt):
 OVERLAP_WIDEN = True
 OVERLAP_MIN_M = 2048
 OVERLAP_MAX_WEIGHTS = 3072 * 15360
+#: Overlap the other way round: the widen first, triggering at once, and the quantize as
+#: its programmatic dependent — the widen's few programs (under half a wave) then run
+#: beside the whole quantize instead of its last wave. Probe: not yet measured
+#: (``bench/probe_overlap.py``).
+WIDEN_FIRST = False
 
 
 @torch.library.custom_op("svdquant::quantize_and_widen", mutates_args=())
@@ -164,6 +169,15 @@ def quantize_and_widen(
         and x.shape[0] >= OVERLAP_MIN_M
         and qweight.shape[0] * qweight.shape[1] * 2 <= OVERLAP_MAX_WEIGHTS
     )
+    if overlap and WIDEN_FIRST:
+        # the quantize's outputs allocated (and zeroed) first: nothing between the launches
+        out = (
+            torch.empty(x.shape[0], k_out, dtype=_FP8, device=x.device),
+            torch.zeros(x.shape[0], lowrank_down.shape[0], dtype=torch.float32, device=x.device),
+        )
+        wq, s_channel = widen(qweight, wscales, wtensor_scale, fmt, trigger=True)
+        xq, lora = quantize(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl=True, out=out)
+        return xq, lora, wq, s_channel
     xq, lora = quantize(x, smooth, lowrank_down, act_scale, k_out, act_fmt, trigger=overlap)
     wq, s_channel = widen(qweight, wscales, wtensor_scale, fmt, pdl=overlap)
     return xq, lora, wq, s_channel

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from svdquant.kernels._triton_common import (
     ACTIVATIONS,
@@ -152,6 +152,7 @@ def _quantize_act_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL_TRIGGER: tl.constexpr = False,
+    PDL_WAIT_LAST: tl.constexpr = False,
 ):
     # With PDL_TRIGGER the next kernel, launched as this one's programmatic dependent (the
     # widen, ``widen.widen_weight(pdl=True)``), may start as soon as every program of this
@@ -214,6 +215,12 @@ def _quantize_act_kernel(
             tl.atomic_add(lptr, acc, mask=lmask, sem="relaxed")
         else:
             tl.store(lptr, acc, mask=lmask)
+    if PDL_WAIT_LAST:  # noqa: SIM102 (a compile-time branch around a runtime one)
+        # launched as the widen's programmatic dependent (``quantize_act(pdl=True)``): this
+        # kernel reads nothing the widen writes, but the kernels after it need both done —
+        # the program launched last waits for the widen, so this kernel ends after it
+        if (pid_m == tl.num_programs(0) - 1) & (pid_k == tl.num_programs(1) - 1):
+            gdc_wait()
 
 
 def quantize_act(
@@ -226,6 +233,8 @@ def quantize_act(
     tail: torch.Tensor | None = None,
     tail_act: str = "none",
     trigger: bool = False,
+    pdl: bool = False,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations ``x`` [M, K] for the fp8 GEMM; see ``quantize_act_ref``.
 
@@ -235,7 +244,10 @@ def quantize_act(
     — read from the two tensors (``quantize_act_cat_ref``): a layer whose input is a
     concatenation (FLUX's single-block ``proj_out``) needs no concatenated copy and no
     separate activation pass. ``trigger``: let a programmatic dependent launched next
-    (``widen_weight(pdl=True)``) start early, where the GPU has it.
+    (``widen_weight(pdl=True)``) start early, where the GPU has it. ``pdl``: launched as
+    the previous kernel's programmatic dependent — only right after
+    ``widen_weight(trigger=True)``, into buffers ``out = (xq, lora_act)`` allocated (the
+    latter zeroed) before that launch, so that no kernel comes between.
     """
     if act_fmt not in ("int4", "fp8"):
         raise ValueError(f"the fp8 engine quantizes activations to int4 or fp8, got {act_fmt!r}")
@@ -271,8 +283,14 @@ def quantize_act(
     split = min(steps, max(1, triton.cdiv(PROGRAMS_PER_SM * num_sms(x.device), m_blocks)))
     k_per_split = triton.cdiv(steps, split) * block_k
     split = triton.cdiv(steps * block_k, k_per_split)
-    xq = torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=x.device)
-    lora = (torch.zeros if split > 1 else torch.empty)(m, r, dtype=torch.float32, device=x.device)
+    if out is not None:
+        xq, lora = out
+    else:
+        xq = torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=x.device)
+        lora = (torch.zeros if split > 1 else torch.empty)(
+            m, r, dtype=torch.float32, device=x.device
+        )
+    pdl = pdl and pdl_supported(x.device)
     _quantize_act_kernel[(m_blocks, split)](
         x,
         x if tail is None else tail,
@@ -307,5 +325,7 @@ def quantize_act(
         num_warps=warps,
         num_stages=1,  # (bench/probe_quantize.py: no gain from pipelining the loads)
         PDL_TRIGGER=trigger and pdl_supported(x.device),
+        PDL_WAIT_LAST=pdl,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return xq, lora

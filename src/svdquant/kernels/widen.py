@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from svdquant import formats
 from svdquant.kernels._triton_common import (
@@ -68,11 +68,15 @@ def _widen_kernel(
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False,
     K_FAST: tl.constexpr = False,
+    TRIGGER: tl.constexpr = False,
 ):
     """With ``PDL`` (launched as the quantize kernel's programmatic dependent) everything
     up to the stores overlaps that kernel; the stores wait for it (the outputs are fresh
     buffers whose memory an earlier kernel may still read), so this kernel also ends
-    after it."""
+    after it. With ``TRIGGER`` the next kernel, launched as this one's programmatic
+    dependent (the quantize, ``quantize_act(pdl=True)``), may start at once."""
+    if TRIGGER:
+        gdc_launch_dependents()
     if K_FAST:  # grid (column tiles, row tiles): programs launched together share rows
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(0)
@@ -148,6 +152,7 @@ def widen_weight(
     fmt: str,
     out: torch.Tensor | None = None,
     pdl: bool = False,
+    trigger: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Widen a stored 4-bit weight into ``(wq fp8 [N, K_pad], s_channel fp32 [N])``.
 
@@ -155,6 +160,8 @@ def widen_weight(
     ``pdl``: launched as the previous kernel's programmatic dependent (where the GPU has
     it) — only right after ``quantize_act(trigger=True)``, with the weights contiguous and
     ``wtensor_scale`` fp32, so that no copy kernel comes between (``quantize_and_widen``).
+    ``trigger``: let a programmatic dependent launched next (``quantize_act(pdl=True)``)
+    start at once, where the GPU has it.
     """
     f = formats.get_format(fmt)
     n, kp = qweight.shape[0], qweight.shape[1] * 2
@@ -163,7 +170,9 @@ def widen_weight(
     s_channel = torch.empty(n, dtype=torch.float32, device=qweight.device)
     if n == 0:
         return wq, s_channel
-    _launch(qweight, wscales, wtensor_scale, wq, s_channel, f, dequant=False, pdl=pdl)
+    _launch(
+        qweight, wscales, wtensor_scale, wq, s_channel, f, dequant=False, pdl=pdl, trigger=trigger
+    )
     return wq, s_channel
 
 
@@ -181,7 +190,9 @@ def dequantize_weight(
     return w
 
 
-def _launch(qweight, wscales, wtensor_scale, out, s_channel, f, dequant: bool, pdl=False):
+def _launch(
+    qweight, wscales, wtensor_scale, out, s_channel, f, dequant: bool, pdl=False, trigger=False
+):
     n, kp, g = qweight.shape[0], qweight.shape[1] * 2, wscales.shape[1]
     pdl = pdl and pdl_supported(qweight.device)
     block_n, block_k, warps = TILE
@@ -208,6 +219,7 @@ def _launch(qweight, wscales, wtensor_scale, out, s_channel, f, dequant: bool, p
         BLOCK_K=block_k,
         PDL=pdl,
         K_FAST=K_FAST,
+        TRIGGER=trigger and pdl_supported(qweight.device),
         num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )
