@@ -7,10 +7,11 @@ run, at every shape of ``bench/gemm.py`` (the overlap forced on for all, whateve
 ``OVERLAP_MIN_M`` / ``OVERLAP_MAX_WEIGHTS`` say):
 
 * ``seq``: one after the other (``OVERLAP_WIDEN = False``);
-* ``q_w``: the widen as the quantize's programmatic dependent (today's default): it
-  starts when the quantize's last wave does;
+* ``q_w``: the widen as the quantize's programmatic dependent (the default until v28):
+  it starts when the quantize's last wave does;
 * ``w_q``: the widen first, triggering at once, the quantize as its dependent
-  (``WIDEN_FIRST``): the widen's few programs run beside the whole quantize.
+  (``WIDEN_FIRST``, the default since): the widen's few programs run beside the whole
+  quantize.
 
 Outputs are compared across the three (the low-rank sums meet through atomics: equal to
 rounding, not bit for bit).
@@ -64,7 +65,7 @@ def main() -> None:
     a = p.parse_args()
     saved = (ops_mod.OVERLAP_WIDEN, ops_mod.WIDEN_FIRST, ops_mod.OVERLAP_MIN_M,
              ops_mod.OVERLAP_MAX_WEIGHTS)  # fmt: skip
-    ops_mod.OVERLAP_MIN_M, ops_mod.OVERLAP_MAX_WEIGHTS = 0, 2**62
+    ops_mod.OVERLAP_MIN_M, ops_mod.OVERLAP_MAX_WEIGHTS = 0, None
     result = {**run_info(), "rows": []}
     print(f"{'M':>5} {'N':>6} {'K':>6} | bf16 us | seq x2 | q_w x2 | w_q x2 | "
           "w_q vs q_w, vs seq (best of two)")  # fmt: skip

@@ -82,8 +82,11 @@ def _m_bucket(m: int) -> int:
 #: Time each candidate tile replayed from a CUDA graph with the operands left in L2
 #: (``triton.testing.do_bench_cudagraph``) — the conditions of a layer whose quantize and
 #: widen have just written them, and of a graph-captured model — instead of Triton's
-#: default: launches timed one by one after an L2 flush, whose picks at M = 512 differed
-#: by up to 1.3x between two runs of the same kernel (``probe_gemm_terms-h200-2026-11-29``).
+#: default, launches timed one by one after an L2 flush. H200, each way autotuned twice
+#: at the issue's 24 shapes (``probe_gemm_autotune-h200-2026-11-29.json``): the default
+#: picked different tiles on the two runs at 14 shapes, up to 1.39x apart in time (M =
+#: 512, 3072²), the graph timing at 3, by at most 2.4%; geometric mean of the times
+#: +3.8% at M = 512, ±0 at 1024, -1.5% at 4096, +0.4% at 4608.
 AUTOTUNE_GRAPH = True
 
 

@@ -122,21 +122,25 @@ def _(qweight, wscales, wtensor_scale, fmt):
     return qweight.new_empty(n, kp, dtype=_FP8), qweight.new_empty(n, dtype=torch.float32)
 
 
-#: Launch the widen as the quantize's programmatic dependent in ``quantize_and_widen``
-#: (sm_90+), so that it fills the SMs the quantize's last wave leaves idle — for inputs
+#: Overlap a layer's two memory-bound passes in ``quantize_and_widen`` (sm_90+) for inputs
 #: of at least ``OVERLAP_MIN_M`` rows and weights of at most ``OVERLAP_MAX_WEIGHTS``
-#: entries. H200, the layer in a CUDA graph against the same layer launched in sequence
-#: (``bench/gemm.py``, ``layerSeqG``), summed over the five shapes up to 3072 x 15360:
-#: M = 4096 -3.8% / -1.7%, M = 4608 -0.6% / -1.0% (runs v22 / v23); M = 512 and 1024
-#: +2-3% in v23; 21504 x 3072 at M ≥ 4096: 22-25 µs slower (v22).
+#: entries (None: any). Two orders:
+#:
+#: * ``WIDEN_FIRST`` (the default): the widen first, triggering at once, the quantize as
+#:   its programmatic dependent — the widen's few programs (under half a wave) run beside
+#:   the whole quantize. H200, the layer in a CUDA graph, the three ways in one run
+#:   (``bench/probe_overlap.py``, ``probe_overlap-h200-2026-11-29.json``): against the
+#:   launches in sequence 0.99-1.02x at M = 4608, 1.00-1.03x at M = 4096, 1.01-1.06x at
+#:   M = 1024 (M = 512 not measured), 21504 x 3072 included; against the other order
+#:   1.00-1.02x, 1.00-1.03x, 1.04-1.07x.
+#: * else the widen as the quantize's programmatic dependent: it starts with the
+#:   quantize's last wave. It paid only from M = 2048 (v22/v23: M = 4096 -3.8% / -1.7%,
+#:   M = 4608 -0.6% / -1.0%, M = 512 and 1024 +2-3%) and slowed 21504 x 3072 by 22-25 µs
+#:   (v22): set ``OVERLAP_MIN_M = 2048``, ``OVERLAP_MAX_WEIGHTS = 3072 * 15360`` with it.
 OVERLAP_WIDEN = True
-OVERLAP_MIN_M = 2048
-OVERLAP_MAX_WEIGHTS = 3072 * 15360
-#: Overlap the other way round: the widen first, triggering at once, and the quantize as
-#: its programmatic dependent — the widen's few programs (under half a wave) then run
-#: beside the whole quantize instead of its last wave. Probe: not yet measured
-#: (``bench/probe_overlap.py``).
-WIDEN_FIRST = False
+WIDEN_FIRST = True
+OVERLAP_MIN_M = 1024
+OVERLAP_MAX_WEIGHTS: int | None = None
 
 
 @torch.library.custom_op("svdquant::quantize_and_widen", mutates_args=())
@@ -152,10 +156,11 @@ def quantize_and_widen(
     wtensor_scale: torch.Tensor,
     fmt: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``quantize_act`` then ``widen_weight`` in one op — ``(xq, lora_act, wq,
-    s_channel)`` — so the two launches are adjacent: the widen, independent of the
-    quantize, is launched as its programmatic dependent (``OVERLAP_WIDEN``) and overlaps
-    its tail. The weights' conversions come first, so no copy kernel sits between."""
+    """``quantize_act`` and ``widen_weight`` in one op — ``(xq, lora_act, wq,
+    s_channel)`` — so the two launches are adjacent and, independent of each other,
+    overlap (``OVERLAP_WIDEN``): the quantize as the widen's programmatic dependent
+    (``WIDEN_FIRST``) or the other way round. The weights' conversions come first, so no
+    copy kernel sits between."""
     from svdquant.kernels.quantize import quantize_act as quantize
     from svdquant.kernels.widen import widen_weight as widen
 
@@ -167,7 +172,7 @@ def quantize_and_widen(
     overlap = (
         OVERLAP_WIDEN
         and x.shape[0] >= OVERLAP_MIN_M
-        and qweight.shape[0] * qweight.shape[1] * 2 <= OVERLAP_MAX_WEIGHTS
+        and (OVERLAP_MAX_WEIGHTS is None or qweight.numel() * 2 <= OVERLAP_MAX_WEIGHTS)
     )
     if overlap and WIDEN_FIRST:
         # the quantize's outputs allocated (and zeroed) first: nothing between the launches
