@@ -206,91 +206,82 @@ def _tile(config: str) -> str:
     return f"{v['BLOCK_M']}x{v['BLOCK_N']}x{v['BLOCK_K']}/{v['num_warps']}w/{v['num_stages']}s"
 
 
+def _shape(r: dict) -> str:
+    return f"{r['M']:5d} {r['N']:6d} {r['K']:6d} |"
+
+
+def _line_default(r: dict) -> str:
+    return (f"{_shape(r)} {r['bf16_us']:6.1f} {r['cublas_fp8_us']:6.1f} "
+            f"{r.get('cublas_fp8_bias_us', float('nan')):6.1f} {r['ptr_us']:6.1f} "
+            f"{r['tma_us']:6.1f} {r['tma_plain_us']:6.1f} | {r['ptr_x']:5.2f}  {r['tma_x']:5.2f}"
+            f"  diff {r['rel_diff']:.1e}  tma: {r['tma_config'][:60]}")  # fmt: skip
+
+
+def _line_row_split(r: dict) -> str:
+    two = (f"{r['two_us']:7.1f} ({r['first_us']:.1f}+{r['rest_us']:.1f}) "
+           f"{r['one_us'] / r['two_us']:.3f}x eq={r['equal']} {r['rest_config'][:50]}"
+           if "two_us" in r else "")  # fmt: skip
+    return f"{_shape(r)} {r['m1']:5d} {r['bf16_us']:7.1f} {r['one_us']:7.1f} {two}"
+
+
+def _line_toggle(r: dict) -> str:
+    off, on = min(r["off_us_0"], r["off_us_1"]), min(r["on_us_0"], r["on_us_1"])
+    return (f"{_shape(r)} {r['bf16_us']:7.1f} {r['off_us_0']:6.1f} {r['off_us_1']:6.1f} "
+            f"{r['on_us_0']:6.1f} {r['on_us_1']:6.1f} | {off / on:.3f}x "
+            f"diff {r['rel_diff']:.1e}")  # fmt: skip
+
+
+def _line_terms(r: dict) -> str:
+    cfg = " / ".join(r[f"{c}_config"][:38] for c in ("plain", "both"))
+    return (f"{_shape(r)} {r['bf16_us']:7.1f} {r['plain_us']:6.1f} {r['bias_us']:6.1f} "
+            f"{r['lowrank_us']:6.1f} {r['both_us']:6.1f} | {cfg}")  # fmt: skip
+
+
+def _line_autotune(r: dict) -> str:
+    cells = "  ".join(f"{r[c + '_us']:6.1f} {_tile(r[c + '_config'])}"
+                      for c in ("flush_0", "flush_1", "graph_0", "graph_1"))  # fmt: skip
+    return f"{_shape(r)} {r['bf16_us']:7.1f}  {cells}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default=",".join(str(m) for m in MS))
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
-    p.add_argument(
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
         "--row-split",
         action="store_true",
         help="one launch against two (the whole waves' rows, then the rest)",
     )
-    p.add_argument("--toggle", metavar="FLAG", help="a gemm module flag, off against on")
-    p.add_argument("--terms", action="store_true", help="each epilogue term on its own")
-    p.add_argument("--autotune", action="store_true", help="autotune timing: flushed vs graph")
+    mode.add_argument("--toggle", metavar="FLAG", help="a gemm module flag, off against on")
+    mode.add_argument("--terms", action="store_true", help="each epilogue term on its own")
+    mode.add_argument("--autotune", action="store_true", help="autotune timing: flushed vs graph")
     args = p.parse_args()
-    result = run_info()
-    if args.autotune:
-        result["rows"] = []
-        print(f"{'M':>5} {'N':>6} {'K':>6} | bf16 us  flush x2 (tile)  graph x2 (tile)")
-        for m in (int(v) for v in args.ms.split(",")):
-            for n, k in NKS:
-                r = autotune(m, n, k)
-                result["rows"].append(r)
-                cells = "  ".join(
-                    f"{r[c + '_us']:6.1f} {_tile(r[c + '_config'])}"
-                    for c in ("flush_0", "flush_1", "graph_0", "graph_1")
-                )
-                print(f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:7.1f}  {cells}", flush=True)
-        print("->", write_result(result, args.out, "probe_gemm_autotune"))
-        return
-    if args.terms:
-        result["rows"] = []
-        print(f"{'M':>5} {'N':>6} {'K':>6} | bf16 us  plain   bias lowrank  both | configs")
-        for m in (int(v) for v in args.ms.split(",")):
-            for n, k in NKS:
-                r = terms(m, n, k)
-                result["rows"].append(r)
-                cfg = " / ".join(r[f"{c}_config"][:38] for c in ("plain", "both"))
-                print(f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:7.1f} {r['plain_us']:6.1f} "
-                      f"{r['bias_us']:6.1f} {r['lowrank_us']:6.1f} {r['both_us']:6.1f} | {cfg}",
-                      flush=True)  # fmt: skip
-        print("->", write_result(result, args.out, "probe_gemm_terms"))
-        return
-    if args.toggle:
-        result["rows"] = []
-        print(f"{'M':>5} {'N':>6} {'K':>6} | bf16 us  off (x2)  on (x2) | on/off  ({args.toggle})")
-        for m in (int(v) for v in args.ms.split(",")):
-            for n, k in NKS:
-                r = toggle(args.toggle, m, n, k)
-                result["rows"].append(r)
-                off = min(r["off_us_0"], r["off_us_1"])
-                on = min(r["on_us_0"], r["on_us_1"])
-                print(f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:7.1f} {r['off_us_0']:6.1f} "
-                      f"{r['off_us_1']:6.1f} {r['on_us_0']:6.1f} {r['on_us_1']:6.1f} | "
-                      f"{off / on:.3f}x diff {r['rel_diff']:.1e}", flush=True)  # fmt: skip
-        print("->", write_result(result, args.out, f"probe_gemm_{args.toggle.lower()}"))
-        return
+    shape = f"{'M':>5} {'N':>6} {'K':>6} |"
     if args.row_split:
-        result["rows"] = []
-        print(f"{'M':>5} {'N':>6} {'K':>6} {'m1':>5} | bf16 us  one us  two us (first+rest)")
-        for m in (int(v) for v in args.ms.split(",")):
-            for n, k in NKS:
-                r = row_split(m, n, k)
-                result["rows"].append(r)
-                two = (f"{r['two_us']:7.1f} ({r['first_us']:.1f}+{r['rest_us']:.1f}) "
-                       f"{r['one_us'] / r['two_us']:.3f}x eq={r['equal']} {r['rest_config'][:50]}"
-                       if "two_us" in r else "")  # fmt: skip
-                print(f"{m:5d} {n:6d} {k:6d} {r['m1']:5d} | {r['bf16_us']:7.1f} "
-                      f"{r['one_us']:7.1f} {two}", flush=True)  # fmt: skip
-        print("->", write_result(result, args.out, "probe_gemm_rowsplit"))
-        return
-    result["rows"] = []
-    head = f"{'M':>5} {'N':>6} {'K':>6} | {'bf16':>6} {'fp8':>6} {'fp8+b':>6} {'ptr':>6} {'tma':>6}"
-    print(head + f" {'plain':>6} | ptr x  tma x")
+        fn, line, name = row_split, _line_row_split, "probe_gemm_rowsplit"
+        head = f"{shape}    m1 bf16 us  one us  two us (first+rest)"
+    elif args.toggle:
+        fn, line = (lambda m, n, k: toggle(args.toggle, m, n, k)), _line_toggle
+        name = f"probe_gemm_{args.toggle.lower()}"
+        head = f"{shape} bf16 us  off (x2)  on (x2) | on/off  ({args.toggle})"
+    elif args.terms:
+        fn, line, name = terms, _line_terms, "probe_gemm_terms"
+        head = f"{shape} bf16 us  plain   bias lowrank  both | configs"
+    elif args.autotune:
+        fn, line, name = autotune, _line_autotune, "probe_gemm_autotune"
+        head = f"{shape} bf16 us  flush x2 (tile)  graph x2 (tile)"
+    else:
+        fn, line, name = probe, _line_default, "probe_gemm"
+        head = (f"{shape} {'bf16':>6} {'fp8':>6} {'fp8+b':>6} {'ptr':>6} {'tma':>6} "
+                f"{'plain':>6} | ptr x  tma x")  # fmt: skip
+    result = {**run_info(), "rows": []}
+    print(head)
     for m in (int(v) for v in args.ms.split(",")):
         for n, k in NKS:
-            r = probe(m, n, k)
-            result["rows"].append(r)
-            print(
-                f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:6.1f} {r['cublas_fp8_us']:6.1f} "
-                f"{r.get('cublas_fp8_bias_us', float('nan')):6.1f} {r['ptr_us']:6.1f} "
-                f"{r['tma_us']:6.1f} {r['tma_plain_us']:6.1f} | {r['ptr_x']:5.2f}  "
-                f"{r['tma_x']:5.2f}"
-                f"  diff {r['rel_diff']:.1e}  tma: {r['tma_config'][:60]}",
-                flush=True,
-            )
-    print("->", write_result(result, args.out, "probe_gemm"))
+            result["rows"].append(fn(m, n, k))
+            print(line(result["rows"][-1]), flush=True)
+    print("->", write_result(result, args.out, name))
 
 
 if __name__ == "__main__":
