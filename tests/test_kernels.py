@@ -994,6 +994,24 @@ def test_quantize_and_widen_is_the_two_ops(monkeypatch, fmt, widen_first):
         assert torch.equal(got[2].view(torch.uint8), wq.view(torch.uint8))
 
 
+def test_quantize_act_checks_its_output_buffers():
+    """``out`` buffers of the wrong shape or dtype are refused, not written past."""
+    x = torch.randn(5, 64, device=DEVICE)
+    s = torch.ones(64, device=DEVICE)
+    down = torch.zeros(4, 64, device=DEVICE)
+    act = torch.tensor(1.0, device=DEVICE)
+    good = (
+        torch.empty(5, 64, dtype=torch.float8_e4m3fn, device=DEVICE),
+        torch.zeros(5, 4, device=DEVICE),
+    )
+    xq, lora = quantize_act(x, s, down, act, 64, "int4", out=good)
+    assert xq is good[0] and lora is good[1]
+    with pytest.raises(ValueError, match="out must be"):
+        quantize_act(x, s, down, act, 64, "int4", out=(good[0][:4], good[1]))
+    with pytest.raises(ValueError, match="out must be"):
+        quantize_act(x, s, down, act, 64, "int4", out=(good[0], good[1].double()))
+
+
 def test_quantize_and_widen_refuses_bad_input():
     """The combined op says what is wrong (as the quantize does) and leaves its inputs as
     they were: an activation format the engine does not quantize, a smoothing vector of

@@ -285,6 +285,12 @@ def quantize_act(
     split = triton.cdiv(steps * block_k, k_per_split)
     if out is not None:
         xq, lora = out
+        want = ((m, k_out), torch.float8_e4m3fn, (m, r), torch.float32)
+        if (xq.shape, xq.dtype, lora.shape, lora.dtype) != want:
+            raise ValueError(
+                f"out must be (fp8 [{m}, {k_out}], fp32 [{m}, {r}]), got ({xq.dtype} "
+                f"{tuple(xq.shape)}, {lora.dtype} {tuple(lora.shape)})"
+            )
     else:
         xq = torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=x.device)
         lora = (torch.zeros if split > 1 else torch.empty)(
