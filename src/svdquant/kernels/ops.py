@@ -175,7 +175,10 @@ def quantize_and_widen(
         and (OVERLAP_MAX_WEIGHTS is None or qweight.numel() * 2 <= OVERLAP_MAX_WEIGHTS)
     )
     if overlap and WIDEN_FIRST:
-        # the quantize's outputs allocated (and zeroed) first: nothing between the launches
+        # the quantize's input conversions and outputs (zeroed) first: no kernel between
+        # the two launches
+        x, smooth = x.contiguous(), smooth.float().contiguous()
+        lowrank_down = lowrank_down.contiguous()
         out = (
             torch.empty(x.shape[0], k_out, dtype=_FP8, device=x.device),
             torch.zeros(x.shape[0], lowrank_down.shape[0], dtype=torch.float32, device=x.device),
