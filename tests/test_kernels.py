@@ -314,6 +314,17 @@ def test_fp8_gemm_matches_reference(monkeypatch, m, n, k, r, bias, dtype, tma):
     assert rel_err(y, y_ref) <= TOL
 
 
+def test_gemm_autotune_refuses_graph_capture_with_a_clear_error(monkeypatch):
+    """A first call of a shape inside CUDA-graph capture cannot time the tiles: it says
+    to warm the model up first instead of failing deep inside the capture."""
+    from svdquant.kernels import gemm
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="warm-up call"):
+        gemm._bench_config(lambda: None, (0.5, 0.2, 0.8))
+
+
 def test_tma_rule(monkeypatch):
     """Tensor descriptors only where TMA can take the operands: from ``TMA_MIN_M`` rows,
     16-byte aligned base and rows, a GPU of compute capability 9+ (or the interpreter);

@@ -92,6 +92,12 @@ AUTOTUNE_GRAPH = True
 
 def _bench_config(kernel_call, quantiles):
     """The autotuner's timing of one candidate config (see ``AUTOTUNE_GRAPH``)."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "svdquant's fp8 GEMM picks its tiles by timing them on its first call for each "
+            "shape, which cannot happen while a CUDA graph is being captured: run the "
+            "model once (a warm-up call with the same shapes) before capturing it"
+        )
     if AUTOTUNE_GRAPH:
         return triton.testing.do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
     return triton.testing.do_bench(kernel_call, quantiles=quantiles)
