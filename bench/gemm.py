@@ -210,7 +210,7 @@ def bench_shape(m: int, n: int, k: int, copy_gbs: float) -> dict:
     row["layer_w4a8_us"] = bench(lambda: layer(x, act_fmt="fp8"))
     row["layer_graph_us"] = bench_graph(lambda: layer(x))
     row["layer_nolr_graph_us"] = bench_graph(lambda: layer(x, lowrank=False))
-    ops_mod.OVERLAP_WIDEN = False  # the widen launched after the quantize, not into it
+    ops_mod.OVERLAP_WIDEN = False  # the quantize and the widen one after the other, no overlap
     try:
         row["layer_seq_graph_us"] = bench_graph(lambda: layer(x))
     finally:
