@@ -71,7 +71,8 @@ def quantize_act(
 
 
 def _quantized_like(x: torch.Tensor, lowrank_down: torch.Tensor, k_out: int):
-    """The shapes of a quantize's outputs (the fake implementations')."""
+    """Empty tensors shaped like a quantize's outputs (the fake implementations', and the
+    buffers the widen-first overlap allocates before both launches)."""
     m = x.shape[0]
     return (
         x.new_empty(m, k_out, dtype=_FP8),
@@ -179,10 +180,8 @@ def quantize_and_widen(
         # the two launches
         x, smooth = x.contiguous(), smooth.float().contiguous()
         lowrank_down = lowrank_down.contiguous()
-        out = (
-            torch.empty(x.shape[0], k_out, dtype=_FP8, device=x.device),
-            torch.zeros(x.shape[0], lowrank_down.shape[0], dtype=torch.float32, device=x.device),
-        )
+        out = _quantized_like(x, lowrank_down, k_out)
+        out[1].zero_()  # the K splits' low-rank partial sums meet in it
         wq, s_channel = widen(qweight, wscales, wtensor_scale, fmt, trigger=True)
         xq, lora = quantize(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl=True, out=out)
         return xq, lora, wq, s_channel
