@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from svdquant.kernels import reference
+from svdquant.kernels import _cache, reference
 
 __all__ = [
     "check_cat_inputs",
@@ -24,8 +24,6 @@ __all__ = [
 ]
 
 _FP8 = torch.float8_e4m3fn
-#: on a layer's ``act_amax`` tensor: (its version counter, the scale S computed from it)
-_SCALE_ATTR = "_svdquant_act_scale"
 
 
 def _act_scale(act_amax: torch.Tensor) -> torch.Tensor:
@@ -33,25 +31,16 @@ def _act_scale(act_amax: torch.Tensor) -> torch.Tensor:
 
     Computing S is four tiny kernels (compare, divide, fill, select); per FLUX step that
     is ~1100 launches, each a node of a CUDA graph. The result is kept on the tensor
-    itself with its version counter: an in-place update (``load_state_dict``) or a new
-    tensor computes it again. Traced by ``torch.compile`` it is computed in the graph
-    (Inductor fuses it); while a CUDA graph is being captured nothing new is kept (a
-    tensor made during capture holds its value only when the graph replays); a graph
-    captured with a kept S goes on using it (capture again after changing ``act_amax``).
+    itself (``kernels._cache``). Traced by ``torch.compile`` it is computed in the graph
+    (Inductor fuses it); a CUDA graph captured with a kept S goes on using it (capture
+    again after changing ``act_amax``).
     """
     if torch.compiler.is_compiling():
         return reference.act_scale_from_amax(act_amax)
-    try:
-        version = act_amax._version
-    except RuntimeError:  # an inference-mode tensor has no version counter
-        return reference.act_scale_from_amax(act_amax)
-    cached = getattr(act_amax, _SCALE_ATTR, None)
-    if cached is not None and cached[0] == version:
-        return cached[1]
-    s = reference.act_scale_from_amax(act_amax)
-    capturing = act_amax.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing:
-        setattr(act_amax, _SCALE_ATTR, (version, s))
+    s = _cache.cached(act_amax, "_svdquant_act_scale")
+    if s is None:
+        s = reference.act_scale_from_amax(act_amax)
+        _cache.keep(act_amax, "_svdquant_act_scale", s)
     return s
 
 
@@ -132,15 +121,16 @@ def _(qweight, wscales, wtensor_scale, fmt):
 #:   the whole quantize. H200, the layer in a CUDA graph, the three ways in one run
 #:   (``bench/probe_overlap.py``, ``probe_overlap-h200-2026-11-29.json``): against the
 #:   launches in sequence 0.99-1.02x at M = 4608, 1.00-1.03x at M = 4096, 1.01-1.06x at
-#:   M = 1024 (M = 512 not measured), 21504 x 3072 included; against the other order
-#:   1.00-1.02x, 1.00-1.03x, 1.04-1.07x.
+#:   M = 1024, 21504 x 3072 included; against the other order
+#:   1.00-1.02x, 1.00-1.03x, 1.04-1.07x; at M = 512 (v29) 1.02-1.10x against the launches
+#:   in sequence, 1.07-1.11x against the other order.
 #: * else the widen as the quantize's programmatic dependent: it starts with the
 #:   quantize's last wave. It paid only from M = 2048 (v22/v23: M = 4096 -3.8% / -1.7%,
 #:   M = 4608 -0.6% / -1.0%, M = 512 and 1024 +2-3%) and slowed 21504 x 3072 by 22-25 µs
 #:   (v22): set ``OVERLAP_MIN_M = 2048``, ``OVERLAP_MAX_WEIGHTS = 3072 * 15360`` with it.
 OVERLAP_WIDEN = True
 WIDEN_FIRST = True
-OVERLAP_MIN_M = 1024
+OVERLAP_MIN_M = 512
 OVERLAP_MAX_WEIGHTS: int | None = None
 
 
