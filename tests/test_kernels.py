@@ -266,6 +266,7 @@ def test_widen_keeps_row_scales_per_value(monkeypatch, fmt):
     from svdquant.kernels import _cache
     from svdquant.kernels import widen as wmod
 
+    monkeypatch.setattr(wmod, "KEEP_ROW_SCALE_MIN_K", 0)  # (by default from 8192 columns)
     q, q2 = _weight(130, 333, fmt), _weight(130, 333, fmt, seed=5)
     q.scales[3].zero_()  # an all-zero row: c = 1
     assert _cache.cached(q.scales, wmod._ROW_SCALE_ATTR, fmt) is None
@@ -1013,6 +1014,8 @@ def test_quantize_and_widen_is_the_two_ops(monkeypatch, fmt, widen_first):
     forced on for these 77 rows (by default it starts at ``OVERLAP_MIN_M``)."""
     monkeypatch.setattr(svdquant.kernels.ops, "OVERLAP_MIN_M", 0)
     monkeypatch.setattr(svdquant.kernels.ops, "WIDEN_FIRST", widen_first)
+    # the widens after the first load the kept row scales (also in the graph)
+    monkeypatch.setattr(svdquant.kernels.widen, "KEEP_ROW_SCALE_MIN_K", 0)
     _, layer, calib = _layer(fmt, "int4", k=320, n=300)
     x = calib[:77]
     s = ref.act_scale_from_amax(layer.act_amax)

@@ -48,8 +48,13 @@ K_FAST = True
 
 #: Keep each weight's row scales ``c`` (N floats) on its ``wscales`` tensor after the first
 #: widen (``kernels._cache``), so later widens load them instead of reducing all of a
-#: row's group scales in every program.
+#: row's group scales in every program — for weights of at least ``KEEP_ROW_SCALE_MIN_K``
+#: columns. H200, the widen alone in a CUDA graph, both ways in one run
+#: (``bench/probe_row_scale.py``, v29): 1.07x at K = 12288 and 1.03x at 15360 (N = 3072),
+#: but 0.92-0.93x at K = 3072 with N >= 9216, where each program reads only 48 scales a
+#: row and the loaded ``c`` costs each thread eight IEEE reciprocals in the tile's layout.
 KEEP_ROW_SCALE = True
+KEEP_ROW_SCALE_MIN_K = 8192
 _ROW_SCALE_ATTR = "_svdquant_row_scale"
 
 
@@ -192,7 +197,7 @@ def widen_weight(
     s_channel = torch.empty(n, dtype=torch.float32, device=qweight.device)
     if n == 0:
         return wq, s_channel
-    row_scale, mode = _row_scale(kept_on, n, fmt)
+    row_scale, mode = _row_scale(kept_on, n, kp, fmt)
     _launch(
         qweight, wscales, wtensor_scale, wq, s_channel, f, dequant=False, pdl=pdl,
         trigger=trigger, row_scale=row_scale, row_scale_mode=mode,
@@ -202,10 +207,11 @@ def widen_weight(
     return wq, s_channel
 
 
-def _row_scale(wscales: torch.Tensor, n: int, fmt: str) -> tuple[torch.Tensor | None, int]:
-    """The widen's ``ROW_SCALE`` mode and its buffer: the row scales kept on ``wscales``
-    to load (1), a new buffer the kernel fills and that is then kept (2), or none (0)."""
-    if not KEEP_ROW_SCALE:
+def _row_scale(wscales: torch.Tensor, n: int, kp: int, fmt: str) -> tuple[torch.Tensor | None, int]:
+    """The widen's ``ROW_SCALE`` mode and its buffer for a weight [n, kp]: the row scales
+    kept on ``wscales`` to load (1), a new buffer the kernel fills and that is then kept
+    (2), or none (0)."""
+    if not KEEP_ROW_SCALE or kp < KEEP_ROW_SCALE_MIN_K:
         return None, 0
     kept = _cache.cached(wscales, _ROW_SCALE_ATTR, fmt)
     if kept is not None:
