@@ -110,20 +110,14 @@ def _quantize_fp32_fp16() -> dict[str, Any]:
     return _quantize_spec(1, x="fp32", ld="fp16")
 
 
-def _widen_spec(row_scale: int) -> dict[str, Any]:
+@_spec("widen")
+def _widen() -> dict[str, Any]:
     from svdquant.kernels import widen as w
 
     bn, bk, warps = w.TILE
     return dict(
         kernel=w._widen_kernel,
-        ptrs=dict(
-            q_ptr="*u8",
-            sc_ptr="*fp16",
-            ts_ptr="*fp32",
-            w_ptr="*fp8e4nv",
-            sch_ptr="*fp32",
-            rs_ptr="*fp32",
-        ),
+        ptrs=dict(q_ptr="*u8", sc_ptr="*fp16", ts_ptr="*fp32", w_ptr="*fp8e4nv", sch_ptr="*fp32"),
         ints=dict(N=12288, KP=3072, G=48, stride_qn=1536, stride_sn=48, stride_wn=3072),
         consts=dict(
             NVFP4=False,
@@ -135,22 +129,9 @@ def _widen_spec(row_scale: int) -> dict[str, Any]:
             BLOCK_G=64,
             BLOCK_K=bk,
             K_FAST=w.K_FAST,
-            ROW_SCALE=row_scale,
         ),
         warps=warps,
     )
-
-
-@_spec("widen")
-def _widen() -> dict[str, Any]:
-    """The first widen of a weight: row scales reduced from the group scales, and kept."""
-    return _widen_spec(2)
-
-
-@_spec("widen_kept")
-def _widen_kept() -> dict[str, Any]:
-    """Later widens: the kept row scales loaded."""
-    return _widen_spec(1)
 
 
 def _gemv_common() -> dict[str, Any]:

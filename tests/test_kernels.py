@@ -259,41 +259,6 @@ def test_widen_matches_reference(fmt, n, k):
 
 
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
-def test_widen_keeps_row_scales_per_value(monkeypatch, fmt):
-    """The first widen of a weight keeps its row scales ``c`` on ``wscales``; later widens
-    load them — the same bits as computing them, and after an in-place update of the
-    weight (``load_state_dict``) computed again, never stale."""
-    from svdquant.kernels import _cache
-    from svdquant.kernels import widen as wmod
-
-    monkeypatch.setattr(wmod, "KEEP_ROW_SCALE_MIN_K", 0)  # (by default from 8192 columns)
-    q, q2 = _weight(130, 333, fmt), _weight(130, 333, fmt, seed=5)
-    q.scales[3].zero_()  # an all-zero row: c = 1
-    assert _cache.cached(q.scales, wmod._ROW_SCALE_ATTR, fmt) is None
-    want = ref.widen_weight_ref(q.packed, q.scales, q.tensor_scale, fmt)
-    for _ in range(2):  # computed and kept, then loaded
-        got = widen_weight(q.packed, q.scales, q.tensor_scale, fmt)
-        assert same_values(got[0], want[0]) and torch.equal(got[1], want[1])
-    kept = _cache.cached(q.scales, wmod._ROW_SCALE_ATTR, fmt)
-    assert kept is not None and kept[3].item() == 1.0
-    assert torch.equal(kept * q.tensor_scale.float(), want[1])
-    q.packed.copy_(q2.packed)  # a new weight loaded in place
-    q.scales.copy_(q2.scales)
-    want2 = ref.widen_weight_ref(q2.packed, q2.scales, q2.tensor_scale, fmt)
-    got = widen_weight(q.packed, q.scales, q2.tensor_scale, fmt)
-    assert not torch.equal(want2[1], want[1])
-    assert same_values(got[0], want2[0]) and torch.equal(got[1], want2[1])
-    monkeypatch.setattr(wmod, "KEEP_ROW_SCALE", False)  # and computed in every program
-    got = widen_weight(q.packed, q.scales, q2.tensor_scale, fmt)
-    assert same_values(got[0], want2[0]) and torch.equal(got[1], want2[1])
-    with torch.inference_mode():  # no version counter: nothing kept, still right
-        q3 = _weight(37, 100, fmt)
-    monkeypatch.setattr(wmod, "KEEP_ROW_SCALE", True)
-    got = widen_weight(q3.packed, q3.scales, q3.tensor_scale, fmt)
-    assert same_values(got[0], ref.widen_weight_ref(q3.packed, q3.scales, q3.tensor_scale, fmt)[0])
-
-
-@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dequantize_matches_reference(fmt, dtype):
     """The 16-bit weight of the W4A16 path at many tokens: the same kernel, ``DEQUANT``."""
@@ -1014,8 +979,6 @@ def test_quantize_and_widen_is_the_two_ops(monkeypatch, fmt, widen_first):
     forced on for these 77 rows (by default it starts at ``OVERLAP_MIN_M``)."""
     monkeypatch.setattr(svdquant.kernels.ops, "OVERLAP_MIN_M", 0)
     monkeypatch.setattr(svdquant.kernels.ops, "WIDEN_FIRST", widen_first)
-    # the widens after the first load the kept row scales (also in the graph)
-    monkeypatch.setattr(svdquant.kernels.widen, "KEEP_ROW_SCALE_MIN_K", 0)
     _, layer, calib = _layer(fmt, "int4", k=320, n=300)
     x = calib[:77]
     s = ref.act_scale_from_amax(layer.act_amax)

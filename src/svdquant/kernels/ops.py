@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from svdquant.kernels import _cache, reference
+from svdquant.kernels import reference
 
 __all__ = [
     "check_cat_inputs",
@@ -24,6 +24,8 @@ __all__ = [
 ]
 
 _FP8 = torch.float8_e4m3fn
+#: on a layer's ``act_amax`` tensor: (its version counter, the scale S computed from it)
+_SCALE_ATTR = "_svdquant_act_scale"
 
 
 def _act_scale(act_amax: torch.Tensor) -> torch.Tensor:
@@ -31,16 +33,25 @@ def _act_scale(act_amax: torch.Tensor) -> torch.Tensor:
 
     Computing S is four tiny kernels (compare, divide, fill, select); per FLUX step that
     is ~1100 launches, each a node of a CUDA graph. The result is kept on the tensor
-    itself (``kernels._cache``). Traced by ``torch.compile`` it is computed in the graph
-    (Inductor fuses it); a CUDA graph captured with a kept S goes on using it (capture
-    again after changing ``act_amax``).
+    itself with its version counter: an in-place update (``load_state_dict``) or a new
+    tensor computes it again. Traced by ``torch.compile`` it is computed in the graph
+    (Inductor fuses it); while a CUDA graph is being captured nothing new is kept (a
+    tensor made during capture holds its value only when the graph replays); a graph
+    captured with a kept S goes on using it (capture again after changing ``act_amax``).
     """
     if torch.compiler.is_compiling():
         return reference.act_scale_from_amax(act_amax)
-    s = _cache.cached(act_amax, "_svdquant_act_scale")
-    if s is None:
-        s = reference.act_scale_from_amax(act_amax)
-        _cache.keep(act_amax, "_svdquant_act_scale", s)
+    try:
+        version = act_amax._version
+    except RuntimeError:  # an inference-mode tensor has no version counter
+        return reference.act_scale_from_amax(act_amax)
+    cached = getattr(act_amax, _SCALE_ATTR, None)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    s = reference.act_scale_from_amax(act_amax)
+    capturing = act_amax.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing:
+        setattr(act_amax, _SCALE_ATTR, (version, s))
     return s
 
 

@@ -10,9 +10,8 @@ Reads ``qweight`` (packed codes, two per byte, low nibble first) and its group s
 ``dequantize_weight`` runs the same kernel with ``DEQUANT``: the plain 16-bit weight
 ``code_value · s_group · s_tensor`` for the W4A16 path at many tokens (a cuBLAS GEMM on it).
 
-Memory-bound: one program per [BLOCK_N, BLOCK_K] tile (a 2-D grid) reads its tile of codes
-and group scales and its rows' ``c`` — computed from all of a row's group scales by the
-first call on a weight and kept on its ``wscales`` tensor (``KEEP_ROW_SCALE``).
+Memory-bound: one program per [BLOCK_N, BLOCK_K] tile (a 2-D grid); each reads its rows'
+scales (a few hundred bytes, from L2) for ``c`` and then its tile of codes.
 Reference: ``reference.widen_weight_ref``.
 """
 
@@ -24,7 +23,6 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from svdquant import formats
-from svdquant.kernels import _cache
 from svdquant.kernels._triton_common import (
     e2m1_value,
     int4_value,
@@ -46,17 +44,6 @@ TILE = (32, 512, 4)
 #: unchanged).
 K_FAST = True
 
-#: Keep each weight's row scales ``c`` (N floats) on its ``wscales`` tensor after the first
-#: widen (``kernels._cache``), so later widens load them instead of reducing all of a
-#: row's group scales in every program — for weights of at least ``KEEP_ROW_SCALE_MIN_K``
-#: columns. H200, the widen alone in a CUDA graph, both ways in one run
-#: (``bench/probe_row_scale.py``, v29): 1.07x at K = 12288 and 1.03x at 15360 (N = 3072),
-#: but 0.92-0.93x at K = 3072 with N >= 9216, where each program reads only 48 scales a
-#: row and the loaded ``c`` costs each thread eight IEEE reciprocals in the tile's layout.
-KEEP_ROW_SCALE = True
-KEEP_ROW_SCALE_MIN_K = 8192
-_ROW_SCALE_ATTR = "_svdquant_row_scale"
-
 
 @triton.jit
 def _widen_kernel(
@@ -65,7 +52,6 @@ def _widen_kernel(
     ts_ptr,
     w_ptr,
     sch_ptr,
-    rs_ptr,
     N,
     KP,
     G,
@@ -83,15 +69,9 @@ def _widen_kernel(
     PDL: tl.constexpr = False,
     K_FAST: tl.constexpr = False,
     TRIGGER: tl.constexpr = False,
-    ROW_SCALE: tl.constexpr = 0,
 ):
-    """``ROW_SCALE``: 0 computes each row's ``c`` from all of the row's group scales, 2
-    also stores it at ``rs_ptr`` (kept for the next calls), 1 loads it from there — one
-    float per row instead of every program reading the row's G scales again (at K =
-    12288 more bytes than its codes).
-
-    With ``PDL`` (launched as the quantize kernel's programmatic dependent) everything up
-    to the stores overlaps that kernel; the stores wait for it (the outputs are fresh
+    """With ``PDL`` (launched as the quantize kernel's programmatic dependent) everything
+    up to the stores overlaps that kernel; the stores wait for it (the outputs are fresh
     buffers whose memory an earlier kernel may still read), so this kernel also ends
     after it. With ``TRIGGER`` the next kernel, launched as this one's programmatic
     dependent (the quantize, ``quantize_act(pdl=True)``), may start at once."""
@@ -115,24 +95,20 @@ def _widen_kernel(
         mask=rmask[:, None] & (bcols < KP // 2)[None, :],
         other=0,
     )
-    if ROW_SCALE == 1:
-        c = tl.load(rs_ptr + rows, mask=rmask, other=1.0)
-    else:  # c = qmax * max_g(s_group) / 448 per row, from all of the row's scales
-        mx = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for g0 in range(0, G * (1 - DEQUANT), BLOCK_G):
-            gs = g0 + tl.arange(0, BLOCK_G)
-            s = tl.load(
-                sc_ptr + rows[:, None] * stride_sn + gs[None, :],
-                mask=rmask[:, None] & (gs < G)[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            mx = tl.maximum(mx, tl.max(s, axis=1))
-        c = tl.math.div_rn(QMAX * mx, 448.0)
-        c = tl.where(c > 0.0, c, 1.0)
+    # c = qmax * max_g(s_group) / 448 per row, from all of the row's (few) scales.
+    mx = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for g0 in range(0, G * (1 - DEQUANT), BLOCK_G):
+        gs = g0 + tl.arange(0, BLOCK_G)
+        s = tl.load(
+            sc_ptr + rows[:, None] * stride_sn + gs[None, :],
+            mask=rmask[:, None] & (gs < G)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        mx = tl.maximum(mx, tl.max(s, axis=1))
+    c = tl.math.div_rn(QMAX * mx, 448.0)
+    c = tl.where(c > 0.0, c, 1.0)
     if pid_k == 0 and not DEQUANT and not PDL:
         tl.store(sch_ptr + rows, c * tl.load(ts_ptr), mask=rmask)
-        if ROW_SCALE == 2:
-            tl.store(rs_ptr + rows, c, mask=rmask)
     inv_c = tl.math.div_rn(1.0, c)
     # This program's [BLOCK_N, BLOCK_K] tile: decode, scale by s_group / c, round to fp8.
     b = b.to(tl.int32)
@@ -162,8 +138,6 @@ def _widen_kernel(
         gdc_wait()
         if pid_k == 0 and not DEQUANT:
             tl.store(sch_ptr + rows, c * ts, mask=rmask)
-            if ROW_SCALE == 2:
-                tl.store(rs_ptr + rows, c, mask=rmask)
     tl.store(
         w_ptr + rows[:, None] * stride_wn + cols[None, :],
         w,
@@ -191,34 +165,15 @@ def widen_weight(
     """
     f = formats.get_format(fmt)
     n, kp = qweight.shape[0], qweight.shape[1] * 2
-    kept_on = wscales  # the layer's buffer, not a contiguous copy made per call
     qweight, wscales = qweight.contiguous(), wscales.contiguous()
     wq = out if out is not None else qweight.new_empty(n, kp, dtype=torch.float8_e4m3fn)
     s_channel = torch.empty(n, dtype=torch.float32, device=qweight.device)
     if n == 0:
         return wq, s_channel
-    row_scale, mode = _row_scale(kept_on, n, kp, fmt)
     _launch(
-        qweight, wscales, wtensor_scale, wq, s_channel, f, dequant=False, pdl=pdl,
-        trigger=trigger, row_scale=row_scale, row_scale_mode=mode,
-    )  # fmt: skip
-    if mode == 2:
-        _cache.keep(kept_on, _ROW_SCALE_ATTR, row_scale, fmt)
+        qweight, wscales, wtensor_scale, wq, s_channel, f, dequant=False, pdl=pdl, trigger=trigger
+    )
     return wq, s_channel
-
-
-def _row_scale(wscales: torch.Tensor, n: int, kp: int, fmt: str) -> tuple[torch.Tensor | None, int]:
-    """The widen's ``ROW_SCALE`` mode and its buffer for a weight [n, kp]: the row scales
-    kept on ``wscales`` to load (1), a new buffer the kernel fills and that is then kept
-    (2), or none (0)."""
-    if not KEEP_ROW_SCALE or kp < KEEP_ROW_SCALE_MIN_K:
-        return None, 0
-    kept = _cache.cached(wscales, _ROW_SCALE_ATTR, fmt)
-    if kept is not None:
-        return kept, 1
-    if _cache.can_keep(wscales):
-        return torch.empty(n, dtype=torch.float32, device=wscales.device), 2
-    return None, 0
 
 
 def dequantize_weight(
@@ -236,9 +191,8 @@ def dequantize_weight(
 
 
 def _launch(
-    qweight, wscales, wtensor_scale, out, s_channel, f, dequant: bool, pdl=False, trigger=False,
-    row_scale=None, row_scale_mode=0,
-):  # fmt: skip
+    qweight, wscales, wtensor_scale, out, s_channel, f, dequant: bool, pdl=False, trigger=False
+):
     n, kp, g = qweight.shape[0], qweight.shape[1] * 2, wscales.shape[1]
     pdl = pdl and pdl_supported(qweight.device)
     block_n, block_k, warps = TILE
@@ -249,7 +203,6 @@ def _launch(
         wtensor_scale.float().reshape(1),
         out,
         s_channel,
-        s_channel if row_scale is None else row_scale,
         n,
         kp,
         g,
@@ -267,7 +220,6 @@ def _launch(
         PDL=pdl,
         K_FAST=K_FAST,
         TRIGGER=trigger and pdl_supported(qweight.device),
-        ROW_SCALE=row_scale_mode,
         num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )
