@@ -34,9 +34,15 @@ from svdquant.kernels._triton_common import (
 
 __all__ = ["dequantize_weight", "widen_weight"]
 
-#: (BLOCK_N, BLOCK_K, num_warps): ``bench/gemm.py --sweep`` on the H200 (2026-11-29, v21:
-#: 25.7 µs at N = 12288, K = 3072, the best of 18; the H100's (32, 256, 4) took 28.2).
-TILE = (32, 512, 4)
+#: (BLOCK_N, BLOCK_K, num_warps) of the fp8 widen: 8 rows, 512 columns, 2 warps. H200, 27
+#: tiles at seven (N, K) runs in a CUDA graph (``bench/probe_widen_tiles.py``, v29): the
+#: only tile at least as fast as v21's (32, 512, 4) everywhere — 1.01-1.05x where K = 3072,
+#: 1.09-1.12x at K = 12288 and 15360, where each program re-reads its rows' K / 64 group
+#: scales for the row scale (fewer rows a program: fewer scale bytes per code byte).
+#: (8, 2048, 4) reached 1.15x at K = 12288 but 0.84-0.89x at K = 3072.
+TILE = (8, 512, 2)
+#: The 16-bit dequantize (the W4A16 path at many tokens) keeps v21's tile, not re-measured.
+DEQUANT_TILE = (32, 512, 4)
 
 #: Launch the column tiles of a row tile next to each other (grid (column tiles, row
 #: tiles)) rather than the row tiles of a column tile: 1.5-2.6% faster on all six of the
@@ -195,7 +201,7 @@ def _launch(
 ):
     n, kp, g = qweight.shape[0], qweight.shape[1] * 2, wscales.shape[1]
     pdl = pdl and pdl_supported(qweight.device)
-    block_n, block_k, warps = TILE
+    block_n, block_k, warps = DEQUANT_TILE if dequant else TILE
     grid = (triton.cdiv(n, block_n), triton.cdiv(kp, block_k))
     _widen_kernel[grid[::-1] if K_FAST else grid](
         qweight,
