@@ -194,3 +194,19 @@ def test_sass_report_guards_the_gemv_layout(tmp_path):
     assert r["loop_layout_conversions"] <= 1
     split = report["gemm_split"]["memory"]
     assert split.get("STG.E.128", 0) > 0 and not split.get("STG.E.U16")
+
+
+def test_probe_layer_reads_its_overrides():
+    """bench/probe_layer.py's ``--set module.NAME=VALUE``: a constant of a kernels module
+    and a Python literal; anything else stops with a message naming what is wrong."""
+    probe = _load("probe_layer")
+    module, name, value = probe.parse_set("widen.TILE=(32, 512, 4)")
+    assert module.__name__ == "svdquant.kernels.widen" and name == "TILE"
+    assert value == (32, 512, 4)
+    for bad, words in [
+        ("widen.TILE", "module.NAME=VALUE"),
+        ("widen.NO_SUCH=1", "no constant"),
+        ("widen.TILE=(1,", "not a Python literal"),
+    ]:
+        with pytest.raises(SystemExit, match=words):
+            probe.parse_set(bad)

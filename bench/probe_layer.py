@@ -1,0 +1,123 @@
+"""The whole layer with engine constants set two ways, on the GPU.
+
+    PYTHONPATH=src python bench/probe_layer.py --set 'widen.TILE=(32, 512, 4)' \\
+        [--set ...] [--ms 512,1024,4608] [--shapes 3072x3072,...] [--mlp] [--out DIR]
+
+Each ``--set module.NAME=VALUE`` names a constant of a module under
+``svdquant.kernels`` and a Python literal. The layer (quantize + widen + GEMM + low-rank +
+bias, ``ops.svdq_linear_triton``) is replayed from a CUDA graph with today's constants
+("default") and with the overrides ("set"), alternated twice, against BF16 ``F.linear``
+of the same run, at each M and (N, K) of ``bench/gemm.py``; ``--mlp`` adds the fused MLP
+pair (fc1 3072 -> 12288, GELU-tanh, fc2). Outputs are compared between the two ways (the
+low-rank sums meet through atomics: equal to rounding, not bit for bit). A probe of
+constants read at launch time; the GEMM's autotuned tiles are kept per shape (its key
+includes ``TMA`` and the tail, not the other constants).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gemm import NKS, Layer, bench_graph, run_info, write_result
+
+from svdquant.kernels.ops import svdq_mlp_triton
+
+
+def parse_set(spec: str) -> tuple[Any, str, Any]:
+    """``"widen.TILE=(8, 512, 2)"`` -> (the module, ``"TILE"``, the value)."""
+    target, sep, literal = spec.partition("=")
+    mod_name, _, name = target.strip().rpartition(".")
+    if not sep or not mod_name:
+        raise SystemExit(f"--set wants module.NAME=VALUE, got {spec!r}")
+    module = importlib.import_module(f"svdquant.kernels.{mod_name}")
+    if not hasattr(module, name):
+        raise SystemExit(f"svdquant.kernels.{mod_name} has no constant {name!r}")
+    try:
+        value = ast.literal_eval(literal.strip())
+    except (ValueError, SyntaxError) as e:
+        raise SystemExit(f"--set {target}: {literal!r} is not a Python literal ({e})") from e
+    return module, name, value
+
+
+def _both(fn, sets) -> tuple[dict, dict]:
+    """``fn()`` and its CUDA-graph time both ways, alternated twice."""
+    defaults = [(m, n, getattr(m, n)) for m, n, _ in sets]
+    outs, times = {}, {}
+    try:
+        for i in range(2):
+            for way in ("default", "set"):
+                for (m, n, v), (_, _, new) in zip(defaults, sets, strict=True):
+                    setattr(m, n, new if way == "set" else v)
+                outs[way] = fn()
+                times[f"{way}_us_{i}"] = bench_graph(fn)
+    finally:
+        for m, n, v in defaults:
+            setattr(m, n, v)
+    return outs, times
+
+
+def _row(fn, bf16, sets, **head) -> dict:
+    outs, row = _both(fn, sets)
+    a, b = outs["default"].float(), outs["set"].float()
+    row.update(head, bf16_us=bench_graph(bf16), rel_diff=((b - a).norm() / a.norm()).item())
+    for way in ("default", "set"):
+        row[f"{way}_x"] = row["bf16_us"] / min(row[f"{way}_us_0"], row[f"{way}_us_1"])
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="MOD.NAME=VALUE")
+    p.add_argument("--ms", default="512,1024,4608")
+    p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in NKS))
+    p.add_argument("--mlp", action="store_true", help="also the fused MLP pair")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    a = p.parse_args()
+    if not a.sets:
+        raise SystemExit("nothing to compare: give at least one --set module.NAME=VALUE")
+    sets = [parse_set(s) for s in a.sets]
+    result = {**run_info(), "set": a.sets, "rows": []}
+    print("set:", "; ".join(a.sets))
+    print(f"{'M':>5} {'N':>6} {'K':>6} | bf16 us | default x2      | set x2          | "
+          "set vs default, x BF16 default -> set")  # fmt: skip
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    for m in (int(v) for v in a.ms.split(",")):
+        cases = []
+        for n, k in shapes:
+            layer, x = Layer(n, k), torch.randn(m, k, device="cuda").bfloat16()
+            cases.append((n, k, lambda la=layer, t=x: la(t),
+                          lambda la=layer, t=x: F.linear(t, la.w16, la.bias)))  # fmt: skip
+        if a.mlp:
+            fc1, fc2 = Layer(12288, 3072, seed=1), Layer(3072, 12288, seed=2)
+            x = torch.randn(m, 3072, device="cuda").bfloat16()
+
+            def bf16_mlp(x=x, fc1=fc1, fc2=fc2):
+                h = F.gelu(F.linear(x, fc1.w16, fc1.bias), approximate="tanh")
+                return F.linear(h, fc2.w16, fc2.bias)
+
+            cases.append(("mlp", 3072, lambda x=x, f1=fc1, f2=fc2: svdq_mlp_triton(x, f1, f2),
+                          bf16_mlp))  # fmt: skip
+        for n, k, fn, bf16 in cases:
+            r = _row(fn, bf16, sets, M=m, N=n, K=k)
+            result["rows"].append(r)
+            best = {w: min(r[f"{w}_us_0"], r[f"{w}_us_1"]) for w in ("default", "set")}
+            print(f"{m:5d} {n!s:>6} {k:6d} | {r['bf16_us']:7.1f} | "
+                  f"{r['default_us_0']:7.1f} {r['default_us_1']:7.1f} | "
+                  f"{r['set_us_0']:7.1f} {r['set_us_1']:7.1f} | "
+                  f"{best['default'] / best['set']:.3f}x  {r['default_x']:.3f} -> "
+                  f"{r['set_x']:.3f}  diff {r['rel_diff']:.1e}", flush=True)  # fmt: skip
+    print("->", write_result(result, a.out, "probe_layer"))
+
+
+if __name__ == "__main__":
+    main()
