@@ -41,7 +41,12 @@ __all__ = ["dequantize_weight", "widen_weight"]
 #: scales for the row scale (fewer rows a program: fewer scale bytes per code byte).
 #: (8, 2048, 4) reached 1.15x at K = 12288 but 0.84-0.89x at K = 3072.
 TILE = (8, 512, 2)
-#: The 16-bit dequantize (the W4A16 path at many tokens) keeps v21's tile, not re-measured.
+#: The widen overlapped with the quantize (``ops.quantize_and_widen``: FLUX's every layer
+#: but the fused MLP's fc2 and the single blocks' ``proj_out``) keeps v21's tile until
+#: measured inside the layer: there its programs share the SMs with the quantize's, and
+#: the new tile's 4x more programs fill more block slots. The 16-bit dequantize (the W4A16
+#: path at many tokens) keeps it too, not re-measured.
+OVERLAP_TILE = (32, 512, 4)
 DEQUANT_TILE = (32, 512, 4)
 
 #: Launch the column tiles of a row tile next to each other (grid (column tiles, row
@@ -201,7 +206,10 @@ def _launch(
 ):
     n, kp, g = qweight.shape[0], qweight.shape[1] * 2, wscales.shape[1]
     pdl = pdl and pdl_supported(qweight.device)
-    block_n, block_k, warps = DEQUANT_TILE if dequant else TILE
+    if dequant:
+        block_n, block_k, warps = DEQUANT_TILE
+    else:
+        block_n, block_k, warps = OVERLAP_TILE if pdl or trigger else TILE
     grid = (triton.cdiv(n, block_n), triton.cdiv(kp, block_k))
     _widen_kernel[grid[::-1] if K_FAST else grid](
         qweight,
