@@ -1,14 +1,17 @@
-"""The whole layer with engine constants set two ways, on the GPU.
+"""The whole layer (or one of its kernels) with engine constants set two ways, on the GPU.
 
     PYTHONPATH=src python bench/probe_layer.py --set 'widen.TILE=(32, 512, 4)' \\
-        [--set ...] [--ms 512,1024,4608] [--shapes 3072x3072,...] [--mlp] [--out DIR]
+        [--set ...] [--what layer|quantize|widen] [--ms 512,1024,4608] \\
+        [--shapes 3072x3072,...] [--mlp] [--out DIR]
 
 Each ``--set module.NAME=VALUE`` names a constant of a module under
 ``svdquant.kernels`` and a Python literal. The layer (quantize + widen + GEMM + low-rank +
 bias, ``ops.svdq_linear_triton``) is replayed from a CUDA graph with today's constants
 ("default") and with the overrides ("set"), alternated twice, against BF16 ``F.linear``
 of the same run, at each M and (N, K) of ``bench/gemm.py``; ``--mlp`` adds the fused MLP
-pair (fc1 3072 -> 12288, GELU-tanh, fc2). Outputs are compared between the two ways (the
+pair (fc1 3072 -> 12288, GELU-tanh, fc2). ``--what quantize`` times the activation
+quantize alone (x [M, K], rank 32) and ``--what widen`` the weight widen alone (M unused;
+BF16 is then the layer's ``F.linear``, for scale). Outputs are compared between the two ways (the
 low-rank sums meet through atomics: equal to rounding, not bit for bit). A probe of
 constants read at launch time; the GEMM's autotuned tiles are kept per shape (its key
 includes ``TMA`` and the tail, not the other constants).
@@ -31,6 +34,34 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gemm import NKS, Layer, bench_graph, run_info, write_result
 
 from svdquant.kernels.ops import svdq_mlp_triton
+from svdquant.kernels.quantize import quantize_act
+from svdquant.kernels.widen import widen_weight
+
+WHAT = ("layer", "quantize", "widen")
+
+
+def _first(out):
+    """A comparable tensor from an op's output (its first, viewed as numbers)."""
+    t = out[0] if isinstance(out, tuple) else out
+    return t.float()
+
+
+def _case(what: str, layer: Layer, x: torch.Tensor):
+    """The function ``--what`` times on ``layer`` and input ``x``."""
+    if what == "quantize":
+        s = reference_scale(layer)
+        kp = layer.qweight.shape[1] * 2
+        return lambda: quantize_act(x, layer.smooth, layer.down, s, kp, layer.act_fmt)
+    if what == "widen":
+        return lambda: widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
+    return lambda: layer(x)
+
+
+def reference_scale(layer: Layer) -> torch.Tensor:
+    """The layer's static activation scale S, as the engine computes it."""
+    from svdquant.kernels.reference import act_scale_from_amax
+
+    return act_scale_from_amax(layer.act_amax)
 
 
 def parse_set(spec: str) -> tuple[Any, str, Any]:
@@ -68,7 +99,7 @@ def _both(fn, sets) -> tuple[dict, dict]:
 
 def _row(fn, bf16, sets, **head) -> dict:
     outs, row = _both(fn, sets)
-    a, b = outs["default"].float(), outs["set"].float()
+    a, b = _first(outs["default"]), _first(outs["set"])
     row.update(head, bf16_us=bench_graph(bf16), rel_diff=((b - a).norm() / a.norm()).item())
     for way in ("default", "set"):
         row[f"{way}_x"] = row["bf16_us"] / min(row[f"{way}_us_0"], row[f"{way}_us_1"])
@@ -80,14 +111,15 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="MOD.NAME=VALUE")
     p.add_argument("--ms", default="512,1024,4608")
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in NKS))
+    p.add_argument("--what", choices=WHAT, default="layer", help="what to time")
     p.add_argument("--mlp", action="store_true", help="also the fused MLP pair")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
     if not a.sets:
         raise SystemExit("nothing to compare: give at least one --set module.NAME=VALUE")
     sets = [parse_set(s) for s in a.sets]
-    result = {**run_info(), "set": a.sets, "rows": []}
-    print("set:", "; ".join(a.sets))
+    result = {**run_info(), "set": a.sets, "what": a.what, "rows": []}
+    print(f"{a.what}, set:", "; ".join(a.sets))
     print(f"{'M':>5} {'N':>6} {'K':>6} | bf16 us | default x2      | set x2          | "
           "set vs default, x BF16 default -> set")  # fmt: skip
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
@@ -95,9 +127,9 @@ def main() -> None:
         cases = []
         for n, k in shapes:
             layer, x = Layer(n, k), torch.randn(m, k, device="cuda").bfloat16()
-            cases.append((n, k, lambda la=layer, t=x: la(t),
+            cases.append((n, k, _case(a.what, layer, x),
                           lambda la=layer, t=x: F.linear(t, la.w16, la.bias)))  # fmt: skip
-        if a.mlp:
+        if a.mlp and a.what == "layer":
             fc1, fc2 = Layer(12288, 3072, seed=1), Layer(3072, 12288, seed=2)
             x = torch.randn(m, 3072, device="cuda").bfloat16()
 
