@@ -249,14 +249,19 @@ def bench_lora_ranks(m: int, n: int, k: int) -> list[dict]:
     return rows
 
 
+def mlp_bf16(x: torch.Tensor, fc1: Layer, fc2: Layer) -> torch.Tensor:
+    """The MLP pair in BF16: ``F.linear`` + GELU-tanh + ``F.linear`` (the baseline)."""
+    h = F.gelu(F.linear(x, fc1.w16, fc1.bias), approximate="tanh")
+    return F.linear(h, fc2.w16, fc2.bias)
+
+
 def bench_mlp(m: int) -> dict:
     """fc1 3072->12288, GELU-tanh, fc2 12288->3072: BF16 vs the engine (unfused)."""
     fc1, fc2 = Layer(12288, 3072, seed=1), Layer(3072, 12288, seed=2)
     x = torch.randn(m, 3072, device="cuda").bfloat16()
 
     def bf16():
-        h = F.gelu(F.linear(x, fc1.w16, fc1.bias), approximate="tanh")
-        return F.linear(h, fc2.w16, fc2.bias)
+        return mlp_bf16(x, fc1, fc2)
 
     def ours(act_fmt: str = "int4"):
         return fc2(F.gelu(fc1(x, act_fmt), approximate="tanh"), act_fmt)

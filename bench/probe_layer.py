@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gemm import NKS, Layer, bench_graph, run_info, write_result
+from gemm import NKS, Layer, bench_graph, mlp_bf16, run_info, write_result
 
-from svdquant.kernels.ops import svdq_mlp_triton
+from svdquant.kernels.ops import _act_scale, svdq_mlp_triton
 from svdquant.kernels.quantize import quantize_act
 from svdquant.kernels.widen import widen_weight
 
@@ -49,19 +49,12 @@ def _first(out):
 def _case(what: str, layer: Layer, x: torch.Tensor):
     """The function ``--what`` times on ``layer`` and input ``x``."""
     if what == "quantize":
-        s = reference_scale(layer)
+        s = _act_scale(layer.act_amax)  # S as the engine computes it
         kp = layer.qweight.shape[1] * 2
         return lambda: quantize_act(x, layer.smooth, layer.down, s, kp, layer.act_fmt)
     if what == "widen":
         return lambda: widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
     return lambda: layer(x)
-
-
-def reference_scale(layer: Layer) -> torch.Tensor:
-    """The layer's static activation scale S, as the engine computes it."""
-    from svdquant.kernels.reference import act_scale_from_amax
-
-    return act_scale_from_amax(layer.act_amax)
 
 
 def parse_set(spec: str) -> tuple[Any, str, Any]:
@@ -132,13 +125,8 @@ def main() -> None:
         if a.mlp and a.what == "layer":
             fc1, fc2 = Layer(12288, 3072, seed=1), Layer(3072, 12288, seed=2)
             x = torch.randn(m, 3072, device="cuda").bfloat16()
-
-            def bf16_mlp(x=x, fc1=fc1, fc2=fc2):
-                h = F.gelu(F.linear(x, fc1.w16, fc1.bias), approximate="tanh")
-                return F.linear(h, fc2.w16, fc2.bias)
-
             cases.append(("mlp", 3072, lambda x=x, f1=fc1, f2=fc2: svdq_mlp_triton(x, f1, f2),
-                          bf16_mlp))  # fmt: skip
+                          lambda x=x, f1=fc1, f2=fc2: mlp_bf16(x, f1, f2)))  # fmt: skip
         for n, k, fn, bf16 in cases:
             r = _row(fn, bf16, sets, M=m, N=n, K=k)
             result["rows"].append(r)
