@@ -481,9 +481,11 @@ def main() -> None:
         help="first sweep the memory-bound kernels' tiles (all, or e.g. 'gemv,quantize')",
     )
     p.add_argument("--no-table", action="store_true", help="only the sweep")
+    p.add_argument("--ms", default=None, help="comma-separated M of the table (default all)")
     a = p.parse_args()
     torch.manual_seed(0)
     ms, nks = ((4608,), NKS[:3]) if a.quick else (MS, NKS)
+    ms = tuple(int(v) for v in a.ms.split(",")) if a.ms else ms
     ms = () if a.no_table else ms
     copy_gbs = copy_bandwidth()
     tiles = sweep(copy_gbs, a.sweep) if a.sweep else None
@@ -493,11 +495,11 @@ def main() -> None:
             rows.append(bench_shape(m, n, k, copy_gbs))
             print(json.dumps({c: round(v, 3) if isinstance(v, float) else v
                               for c, v in rows[-1].items()}), flush=True)  # fmt: skip
-    mlp = [bench_mlp(m) for m in ms and (512, 4096, 4608)]
+    mlp = [bench_mlp(m) for m in (512, 4096, 4608) if m in ms]
     gemv = [bench_gemv(m, 18432, 3072, copy_gbs) for m in (1, 4)]
     lora_ranks = (
         []
-        if a.quick or a.no_table
+        if a.quick or a.no_table or 4096 not in ms
         else [row for n, k in ((3072, 3072), (12288, 3072)) for row in bench_lora_ranks(4096, n, k)]
     )
     result = {

@@ -42,10 +42,13 @@ __all__ = ["dequantize_weight", "widen_weight"]
 #: (8, 2048, 4) reached 1.15x at K = 12288 but 0.84-0.89x at K = 3072.
 TILE = (8, 512, 2)
 #: The widen overlapped with the quantize (``ops.quantize_and_widen``: FLUX's every layer
-#: but the fused MLP's fc2 and the single blocks' ``proj_out``) keeps v21's tile until
-#: measured inside the layer: there its programs share the SMs with the quantize's, and
-#: the new tile's 4x more programs fill more block slots. The 16-bit dequantize (the W4A16
-#: path at many tokens) keeps it too, not re-measured.
+#: but the fused MLP's fc2 and the single blocks' ``proj_out``) takes ``TILE`` for weights
+#: no taller than wide (N <= K) and v21's tile for taller ones: there its programs share
+#: the SMs with the quantize's. H200, whole layer in a CUDA graph, (8, 512, 2) against
+#: (32, 512, 4), alternated twice (``bench/probe_layer.py``, v30): 1.01-1.02x at 3072 x
+#: 3072, 1.03-1.05x at 3072 x 12288 and 3072 x 15360 (M = 512, 1024, 4608), but 0.98x at
+#: 12288 x 3072 and within +-0.6% at 9216 and 21504 x 3072. The 16-bit dequantize (the
+#: W4A16 path at many tokens) keeps v21's tile, not re-measured.
 OVERLAP_TILE = (32, 512, 4)
 DEQUANT_TILE = (32, 512, 4)
 
@@ -209,7 +212,8 @@ def _launch(
     if dequant:
         block_n, block_k, warps = DEQUANT_TILE
     else:
-        block_n, block_k, warps = OVERLAP_TILE if pdl or trigger else TILE
+        overlapped = (pdl or trigger) and n > kp
+        block_n, block_k, warps = OVERLAP_TILE if overlapped else TILE
     grid = (triton.cdiv(n, block_n), triton.cdiv(kp, block_k))
     _widen_kernel[grid[::-1] if K_FAST else grid](
         qweight,
