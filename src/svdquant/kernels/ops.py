@@ -134,14 +134,15 @@ def _(qweight, wscales, wtensor_scale, fmt):
 #:   launches in sequence 0.99-1.02x at M = 4608, 1.00-1.03x at M = 4096, 1.01-1.06x at
 #:   M = 1024, 21504 x 3072 included; against the other order
 #:   1.00-1.02x, 1.00-1.03x, 1.04-1.07x; at M = 512 (v29) 1.02-1.10x against the launches
-#:   in sequence, 1.07-1.11x against the other order.
+#:   in sequence, 1.07-1.11x against the other order; at M = 256 and 384 (v30,
+#:   ``bench/probe_layer.py``) 1.04-1.11x against the launches in sequence, all six shapes.
 #: * else the widen as the quantize's programmatic dependent: it starts with the
 #:   quantize's last wave. It paid only from M = 2048 (v22/v23: M = 4096 -3.8% / -1.7%,
 #:   M = 4608 -0.6% / -1.0%, M = 512 and 1024 +2-3%) and slowed 21504 x 3072 by 22-25 µs
 #:   (v22): set ``OVERLAP_MIN_M = 2048``, ``OVERLAP_MAX_WEIGHTS = 3072 * 15360`` with it.
 OVERLAP_WIDEN = True
 WIDEN_FIRST = True
-OVERLAP_MIN_M = 512
+OVERLAP_MIN_M = 256
 OVERLAP_MAX_WEIGHTS: int | None = None
 
 

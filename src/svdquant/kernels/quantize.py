@@ -48,11 +48,20 @@ from svdquant.kernels._triton_common import (
 __all__ = ["quantize_act", "quantize_tile"]
 
 #: (BLOCK_M, columns per step, num_warps) for few rows (M ≤ 64), up to 1024 (FLUX's text
-#: stream: 512) and more, and the number of programs per multiprocessor the K split aims
-#: for; tuned on the H100 with ``bench/probe_quantize.py`` and ``bench/gemm.py --sweep``
-#: ("medium" not yet: the large tile until the sweep says otherwise).
+#: stream: 512) and more; tuned on the H100 with ``bench/probe_quantize.py`` and
+#: ``bench/gemm.py --sweep`` ("medium" not yet: the large tile until the sweep says
+#: otherwise).
 TILES = {"small": (16, 64, 4), "medium": (64, 128, 4), "large": (64, 128, 4)}
-PROGRAMS_PER_SM = 7
+#: The K split aims for ``PROGRAMS_PER_SM`` programs per multiprocessor, each of at least
+#: ``MIN_STEPS_PER_SPLIT`` steps. H200, the quantize alone in a CUDA graph at M = 512 /
+#: 1024 / 4608 and K = 3072 / 12288 / 15360 (``bench/probe_layer.py --what quantize``,
+#: v30): against v26's 7 programs, 10 took 1.06-1.12x off M = 4608 at K >= 12288 (16 x 6
+#: and 18 x 7 splits x steps instead of 12 x 8 and 12 x 10) and split some K into one-step
+#: programs, 3-9% slower wherever that happened (M = 512, K = 15360; M = 1024, K = 12288
+#: and M = 4608, K = 3072 at 14 per SM); two steps at M = 512, K = 12288 (48 x 2 instead
+#: of 96 x 1) 1.08x.
+PROGRAMS_PER_SM = 10
+MIN_STEPS_PER_SPLIT = 2
 
 
 #: fp32's largest finite value: a group's factor ``s_group · (1/S)`` is clamped to it so that
@@ -280,7 +289,8 @@ def quantize_act(
     m_blocks = triton.cdiv(m, block_m)
     # Split K until the GPU has enough programs in flight (each split adds one atomic add
     # of its low-rank partial sums per row).
-    split = min(steps, max(1, triton.cdiv(PROGRAMS_PER_SM * num_sms(x.device), m_blocks)))
+    split = triton.cdiv(PROGRAMS_PER_SM * num_sms(x.device), m_blocks)
+    split = max(1, min(split, steps // MIN_STEPS_PER_SPLIT))
     k_per_split = triton.cdiv(steps, split) * block_k
     split = triton.cdiv(steps * block_k, k_per_split)
     if out is not None:
