@@ -135,14 +135,15 @@ def _(qweight, wscales, wtensor_scale, fmt):
 #:   M = 1024, 21504 x 3072 included; against the other order
 #:   1.00-1.02x, 1.00-1.03x, 1.04-1.07x; at M = 512 (v29) 1.02-1.10x against the launches
 #:   in sequence, 1.07-1.11x against the other order; at M = 256 and 384 (v30,
-#:   ``bench/probe_layer.py``) 1.04-1.11x against the launches in sequence, all six shapes.
+#:   ``bench/probe_layer.py``) 1.04-1.11x against the launches in sequence, all six shapes,
+#:   and 1.05-1.10x at M = 64 and 128 (3072 x 3072, 12288 x 3072, 3072 x 12288).
 #: * else the widen as the quantize's programmatic dependent: it starts with the
 #:   quantize's last wave. It paid only from M = 2048 (v22/v23: M = 4096 -3.8% / -1.7%,
 #:   M = 4608 -0.6% / -1.0%, M = 512 and 1024 +2-3%) and slowed 21504 x 3072 by 22-25 µs
 #:   (v22): set ``OVERLAP_MIN_M = 2048``, ``OVERLAP_MAX_WEIGHTS = 3072 * 15360`` with it.
 OVERLAP_WIDEN = True
 WIDEN_FIRST = True
-OVERLAP_MIN_M = 256
+OVERLAP_MIN_M = 64
 OVERLAP_MAX_WEIGHTS: int | None = None
 
 

@@ -52,16 +52,17 @@ __all__ = ["quantize_act", "quantize_tile"]
 #: ``bench/gemm.py --sweep`` ("medium" not yet: the large tile until the sweep says
 #: otherwise).
 TILES = {"small": (16, 64, 4), "medium": (64, 128, 4), "large": (64, 128, 4)}
-#: The K split aims for ``PROGRAMS_PER_SM`` programs per multiprocessor, each of at least
-#: ``MIN_STEPS_PER_SPLIT`` steps. H200, the quantize alone in a CUDA graph at M = 512 /
-#: 1024 / 4608 and K = 3072 / 12288 / 15360 (``bench/probe_layer.py --what quantize``,
-#: v30): against v26's 7 programs, 10 took 1.06-1.12x off M = 4608 at K >= 12288 (16 x 6
-#: and 18 x 7 splits x steps instead of 12 x 8 and 12 x 10) and split some K into one-step
-#: programs, 3-9% slower wherever that happened (M = 512, K = 15360; M = 1024, K = 12288
-#: and M = 4608, K = 3072 at 14 per SM); two steps at M = 512, K = 12288 (48 x 2 instead
-#: of 96 x 1) 1.08x.
+#: The K split aims for ``PROGRAMS_PER_SM`` programs per multiprocessor. Programs of one
+#: step each (one atomic add of their low-rank partial sums per step) only where programs
+#: of two steps would be fewer than ``TWO_STEP_MIN_PER_SM`` per multiprocessor. H200, the
+#: quantize alone in a CUDA graph at M = 512 / 1024 / 4096 / 4608 and K = 3072 / 12288 /
+#: 15360 (``bench/probe_layer.py --what quantize``, v30): 10 per SM instead of v26's 7
+#: took 1.06-1.12x off M = 4608 at K >= 12288 (16 x 6 and 18 x 7 splits x steps instead
+#: of 12 x 8 and 12 x 10); two steps instead of one 1.03-1.09x where that left >= 480
+#: programs (M = 512, K = 12288 and 15360; M = 1024, K = 12288; M = 4608, K = 3072), one
+#: step 1.03-1.12x where two would leave 96 or 192 (M = 512 and 1024, K = 3072).
 PROGRAMS_PER_SM = 10
-MIN_STEPS_PER_SPLIT = 2
+TWO_STEP_MIN_PER_SM = 2
 
 
 #: fp32's largest finite value: a group's factor ``s_group · (1/S)`` is clamped to it so that
@@ -289,8 +290,10 @@ def quantize_act(
     m_blocks = triton.cdiv(m, block_m)
     # Split K until the GPU has enough programs in flight (each split adds one atomic add
     # of its low-rank partial sums per row).
-    split = triton.cdiv(PROGRAMS_PER_SM * num_sms(x.device), m_blocks)
-    split = max(1, min(split, steps // MIN_STEPS_PER_SPLIT))
+    sms = num_sms(x.device)
+    split = min(steps, max(1, triton.cdiv(PROGRAMS_PER_SM * sms, m_blocks)))
+    if split == steps and m_blocks * (steps // 2) >= TWO_STEP_MIN_PER_SM * sms:
+        split = steps // 2
     k_per_split = triton.cdiv(steps, split) * block_k
     split = triton.cdiv(steps * block_k, k_per_split)
     if out is not None:
