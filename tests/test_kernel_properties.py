@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from svdquant import formats
+from svdquant.kernels import quantize as quantize_mod
 from svdquant.kernels import reference as ref
 from svdquant.kernels.gemv import MAX_GEMV_M, w4a16_linear
 from svdquant.kernels.ops import svdq_linear_triton
@@ -136,3 +137,20 @@ def test_w4a16_kernel_matches_reference(m, n, k, r, fmt, seed):
     y_ref = ref.w4a16_linear_ref(x, qw, ws, ts, smooth, down, up, b, fmt)
     assert y.shape == (m, n)
     assert _rel_err(y, y_ref) <= 4e-3
+
+
+@given(
+    m_blocks=st.integers(1, 5000),
+    steps=st.integers(1, 400),
+    sms=st.integers(1, 200),
+)
+@settings(max_examples=300, deadline=None, derandomize=True)
+def test_quantize_k_split_covers_k_once(m_blocks, steps, sms):
+    """The quantize's K split: every step in exactly one program, no empty program, and
+    one-step programs only where two-step ones would number fewer than
+    ``TWO_STEP_MIN_PER_SM`` per multiprocessor."""
+    split, per = quantize_mod.k_split(m_blocks, steps, sms)
+    assert 1 <= split <= steps and per >= 1
+    assert (split - 1) * per < steps <= split * per
+    if per == 1 and steps >= 2:
+        assert m_blocks * (steps // 2) < quantize_mod.TWO_STEP_MIN_PER_SM * sms

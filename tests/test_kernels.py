@@ -444,6 +444,32 @@ def test_split_k_tail_policy(monkeypatch):
     assert not gemm._tail_wanted(4608, 3072, 15360, 132)
 
 
+def test_quantize_k_split_policy():
+    """The quantize's K split on 132 multiprocessors (the H200) at the launches measured
+    in v30 (``probe_layer-h200-2026-11-29-v30-*.json``): (programs along K, steps each)."""
+    from svdquant.kernels.quantize import k_split
+
+    assert k_split(72, 96, 132) == (16, 6)  # M = 4608, K = 12288 (v26: 12 x 8, 1.11x slower)
+    assert k_split(72, 120, 132) == (18, 7)  # M = 4608, K = 15360
+    assert k_split(72, 24, 132) == (12, 2)  # M = 4608, K = 3072: not 24 one-step programs
+    assert k_split(8, 96, 132) == (48, 2)  # M = 512, K = 12288 (96 x 1: 1.08x slower)
+    assert k_split(8, 24, 132) == (24, 1)  # M = 512, K = 3072: two-step would leave 96
+    assert k_split(16, 24, 132) == (24, 1)  # M = 1024, K = 3072: 192 (1.12x slower)
+    assert k_split(1, 1, 132) == (1, 1)
+
+
+def test_widen_tile_policy():
+    """The widen's tile: beside the quantize, the standalone tile unless the weight is
+    taller than wide (v30: 1.01-1.05x the layer where N <= K, 0.98x at 12288 x 3072)."""
+    from svdquant.kernels import widen
+
+    assert widen.tile(3072, 12288, False, overlapped=True) == widen.TILE
+    assert widen.tile(3072, 3072, False, overlapped=True) == widen.TILE
+    assert widen.tile(12288, 3072, False, overlapped=True) == widen.OVERLAP_TILE
+    assert widen.tile(12288, 3072, False, overlapped=False) == widen.TILE
+    assert widen.tile(12288, 3072, True, overlapped=True) == widen.DEQUANT_TILE
+
+
 # --- W4A16 GEMV -----------------------------------------------------------------------
 
 

@@ -65,6 +65,19 @@ PROGRAMS_PER_SM = 10
 TWO_STEP_MIN_PER_SM = 2
 
 
+def k_split(m_blocks: int, steps: int, sms: int) -> tuple[int, int]:
+    """(programs along K, steps per program) for ``m_blocks`` row blocks of ``steps``
+    column steps on ``sms`` multiprocessors: enough programs in flight to cover the
+    loads' latency (``PROGRAMS_PER_SM``), but no one-step programs — each split adds its
+    low-rank partial sums by atomics — where two-step ones would still be plenty
+    (``TWO_STEP_MIN_PER_SM``)."""
+    split = min(steps, max(1, triton.cdiv(PROGRAMS_PER_SM * sms, m_blocks)))
+    if split == steps and m_blocks * (steps // 2) >= TWO_STEP_MIN_PER_SM * sms:
+        split = steps // 2
+    per_split = triton.cdiv(steps, split)
+    return triton.cdiv(steps, per_split), per_split
+
+
 #: fp32's largest finite value: a group's factor ``s_group · (1/S)`` is clamped to it so that
 #: ``0 · factor`` stays 0 (never ``0 · inf``).
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
@@ -288,14 +301,8 @@ def quantize_act(
     block_m = min(block_m, max(16, 4096 // block_r))  # a large rank's sums fit in registers
     steps = triton.cdiv(max(k, k_out), block_k)
     m_blocks = triton.cdiv(m, block_m)
-    # Split K until the GPU has enough programs in flight (each split adds one atomic add
-    # of its low-rank partial sums per row).
-    sms = num_sms(x.device)
-    split = min(steps, max(1, triton.cdiv(PROGRAMS_PER_SM * sms, m_blocks)))
-    if split == steps and m_blocks * (steps // 2) >= TWO_STEP_MIN_PER_SM * sms:
-        split = steps // 2
-    k_per_split = triton.cdiv(steps, split) * block_k
-    split = triton.cdiv(steps * block_k, k_per_split)
+    split, k_per_split = k_split(m_blocks, steps, num_sms(x.device))
+    k_per_split *= block_k
     if out is not None:
         xq, lora = out
         want = ((m, k_out), torch.float8_e4m3fn, (m, r), torch.float32)

@@ -204,16 +204,21 @@ def dequantize_weight(
     return w
 
 
+def tile(n: int, kp: int, dequant: bool, overlapped: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) of a widen of an [n, kp] weight: ``DEQUANT_TILE`` for
+    the 16-bit dequantize; beside the quantize (``overlapped``) ``OVERLAP_TILE`` for
+    weights taller than wide; else ``TILE``."""
+    if dequant:
+        return DEQUANT_TILE
+    return OVERLAP_TILE if overlapped and n > kp else TILE
+
+
 def _launch(
     qweight, wscales, wtensor_scale, out, s_channel, f, dequant: bool, pdl=False, trigger=False
 ):
     n, kp, g = qweight.shape[0], qweight.shape[1] * 2, wscales.shape[1]
     pdl = pdl and pdl_supported(qweight.device)
-    if dequant:
-        block_n, block_k, warps = DEQUANT_TILE
-    else:
-        overlapped = (pdl or trigger) and n > kp
-        block_n, block_k, warps = OVERLAP_TILE if overlapped else TILE
+    block_n, block_k, warps = tile(n, kp, dequant, overlapped=pdl or trigger)
     grid = (triton.cdiv(n, block_n), triton.cdiv(kp, block_k))
     _widen_kernel[grid[::-1] if K_FAST else grid](
         qweight,
