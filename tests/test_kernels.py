@@ -964,7 +964,48 @@ def test_act_scale_is_computed_once_per_value():
 def test_auto_backend_is_reference_on_cpu():
     layer = svdquant.SVDQLinear(64, 32)
     assert svdquant.kernels.resolve_backend(layer.backend, torch.device("cpu")) == "reference"
-    assert svdquant.kernels.resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """Two pretend CUDA GPUs for the backend choice: 0 a Hopper, 1 an Ampere (no fp8)."""
+    kernels = svdquant.kernels
+    monkeypatch.setattr(kernels, "_capability", {0: (9, 0), 1: (8, 0)}.__getitem__)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: ["NVIDIA H100", "NVIDIA A100"][i])
+    monkeypatch.setattr(kernels, "_warned", set())
+    return torch.device("cuda", 0), torch.device("cuda", 1)
+
+
+def test_backend_needs_a_gpu_with_fp8(two_gpus):
+    """``auto`` runs the engine on GPUs with fp8 E4M3 (compute capability 8.9+) and the
+    reference on older ones, warning once; ``triton`` on an older GPU is a clear error,
+    not Triton's compile error at the first forward."""
+    import warnings
+
+    resolve = svdquant.kernels.resolve_backend
+    hopper, ampere = two_gpus
+    assert resolve("auto", hopper) == "triton" and resolve("triton", hopper) == "triton"
+    with pytest.warns(UserWarning, match=r"A100 \(compute capability 8\.0\) runs the exact"):
+        assert resolve("auto", ampere) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per GPU
+        assert resolve("auto", ampere) == "reference"
+    with pytest.raises(RuntimeError, match=r"8\.9 or later.*A100.*use backend='auto'"):
+        resolve("triton", ampere)
+    assert resolve("reference", ampere) == "reference"
+
+
+def test_backend_choice_is_a_constant_under_compile(two_gpus):
+    """The capability check runs when torch.compile traces, not in the graph: a
+    ``fullgraph=True`` compile of a forward that asks for the backend does not break."""
+    resolve = svdquant.kernels.resolve_backend
+    hopper, ampere = two_gpus
+
+    def f(x):
+        return x + 1 if resolve("auto", hopper) == "triton" else x + 2, resolve("auto", ampere)
+
+    y, chosen = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2))
+    assert torch.equal(y, torch.ones(2)) and chosen == "reference"
 
 
 def test_custom_ops_opcheck():
