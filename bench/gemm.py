@@ -453,10 +453,18 @@ def run_info() -> dict:
 
 
 def write_result(result: dict, out: str, stem: str) -> Path:
-    """``result`` as ``<out>/<stem>-<date>.json``; returns the path."""
-    path = Path(out) / f"{stem}-{datetime.date.today().isoformat()}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    """``result`` as ``<out>/<stem>-<date>.json``, or ``…-<date>-2.json`` and on where an
+    earlier run of the day is there (a second probe in one device call must not replace
+    the first); written to a temporary file and renamed. Returns the path."""
+    base = Path(out) / f"{stem}-{datetime.date.today().isoformat()}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    path, n = base.with_name(base.name + ".json"), 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}.json")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
     return path
 
 

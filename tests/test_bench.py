@@ -210,3 +210,17 @@ def test_probe_layer_reads_its_overrides():
     ]:
         with pytest.raises(SystemExit, match=words):
             probe.parse_set(bad)
+
+
+def test_bench_results_never_replace_an_earlier_run(tmp_path):
+    """Two runs of a probe on one day (one device call) keep both JSON files, each
+    written whole (temporary file, then rename)."""
+    gemm = _load("gemm")
+    first = gemm.write_result({"run": 1}, str(tmp_path), "probe_x")
+    second = gemm.write_result({"run": 2}, str(tmp_path), "probe_x")
+    third = gemm.write_result({"run": 3}, str(tmp_path), "probe_x")
+    assert len({first, second, third}) == 3 and second.name.endswith("-2.json")
+    assert [json.loads(p.read_text())["run"] for p in (first, second, third)] == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (first, second, third)
+    )
