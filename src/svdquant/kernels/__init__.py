@@ -7,7 +7,7 @@ tensor cores (``quantize.py``, ``widen.py``, ``gemm.py``, ``gemv.py``; custom op
 (``TRITON_INTERPRET=1`` set before the first kernel call), which is how CI tests it.
 ``auto``: ``triton`` on CUDA GPUs that have fp8 E4M3 (compute capability 8.9 or later:
 Ada, Hopper, Blackwell) when triton imports, ``reference`` otherwise (with a warning once
-per older GPU: the results are the same, the speed is not).
+per older GPU: the same outputs within rounding, not the speed).
 """
 
 from __future__ import annotations
