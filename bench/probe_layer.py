@@ -1,7 +1,7 @@
 """The whole layer (or one of its kernels) with engine constants set two ways, on the GPU.
 
     PYTHONPATH=src python bench/probe_layer.py --set 'widen.TILE=(32, 512, 4)' \\
-        [--set ...] [--what layer|quantize|widen] [--ms 512,1024,4608] \\
+        [--set ...] [--what layer|quantize|widen|gemv] [--ms 512,1024,4608] \\
         [--shapes 3072x3072,...] [--mlp] [--out DIR]
 
 Each ``--set module.NAME=VALUE`` names a constant of a module under
@@ -10,8 +10,10 @@ bias, ``ops.svdq_linear_triton``) is replayed from a CUDA graph with today's con
 ("default") and with the overrides ("set"), alternated twice, against BF16 ``F.linear``
 of the same run, at each M and (N, K) of ``bench/gemm.py``; ``--mlp`` adds the fused MLP
 pair (fc1 3072 -> 12288, GELU-tanh, fc2). ``--what quantize`` times the activation
-quantize alone (x [M, K], rank 32) and ``--what widen`` the weight widen alone (M unused;
-BF16 is then the layer's ``F.linear``, for scale). Outputs are compared between the two ways (the
+quantize alone (x [M, K], rank 32), ``--what widen`` the weight widen alone (M unused;
+BF16 is then the layer's ``F.linear``, for scale) and ``--what gemv`` the W4A16 path
+(``w4a16_linear``: 16-bit activations, the modulation linears; e.g. ``--ms 1,4 --shapes
+18432x3072``). Outputs are compared between the two ways (the
 low-rank sums meet through atomics: equal to rounding, not bit for bit). A probe of
 constants read at launch time; the GEMM's autotuned tiles are kept per shape (its key
 includes ``TMA`` and the tail, not the other constants).
@@ -33,11 +35,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from gemm import NKS, Layer, bench_graph, mlp_bf16, run_info, write_result
 
+from svdquant.kernels.gemv import w4a16_linear
 from svdquant.kernels.ops import _act_scale, svdq_mlp_triton
 from svdquant.kernels.quantize import quantize_act
 from svdquant.kernels.widen import widen_weight
 
-WHAT = ("layer", "quantize", "widen")
+WHAT = ("layer", "quantize", "widen", "gemv")
 
 
 def _first(out):
@@ -54,6 +57,9 @@ def _case(what: str, layer: Layer, x: torch.Tensor):
         return lambda: quantize_act(x, layer.smooth, layer.down, s, kp, layer.act_fmt)
     if what == "widen":
         return lambda: widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
+    if what == "gemv":
+        w = (layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth)
+        return lambda: w4a16_linear(x, *w, layer.down, layer.up, layer.bias, layer.fmt)
     return lambda: layer(x)
 
 
