@@ -5,7 +5,8 @@
         [--shapes 3072x3072,...] [--mlp] [--out DIR]
 
 Each ``--set module.NAME=VALUE`` names a constant of a module under
-``svdquant.kernels`` and a Python literal. The layer (quantize + widen + GEMM + low-rank +
+``svdquant.kernels`` (or one entry of a dict constant: ``gemv.TILES['dp4a']``) and a
+Python literal. The layer (quantize + widen + GEMM + low-rank +
 bias, ``ops.svdq_linear_triton``) is replayed from a CUDA graph with today's constants
 ("default") and with the overrides ("set"), alternated twice, against BF16 ``F.linear``
 of the same run, at each M and (N, K) of ``bench/gemm.py``; ``--mlp`` adds the fused MLP
@@ -64,19 +65,42 @@ def _case(what: str, layer: Layer, x: torch.Tensor):
 
 
 def parse_set(spec: str) -> tuple[Any, str, Any]:
-    """``"widen.TILE=(8, 512, 2)"`` -> (the module, ``"TILE"``, the value)."""
+    """``"widen.TILE=(8, 512, 2)"`` -> (the module, ``"TILE"``, the value); an entry of a
+    dict constant, ``"gemv.TILES['dp4a']=(16, 512, 2)"``, -> (the module, ``"TILES"``, a
+    copy of the dict with that entry replaced)."""
     target, sep, literal = spec.partition("=")
     mod_name, _, name = target.strip().rpartition(".")
     if not sep or not mod_name:
         raise SystemExit(f"--set wants module.NAME=VALUE, got {spec!r}")
+    name, bracket, key = name.partition("[")
     module = importlib.import_module(f"svdquant.kernels.{mod_name}")
     if not hasattr(module, name):
         raise SystemExit(f"svdquant.kernels.{mod_name} has no constant {name!r}")
     try:
         value = ast.literal_eval(literal.strip())
+        if bracket:
+            key = ast.literal_eval(key.removesuffix("]"))
     except (ValueError, SyntaxError) as e:
         raise SystemExit(f"--set {target}: {literal!r} is not a Python literal ({e})") from e
+    if bracket:
+        table = getattr(module, name)
+        if not isinstance(table, dict) or key not in table:
+            raise SystemExit(f"svdquant.kernels.{mod_name}.{name} has no entry {key!r}")
+        value = {**table, key: value}
     return module, name, value
+
+
+def merge_sets(sets: list[tuple[Any, str, Any]]) -> list[tuple[Any, str, Any]]:
+    """Several entries of one dict constant set as one dict (each ``parse_set`` copied
+    the whole dict with its own entry replaced)."""
+    merged: dict[tuple[int, str], tuple[Any, str, Any]] = {}
+    for module, name, value in sets:
+        old = merged.get((id(module), name))
+        if old is not None and isinstance(value, dict):
+            original = getattr(module, name)
+            value = {**old[2], **{k: v for k, v in value.items() if v != original.get(k)}}
+        merged[id(module), name] = (module, name, value)
+    return list(merged.values())
 
 
 def _both(fn, sets) -> tuple[dict, dict]:
@@ -116,7 +140,7 @@ def main() -> None:
     a = p.parse_args()
     if not a.sets:
         raise SystemExit("nothing to compare: give at least one --set module.NAME=VALUE")
-    sets = [parse_set(s) for s in a.sets]
+    sets = merge_sets([parse_set(s) for s in a.sets])
     result = {**run_info(), "set": a.sets, "what": a.what, "rows": []}
     print(f"{a.what}, set:", "; ".join(a.sets))
     print(f"{'M':>5} {'N':>6} {'K':>6} | bf16 us | default x2      | set x2          | "

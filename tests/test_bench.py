@@ -203,10 +203,29 @@ def test_probe_layer_reads_its_overrides():
     module, name, value = probe.parse_set("widen.TILE=(32, 512, 4)")
     assert module.__name__ == "svdquant.kernels.widen" and name == "TILE"
     assert value == (32, 512, 4)
+    # one entry of a dict constant; two entries of one dict merge into one setting
+    module, name, value = probe.parse_set("gemv.TILES['dp4a']=(16, 512, 2)")
+    assert name == "TILES" and value["dp4a"] == (16, 512, 2)
+    assert {k: v for k, v in value.items() if k != "dp4a"} == {
+        k: v for k, v in module.TILES.items() if k != "dp4a"
+    }
+    both = probe.merge_sets(
+        [
+            probe.parse_set(s)
+            for s in (
+                "gemv.TILES['dp4a']=(16, 512, 2)",
+                "gemv.TILES['dp4a_multi']=(8, 512, 2)",
+                "gemv.DP4A_MAX_M=2",
+            )
+        ]
+    )
+    assert len(both) == 2 and both[0][2]["dp4a"] == (16, 512, 2)
+    assert both[0][2]["dp4a_multi"] == (8, 512, 2) and both[0][2]["fma"] == module.TILES["fma"]
     for bad, words in [
         ("widen.TILE", "module.NAME=VALUE"),
         ("widen.NO_SUCH=1", "no constant"),
         ("widen.TILE=(1,", "not a Python literal"),
+        ("gemv.TILES['nope']=(1, 2, 3)", "no entry"),
     ]:
         with pytest.raises(SystemExit, match=words):
             probe.parse_set(bad)
