@@ -566,7 +566,7 @@ def test_w4a16_dp4a_matches_reference(monkeypatch, m, n, k, r):
     ("tile", "n", "k", "r"),
     [
         (t, *shape)
-        for t in [(1, 512, 1), (4, 1024, 1), (8, 2048, 2), (16, 512, 2)]
+        for t in [(1, 512, 1), (4, 1024, 1), (8, 2048, 2), (16, 512, 2), (32, 512, 4)]
         for shape in [(45, 1024, 3), (20, 1152, 2)]
     ],
 )
@@ -1198,9 +1198,13 @@ def test_gpu_w4a16_dp4a_kernel(monkeypatch, m, n, k):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 4])
-@pytest.mark.parametrize("tile", [(4, 512, 1), (8, 2048, 2), (16, 1024, 1), (2, 1024, 2)])
+@pytest.mark.parametrize(
+    "tile",
+    [(4, 512, 1), (8, 2048, 2), (16, 1024, 1), (2, 1024, 2), (32, 512, 4), (64, 512, 8)],
+)
 def test_gpu_w4a16_dp4a_kernel_over_tiles(monkeypatch, m, tile):
-    """The dp4a kernel's tiles on the GPU (those ``bench/probe_gemv_dp4a.py`` sweeps)."""
+    """The dp4a kernel's tiles on the GPU (those ``bench/probe_gemv_dp4a.py`` sweeps, and
+    the multi-warp tiles v30's SASS reading found lean)."""
     from svdquant.kernels import gemv
 
     monkeypatch.setitem(gemv.TILES, "dp4a", tile)
