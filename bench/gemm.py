@@ -133,6 +133,13 @@ class Layer:
             down, up, self.bias, self.fmt, act_fmt,
         )  # fmt: skip
 
+    def w4a16(self, x: torch.Tensor, lowrank: bool = True) -> torch.Tensor:
+        """The layer on its W4A16 path (16-bit activations: ``w4a16_linear``)."""
+        down = self.down if lowrank else self.down[:0]
+        up = self.up if lowrank else self.up[:, :0]
+        w = (self.qweight, self.wscales, self.wtensor_scale, self.smooth)
+        return w4a16_linear(x, *w, down, up, self.bias, self.fmt)
+
 
 def bench_shape(m: int, n: int, k: int, copy_gbs: float) -> dict:
     x = torch.randn(m, k, device="cuda").bfloat16()
@@ -291,14 +298,9 @@ def bench_gemv(m: int, n: int, k: int, copy_gbs: float) -> dict:
     layer = Layer(n, k)
     x = torch.randn(m, k, device="cuda").bfloat16()
     row = {"M": m, "N": n, "K": k, "bf16_us": bench(lambda: F.linear(x, layer.w16, layer.bias))}
-    args = (layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth, layer.down)
-    row["gemv_us"] = bench(lambda: w4a16_linear(x, *args, layer.up, layer.bias, layer.fmt))
-    row["gemv_nolr_us"] = bench(
-        lambda: w4a16_linear(x, *args[:-1], layer.down[:0], layer.up[:, :0], layer.bias, "int4")
-    )
-    row["gemv_graph_us"] = bench_graph(
-        lambda: w4a16_linear(x, *args, layer.up, layer.bias, layer.fmt)
-    )
+    row["gemv_us"] = bench(lambda: layer.w4a16(x))
+    row["gemv_nolr_us"] = bench(lambda: layer.w4a16(x, lowrank=False))
+    row["gemv_graph_us"] = bench_graph(lambda: layer.w4a16(x))
     read = n * k // 2 + layer.wscales.numel() * 2
     row["gemv_nolr_gbs"] = read / row["gemv_nolr_us"] / 1e3
     row["gemv_nolr_pct_copy"] = 100 * row["gemv_nolr_gbs"] / copy_gbs
@@ -307,9 +309,7 @@ def bench_gemv(m: int, n: int, k: int, copy_gbs: float) -> dict:
     row["bf16_graph_us"] = bench_graph(lambda: F.linear(x, layer.w16, layer.bias))
     row["graph_x"] = row["bf16_graph_us"] / row["gemv_graph_us"]
     # the L2 emptied by reading (``bench_graph_clean``): both sides' own time
-    row["gemv_clean_us"] = bench_graph_clean(
-        lambda: w4a16_linear(x, *args, layer.up, layer.bias, layer.fmt)
-    )
+    row["gemv_clean_us"] = bench_graph_clean(lambda: layer.w4a16(x))
     row["bf16_clean_us"] = bench_graph_clean(lambda: F.linear(x, layer.w16, layer.bias))
     row["clean_x"] = row["bf16_clean_us"] / row["gemv_clean_us"]
     return row

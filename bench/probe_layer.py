@@ -36,7 +36,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from gemm import NKS, Layer, bench_graph, mlp_bf16, run_info, write_result
 
-from svdquant.kernels.gemv import w4a16_linear
 from svdquant.kernels.ops import _act_scale, svdq_mlp_triton
 from svdquant.kernels.quantize import quantize_act
 from svdquant.kernels.widen import widen_weight
@@ -59,8 +58,7 @@ def _case(what: str, layer: Layer, x: torch.Tensor):
     if what == "widen":
         return lambda: widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
     if what == "gemv":
-        w = (layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth)
-        return lambda: w4a16_linear(x, *w, layer.down, layer.up, layer.bias, layer.fmt)
+        return lambda: layer.w4a16(x)
     return lambda: layer(x)
 
 
