@@ -1,0 +1,132 @@
+"""How fast can *anything* read the W4A16 GEMV's bytes? The floor its 2.5x bar sits on.
+
+    PYTHONPATH=src python bench/probe_read_floor.py [--shapes 18432x3072,9216x3072] [--out DIR]
+
+The GEMV (``w4a16_linear`` at one token) reads the packed codes (K/2 bytes a row) and the
+fp16 group scales (K/32 bytes a row) once and writes N outputs. This probe times, in one
+run and the same two ways as ``bench/gemm.py`` (CUDA graph under ``do_bench``, whose L2
+flush leaves dirty lines; and with the L2 emptied by reading, ``bench_graph_clean``):
+
+* ``read``: a Triton kernel that reads exactly those bytes (codes and scales, 16-byte
+  loads) and writes one number per row — no arithmetic to speak of — over a sweep of
+  (rows per program, words per step, warps), best kept;
+* ``torch_sum``: ``codes.sum()`` (PyTorch's reduction, 28 MB read, one number written);
+* the GEMV itself (rank 32 + bias) and BF16 ``F.linear`` (with bias).
+
+If even the bare read takes most of the GEMV's time, the GEMV is at its floor and the bar
+is a property of the GPU at this size (ramp, tail, DRAM latency), not of the kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gemm import Layer, bench_graph, bench_graph_clean, copy_bandwidth, run_info, write_result
+
+#: (rows per program, 32-bit words of a row per step, warps) swept for the bare read.
+TILES = [
+    (r, w, nw)
+    for r, w, nw in itertools.product((1, 2, 4, 8, 16, 32), (128, 256, 512), (1, 2, 4, 8))
+    if 4 <= r * w // (32 * nw) <= 128  # 16-byte loads, at most 128 words a thread
+]
+
+
+@triton.jit
+def _read_kernel(q_ptr, s_ptr, out_ptr, N, KW, KS, ROWS: tl.constexpr, BW: tl.constexpr,
+                 BS: tl.constexpr):  # fmt: skip
+    """out[row] = xor of the row's code words + sum of its scales (every byte read once)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < N
+    acc = tl.zeros([ROWS, BW], dtype=tl.int32)
+    for k in range(0, KW, BW):
+        cols = k + tl.arange(0, BW)
+        ptrs = q_ptr + rows[:, None] * KW + cols[None, :]
+        acc ^= tl.load(ptrs, mask=rmask[:, None] & (cols[None, :] < KW), other=0)
+    scols = tl.arange(0, BS)
+    sptrs = s_ptr + rows[:, None] * KS + scols[None, :]
+    s = tl.load(sptrs, mask=rmask[:, None] & (scols[None, :] < KS), other=0.0)
+    total = tl.xor_sum(acc, 1).to(tl.float32) + tl.sum(s.to(tl.float32), 1)
+    tl.store(out_ptr + rows, total, mask=rmask)
+
+
+def bare_read(codes: torch.Tensor, scales: torch.Tensor, tile) -> torch.Tensor:
+    """One program per ``tile[0]`` rows reading the rows' code words and scales."""
+    rows, bw, warps = tile
+    n, kw = codes.shape
+    out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    _read_kernel[(triton.cdiv(n, rows),)](
+        codes, scales, out, n, kw, scales.shape[1], ROWS=rows,
+        BW=min(bw, triton.next_power_of_2(kw)), BS=triton.next_power_of_2(scales.shape[1]),
+        num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+def probe_shape(n: int, k: int, copy_gbs: float) -> dict:
+    """One shape: the bare read's tile sweep, then the four cases timed both ways."""
+    layer = Layer(n, k)
+    x = torch.randn(1, k, device="cuda").bfloat16()
+    codes = layer.qweight.contiguous().view(torch.int32)
+    scales = layer.wscales.contiguous()
+    nbytes = codes.numel() * 4 + scales.numel() * scales.element_size()
+    sweep = []
+    for tile in TILES:
+        try:
+            us = bench_graph(lambda t=tile: bare_read(codes, scales, t))
+            sweep.append({"tile": tile, "us": us})
+        except Exception as e:  # a tile that does not compile
+            sweep.append({"tile": tile, "error": str(e)[:100]})
+    tile = tuple(min((s for s in sweep if "us" in s), key=lambda s: s["us"])["tile"])
+    row = {"N": n, "K": k, "bytes": nbytes, "sweep": sweep, "read_tile": tile}
+    cases = {
+        "read": lambda: bare_read(codes, scales, tile),
+        "torch_sum": lambda: codes.sum(),
+        "gemv": lambda: layer.w4a16(x),
+        "bf16": lambda: F.linear(x, layer.w16, layer.bias),
+    }
+    for name, fn in cases.items():
+        row[f"{name}_us"] = bench_graph(fn)
+        row[f"{name}_clean_us"] = bench_graph_clean(fn)
+    row["read_pct_copy"] = 100 * nbytes / row["read_us"] / 1e3 / copy_gbs
+    row["gemv_pct_copy"] = 100 * nbytes / row["gemv_us"] / 1e3 / copy_gbs
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="18432x3072,9216x3072")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    a = p.parse_args()
+    copy_gbs = copy_bandwidth()
+    result = {**run_info(), "copy_gbs": copy_gbs, "rows": []}
+    print(f"copy bandwidth {copy_gbs:.0f} GB/s; µs, CUDA graph (clean L2 in brackets)")
+    print(
+        "    N      K |   MB | read tile      | read         | torch sum | gemv         | "
+        "bf16         | gemv/read bf16/gemv bf16/read"
+    )
+    for shape in a.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        r = probe_shape(n, k, copy_gbs)
+        result["rows"].append(r)
+        cols = " | ".join(
+            f"{r[c + '_us']:5.1f} ({r[c + '_clean_us']:5.1f})" for c in ("read", "gemv", "bf16")
+        ).split(" | ")
+        print(f"{n:5d} {k:6d} | {r['bytes'] / 1e6:4.1f} | {r['read_tile']!s:14} | {cols[0]} | "
+              f"{r['torch_sum_us']:9.1f} | {cols[1]} | {cols[2]} | "
+              f"{r['gemv_us'] / r['read_us']:9.2f} {r['bf16_us'] / r['gemv_us']:9.2f} "
+              f"{r['bf16_us'] / r['read_us']:9.2f}")  # fmt: skip
+    print("->", write_result(result, a.out, "probe_read_floor"))
+
+
+if __name__ == "__main__":
+    main()
