@@ -208,6 +208,21 @@ def _gemv_dp4a() -> dict[str, Any]:
     return _dp4a_spec(1)
 
 
+@_spec("gemv_dp4a_xrows")
+def _gemv_dp4a_xrows() -> dict[str, Any]:
+    """x̂ addressed per weight row (``gemv.DP4A_X_ROWS``), one token."""
+    d = _dp4a_spec(1)
+    d["consts"]["X_ROWS"] = True
+    return d
+
+
+@_spec("gemv_dp4a_m4_xrows")
+def _gemv_dp4a_m4_xrows() -> dict[str, Any]:
+    d = _dp4a_spec(4)
+    d["consts"]["X_ROWS"] = True
+    return d
+
+
 @_spec("gemv_dp4a_m4")
 def _gemv_dp4a_m4() -> dict[str, Any]:
     return _dp4a_spec(4)

@@ -583,6 +583,26 @@ def test_w4a16_dp4a_kernel_over_tiles(monkeypatch, m, tile, n, k, r):
     assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize(
+    ("tile", "n", "k", "r"),
+    [(t, 45, 1024, 3) for t in [(8, 512, 1), (16, 512, 2), (4, 1024, 1)]]
+    + [((8, 512, 1), 20, 2176, 2)],
+)
+def test_w4a16_dp4a_x_rows_is_the_same_kernel(monkeypatch, m, tile, n, k, r):
+    """``gemv.DP4A_X_ROWS`` (x̂ addressed per weight row, loaded in the codes' layout)
+    changes where x̂ lands in registers, not a bit of the output (integer sums)."""
+    from svdquant.kernels import gemv
+
+    monkeypatch.setitem(gemv.TILES, "dp4a", tile)
+    monkeypatch.setitem(gemv.TILES, "dp4a_multi", tile)
+    x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=7)
+    y0 = w4a16_linear(x, *args)
+    monkeypatch.setattr(gemv, "DP4A_X_ROWS", True)
+    y1 = w4a16_linear(x, *args)
+    assert torch.equal(y0, y1) and rel_err(y1, ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
 @triton.jit
 def _dp4a_kernel(a_ptr, b_ptr, c_ptr, s_ptr, u_ptr, INTERPRET: tl.constexpr):
     i = tl.arange(0, 256)
@@ -1211,6 +1231,26 @@ def test_gpu_w4a16_dp4a_kernel_over_tiles(monkeypatch, m, tile):
     monkeypatch.setitem(gemv.TILES, "dp4a_multi", tile)
     x, args = _w4a16_case(m, 18432, 3072, 32, "int4", torch.bfloat16, bias_seed=9)
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("tile", [(8, 512, 1), (16, 512, 1), (16, 512, 2), (32, 512, 2)])
+@pytest.mark.parametrize(("n", "k"), [(18432, 3072), (130, 333)])
+def test_gpu_w4a16_dp4a_x_rows(monkeypatch, m, tile, n, k):
+    """``gemv.DP4A_X_ROWS`` on the GPU: the same output at the tiles its probe sweeps —
+    bit for bit where K is not split (N = 18432); with a K split the partial sums meet
+    through atomics, in any order."""
+    from svdquant.kernels import gemv
+
+    monkeypatch.setitem(gemv.TILES, "dp4a", tile)
+    monkeypatch.setitem(gemv.TILES, "dp4a_multi", tile)
+    x, args = _w4a16_case(m, n, k, 32, "int4", torch.bfloat16, bias_seed=9)
+    y0 = w4a16_linear(x, *args)
+    monkeypatch.setattr(gemv, "DP4A_X_ROWS", True)
+    y1 = w4a16_linear(x, *args)
+    assert torch.equal(y0, y1) if n == 18432 else rel_err(y1, y0) <= 1e-3
+    assert rel_err(y1, ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
 @pytest.mark.usefixtures("no_dp4a")

@@ -106,6 +106,14 @@ PACKED_MMA = True
 #: words] integer tensors outgrow the registers (M = 5 60.7 µs vs the packed kernel's
 #: 45.8; M = 16 307 vs 53).
 DP4A_MAX_M = 4
+#: Address the dp4a kernel's x̂ planes and scales per weight row (the same words for every
+#: row) so that they load in the codes' register layout: sm_90 SASS (triton 3.6,
+#: ``sass_report --kernels gemv_dp4a,gemv_dp4a_xrows``) 213 instructions a step instead of
+#: 350 — the 48 ``SHFL`` and 64 ``SEL`` that moved each code word's nibbles into x̂'s
+#: layout and reduced a group's words across lanes are gone — and 72 registers instead
+#: of 96; the repeated x̂ words come from one 16-byte load per plane. Same integer sums,
+#: same outputs. Probe: not yet measured (``probe_layer.py --what gemv``).
+DP4A_X_ROWS = False
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
 PDL = True
@@ -770,6 +778,7 @@ def _w4a16_dp4a_kernel(
     BLOCK_M: tl.constexpr,
     PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
+    X_ROWS: tl.constexpr = False,
 ):
     """int4 weights against x̂ as 16-bit integers (``Int16X``) on the integer dot-product
     unit: a code word's high nibbles are ``word & 0xF0F0F0F0`` and its low ones
@@ -789,6 +798,9 @@ def _w4a16_dp4a_kernel(
     )
     x_cols = xq_ptr + tok * stride_xm + word  # [1, BLOCK_M, BKW]
     xs_cols = xs_ptr + tok * (KPW // 8) + tl.arange(0, GPS)[None, None, :]
+    if X_ROWS:  # per row too (``DP4A_X_ROWS``): [BLOCK_N, BLOCK_M, ...], the codes' layout
+        x_cols += 0 * rows[:, None, None]
+        xs_cols += 0 * rows[:, None, None]
     zero = tl.zeros([BLOCK_N, BLOCK_M, BKW], dtype=tl.int32)
     acc = tl.zeros([BLOCK_N, BLOCK_M, GPS], dtype=tl.float32)
     w_next = tl.load(q_rows + kw_start)
@@ -1092,7 +1104,7 @@ def _gemv_dp4a(
         lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         S_BLOCK=_s_block(m, chunks),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=triton.next_power_of_2(m),
-        INTERPRET=interpreting(), num_warps=warps,
+        INTERPRET=interpreting(), X_ROWS=DP4A_X_ROWS, num_warps=warps,
         **_shared_flags(split, r, bias, out_dtype, pdl),
     )  # fmt: skip
     return out if split == 1 else out.to(out_dtype)
