@@ -597,6 +597,7 @@ def test_w4a16_dp4a_x_rows_is_the_same_kernel(monkeypatch, m, tile, n, k, r):
     monkeypatch.setitem(gemv.TILES, "dp4a", tile)
     monkeypatch.setitem(gemv.TILES, "dp4a_multi", tile)
     x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=7)
+    monkeypatch.setattr(gemv, "DP4A_X_ROWS", False)
     y0 = w4a16_linear(x, *args)
     monkeypatch.setattr(gemv, "DP4A_X_ROWS", True)
     y1 = w4a16_linear(x, *args)
@@ -1238,18 +1239,20 @@ def test_gpu_w4a16_dp4a_kernel_over_tiles(monkeypatch, m, tile):
 @pytest.mark.parametrize("tile", [(8, 512, 1), (16, 512, 1), (16, 512, 2), (32, 512, 2)])
 @pytest.mark.parametrize(("n", "k"), [(18432, 3072), (130, 333)])
 def test_gpu_w4a16_dp4a_x_rows(monkeypatch, m, tile, n, k):
-    """``gemv.DP4A_X_ROWS`` on the GPU: the same output at the tiles its probe sweeps —
-    bit for bit where K is not split (N = 18432); with a K split the partial sums meet
-    through atomics, in any order."""
+    """``gemv.DP4A_X_ROWS`` on the GPU: the same output at the tiles its probe sweeps, to
+    fp32 rounding — the integer sums are the same, but the fp32 sums over a step's
+    groups and the low-rank partials follow the new register layout's order (the
+    interpreter's are bit-identical), and with a K split meet through atomics."""
     from svdquant.kernels import gemv
 
     monkeypatch.setitem(gemv.TILES, "dp4a", tile)
     monkeypatch.setitem(gemv.TILES, "dp4a_multi", tile)
     x, args = _w4a16_case(m, n, k, 32, "int4", torch.bfloat16, bias_seed=9)
+    monkeypatch.setattr(gemv, "DP4A_X_ROWS", False)
     y0 = w4a16_linear(x, *args)
     monkeypatch.setattr(gemv, "DP4A_X_ROWS", True)
     y1 = w4a16_linear(x, *args)
-    assert torch.equal(y0, y1) if n == 18432 else rel_err(y1, y0) <= 1e-3
+    assert rel_err(y1, y0) <= 1e-3
     assert rel_err(y1, ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
