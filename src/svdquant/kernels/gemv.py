@@ -116,10 +116,6 @@ DP4A_MAX_M = 4
 #: 18432 (21.1 -> 20.0 µs) and 1.078x at 9216; M = 2-4 0.88-0.97x (the per-row x̂ words
 #: for every token outgrow what the layout saves) — so one token only.
 DP4A_X_ROWS_MAX_M = 1
-#: The dp4a kernel's epilogue terms (the low-rank up projection of the summed down
-#: partials, and the bias) computed before its K loop instead of after it, so that their
-#: L2 round trips overlap the first codes' DRAM latency instead of trailing the loop.
-DP4A_EARLY_TERMS = False
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
 PDL = True
@@ -324,40 +320,10 @@ def _epilogue(
 
     With a K split every term is a sum: each program adds its share into an fp32 buffer,
     the low-rank and bias terms from the first split only."""
-    terms = _extra_terms(
-        rows, rm, pid_k, N, M, R, S, lora_ptr, lu_ptr, bias_ptr, stride_ls, stride_lm,
-        stride_un, HAS_LORA, HAS_BIAS, FP32_PREC, S_BLOCK, acc.shape[1],
-    )  # fmt: skip
-    _store(acc * tl.load(ts_ptr) + terms, rows, rm, N, M, out_ptr, stride_om, ATOMIC, ROUND_BF16)
-
-
-@triton.jit
-def _extra_terms(
-    rows,
-    rm,
-    pid_k,
-    N,
-    M,
-    R,
-    S,
-    lora_ptr,
-    lu_ptr,
-    bias_ptr,
-    stride_ls,
-    stride_lm,
-    stride_un,
-    HAS_LORA: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    FP32_PREC: tl.constexpr,
-    S_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """The epilogue's terms besides the product, [BLOCK_N, BLOCK_M] (yᵀ): the low-rank up
-    projection of the summed down partials plus the bias — from the first K split only."""
     nmask = rows < N
     mmask = rm < M
+    y = acc * tl.load(ts_ptr)
     first = (pid_k == 0).to(tl.float32)
-    y = tl.zeros([rows.shape[0], BLOCK_M], dtype=tl.float32)
     if HAS_LORA:
         for r0 in range(0, R, 32):
             rr = r0 + tl.arange(0, 32)
@@ -369,7 +335,7 @@ def _extra_terms(
             ).to(tl.float32)
             # the down projection's partial sums (one per K chunk), S_BLOCK at a time: one
             # wide load each, not a chain of S dependent ones
-            la = tl.zeros([BLOCK_M, 32], dtype=tl.float32)
+            la = tl.zeros([acc.shape[1], 32], dtype=tl.float32)
             for s0 in range(0, S, S_BLOCK):
                 sp = s0 + tl.arange(0, S_BLOCK)
                 parts = tl.load(
@@ -381,21 +347,14 @@ def _extra_terms(
                     other=0.0,
                 )
                 la += tl.sum(parts, axis=0)
-            if BLOCK_M >= 16:  # the tensor-core kernel's 16 tokens: an MMA
+            if acc.shape[1] >= 16:  # the tensor-core kernel's 16 tokens: an MMA
                 y += tl.dot(lu, tl.trans(la), input_precision=FP32_PREC) * first
             else:
                 y += tl.sum(lu[:, None, :] * la[None, :, :], axis=2) * first
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=nmask, other=0.0).to(tl.float32)[:, None] * first
-    return y
-
-
-@triton.jit
-def _store(y, rows, rm, N, M, out_ptr, stride_om, ATOMIC: tl.constexpr,
-           ROUND_BF16: tl.constexpr):  # fmt: skip
-    """yᵀ [BLOCK_N, BLOCK_M] into ``out`` [M, N]: added (fp32, a K split) or stored."""
     optr = out_ptr + rm[None, :] * stride_om + rows[:, None]
-    omask = (rows < N)[:, None] & (rm < M)[None, :]
+    omask = nmask[:, None] & mmask[None, :]
     if ATOMIC:
         tl.atomic_add(optr, y, mask=omask, sem="relaxed")
     else:
@@ -822,7 +781,6 @@ def _w4a16_dp4a_kernel(
     PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
     X_ROWS: tl.constexpr = False,
-    EARLY: tl.constexpr = False,
 ):
     """int4 weights against x̂ as 16-bit integers (``Int16X``) on the integer dot-product
     unit: a code word's high nibbles are ``word & 0xF0F0F0F0`` and its low ones
@@ -851,11 +809,6 @@ def _w4a16_dp4a_kernel(
     s_next = tl.load(s_rows + kw_start // 8)  # [BLOCK_N, 1, GPS]
     if PDL:  # only weights (no earlier kernel's output) are read before this; x̂ after
         gdc_wait()
-    if EARLY:  # the epilogue's terms now, while the first codes are on their way
-        terms = _extra_terms(
-            rows, rm, pid_k, N, M, R, S, lora_ptr, lu_ptr, bias_ptr, stride_ls, stride_lm,
-            stride_un, HAS_LORA, HAS_BIAS, FP32_PREC, S_BLOCK, BLOCK_M,
-        )  # fmt: skip
     for kw in range(kw_start, kw_end, BKW):
         k_pre = tl.minimum(kw + BKW, kw_end - BKW)  # the next step (the last: itself)
         w = w_next
@@ -871,15 +824,11 @@ def _w4a16_dp4a_kernel(
         pl = _dp4a(lo, xel, _dp4a(hi, xol, zero, False, INTERPRET), False, INTERPRET)
         part = tl.sum(tl.reshape(ph * 256 + pl, [BLOCK_N, BLOCK_M, GPS, 8]), axis=3)
         acc += part.to(tl.float32) * (sg * sx)
-    if EARLY:
-        y = tl.sum(acc, axis=2) * tl.load(ts_ptr) + terms
-        _store(y, rows, rm, N, M, out_ptr, stride_om, ATOMIC, ROUND_BF16)
-    else:
-        _epilogue(
-            tl.sum(acc, axis=2), rows, rm, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr,
-            bias_ptr, out_ptr, stride_ls, stride_lm, stride_un, stride_om,
-            ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16, FP32_PREC, S_BLOCK,
-        )  # fmt: skip
+    _epilogue(
+        tl.sum(acc, axis=2), rows, rm, pid_k, N, M, R, S, ts_ptr, lora_ptr, lu_ptr,
+        bias_ptr, out_ptr, stride_ls, stride_lm, stride_un, stride_om,
+        ATOMIC, HAS_LORA, HAS_BIAS, ROUND_BF16, FP32_PREC, S_BLOCK,
+    )  # fmt: skip
 
 
 def w4a16_linear(
@@ -1157,8 +1106,7 @@ def _gemv_dp4a(
         lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         S_BLOCK=_s_block(m, chunks),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=triton.next_power_of_2(m),
-        INTERPRET=interpreting(), X_ROWS=m <= DP4A_X_ROWS_MAX_M, EARLY=DP4A_EARLY_TERMS,
-        num_warps=warps,
+        INTERPRET=interpreting(), X_ROWS=m <= DP4A_X_ROWS_MAX_M, num_warps=warps,
         **_shared_flags(split, r, bias, out_dtype, pdl),
     )  # fmt: skip
     return out if split == 1 else out.to(out_dtype)
