@@ -243,3 +243,22 @@ def test_bench_results_never_replace_an_earlier_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         p.name for p in (first, second, third)
     )
+
+
+def test_read_floor_kernel_reads_every_byte():
+    """``probe_read_floor``'s bare read (the floor under the W4A16 GEMV's bar) folds every
+    code word and scale of each row into its output — rows past the last tile, rows
+    whose words are not a whole number of steps — so it cannot be timing less than the
+    GEMV reads."""
+    floor = _load("probe_read_floor")
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-(2**31), 2**31 - 1, (37, 384), generator=g, dtype=torch.int32)
+    scales = torch.rand(37, 48, generator=g).half()
+    xor = torch.zeros(37, dtype=torch.int64)
+    for w in codes.T.long():
+        xor ^= w
+    want = xor.to(torch.int32).float() + scales.float().sum(1)
+    for tile in [(1, 128, 1), (8, 256, 2), (32, 512, 4)]:
+        assert tile in floor.TILES
+        torch.testing.assert_close(floor.bare_read(codes, scales, tile), want, rtol=1e-6, atol=0)
+    assert all(4 <= r * w // (32 * nw) <= 128 for r, w, nw in floor.TILES)
