@@ -286,6 +286,26 @@ def _gemv_prep() -> dict[str, Any]:
     )
 
 
+def _prep_dp4a_spec(ld_first: bool) -> dict[str, Any]:
+    """The prep kernel writing the dp4a GEMV's x̂ (``Int16X``), one token."""
+    d = _gemv_prep()
+    d["ptrs"]["xh_ptr"] = "*i32"
+    d["consts"].update(PLANES=2, PRESCALE=False, I16=True, LD_FIRST=ld_first)
+    return d
+
+
+@_spec("gemv_prep_dp4a")
+def _gemv_prep_dp4a() -> dict[str, Any]:
+    """The dp4a GEMV's prep, L_down requested first (``gemv.PREP_LD_FIRST``)."""
+    return _prep_dp4a_spec(True)
+
+
+@_spec("gemv_prep_dp4a_ld_late")
+def _gemv_prep_dp4a_ld_late() -> dict[str, Any]:
+    """The dp4a GEMV's prep, L_down requested after x̂ is stored (before v31)."""
+    return _prep_dp4a_spec(False)
+
+
 @_spec("gemv_mma")
 def _gemv_mma() -> dict[str, Any]:
     from svdquant.kernels import gemv as g

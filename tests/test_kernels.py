@@ -604,6 +604,22 @@ def test_w4a16_dp4a_x_rows_is_the_same_kernel(monkeypatch, m, tile, n, k, r):
     assert torch.equal(y0, y1) and rel_err(y1, ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
+@pytest.mark.parametrize("m", [1, 2, 5])
+@pytest.mark.parametrize(("n", "k", "r"), [(45, 1024, 3), (20, 2176, 40), (33, 200, 0)])
+def test_w4a16_prep_loads_first_is_the_same_kernel(monkeypatch, m, n, k, r):
+    """``gemv.PREP_LD_FIRST`` (the prep's L_down and first token requested before it waits
+    for anything) reorders loads only: the same output bit for bit, on the dp4a path (1-2
+    tokens, one and two rank blocks, no rank) and the packed one (5 tokens)."""
+    from svdquant.kernels import gemv
+
+    x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=5)
+    monkeypatch.setattr(gemv, "PREP_LD_FIRST", False)
+    y0 = w4a16_linear(x, *args)
+    monkeypatch.setattr(gemv, "PREP_LD_FIRST", True)
+    y1 = w4a16_linear(x, *args)
+    assert torch.equal(y0, y1) and rel_err(y1, ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
 @triton.jit
 def _dp4a_kernel(a_ptr, b_ptr, c_ptr, s_ptr, u_ptr, INTERPRET: tl.constexpr):
     i = tl.arange(0, 256)
@@ -1232,6 +1248,21 @@ def test_gpu_w4a16_dp4a_kernel_over_tiles(monkeypatch, m, tile):
     monkeypatch.setitem(gemv.TILES, "dp4a_multi", tile)
     x, args = _w4a16_case(m, 18432, 3072, 32, "int4", torch.bfloat16, bias_seed=9)
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 4, 8])
+@pytest.mark.parametrize(("n", "k", "r"), [(18432, 3072, 32), (130, 333, 40), (9216, 3072, 0)])
+def test_gpu_w4a16_prep_loads_first(monkeypatch, m, n, k, r):
+    """``gemv.PREP_LD_FIRST`` on the GPU: loads reordered, outputs bit for bit the same."""
+    from svdquant.kernels import gemv
+
+    x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=9)
+    monkeypatch.setattr(gemv, "PREP_LD_FIRST", False)
+    y0 = w4a16_linear(x, *args)
+    monkeypatch.setattr(gemv, "PREP_LD_FIRST", True)
+    y1 = w4a16_linear(x, *args)
+    assert torch.equal(y0, y1) and rel_err(y1, ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
 @pytest.mark.gpu

@@ -116,6 +116,11 @@ DP4A_MAX_M = 4
 #: 18432 (21.1 -> 20.0 µs) and 1.078x at 9216; M = 2-4 0.88-0.97x (the per-row x̂ words
 #: for every token outgrow what the layout saves) — so one token only.
 DP4A_X_ROWS_MAX_M = 1
+#: The prep kernel requests its first 32 ranks of L_down — and for the dp4a kernel the
+#: first token's x — together with the smoothing factors, before it waits for any of
+#: them (else L_down after x̂ is stored and x after 1/s is computed: two more memory
+#: round trips in the chain the GEMV waits for under PDL; ncu v31: the prep 3.8 µs).
+PREP_LD_FIRST = True
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
 PDL = True
@@ -150,6 +155,7 @@ def _prep_kernel(
     PACKED: tl.constexpr = False,
     INTERPRET: tl.constexpr = False,
     I16: tl.constexpr = False,
+    LD_FIRST: tl.constexpr = False,
 ):
     """x̂ = x · (1/s) for this program's CHUNK columns, written as [M, PLANES, KP/PLANES]
     (plane p holds the columns c ≡ p mod PLANES; zero past K; with ``PRESCALE``, plane p
@@ -165,6 +171,11 @@ def _prep_kernel(
     pid_k = tl.program_id(0)
     c = pid_k * CHUNK + tl.arange(0, CHUNK)
     cmask = c < K
+    x_first = c * 0.0
+    if LD_FIRST:  # L_down's first 32 ranks and token 0 requested with s, before any wait
+        ld = _ld_block(ld_ptr, 0, c, cmask, R, stride_ldr)
+        if I16:
+            x_first = tl.load(x_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + c, mask=cmask, other=1.0))
     dst = xh_ptr + (c % PLANES) * (KP // PLANES) + c // PLANES
     plane_inv_s = inv_s
@@ -173,7 +184,7 @@ def _prep_kernel(
         plane_inv_s = inv_s * pow2
     if I16:  # the dp4a kernel's x̂ (``Int16X``): byte planes and group scales
         _store_i16(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, stride_hm,
-                   pid_k, CHUNK)  # fmt: skip
+                   pid_k, x_first, CHUNK, LD_FIRST)  # fmt: skip
     elif PACKED:  # the packed kernel's x̂ (``PackedX``); the sums go after the planes
         _store_packed(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k, CHUNK,
                       INTERPRET)  # fmt: skip
@@ -181,22 +192,42 @@ def _prep_kernel(
         for m in range(M):
             xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask, other=0.0)
             tl.store(dst + m * stride_hm, xv.to(tl.float32) * plane_inv_s, mask=c < KP)
-    for r0 in range(0, R, 32):
-        rr = r0 + tl.arange(0, 32)
-        ld = tl.load(
-            ld_ptr + rr[:, None] * stride_ldr + c[None, :],
-            mask=(rr < R)[:, None] & cmask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        for m in range(M):
-            xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask, other=0.0)
-            part = tl.sum(ld * (xv.to(tl.float32) * inv_s)[None, :], axis=1)
-            tl.store(lora_ptr + pid_k * stride_ls + m * stride_lm + rr, part, mask=rr < R)
+    r_start = 0
+    if LD_FIRST:
+        _lora_block(x_ptr, lora_ptr, ld, 0, c, cmask, inv_s, M, R, stride_xm, stride_ls,
+                    stride_lm, pid_k)  # fmt: skip
+        r_start = 32
+    for r0 in range(r_start, R, 32):
+        ld = _ld_block(ld_ptr, r0, c, cmask, R, stride_ldr)
+        _lora_block(x_ptr, lora_ptr, ld, r0, c, cmask, inv_s, M, R, stride_xm, stride_ls,
+                    stride_lm, pid_k)  # fmt: skip
+
+
+@triton.jit
+def _ld_block(ld_ptr, r0, c, cmask, R, stride_ldr):
+    """Ranks r0 … r0 + 31 of L_down at this program's columns, fp32 [32, CHUNK]."""
+    rr = r0 + tl.arange(0, 32)
+    return tl.load(
+        ld_ptr + rr[:, None] * stride_ldr + c[None, :],
+        mask=(rr < R)[:, None] & cmask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+
+
+@triton.jit
+def _lora_block(x_ptr, lora_ptr, ld, r0, c, cmask, inv_s, M, R, stride_xm, stride_ls,
+                stride_lm, pid_k):  # fmt: skip
+    """This chunk's share of ``x̂ · L_downᵀ`` for ranks r0 … r0 + 31, every token."""
+    rr = r0 + tl.arange(0, 32)
+    for m in range(M):
+        xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask, other=0.0)
+        part = tl.sum(ld * (xv.to(tl.float32) * inv_s)[None, :], axis=1)
+        tl.store(lora_ptr + pid_k * stride_ls + m * stride_lm + rr, part, mask=rr < R)
 
 
 @triton.jit
 def _store_i16(x_ptr, xq_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, stride_qm, pid_k,
-               CHUNK: tl.constexpr):  # fmt: skip
+               x_first, CHUNK: tl.constexpr, X_FIRST: tl.constexpr):  # fmt: skip
     """This chunk's x̂ for the dp4a kernel: per token and group of 64 columns, x̂ as 16-bit
     integers ``q = round(x̂ / s)`` against ``s = max |x̂| / 32767`` (relative error ≤ 2⁻¹⁶
     of the group's largest value), split into a signed high byte and an unsigned low
@@ -204,15 +235,23 @@ def _store_i16(x_ptr, xq_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, stride_
     nibbles: planes [hi even, hi odd, lo even, lo odd][KP/8] (byte b of word i: column
     8i + 2b, or 8i + 2b + 1 for the odd planes), int32 [M, 4, KP/8]; and ``s / 16``
     (the kernel's codes are 16 · code), fp32 [M, KP/64]. A non-finite group keeps a
-    non-finite scale, so NaN and Inf still reach the token's outputs."""
+    non-finite scale, so NaN and Inf still reach the token's outputs. ``X_FIRST``: token 0's
+    x is ``x_first`` (loaded by the caller before it waited for anything) and each next
+    token's is requested a token ahead."""
     GPC: tl.constexpr = CHUNK // 64
     WPC: tl.constexpr = CHUNK // 8
     KW = KP // 8
     g = pid_k * GPC + tl.arange(0, GPC)
     wi = pid_k * WPC + tl.arange(0, WPC)
     shifts = (8 * tl.arange(0, 4))[None, :]
+    x_next = x_first
     for m in range(M):
-        xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask, other=0.0).to(tl.float32) * inv_s
+        if X_FIRST:
+            xv = x_next * inv_s
+            more = cmask & (c * 0 + m + 1 < M)  # a tensor mask (the interpreter's)
+            x_next = tl.load(x_ptr + (m + 1) * stride_xm + c, mask=more, other=0.0).to(tl.float32)
+        else:
+            xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask, other=0.0).to(tl.float32) * inv_s
         xg = tl.reshape(xv, [GPC, 64])
         amax = tl.max(tl.abs(xg), axis=1)
         inv = tl.where(amax > 0, 32767.0 / tl.where(amax > 0, amax, 1.0), 0.0)
@@ -948,7 +987,7 @@ def prep(
         x, smooth, lowrank_down, xh, lora, sums, m, k, kp, r,
         x.stride(0), lowrank_down.stride(0), xh.stride(0), lora.stride(0), lora.stride(1),
         CHUNK=LORA_CHUNK, PLANES=planes, PRESCALE=fma and fmt == "int4", PDL=pdl,
-        PACKED=packed, INTERPRET=interpreting(), I16=i16, num_warps=4,
+        PACKED=packed, INTERPRET=interpreting(), I16=i16, LD_FIRST=PREP_LD_FIRST, num_warps=4,
     )  # fmt: skip
     if packed:
         return PackedX(xh, sums), lora[..., :r]
