@@ -120,6 +120,9 @@ DP4A_X_ROWS_MAX_M = 1
 #: first token's x — together with the smoothing factors, before it waits for any of
 #: them (else L_down after x̂ is stored and x after 1/s is computed: two more memory
 #: round trips in the chain the GEMV waits for under PDL; ncu v31: the prep 3.8 µs).
+#: H200, 2026-11-29 (``probe_layer.py --what gemv``, the whole ``w4a16_linear`` against
+#: the old order): 1.03x at one token, 1.04-1.08x at 2-4 (N = 18432 / 9216), 1.01-1.02x
+#: at 8 (the packed kernel). Same outputs bit for bit.
 PREP_LD_FIRST = True
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
