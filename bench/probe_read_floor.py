@@ -72,6 +72,18 @@ def bare_read(codes: torch.Tensor, scales: torch.Tensor, tile) -> torch.Tensor:
     return out
 
 
+def best_tile(run, tiles) -> tuple[tuple, list[dict]]:
+    """The fastest of ``tiles`` for ``run(tile)`` (CUDA graph), and every tile's time or
+    the error it raised."""
+    sweep = []
+    for tile in tiles:
+        try:
+            sweep.append({"tile": tile, "us": bench_graph(lambda t=tile: run(t))})
+        except Exception as e:  # a tile that does not compile
+            sweep.append({"tile": tile, "error": str(e)[:100]})
+    return tuple(min((s for s in sweep if "us" in s), key=lambda s: s["us"])["tile"]), sweep
+
+
 def probe_shape(n: int, k: int, copy_gbs: float) -> dict:
     """One shape: the bare read's tile sweep, then the four cases timed both ways."""
     layer = Layer(n, k)
@@ -79,14 +91,7 @@ def probe_shape(n: int, k: int, copy_gbs: float) -> dict:
     codes = layer.qweight.contiguous().view(torch.int32)
     scales = layer.wscales.contiguous()
     nbytes = codes.numel() * 4 + scales.numel() * scales.element_size()
-    sweep = []
-    for tile in TILES:
-        try:
-            us = bench_graph(lambda t=tile: bare_read(codes, scales, t))
-            sweep.append({"tile": tile, "us": us})
-        except Exception as e:  # a tile that does not compile
-            sweep.append({"tile": tile, "error": str(e)[:100]})
-    tile = tuple(min((s for s in sweep if "us" in s), key=lambda s: s["us"])["tile"])
+    tile, sweep = best_tile(lambda t: bare_read(codes, scales, t), TILES)
     row = {"N": n, "K": k, "bytes": nbytes, "sweep": sweep, "read_tile": tile}
     cases = {
         "read": lambda: bare_read(codes, scales, tile),

@@ -262,3 +262,16 @@ def test_read_floor_kernel_reads_every_byte():
         assert tile in floor.TILES
         torch.testing.assert_close(floor.bare_read(codes, scales, tile), want, rtol=1e-6, atol=0)
     assert all(4 <= r * w // (32 * nw) <= 128 for r, w, nw in floor.TILES)
+
+
+def test_quantize_floor_kernel_moves_the_quantize_bytes():
+    """``probe_quantize_floor``'s move kernel (the floor under the quantize's bar) reads
+    every bf16 element and writes one byte for each — edges that are not whole tiles
+    included."""
+    floor = _load("probe_quantize_floor")
+    x = torch.randn(37, 333, generator=torch.Generator().manual_seed(1)).bfloat16()
+    want = (x.view(torch.int16) >> 8).to(torch.int8)
+    for tile in [(4, 256, 2), (16, 512, 4), (32, 512, 8)]:
+        assert tile in floor.TILES
+        assert torch.equal(floor.move(x, tile), want)
+    assert all(8 <= bm * bk // (32 * nw) <= 64 for bm, bk, nw in floor.TILES)
