@@ -10,6 +10,9 @@ flush leaves dirty lines; and with the L2 emptied by reading, ``bench_graph_clea
 * ``read``: a Triton kernel that reads exactly those bytes (codes and scales, 16-byte
   loads) and writes one number per row — no arithmetic to speak of — over a sweep of
   (rows per program, words per step, warps), best kept;
+* ``read_persistent``: the same result from a fixed grid (1-4 programs per SM) walking
+  row blocks with 1-4 blocks' loads in flight (Triton's pipeliner), best of a sweep —
+  whether a different reading scheme lowers the floor (v31's ``read``: 45% of copy);
 * ``torch_sum``: ``codes.sum()`` (PyTorch's reduction, 28 MB read, one number written);
 * the GEMV itself (rank 32 + bias) and BF16 ``F.linear`` (with bias).
 
@@ -72,6 +75,51 @@ def bare_read(codes: torch.Tensor, scales: torch.Tensor, tile) -> torch.Tensor:
     return out
 
 
+#: (rows a step, programs per SM, pipeline stages, warps) swept for the persistent read.
+PERSISTENT_TILES = [
+    (r, pps, st, nw)
+    for r, pps, st, nw in itertools.product((4, 8, 16), (1, 2, 4), (1, 2, 3, 4), (4,))
+    if r * 512 // (32 * nw) <= 64 and r * 1536 * st * pps <= 160 * 1024  # registers, smem
+]
+
+
+@triton.jit
+def _read_persistent_kernel(q_ptr, s_ptr, out_ptr, N, KW: tl.constexpr, KS: tl.constexpr,
+                            ROWS: tl.constexpr, BW: tl.constexpr, BS: tl.constexpr,
+                            STAGES: tl.constexpr):  # fmt: skip
+    """``_read_kernel``'s result with a fixed grid: each program walks row blocks (whole
+    rows a step), the next ``STAGES - 1`` blocks' loads in flight through Triton's
+    pipeliner (shared memory), so an SM keeps reading between its blocks."""
+    cols = tl.arange(0, BW)
+    scols = tl.arange(0, BS)
+    for blk in tl.range(tl.program_id(0), tl.cdiv(N, ROWS), tl.num_programs(0),
+                        num_stages=STAGES):  # fmt: skip
+        rows = blk * ROWS + tl.arange(0, ROWS)
+        rmask = rows < N
+        w = tl.load(q_ptr + rows[:, None] * KW + cols[None, :],
+                    mask=rmask[:, None] & (cols[None, :] < KW), other=0)  # fmt: skip
+        sc = tl.load(s_ptr + rows[:, None] * KS + scols[None, :],
+                     mask=rmask[:, None] & (scols[None, :] < KS), other=0.0)  # fmt: skip
+        total = tl.xor_sum(w, 1).to(tl.float32) + tl.sum(sc.to(tl.float32), 1)
+        tl.store(out_ptr + rows, total, mask=rmask)
+
+
+def bare_read_persistent(codes: torch.Tensor, scales: torch.Tensor, tile) -> torch.Tensor:
+    """``bare_read`` by ``tile[1]`` programs per SM walking blocks of ``tile[0]`` rows."""
+    rows, pps, stages, warps = tile
+    n, kw = codes.shape
+    out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    sms = (
+        torch.cuda.get_device_properties(codes.device).multi_processor_count if codes.is_cuda else 4
+    )
+    grid = (min(triton.cdiv(n, rows), sms * pps),)
+    _read_persistent_kernel[grid](
+        codes, scales, out, n, kw, scales.shape[1], ROWS=rows, BW=triton.next_power_of_2(kw),
+        BS=triton.next_power_of_2(scales.shape[1]), STAGES=stages, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
 def best_tile(run, tiles) -> tuple[tuple, list[dict]]:
     """The fastest of ``tiles`` for ``run(tile)`` (CUDA graph), and every tile's time or
     the error it raised."""
@@ -92,9 +140,12 @@ def probe_shape(n: int, k: int, copy_gbs: float) -> dict:
     scales = layer.wscales.contiguous()
     nbytes = codes.numel() * 4 + scales.numel() * scales.element_size()
     tile, sweep = best_tile(lambda t: bare_read(codes, scales, t), TILES)
-    row = {"N": n, "K": k, "bytes": nbytes, "sweep": sweep, "read_tile": tile}
+    ptile, psweep = best_tile(lambda t: bare_read_persistent(codes, scales, t), PERSISTENT_TILES)
+    row = {"N": n, "K": k, "bytes": nbytes, "sweep": sweep, "read_tile": tile,
+           "persistent_sweep": psweep, "persistent_tile": ptile}  # fmt: skip
     cases = {
         "read": lambda: bare_read(codes, scales, tile),
+        "read_persistent": lambda: bare_read_persistent(codes, scales, ptile),
         "torch_sum": lambda: codes.sum(),
         "gemv": lambda: layer.w4a16(x),
         "bf16": lambda: F.linear(x, layer.w16, layer.bias),
@@ -103,6 +154,7 @@ def probe_shape(n: int, k: int, copy_gbs: float) -> dict:
         row[f"{name}_us"] = bench_graph(fn)
         row[f"{name}_clean_us"] = bench_graph_clean(fn)
     row["read_pct_copy"] = 100 * nbytes / row["read_us"] / 1e3 / copy_gbs
+    row["read_persistent_pct_copy"] = 100 * nbytes / row["read_persistent_us"] / 1e3 / copy_gbs
     row["gemv_pct_copy"] = 100 * nbytes / row["gemv_us"] / 1e3 / copy_gbs
     return row
 
@@ -130,6 +182,10 @@ def main() -> None:
               f"{r['torch_sum_us']:9.1f} | {cols[1]} | {cols[2]} | "
               f"{r['gemv_us'] / r['read_us']:9.2f} {r['bf16_us'] / r['gemv_us']:9.2f} "
               f"{r['bf16_us'] / r['read_us']:9.2f}")  # fmt: skip
+        print(f"{'':12} | persistent read {r['persistent_tile']}: {r['read_persistent_us']:5.1f} "
+              f"({r['read_persistent_clean_us']:5.1f}) µs, "
+              f"{r['read_persistent_pct_copy']:.0f}% of copy, "
+              f"BF16 / it {r['bf16_us'] / r['read_persistent_us']:.2f}")  # fmt: skip
     print("->", write_result(result, a.out, "probe_read_floor"))
 
 

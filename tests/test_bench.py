@@ -261,6 +261,10 @@ def test_read_floor_kernel_reads_every_byte():
     for tile in [(1, 128, 1), (8, 256, 2), (32, 512, 4)]:
         assert tile in floor.TILES
         torch.testing.assert_close(floor.bare_read(codes, scales, tile), want, rtol=1e-6, atol=0)
+    for tile in [(4, 1, 2, 4), (16, 2, 1, 4), (8, 4, 3, 4)]:  # more blocks than programs
+        assert tile in floor.PERSISTENT_TILES
+        got = floor.bare_read_persistent(codes, scales, tile)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     assert all(4 <= r * w // (32 * nw) <= 128 for r, w, nw in floor.TILES)
 
 
