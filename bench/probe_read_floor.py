@@ -36,6 +36,8 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).parent))
 from gemm import Layer, bench_graph, bench_graph_clean, copy_bandwidth, run_info, write_result
 
+from svdquant.kernels._triton_common import num_sms
+
 #: (rows per program, 32-bit words of a row per step, warps) swept for the bare read.
 TILES = [
     (r, w, nw)
@@ -109,9 +111,7 @@ def bare_read_persistent(codes: torch.Tensor, scales: torch.Tensor, tile) -> tor
     rows, pps, stages, warps = tile
     n, kw = codes.shape
     out = torch.empty(n, dtype=torch.float32, device=codes.device)
-    sms = (
-        torch.cuda.get_device_properties(codes.device).multi_processor_count if codes.is_cuda else 4
-    )
+    sms = num_sms(codes.device, cpu=4)
     grid = (min(triton.cdiv(n, rows), sms * pps),)
     _read_persistent_kernel[grid](
         codes, scales, out, n, kw, scales.shape[1], ROWS=rows, BW=triton.next_power_of_2(kw),
