@@ -395,7 +395,6 @@ def _gemm(
             BLOCK_R2=32 if next_int4 else 16,
             TAIL=tail,
             TMA=tma,
-            PDL=True,
             BLOCK_M=128,
             BLOCK_N=256,
             BLOCK_K=128,

@@ -17,7 +17,6 @@ import itertools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from svdquant.kernels._triton_common import (
@@ -30,7 +29,6 @@ from svdquant.kernels._triton_common import (
     interpreting,
     needs_bf16_rounding,
     num_sms,
-    pdl_supported,
     round_bf16,
 )
 from svdquant.kernels.quantize import quantize_tile
@@ -160,14 +158,11 @@ def _fp8_gemm_kernel(
     BLOCK_R2: tl.constexpr,
     TAIL: tl.constexpr,
     TMA: tl.constexpr,
-    PDL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    if PDL:  # launched as the quantize's programmatic dependent: its outputs are read next
-        gdc_wait()
     # Grouped tile order: GROUP_M row-tiles share the columns they read from L2.
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -396,8 +391,7 @@ def _launch(
     r = lowrank_up.shape[1]
     if nxt is None:
         s2 = ld2 = sc2 = xq2 = s_channel  # never read
-        # autotune zeroes it between trials; empty, so that no kernel runs between the
-        # quantize and this GEMM (its programmatic dependent, ``PDL``)
+        # autotune zeroes it between trials; empty: no fill kernel a call
         lora2 = torch.empty(1, device=xq.device)
         k2_out = r2 = 0
         act, int4 = "none", False
@@ -427,7 +421,6 @@ def _launch(
         ws = cnt = lora2  # never read
     tma = _tma_ok(xq, wq)
     a, b = (_descriptor(xq), _descriptor(wq)) if tma else (xq, wq)
-    pdl = PDL and pdl_supported(xq.device)
     _fp8_gemm_kernel[grid](
         a,
         b,
@@ -471,18 +464,7 @@ def _launch(
         BLOCK_R2=max(16, triton.next_power_of_2(max(r2, 1))),
         TAIL=tail_on,
         TMA=tma,
-        PDL=pdl,
-        **({"launch_pdl": True} if pdl else {}),
     )
-
-
-#: Launch the GEMM as a programmatic dependent (sm_90+): its programs may be scheduled
-#: while the kernel before it (the quantize, ``quantize_act(trigger=True)`` from
-#: ``ops.quantize_and_widen``) finishes its last wave, and wait (``gdc_wait``) for it to
-#: complete before their first load — the launch and the programs' set-up leave the
-#: critical path. Correct after any kernel: one that does not trigger early just lets
-#: the GEMM launch when it ends.
-PDL = True
 
 
 #: Read the GEMM's operands through tensor descriptors (TMA: the copy engine moves whole

@@ -165,7 +165,6 @@ def quantize_and_widen(
     overlap (``OVERLAP_WIDEN``): the quantize as the widen's programmatic dependent
     (``WIDEN_FIRST``) or the other way round. The weights' conversions come first, so no
     copy kernel sits between."""
-    from svdquant.kernels import gemm
     from svdquant.kernels.quantize import quantize_act as quantize
     from svdquant.kernels.widen import widen_weight as widen
 
@@ -187,11 +186,7 @@ def quantize_and_widen(
         out = _quantized_like(x, lowrank_down, k_out)
         out[1].zero_()  # the K splits' low-rank partial sums meet in it
         wq, s_channel = widen(qweight, wscales, wtensor_scale, fmt, trigger=True)
-        # the quantize lets the GEMM (its programmatic dependent, ``gemm.PDL``) start early
-        xq, lora = quantize(
-            x, smooth, lowrank_down, act_scale, k_out, act_fmt, trigger=gemm.PDL, pdl=True,
-            out=out,
-        )  # fmt: skip
+        xq, lora = quantize(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl=True, out=out)
         return xq, lora, wq, s_channel
     xq, lora = quantize(x, smooth, lowrank_down, act_scale, k_out, act_fmt, trigger=overlap)
     wq, s_channel = widen(qweight, wscales, wtensor_scale, fmt, pdl=overlap)

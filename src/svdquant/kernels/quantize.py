@@ -178,9 +178,8 @@ def _quantize_act_kernel(
     PDL_WAIT_LAST: tl.constexpr = False,
 ):
     # With PDL_TRIGGER the next kernel, launched as this one's programmatic dependent (the
-    # widen, ``widen.widen_weight(pdl=True)``, or the GEMM, ``gemm.PDL``), may start as
-    # soon as every program of this one has: it fills the SMs this kernel's last wave
-    # leaves idle (the GEMM's programs then wait there for this kernel's end).
+    # widen, ``widen.widen_weight(pdl=True)``), may start as soon as every program of this
+    # one has: it fills the SMs this kernel's last wave leaves idle.
     if PDL_TRIGGER:
         gdc_launch_dependents()
     # Each program walks BLOCK_K columns (whole groups) at a time through its rows' share
@@ -268,7 +267,7 @@ def quantize_act(
     — read from the two tensors (``quantize_act_cat_ref``): a layer whose input is a
     concatenation (FLUX's single-block ``proj_out``) needs no concatenated copy and no
     separate activation pass. ``trigger``: let a programmatic dependent launched next
-    (``widen_weight(pdl=True)``, the GEMM) start early, where the GPU has it. ``pdl``: launched as
+    (``widen_weight(pdl=True)``) start early, where the GPU has it. ``pdl``: launched as
     the previous kernel's programmatic dependent — only right after
     ``widen_weight(trigger=True)``, into buffers ``out = (xq, lora_act)`` allocated (the
     latter zeroed) before that launch, so that no kernel comes between.
