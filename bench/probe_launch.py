@@ -1,0 +1,125 @@
+"""Where an eager layer call's CPU time goes: the cost a step pays without CUDA graphs.
+
+    PYTHONPATH=src python bench/probe_launch.py [--out DIR]
+
+A FLUX.1-dev step launches ~500 quantized layers; eagerly (no CUDA graph, no
+``torch.compile``) the step is CPU-bound (v31: 208 ms eager against 141 ms replayed from
+a graph, BF16 eager 173.5). Here each piece of one layer call is timed on the CPU side:
+shapes small enough (M = 64, N = K = 256) that the GPU finishes each launch before the
+next is issued, so ``n`` calls in a row, one synchronization at the end, give the
+host's µs per call. Pieces: BF16 ``F.linear`` (PyTorch's floor), an empty Triton kernel
+(Triton's launch floor), the three kernels' Python launchers, the two custom ops, the
+whole ``svdq_linear_triton`` and ``SVDQLinear.forward`` (with its input checks), and the
+W4A16 path at one token; then a cProfile of the whole layer call (top functions by own
+time) written beside the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gemm import Layer, run_info, write_result
+
+import svdquant
+from svdquant.kernels import ops
+from svdquant.kernels.gemm import fp8_gemm
+from svdquant.kernels.quantize import quantize_act
+from svdquant.kernels.widen import widen_weight
+
+
+@triton.jit
+def _empty_kernel(x_ptr, n):
+    pass
+
+
+def host_us(fn, n: int = 400) -> float:
+    """µs of host time per call of ``fn`` (the GPU keeps up at these sizes)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def module(layer: Layer) -> svdquant.SVDQLinear:
+    """An ``SVDQLinear`` holding ``layer``'s tensors (backend ``triton``)."""
+    lin = torch.nn.Linear(layer.in_features, layer.out_features).cuda().bfloat16()
+    calib = torch.randn(64, layer.in_features, device="cuda").bfloat16()
+    mod = svdquant.quantize_linear(lin, calib, fmt="int4", act_fmt="int4", rank=32)
+    mod.backend = "triton"
+    return mod
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument("--m", type=int, default=64)
+    p.add_argument("--nk", type=int, default=256)
+    a = p.parse_args()
+    torch.manual_seed(0)
+    m, nk = a.m, a.nk
+    layer = Layer(nk, nk)
+    x = torch.randn(m, nk, device="cuda").bfloat16()
+    x1 = x[:1].clone()
+    w16 = layer.w16
+    s = ops._act_scale(layer.act_amax)
+    kp = layer.qweight.shape[1] * 2
+    w = (layer.qweight, layer.wscales, layer.wtensor_scale)
+    xq, lora = quantize_act(x, layer.smooth, layer.down, s, kp, "int4")
+    wq, s_ch = widen_weight(*w, "int4")
+    mod = module(layer)
+    cases = {
+        "F.linear bf16": lambda: F.linear(x, w16, layer.bias),
+        "empty triton kernel": lambda: _empty_kernel[(1,)](x, 1),
+        "quantize_act (launcher)": lambda: quantize_act(x, layer.smooth, layer.down, s, kp, "int4"),
+        "widen_weight (launcher)": lambda: widen_weight(*w, "int4"),
+        "fp8_gemm (launcher)": lambda: fp8_gemm(
+            xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16
+        ),
+        "act scale (S = amax / 224)": lambda: ops._act_scale(layer.act_amax),
+        "op quantize_and_widen": lambda: torch.ops.svdquant.quantize_and_widen(
+            x, layer.smooth, layer.down, s, kp, "int4", *w, "int4"
+        ),
+        "op fp8_gemm": lambda: torch.ops.svdquant.fp8_gemm(
+            xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16
+        ),
+        "svdq_linear_triton": lambda: layer(x),
+        "SVDQLinear.forward": lambda: mod(x),
+        "W4A16 layer, M = 1": lambda: layer(x1, act_fmt="none"),
+    }
+    result: dict = {**run_info(), "M": m, "N": nk, "K": nk, "host_us": {}}
+    for name, fn in cases.items():
+        result["host_us"][name] = host_us(fn)
+        print(f"{name:30s} {result['host_us'][name]:8.1f} µs", flush=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        mod(x)
+    torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(40)
+    result["profile_top"] = buf.getvalue()
+    path = write_result(result, a.out, "probe_launch")
+    print(buf.getvalue()[:11000])
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
