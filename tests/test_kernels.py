@@ -1046,6 +1046,30 @@ def test_backend_choice_is_a_constant_under_compile(two_gpus):
     assert torch.equal(y, torch.ones(2)) and chosen == "reference"
 
 
+def test_eager_calls_skip_the_dispatcher(monkeypatch):
+    """An eager layer call runs the ops' implementations directly (the dispatcher costs
+    host time on every call), tracing and tensor subclasses get the registered ops — and
+    the layer gives the same outputs both ways."""
+    from svdquant.kernels import ops
+
+    x = torch.randn(5, 64, device=DEVICE)
+    assert ops._ops(x) is ops._EAGER
+    assert ops._ops(torch.nn.Parameter(x)) is torch.ops.svdquant
+    for name in ("quantize_and_widen", "fp8_gemm", "w4a16_linear", "fp8_gemm_split"):
+        assert callable(getattr(ops._EAGER, name))
+        assert hasattr(torch.ops.svdquant, name)
+    _, layer, calib = _layer("int4", "int4", k=128, n=48)
+    layer.backend = "triton"
+    fc2 = _layer("int4", "int4", k=48, n=40)[1]
+    fc2.backend = "triton"
+    eager = (layer(calib[:33]), ops.svdq_mlp_triton(calib[:33], layer, fc2))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert ops._ops(x) is torch.ops.svdquant
+    dispatched = (layer(calib[:33]), ops.svdq_mlp_triton(calib[:33], layer, fc2))
+    for a, b in zip(eager, dispatched, strict=True):
+        assert rel_err(a, b) < 1e-6  # (the low-rank sums meet through atomics on a GPU)
+
+
 def test_custom_ops_opcheck():
     """Schemas, fake implementations and real ones agree (torch.library.opcheck)."""
     _, layer, calib = _layer("int4", "int4", k=128, n=48)

@@ -8,6 +8,7 @@ from even). The fp8 cast that follows them converts an exactly representable val
 
 from __future__ import annotations
 
+import functools
 import os
 
 import triton
@@ -17,27 +18,41 @@ import triton.language as tl
 E4M3_MAX: float = 448.0
 
 
+@functools.cache
 def interpreting() -> bool:
-    """Whether triton runs kernels in its CPU interpreter (read at kernel import time)."""
+    """Whether triton runs kernels in its CPU interpreter (read once, as triton reads it
+    when the kernels are imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _cuda_props(index: int) -> tuple[int, int]:
+    """(multiprocessors, compute capability major) of CUDA GPU ``index``: asked once — a
+    launcher asks per call, and the driver query costs microseconds of host time."""
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.major
+
+
+def _index(device) -> int:
+    import torch
+
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def num_sms(device, cpu: int = 1) -> int:
     """Multiprocessors of ``device`` (the launchers size their K splits by it); ``cpu``
     under the interpreter, where a value above 1 exercises the split in CI."""
-    import torch
-
     if device.type != "cuda":
         return cpu
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_props(_index(device))[0]
 
 
 def hopper_or_later(device) -> bool:
     """Whether ``device`` is a CUDA GPU of compute capability 9 or more (sm_90: tensor
     descriptors, programmatic dependent launches)."""
-    import torch
-
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cuda" and _cuda_props(_index(device))[1] >= 9
 
 
 def pdl_supported(device) -> bool:

@@ -381,6 +381,21 @@ def _tail_plan(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int):
     return full, tail, slices
 
 
+_DUMMIES: dict[torch.device, torch.Tensor] = {}
+
+
+def _dummy(device: torch.device) -> torch.Tensor:
+    """A one-element buffer on ``device`` for the pointer arguments a launch never reads,
+    kept from call to call (an allocation is host time on every eager call); one made
+    while a CUDA graph is being captured is not kept (it lives in the graph's pool)."""
+    t = _DUMMIES.get(device)
+    if t is None:
+        t = torch.empty(1, device=device)
+        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            _DUMMIES[device] = t
+    return t
+
+
 def _launch(
     xq, wq, lora_act, lowrank_up, s_channel, act_scale, bias, out, nxt, bounds=None
 ) -> None:
@@ -391,8 +406,7 @@ def _launch(
     r = lowrank_up.shape[1]
     if nxt is None:
         s2 = ld2 = sc2 = xq2 = s_channel  # never read
-        # autotune zeroes it between trials; empty: no fill kernel a call
-        lora2 = torch.empty(1, device=xq.device)
+        lora2 = _dummy(xq.device)  # autotune zeroes it between trials
         k2_out = r2 = 0
         act, int4 = "none", False
         strides2 = (0, 0, 0)

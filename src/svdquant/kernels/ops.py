@@ -10,6 +10,9 @@ work around them. Triton is imported on the first real call, not here.
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
+
 import torch
 
 from svdquant.kernels import reference
@@ -24,6 +27,34 @@ __all__ = [
 ]
 
 _FP8 = torch.float8_e4m3fn
+
+#: The ops' Python implementations, by op name: what an eager call runs directly.
+_EAGER = types.SimpleNamespace()
+
+
+def _op(name: str) -> Callable[[Callable], torch.library.CustomOpDef]:
+    """Register the decorated function as the custom op ``svdquant::name`` (no mutated
+    arguments) and keep it in ``_EAGER`` for ``_ops``."""
+
+    def register(fn: Callable) -> torch.library.CustomOpDef:
+        setattr(_EAGER, name, fn)
+        return torch.library.custom_op(f"svdquant::{name}", mutates_args=())(fn)
+
+    return register
+
+
+def _ops(x: torch.Tensor):
+    """The engine's ops for a layer call on ``x``: ``torch.ops.svdquant`` while
+    ``torch.compile`` or ``torch.export`` traces (or ``x`` is a fake or other tensor
+    subclass), so the graph holds opaque nodes with fake implementations; otherwise the
+    implementations themselves. An eager call through the dispatcher costs ~50 µs of host
+    time an op (H200, ``bench/probe_launch.py``) — a FLUX step runs ~1000 of them, and
+    without CUDA graphs the step is bound by the host."""
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+        return torch.ops.svdquant
+    return _EAGER
+
+
 #: on a layer's ``act_amax`` tensor: (its version counter, the scale S computed from it)
 _SCALE_ATTR = "_svdquant_act_scale"
 
@@ -55,7 +86,7 @@ def _act_scale(act_amax: torch.Tensor) -> torch.Tensor:
     return s
 
 
-@torch.library.custom_op("svdquant::quantize_act", mutates_args=())
+@_op("quantize_act")
 def quantize_act(
     x: torch.Tensor,
     smooth: torch.Tensor,
@@ -85,7 +116,7 @@ def _(x, smooth, lowrank_down, act_scale, k_out, act_fmt):
     return _quantized_like(x, lowrank_down, k_out)
 
 
-@torch.library.custom_op("svdquant::quantize_act_cat", mutates_args=())
+@_op("quantize_act_cat")
 def quantize_act_cat(
     x: torch.Tensor,
     tail: torch.Tensor,
@@ -107,7 +138,7 @@ def _(x, tail, tail_act, smooth, lowrank_down, act_scale, k_out, act_fmt):
     return _quantized_like(x, lowrank_down, k_out)
 
 
-@torch.library.custom_op("svdquant::widen_weight", mutates_args=())
+@_op("widen_weight")
 def widen_weight(
     qweight: torch.Tensor, wscales: torch.Tensor, wtensor_scale: torch.Tensor, fmt: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +178,7 @@ OVERLAP_MIN_M = 64
 OVERLAP_MAX_WEIGHTS: int | None = None
 
 
-@torch.library.custom_op("svdquant::quantize_and_widen", mutates_args=())
+@_op("quantize_and_widen")
 def quantize_and_widen(
     x: torch.Tensor,
     smooth: torch.Tensor,
@@ -203,7 +234,7 @@ def _(x, smooth, lowrank_down, act_scale, k_out, act_fmt, qweight, wscales, wten
     )
 
 
-@torch.library.custom_op("svdquant::dequantize_weight", mutates_args=())
+@_op("dequantize_weight")
 def dequantize_weight(
     qweight: torch.Tensor,
     wscales: torch.Tensor,
@@ -222,7 +253,7 @@ def _(qweight, wscales, wtensor_scale, fmt, dtype):
     return qweight.new_empty(qweight.shape[0], qweight.shape[1] * 2, dtype=dtype)
 
 
-@torch.library.custom_op("svdquant::fp8_gemm", mutates_args=())
+@_op("fp8_gemm")
 def fp8_gemm(
     xq: torch.Tensor,
     wq: torch.Tensor,
@@ -244,7 +275,7 @@ def _(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype):
     return xq.new_empty(xq.shape[0], wq.shape[0], dtype=out_dtype)
 
 
-@torch.library.custom_op("svdquant::fp8_gemm_split", mutates_args=())
+@_op("fp8_gemm_split")
 def fp8_gemm_split(
     xq: torch.Tensor,
     wq: torch.Tensor,
@@ -268,7 +299,7 @@ def _(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, sizes
     return xq.new_empty(xq.shape[0] * wq.shape[0], dtype=out_dtype)
 
 
-@torch.library.custom_op("svdquant::fp8_gemm_quantize_next", mutates_args=())
+@_op("fp8_gemm_quantize_next")
 def fp8_gemm_quantize_next(
     xq: torch.Tensor,
     wq: torch.Tensor,
@@ -304,7 +335,7 @@ def _(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, activ
     )
 
 
-@torch.library.custom_op("svdquant::w4a16_linear", mutates_args=())
+@_op("w4a16_linear")
 def w4a16_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -337,7 +368,7 @@ def _fp8_operands(x2, qweight, wscales, wtensor_scale, smooth, act_amax, lowrank
     quantize (with the low-rank down projection) and the weight widen. Returns
     ``(xq, lora_act, wq, s_channel, S)``."""
     s = _act_scale(act_amax)
-    xq, lora, wq, s_channel = torch.ops.svdquant.quantize_and_widen(
+    xq, lora, wq, s_channel = _ops(x2).quantize_and_widen(
         x2, smooth, lowrank_down, s, qweight.shape[1] * 2, act_fmt, qweight, wscales,
         wtensor_scale, fmt,
     )  # fmt: skip
@@ -370,11 +401,11 @@ def svdq_linear_triton(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if act_fmt == "none" and x2.shape[0] <= MAX_GEMV_M:
-        y = torch.ops.svdquant.w4a16_linear(
+        y = _ops(x2).w4a16_linear(
             x2, qweight, wscales, wtensor_scale, smooth, lowrank_down, lowrank_up, bias, fmt
         )
     elif act_fmt == "none" and x.dtype in (torch.bfloat16, torch.float16):
-        w = torch.ops.svdquant.dequantize_weight(qweight, wscales, wtensor_scale, fmt, x.dtype)
+        w = _ops(x2).dequantize_weight(qweight, wscales, wtensor_scale, fmt, x.dtype)
         xh = (x2.float() * (1.0 / smooth.float())).to(x.dtype)
         y = torch.nn.functional.linear(xh, w[:, :k], bias)
         if lowrank_down.shape[0]:
@@ -383,7 +414,7 @@ def svdq_linear_triton(
         xq, lora, wq, s_channel, s = _fp8_operands(
             x2, qweight, wscales, wtensor_scale, smooth, act_amax, lowrank_down, fmt, act_fmt
         )
-        y = torch.ops.svdquant.fp8_gemm(xq, wq, s_channel, s, lora, lowrank_up, bias, x.dtype)
+        y = _ops(x2).fp8_gemm(xq, wq, s_channel, s, lora, lowrank_up, bias, x.dtype)
     else:
         y = reference.svdq_linear(
             x2,
@@ -426,7 +457,7 @@ def svdq_linear_split_triton(layer: torch.nn.Module, x: torch.Tensor, sizes: lis
         x2, layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth, layer.act_amax,
         layer.lowrank_down, layer.fmt, layer.act_fmt,
     )  # fmt: skip
-    flat = torch.ops.svdquant.fp8_gemm_split(
+    flat = _ops(x2).fp8_gemm_split(
         xq, wq, s_channel, s, lora, layer.lowrank_up, layer.bias, x.dtype, list(sizes)
     )
     out, start = [], 0
@@ -465,7 +496,7 @@ def svdq_linear_cat_triton(
     lead = x.shape[:-1]
     x2, t2 = x.reshape(-1, k1), tail.reshape(-1, tail.shape[-1])
     s = _act_scale(layer.act_amax)
-    ops = torch.ops.svdquant
+    ops = _ops(x2)
     xq, lora = ops.quantize_act_cat(
         x2, t2, tail_act, layer.smooth, layer.lowrank_down, s, layer.qweight.shape[1] * 2,
         layer.act_fmt,
@@ -490,9 +521,9 @@ def svdq_mlp_triton(
         raise ValueError("the fused MLP needs both layers' act_fmt in ('int4', 'fp8')")
     if fc2.in_features != fc1.out_features:
         raise ValueError(f"fc1 gives {fc1.out_features} features, fc2 takes {fc2.in_features}")
-    ops = torch.ops.svdquant
     lead = x.shape[:-1]
     x2 = x.reshape(-1, fc1.in_features)
+    ops = _ops(x2)
     s2 = _act_scale(fc2.act_amax)
     xq, lora, w1, c1, s1 = _fp8_operands(
         x2, fc1.qweight, fc1.wscales, fc1.wtensor_scale, fc1.smooth, fc1.act_amax,
