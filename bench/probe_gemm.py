@@ -190,7 +190,7 @@ def autotune(m: int, n: int, k: int) -> dict:
     try:
         for i, on in enumerate((False, True, False, True)):
             gemm_mod.AUTOTUNE_GRAPH = on
-            gemm_mod._fp8_gemm_kernel.cache.clear()
+            gemm_mod.clear_tuning()
             name = f"{'graph' if on else 'flush'}_{i // 2}"
             run()
             row[f"{name}_config"] = str(gemm_mod._fp8_gemm_kernel.best_config)

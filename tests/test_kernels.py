@@ -1046,6 +1046,44 @@ def test_backend_choice_is_a_constant_under_compile(two_gpus):
     assert torch.equal(y, torch.ones(2)) and chosen == "reference"
 
 
+def test_host_integer_helpers_match_triton():
+    """The launchers' ``cdiv`` / ``next_pow2`` (plain Python) give triton's values."""
+    import triton
+
+    from svdquant.kernels._triton_common import cdiv, next_pow2
+
+    for n in range(0, 1100):
+        assert next_pow2(n) == triton.next_power_of_2(n)
+        for d in (1, 3, 64, 128, 1000):
+            assert cdiv(n, d) == triton.cdiv(n, d)
+
+
+def test_gemm_after_its_first_call_skips_the_autotuner(monkeypatch):
+    """The GEMM's tile is tuned on a shape's first call and kept (``gemm._PICKED``): the
+    next call launches the kernel itself with it — same output — and ``clear_tuning``
+    forgets it."""
+    from svdquant.kernels import gemm
+
+    _, layer, calib = _layer("int4", "int4", k=128, n=48)
+    s = ref.act_scale_from_amax(layer.act_amax)
+    xq, lora = quantize_act(calib[:9], layer.smooth, layer.lowrank_down, s, 128, "int4")
+    wq, s_ch = widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, "int4")
+    args = (xq, wq, s_ch, s, lora, layer.lowrank_up, layer.bias, torch.bfloat16)
+    gemm.clear_tuning()
+    first = fp8_gemm(*args)
+    assert len(gemm._PICKED) == 1
+
+    def no_autotuner(*a, **k):
+        raise AssertionError("the autotuner ran again")
+
+    monkeypatch.setattr(gemm._fp8_gemm_kernel, "run", no_autotuner)
+    assert torch.equal(fp8_gemm(*args), first)
+    gemm.clear_tuning()
+    assert not gemm._PICKED and not gemm._fp8_gemm_kernel.cache
+    with pytest.raises(AssertionError, match="autotuner ran again"):
+        fp8_gemm(*args)
+
+
 def test_eager_calls_skip_the_dispatcher(monkeypatch):
     """An eager layer call runs the ops' implementations directly (the dispatcher costs
     host time on every call), tracing and tensor subclasses get the registered ops — and

@@ -25,6 +25,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the launchers: ``triton.cdiv`` is a constexpr function whose
+    host-side call costs microseconds (a layer call makes ~15 such calls)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two ≥ ``n`` (0 for 0): ``triton.next_power_of_2`` on the host,
+    without its constexpr-function wrapper."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 @functools.cache
 def _cuda_props(index: int) -> tuple[int, int]:
     """(multiprocessors, compute capability major) of CUDA GPU ``index``: asked once — a

@@ -44,11 +44,13 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from svdquant import formats
 from svdquant.kernels._triton_common import (
+    cdiv,
     dot_precision,
     e2m1_value,
     int4_value,
     interpreting,
     needs_bf16_rounding,
+    next_pow2,
     num_sms,
     pdl_supported,
     round_bf16,
@@ -975,7 +977,7 @@ def prep(
     smooth = smooth.float().contiguous()
     lowrank_down = lowrank_down.contiguous()
     r = lowrank_down.shape[0]
-    chunks = triton.cdiv(kp, LORA_CHUNK)
+    chunks = cdiv(kp, LORA_CHUNK)
     lora = torch.empty(chunks, m, max(r, 1), dtype=torch.float32, device=x.device)
     if packed:
         xh = torch.empty(4, kp // 2, 16, dtype=torch.bfloat16, device=x.device)
@@ -1032,7 +1034,7 @@ def gemv(
     else:  # one int4 group a step; nvfp4 steps of ≥ 32 columns (the MMA's K ≥ 16 bytes)
         block_n, block_k, warps = TILES["mma"]
         block_k = f.group_size if f.name == "int4" else max(32, block_k)
-    n_blocks = triton.cdiv(n, block_n)
+    n_blocks = cdiv(n, block_n)
     split, kps, out = _split_k(m, n, kp, block_k, n_blocks, out_dtype, qweight.device)
     kdim, kstep = (kp // 8, kps // 8) if fma else (kp, kps)  # the FMA kernel counts words
     common = (
@@ -1053,9 +1055,7 @@ def gemv(
         **_shared_flags(split, r, bias, out_dtype, pdl),
     )
     if fma:
-        _w4a16_fma_kernel[(n_blocks, split)](
-            *common, MAGIC_2P23, BLOCK_M=triton.next_power_of_2(m), **flags
-        )
+        _w4a16_fma_kernel[(n_blocks, split)](*common, MAGIC_2P23, BLOCK_M=next_pow2(m), **flags)
     else:
         _w4a16_mma_kernel[(n_blocks, split)](*common, DOT_FP32=interpreting(), **flags)
     return out if split == 1 else out.to(out_dtype)
@@ -1074,7 +1074,7 @@ def _word_step(kp: int, block_k: int, group: int) -> int:
 def _s_block(m: int, chunks: int) -> int:
     """How many low-rank partial sums the word kernels' epilogue loads at once: up to 16
     at one token, fewer with more tokens (the loaded tensor is [S_BLOCK, tokens, 32])."""
-    return min(16 // triton.next_power_of_2(m), triton.next_power_of_2(chunks))
+    return min(16 // next_pow2(m), next_pow2(chunks))
 
 
 def _shared_flags(split: int, r: int, bias, out_dtype, pdl: bool) -> dict:
@@ -1094,10 +1094,10 @@ def _shared_flags(split: int, r: int, bias, out_dtype, pdl: bool) -> dict:
 def _split_k(m, n, kp, block_k, n_blocks, out_dtype, device):
     """(K splits, columns per split, output buffer): K is split only as far as needed to
     give the GPU enough programs; split partial sums meet in a zeroed fp32 buffer."""
-    steps = triton.cdiv(kp, block_k)
+    steps = cdiv(kp, block_k)
     split = max(1, min(steps, PROGRAMS_PER_SM * num_sms(device, cpu=4) // n_blocks))
-    kps = triton.cdiv(steps, split) * block_k
-    split = triton.cdiv(kp, kps)
+    kps = cdiv(steps, split) * block_k
+    split = cdiv(kp, kps)
     if split > 1:
         return split, kps, torch.zeros(m, n, dtype=torch.float32, device=device)
     return split, kps, torch.empty(m, n, dtype=out_dtype, device=device)
@@ -1114,7 +1114,7 @@ def _gemv_packed(
     chunks, m, r = lora.shape
     block_n, gps, warps = TILES["packed"]
     gps = _groups_per_step(kp, gps)
-    n_blocks = triton.cdiv(n, block_n)
+    n_blocks = cdiv(n, block_n)
     split, kps, out = _split_k(m, n, kp, 64 * gps, n_blocks, out_dtype, qweight.device)
     _w4a16_packed_kernel[(n_blocks, split)](
         xh.planes, xh.sums, qweight, wscales, wtensor_scale, lora, lowrank_up,
@@ -1139,7 +1139,7 @@ def _gemv_dp4a(
     chunks, m, r = lora.shape
     block_n, block_k, warps = TILES["dp4a" if m == 1 else "dp4a_multi"]
     block_k = _word_step(kp, block_k, 64)
-    n_blocks = triton.cdiv(n, block_n)
+    n_blocks = cdiv(n, block_n)
     split, kps, out = _split_k(m, n, kp, block_k, n_blocks, out_dtype, qweight.device)
     _w4a16_dp4a_kernel[(n_blocks, split)](
         xh.planes, xh.scales, qweight, wscales, wtensor_scale, lora, lowrank_up,
@@ -1147,7 +1147,7 @@ def _gemv_dp4a(
         xh.planes.stride(0), qweight.stride(0), wscales.stride(0), lora.stride(0),
         lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         S_BLOCK=_s_block(m, chunks),
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=triton.next_power_of_2(m),
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=next_pow2(m),
         INTERPRET=interpreting(), X_ROWS=m <= DP4A_X_ROWS_MAX_M, num_warps=warps,
         **_shared_flags(split, r, bias, out_dtype, pdl),
     )  # fmt: skip

@@ -34,10 +34,12 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from svdquant.kernels._triton_common import (
     ACTIVATIONS,
     apply_activation,
+    cdiv,
     div7_rn,
     folded_lowrank_dot,
     interpreting,
     needs_bf16_rounding,
+    next_pow2,
     num_sms,
     pdl_supported,
     recip16_rn,
@@ -71,11 +73,11 @@ def k_split(m_blocks: int, steps: int, sms: int) -> tuple[int, int]:
     loads' latency (``PROGRAMS_PER_SM``), but no one-step programs — each split adds its
     low-rank partial sums by atomics — where two-step ones would still be plenty
     (``TWO_STEP_MIN_PER_SM``)."""
-    split = min(steps, max(1, triton.cdiv(PROGRAMS_PER_SM * sms, m_blocks)))
+    split = min(steps, max(1, cdiv(PROGRAMS_PER_SM * sms, m_blocks)))
     if split == steps and m_blocks * (steps // 2) >= TWO_STEP_MIN_PER_SM * sms:
         split = steps // 2
-    per_split = triton.cdiv(steps, split)
-    return triton.cdiv(steps, per_split), per_split
+    per_split = cdiv(steps, split)
+    return cdiv(steps, per_split), per_split
 
 
 #: fp32's largest finite value: a group's factor ``s_group · (1/S)`` is clamped to it so that
@@ -297,10 +299,10 @@ def quantize_act(
         xq = torch.empty(0, k_out, dtype=torch.float8_e4m3fn, device=x.device)
         return xq, torch.empty(0, r, dtype=torch.float32, device=x.device)
     block_m, block_k, warps = TILES["small" if m <= 64 else "medium" if m <= 1024 else "large"]
-    block_r = max(16, triton.next_power_of_2(max(r, 1)))
+    block_r = max(16, next_pow2(max(r, 1)))
     block_m = min(block_m, max(16, 4096 // block_r))  # a large rank's sums fit in registers
-    steps = triton.cdiv(max(k, k_out), block_k)
-    m_blocks = triton.cdiv(m, block_m)
+    steps = cdiv(max(k, k_out), block_k)
+    m_blocks = cdiv(m, block_m)
     split, k_per_split = k_split(m_blocks, steps, num_sms(x.device))
     k_per_split *= block_k
     if out is not None:

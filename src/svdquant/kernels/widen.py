@@ -24,9 +24,11 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from svdquant import formats
 from svdquant.kernels._triton_common import (
+    cdiv,
     e2m1_value,
     int4_value,
     interpreting,
+    next_pow2,
     pdl_supported,
     round_bf16,
     to_e4m3,
@@ -219,7 +221,7 @@ def _launch(
     n, kp, g = qweight.shape[0], qweight.shape[1] * 2, wscales.shape[1]
     pdl = pdl and pdl_supported(qweight.device)
     block_n, block_k, warps = tile(n, kp, dequant, overlapped=pdl or trigger)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(kp, block_k))
+    grid = (cdiv(n, block_n), cdiv(kp, block_k))
     _widen_kernel[grid[::-1] if K_FAST else grid](
         qweight,
         wscales,
@@ -238,7 +240,7 @@ def _launch(
         GROUP=f.group_size,
         QMAX=f.qmax,
         BLOCK_N=block_n,
-        BLOCK_G=min(triton.next_power_of_2(g), 256),
+        BLOCK_G=min(next_pow2(g), 256),
         BLOCK_K=block_k,
         PDL=pdl,
         K_FAST=K_FAST,
