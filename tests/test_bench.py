@@ -279,3 +279,11 @@ def test_quantize_floor_kernel_moves_the_quantize_bytes():
         assert tile in floor.TILES
         assert torch.equal(floor.move(x, tile), want)
     assert all(8 <= bm * bk // (32 * nw) <= 64 for bm, bk, nw in floor.TILES)
+
+
+def test_probe_launch_times_the_host():
+    """``probe_launch`` (host µs per eager layer call) loads and times a call on the host."""
+    probe = _load("probe_launch")
+    calls = []
+    us = probe.host_us(lambda: calls.append(1), n=50)
+    assert len(calls) == 70 and 0 < us < 1e5
