@@ -18,7 +18,8 @@ the wall time runs out, each with its reason):
     then with --compile the torch.compile'd variants of the same rows.
 
 Each eager row is also replayed from a CUDA graph captured around one step (mode
-``cudagraph``; off with ``--no-cuda-graphs``), which removes the CPU launch overhead. Our
+``cudagraph``, through ``svdquant.cuda_graphed`` as ``svdquant generate`` runs it; off with
+``--no-cuda-graphs``), which removes the CPU launch overhead. Our
 rows are calibrated on one synthetic run with a fixed smoothing alpha = 0.5 (speed does
 not depend on the calibration). NF4 and torchao quantize exactly the layers ours does
 (every linear inside the transformer blocks); embedders and the output projection stay
@@ -459,17 +460,18 @@ def profile_step(fn: Callable[[], Any], ctx: Ctx, top: int = 30) -> dict[str, An
 
 
 def _graph_step(model: nn.Module, kw: dict[str, Any]) -> Callable[[], Any]:
-    """Capture one step in a CUDA graph (after the eager warm-up: autotuning is done) and
-    return its replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        model(**kw)  # warm-up on a side stream, as torch.cuda.graphs asks
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        model(**kw)
-    return g.replay
+    """One step through ``svdquant.cuda_graphed`` (what ``svdquant generate`` runs on a
+    GPU): after the eager warm-up (autotuning is done) the next call captures, and the
+    returned step replays — copying the inputs in and the output out, as a pipeline's
+    call does."""
+    from svdquant.cuda_graph import CUDAGraphed
+
+    graphed = CUDAGraphed(model)
+    graphed(**kw)  # the signature's first call: eager
+    graphed(**kw)  # the capture
+    if graphed.num_graphs != 1:
+        raise RuntimeError(f"the step was not captured: {graphed._failed}")
+    return lambda: graphed(**kw)
 
 
 # --------------------------------------------------------------------------- rows

@@ -9,10 +9,12 @@ The public API::
     quantize_model(model, calibration, QuantizeConfig(...))   # a whole diffusers model
     load_lora / set_lora_strength / unload_lora / list_loras    # LoRAs, no requantization
     fuse_projections(model) / unfuse_projections(model)       # q/k/v as one layer (FLUX)
+    cuda_graphed(module)        # its forward replayed from CUDA graphs (no compilation)
 """
 
 from svdquant.algorithm import METHODS, quantize_linear
 from svdquant.checkpoint import CheckpointError, load_quantized, save_quantized
+from svdquant.cuda_graph import cuda_graphed
 from svdquant.formats import FORMATS
 from svdquant.fuse import fuse_projections, unfuse_projections
 from svdquant.lora import list_loras, load_lora, set_lora_strength, unload_lora
@@ -27,6 +29,7 @@ __all__ = [
     "CheckpointError",
     "QuantizeConfig",
     "SVDQLinear",
+    "cuda_graphed",
     "fuse_projections",
     "list_loras",
     "load_lora",

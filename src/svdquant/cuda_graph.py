@@ -1,0 +1,196 @@
+"""Replay a denoiser's forward from CUDA graphs: the speed of ``torch.compile`` without
+its compilation.
+
+Our quantized layers launch their Triton kernels from Python, so an eager FLUX.1-dev step
+at batch 1 is bound by the host (H200: 195 ms against 140 ms replayed from a CUDA graph,
+``bench/NOTES.md`` v32). ``torch.compile(mode="reduce-overhead")`` removes that cost but
+compiles for minutes per resolution; ``cuda_graphed(module)`` captures the module's
+forward as it is, in about two steps' time::
+
+    pipe.transformer = svdquant.cuda_graphed(pipe.transformer)
+    image = pipe(prompt).images[0]      # the pipeline calls it as before
+
+Each input signature (tensor shapes, dtypes and devices; every other argument's value)
+gets its own graph: the first call runs eagerly (the GEMM picks its tiles), the second
+captures, later ones copy the inputs into the graph's buffers and replay. What the graph
+reads besides its inputs — weights, LoRA factors, activation scales — is read at the
+addresses it had at capture: after changing them other than in place, call ``reset()``.
+Calls the graph cannot serve run eagerly: on the CPU, with a CPU tensor among the inputs,
+with gradients enabled (pipelines run under ``torch.no_grad()``), while another capture
+is running, past ``max_graphs`` signatures, or after a capture failed (with one warning
+that says why). Moving or casting the wrapper drops its graphs. Save the inner module,
+not the wrapper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["CUDAGraphed", "cuda_graphed"]
+
+
+class _Uncapturable(Exception):
+    """A call whose inputs a graph cannot take (a CPU tensor, an unhashable argument)."""
+
+
+@dataclasses.dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]  # the static buffers, in the order ``_flatten`` gives
+    output: Any
+
+
+def _flatten(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """``value``'s hashable description, its tensors appended to ``tensors``."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cuda":
+            raise _Uncapturable(f"a {value.device.type} tensor among the inputs")
+        tensors.append(value)
+        return ("T", tuple(value.shape), value.dtype, value.device)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_flatten(v, tensors) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _flatten(v, tensors)) for k, v in value.items()))
+    try:
+        hash(value)
+    except TypeError as e:
+        raise _Uncapturable(f"an argument of type {type(value).__name__}") from e
+    return ("V", type(value).__name__, value)
+
+
+def _clone(value: Any) -> Any:
+    """A copy of a graph's output that the next replay does not overwrite."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(_clone(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # diffusers' outputs
+        fields = dataclasses.fields(value)
+        return type(value)(**{f.name: _clone(getattr(value, f.name)) for f in fields})
+    if isinstance(value, dict):
+        return type(value)((k, _clone(v)) for k, v in value.items())
+    return value
+
+
+class CUDAGraphed(nn.Module):
+    """``module`` whose forward is replayed from CUDA graphs; see the module docstring.
+
+    Attributes the wrapper does not have are looked up on ``module`` (a pipeline reads
+    its denoiser's ``config``, ``dtype``, ``cache_context``, ...).
+    """
+
+    def __init__(self, module: nn.Module, max_graphs: int = 4) -> None:
+        super().__init__()
+        self.module = module
+        self.max_graphs = max_graphs
+        self._graphs: dict[Any, _Graph] = {}
+        self._seen: set[Any] = set()
+        self._pool = None
+        self._failed: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("module")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CUDAGraphed:
+        self.reset()  # moved or cast: the graphs read the old tensors
+        return super()._apply(fn, recurse)
+
+    def reset(self) -> None:
+        """Drop every graph (and its memory): the next calls capture again."""
+        self._graphs.clear()
+        self._seen.clear()
+        self._pool = None
+        self._failed = None
+
+    @property
+    def num_graphs(self) -> int:
+        """How many input signatures have a captured graph."""
+        return len(self._graphs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._failed is not None or torch.is_grad_enabled():
+            return self.module(*args, **kwargs)
+        tensors: list[torch.Tensor] = []
+        try:
+            key = _flatten((args, kwargs), tensors)
+        except _Uncapturable:
+            return self.module(*args, **kwargs)
+        if not tensors or torch.cuda.is_current_stream_capturing():
+            return self.module(*args, **kwargs)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if len(self._graphs) >= self.max_graphs:
+                return self.module(*args, **kwargs)
+            if key not in self._seen:  # a signature's first call runs eagerly
+                self._seen.add(key)
+                return self.module(*args, **kwargs)
+            with torch.cuda.device(tensors[0].device):
+                entry = self._capture(key, args, kwargs, tensors)
+            if entry is None:
+                return self.module(*args, **kwargs)
+        for buf, t in zip(entry.inputs, tensors, strict=True):
+            if buf.data_ptr() != t.data_ptr():
+                buf.copy_(t)
+        entry.graph.replay()
+        return _clone(entry.output)
+
+    def _capture(self, key: Any, args: Any, kwargs: Any, tensors: list[torch.Tensor]):
+        """Capture the forward on static copies of the inputs; None (and eager from then
+        on, with a warning) if the forward cannot be captured."""
+        statics = [t.clone() for t in tensors]
+        it = iter(statics)
+
+        def swap(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return next(it)
+            if isinstance(value, (list, tuple)):
+                return type(value)(swap(v) for v in value)
+            if isinstance(value, dict):
+                return {k: swap(v) for k, v in value.items()}
+            return value
+
+        s_args, s_kwargs = swap((args, kwargs))
+        graph = torch.cuda.CUDAGraph()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # a warm-up on a side stream, as capture asks
+                self.module(*s_args, **s_kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph, pool=self._pool):
+                output = self.module(*s_args, **s_kwargs)
+        except Exception as e:  # a host sync, a CPU op, an allocation the capture refuses
+            self._failed = f"{type(e).__name__}: {e}"
+            warnings.warn(
+                f"svdquant.cuda_graphed: {type(self.module).__name__}'s forward could not be "
+                f"captured in a CUDA graph ({self._failed.splitlines()[0][:300]}); it runs "
+                "eagerly from now on",
+                stacklevel=3,
+            )
+            return None
+        if self._pool is None:
+            self._pool = graph.pool()
+        entry = _Graph(graph, statics, output)
+        self._graphs[key] = entry
+        return entry
+
+
+def cuda_graphed(module: nn.Module, max_graphs: int = 4) -> CUDAGraphed:
+    """``module`` with its forward replayed from CUDA graphs (one per input signature, at
+    most ``max_graphs``); already wrapped modules are returned as they are."""
+    if isinstance(module, CUDAGraphed):
+        return module
+    return CUDAGraphed(module, max_graphs)

@@ -1,0 +1,124 @@
+"""``svdquant.cuda_graphed``: a denoiser's forward replayed from CUDA graphs.
+
+On the CPU the wrapper passes every call through (what runs in CI: a real diffusers
+pipeline accepts it); the capture and replay run with ``pytest -m gpu`` on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+import svdquant
+from svdquant.cuda_graph import CUDAGraphed, _clone, _flatten, _Uncapturable
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _tiny_flux(quantized: bool):
+    from svdquant.models.tiny import tiny_call_kwargs, tiny_pipeline
+    from svdquant.pipeline import pipeline_calibration
+    from svdquant.quantize_model import QuantizeConfig, quantize_model
+
+    pipe = tiny_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = tiny_call_kwargs("flux")
+    if quantized:
+        calib = pipeline_calibration(pipe, ["a red fox"], progress=False, **kwargs)
+        quantize_model(pipe.transformer, calib, QuantizeConfig(rank=8, alpha=0.5, progress=False))
+    return pipe.to(DEVICE), kwargs
+
+
+def _generate(pipe, kwargs) -> torch.Tensor:
+    gen = torch.Generator("cpu").manual_seed(0)
+    out = pipe(prompt=["a lighthouse at dusk"], generator=gen, output_type="latent", **kwargs)
+    return out.images.float().cpu()
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_pipeline_with_a_graphed_denoiser_gives_the_same_latents(quantized):
+    """The FLUX pipeline calls the wrapped transformer as before (its ``config``,
+    ``cache_context``, ... come from the module inside); on a GPU the steps after the
+    first two replay one graph, and the latents are the eager ones."""
+    pipe, kwargs = _tiny_flux(quantized)
+    eager = _generate(pipe, kwargs)
+    inner = pipe.transformer
+    pipe.transformer = svdquant.cuda_graphed(inner)
+    assert svdquant.cuda_graphed(pipe.transformer) is pipe.transformer
+    assert pipe.transformer.config is inner.config
+    graphed = _generate(pipe, kwargs)
+    assert pipe.transformer.num_graphs == (1 if CUDA else 0)
+    assert torch.allclose(graphed, eager, rtol=1e-4, atol=1e-5)
+    again = _generate(pipe, kwargs)  # replayed from the first step on
+    assert torch.allclose(again, eager, rtol=1e-4, atol=1e-5)
+    pipe.transformer.reset()
+    assert pipe.transformer.num_graphs == 0
+
+
+def test_signatures_and_outputs():
+    """A signature is the tensors' shapes, dtypes and devices and every other value;
+    arguments a graph cannot take are refused; outputs are copied."""
+    x = torch.zeros(2, 3, device=DEVICE)
+
+    def key(*args, **kwargs):
+        return _flatten((args, kwargs), [])
+
+    if CUDA:
+        assert key(x, t=1.0) == key(x + 1, t=1.0)
+        assert key(x, t=1.0) != key(x, t=2.0)
+        assert key(x) != key(x[:1])
+        assert key(x) != key(x.half())
+        with pytest.raises(_Uncapturable, match="an argument of type"):
+            key(x, [1], extra={"a": set()})
+    with pytest.raises(_Uncapturable, match="cpu tensor"):
+        key(torch.zeros(2))
+
+    @dataclasses.dataclass
+    class Output:
+        sample: torch.Tensor
+
+    out = (Output(x), {"a": x}, [x, 3])
+    copy = _clone(out)
+    assert isinstance(copy[0], Output) and copy[0].sample is not x
+    assert torch.equal(copy[0].sample, x) and copy[1]["a"] is not x and copy[2][1] == 3
+
+
+class _Sync(torch.nn.Module):
+    def forward(self, x):
+        return x * x.sum().item()  # a host sync: not capturable
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the device: pytest -m gpu)")
+@torch.no_grad()
+def test_gpu_graphs_per_signature_and_fallbacks():
+    """One graph per signature up to ``max_graphs`` (then eager); changed inputs are
+    copied in before each replay; a forward that cannot be captured warns once and runs
+    eagerly from then on; gradients enabled run eagerly."""
+    lin = torch.nn.Linear(64, 32).cuda()
+    g = svdquant.cuda_graphed(lin, max_graphs=1)
+    xs = [torch.randn(5, 64, device="cuda") for _ in range(4)]
+    for x in xs:
+        assert torch.allclose(g(x), lin(x), rtol=1e-5, atol=1e-6)
+    assert g.num_graphs == 1
+    for x in (torch.randn(7, 64, device="cuda"),) * 3:  # a second signature: eager
+        assert torch.allclose(g(x), lin(x), rtol=1e-5, atol=1e-6)
+    assert g.num_graphs == 1
+    y = g(xs[0])
+    g(xs[1])
+    assert torch.allclose(y, lin(xs[0]), rtol=1e-5, atol=1e-6)  # a copy, not the buffer
+    with torch.enable_grad():
+        assert g(xs[0]).requires_grad
+    s = CUDAGraphed(_Sync())
+    x = torch.randn(3, device="cuda")
+    s(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.allclose(s(x), x * x.sum().item())
+        assert torch.allclose(s(x), x * x.sum().item())
+    assert len([w for w in caught if "could not be captured" in str(w.message)]) == 1
+    assert s.num_graphs == 0
