@@ -1,6 +1,7 @@
 """Shared fixtures: a linear layer with planted outliers (svdquant.testing)."""
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ from torch import nn
 # importing svdquant imports them: so here, before anything imports svdquant.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The GEMM keeps its tuned tiles on disk (kernels/tile_cache.py): never in the user's cache.
+os.environ["SVDQUANT_CACHE_DIR"] = tempfile.mkdtemp(prefix="svdquant-test-cache-")
 
 from svdquant.testing import planted_outlier_inputs, planted_outlier_layer
 

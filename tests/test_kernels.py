@@ -9,6 +9,7 @@ widen outputs are compared bit for bit); outputs differ only by the order of fp3
 so they are held to a relative error of 4e-3 (bf16 output rounding).
 """
 
+import json
 import os
 
 import pytest
@@ -1064,11 +1065,7 @@ def test_gemm_after_its_first_call_skips_the_autotuner(monkeypatch):
     forgets it."""
     from svdquant.kernels import gemm
 
-    _, layer, calib = _layer("int4", "int4", k=128, n=48)
-    s = ref.act_scale_from_amax(layer.act_amax)
-    xq, lora = quantize_act(calib[:9], layer.smooth, layer.lowrank_down, s, 128, "int4")
-    wq, s_ch = widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, "int4")
-    args = (xq, wq, s_ch, s, lora, layer.lowrank_up, layer.bias, torch.bfloat16)
+    args = _small_gemm_args()
     gemm.clear_tuning()
     first = fp8_gemm(*args)
     assert len(gemm._PICKED) == 1
@@ -1082,6 +1079,61 @@ def test_gemm_after_its_first_call_skips_the_autotuner(monkeypatch):
     assert not gemm._PICKED and not gemm._fp8_gemm_kernel.cache
     with pytest.raises(AssertionError, match="autotuner ran again"):
         fp8_gemm(*args)
+
+
+def _small_gemm_args():
+    _, layer, calib = _layer("int4", "int4", k=128, n=48)
+    s = ref.act_scale_from_amax(layer.act_amax)
+    xq, lora = quantize_act(calib[:9], layer.smooth, layer.lowrank_down, s, 128, "int4")
+    wq, s_ch = widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, "int4")
+    return (xq, wq, s_ch, s, lora, layer.lowrank_up, layer.bias, torch.bfloat16)
+
+
+def test_gemm_tiles_are_kept_on_disk(monkeypatch, tmp_path):
+    """A tuned tile is written to the tile cache (``kernels/tile_cache.py``) and a new
+    process launches with it untimed; a corrupt cache warns and is rewritten; an empty
+    ``SVDQUANT_CACHE_DIR`` keeps nothing on disk; an unwritable one warns and tunes."""
+    from svdquant.kernels import gemm, tile_cache
+
+    monkeypatch.setenv("SVDQUANT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tile_cache, "_entries", None)
+    monkeypatch.setattr(tile_cache, "_warned", False)
+    args = _small_gemm_args()
+    gemm.clear_tuning()
+    first = fp8_gemm(*args)
+    file = tile_cache.path()
+    assert file.parent == tmp_path and len(json.loads(file.read_text())) == 1
+
+    def no_autotuner(*a, **k):
+        raise AssertionError("the autotuner ran")
+
+    real_run = gemm._fp8_gemm_kernel.run
+    monkeypatch.setattr(gemm._fp8_gemm_kernel, "run", no_autotuner)
+    gemm._PICKED.clear()  # a new process: nothing in memory
+    gemm._fp8_gemm_kernel.cache.clear()
+    tile_cache._entries = None
+    assert torch.equal(fp8_gemm(*args), first)
+    monkeypatch.setattr(gemm._fp8_gemm_kernel, "run", real_run)
+
+    file.write_text("{not json")
+    gemm._PICKED.clear()
+    tile_cache._entries = None
+    with pytest.warns(UserWarning, match="could not read the GEMM's tile cache"):
+        assert torch.equal(fp8_gemm(*args), first)
+    assert len(json.loads(file.read_text())) == 1  # rewritten whole
+
+    monkeypatch.setenv("SVDQUANT_CACHE_DIR", "")
+    gemm.clear_tuning()
+    fp8_gemm(*args)
+    assert tile_cache.path() is None and not list(tmp_path.glob("*.tmp"))
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("SVDQUANT_CACHE_DIR", str(blocked / "sub"))  # a path under a file
+    gemm.clear_tuning()
+    monkeypatch.setattr(tile_cache, "_warned", False)
+    with pytest.warns(UserWarning, match="could not (read|write) the GEMM.s tile cache"):
+        assert torch.equal(fp8_gemm(*args), first)
 
 
 def test_eager_calls_skip_the_dispatcher(monkeypatch):

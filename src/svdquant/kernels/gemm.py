@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from svdquant.kernels import tile_cache
 from svdquant.kernels._triton_common import (
     ACTIVATIONS,
     apply_activation,
@@ -484,30 +485,37 @@ def _launch(
         TMA=tma,
     )
     # the autotuner's key (its ``key`` names and every tensor's dtype) and the flags
-    key = (xq.device, _m_bucket(m), n, k, tail_on, tma, out.dtype, lowrank_up.dtype,
-           None if bias is None else bias.dtype, *flags.values())  # fmt: skip
-    config = _PICKED.get(key)
+    key = (_m_bucket(m), n, k, tail_on, tma, out.dtype, lowrank_up.dtype,
+           None if bias is None else bias.dtype, AUTOTUNE_GRAPH, *flags.values())  # fmt: skip
+    config = _PICKED.get((xq.device, key))
+    if config is None:  # tuned by an earlier process?
+        config = tile_cache.lookup(xq.device, key, _fp8_gemm_kernel.configs)
+        if config is not None:
+            _PICKED[(xq.device, key)] = config
     if config is None:
         _fp8_gemm_kernel[grid](*args, **flags)  # tunes on the key's first call
-        _PICKED[key] = _fp8_gemm_kernel.best_config
+        _PICKED[(xq.device, key)] = _fp8_gemm_kernel.best_config
+        tile_cache.record(xq.device, key, _fp8_gemm_kernel.best_config)
     else:
         _fp8_gemm_kernel.best_config = config  # (what the probes read)
         config.pre_hook({"a_ptr": a, "b_ptr": b, **config.kwargs})
         _fp8_gemm_kernel.fn[grid](*args, **flags, **config.all_kwargs())
 
 
-#: The tile the autotuner picked, per launch key: a call after the first for a key
-#: launches the kernel with it directly — the autotuner's own work on every call (its
-#: key from ~40 arguments, the dtype of each tensor, the pre-hook's argument dict) is
-#: host time an eager layer call pays (``bench/probe_launch.py``).
+#: The tile the autotuner picked, per device and launch key: a call after the first for
+#: a key launches the kernel with it directly — the autotuner's own work on every call
+#: (its key from ~40 arguments, the dtype of each tensor, the pre-hook's argument dict) is
+#: host time an eager layer call pays (``bench/probe_launch.py``). Each pick is also kept
+#: on disk (``tile_cache``), so that the next process does not tune again.
 _PICKED: dict[tuple, triton.Config] = {}
 
 
 def clear_tuning() -> None:
-    """Forget the GEMM's tuned tiles (the autotuner's and ``_PICKED``): the next call
-    of each shape tunes again."""
+    """Forget the GEMM's tuned tiles (the autotuner's, ``_PICKED`` and the tile cache on
+    disk): the next call of each shape tunes again."""
     _fp8_gemm_kernel.cache.clear()
     _PICKED.clear()
+    tile_cache.forget()
 
 
 #: Read the GEMM's operands through tensor descriptors (TMA: the copy engine moves whole
