@@ -192,6 +192,26 @@ def test_unload_strength_and_sum(two, tmp_path):
         unload_lora(model, "one")
 
 
+def test_loras_reach_a_cuda_graphed_model(two, tmp_path):
+    """``load_lora`` / ``set_lora_strength`` / ``unload_lora`` given a ``cuda_graphed``
+    model act on the module inside (its layer names) and drop the wrapper's graphs, which
+    read the low-rank factors a LoRA replaces; ``list_loras`` keeps them."""
+    import svdquant
+
+    model = copy.deepcopy(two)
+    graphed = svdquant.cuda_graphed(model)
+    a, b = lora_factors(192, 256, 8, 0.05, seed=0)
+    write_lora(tmp_path / "one.safetensors", {"attn.to_q": (a, b)}, "peft")
+    resets = []
+    graphed.reset = lambda: resets.append(1)
+    load_lora(graphed, tmp_path / "one.safetensors", strength=0.5)
+    assert [i.name for i in list_loras(graphed)] == ["one"] and len(resets) == 1
+    assert [i.name for i in list_loras(model)] == ["one"]
+    set_lora_strength(graphed, "one", 1.0)
+    unload_lora(graphed, "one")
+    assert len(resets) == 3 and list_loras(model) == []
+
+
 # --- errors -------------------------------------------------------------------------------
 
 

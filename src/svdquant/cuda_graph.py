@@ -14,7 +14,9 @@ Each input signature (tensor shapes, dtypes and devices; every other argument's 
 gets its own graph: the first call runs eagerly (the GEMM picks its tiles), the second
 captures, later ones copy the inputs into the graph's buffers and replay. What the graph
 reads besides its inputs — weights, LoRA factors, activation scales — is read at the
-addresses it had at capture: after changing them other than in place, call ``reset()``.
+addresses it had at capture: ``svdquant.load_lora`` and its siblings drop the graphs when
+given the pipeline or the wrapper; after other changes that are not in place, call
+``reset()``.
 Calls the graph cannot serve run eagerly: on the CPU, with a CPU tensor among the inputs,
 with gradients enabled (pipelines run under ``torch.no_grad()``), while another capture
 is running, past ``max_graphs`` signatures, or after a capture failed (with one warning

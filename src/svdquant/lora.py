@@ -432,13 +432,22 @@ def _detach(layer: nn.Module, name: str) -> None:
         layer.__dict__.pop(_LAYER_ATTR, None)
 
 
-def _model(model_or_pipe: Any) -> nn.Module:
-    """The denoiser of a pipeline, or the module itself."""
-    if isinstance(model_or_pipe, nn.Module):
-        return model_or_pipe
-    from svdquant.pipeline import denoiser
+def _model(model_or_pipe: Any, changes: bool = True) -> nn.Module:
+    """The denoiser of a pipeline, or the module itself — the module inside a
+    ``cuda_graphed`` wrapper, whose graphs are dropped when the LoRAs ``changes`` (they
+    read the low-rank factors a LoRA replaces)."""
+    from svdquant.cuda_graph import CUDAGraphed
 
-    return denoiser(model_or_pipe)[1]
+    model = model_or_pipe
+    if not isinstance(model, nn.Module):
+        from svdquant.pipeline import denoiser
+
+        model = denoiser(model_or_pipe)[1]
+    if isinstance(model, CUDAGraphed):
+        if changes:
+            model.reset()
+        model = model.module
+    return model
 
 
 def _registry(model: nn.Module) -> dict[str, LoraInfo]:
@@ -598,4 +607,4 @@ def unload_lora(model_or_pipe: Any, name: str) -> None:
 
 def list_loras(model_or_pipe: Any) -> list[LoraInfo]:
     """The loaded LoRAs, in load order."""
-    return list(_registry(_model(model_or_pipe)).values())
+    return list(_registry(_model(model_or_pipe, changes=False)).values())
