@@ -59,6 +59,17 @@ def test_pipeline_with_a_graphed_denoiser_gives_the_same_latents(quantized):
     assert pipe.transformer.num_graphs == 0
 
 
+def test_fusing_a_graphed_model_drops_its_graphs():
+    """``fuse_projections`` / ``unfuse_projections`` reach the layers inside the wrapper
+    and drop its graphs, which read the layers they replace."""
+    pipe, _ = _tiny_flux(quantized=True)
+    graphed = svdquant.cuda_graphed(pipe.transformer)
+    resets = []
+    graphed.reset = lambda: resets.append(1)
+    assert svdquant.fuse_projections(graphed) > 0 and len(resets) == 1
+    assert svdquant.unfuse_projections(graphed) > 0 and len(resets) == 2
+
+
 def test_signatures_and_outputs():
     """A signature is the tensors' shapes, dtypes and devices and every other value;
     arguments a graph cannot take are refused; outputs are copied."""

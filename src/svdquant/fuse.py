@@ -335,6 +335,14 @@ def _fuse_attention(attn: nn.Module) -> bool:
     return True
 
 
+def _drop_graphs(model: nn.Module) -> None:
+    """A ``cuda_graphed`` wrapper's graphs read the layers fusing replaces: drop them."""
+    from svdquant.cuda_graph import CUDAGraphed
+
+    if isinstance(model, CUDAGraphed):
+        model.reset()
+
+
 def fuse_projections(model: nn.Module) -> int:
     """Fuse the quantized projections that read one input in every supported module of
     ``model`` (FLUX.1: q/k/v of each attention and the text stream's added q/k/v; in the
@@ -343,7 +351,8 @@ def fuse_projections(model: nn.Module) -> int:
     feed-forwards as fused MLPs); returns how many attention modules now take fused
     projections. Modules whose layers cannot be fused (16-bit, separately quantized, LoRAs
     loaded) or whose attention runs another processor than diffusers' own (an
-    IP-adapter's) stay as they are."""
+    IP-adapter's) stay as they are. A ``cuda_graphed`` model's graphs are dropped."""
+    _drop_graphs(model)
     count = 0
     for module in list(model.modules()):
         if getattr(module, _FUSED_ATTR, None) is not None or hasattr(module, _ORIG_CLASS):
@@ -381,6 +390,7 @@ def unfuse_projections(model: nn.Module) -> int:
     """Undo ``fuse_projections`` (the separate layers come back bit for bit, with the
     original attention processors and block classes); returns how many attention modules
     were unfused."""
+    _drop_graphs(model)
     count = 0
     for module in list(model.modules()):
         if getattr(module, _FUSED_ATTR, None) is None:
