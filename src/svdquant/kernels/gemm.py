@@ -498,7 +498,8 @@ def _launch(
         tile_cache.record(xq.device, key, _fp8_gemm_kernel.best_config)
     else:
         _fp8_gemm_kernel.best_config = config  # (what the probes read)
-        config.pre_hook({"a_ptr": a, "b_ptr": b, **config.kwargs})
+        if config.pre_hook is not None:
+            config.pre_hook({"a_ptr": a, "b_ptr": b, **config.kwargs})
         _fp8_gemm_kernel.fn[grid](*args, **flags, **config.all_kwargs())
 
 
