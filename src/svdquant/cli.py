@@ -317,6 +317,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         # our layers launch their kernels from Python: replaying the steps removes that
         setattr(pipe, denoiser, cuda_graphed(getattr(pipe, denoiser)))
+    if torch.device(device).type == "cuda" and is_quantized_dir(Path(args.model)):
+        from svdquant.kernels import tile_cache
+
+        cache = tile_cache.path()
+        if cache is not None and not cache.exists():
+            print(
+                "first run of this engine version on this machine: the fp8 GEMM times its "
+                "tiles for each layer shape (about a minute for FLUX.1 on an H200); the picks "
+                f"are kept in {cache.parent} for the next runs"
+            )
     gen = torch.Generator("cpu").manual_seed(args.seed)
     t0 = time.perf_counter()
     images = pipe(generator=gen, **_call_kwargs(pipe, args)).images

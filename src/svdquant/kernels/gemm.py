@@ -13,6 +13,7 @@ Reference: ``reference.fp8_gemm_ref``.
 from __future__ import annotations
 
 import itertools
+import logging
 
 import torch
 import triton
@@ -37,6 +38,8 @@ from svdquant.kernels._triton_common import (
 from svdquant.kernels.quantize import quantize_tile
 
 __all__ = ["fp8_gemm", "fp8_gemm_quantize_next", "fp8_gemm_split", "split_supported"]
+
+logger = logging.getLogger(__name__)
 
 
 def _block_shapes(nargs: dict) -> None:
@@ -493,6 +496,8 @@ def _launch(
         if config is not None:
             _PICKED[(xq.device, key)] = config
     if config is None:
+        if len(_fp8_gemm_kernel.configs) > 1:
+            logger.info("tuning the fp8 GEMM's tile for M ~ %d, N = %d, K = %d", m, n, k)
         _fp8_gemm_kernel[grid](*args, **flags)  # tunes on the key's first call
         _PICKED[(xq.device, key)] = _fp8_gemm_kernel.best_config
         tile_cache.record(xq.device, key, _fp8_gemm_kernel.best_config)
