@@ -5,7 +5,8 @@ Each kernel is one op (``svdquant::quantize_act``, ``::quantize_act_cat``,
 ``::fp8_gemm_split``, ``::w4a16_linear``) with a fake (meta) implementation that only
 computes output shapes, so ``torch.compile(fullgraph=True)`` traces a layer into three
 opaque nodes with no graph break and no host sync, and Inductor fuses the elementwise
-work around them. Triton is imported on the first real call, not here.
+work around them. Eager calls skip PyTorch's dispatcher and run the implementations
+directly (``_ops``). Triton is imported on the first real call, not here.
 """
 
 from __future__ import annotations
