@@ -122,6 +122,11 @@ def test_gpu_graphs_per_signature_and_fallbacks():
     y = g(xs[0])
     g(xs[1])
     assert torch.allclose(y, lin(xs[0]), rtol=1e-5, atol=1e-6)  # a copy, not the buffer
+    h = svdquant.cuda_graphed(torch.nn.Module())
+    h.module.forward = lambda x, t: x * t
+    for t in range(200):  # a Python number that changes on every call: never captured
+        assert torch.equal(h(xs[0], t=float(t)), xs[0] * float(t))
+    assert h.num_graphs == 0 and len(h._seen) <= 64
     with torch.enable_grad():
         assert g(xs[0]).requires_grad
     s = CUDAGraphed(_Sync())

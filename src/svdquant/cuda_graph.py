@@ -36,6 +36,11 @@ from torch import nn
 __all__ = ["CUDAGraphed", "cuda_graphed"]
 
 
+#: Signatures remembered as seen once: arguments that differ on every call (a Python
+#: float timestep) never reach a capture, and must not grow the set without bound.
+_MAX_SEEN = 64
+
+
 class _Uncapturable(Exception):
     """A call whose inputs a graph cannot take (a CPU tensor, an unhashable argument)."""
 
@@ -137,6 +142,8 @@ class CUDAGraphed(nn.Module):
             if len(self._graphs) >= self.max_graphs:
                 return self.module(*args, **kwargs)
             if key not in self._seen:  # a signature's first call runs eagerly
+                if len(self._seen) >= _MAX_SEEN:  # arguments that change on every call
+                    self._seen.clear()
                 self._seen.add(key)
                 return self.module(*args, **kwargs)
             with torch.cuda.device(tensors[0].device):
