@@ -70,20 +70,27 @@ def _flatten(value: Any, tensors: list[torch.Tensor]) -> Any:
     return ("V", type(value).__name__, value)
 
 
+def _map_tensors(value: Any, fn: Any) -> Any:
+    """``value`` with each tensor ``t`` in it replaced by ``fn(t)``, in ``_flatten``'s
+    order, every container rebuilt as its own type (named tuples and dataclasses too:
+    diffusers' outputs)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(_map_tensors(v, fn) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = dataclasses.fields(value)
+        return type(value)(**{f.name: _map_tensors(getattr(value, f.name), fn) for f in fields})
+    if isinstance(value, dict):
+        return type(value)((k, _map_tensors(v, fn)) for k, v in value.items())
+    return value
+
+
 def _clone(value: Any) -> Any:
     """A copy of a graph's output that the next replay does not overwrite."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
-        return type(value)(*(_clone(v) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone(v) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # diffusers' outputs
-        fields = dataclasses.fields(value)
-        return type(value)(**{f.name: _clone(getattr(value, f.name)) for f in fields})
-    if isinstance(value, dict):
-        return type(value)((k, _clone(v)) for k, v in value.items())
-    return value
+    return _map_tensors(value, torch.Tensor.clone)
 
 
 class CUDAGraphed(nn.Module):
@@ -161,17 +168,7 @@ class CUDAGraphed(nn.Module):
         on, with a warning) if the forward cannot be captured."""
         statics = [t.clone() for t in tensors]
         it = iter(statics)
-
-        def swap(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):
-                return next(it)
-            if isinstance(value, (list, tuple)):
-                return type(value)(swap(v) for v in value)
-            if isinstance(value, dict):
-                return {k: swap(v) for k, v in value.items()}
-            return value
-
-        s_args, s_kwargs = swap((args, kwargs))
+        s_args, s_kwargs = _map_tensors((args, kwargs), lambda _t: next(it))
         graph = torch.cuda.CUDAGraph()
         try:
             side = torch.cuda.Stream()
