@@ -38,13 +38,12 @@ def next_pow2(n: int) -> int:
 
 
 @functools.cache
-def _cuda_props(index: int) -> tuple[int, int]:
-    """(multiprocessors, compute capability major) of CUDA GPU ``index``: asked once — a
-    launcher asks per call, and the driver query costs microseconds of host time."""
+def device_properties(index: int):
+    """``torch.cuda.get_device_properties(index)``, asked once: the launchers ask per
+    call, and the query costs microseconds of host time."""
     import torch
 
-    props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count, props.major
+    return torch.cuda.get_device_properties(index)
 
 
 def _index(device) -> int:
@@ -58,13 +57,13 @@ def num_sms(device, cpu: int = 1) -> int:
     under the interpreter, where a value above 1 exercises the split in CI."""
     if device.type != "cuda":
         return cpu
-    return _cuda_props(_index(device))[0]
+    return device_properties(_index(device)).multi_processor_count
 
 
 def hopper_or_later(device) -> bool:
     """Whether ``device`` is a CUDA GPU of compute capability 9 or more (sm_90: tensor
     descriptors, programmatic dependent launches)."""
-    return device.type == "cuda" and _cuda_props(_index(device))[1] >= 9
+    return device.type == "cuda" and device_properties(_index(device)).major >= 9
 
 
 def pdl_supported(device) -> bool:

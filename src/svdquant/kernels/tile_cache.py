@@ -57,7 +57,9 @@ def _gpu(device_type: str, index: int | None) -> str:
         return device_type
     import torch
 
-    p = torch.cuda.get_device_properties(index)
+    from svdquant.kernels._triton_common import device_properties
+
+    p = device_properties(index if index is not None else torch.cuda.current_device())
     return f"{p.name} sm_{p.major}{p.minor} {p.multi_processor_count} SMs"
 
 
