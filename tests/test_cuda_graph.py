@@ -70,6 +70,15 @@ def test_fusing_a_graphed_model_drops_its_graphs():
     assert svdquant.unfuse_projections(graphed) > 0 and len(resets) == 2
 
 
+def test_bad_arguments_are_refused():
+    """A wrapper of something that is not a module, or of no graphs, is refused clearly."""
+    with pytest.raises(TypeError, match=r"wraps a torch\.nn\.Module, got function"):
+        svdquant.cuda_graphed(lambda x: x)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_graphs must be a positive int"):
+            svdquant.cuda_graphed(torch.nn.Linear(2, 2), max_graphs=bad)
+
+
 def test_signatures_and_outputs():
     """A signature is the tensors' shapes, dtypes and devices and every other value;
     arguments a graph cannot take are refused; outputs are copied."""

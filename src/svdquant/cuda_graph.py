@@ -101,6 +101,10 @@ class CUDAGraphed(nn.Module):
     """
 
     def __init__(self, module: nn.Module, max_graphs: int = 4) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"cuda_graphed wraps a torch.nn.Module, got {type(module).__name__}")
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
         super().__init__()
         self.module = module
         self.max_graphs = max_graphs
