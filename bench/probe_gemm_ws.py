@@ -33,6 +33,30 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _row(m: int, n: int, k: int) -> dict:
+    x, layer, s, xq, lora, wq, s_ch = operands(m, n, k)
+    args = (xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16)
+    nolr = (xq, wq, s_ch, s, lora[:, :0], layer.up[:, :0], layer.bias, torch.bfloat16)
+    want = ref.fp8_gemm_ref(*args)
+    r = {"M": m, "N": n, "K": k}
+    r["err_triton"] = _rel(fp8_gemm(*args), want)
+    r["err_ws"] = _rel(gemm_ws.fp8_gemm_ws(*args), want)
+    r["err_ws_nolr"] = _rel(gemm_ws.fp8_gemm_ws(*nolr), ref.fp8_gemm_ref(*nolr))
+    xf8, wf8 = x.to(torch.float8_e4m3fn), layer.w16.to(torch.float8_e4m3fn)
+    sa, sb = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
+    r["bf16_us"] = bench_graph(lambda: F.linear(x, layer.w16, layer.bias))
+    r["cublas_fp8_us"] = bench_graph(
+        lambda: torch._scaled_mm(xf8, wf8.t(), sa, sb, out_dtype=torch.bfloat16)
+    )
+    r["triton_us"] = bench_graph(lambda: fp8_gemm(*args))
+    r["ws_us"] = bench_graph(lambda: gemm_ws.fp8_gemm_ws(*args))
+    r["ws_nolr_us"] = bench_graph(lambda: gemm_ws.fp8_gemm_ws(*nolr))
+    r["triton_again_us"] = bench_graph(lambda: fp8_gemm(*args))
+    for key in ("cublas_fp8", "triton", "ws", "ws_nolr", "triton_again"):
+        r[f"{key}_x"] = r["bf16_us"] / r[f"{key}_us"]
+    return r
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default=",".join(map(str, MS)))
@@ -49,26 +73,7 @@ def main() -> None:
           "x BF16: triton ws | err triton ws")  # fmt: skip
     for m in map(int, a.ms.split(",")):
         for n, k in (map(int, s.split("x")) for s in a.shapes.split(",")):
-            x, layer, s, xq, lora, wq, s_ch = operands(m, n, k)
-            args = (xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16)
-            nolr = (xq, wq, s_ch, s, lora[:, :0], layer.up[:, :0], layer.bias, torch.bfloat16)
-            want = ref.fp8_gemm_ref(*args)
-            r = {"M": m, "N": n, "K": k}
-            r["err_triton"] = _rel(fp8_gemm(*args), want)
-            r["err_ws"] = _rel(gemm_ws.fp8_gemm_ws(*args), want)
-            r["err_ws_nolr"] = _rel(gemm_ws.fp8_gemm_ws(*nolr), ref.fp8_gemm_ref(*nolr))
-            xf8, wf8 = x.to(torch.float8_e4m3fn), layer.w16.to(torch.float8_e4m3fn)
-            sa, sb = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
-            r["bf16_us"] = bench_graph(lambda: F.linear(x, layer.w16, layer.bias))
-            r["cublas_fp8_us"] = bench_graph(
-                lambda: torch._scaled_mm(xf8, wf8.t(), sa, sb, out_dtype=torch.bfloat16)
-            )
-            r["triton_us"] = bench_graph(lambda: fp8_gemm(*args))
-            r["ws_us"] = bench_graph(lambda: gemm_ws.fp8_gemm_ws(*args))
-            r["ws_nolr_us"] = bench_graph(lambda: gemm_ws.fp8_gemm_ws(*nolr))
-            r["triton_again_us"] = bench_graph(lambda: fp8_gemm(*args))
-            for key in ("cublas_fp8", "triton", "ws", "ws_nolr", "triton_again"):
-                r[f"{key}_x"] = r["bf16_us"] / r[f"{key}_us"]
+            r = _row(m, n, k)
             rows.append(r)
             print(f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:6.1f} | {r['cublas_fp8_us']:6.1f} | "
                   f"{r['triton_us']:6.1f} {r['triton_again_us']:6.1f} | {r['ws_us']:6.1f} | "

@@ -82,9 +82,22 @@ if HAVE_GLUON:
         return first_m + (tile % width) % group_m, (tile % width) // group_m
 
     @gluon.jit
-    def _load_warp(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
-                   BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
-                   GROUP: gl.constexpr):  # fmt: skip
+    def _load_warp(
+        a_desc,
+        b_desc,
+        a_bufs,
+        b_bufs,
+        ready,
+        empty,
+        M,
+        N,
+        K,
+        BM: gl.constexpr,
+        BN: gl.constexpr,
+        BK: gl.constexpr,
+        S: gl.constexpr,
+        GROUP: gl.constexpr,
+    ):
         grid_m = gl.cdiv(M, BM)
         grid_n = gl.cdiv(N, BN)
         it = 0
@@ -95,22 +108,50 @@ if HAVE_GLUON:
                 # a fresh barrier counts as having completed the phase before its first:
                 # the first pass over the ring does not wait
                 mbarrier.wait(empty.index(s), ((it // S) & 1) ^ 1)
-                mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(a_desc, [pid_m * BM, k], ready.index(s), a_bufs.index(s))
-                tma.async_copy_global_to_shared(b_desc, [pid_n * BN, k], ready.index(s), b_bufs.index(s))
+                bar = ready.index(s)
+                mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [pid_m * BM, k], bar, a_bufs.index(s))
+                tma.async_copy_global_to_shared(b_desc, [pid_n * BN, k], bar, b_bufs.index(s))
                 it += 1
 
     @gluon.jit
-    def _mma_warps(a_bufs, b_bufs, ready, empty, la_smem, lu_smem, c_ptr, sch_ptr, scale_ptr,
-                   lora_ptr, lu_ptr, bias_ptr, M, N, K, R, stride_cm, stride_lm, stride_un,
-                   HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, BR: gl.constexpr,
-                   BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
-                   GROUP: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
+    def _mma_warps(
+        a_bufs,
+        b_bufs,
+        ready,
+        empty,
+        la_smem,
+        lu_smem,
+        c_ptr,
+        sch_ptr,
+        scale_ptr,
+        lora_ptr,
+        lu_ptr,
+        bias_ptr,
+        M,
+        N,
+        K,
+        R,
+        stride_cm,
+        stride_lm,
+        stride_un,
+        HAS_LORA: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
+        BR: gl.constexpr,
+        BM: gl.constexpr,
+        BN: gl.constexpr,
+        BK: gl.constexpr,
+        S: gl.constexpr,
+        GROUP: gl.constexpr,
+        WARPS: gl.constexpr,
+    ):
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BN, 32]
         )
         # the low-rank operands' loads: rows of BR contiguous 16-bit / fp32 values
-        lr_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BR // 8), BR // 8], [WARPS, 1], [1, 0])
+        lr_layout: gl.constexpr = gl.BlockedLayout(
+            [1, 8], [32 // (BR // 8), BR // 8], [WARPS, 1], [1, 0]
+        )
         # the 16-bit low-rank MMA's accumulator: the same registers (an instruction's K is
         # 16 for 16-bit operands, 32 for fp8), so the conversions between the two are free
         lr_acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -128,8 +169,9 @@ if HAVE_GLUON:
             for k in range(0, K, BK):
                 s = it % S
                 mbarrier.wait(ready.index(s), (it // S) & 1)
-                acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc,
-                                    is_async=True)  # fmt: skip
+                acc = warpgroup_mma(
+                    a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True
+                )
                 # the previous step's MMA is done in this warpgroup; once both are, its
                 # stage goes back to the load warp (an arrive is one thread's)
                 acc = warpgroup_mma_wait(1, deps=(acc,))
@@ -151,10 +193,16 @@ if HAVE_GLUON:
                 ln = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, lr_layout))
                 lr = gl.arange(0, BR, layout=gl.SliceLayout(0, lr_layout))
                 rmask = gl.expand_dims(lr < R, 0)
-                la = gl.load(lora_ptr + gl.expand_dims(lm, 1) * stride_lm + gl.expand_dims(lr, 0),
-                             mask=gl.expand_dims(lm < M, 1) & rmask, other=0.0)  # fmt: skip
-                lu = gl.load(lu_ptr + gl.expand_dims(ln, 1) * stride_un + gl.expand_dims(lr, 0),
-                             mask=gl.expand_dims(ln < N, 1) & rmask, other=0.0)  # fmt: skip
+                la = gl.load(
+                    lora_ptr + gl.expand_dims(lm, 1) * stride_lm + gl.expand_dims(lr, 0),
+                    mask=gl.expand_dims(lm < M, 1) & rmask,
+                    other=0.0,
+                )
+                lu = gl.load(
+                    lu_ptr + gl.expand_dims(ln, 1) * stride_un + gl.expand_dims(lr, 0),
+                    mask=gl.expand_dims(ln < N, 1) & rmask,
+                    other=0.0,
+                )
                 la_smem.store(la.to(lu_ptr.dtype.element_ty))
                 lu_smem.store(lu)
                 fence_async_shared()
@@ -170,10 +218,29 @@ if HAVE_GLUON:
             gl.store(ptrs, y.to(c_ptr.dtype.element_ty), mask=mask)
 
     @gluon.jit
-    def _fp8_gemm_ws_kernel(a_desc, b_desc, c_ptr, sch_ptr, scale_ptr, lora_ptr, lu_ptr,
-                            bias_ptr, M, N, K, R, stride_cm, stride_lm, stride_un,
-                            HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, BR: gl.constexpr,
-                            S: gl.constexpr, GROUP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    def _fp8_gemm_ws_kernel(
+        a_desc,
+        b_desc,
+        c_ptr,
+        sch_ptr,
+        scale_ptr,
+        lora_ptr,
+        lu_ptr,
+        bias_ptr,
+        M,
+        N,
+        K,
+        R,
+        stride_cm,
+        stride_lm,
+        stride_un,
+        HAS_LORA: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
+        BR: gl.constexpr,
+        S: gl.constexpr,
+        GROUP: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[0]
@@ -193,12 +260,43 @@ if HAVE_GLUON:
         )
         gl.warp_specialize(
             [
-                (_mma_warps, (a_bufs, b_bufs, ready, empty, la_smem, lu_smem, c_ptr, sch_ptr,
-                              scale_ptr, lora_ptr, lu_ptr, bias_ptr, M, N, K, R, stride_cm,
-                              stride_lm, stride_un, HAS_LORA, HAS_BIAS, BR, BM, BN, BK, S,
-                              GROUP, num_warps)),  # fmt: skip
-                (_load_warp, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, BM, BN,
-                              BK, S, GROUP)),  # fmt: skip
+                (
+                    _mma_warps,
+                    (
+                        a_bufs,
+                        b_bufs,
+                        ready,
+                        empty,
+                        la_smem,
+                        lu_smem,
+                        c_ptr,
+                        sch_ptr,
+                        scale_ptr,
+                        lora_ptr,
+                        lu_ptr,
+                        bias_ptr,
+                        M,
+                        N,
+                        K,
+                        R,
+                        stride_cm,
+                        stride_lm,
+                        stride_un,
+                        HAS_LORA,
+                        HAS_BIAS,
+                        BR,
+                        BM,
+                        BN,
+                        BK,
+                        S,
+                        GROUP,
+                        num_warps,
+                    ),
+                ),
+                (
+                    _load_warp,
+                    (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, BM, BN, BK, S, GROUP),
+                ),
             ],
             [1],
             [40],
