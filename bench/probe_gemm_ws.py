@@ -51,8 +51,10 @@ def _row(m: int, n: int, k: int) -> dict:
     r["triton_us"] = bench_graph(lambda: fp8_gemm(*args))
     r["ws_us"] = bench_graph(lambda: gemm_ws.fp8_gemm_ws(*args))
     r["ws_nolr_us"] = bench_graph(lambda: gemm_ws.fp8_gemm_ws(*nolr))
+    bare = (*nolr[:6], None, torch.bfloat16)  # no low-rank branch, no bias
+    r["ws_bare_us"] = bench_graph(lambda: gemm_ws.fp8_gemm_ws(*bare))
     r["triton_again_us"] = bench_graph(lambda: fp8_gemm(*args))
-    for key in ("cublas_fp8", "triton", "ws", "ws_nolr", "triton_again"):
+    for key in ("cublas_fp8", "triton", "ws", "ws_nolr", "ws_bare", "triton_again"):
         r[f"{key}_x"] = r["bf16_us"] / r[f"{key}_us"]
     return r
 
@@ -69,7 +71,7 @@ def main() -> None:
         setattr(gemm_ws, name, ast.literal_eval(value))
     assert gemm_ws.available(torch.device("cuda")), "needs sm_90 and a Gluon triton"
     rows = []
-    print(f"{'M':>5} {'N':>6} {'K':>6} | bf16 | cuBLAS fp8 | triton | ws | ws no-lr | "
+    print(f"{'M':>5} {'N':>6} {'K':>6} | bf16 | cuBLAS fp8 | triton | ws | ws no-lr, bare | "
           "x BF16: triton ws | err triton ws")  # fmt: skip
     for m in map(int, a.ms.split(",")):
         for n, k in (map(int, s.split("x")) for s in a.shapes.split(",")):
@@ -77,7 +79,8 @@ def main() -> None:
             rows.append(r)
             print(f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:6.1f} | {r['cublas_fp8_us']:6.1f} | "
                   f"{r['triton_us']:6.1f} {r['triton_again_us']:6.1f} | {r['ws_us']:6.1f} | "
-                  f"{r['ws_nolr_us']:6.1f} | {r['triton_x']:.3f} {r['ws_x']:.3f} | "
+                  f"{r['ws_nolr_us']:6.1f} {r['ws_bare_us']:6.1f} | "
+                  f"{r['triton_x']:.3f} {r['ws_x']:.3f} | "
                   f"{r['err_triton']:.1e} {r['err_ws']:.1e} {r['err_ws_nolr']:.1e}")  # fmt: skip
     result = {**run_info(), "bench": "probe_gemm_ws", "set": a.set, "stages": gemm_ws.STAGES,
               "rows": rows}  # fmt: skip
