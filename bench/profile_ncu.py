@@ -10,7 +10,8 @@ then each kernel of a FLUX.1 layer shape runs once between ``cudaProfilerStart``
 ``cudaProfilerStop``, so ncu sees exactly those launches: the W4A16 GEMV at M = 1 and 4
 (N = 18432, K = 3072, rank 32, bias) with its x̂ prep kernel, the activation quantize
 (M = 4608, K = 3072, rank 32), the widen (N = K = 3072) and the fp8 GEMM + low-rank + bias
-(M = 4608, N = K = 3072), and the fused MLP's fc1 (quantize-next epilogue). For NOTES.md:
+(M = 4608, N = K = 3072), the fused MLP's fc1 (quantize-next epilogue), and the
+warp-specialized Gluon GEMM (``gemm_ws``, with and without the low-rank branch). For NOTES.md:
 what limits each kernel (issue slots, memory pipes, stalls), not its time.
 """
 
@@ -27,6 +28,7 @@ from gemm import Layer
 
 from svdquant.kernels import reference as ref
 from svdquant.kernels.gemm import fp8_gemm, fp8_gemm_quantize_next
+from svdquant.kernels.gemm_ws import fp8_gemm_ws
 from svdquant.kernels.gemv import w4a16_linear
 from svdquant.kernels.quantize import quantize_act
 from svdquant.kernels.widen import widen_weight
@@ -57,6 +59,10 @@ def cases() -> dict:
         "widen": lambda: widen_weight(*wargs),
         "gemm": lambda: fp8_gemm(xq, wq, s_ch, s, lora, sq.up, sq.bias, torch.bfloat16),
         "mlp_fc1": lambda: fp8_gemm_quantize_next(*mlp),
+        "gemm_ws": lambda: fp8_gemm_ws(xq, wq, s_ch, s, lora, sq.up, sq.bias, torch.bfloat16),
+        "gemm_ws_nolr": lambda: fp8_gemm_ws(
+            xq, wq, s_ch, s, lora[:, :0], sq.up[:, :0], sq.bias, torch.bfloat16
+        ),
     }
 
 

@@ -1316,6 +1316,23 @@ def test_gpu_fp8_gemm_matches_reference(monkeypatch, m, n, k, r, tma):
     assert rel_err(fp8_gemm(*args), ref.fp8_gemm_ref(*args)) <= TOL
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 257, 4608])
+@pytest.mark.parametrize(("n", "k", "r"), [(130, 336, 7), (3072, 3072, 32), (1000, 1008, 0)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpu_fp8_gemm_ws_matches_reference(m, n, k, r, bias):
+    """The warp-specialized Gluon GEMM (sm_90) against the reference: rows and columns
+    that are not multiples of its tile, ranks 0, 7 and 32, with and without a bias."""
+    from svdquant.kernels import gemm_ws
+
+    if not gemm_ws.available(torch.device(DEVICE)):
+        pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
+    args = list(_gemm_args(m, n, k, seed=m + n + r, r=r))
+    if not bias:
+        args[6] = None
+    assert rel_err(gemm_ws.fp8_gemm_ws(*args), ref.fp8_gemm_ref(*args)) <= TOL
+
+
 @pytest.mark.usefixtures("no_dp4a")
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 16])

@@ -1,0 +1,354 @@
+"""Warp-specialized persistent fp8 GEMM for Hopper (Gluon): the layer's GEMM where M is large.
+
+Same contract as ``gemm.fp8_gemm`` (``(xq · wqᵀ) · (S · s_channel) + lora_act · L_upᵀ + b``,
+reference ``reference.fp8_gemm_ref``), written in Gluon — Triton's lower-level dialect,
+where the kernel names its own warps, shared-memory ring and barriers — because the two
+things the Triton kernel cannot do on sm_90 are what cuBLAS's fp8 GEMM does (v26 in
+``bench/NOTES.md``: ours 87.6 µs against cuBLAS's 73.9 at M = 4608, N = K = 3072):
+
+* one **load warp** streams A and B tiles through a ring of shared-memory stages with TMA,
+  running ahead across tiles — the next tile's first stages arrive while the MMA warps
+  are still in the previous tile's epilogue;
+* the grid is **persistent** (one program per multiprocessor walking the tiles), so no
+  program launch and no pipeline prologue between tiles.
+
+The two MMA warpgroups compute a 128 × 256 tile with asynchronous ``wgmma``, one step in
+flight, and release a stage to the load warp once both have finished reading it. The
+epilogue is the Triton kernel's: per-column scale, the 16-bit low-rank up projection as
+one more MMA (bf16/fp16 operands staged in shared memory), bias, one 16-bit store.
+
+GPU only (sm_90, triton with Gluon: 3.6 is what the device runs): there is no interpreter
+for Gluon, so ``gemm.fp8_gemm`` stays the portable kernel and the reference for the tests
+that run everywhere; ``available`` says whether this one can run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from svdquant.kernels._triton_common import cdiv, hopper_or_later, interpreting, num_sms
+
+try:  # Gluon's API is young: any triton without these names simply lacks this kernel
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed triton
+    HAVE_GLUON = False
+
+__all__ = ["available", "fp8_gemm_ws"]
+
+#: Tile and ring: 128 × 256 × 128 fp8 tiles (48 KB a stage), ``STAGES`` stages, two MMA
+#: warpgroups (the 128 × 256 fp32 accumulator is 128 registers a thread over 256 threads).
+BLOCK_M, BLOCK_N, BLOCK_K = 128, 256, 128
+STAGES = 4
+GROUP_M = 8
+#: The triton versions this kernel was compiled and measured with (Gluon changes between
+#: releases; others fall back to the Triton kernel).
+TESTED_TRITON = ("3.6",)
+#: Use it (``ops`` consults this); off = the Triton kernel everywhere.
+ENABLED = True
+
+
+def available(device: torch.device) -> bool:
+    """Whether this kernel can run on ``device``: sm_90+, a Gluon-capable triton of a
+    tested version, not under the interpreter."""
+    return (
+        ENABLED
+        and HAVE_GLUON
+        and triton.__version__.rsplit(".", 1)[0] in TESTED_TRITON
+        and not interpreting()
+        and hopper_or_later(device)
+    )
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _tile_coords(tile, grid_m, grid_n, GROUP: gl.constexpr):
+        """Grouped order: ``GROUP`` row tiles share the weight columns they read from L2."""
+        width = GROUP * grid_n
+        first_m = (tile // width) * GROUP
+        group_m = gl.minimum(grid_m - first_m, GROUP)
+        return first_m + (tile % width) % group_m, (tile % width) // group_m
+
+    @gluon.jit
+    def _load_warp(
+        a_desc,
+        b_desc,
+        a_bufs,
+        b_bufs,
+        ready,
+        empty,
+        M,
+        N,
+        K,
+        BM: gl.constexpr,
+        BN: gl.constexpr,
+        BK: gl.constexpr,
+        S: gl.constexpr,
+        GROUP: gl.constexpr,
+    ):
+        grid_m = gl.cdiv(M, BM)
+        grid_n = gl.cdiv(N, BN)
+        it = 0
+        for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
+            pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP)
+            for k in range(0, K, BK):
+                s = it % S
+                # a fresh barrier counts as having completed the phase before its first:
+                # the first pass over the ring does not wait
+                mbarrier.wait(empty.index(s), ((it // S) & 1) ^ 1)
+                bar = ready.index(s)
+                mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [pid_m * BM, k], bar, a_bufs.index(s))
+                tma.async_copy_global_to_shared(b_desc, [pid_n * BN, k], bar, b_bufs.index(s))
+                it += 1
+
+    @gluon.jit
+    def _mma_warps(
+        a_bufs,
+        b_bufs,
+        ready,
+        empty,
+        la_smem,
+        lu_smem,
+        c_ptr,
+        sch_ptr,
+        scale_ptr,
+        lora_ptr,
+        lu_ptr,
+        bias_ptr,
+        M,
+        N,
+        K,
+        R,
+        stride_cm,
+        stride_lm,
+        stride_un,
+        HAS_LORA: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
+        BR: gl.constexpr,
+        BM: gl.constexpr,
+        BN: gl.constexpr,
+        BK: gl.constexpr,
+        S: gl.constexpr,
+        GROUP: gl.constexpr,
+        WARPS: gl.constexpr,
+    ):
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BN, 32]
+        )
+        # the low-rank operands' loads: rows of BR contiguous 16-bit / fp32 values
+        lr_layout: gl.constexpr = gl.BlockedLayout(
+            [1, 8], [32 // (BR // 8), BR // 8], [WARPS, 1], [1, 0]
+        )
+        # the 16-bit low-rank MMA's accumulator: the same registers (an instruction's K is
+        # 16 for 16-bit operands, 32 for fp8), so the conversions between the two are free
+        lr_acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BN, 16]
+        )
+        cols_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
+        rows_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
+        grid_m = gl.cdiv(M, BM)
+        grid_n = gl.cdiv(N, BN)
+        act_scale = gl.load(scale_ptr)
+        it = 0
+        for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
+            pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP)
+            acc = gl.zeros([BM, BN], gl.float32, acc_layout)
+            for k in range(0, K, BK):
+                s = it % S
+                mbarrier.wait(ready.index(s), (it // S) & 1)
+                acc = warpgroup_mma(
+                    a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True
+                )
+                # the previous step's MMA is done in this warpgroup; once both are, its
+                # stage goes back to the load warp (an arrive is one thread's)
+                acc = warpgroup_mma_wait(1, deps=(acc,))
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index((it + S - 1) % S), count=1, pred=k > 0)
+                it += 1
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index((it + S - 1) % S), count=1)
+
+            rn = pid_n * BN + gl.arange(0, BN, layout=cols_layout)
+            nmask = rn < N
+            scale = act_scale * gl.load(sch_ptr + rn, mask=nmask, other=0.0)
+            if HAS_BIAS:
+                bias = gl.load(bias_ptr + rn, mask=nmask, other=0.0).to(gl.float32)
+            y = acc * gl.expand_dims(scale, 0)
+            if HAS_LORA:
+                lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, lr_layout))
+                ln = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, lr_layout))
+                lr = gl.arange(0, BR, layout=gl.SliceLayout(0, lr_layout))
+                rmask = gl.expand_dims(lr < R, 0)
+                la = gl.load(
+                    lora_ptr + gl.expand_dims(lm, 1) * stride_lm + gl.expand_dims(lr, 0),
+                    mask=gl.expand_dims(lm < M, 1) & rmask,
+                    other=0.0,
+                )
+                lu = gl.load(
+                    lu_ptr + gl.expand_dims(ln, 1) * stride_un + gl.expand_dims(lr, 0),
+                    mask=gl.expand_dims(ln < N, 1) & rmask,
+                    other=0.0,
+                )
+                la_smem.store(la.to(lu_ptr.dtype.element_ty))
+                lu_smem.store(lu)
+                fence_async_shared()
+                gl.thread_barrier()
+                y = gl.convert_layout(y, lr_acc_layout, assert_trivial=True)
+                y = warpgroup_mma(la_smem, lu_smem.permute((1, 0)), y)
+                y = gl.convert_layout(y, acc_layout, assert_trivial=True)
+            if HAS_BIAS:
+                y += gl.expand_dims(bias, 0)
+            rm = pid_m * BM + gl.arange(0, BM, layout=rows_layout)
+            mask = gl.expand_dims(rm < M, 1) & gl.expand_dims(nmask, 0)
+            ptrs = c_ptr + gl.expand_dims(rm, 1) * stride_cm + gl.expand_dims(rn, 0)
+            gl.store(ptrs, y.to(c_ptr.dtype.element_ty), mask=mask)
+
+    @gluon.jit
+    def _fp8_gemm_ws_kernel(
+        a_desc,
+        b_desc,
+        c_ptr,
+        sch_ptr,
+        scale_ptr,
+        lora_ptr,
+        lu_ptr,
+        bias_ptr,
+        M,
+        N,
+        K,
+        R,
+        stride_cm,
+        stride_lm,
+        stride_un,
+        HAS_LORA: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
+        BR: gl.constexpr,
+        S: gl.constexpr,
+        GROUP: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[0]
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [S, BM, BK], a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [S, BN, BK], b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(S):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        lr_dtype: gl.constexpr = lu_ptr.dtype.element_ty
+        la_smem = gl.allocate_shared_memory(
+            lr_dtype, [BM, BR], gl.NVMMASharedLayout.get_default_for([BM, BR], lr_dtype)
+        )
+        lu_smem = gl.allocate_shared_memory(
+            lr_dtype, [BN, BR], gl.NVMMASharedLayout.get_default_for([BN, BR], lr_dtype)
+        )
+        gl.warp_specialize(
+            [
+                (
+                    _mma_warps,
+                    (
+                        a_bufs,
+                        b_bufs,
+                        ready,
+                        empty,
+                        la_smem,
+                        lu_smem,
+                        c_ptr,
+                        sch_ptr,
+                        scale_ptr,
+                        lora_ptr,
+                        lu_ptr,
+                        bias_ptr,
+                        M,
+                        N,
+                        K,
+                        R,
+                        stride_cm,
+                        stride_lm,
+                        stride_un,
+                        HAS_LORA,
+                        HAS_BIAS,
+                        BR,
+                        BM,
+                        BN,
+                        BK,
+                        S,
+                        GROUP,
+                        num_warps,
+                    ),
+                ),
+                (
+                    _load_warp,
+                    (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, BM, BN, BK, S, GROUP),
+                ),
+            ],
+            [1],
+            [40],
+        )
+
+
+def fp8_gemm_ws(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
+    act_scale: torch.Tensor,
+    lora_act: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``gemm.fp8_gemm`` on this kernel (same arguments and result); needs
+    ``available(xq.device)``, contiguous 16-byte-aligned operands and a 16-bit L_up."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    r = lowrank_up.shape[1]
+    y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    if m == 0 or n == 0:
+        return y
+    xq, wq = xq.contiguous(), wq.contiguous()
+    lora_act, lowrank_up = lora_act.contiguous(), lowrank_up.contiguous()
+    a_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.float8e4nv)
+    b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float8e4nv)
+    a = GluonDescriptor.from_tensor(xq, [BLOCK_M, BLOCK_K], a_layout)
+    b = GluonDescriptor.from_tensor(wq, [BLOCK_N, BLOCK_K], b_layout)
+    tiles = cdiv(m, BLOCK_M) * cdiv(n, BLOCK_N)
+    _fp8_gemm_ws_kernel[(min(tiles, num_sms(xq.device)),)](
+        a,
+        b,
+        y,
+        s_channel,
+        act_scale.float().reshape(1),
+        lora_act,
+        lowrank_up,
+        bias if bias is not None else s_channel,
+        m,
+        n,
+        k,
+        r,
+        y.stride(0),
+        lora_act.stride(0) if r else 0,
+        lowrank_up.stride(0) if r else 0,
+        HAS_LORA=r > 0,
+        HAS_BIAS=bias is not None,
+        BR=max(16, 1 << (max(r, 1) - 1).bit_length()),
+        S=STAGES,
+        GROUP=GROUP_M,
+        num_warps=8,
+    )
+    return y
