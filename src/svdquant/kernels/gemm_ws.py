@@ -57,6 +57,8 @@ GROUP_M = 8
 TESTED_TRITON = ("3.6",)
 #: Use it (``ops`` consults this); off = the Triton kernel everywhere.
 ENABLED = True
+#: A probe's knob: rows stored per tile (None: all) — the epilogue's stores left out.
+PROBE_ROWS: int | None = None
 
 
 def available(device: torch.device) -> bool:
@@ -135,6 +137,7 @@ if HAVE_GLUON:
         stride_cm,
         stride_lm,
         stride_un,
+        ROWS,
         HAS_LORA: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         BR: gl.constexpr,
@@ -213,7 +216,7 @@ if HAVE_GLUON:
             if HAS_BIAS:
                 y += gl.expand_dims(bias, 0)
             rm = pid_m * BM + gl.arange(0, BM, layout=rows_layout)
-            mask = gl.expand_dims(rm < M, 1) & gl.expand_dims(nmask, 0)
+            mask = gl.expand_dims((rm < M) & (rm < pid_m * BM + ROWS), 1) & gl.expand_dims(nmask, 0)
             ptrs = c_ptr + gl.expand_dims(rm, 1) * stride_cm + gl.expand_dims(rn, 0)
             gl.store(ptrs, y.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -234,6 +237,7 @@ if HAVE_GLUON:
         stride_cm,
         stride_lm,
         stride_un,
+        ROWS,
         HAS_LORA: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         BR: gl.constexpr,
@@ -282,6 +286,7 @@ if HAVE_GLUON:
                         stride_cm,
                         stride_lm,
                         stride_un,
+                        ROWS,
                         HAS_LORA,
                         HAS_BIAS,
                         BR,
@@ -344,6 +349,7 @@ def fp8_gemm_ws(
         y.stride(0),
         lora_act.stride(0) if r else 0,
         lowrank_up.stride(0) if r else 0,
+        m if PROBE_ROWS is None else PROBE_ROWS,
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
         BR=max(16, 1 << (max(r, 1) - 1).bit_length()),
