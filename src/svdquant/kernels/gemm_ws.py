@@ -32,6 +32,7 @@ from svdquant.kernels._triton_common import cdiv, hopper_or_later, interpreting,
 try:  # Gluon's API is young: any triton without these names simply lacks this kernel
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
         mbarrier,
@@ -58,6 +59,19 @@ GROUP_M = 8
 TESTED_TRITON = ("3.6",)
 #: Use it (``ops`` consults this); off = the Triton kernel everywhere.
 ENABLED = True
+
+
+def supports(n: int, k: int, r: int, lr_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether ``fp8_gemm_ws`` takes this shape: rows of the output and of the operands
+    16-byte aligned (TMA), the low-rank rows copied whole (cp.async, 16 bytes at a time)."""
+    sixteen = (torch.bfloat16, torch.float16)
+    return (
+        n % 8 == 0
+        and k % 16 == 0
+        and (r == 0 or r in (16, 32, 64, 128))
+        and lr_dtype in sixteen
+        and out_dtype in sixteen
+    )
 
 
 def available(device: torch.device) -> bool:
@@ -123,6 +137,7 @@ if HAVE_GLUON:
         empty,
         la_smem,
         lu_smem,
+        la32_smem,
         c_smem,
         c_desc,
         sch_ptr,
@@ -159,12 +174,36 @@ if HAVE_GLUON:
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BN, 16]
         )
         cols_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
+        vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
         grid_m = gl.cdiv(M, BM)
         grid_n = gl.cdiv(N, BN)
         act_scale = gl.load(scale_ptr)
         it = 0
         for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP)
+            # the epilogue's operands are requested before the K loop, so that their
+            # latency hides behind it: the low-rank rows by cp.async into shared memory,
+            # the column scales and bias into one register a thread
+            vn = pid_n * BN + gl.arange(0, BN, layout=vec_layout)
+            sch_v = gl.load(sch_ptr + vn, mask=vn < N, other=0.0)
+            if HAS_BIAS:
+                bias_v = gl.load(bias_ptr + vn, mask=vn < N, other=0.0)
+            if HAS_LORA:
+                lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, lr_layout))
+                ln = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, lr_layout))
+                lr = gl.arange(0, BR, layout=gl.SliceLayout(0, lr_layout))
+                rmask = gl.expand_dims(lr < BR, 0)  # R == BR (``fp8_gemm_ws``): whole rows
+                async_copy.async_copy_global_to_shared(
+                    la32_smem,
+                    lora_ptr + gl.expand_dims(lm, 1) * stride_lm + gl.expand_dims(lr, 0),
+                    mask=gl.expand_dims(lm < M, 1) & rmask,
+                )
+                async_copy.async_copy_global_to_shared(
+                    lu_smem,
+                    lu_ptr + gl.expand_dims(ln, 1) * stride_un + gl.expand_dims(lr, 0),
+                    mask=gl.expand_dims(ln < N, 1) & rmask,
+                )
+                async_copy.commit_group()
             acc = gl.zeros([BM, BN], gl.float32, acc_layout)
             for k in range(0, K, BK):
                 s = it % S
@@ -182,34 +221,21 @@ if HAVE_GLUON:
             gl.thread_barrier()
             mbarrier.arrive(empty.index((it + S - 1) % S), count=1)
 
-            rn = pid_n * BN + gl.arange(0, BN, layout=cols_layout)
-            nmask = rn < N
-            scale = act_scale * gl.load(sch_ptr + rn, mask=nmask, other=0.0)
-            if HAS_BIAS:
-                bias = gl.load(bias_ptr + rn, mask=nmask, other=0.0).to(gl.float32)
+            scale = act_scale * gl.convert_layout(sch_v, cols_layout)
             y = acc * gl.expand_dims(scale, 0)
             if HAS_LORA:
-                lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, lr_layout))
-                ln = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, lr_layout))
-                lr = gl.arange(0, BR, layout=gl.SliceLayout(0, lr_layout))
-                rmask = gl.expand_dims(lr < R, 0)
-                la = gl.load(
-                    lora_ptr + gl.expand_dims(lm, 1) * stride_lm + gl.expand_dims(lr, 0),
-                    mask=gl.expand_dims(lm < M, 1) & rmask,
-                    other=0.0,
-                )
-                lu = gl.load(
-                    lu_ptr + gl.expand_dims(ln, 1) * stride_un + gl.expand_dims(lr, 0),
-                    mask=gl.expand_dims(ln < N, 1) & rmask,
-                    other=0.0,
-                )
+                # cp.async rows masked past M, N or R arrive as zeros
+                async_copy.wait_group(0)
+                gl.thread_barrier()
+                la = la32_smem.load(lr_layout)
                 la_smem.store(la.to(lu_ptr.dtype.element_ty))
-                lu_smem.store(lu)
                 fence_async_shared()
                 gl.thread_barrier()
                 y = gl.convert_layout(y, lr_acc_layout, assert_trivial=True)
                 y = warpgroup_mma(la_smem, lu_smem.permute((1, 0)), y)
                 y = gl.convert_layout(y, acc_layout, assert_trivial=True)
+            if HAS_BIAS:
+                bias = gl.convert_layout(bias_v, cols_layout).to(gl.float32)
             if HAS_BIAS:
                 y += gl.expand_dims(bias, 0)
             # the tile goes out through shared memory in two 128-column halves, each one
@@ -272,6 +298,9 @@ if HAVE_GLUON:
             lr_dtype, [BN, BR], gl.NVMMASharedLayout.get_default_for([BN, BR], lr_dtype)
         )
         c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        la32_smem = gl.allocate_shared_memory(
+            gl.float32, [BM, BR], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+        )
         gl.warp_specialize(
             [
                 (
@@ -283,6 +312,7 @@ if HAVE_GLUON:
                         empty,
                         la_smem,
                         lu_smem,
+                        la32_smem,
                         c_smem,
                         c_desc,
                         sch_ptr,
@@ -332,6 +362,12 @@ def fp8_gemm_ws(
     m, k = xq.shape
     n = wq.shape[0]
     r = lowrank_up.shape[1]
+    if not supports(n, k, r, lowrank_up.dtype, out_dtype):
+        raise ValueError(
+            f"fp8_gemm_ws takes N a multiple of 8, K of 16, a rank of 0 or a power of two "
+            f"from 16 to 128, a 16-bit L_up and output; got N = {n}, K = {k}, rank {r}, "
+            f"{lowrank_up.dtype} L_up, {out_dtype} out"
+        )
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m == 0 or n == 0:
         return y
