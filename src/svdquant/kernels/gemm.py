@@ -579,9 +579,11 @@ def fp8_gemm(
 #: where this kernel's split-K tail pays (``_tail_wanted``). H200, GEMM + low-rank + bias
 #: in one run (``bench/probe_gemm_ws.py``, v33): 81.2 against 85.8 µs at M = 4608,
 #: N = K = 3072 (1.48x BF16 instead of 1.40x), 3-7% faster at N >= 9216, K = 3072 and
-#: at M = 4096; 2% slower at M = 4608, K >= 12288, where the tail runs instead.
+#: at M = 4096; 2% slower at M = 4608, K >= 12288, where the tail runs instead. At
+#: M = 1024 the layer 1.01-1.06x faster on five shapes, 0.975x at 3072² (``probe_layer``);
+#: at M = 512 the kernel is up to 1.37x slower (128 x 256 tiles: too few for 132 SMs).
 WS_GEMM = True
-WS_MIN_M = 2048
+WS_MIN_M = 1024
 
 
 def _ws_wanted(xq: torch.Tensor, wq: torch.Tensor, lowrank_up: torch.Tensor,
