@@ -2,20 +2,26 @@
 
 Same contract as ``gemm.fp8_gemm`` (``(xq · wqᵀ) · (S · s_channel) + lora_act · L_upᵀ + b``,
 reference ``reference.fp8_gemm_ref``), written in Gluon — Triton's lower-level dialect,
-where the kernel names its own warps, shared-memory ring and barriers — because the two
-things the Triton kernel cannot do on sm_90 are what cuBLAS's fp8 GEMM does (v26 in
-``bench/NOTES.md``: ours 87.6 µs against cuBLAS's 73.9 at M = 4608, N = K = 3072):
+where the kernel names its own warps, shared-memory ring and barriers — because
+what the Triton kernel cannot do on sm_90 is what cuBLAS's fp8 GEMM does (v26 in
+``bench/NOTES.md``: the Triton kernel 87.6 µs against cuBLAS's 73.9 at M = 4608,
+N = K = 3072):
 
 * one **load warp** streams A and B tiles through a ring of shared-memory stages with TMA,
   running ahead across tiles — the next tile's first stages arrive while the MMA warps
   are still in the previous tile's epilogue;
 * the grid is **persistent** (one program per multiprocessor walking the tiles), so no
-  program launch and no pipeline prologue between tiles.
+  program launch and no pipeline prologue between tiles;
+* the epilogue's operands are requested **before the K loop** (the low-rank rows by
+  cp.async into shared memory, the column scales and bias into registers), and the tile
+  leaves through shared memory in two **TMA stores**.
 
 The two MMA warpgroups compute a 128 × 256 tile with asynchronous ``wgmma``, one step in
-flight, and release a stage to the load warp once both have finished reading it. The
-epilogue is the Triton kernel's: per-column scale, the 16-bit low-rank up projection as
-one more MMA (bf16/fp16 operands staged in shared memory), bias, one 16-bit store.
+flight, and release a stage to the load warp once both have finished reading it; the
+epilogue applies the per-column scale, the 16-bit low-rank up projection as one more
+MMA and the bias. Measured on the H200 (v33, ``bench/probe_gemm_ws.py``), M = 4608,
+N = K = 3072: the K loop alone 72 µs (cuBLAS's time); stores straight from the MMA
+layout (4 bytes a thread) cost 23 µs more, TMA stores 10, with the operands early 9.
 
 GPU only (sm_90, triton with Gluon: 3.6 is what the device runs): there is no interpreter
 for Gluon, so ``gemm.fp8_gemm`` stays the portable kernel and the reference for the tests
@@ -47,7 +53,7 @@ try:  # Gluon's API is young: any triton without these names simply lacks this k
 except ImportError:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
 
-__all__ = ["available", "fp8_gemm_ws"]
+__all__ = ["available", "fp8_gemm_ws", "supports"]
 
 #: Tile and ring: 128 × 256 × 128 fp8 tiles (48 KB a stage), ``STAGES`` stages, two MMA
 #: warpgroups (the 128 × 256 fp32 accumulator is 128 registers a thread over 256 threads).
@@ -57,8 +63,6 @@ GROUP_M = 8
 #: The triton versions this kernel was compiled and measured with (Gluon changes between
 #: releases; others fall back to the Triton kernel).
 TESTED_TRITON = ("3.6",)
-#: Use it (``ops`` consults this); off = the Triton kernel everywhere.
-ENABLED = True
 
 
 def supports(n: int, k: int, r: int, lr_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
@@ -78,8 +82,7 @@ def available(device: torch.device) -> bool:
     """Whether this kernel can run on ``device``: sm_90+, a Gluon-capable triton of a
     tested version, not under the interpreter."""
     return (
-        ENABLED
-        and HAVE_GLUON
+        HAVE_GLUON
         and triton.__version__.rsplit(".", 1)[0] in TESTED_TRITON
         and not interpreting()
         and hopper_or_later(device)
@@ -148,7 +151,6 @@ if HAVE_GLUON:
         M,
         N,
         K,
-        R,
         stride_lm,
         stride_un,
         HAS_LORA: gl.constexpr,
@@ -192,7 +194,7 @@ if HAVE_GLUON:
                 lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, lr_layout))
                 ln = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, lr_layout))
                 lr = gl.arange(0, BR, layout=gl.SliceLayout(0, lr_layout))
-                rmask = gl.expand_dims(lr < BR, 0)  # R == BR (``fp8_gemm_ws``): whole rows
+                rmask = gl.expand_dims(lr < BR, 0)  # the rank is BR (``supports``): whole rows
                 async_copy.async_copy_global_to_shared(
                     la32_smem,
                     lora_ptr + gl.expand_dims(lm, 1) * stride_lm + gl.expand_dims(lr, 0),
@@ -224,7 +226,7 @@ if HAVE_GLUON:
             scale = act_scale * gl.convert_layout(sch_v, cols_layout)
             y = acc * gl.expand_dims(scale, 0)
             if HAS_LORA:
-                # cp.async rows masked past M, N or R arrive as zeros
+                # cp.async rows masked past M or N arrive as zeros
                 async_copy.wait_group(0)
                 gl.thread_barrier()
                 la = la32_smem.load(lr_layout)
@@ -270,7 +272,6 @@ if HAVE_GLUON:
         M,
         N,
         K,
-        R,
         stride_lm,
         stride_un,
         HAS_LORA: gl.constexpr,
@@ -323,7 +324,6 @@ if HAVE_GLUON:
                         M,
                         N,
                         K,
-                        R,
                         stride_lm,
                         stride_un,
                         HAS_LORA,
@@ -393,7 +393,6 @@ def fp8_gemm_ws(
         m,
         n,
         k,
-        r,
         lora_act.stride(0) if r else 0,
         lowrank_up.stride(0) if r else 0,
         HAS_LORA=r > 0,
