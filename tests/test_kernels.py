@@ -1318,7 +1318,7 @@ def test_gpu_fp8_gemm_matches_reference(monkeypatch, m, n, k, r, tma):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 257, 4608])
-@pytest.mark.parametrize(("n", "k", "r"), [(130, 336, 7), (3072, 3072, 32), (1000, 1008, 0)])
+@pytest.mark.parametrize(("n", "k", "r"), [(136, 336, 16), (3072, 3072, 32), (1000, 1008, 0)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_gpu_fp8_gemm_ws_matches_reference(m, n, k, r, bias):
     """The warp-specialized Gluon GEMM (sm_90) against the reference: rows and columns
@@ -1331,6 +1331,42 @@ def test_gpu_fp8_gemm_ws_matches_reference(m, n, k, r, bias):
     if not bias:
         args[6] = None
     assert rel_err(gemm_ws.fp8_gemm_ws(*args), ref.fp8_gemm_ref(*args)) <= TOL
+
+
+WS_CASES = [(4608, 3072, 3072, True), (512, 3072, 3072, False), (4608, 3072, 12288, False),
+            (4608, 100, 3072, False)]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("m", "n", "k", "ws"), WS_CASES)
+def test_gpu_fp8_gemm_hands_large_shapes_to_gemm_ws(monkeypatch, m, n, k, ws):
+    """``fp8_gemm`` runs the Gluon kernel from ``WS_MIN_M`` rows where it takes the shape
+    and the split-K tail does not pay, else its own; the numbers are the reference's
+    either way."""
+    from svdquant.kernels import gemm_ws
+
+    if not gemm_ws.available(torch.device(DEVICE)):
+        pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
+    calls = []
+    real = gemm_ws.fp8_gemm_ws
+    monkeypatch.setattr(gemm_ws, "fp8_gemm_ws", lambda *a: calls.append(1) or real(*a))
+    args = _gemm_args(m, n, k, seed=m + n, r=32)
+    assert rel_err(fp8_gemm(*args), ref.fp8_gemm_ref(*args)) <= TOL
+    assert bool(calls) == ws
+
+
+def test_gemm_ws_is_not_used_without_a_hopper_gpu():
+    """On the CPU (and under the interpreter) ``fp8_gemm`` never hands over to the Gluon
+    kernel, which has no interpreter; its shape rules hold everywhere."""
+    from svdquant.kernels import gemm, gemm_ws
+
+    assert not gemm_ws.available(torch.device("cpu"))
+    args = _gemm_args(4096, 64, 64, seed=1, r=32)
+    assert not gemm._ws_wanted(args[0], args[1], args[5], torch.bfloat16)
+    assert gemm_ws.supports(3072, 3072, 32, torch.bfloat16, torch.bfloat16)
+    assert not gemm_ws.supports(3072, 3072, 7, torch.bfloat16, torch.bfloat16)  # rank 7
+    assert not gemm_ws.supports(130, 3072, 32, torch.bfloat16, torch.bfloat16)  # N % 8
+    assert not gemm_ws.supports(3072, 3072, 32, torch.float32, torch.bfloat16)  # fp32 L_up
 
 
 @pytest.mark.usefixtures("no_dp4a")

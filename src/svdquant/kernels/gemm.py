@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from svdquant.kernels import tile_cache
+from svdquant.kernels import gemm_ws, tile_cache
 from svdquant.kernels._triton_common import (
     ACTIVATIONS,
     apply_activation,
@@ -564,10 +564,39 @@ def fp8_gemm(
     ``lora_act`` fp32 [M, r], ``lowrank_up`` [N, r]. See ``fp8_gemm_ref``.
     """
     m, n = xq.shape[0], wq.shape[0]
+    if _ws_wanted(xq, wq, lowrank_up, out_dtype):
+        return gemm_ws.fp8_gemm_ws(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias,
+                                   out_dtype)  # fmt: skip
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m and n:
         _launch(*_contiguous(xq, wq, lora_act, lowrank_up), s_channel, act_scale, bias, y, None)
     return y
+
+
+#: Hand ``fp8_gemm`` to the warp-specialized Gluon kernel (``gemm_ws``: a TMA load warp,
+#: persistent, the epilogue's operands fetched during the K loop, TMA stores) where it
+#: can run (sm_90, a tested triton) and takes the shape, from ``WS_MIN_M`` rows, except
+#: where this kernel's split-K tail pays (``_tail_wanted``). H200, GEMM + low-rank + bias
+#: in one run (``bench/probe_gemm_ws.py``, v33): 81.2 against 85.8 µs at M = 4608,
+#: N = K = 3072 (1.48x BF16 instead of 1.40x), 3-7% faster at N >= 9216, K = 3072 and
+#: at M = 4096; 2% slower at M = 4608, K >= 12288, where the tail runs instead. At
+#: M = 1024 the layer 1.01-1.06x faster on five shapes, 0.975x at 3072² (``probe_layer``);
+#: at M = 512 the kernel is up to 1.37x slower (128 x 256 tiles: too few for 132 SMs).
+WS_GEMM = True
+WS_MIN_M = 1024
+
+
+def _ws_wanted(xq: torch.Tensor, wq: torch.Tensor, lowrank_up: torch.Tensor,
+               out_dtype: torch.dtype) -> bool:  # fmt: skip
+    m, k = xq.shape
+    n = wq.shape[0]
+    return (
+        WS_GEMM
+        and m >= WS_MIN_M
+        and gemm_ws.available(xq.device)
+        and gemm_ws.supports(n, k, lowrank_up.shape[1], lowrank_up.dtype, out_dtype)
+        and not _tail_wanted(m, n, k, num_sms(xq.device))
+    )
 
 
 def _three_bounds(bounds, n: int) -> tuple[int, int, int]:

@@ -2,20 +2,26 @@
 
 Same contract as ``gemm.fp8_gemm`` (``(xq · wqᵀ) · (S · s_channel) + lora_act · L_upᵀ + b``,
 reference ``reference.fp8_gemm_ref``), written in Gluon — Triton's lower-level dialect,
-where the kernel names its own warps, shared-memory ring and barriers — because the two
-things the Triton kernel cannot do on sm_90 are what cuBLAS's fp8 GEMM does (v26 in
-``bench/NOTES.md``: ours 87.6 µs against cuBLAS's 73.9 at M = 4608, N = K = 3072):
+where the kernel names its own warps, shared-memory ring and barriers — because
+what the Triton kernel cannot do on sm_90 is what cuBLAS's fp8 GEMM does (v26 in
+``bench/NOTES.md``: the Triton kernel 87.6 µs against cuBLAS's 73.9 at M = 4608,
+N = K = 3072):
 
 * one **load warp** streams A and B tiles through a ring of shared-memory stages with TMA,
   running ahead across tiles — the next tile's first stages arrive while the MMA warps
   are still in the previous tile's epilogue;
 * the grid is **persistent** (one program per multiprocessor walking the tiles), so no
-  program launch and no pipeline prologue between tiles.
+  program launch and no pipeline prologue between tiles;
+* the epilogue's operands are requested **before the K loop** (the low-rank rows by
+  cp.async into shared memory, the column scales and bias into registers), and the tile
+  leaves through shared memory in two **TMA stores**.
 
 The two MMA warpgroups compute a 128 × 256 tile with asynchronous ``wgmma``, one step in
-flight, and release a stage to the load warp once both have finished reading it. The
-epilogue is the Triton kernel's: per-column scale, the 16-bit low-rank up projection as
-one more MMA (bf16/fp16 operands staged in shared memory), bias, one 16-bit store.
+flight, and release a stage to the load warp once both have finished reading it; the
+epilogue applies the per-column scale, the 16-bit low-rank up projection as one more
+MMA and the bias. Measured on the H200 (v33, ``bench/probe_gemm_ws.py``), M = 4608,
+N = K = 3072: the K loop alone 72 µs (cuBLAS's time); stores straight from the MMA
+layout (4 bytes a thread) cost 23 µs more, TMA stores 10, with the operands early 9.
 
 GPU only (sm_90, triton with Gluon: 3.6 is what the device runs): there is no interpreter
 for Gluon, so ``gemm.fp8_gemm`` stays the portable kernel and the reference for the tests
@@ -32,6 +38,7 @@ from svdquant.kernels._triton_common import cdiv, hopper_or_later, interpreting,
 try:  # Gluon's API is young: any triton without these names simply lacks this kernel
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
         mbarrier,
@@ -42,29 +49,40 @@ try:  # Gluon's API is young: any triton without these names simply lacks this k
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
     HAVE_GLUON = True
+    _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 except ImportError:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
 
-__all__ = ["available", "fp8_gemm_ws"]
+__all__ = ["available", "fp8_gemm_ws", "supports"]
 
 #: Tile and ring: 128 × 256 × 128 fp8 tiles (48 KB a stage), ``STAGES`` stages, two MMA
 #: warpgroups (the 128 × 256 fp32 accumulator is 128 registers a thread over 256 threads).
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 256, 128
-STAGES = 4
+STAGES = 3
 GROUP_M = 8
 #: The triton versions this kernel was compiled and measured with (Gluon changes between
 #: releases; others fall back to the Triton kernel).
 TESTED_TRITON = ("3.6",)
-#: Use it (``ops`` consults this); off = the Triton kernel everywhere.
-ENABLED = True
+
+
+def supports(n: int, k: int, r: int, lr_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether ``fp8_gemm_ws`` takes this shape: rows of the output and of the operands
+    16-byte aligned (TMA), the low-rank rows copied whole (cp.async, 16 bytes at a time)."""
+    sixteen = (torch.bfloat16, torch.float16)
+    return (
+        n % 8 == 0
+        and k % 16 == 0
+        and (r == 0 or r in (16, 32, 64, 128))
+        and lr_dtype in sixteen
+        and out_dtype in sixteen
+    )
 
 
 def available(device: torch.device) -> bool:
     """Whether this kernel can run on ``device``: sm_90+, a Gluon-capable triton of a
     tested version, not under the interpreter."""
     return (
-        ENABLED
-        and HAVE_GLUON
+        HAVE_GLUON
         and triton.__version__.rsplit(".", 1)[0] in TESTED_TRITON
         and not interpreting()
         and hopper_or_later(device)
@@ -122,7 +140,9 @@ if HAVE_GLUON:
         empty,
         la_smem,
         lu_smem,
-        c_ptr,
+        la32_smem,
+        c_smem,
+        c_desc,
         sch_ptr,
         scale_ptr,
         lora_ptr,
@@ -131,8 +151,6 @@ if HAVE_GLUON:
         M,
         N,
         K,
-        R,
-        stride_cm,
         stride_lm,
         stride_un,
         HAS_LORA: gl.constexpr,
@@ -158,13 +176,36 @@ if HAVE_GLUON:
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BN, 16]
         )
         cols_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
-        rows_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
+        vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
         grid_m = gl.cdiv(M, BM)
         grid_n = gl.cdiv(N, BN)
         act_scale = gl.load(scale_ptr)
         it = 0
         for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP)
+            # the epilogue's operands are requested before the K loop, so that their
+            # latency hides behind it: the low-rank rows by cp.async into shared memory,
+            # the column scales and bias into one register a thread
+            vn = pid_n * BN + gl.arange(0, BN, layout=vec_layout)
+            sch_v = gl.load(sch_ptr + vn, mask=vn < N, other=0.0)
+            if HAS_BIAS:
+                bias_v = gl.load(bias_ptr + vn, mask=vn < N, other=0.0)
+            if HAS_LORA:
+                lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, lr_layout))
+                ln = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, lr_layout))
+                lr = gl.arange(0, BR, layout=gl.SliceLayout(0, lr_layout))
+                rmask = gl.expand_dims(lr < BR, 0)  # the rank is BR (``supports``): whole rows
+                async_copy.async_copy_global_to_shared(
+                    la32_smem,
+                    lora_ptr + gl.expand_dims(lm, 1) * stride_lm + gl.expand_dims(lr, 0),
+                    mask=gl.expand_dims(lm < M, 1) & rmask,
+                )
+                async_copy.async_copy_global_to_shared(
+                    lu_smem,
+                    lu_ptr + gl.expand_dims(ln, 1) * stride_un + gl.expand_dims(lr, 0),
+                    mask=gl.expand_dims(ln < N, 1) & rmask,
+                )
+                async_copy.commit_group()
             acc = gl.zeros([BM, BN], gl.float32, acc_layout)
             for k in range(0, K, BK):
                 s = it % S
@@ -182,46 +223,47 @@ if HAVE_GLUON:
             gl.thread_barrier()
             mbarrier.arrive(empty.index((it + S - 1) % S), count=1)
 
-            rn = pid_n * BN + gl.arange(0, BN, layout=cols_layout)
-            nmask = rn < N
-            scale = act_scale * gl.load(sch_ptr + rn, mask=nmask, other=0.0)
-            if HAS_BIAS:
-                bias = gl.load(bias_ptr + rn, mask=nmask, other=0.0).to(gl.float32)
+            scale = act_scale * gl.convert_layout(sch_v, cols_layout)
             y = acc * gl.expand_dims(scale, 0)
             if HAS_LORA:
-                lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, lr_layout))
-                ln = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, lr_layout))
-                lr = gl.arange(0, BR, layout=gl.SliceLayout(0, lr_layout))
-                rmask = gl.expand_dims(lr < R, 0)
-                la = gl.load(
-                    lora_ptr + gl.expand_dims(lm, 1) * stride_lm + gl.expand_dims(lr, 0),
-                    mask=gl.expand_dims(lm < M, 1) & rmask,
-                    other=0.0,
-                )
-                lu = gl.load(
-                    lu_ptr + gl.expand_dims(ln, 1) * stride_un + gl.expand_dims(lr, 0),
-                    mask=gl.expand_dims(ln < N, 1) & rmask,
-                    other=0.0,
-                )
+                # cp.async rows masked past M or N arrive as zeros
+                async_copy.wait_group(0)
+                gl.thread_barrier()
+                la = la32_smem.load(lr_layout)
                 la_smem.store(la.to(lu_ptr.dtype.element_ty))
-                lu_smem.store(lu)
                 fence_async_shared()
                 gl.thread_barrier()
                 y = gl.convert_layout(y, lr_acc_layout, assert_trivial=True)
                 y = warpgroup_mma(la_smem, lu_smem.permute((1, 0)), y)
                 y = gl.convert_layout(y, acc_layout, assert_trivial=True)
             if HAS_BIAS:
+                bias = gl.convert_layout(bias_v, cols_layout).to(gl.float32)
+            if HAS_BIAS:
                 y += gl.expand_dims(bias, 0)
-            rm = pid_m * BM + gl.arange(0, BM, layout=rows_layout)
-            mask = gl.expand_dims(rm < M, 1) & gl.expand_dims(nmask, 0)
-            ptrs = c_ptr + gl.expand_dims(rm, 1) * stride_cm + gl.expand_dims(rn, 0)
-            gl.store(ptrs, y.to(c_ptr.dtype.element_ty), mask=mask)
+            # the tile goes out through shared memory in two 128-column halves, each one
+            # TMA store (stores straight from the MMA layout, 4 bytes a thread, took ~23 µs
+            # of the 107 at M = 4608, N = K = 3072); the copy engine clips rows past M
+            halves = gl.permute(gl.reshape(y.to(c_desc.dtype), [BM, 2, BN // 2]), (0, 2, 1))
+            lo, hi = gl.split(halves)
+            tma.store_wait(0)  # the previous tile's last store has read c_smem
+            gl.thread_barrier()
+            c_smem.store(lo)
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(c_desc, [pid_m * BM, pid_n * BN], c_smem)
+            tma.store_wait(0)
+            gl.thread_barrier()
+            c_smem.store(hi)
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(c_desc, [pid_m * BM, pid_n * BN + BN // 2], c_smem)
+        tma.store_wait(0)
 
     @gluon.jit
     def _fp8_gemm_ws_kernel(
         a_desc,
         b_desc,
-        c_ptr,
+        c_desc,
         sch_ptr,
         scale_ptr,
         lora_ptr,
@@ -230,8 +272,6 @@ if HAVE_GLUON:
         M,
         N,
         K,
-        R,
-        stride_cm,
         stride_lm,
         stride_un,
         HAS_LORA: gl.constexpr,
@@ -258,6 +298,10 @@ if HAVE_GLUON:
         lu_smem = gl.allocate_shared_memory(
             lr_dtype, [BN, BR], gl.NVMMASharedLayout.get_default_for([BN, BR], lr_dtype)
         )
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        la32_smem = gl.allocate_shared_memory(
+            gl.float32, [BM, BR], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+        )
         gl.warp_specialize(
             [
                 (
@@ -269,7 +313,9 @@ if HAVE_GLUON:
                         empty,
                         la_smem,
                         lu_smem,
-                        c_ptr,
+                        la32_smem,
+                        c_smem,
+                        c_desc,
                         sch_ptr,
                         scale_ptr,
                         lora_ptr,
@@ -278,8 +324,6 @@ if HAVE_GLUON:
                         M,
                         N,
                         K,
-                        R,
-                        stride_cm,
                         stride_lm,
                         stride_un,
                         HAS_LORA,
@@ -318,6 +362,12 @@ def fp8_gemm_ws(
     m, k = xq.shape
     n = wq.shape[0]
     r = lowrank_up.shape[1]
+    if not supports(n, k, r, lowrank_up.dtype, out_dtype):
+        raise ValueError(
+            f"fp8_gemm_ws takes N a multiple of 8, K of 16, a rank of 0 or a power of two "
+            f"from 16 to 128, a 16-bit L_up and output; got N = {n}, K = {k}, rank {r}, "
+            f"{lowrank_up.dtype} L_up, {out_dtype} out"
+        )
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m == 0 or n == 0:
         return y
@@ -327,11 +377,14 @@ def fp8_gemm_ws(
     b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float8e4nv)
     a = GluonDescriptor.from_tensor(xq, [BLOCK_M, BLOCK_K], a_layout)
     b = GluonDescriptor.from_tensor(wq, [BLOCK_N, BLOCK_K], b_layout)
+    c_block = [BLOCK_M, BLOCK_N // 2]
+    c_layout = gl.NVMMASharedLayout.get_default_for(c_block, _GL_DTYPES[out_dtype])
+    c = GluonDescriptor.from_tensor(y, c_block, c_layout)
     tiles = cdiv(m, BLOCK_M) * cdiv(n, BLOCK_N)
     _fp8_gemm_ws_kernel[(min(tiles, num_sms(xq.device)),)](
         a,
         b,
-        y,
+        c,
         s_channel,
         act_scale.float().reshape(1),
         lora_act,
@@ -340,8 +393,6 @@ def fp8_gemm_ws(
         m,
         n,
         k,
-        r,
-        y.stride(0),
         lora_act.stride(0) if r else 0,
         lowrank_up.stride(0) if r else 0,
         HAS_LORA=r > 0,
