@@ -1362,7 +1362,7 @@ def test_gemm_ws_is_not_used_without_a_hopper_gpu():
 
     assert not gemm_ws.available(torch.device("cpu"))
     args = _gemm_args(4096, 64, 64, seed=1, r=32)
-    assert not gemm._ws_wanted(args[0], args[1], args[5], torch.bfloat16)
+    assert not gemm._ws_wanted(args[0], args[1], args[4], args[5], torch.bfloat16)
     assert gemm_ws.supports(3072, 3072, 32, torch.bfloat16, torch.bfloat16)
     assert not gemm_ws.supports(3072, 3072, 7, torch.bfloat16, torch.bfloat16)  # rank 7
     assert not gemm_ws.supports(130, 3072, 32, torch.bfloat16, torch.bfloat16)  # N % 8

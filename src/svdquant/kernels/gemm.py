@@ -564,7 +564,7 @@ def fp8_gemm(
     ``lora_act`` fp32 [M, r], ``lowrank_up`` [N, r]. See ``fp8_gemm_ref``.
     """
     m, n = xq.shape[0], wq.shape[0]
-    if _ws_wanted(xq, wq, lowrank_up, out_dtype):
+    if _ws_wanted(xq, wq, lora_act, lowrank_up, out_dtype):
         return gemm_ws.fp8_gemm_ws(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias,
                                    out_dtype)  # fmt: skip
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
@@ -586,8 +586,8 @@ WS_GEMM = True
 WS_MIN_M = 1024
 
 
-def _ws_wanted(xq: torch.Tensor, wq: torch.Tensor, lowrank_up: torch.Tensor,
-               out_dtype: torch.dtype) -> bool:  # fmt: skip
+def _ws_wanted(xq: torch.Tensor, wq: torch.Tensor, lora_act: torch.Tensor,
+               lowrank_up: torch.Tensor, out_dtype: torch.dtype) -> bool:  # fmt: skip
     m, k = xq.shape
     n = wq.shape[0]
     return (
@@ -595,6 +595,8 @@ def _ws_wanted(xq: torch.Tensor, wq: torch.Tensor, lowrank_up: torch.Tensor,
         and m >= WS_MIN_M
         and gemm_ws.available(xq.device)
         and gemm_ws.supports(n, k, lowrank_up.shape[1], lowrank_up.dtype, out_dtype)
+        # its TMA and 16-byte cp.async copies start at aligned addresses
+        and all(t.data_ptr() % 16 == 0 for t in (xq, wq, lora_act, lowrank_up))
         and not _tail_wanted(m, n, k, num_sms(xq.device))
     )
 

@@ -57,6 +57,9 @@ __all__ = ["available", "fp8_gemm_ws", "supports"]
 
 #: Tile and ring: 128 × 256 × 128 fp8 tiles (48 KB a stage), ``STAGES`` stages, two MMA
 #: warpgroups (the 128 × 256 fp32 accumulator is 128 registers a thread over 256 threads).
+#: Shared memory: 3 stages (144 KB) + the half-tile store buffer (32 KB) + the
+#: low-rank operands (40 KB) fit the 227 KB of an sm_90 block; 4 stages do not (v33: 3
+#: and 4 stages timed alike before the epilogue needed its buffers).
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 256, 128
 STAGES = 3
 GROUP_M = 8
