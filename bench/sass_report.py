@@ -437,6 +437,40 @@ def _gemm_split() -> dict[str, Any]:
     return _gemm(split=True)
 
 
+@_spec("gemm_ws")
+def _gemm_ws() -> dict[str, Any]:
+    """The warp-specialized Gluon GEMM (``kernels/gemm_ws.py``) at M = 4608, N = K = 3072."""
+    import torch
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    from svdquant.kernels import gemm_ws as g
+
+    def desc(rows: int, cols: int, dtype, gl_dtype, block: list[int]) -> str:
+        layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
+        t = torch.empty(rows, cols, dtype=dtype)
+        return mangle_type(TensorDescriptor.from_tensor(t, block, layout))
+
+    fp8 = torch.float8_e4m3fn
+    return dict(
+        kernel=g._fp8_gemm_ws_kernel,
+        ptrs=dict(
+            a_desc=desc(4608, 3072, fp8, gl.float8e4nv, [g.BLOCK_M, g.BLOCK_K]),
+            b_desc=desc(3072, 3072, fp8, gl.float8e4nv, [g.BLOCK_N, g.BLOCK_K]),
+            c_desc=desc(4608, 3072, torch.bfloat16, gl.bfloat16, [g.BLOCK_M, g.BLOCK_N // 2]),
+            sch_ptr="*fp32",
+            scale_ptr="*fp32",
+            lora_ptr="*fp32",
+            lu_ptr="*bf16",
+            bias_ptr="*bf16",
+        ),
+        ints=dict(M=4608, N=3072, K=3072, stride_lm=32, stride_un=32),
+        consts=dict(HAS_LORA=True, HAS_BIAS=True, BR=32, S=g.STAGES, GROUP=g.GROUP_M, num_warps=8),
+        warps=8,
+    )
+
+
 def compile_sm90(spec: dict[str, Any]):
     """Compile ``spec['kernel']`` for sm_90 with the given argument types and values
     (integers that are multiples of 16 get triton's divisibility hint, as at launch)."""
@@ -445,13 +479,16 @@ def compile_sm90(spec: dict[str, Any]):
     from triton.compiler import ASTSource
 
     kernel = spec["kernel"]
+    if getattr(kernel, "is_gluon", lambda: False)():  # a Gluon kernel (its own layouts)
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     sig: dict[str, str] = {}
     const: dict[str, Any] = {}
     attrs: dict[tuple[int, ...], list] = {}
     for i, name in enumerate(kernel.arg_names):
         if name in spec["ptrs"]:
             sig[name] = spec["ptrs"][name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if not sig[name].startswith("tensordesc"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in spec["consts"]:
             sig[name], const[name] = "constexpr", spec["consts"][name]
         elif name in spec["ints"]:
