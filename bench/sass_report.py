@@ -487,7 +487,7 @@ def compile_sm90(spec: dict[str, Any]):
     for i, name in enumerate(kernel.arg_names):
         if name in spec["ptrs"]:
             sig[name] = spec["ptrs"][name]
-            if not sig[name].startswith("tensordesc"):
+            if isinstance(sig[name], str) and not sig[name].startswith("tensordesc"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in spec["consts"]:
             sig[name], const[name] = "constexpr", spec["consts"][name]
