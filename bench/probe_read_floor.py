@@ -13,6 +13,11 @@ flush leaves dirty lines; and with the L2 emptied by reading, ``bench_graph_clea
 * ``read_persistent``: the same result from a fixed grid (1-4 programs per SM) walking
   row blocks with 1-4 blocks' loads in flight (Triton's pipeliner), best of a sweep —
   whether a different reading scheme lowers the floor (v31's ``read``: 45% of copy);
+* ``read_tma`` (sm_90, a triton with Gluon; v33): a persistent Gluon kernel that streams
+  row blocks through a ring of shared-memory stages with TMA (the copy engine, not the
+  threads, moves the bytes; ``S - 1`` blocks in flight a program), with the threads
+  reducing each block (``touch``) or not at all (the copy engine's own rate) — whether
+  the floor is the reading scheme's;
 * ``torch_sum``: ``codes.sum()`` (PyTorch's reduction, 28 MB read, one number written);
 * the GEMV itself (rank 32 + bias) and BF16 ``F.linear`` (with bias).
 
@@ -120,6 +125,107 @@ def bare_read_persistent(codes: torch.Tensor, scales: torch.Tensor, tile) -> tor
     return out
 
 
+#: (rows a block, stages, programs per SM, touch) swept for the TMA read.
+TMA_TILES = [
+    (r, st, pps, touch)
+    for r, st, pps, touch in itertools.product((8, 16, 32), (2, 3, 4, 6), (1, 2), (True, False))
+    if r * (3 * 128 * 4 + 128 * 2) * st * pps <= 200 * 1024  # shared memory of an SM
+]
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    HAVE_GLUON = True
+except ImportError:  # a triton without Gluon: the TMA read is skipped
+    HAVE_GLUON = False
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _tma_issue(q_desc, s_desc, q_bufs, s_bufs, ready, blk, slot, pred, ROWS: gl.constexpr,
+                   QBOX: gl.constexpr):  # fmt: skip
+        """Block ``blk``'s code words (``QBOX`` boxes of 128 words) and scales into ``slot``."""
+        bar = ready.index(slot)
+        nbytes: gl.constexpr = QBOX * q_desc.block_type.nbytes + s_desc.block_type.nbytes
+        mbarrier.expect(bar, nbytes, pred=pred)
+        for j in gl.static_range(QBOX):
+            tma.async_copy_global_to_shared(q_desc, [blk * ROWS, j * 128], bar,
+                                            q_bufs.index(slot * QBOX + j), pred)  # fmt: skip
+        tma.async_copy_global_to_shared(s_desc, [blk * ROWS, 0], bar, s_bufs.index(slot), pred)
+
+    @gluon.jit
+    def _read_tma_kernel(
+        q_desc,
+        s_desc,
+        out_ptr,
+        N,
+        ROWS: gl.constexpr,
+        QBOX: gl.constexpr,
+        S: gl.constexpr,
+        TOUCH: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """``_read_kernel``'s result (with ``TOUCH``) from TMA loads: each program walks row
+        blocks ``num_programs`` apart, ``S - 1`` blocks' copies in flight."""
+        q_bufs = gl.allocate_shared_memory(gl.int32, [S * QBOX, ROWS, 128], q_desc.layout)
+        s_bufs = gl.allocate_shared_memory(gl.float16, [S, ROWS, 128], s_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(S):
+            mbarrier.init(ready.index(i), count=1)
+        layout: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
+        pid = gl.program_id(0)
+        step = gl.num_programs(0)
+        mine = gl.cdiv(gl.cdiv(N, ROWS) - pid, step)
+        for i in gl.static_range(S - 1):
+            _tma_issue(q_desc, s_desc, q_bufs, s_bufs, ready, pid + i * step, i, i < mine,
+                       ROWS, QBOX)  # fmt: skip
+        for j in range(mine):
+            gl.thread_barrier()  # every thread is done with the slot about to be refilled
+            nxt = j + S - 1
+            _tma_issue(q_desc, s_desc, q_bufs, s_bufs, ready, pid + nxt * step, nxt % S,
+                       nxt < mine, ROWS, QBOX)  # fmt: skip
+            slot = j % S
+            mbarrier.wait(ready.index(slot), (j // S) & 1)
+            if TOUCH:
+                acc = gl.zeros([ROWS, 128], gl.int32, layout)
+                for q in gl.static_range(QBOX):
+                    acc ^= q_bufs.index(slot * QBOX + q).load(layout)
+                sc = s_bufs.index(slot).load(layout).to(gl.float32)
+                total = gl.xor_sum(acc, 1).to(gl.float32) + gl.sum(sc, 1)
+                rows = (pid + j * step) * ROWS + gl.arange(
+                    0, ROWS, layout=gl.SliceLayout(1, layout)
+                )
+                gl.store(out_ptr + rows, total, mask=rows < N)
+
+
+def tma_read_available(device: torch.device) -> bool:
+    from svdquant.kernels._triton_common import hopper_or_later
+
+    return HAVE_GLUON and hopper_or_later(device)
+
+
+def bare_read_tma(codes: torch.Tensor, scales: torch.Tensor, tile) -> torch.Tensor:
+    """``bare_read`` through TMA (``_read_tma_kernel``): rows of 384 code words (K = 3072)
+    as three 128-word boxes, the scales as one box of 128 (columns past K/32 read as 0)."""
+    rows, stages, pps, touch = tile
+    n, kw = codes.shape
+    if kw % 128 or kw // 128 > 4:
+        raise ValueError(f"the TMA read takes 128-512 code words a row, got {kw}")
+    out = torch.zeros(n, dtype=torch.float32, device=codes.device)
+    plain = dict(swizzle_byte_width=0, rank=2)
+    q_layout = gl.NVMMASharedLayout(element_bitwidth=32, **plain)
+    s_layout = gl.NVMMASharedLayout(element_bitwidth=16, **plain)
+    q = GluonDescriptor.from_tensor(codes, [rows, 128], q_layout)
+    s = GluonDescriptor.from_tensor(scales, [rows, 128], s_layout)
+    grid = (min(triton.cdiv(n, rows), num_sms(codes.device) * pps),)
+    _read_tma_kernel[grid](q, s, out, n, ROWS=rows, QBOX=kw // 128, S=stages, TOUCH=touch,
+                           num_warps=4)  # fmt: skip
+    return out
+
+
 def best_tile(run, tiles) -> tuple[tuple, list[dict]]:
     """The fastest of ``tiles`` for ``run(tile)`` (CUDA graph), and every tile's time or
     the error it raised."""
@@ -143,9 +249,21 @@ def probe_shape(n: int, k: int, copy_gbs: float) -> dict:
     ptile, psweep = best_tile(lambda t: bare_read_persistent(codes, scales, t), PERSISTENT_TILES)
     row = {"N": n, "K": k, "bytes": nbytes, "sweep": sweep, "read_tile": tile,
            "persistent_sweep": psweep, "persistent_tile": ptile}  # fmt: skip
+    tma_cases = {}
+    if tma_read_available(codes.device):
+        for touch in (True, False):
+            tiles = [t for t in TMA_TILES if t[3] == touch]
+            name = "read_tma" if touch else "read_tma_notouch"
+            best, tsweep = best_tile(lambda t: bare_read_tma(codes, scales, t), tiles)
+            row[f"{name}_tile"], row[f"{name}_sweep"] = best, tsweep
+            tma_cases[name] = lambda b=best: bare_read_tma(codes, scales, b)
+        got = bare_read_tma(codes, scales, row["read_tma_tile"])
+        want = bare_read(codes, scales, tile)  # the scales' sums in another order: to rounding
+        row["read_tma_matches"] = bool(torch.allclose(got, want, rtol=1e-5, atol=1e-3))
     cases = {
         "read": lambda: bare_read(codes, scales, tile),
         "read_persistent": lambda: bare_read_persistent(codes, scales, ptile),
+        **tma_cases,
         "torch_sum": lambda: codes.sum(),
         "gemv": lambda: layer.w4a16(x),
         "bf16": lambda: F.linear(x, layer.w16, layer.bias),
@@ -156,6 +274,8 @@ def probe_shape(n: int, k: int, copy_gbs: float) -> dict:
     row["read_pct_copy"] = 100 * nbytes / row["read_us"] / 1e3 / copy_gbs
     row["read_persistent_pct_copy"] = 100 * nbytes / row["read_persistent_us"] / 1e3 / copy_gbs
     row["gemv_pct_copy"] = 100 * nbytes / row["gemv_us"] / 1e3 / copy_gbs
+    for name in tma_cases:
+        row[f"{name}_pct_copy"] = 100 * nbytes / row[f"{name}_us"] / 1e3 / copy_gbs
     return row
 
 
@@ -186,6 +306,15 @@ def main() -> None:
               f"({r['read_persistent_clean_us']:5.1f}) µs, "
               f"{r['read_persistent_pct_copy']:.0f}% of copy, "
               f"BF16 / it {r['bf16_us'] / r['read_persistent_us']:.2f}")  # fmt: skip
+        for name in ("read_tma", "read_tma_notouch"):
+            if f"{name}_us" in r:
+                print(f"{'':12} | {name} {r[name + '_tile']}: {r[name + '_us']:5.1f} "
+                      f"({r[name + '_clean_us']:5.1f}) µs, {r[name + '_pct_copy']:.0f}% of copy, "
+                      f"BF16 / it {r['bf16_us'] / r[name + '_us']:.2f}")  # fmt: skip
+        if "read_tma_matches" in r:
+            print(
+                f"{'':12} | the TMA read's result equals the plain read's: {r['read_tma_matches']}"
+            )
     print("->", write_result(result, a.out, "probe_read_floor"))
 
 
