@@ -197,6 +197,9 @@ def bench_shape(m: int, n: int, k: int, copy_gbs: float) -> dict:
     # GEMM columns: whole tiles, then the split-K tail forced on; the layers: the default
     gemm_mod.TAIL_SPLIT = False
     try:
+        # which kernel the GEMM columns time (``fp8_gemm`` hands large shapes to gemm_ws)
+        ws = gemm_mod._ws_wanted(xq, wq, lora, layer.up, torch.bfloat16)
+        row["gemm_kernel"] = "gemm_ws" if ws else "triton"
         row["gemm_us"] = bench(
             lambda: fp8_gemm(xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16)
         )
