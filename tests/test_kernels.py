@@ -1355,12 +1355,19 @@ def test_gpu_fp8_gemm_hands_large_shapes_to_gemm_ws(monkeypatch, m, n, k, ws):
     assert bool(calls) == ws
 
 
-def test_gemm_ws_is_not_used_without_a_hopper_gpu():
+def test_gemm_ws_is_not_used_without_a_hopper_gpu(monkeypatch):
     """On the CPU (and under the interpreter) ``fp8_gemm`` never hands over to the Gluon
     kernel, which has no interpreter; its shape rules hold everywhere."""
     from svdquant.kernels import gemm, gemm_ws
 
     assert not gemm_ws.available(torch.device("cpu"))
+    # wgmma is Hopper's alone: a Blackwell GPU (sm_100, sm_120) keeps the Triton kernel
+    monkeypatch.setattr(gemm_ws, "interpreting", lambda: False)
+    for major, want in ((9, gemm_ws.HAVE_GLUON), (10, False), (12, False), (8, False)):
+        monkeypatch.setattr(gemm_ws, "capability_major", lambda d, m=major: m)
+        monkeypatch.setattr(gemm_ws.triton, "__version__", "3.6.0")
+        assert gemm_ws.available(torch.device("cuda", 0)) == want
+    monkeypatch.undo()
     args = _gemm_args(4096, 64, 64, seed=1, r=32)
     assert not gemm._ws_wanted(args[0], args[1], args[4], args[5], torch.bfloat16)
     assert gemm_ws.supports(3072, 3072, 32, torch.bfloat16, torch.bfloat16)

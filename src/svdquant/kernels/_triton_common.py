@@ -60,10 +60,15 @@ def num_sms(device, cpu: int = 1) -> int:
     return device_properties(_index(device)).multi_processor_count
 
 
+def capability_major(device) -> int:
+    """The major compute capability of ``device`` (0 for a non-CUDA device)."""
+    return device_properties(_index(device)).major if device.type == "cuda" else 0
+
+
 def hopper_or_later(device) -> bool:
     """Whether ``device`` is a CUDA GPU of compute capability 9 or more (sm_90: tensor
     descriptors, programmatic dependent launches)."""
-    return device.type == "cuda" and device_properties(_index(device)).major >= 9
+    return capability_major(device) >= 9
 
 
 def pdl_supported(device) -> bool:

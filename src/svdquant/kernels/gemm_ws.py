@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from svdquant.kernels._triton_common import cdiv, hopper_or_later, interpreting, num_sms
+from svdquant.kernels._triton_common import capability_major, cdiv, interpreting, num_sms
 
 try:  # Gluon's API is young: any triton without these names simply lacks this kernel
     from triton.experimental import gluon
@@ -82,13 +82,14 @@ def supports(n: int, k: int, r: int, lr_dtype: torch.dtype, out_dtype: torch.dty
 
 
 def available(device: torch.device) -> bool:
-    """Whether this kernel can run on ``device``: sm_90+, a Gluon-capable triton of a
+    """Whether this kernel can run on ``device``: a Hopper GPU (sm_90: ``wgmma`` exists on
+    no other architecture — Blackwell has its own MMA), a Gluon-capable triton of a
     tested version, not under the interpreter."""
     return (
         HAVE_GLUON
         and triton.__version__.rsplit(".", 1)[0] in TESTED_TRITON
         and not interpreting()
-        and hopper_or_later(device)
+        and capability_major(device) == 9
     )
 
 
