@@ -1319,17 +1319,18 @@ def test_gpu_fp8_gemm_matches_reference(monkeypatch, m, n, k, r, tma):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 257, 4608])
 @pytest.mark.parametrize(("n", "k", "r"), [(136, 336, 16), (3072, 3072, 32), (1000, 1008, 0)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_gpu_fp8_gemm_ws_matches_reference(m, n, k, r, bias):
+@pytest.mark.parametrize(("bias", "dtype"), [(True, torch.bfloat16), (False, torch.bfloat16),
+                                             (True, torch.float16)])  # fmt: skip
+def test_gpu_fp8_gemm_ws_matches_reference(m, n, k, r, bias, dtype):
     """The warp-specialized Gluon GEMM (sm_90) against the reference: rows and columns
-    that are not multiples of its tile, ranks 0, 7 and 32, with and without a bias."""
+    that are not multiples of its tile, ranks 0, 16 and 32, with and without a bias, a
+    bf16 and an fp16 model."""
     from svdquant.kernels import gemm_ws
 
     if not gemm_ws.available(torch.device(DEVICE)):
         pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
     args = list(_gemm_args(m, n, k, seed=m + n + r, r=r))
-    if not bias:
-        args[6] = None
+    args[5], args[6], args[7] = args[5].to(dtype), args[6].to(dtype) if bias else None, dtype
     assert rel_err(gemm_ws.fp8_gemm_ws(*args), ref.fp8_gemm_ref(*args)) <= TOL
 
 
