@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import os
 import re
@@ -437,9 +438,9 @@ def _gemm_split() -> dict[str, Any]:
     return _gemm(split=True)
 
 
-@_spec("gemm_ws")
-def _gemm_ws() -> dict[str, Any]:
-    """The warp-specialized Gluon GEMM (``kernels/gemm_ws.py``) at M = 4608, N = K = 3072."""
+def _gemm_ws_spec(sizes: list[int]) -> dict[str, Any]:
+    """The warp-specialized Gluon GEMM (``kernels/gemm_ws.py``) at M = 4608, K = 3072,
+    N = sum(sizes), the output split into ``sizes`` segments (one: not split)."""
     import torch
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -453,22 +454,48 @@ def _gemm_ws() -> dict[str, Any]:
         return mangle_type(TensorDescriptor.from_tensor(t, block, layout))
 
     fp8 = torch.float8_e4m3fn
+    m, n = 4608, sum(sizes)
+    outs = [desc(m, w, torch.bfloat16, gl.bfloat16, [g.BLOCK_M, g.BLOCK_N // 2]) for w in sizes]
+    outs += [outs[-1]] * (4 - len(outs))
+    bounds = (list(itertools.accumulate(sizes))[:-1] + [n] * 3)[:3]
     return dict(
         kernel=g._fp8_gemm_ws_kernel,
         ptrs=dict(
-            a_desc=desc(4608, 3072, fp8, gl.float8e4nv, [g.BLOCK_M, g.BLOCK_K]),
-            b_desc=desc(3072, 3072, fp8, gl.float8e4nv, [g.BLOCK_N, g.BLOCK_K]),
-            c_desc=desc(4608, 3072, torch.bfloat16, gl.bfloat16, [g.BLOCK_M, g.BLOCK_N // 2]),
+            a_desc=desc(m, 3072, fp8, gl.float8e4nv, [g.BLOCK_M, g.BLOCK_K]),
+            b_desc=desc(n, 3072, fp8, gl.float8e4nv, [g.BLOCK_N, g.BLOCK_K]),
+            **{f"c{i}_desc": d for i, d in enumerate(outs)},
             sch_ptr="*fp32",
             scale_ptr="*fp32",
             lora_ptr="*fp32",
             lu_ptr="*bf16",
             bias_ptr="*bf16",
         ),
-        ints=dict(M=4608, N=3072, K=3072, stride_lm=32, stride_un=32),
-        consts=dict(HAS_LORA=True, HAS_BIAS=True, BR=32, S=g.STAGES, GROUP=g.GROUP_M, num_warps=8),
+        ints=dict(
+            M=m, N=n, K=3072, stride_lm=32, stride_un=32, B1=bounds[0], B2=bounds[1], B3=bounds[2]
+        ),
+        consts=dict(
+            HAS_LORA=True,
+            HAS_BIAS=True,
+            SPLIT=len(sizes) > 1,
+            BR=32,
+            S=g.STAGES,
+            GROUP=g.GROUP_M,
+            num_warps=8,
+        ),
         warps=8,
     )
+
+
+@_spec("gemm_ws")
+def _gemm_ws() -> dict[str, Any]:
+    """The warp-specialized Gluon GEMM at M = 4608, N = K = 3072."""
+    return _gemm_ws_spec([3072])
+
+
+@_spec("gemm_ws_split")
+def _gemm_ws_split() -> dict[str, Any]:
+    """The Gluon GEMM writing the single block's q/k/v/mlp as four contiguous outputs."""
+    return _gemm_ws_spec([3072, 3072, 3072, 12288])
 
 
 def compile_sm90(spec: dict[str, Any]):

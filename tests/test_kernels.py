@@ -1356,6 +1356,38 @@ def test_gpu_fp8_gemm_hands_large_shapes_to_gemm_ws(monkeypatch, m, n, k, ws):
     assert bool(calls) == ws
 
 
+WS_SPLITS = [(1, [256, 512, 256, 296]), (300, [512, 136]), (1100, [3072, 3072, 3072]),
+             (4608, [256, 3072])]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("m", "sizes"), WS_SPLITS)
+def test_gpu_fp8_gemm_ws_split_writes_each_segment_contiguous(monkeypatch, m, sizes):
+    """The Gluon GEMM's split output (one TMA descriptor per segment): segment i of the
+    flat buffer is columns [c_i, c_i + sizes[i]) of its plain output, value for value, and
+    ``fp8_gemm_split`` hands over to it where ``fp8_gemm`` would."""
+    from svdquant.kernels import gemm, gemm_ws
+
+    if not gemm_ws.available(torch.device(DEVICE)):
+        pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
+    n, k = sum(sizes), 3072
+    args = _gemm_args(m, n, k, seed=m + n, r=32)
+    y = gemm_ws.fp8_gemm_ws(*args)
+    assert rel_err(y, ref.fp8_gemm_ref(*args)) <= TOL
+    calls = []
+    real = gemm_ws.fp8_gemm_ws_split
+    monkeypatch.setattr(gemm_ws, "fp8_gemm_ws_split", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(gemm, "WS_MIN_M", 1)
+    flat = fp8_gemm_split(*args, sizes)
+    assert calls
+    start = 0
+    for w in sizes:
+        assert torch.equal(flat[m * start : m * (start + w)].view(m, w), y[:, start : start + w])
+        start += w
+    with pytest.raises(ValueError, match="multiples of 256"):
+        gemm_ws.fp8_gemm_ws_split(*args, [128, n - 128])
+
+
 def test_gemm_ws_is_not_used_without_a_hopper_gpu(monkeypatch):
     """On the CPU (and under the interpreter) ``fp8_gemm`` never hands over to the Gluon
     kernel, which has no interpreter; its shape rules hold everywhere."""

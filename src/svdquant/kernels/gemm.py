@@ -356,7 +356,8 @@ def _epilogue(
         )
 
 
-#: Segment bounds of a split output must be multiples of this (every config's BLOCK_N).
+#: Segment bounds of a split output must be multiples of this (every config's BLOCK_N,
+#: and ``gemm_ws``'s: a tile lies in one segment).
 SPLIT_ALIGN = 256
 
 #: Run the tiles past the last whole wave as K slices (a split-K tail: at M = 4608,
@@ -642,6 +643,9 @@ def fp8_gemm_split(
             f"fp8_gemm_split takes 2-4 segments summing to N = {n} whose inner bounds are "
             f"multiples of {SPLIT_ALIGN}, got {sizes}"
         )
+    if _ws_wanted(xq, wq, lora_act, lowrank_up, out_dtype):
+        return gemm_ws.fp8_gemm_ws_split(xq, wq, s_channel, act_scale, lora_act, lowrank_up,
+                                         bias, out_dtype, sizes)  # fmt: skip
     flat = torch.empty(m * n, dtype=out_dtype, device=xq.device)
     if m and n:
         _launch(

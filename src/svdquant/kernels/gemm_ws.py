@@ -30,6 +30,8 @@ that run everywhere; ``available`` says whether this one can run.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 
@@ -53,7 +55,7 @@ try:  # Gluon's API is young: any triton without these names simply lacks this k
 except ImportError:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
 
-__all__ = ["available", "fp8_gemm_ws", "supports"]
+__all__ = ["available", "fp8_gemm_ws", "fp8_gemm_ws_split", "supports"]
 
 #: Tile and ring: 128 × 256 × 128 fp8 tiles (48 KB a stage), ``STAGES`` stages, two MMA
 #: warpgroups (the 128 × 256 fp32 accumulator is 128 registers a thread over 256 threads).
@@ -148,6 +150,11 @@ if HAVE_GLUON:
         tma.async_copy_shared_to_global(c_desc, [row, col], c_smem)
 
     @gluon.jit
+    def _store_tile(c_desc, c_smem, lo, hi, row, col, BN: gl.constexpr):
+        _store_half(c_desc, c_smem, lo, row, col)
+        _store_half(c_desc, c_smem, hi, row, col + BN // 2)
+
+    @gluon.jit
     def _mma_warps(
         a_bufs,
         b_bufs,
@@ -157,7 +164,10 @@ if HAVE_GLUON:
         lu_smem,
         la32_smem,
         c_smem,
-        c_desc,
+        c0_desc,
+        c1_desc,
+        c2_desc,
+        c3_desc,
         sch_ptr,
         scale_ptr,
         lora_ptr,
@@ -168,8 +178,12 @@ if HAVE_GLUON:
         K,
         stride_lm,
         stride_un,
+        B1,
+        B2,
+        B3,
         HAS_LORA: gl.constexpr,
         HAS_BIAS: gl.constexpr,
+        SPLIT: gl.constexpr,
         BR: gl.constexpr,
         BM: gl.constexpr,
         BN: gl.constexpr,
@@ -256,17 +270,33 @@ if HAVE_GLUON:
             # the tile goes out through shared memory in two 128-column halves, each one
             # TMA store (stores straight from the MMA layout, 4 bytes a thread, took ~23 µs
             # of the 107 at M = 4608, N = K = 3072); the copy engine clips rows past M
-            halves = gl.permute(gl.reshape(y.to(c_desc.dtype), [BM, 2, BN // 2]), (0, 2, 1))
+            halves = gl.permute(gl.reshape(y.to(c0_desc.dtype), [BM, 2, BN // 2]), (0, 2, 1))
             lo, hi = gl.split(halves)
-            _store_half(c_desc, c_smem, lo, pid_m * BM, pid_n * BN)
-            _store_half(c_desc, c_smem, hi, pid_m * BM, pid_n * BN + BN // 2)
+            row = pid_m * BM
+            col = pid_n * BN
+            if SPLIT:
+                # a split output: the tile lies in one segment (bounds are multiples of
+                # BN), a contiguous [M, width] tensor of its own with its own descriptor
+                if col < B1:
+                    _store_tile(c0_desc, c_smem, lo, hi, row, col, BN)
+                elif col < B2:
+                    _store_tile(c1_desc, c_smem, lo, hi, row, col - B1, BN)
+                elif col < B3:
+                    _store_tile(c2_desc, c_smem, lo, hi, row, col - B2, BN)
+                else:
+                    _store_tile(c3_desc, c_smem, lo, hi, row, col - B3, BN)
+            else:
+                _store_tile(c0_desc, c_smem, lo, hi, row, col, BN)
         tma.store_wait(0)
 
     @gluon.jit
     def _fp8_gemm_ws_kernel(
         a_desc,
         b_desc,
-        c_desc,
+        c0_desc,
+        c1_desc,
+        c2_desc,
+        c3_desc,
         sch_ptr,
         scale_ptr,
         lora_ptr,
@@ -277,8 +307,12 @@ if HAVE_GLUON:
         K,
         stride_lm,
         stride_un,
+        B1,
+        B2,
+        B3,
         HAS_LORA: gl.constexpr,
         HAS_BIAS: gl.constexpr,
+        SPLIT: gl.constexpr,
         BR: gl.constexpr,
         S: gl.constexpr,
         GROUP: gl.constexpr,
@@ -301,7 +335,7 @@ if HAVE_GLUON:
         lu_smem = gl.allocate_shared_memory(
             lr_dtype, [BN, BR], gl.NVMMASharedLayout.get_default_for([BN, BR], lr_dtype)
         )
-        c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        c_smem = gl.allocate_shared_memory(c0_desc.dtype, c0_desc.block_type.shape, c0_desc.layout)
         la32_smem = gl.allocate_shared_memory(
             gl.float32, [BM, BR], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
         )
@@ -318,7 +352,10 @@ if HAVE_GLUON:
                         lu_smem,
                         la32_smem,
                         c_smem,
-                        c_desc,
+                        c0_desc,
+                        c1_desc,
+                        c2_desc,
+                        c3_desc,
                         sch_ptr,
                         scale_ptr,
                         lora_ptr,
@@ -329,8 +366,12 @@ if HAVE_GLUON:
                         K,
                         stride_lm,
                         stride_un,
+                        B1,
+                        B2,
+                        B3,
                         HAS_LORA,
                         HAS_BIAS,
+                        SPLIT,
                         BR,
                         BM,
                         BN,
@@ -362,18 +403,52 @@ def fp8_gemm_ws(
 ) -> torch.Tensor:
     """``gemm.fp8_gemm`` on this kernel (same arguments and result); needs
     ``available(xq.device)``, contiguous 16-byte-aligned operands and a 16-bit L_up."""
+    m, n = xq.shape[0], wq.shape[0]
+    y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, y, [n])
+    return y
+
+
+def fp8_gemm_ws_split(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
+    act_scale: torch.Tensor,
+    lora_act: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    sizes: list[int],
+) -> torch.Tensor:
+    """``gemm.fp8_gemm_split`` on this kernel (same arguments and flat result: segment i
+    contiguous at ``M · c_i``); the inner bounds must be multiples of ``BLOCK_N``."""
+    m, n = xq.shape[0], wq.shape[0]
+    bounds = list(itertools.accumulate(sizes))
+    if not 1 <= len(sizes) <= 4 or bounds[-1] != n or any(b % BLOCK_N for b in bounds[:-1]):
+        raise ValueError(
+            f"fp8_gemm_ws_split takes 1-4 segments summing to N = {n} whose inner bounds "
+            f"are multiples of {BLOCK_N}, got {sizes}"
+        )
+    flat = torch.empty(m * n, dtype=out_dtype, device=xq.device)
+    _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, flat, sizes)
+    return flat
+
+
+def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes) -> None:
+    """Launch the kernel writing ``out``: [M, N], or (several ``sizes``) the segments
+    laid end to end in the flat ``out``."""
     m, k = xq.shape
     n = wq.shape[0]
     r = lowrank_up.shape[1]
+    out_dtype = out.dtype
     if not supports(n, k, r, lowrank_up.dtype, out_dtype):
         raise ValueError(
             f"fp8_gemm_ws takes N a multiple of 8, K of 16, a rank of 0 or a power of two "
             f"from 16 to 128, a 16-bit L_up and output; got N = {n}, K = {k}, rank {r}, "
             f"{lowrank_up.dtype} L_up, {out_dtype} out"
         )
-    y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m == 0 or n == 0:
-        return y
+        return
     xq, wq = xq.contiguous(), wq.contiguous()
     lora_act, lowrank_up = lora_act.contiguous(), lowrank_up.contiguous()
     a_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.float8e4nv)
@@ -382,12 +457,19 @@ def fp8_gemm_ws(
     b = GluonDescriptor.from_tensor(wq, [BLOCK_N, BLOCK_K], b_layout)
     c_block = [BLOCK_M, BLOCK_N // 2]
     c_layout = gl.NVMMASharedLayout.get_default_for(c_block, _GL_DTYPES[out_dtype])
-    c = GluonDescriptor.from_tensor(y, c_block, c_layout)
+    # one descriptor per segment, each a contiguous [M, width] tensor in ``out``
+    flat = out.view(-1)
+    starts = [0, *itertools.accumulate(sizes)]
+    pairs = zip(starts[:-1], sizes, strict=True)
+    segments = [flat[m * c : m * c + m * w].view(m, w) for c, w in pairs]
+    descs = [GluonDescriptor.from_tensor(seg, c_block, c_layout) for seg in segments]
+    descs += [descs[-1]] * (4 - len(descs))
+    bounds = (starts[1:-1] + [n] * 3)[:3]
     tiles = cdiv(m, BLOCK_M) * cdiv(n, BLOCK_N)
     _fp8_gemm_ws_kernel[(min(tiles, num_sms(xq.device)),)](
         a,
         b,
-        c,
+        *descs,
         s_channel,
         act_scale.float().reshape(1),
         lora_act,
@@ -398,11 +480,12 @@ def fp8_gemm_ws(
         k,
         lora_act.stride(0) if r else 0,
         lowrank_up.stride(0) if r else 0,
+        *bounds,
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
+        SPLIT=len(sizes) > 1,
         BR=max(16, 1 << (max(r, 1) - 1).bit_length()),
         S=STAGES,
         GROUP=GROUP_M,
         num_warps=8,
     )
-    return y
