@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python bench/e2e.py [--out DIR] [--budget-s S] [--compile] [--rows a,b]
                                        [--steps N] [--batches 1,4] [--tiny]
+                                       [--set 'gemm.WS_GEMM=False' ...]
 
 Each row builds the full-size FLUX.1-dev transformer (real config, 11.9B parameters,
 random bf16 weights) on the GPU, applies one method, and times the denoiser's forward at
@@ -28,6 +29,8 @@ fails records its error and the run goes on. Writes ``e2e-<device>-<date>.json``
 plot of latency and memory next to it under ``--out`` (default ``bench/results``, or
 ``$OUT`` when set); prints a markdown table last. ``--tiny`` runs a 1-block model with
 few tokens on the CPU (CPU timers, no memory columns): what ``tests/test_bench.py`` runs.
+``--set module.NAME=VALUE`` sets an engine constant under ``svdquant.kernels`` for every
+row (as in ``probe_layer.py``; recorded in the JSON): one engine path against another.
 """
 
 from __future__ import annotations
@@ -612,6 +615,7 @@ def run_isolated(
         cmd += ["--steps", str(args.steps)] if args.steps else []
         cmd += ["--tiny"] if args.tiny else []
         cmd += ["--no-cuda-graphs"] if "cudagraph" not in modes else []
+        cmd += [f"--set={spec}" for spec in args.sets]
         try:
             limit = max(time_left, 1.0) if math.isfinite(time_left) else None
             subprocess.run(cmd, timeout=limit, check=False)
@@ -855,6 +859,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,4")
     p.add_argument("--tag", default=None, help="added to the output file names")
     p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="sets",
+        metavar="MOD.NAME=VALUE",
+        help="set an engine constant of svdquant.kernels.MOD for every row (repeatable)",
+    )
+    p.add_argument(
         "--isolate",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -882,6 +894,12 @@ def _select(spec: str | None) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.perf_counter()
+    if args.sets:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from probe_layer import merge_sets, parse_set
+
+        for module, name, value in merge_sets([parse_set(s) for s in args.sets]):
+            setattr(module, name, value)
     cuda = torch.cuda.is_available() and not args.tiny
     dev = "cuda" if cuda else "cpu"
     if args.tiny and torch.cuda.is_available():
@@ -942,6 +960,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "budget_s": args.budget_s,
         "compile": args.compile,
         "compile_mode": args.compile_mode if args.compile else None,
+        "sets": list(args.sets),
         "notes": (
             "random weights (speed and memory only); quantized rows quantize every linear "
             "inside the transformer blocks, embedders and proj_out stay bf16; ours: "

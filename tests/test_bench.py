@@ -161,10 +161,16 @@ def test_cli_bench_full_size_needs_cuda(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_isolated_rows_run_in_their_own_process(tmp_path):
+def test_isolated_rows_run_in_their_own_process(tmp_path, monkeypatch):
     """On the GPU each row runs in a child process (a failed CUDA-graph capture must not
-    poison later rows); the rows come back through the child's JSON."""
-    res = e2e.main(["--tiny", "--isolate", "--rows", "bf16", "--out", str(tmp_path)])
+    poison later rows); the rows come back through the child's JSON. ``--set`` reaches the
+    child and the JSON."""
+    from svdquant.kernels import gemm
+
+    monkeypatch.setattr(gemm, "WS_SPLIT", gemm.WS_SPLIT)  # restored after (set here too)
+    args = ["--tiny", "--isolate", "--rows", "bf16", "--out", str(tmp_path)]
+    res = e2e.main([*args, "--set", "gemm.WS_SPLIT=False"])
+    assert res["sets"] == ["gemm.WS_SPLIT=False"]
     (row,) = res["rows"]
     assert row["status"] == "ok" and row["latency_ms"]["b1"] > 0
     assert len(list(tmp_path.glob("*.json"))) == 1  # the child wrote to its own folder

@@ -585,6 +585,9 @@ def fp8_gemm(
 #: at M = 512 the kernel is up to 1.37x slower (128 x 256 tiles: too few for 132 SMs).
 WS_GEMM = True
 WS_MIN_M = 1024
+#: ``fp8_gemm_split`` (fused projections) hands over the same way (gemm_ws's split output:
+#: one TMA store descriptor per segment).
+WS_SPLIT = True
 
 
 def _ws_wanted(xq: torch.Tensor, wq: torch.Tensor, lora_act: torch.Tensor,
@@ -643,7 +646,7 @@ def fp8_gemm_split(
             f"fp8_gemm_split takes 2-4 segments summing to N = {n} whose inner bounds are "
             f"multiples of {SPLIT_ALIGN}, got {sizes}"
         )
-    if _ws_wanted(xq, wq, lora_act, lowrank_up, out_dtype):
+    if WS_SPLIT and _ws_wanted(xq, wq, lora_act, lowrank_up, out_dtype):
         return gemm_ws.fp8_gemm_ws_split(xq, wq, s_channel, act_scale, lora_act, lowrank_up,
                                          bias, out_dtype, sizes)  # fmt: skip
     flat = torch.empty(m * n, dtype=out_dtype, device=xq.device)
