@@ -1334,16 +1334,18 @@ def test_gpu_fp8_gemm_ws_matches_reference(m, n, k, r, bias, dtype):
     assert rel_err(gemm_ws.fp8_gemm_ws(*args), ref.fp8_gemm_ref(*args)) <= TOL
 
 
-WS_CASES = [(4608, 3072, 3072, True), (512, 3072, 3072, False), (4608, 3072, 12288, False),
-            (4608, 100, 3072, False)]  # fmt: skip
+WS_CASES = [(4608, 3072, 3072, 32, True), (512, 3072, 3072, 32, False),
+            (4608, 3072, 12288, 32, False), (4608, 100, 3072, 32, False),
+            (4608, 3072, 3072, 64, False), (1024, 3072, 3072, 128, False)]  # fmt: skip
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("m", "n", "k", "ws"), WS_CASES)
-def test_gpu_fp8_gemm_hands_large_shapes_to_gemm_ws(monkeypatch, m, n, k, ws):
+@pytest.mark.parametrize(("m", "n", "k", "r", "ws"), WS_CASES)
+def test_gpu_fp8_gemm_hands_large_shapes_to_gemm_ws(monkeypatch, m, n, k, r, ws):
     """``fp8_gemm`` runs the Gluon kernel from ``WS_MIN_M`` rows where it takes the shape
-    and the split-K tail does not pay, else its own; the numbers are the reference's
-    either way."""
+    and the split-K tail does not pay, else its own (a base rank with a LoRA on top,
+    64 or 128, does not fit the Gluon kernel's shared memory); the numbers are the
+    reference's either way."""
     from svdquant.kernels import gemm_ws
 
     if not gemm_ws.available(torch.device(DEVICE)):
@@ -1351,7 +1353,7 @@ def test_gpu_fp8_gemm_hands_large_shapes_to_gemm_ws(monkeypatch, m, n, k, ws):
     calls = []
     real = gemm_ws.fp8_gemm_ws
     monkeypatch.setattr(gemm_ws, "fp8_gemm_ws", lambda *a: calls.append(1) or real(*a))
-    args = _gemm_args(m, n, k, seed=m + n, r=32)
+    args = _gemm_args(m, n, k, seed=m + n, r=r)
     assert rel_err(fp8_gemm(*args), ref.fp8_gemm_ref(*args)) <= TOL
     assert bool(calls) == ws
 
@@ -1405,6 +1407,7 @@ def test_gemm_ws_is_not_used_without_a_hopper_gpu(monkeypatch):
     assert not gemm._ws_wanted(args[0], args[1], args[4], args[5], torch.bfloat16)
     assert gemm_ws.supports(3072, 3072, 32, torch.bfloat16, torch.bfloat16)
     assert not gemm_ws.supports(3072, 3072, 7, torch.bfloat16, torch.bfloat16)  # rank 7
+    assert not gemm_ws.supports(3072, 3072, 64, torch.bfloat16, torch.bfloat16)  # smem
     assert not gemm_ws.supports(130, 3072, 32, torch.bfloat16, torch.bfloat16)  # N % 8
     assert not gemm_ws.supports(3072, 3072, 32, torch.float32, torch.bfloat16)  # fp32 L_up
     with pytest.raises(ValueError, match="rank 5"):  # refused before anything is launched

@@ -70,16 +70,21 @@ GROUP_M = 8
 TESTED_TRITON = ("3.6",)
 
 
+#: The low-rank ranks it takes. Its shared memory holds the ring (144 KB), the store buffer
+#: (32 KB) and the low-rank operands: the fp32 rows, their 16-bit copy and L_up's rows,
+#: 5 KB per unit of rank — 40 KB at rank 16 or 32 fits the 227 KB of an sm_90 block, 80 KB
+#: at 64 does not (v34: rank 64 and 128 failed to launch, "out of resource: shared
+#: memory"); larger ranks (a LoRA on top of the base rank) run on the Triton kernel.
+RANKS = (0, 16, 32)
+
+
 def supports(n: int, k: int, r: int, lr_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
     """Whether ``fp8_gemm_ws`` takes this shape: rows of the output and of the operands
-    16-byte aligned (TMA), the low-rank rows copied whole (cp.async, 16 bytes at a time)."""
+    16-byte aligned (TMA), the low-rank rows copied whole (cp.async, 16 bytes at a time),
+    the low-rank operands within shared memory (``RANKS``)."""
     sixteen = (torch.bfloat16, torch.float16)
     return (
-        n % 8 == 0
-        and k % 16 == 0
-        and (r == 0 or r in (16, 32, 64, 128))
-        and lr_dtype in sixteen
-        and out_dtype in sixteen
+        n % 8 == 0 and k % 16 == 0 and r in RANKS and lr_dtype in sixteen and out_dtype in sixteen
     )
 
 
@@ -443,8 +448,8 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes) -
     out_dtype = out.dtype
     if not supports(n, k, r, lowrank_up.dtype, out_dtype):
         raise ValueError(
-            f"fp8_gemm_ws takes N a multiple of 8, K of 16, a rank of 0 or a power of two "
-            f"from 16 to 128, a 16-bit L_up and output; got N = {n}, K = {k}, rank {r}, "
+            f"fp8_gemm_ws takes N a multiple of 8, K of 16, a rank of {RANKS}, a 16-bit "
+            f"L_up and output; got N = {n}, K = {k}, rank {r}, "
             f"{lowrank_up.dtype} L_up, {out_dtype} out"
         )
     if m == 0 or n == 0:
