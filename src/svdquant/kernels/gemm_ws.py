@@ -70,18 +70,14 @@ GROUP_M = 8
 TESTED_TRITON = ("3.6",)
 
 
-#: The low-rank ranks it takes. Its shared memory holds the ring (48 KB a stage), the store
-#: buffer (32 KB) and the low-rank operands: the fp32 rows, their 16-bit copy and L_up's
-#: rows, 1.25 KB per unit of the rank's power of two — 40 KB at 16 or 32 next to 3 stages,
-#: 80 KB at 64 next to 2 (``_stages``) within an sm_90 block's 227 KB; 128 fits with none
-#: (v34: rank 64 and 128 with 3 stages failed to launch, "out of resource: shared
-#: memory"). Other ranks (a LoRA on top of the base rank) run on the Triton kernel.
-RANKS = (0, 16, 32, 64)
-
-
-def _stages(br: int) -> int:
-    """The ring's stages next to low-rank operands of ``br`` columns."""
-    return STAGES if br <= 32 else 2
+#: The low-rank ranks it takes. Its shared memory holds the ring (144 KB), the store buffer
+#: (32 KB) and the low-rank operands: the fp32 rows, their 16-bit copy and L_up's rows,
+#: 1.25 KB per unit of rank — 40 KB at rank 32 fits the 227 KB of an sm_90 block, 80 KB at
+#: 64 does not (v34: rank 64 and 128 failed to launch, "out of resource: shared memory");
+#: larger ranks (a LoRA on top of the base rank) run on the Triton kernel. Rank 64 next to
+#: a two-stage ring (bd2bf9c) ran correctly but the layer 1.15-1.19x slower than on the
+#: Triton kernel (v34, M = 4096: 112.7 against 98.1 µs at 3072²).
+RANKS = (0, 16, 32)
 
 
 def supports(n: int, k: int, r: int, lr_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
@@ -477,7 +473,6 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes) -
     descs += [descs[-1]] * (4 - len(descs))
     bounds = (starts[1:-1] + [n] * 3)[:3]
     tiles = cdiv(m, BLOCK_M) * cdiv(n, BLOCK_N)
-    br = max(16, 1 << (max(r, 1) - 1).bit_length())
     _fp8_gemm_ws_kernel[(min(tiles, num_sms(xq.device)),)](
         a,
         b,
@@ -496,8 +491,8 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes) -
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
         SPLIT=len(sizes) > 1,
-        BR=br,
-        S=_stages(br),
+        BR=max(16, 1 << (max(r, 1) - 1).bit_length()),
+        S=STAGES,
         GROUP=GROUP_M,
         num_warps=8,
     )
