@@ -65,11 +65,6 @@ TILES = {"small": (16, 64, 4), "medium": (64, 128, 4), "large": (64, 128, 4)}
 #: step 1.03-1.12x where two would leave 96 or 192 (M = 512 and 1024, K = 3072).
 PROGRAMS_PER_SM = 10
 TWO_STEP_MIN_PER_SM = 2
-#: A cap on the registers a thread may use (ptxas ``maxnreg``; None: ptxas's choice). The
-#: tile compiles to 168 registers on sm_90 — 3 programs (12 warps) per multiprocessor
-#: for a memory-bound kernel — and to 128 without spills under the cap (36 more
-#: instructions a step, 964 against 928: ``bench/sass_report.py``), 4 programs per SM.
-MAX_REGISTERS: int | None = None
 
 
 def k_split(m_blocks: int, steps: int, sms: int) -> tuple[int, int]:
@@ -360,6 +355,5 @@ def quantize_act(
         PDL_TRIGGER=trigger and pdl_supported(x.device),
         PDL_WAIT_LAST=pdl,
         **({"launch_pdl": True} if pdl else {}),
-        **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS and not interpreting() else {}),
     )
     return xq, lora
