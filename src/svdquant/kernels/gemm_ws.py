@@ -71,13 +71,15 @@ TESTED_TRITON = ("3.6",)
 
 
 #: The low-rank ranks it takes. Its shared memory holds the ring (144 KB), the store buffer
-#: (32 KB) and the low-rank operands: the fp32 rows, their 16-bit copy and L_up's rows,
-#: 1.25 KB per unit of rank — 40 KB at rank 32 fits the 227 KB of an sm_90 block, 80 KB at
-#: 64 does not (v34: rank 64 and 128 failed to launch, "out of resource: shared memory");
-#: larger ranks (a LoRA on top of the base rank) run on the Triton kernel. Rank 64 next to
-#: a two-stage ring (bd2bf9c) ran correctly but the layer 1.15-1.19x slower than on the
-#: Triton kernel (v34, M = 4096: 112.7 against 98.1 µs at 3072²).
-RANKS = (0, 16, 32)
+#: (32 KB) and the low-rank operands (L_up's rows and the activations' 16-bit rows, 0.75 KB
+#: per unit of rank, with their fp32 rows staged: 0.5 KB more — in the store buffer above
+#: rank 32). Rank 64: 224 KB of the 227 KB of an sm_90 block; rank 128 does not fit
+#: (v34: with the fp32 rows apart, rank 64 and 128 failed to launch, "out of resource:
+#: shared memory"); other ranks (a LoRA on top of the base rank: 33-64 pad to 64) run on
+#: the Triton kernel. Rank 64 next to a two-stage ring instead (bd2bf9c) ran correctly but
+#: the layer 1.15-1.19x slower than on the Triton kernel (v34, M = 4096: 112.7 against
+#: 98.1 µs at 3072²).
+RANKS = (0, 16, 32, 64)
 
 
 def supports(n: int, k: int, r: int, lr_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
@@ -191,6 +193,7 @@ if HAVE_GLUON:
         HAS_LORA: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         SPLIT: gl.constexpr,
+        LA_IN_C: gl.constexpr,
         BR: gl.constexpr,
         BM: gl.constexpr,
         BN: gl.constexpr,
@@ -227,6 +230,9 @@ if HAVE_GLUON:
             if HAS_BIAS:
                 bias_v = gl.load(bias_ptr + vn, mask=vn < N, other=0.0)
             if HAS_LORA:
+                if LA_IN_C:  # the rows land in the store buffer: the last tile's stores first
+                    tma.store_wait(0)
+                    gl.thread_barrier()
                 lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, lr_layout))
                 ln = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, lr_layout))
                 lr = gl.arange(0, BR, layout=gl.SliceLayout(0, lr_layout))
@@ -343,9 +349,15 @@ if HAVE_GLUON:
             lr_dtype, [BN, BR], gl.NVMMASharedLayout.get_default_for([BN, BR], lr_dtype)
         )
         c_smem = gl.allocate_shared_memory(c0_desc.dtype, c0_desc.block_type.shape, c0_desc.layout)
-        la32_smem = gl.allocate_shared_memory(
-            gl.float32, [BM, BR], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
-        )
+        # the fp32 low-rank rows, staged for their conversion to 16 bits: above rank 32 in
+        # the store buffer (free between a tile's stores and the next tile's epilogue),
+        # so that three stages still fit next to rank 64's operands
+        LA_IN_C: gl.constexpr = BR > 32
+        la32_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+        if LA_IN_C:
+            la32_smem = c_smem._reinterpret(gl.float32, [BM, BR], la32_layout)
+        else:
+            la32_smem = gl.allocate_shared_memory(gl.float32, [BM, BR], la32_layout)
         gl.warp_specialize(
             [
                 (
@@ -379,6 +391,7 @@ if HAVE_GLUON:
                         HAS_LORA,
                         HAS_BIAS,
                         SPLIT,
+                        LA_IN_C,
                         BR,
                         BM,
                         BN,
