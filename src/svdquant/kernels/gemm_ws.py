@@ -76,9 +76,10 @@ TESTED_TRITON = ("3.6",)
 #: rank 32). Rank 64: 224 KB of the 227 KB of an sm_90 block; rank 128 does not fit
 #: (v34: with the fp32 rows apart, rank 64 and 128 failed to launch, "out of resource:
 #: shared memory"); other ranks (a LoRA on top of the base rank: 33-64 pad to 64) run on
-#: the Triton kernel. Rank 64 next to a two-stage ring instead (bd2bf9c) ran correctly but
-#: the layer 1.15-1.19x slower than on the Triton kernel (v34, M = 4096: 112.7 against
-#: 98.1 µs at 3072²).
+#: the Triton kernel. The layer at rank 64, M = 4096, against the Triton kernel (v34, two
+#: runs each way): 94.9 / 94.7 against 98.7 / 98.8 µs at 3072², 313.1 / 319.6 against
+#: 328.8 / 330.1 at N = 12288; next to a two-stage ring instead (bd2bf9c) it had been
+#: 1.15-1.19x slower.
 RANKS = (0, 16, 32, 64)
 
 
