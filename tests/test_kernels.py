@@ -1413,6 +1413,8 @@ def test_gemm_ws_is_not_used_without_a_hopper_gpu(monkeypatch):
     assert not gemm_ws.supports(3072, 3072, 32, torch.float32, torch.bfloat16)  # fp32 L_up
     with pytest.raises(ValueError, match="rank 5"):  # refused before anything is launched
         gemm_ws.fp8_gemm_ws(*_gemm_args(8, 64, 64, seed=2, r=5))
+    with pytest.raises(ValueError, match="multiples of 256"):  # a tile would straddle a bound
+        gemm_ws.fp8_gemm_ws_split(*_gemm_args(8, 512, 64, seed=3, r=32), [128, 384])
 
 
 @pytest.mark.usefixtures("no_dp4a")

@@ -1,9 +1,11 @@
 """Warp-specialized persistent fp8 GEMM for Hopper (Gluon): the layer's GEMM where M is large.
 
 Same contract as ``gemm.fp8_gemm`` (``(xq · wqᵀ) · (S · s_channel) + lora_act · L_upᵀ + b``,
-reference ``reference.fp8_gemm_ref``), written in Gluon — Triton's lower-level dialect,
-where the kernel names its own warps, shared-memory ring and barriers — because
-what the Triton kernel cannot do on sm_90 is what cuBLAS's fp8 GEMM does (v26 in
+reference ``reference.fp8_gemm_ref``) and, with ``fp8_gemm_ws_split``, as
+``gemm.fp8_gemm_split`` (fused projections: each column segment its own contiguous
+tensor), written in Gluon — Triton's lower-level dialect, where the kernel names its own
+warps, shared-memory ring and barriers — because what the Triton kernel cannot do on
+sm_90 is what cuBLAS's fp8 GEMM does (v26 in
 ``bench/NOTES.md``: the Triton kernel 87.6 µs against cuBLAS's 73.9 at M = 4608,
 N = K = 3072):
 
