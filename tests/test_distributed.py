@@ -71,8 +71,10 @@ def test_two_ranks_give_the_one_rank_checkpoint(setup, tmp_path, gptq):
             assert torch.equal(a[k].view(-1).view(torch.uint8), b[k].view(-1).view(torch.uint8)), k
         elif a[k].dtype == torch.uint8:  # GPTQ sums a Hessian: equal up to summation order
             assert (a[k] != b[k]).float().mean() < 0.01, k
-        else:
-            assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-2, atol=1e-3), k
+        else:  # a code that flips can move its group's scale: rarely, and not far
+            x, y = a[k].float(), b[k].float()
+            assert (~torch.isclose(x, y, rtol=1e-2, atol=1e-3)).float().mean() < 0.01, k
+            assert torch.allclose(x, y, rtol=0.1, atol=1e-3), k
 
 
 def _worker(rank: int, port: int, batches: list[torch.Tensor], out: dict) -> None:
