@@ -1391,6 +1391,39 @@ def test_gpu_fp8_gemm_ws_split_writes_each_segment_contiguous(monkeypatch, m, si
         gemm_ws.fp8_gemm_ws_split(*args, [128, n - 128])
 
 
+def test_gemm_ws_split_launch_plan(monkeypatch):
+    """The host side of the Gluon GEMM's split output, on any machine (the kernel itself
+    needs sm_90): one store descriptor per segment, each a contiguous [M, width] view at
+    its offset in the flat output, the inner bounds passed, the unused slots filled."""
+    from svdquant.kernels import gemm_ws
+
+    if not gemm_ws.HAVE_GLUON:
+        pytest.skip("this triton has no Gluon")
+    launches = []
+
+    class Kernel:  # records the launch instead of running it
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((a, kw))
+
+    monkeypatch.setattr(gemm_ws, "_fp8_gemm_ws_kernel", Kernel())
+    m, sizes = 300, [256, 256, 136]
+    args = _gemm_args(m, sum(sizes), 64, seed=4, r=32)
+    flat = gemm_ws.fp8_gemm_ws_split(*args, sizes)
+    ((a, kw),) = launches
+    descs, bounds = a[2:6], a[-3:]
+    for d, w, start in zip(descs, sizes, (0, 256, 512), strict=False):
+        assert tuple(d.shape) == (m, w) and tuple(d.strides) == (w, 1)
+        assert d.base.data_ptr() == flat.data_ptr() + m * start * flat.element_size()
+    assert descs[3] is descs[2] and bounds == (256, 512, 648)
+    assert kw["SPLIT"] and kw["HAS_LORA"] and kw["BR"] == 32
+    # the layouts are asked once per box and dtype: the same as asking each time
+    box = [gemm_ws.BLOCK_M, gemm_ws.BLOCK_N // 2]
+    assert descs[0].layout == gemm_ws.gl.NVMMASharedLayout.get_default_for(box, gemm_ws.gl.bfloat16)
+    gemm_ws.fp8_gemm_ws(*args)  # unsplit: the whole output, bounds at N
+    a, kw = launches[-1]
+    assert tuple(a[2].shape) == (m, sum(sizes)) and a[-3:] == (648,) * 3 and not kw["SPLIT"]
+
+
 def test_gemm_ws_is_not_used_without_a_hopper_gpu(monkeypatch):
     """On the CPU (and under the interpreter) ``fp8_gemm`` never hands over to the Gluon
     kernel, which has no interpreter; its shape rules hold everywhere."""
