@@ -471,12 +471,21 @@ def _gemm_ws_spec(sizes: list[int]) -> dict[str, Any]:
             bias_ptr="*bf16",
         ),
         ints=dict(
-            M=m, N=n, K=3072, stride_lm=32, stride_un=32, B1=bounds[0], B2=bounds[1], B3=bounds[2]
+            M=m,
+            N=n,
+            K=3072,
+            stride_lm=32,
+            stride_un=32,
+            R=32,
+            B1=bounds[0],
+            B2=bounds[1],
+            B3=bounds[2],
         ),
         consts=dict(
             HAS_LORA=True,
             HAS_BIAS=True,
             SPLIT=len(sizes) > 1,
+            MASK_R=False,
             BR=32,
             S=g.STAGES,
             GROUP=g.GROUP_M,

@@ -1319,17 +1319,19 @@ def test_gpu_fp8_gemm_matches_reference(monkeypatch, m, n, k, r, tma):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 257, 4608])
 @pytest.mark.parametrize(("n", "k", "r"), [(136, 336, 16), (3072, 3072, 32), (1000, 1008, 0),
-                                          (264, 3072, 64)])  # fmt: skip
+                                          (264, 3072, 64), (520, 3072, 48)])  # fmt: skip
 @pytest.mark.parametrize(("bias", "dtype"), [(True, torch.bfloat16), (False, torch.bfloat16),
                                              (True, torch.float16)])  # fmt: skip
-def test_gpu_fp8_gemm_ws_matches_reference(m, n, k, r, bias, dtype):
+def test_gpu_fp8_gemm_ws_matches_reference(monkeypatch, m, n, k, r, bias, dtype):
     """The warp-specialized Gluon GEMM (sm_90) against the reference: rows and columns
-    that are not multiples of its tile, ranks 0, 16, 32 and 64, with and without a bias, a
-    bf16 and an fp16 model."""
+    that are not multiples of its tile, ranks 0, 16, 32 and 64, and 48 (its low-rank rows
+    copied under a column mask; not yet among ``RANKS``), with and without a bias, a bf16
+    and an fp16 model."""
     from svdquant.kernels import gemm_ws
 
     if not gemm_ws.available(torch.device(DEVICE)):
         pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
+    monkeypatch.setattr(gemm_ws, "RANKS", (*gemm_ws.RANKS, 48))
     args = list(_gemm_args(m, n, k, seed=m + n + r, r=r))
     args[5], args[6], args[7] = args[5].to(dtype), args[6].to(dtype) if bias else None, dtype
     assert rel_err(gemm_ws.fp8_gemm_ws(*args), ref.fp8_gemm_ref(*args)) <= TOL
@@ -1405,11 +1407,14 @@ def test_gemm_ws_split_launch_plan(monkeypatch):
         def __getitem__(self, grid):
             return lambda *a, **kw: launches.append((a, kw))
 
+    names = gemm_ws._fp8_gemm_ws_kernel.arg_names
     monkeypatch.setattr(gemm_ws, "_fp8_gemm_ws_kernel", Kernel())
     m, sizes = 300, [256, 256, 136]
     args = _gemm_args(m, sum(sizes), 64, seed=4, r=32)
     flat = gemm_ws.fp8_gemm_ws_split(*args, sizes)
     ((a, kw),) = launches
+    assert list(names) == names[: len(a)] + list(kw)  # every parameter, in its place
+    assert names[len(a) - 4 : len(a)] == ["R", "B1", "B2", "B3"]
     descs, bounds = a[2:6], a[-3:]
     for d, w, start in zip(descs, sizes, (0, 256, 512), strict=False):
         assert tuple(d.shape) == (m, w) and tuple(d.strides) == (w, 1)
@@ -1419,9 +1424,14 @@ def test_gemm_ws_split_launch_plan(monkeypatch):
     # the layouts are asked once per box and dtype: the same as asking each time
     box = [gemm_ws.BLOCK_M, gemm_ws.BLOCK_N // 2]
     assert descs[0].layout == gemm_ws.gl.NVMMASharedLayout.get_default_for(box, gemm_ws.gl.bfloat16)
+    assert not kw["MASK_R"] and a[-4] == 32  # the rank is its power of two: no column mask
     gemm_ws.fp8_gemm_ws(*args)  # unsplit: the whole output, bounds at N
     a, kw = launches[-1]
     assert tuple(a[2].shape) == (m, sum(sizes)) and a[-3:] == (648,) * 3 and not kw["SPLIT"]
+    monkeypatch.setattr(gemm_ws, "RANKS", (*gemm_ws.RANKS, 48))  # rank 48: rows padded to 64
+    gemm_ws.fp8_gemm_ws(*_gemm_args(m, 512, 64, seed=5, r=48))
+    a, kw = launches[-1]
+    assert kw["MASK_R"] and kw["BR"] == 64 and a[-4] == 48
 
 
 def test_gemm_ws_is_not_used_without_a_hopper_gpu(monkeypatch):
