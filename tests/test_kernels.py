@@ -429,9 +429,9 @@ def test_fp8_gemm_split_k_tail_matches_whole_tiles(monkeypatch, m, n, k):
 
 
 def test_split_k_tail_policy(monkeypatch):
-    """By default the tail runs where it was measured to pay: a long K and at least one
-    whole wave of 128x256 tiles (FLUX's single-block proj_out at batch 1); forced on or off
-    by ``TAIL_SPLIT``."""
+    """By default the tail runs where it was measured to pay: a long K, at least one
+    whole wave of 128x256 tiles and a last wave mostly idle (FLUX's single-block proj_out
+    at batch 1); forced on or off by ``TAIL_SPLIT``."""
     from svdquant.kernels import gemm
 
     monkeypatch.setattr(gemm, "TAIL_SPLIT", None)
@@ -439,6 +439,7 @@ def test_split_k_tail_policy(monkeypatch):
     assert gemm._tail_wanted(4608, 3072, 12288, 132)
     assert not gemm._tail_wanted(4608, 3072, 3072, 132)  # short K slices: slower
     assert not gemm._tail_wanted(1024, 3072, 12288, 132)  # no whole wave: all tail
+    assert not gemm._tail_wanted(4096, 3072, 12288, 132)  # the last wave 91% full
     monkeypatch.setattr(gemm, "TAIL_SPLIT", True)
     assert gemm._tail_wanted(16, 16, 16, 132)
     monkeypatch.setattr(gemm, "TAIL_SPLIT", False)
@@ -1339,7 +1340,8 @@ def test_gpu_fp8_gemm_ws_matches_reference(monkeypatch, m, n, k, r, bias, dtype)
 
 WS_CASES = [(4608, 3072, 3072, 32, True), (512, 3072, 3072, 32, False),
             (4608, 3072, 12288, 32, False), (4608, 100, 3072, 32, False),
-            (4608, 3072, 3072, 64, True), (1024, 3072, 3072, 128, False)]  # fmt: skip
+            (4608, 3072, 3072, 64, True), (1024, 3072, 3072, 128, False),
+            (4096, 3072, 12288, 32, True)]  # fmt: skip
 
 
 @pytest.mark.gpu

@@ -369,13 +369,19 @@ TAIL_SPLIT: bool | None = None
 #: 15360; equal at M = 4096) only when a K slice is still long and at least one whole wave
 #: runs; at K = 3072 the workspace and the partial sums cost more than the idle SMs (-7%).
 TAIL_MIN_K = 8192
+#: ... and only when the last wave is mostly idle: at M = 4608 (3.27 waves) it fills 27%
+#: of the SMs, at M = 4096 (2.91 waves) 91% — there the Triton kernel's tail gained
+#: nothing (v17) and gemm_ws's whole tiles are faster than it (v34's table: 2.00 / 2.04
+#: against 1.89 / 1.89x BF16 at K = 12288 / 15360).
+TAIL_MAX_LAST_WAVE = 0.5
 
 
 def _tail_wanted(m: int, n: int, k: int, sms: int) -> bool:
-    """Whether the split-K tail pays at this shape (see ``TAIL_MIN_K``)."""
+    """Whether the split-K tail pays at this shape (``TAIL_MIN_K``, ``TAIL_MAX_LAST_WAVE``)."""
     if TAIL_SPLIT is not None:
         return TAIL_SPLIT
-    return k >= TAIL_MIN_K and cdiv(m, 128) * cdiv(n, 256) >= sms
+    tiles = cdiv(m, 128) * cdiv(n, 256)
+    return k >= TAIL_MIN_K and tiles >= sms and tiles % sms <= TAIL_MAX_LAST_WAVE * sms
 
 
 def _tail_plan(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int):
@@ -580,7 +586,8 @@ def fp8_gemm(
 #: where this kernel's split-K tail pays (``_tail_wanted``). H200, GEMM + low-rank + bias
 #: in one run (``bench/probe_gemm_ws.py``, v33): 81.2 against 85.8 µs at M = 4608,
 #: N = K = 3072 (1.48x BF16 instead of 1.40x), 3-7% faster at N >= 9216, K = 3072 and
-#: at M = 4096; 2% slower at M = 4608, K >= 12288, where the tail runs instead. At
+#: at M = 4096 (K >= 12288 too, where the tail ran until v34); 2% slower at M = 4608,
+#: K >= 12288, where the tail runs instead. At
 #: M = 1024 the layer 1.01-1.06x faster on five shapes, 0.975x at 3072² (``probe_layer``);
 #: at M = 512 the kernel is up to 1.37x slower (128 x 256 tiles: too few for 132 SMs).
 WS_GEMM = True
