@@ -875,7 +875,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--profile-rows",
-        default="bf16,svdq-int4",
+        default="bf16,svdq-int4,svdq-int4-fused",
         help="eager rows whose first batch size gets a per-op profile of one step ('' = none)",
     )
     return p.parse_args(argv)
