@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import itertools
 import json
 import os
 import re
@@ -447,6 +446,7 @@ def _gemm_ws_spec(sizes: list[int]) -> dict[str, Any]:
     from triton.runtime.jit import mangle_type
 
     from svdquant.kernels import gemm_ws as g
+    from svdquant.kernels._triton_common import inner_bounds, three_bounds
 
     def desc(rows: int, cols: int, dtype, gl_dtype, block: list[int]) -> str:
         layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
@@ -457,7 +457,7 @@ def _gemm_ws_spec(sizes: list[int]) -> dict[str, Any]:
     m, n = 4608, sum(sizes)
     outs = [desc(m, w, torch.bfloat16, gl.bfloat16, [g.BLOCK_M, g.BLOCK_N // 2]) for w in sizes]
     outs += [outs[-1]] * (4 - len(outs))
-    bounds = (list(itertools.accumulate(sizes))[:-1] + [n] * 3)[:3]
+    bounds = three_bounds(inner_bounds(sizes), n)
     return dict(
         kernel=g._fp8_gemm_ws_kernel,
         ptrs=dict(

@@ -9,6 +9,7 @@ from even). The fp8 cast that follows them converts an exactly representable val
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 
 import triton
@@ -35,6 +36,18 @@ def next_pow2(n: int) -> int:
     """The smallest power of two ≥ ``n`` (0 for 0): ``triton.next_power_of_2`` on the host,
     without its constexpr-function wrapper."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def inner_bounds(sizes: list[int]) -> list[int]:
+    """The columns where segments of widths ``sizes`` meet (a split output's bounds)."""
+    return list(itertools.accumulate(sizes))[:-1]
+
+
+def three_bounds(bounds, n: int) -> tuple[int, int, int]:
+    """A split output's inner ``bounds`` (up to 3) as the GEMMs' three bound arguments,
+    the unused ones at ``n``."""
+    b = list(bounds or ())
+    return tuple(b + [n] * (3 - len(b)))  # type: ignore[return-value]
 
 
 @functools.cache

@@ -12,7 +12,6 @@ Reference: ``reference.fp8_gemm_ref``.
 
 from __future__ import annotations
 
-import itertools
 import logging
 
 import torch
@@ -29,11 +28,13 @@ from svdquant.kernels._triton_common import (
     folded_lowrank_dot,
     fp8_to_f32,
     hopper_or_later,
+    inner_bounds,
     interpreting,
     needs_bf16_rounding,
     next_pow2,
     num_sms,
     round_bf16,
+    three_bounds,
 )
 from svdquant.kernels.quantize import quantize_tile
 
@@ -475,7 +476,7 @@ def _launch(
         k2_out,
         r2,
         *strides2,
-        *_three_bounds(bounds, n),
+        *three_bounds(bounds, n),
         ws,
         cnt,
         sms,
@@ -612,20 +613,10 @@ def _ws_wanted(xq: torch.Tensor, wq: torch.Tensor, lora_act: torch.Tensor,
     )
 
 
-def _three_bounds(bounds, n: int) -> tuple[int, int, int]:
-    b = list(bounds or ())
-    return tuple(b + [n] * (3 - len(b)))  # type: ignore[return-value]
-
-
-def _inner_bounds(sizes: list[int]) -> list[int]:
-    """The columns where segments of widths ``sizes`` meet."""
-    return list(itertools.accumulate(sizes))[:-1]
-
-
 def split_supported(sizes: list[int]) -> bool:
     """Whether ``fp8_gemm_split`` takes these segment widths (2 to 4 segments, inner
     bounds multiples of ``SPLIT_ALIGN``)."""
-    return 2 <= len(sizes) <= 4 and all(b % SPLIT_ALIGN == 0 for b in _inner_bounds(sizes))
+    return 2 <= len(sizes) <= 4 and all(b % SPLIT_ALIGN == 0 for b in inner_bounds(sizes))
 
 
 def fp8_gemm_split(
@@ -660,7 +651,7 @@ def fp8_gemm_split(
     if m and n:
         _launch(
             *_contiguous(xq, wq, lora_act, lowrank_up), s_channel, act_scale, bias, flat, None,
-            _inner_bounds(sizes),
+            inner_bounds(sizes),
         )  # fmt: skip
     return flat
 

@@ -33,12 +33,19 @@ that run everywhere; ``available`` says whether this one can run.
 from __future__ import annotations
 
 import functools
-import itertools
 
 import torch
 import triton
 
-from svdquant.kernels._triton_common import capability_major, cdiv, interpreting, num_sms
+from svdquant.kernels._triton_common import (
+    capability_major,
+    cdiv,
+    inner_bounds,
+    interpreting,
+    next_pow2,
+    num_sms,
+    three_bounds,
+)
 
 try:  # Gluon's API is young: any triton without these names simply lacks this kernel
     from triton.experimental import gluon
@@ -466,8 +473,7 @@ def fp8_gemm_ws_split(
     """``gemm.fp8_gemm_split`` on this kernel (same arguments and flat result: segment i
     contiguous at ``M · c_i``); the inner bounds must be multiples of ``BLOCK_N``."""
     m, n = xq.shape[0], wq.shape[0]
-    bounds = list(itertools.accumulate(sizes))
-    if not 1 <= len(sizes) <= 4 or bounds[-1] != n or any(b % BLOCK_N for b in bounds[:-1]):
+    if not 1 <= len(sizes) <= 4 or sum(sizes) != n or any(b % BLOCK_N for b in inner_bounds(sizes)):
         raise ValueError(
             f"fp8_gemm_ws_split takes 1-4 segments summing to N = {n} whose inner bounds "
             f"are multiples of {BLOCK_N}, got {sizes}"
@@ -509,14 +515,13 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes) -
     c_layout = _layout(*c_block, out_dtype)
     # one descriptor per segment, each a contiguous [M, width] tensor in ``out``
     flat = out.view(-1)
-    starts = [0, *itertools.accumulate(sizes)]
-    pairs = zip(starts[:-1], sizes, strict=True)
+    bounds = inner_bounds(sizes)
+    pairs = zip([0, *bounds], sizes, strict=True)
     segments = [flat[m * c : m * c + m * w].view(m, w) for c, w in pairs]
     descs = [GluonDescriptor.from_tensor(seg, c_block, c_layout) for seg in segments]
     descs += [descs[-1]] * (4 - len(descs))
-    bounds = (starts[1:-1] + [n] * 3)[:3]
     tiles = cdiv(m, BLOCK_M) * cdiv(n, BLOCK_N)
-    br = max(16, 1 << (max(r, 1) - 1).bit_length())
+    br = max(16, next_pow2(max(r, 1)))
     _fp8_gemm_ws_kernel[(min(tiles, num_sms(xq.device)),)](
         a,
         b,
@@ -532,7 +537,7 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes) -
         lora_act.stride(0) if r else 0,
         lowrank_up.stride(0) if r else 0,
         r,
-        *bounds,
+        *three_bounds(bounds, n),
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
         SPLIT=len(sizes) > 1,
