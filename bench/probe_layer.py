@@ -2,14 +2,15 @@
 
     PYTHONPATH=src python bench/probe_layer.py --set 'widen.TILE=(32, 512, 4)' \\
         [--set ...] [--what layer|quantize|widen|gemv] [--ms 512,1024,4608] \\
-        [--shapes 3072x3072,...] [--mlp] [--out DIR]
+        [--shapes 3072x3072,...] [--rank R] [--mlp] [--out DIR]
 
 Each ``--set module.NAME=VALUE`` names a constant of a module under
 ``svdquant.kernels`` (or one entry of a dict constant: ``gemv.TILES['dp4a']``) and a
 Python literal. The layer (quantize + widen + GEMM + low-rank +
 bias, ``ops.svdq_linear_triton``) is replayed from a CUDA graph with today's constants
 ("default") and with the overrides ("set"), alternated twice, against BF16 ``F.linear``
-of the same run, at each M and (N, K) of ``bench/gemm.py``; ``--mlp`` adds the fused MLP
+of the same run, at each M and (N, K) of ``bench/gemm.py`` (``--rank``: the low-rank
+branch's rank instead of the model's 32, e.g. a loaded LoRA's); ``--mlp`` adds the fused MLP
 pair (fc1 3072 -> 12288, GELU-tanh, fc2). ``--what quantize`` times the activation
 quantize alone (x [M, K], rank 32), ``--what widen`` the weight widen alone (M unused;
 BF16 is then the layer's ``F.linear``, for scale) and ``--what gemv`` the W4A16 path
@@ -47,6 +48,16 @@ def _first(out):
     """A comparable tensor from an op's output (its first, viewed as numbers)."""
     t = out[0] if isinstance(out, tuple) else out
     return t.float()
+
+
+def _with_rank(layer: Layer, rank: int) -> Layer:
+    """``layer`` with a random low-rank branch of ``rank`` (a merged LoRA's total)."""
+    g = torch.Generator(device="cuda").manual_seed(rank)
+    n, k = layer.out_features, layer.in_features
+    layer.down = (torch.randn(rank, k, device="cuda", generator=g) / k**0.5).bfloat16()
+    layer.up = (torch.randn(n, rank, device="cuda", generator=g) * 0.02).bfloat16()
+    layer.lowrank_down, layer.lowrank_up = layer.down, layer.up
+    return layer
 
 
 def _case(what: str, layer: Layer, x: torch.Tensor):
@@ -134,12 +145,13 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in NKS))
     p.add_argument("--what", choices=WHAT, default="layer", help="what to time")
     p.add_argument("--mlp", action="store_true", help="also the fused MLP pair")
+    p.add_argument("--rank", type=int, default=None, help="the low-rank branch's rank")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
     if not a.sets:
         raise SystemExit("nothing to compare: give at least one --set module.NAME=VALUE")
     sets = merge_sets([parse_set(s) for s in a.sets])
-    result = {**run_info(), "set": a.sets, "what": a.what, "rows": []}
+    result = {**run_info(), "set": a.sets, "what": a.what, "rank": a.rank, "rows": []}
     print(f"{a.what}, set:", "; ".join(a.sets))
     print(f"{'M':>5} {'N':>6} {'K':>6} | bf16 us | default x2      | set x2          | "
           "set vs default, x BF16 default -> set")  # fmt: skip
@@ -148,6 +160,7 @@ def main() -> None:
         cases = []
         for n, k in shapes:
             layer, x = Layer(n, k), torch.randn(m, k, device="cuda").bfloat16()
+            layer = layer if a.rank is None else _with_rank(layer, a.rank)
             cases.append((n, k, _case(a.what, layer, x),
                           lambda la=layer, t=x: F.linear(t, la.w16, la.bias)))  # fmt: skip
         if a.mlp and a.what == "layer":
