@@ -1622,9 +1622,9 @@ def test_gpu_compile_inductor_and_cuda_graph(act_fmt, k):
 def test_fused_flux_runtime_on_the_engine(monkeypatch):
     """``fuse_projections`` on a tiny FLUX transformer, on the engine: the single blocks'
     ``proj_out`` quantizes the attention output and the MLP's GELU where they lie, the
-    double blocks' feed-forwards run as fused MLPs — the unfused engine's output within
-    bf16 rounding, under ``torch.compile(fullgraph=True)`` too; unfusing restores
-    diffusers' classes."""
+    double blocks' feed-forwards run as fused MLPs, q and k take the norm + rotary kernel —
+    the unfused engine's output within bf16 rounding, under ``torch.compile(fullgraph=True)``
+    too; unfusing restores diffusers' classes."""
     from svdquant.models.tiny import tiny_call_kwargs, tiny_pipeline
     from svdquant.pipeline import denoiser, pipeline_calibration
     from svdquant.quantize_model import QuantizeConfig, quantize_model
@@ -1646,8 +1646,12 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch):
         if isinstance(m, svdquant.SVDQLinear):
             m.backend = "triton"
     unfused = model(*args, **kw)[0]
-    calls = {"mlp": 0, "cat": 0}
-    for name, key in (("svdq_mlp_triton", "mlp"), ("svdq_linear_cat_triton", "cat")):
+    calls = {"mlp": 0, "cat": 0, "rope": 0}
+    for name, key in (
+        ("svdq_mlp_triton", "mlp"),
+        ("svdq_linear_cat_triton", "cat"),
+        ("rms_norm_rope", "rope"),
+    ):
         real = getattr(svdquant.kernels, name)
 
         def counted(*a, _real=real, _key=key, **k):
@@ -1659,7 +1663,8 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch):
     assert type(model.transformer_blocks[0].ff).__name__ == "FusedGeluFeedForward"
     fused = model(*args, **kw)[0]
     n_double, n_single = len(model.transformer_blocks), len(model.single_transformer_blocks)
-    assert calls == {"mlp": 2 * n_double, "cat": n_single}
+    # q and k of every attention normalized, concatenated and rotated in one pass each
+    assert calls == {"mlp": 2 * n_double, "cat": n_single, "rope": 2 * (n_double + n_single)}
     assert rel_err(fused, unfused) <= TOL
     torch._dynamo.reset()  # Inductor on the GPU; the CPU checks the trace (no C++ build)
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"

@@ -134,7 +134,10 @@ def _flux_runtime() -> tuple[type, type]:
 
     class FluxFusedAttnProcessor:
         """``FluxAttnProcessor`` with q/k/v (and the text stream's) from fused layers, or
-        passed in (``qkv``: the single block computed them with its MLP input)."""
+        passed in (``qkv``: the single block computed them with its MLP input, and says
+        its layer's ``backend``). q and k are normalized, concatenated and rotated in one
+        pass each (``kernels.rms_norm_rope``) where the norms are ``torch.nn.RMSNorm``
+        and the rotary embedding a (cos, sin) pair."""
 
         _attention_backend = None
         _parallel_config = None
@@ -147,22 +150,41 @@ def _flux_runtime() -> tuple[type, type]:
             attention_mask: torch.Tensor | None = None,
             image_rotary_emb: Any = None,
             qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+            backend: str | None = None,
         ) -> Any:
             query, key, value = attn.to_qkv(hidden_states) if qkv is None else qkv
-            query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-            key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-            value = value.unflatten(-1, (-1, attn.head_dim))
+            if backend is None:
+                backend = _layer_backend(attn.to_qkv, hidden_states.device)
+            heads = (query, key, value)
+            heads = tuple(t.unflatten(-1, (-1, attn.head_dim)) for t in heads)
+            added = None
             if attn.added_kv_proj_dim is not None:
-                eq, ek, ev = attn.to_added_qkv(encoder_hidden_states)
-                eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
-                ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
-                ev = ev.unflatten(-1, (-1, attn.head_dim))
-                query = torch.cat([eq, query], dim=1)
-                key = torch.cat([ek, key], dim=1)
-                value = torch.cat([ev, value], dim=1)
-            if image_rotary_emb is not None:
-                query = tf.apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = tf.apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+                added = attn.to_added_qkv(encoder_hidden_states)
+                added = tuple(t.unflatten(-1, (-1, attn.head_dim)) for t in added)
+            if _norm_rope_fusable(attn, heads[0], image_rotary_emb):
+                # one pass per tensor: norm, text heads first, rotation (kernels/rope.py)
+                query, key = (
+                    _norm_rope(x, norm, image_rotary_emb, backend, *head)
+                    for x, norm, head in zip(
+                        heads[:2],
+                        (attn.norm_q, attn.norm_k),
+                        ((None, None), (None, None))
+                        if added is None
+                        else ((added[0], attn.norm_added_q), (added[1], attn.norm_added_k)),
+                        strict=True,
+                    )
+                )
+                value = heads[2] if added is None else torch.cat([added[2], heads[2]], dim=1)
+            else:
+                query, key, value = attn.norm_q(heads[0]), attn.norm_k(heads[1]), heads[2]
+                if added is not None:
+                    eq, ek, ev = added
+                    query = torch.cat([attn.norm_added_q(eq), query], dim=1)
+                    key = torch.cat([attn.norm_added_k(ek), key], dim=1)
+                    value = torch.cat([ev, value], dim=1)
+                if image_rotary_emb is not None:
+                    query = tf.apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                    key = tf.apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
             hidden_states = tf.dispatch_attention_fn(
                 query,
                 key,
@@ -206,7 +228,11 @@ def _flux_runtime() -> tuple[type, type]:
             norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
             q, k, v, mlp = self.qkv_mlp(norm_hidden_states)
             attn_output = self.attn.processor(
-                self.attn, norm_hidden_states, image_rotary_emb=image_rotary_emb, qkv=(q, k, v)
+                self.attn,
+                norm_hidden_states,
+                image_rotary_emb=image_rotary_emb,
+                qkv=(q, k, v),
+                backend=_layer_backend(self.qkv_mlp, hidden_states.device),
             )
             if isinstance(self.proj_out, SVDQLinear) and _is_gelu_tanh(self.act_mlp):
                 # the quantize reads both parts: no [M, 15360] concatenation, no GELU pass
@@ -219,6 +245,52 @@ def _flux_runtime() -> tuple[type, type]:
             return hidden_states[:, :n_txt], hidden_states[:, n_txt:]
 
     return FluxFusedAttnProcessor, FusedFluxSingleTransformerBlock
+
+
+def _layer_backend(fused: nn.Module, device: torch.device) -> str:
+    """The backend (``"triton"`` or ``"reference"``) a ``FusedProjection`` runs on."""
+    from svdquant import kernels
+
+    linear = getattr(fused, "linear", None)
+    return kernels.resolve_backend(getattr(linear, "backend", "reference"), device)
+
+
+def _norm_rope_fusable(attn: nn.Module, query: torch.Tensor, rotary: Any) -> bool:
+    """Whether q/k go through ``kernels.rms_norm_rope``: the kernel is on, the norms are
+    ``torch.nn.RMSNorm`` with one eps, the rotary embedding is diffusers' real
+    (cos, sin) pair over the whole sequence."""
+    from svdquant.kernels import rope
+
+    names = ("norm_q", "norm_k")
+    if attn.added_kv_proj_dim is not None:
+        names += ("norm_added_q", "norm_added_k")
+    norms = [getattr(attn, n, None) for n in names]
+    return (
+        rope.ENABLED
+        and all(isinstance(n, nn.RMSNorm) for n in norms)
+        and len({n.eps for n in norms}) == 1
+        and isinstance(rotary, tuple)
+        and len(rotary) == 2
+        and all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in rotary)
+        and rotary[0].shape[-1] == query.shape[-1]
+    )
+
+
+def _norm_rope(
+    x: torch.Tensor,
+    norm: nn.RMSNorm,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    backend: str,
+    head: torch.Tensor | None = None,
+    head_norm: nn.RMSNorm | None = None,
+) -> torch.Tensor:
+    """``rope(cat([head_norm(head), norm(x)], 1))`` through ``kernels.rms_norm_rope``."""
+    from svdquant import kernels
+
+    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    cos, sin = (t.to(x.device) for t in rotary)
+    hw = None if head_norm is None else head_norm.weight
+    return kernels.rms_norm_rope(x, norm.weight, eps, cos, sin, head, hw, backend=backend)
 
 
 def _is_gelu_tanh(module: nn.Module) -> bool:

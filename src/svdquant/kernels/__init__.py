@@ -21,6 +21,7 @@ import torch
 
 from svdquant.kernels.ops import (
     check_cat_inputs,
+    rms_norm_rope,
     splits_in_gemm,
     svdq_linear_cat_triton,
     svdq_linear_split_triton,
@@ -39,6 +40,7 @@ __all__ = [
     "check_cat_inputs",
     "quantize_activations",
     "resolve_backend",
+    "rms_norm_rope",
     "splits_in_gemm",
     "svdq_linear",
     "svdq_linear_cat_triton",

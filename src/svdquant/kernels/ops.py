@@ -1,8 +1,8 @@
 """The engine's kernels as ``torch.library`` custom ops, and the layer built from them.
 
 Each kernel is one op (``svdquant::quantize_act``, ``::quantize_act_cat``,
-``::widen_weight``, ``::quantize_and_widen``, ``::fp8_gemm``,
-``::fp8_gemm_split``, ``::w4a16_linear``) with a fake (meta) implementation that only
+``::widen_weight``, ``::quantize_and_widen``, ``::fp8_gemm``, ``::fp8_gemm_split``,
+``::w4a16_linear``, ``::rms_norm_rope``) with a fake (meta) implementation that only
 computes output shapes, so ``torch.compile(fullgraph=True)`` traces a layer into three
 opaque nodes with no graph break and no host sync, and Inductor fuses the elementwise
 work around them. Eager calls skip PyTorch's dispatcher and run the implementations
@@ -20,6 +20,7 @@ from svdquant.kernels import reference
 
 __all__ = [
     "check_cat_inputs",
+    "rms_norm_rope",
     "splits_in_gemm",
     "svdq_linear_cat_triton",
     "svdq_linear_split_triton",
@@ -537,3 +538,48 @@ def svdq_mlp_triton(
     w2, c2 = ops.widen_weight(fc2.qweight, fc2.wscales, fc2.wtensor_scale, fc2.fmt)
     y = ops.fp8_gemm(xq2, w2, c2, s2, lora2, fc2.lowrank_up, fc2.bias, x.dtype)
     return y.reshape(*lead, fc2.out_features)
+
+
+@_op("rms_norm_rope")
+def rms_norm_rope_op(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    head: torch.Tensor | None,
+    head_weight: torch.Tensor | None,
+) -> torch.Tensor:
+    """``kernels.rope.rms_norm_rope`` as a custom op."""
+    from svdquant.kernels.rope import rms_norm_rope as impl
+
+    return impl(x, weight, eps, cos, sin, head, head_weight)
+
+
+@rms_norm_rope_op.register_fake
+def _(x, weight, eps, cos, sin, head, head_weight):
+    s_head = 0 if head is None else head.shape[1]
+    b, s, h, d = x.shape
+    return x.new_empty(b, s_head + s, h, d)
+
+
+def rms_norm_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    head: torch.Tensor | None = None,
+    head_weight: torch.Tensor | None = None,
+    backend: str = "triton",
+) -> torch.Tensor:
+    """Attention's q or k prepared in one pass (``kernels/rope.py``): per-head RMSNorm of
+    ``head`` (the text stream's heads, optional) and ``x``, concatenated along the
+    sequence and rotated by ``cos``/``sin`` — on ``backend`` ``"triton"`` where the kernel
+    takes the shape, else ``reference.rms_norm_rope_ref`` (the same numbers, diffusers'
+    own passes)."""
+    from svdquant.kernels import rope
+
+    if backend == "triton" and rope.supports(x.shape[-1], x.dtype):
+        return _ops(x).rms_norm_rope(x, weight, eps, cos, sin, head, head_weight)
+    return reference.rms_norm_rope_ref(x, weight, eps, cos, sin, head, head_weight)

@@ -341,3 +341,26 @@ def svdq_linear_fp8_ref(
     wq, s_channel = widen_weight_ref(qweight, wscales, wtensor_scale, fmt)
     y = fp8_gemm_ref(xq, wq, s_channel, act_scale, lora, lowrank_up, bias, x.dtype)
     return y.reshape(*lead, n)
+
+
+def rms_norm_rope_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    head: torch.Tensor | None = None,
+    head_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``rope(cat([rms_norm(head, head_weight), rms_norm(x, weight)], 1), cos, sin)``:
+    FLUX's q/k preparation as diffusers computes it (``torch.nn.RMSNorm`` per head, the
+    text heads first, ``apply_rotary_emb`` with interleaved pairs), ``x`` and ``head``
+    [B, S, H, D], ``cos``/``sin`` [S_head + S, D]. Reference of ``rope.rms_norm_rope``."""
+    d = x.shape[-1]
+    y = torch.nn.functional.rms_norm(x, (d,), weight, eps)
+    if head is not None:
+        y = torch.cat([torch.nn.functional.rms_norm(head, (d,), head_weight, eps), y], dim=1)
+    cos, sin = cos[None, :, None, :].to(y.device), sin[None, :, None, :].to(y.device)
+    y_real, y_imag = y.reshape(*y.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-y_imag, y_real], dim=-1).flatten(3)
+    return (y.float() * cos + rotated.float() * sin).to(y.dtype)
