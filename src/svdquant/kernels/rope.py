@@ -12,8 +12,9 @@ fifth of a CUDA-graphed FLUX step at 1024² (``bench/e2e.py`` v35 profile), more
 
 The numbers are diffusers': the norm computed in fp32 and rounded to the input's dtype,
 the rotation in fp32 products and one fp32 sum, rounded once (no fused multiply-add).
-The norm's sum of squares is reduced in another order than PyTorch's, so an output can
-differ from diffusers' by one unit in the last place where the rounding is close.
+The norm's sum of squares is reduced in another order than PyTorch's, so a normalized
+value can differ from diffusers' by one unit in the last place where the rounding is
+close (and the rotation carries it into its pair).
 Reference: ``reference.rms_norm_rope_ref``.
 """
 
@@ -95,7 +96,7 @@ def _rms_norm_rope_kernel(
     else:
         src = x_ptr + (b * sxb + s * sxs + h * sxh)[:, None] + cols[None, :]
     x = tl.load(src, mask=rmask[:, None], other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps)
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # as PyTorch's rsqrtf
     y = x * rstd[:, None]
     if HAS_W:
         w = tl.load(w_ptr + cols).to(tl.float32)
