@@ -184,6 +184,7 @@ class CUDAGraphed(nn.Module):
                 output = self.module(*s_args, **s_kwargs)
         except Exception as e:  # a host sync, a CPU op, an allocation the capture refuses
             self._failed = f"{type(e).__name__}: {e}"
+            _end_failed_capture()
             warnings.warn(
                 f"svdquant.cuda_graphed: {type(self.module).__name__}'s forward could not be "
                 f"captured in a CUDA graph ({self._failed.splitlines()[0][:300]}); it runs "
@@ -196,6 +197,21 @@ class CUDAGraphed(nn.Module):
         entry = _Graph(graph, statics, output)
         self._graphs[key] = entry
         return entry
+
+
+def _end_failed_capture() -> None:
+    """Leave the current device's random number generator as an aborted capture should.
+
+    A capture that fails (a host sync inside it) ends without PyTorch closing the default
+    CUDA generator's capture state, and every later random op on the device (the
+    pipeline's noise, a test's ``torch.randn``) then fails with "Offset increment outside
+    graph capture encountered unexpectedly" (seen with torch 2.11). One trivial capture
+    opens and closes that state again."""
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            torch.cuda.current_stream()  # nothing recorded: the capture's begin and end alone
+    except Exception:  # the device is unusable anyway; the caller runs eagerly and says why
+        pass
 
 
 def cuda_graphed(module: nn.Module, max_graphs: int = 4) -> CUDAGraphed:
