@@ -9,9 +9,10 @@ shapes small enough (M = 64, N = K = 256) that the GPU finishes each launch befo
 next is issued, so ``n`` calls in a row, one synchronization at the end, give the
 host's µs per call. Pieces: BF16 ``F.linear`` (PyTorch's floor), an empty Triton kernel
 (Triton's launch floor), the three kernels' Python launchers, the two custom ops, the
-whole ``svdq_linear_triton`` and ``SVDQLinear.forward`` (with its input checks), and the
-W4A16 path at one token; then a cProfile of the whole layer call (top functions by own
-time) written beside the JSON.
+whole ``svdq_linear_triton`` and ``SVDQLinear.forward`` (with its input checks), the
+W4A16 path at one token, and attention's q/k norm + rotary (``kernels.rms_norm_rope``
+against diffusers' passes, 8 text + 8 image tokens, 2 heads of 128); then a cProfile of
+the whole layer call (top functions by own time) written beside the JSON.
 """
 
 from __future__ import annotations
@@ -66,6 +67,25 @@ def module(layer: Layer) -> svdquant.SVDQLinear:
     return mod
 
 
+def _rope_cases() -> dict:
+    """q's norm + rotary as the fused FLUX processor runs it, and as diffusers does."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from svdquant import kernels
+
+    q, eq = (torch.randn(1, 8, 2, 128, device="cuda").bfloat16() for _ in range(2))
+    norm = torch.nn.RMSNorm(128, eps=1e-6).cuda().bfloat16()
+    rot = tuple(torch.rand(16, 128, device="cuda") for _ in range(2))
+    return {
+        "rms_norm_rope (q, text first)": lambda: kernels.rms_norm_rope(
+            q, norm.weight, 1e-6, *rot, eq, norm.weight
+        ),
+        "diffusers norm + cat + rotary": lambda: apply_rotary_emb(
+            torch.cat([norm(eq), norm(q)], dim=1), rot, sequence_dim=1
+        ),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
@@ -102,6 +122,7 @@ def main() -> None:
         "svdq_linear_triton": lambda: layer(x),
         "SVDQLinear.forward": lambda: mod(x),
         "W4A16 layer, M = 1": lambda: layer(x1, act_fmt="none"),
+        **_rope_cases(),
     }
     result: dict = {**run_info(), "M": m, "N": nk, "K": nk, "host_us": {}}
     for name, fn in cases.items():
