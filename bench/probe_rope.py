@@ -1,6 +1,6 @@
 """FLUX's q/k preparation: diffusers' passes against the norm + rotary kernel, on the GPU.
 
-    PYTHONPATH=src python bench/probe_rope.py [--out DIR]
+    PYTHONPATH=src python bench/probe_rope.py [--tiles 64x4,32x4,...] [--out DIR]
 
 Per attention, q and k are normalized per head (``torch.nn.RMSNorm``), the text stream's
 heads concatenated first and the pairs rotated (``apply_rotary_emb``): diffusers runs that
@@ -8,7 +8,8 @@ as separate PyTorch ops, ``kernels.rms_norm_rope`` as one pass per tensor. Both 
 replayed from a CUDA graph (no launch overhead) at FLUX.1's 1024² sizes — a double block
 (512 text + 4096 image tokens) and a single block (4608 tokens, q/k views of the fused
 projection's output) — and at 512² (512 + 1024), 24 heads of 128, bf16; outputs compared.
-Writes ``probe_rope-<date>.json``.
+``--tiles`` also times the kernel at each (head rows per program, warps) of
+``rope.TILE`` (the default first). Writes ``probe_rope-<date>.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gemm import bench_graph, run_info, write_result
 
 from svdquant import kernels
+from svdquant.kernels import rope
 
 CASES = (("double 1024²", 512, 4096), ("single 1024²", 0, 4608), ("double 512²", 512, 1024))
 
@@ -49,8 +51,11 @@ def ours(qk, text, norms, rot):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiles", default="", help="e.g. 64x4,32x4,128x8: rows x warps")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
+    default = rope.TILE
+    tiles = [tuple(int(v) for v in t.split("x")) for t in a.tiles.split(",") if t]
     h, d, dt = 24, 128, torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
     norms = [torch.nn.RMSNorm(d, eps=1e-6).cuda().to(dt) for _ in range(4)]
@@ -72,11 +77,20 @@ def main() -> None:
                    for x, y in zip(got, want, strict=True))  # fmt: skip
         base = bench_graph(lambda a=args: diffusers_way(*a))
         fused = bench_graph(lambda a=args: ours(*a))
+        per_tile = {}
+        for tile in tiles:
+            rope.TILE = tile
+            try:
+                per_tile["x".join(map(str, tile))] = bench_graph(lambda a=args: ours(*a))
+            finally:
+                rope.TILE = default
         rows.append({"case": name, "text_tokens": s_head, "tokens": s, "heads": h,
                      "head_dim": d, "diffusers_us": base, "ours_us": fused,
-                     "x": base / fused, "max_abs_diff": diff})  # fmt: skip
+                     "x": base / fused, "max_abs_diff": diff, "tile": list(default),
+                     "tiles_us": per_tile})  # fmt: skip
         print(f"{name:>13} | {base:12.1f} | {fused:7.1f} | {base / fused:.2f}  "
-              f"(max |diff| {diff:.1e})")  # fmt: skip
+              f"(max |diff| {diff:.1e})"
+              + "".join(f"  {t}: {us:.1f}" for t, us in per_tile.items()))  # fmt: skip
     print("->", write_result({**run_info(), "rows": rows}, a.out, "probe_rope"))
 
 

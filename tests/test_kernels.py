@@ -1645,11 +1645,15 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch):
         if isinstance(m, svdquant.SVDQLinear):
             m.backend = "triton"
     unfused = model(*args, **kw)[0]
-    calls = {"mlp": 0, "cat": 0, "rope": 0}
+    from svdquant.kernels import modulate
+
+    monkeypatch.setattr(modulate, "ENABLED", True)
+    calls = {"mlp": 0, "cat": 0, "rope": 0, "norm": 0}
     for name, key in (
         ("svdq_mlp_triton", "mlp"),
         ("svdq_linear_cat_triton", "cat"),
         ("rms_norm_rope", "rope"),
+        ("layer_norm_modulate", "norm"),
     ):
         real = getattr(svdquant.kernels, name)
 
@@ -1663,7 +1667,9 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch):
     fused = model(*args, **kw)[0]
     n_double, n_single = len(model.transformer_blocks), len(model.single_transformer_blocks)
     # q and k of every attention normalized, concatenated and rotated in one pass each
-    assert calls == {"mlp": 2 * n_double, "cat": n_single, "rope": 2 * (n_double + n_single)}
+    # and the blocks' adaptive norms modulate in one pass (kernels.modulate.ENABLED)
+    assert calls == {"mlp": 2 * n_double, "cat": n_single, "rope": 2 * (n_double + n_single),
+                     "norm": 2 * n_double + n_single}  # fmt: skip
     assert rel_err(fused, unfused) <= TOL
     torch._dynamo.reset()  # Inductor on the GPU; the CPU checks the trace (no C++ build)
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"
@@ -1671,4 +1677,6 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch):
     assert rel_err(compiled(*args, **kw)[0], fused) <= TOL
     svdquant.unfuse_projections(model)
     assert type(model.transformer_blocks[0].ff).__name__ == "FeedForward"
+    assert type(model.transformer_blocks[0].norm1).__name__ == "AdaLayerNormZero"
+    assert type(model.single_transformer_blocks[0].norm).__name__ == "AdaLayerNormZeroSingle"
     assert not svdquant.fuse.is_fused(model)

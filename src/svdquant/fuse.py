@@ -322,6 +322,68 @@ def _mlp_runtime() -> type:
     return FusedGeluFeedForward
 
 
+@functools.cache
+def _norm_runtime() -> dict[str, type]:
+    """diffusers' adaptive norms of FLUX's blocks with the norm and its modulation in one
+    pass (``kernels.layer_norm_modulate``, while ``kernels.modulate.ENABLED``), by the
+    name of the class each replaces."""
+    from diffusers.models import normalization as dn
+
+    class FusedAdaLayerNormZero(dn.AdaLayerNormZero):
+        """``AdaLayerNormZero`` whose attention-branch modulation is one kernel pass."""
+
+        def forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+            if self.emb is not None:
+                emb = self.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
+            shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.linear(self.silu(emb)).chunk(
+                6, dim=1
+            )
+            return _modulate(self, x, scale, shift), gate, shift_mlp, scale_mlp, gate_mlp
+
+    class FusedAdaLayerNormZeroSingle(dn.AdaLayerNormZeroSingle):
+        """``AdaLayerNormZeroSingle`` whose modulation is one kernel pass."""
+
+        def forward(self, x, emb=None):
+            shift, scale, gate = self.linear(self.silu(emb)).chunk(3, dim=1)
+            return _modulate(self, x, scale, shift), gate
+
+    return {
+        "AdaLayerNormZero": FusedAdaLayerNormZero,
+        "AdaLayerNormZeroSingle": FusedAdaLayerNormZeroSingle,
+    }
+
+
+def _modulate(
+    ada: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """``ada.norm(x) · (1 + scale) + shift``: one kernel pass where the norm is a plain
+    ``nn.LayerNorm`` without affine weights, on the backend of ``ada``'s own linear."""
+    from svdquant import kernels
+    from svdquant.kernels import modulate
+
+    norm = ada.norm
+    if (
+        modulate.ENABLED
+        and type(norm) is nn.LayerNorm
+        and norm.weight is None
+        and norm.bias is None
+        and x.dim() == 3
+    ):
+        backend = kernels.resolve_backend(getattr(ada.linear, "backend", "auto"), x.device)
+        return kernels.layer_norm_modulate(x, scale, shift, norm.eps, backend=backend)
+    return norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+def _fuse_norm(ada: nn.Module) -> bool:
+    """Swap a FLUX block's adaptive norm for its one-pass form (same modules and keys)."""
+    fused = _norm_runtime().get(type(ada).__name__)
+    if fused is None or hasattr(ada, _ORIG_CLASS):
+        return False
+    setattr(ada, _ORIG_CLASS, type(ada))
+    ada.__class__ = fused
+    return True
+
+
 def _fuse_feed_forward(ff: nn.Module) -> bool:
     """Run a FLUX ``FeedForward`` (GELU-tanh with an ``SVDQLinear`` projection, dropout,
     ``SVDQLinear``; activations int4 or fp8) as one fused MLP: its class is swapped, its
@@ -420,7 +482,8 @@ def fuse_projections(model: nn.Module) -> int:
     ``model`` (FLUX.1: q/k/v of each attention and the text stream's added q/k/v; in the
     single blocks q/k/v with the MLP's up projection, and their ``proj_out`` reading the
     attention output and the MLP's GELU without concatenating them; each double block's
-    feed-forwards as fused MLPs); returns how many attention modules now take fused
+    feed-forwards as fused MLPs; the blocks' adaptive norms in one pass where
+    ``kernels.modulate.ENABLED``); returns how many attention modules now take fused
     projections. Modules whose layers cannot be fused (16-bit, separately quantized, LoRAs
     loaded) or whose attention runs another processor than diffusers' own (an
     IP-adapter's) stay as they are. A ``cuda_graphed`` model's graphs are dropped."""
@@ -432,9 +495,12 @@ def fuse_projections(model: nn.Module) -> int:
         kind = type(module).__name__
         if kind == "FluxSingleTransformerBlock" and _fuse_single_block(module):
             count += 1
-        elif kind == "FluxTransformerBlock":
-            for ff in (module.ff, module.ff_context):
-                _fuse_feed_forward(ff)
+            _fuse_norm(module.norm)
+        elif kind == "FluxTransformerBlock" and any(
+            [_fuse_feed_forward(ff) for ff in (module.ff, module.ff_context)]
+        ):
+            for ada in (module.norm1, module.norm1_context):
+                _fuse_norm(ada)
     for module in list(model.modules()):
         if type(module).__name__ != "FluxAttention" or getattr(module, "fused_projections", False):
             continue
@@ -466,7 +532,7 @@ def unfuse_projections(model: nn.Module) -> int:
     count = 0
     for module in list(model.modules()):
         if getattr(module, _FUSED_ATTR, None) is None:
-            if hasattr(module, _ORIG_CLASS):  # a fused feed-forward
+            if hasattr(module, _ORIG_CLASS):  # a fused feed-forward or adaptive norm
                 module.__class__ = getattr(module, _ORIG_CLASS)
                 delattr(module, _ORIG_CLASS)
             continue

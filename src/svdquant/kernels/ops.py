@@ -2,11 +2,12 @@
 
 Each kernel is one op (``svdquant::quantize_act``, ``::quantize_act_cat``,
 ``::widen_weight``, ``::quantize_and_widen``, ``::fp8_gemm``, ``::fp8_gemm_split``,
-``::w4a16_linear``, ``::rms_norm_rope``) with a fake (meta) implementation that only
-computes output shapes, so ``torch.compile(fullgraph=True)`` traces a layer into three
-opaque nodes with no graph break and no host sync, and Inductor fuses the elementwise
-work around them. Eager calls skip PyTorch's dispatcher and run the implementations
-directly (``_ops``). Triton is imported on the first real call, not here.
+``::w4a16_linear``, ``::rms_norm_rope``, ``::layer_norm_modulate``) with a fake (meta)
+implementation that only computes output shapes, so ``torch.compile(fullgraph=True)``
+traces a layer into three opaque nodes with no graph break and no host sync, and
+Inductor fuses the elementwise work around them. Eager calls skip PyTorch's dispatcher
+and run the implementations directly (``_ops``). Triton is imported on the first real
+call, not here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from svdquant.kernels import reference
 
 __all__ = [
     "check_cat_inputs",
+    "layer_norm_modulate",
     "rms_norm_rope",
     "splits_in_gemm",
     "svdq_linear_cat_triton",
@@ -583,3 +585,42 @@ def rms_norm_rope(
     if backend == "triton" and rope.supports(x.shape[-1], x.dtype):
         return _ops(x).rms_norm_rope(x, weight, eps, cos, sin, head, head_weight)
     return reference.rms_norm_rope_ref(x, weight, eps, cos, sin, head, head_weight)
+
+
+@_op("layer_norm_modulate")
+def layer_norm_modulate_op(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``kernels.modulate.layer_norm_modulate`` as a custom op."""
+    from svdquant.kernels.modulate import layer_norm_modulate as impl
+
+    return impl(x, scale, shift, eps)
+
+
+@layer_norm_modulate_op.register_fake
+def _(x, scale, shift, eps):
+    return x.new_empty(x.shape)
+
+
+def layer_norm_modulate(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float,
+    backend: str = "triton",
+) -> torch.Tensor:
+    """FLUX's adaptive norm ``layer_norm(x) · (1 + scale[:, None]) + shift[:, None]`` in one
+    pass (``kernels/modulate.py``) on ``backend`` ``"triton"`` where the kernel takes the
+    shape (``x`` [B, S, C], ``scale``/``shift`` [B, C], all one 16-bit dtype), else
+    ``reference.layer_norm_modulate_ref`` (diffusers' own passes)."""
+    from svdquant.kernels import modulate
+
+    if (
+        backend == "triton"
+        and x.dim() == 3
+        and modulate.supports(x.shape[-1], x.dtype)
+        and scale.dtype == shift.dtype == x.dtype
+        and scale.stride(-1) == shift.stride(-1) == x.stride(-1) == 1
+    ):
+        return _ops(x).layer_norm_modulate(x, scale, shift, eps)
+    return reference.layer_norm_modulate_ref(x, scale, shift, eps)

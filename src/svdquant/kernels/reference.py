@@ -364,3 +364,13 @@ def rms_norm_rope_ref(
     y_real, y_imag = y.reshape(*y.shape[:-1], -1, 2).unbind(-1)
     rotated = torch.stack([-y_imag, y_real], dim=-1).flatten(3)
     return (y.float() * cos + rotated.float() * sin).to(y.dtype)
+
+
+def layer_norm_modulate_ref(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``layer_norm(x) · (1 + scale[:, None]) + shift[:, None]``: FLUX's adaptive norm as
+    diffusers computes it (``nn.LayerNorm`` without affine weights, then PyTorch's
+    elementwise ops in ``x``'s dtype). Reference of ``modulate.layer_norm_modulate``."""
+    n = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)
+    return n * (1 + scale[:, None]) + shift[:, None]

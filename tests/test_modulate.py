@@ -1,0 +1,107 @@
+"""The adaptive-norm kernel (``kernels/modulate.py``) against its reference.
+
+Without CUDA the kernel runs in triton's interpreter on small shapes; tests marked ``gpu``
+run FLUX's sizes on the device. The mean and variance are summed in another order than
+PyTorch's, so a rare value may sit one unit in the last place away.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from svdquant import kernels  # noqa: E402
+from svdquant.kernels import reference as ref  # noqa: E402
+from svdquant.kernels.modulate import layer_norm_modulate  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(b, s, c, chunks=6, dtype=torch.bfloat16, seed=0):
+    """(x, scale, shift, eps) as FLUX's blocks have them: scale and shift are chunks of
+    one [B, chunks · C] embedding (rows ``chunks · C`` apart)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, s, c, generator=g) * 3 + 0.5).to(DEVICE, dtype)
+    emb = torch.randn(b, chunks * c, generator=g).to(DEVICE, dtype)
+    return x, emb[:, c : 2 * c], emb[:, :c], 1e-6
+
+
+def _close(a: torch.Tensor, r: torch.Tensor) -> bool:
+    """Equal up to the norm's last bit carried through the product and the sum."""
+    ulp = 2.0**-8 if a.dtype == torch.bfloat16 else 2.0**-11
+    af, rf = a.float(), r.float()
+    row_max = rf.abs().amax(-1, keepdim=True)
+    rel = ((af - rf).norm() / rf.norm()).item()
+    near = (af - rf).abs() <= 4 * ulp * row_max + 1e-6
+    return bool(near.all()) and rel <= 8 * ulp and (af != rf).float().mean().item() <= 0.05
+
+
+@pytest.mark.parametrize(
+    ("b", "s", "c"), [(1, 1, 3), (2, 5, 64), (1, 7, 3072), (3, 3, 100), (2, 33, 257)]
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_reference(b, s, c, dtype):
+    args = _case(b, s, c, dtype=dtype)
+    got, want = layer_norm_modulate(*args), ref.layer_norm_modulate_ref(*args)
+    assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
+    assert _close(got, want)
+
+
+def test_reference_is_what_diffusers_computes():
+    """The reference is ``AdaLayerNormZeroSingle``'s arithmetic (norm, 1 + scale, product,
+    sum), here on its own module."""
+    from diffusers.models.normalization import AdaLayerNormZeroSingle
+
+    torch.manual_seed(0)
+    ada = AdaLayerNormZeroSingle(64).to(DEVICE, torch.bfloat16)
+    x = torch.randn(2, 5, 64, device=DEVICE, dtype=torch.bfloat16)
+    temb = torch.randn(2, 64, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want, _ = ada(x, emb=temb)
+        shift, scale, _ = ada.linear(ada.silu(temb)).chunk(3, dim=1)
+    assert torch.equal(ref.layer_norm_modulate_ref(x, scale, shift, ada.norm.eps), want)
+
+
+def test_refuses_bad_input():
+    x, scale, shift, eps = _case(2, 3, 16)
+    with pytest.raises(ValueError, match=r"\[B, S, C\]"):
+        layer_norm_modulate(x[0], scale, shift, eps)
+    with pytest.raises(ValueError, match="scale must be"):
+        layer_norm_modulate(x, scale[:1], shift, eps)
+    with pytest.raises(ValueError, match="shift must be"):
+        layer_norm_modulate(x, scale, shift.float(), eps)
+    with pytest.raises(ValueError, match="16-bit"):
+        layer_norm_modulate(x.float(), scale.float(), shift.float(), eps)
+
+
+def test_op_falls_back_to_the_reference():
+    """``kernels.layer_norm_modulate``: fp32 (which the kernel does not take) or the
+    reference backend computes the reference."""
+    x, scale, shift, eps = _case(2, 3, 16)
+    f32 = (x.float(), scale.float(), shift.float(), eps)
+    assert torch.equal(kernels.layer_norm_modulate(*f32), ref.layer_norm_modulate_ref(*f32))
+    got = kernels.layer_norm_modulate(x, scale, shift, eps, backend="reference")
+    assert torch.equal(got, ref.layer_norm_modulate_ref(x, scale, shift, eps))
+
+
+def test_compiles_fullgraph():
+    args = _case(2, 5, 64)
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    compiled = torch.compile(lambda *a: kernels.layer_norm_modulate(*a) * 2, fullgraph=True,
+                             backend=backend)  # fmt: skip
+    assert torch.equal(compiled(*args), layer_norm_modulate(*args) * 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("b", "s", "chunks"), [(1, 4096, 6), (1, 4608, 3), (4, 512, 6)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_flux_sizes(b, s, chunks, dtype):
+    """FLUX.1's adaptive norms at 1024² (double blocks' 4096 image tokens, single blocks'
+    4608) and a batch of four text streams, 3072 channels."""
+    args = _case(b, s, 3072, chunks=chunks, dtype=dtype, seed=s)
+    assert _close(layer_norm_modulate(*args), ref.layer_norm_modulate_ref(*args))
