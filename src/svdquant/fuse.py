@@ -163,18 +163,11 @@ def _flux_runtime() -> tuple[type, type]:
                 added = tuple(t.unflatten(-1, (-1, attn.head_dim)) for t in added)
             if _norm_rope_fusable(attn, heads[0], image_rotary_emb):
                 # one pass per tensor: norm, text heads first, rotation (kernels/rope.py)
-                query, key = (
-                    _norm_rope(x, norm, image_rotary_emb, backend, *head)
-                    for x, norm, head in zip(
-                        heads[:2],
-                        (attn.norm_q, attn.norm_k),
-                        ((None, None), (None, None))
-                        if added is None
-                        else ((added[0], attn.norm_added_q), (added[1], attn.norm_added_k)),
-                        strict=True,
-                    )
-                )
-                value = heads[2] if added is None else torch.cat([added[2], heads[2]], dim=1)
+                eq, ek, ev = (None,) * 3 if added is None else added
+                nq, nk = (None,) * 2 if added is None else (attn.norm_added_q, attn.norm_added_k)
+                query = _norm_rope(heads[0], attn.norm_q, image_rotary_emb, backend, eq, nq)
+                key = _norm_rope(heads[1], attn.norm_k, image_rotary_emb, backend, ek, nk)
+                value = heads[2] if ev is None else torch.cat([ev, heads[2]], dim=1)
             else:
                 query, key, value = attn.norm_q(heads[0]), attn.norm_k(heads[1]), heads[2]
                 if added is not None:
