@@ -1,4 +1,4 @@
-"""FLUX's adaptive norm: diffusers' passes against the one-pass kernel, on the GPU.
+"""FLUX's adaptive norms and gated residuals: diffusers' passes against one-pass kernels.
 
     PYTHONPATH=src python bench/probe_modulate.py [--out DIR]
 
@@ -6,7 +6,9 @@
 ~115 per FLUX step): PyTorch's three passes (``nn.LayerNorm`` without affine weights, the
 product, the sum) against ``kernels.layer_norm_modulate``, replayed from a CUDA graph at
 FLUX.1's 1024² sizes (4096 image tokens of a double block, 4608 of a single block, 512
-text tokens), 3072 channels, bf16; outputs compared. Writes ``probe_modulate-<date>.json``.
+text tokens), 3072 channels, bf16; and ``residual + gate · x`` (each branch joining the
+residual stream, ~115 a step: two PyTorch passes) against ``kernels.gate_residual``;
+outputs compared. Writes ``probe_modulate-<date>.json``.
 """
 
 from __future__ import annotations
@@ -44,10 +46,20 @@ def main() -> None:
         diff = (got.float() - want.float()).abs().max().item()
         base = bench_graph(lambda a=args: reference.layer_norm_modulate_ref(*a))
         fused = bench_graph(lambda a=args: kernels.layer_norm_modulate(*a))
-        rows.append({"case": name, "tokens": s, "channels": c, "diffusers_us": base,
-                     "ours_us": fused, "x": base / fused, "max_abs_diff": diff})  # fmt: skip
+        rows.append({"op": "layer_norm_modulate", "case": name, "tokens": s, "channels": c,
+                     "diffusers_us": base, "ours_us": fused, "x": base / fused,
+                     "max_abs_diff": diff})  # fmt: skip
         print(f"{name:>14} | {base:12.1f} | {fused:7.1f} | {base / fused:.2f}  "
               f"(max |diff| {diff:.1e})")  # fmt: skip
+        gated = (torch.randn_like(x), emb[:, 2 * c : 3 * c], x)
+        same = torch.equal(kernels.gate_residual(*gated), reference.gate_residual_ref(*gated))
+        base = bench_graph(lambda a=gated: reference.gate_residual_ref(*a))
+        fused = bench_graph(lambda a=gated: kernels.gate_residual(*a))
+        rows.append({"op": "gate_residual", "case": name, "tokens": s, "channels": c,
+                     "diffusers_us": base, "ours_us": fused, "x": base / fused,
+                     "equal": same})  # fmt: skip
+        print(f"{'  gate':>14} | {base:12.1f} | {fused:7.1f} | {base / fused:.2f}  "
+              f"(equal: {same})")  # fmt: skip
     print("->", write_result({**run_info(), "rows": rows}, a.out, "probe_modulate"))
 
 

@@ -1648,12 +1648,13 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch):
     from svdquant.kernels import modulate
 
     monkeypatch.setattr(modulate, "ENABLED", True)
-    calls = {"mlp": 0, "cat": 0, "rope": 0, "norm": 0}
+    calls = {"mlp": 0, "cat": 0, "rope": 0, "norm": 0, "gate": 0}
     for name, key in (
         ("svdq_mlp_triton", "mlp"),
         ("svdq_linear_cat_triton", "cat"),
         ("rms_norm_rope", "rope"),
         ("layer_norm_modulate", "norm"),
+        ("gate_residual", "gate"),
     ):
         real = getattr(svdquant.kernels, name)
 
@@ -1667,9 +1668,11 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch):
     fused = model(*args, **kw)[0]
     n_double, n_single = len(model.transformer_blocks), len(model.single_transformer_blocks)
     # q and k of every attention normalized, concatenated and rotated in one pass each
-    # and the blocks' adaptive norms modulate in one pass (kernels.modulate.ENABLED)
+    # and the blocks' adaptive norms modulate (norm1, norm1_context, norm2, norm2_context;
+    # the single block's norm) and their gated residuals join in one pass each
+    # (kernels.modulate.ENABLED)
     assert calls == {"mlp": 2 * n_double, "cat": n_single, "rope": 2 * (n_double + n_single),
-                     "norm": 2 * n_double + n_single}  # fmt: skip
+                     "norm": 4 * n_double + n_single, "gate": 4 * n_double + n_single}  # fmt: skip
     assert rel_err(fused, unfused) <= TOL
     torch._dynamo.reset()  # Inductor on the GPU; the CPU checks the trace (no C++ build)
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"
@@ -1678,5 +1681,6 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch):
     svdquant.unfuse_projections(model)
     assert type(model.transformer_blocks[0].ff).__name__ == "FeedForward"
     assert type(model.transformer_blocks[0].norm1).__name__ == "AdaLayerNormZero"
+    assert type(model.transformer_blocks[0]).__name__ == "FluxTransformerBlock"
     assert type(model.single_transformer_blocks[0].norm).__name__ == "AdaLayerNormZeroSingle"
     assert not svdquant.fuse.is_fused(model)

@@ -1,4 +1,5 @@
-"""The adaptive-norm kernel (``kernels/modulate.py``) against its reference.
+"""The adaptive-norm and gated-residual kernels (``kernels/modulate.py``) against their
+references.
 
 Without CUDA the kernel runs in triton's interpreter on small shapes; tests marked ``gpu``
 run FLUX's sizes on the device. The mean and variance are summed in another order than
@@ -17,7 +18,7 @@ triton = pytest.importorskip("triton")
 
 from svdquant import kernels  # noqa: E402
 from svdquant.kernels import reference as ref  # noqa: E402
-from svdquant.kernels.modulate import layer_norm_modulate  # noqa: E402
+from svdquant.kernels.modulate import gate_residual, layer_norm_modulate  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -95,6 +96,66 @@ def test_compiles_fullgraph():
     compiled = torch.compile(lambda *a: kernels.layer_norm_modulate(*a) * 2, fullgraph=True,
                              backend=backend)  # fmt: skip
     assert torch.equal(compiled(*args), layer_norm_modulate(*args) * 2)
+
+
+def _gate_case(b, s, c, dtype=torch.bfloat16, seed=0):
+    """(residual, gate, x): the gate a chunk of a [B, 6 · C] embedding."""
+    g = torch.Generator().manual_seed(seed)
+    r = (torch.randn(b, s, c, generator=g) * 4).to(DEVICE, dtype)
+    x = torch.randn(b, s, c, generator=g).to(DEVICE, dtype)
+    emb = torch.randn(b, 6 * c, generator=g).to(DEVICE, dtype)
+    return r, emb[:, 2 * c : 3 * c], x
+
+
+@pytest.mark.parametrize(("b", "s", "c"), [(1, 1, 3), (2, 5, 64), (1, 7, 3072), (3, 3, 100)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("clip", [False, True])
+def test_gate_residual_matches_reference(b, s, c, dtype, clip):
+    """The product rounded before the sum, as PyTorch's two ops: equal value for value."""
+    args = _gate_case(b, s, c, dtype)
+    got = gate_residual(*args, clip_fp16=clip)
+    assert got.is_contiguous() and torch.equal(got, ref.gate_residual_ref(*args, clip))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the unclipped call
+def test_gate_residual_clips_an_fp16_stream():
+    """diffusers clips an fp16 residual stream to ±65504 (an overflow would be inf): so
+    does the kernel where asked, and only then."""
+    r, gate, x = _gate_case(1, 2, 8, torch.float16)
+    r[0, 0, :4] = torch.tensor([65000.0, -65000.0, 60000.0, 1.0], dtype=torch.float16)
+    x[0, 0, :4], gate[0, :4] = 6000.0, 1.0
+    clipped = gate_residual(r, gate, x, clip_fp16=True)
+    assert clipped[0, 0, 0].item() == 65504 and clipped[0, 0, 2].item() == 65504
+    assert torch.equal(clipped, ref.gate_residual_ref(r, gate, x, True))
+    assert gate_residual(r, gate, x)[0, 0, 0].isinf()
+
+
+def test_gate_residual_refuses_bad_input():
+    r, gate, x = _gate_case(2, 3, 16)
+    with pytest.raises(ValueError, match="x must be"):
+        gate_residual(r, gate, x[:, :2])
+    with pytest.raises(ValueError, match="gate must be"):
+        gate_residual(r, gate[:1], x)
+    with pytest.raises(ValueError, match="one 16-bit dtype"):
+        gate_residual(r, gate.float(), x)
+    f32 = (r.float(), gate.float(), x.float())
+    assert torch.equal(kernels.gate_residual(*f32), ref.gate_residual_ref(*f32))
+
+
+def test_gate_residual_compiles_fullgraph():
+    args = _gate_case(2, 5, 64)
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    compiled = torch.compile(lambda *a: kernels.gate_residual(*a) + 1, fullgraph=True,
+                             backend=backend)  # fmt: skip
+    assert torch.equal(compiled(*args), gate_residual(*args) + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("b", "s"), [(1, 4096), (1, 4608), (4, 512)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_gate_residual_flux_sizes(b, s, dtype):
+    args = _gate_case(b, s, 3072, dtype, seed=s)
+    assert torch.equal(gate_residual(*args), ref.gate_residual_ref(*args))
 
 
 @pytest.mark.gpu

@@ -154,7 +154,7 @@ def _flux_runtime() -> tuple[type, type]:
         ) -> Any:
             query, key, value = attn.to_qkv(hidden_states) if qkv is None else qkv
             if backend is None:
-                backend = _layer_backend(attn.to_qkv, hidden_states.device)
+                backend = _own_backend(attn.to_qkv, hidden_states.device)
             heads = (query, key, value)
             heads = tuple(t.unflatten(-1, (-1, attn.head_dim)) for t in heads)
             added = None
@@ -225,27 +225,18 @@ def _flux_runtime() -> tuple[type, type]:
                 norm_hidden_states,
                 image_rotary_emb=image_rotary_emb,
                 qkv=(q, k, v),
-                backend=_layer_backend(self.qkv_mlp, hidden_states.device),
+                backend=_own_backend(self.qkv_mlp, hidden_states.device),
             )
             if isinstance(self.proj_out, SVDQLinear) and _is_gelu_tanh(self.act_mlp):
                 # the quantize reads both parts: no [M, 15360] concatenation, no GELU pass
                 proj = self.proj_out.forward_cat(attn_output, mlp, "gelu_tanh")
             else:
                 proj = self.proj_out(torch.cat([attn_output, self.act_mlp(mlp)], dim=2))
-            hidden_states = residual + gate.unsqueeze(1) * proj
-            if hidden_states.dtype == torch.float16:
-                hidden_states = hidden_states.clip(-65504, 65504)
+            backend = _own_backend(self.qkv_mlp, hidden_states.device)
+            hidden_states = _gate_add(residual, gate, proj, backend, clip_fp16=True)
             return hidden_states[:, :n_txt], hidden_states[:, n_txt:]
 
     return FluxFusedAttnProcessor, FusedFluxSingleTransformerBlock
-
-
-def _layer_backend(fused: nn.Module, device: torch.device) -> str:
-    """The backend (``"triton"`` or ``"reference"``) a ``FusedProjection`` runs on."""
-    from svdquant import kernels
-
-    linear = getattr(fused, "linear", None)
-    return kernels.resolve_backend(getattr(linear, "backend", "reference"), device)
 
 
 def _norm_rope_fusable(attn: nn.Module, query: torch.Tensor, rotary: Any) -> bool:
@@ -316,11 +307,12 @@ def _mlp_runtime() -> type:
 
 
 @functools.cache
-def _norm_runtime() -> dict[str, type]:
-    """diffusers' adaptive norms of FLUX's blocks with the norm and its modulation in one
-    pass (``kernels.layer_norm_modulate``, while ``kernels.modulate.ENABLED``), by the
-    name of the class each replaces."""
+def _block_runtime() -> dict[str, type]:
+    """FLUX's adaptive norms and double block with the norms' modulation and the gated
+    residuals in one pass each (``kernels.layer_norm_modulate``, ``kernels.gate_residual``,
+    while ``kernels.modulate.ENABLED``), by the name of the class each replaces."""
     from diffusers.models import normalization as dn
+    from diffusers.models.transformers import transformer_flux as tf
 
     class FusedAdaLayerNormZero(dn.AdaLayerNormZero):
         """``AdaLayerNormZero`` whose attention-branch modulation is one kernel pass."""
@@ -331,30 +323,75 @@ def _norm_runtime() -> dict[str, type]:
             shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.linear(self.silu(emb)).chunk(
                 6, dim=1
             )
-            return _modulate(self, x, scale, shift), gate, shift_mlp, scale_mlp, gate_mlp
+            x = _modulate(self.norm, x, scale, shift, _own_backend(self.linear, x.device))
+            return x, gate, shift_mlp, scale_mlp, gate_mlp
 
     class FusedAdaLayerNormZeroSingle(dn.AdaLayerNormZeroSingle):
         """``AdaLayerNormZeroSingle`` whose modulation is one kernel pass."""
 
         def forward(self, x, emb=None):
             shift, scale, gate = self.linear(self.silu(emb)).chunk(3, dim=1)
-            return _modulate(self, x, scale, shift), gate
+            return _modulate(self.norm, x, scale, shift, _own_backend(self.linear, x.device)), gate
+
+    class FusedFluxTransformerBlock(tf.FluxTransformerBlock):
+        """The double block with its feed-forwards' norms modulated and its four gated
+        residuals added in one pass each (the adaptive norms and attention are their
+        fused forms already); with ``joint_attention_kwargs`` (an IP-adapter's) diffusers'
+        own forward."""
+
+        def forward(
+            self,
+            hidden_states: torch.Tensor,
+            encoder_hidden_states: torch.Tensor,
+            temb: torch.Tensor,
+            image_rotary_emb: Any = None,
+            joint_attention_kwargs: dict[str, Any] | None = None,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if joint_attention_kwargs:
+                return super().forward(hidden_states, encoder_hidden_states, temb,
+                                       image_rotary_emb, joint_attention_kwargs)  # fmt: skip
+            backend = _own_backend(self.ff.net[2], hidden_states.device)
+            x, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
+            c, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(
+                encoder_hidden_states, emb=temb
+            )
+            attn, c_attn = self.attn(
+                hidden_states=x, encoder_hidden_states=c, image_rotary_emb=image_rotary_emb
+            )
+            h = _gate_add(hidden_states, gate, attn, backend)
+            ff = self.ff(_modulate(self.norm2, h, scale_mlp, shift_mlp, backend))
+            h = _gate_add(h, gate_mlp, ff, backend)
+            e = _gate_add(encoder_hidden_states, c_gate, c_attn, backend)
+            ff = self.ff_context(
+                _modulate(self.norm2_context, e, c_scale_mlp, c_shift_mlp, backend)
+            )
+            e = _gate_add(e, c_gate_mlp, ff, backend, clip_fp16=True)
+            return e, h
 
     return {
         "AdaLayerNormZero": FusedAdaLayerNormZero,
         "AdaLayerNormZeroSingle": FusedAdaLayerNormZeroSingle,
+        "FluxTransformerBlock": FusedFluxTransformerBlock,
     }
 
 
+def _own_backend(layer: nn.Module, device: torch.device) -> str:
+    """The backend (``"triton"`` or ``"reference"``) an ``SVDQLinear`` or a
+    ``FusedProjection`` runs on (a 16-bit layer: ``"auto"``'s choice)."""
+    from svdquant import kernels
+
+    layer = getattr(layer, "linear", layer)
+    return kernels.resolve_backend(getattr(layer, "backend", "auto"), device)
+
+
 def _modulate(
-    ada: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+    norm: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, backend: str
 ) -> torch.Tensor:
-    """``ada.norm(x) · (1 + scale) + shift``: one kernel pass where the norm is a plain
-    ``nn.LayerNorm`` without affine weights, on the backend of ``ada``'s own linear."""
+    """``norm(x) · (1 + scale) + shift``: one kernel pass where ``norm`` is a plain
+    ``nn.LayerNorm`` without affine weights and ``kernels.modulate.ENABLED``."""
     from svdquant import kernels
     from svdquant.kernels import modulate
 
-    norm = ada.norm
     if (
         modulate.ENABLED
         and type(norm) is nn.LayerNorm
@@ -362,14 +399,31 @@ def _modulate(
         and norm.bias is None
         and x.dim() == 3
     ):
-        backend = kernels.resolve_backend(getattr(ada.linear, "backend", "auto"), x.device)
         return kernels.layer_norm_modulate(x, scale, shift, norm.eps, backend=backend)
     return norm(x) * (1 + scale[:, None]) + shift[:, None]
 
 
+def _gate_add(
+    residual: torch.Tensor,
+    gate: torch.Tensor,
+    x: torch.Tensor,
+    backend: str,
+    clip_fp16: bool = False,
+) -> torch.Tensor:
+    """``residual + gate · x`` (clipped to fp16's range for an fp16 stream where
+    ``clip_fp16``): one kernel pass while ``kernels.modulate.ENABLED``."""
+    from svdquant import kernels
+    from svdquant.kernels import modulate
+
+    if modulate.ENABLED:
+        return kernels.gate_residual(residual, gate, x, clip_fp16, backend=backend)
+    y = residual + gate.unsqueeze(1) * x
+    return y.clip(-65504, 65504) if clip_fp16 and y.dtype == torch.float16 else y
+
+
 def _fuse_norm(ada: nn.Module) -> bool:
-    """Swap a FLUX block's adaptive norm for its one-pass form (same modules and keys)."""
-    fused = _norm_runtime().get(type(ada).__name__)
+    """Swap a FLUX block or adaptive norm for its one-pass form (same modules and keys)."""
+    fused = _block_runtime().get(type(ada).__name__)
     if fused is None or hasattr(ada, _ORIG_CLASS):
         return False
     setattr(ada, _ORIG_CLASS, type(ada))
@@ -492,8 +546,8 @@ def fuse_projections(model: nn.Module) -> int:
         elif kind == "FluxTransformerBlock" and any(
             [_fuse_feed_forward(ff) for ff in (module.ff, module.ff_context)]
         ):
-            for ada in (module.norm1, module.norm1_context):
-                _fuse_norm(ada)
+            for part in (module, module.norm1, module.norm1_context):
+                _fuse_norm(part)
     for module in list(model.modules()):
         if type(module).__name__ != "FluxAttention" or getattr(module, "fused_projections", False):
             continue

@@ -21,6 +21,7 @@ import torch
 
 from svdquant.kernels.ops import (
     check_cat_inputs,
+    gate_residual,
     layer_norm_modulate,
     rms_norm_rope,
     splits_in_gemm,
@@ -39,6 +40,7 @@ __all__ = [
     "ACT_FORMATS",
     "BACKENDS",
     "check_cat_inputs",
+    "gate_residual",
     "layer_norm_modulate",
     "quantize_activations",
     "resolve_backend",

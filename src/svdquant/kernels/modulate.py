@@ -1,16 +1,18 @@
-"""Adaptive LayerNorm's modulation in one pass: ``layer_norm(x) · (1 + scale) + shift``.
+"""Adaptive LayerNorm's modulation and gated residuals, one pass each.
 
-Every FLUX block (and the final norm) normalizes its input without affine weights and
-modulates it with a per-image scale and shift from the timestep embedding
-(``AdaLayerNormZero``, ``AdaLayerNormZeroSingle``): three passes over [tokens, 3072] in
-PyTorch (the norm, the product, the sum — ~115 of each per FLUX step). Here one program
-normalizes whole rows and writes the modulated row once.
+Every FLUX block normalizes its input without affine weights and modulates it with a
+per-image scale and shift from the timestep embedding (``AdaLayerNormZero``,
+``AdaLayerNormZeroSingle``, the double blocks' ``norm2``): three passes over
+[tokens, 3072] in PyTorch (the norm, the product, the sum — ~150 of each per FLUX step).
+``layer_norm_modulate`` normalizes whole rows and writes the modulated row once. Each
+branch's output joins the residual stream through a per-image gate,
+``residual + gate · x`` (two passes in PyTorch, ~115 a step): ``gate_residual`` is one.
 
 The numbers are diffusers' in bf16/fp16: the norm rounded to the input's dtype, then
 ``1 + scale``, the product and the sum each rounded as PyTorch's elementwise ops round
 them. The mean and variance are summed in another order than PyTorch's, so a value may
 differ by one unit in the last place where the rounding is close.
-Reference: ``reference.layer_norm_modulate_ref``.
+References: ``reference.layer_norm_modulate_ref``, ``reference.gate_residual_ref``.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import triton.language as tl
 
 from svdquant.kernels._triton_common import cdiv, needs_bf16_rounding, next_pow2, round_bf16
 
-__all__ = ["layer_norm_modulate", "supports"]
+__all__ = ["gate_residual", "layer_norm_modulate", "supports"]
 
 #: Rows per program and num_warps. Not yet tuned on the GPU.
 TILE = (2, 8)
 #: The fused FLUX runtime (``svdquant.fuse_projections``) runs its blocks' adaptive norms
-#: through this kernel when True. Off until measured on the GPU (``bench/e2e.py --set
-#: modulate.ENABLED=True`` against the default, one host).
+#: and gated residuals through these kernels when True. Off until measured on the GPU
+#: (``bench/e2e.py --set modulate.ENABLED=True`` against the default, one host).
 ENABLED = False
 #: Widest row the kernel holds in registers.
 MAX_C = 8192
@@ -115,5 +117,75 @@ def layer_norm_modulate(
         xr, scale, shift, out, m, s, c, float(eps), xr.stride(1), scale.stride(0),
         shift.stride(0), ROUND_BF16=needs_bf16_rounding(x.dtype), BLOCK_C=next_pow2(c),
         ROWS=rows, num_warps=warps, enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _gate_residual_kernel(
+    r_ptr,
+    g_ptr,
+    x_ptr,
+    out_ptr,
+    M,
+    S,
+    C,
+    stride_rm,
+    stride_gb,
+    stride_xm,
+    CLIP_FP16: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows < M)[:, None] & (cols < C)[None, :]
+    b = rows // S
+    r64 = rows.to(tl.int64)[:, None]
+    r = tl.load(r_ptr + r64 * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + r64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + b[:, None] * stride_gb + cols[None, :], mask=mask, other=0.0)
+    dt = out_ptr.dtype.element_ty
+    y = r + _rnd(g.to(tl.float32) * x, ROUND_BF16, dt)
+    if ROUND_BF16:
+        y = round_bf16(y)
+    if CLIP_FP16:  # diffusers' clip of an fp16 residual stream to fp16's finite range
+        y = tl.minimum(tl.maximum(y, -65504.0), 65504.0)
+    tl.store(out_ptr + r64 * C + cols[None, :], y.to(dt), mask=mask)
+
+
+def gate_residual(
+    residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, clip_fp16: bool = False
+) -> torch.Tensor:
+    """``residual + gate[:, None] · x`` for ``residual``, ``x`` [B, S, C] and ``gate``
+    [B, C] of one 16-bit dtype (rows with unit stride; the gate may be a view of the
+    embedding's chunk), the product rounded before the sum as PyTorch's two ops round;
+    ``clip_fp16``: then clipped to ±65504 (diffusers' fp16 guard). Returns a new
+    contiguous [B, S, C] tensor."""
+    for name, t in (("residual", residual), ("x", x)):
+        if t.dim() != 3 or t.stride(-1) != 1 or t.shape != residual.shape:
+            raise ValueError(f"gate_residual: {name} must be [B, S, C] like residual "
+                             f"{tuple(residual.shape)} with unit last stride, got "
+                             f"{tuple(t.shape)}, strides {t.stride()}")  # fmt: skip
+    b, s, c = residual.shape
+    if gate.shape != (b, c) or gate.stride(-1) != 1:
+        raise ValueError(f"gate_residual: gate must be [{b}, {c}] with unit last stride, "
+                         f"got {tuple(gate.shape)}")  # fmt: skip
+    if not supports(c, residual.dtype) or not residual.dtype == gate.dtype == x.dtype:
+        raise ValueError(f"gate_residual takes one 16-bit dtype and rows of at most {MAX_C}, "
+                         f"got {residual.dtype}, {gate.dtype}, {x.dtype} and C = {c}")  # fmt: skip
+    rr = residual if residual.stride(0) == s * residual.stride(1) else residual.contiguous()
+    xr = x if x.stride(0) == s * x.stride(1) else x.contiguous()
+    out = torch.empty(b, s, c, dtype=x.dtype, device=x.device)
+    m = b * s
+    if m == 0:
+        return out
+    rows, warps = TILE
+    _gate_residual_kernel[(cdiv(m, rows),)](
+        rr, gate, xr, out, m, s, c, rr.stride(1), gate.stride(0), xr.stride(1),
+        CLIP_FP16=clip_fp16 and x.dtype == torch.float16,
+        ROUND_BF16=needs_bf16_rounding(x.dtype), BLOCK_C=next_pow2(c), ROWS=rows,
+        num_warps=warps, enable_fp_fusion=False,
     )  # fmt: skip
     return out

@@ -2,7 +2,8 @@
 
 Each kernel is one op (``svdquant::quantize_act``, ``::quantize_act_cat``,
 ``::widen_weight``, ``::quantize_and_widen``, ``::fp8_gemm``, ``::fp8_gemm_split``,
-``::w4a16_linear``, ``::rms_norm_rope``, ``::layer_norm_modulate``) with a fake (meta)
+``::w4a16_linear``, ``::rms_norm_rope``, ``::layer_norm_modulate``,
+``::gate_residual``) with a fake (meta)
 implementation that only computes output shapes, so ``torch.compile(fullgraph=True)``
 traces a layer into three opaque nodes with no graph break and no host sync, and
 Inductor fuses the elementwise work around them. Eager calls skip PyTorch's dispatcher
@@ -21,6 +22,7 @@ from svdquant.kernels import reference
 
 __all__ = [
     "check_cat_inputs",
+    "gate_residual",
     "layer_norm_modulate",
     "rms_norm_rope",
     "splits_in_gemm",
@@ -624,3 +626,43 @@ def layer_norm_modulate(
     ):
         return _ops(x).layer_norm_modulate(x, scale, shift, eps)
     return reference.layer_norm_modulate_ref(x, scale, shift, eps)
+
+
+@_op("gate_residual")
+def gate_residual_op(
+    residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, clip_fp16: bool
+) -> torch.Tensor:
+    """``kernels.modulate.gate_residual`` as a custom op."""
+    from svdquant.kernels.modulate import gate_residual as impl
+
+    return impl(residual, gate, x, clip_fp16)
+
+
+@gate_residual_op.register_fake
+def _(residual, gate, x, clip_fp16):
+    return x.new_empty(x.shape)
+
+
+def gate_residual(
+    residual: torch.Tensor,
+    gate: torch.Tensor,
+    x: torch.Tensor,
+    clip_fp16: bool = False,
+    backend: str = "triton",
+) -> torch.Tensor:
+    """A gated branch joining the residual stream, ``residual + gate[:, None] · x``, in one
+    pass (``kernels/modulate.py``) on ``backend`` ``"triton"`` where the kernel takes the
+    tensors (all [B, S, C] / [B, C] of one 16-bit dtype), else
+    ``reference.gate_residual_ref`` (diffusers' two passes)."""
+    from svdquant.kernels import modulate
+
+    if (
+        backend == "triton"
+        and residual.dim() == x.dim() == 3
+        and residual.shape == x.shape
+        and modulate.supports(x.shape[-1], x.dtype)
+        and residual.dtype == gate.dtype == x.dtype
+        and residual.stride(-1) == gate.stride(-1) == x.stride(-1) == 1
+    ):
+        return _ops(x).gate_residual(residual, gate, x, clip_fp16)
+    return reference.gate_residual_ref(residual, gate, x, clip_fp16)

@@ -374,3 +374,13 @@ def layer_norm_modulate_ref(
     elementwise ops in ``x``'s dtype). Reference of ``modulate.layer_norm_modulate``."""
     n = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)
     return n * (1 + scale[:, None]) + shift[:, None]
+
+
+def gate_residual_ref(
+    residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, clip_fp16: bool = False
+) -> torch.Tensor:
+    """``residual + gate[:, None] · x`` as diffusers' blocks add a gated branch to the
+    residual stream (``clip_fp16``: then clipped to fp16's range for an fp16 stream).
+    Reference of ``modulate.gate_residual``."""
+    y = residual + gate.unsqueeze(1) * x
+    return y.clip(-65504, 65504) if clip_fp16 and y.dtype == torch.float16 else y
