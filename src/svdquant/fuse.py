@@ -336,8 +336,9 @@ def _block_runtime() -> dict[str, type]:
     class FusedFluxTransformerBlock(tf.FluxTransformerBlock):
         """The double block with its feed-forwards' norms modulated and its four gated
         residuals added in one pass each (the adaptive norms and attention are their
-        fused forms already); with ``joint_attention_kwargs`` (an IP-adapter's) diffusers'
-        own forward."""
+        fused forms already); diffusers' own forward where the attention is not fused
+        (another processor, e.g. an IP-adapter's, adds a third output) or
+        ``joint_attention_kwargs`` are given."""
 
         def forward(
             self,
@@ -347,7 +348,7 @@ def _block_runtime() -> dict[str, type]:
             image_rotary_emb: Any = None,
             joint_attention_kwargs: dict[str, Any] | None = None,
         ) -> tuple[torch.Tensor, torch.Tensor]:
-            if joint_attention_kwargs:
+            if joint_attention_kwargs or not getattr(self.attn, "fused_projections", False):
                 return super().forward(hidden_states, encoder_hidden_states, temb,
                                        image_rotary_emb, joint_attention_kwargs)  # fmt: skip
             backend = _own_backend(self.ff.net[2], hidden_states.device)
