@@ -154,3 +154,66 @@ def test_quantize_k_split_covers_k_once(m_blocks, steps, sms):
     assert (split - 1) * per < steps <= split * per
     if per == 1 and steps >= 2:
         assert m_blocks * (steps // 2) < quantize_mod.TWO_STEP_MIN_PER_SM * sms
+
+
+def _ulp_close(a: torch.Tensor, r: torch.Tensor) -> bool:
+    """Equal up to a norm's last bit carried through what follows it (a few units of the
+    row's largest value; the sum order differs from PyTorch's)."""
+    ulp = 2.0**-8 if a.dtype == torch.bfloat16 else 2.0**-11
+    af, rf = a.float(), r.float()
+    return bool(((af - rf).abs() <= 4 * ulp * rf.abs().amax(-1, keepdim=True) + 1e-6).all())
+
+
+@PROPS
+@given(
+    b=st.integers(1, 3),
+    s_head=st.integers(0, 9),
+    s=st.integers(1, 40),
+    h=st.integers(1, 4),
+    d=st.sampled_from([2, 8, 32, 64, 128]),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    affine=st.booleans(),
+    scale=st.sampled_from([1e-3, 1.0, 300.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_rms_norm_rope_matches_reference(b, s_head, s, h, d, dtype, affine, scale, seed):
+    """The q/k kernel (``kernels/rope.py``): any token counts, text heads or none, head
+    sizes from a single pair up, values of any scale (the norm removes it)."""
+    from svdquant.kernels.rope import rms_norm_rope
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, s, h, d, generator=g) * scale).to(DEVICE, dtype)
+    head = (torch.randn(b, s_head, h, d, generator=g) * scale).to(DEVICE, dtype) if s_head else None
+    w = (torch.rand(d, generator=g) + 0.5).to(DEVICE, dtype) if affine else None
+    wh = (torch.rand(d, generator=g) + 0.5).to(DEVICE, dtype) if affine and s_head else None
+    angle = torch.rand(s_head + s, d // 2, generator=g) * 100
+    cos = angle.cos().repeat_interleave(2, 1).to(DEVICE)
+    sin = angle.sin().repeat_interleave(2, 1).to(DEVICE)
+    args = (x, w, 1e-6, cos, sin, head, wh)
+    assert _ulp_close(rms_norm_rope(*args), ref.rms_norm_rope_ref(*args))
+
+
+@PROPS
+@given(
+    b=st.integers(1, 3),
+    s=st.integers(1, 20),
+    c=st.integers(1, 300),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    scale=st.sampled_from([1e-2, 1.0, 100.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_modulate_kernels_match_reference(b, s, c, dtype, scale, seed):
+    """The adaptive norm and the gated residual (``kernels/modulate.py``): any channel
+    count (not a power of two), scale and shift as chunks of one embedding."""
+    from svdquant.kernels.modulate import gate_residual, layer_norm_modulate
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, s, c, generator=g) * scale + scale).to(DEVICE, dtype)
+    emb = torch.randn(b, 3 * c, generator=g).to(DEVICE, dtype)
+    shift, sc, gate = emb[:, :c], emb[:, c : 2 * c], emb[:, 2 * c :]
+    if c > 1:  # one channel normalizes to 0 whatever the sum order
+        assert _ulp_close(
+            layer_norm_modulate(x, sc, shift, 1e-6), ref.layer_norm_modulate_ref(x, sc, shift, 1e-6)
+        )
+    r = torch.randn(b, s, c, generator=g).to(DEVICE, dtype)
+    assert torch.equal(gate_residual(r, gate, x), ref.gate_residual_ref(r, gate, x))
