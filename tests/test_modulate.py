@@ -53,6 +53,19 @@ def test_matches_reference(b, s, c, dtype):
     assert _close(got, want)
 
 
+def test_rows_of_a_slice_are_read_in_place():
+    """A slice along the sequence of a wider stream (the image tokens after the text
+    tokens) is read where it lies for one image and copied first for several."""
+    for b in (1, 2):
+        x, scale, shift, eps = _case(b, 9, 64)
+        part = x[:, 4:]
+        assert _close(layer_norm_modulate(part, scale, shift, eps),
+                      ref.layer_norm_modulate_ref(part, scale, shift, eps))  # fmt: skip
+        r, gate, y = _gate_case(b, 9, 64)
+        assert torch.equal(gate_residual(r[:, 4:], gate, y[:, 2:7]),
+                           ref.gate_residual_ref(r[:, 4:], gate, y[:, 2:7]))  # fmt: skip
+
+
 def test_reference_is_what_diffusers_computes():
     """The reference is ``AdaLayerNormZeroSingle``'s arithmetic (norm, 1 + scale, product,
     sum), here on its own module."""

@@ -89,6 +89,13 @@ def _layer_norm_modulate_kernel(
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], y.to(dt), mask=mask)
 
 
+def _rows_evenly_apart(t: torch.Tensor) -> bool:
+    """Whether the rows of [B, S, C] ``t`` are ``t.stride(1)`` apart throughout (the kernels
+    index row ``b · S + s``): always for one image (a slice along S of a wider tensor
+    too), else where the batch stride is S rows."""
+    return t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1)
+
+
 def layer_norm_modulate(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float
 ) -> torch.Tensor:
@@ -107,7 +114,7 @@ def layer_norm_modulate(
     if not supports(c, x.dtype):
         raise ValueError(f"layer_norm_modulate takes 16-bit rows of at most {MAX_C}, got "
                          f"{c} {x.dtype}")  # fmt: skip
-    xr = x if x.stride(0) == s * x.stride(1) else x.contiguous()  # rows one stride apart
+    xr = x if _rows_evenly_apart(x) else x.contiguous()
     out = torch.empty(b, s, c, dtype=x.dtype, device=x.device)
     m = b * s
     if m == 0:
@@ -175,8 +182,8 @@ def gate_residual(
     if not supports(c, residual.dtype) or not residual.dtype == gate.dtype == x.dtype:
         raise ValueError(f"gate_residual takes one 16-bit dtype and rows of at most {MAX_C}, "
                          f"got {residual.dtype}, {gate.dtype}, {x.dtype} and C = {c}")  # fmt: skip
-    rr = residual if residual.stride(0) == s * residual.stride(1) else residual.contiguous()
-    xr = x if x.stride(0) == s * x.stride(1) else x.contiguous()
+    rr = residual if _rows_evenly_apart(residual) else residual.contiguous()
+    xr = x if _rows_evenly_apart(x) else x.contiguous()
     out = torch.empty(b, s, c, dtype=x.dtype, device=x.device)
     m = b * s
     if m == 0:
