@@ -110,6 +110,53 @@ def _quantize_fp32_fp16() -> dict[str, Any]:
     return _quantize_spec(1, x="fp32", ld="fp16")
 
 
+@_spec("rope")
+def _rope() -> dict[str, Any]:
+    """q of a FLUX double block: 512 text + 4096 image tokens, 24 heads of 128."""
+    from svdquant.kernels import rope as r
+
+    rows, warps = r.TILE
+    return dict(
+        kernel=r._rms_norm_rope_kernel,
+        ptrs=dict(
+            x_ptr="*bf16",
+            head_ptr="*bf16",
+            w_ptr="*bf16",
+            wh_ptr="*bf16",
+            cos_ptr="*fp32",
+            sin_ptr="*fp32",
+            out_ptr="*bf16",
+        ),
+        ints=dict(
+            rows_total=4608 * 24,
+            S_HEAD=512,
+            S_ALL=4608,
+            H=24,
+            sxb=4096 * 3072,
+            sxs=3072,
+            sxh=128,
+            shb=512 * 3072,
+            shs=3072,
+            shh=128,
+            scs=128,
+            sss=128,
+        ),
+        floats=dict(eps=1e-6),
+        consts=dict(HAS_HEAD=True, HAS_W=True, ROUND_BF16=False, D=128, BLOCK_R=rows),
+        warps=warps,
+        stages=1,
+        options=dict(enable_fp_fusion=False),  # as the launcher
+    )
+
+
+@_spec("rope_pairs_3d")
+def _rope_pairs_3d() -> dict[str, Any]:
+    """The same with rows as [pairs, 2] (``rope.PAIRS_3D``)."""
+    spec = _rope()
+    spec["consts"]["PAIRS_3D"] = True
+    return spec
+
+
 @_spec("widen")
 def _widen() -> dict[str, Any]:
     from svdquant.kernels import widen as w
@@ -527,6 +574,8 @@ def compile_sm90(spec: dict[str, Any]):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in spec["consts"]:
             sig[name], const[name] = "constexpr", spec["consts"][name]
+        elif name in spec.get("floats", {}):  # a float argument: fp32, never specialized
+            sig[name] = "fp32"
         elif name in spec["ints"]:
             v = spec["ints"][name]
             if v == 1:  # triton specializes 1 as a constant, as at launch
@@ -540,7 +589,8 @@ def compile_sm90(spec: dict[str, Any]):
         else:
             raise KeyError(f"{kernel.__name__}: no value for argument {name!r}")
     src = ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs)
-    opts = {"num_warps": spec["warps"], "num_stages": spec.get("stages", 3)}
+    opts = {"num_warps": spec["warps"], "num_stages": spec.get("stages", 3),
+            **spec.get("options", {})}  # fmt: skip
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 

@@ -67,7 +67,13 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("affine", "strided"), [(True, False), (False, True), (True, True)])
-def test_matches_reference(shape, dtype, affine, strided):
+@pytest.mark.parametrize("pairs_3d", [False, True])
+def test_matches_reference(monkeypatch, shape, dtype, affine, strided, pairs_3d):
+    """Both forms of the kernel (``rope.PAIRS_3D``: rows as [pairs, 2], or split and
+    joined 2-D rows)."""
+    from svdquant.kernels import rope
+
+    monkeypatch.setattr(rope, "PAIRS_3D", pairs_3d)
     args = _case(*shape, dtype=dtype, affine=affine, strided=strided)
     got, want = rms_norm_rope(*args), ref.rms_norm_rope_ref(*args)
     assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
@@ -131,8 +137,13 @@ def test_compiles_fullgraph():
     ("s_head", "s", "strided"), [(512, 4096, False), (0, 4608, True), (512, 1024, False)]
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_flux_sizes(s_head, s, strided, dtype):
+@pytest.mark.parametrize("pairs_3d", [False, True])
+def test_gpu_flux_sizes(monkeypatch, s_head, s, strided, dtype, pairs_3d):
     """FLUX.1's q/k at 1024² (double blocks: 512 text + 4096 image tokens; single blocks:
-    4608 tokens, q a view of the fused projection's output) and at 512², 24 heads of 128."""
+    4608 tokens, q a view of the fused projection's output) and at 512², 24 heads of 128,
+    both forms of the kernel."""
+    from svdquant.kernels import rope
+
+    monkeypatch.setattr(rope, "PAIRS_3D", pairs_3d)
     args = _case(1, s_head, s, 24, 128, dtype=dtype, strided=strided, seed=s)
     assert _within_one_ulp(rms_norm_rope(*args), ref.rms_norm_rope_ref(*args))

@@ -31,6 +31,11 @@ __all__ = ["rms_norm_rope", "supports"]
 #: (head rows per program, num_warps): 64 rows of a 128-wide head = 16 KB of bf16 read and
 #: written per program. Not yet tuned on the GPU.
 TILE = (64, 4)
+#: Rows as [pairs, 2] (``_norm_rope_pairs``) instead of ``tl.split``/``tl.join`` of 2-D
+#: rows (v35's measured kernel: sm_90 SASS 196 registers, 15 barriers, shared-memory
+#: round trips between the bf16 and fp32 tiles' layouts — ~1.1 TB/s). Not yet run on the
+#: GPU: off until ``bench/probe_rope.py --set rope.PAIRS_3D=True`` says it is faster.
+PAIRS_3D = False
 #: The fused FLUX attention processor (``svdquant.fuse_projections``) runs this kernel;
 #: False keeps diffusers' own norm, concatenation and rotation (``bench/e2e.py --set
 #: rope.ENABLED=False``: what it saves).
@@ -78,7 +83,13 @@ def _rms_norm_rope_kernel(
     ROUND_BF16: tl.constexpr,
     D: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    PAIRS_3D: tl.constexpr = False,
 ):
+    if PAIRS_3D:
+        _norm_rope_pairs(x_ptr, head_ptr, w_ptr, wh_ptr, cos_ptr, sin_ptr, out_ptr,
+                         rows_total, S_HEAD, S_ALL, H, eps, sxb, sxs, sxh, shb, shs, shh, scs,
+                         sss, HAS_HEAD, HAS_W, ROUND_BF16, D, BLOCK_R)  # fmt: skip
+        return
     # One program: BLOCK_R output rows (b, s, h) of D values. A row's sequence position s
     # picks its source (the head tensor before S_HEAD, x after) and its norm weight.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -123,6 +134,53 @@ def _rms_norm_rope_kernel(
         out = round_bf16(out)
     dst = out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _norm_rope_pairs(
+    x_ptr, head_ptr, w_ptr, wh_ptr, cos_ptr, sin_ptr, out_ptr, rows_total, S_HEAD, S_ALL, H,
+    eps, sxb, sxs, sxh, shb, shs, shh, scs, sss, HAS_HEAD: tl.constexpr, HAS_W: tl.constexpr,
+    ROUND_BF16: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """``PAIRS_3D``: the kernel's rows viewed as D / 2 pairs (2i, 2i + 1), loaded, rotated
+    and stored in that [rows, pairs, 2] shape, so a pair stays in one thread's registers
+    with no ``split``/``join`` of a 2-D row (sm_90 SASS: 96 registers and 6 barriers
+    against 196 and 15 — but 4-byte accesses, threads along rows)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = (rows < rows_total)[:, None, None]
+    h = rows % H
+    t = rows // H
+    s = t % S_ALL
+    b = (t // S_ALL).to(tl.int64)
+    col = (2 * tl.arange(0, D // 2))[None, :, None] + tl.arange(0, 2)[None, None, :]
+    if HAS_HEAD:
+        in_head = (s < S_HEAD)[:, None, None]
+        from_head = head_ptr + (b * shb + s * shs + h * shh)[:, None, None] + col
+        from_x = x_ptr + (b * sxb + (s - S_HEAD) * sxs + h * sxh)[:, None, None] + col
+        src = tl.where(in_head, from_head, from_x)
+    else:
+        src = x_ptr + (b * sxb + s * sxs + h * sxh)[:, None, None] + col
+    x = tl.load(src, mask=rmask, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / D + eps)
+    y = x * rstd[:, None, None]
+    if HAS_W:
+        w = tl.load(w_ptr + col).to(tl.float32)
+        if HAS_HEAD:
+            w = tl.where(in_head, tl.load(wh_ptr + col).to(tl.float32), w)
+        y = y * w
+    if ROUND_BF16:
+        y = round_bf16(y)
+    y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+    c = tl.load(cos_ptr + s[:, None, None] * scs + col, mask=rmask, other=0.0).to(tl.float32)
+    sn = tl.load(sin_ptr + s[:, None, None] * sss + col, mask=rmask, other=0.0).to(tl.float32)
+    ye, yo = tl.split(y)
+    ce, co = tl.split(c)
+    se, so = tl.split(sn)
+    out = tl.join(ye * ce - yo * se, yo * co + ye * so)
+    if ROUND_BF16:
+        out = round_bf16(out)
+    dst = out_ptr + rows.to(tl.int64)[:, None, None] * D + col
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
 def _check(x: torch.Tensor, name: str) -> None:
@@ -182,7 +240,7 @@ def rms_norm_rope(
         x.stride(0), x.stride(1), x.stride(2), hd.stride(0), hd.stride(1), hd.stride(2),
         cos.stride(0), sin.stride(0),
         HAS_HEAD=head is not None, HAS_W=weight is not None,
-        ROUND_BF16=needs_bf16_rounding(x.dtype), D=d, BLOCK_R=block_r,
+        ROUND_BF16=needs_bf16_rounding(x.dtype), D=d, BLOCK_R=block_r, PAIRS_3D=PAIRS_3D,
         num_warps=warps, enable_fp_fusion=False,
     )  # fmt: skip
     return out
