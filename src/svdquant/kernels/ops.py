@@ -2,13 +2,13 @@
 
 Each kernel is one op (``svdquant::quantize_act``, ``::quantize_act_cat``,
 ``::widen_weight``, ``::quantize_and_widen``, ``::fp8_gemm``, ``::fp8_gemm_split``,
-``::w4a16_linear``, ``::rms_norm_rope``, ``::layer_norm_modulate``,
-``::gate_residual``) with a fake (meta)
-implementation that only computes output shapes, so ``torch.compile(fullgraph=True)``
-traces a layer into three opaque nodes with no graph break and no host sync, and
-Inductor fuses the elementwise work around them. Eager calls skip PyTorch's dispatcher
-and run the implementations directly (``_ops``). Triton is imported on the first real
-call, not here.
+``::w4a16_linear``; beside the layer, FLUX's ``::rms_norm_rope``,
+``::layer_norm_modulate`` and ``::gate_residual``) with a fake (meta) implementation
+that only computes output shapes, so ``torch.compile(fullgraph=True)`` traces a layer
+into three opaque nodes with no graph break and no host sync, and Inductor fuses the
+elementwise work around them. Eager calls skip PyTorch's dispatcher and run the
+implementations directly (``_ops``). Triton is imported on the first real call, not
+here.
 """
 
 from __future__ import annotations
