@@ -45,15 +45,8 @@ ENABLED = True
 def supports(head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the kernel takes heads of ``head_dim`` in ``dtype``: a power of two from 2
     to 512 (whole rows in registers, no column mask), 16-bit."""
-    return (
-        2 <= head_dim <= 512
-        and head_dim & (head_dim - 1) == 0
-        and dtype
-        in (
-            torch.bfloat16,
-            torch.float16,
-        )
-    )
+    sixteen = (torch.bfloat16, torch.float16)
+    return 2 <= head_dim <= 512 and head_dim & (head_dim - 1) == 0 and dtype in sixteen
 
 
 @triton.jit
