@@ -3,6 +3,7 @@
     PYTHONPATH=src python bench/e2e.py [--out DIR] [--budget-s S] [--compile] [--rows a,b]
                                        [--steps N] [--batches 1,4] [--tiny]
                                        [--set 'gemm.WS_GEMM=False' ...]
+                                       [--ab 'rope.ENABLED=False' ...]
 
 Each row builds the full-size FLUX.1-dev transformer (real config, 11.9B parameters,
 random bf16 weights) on the GPU, applies one method, and times the denoiser's forward at
@@ -31,6 +32,9 @@ plot of latency and memory next to it under ``--out`` (default ``bench/results``
 few tokens on the CPU (CPU timers, no memory columns): what ``tests/test_bench.py`` runs.
 ``--set module.NAME=VALUE`` sets an engine constant under ``svdquant.kernels`` for every
 row (as in ``probe_layer.py``; recorded in the JSON): one engine path against another.
+``--ab module.NAME=VALUE`` times each eager and CUDA-graph row again with the constant set,
+on the same model in the same process, alternated with the default (``ab`` in the row):
+the comparison to quote, free of the spread between processes and hosts.
 """
 
 from __future__ import annotations
@@ -580,6 +584,10 @@ def run_method(
                     if mode == "eager" and method.name in ctx.profile_rows and b == ctx.batches[0]:
                         with torch.inference_mode():
                             row[f"profile_b{b}"] = profile_step(step, ctx)
+                    if args.ab_sets and mode != "compile":
+                        row.setdefault("ab", {"set": list(args.ab_sets)})[f"b{b}"] = ab_times(
+                            model, kw, mode, ctx, args.ab_sets, res["median_ms"]
+                        )
                     del step, fn_model
                     _free()
                 row["status"] = "ok"
@@ -602,6 +610,47 @@ def run_method(
     return rows
 
 
+def ab_times(
+    model: nn.Module,
+    kw: dict[str, Any],
+    mode: str,
+    ctx: Ctx,
+    specs: Sequence[str],
+    default_ms: float,
+) -> dict[str, Any]:
+    """The step with the engine constants ``specs`` set and without, alternated twice
+    after the row's own timing (``default_ms``), on the same model in the same process —
+    one path against another without the host-to-host spread of separate runs (v35:
+    eager steps of one commit 132-229 ms in different processes). CUDA-graph mode
+    captures a new graph each way (the constants are read while the step is traced)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from probe_layer import merge_sets, parse_set
+
+    sets = merge_sets([parse_set(s) for s in specs])
+    olds = [(m, n, getattr(m, n)) for m, n, _ in sets]
+    out: dict[str, Any] = {"default_ms": [round(default_ms, 3)], "set_ms": []}
+    try:
+        for _ in range(2):
+            for way in ("set_ms", "default_ms"):
+                for (m, n, v), (_, _, old) in zip(sets, olds, strict=True):
+                    setattr(m, n, v if way == "set_ms" else old)
+                with torch.inference_mode():
+                    if mode == "cudagraph":
+                        model(**kw)  # eager warm-up of this path (autotuning) before capture
+                        ctx.sync()
+                        step = _graph_step(model, kw)
+                    else:
+                        step = lambda kw=kw: model(**kw)  # noqa: E731
+                    out[way].append(round(time_steps(step, ctx)["median_ms"], 3))
+                del step
+                _free()
+    finally:
+        for m, n, old in olds:
+            setattr(m, n, old)
+    out["set_vs_default"] = round(min(out["default_ms"]) / min(out["set_ms"]), 4)
+    return out
+
+
 def run_isolated(
     method: Method, modes: Sequence[str], args: argparse.Namespace, time_left: float
 ) -> list[dict[str, Any]]:
@@ -616,6 +665,7 @@ def run_isolated(
         cmd += ["--tiny"] if args.tiny else []
         cmd += ["--no-cuda-graphs"] if "cudagraph" not in modes else []
         cmd += [f"--set={spec}" for spec in args.sets]
+        cmd += [f"--ab={spec}" for spec in args.ab_sets]
         try:
             limit = max(time_left, 1.0) if math.isfinite(time_left) else None
             subprocess.run(cmd, timeout=limit, check=False)
@@ -867,6 +917,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="set an engine constant of svdquant.kernels.MOD for every row (repeatable)",
     )
     p.add_argument(
+        "--ab",
+        action="append",
+        default=[],
+        dest="ab_sets",
+        metavar="MOD.NAME=VALUE",
+        help="also time each eager / CUDA-graph row with these engine constants set, on the "
+        "same model in the same process, alternated with the default (repeatable: all set "
+        "together)",
+    )
+    p.add_argument(
         "--isolate",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -1037,6 +1097,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if prof:
             ops = ", ".join(f"{o['name'][:40]} {o['self_ms']:.1f}" for o in prof["ops"][:6])
             print(f"profile {r['name']} ({prof['time']}, ms): total {prof['total_ms']:.1f}: {ops}")
+    for r in res["rows"]:
+        for b, ab in (r.get("ab") or {}).items():
+            if b != "set":
+                sets = "; ".join(r["ab"]["set"])
+                print(f"A/B {r['name']} {r['mode']} {b} ({sets}): default "
+                      f"{ab['default_ms']} ms, set {ab['set_ms']} ms: set "
+                      f"{ab['set_vs_default']:.3f}x as fast")  # fmt: skip
     print()
     print(markdown_table(res))
     return res

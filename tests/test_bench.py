@@ -130,6 +130,24 @@ def test_budget_skips_rows_with_reason(tmp_path):
     assert all("budget" in r["reason"] for r in res["rows"])
 
 
+def test_ab_times_a_row_both_ways_in_one_process(tmp_path, capsys):
+    """``--ab``: the row timed again with an engine constant set, alternated with the
+    default on the same model (the constant restored after), recorded and printed."""
+    from svdquant.kernels import rope
+
+    res = e2e.main(["--tiny", "--out", str(tmp_path), "--rows", "svdq-int4-fused",
+                    "--batches", "1", "--ab", "rope.ENABLED=False"])  # fmt: skip
+    _check_schema(res, tmp_path)
+    (row,) = res["rows"]
+    assert row["status"] == "ok", row.get("error")
+    ab = row["ab"]
+    assert ab["set"] == ["rope.ENABLED=False"]
+    assert len(ab["b1"]["default_ms"]) == 3 and len(ab["b1"]["set_ms"]) == 2
+    assert ab["b1"]["set_vs_default"] > 0
+    assert rope.ENABLED is True
+    assert "A/B svdq-int4-fused eager b1 (rope.ENABLED=False)" in capsys.readouterr().out
+
+
 def test_compiled_row_is_marked(tmp_path):
     # the eager backend exercises the compile path quickly; inductor is what the GPU runs
     res = e2e.main(
