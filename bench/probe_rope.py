@@ -1,7 +1,7 @@
 """FLUX's q/k preparation: diffusers' passes against the norm + rotary kernel, on the GPU.
 
     PYTHONPATH=src python bench/probe_rope.py [--tiles 64x4,32x4,...] \
-        [--set rope.PAIRS_3D=True ...] [--out DIR]
+        [--set rope.PACKED=True ...] [--out DIR]
 
 Per attention, q and k are normalized per head (``torch.nn.RMSNorm``), the text stream's
 heads concatenated first and the pairs rotated (``apply_rotary_emb``): diffusers runs that
@@ -11,7 +11,7 @@ replayed from a CUDA graph (no launch overhead) at FLUX.1's 1024² sizes — a d
 projection's output) — and at 512² (512 + 1024), 24 heads of 128, bf16; outputs compared.
 ``--tiles`` also times the kernel at each (head rows per program, warps) of
 ``rope.TILE``; ``--set module.NAME=VALUE`` (as in ``probe_layer.py``) times it once more
-with those constants set (e.g. ``rope.PAIRS_3D=True``), its output compared with the
+with those constants set (e.g. ``rope.PACKED=True``), its output compared with the
 default's. Writes ``probe_rope-<date>.json``.
 """
 

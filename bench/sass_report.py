@@ -149,11 +149,24 @@ def _rope() -> dict[str, Any]:
     )
 
 
-@_spec("rope_pairs_3d")
-def _rope_pairs_3d() -> dict[str, Any]:
-    """The same with rows as [pairs, 2] (``rope.PAIRS_3D``)."""
+@_spec("rope_packed")
+def _rope_packed() -> dict[str, Any]:
+    """The same on pairs packed in words (``rope.PACKED``): rows as int32, cos / sin as
+    int64, strides in those words."""
+    import triton.language as tl
+
+    from svdquant.kernels import rope as r
+
     spec = _rope()
-    spec["consts"]["PAIRS_3D"] = True
+    spec["kernel"] = r._rms_norm_rope_packed_kernel
+    spec["ptrs"] = dict(x_ptr="*i32", head_ptr="*i32", w_ptr="*i32", wh_ptr="*i32",
+                        cos_ptr="*i64", sin_ptr="*i64", out_ptr="*i32")  # fmt: skip
+    spec["ints"] = {k: v // 2 if k.startswith(("sx", "sh")) else v // 2 if k in ("scs", "sss")
+                    else v for k, v in spec["ints"].items()}  # fmt: skip
+    rows, warps = r.PACKED_TILE
+    spec["consts"] = dict(HAS_HEAD=True, HAS_W=True, ROUND_BF16=False, DTYPE=tl.bfloat16, D=128,
+                          BLOCK_R=rows)  # fmt: skip
+    spec["warps"] = warps
     return spec
 
 

@@ -174,12 +174,17 @@ def _ulp_close(a: torch.Tensor, r: torch.Tensor) -> bool:
     dtype=st.sampled_from([torch.bfloat16, torch.float16]),
     affine=st.booleans(),
     scale=st.sampled_from([1e-3, 1.0, 300.0]),
+    packed=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_rms_norm_rope_matches_reference(b, s_head, s, h, d, dtype, affine, scale, seed):
-    """The q/k kernel (``kernels/rope.py``): any token counts, text heads or none, head
-    sizes from a single pair up, values of any scale (the norm removes it)."""
+def test_rms_norm_rope_matches_reference(b, s_head, s, h, d, dtype, affine, scale, packed, seed):
+    """The q/k kernels (``kernels/rope.py``, split or ``PACKED``): any token counts, text
+    heads or none, head sizes from a single pair up, values of any scale (the norm
+    removes it)."""
+    from svdquant.kernels import rope
     from svdquant.kernels.rope import rms_norm_rope
+
+    rope.PACKED, was = packed, rope.PACKED
 
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(b, s, h, d, generator=g) * scale).to(DEVICE, dtype)
@@ -190,7 +195,10 @@ def test_rms_norm_rope_matches_reference(b, s_head, s, h, d, dtype, affine, scal
     cos = angle.cos().repeat_interleave(2, 1).to(DEVICE)
     sin = angle.sin().repeat_interleave(2, 1).to(DEVICE)
     args = (x, w, 1e-6, cos, sin, head, wh)
-    assert _ulp_close(rms_norm_rope(*args), ref.rms_norm_rope_ref(*args))
+    try:
+        assert _ulp_close(rms_norm_rope(*args), ref.rms_norm_rope_ref(*args))
+    finally:
+        rope.PACKED = was
 
 
 @PROPS

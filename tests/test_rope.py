@@ -67,13 +67,12 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("affine", "strided"), [(True, False), (False, True), (True, True)])
-@pytest.mark.parametrize("pairs_3d", [False, True])
-def test_matches_reference(monkeypatch, shape, dtype, affine, strided, pairs_3d):
-    """Both forms of the kernel (``rope.PAIRS_3D``: rows as [pairs, 2], or split and
-    joined 2-D rows)."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_matches_reference(monkeypatch, shape, dtype, affine, strided, packed):
+    """Both kernels (``rope.PACKED``: pairs packed in words, or split and joined rows)."""
     from svdquant.kernels import rope
 
-    monkeypatch.setattr(rope, "PAIRS_3D", pairs_3d)
+    monkeypatch.setattr(rope, "PACKED", packed)
     args = _case(*shape, dtype=dtype, affine=affine, strided=strided)
     got, want = rms_norm_rope(*args), ref.rms_norm_rope_ref(*args)
     assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
@@ -93,6 +92,32 @@ def test_reference_is_what_diffusers_computes():
     y = torch.cat([norm_head(head), norm(x)], dim=1)
     want = apply_rotary_emb(y, (cos, sin), sequence_dim=1)
     assert torch.equal(ref.rms_norm_rope_ref(x, w, eps, cos, sin, head, wh), want)
+
+
+def test_packed_kernel_leaves_odd_offsets_to_the_split_kernel(monkeypatch):
+    """A view that does not start on a whole word (an odd element offset) cannot be read
+    as int32 pairs: ``PACKED`` falls back to the split kernel, same values; the packed
+    kernel gives the same values as the split one where it runs."""
+    from svdquant.kernels import rope
+
+    x, w, eps, cos, sin, head, wh = _case(1, 2, 5, 2, 16)
+    want = ref.rms_norm_rope_ref(x, w, eps, cos, sin, head, wh)
+    wide = torch.zeros(1, 5, 2 * 16 + 1, dtype=x.dtype, device=DEVICE)
+    wide[..., 1:] = x.flatten(2)
+    odd = wide[..., 1:].unflatten(-1, (2, 16))  # offset 1 element: not an int32 view
+    monkeypatch.setattr(rope, "PACKED", True)
+    launched = []
+    real = rope._launch_packed
+
+    def counted(*a):
+        launched.append(real(*a))
+        return launched[-1]
+
+    monkeypatch.setattr(rope, "_launch_packed", counted)
+    assert _within_one_ulp(rms_norm_rope(odd, w, eps, cos, sin, head, wh), want)
+    assert launched == [False]
+    assert _within_one_ulp(rms_norm_rope(x, w, eps, cos, sin, head, wh), want)
+    assert launched == [False, True]
 
 
 def test_refuses_bad_input():
@@ -137,13 +162,13 @@ def test_compiles_fullgraph():
     ("s_head", "s", "strided"), [(512, 4096, False), (0, 4608, True), (512, 1024, False)]
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("pairs_3d", [False, True])
-def test_gpu_flux_sizes(monkeypatch, s_head, s, strided, dtype, pairs_3d):
+@pytest.mark.parametrize("packed", [False, True])
+def test_gpu_flux_sizes(monkeypatch, s_head, s, strided, dtype, packed):
     """FLUX.1's q/k at 1024² (double blocks: 512 text + 4096 image tokens; single blocks:
     4608 tokens, q a view of the fused projection's output) and at 512², 24 heads of 128,
-    both forms of the kernel."""
+    both kernels."""
     from svdquant.kernels import rope
 
-    monkeypatch.setattr(rope, "PAIRS_3D", pairs_3d)
+    monkeypatch.setattr(rope, "PACKED", packed)
     args = _case(1, s_head, s, 24, 128, dtype=dtype, strided=strided, seed=s)
     assert _within_one_ulp(rms_norm_rope(*args), ref.rms_norm_rope_ref(*args))

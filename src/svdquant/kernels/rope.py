@@ -31,11 +31,16 @@ __all__ = ["rms_norm_rope", "supports"]
 #: (head rows per program, num_warps): 64 rows of a 128-wide head = 16 KB of bf16 read and
 #: written per program. Not yet tuned on the GPU.
 TILE = (64, 4)
-#: Rows as [pairs, 2] (``_norm_rope_pairs``) instead of ``tl.split``/``tl.join`` of 2-D
-#: rows (v35's measured kernel: sm_90 SASS 196 registers, 15 barriers, shared-memory
-#: round trips between the bf16 and fp32 tiles' layouts — ~1.1 TB/s). Not yet run on the
-#: GPU: off until ``bench/probe_rope.py --set rope.PAIRS_3D=True`` says it is faster.
-PAIRS_3D = False
+#: Pairs packed in words (``_rms_norm_rope_packed_kernel``): the 16-bit rows read and
+#: written as int32, cos / sin as int64, so every tile is [rows, D / 2] in one layout.
+#: sm_90 SASS (``bench/sass_report.py --kernels rope,rope_packed``): no barrier, no
+#: shared memory, every access 16 bytes, 77 registers at ``PACKED_TILE`` — against the
+#: split kernel's 196 registers, 15 barriers and shared-memory round trips between the
+#: bf16 and fp32 tiles' layouts (v35: ~1.1 TB/s). Not yet run on the GPU: off until
+#: ``bench/probe_rope.py --set rope.PACKED=True`` says it is faster.
+#: Tensors whose strides or offsets are not whole words take the split kernel.
+PACKED = False
+PACKED_TILE = (64, 8)
 #: The fused FLUX attention processor (``svdquant.fuse_projections``) runs this kernel;
 #: False keeps diffusers' own norm, concatenation and rotation (``bench/e2e.py --set
 #: rope.ENABLED=False``: what it saves).
@@ -76,13 +81,7 @@ def _rms_norm_rope_kernel(
     ROUND_BF16: tl.constexpr,
     D: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    PAIRS_3D: tl.constexpr = False,
 ):
-    if PAIRS_3D:
-        _norm_rope_pairs(x_ptr, head_ptr, w_ptr, wh_ptr, cos_ptr, sin_ptr, out_ptr,
-                         rows_total, S_HEAD, S_ALL, H, eps, sxb, sxs, sxh, shb, shs, shh, scs,
-                         sss, HAS_HEAD, HAS_W, ROUND_BF16, D, BLOCK_R)  # fmt: skip
-        return
     # One program: BLOCK_R output rows (b, s, h) of D values. A row's sequence position s
     # picks its source (the head tensor before S_HEAD, x after) and its norm weight.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -130,50 +129,93 @@ def _rms_norm_rope_kernel(
 
 
 @triton.jit
-def _norm_rope_pairs(
-    x_ptr, head_ptr, w_ptr, wh_ptr, cos_ptr, sin_ptr, out_ptr, rows_total, S_HEAD, S_ALL, H,
-    eps, sxb, sxs, sxh, shb, shs, shh, scs, sss, HAS_HEAD: tl.constexpr, HAS_W: tl.constexpr,
-    ROUND_BF16: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
-):  # fmt: skip
-    """``PAIRS_3D``: the kernel's rows viewed as D / 2 pairs (2i, 2i + 1), loaded, rotated
-    and stored in that [rows, pairs, 2] shape, so a pair stays in one thread's registers
-    with no ``split``/``join`` of a 2-D row (sm_90 SASS: 96 registers and 6 barriers
-    against 196 and 15 — but 4-byte accesses, threads along rows)."""
+def _half_to_f32(bits, DTYPE: tl.constexpr):
+    """The 16-bit value (bf16 or fp16, in ``DTYPE``) held in the low half of int32
+    ``bits``, as fp32."""
+    return (bits & 0xFFFF).to(tl.int16).to(DTYPE, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _f32_to_half_bits(v, ROUND_BF16: tl.constexpr, DTYPE: tl.constexpr):
+    """fp32 ``v`` rounded to ``DTYPE``, its 16 bits in the low half of an int32."""
+    if ROUND_BF16:
+        v = round_bf16(v)
+    return v.to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def _rms_norm_rope_packed_kernel(
+    x_ptr,
+    head_ptr,
+    w_ptr,
+    wh_ptr,
+    cos_ptr,
+    sin_ptr,
+    out_ptr,
+    rows_total,
+    S_HEAD,
+    S_ALL,
+    H,
+    eps,
+    sxb,
+    sxs,
+    sxh,
+    shb,
+    shs,
+    shh,
+    scs,
+    sss,
+    HAS_HEAD: tl.constexpr,
+    HAS_W: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    DTYPE: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # ``PACKED``: every tensor read as one element per pair (2i, 2i + 1) — the 16-bit
+    # rows as int32 words, cos / sin as int64 words — so that all tiles are [rows, D / 2]
+    # with the same layout: no shuffle of a pair between threads, no layout change.
+    # Pointers and strides are in those words (the launcher views the tensors so).
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = (rows < rows_total)[:, None, None]
+    rmask = (rows < rows_total)[:, None]
     h = rows % H
     t = rows // H
     s = t % S_ALL
     b = (t // S_ALL).to(tl.int64)
-    col = (2 * tl.arange(0, D // 2))[None, :, None] + tl.arange(0, 2)[None, None, :]
+    j = tl.arange(0, D // 2)[None, :]
     if HAS_HEAD:
-        in_head = (s < S_HEAD)[:, None, None]
-        from_head = head_ptr + (b * shb + s * shs + h * shh)[:, None, None] + col
-        from_x = x_ptr + (b * sxb + (s - S_HEAD) * sxs + h * sxh)[:, None, None] + col
+        in_head = (s < S_HEAD)[:, None]
+        from_head = head_ptr + (b * shb + s * shs + h * shh)[:, None] + j
+        from_x = x_ptr + (b * sxb + (s - S_HEAD) * sxs + h * sxh)[:, None] + j
         src = tl.where(in_head, from_head, from_x)
     else:
-        src = x_ptr + (b * sxb + s * sxs + h * sxh)[:, None, None] + col
-    x = tl.load(src, mask=rmask, other=0.0).to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / D + eps)
-    y = x * rstd[:, None, None]
+        src = x_ptr + (b * sxb + s * sxs + h * sxh)[:, None] + j
+    xp = tl.load(src, mask=rmask, other=0)
+    xe = _half_to_f32(xp, DTYPE)
+    xo = _half_to_f32(xp >> 16, DTYPE)
+    rstd = tl.math.rsqrt(tl.sum(xe * xe + xo * xo, axis=1) / D + eps)[:, None]
+    ye = xe * rstd
+    yo = xo * rstd
     if HAS_W:
-        w = tl.load(w_ptr + col).to(tl.float32)
+        wp = tl.load(w_ptr + j)
         if HAS_HEAD:
-            w = tl.where(in_head, tl.load(wh_ptr + col).to(tl.float32), w)
-        y = y * w
-    if ROUND_BF16:
-        y = round_bf16(y)
-    y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
-    c = tl.load(cos_ptr + s[:, None, None] * scs + col, mask=rmask, other=0.0).to(tl.float32)
-    sn = tl.load(sin_ptr + s[:, None, None] * sss + col, mask=rmask, other=0.0).to(tl.float32)
-    ye, yo = tl.split(y)
-    ce, co = tl.split(c)
-    se, so = tl.split(sn)
-    out = tl.join(ye * ce - yo * se, yo * co + ye * so)
-    if ROUND_BF16:
-        out = round_bf16(out)
-    dst = out_ptr + rows.to(tl.int64)[:, None, None] * D + col
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=rmask)
+            wp = tl.where(in_head, tl.load(wh_ptr + j), wp)
+        ye = ye * _half_to_f32(wp, DTYPE)
+        yo = yo * _half_to_f32(wp >> 16, DTYPE)
+    # the norm's output in the input's dtype, as diffusers hands it to the rotation
+    ye = _half_to_f32(_f32_to_half_bits(ye, ROUND_BF16, DTYPE), DTYPE)
+    yo = _half_to_f32(_f32_to_half_bits(yo, ROUND_BF16, DTYPE), DTYPE)
+    cp = tl.load(cos_ptr + s[:, None] * scs + j, mask=rmask, other=0)
+    sp = tl.load(sin_ptr + s[:, None] * sss + j, mask=rmask, other=0)
+    ce = cp.to(tl.int32).to(tl.float32, bitcast=True)
+    co = (cp >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    se = sp.to(tl.int32).to(tl.float32, bitcast=True)
+    so = (sp >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    # out[2i] = y[2i]·cos[2i] − y[2i+1]·sin[2i]; out[2i+1] = y[2i+1]·cos[2i+1] + y[2i]·sin[2i+1]
+    oe = _f32_to_half_bits(ye * ce - yo * se, ROUND_BF16, DTYPE)
+    oo = _f32_to_half_bits(yo * co + ye * so, ROUND_BF16, DTYPE)
+    dst = out_ptr + rows.to(tl.int64)[:, None] * (D // 2) + j
+    tl.store(dst, oe | (oo << 16), mask=rmask)
 
 
 def _check(x: torch.Tensor, name: str) -> None:
@@ -223,6 +265,8 @@ def rms_norm_rope(
     rows = b * s_all * h
     if rows == 0:
         return out
+    if PACKED and _launch_packed(x, weight, eps, cos, sin, head, head_weight, out):
+        return out
     block_r, warps = TILE
     hd = head if head is not None else x
     w = weight if weight is not None else cos  # unread without HAS_W
@@ -233,7 +277,49 @@ def rms_norm_rope(
         x.stride(0), x.stride(1), x.stride(2), hd.stride(0), hd.stride(1), hd.stride(2),
         cos.stride(0), sin.stride(0),
         HAS_HEAD=head is not None, HAS_W=weight is not None,
-        ROUND_BF16=needs_bf16_rounding(x.dtype), D=d, BLOCK_R=block_r, PAIRS_3D=PAIRS_3D,
+        ROUND_BF16=needs_bf16_rounding(x.dtype), D=d, BLOCK_R=block_r,
         num_warps=warps, enable_fp_fusion=False,
     )  # fmt: skip
     return out
+
+
+def _words(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` viewed as words of ``dtype`` (pairs of its elements), or None if its strides
+    or offset are not whole words."""
+    if t is None:
+        return None
+    try:
+        return t.view(dtype)
+    except RuntimeError:
+        return None
+
+
+def _launch_packed(x, weight, eps, cos, sin, head, head_weight, out) -> bool:
+    """``rms_norm_rope`` on the packed kernel; False (nothing launched) where a tensor
+    cannot be viewed as words."""
+    import triton.language as tl
+
+    b, s, h, d = x.shape
+    xw, ow = _words(x, torch.int32), _words(out, torch.int32)
+    cw, sw = _words(cos.float(), torch.int64), _words(sin.float(), torch.int64)
+    hw = _words(head, torch.int32) if head is not None else xw
+    w = None if weight is None else _words(weight.contiguous(), torch.int32)
+    wh = None if head_weight is None else _words(head_weight.contiguous(), torch.int32)
+    if any(t is None for t in (xw, ow, cw, sw, hw)) or (weight is not None and w is None):
+        return False
+    if head_weight is not None and wh is None:
+        return False
+    w = w if w is not None else xw  # unread without HAS_W
+    block_r, warps = PACKED_TILE
+    rows = b * out.shape[1] * h
+    _rms_norm_rope_packed_kernel[(cdiv(rows, block_r),)](
+        xw, hw, w, wh if wh is not None else w, cw, sw, ow,
+        rows, out.shape[1] - s, out.shape[1], h, float(eps),
+        xw.stride(0), xw.stride(1), xw.stride(2), hw.stride(0), hw.stride(1), hw.stride(2),
+        cw.stride(0), sw.stride(0),
+        HAS_HEAD=head is not None, HAS_W=weight is not None,
+        ROUND_BF16=needs_bf16_rounding(x.dtype),
+        DTYPE=tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16, D=d,
+        BLOCK_R=block_r, num_warps=warps, enable_fp_fusion=False,
+    )  # fmt: skip
+    return True
