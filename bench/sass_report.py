@@ -170,6 +170,41 @@ def _rope_packed() -> dict[str, Any]:
     return spec
 
 
+@_spec("modulate")
+def _modulate() -> dict[str, Any]:
+    """FLUX's adaptive norm on a double block's 4096 image tokens, 3072 channels."""
+    from svdquant.kernels import modulate as mo
+
+    rows, warps = mo.TILE
+    return dict(
+        kernel=mo._layer_norm_modulate_kernel,
+        ptrs=dict(x_ptr="*bf16", scale_ptr="*bf16", shift_ptr="*bf16", out_ptr="*bf16"),
+        ints=dict(M=4096, S=4096, C=3072, stride_xm=3072, stride_sb=6 * 3072, stride_hb=6 * 3072),
+        floats=dict(eps=1e-6),
+        consts=dict(ROUND_BF16=False, BLOCK_C=4096, ROWS=rows),
+        warps=warps,
+        stages=1,
+        options=dict(enable_fp_fusion=False),
+    )
+
+
+@_spec("gate_residual")
+def _gate_residual() -> dict[str, Any]:
+    """A gated branch joining a double block's image stream."""
+    from svdquant.kernels import modulate as mo
+
+    rows, warps = mo.TILE
+    return dict(
+        kernel=mo._gate_residual_kernel,
+        ptrs=dict(r_ptr="*bf16", g_ptr="*bf16", x_ptr="*bf16", out_ptr="*bf16"),
+        ints=dict(M=4096, S=4096, C=3072, stride_rm=3072, stride_gb=6 * 3072, stride_xm=3072),
+        consts=dict(CLIP_FP16=False, ROUND_BF16=False, BLOCK_C=4096, ROWS=rows),
+        warps=warps,
+        stages=1,
+        options=dict(enable_fp_fusion=False),
+    )
+
+
 @_spec("widen")
 def _widen() -> dict[str, Any]:
     from svdquant.kernels import widen as w
