@@ -422,13 +422,14 @@ def _gate_add(
     return y.clip(-65504, 65504) if clip_fp16 and y.dtype == torch.float16 else y
 
 
-def _fuse_norm(ada: nn.Module) -> bool:
-    """Swap a FLUX block or adaptive norm for its one-pass form (same modules and keys)."""
-    fused = _block_runtime().get(type(ada).__name__)
-    if fused is None or hasattr(ada, _ORIG_CLASS):
+def _swap_class(module: nn.Module) -> bool:
+    """Swap a FLUX double block or adaptive norm for its one-pass form (``_block_runtime``:
+    same modules, parameters and state-dict keys; ``unfuse_projections`` swaps back)."""
+    fused = _block_runtime().get(type(module).__name__)
+    if fused is None or hasattr(module, _ORIG_CLASS):
         return False
-    setattr(ada, _ORIG_CLASS, type(ada))
-    ada.__class__ = fused
+    setattr(module, _ORIG_CLASS, type(module))
+    module.__class__ = fused
     return True
 
 
@@ -543,12 +544,12 @@ def fuse_projections(model: nn.Module) -> int:
         kind = type(module).__name__
         if kind == "FluxSingleTransformerBlock" and _fuse_single_block(module):
             count += 1
-            _fuse_norm(module.norm)
+            _swap_class(module.norm)
         elif kind == "FluxTransformerBlock" and any(
             [_fuse_feed_forward(ff) for ff in (module.ff, module.ff_context)]
         ):
             for part in (module, module.norm1, module.norm1_context):
-                _fuse_norm(part)
+                _swap_class(part)
     for module in list(model.modules()):
         if type(module).__name__ != "FluxAttention" or getattr(module, "fused_projections", False):
             continue
