@@ -179,3 +179,26 @@ def test_gpu_flux_sizes(b, s, chunks, dtype):
     4608) and a batch of four text streams, 3072 channels."""
     args = _case(b, s, 3072, chunks=chunks, dtype=dtype, seed=s)
     assert _close(layer_norm_modulate(*args), ref.layer_norm_modulate_ref(*args))
+
+
+@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize("inference", [False, True])
+def test_single_blocks_rejoin_their_halves_without_a_copy(monkeypatch, b, inference):
+    """Each FLUX single block gets the previous one's output split into text and image
+    tokens: with ``modulate.ENABLED`` the two halves are joined back as a view of that
+    output (no copy), in inference mode too; anything else is concatenated."""
+    from svdquant import fuse
+    from svdquant.kernels import modulate
+
+    monkeypatch.setattr(modulate, "ENABLED", True)
+    with torch.inference_mode() if inference else torch.no_grad():
+        t = torch.randn(b, 9, 4)
+        joined = fuse._joined(t[:, :3], t[:, 3:])
+        assert joined.data_ptr() == t.data_ptr() and torch.equal(joined, t)
+        other = torch.randn(b, 9, 4)
+        for first, second in ((t[:, :3], t[:, 4:]), (t[:, 3:], t[:, :3]), (t[:, :3], other[:, 3:])):
+            got = fuse._joined(first, second)
+            assert got.data_ptr() != t.data_ptr()
+            assert torch.equal(got, torch.cat([first, second], dim=1))
+        monkeypatch.setattr(modulate, "ENABLED", False)
+        assert fuse._joined(t[:, :3], t[:, 3:]).data_ptr() != t.data_ptr()
