@@ -40,26 +40,20 @@ def main() -> None:
     for name, s, chunks in CASES:
         x = torch.randn(1, s, c, device="cuda", generator=g, dtype=dt)
         emb = torch.randn(1, chunks * c, device="cuda", generator=g, dtype=dt)
-        args = (x, emb[:, c : 2 * c], emb[:, :c], 1e-6)
-        want = reference.layer_norm_modulate_ref(*args)
-        got = kernels.layer_norm_modulate(*args)
-        diff = (got.float() - want.float()).abs().max().item()
-        base = bench_graph(lambda a=args: reference.layer_norm_modulate_ref(*a))
-        fused = bench_graph(lambda a=args: kernels.layer_norm_modulate(*a))
-        rows.append({"op": "layer_norm_modulate", "case": name, "tokens": s, "channels": c,
-                     "diffusers_us": base, "ours_us": fused, "x": base / fused,
-                     "max_abs_diff": diff})  # fmt: skip
-        print(f"{name:>14} | {base:12.1f} | {fused:7.1f} | {base / fused:.2f}  "
-              f"(max |diff| {diff:.1e})")  # fmt: skip
+        norm = (x, emb[:, c : 2 * c], emb[:, :c], 1e-6)
         gated = (torch.randn_like(x), emb[:, 2 * c : 3 * c], x)
-        same = torch.equal(kernels.gate_residual(*gated), reference.gate_residual_ref(*gated))
-        base = bench_graph(lambda a=gated: reference.gate_residual_ref(*a))
-        fused = bench_graph(lambda a=gated: kernels.gate_residual(*a))
-        rows.append({"op": "gate_residual", "case": name, "tokens": s, "channels": c,
-                     "diffusers_us": base, "ours_us": fused, "x": base / fused,
-                     "equal": same})  # fmt: skip
-        print(f"{'  gate':>14} | {base:12.1f} | {fused:7.1f} | {base / fused:.2f}  "
-              f"(equal: {same})")  # fmt: skip
+        for op, label, args in (("layer_norm_modulate", name, norm),
+                                ("gate_residual", "  gate", gated)):  # fmt: skip
+            theirs = getattr(reference, f"{op}_ref")
+            ours = getattr(kernels, op)
+            diff = (ours(*args).float() - theirs(*args).float()).abs().max().item()
+            base = bench_graph(lambda f=theirs, a=args: f(*a))
+            fused = bench_graph(lambda f=ours, a=args: f(*a))
+            rows.append({"op": op, "case": name, "tokens": s, "channels": c,
+                         "diffusers_us": base, "ours_us": fused, "x": base / fused,
+                         "max_abs_diff": diff})  # fmt: skip
+            print(f"{label:>14} | {base:12.1f} | {fused:7.1f} | {base / fused:.2f}  "
+                  f"(max |diff| {diff:.1e})")  # fmt: skip
     print("->", write_result({**run_info(), "rows": rows}, a.out, "probe_modulate"))
 
 

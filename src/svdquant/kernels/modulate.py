@@ -89,6 +89,21 @@ def _layer_norm_modulate_kernel(
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], y.to(dt), mask=mask)
 
 
+def _rowwise(kernel, inputs: tuple, like: torch.Tensor, scalars: tuple, **consts) -> torch.Tensor:
+    """A new [B, S, C] tensor shaped like ``like``, written by ``kernel`` over its rows
+    (``TILE`` rows a program): ``kernel(*inputs, out, B · S, S, C, *scalars, ...)``."""
+    b, s, c = like.shape
+    out = torch.empty(b, s, c, dtype=like.dtype, device=like.device)
+    if b * s:
+        rows, warps = TILE
+        kernel[(cdiv(b * s, rows),)](
+            *inputs, out, b * s, s, c, *scalars, **consts,
+            ROUND_BF16=needs_bf16_rounding(like.dtype), BLOCK_C=next_pow2(c), ROWS=rows,
+            num_warps=warps, enable_fp_fusion=False,
+        )  # fmt: skip
+    return out
+
+
 def _rows_evenly_apart(t: torch.Tensor) -> bool:
     """Whether the rows of [B, S, C] ``t`` are ``t.stride(1)`` apart throughout (the kernels
     index row ``b · S + s``): always for one image (a slice along S of a wider tensor
@@ -106,7 +121,7 @@ def layer_norm_modulate(
     if x.dim() != 3 or x.stride(-1) != 1:
         raise ValueError(f"layer_norm_modulate: x must be [B, S, C] with unit last stride, "
                          f"got shape {tuple(x.shape)}, strides {x.stride()}")  # fmt: skip
-    b, s, c = x.shape
+    b, _, c = x.shape
     for name, t in (("scale", scale), ("shift", shift)):
         if t.shape != (b, c) or t.stride(-1) != 1 or t.dtype != x.dtype:
             raise ValueError(f"layer_norm_modulate: {name} must be [{b}, {c}] {x.dtype} with "
@@ -115,17 +130,8 @@ def layer_norm_modulate(
         raise ValueError(f"layer_norm_modulate takes 16-bit rows of at most {MAX_C}, got "
                          f"{c} {x.dtype}")  # fmt: skip
     xr = x if _rows_evenly_apart(x) else x.contiguous()
-    out = torch.empty(b, s, c, dtype=x.dtype, device=x.device)
-    m = b * s
-    if m == 0:
-        return out
-    rows, warps = TILE
-    _layer_norm_modulate_kernel[(cdiv(m, rows),)](
-        xr, scale, shift, out, m, s, c, float(eps), xr.stride(1), scale.stride(0),
-        shift.stride(0), ROUND_BF16=needs_bf16_rounding(x.dtype), BLOCK_C=next_pow2(c),
-        ROWS=rows, num_warps=warps, enable_fp_fusion=False,
-    )  # fmt: skip
-    return out
+    scalars = (float(eps), xr.stride(1), scale.stride(0), shift.stride(0))
+    return _rowwise(_layer_norm_modulate_kernel, (xr, scale, shift), x, scalars)
 
 
 @triton.jit
@@ -175,7 +181,7 @@ def gate_residual(
             raise ValueError(f"gate_residual: {name} must be [B, S, C] like residual "
                              f"{tuple(residual.shape)} with unit last stride, got "
                              f"{tuple(t.shape)}, strides {t.stride()}")  # fmt: skip
-    b, s, c = residual.shape
+    b, _, c = residual.shape
     if gate.shape != (b, c) or gate.stride(-1) != 1:
         raise ValueError(f"gate_residual: gate must be [{b}, {c}] with unit last stride, "
                          f"got {tuple(gate.shape)}")  # fmt: skip
@@ -184,15 +190,6 @@ def gate_residual(
                          f"got {residual.dtype}, {gate.dtype}, {x.dtype} and C = {c}")  # fmt: skip
     rr = residual if _rows_evenly_apart(residual) else residual.contiguous()
     xr = x if _rows_evenly_apart(x) else x.contiguous()
-    out = torch.empty(b, s, c, dtype=x.dtype, device=x.device)
-    m = b * s
-    if m == 0:
-        return out
-    rows, warps = TILE
-    _gate_residual_kernel[(cdiv(m, rows),)](
-        rr, gate, xr, out, m, s, c, rr.stride(1), gate.stride(0), xr.stride(1),
-        CLIP_FP16=clip_fp16 and x.dtype == torch.float16,
-        ROUND_BF16=needs_bf16_rounding(x.dtype), BLOCK_C=next_pow2(c), ROWS=rows,
-        num_warps=warps, enable_fp_fusion=False,
-    )  # fmt: skip
-    return out
+    scalars = (rr.stride(1), gate.stride(0), xr.stride(1))
+    clip = clip_fp16 and x.dtype == torch.float16
+    return _rowwise(_gate_residual_kernel, (rr, gate, xr), x, scalars, CLIP_FP16=clip)
