@@ -586,7 +586,7 @@ def run_method(
                             row[f"profile_b{b}"] = profile_step(step, ctx)
                     if args.ab_sets and mode != "compile":
                         row.setdefault("ab", {"set": list(args.ab_sets)})[f"b{b}"] = ab_times(
-                            model, kw, mode, ctx, args.ab_sets, res["median_ms"]
+                            model, kw, mode, ctx, args.ab_parsed, res["median_ms"]
                         )
                     del step, fn_model
                     _free()
@@ -615,18 +615,15 @@ def ab_times(
     kw: dict[str, Any],
     mode: str,
     ctx: Ctx,
-    specs: Sequence[str],
+    sets: Sequence[tuple[Any, str, Any]],
     default_ms: float,
 ) -> dict[str, Any]:
-    """The step with the engine constants ``specs`` set and without, alternated twice
+    """The step with the engine constants ``sets`` (``probe_layer.parse_set``'s
+    (module, name, value)) set and without, alternated twice
     after the row's own timing (``default_ms``), on the same model in the same process —
     one path against another without the host-to-host spread of separate runs (v35:
     eager steps of one commit 132-229 ms in different processes). CUDA-graph mode
     captures a new graph each way (the constants are read while the step is traced)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from probe_layer import merge_sets, parse_set
-
-    sets = merge_sets([parse_set(s) for s in specs])
     olds = [(m, n, getattr(m, n)) for m, n, _ in sets]
     out: dict[str, Any] = {"default_ms": [round(default_ms, 3)], "set_ms": []}
     try:
@@ -954,12 +951,14 @@ def _select(spec: str | None) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    if args.sets:
+    args.ab_parsed = []
+    if args.sets or args.ab_sets:  # both read before any model is built: a typo fails now
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from probe_layer import merge_sets, parse_set
 
         for module, name, value in merge_sets([parse_set(s) for s in args.sets]):
             setattr(module, name, value)
+        args.ab_parsed = merge_sets([parse_set(s) for s in args.ab_sets])
     cuda = torch.cuda.is_available() and not args.tiny
     dev = "cuda" if cuda else "cpu"
     if args.tiny and torch.cuda.is_available():

@@ -146,6 +146,10 @@ def test_ab_times_a_row_both_ways_in_one_process(tmp_path, capsys):
     assert ab["b1"]["set_vs_default"] > 0
     assert rope.ENABLED is True
     assert "A/B svdq-int4-fused eager b1 (rope.ENABLED=False)" in capsys.readouterr().out
+    # a constant that does not exist is refused before any model is built
+    with pytest.raises(SystemExit, match="no constant 'ENABLD'"):
+        e2e.main(["--tiny", "--out", str(tmp_path), "--rows", "svdq-int4-fused",
+                  "--ab", "rope.ENABLD=False"])  # fmt: skip
 
 
 def test_compiled_row_is_marked(tmp_path):
