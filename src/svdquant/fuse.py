@@ -232,8 +232,7 @@ def _flux_runtime() -> tuple[type, type]:
                 proj = self.proj_out.forward_cat(attn_output, mlp, "gelu_tanh")
             else:
                 proj = self.proj_out(torch.cat([attn_output, self.act_mlp(mlp)], dim=2))
-            backend = _own_backend(self.qkv_mlp, hidden_states.device)
-            hidden_states = _gate_add(residual, gate, proj, backend, clip_fp16=True)
+            hidden_states = _gate_add(residual, gate, proj, self.qkv_mlp, clip_fp16=True)
             return hidden_states[:, :n_txt], hidden_states[:, n_txt:]
 
     return FluxFusedAttnProcessor, FusedFluxSingleTransformerBlock
@@ -323,7 +322,7 @@ def _block_runtime() -> dict[str, type]:
             shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.linear(self.silu(emb)).chunk(
                 6, dim=1
             )
-            x = _modulate(self.norm, x, scale, shift, _own_backend(self.linear, x.device))
+            x = _modulate(self.norm, x, scale, shift, self.linear)
             return x, gate, shift_mlp, scale_mlp, gate_mlp
 
     class FusedAdaLayerNormZeroSingle(dn.AdaLayerNormZeroSingle):
@@ -331,7 +330,7 @@ def _block_runtime() -> dict[str, type]:
 
         def forward(self, x, emb=None):
             shift, scale, gate = self.linear(self.silu(emb)).chunk(3, dim=1)
-            return _modulate(self.norm, x, scale, shift, _own_backend(self.linear, x.device)), gate
+            return _modulate(self.norm, x, scale, shift, self.linear), gate
 
     class FusedFluxTransformerBlock(tf.FluxTransformerBlock):
         """The double block with its feed-forwards' norms modulated and its four gated
@@ -351,7 +350,7 @@ def _block_runtime() -> dict[str, type]:
             if joint_attention_kwargs or not getattr(self.attn, "fused_projections", False):
                 return super().forward(hidden_states, encoder_hidden_states, temb,
                                        image_rotary_emb, joint_attention_kwargs)  # fmt: skip
-            backend = _own_backend(self.ff.net[2], hidden_states.device)
+            fc2 = self.ff.net[2]  # the engine layer whose backend the kernels follow
             x, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
             c, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(
                 encoder_hidden_states, emb=temb
@@ -359,14 +358,12 @@ def _block_runtime() -> dict[str, type]:
             attn, c_attn = self.attn(
                 hidden_states=x, encoder_hidden_states=c, image_rotary_emb=image_rotary_emb
             )
-            h = _gate_add(hidden_states, gate, attn, backend)
-            ff = self.ff(_modulate(self.norm2, h, scale_mlp, shift_mlp, backend))
-            h = _gate_add(h, gate_mlp, ff, backend)
-            e = _gate_add(encoder_hidden_states, c_gate, c_attn, backend)
-            ff = self.ff_context(
-                _modulate(self.norm2_context, e, c_scale_mlp, c_shift_mlp, backend)
-            )
-            e = _gate_add(e, c_gate_mlp, ff, backend, clip_fp16=True)
+            h = _gate_add(hidden_states, gate, attn, fc2)
+            ff = self.ff(_modulate(self.norm2, h, scale_mlp, shift_mlp, fc2))
+            h = _gate_add(h, gate_mlp, ff, fc2)
+            e = _gate_add(encoder_hidden_states, c_gate, c_attn, fc2)
+            ff = self.ff_context(_modulate(self.norm2_context, e, c_scale_mlp, c_shift_mlp, fc2))
+            e = _gate_add(e, c_gate_mlp, ff, fc2, clip_fp16=True)
             return e, h
 
     return {
@@ -407,10 +404,11 @@ def _own_backend(layer: nn.Module, device: torch.device) -> str:
 
 
 def _modulate(
-    norm: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, backend: str
+    norm: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, layer: nn.Module
 ) -> torch.Tensor:
-    """``norm(x) · (1 + scale) + shift``: one kernel pass where ``norm`` is a plain
-    ``nn.LayerNorm`` without affine weights and ``kernels.modulate.ENABLED``."""
+    """``norm(x) · (1 + scale) + shift``: one kernel pass, on ``layer``'s backend, where
+    ``norm`` is a plain ``nn.LayerNorm`` without affine weights and
+    ``kernels.modulate.ENABLED``."""
     from svdquant import kernels
     from svdquant.kernels import modulate
 
@@ -421,6 +419,7 @@ def _modulate(
         and norm.bias is None
         and x.dim() == 3
     ):
+        backend = _own_backend(layer, x.device)
         return kernels.layer_norm_modulate(x, scale, shift, norm.eps, backend=backend)
     return norm(x) * (1 + scale[:, None]) + shift[:, None]
 
@@ -429,15 +428,17 @@ def _gate_add(
     residual: torch.Tensor,
     gate: torch.Tensor,
     x: torch.Tensor,
-    backend: str,
+    layer: nn.Module,
     clip_fp16: bool = False,
 ) -> torch.Tensor:
     """``residual + gate · x`` (clipped to fp16's range for an fp16 stream where
-    ``clip_fp16``): one kernel pass while ``kernels.modulate.ENABLED``."""
+    ``clip_fp16``): one kernel pass, on ``layer``'s backend, while
+    ``kernels.modulate.ENABLED``."""
     from svdquant import kernels
     from svdquant.kernels import modulate
 
     if modulate.ENABLED:
+        backend = _own_backend(layer, x.device)
         return kernels.gate_residual(residual, gate, x, clip_fp16, backend=backend)
     y = residual + gate.unsqueeze(1) * x
     return y.clip(-65504, 65504) if clip_fp16 and y.dtype == torch.float16 else y
