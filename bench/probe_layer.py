@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,20 @@ def merge_sets(sets: list[tuple[Any, str, Any]]) -> list[tuple[Any, str, Any]]:
             value = {**old[2], **{k: v for k, v in value.items() if v != original.get(k)}}
         merged[id(module), name] = (module, name, value)
     return list(merged.values())
+
+
+@contextlib.contextmanager
+def constants(sets: list[tuple[Any, str, Any]]) -> Iterator[None]:
+    """The engine constants ``sets`` (``parse_set``'s triples) set inside the block and
+    restored after it, whatever happens inside."""
+    olds = [(m, n, getattr(m, n)) for m, n, _ in sets]
+    try:
+        for m, n, v in sets:
+            setattr(m, n, v)
+        yield
+    finally:
+        for m, n, v in reversed(olds):
+            setattr(m, n, v)
 
 
 def _both(fn, sets) -> tuple[dict, dict]:

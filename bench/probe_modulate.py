@@ -1,6 +1,6 @@
 """FLUX's adaptive norms and gated residuals: diffusers' passes against one-pass kernels.
 
-    PYTHONPATH=src python bench/probe_modulate.py [--out DIR]
+    PYTHONPATH=src python bench/probe_modulate.py [--tiles 2x8,4x8,...] [--out DIR]
 
 ``layer_norm(x) · (1 + scale) + shift`` (``AdaLayerNormZero``/``ZeroSingle``'s modulation,
 ~115 per FLUX step): PyTorch's three passes (``nn.LayerNorm`` without affine weights, the
@@ -8,7 +8,8 @@ product, the sum) against ``kernels.layer_norm_modulate``, replayed from a CUDA 
 FLUX.1's 1024² sizes (4096 image tokens of a double block, 4608 of a single block, 512
 text tokens), 3072 channels, bf16; and ``residual + gate · x`` (each branch joining the
 residual stream, ~115 a step: two PyTorch passes) against ``kernels.gate_residual``;
-outputs compared. Writes ``probe_modulate-<date>.json``.
+outputs compared. ``--tiles`` also times both kernels at each (rows per program, warps)
+of ``modulate.TILE``. Writes ``probe_modulate-<date>.json``.
 """
 
 from __future__ import annotations
@@ -22,17 +23,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gemm import bench_graph, run_info, write_result
+from probe_layer import constants
 
 from svdquant import kernels
-from svdquant.kernels import reference
+from svdquant.kernels import modulate, reference
 
 CASES = (("double, image", 4096, 6), ("single", 4608, 3), ("double, text", 512, 6))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiles", default="", help="e.g. 2x8,4x8,1x4: rows x warps")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
+    tiles = [tuple(int(v) for v in t.split("x")) for t in a.tiles.split(",") if t]
     c, dt = 3072, torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -49,11 +53,18 @@ def main() -> None:
             diff = (ours(*args).float() - theirs(*args).float()).abs().max().item()
             base = bench_graph(lambda f=theirs, a=args: f(*a))
             fused = bench_graph(lambda f=ours, a=args: f(*a))
+            per_tile = {}
+            for tile in tiles:
+                with constants([(modulate, "TILE", tile)]):
+                    key = "x".join(map(str, tile))
+                    per_tile[key] = bench_graph(lambda f=ours, a=args: f(*a))
             rows.append({"op": op, "case": name, "tokens": s, "channels": c,
                          "diffusers_us": base, "ours_us": fused, "x": base / fused,
-                         "max_abs_diff": diff})  # fmt: skip
+                         "max_abs_diff": diff, "tile": list(modulate.TILE),
+                         "tiles_us": per_tile})  # fmt: skip
             print(f"{label:>14} | {base:12.1f} | {fused:7.1f} | {base / fused:.2f}  "
-                  f"(max |diff| {diff:.1e})")  # fmt: skip
+                  f"(max |diff| {diff:.1e})"
+                  + "".join(f"  {t}: {us:.1f}" for t, us in per_tile.items()))  # fmt: skip
     print("->", write_result({**run_info(), "rows": rows}, a.out, "probe_modulate"))
 
 

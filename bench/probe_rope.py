@@ -1,7 +1,7 @@
 """FLUX's q/k preparation: diffusers' passes against the norm + rotary kernel, on the GPU.
 
     PYTHONPATH=src python bench/probe_rope.py [--tiles 64x4,32x4,...] \
-        [--set rope.PACKED=True ...] [--out DIR]
+        [--set rope.PACKED=False ...] [--out DIR]
 
 Per attention, q and k are normalized per head (``torch.nn.RMSNorm``), the text stream's
 heads concatenated first and the pairs rotated (``apply_rotary_emb``): diffusers runs that
@@ -9,10 +9,11 @@ as separate PyTorch ops, ``kernels.rms_norm_rope`` as one pass per tensor. Both 
 replayed from a CUDA graph (no launch overhead) at FLUX.1's 1024² sizes — a double block
 (512 text + 4096 image tokens) and a single block (4608 tokens, q/k views of the fused
 projection's output) — and at 512² (512 + 1024), 24 heads of 128, bf16; outputs compared.
-``--tiles`` also times the kernel at each (head rows per program, warps) of
-``rope.TILE``; ``--set module.NAME=VALUE`` (as in ``probe_layer.py``) times it once more
-with those constants set (e.g. ``rope.PACKED=True``), its output compared with the
-default's. Writes ``probe_rope-<date>.json``.
+``--tiles`` also times the kernel at each (head rows per program, warps) of the form
+that runs (``rope.PACKED_TILE``, or ``rope.TILE`` with ``--set rope.PACKED=False``);
+``--set module.NAME=VALUE`` (as in ``probe_layer.py``) times it once more with those
+constants set (e.g. ``rope.PACKED=False``: the split kernel), its output compared with
+the default's. Writes ``probe_rope-<date>.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gemm import bench_graph, run_info, write_result
-from probe_layer import merge_sets, parse_set
+from probe_layer import constants, merge_sets, parse_set
 
 from svdquant import kernels
 from svdquant.kernels import rope
@@ -59,9 +60,11 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="MOD.NAME=VALUE")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
-    default = rope.TILE
     tiles = [tuple(int(v) for v in t.split("x")) for t in a.tiles.split(",") if t]
     sets = merge_sets([parse_set(v) for v in a.sets])
+    packed = next((v for m, n, v in sets if m is rope and n == "PACKED"), rope.PACKED)
+    tile_name = "PACKED_TILE" if packed else "TILE"
+    default = getattr(rope, tile_name)
     h, d, dt = 24, 128, torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
     norms = [torch.nn.RMSNorm(d, eps=1e-6).cuda().to(dt) for _ in range(4)]
@@ -85,26 +88,17 @@ def main() -> None:
         fused = bench_graph(lambda a=args: ours(*a))
         per_tile = {}
         for tile in tiles:
-            rope.TILE = tile
-            try:
+            with constants([*sets, (rope, tile_name, tile)]):
                 per_tile["x".join(map(str, tile))] = bench_graph(lambda a=args: ours(*a))
-            finally:
-                rope.TILE = default
         extra = {}
         if sets:
-            olds = [(m, n, getattr(m, n)) for m, n, _ in sets]
-            try:
-                for m, n, v in sets:
-                    setattr(m, n, v)
+            with constants(sets):
                 same = all(torch.equal(x, y) for x, y in zip(ours(*args), got, strict=True))
                 extra = {"set": a.sets, "set_us": bench_graph(lambda a=args: ours(*a)),
                          "set_equal": same}  # fmt: skip
-            finally:
-                for m, n, v in olds:
-                    setattr(m, n, v)
         rows.append({"case": name, "text_tokens": s_head, "tokens": s, "heads": h,
                      "head_dim": d, "diffusers_us": base, "ours_us": fused,
-                     "x": base / fused, "max_abs_diff": diff, "tile": list(default),
+                     "x": base / fused, "max_abs_diff": diff, "tile": [tile_name, *default],
                      "tiles_us": per_tile, **extra})  # fmt: skip
         print(f"{name:>13} | {base:12.1f} | {fused:7.1f} | {base / fused:.2f}  "
               f"(max |diff| {diff:.1e})"

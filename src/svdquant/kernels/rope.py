@@ -36,11 +36,13 @@ TILE = (64, 4)
 #: sm_90 SASS (``bench/sass_report.py --kernels rope,rope_packed``): no barrier, no
 #: shared memory, every access 16 bytes, 77 registers at ``PACKED_TILE`` — against the
 #: split kernel's 196 registers, 15 barriers and shared-memory round trips between the
-#: bf16 and fp32 tiles' layouts (v35: ~1.1 TB/s). Not yet run on the GPU: off until
-#: ``bench/probe_rope.py --set rope.PACKED=True`` says it is faster.
+#: bf16 and fp32 tiles' layouts (v35: ~1.1 TB/s). v36, H200 (``bench/probe_rope.py``): a
+#: double block's q/k 103.1 → 47.3 µs, a single block's 57.4 → 51.9, the FLUX step
+#: 104.4 → 101.9 ms (``bench/e2e.py --ab``). False: the split kernel.
 #: Tensors whose strides or offsets are not whole words take the split kernel.
-PACKED = False
-PACKED_TILE = (64, 8)
+PACKED = True
+#: Timed on the H200 (v36) against (64, 8) and (64, 4): (32, 4) fastest at every case.
+PACKED_TILE = (32, 4)
 #: The fused FLUX attention processor (``svdquant.fuse_projections``) runs this kernel;
 #: False keeps diffusers' own norm, concatenation and rotation (``bench/e2e.py --set
 #: rope.ENABLED=False``: what it saves).
