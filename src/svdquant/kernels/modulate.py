@@ -25,8 +25,10 @@ from svdquant.kernels._triton_common import cdiv, needs_bf16_rounding, next_pow2
 
 __all__ = ["gate_residual", "layer_norm_modulate", "supports"]
 
-#: Rows per program and num_warps. Not yet tuned on the GPU.
-TILE = (2, 8)
+#: Rows per program and num_warps. H200 (v36, ``probe_modulate.py --tiles``): (1, 4) the
+#: fastest of 1x4, 1x8, 2x4, 2x8, 4x8, 4x16 at the norms (~1 µs under 2x8), all equal at
+#: the gates.
+TILE = (1, 4)
 #: The fused FLUX runtime (``svdquant.fuse_projections``) runs its blocks' adaptive norms
 #: and gated residuals through these kernels when True (False: diffusers' ops in
 #: diffusers' order). v36, H200, one process (``bench/e2e.py --ab``): the FLUX step

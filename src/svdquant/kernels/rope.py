@@ -41,8 +41,9 @@ TILE = (64, 4)
 #: 104.4 → 101.9 ms (``bench/e2e.py --ab``). False: the split kernel.
 #: Tensors whose strides or offsets are not whole words take the split kernel.
 PACKED = True
-#: Timed on the H200 (v36) against (64, 8) and (64, 4): (32, 4) fastest at every case.
-PACKED_TILE = (32, 4)
+#: Timed on the H200 (v36, ``probe_rope.py --tiles``) against 16x2, 32x2, 32x4, 32x8, 64x4
+#: and 64x8: (16, 4) fastest at every case (a single block's q/k 52.0 → 41.0 µs).
+PACKED_TILE = (16, 4)
 #: The fused FLUX attention processor (``svdquant.fuse_projections``) runs this kernel;
 #: False keeps diffusers' own norm, concatenation and rotation (``bench/e2e.py --set
 #: rope.ENABLED=False``: what it saves).
