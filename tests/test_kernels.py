@@ -1514,8 +1514,10 @@ def test_gpu_w4a16_dp4a_kernel_over_tiles(monkeypatch, m, tile):
 @pytest.mark.parametrize("m", [1, 2, 4, 8])
 @pytest.mark.parametrize(("n", "k", "r"), [(18432, 3072, 32), (130, 333, 40), (9216, 3072, 0)])
 def test_gpu_w4a16_prep_loads_first(monkeypatch, m, n, k, r):
-    """``gemv.PREP_LD_FIRST`` on the GPU: loads reordered, the same outputs — to fp32
-    rounding, as where K is split the partial sums meet through atomics in any order."""
+    """``gemv.PREP_LD_FIRST`` on the GPU: loads reordered, the same outputs — to one unit in
+    the last place of the bf16 output, as where K is split the fp32 partial sums meet
+    through atomics in any order and may round either way (v36: a norm-wise 1e-5 failed
+    once at M = 8 on one such flip)."""
     from svdquant.kernels import gemv
 
     x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=9)
@@ -1523,7 +1525,9 @@ def test_gpu_w4a16_prep_loads_first(monkeypatch, m, n, k, r):
     y0 = w4a16_linear(x, *args)
     monkeypatch.setattr(gemv, "PREP_LD_FIRST", True)
     y1 = w4a16_linear(x, *args)
-    assert rel_err(y1, y0) <= 1e-5 and rel_err(y1, ref.w4a16_linear_ref(x, *args)) <= TOL
+    a, b = y1.float(), y0.float()
+    assert ((a - b).abs() <= b.abs() * 2**-7 + 1e-6 * b.abs().max()).all()
+    assert rel_err(y1, ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
 @pytest.mark.gpu
