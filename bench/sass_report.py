@@ -205,6 +205,21 @@ def _gate_residual() -> dict[str, Any]:
     )
 
 
+@_spec("gate_residual_modulate")
+def _gate_residual_modulate() -> dict[str, Any]:
+    """A double block's attention output joining its image stream, and the feed-forward's
+    adaptive norm of the sum."""
+    from svdquant.kernels import modulate as mo
+
+    spec = _gate_residual()
+    spec["kernel"] = mo._gate_residual_modulate_kernel
+    spec["ptrs"] = dict(r_ptr="*bf16", g_ptr="*bf16", x_ptr="*bf16", scale_ptr="*bf16",
+                        shift_ptr="*bf16", h_ptr="*bf16", out_ptr="*bf16")  # fmt: skip
+    spec["ints"] = {**spec["ints"], "stride_sb": 6 * 3072, "stride_hb": 6 * 3072}
+    spec["floats"] = dict(eps=1e-6)
+    return spec
+
+
 @_spec("widen")
 def _widen() -> dict[str, Any]:
     from svdquant.kernels import widen as w

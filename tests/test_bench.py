@@ -201,8 +201,9 @@ def test_isolated_rows_run_in_their_own_process(tmp_path, monkeypatch):
 def test_sass_report_guards_the_gemv_layout(tmp_path):
     """bench/sass_report.py compiles the GEMV for sm_90 on the CPU: 16-byte loads of the
     codes and x̂, no spills, and at most one layout conversion in the main loop (the group
-    scales) — the design that keeps the decoded weights out of shared memory; and the
-    GEMM's split output (fused projections) keeps its 16-byte stores."""
+    scales) — the design that keeps the decoded weights out of shared memory; the GEMM's
+    split output (fused projections) and the gated sum + norm keep their 16-byte
+    accesses."""
     import os
     import subprocess
 
@@ -213,7 +214,8 @@ def test_sass_report_guards_the_gemv_layout(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels
     out = tmp_path / "report.json"
     script = str(ROOT / "bench" / "sass_report.py")
-    cmd = [sys.executable, script, "--kernels", "gemv_fma,gemm_split", "--json", str(out)]
+    kernels = "gemv_fma,gemm_split,gate_residual_modulate"
+    cmd = [sys.executable, script, "--kernels", kernels, "--json", str(out)]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
     report = json.loads(out.read_text())
     r = report["gemv_fma"]
@@ -222,6 +224,9 @@ def test_sass_report_guards_the_gemv_layout(tmp_path):
     assert r["loop_layout_conversions"] <= 1
     split = report["gemm_split"]["memory"]
     assert split.get("STG.E.128", 0) > 0 and not split.get("STG.E.U16")
+    fused = report["gate_residual_modulate"]
+    assert fused["spill_bytes"] == 0 and set(fused["memory"]) <= {"LDG.E.128", "STG.E.128",
+                                                                  "LDS", "STS"}  # fmt: skip
 
 
 def test_probe_layer_reads_its_overrides():

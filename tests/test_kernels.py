@@ -1622,7 +1622,8 @@ def test_gpu_compile_inductor_and_cuda_graph(act_fmt, k):
 
 
 @torch.no_grad()
-def test_fused_flux_runtime_on_the_engine(monkeypatch):
+@pytest.mark.parametrize("gate_norm", [False, True])
+def test_fused_flux_runtime_on_the_engine(monkeypatch, gate_norm):
     """``fuse_projections`` on a tiny FLUX transformer, on the engine: the single blocks'
     ``proj_out`` quantizes the attention output and the MLP's GELU where they lie, the
     double blocks' feed-forwards run as fused MLPs, q and k take the norm + rotary kernel —
@@ -1652,13 +1653,15 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch):
     from svdquant.kernels import modulate
 
     monkeypatch.setattr(modulate, "ENABLED", True)
-    calls = {"mlp": 0, "cat": 0, "rope": 0, "norm": 0, "gate": 0}
+    monkeypatch.setattr(modulate, "FUSE_GATE_NORM", gate_norm)
+    calls = {"mlp": 0, "cat": 0, "rope": 0, "norm": 0, "gate": 0, "gate_norm": 0}
     for name, key in (
         ("svdq_mlp_triton", "mlp"),
         ("svdq_linear_cat_triton", "cat"),
         ("rms_norm_rope", "rope"),
         ("layer_norm_modulate", "norm"),
         ("gate_residual", "gate"),
+        ("gate_residual_modulate", "gate_norm"),
     ):
         real = getattr(svdquant.kernels, name)
 
@@ -1674,9 +1677,13 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch):
     # q and k of every attention normalized, concatenated and rotated in one pass each
     # and the blocks' adaptive norms modulate (norm1, norm1_context, norm2, norm2_context;
     # the single block's norm) and their gated residuals join in one pass each
-    # (kernels.modulate.ENABLED)
+    # (kernels.modulate.ENABLED) — with FUSE_GATE_NORM, each attention output's gated sum
+    # and the feed-forward's norm after it in one pass (two a double block)
+    fused_pairs = 2 * n_double if gate_norm else 0
     assert calls == {"mlp": 2 * n_double, "cat": n_single, "rope": 2 * (n_double + n_single),
-                     "norm": 4 * n_double + n_single, "gate": 4 * n_double + n_single}  # fmt: skip
+                     "norm": 4 * n_double + n_single - fused_pairs,
+                     "gate": 4 * n_double + n_single - fused_pairs,
+                     "gate_norm": fused_pairs}  # fmt: skip
     assert rel_err(fused, unfused) <= TOL
     torch._dynamo.reset()  # Inductor on the GPU; the CPU checks the trace (no C++ build)
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"

@@ -18,7 +18,11 @@ triton = pytest.importorskip("triton")
 
 from svdquant import kernels  # noqa: E402
 from svdquant.kernels import reference as ref  # noqa: E402
-from svdquant.kernels.modulate import gate_residual, layer_norm_modulate  # noqa: E402
+from svdquant.kernels.modulate import (  # noqa: E402
+    gate_residual,
+    gate_residual_modulate,
+    layer_norm_modulate,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -202,3 +206,89 @@ def test_single_blocks_rejoin_their_halves_without_a_copy(monkeypatch, b, infere
             assert torch.equal(got, torch.cat([first, second], dim=1))
         monkeypatch.setattr(modulate, "ENABLED", False)
         assert fuse._joined(t[:, :3], t[:, 3:]).data_ptr() != t.data_ptr()
+
+
+def _fused_case(b, s, c, dtype=torch.bfloat16, seed=0):
+    """(residual, gate, x, scale, shift, eps): a double block's attention output joining
+    its stream, then the feed-forward's norm (all chunks of one [B, 6 · C] embedding)."""
+    r, gate, x = _gate_case(b, s, c, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    emb = torch.randn(b, 6 * c, generator=g).to(DEVICE, dtype)
+    return r, gate, x, emb[:, 4 * c : 5 * c], emb[:, 3 * c : 4 * c], 1e-6
+
+
+@pytest.mark.parametrize(
+    ("b", "s", "c"), [(1, 1, 3), (2, 5, 64), (1, 7, 3072), (3, 3, 100), (2, 33, 257)]
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gate_residual_modulate_is_the_two_kernels(b, s, c, dtype):
+    """One pass, the same numbers as ``gate_residual`` then ``layer_norm_modulate``, bit for
+    bit; the sum equal to diffusers' value for value, the norm up to its last bit."""
+    r, gate, x, scale, shift, eps = args = _fused_case(b, s, c, dtype)
+    h, n = gate_residual_modulate(*args)
+    assert h.is_contiguous() and n.is_contiguous() and h.dtype == n.dtype == dtype
+    h2 = gate_residual(r, gate, x)
+    assert torch.equal(h, h2) and torch.equal(n, layer_norm_modulate(h2, scale, shift, eps))
+    want_h, want_n = ref.gate_residual_modulate_ref(*args)
+    assert torch.equal(h, want_h) and _close(n, want_n)
+
+
+def test_gate_residual_modulate_reads_slices_and_clips():
+    """Rows of wider tensors are read where they lie (or copied first for several images);
+    ``clip_fp16`` clips the sum of an fp16 stream before its norm."""
+    for b in (1, 2):
+        r, gate, x, scale, shift, eps = _fused_case(b, 9, 64)
+        got = gate_residual_modulate(r[:, 4:], gate, x[:, 2:7], scale, shift, eps)
+        want = ref.gate_residual_modulate_ref(r[:, 4:], gate, x[:, 2:7], scale, shift, eps)
+        assert torch.equal(got[0], want[0]) and _close(got[1], want[1])
+    r, gate, x, scale, shift, eps = _fused_case(1, 2, 8, torch.float16)
+    r[0, 0, :2] = torch.tensor([65000.0, -65000.0], dtype=torch.float16)
+    x[0, 0, :2], gate[0, :2] = 6000.0, 1.0
+    h, n = gate_residual_modulate(r, gate, x, scale, shift, eps, clip_fp16=True)
+    assert h[0, 0, 0].item() == 65504 and n.isfinite().all()
+    assert torch.equal(n, layer_norm_modulate(h, scale, shift, eps))
+
+
+def test_gate_residual_modulate_refuses_bad_input():
+    r, gate, x, scale, shift, eps = _fused_case(2, 3, 16)
+    with pytest.raises(ValueError, match="x must be"):
+        gate_residual_modulate(r, gate, x[:, :2], scale, shift, eps)
+    with pytest.raises(ValueError, match="gate must be"):
+        gate_residual_modulate(r, gate[:1], x, scale, shift, eps)
+    with pytest.raises(ValueError, match="scale must be"):
+        gate_residual_modulate(r, gate, x, scale[:1], shift, eps)
+    with pytest.raises(ValueError, match="shift must be"):
+        gate_residual_modulate(r, gate, x, scale, shift.float(), eps)
+    with pytest.raises(ValueError, match="one 16-bit dtype"):
+        gate_residual_modulate(r.float(), gate.float(), x.float(), scale, shift, eps)
+
+
+def test_gate_residual_modulate_op_falls_back_and_compiles():
+    """``kernels.gate_residual_modulate``: fp32 or the reference backend computes the
+    reference; ``torch.compile(fullgraph=True)`` traces the op as one node."""
+    args = _fused_case(2, 3, 16)
+    f32 = tuple(a.float() if torch.is_tensor(a) else a for a in args)
+    for got, want in zip(kernels.gate_residual_modulate(*f32),
+                         ref.gate_residual_modulate_ref(*f32), strict=True):  # fmt: skip
+        assert torch.equal(got, want)
+    for got, want in zip(kernels.gate_residual_modulate(*args, backend="reference"),
+                         ref.gate_residual_modulate_ref(*args), strict=True):  # fmt: skip
+        assert torch.equal(got, want)
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    compiled = torch.compile(lambda *a: [t * 2 for t in kernels.gate_residual_modulate(*a)],
+                             fullgraph=True, backend=backend)  # fmt: skip
+    for got, want in zip(compiled(*args), gate_residual_modulate(*args), strict=True):
+        assert torch.equal(got, want * 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("b", "s"), [(1, 4096), (1, 512), (4, 512)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_gate_residual_modulate_flux_sizes(b, s, dtype):
+    """A double block's image stream (4096 tokens) and text streams at 1024², 3072
+    channels: the two kernels' numbers bit for bit."""
+    r, gate, x, scale, shift, eps = args = _fused_case(b, s, 3072, dtype, seed=s)
+    h, n = gate_residual_modulate(*args)
+    h2 = gate_residual(r, gate, x)
+    assert torch.equal(h, h2) and torch.equal(n, layer_norm_modulate(h2, scale, shift, eps))
+    assert _close(n, ref.gate_residual_modulate_ref(*args)[1])

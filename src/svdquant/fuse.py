@@ -358,12 +358,12 @@ def _block_runtime() -> dict[str, type]:
             attn, c_attn = self.attn(
                 hidden_states=x, encoder_hidden_states=c, image_rotary_emb=image_rotary_emb
             )
-            h = _gate_add(hidden_states, gate, attn, fc2)
-            ff = self.ff(_modulate(self.norm2, h, scale_mlp, shift_mlp, fc2))
-            h = _gate_add(h, gate_mlp, ff, fc2)
-            e = _gate_add(encoder_hidden_states, c_gate, c_attn, fc2)
-            ff = self.ff_context(_modulate(self.norm2_context, e, c_scale_mlp, c_shift_mlp, fc2))
-            e = _gate_add(e, c_gate_mlp, ff, fc2, clip_fp16=True)
+            h, n = _gate_add_modulate(hidden_states, gate, attn, self.norm2, scale_mlp,
+                                      shift_mlp, fc2)  # fmt: skip
+            h = _gate_add(h, gate_mlp, self.ff(n), fc2)
+            e, n = _gate_add_modulate(encoder_hidden_states, c_gate, c_attn, self.norm2_context,
+                                      c_scale_mlp, c_shift_mlp, fc2)  # fmt: skip
+            e = _gate_add(e, c_gate_mlp, self.ff_context(n), fc2, clip_fp16=True)
             return e, h
 
     return {
@@ -403,22 +403,28 @@ def _own_backend(layer: nn.Module, device: torch.device) -> str:
     return kernels.resolve_backend(getattr(layer, "backend", "auto"), device)
 
 
-def _modulate(
-    norm: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, layer: nn.Module
-) -> torch.Tensor:
-    """``norm(x) · (1 + scale) + shift``: one kernel pass, on ``layer``'s backend, where
-    ``norm`` is a plain ``nn.LayerNorm`` without affine weights and
-    ``kernels.modulate.ENABLED``."""
-    from svdquant import kernels
+def _plain_norm(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the modulation kernels compute ``norm(x)``: ``kernels.modulate.ENABLED``,
+    ``norm`` a plain ``nn.LayerNorm`` without affine weights, ``x`` [B, S, C]."""
     from svdquant.kernels import modulate
 
-    if (
+    return (
         modulate.ENABLED
         and type(norm) is nn.LayerNorm
         and norm.weight is None
         and norm.bias is None
         and x.dim() == 3
-    ):
+    )
+
+
+def _modulate(
+    norm: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, layer: nn.Module
+) -> torch.Tensor:
+    """``norm(x) · (1 + scale) + shift``: one kernel pass, on ``layer``'s backend, where
+    ``_plain_norm``."""
+    from svdquant import kernels
+
+    if _plain_norm(norm, x):
         backend = _own_backend(layer, x.device)
         return kernels.layer_norm_modulate(x, scale, shift, norm.eps, backend=backend)
     return norm(x) * (1 + scale[:, None]) + shift[:, None]
@@ -442,6 +448,30 @@ def _gate_add(
         return kernels.gate_residual(residual, gate, x, clip_fp16, backend=backend)
     y = residual + gate.unsqueeze(1) * x
     return y.clip(-65504, 65504) if clip_fp16 and y.dtype == torch.float16 else y
+
+
+def _gate_add_modulate(
+    residual: torch.Tensor,
+    gate: torch.Tensor,
+    x: torch.Tensor,
+    norm: nn.Module,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    layer: nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = residual + gate · x`` and ``norm(h) · (1 + scale) + shift``: one kernel pass
+    for both, on ``layer``'s backend, while ``kernels.modulate.FUSE_GATE_NORM`` and
+    ``_plain_norm``; else ``_gate_add`` then ``_modulate``."""
+    from svdquant import kernels
+    from svdquant.kernels import modulate
+
+    if modulate.FUSE_GATE_NORM and _plain_norm(norm, residual):
+        backend = _own_backend(layer, x.device)
+        return kernels.gate_residual_modulate(
+            residual, gate, x, scale, shift, norm.eps, backend=backend
+        )
+    h = _gate_add(residual, gate, x, layer)
+    return h, _modulate(norm, h, scale, shift, layer)
 
 
 def _swap_class(module: nn.Module) -> bool:

@@ -22,6 +22,7 @@ import torch
 from svdquant.kernels.ops import (
     check_cat_inputs,
     gate_residual,
+    gate_residual_modulate,
     layer_norm_modulate,
     rms_norm_rope,
     splits_in_gemm,
@@ -41,6 +42,7 @@ __all__ = [
     "BACKENDS",
     "check_cat_inputs",
     "gate_residual",
+    "gate_residual_modulate",
     "layer_norm_modulate",
     "quantize_activations",
     "resolve_backend",

@@ -3,12 +3,12 @@
 Each kernel is one op (``svdquant::quantize_act``, ``::quantize_act_cat``,
 ``::widen_weight``, ``::quantize_and_widen``, ``::fp8_gemm``, ``::fp8_gemm_split``,
 ``::w4a16_linear``; beside the layer, FLUX's ``::rms_norm_rope``,
-``::layer_norm_modulate`` and ``::gate_residual``) with a fake (meta) implementation
-that only computes output shapes, so ``torch.compile(fullgraph=True)`` traces a layer
-into three opaque nodes with no graph break and no host sync, and Inductor fuses the
-elementwise work around them. Eager calls skip PyTorch's dispatcher and run the
-implementations directly (``_ops``). Triton is imported on the first real call, not
-here.
+``::layer_norm_modulate``, ``::gate_residual`` and ``::gate_residual_modulate``) with a
+fake (meta) implementation that only computes output shapes, so
+``torch.compile(fullgraph=True)`` traces a layer into three opaque nodes with no graph
+break and no host sync, and Inductor fuses the elementwise work around them. Eager
+calls skip PyTorch's dispatcher and run the implementations directly (``_ops``). Triton
+is imported on the first real call, not here.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from svdquant.kernels import reference
 __all__ = [
     "check_cat_inputs",
     "gate_residual",
+    "gate_residual_modulate",
     "layer_norm_modulate",
     "rms_norm_rope",
     "splits_in_gemm",
@@ -666,3 +667,54 @@ def gate_residual(
     ):
         return _ops(x).gate_residual(residual, gate, x, clip_fp16)
     return reference.gate_residual_ref(residual, gate, x, clip_fp16)
+
+
+@_op("gate_residual_modulate")
+def gate_residual_modulate_op(
+    residual: torch.Tensor,
+    gate: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float,
+    clip_fp16: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.modulate.gate_residual_modulate`` as a custom op."""
+    from svdquant.kernels.modulate import gate_residual_modulate as impl
+
+    return impl(residual, gate, x, scale, shift, eps, clip_fp16)
+
+
+@gate_residual_modulate_op.register_fake
+def _(residual, gate, x, scale, shift, eps, clip_fp16):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+def gate_residual_modulate(
+    residual: torch.Tensor,
+    gate: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float,
+    clip_fp16: bool = False,
+    backend: str = "triton",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = residual + gate[:, None] · x`` and the adaptive norm
+    ``layer_norm(h) · (1 + scale[:, None]) + shift[:, None]`` in one pass
+    (``kernels/modulate.py``) on ``backend`` ``"triton"`` where the kernel takes the
+    tensors (all [B, S, C] / [B, C] of one 16-bit dtype); else
+    ``reference.gate_residual_modulate_ref`` (diffusers' passes). Returns (h, normed)."""
+    from svdquant.kernels import modulate
+
+    if (
+        backend == "triton"
+        and residual.dim() == x.dim() == 3
+        and residual.shape == x.shape
+        and modulate.supports(x.shape[-1], x.dtype)
+        and residual.dtype == gate.dtype == x.dtype == scale.dtype == shift.dtype
+        and residual.stride(-1) == gate.stride(-1) == x.stride(-1) == 1
+        and scale.stride(-1) == shift.stride(-1) == 1
+    ):
+        return _ops(x).gate_residual_modulate(residual, gate, x, scale, shift, eps, clip_fp16)
+    return reference.gate_residual_modulate_ref(residual, gate, x, scale, shift, eps, clip_fp16)

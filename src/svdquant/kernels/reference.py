@@ -384,3 +384,20 @@ def gate_residual_ref(
     Reference of ``modulate.gate_residual``."""
     y = residual + gate.unsqueeze(1) * x
     return y.clip(-65504, 65504) if clip_fp16 and y.dtype == torch.float16 else y
+
+
+def gate_residual_modulate_ref(
+    residual: torch.Tensor,
+    gate: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float,
+    clip_fp16: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = gate_residual_ref(residual, gate, x, clip_fp16)`` and
+    ``layer_norm_modulate_ref(h, scale, shift, eps)``: a double block's attention output
+    joining the stream, then its feed-forward's adaptive norm, as diffusers computes
+    them. Reference of ``modulate.gate_residual_modulate``."""
+    h = gate_residual_ref(residual, gate, x, clip_fp16)
+    return h, layer_norm_modulate_ref(h, scale, shift, eps)
