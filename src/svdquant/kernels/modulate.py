@@ -194,6 +194,22 @@ def layer_norm_modulate(
 
 
 @triton.jit
+def _gate_inputs(r_ptr, g_ptr, x_ptr, M, S, C, stride_rm, stride_gb, stride_xm,
+                 BLOCK_C: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+    """This program's rows of the residual and the branch (fp32), their images' gates,
+    and the tile's mask, images, 64-bit row indices and columns."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows < M)[:, None] & (cols < C)[None, :]
+    b = rows // S
+    r64 = rows.to(tl.int64)[:, None]
+    r = tl.load(r_ptr + r64 * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + r64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + b[:, None] * stride_gb + cols[None, :], mask=mask, other=0.0)
+    return r, g, x, mask, b, r64, cols
+
+
+@triton.jit
 def _gate_residual_kernel(
     r_ptr,
     g_ptr,
@@ -210,14 +226,8 @@ def _gate_residual_kernel(
     BLOCK_C: tl.constexpr,
     ROWS: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_C)
-    mask = (rows < M)[:, None] & (cols < C)[None, :]
-    b = rows // S
-    r64 = rows.to(tl.int64)[:, None]
-    r = tl.load(r_ptr + r64 * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + r64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + b[:, None] * stride_gb + cols[None, :], mask=mask, other=0.0)
+    r, g, x, mask, _, r64, cols = _gate_inputs(r_ptr, g_ptr, x_ptr, M, S, C, stride_rm,
+                                               stride_gb, stride_xm, BLOCK_C, ROWS)  # fmt: skip
     dt = out_ptr.dtype.element_ty
     y = _gated(r, g, x, CLIP_FP16, ROUND_BF16, dt)
     tl.store(out_ptr + r64 * C + cols[None, :], y.to(dt), mask=mask)
@@ -262,14 +272,8 @@ def _gate_residual_modulate_kernel(
     BLOCK_C: tl.constexpr,
     ROWS: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_C)
-    mask = (rows < M)[:, None] & (cols < C)[None, :]
-    b = rows // S
-    r64 = rows.to(tl.int64)[:, None]
-    r = tl.load(r_ptr + r64 * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + r64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + b[:, None] * stride_gb + cols[None, :], mask=mask, other=0.0)
+    r, g, x, mask, b, r64, cols = _gate_inputs(r_ptr, g_ptr, x_ptr, M, S, C, stride_rm,
+                                               stride_gb, stride_xm, BLOCK_C, ROWS)  # fmt: skip
     dt = out_ptr.dtype.element_ty
     h = _gated(r, g, x, CLIP_FP16, ROUND_BF16, dt).to(dt)
     tl.store(h_ptr + r64 * C + cols[None, :], h, mask=mask)
