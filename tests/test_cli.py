@@ -202,7 +202,7 @@ def test_python_dash_m(tmp_path):
     assert r.returncode == 2
 
 
-def test_generate_with_a_lora(quantized, tmp_path, capsys):
+def test_generate_with_a_lora(quantized, tmp_path, capsys, monkeypatch):
     import numpy as np
     from PIL import Image
     from safetensors.torch import save_file
@@ -231,7 +231,13 @@ def test_generate_with_a_lora(quantized, tmp_path, capsys):
 
     plain = generate()
     assert (generate("--lora", f"{lora}:0") == plain).all()  # strength 0: no change
+    import svdquant.fuse
+
+    # a model with a fused runtime (FLUX) runs without it when given LoRAs, and says so
+    monkeypatch.setattr(svdquant.fuse, "has_fused_runtime", lambda model: True)
+    capsys.readouterr()
     assert (generate("--lora", str(lora)) != plain).any()
+    assert "with --lora the fused runtime is off" in capsys.readouterr().out
     bad = ["generate", "--model", str(quantized), "--prompt", "x", "--out", str(tmp_path / "b.png")]
     assert main([*bad, "--lora", str(tmp_path / "missing.safetensors"), "--device", "cpu"]) == 2
     assert "missing.safetensors" in capsys.readouterr().err

@@ -647,6 +647,12 @@ def unfuse_projections(model: nn.Module) -> int:
     return count
 
 
+def has_fused_runtime(model: nn.Module) -> bool:
+    """Whether ``fuse_projections`` has a fused runtime for ``model`` (FLUX.1's attention
+    modules): what a model that cannot be fused, e.g. one carrying LoRAs, runs without."""
+    return any(type(m).__name__ == "FluxAttention" for m in model.modules())
+
+
 def is_fused(model: nn.Module) -> bool:
     """Whether ``fuse_projections`` fused anything in ``model``."""
     return any(getattr(m, _FUSED_ATTR, None) or hasattr(m, _ORIG_CLASS) for m in model.modules())
