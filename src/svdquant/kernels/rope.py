@@ -28,8 +28,11 @@ from svdquant.kernels._triton_common import cdiv, needs_bf16_rounding, round_bf1
 
 __all__ = ["rms_norm_rope", "supports"]
 
-#: (head rows per program, num_warps): 64 rows of a 128-wide head = 16 KB of bf16 read and
-#: written per program. Not yet tuned on the GPU.
+#: The split kernel's (head rows per program, num_warps): 64 rows of a 128-wide head = 16
+#: KB of bf16 read and written per program. v36, H200 (``probe_rope.py --set
+#: rope.PACKED=False --tiles``): 64x8 took 55.8 / 47.9 / 25.1 µs at a double block, a
+#: single block and a 512² double block against this tile's 103.1 / 57.1 / 45.2 — kept
+#: until its outputs are tested on the GPU at 64x8 (the packed kernel runs by default).
 TILE = (64, 4)
 #: Pairs packed in words (``_rms_norm_rope_packed_kernel``): the 16-bit rows read and
 #: written as int32, cos / sin as int64, so every tile is [rows, D / 2] in one layout.
