@@ -454,3 +454,81 @@ def test_text_encoder_keys_are_skipped(two, tmp_path):
         load_lora(model, tmp_path / "te.safetensors")
     assert any("text-encoder" in str(x.message) for x in w)
     assert list_loras(model)[0].format == "kohya"
+
+
+def test_fused_runtime_carries_loras(flux, tmp_path):
+    """``fuse_projections`` on a FLUX model with a LoRA on every linear: q/k/v (and the
+    single blocks' MLP input) fused with each layer's LoRA stacked after the shared base
+    branch — the same outputs; LoRAs change only on separate layers (a clear error
+    otherwise); unfusing gives back the same layer objects, bit for bit, LoRAs included."""
+    from svdquant import fuse_projections, unfuse_projections
+
+    _pipe, model, quant, calls = flux
+    q = copy.deepcopy(quant)
+    factors, _ = _peft_lora(model)
+    path = tmp_path / "every.safetensors"
+    write_lora(path, factors, "peft", alpha=2.0)
+    base = outputs(q, calls)
+    load_lora(q, path, strength=0.8, name="style")
+    with_lora = outputs(q, calls)
+    assert error(with_lora, base) > 0.05  # the LoRA matters
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    attn = q.transformer_blocks[0].attn
+    to_q = attn.to_q
+    x = torch.randn(2, 3, to_q.in_features, generator=torch.Generator().manual_seed(5))
+    parts = [m(x) for m in (attn.to_q, attn.to_k, attn.to_v)]
+    on_engine = []
+    backend, interpreter = to_q.backend, not torch.cuda.is_available()
+    for m in (attn.to_q, attn.to_k, attn.to_v) if interpreter else ():  # CPU tensors here
+        m.backend = "triton"  # the kernels, in triton's interpreter
+        on_engine.append(m(x))
+        m.backend = backend
+    n_attn = len(q.transformer_blocks) + len(q.single_transformer_blocks)
+    assert fuse_projections(q) == n_attn
+    fused = attn.to_qkv.linear
+    assert fused.lowrank_down.shape[0] == fused.rank + 3 * 4  # base + the three LoRAs
+    assert error(outputs(q, calls), with_lora) < 1e-5
+    assert error(attn.to_qkv(x), parts) < 1e-6
+    if interpreter:  # the stacked rank on the kernels: the separate layers' numbers
+        assert error(on_engine, parts) > 1e-3  # (fp8 containers: not the reference's)
+        fused.backend = "triton"
+        assert error(attn.to_qkv(x), on_engine) < 1e-6
+        fused.backend = backend
+    for call in (lambda: set_lora_strength(q, "style", 0.5), lambda: unload_lora(q, "style"),
+                 lambda: load_lora(q, path, name="again")):  # fmt: skip
+        with pytest.raises(LoraError, match="unfuse_projections"):
+            call()
+    assert unfuse_projections(q) == n_attn
+    assert q.transformer_blocks[0].attn.to_q is to_q and list_loras(q)[0].name == "style"
+    assert all(torch.equal(u, v) for u, v in zip(outputs(q, calls), with_lora, strict=True))
+    assert all(torch.equal(v, state[k]) for k, v in q.state_dict().items())
+    set_lora_strength(q, "style", 0.0)
+    assert error(outputs(q, calls), base) < 1e-5
+    unload_lora(q, "style")
+    assert all(torch.equal(u, v) for u, v in zip(outputs(q, calls), base, strict=True))
+
+
+def test_fused_runtime_keeps_a_shared_lora_once(flux, tmp_path, monkeypatch):
+    """A kohya/BFL LoRA has one down factor for q/k/v (and, in the single blocks, the MLP's
+    input): the fused layer keeps its rows once (rank base + 4, not base + 12); a group
+    whose stacked rank would pass ``lora.MAX_RANK`` stays unfused."""
+    from svdquant import fuse_projections, lora, unfuse_projections
+
+    _pipe, model, quant, calls = flux
+    q = copy.deepcopy(quant)
+    file, _ = _kohya_lora(model)
+    write_lora(tmp_path / "k.safetensors", file, "kohya")
+    load_lora(q, tmp_path / "k.safetensors", name="k")
+    with_lora = outputs(q, calls)
+    n_attn = len(q.transformer_blocks) + len(q.single_transformer_blocks)
+    assert fuse_projections(q) == n_attn
+    double, single = q.transformer_blocks[0].attn.to_qkv, q.single_transformer_blocks[0].qkv_mlp
+    for fused in (double.linear, single.linear):
+        assert fused.lowrank_down.shape[0] == fused.rank + 4
+    assert error(outputs(q, calls), with_lora) < 1e-5
+    assert unfuse_projections(q) == n_attn
+    monkeypatch.setattr(lora, "MAX_RANK", q.transformer_blocks[0].attn.to_q.rank + 3)
+    assert fuse_projections(q) == n_attn - 2  # block 0's double and single attention
+    assert not q.transformer_blocks[0].attn.fused_projections
+    assert error(outputs(q, calls), with_lora) < 1e-5
+    unfuse_projections(q)

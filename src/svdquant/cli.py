@@ -243,7 +243,7 @@ def register_generate(sub: Any) -> None:
         "its single blocks the MLP's up projection — as one layer, its MLPs fused, and "
         "attention's q/k and the blocks' norms and residuals in one pass each: the same "
         "images up to rounding; on an H200 a FLUX.1 step took 95 ms, 140 before the one-pass "
-        "kernels; not with --lora or --cpu-offload)",
+        "kernels; not with --cpu-offload)",
     )
     p.set_defaults(func=cmd_generate)
 
@@ -304,18 +304,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         to_device(pipe, device, "the pipeline")
     denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
-    if not (args.no_fuse or args.cpu_offload):
-        from svdquant import fuse
+    if not (args.no_fuse or args.cpu_offload):  # after the LoRAs: they are fused with them
+        from svdquant.fuse import fuse_projections
 
-        if not args.lora:
-            n = fuse.fuse_projections(getattr(pipe, denoiser))
-            if n:
-                print(f"fused the projections of {n} attention modules (--no-fuse keeps them "
-                      "apart)")  # fmt: skip
-        elif fuse.has_fused_runtime(getattr(pipe, denoiser)):
-            print("note: with --lora the fused runtime is off (q/k/v as one layer, attention's "
-                  "q/k and the blocks' norms and residuals in one pass each: it cannot carry "
-                  "LoRAs yet), so each step runs slower than without LoRAs")  # fmt: skip
+        n = fuse_projections(getattr(pipe, denoiser))
+        if n:
+            print(f"fused the projections of {n} attention modules (--no-fuse keeps them apart)")
     if args.compile:
         print(f"compiling the {denoiser} (mode='reduce-overhead'; the first image waits for it)")
         setattr(pipe, denoiser, torch.compile(getattr(pipe, denoiser), mode="reduce-overhead"))

@@ -20,10 +20,11 @@ FLUX step on an H200 unfused, v15), and each double block's feed-forwards run as
 modules and their state-dict keys; the numbers are the unfused ones up to GELU's fp32
 rounding.
 
-It is a runtime transform, applied after loading and after LoRAs: ``unfuse_projections``
-restores the separate layers (bit for bit), the attention processors and the blocks,
-which saving and LoRA loading need. Supported: FLUX.1 (``FluxAttention``,
-``FluxSingleTransformerBlock``).
+It is a runtime transform, applied after loading and after LoRAs (a layer's LoRA rows and
+columns are stacked after the fused layer's shared base branch): ``unfuse_projections``
+restores the separate layers (the same objects, bit for bit, with their LoRAs), the
+attention processors and the blocks, which saving and changing LoRAs need. Supported:
+FLUX.1 (``FluxAttention``, ``FluxSingleTransformerBlock``).
 """
 
 from __future__ import annotations
@@ -82,12 +83,36 @@ def _fusable(layers: list[nn.Module]) -> str | None:
             return "different shapes or formats"
         if (m.bias is None) != (a.bias is None):
             return "bias on some only"
-        for name in ("smooth", "lowrank_down", "act_amax", "wtensor_scale"):
+        for name in ("smooth", "act_amax", "wtensor_scale"):
             if not torch.equal(getattr(m, name), getattr(a, name)):
                 return f"different {name} (not quantized as one group)"
-    if any(getattr(m, "_svdquant_loras", None) for m in layers):
-        return "LoRAs loaded (unload them, fuse, and load them again after unfusing)"
+        if not torch.equal(_base_down(m), _base_down(a)):  # past it: each layer's LoRAs
+            return "different lowrank_down (not quantized as one group)"
+    from svdquant.lora import MAX_RANK
+
+    if (rank := _concat_rank(layers)) > MAX_RANK:
+        return f"their LoRAs stacked to rank {rank}, above lora.MAX_RANK = {MAX_RANK}"
     return None
+
+
+def _shared_extra(layers: list[SVDQLinear]) -> bool:
+    """Whether the layers' LoRA rows are one (none, or a LoRA whose down factor the group
+    shares, as a kohya/BFL ``qkv`` LoRA's): the fused layer then keeps them once."""
+    a = layers[0]
+    return all(torch.equal(m.lowrank_down[m.rank :], a.lowrank_down[a.rank :]) for m in layers)
+
+
+def _concat_rank(layers: list[SVDQLinear]) -> int:
+    """The fused layer's low-rank rank: the base branch and each layer's LoRA rows."""
+    a = layers[0]
+    if _shared_extra(layers):
+        return a.lowrank_down.shape[0]
+    return a.rank + sum(m.lowrank_down.shape[0] - m.rank for m in layers)
+
+
+def _base_down(layer: SVDQLinear) -> torch.Tensor:
+    """The quantization's own low-rank down projection (a LoRA appends rows after it)."""
+    return layer.lowrank_down[: layer.rank]
 
 
 def _shell(like: SVDQLinear, out_features: int) -> SVDQLinear:
@@ -98,32 +123,56 @@ def _shell(like: SVDQLinear, out_features: int) -> SVDQLinear:
 
 
 def _concat(layers: list[SVDQLinear]) -> SVDQLinear:
+    """The layers as one, along N. Their LoRAs (rows each appended to its own
+    ``lowrank_down``, columns to its ``lowrank_up``) are stacked after the shared base
+    branch — ``[base; A_1; A_2; ...]`` down, ``[U_i, 0, .., B_i, .., 0]`` up for layer i's
+    rows — so every output column gets exactly its own layer's low-rank terms; LoRA rows
+    the layers share are kept once."""
     a = layers[0]
+    r = a.rank
+    extra = [m.lowrank_down.shape[0] - r for m in layers]
     fused = _shell(a, sum(m.out_features for m in layers))
-    for name in ("qweight", "wscales", "lowrank_up") + (("bias",) if a.bias is not None else ()):
+    for name in ("qweight", "wscales") + (("bias",) if a.bias is not None else ()):
         setattr(fused, name, torch.cat([getattr(m, name) for m in layers]))
-    for name in ("wtensor_scale", "smooth", "act_amax", "lowrank_down"):
+    for name in ("wtensor_scale", "smooth", "act_amax"):
         setattr(fused, name, getattr(a, name))
+    if _shared_extra(layers):  # no LoRA, or one down factor for the group: kept once
+        fused.lowrank_down = a.lowrank_down
+        fused.lowrank_up = torch.cat([m.lowrank_up for m in layers])
+    else:
+        fused.lowrank_down = torch.cat([_base_down(a)] + [m.lowrank_down[r:] for m in layers])
+        up = a.lowrank_up.new_zeros(fused.out_features, r + sum(extra))
+        row, col = 0, r
+        for m, e in zip(layers, extra, strict=True):
+            up[row : row + m.out_features, :r] = m.lowrank_up[:, :r]
+            up[row : row + m.out_features, col : col + e] = m.lowrank_up[:, r:]
+            row, col = row + m.out_features, col + e
+        fused.lowrank_up = up
     fused.alpha = a.alpha
     return fused
 
 
-def _split(fused: SVDQLinear, sizes: list[int]) -> list[SVDQLinear]:
-    out = []
-    start = 0
-    for n in sizes:
-        m = _shell(fused, n)
-        rows = slice(start, start + n)
-        for name in ("qweight", "wscales", "lowrank_up"):
-            setattr(m, name, getattr(fused, name)[rows].clone())
-        if fused.bias is not None:
-            m.bias = fused.bias[rows].clone()
-        for name in ("wtensor_scale", "smooth", "act_amax", "lowrank_down"):
-            setattr(m, name, getattr(fused, name).clone())
-        m.alpha = fused.alpha
-        out.append(m)
-        start += n
-    return out
+def _release(layer: SVDQLinear) -> None:
+    """Drop the tensors of a layer now held by its fused layer: it stays, out of the
+    module tree, with its attributes, LoRAs and hooks, until ``_refill`` on unfuse."""
+    for name, t in list(layer.named_buffers(recurse=False)):
+        setattr(layer, name, t.new_empty(0))
+
+
+def _refill(layer: SVDQLinear, fused: SVDQLinear, rows: slice) -> None:
+    """Give a released layer back its own tensors from ``fused`` (its output ``rows``),
+    bit for bit, and its LoRAs' low-rank terms (``lora._rebuild``)."""
+    from svdquant import lora
+
+    r = layer.rank
+    for name in ("qweight", "wscales") + (("bias",) if fused.bias is not None else ()):
+        setattr(layer, name, getattr(fused, name)[rows].clone())
+    for name in ("wtensor_scale", "smooth", "act_amax"):
+        setattr(layer, name, getattr(fused, name).clone())
+    layer.lowrank_down = _base_down(fused).clone()
+    layer.lowrank_up = fused.lowrank_up[rows, :r].clone()
+    if lora._adapters(layer):
+        lora._rebuild(layer)
 
 
 @functools.cache
@@ -525,10 +574,11 @@ def _fuse_layers(owner: nn.Module, fused_name: str, paths: list[str]) -> bool:
         return False
     sizes = [m.out_features for m in layers]
     setattr(owner, fused_name, FusedProjection(_concat(layers), sizes))
-    for p in paths:
+    for p, layer in zip(paths, layers, strict=True):
         parent, _, child = p.rpartition(".")
         delattr(owner.get_submodule(parent) if parent else owner, child)
-    getattr(owner, _FUSED_ATTR)[fused_name] = (list(paths), sizes)
+        _release(layer)
+    getattr(owner, _FUSED_ATTR)[fused_name] = (list(paths), sizes, layers)
     return True
 
 
@@ -585,8 +635,9 @@ def fuse_projections(model: nn.Module) -> int:
     attention output and the MLP's GELU without concatenating them; each double block's
     feed-forwards as fused MLPs; the blocks' adaptive norms in one pass where
     ``kernels.modulate.ENABLED``); returns how many attention modules now take fused
-    projections. Modules whose layers cannot be fused (16-bit, separately quantized, LoRAs
-    loaded) or whose attention runs another processor than diffusers' own (an
+    projections. Layers that carry LoRAs are fused with them (stacked after the shared base
+    branch: the same outputs); modules whose layers cannot be fused (16-bit, separately
+    quantized) or whose attention runs another processor than diffusers' own (an
     IP-adapter's) stay as they are. A ``cuda_graphed`` model's graphs are dropped."""
     _drop_graphs(model)
     count = 0
@@ -610,9 +661,13 @@ def fuse_projections(model: nn.Module) -> int:
 
 
 def _restore(owner: nn.Module) -> None:
-    for fused_name, (paths, sizes) in getattr(owner, _FUSED_ATTR).items():
-        fused = getattr(owner, fused_name)
-        for p, layer in zip(paths, _split(fused.linear, sizes), strict=True):
+    """Put the fused layers of ``owner`` back: the same layer objects, refilled."""
+    for fused_name, (paths, sizes, layers) in getattr(owner, _FUSED_ATTR).items():
+        fused = getattr(owner, fused_name).linear
+        start = 0
+        for p, n, layer in zip(paths, sizes, layers, strict=True):
+            _refill(layer, fused, slice(start, start + n))
+            start += n
             parent, _, child = p.rpartition(".")
             setattr(owner.get_submodule(parent) if parent else owner, child, layer)
         delattr(owner, fused_name)
@@ -645,12 +700,6 @@ def unfuse_projections(model: nn.Module) -> int:
         _restore_processor(module)
         count += 1
     return count
-
-
-def has_fused_runtime(model: nn.Module) -> bool:
-    """Whether ``fuse_projections`` has a fused runtime for ``model`` (FLUX.1's attention
-    modules): what a model that cannot be fused, e.g. one carrying LoRAs, runs without."""
-    return any(type(m).__name__ == "FluxAttention" for m in model.modules())
 
 
 def is_fused(model: nn.Module) -> bool:

@@ -18,6 +18,11 @@ layer that carries LoRAs is refused (unload them first).
 Layers that stayed ``nn.Linear`` (e.g. FLUX's embedders and final ``proj_out``) get the
 LoRA as an add-on: a forward hook adds the delta; their weights are not touched.
 
+``svdquant.fuse_projections`` fuses layers that carry LoRAs: their LoRA rows and columns
+are stacked after the shared base branch of the fused layer (the same terms for every
+output). LoRAs are loaded, rescaled and unloaded on separate layers: on a fused model
+those calls say to unfuse first.
+
 File formats (safetensors): diffusers/PEFT (``<prefix>.<module>.lora_A.weight`` /
 ``lora_B.weight``, alpha from a ``.alpha`` tensor or the file's ``lora_adapter_metadata``)
 and kohya (``lora_unet_<module with _>.lora_down.weight`` / ``lora_up.weight`` /
@@ -450,6 +455,18 @@ def _model(model_or_pipe: Any, changes: bool = True) -> nn.Module:
     return model
 
 
+def _refuse_fused(model: nn.Module, where: str, what: str) -> None:
+    """A ``LoraError`` if ``model``'s projections are fused: their LoRA terms are stacked
+    into the fused layers (``svdquant.fuse``), so LoRAs change only on separate layers."""
+    from svdquant.fuse import is_fused
+
+    if is_fused(model):
+        raise LoraError(
+            f"{where}the model's q/k/v projections are fused (svdquant.fuse_projections): "
+            f"call svdquant.unfuse_projections(model), {what}, then fuse again"
+        )
+
+
 def _registry(model: nn.Module) -> dict[str, LoraInfo]:
     return model.__dict__.setdefault(_MODEL_ATTR, {})
 
@@ -477,13 +494,7 @@ def load_lora(
     """
     model = _model(model_or_pipe)
     file = Path(path)
-    from svdquant.fuse import is_fused
-
-    if is_fused(model):
-        raise LoraError(
-            f"{file}: the model's q/k/v projections are fused (svdquant.fuse_projections): "
-            "call svdquant.unfuse_projections(model), load the LoRA, then fuse again"
-        )
+    _refuse_fused(model, f"{file}: ", "load the LoRA")
     name = name if name is not None else file.stem
     registry = _registry(model)
     if name in registry:
@@ -587,6 +598,7 @@ def _each(model: nn.Module, name: str, fn: Callable[[nn.Module, str], None]) -> 
 def set_lora_strength(model_or_pipe: Any, name: str, value: float) -> None:
     """Change the strength of the loaded LoRA ``name`` (0 turns it off, negative works)."""
     model = _model(model_or_pipe)
+    _refuse_fused(model, f"LoRA {name!r}: ", "change its strength")
 
     def set_one(layer: nn.Module, key: str) -> None:
         _adapters(layer)[key].strength = float(value)
@@ -601,6 +613,7 @@ def unload_lora(model_or_pipe: Any, name: str) -> None:
     """Remove the LoRA ``name``; the layers it touched get back their exact base branch
     (plus any other LoRAs still loaded)."""
     model = _model(model_or_pipe)
+    _refuse_fused(model, f"LoRA {name!r}: ", "unload it")
     _each(model, name, _detach)
     del _registry(model)[name]
 
