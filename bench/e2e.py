@@ -17,7 +17,9 @@ the wall time runs out, each with its reason):
     bf16 (diffusers), svdq-int4 (ours W4A4), nf4 (bitsandbytes W4A16), svdq-w4a16 (ours),
     torchao int8 weight-only / int8 dynamic / float8 dynamic / int4 weight-only,
     svdq-nvfp4, svdq-w4a8, svdq-int4-fused (q/k/v fused: ``svdquant.fuse_projections``),
-    then with --compile the torch.compile'd variants of the same rows.
+    svdq-int4-lora and svdq-int4-fused-lora (a random rank ``--lora-rank`` LoRA on every
+    quantized layer, each its own down factor: loaded with ``svdquant.load_lora``, then
+    fused), then with --compile the torch.compile'd variants of the same rows.
 
 Each eager row is also replayed from a CUDA graph captured around one step (mode
 ``cudagraph``, through ``svdquant.cuda_graphed`` as ``svdquant generate`` runs it; off with
@@ -115,7 +117,39 @@ def _no_module(mod: str) -> Callable[[Ctx], str | None]:
     return check
 
 
-def _ours(fmt: str, act_fmt: str | None, fuse: bool = False) -> Callable[[nn.Module, Ctx], None]:
+#: Rank of the synthetic LoRA the ``*-lora`` rows load on every quantized layer
+#: (``--lora-rank``).
+LORA_RANK = 16
+
+
+def _load_random_lora(model: nn.Module, rank: int) -> None:
+    """A random rank-``rank`` LoRA in diffusers/PEFT form on every quantized layer of the
+    blocks — its own down factor per layer, as LoRAs trained with diffusers have (q, k and
+    v each their own: the fused layers stack them, the costliest case) — written to a
+    temporary file and loaded with ``svdquant.load_lora``, as a user's would be."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    import svdquant
+
+    g = torch.Generator().manual_seed(0)
+    factors = {}
+    for name, m in model.named_modules():
+        if isinstance(m, svdquant.SVDQLinear) and _in_blocks(name):
+            a = torch.randn(rank, m.in_features, generator=g) / m.in_features**0.5
+            b = torch.randn(m.out_features, rank, generator=g) * 0.01
+            factors[f"transformer.{name}.lora_A.weight"] = a.to(torch.bfloat16)
+            factors[f"transformer.{name}.lora_B.weight"] = b.to(torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lora.safetensors"
+        save_file(factors, str(path))
+        svdquant.load_lora(model, path, name="bench")
+
+
+def _ours(
+    fmt: str, act_fmt: str | None, fuse: bool = False, lora: bool = False
+) -> Callable[[nn.Module, Ctx], None]:
     def apply(model: nn.Module, ctx: Ctx) -> None:
         import svdquant
 
@@ -123,6 +157,8 @@ def _ours(fmt: str, act_fmt: str | None, fuse: bool = False) -> Callable[[nn.Mod
             fmt=fmt, act_fmt=act_fmt, alpha=0.5, max_samples=256, progress=False
         )
         svdquant.quantize_model(model, ctx.calibration, cfg)
+        if lora:  # before fusing: the fused layers stack each layer's LoRA
+            _load_random_lora(model, LORA_RANK)
         if fuse:  # q/k/v (+ the single blocks' MLP up) as one layer: one quantize, one GEMM
             svdquant.fuse_projections(model)
 
@@ -232,6 +268,11 @@ METHODS: dict[str, Method] = {
                _ours("int4", None), est_s=90),
         Method("svdq-int4-fused", "svdquant W4A4 int4, fused projections", "svdquant",
                "int4 g64 + rank 32", "int4 g64", _ours("int4", None, fuse=True), est_s=90),
+        Method("svdq-int4-lora", "svdquant W4A4 int4 + LoRA", "svdquant",
+               "int4 g64 + rank 32 + LoRA", "int4 g64", _ours("int4", None, lora=True), est_s=95),
+        Method("svdq-int4-fused-lora", "svdquant W4A4 int4 + LoRA, fused projections",
+               "svdquant", "int4 g64 + rank 32 + LoRA", "int4 g64",
+               _ours("int4", None, fuse=True, lora=True), est_s=95),
         Method("nf4", "bitsandbytes NF4 W4A16", "bitsandbytes", "nf4 g64", "bf16", _nf4,
                _no_module("bitsandbytes"), est_s=40),
         Method("svdq-w4a16", "svdquant W4A16 int4", "svdquant", "int4 g64 + rank 32", "bf16",
@@ -663,6 +704,7 @@ def run_isolated(
         cmd += ["--no-cuda-graphs"] if "cudagraph" not in modes else []
         cmd += [f"--set={spec}" for spec in args.sets]
         cmd += [f"--ab={spec}" for spec in args.ab_sets]
+        cmd += [f"--lora-rank={args.lora_rank}"]
         try:
             limit = max(time_left, 1.0) if math.isfinite(time_left) else None
             subprocess.run(cmd, timeout=limit, check=False)
@@ -924,6 +966,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "together)",
     )
     p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=LORA_RANK,
+        help="rank of the random LoRA the svdq-int4-lora / svdq-int4-fused-lora rows load on "
+        f"every quantized layer (default {LORA_RANK})",
+    )
+    p.add_argument(
         "--isolate",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -951,6 +1000,10 @@ def _select(spec: str | None) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.perf_counter()
+    if args.lora_rank < 1:
+        raise SystemExit(f"--lora-rank must be at least 1, got {args.lora_rank}")
+    global LORA_RANK
+    LORA_RANK = args.lora_rank
     args.ab_parsed = []
     if args.sets or args.ab_sets:  # both read before any model is built: a typo fails now
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -1020,6 +1073,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "compile": args.compile,
         "compile_mode": args.compile_mode if args.compile else None,
         "sets": list(args.sets),
+        "lora_rank": args.lora_rank,
         "notes": (
             "random weights (speed and memory only); quantized rows quantize every linear "
             "inside the transformer blocks, embedders and proj_out stay bf16; ours: "

@@ -121,6 +121,31 @@ def test_missing_library_gives_reason(monkeypatch):
     assert "torchao is not installed" in e2e.METHODS["ao-int8dq"].missing(ctx)
 
 
+def test_lora_rows_load_a_lora_and_fuse_with_it(tmp_path, monkeypatch):
+    """``svdq-int4-lora`` / ``svdq-int4-fused-lora``: a random LoRA of ``--lora-rank`` on
+    every quantized layer, loaded with ``svdquant.load_lora``; the fused row fuses after
+    it (the LoRAs stacked into the fused layers)."""
+    import svdquant
+
+    seen = []
+    real = svdquant.fuse_projections
+
+    def fuse(model):
+        layers = [m for m in model.modules() if isinstance(m, svdquant.SVDQLinear)]
+        seen.append((len(svdquant.list_loras(model)), layers[0].lowrank_down.shape[0]))
+        return real(model)
+
+    monkeypatch.setattr(svdquant, "fuse_projections", fuse)
+    rows = "svdq-int4-lora,svdq-int4-fused-lora"
+    res = e2e.main(["--tiny", "--out", str(tmp_path), "--rows", rows, "--batches", "1",
+                    "--lora-rank", "3", "--no-isolate"])  # fmt: skip
+    _check_schema(res, tmp_path)
+    assert [r["status"] for r in res["rows"]] == ["ok"] * len(res["rows"])
+    assert res["lora_rank"] == 3
+    # the fused row: one LoRA loaded, then fused; each layer's branch: base rank + 3
+    assert seen == [(1, svdquant.QuantizeConfig().rank + 3)]
+
+
 def test_budget_skips_rows_with_reason(tmp_path):
     res = e2e.main(
         ["--tiny", "--out", str(tmp_path), "--rows", "bf16,svdq-int4", "--budget-s", "0"]
