@@ -547,6 +547,16 @@ def _gemm_split() -> dict[str, Any]:
     return _gemm(split=True)
 
 
+@_spec("gemm_split_lora")
+def _gemm_split_lora() -> dict[str, Any]:
+    """The same GEMM with a rank-16 LoRA on each of q/k/v/mlp stacked into the fused
+    layer (``svdquant.fuse``): rank 32 + 4 · 16 = 96, ``BLOCK_R`` 128."""
+    d = _gemm(split=True)
+    d["ints"].update(R=96, stride_lm=96, stride_un=96)
+    d["consts"]["BLOCK_R"] = 128
+    return d
+
+
 def _gemm_ws_spec(sizes: list[int]) -> dict[str, Any]:
     """The warp-specialized Gluon GEMM (``kernels/gemm_ws.py``) at M = 4608, K = 3072,
     N = sum(sizes), the output split into ``sizes`` segments (one: not split)."""
