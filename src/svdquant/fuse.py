@@ -152,6 +152,18 @@ def _concat(layers: list[SVDQLinear]) -> SVDQLinear:
     return fused
 
 
+def _split(fused: SVDQLinear, sizes: list[int]) -> list[SVDQLinear]:
+    """New layers made of ``fused``'s output parts (widths ``sizes``), base branch only."""
+    parts, start = [], 0
+    for n in sizes:
+        part = _shell(fused, n)
+        part.alpha = fused.alpha
+        _refill(part, fused, slice(start, start + n))
+        parts.append(part)
+        start += n
+    return parts
+
+
 def _release(layer: SVDQLinear) -> None:
     """Drop the tensors of a layer now held by its fused layer: it stays, out of the
     module tree, with its attributes, LoRAs and hooks, until ``_refill`` on unfuse."""
