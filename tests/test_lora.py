@@ -459,8 +459,9 @@ def test_text_encoder_keys_are_skipped(two, tmp_path):
 def test_fused_runtime_carries_loras(flux, tmp_path):
     """``fuse_projections`` on a FLUX model with a LoRA on every linear: q/k/v (and the
     single blocks' MLP input) fused with each layer's LoRA stacked after the shared base
-    branch — the same outputs; LoRAs change only on separate layers (a clear error
-    otherwise); unfusing gives back the same layer objects, bit for bit, LoRAs included."""
+    branch — the same outputs; a LoRA change on a fused model unfuses it for the change
+    and fuses it again; unfusing gives back the same layer objects, bit for bit, LoRAs
+    included."""
     from svdquant import fuse_projections, unfuse_projections
 
     _pipe, model, quant, calls = flux
@@ -494,10 +495,15 @@ def test_fused_runtime_carries_loras(flux, tmp_path):
         fused.backend = "triton"
         assert error(attn.to_qkv(x), on_engine) < 1e-6
         fused.backend = backend
-    for call in (lambda: set_lora_strength(q, "style", 0.5), lambda: unload_lora(q, "style"),
-                 lambda: load_lora(q, path, name="again")):  # fmt: skip
-        with pytest.raises(LoraError, match="unfuse_projections"):
-            call()
+    # LoRAs change on separate layers: a fused model is unfused for it and fused again
+    set_lora_strength(q, "style", 0.0)
+    assert attn.fused_projections and attn.to_qkv.linear is not fused
+    assert error(outputs(q, calls), base) < 1e-5
+    set_lora_strength(q, "style", 0.8)
+    assert error(outputs(q, calls), with_lora) < 1e-5
+    with pytest.raises(KeyError, match="nope"):  # a failed change leaves it fused too
+        set_lora_strength(q, "nope", 1.0)
+    assert attn.fused_projections
     assert unfuse_projections(q) == n_attn
     assert q.transformer_blocks[0].attn.to_q is to_q and list_loras(q)[0].name == "style"
     assert all(torch.equal(u, v) for u, v in zip(outputs(q, calls), with_lora, strict=True))
@@ -510,17 +516,23 @@ def test_fused_runtime_carries_loras(flux, tmp_path):
 
 def test_fused_runtime_keeps_a_shared_lora_once(flux, tmp_path, monkeypatch):
     """A kohya/BFL LoRA has one down factor for q/k/v (and, in the single blocks, the MLP's
-    input): the fused layer keeps its rows once (rank base + 4, not base + 12); a group
-    whose stacked rank would pass ``lora.MAX_RANK`` stays unfused."""
+    input): the fused layer keeps its rows once (rank base + 4, not base + 12), loaded
+    into a fused model too; a group whose stacked rank would pass ``lora.MAX_RANK`` stays
+    unfused."""
     from svdquant import fuse_projections, lora, unfuse_projections
 
     _pipe, model, quant, calls = flux
     q = copy.deepcopy(quant)
     file, _ = _kohya_lora(model)
     write_lora(tmp_path / "k.safetensors", file, "kohya")
-    load_lora(q, tmp_path / "k.safetensors", name="k")
-    with_lora = outputs(q, calls)
     n_attn = len(q.transformer_blocks) + len(q.single_transformer_blocks)
+    assert fuse_projections(q) == n_attn  # loaded into a fused model: unfused, fused again
+    load_lora(q, tmp_path / "k.safetensors", name="k")
+    assert q.transformer_blocks[0].attn.fused_projections
+    fused_out = outputs(q, calls)
+    assert unfuse_projections(q) == n_attn
+    with_lora = outputs(q, calls)
+    assert error(fused_out, with_lora) < 1e-5
     assert fuse_projections(q) == n_attn
     double, single = q.transformer_blocks[0].attn.to_qkv, q.single_transformer_blocks[0].qkv_mlp
     for fused in (double.linear, single.linear):

@@ -21,7 +21,7 @@ LoRA as an add-on: a forward hook adds the delta; their weights are not touched.
 ``svdquant.fuse_projections`` fuses layers that carry LoRAs: their LoRA rows and columns
 are stacked after the shared base branch of the fused layer (the same terms for every
 output). LoRAs are loaded, rescaled and unloaded on separate layers: on a fused model
-those calls say to unfuse first.
+those calls unfuse it for the change and fuse it again.
 
 File formats (safetensors): diffusers/PEFT (``<prefix>.<module>.lora_A.weight`` /
 ``lora_B.weight``, alpha from a ``.alpha`` tensor or the file's ``lora_adapter_metadata``)
@@ -33,11 +33,12 @@ layers map onto diffusers' split ones by splitting B by rows. See docs/lora.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -455,16 +456,21 @@ def _model(model_or_pipe: Any, changes: bool = True) -> nn.Module:
     return model
 
 
-def _refuse_fused(model: nn.Module, where: str, what: str) -> None:
-    """A ``LoraError`` if ``model``'s projections are fused: their LoRA terms are stacked
-    into the fused layers (``svdquant.fuse``), so LoRAs change only on separate layers."""
-    from svdquant.fuse import is_fused
+@contextlib.contextmanager
+def _separate_layers(model: nn.Module) -> Iterator[None]:
+    """LoRAs change on separate layers: a fused model (``svdquant.fuse_projections``) is
+    unfused for the change and fused again after it, whatever happens — the same runtime,
+    its fused layers stacked anew with the LoRAs as they now are."""
+    from svdquant.fuse import fuse_projections, is_fused, unfuse_projections
 
-    if is_fused(model):
-        raise LoraError(
-            f"{where}the model's q/k/v projections are fused (svdquant.fuse_projections): "
-            f"call svdquant.unfuse_projections(model), {what}, then fuse again"
-        )
+    fused = is_fused(model)
+    if fused:
+        unfuse_projections(model)
+    try:
+        yield
+    finally:
+        if fused:
+            fuse_projections(model)
 
 
 def _registry(model: nn.Module) -> dict[str, LoraInfo]:
@@ -493,8 +499,12 @@ def load_lora(
     ``LoraRankError`` (a layer's branch would exceed ``max_rank`` = base rank + LoRA ranks).
     """
     model = _model(model_or_pipe)
-    file = Path(path)
-    _refuse_fused(model, f"{file}: ", "load the LoRA")
+    with _separate_layers(model):
+        return _load(model, Path(path), strength, name, max_rank)
+
+
+def _load(model: nn.Module, file: Path, strength: float, name: str | None, max_rank: int) -> str:
+    """``load_lora`` on a model whose projections are not fused."""
     name = name if name is not None else file.stem
     registry = _registry(model)
     if name in registry:
@@ -598,14 +608,14 @@ def _each(model: nn.Module, name: str, fn: Callable[[nn.Module, str], None]) -> 
 def set_lora_strength(model_or_pipe: Any, name: str, value: float) -> None:
     """Change the strength of the loaded LoRA ``name`` (0 turns it off, negative works)."""
     model = _model(model_or_pipe)
-    _refuse_fused(model, f"LoRA {name!r}: ", "change its strength")
 
     def set_one(layer: nn.Module, key: str) -> None:
         _adapters(layer)[key].strength = float(value)
         if isinstance(layer, SVDQLinear):
             _rebuild(layer)
 
-    _each(model, name, set_one).strength = float(value)
+    with _separate_layers(model):
+        _each(model, name, set_one).strength = float(value)
 
 
 @torch.no_grad()
@@ -613,9 +623,9 @@ def unload_lora(model_or_pipe: Any, name: str) -> None:
     """Remove the LoRA ``name``; the layers it touched get back their exact base branch
     (plus any other LoRAs still loaded)."""
     model = _model(model_or_pipe)
-    _refuse_fused(model, f"LoRA {name!r}: ", "unload it")
-    _each(model, name, _detach)
-    del _registry(model)[name]
+    with _separate_layers(model):
+        _each(model, name, _detach)
+        del _registry(model)[name]
 
 
 def list_loras(model_or_pipe: Any) -> list[LoraInfo]:
