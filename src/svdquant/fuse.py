@@ -23,8 +23,9 @@ rounding.
 It is a runtime transform, applied after loading and after LoRAs (a layer's LoRA rows and
 columns are stacked after the fused layer's shared base branch): ``unfuse_projections``
 restores the separate layers (the same objects, bit for bit, with their LoRAs), the
-attention processors and the blocks, which saving and changing LoRAs need. Supported:
-FLUX.1 (``FluxAttention``, ``FluxSingleTransformerBlock``).
+attention processors and the blocks, which saving needs (the LoRA calls unfuse and fuse
+again around themselves). Supported: FLUX.1 (``FluxAttention``,
+``FluxSingleTransformerBlock``).
 """
 
 from __future__ import annotations
