@@ -131,7 +131,6 @@ def _concat(layers: list[SVDQLinear]) -> SVDQLinear:
     the layers share are kept once."""
     a = layers[0]
     r = a.rank
-    extra = [m.lowrank_down.shape[0] - r for m in layers]
     fused = _shell(a, sum(m.out_features for m in layers))
     for name in ("qweight", "wscales") + (("bias",) if a.bias is not None else ()):
         setattr(fused, name, torch.cat([getattr(m, name) for m in layers]))
@@ -141,6 +140,7 @@ def _concat(layers: list[SVDQLinear]) -> SVDQLinear:
         fused.lowrank_down = a.lowrank_down
         fused.lowrank_up = torch.cat([m.lowrank_up for m in layers])
     else:
+        extra = [m.lowrank_down.shape[0] - r for m in layers]
         fused.lowrank_down = torch.cat([_base_down(a)] + [m.lowrank_down[r:] for m in layers])
         up = a.lowrank_up.new_zeros(fused.out_features, r + sum(extra))
         row, col = 0, r
