@@ -514,6 +514,46 @@ def test_fused_runtime_carries_loras(flux, tmp_path):
     assert all(torch.equal(u, v) for u, v in zip(outputs(q, calls), base, strict=True))
 
 
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_fused_runtime_carries_loras_on_the_kernels(flux, tmp_path):
+    """On the GPU's kernels: a model with a LoRA on every linear, fused (q/k/v and the
+    single blocks' MLP input at the stacked rank), gives the unfused engine's outputs
+    within bf16 rounding, with the LoRA still mattering; a strength change on the fused
+    model reaches the kernels."""
+    from svdquant import fuse_projections, unfuse_projections
+
+    _pipe, model, quant, calls = flux
+    q = copy.deepcopy(quant)
+    factors, _ = _peft_lora(model)
+    write_lora(tmp_path / "every.safetensors", factors, "peft", alpha=2.0)
+    q.to("cuda")
+    for m in q.modules():
+        if isinstance(m, SVDQLinear):
+            m.backend = "triton"
+    cuda_calls = [
+        (
+            [a.cuda() if torch.is_tensor(a) else a for a in args],
+            {k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()},
+        )
+        for args, kw in calls
+    ]
+    base = outputs(q, cuda_calls)
+    load_lora(q, tmp_path / "every.safetensors", strength=0.8, name="style")
+    with_lora = outputs(q, cuda_calls)
+    assert error(with_lora, base) > 0.05
+    n_attn = len(q.transformer_blocks) + len(q.single_transformer_blocks)
+    assert fuse_projections(q) == n_attn
+    fused = q.transformer_blocks[0].attn.to_qkv.linear
+    assert fused.backend == "triton" and fused.lowrank_down.is_cuda
+    assert fused.lowrank_down.shape[0] == fused.rank + 3 * 4
+    assert error(outputs(q, cuda_calls), with_lora) < 4e-3
+    set_lora_strength(q, "style", 0.0)
+    assert q.transformer_blocks[0].attn.fused_projections
+    assert error(outputs(q, cuda_calls), base) < 4e-3
+    assert unfuse_projections(q) == n_attn
+
+
 def test_fused_runtime_keeps_a_shared_lora_once(flux, tmp_path, monkeypatch):
     """A kohya/BFL LoRA has one down factor for q/k/v (and, in the single blocks, the MLP's
     input): the fused layer keeps its rows once (rank base + 4, not base + 12), loaded
