@@ -399,14 +399,14 @@ _DUMMIES: dict[torch.device, torch.Tensor] = {}
 
 
 def _dummy(device: torch.device) -> torch.Tensor:
-    """A one-element buffer on ``device`` for the pointer arguments a launch never reads,
-    kept from call to call (an allocation is host time on every eager call); one made
-    while a CUDA graph is being captured is not kept (it lives in the graph's pool)."""
+    """An empty buffer on ``device`` for the pointer arguments a launch never reads, kept
+    from call to call (an allocation is host time on every eager call). Empty, it owns no
+    memory: one made inside a CUDA graph's pool (torch.compile's ``reduce-overhead``
+    warm-up allocates there) would stay alive untracked, and the compiled model refuses
+    to run."""
     t = _DUMMIES.get(device)
     if t is None:
-        t = torch.empty(1, device=device)
-        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-            _DUMMIES[device] = t
+        t = _DUMMIES[device] = torch.empty(0, device=device)
     return t
 
 
