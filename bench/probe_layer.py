@@ -12,7 +12,8 @@ bias, ``ops.svdq_linear_triton``) is replayed from a CUDA graph with today's con
 of the same run, at each M and (N, K) of ``bench/gemm.py`` (``--rank``: the low-rank
 branch's rank instead of the model's 32, e.g. a loaded LoRA's); ``--mlp`` adds the fused MLP
 pair (fc1 3072 -> 12288, GELU-tanh, fc2). ``--what quantize`` times the activation
-quantize alone (x [M, K], rank 32), ``--what widen`` the weight widen alone (M unused;
+quantize alone (x [M, K], rank 32 or ``--rank``: e.g. ``--rank 96 --set
+quantize.SPLIT_RANK=True``), ``--what widen`` the weight widen alone (M unused;
 BF16 is then the layer's ``F.linear``, for scale) and ``--what gemv`` the W4A16 path
 (``w4a16_linear``: 16-bit activations, the modulation linears; e.g. ``--ms 1,4 --shapes
 18432x3072``). Outputs are compared between the two ways (the

@@ -47,10 +47,16 @@ def _spec(name: str):
     return wrap
 
 
-def _quantize_spec(tail_act: int, x: str = "bf16", ld: str = "bf16") -> dict[str, Any]:
+def _quantize_spec(
+    tail_act: int, x: str = "bf16", ld: str = "bf16", rank: int = 32, split: bool = False
+) -> dict[str, Any]:
     from svdquant.kernels import quantize as q
 
     bm, bk, warps = q.TILES["large"]
+    before, q.SPLIT_RANK = q.SPLIT_RANK, split
+    br, br2 = q.rank_parts(rank)
+    q.SPLIT_RANK = before
+    bm = q.rows_per_program(bm, br + br2)
     k = 15360 if tail_act >= 0 else 3072  # with a tail: FLUX's single-block proj_out input
     return dict(
         kernel=q._quantize_act_kernel,
@@ -68,13 +74,13 @@ def _quantize_spec(tail_act: int, x: str = "bf16", ld: str = "bf16") -> dict[str
             K=k,
             K_HEAD=3072,
             K_OUT=k,
-            R=32,
+            R=rank,
             k_per_split=256,
             stride_xm=3072,
             stride_tm=k - 3072,
             stride_qm=k,
             stride_ldr=k,
-            stride_lm=32,
+            stride_lm=rank,
         ),
         consts=dict(
             INT4=True,
@@ -85,8 +91,9 @@ def _quantize_spec(tail_act: int, x: str = "bf16", ld: str = "bf16") -> dict[str
             SEAM_ALIGNED=True,
             ROUND_BF16=False,
             BLOCK_M=bm,
-            BLOCK_R=32,
+            BLOCK_R=br,
             BLOCK_K=bk,
+            BLOCK_R2=br2,
         ),
         warps=warps,
         stages=1,
@@ -96,6 +103,43 @@ def _quantize_spec(tail_act: int, x: str = "bf16", ld: str = "bf16") -> dict[str
 @_spec("quantize")
 def _quantize() -> dict[str, Any]:
     return _quantize_spec(-1)
+
+
+@_spec("quantize_rank96")
+def _quantize_rank96() -> dict[str, Any]:
+    """Rank 96 (a rank-16 LoRA on each of a fused single block's four layers): one
+    128-wide low-rank part at 32 rows a program."""
+    return _quantize_spec(-1, rank=96)
+
+
+@_spec("quantize_rank96_split")
+def _quantize_rank96_split() -> dict[str, Any]:
+    """Rank 96 as two parts, 64 + 32, at 64 rows a program (``quantize.SPLIT_RANK``)."""
+    return _quantize_spec(-1, rank=96, split=True)
+
+
+@_spec("quantize_rank80_split")
+def _quantize_rank80_split() -> dict[str, Any]:
+    """Rank 80 (a fused double block's q/k/v with rank-16 LoRAs) as 64 + 16."""
+    return _quantize_spec(-1, rank=80, split=True)
+
+
+@_spec("quantize_rank48")
+def _quantize_rank48() -> dict[str, Any]:
+    """Rank 48 as one 64-wide part."""
+    return _quantize_spec(-1, rank=48)
+
+
+@_spec("quantize_rank48_split")
+def _quantize_rank48_split() -> dict[str, Any]:
+    """Rank 48 (a rank-16 LoRA on a rank-32 layer) as 32 + 16."""
+    return _quantize_spec(-1, rank=48, split=True)
+
+
+@_spec("quantize_cat_rank96_split")
+def _quantize_cat_rank96_split() -> dict[str, Any]:
+    """proj_out's input at rank 96 as two parts (the tail's late L_down loads)."""
+    return _quantize_spec(1, rank=96, split=True)
 
 
 @_spec("quantize_cat")

@@ -146,6 +146,48 @@ def test_quantize_act_matches_reference(m, act_fmt, k, k_out, r):
         assert rel_err(lora, lora_ref) < 1e-5
 
 
+@pytest.mark.parametrize(("m", "r"), [(1, 48), (70, 80), (257, 96), (5, 160)])
+@pytest.mark.parametrize("tail", [False, True])
+def test_quantize_act_split_rank_matches_reference(monkeypatch, m, r, tail):
+    """A rank that is no power of two as two low-rank parts (``quantize.SPLIT_RANK``): the
+    reference's codes and sums, with and without a tail, K split or not."""
+    from svdquant.kernels import quantize as qmod
+
+    monkeypatch.setattr(qmod, "SPLIT_RANK", True)
+    assert qmod.rank_parts(r)[1] > 0  # the two-part kernel runs
+    k1, k2 = 192, (128 if tail else 0)
+    x = _acts(m, k1, torch.bfloat16, seed=5)
+    t = _acts(m, k2, torch.bfloat16, seed=6) if tail else None
+    s = _smooth(k1 + k2)
+    down, _ = _lowrank(8, k1 + k2, r, torch.bfloat16)
+    h = x if t is None else torch.cat([x, ref.activation_ref(t, "gelu_tanh").to(x.dtype)], -1)
+    act_scale = ref.act_scale_from_amax((h.float() / s).abs().amax())
+    kw = {"tail": t, "tail_act": "gelu_tanh"} if tail else {}
+    xq, lora = quantize_act(x, s, down, act_scale, k1 + k2, "int4", **kw)
+    xq_ref, lora_ref = ref.quantize_act_ref(h, s, down, act_scale, k1 + k2, "int4")
+    assert lora.shape == (m, r)
+    assert fp8_close(xq, xq_ref, max_frac=0 if DEVICE == "cpu" else 5e-3)
+    assert rel_err(lora, lora_ref) < 1e-4
+
+
+def test_quantize_rank_parts_policy(monkeypatch):
+    """The low-rank widths the quantize pads a rank to, and its rows per program: one
+    power of two by default; with ``SPLIT_RANK`` 48 = 32 + 16, 80 = 64 + 16, 96 = 64 + 32
+    at 64 rows (a LoRA stacked on the fused runtime's q/k/v), not 128 wide at 32 rows."""
+    from svdquant.kernels import quantize as qmod
+
+    monkeypatch.setattr(qmod, "SPLIT_RANK", False)
+    assert [qmod.rank_parts(r) for r in (0, 16, 32, 48, 80, 96)] == [
+        (16, 0), (16, 0), (32, 0), (64, 0), (128, 0), (128, 0)]  # fmt: skip
+    assert [qmod.rows_per_program(64, w) for w in (16, 32, 64, 128, 256)] == [64, 64, 64, 32, 16]
+    monkeypatch.setattr(qmod, "SPLIT_RANK", True)
+    parts = [qmod.rank_parts(r) for r in (32, 48, 64, 80, 96, 112, 128, 160)]
+    assert parts == [(32, 0), (32, 16), (64, 0), (64, 16), (64, 32), (128, 0), (128, 0),
+                     (128, 32)]  # fmt: skip
+    assert [qmod.rows_per_program(64, a + b) for a, b in parts] == [64, 64, 64, 64, 64, 32, 32, 32]
+    assert qmod.rows_per_program(16, 96) == 16  # the few-row tile stays
+
+
 @pytest.mark.parametrize(
     ("m", "k1", "k2", "act", "dtype", "k_out"),
     [
@@ -1595,6 +1637,26 @@ def test_gpu_fused_mlp_matches_unfused(act_fmt):
     y = svdquant.kernels.svdq_mlp_triton(x, q1, q2)
     y_unfused = q2(torch.nn.functional.gelu(q1(x), approximate="tanh"))
     assert rel_err(y, y_unfused) <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [48, 80, 96])
+@pytest.mark.parametrize(("m", "k"), [(4096, 3072), (512, 3072), (4608, 15360), (3, 3072)])
+def test_gpu_quantize_split_rank_matches_reference(monkeypatch, m, k, r):
+    """The two-part low-rank quantize at FLUX's sizes on the GPU: the one-part kernel's
+    codes and the reference's sums."""
+    from svdquant.kernels import quantize as qmod
+
+    x = _acts(m, k, torch.bfloat16, seed=7)
+    s = _smooth(k)
+    down, _ = _lowrank(8, k, r, torch.bfloat16)
+    act_scale = ref.act_scale_from_amax((x.float() / s).abs().amax())
+    one = quantize_act(x, s, down, act_scale, k, "int4")
+    monkeypatch.setattr(qmod, "SPLIT_RANK", True)
+    two = quantize_act(x, s, down, act_scale, k, "int4")
+    _, lora_ref = ref.quantize_act_ref(x, s, down, act_scale, k, "int4")
+    assert torch.equal(two[0].view(torch.uint8), one[0].view(torch.uint8))
+    assert rel_err(two[1], lora_ref) < 1e-4
 
 
 @pytest.mark.gpu

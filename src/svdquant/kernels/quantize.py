@@ -65,6 +65,35 @@ TILES = {"small": (16, 64, 4), "medium": (64, 128, 4), "large": (64, 128, 4)}
 #: step 1.03-1.12x where two would leave 96 or 192 (M = 512 and 1024, K = 3072).
 PROGRAMS_PER_SM = 10
 TWO_STEP_MIN_PER_SM = 2
+#: A rank that is not a power of two (a LoRA stacked on the base branch: 48, 80, 96) is
+#: computed as two low-rank parts, each padded to its own power of two (80 = 64 + 16,
+#: 96 = 64 + 32), instead of one padded to the next (128) — less MMA, fewer registers,
+#: so the rows per program stay 64 where a 128-wide part would halve them. On the H200
+#: (v37 profile) a rank-16 LoRA on every linear of the fused FLUX runtime took the
+#: quantize's GPU time from 7.5 to 13.0 ms a step (ranks 48, 80, 96 padded to 64, 128,
+#: 128). Off until measured on the GPU (``bench/probe_layer.py --what quantize --rank
+#: 96 --set quantize.SPLIT_RANK=True``).
+SPLIT_RANK = False
+
+
+def rank_parts(r: int) -> tuple[int, int]:
+    """The low-rank branch's padded widths (first part, second part or 0) for rank ``r``:
+    one power of two, or with ``SPLIT_RANK`` the largest power of two below ``r`` and the
+    rest's power of two where that is narrower than one part."""
+    whole = max(16, next_pow2(max(r, 1)))
+    if not SPLIT_RANK or whole == r or r <= 16:
+        return whole, 0
+    first = whole // 2
+    second = max(16, next_pow2(r - first))
+    return (first, second) if second < first else (whole, 0)
+
+
+def rows_per_program(block_m: int, width: int) -> int:
+    """Rows a program takes at a low-rank width (summed parts): its fp32 sums
+    [rows, width] held in registers stay at most ~48 a thread (4 warps); the same as
+    ``4096 // width`` for a power of two."""
+    cap = max(16, 6144 // max(width, 1))
+    return min(block_m, 1 << (cap.bit_length() - 1))
 
 
 def k_split(m_blocks: int, steps: int, sms: int) -> tuple[int, int]:
@@ -147,6 +176,18 @@ def _tail_values(ptrs, mask, ACT: tl.constexpr, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
+def _store_sums(lora_ptr, rows, rr, acc, rmask, R, stride_lm, ATOMIC: tl.constexpr):
+    """The low-rank sums ``acc`` of columns ``rr`` into ``lora_act``: added by atomics
+    where K is split, else stored."""
+    lptr = lora_ptr + rows[:, None] * stride_lm + rr[None, :]
+    lmask = rmask[:, None] & (rr < R)[None, :]
+    if ATOMIC:
+        tl.atomic_add(lptr, acc, mask=lmask, sem="relaxed")
+    else:
+        tl.store(lptr, acc, mask=lmask)
+
+
+@triton.jit
 def _quantize_act_kernel(
     x_ptr,
     tail_ptr,
@@ -178,6 +219,7 @@ def _quantize_act_kernel(
     BLOCK_K: tl.constexpr,
     PDL_TRIGGER: tl.constexpr = False,
     PDL_WAIT_LAST: tl.constexpr = False,
+    BLOCK_R2: tl.constexpr = 0,
 ):
     # With PDL_TRIGGER the next kernel, launched as this one's programmatic dependent (the
     # widen, ``widen.widen_weight(pdl=True)``), may start as soon as every program of this
@@ -200,6 +242,9 @@ def _quantize_act_kernel(
     t_rows = tail_ptr + rows[:, None] * stride_tm
     q_rows = xq_ptr + rows[:, None] * stride_qm
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    if BLOCK_R2 > 0:  # L_down's rows from BLOCK_R on: a second MMA of their own width
+        rr2 = BLOCK_R + tl.arange(0, BLOCK_R2)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_R2], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + g
         kmask = cols < K
@@ -223,8 +268,13 @@ def _quantize_act_kernel(
         # early tile took the kernel from 168 to 255 registers (triton 3.6, sm_90)
         ld_ptrs = ld_ptr + rr[:, None] * stride_ldr + cols[None, :]  # [BLOCK_R, BLOCK_K]
         ld_mask = (rr < R)[:, None] & kmask[None, :]
+        if BLOCK_R2 > 0:
+            ld2_ptrs = ld_ptr + rr2[:, None] * stride_ldr + cols[None, :]
+            ld2_mask = (rr2 < R)[:, None] & kmask[None, :]
         if HAS_LORA and TAIL_ACT < 0:
             ld = tl.load(ld_ptrs, mask=ld_mask, other=0.0)
+            if BLOCK_R2 > 0:
+                ld2 = tl.load(ld2_ptrs, mask=ld2_mask, other=0.0)
         inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + cols, mask=kmask, other=1.0))
         xh = x.to(tl.float32) * inv_s[None, :]
         q = quantize_tile(xh, inv_act, INT4, EXACT, BLOCK_M, BLOCK_K)
@@ -232,14 +282,15 @@ def _quantize_act_kernel(
         if HAS_LORA:
             if TAIL_ACT >= 0:
                 ld = tl.load(ld_ptrs, mask=ld_mask, other=0.0)
+                if BLOCK_R2 > 0:
+                    ld2 = tl.load(ld2_ptrs, mask=ld2_mask, other=0.0)
             acc = folded_lowrank_dot(x, tl.trans(ld), inv_s, acc, EXACT)
+            if BLOCK_R2 > 0:
+                acc2 = folded_lowrank_dot(x, tl.trans(ld2), inv_s, acc2, EXACT)
     if HAS_LORA:
-        lptr = lora_ptr + rows[:, None] * stride_lm + rr[None, :]
-        lmask = rmask[:, None] & (rr < R)[None, :]
-        if ATOMIC:
-            tl.atomic_add(lptr, acc, mask=lmask, sem="relaxed")
-        else:
-            tl.store(lptr, acc, mask=lmask)
+        _store_sums(lora_ptr, rows, rr, acc, rmask, R, stride_lm, ATOMIC)
+        if BLOCK_R2 > 0:
+            _store_sums(lora_ptr, rows, rr2, acc2, rmask, R, stride_lm, ATOMIC)
     if PDL_WAIT_LAST:  # noqa: SIM102 (a compile-time branch around a runtime one)
         # launched as the widen's programmatic dependent (``quantize_act(pdl=True)``): this
         # kernel reads nothing the widen writes, but the kernels after it need both done —
@@ -299,8 +350,8 @@ def quantize_act(
         xq = torch.empty(0, k_out, dtype=torch.float8_e4m3fn, device=x.device)
         return xq, torch.empty(0, r, dtype=torch.float32, device=x.device)
     block_m, block_k, warps = TILES["small" if m <= 64 else "medium" if m <= 1024 else "large"]
-    block_r = max(16, next_pow2(max(r, 1)))
-    block_m = min(block_m, max(16, 4096 // block_r))  # a large rank's sums fit in registers
+    block_r, block_r2 = rank_parts(r)
+    block_m = rows_per_program(block_m, block_r + block_r2)  # the sums fit in registers
     steps = cdiv(max(k, k_out), block_k)
     m_blocks = cdiv(m, block_m)
     split, k_per_split = k_split(m_blocks, steps, num_sms(x.device))
@@ -354,6 +405,7 @@ def quantize_act(
         num_stages=1,  # (bench/probe_quantize.py: no gain from pipelining the loads)
         PDL_TRIGGER=trigger and pdl_supported(x.device),
         PDL_WAIT_LAST=pdl,
+        BLOCK_R2=block_r2,
         **({"launch_pdl": True} if pdl else {}),
     )
     return xq, lora
