@@ -357,6 +357,22 @@ def test_fp8_gemm_matches_reference(monkeypatch, m, n, k, r, bias, dtype, tma):
     assert rel_err(y, y_ref) <= TOL
 
 
+def test_fp8_gemm_keeps_no_memory_between_calls(monkeypatch):
+    """The buffer the GEMM keeps for the pointers a launch never reads owns no memory: one
+    made during torch.compile's CUDA-graph warm-up (which allocates from the graph's pool)
+    would otherwise stay alive untracked and the compiled model would refuse to run (v37)."""
+    from svdquant.kernels import gemm
+
+    monkeypatch.setattr(gemm, "_DUMMIES", {})
+    g = _gen(3)
+    xq = ref.round_e4m3(torch.randn(3, 64, generator=g)).to(DEVICE)
+    wq = ref.round_e4m3(torch.randn(32, 64, generator=g)).to(DEVICE)
+    s_ch, scale = torch.ones(32, device=DEVICE), torch.tensor(1.0, device=DEVICE)
+    lora, up = torch.zeros(3, 0, device=DEVICE), torch.zeros(32, 0, device=DEVICE)
+    fp8_gemm(xq, wq, s_ch, scale, lora, up, None, torch.bfloat16)
+    assert gemm._DUMMIES and all(t.numel() == 0 for t in gemm._DUMMIES.values())
+
+
 def test_gemm_autotune_refuses_graph_capture_with_a_clear_error(monkeypatch):
     """A first call of a shape inside CUDA-graph capture cannot time the tiles: it says
     to warm the model up first instead of failing deep inside the capture."""
