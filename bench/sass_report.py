@@ -19,6 +19,7 @@ The numbers are the local triton's code generation (CI: triton 3.9; the device r
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import os
@@ -105,41 +106,18 @@ def _quantize() -> dict[str, Any]:
     return _quantize_spec(-1)
 
 
-@_spec("quantize_rank96")
-def _quantize_rank96() -> dict[str, Any]:
-    """Rank 96 (a rank-16 LoRA on each of a fused single block's four layers): one
-    128-wide low-rank part at 32 rows a program."""
-    return _quantize_spec(-1, rank=96)
-
-
-@_spec("quantize_rank96_split")
-def _quantize_rank96_split() -> dict[str, Any]:
-    """Rank 96 as two parts, 64 + 32, at 64 rows a program (``quantize.SPLIT_RANK``)."""
-    return _quantize_spec(-1, rank=96, split=True)
-
-
-@_spec("quantize_rank80_split")
-def _quantize_rank80_split() -> dict[str, Any]:
-    """Rank 80 (a fused double block's q/k/v with rank-16 LoRAs) as 64 + 16."""
-    return _quantize_spec(-1, rank=80, split=True)
-
-
-@_spec("quantize_rank48")
-def _quantize_rank48() -> dict[str, Any]:
-    """Rank 48 as one 64-wide part."""
-    return _quantize_spec(-1, rank=48)
-
-
-@_spec("quantize_rank48_split")
-def _quantize_rank48_split() -> dict[str, Any]:
-    """Rank 48 (a rank-16 LoRA on a rank-32 layer) as 32 + 16."""
-    return _quantize_spec(-1, rank=48, split=True)
-
-
-@_spec("quantize_cat_rank96_split")
-def _quantize_cat_rank96_split() -> dict[str, Any]:
-    """proj_out's input at rank 96 as two parts (the tail's late L_down loads)."""
-    return _quantize_spec(1, rank=96, split=True)
+# The low-rank branch at a LoRA's stacked ranks: one part padded to a power of two, or
+# two (``quantize.SPLIT_RANK``). Rank 48: a rank-16 LoRA on a rank-32 layer; 80: a fused
+# double block's q/k/v with one each; 96: a fused single block's four layers.
+for _name, _tail, _rank, _split in (
+    ("quantize_rank48", -1, 48, False),
+    ("quantize_rank48_split", -1, 48, True),
+    ("quantize_rank80_split", -1, 80, True),
+    ("quantize_rank96", -1, 96, False),
+    ("quantize_rank96_split", -1, 96, True),
+    ("quantize_cat_rank96_split", 1, 96, True),
+):
+    SPECS[_name] = functools.partial(_quantize_spec, _tail, rank=_rank, split=_split)
 
 
 @_spec("quantize_cat")
