@@ -513,6 +513,7 @@ def _gemm(
             B2=6144,
             B3=9216,
             NUM_SMS=132,
+            **_no_parts(),
         ),
         consts=dict(
             HAS_LORA=True,
@@ -527,6 +528,7 @@ def _gemm(
             BLOCK_R2=32 if next_int4 else 16,
             TAIL=tail,
             TMA=tma,
+            PARTS=False,
             BLOCK_M=128,
             BLOCK_N=256,
             BLOCK_K=128,
@@ -579,7 +581,34 @@ def _gemm_split_lora() -> dict[str, Any]:
     return d
 
 
-def _gemm_ws_spec(sizes: list[int]) -> dict[str, Any]:
+def _no_parts() -> dict[str, int]:
+    """A split GEMM's low-rank parts arguments, unused (``gemm.fp8_gemm_split``)."""
+    from svdquant.kernels._triton_common import part_args
+
+    names = ("LP", "O0", "O1", "O2", "O3", "W0", "W1", "W2", "W3")
+    return dict(zip(names, part_args(None), strict=True))
+
+
+def _lora_parts() -> dict[str, int]:
+    """The single block's q/k/v/mlp with a rank-16 LoRA each, read as parts: the base
+    32 columns and each segment's own 16 (a compact L_up of rank 48)."""
+    from svdquant.kernels._triton_common import part_args
+
+    names = ("LP", "O0", "O1", "O2", "O3", "W0", "W1", "W2", "W3")
+    return dict(zip(names, part_args([32, 16, 16, 16, 16]), strict=True))
+
+
+@_spec("gemm_split_lora_parts")
+def _gemm_split_lora_parts() -> dict[str, Any]:
+    """``gemm_split_lora`` with each segment reading only its own columns (``fuse.LORA_PARTS``):
+    the compact rank 48, ``BLOCK_R`` 64."""
+    d = _gemm(split=True)
+    d["ints"].update(R=48, stride_lm=96, stride_un=48, **_lora_parts())
+    d["consts"].update(BLOCK_R=64, PARTS=True)
+    return d
+
+
+def _gemm_ws_spec(sizes: list[int], parts: bool = False) -> dict[str, Any]:
     """The warp-specialized Gluon GEMM (``kernels/gemm_ws.py``) at M = 4608, K = 3072,
     N = sum(sizes), the output split into ``sizes`` segments (one: not split)."""
     import torch
@@ -616,22 +645,24 @@ def _gemm_ws_spec(sizes: list[int]) -> dict[str, Any]:
             M=m,
             N=n,
             K=3072,
-            stride_lm=32,
-            stride_un=32,
-            R=32,
+            stride_lm=96 if parts else 32,
+            stride_un=48 if parts else 32,
+            R=48 if parts else 32,
             B1=bounds[0],
             B2=bounds[1],
             B3=bounds[2],
+            **(_lora_parts() if parts else _no_parts()),
         ),
         consts=dict(
             HAS_LORA=True,
             HAS_BIAS=True,
             SPLIT=len(sizes) > 1,
-            MASK_R=False,
-            BR=32,
+            MASK_R=parts,
+            BR=64 if parts else 32,
             S=g.STAGES,
             GROUP=g.GROUP_M,
             num_warps=8,
+            PARTS=parts,
         ),
         warps=8,
     )
@@ -647,6 +678,13 @@ def _gemm_ws() -> dict[str, Any]:
 def _gemm_ws_split() -> dict[str, Any]:
     """The Gluon GEMM writing the single block's q/k/v/mlp as four contiguous outputs."""
     return _gemm_ws_spec([3072, 3072, 3072, 12288])
+
+
+@_spec("gemm_ws_parts")
+def _gemm_ws_parts() -> dict[str, Any]:
+    """The same with a rank-16 LoRA on each part, read as parts (``gemm_ws.TAKES_PARTS``):
+    the compact rank 48 on the rank-64 operands."""
+    return _gemm_ws_spec([3072, 3072, 3072, 12288], parts=True)
 
 
 def compile_sm90(spec: dict[str, Any]):

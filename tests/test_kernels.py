@@ -436,6 +436,37 @@ def test_fp8_gemm_split_writes_each_segment_contiguous(m, sizes):
         fp8_gemm_split(*args, [100, n - 100])
 
 
+@pytest.mark.parametrize(
+    ("m", "sizes", "parts"),
+    [(1, [256, 256], [8, 4, 12]), (37, [256, 512, 256, 300], [16, 16, 0, 8, 16]),
+     (70, [512, 256, 256], [0, 4, 4, 4])],
+)  # fmt: skip
+def test_fp8_gemm_split_parts_match_the_full_lowrank(m, sizes, parts):
+    """``fp8_gemm_split``'s ``parts``: each segment reads the shared prefix and its own
+    block of ``lora_act`` against a compact L_up — the product of the full L_up
+    (``reference.expand_lowrank_parts``), segment for segment."""
+    n, k = sum(sizes), 64
+    p, widths = parts[0], parts[1:]
+    xq, wq, s_ch, scale, _, _, b, dtype = _gemm_args(m, n, k, m + n, x_scale=50)
+    g = _gen(m)
+    lora = torch.randn(m, p + sum(widths), generator=g).to(DEVICE)
+    compact = (torch.randn(n, p + max(widths) + 3, generator=g) * 0.1).to(DEVICE, dtype)
+    full = ref.expand_lowrank_parts(compact, parts, sizes)
+    y_ref = ref.fp8_gemm_ref(xq, wq, s_ch, scale, lora, full, b, dtype)
+    flat = fp8_gemm_split(xq, wq, s_ch, scale, lora, compact, b, dtype, sizes, parts)
+    y_full = fp8_gemm_split(xq, wq, s_ch, scale, lora, full, b, dtype, sizes)
+    assert rel_err(flat, y_full) < 1e-5
+    start = 0
+    for w in sizes:
+        assert (
+            rel_err(flat[m * start : m * (start + w)].view(m, w), y_ref[:, start : start + w])
+            <= TOL
+        )
+        start += w
+    with pytest.raises(ValueError, match="parts"):
+        fp8_gemm_split(xq, wq, s_ch, scale, lora, compact, b, dtype, sizes, parts[:-1])
+
+
 @pytest.mark.parametrize(("m", "n", "activation", "act_fmt2"), [
     (3, 130, "gelu_tanh", "int4"), (257, 128, "silu", "fp8"), (40, 64, "none", "int4"),
 ])  # fmt: skip
@@ -933,6 +964,38 @@ def test_forward_split_gives_contiguous_parts(sizes):
     if sizes[0] % 256:  # the engine's own split refuses what its GEMM cannot split
         with pytest.raises(ValueError, match="multiples of 256"):
             svdquant.kernels.svdq_linear_split_triton(layer, x, sizes)
+
+
+@pytest.mark.parametrize("lora_parts", [False, True])
+def test_fused_layer_with_loras_equals_its_parts(monkeypatch, lora_parts):
+    """A fused group whose layers carry their own LoRAs (rows stacked after the shared
+    base), split in the GEMM: each part's output is its layer's, with the stacked L_up or
+    the compact one (``fuse.LORA_PARTS``: each part reads its own columns)."""
+    from svdquant import fuse
+    from svdquant.fuse import _concat, _split
+
+    monkeypatch.setattr(fuse, "LORA_PARTS", lora_parts)
+    sizes = [256, 256, 512]
+    _, layer, calib = _layer("int4", "int4", k=64, n=sum(sizes), rank=8)
+    layers = _split(layer, sizes)
+    g = _gen(11)
+    for part, extra in zip(layers, (4, 0, 12), strict=True):  # the middle one: no LoRA
+        a = torch.randn(extra, 64, generator=g).to(DEVICE, part.lowrank_down.dtype) * 0.1
+        bu = torch.randn(part.out_features, extra, generator=g).to(DEVICE, a.dtype) * 0.1
+        part.lowrank_down = torch.cat([part.lowrank_down, a])
+        part.lowrank_up = torch.cat([part.lowrank_up, bu], dim=1)
+    fused = _concat(layers)
+    assert fused.lowrank_down.shape[0] == 8 + 16
+    assert (getattr(fused, "lora_parts", None) == [8, 4, 0, 12]) == lora_parts
+    if lora_parts:
+        assert fused.lowrank_up_parts.shape == (sum(sizes), 32)  # 8 + 12, padded to 16s
+        assert "lowrank_up_parts" not in fused.state_dict()
+    for m in (*layers, fused):
+        m.backend = "triton"
+    x = calib[:5]
+    outs = svdquant.kernels.svdq_linear_split_triton(fused, x, sizes)
+    for out, part in zip(outs, layers, strict=True):
+        assert rel_err(out, part(x)) < 1e-5
 
 
 @pytest.mark.parametrize("act_fmt", ["int4", "fp8"])
@@ -1451,6 +1514,44 @@ def test_gpu_fp8_gemm_ws_split_writes_each_segment_contiguous(monkeypatch, m, si
         gemm_ws.fp8_gemm_ws_split(*args, [128, n - 128])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("ws", [False, True])
+@pytest.mark.parametrize(
+    ("m", "sizes", "parts"),
+    [(4096, [3072, 3072, 3072], [32, 16, 16, 16]),
+     (4096, [3072, 3072, 3072, 12288], [32, 16, 16, 16, 16]),
+     (1100, [3072, 3072, 3072], [32, 4, 0, 12]), (7, [256, 512], [32, 8, 16])],
+)  # fmt: skip
+def test_gpu_fp8_gemm_split_parts(monkeypatch, m, sizes, parts, ws):
+    """A split's parts (each segment its shared prefix and own low-rank columns, a compact
+    L_up) on the GPU, on the Triton kernel and on gemm_ws (``TAKES_PARTS``): the full
+    L_up's product (``reference.expand_lowrank_parts``)."""
+    from svdquant.kernels import gemm, gemm_ws
+
+    if ws and not gemm_ws.available(torch.device(DEVICE)):
+        pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
+    monkeypatch.setattr(gemm_ws, "TAKES_PARTS", ws)
+    monkeypatch.setattr(gemm, "WS_MIN_M", 1 if ws else 1 << 30)
+    monkeypatch.setattr(gemm, "TAIL_SPLIT", False)
+    calls = []
+    real = gemm_ws.fp8_gemm_ws_split
+    monkeypatch.setattr(gemm_ws, "fp8_gemm_ws_split", lambda *a: calls.append(1) or real(*a))
+    n, k = sum(sizes), 3072
+    xq, wq, s_ch, scale, _, _, b, dtype = _gemm_args(m, n, k, seed=m + n)
+    g = _gen(n)
+    lora = torch.randn(m, parts[0] + sum(parts[1:]), generator=g).to(DEVICE)
+    compact = (torch.randn(n, 48, generator=g) * 0.1).to(DEVICE, dtype)
+    full = ref.expand_lowrank_parts(compact, parts, sizes)
+    flat = fp8_gemm_split(xq, wq, s_ch, scale, lora, compact, b, dtype, sizes, parts)
+    assert bool(calls) == ws
+    y_ref = ref.fp8_gemm_ref(xq, wq, s_ch, scale, lora, full, b, dtype)
+    start = 0
+    for w in sizes:
+        seg = flat[m * start : m * (start + w)].view(m, w)
+        assert rel_err(seg, y_ref[:, start : start + w]) <= TOL
+        start += w
+
+
 def test_gemm_ws_split_launch_plan(monkeypatch):
     """The host side of the Gluon GEMM's split output, on any machine (the kernel itself
     needs sm_90): one store descriptor per segment, each a contiguous [M, width] view at
@@ -1472,8 +1573,10 @@ def test_gemm_ws_split_launch_plan(monkeypatch):
     flat = gemm_ws.fp8_gemm_ws_split(*args, sizes)
     ((a, kw),) = launches
     assert list(names) == names[: len(a)] + list(kw)  # every parameter, in its place
-    assert names[len(a) - 4 : len(a)] == ["R", "B1", "B2", "B3"]
-    descs, bounds = a[2:6], a[-3:]
+    assert names[len(a) - 13 : len(a)] == ["R", "B1", "B2", "B3", "LP", "O0", "O1", "O2",
+                                           "O3", "W0", "W1", "W2", "W3"]  # fmt: skip
+    descs, bounds = a[2:6], a[-12:-9]
+    assert a[-9:] == (0,) * 9 and kw["PARTS"] is False
     for d, w, start in zip(descs, sizes, (0, 256, 512), strict=False):
         assert tuple(d.shape) == (m, w) and tuple(d.strides) == (w, 1)
         assert d.base.data_ptr() == flat.data_ptr() + m * start * flat.element_size()
@@ -1482,14 +1585,23 @@ def test_gemm_ws_split_launch_plan(monkeypatch):
     # the layouts are asked once per box and dtype: the same as asking each time
     box = [gemm_ws.BLOCK_M, gemm_ws.BLOCK_N // 2]
     assert descs[0].layout == gemm_ws.gl.NVMMASharedLayout.get_default_for(box, gemm_ws.gl.bfloat16)
-    assert not kw["MASK_R"] and a[-4] == 32  # the rank is its power of two: no column mask
+    assert not kw["MASK_R"] and a[-13] == 32  # the rank is its power of two: no column mask
     gemm_ws.fp8_gemm_ws(*args)  # unsplit: the whole output, bounds at N
     a, kw = launches[-1]
-    assert tuple(a[2].shape) == (m, sum(sizes)) and a[-3:] == (648,) * 3 and not kw["SPLIT"]
+    assert tuple(a[2].shape) == (m, sum(sizes)) and a[-12:-9] == (648,) * 3 and not kw["SPLIT"]
     # rank 48: rows padded to 64
     gemm_ws.fp8_gemm_ws(*_gemm_args(m, 512, 64, seed=5, r=48))
     a, kw = launches[-1]
-    assert kw["MASK_R"] and kw["BR"] == 64 and a[-4] == 48
+    assert kw["MASK_R"] and kw["BR"] == 64 and a[-13] == 48
+    # a split's parts (each segment's own low-rank columns): prefix, offsets, widths
+    launches.clear()
+    lora = torch.zeros(m, 8 + 4 + 12 + 8, device=DEVICE)
+    up = args[5].new_zeros(sum(sizes), 32)
+    gemm_ws.fp8_gemm_ws_split(*args[:4], lora, up, *args[6:], sizes, [8, 4, 12, 8])
+    ((a, kw),) = launches
+    assert a[-9:] == (8, 0, 4, 16, 24, 4, 12, 8, 0) and kw["PARTS"] is True
+    with pytest.raises(ValueError, match="multiples of 4"):
+        gemm_ws.fp8_gemm_ws_split(*args[:4], lora, up, *args[6:], sizes, [8, 2, 14, 8])
 
 
 def test_gemm_ws_is_not_used_without_a_hopper_gpu(monkeypatch):

@@ -50,6 +50,17 @@ def three_bounds(bounds, n: int) -> tuple[int, int, int]:
     return tuple(b + [n] * (3 - len(b)))  # type: ignore[return-value]
 
 
+def part_args(parts: list[int] | None) -> tuple[int, ...]:
+    """A split GEMM's per-segment low-rank columns ``parts`` = ``[P, w_0, w_1, ...]`` (see
+    ``gemm.fp8_gemm_split``) as the kernels' nine arguments: P, the four segments' block
+    offsets past P (their widths' running sums), the four widths (zeros where unused)."""
+    if parts is None:
+        return (0,) * 9
+    widths = list(parts[1:]) + [0] * (5 - len(parts))
+    offsets = [0, *itertools.accumulate(widths[:3])]
+    return (parts[0], *offsets, *widths)
+
+
 @functools.cache
 def device_properties(index: int):
     """``torch.cuda.get_device_properties(index)``, asked once: the launchers ask per

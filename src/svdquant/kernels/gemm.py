@@ -33,6 +33,7 @@ from svdquant.kernels._triton_common import (
     needs_bf16_rounding,
     next_pow2,
     num_sms,
+    part_args,
     round_bf16,
     three_bounds,
 )
@@ -153,6 +154,15 @@ def _fp8_gemm_kernel(
     ws_ptr,
     cnt_ptr,
     NUM_SMS,
+    LP,
+    O0,
+    O1,
+    O2,
+    O3,
+    W0,
+    W1,
+    W2,
+    W3,
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
@@ -165,6 +175,7 @@ def _fp8_gemm_kernel(
     BLOCK_R2: tl.constexpr,
     TAIL: tl.constexpr,
     TMA: tl.constexpr,
+    PARTS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -242,20 +253,37 @@ def _fp8_gemm_kernel(
             acc, rm, rn, mmask, nmask, pid_n, c_ptr, sch_ptr, scale_ptr, lora_ptr, lu_ptr,
             bias_ptr, M, N, R, stride_cm, stride_lm, stride_un, inv_s2_ptr, ld2_ptr,
             scale2_ptr, xq2_ptr, lora2_ptr, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m,
-            B1, B2, B3, HAS_LORA, HAS_BIAS, ROUND_BF16, BLOCK_R, DOT_FP32, NEXT, SPLIT, ACT,
-            NEXT_INT4, BLOCK_R2, BLOCK_M, BLOCK_N,
+            B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2, W3, HAS_LORA, HAS_BIAS, ROUND_BF16,
+            BLOCK_R, DOT_FP32, NEXT, SPLIT, ACT, NEXT_INT4, BLOCK_R2, PARTS, BLOCK_M, BLOCK_N,
         )  # fmt: skip
 
 
 @triton.jit
+def _segment_value(col0, B1, B2, B3, V0, V1, V2, V3):
+    """The value of the output segment holding column ``col0`` (bounds B1 < B2 < B3)."""
+    return tl.where(col0 >= B3, V3, tl.where(col0 >= B2, V2, tl.where(col0 >= B1, V1, V0)))
+
+
+@triton.jit
 def _lowrank_operands(lora_ptr, lu_ptr, rm, rn, mmask, nmask, R, stride_lm, stride_un,
-                      BLOCK_R: tl.constexpr):  # fmt: skip
+                      col0, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2, W3,
+                      PARTS: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
     """The tile's low-rank activations [BLOCK_M, BLOCK_R] and L_up rows [BLOCK_N, BLOCK_R]
-    (contiguous along r: coalesced)."""
+    (contiguous along r: coalesced). ``PARTS``: L_up is compact and the tile's segment
+    (the one holding column ``col0``) takes ``lora_act``'s first ``LP`` columns, then
+    its own ``W`` from ``LP + O`` on (``fp8_gemm_split``'s ``parts``)."""
     rr = tl.arange(0, BLOCK_R)
+    if PARTS:
+        off = _segment_value(col0, B1, B2, B3, O0, O1, O2, O3)
+        width = LP + _segment_value(col0, B1, B2, B3, W0, W1, W2, W3)
+        la_cols = tl.where(rr < LP, rr, rr + off)
+        la_ok = rr < width
+    else:
+        la_cols = rr
+        la_ok = rr < R
     la = tl.load(
-        lora_ptr + rm[:, None] * stride_lm + rr[None, :],
-        mask=mmask[:, None] & (rr < R)[None, :],
+        lora_ptr + rm[:, None] * stride_lm + la_cols[None, :],
+        mask=mmask[:, None] & la_ok[None, :],
         other=0.0,
     )
     lu = tl.load(
@@ -271,9 +299,10 @@ def _epilogue(
     acc, rm, rn, mmask, nmask, pid_n, c_ptr, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr,
     M, N, R, stride_cm, stride_lm, stride_un, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr,
     lora2_ptr, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m, B1, B2, B3,
+    LP, O0, O1, O2, O3, W0, W1, W2, W3,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr, NEXT: tl.constexpr, SPLIT: tl.constexpr,
-    ACT: tl.constexpr, NEXT_INT4: tl.constexpr, BLOCK_R2: tl.constexpr,
+    ACT: tl.constexpr, NEXT_INT4: tl.constexpr, BLOCK_R2: tl.constexpr, PARTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The tile's fp32 sums ``acc`` -> the layer's output (scales, low-rank up, bias,
@@ -286,7 +315,8 @@ def _epilogue(
     scale = tl.load(scale_ptr) * tl.load(sch_ptr + rn, mask=nmask, other=0.0)
     if HAS_LORA:
         la, lu = _lowrank_operands(lora_ptr, lu_ptr, rm, rn, mmask, nmask, R, stride_lm,
-                                   stride_un, BLOCK_R)  # fmt: skip
+                                   stride_un, pid_n * BLOCK_N, B1, B2, B3, LP, O0, O1, O2, O3,
+                                   W0, W1, W2, W3, PARTS, BLOCK_R)  # fmt: skip
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
     y = acc * scale[None, :]
@@ -340,8 +370,8 @@ def _epilogue(
         # begins at element M · start). The bounds are multiples of every BLOCK_N, so a
         # tile lies in one segment and its rows stay contiguous.
         col0 = pid_n * BLOCK_N
-        start = tl.where(col0 >= B3, B3, tl.where(col0 >= B2, B2, tl.where(col0 >= B1, B1, 0)))
-        end = tl.where(col0 >= B3, N, tl.where(col0 >= B2, B3, tl.where(col0 >= B1, B2, B1)))
+        start = _segment_value(col0, B1, B2, B3, 0, B1, B2, B3)
+        end = _segment_value(col0, B1, B2, B3, B1, B2, B3, N)
         width = tl.multiple_of(end - start, 16)
         seg = c_ptr + start.to(tl.int64) * M
         tl.store(
@@ -411,10 +441,11 @@ def _dummy(device: torch.device) -> torch.Tensor:
 
 
 def _launch(
-    xq, wq, lora_act, lowrank_up, s_channel, act_scale, bias, out, nxt, bounds=None
+    xq, wq, lora_act, lowrank_up, s_channel, act_scale, bias, out, nxt, bounds=None, parts=None
 ) -> None:
     """Launch the GEMM; ``nxt`` = (1/smooth2, ld2, scale2, xq2, lora2, act, act_fmt2) or None;
-    ``bounds``: the inner column bounds of a split output (see ``fp8_gemm_split``)."""
+    ``bounds``: the inner column bounds of a split output, ``parts`` its segments'
+    low-rank columns (see ``fp8_gemm_split``)."""
     m, k = xq.shape
     n = wq.shape[0]
     r = lowrank_up.shape[1]
@@ -480,6 +511,7 @@ def _launch(
         ws,
         cnt,
         sms,
+        *part_args(parts),
     )
     flags = dict(
         HAS_LORA=r > 0,
@@ -494,6 +526,7 @@ def _launch(
         BLOCK_R2=max(16, next_pow2(max(r2, 1))),
         TAIL=tail_on,
         TMA=tma,
+        PARTS=parts is not None,
     )
     # the autotuner's key (its ``key`` names and every tensor's dtype) and the flags
     key = (_m_bucket(m), n, k, tail_on, tma, out.dtype, lowrank_up.dtype,
@@ -629,6 +662,7 @@ def fp8_gemm_split(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     sizes: list[int],
+    parts: list[int] | None = None,
 ) -> torch.Tensor:
     """``fp8_gemm`` whose output columns go to ``len(sizes)`` separate contiguous tensors,
     returned end to end in one flat buffer of M · N elements: segment i (``sizes[i]``
@@ -637,6 +671,13 @@ def fp8_gemm_split(
     For fused projections (q/k/v in one GEMM) whose consumers want each part contiguous:
     splitting the [M, N] output afterwards would cost a copy of it. Needs
     ``split_supported(sizes)``.
+
+    ``parts`` = ``[P, w_0, w_1, ...]`` (one width per segment): ``lora_act`` is [M, P +
+    Σ w_i] — a shared prefix of P columns (the base branch), then each segment's own
+    block of w_i columns (its layer's LoRA rows) — and ``lowrank_up`` is compact, [N, ≥ P
+    + max w_i]: segment i's rows multiply the prefix and its own block only, instead of
+    zeros for every other segment's block (``reference.expand_lowrank_parts`` gives the
+    full L_up of the same product).
     """
     m, n = xq.shape[0], wq.shape[0]
     if sum(sizes) != n or not split_supported(sizes):
@@ -644,16 +685,36 @@ def fp8_gemm_split(
             f"fp8_gemm_split takes 2-4 segments summing to N = {n} whose inner bounds are "
             f"multiples of {SPLIT_ALIGN}, got {sizes}"
         )
-    if WS_SPLIT and _ws_wanted(xq, wq, lora_act, lowrank_up, out_dtype):
+    if parts is not None:
+        check_parts(parts, sizes, lora_act.shape[1], lowrank_up.shape[1])
+    ws_parts = parts is None or (  # its 16-byte copies of lora_act's rows stay aligned
+        gemm_ws.TAKES_PARTS and gemm_ws.parts_supported(parts) and lora_act.shape[1] % 4 == 0
+    )
+    if WS_SPLIT and ws_parts and _ws_wanted(xq, wq, lora_act, lowrank_up, out_dtype):
         return gemm_ws.fp8_gemm_ws_split(xq, wq, s_channel, act_scale, lora_act, lowrank_up,
-                                         bias, out_dtype, sizes)  # fmt: skip
+                                         bias, out_dtype, sizes, parts)  # fmt: skip
     flat = torch.empty(m * n, dtype=out_dtype, device=xq.device)
     if m and n:
         _launch(
             *_contiguous(xq, wq, lora_act, lowrank_up), s_channel, act_scale, bias, flat, None,
-            inner_bounds(sizes),
+            inner_bounds(sizes), parts,
         )  # fmt: skip
     return flat
+
+
+def check_parts(parts: list[int], sizes: list[int], act_rank: int, up_rank: int) -> None:
+    """Refuse ``parts`` that do not describe ``lora_act``'s and the compact L_up's columns."""
+    if (
+        len(parts) != len(sizes) + 1
+        or min(parts) < 0
+        or parts[0] + sum(parts[1:]) != act_rank
+        or parts[0] + max(parts[1:]) > up_rank
+    ):
+        raise ValueError(
+            f"parts {list(parts)} must be [P, one width per segment] with P + their sum = "
+            f"lora_act's {act_rank} columns and P + the largest <= L_up's {up_rank} "
+            f"(segments {list(sizes)})"
+        )
 
 
 def fp8_gemm_quantize_next(

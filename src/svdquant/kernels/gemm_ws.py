@@ -44,6 +44,7 @@ from svdquant.kernels._triton_common import (
     interpreting,
     next_pow2,
     num_sms,
+    part_args,
     three_bounds,
 )
 
@@ -99,6 +100,17 @@ TESTED_TRITON = ("3.6",)
 #: 48``, alternated twice): 1.04-1.06x faster at M = 1024 / 4096 where N = 12288 and at
 #: M = 4096, 3072², equal at M = 1024, 3072².
 RANKS = (0, 16, 32, 48, 64)
+#: ``gemm.fp8_gemm_split``'s ``parts`` (each segment reading only its own low-rank
+#: columns: a fused group's LoRAs at the compact rank, e.g. 48 instead of 80) handed to
+#: this kernel. Compiled for sm_90 (``bench/sass_report.py --kernels gemm_ws_parts``),
+#: not yet run on the GPU: until then the Triton kernel reads them.
+TAKES_PARTS = False
+
+
+def parts_supported(parts: list[int]) -> bool:
+    """Whether this kernel takes a split's ``parts``: every prefix and width a multiple of
+    4 columns, so that each 16-byte copy of the fp32 rows lies in one piece."""
+    return all(p % 4 == 0 for p in parts)
 
 
 def supports(n: int, k: int, r: int, lr_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
@@ -210,11 +222,21 @@ if HAVE_GLUON:
         B1,
         B2,
         B3,
+        LP,
+        O0,
+        O1,
+        O2,
+        O3,
+        W0,
+        W1,
+        W2,
+        W3,
         HAS_LORA: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         SPLIT: gl.constexpr,
         LA_IN_C: gl.constexpr,
         MASK_R: gl.constexpr,
+        PARTS: gl.constexpr,
         BR: gl.constexpr,
         BM: gl.constexpr,
         BN: gl.constexpr,
@@ -262,11 +284,26 @@ if HAVE_GLUON:
                 la_mask = gl.expand_dims(lm < M, 1)
                 lu_mask = gl.expand_dims(ln < N, 1)
                 if MASK_R:
-                    la_mask = la_mask & gl.expand_dims(lr < R, 0)
                     lu_mask = lu_mask & gl.expand_dims(lr < R, 0)
+                la_cols = lr
+                if PARTS:
+                    # the tile's segment takes the shared prefix and its own block of
+                    # columns (``gemm.fp8_gemm_split``'s parts; multiples of 4: each
+                    # 16-byte copy lies in one piece)
+                    col = pid_n * BN
+                    off = gl.where(
+                        col >= B3, O3, gl.where(col >= B2, O2, gl.where(col >= B1, O1, O0))
+                    )
+                    width = LP + gl.where(
+                        col >= B3, W3, gl.where(col >= B2, W2, gl.where(col >= B1, W1, W0))
+                    )
+                    la_cols = gl.where(lr < LP, lr, lr + off)
+                    la_mask = la_mask & gl.expand_dims(lr < width, 0)
+                elif MASK_R:
+                    la_mask = la_mask & gl.expand_dims(lr < R, 0)
                 async_copy.async_copy_global_to_shared(
                     la32_smem,
-                    lora_ptr + gl.expand_dims(lm, 1) * stride_lm + gl.expand_dims(lr, 0),
+                    lora_ptr + gl.expand_dims(lm, 1) * stride_lm + gl.expand_dims(la_cols, 0),
                     mask=la_mask,
                 )
                 async_copy.async_copy_global_to_shared(
@@ -351,6 +388,15 @@ if HAVE_GLUON:
         B1,
         B2,
         B3,
+        LP,
+        O0,
+        O1,
+        O2,
+        O3,
+        W0,
+        W1,
+        W2,
+        W3,
         HAS_LORA: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         SPLIT: gl.constexpr,
@@ -359,6 +405,7 @@ if HAVE_GLUON:
         S: gl.constexpr,
         GROUP: gl.constexpr,
         num_warps: gl.constexpr,
+        PARTS: gl.constexpr = False,
     ):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -418,11 +465,21 @@ if HAVE_GLUON:
                         B1,
                         B2,
                         B3,
+                        LP,
+                        O0,
+                        O1,
+                        O2,
+                        O3,
+                        W0,
+                        W1,
+                        W2,
+                        W3,
                         HAS_LORA,
                         HAS_BIAS,
                         SPLIT,
                         LA_IN_C,
                         MASK_R,
+                        PARTS,
                         BR,
                         BM,
                         BN,
@@ -470,17 +527,21 @@ def fp8_gemm_ws_split(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     sizes: list[int],
+    parts: list[int] | None = None,
 ) -> torch.Tensor:
     """``gemm.fp8_gemm_split`` on this kernel (same arguments and flat result: segment i
-    contiguous at ``M · c_i``); the inner bounds must be multiples of ``BLOCK_N``."""
+    contiguous at ``M · c_i``); the inner bounds must be multiples of ``BLOCK_N``;
+    ``parts`` multiples of 4 (``parts_supported``)."""
     m, n = xq.shape[0], wq.shape[0]
     if not 1 <= len(sizes) <= 4 or sum(sizes) != n or any(b % BLOCK_N for b in inner_bounds(sizes)):
         raise ValueError(
             f"fp8_gemm_ws_split takes 1-4 segments summing to N = {n} whose inner bounds "
             f"are multiples of {BLOCK_N}, got {sizes}"
         )
+    if parts is not None and not parts_supported(parts):
+        raise ValueError(f"fp8_gemm_ws_split takes parts that are multiples of 4, got {parts}")
     flat = torch.empty(m * n, dtype=out_dtype, device=xq.device)
-    _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, flat, sizes)
+    _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, flat, sizes, parts)
     return flat
 
 
@@ -491,7 +552,8 @@ def _layout(rows: int, cols: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPES[dtype])
 
 
-def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes) -> None:
+def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
+         parts=None) -> None:  # fmt: skip
     """Launch the kernel writing ``out``: [M, N], or (several ``sizes``) the segments
     laid end to end in the flat ``out``."""
     m, k = xq.shape
@@ -539,6 +601,7 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes) -
         lowrank_up.stride(0) if r else 0,
         r,
         *three_bounds(bounds, n),
+        *part_args(parts),
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
         SPLIT=len(sizes) > 1,
@@ -547,4 +610,5 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes) -
         S=STAGES,
         GROUP=GROUP_M,
         num_warps=8,
+        PARTS=parts is not None,
     )

@@ -293,16 +293,17 @@ def fp8_gemm_split(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     sizes: list[int],
+    parts: list[int] | None = None,
 ) -> torch.Tensor:
     """``kernels.gemm.fp8_gemm_split`` as a custom op (the flat buffer; the caller views
     the segments: a custom op may not return aliasing outputs)."""
     from svdquant.kernels.gemm import fp8_gemm_split as impl
 
-    return impl(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, sizes)
+    return impl(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, sizes, parts)
 
 
 @fp8_gemm_split.register_fake
-def _(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, sizes):
+def _(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, sizes, parts=None):
     return xq.new_empty(xq.shape[0] * wq.shape[0], dtype=out_dtype)
 
 
@@ -464,8 +465,10 @@ def svdq_linear_split_triton(layer: torch.nn.Module, x: torch.Tensor, sizes: lis
         x2, layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth, layer.act_amax,
         layer.lowrank_down, layer.fmt, layer.act_fmt,
     )  # fmt: skip
+    parts = getattr(layer, "lora_parts", None)  # a fused group's LoRAs, compact
+    up = layer.lowrank_up if parts is None else layer.lowrank_up_parts
     flat = _ops(x2).fp8_gemm_split(
-        xq, wq, s_channel, s, lora, layer.lowrank_up, layer.bias, x.dtype, list(sizes)
+        xq, wq, s_channel, s, lora, up, layer.bias, x.dtype, list(sizes), parts
     )
     out, start = [], 0
     for w in sizes:

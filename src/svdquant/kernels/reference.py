@@ -258,6 +258,20 @@ def fp8_gemm_ref(
     return y.to(out_dtype)
 
 
+def expand_lowrank_parts(lowrank_up: torch.Tensor, parts: list[int], sizes: list[int]):
+    """The full L_up [N, P + Σ w_i] of a compact one (``gemm.fp8_gemm_split``'s
+    ``parts = [P, w_0, w_1, ...]``): segment i's rows keep their first P columns and put
+    their next w_i at its own block, P + Σ_{j<i} w_j; zeros elsewhere."""
+    p, widths = parts[0], list(parts[1:])
+    full = lowrank_up.new_zeros(lowrank_up.shape[0], p + sum(widths))
+    row, col = 0, p
+    for n, w in zip(sizes, widths, strict=True):
+        full[row : row + n, :p] = lowrank_up[row : row + n, :p]
+        full[row : row + n, col : col + w] = lowrank_up[row : row + n, p : p + w]
+        row, col = row + n, col + w
+    return full
+
+
 def fp8_gemm_quantize_next_ref(
     xq: torch.Tensor,
     wq: torch.Tensor,
