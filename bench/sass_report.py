@@ -600,7 +600,7 @@ def _lora_parts() -> dict[str, int]:
 
 @_spec("gemm_split_lora_parts")
 def _gemm_split_lora_parts() -> dict[str, Any]:
-    """``gemm_split_lora`` with each segment reading only its own columns (``fuse.LORA_PARTS``):
+    """``gemm_split_lora`` with each segment reading only its own columns (``gemm.LORA_PARTS``):
     the compact rank 48, ``BLOCK_R`` 64."""
     d = _gemm(split=True)
     d["ints"].update(R=48, stride_lm=96, stride_un=48, **_lora_parts())

@@ -970,11 +970,11 @@ def test_forward_split_gives_contiguous_parts(sizes):
 def test_fused_layer_with_loras_equals_its_parts(monkeypatch, lora_parts):
     """A fused group whose layers carry their own LoRAs (rows stacked after the shared
     base), split in the GEMM: each part's output is its layer's, with the stacked L_up or
-    the compact one (``fuse.LORA_PARTS``: each part reads its own columns)."""
-    from svdquant import fuse
+    the compact one (``gemm.LORA_PARTS``: each part reads its own columns)."""
     from svdquant.fuse import _concat, _split
+    from svdquant.kernels import gemm
 
-    monkeypatch.setattr(fuse, "LORA_PARTS", lora_parts)
+    monkeypatch.setattr(gemm, "LORA_PARTS", lora_parts)
     sizes = [256, 256, 512]
     _, layer, calib = _layer("int4", "int4", k=64, n=sum(sizes), rank=8)
     layers = _split(layer, sizes)
@@ -986,10 +986,9 @@ def test_fused_layer_with_loras_equals_its_parts(monkeypatch, lora_parts):
         part.lowrank_up = torch.cat([part.lowrank_up, bu], dim=1)
     fused = _concat(layers)
     assert fused.lowrank_down.shape[0] == 8 + 16
-    assert (getattr(fused, "lora_parts", None) == [8, 4, 0, 12]) == lora_parts
-    if lora_parts:
-        assert fused.lowrank_up_parts.shape == (sum(sizes), 32)  # 8 + 12, padded to 16s
-        assert "lowrank_up_parts" not in fused.state_dict()
+    assert fused.lora_parts == [8, 4, 0, 12]
+    assert fused.lowrank_up_parts.shape == (sum(sizes), 32)  # 8 + 12, padded to 16s
+    assert "lowrank_up_parts" not in fused.state_dict()
     for m in (*layers, fused):
         m.backend = "triton"
     x = calib[:5]

@@ -520,12 +520,12 @@ def test_fused_runtime_carries_loras(flux, tmp_path):
 def test_gpu_fused_runtime_carries_loras_on_the_kernels(flux, tmp_path, monkeypatch, parts):
     """On the GPU's kernels: a model with a LoRA on every linear, fused (q/k/v and the
     single blocks' MLP input at the stacked rank, or each part reading its own columns:
-    ``fuse.LORA_PARTS``), gives the unfused engine's outputs within bf16 rounding, with
+    ``gemm.LORA_PARTS``), gives the unfused engine's outputs within bf16 rounding, with
     the LoRA still mattering; a strength change on the fused model reaches the kernels."""
-    from svdquant import fuse, fuse_projections, unfuse_projections
-    from svdquant.kernels import gemm_ws
+    from svdquant import fuse_projections, unfuse_projections
+    from svdquant.kernels import gemm, gemm_ws
 
-    monkeypatch.setattr(fuse, "LORA_PARTS", parts)
+    monkeypatch.setattr(gemm, "LORA_PARTS", parts)
     monkeypatch.setattr(gemm_ws, "TAKES_PARTS", parts)
 
     _pipe, model, quant, calls = flux
@@ -552,7 +552,7 @@ def test_gpu_fused_runtime_carries_loras_on_the_kernels(flux, tmp_path, monkeypa
     fused = q.transformer_blocks[0].attn.to_qkv.linear
     assert fused.backend == "triton" and fused.lowrank_down.is_cuda
     assert fused.lowrank_down.shape[0] == fused.rank + 3 * 4
-    assert hasattr(fused, "lora_parts") == parts
+    assert fused.lora_parts == [fused.rank, 4, 4, 4]
     assert error(outputs(q, cuda_calls), with_lora) < 4e-3
     set_lora_strength(q, "style", 0.0)
     assert q.transformer_blocks[0].attn.fused_projections

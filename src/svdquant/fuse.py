@@ -50,14 +50,6 @@ _PARTS = (
 _FUSED_ATTR = "_svdquant_fused"
 _ORIG_PROCESSOR = "_svdquant_processor"
 _ORIG_CLASS = "_svdquant_class"
-#: A fused group whose layers carry their own LoRAs also keeps a compact L_up (each
-#: part's rows: the base columns, then its own LoRA's; ``fp8_gemm_split``'s ``parts``),
-#: so that each part's GEMM tiles read 48 low-rank columns instead of 80 (double block
-#: q/k/v, rank-16 LoRAs) or 96 (single block) — a rank ``gemm_ws`` takes. On the H200
-#: (v37) a rank-16 LoRA on every linear took the fused FLUX step from 93.6 to 103.1 ms,
-#: +5.5 ms of it the GEMMs (the stacked ranks leaving gemm_ws). Off until measured on the
-#: GPU (with ``kernels.gemm_ws.TAKES_PARTS``).
-LORA_PARTS = False
 
 
 class FusedProjection(nn.Module):
@@ -157,15 +149,16 @@ def _concat(layers: list[SVDQLinear]) -> SVDQLinear:
             up[row : row + m.out_features, col : col + e] = m.lowrank_up[:, r:]
             row, col = row + m.out_features, col + e
         fused.lowrank_up = up
-        if LORA_PARTS:
-            _keep_parts(fused, layers, extra)
+        _keep_parts(fused, layers, extra)
     fused.alpha = a.alpha
     return fused
 
 
 def _keep_parts(fused: SVDQLinear, layers: list[SVDQLinear], extra: list[int]) -> None:
-    """Give ``fused`` its compact L_up, [N, r + max extra] padded to a multiple of 16
-    (layer i's rows: its base columns, its LoRA's), and ``lora_parts`` = [r, *extra]."""
+    """Give ``fused`` a compact L_up, [N, r + max extra] padded to a multiple of 16 (layer
+    i's rows: its base columns, its LoRA's), and ``lora_parts`` = [r, *extra]: with
+    ``kernels.gemm.LORA_PARTS`` each part of the split GEMM reads only the base columns
+    and its own LoRA's (rank 48 instead of 80 or 96 for rank-16 LoRAs on FLUX's q/k/v)."""
     r = layers[0].rank
     width = -(-(r + max(extra)) // 16) * 16
     compact = fused.lowrank_up.new_zeros(fused.out_features, width)

@@ -626,6 +626,14 @@ def fp8_gemm(
 #: at M = 512 the kernel is up to 1.37x slower (128 x 256 tiles: too few for 132 SMs).
 WS_GEMM = True
 WS_MIN_M = 1024
+#: A fused group whose layers carry their own LoRAs (``svdquant.fuse``) runs its split
+#: GEMM on a compact L_up when True: each part reads the base columns and its own LoRA's
+#: (``fp8_gemm_split``'s ``parts``), rank 48 instead of 80/96 for rank-16 LoRAs, a rank
+#: gemm_ws takes (with ``gemm_ws.TAKES_PARTS``). On the H200 (v37) a rank-16 LoRA on
+#: every linear took the fused FLUX step from 93.6 to 103.1 ms, +5.5 ms of it the GEMMs
+#: (the stacked ranks leaving gemm_ws). Off until measured on the GPU (``bench/e2e.py
+#: --rows svdq-int4-fused-lora --ab gemm.LORA_PARTS=True --ab gemm_ws.TAKES_PARTS=True``).
+LORA_PARTS = False
 #: ``fp8_gemm_split`` (fused projections) hands over the same way (gemm_ws's split output:
 #: one TMA store descriptor per segment).
 WS_SPLIT = True

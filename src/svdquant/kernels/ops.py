@@ -465,7 +465,10 @@ def svdq_linear_split_triton(layer: torch.nn.Module, x: torch.Tensor, sizes: lis
         x2, layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth, layer.act_amax,
         layer.lowrank_down, layer.fmt, layer.act_fmt,
     )  # fmt: skip
-    parts = getattr(layer, "lora_parts", None)  # a fused group's LoRAs, compact
+    from svdquant.kernels import gemm
+
+    # a fused group's own LoRAs, each part reading its own columns (gemm.LORA_PARTS)
+    parts = getattr(layer, "lora_parts", None) if gemm.LORA_PARTS else None
     up = layer.lowrank_up if parts is None else layer.lowrank_up_parts
     flat = _ops(x2).fp8_gemm_split(
         xq, wq, s_channel, s, lora, up, layer.bias, x.dtype, list(sizes), parts
