@@ -987,14 +987,20 @@ def test_fused_layer_with_loras_equals_its_parts(monkeypatch, lora_parts):
     fused = _concat(layers)
     assert fused.lowrank_down.shape[0] == 8 + 16
     assert fused.lora_parts == [8, 4, 0, 12]
-    assert fused.lowrank_up_parts.shape == (sum(sizes), 32)  # 8 + 12, padded to 16s
-    assert "lowrank_up_parts" not in fused.state_dict()
+    # the compact L_up: made at fusing while the switch is on, else when first wanted
+    assert hasattr(fused, "lowrank_up_parts") == lora_parts
     for m in (*layers, fused):
         m.backend = "triton"
     x = calib[:5]
-    outs = svdquant.kernels.svdq_linear_split_triton(fused, x, sizes)
-    for out, part in zip(outs, layers, strict=True):
-        assert rel_err(out, part(x)) < 1e-5
+    for lazy in (False, True):
+        monkeypatch.setattr(gemm, "LORA_PARTS", lazy or lora_parts)
+        outs = svdquant.kernels.svdq_linear_split_triton(fused, x, sizes)
+        for out, part in zip(outs, layers, strict=True):
+            assert rel_err(out, part(x)) < 1e-5
+    assert fused.lowrank_up_parts.shape == (sum(sizes), 32)  # 8 + 12, padded to 16s
+    assert "lowrank_up_parts" not in fused.state_dict()
+    full = ref.expand_lowrank_parts(fused.lowrank_up_parts, fused.lora_parts, sizes)
+    assert torch.equal(full, fused.lowrank_up)
 
 
 @pytest.mark.parametrize("act_fmt", ["int4", "fp8"])

@@ -155,19 +155,27 @@ def _concat(layers: list[SVDQLinear]) -> SVDQLinear:
 
 
 def _keep_parts(fused: SVDQLinear, layers: list[SVDQLinear], extra: list[int]) -> None:
-    """Give ``fused`` a compact L_up, [N, r + max extra] padded to a multiple of 16 (layer
-    i's rows: its base columns, its LoRA's), and ``lora_parts`` = [r, *extra]: with
-    ``kernels.gemm.LORA_PARTS`` each part of the split GEMM reads only the base columns
-    and its own LoRA's (rank 48 instead of 80 or 96 for rank-16 LoRAs on FLUX's q/k/v)."""
-    r = layers[0].rank
-    width = -(-(r + max(extra)) // 16) * 16
-    compact = fused.lowrank_up.new_zeros(fused.out_features, width)
-    row = 0
-    for m, e in zip(layers, extra, strict=True):
-        compact[row : row + m.out_features, : r + e] = m.lowrank_up
-        row += m.out_features
+    """Note on ``fused`` which of its low-rank columns each part uses, ``lora_parts`` =
+    [r, *extra] (the base, then each layer's own LoRA rows): with
+    ``kernels.gemm.LORA_PARTS`` each part of the split GEMM reads only those, against a
+    compact L_up (rank 48 instead of 80 or 96 for rank-16 LoRAs on FLUX's q/k/v), made
+    here while the switch is on, else at the first eager call that wants it."""
+    fused.lora_parts = [layers[0].rank, *extra]
+    from svdquant.kernels import gemm
+
+    if gemm.LORA_PARTS:
+        sizes = [m.out_features for m in layers]
+        keep_compact_up(fused, sizes)
+
+
+def keep_compact_up(fused: SVDQLinear, sizes: list[int]) -> torch.Tensor:
+    """``fused``'s compact L_up for its ``lora_parts``, kept as a buffer outside its
+    state dict (it follows moves and casts)."""
+    from svdquant.kernels.reference import compact_lowrank_parts
+
+    compact = compact_lowrank_parts(fused.lowrank_up, fused.lora_parts, sizes)
     fused.register_buffer("lowrank_up_parts", compact, persistent=False)
-    fused.lora_parts = [r, *extra]
+    return compact
 
 
 def _split(fused: SVDQLinear, sizes: list[int]) -> list[SVDQLinear]:

@@ -465,11 +465,7 @@ def svdq_linear_split_triton(layer: torch.nn.Module, x: torch.Tensor, sizes: lis
         x2, layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth, layer.act_amax,
         layer.lowrank_down, layer.fmt, layer.act_fmt,
     )  # fmt: skip
-    from svdquant.kernels import gemm
-
-    # a fused group's own LoRAs, each part reading its own columns (gemm.LORA_PARTS)
-    parts = getattr(layer, "lora_parts", None) if gemm.LORA_PARTS else None
-    up = layer.lowrank_up if parts is None else layer.lowrank_up_parts
+    parts, up = _lora_parts(layer, sizes, x2)
     flat = _ops(x2).fp8_gemm_split(
         xq, wq, s_channel, s, lora, up, layer.bias, x.dtype, list(sizes), parts
     )
@@ -478,6 +474,27 @@ def svdq_linear_split_triton(layer: torch.nn.Module, x: torch.Tensor, sizes: lis
         out.append(flat[m * start : m * (start + w)].view(*lead, w))
         start += w
     return tuple(out)
+
+
+def _lora_parts(layer: torch.nn.Module, sizes: list[int], x: torch.Tensor):
+    """(``parts``, L_up) for a fused layer's split GEMM: a fused group's own LoRAs with
+    each part reading its own columns under ``gemm.LORA_PARTS`` (the compact L_up made at
+    the first eager call that wants it: not while tracing or capturing a CUDA graph,
+    which then run the stacked L_up), else (None, the stacked L_up)."""
+    from svdquant.kernels import gemm
+
+    parts = getattr(layer, "lora_parts", None) if gemm.LORA_PARTS else None
+    if parts is None:
+        return None, layer.lowrank_up
+    up = getattr(layer, "lowrank_up_parts", None)
+    if up is None:
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if torch.compiler.is_compiling() or capturing:
+            return None, layer.lowrank_up
+        from svdquant.fuse import keep_compact_up
+
+        up = keep_compact_up(layer, list(sizes))
+    return parts, up
 
 
 def check_cat_inputs(x: torch.Tensor, tail: torch.Tensor, in_features: int) -> None:

@@ -272,6 +272,21 @@ def expand_lowrank_parts(lowrank_up: torch.Tensor, parts: list[int], sizes: list
     return full
 
 
+def compact_lowrank_parts(lowrank_up: torch.Tensor, parts: list[int], sizes: list[int]):
+    """The compact L_up of a full one (the inverse of ``expand_lowrank_parts``), its
+    columns padded with zeros to a multiple of 16: segment i's rows keep their first P
+    columns, then their own block's w_i."""
+    p, widths = parts[0], list(parts[1:])
+    width = -(-(p + max(widths, default=0)) // 16) * 16
+    compact = lowrank_up.new_zeros(lowrank_up.shape[0], width)
+    row, col = 0, p
+    for n, w in zip(sizes, widths, strict=True):
+        compact[row : row + n, :p] = lowrank_up[row : row + n, :p]
+        compact[row : row + n, p : p + w] = lowrank_up[row : row + n, col : col + w]
+        row, col = row + n, col + w
+    return compact
+
+
 def fp8_gemm_quantize_next_ref(
     xq: torch.Tensor,
     wq: torch.Tensor,
