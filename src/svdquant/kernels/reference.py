@@ -258,17 +258,25 @@ def fp8_gemm_ref(
     return y.to(out_dtype)
 
 
+def _part_columns(parts: list[int], sizes: list[int]):
+    """For each segment of a split with ``parts = [P, w_0, w_1, ...]``: (its rows, its
+    own columns in the full L_up, the same in the compact one) — the first P columns are
+    every segment's."""
+    p, row, col = parts[0], 0, parts[0]
+    for n, w in zip(sizes, parts[1:], strict=True):
+        yield slice(row, row + n), slice(col, col + w), slice(p, p + w)
+        row, col = row + n, col + w
+
+
 def expand_lowrank_parts(lowrank_up: torch.Tensor, parts: list[int], sizes: list[int]):
     """The full L_up [N, P + Σ w_i] of a compact one (``gemm.fp8_gemm_split``'s
     ``parts = [P, w_0, w_1, ...]``): segment i's rows keep their first P columns and put
     their next w_i at its own block, P + Σ_{j<i} w_j; zeros elsewhere."""
-    p, widths = parts[0], list(parts[1:])
-    full = lowrank_up.new_zeros(lowrank_up.shape[0], p + sum(widths))
-    row, col = 0, p
-    for n, w in zip(sizes, widths, strict=True):
-        full[row : row + n, :p] = lowrank_up[row : row + n, :p]
-        full[row : row + n, col : col + w] = lowrank_up[row : row + n, p : p + w]
-        row, col = row + n, col + w
+    p = parts[0]
+    full = lowrank_up.new_zeros(lowrank_up.shape[0], p + sum(parts[1:]))
+    full[:, :p] = lowrank_up[:, :p]
+    for rows, own, compact in _part_columns(parts, sizes):
+        full[rows, own] = lowrank_up[rows, compact]
     return full
 
 
@@ -276,15 +284,13 @@ def compact_lowrank_parts(lowrank_up: torch.Tensor, parts: list[int], sizes: lis
     """The compact L_up of a full one (the inverse of ``expand_lowrank_parts``), its
     columns padded with zeros to a multiple of 16: segment i's rows keep their first P
     columns, then their own block's w_i."""
-    p, widths = parts[0], list(parts[1:])
-    width = -(-(p + max(widths, default=0)) // 16) * 16
-    compact = lowrank_up.new_zeros(lowrank_up.shape[0], width)
-    row, col = 0, p
-    for n, w in zip(sizes, widths, strict=True):
-        compact[row : row + n, :p] = lowrank_up[row : row + n, :p]
-        compact[row : row + n, p : p + w] = lowrank_up[row : row + n, col : col + w]
-        row, col = row + n, col + w
-    return compact
+    p = parts[0]
+    width = -(-(p + max(parts[1:], default=0)) // 16) * 16
+    out = lowrank_up.new_zeros(lowrank_up.shape[0], width)
+    out[:, :p] = lowrank_up[:, :p]
+    for rows, own, compact in _part_columns(parts, sizes):
+        out[rows, compact] = lowrank_up[rows, own]
+    return out
 
 
 def fp8_gemm_quantize_next_ref(
