@@ -146,7 +146,7 @@ def test_quantize_act_matches_reference(m, act_fmt, k, k_out, r):
         assert rel_err(lora, lora_ref) < 1e-5
 
 
-@pytest.mark.parametrize(("m", "r"), [(1, 48), (70, 80), (257, 96), (5, 160)])
+@pytest.mark.parametrize(("m", "r"), [(1, 48), (70, 80), (257, 96), (5, 160), (3, 33), (66, 40)])
 @pytest.mark.parametrize("tail", [False, True])
 def test_quantize_act_split_rank_matches_reference(monkeypatch, m, r, tail):
     """A rank that is no power of two as two low-rank parts (``quantize.SPLIT_RANK``): the
