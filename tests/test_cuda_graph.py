@@ -70,6 +70,23 @@ def test_fusing_a_graphed_model_drops_its_graphs():
     assert svdquant.unfuse_projections(graphed) > 0 and len(resets) == 2
 
 
+def test_moving_the_wrapper_drops_its_graphs_only_when_a_tensor_moves():
+    """A move or cast of the wrapper drops the graphs, which read the old tensors; a move
+    that leaves every tensor where it was (accelerate's CPU offload moves the model to its
+    device before each call) keeps them."""
+    g = svdquant.cuda_graphed(torch.nn.Linear(4, 3))
+    g._graphs["sentinel"] = None
+    g.to("cpu")
+    assert g.num_graphs == 1
+    g.to(torch.float64)
+    assert g.num_graphs == 0 and g.module.weight.dtype == torch.float64
+    g._graphs["sentinel"] = None
+    g.module.to(torch.float32)  # the inner module moved behind the wrapper's back:
+    assert g.num_graphs == 1  # unseen (``reset()`` is for that; offload hooks the wrapper)
+    g.float()
+    assert g.num_graphs == 1
+
+
 def test_bad_arguments_are_refused():
     """A wrapper of something that is not a module, or of no graphs, is refused clearly."""
     with pytest.raises(TypeError, match=r"wraps a torch\.nn\.Module, got function"):
@@ -150,3 +167,28 @@ def test_gpu_graphs_per_signature_and_fallbacks():
     # the failed capture leaves the device's random numbers usable (it did not, v35)
     assert torch.randn(3, device="cuda").isfinite().all()
     assert torch.allclose(g(xs[2]), lin(xs[2]), rtol=1e-5, atol=1e-6)  # graphs still replay
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the device: pytest -m gpu)")
+def test_gpu_graphed_and_fused_under_cpu_offload():
+    """A quantized FLUX pipeline with fused projections and a graphed transformer under
+    ``enable_model_cpu_offload`` (the wrapper installed first, so that the offload hook
+    moves it): two images, each the same latents as the pipeline on the GPU without
+    offload, each captured once (the hook's move before every step keeps the graph);
+    after each image the transformer leaves the GPU and its graph goes with it."""
+    pipe, kwargs = _tiny_flux(quantized=True)
+    svdquant.fuse_projections(pipe.transformer)
+    reference = _generate(pipe, kwargs)
+    pipe.to("cpu")
+    graphed = svdquant.cuda_graphed(pipe.transformer)
+    captures = []
+    real = graphed._capture
+    graphed._capture = lambda *a: captures.append(1) or real(*a)
+    pipe.transformer = graphed
+    pipe.enable_model_cpu_offload(device="cuda")
+    for i in range(2):
+        out = _generate(pipe, kwargs)
+        assert torch.allclose(out, reference, rtol=1e-4, atol=1e-5)
+        assert len(captures) == i + 1  # one capture an image, replayed for its later steps
+        assert graphed.num_graphs == 0 and graphed.module.device.type == "cpu"

@@ -20,13 +20,14 @@ given the pipeline or the wrapper; after other changes that are not in place, ca
 Calls the graph cannot serve run eagerly: on the CPU, with a CPU tensor among the inputs,
 with gradients enabled (pipelines run under ``torch.no_grad()``), while another capture
 is running, past ``max_graphs`` signatures, or after a capture failed (with one warning
-that says why). Moving or casting the wrapper drops its graphs. Save the inner module,
-not the wrapper.
+that says why). Moving or casting the wrapper drops its graphs (a move that leaves every
+tensor where it was keeps them). Save the inner module, not the wrapper.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
 from typing import Any
 
@@ -123,8 +124,17 @@ class CUDAGraphed(nn.Module):
             return getattr(inner, name)
 
     def _apply(self, fn: Any, recurse: bool = True) -> CUDAGraphed:
-        self.reset()  # moved or cast: the graphs read the old tensors
-        return super()._apply(fn, recurse)
+        before = self._addresses()
+        out = super()._apply(fn, recurse)
+        if self._addresses() != before:  # moved or cast: the graphs read the old tensors
+            self.reset()
+        return out
+
+    def _addresses(self) -> list[tuple[int, torch.dtype, torch.device]]:
+        """Where the module's tensors are: a move that changes nothing (accelerate's CPU
+        offload moves the model to its device before every call) keeps the graphs."""
+        tensors = itertools.chain(self.module.parameters(), self.module.buffers())
+        return [(t.data_ptr(), t.dtype, t.device) for t in tensors]
 
     def reset(self) -> None:
         """Drop every graph (and its memory): the next calls capture again."""
