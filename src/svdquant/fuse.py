@@ -140,15 +140,17 @@ def _concat(layers: list[SVDQLinear]) -> SVDQLinear:
         fused.lowrank_down = a.lowrank_down
         fused.lowrank_up = torch.cat([m.lowrank_up for m in layers])
     else:
+        from svdquant.kernels.reference import expand_lowrank_parts
+
         extra = [m.lowrank_down.shape[0] - r for m in layers]
         fused.lowrank_down = torch.cat([_base_down(a)] + [m.lowrank_down[r:] for m in layers])
-        up = a.lowrank_up.new_zeros(fused.out_features, r + sum(extra))
-        row, col = 0, r
-        for m, e in zip(layers, extra, strict=True):
-            up[row : row + m.out_features, :r] = m.lowrank_up[:, :r]
-            up[row : row + m.out_features, col : col + e] = m.lowrank_up[:, r:]
-            row, col = row + m.out_features, col + e
-        fused.lowrank_up = up
+        # the layers' own [U_i, B_i] rows, stacked: the compact L_up of the parts [r, *extra]
+        own = [
+            nn.functional.pad(m.lowrank_up, (0, max(extra) - e))
+            for m, e in zip(layers, extra, strict=True)
+        ]
+        sizes = [m.out_features for m in layers]
+        fused.lowrank_up = expand_lowrank_parts(torch.cat(own), [r, *extra], sizes)
         _keep_parts(fused, layers, extra)
     fused.alpha = a.alpha
     return fused
