@@ -93,7 +93,8 @@ def test_generate_compile_wraps_the_denoiser(quantized, tmp_path, monkeypatch, c
 
 def test_generate_fuses_projections_unless_told_not_to(quantized, tmp_path, monkeypatch, capsys):
     """generate runs svdquant.fuse_projections on the denoiser by default (FLUX: q/k/v as
-    one layer, same images; tested on the model in test_models) and not with --no-fuse."""
+    one layer, same images; tested on the model in test_models), under --cpu-offload too
+    (before the offload hook: tested on the GPU in test_cuda_graph), not with --no-fuse."""
     import svdquant.fuse
 
     seen = []
@@ -111,6 +112,8 @@ def test_generate_fuses_projections_unless_told_not_to(quantized, tmp_path, monk
     assert "fused the projections of 3 attention modules" in capsys.readouterr().out
     assert main([*argv, "--no-fuse"]) == 0
     assert seen == ["PixArtTransformer2DModel"]
+    assert main([*argv, "--cpu-offload"]) == 0
+    assert seen == ["PixArtTransformer2DModel"] * 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -224,8 +224,8 @@ def register_generate(sub: Any) -> None:
     p.add_argument(
         "--no-cuda-graph",
         action="store_true",
-        help="run the denoiser eagerly; by default, on a GPU without --compile or "
-        "--cpu-offload, its steps are replayed from a CUDA graph captured on the second "
+        help="run the denoiser eagerly; by default, on a GPU without --compile (with "
+        "--cpu-offload too: one capture an image), its steps are replayed from a CUDA graph captured on the second "
         "step (svdquant.cuda_graphed: a quantized FLUX.1-dev step 95 ms instead of 129-180 "
         "eager on an H200, no compilation)",
     )
@@ -243,7 +243,7 @@ def register_generate(sub: Any) -> None:
         "its single blocks the MLP's up projection — as one layer, its MLPs fused, and "
         "attention's q/k and the blocks' norms and residuals in one pass each: the same "
         "images up to rounding; on an H200 a FLUX.1 step took 95 ms, 140 before the one-pass "
-        "kernels; not with --cpu-offload)",
+        "kernels)",
     )
     p.set_defaults(func=cmd_generate)
 
@@ -299,12 +299,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             path, value = spec, 1.0  # a ':' that is part of the path
         load_lora(pipe, path, strength=value)
     device = _device(args.device)
-    if args.cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
+    if not args.cpu_offload:
         to_device(pipe, device, "the pipeline")
     denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
-    if not (args.no_fuse or args.cpu_offload):  # after the LoRAs: they are fused with them
+    if not args.no_fuse:  # after the LoRAs: they are fused with them
         from svdquant.fuse import fuse_projections
 
         n = fuse_projections(getattr(pipe, denoiser))
@@ -313,11 +311,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.compile:
         print(f"compiling the {denoiser} (mode='reduce-overhead'; the first image waits for it)")
         setattr(pipe, denoiser, torch.compile(getattr(pipe, denoiser), mode="reduce-overhead"))
-    elif torch.device(device).type == "cuda" and not (args.cpu_offload or args.no_cuda_graph):
+    elif torch.device(device).type == "cuda" and not args.no_cuda_graph:
         from svdquant.cuda_graph import cuda_graphed
 
-        # our layers launch their kernels from Python: replaying the steps removes that
+        # our layers launch their kernels from Python: replaying the steps removes that.
+        # Under CPU offload the wrapper goes in first, so that the offload hook moves it:
+        # each image captures once on the GPU, and the graph leaves with the weights.
         setattr(pipe, denoiser, cuda_graphed(getattr(pipe, denoiser)))
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
     if torch.device(device).type == "cuda" and is_quantized_dir(Path(args.model)):
         from svdquant.kernels import tile_cache
 

@@ -631,9 +631,11 @@ WS_MIN_M = 1024
 #: (``fp8_gemm_split``'s ``parts``), rank 48 instead of 80/96 for rank-16 LoRAs, a rank
 #: gemm_ws takes (with ``gemm_ws.TAKES_PARTS``). On the H200 (v37) a rank-16 LoRA on
 #: every linear took the fused FLUX step from 93.6 to 103.1 ms, +5.5 ms of it the GEMMs
-#: (the stacked ranks leaving gemm_ws). Off until measured on the GPU (``bench/e2e.py
-#: --rows svdq-int4-fused-lora --ab gemm.LORA_PARTS=True --ab gemm_ws.TAKES_PARTS=True``).
-LORA_PARTS = False
+#: (the stacked ranks leaving gemm_ws). Measured (v38, ``bench/e2e.py --rows
+#: svdq-int4-fused-lora --ab gemm.LORA_PARTS=True --ab gemm_ws.TAKES_PARTS=True``): the
+#: step 104.4 -> 100.9 ms through ``cuda_graphed`` (1.035x), 98.96 with
+#: ``quantize.SPLIT_RANK`` too (1.060x). Costs the compact L_up beside the full one.
+LORA_PARTS = True
 #: ``fp8_gemm_split`` (fused projections) hands over the same way (gemm_ws's split output:
 #: one TMA store descriptor per segment).
 WS_SPLIT = True

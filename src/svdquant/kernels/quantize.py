@@ -71,9 +71,12 @@ TWO_STEP_MIN_PER_SM = 2
 #: so the rows per program stay 64 where a 128-wide part would halve them. On the H200
 #: (v37 profile) a rank-16 LoRA on every linear of the fused FLUX runtime took the
 #: quantize's GPU time from 7.5 to 13.0 ms a step (ranks 48, 80, 96 padded to 64, 128,
-#: 128). Off until measured on the GPU (``bench/probe_layer.py --what quantize --rank
-#: 96 --set quantize.SPLIT_RANK=True``).
-SPLIT_RANK = False
+#: 128). Measured (v38, ``bench/probe_layer.py --what quantize --rank R --set
+#: quantize.SPLIT_RANK=True``, M = 512 / 4096, K = 3072 / 12288): rank 96 1.46-2.46x
+#: and rank 80 1.50-2.57x faster than one 128-wide part, rank 48 0.94-1.04x (its one
+#: part, 64, keeps 64 rows already); the LoRA'd fused step 1.019x (``bench/e2e.py
+#: --ab``), 1.060x with ``gemm.LORA_PARTS``.
+SPLIT_RANK = True
 
 
 def rank_parts(r: int) -> tuple[int, int]:
