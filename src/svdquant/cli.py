@@ -225,9 +225,9 @@ def register_generate(sub: Any) -> None:
         "--no-cuda-graph",
         action="store_true",
         help="run the denoiser eagerly; by default, on a GPU without --compile (with "
-        "--cpu-offload too: one capture an image), its steps are replayed from a CUDA graph captured on the second "
-        "step (svdquant.cuda_graphed: a quantized FLUX.1-dev step 95 ms instead of 129-180 "
-        "eager on an H200, no compilation)",
+        "--cpu-offload too: one capture an image), its steps are replayed from a CUDA "
+        "graph captured on the second step (svdquant.cuda_graphed: a quantized FLUX.1-dev "
+        "step 95 ms instead of 129-180 eager on an H200, no compilation)",
     )
     p.add_argument(
         "--lora",
