@@ -345,3 +345,24 @@ def test_probe_launch_times_the_host():
     calls = []
     us = probe.host_us(lambda: calls.append(1), n=50)
     assert len(calls) == 70 and 0 < us < 1e5
+
+
+def test_offload_bench_runs_the_three_ways(tmp_path, capsys):
+    """``bench/offload.py --tiny``: whole images under accelerate's offload hook, eager
+    and unfused, then fused and graphed, then resident; the JSON written, a table last."""
+    offload = _load("offload")
+    res = offload.main(["--tiny", "--out", str(tmp_path), "--images", "2", "--steps", "3"])
+    assert [r["name"] for r in res["rows"]] == [
+        "offload-eager-unfused",
+        "offload-fused-graphed",
+        "resident-fused-graphed",
+    ]
+    for r in res["rows"]:
+        assert len(r["image_s"]) == 2 and len(r["first_step_ms"]) == 2
+        assert r["later_step_ms_median"] > 0
+    assert res["rows"][0]["captures"] is None and res["rows"][1]["captures"] == 0  # CPU: eager
+    (path,) = tmp_path.glob("offload-*.json")
+    assert json.loads(path.read_text())["rows"] == res["rows"]
+    assert "| offload-fused-graphed |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        offload.main(["--tiny", "--out", str(tmp_path), "--images", "0"])
