@@ -92,12 +92,15 @@ def run(ctx: e2e.Ctx, images: int, steps: int) -> list[dict[str, Any]]:
     svdquant.unfuse_projections(model)
     rows = []
     model.to("cpu")
-    offloaded, hook = cpu_offload_with_hook(model, ctx.device)
+    # an indexed device, as enable_model_cpu_offload passes it: the hook compares it with
+    # the weights' device to skip its move on every later step
+    device = torch.device("cuda", torch.cuda.current_device()) if ctx.cuda else "cpu"
+    offloaded, hook = cpu_offload_with_hook(model, device)
     rows.append({"name": "offload-eager-unfused", **_images(offloaded, ctx, images, steps, hook)})
     hook.remove()
     svdquant.fuse_projections(model)  # on the CPU, as generate --cpu-offload does
     graphed = svdquant.cuda_graphed(model)
-    offloaded, hook = cpu_offload_with_hook(graphed, ctx.device)
+    offloaded, hook = cpu_offload_with_hook(graphed, device)
     rows.append({"name": "offload-fused-graphed", **_images(offloaded, ctx, images, steps, hook)})
     hook.remove()
     graphed.to(ctx.device)
