@@ -6,13 +6,15 @@
 Builds the full-size FLUX.1-dev transformer (real config, random bf16 weights) on the
 GPU, quantizes it as ``bench/e2e.py``'s ``svdq-int4`` row does, and runs ``--images``
 images of ``--steps`` denoiser steps (1024x1024: 4096 image tokens, 512 text tokens,
-batch 1) three ways on that one model, in this order:
+batch 1) four ways on that one model, in this order:
 
 - ``offload-eager-unfused``: under accelerate's ``cpu_offload_with_hook`` (what
   ``enable_model_cpu_offload`` installs), eager, diffusers' own blocks — how ``generate
   --cpu-offload`` ran before v38;
 - ``offload-fused-graphed``: fused (``svdquant.fuse_projections``, on the CPU), wrapped
   in ``svdquant.cuda_graphed``, then offloaded — how it runs since v38;
+- ``offload-fused-graphed-host-copy``: the same with ``svdquant.keep_host_copy`` (pinned
+  host copies: moved in at the link's speed, out without copying);
 - ``resident-fused-graphed``: the same wrapper with the weights kept on the GPU (no
   offload): the floor under the two.
 
@@ -103,6 +105,12 @@ def run(ctx: e2e.Ctx, images: int, steps: int) -> list[dict[str, Any]]:
     offloaded, hook = cpu_offload_with_hook(graphed, device)
     rows.append({"name": "offload-fused-graphed", **_images(offloaded, ctx, images, steps, hook)})
     hook.remove()
+    svdquant.keep_host_copy(model)  # pinned host copies: moved in fast, out without copies
+    offloaded, hook = cpu_offload_with_hook(graphed, device)
+    row = _images(offloaded, ctx, images, steps, hook)
+    rows.append({"name": "offload-fused-graphed-host-copy", **row})
+    hook.remove()
+    svdquant.keep_host_copy(model, enabled=False)
     graphed.to(ctx.device)
     rows.append({"name": "resident-fused-graphed", **_images(graphed, ctx, images, steps, None)})
     return rows

@@ -347,14 +347,16 @@ def test_probe_launch_times_the_host():
     assert len(calls) == 70 and 0 < us < 1e5
 
 
-def test_offload_bench_runs_the_three_ways(tmp_path, capsys):
+def test_offload_bench_runs_each_way(tmp_path, capsys):
     """``bench/offload.py --tiny``: whole images under accelerate's offload hook, eager
-    and unfused, then fused and graphed, then resident; the JSON written, a table last."""
+    and unfused, then fused and graphed, with host copies, then resident; the JSON
+    written, a table last."""
     offload = _load("offload")
     res = offload.main(["--tiny", "--out", str(tmp_path), "--images", "2", "--steps", "3"])
     assert [r["name"] for r in res["rows"]] == [
         "offload-eager-unfused",
         "offload-fused-graphed",
+        "offload-fused-graphed-host-copy",
         "resident-fused-graphed",
     ]
     for r in res["rows"]:

@@ -171,16 +171,20 @@ def test_gpu_graphs_per_signature_and_fallbacks():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the device: pytest -m gpu)")
-def test_gpu_graphed_and_fused_under_cpu_offload():
+@pytest.mark.parametrize("host_copy", [False, True])
+def test_gpu_graphed_and_fused_under_cpu_offload(host_copy):
     """A quantized FLUX pipeline with fused projections and a graphed transformer under
     ``enable_model_cpu_offload`` (the wrapper installed first, so that the offload hook
     moves it): two images, each the same latents as the pipeline on the GPU without
     offload, each captured once (the hook's move before every step keeps the graph);
-    after each image the transformer leaves the GPU and its graph goes with it."""
+    after each image the transformer leaves the GPU and its graph goes with it. With
+    ``keep_host_copy`` the transformer comes back to its pinned host copies."""
     pipe, kwargs = _tiny_flux(quantized=True)
     svdquant.fuse_projections(pipe.transformer)
     reference = _generate(pipe, kwargs)
     pipe.to("cpu")
+    if host_copy:
+        svdquant.keep_host_copy(pipe.transformer)
     graphed = svdquant.cuda_graphed(pipe.transformer)
     captures = []
     real = graphed._capture
@@ -192,3 +196,5 @@ def test_gpu_graphed_and_fused_under_cpu_offload():
         assert torch.allclose(out, reference, rtol=1e-4, atol=1e-5)
         assert len(captures) == i + 1  # one capture an image, replayed for its later steps
         assert graphed.num_graphs == 0 and graphed.module.device.type == "cpu"
+        if host_copy:
+            assert all(t.is_pinned() for t in graphed.module.parameters())

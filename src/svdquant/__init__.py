@@ -10,6 +10,7 @@ The public API::
     load_lora / set_lora_strength / unload_lora / list_loras    # LoRAs, no requantization
     fuse_projections(model) / unfuse_projections(model)       # q/k/v as one layer (FLUX)
     cuda_graphed(module)        # its forward replayed from CUDA graphs (no compilation)
+    keep_host_copy(module)      # CPU offload from pinned host copies, no copies back
 """
 
 from svdquant.algorithm import METHODS, quantize_linear
@@ -19,6 +20,7 @@ from svdquant.formats import FORMATS
 from svdquant.fuse import fuse_projections, unfuse_projections
 from svdquant.lora import list_loras, load_lora, set_lora_strength, unload_lora
 from svdquant.nn import SVDQLinear
+from svdquant.offload import keep_host_copy
 from svdquant.quantize_model import QuantizeConfig, quantize_model
 
 __version__ = "0.1.0"
@@ -31,6 +33,7 @@ __all__ = [
     "SVDQLinear",
     "cuda_graphed",
     "fuse_projections",
+    "keep_host_copy",
     "list_loras",
     "load_lora",
     "load_quantized",

@@ -1,0 +1,114 @@
+"""``svdquant.keep_host_copy``: model CPU offload that moves in from pinned host copies and
+out without copying unchanged weights. On the CPU the "device" is ``meta`` (no data: a
+tensor that had to be copied out of it fails, which shows which ones were); the GPU tests
+move real weights under diffusers' ``enable_model_cpu_offload``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import svdquant
+from svdquant.offload import _target
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).requires_grad_(False)
+    m.register_buffer("scale", torch.rand(4))
+    return m
+
+
+def _tensors(m: nn.Module) -> list[torch.Tensor]:
+    return [*m.parameters(), *m.buffers()]
+
+
+def test_round_trip_gives_back_the_host_tensors():
+    m = svdquant.keep_host_copy(_model())
+    before = [(t.data_ptr(), t.clone()) for t in _tensors(m)]
+    for _ in range(2):
+        m.to("meta")
+        assert all(t.device.type == "meta" for t in _tensors(m))
+        m.to("cpu")  # meta holds no data: only the kept host copies can come back
+        for t, (ptr, value) in zip(_tensors(m), before, strict=True):
+            assert t.data_ptr() == ptr and torch.equal(t, value)
+    plain = _model().to("meta")
+    with pytest.raises(NotImplementedError):
+        plain.to("cpu")
+
+
+def test_a_tensor_changed_or_added_on_the_device_is_copied_out():
+    m = svdquant.keep_host_copy(_model()).to("meta")
+    with torch.no_grad():
+        m[0].weight.mul_(2)  # in place: its version moves
+    with pytest.raises(NotImplementedError):
+        m.to("cpu")
+    m = svdquant.keep_host_copy(_model()).to("meta")
+    m.register_buffer("scale", torch.ones(4, device="meta"))  # replaced
+    with pytest.raises(NotImplementedError):
+        m.to("cpu")
+
+
+def test_casts_and_partial_moves_drop_the_host_copies():
+    m = svdquant.keep_host_copy(_model()).to("meta")
+    m.half()  # a cast on the device: the host copies are stale
+    with pytest.raises(NotImplementedError):
+        m.to("cpu")
+    m = svdquant.keep_host_copy(_model())
+    m.half()  # on the host: an ordinary cast
+    assert m[0].weight.dtype == torch.float16
+    m.to("meta").to("cpu")
+    assert m[0].weight.dtype == torch.float16 and m[0].weight.device.type == "cpu"
+    m.to("meta").to("meta")  # a move to where it is keeps them
+    m.to("cpu")
+    out = m.float()(torch.randn(2, 8))
+    assert out.shape == (2, 4) and torch.isfinite(out).all()
+
+
+def test_undo_and_bad_input():
+    m = svdquant.keep_host_copy(_model())
+    assert svdquant.keep_host_copy(m) is m  # twice: the same
+    svdquant.keep_host_copy(m, enabled=False)
+    assert "_apply" not in m.__dict__
+    m.to("meta")
+    with pytest.raises(NotImplementedError):
+        m.to("cpu")
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        svdquant.keep_host_copy(torch.zeros(2))
+
+
+def test_target_tells_moves_from_casts():
+    assert _target(lambda t: t.to("meta")) == torch.device("meta")
+    assert _target(lambda t: t.cpu()) == torch.device("cpu")
+    assert _target(lambda t: t.share_memory_()) == torch.device("cpu")
+    assert _target(lambda t: t.half() if t.is_floating_point() else t) is None
+    assert _target(lambda t: t.to(torch.bfloat16)) is None
+    assert _target(lambda t: t.float()) is None
+    assert _target(lambda t: t.to(memory_format=torch.channels_last)) is None
+    assert _target(lambda t: 3) is None
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_moves_in_from_pinned_and_out_without_copies():
+    m = svdquant.keep_host_copy(_model())
+    x = torch.randn(3, 8)
+    ref = m(x)
+    m.to("cuda")
+    hosts = [t for t in m.__dict__["_svdq_host_copies"].values()]
+    assert len(hosts) == len(_tensors(m)) and all(k.host.is_pinned() for k in hosts)
+    assert torch.allclose(m(x.cuda()).cpu(), ref, atol=1e-6)
+    ptrs = [k.host.data_ptr() for k in hosts]
+    m.to("cpu")
+    assert sorted(t.data_ptr() for t in _tensors(m)) == sorted(ptrs)  # the pinned copies
+    assert all(t.is_pinned() for t in _tensors(m))
+    m.to("cuda")
+    with torch.no_grad():
+        m[2].bias.add_(1.0)  # changed in place on the device: copied out
+    m[0].weight.data = m[0].weight.data * 1  # new data, same parameter (meta cannot tell)
+    m.to("cpu")
+    assert torch.allclose(m(x), ref + 1.0, atol=1e-5)
+    assert m[0].weight.data_ptr() not in ptrs and m[2].weight.data_ptr() in ptrs
