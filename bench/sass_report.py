@@ -687,6 +687,42 @@ def _gemm_ws_parts() -> dict[str, Any]:
     return _gemm_ws_spec([3072, 3072, 3072, 12288], parts=True)
 
 
+@_spec("ws_decode")
+def _ws_decode() -> dict[str, Any]:
+    """``bench/probe_ws_decode.py``'s GEMM decoding the int4 weight in its own warps, at
+    M = 512, N = 12288, K = 3072."""
+    import torch
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import probe_ws_decode as p
+
+    def desc(rows: int, cols: int, dtype, gl_dtype, block: list[int]) -> str:
+        layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
+        return mangle_type(
+            TensorDescriptor.from_tensor(torch.empty(rows, cols, dtype=dtype), block, layout)
+        )
+
+    m, n, k = 512, 12288, 3072
+    return dict(
+        kernel=p._ws_decode_kernel,
+        ptrs=dict(
+            a_desc=desc(m, k, torch.float8_e4m3fn, gl.float8e4nv, [p.BLOCK_M, p.BLOCK_K]),
+            q_desc=desc(n, k // 2, torch.uint8, gl.uint8, [p.BLOCK_N, p.BLOCK_K // 2]),
+            s_desc=desc(n, k // 64, torch.float16, gl.float16, [p.BLOCK_N, p.SCALE_BOX]),
+            c_desc=desc(m, n, torch.bfloat16, gl.bfloat16, [p.BLOCK_M, p.BLOCK_N // 2]),
+            inv_c_ptr="*fp32",
+            sch_ptr="*fp32",
+            scale_ptr="*fp32",
+        ),
+        ints=dict(M=m, N=n, K=k),
+        consts=dict(S=p.STAGES, GROUP=8, RC=p.CHUNK, num_warps=8),
+        warps=8,
+    )
+
+
 def compile_sm90(spec: dict[str, Any]):
     """Compile ``spec['kernel']`` for sm_90 with the given argument types and values
     (integers that are multiples of 16 get triton's divisibility hint, as at launch)."""

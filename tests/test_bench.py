@@ -368,3 +368,26 @@ def test_offload_bench_runs_each_way(tmp_path, capsys):
     assert "| offload-fused-graphed |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         offload.main(["--tiny", "--out", str(tmp_path), "--images", "0"])
+
+
+def test_ws_decode_probe_arithmetic_is_the_widens():
+    """``bench/probe_ws_decode.py``'s decode warpgroup computes ``fp8((code · s_group) ·
+    (1 / c))`` with the row scale of ``reference.widen_row_scale``: in PyTorch, the widen
+    reference's fp8 operand bit for bit (codes -8 included: saturated to -448), and the
+    row scale times the tensor scale its ``s_channel``."""
+    from svdquant.kernels import reference as ref
+
+    probe = _load("probe_ws_decode")
+    g = torch.Generator().manual_seed(0)
+    n, k = 37, 256
+    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    qweight[0] = 0x88  # every code -8
+    wscales = (torch.rand(n, k // 64, generator=g) * 0.02 + 1e-4).half()
+    wscales[1] = 0  # an all-zero row: c = 1
+    ts = torch.ones((), dtype=torch.float32)
+    wq, s_channel = ref.widen_weight_ref(qweight, wscales, ts, "int4")
+    c = ref.widen_row_scale(wscales, "int4")
+    assert torch.equal(s_channel, c * ts)
+    got = probe.decode_reference(qweight, wscales, 1.0 / c)
+    assert torch.equal(got.view(torch.uint8), wq.view(torch.uint8))
+    assert got[0].float().min() == -448.0  # the row's largest group: -8 / 7 · 448, saturated

@@ -215,11 +215,16 @@ def widen_weight_ref(
     operand is ``fp8(code_value · s_group · (1 / c))`` and ``s_channel = c · s_tensor``, so
     ``W ≈ fp8 · s_channel`` with each row's largest possible value at 448.
     """
-    f = formats.get_format(fmt)
-    c = f.qmax * wscales.float().amax(-1) / formats.FP8_E4M3_MAX
-    c = torch.where(c > 0, c, torch.ones_like(c))
+    c = widen_row_scale(wscales, fmt)
     v = _group_scaled(qweight, wscales, fmt)
     return round_e4m3(v * (1.0 / c).unsqueeze(-1)), c * wtensor_scale.float()
+
+
+def widen_row_scale(wscales: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The widen's per-row scale ``c = qmax · max_g(s_group) / 448`` (1 for an all-zero
+    row), fp32 [N]: a property of the stored weight alone."""
+    c = formats.get_format(fmt).qmax * wscales.float().amax(-1) / formats.FP8_E4M3_MAX
+    return torch.where(c > 0, c, torch.ones_like(c))
 
 
 def dequantize_weight_ref(

@@ -1,0 +1,340 @@
+"""Can the warp-specialized GEMM decode the stored 4-bit weight itself, hidden under its MMAs?
+
+    PYTHONPATH=src python bench/probe_ws_decode.py [--ms 512,1024,4096] [--shapes 3072x3072,...]
+        [--out DIR]
+
+Today every layer widens its whole 4-bit weight into an fp8 copy before the GEMM
+(``kernels/widen.py``: 5 ms of a FLUX step's GPU time; at M = 512 as long as the GEMM's
+gain over BF16, v25). v25's Triton GEMM that decoded the codes inside its K loop ran
+2.2-2.9x slower: the decode's ~560 instructions a step sat in the MMA warps' issue
+stream. This probe gives the decode its own warps, the split ``gemm_ws`` already has for
+its loads (NOTES "For the next device session", the decode budget on paper):
+
+* a **load warp** brings A (the fp8 activations) and the weight's packed codes
+  ([BLOCK_N, BLOCK_K / 2] bytes, half the fp8 tile) and group scales by TMA into a ring;
+* a **decode warpgroup** turns each stage's codes into exactly the fp8 tile the widen
+  writes (``fp8((code · s_group) · (1 / c))``, ``c`` the row's scale,
+  ``reference.widen_row_scale``: a layer could keep it), in 32-row chunks, into the
+  stage's B buffer (``decode_reference``: the same arithmetic in PyTorch);
+* the **MMA warpgroups** run ``gemm_ws``'s K loop on it and a plain epilogue (the
+  per-column scale; no low-rank branch or bias: what the probe asks is the K loop's time).
+
+The output must equal ``gemm_ws`` on the widened weight bit for bit (the same fp8
+operands through the same MMAs); the table times, replayed from CUDA graphs in one run:
+BF16 ``F.linear``, widen alone, ``gemm_ws`` on the widened weight (no low-rank branch),
+widen + that GEMM, and this kernel. GPU only (sm_90, triton 3.6's Gluon); compiled for
+sm_90 on any machine by ``bench/sass_report.py --kernels ws_decode``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from svdquant.kernels import gemm_ws as g
+
+if g.HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+#: 128 x 128 x 128 tiles: with a decode warpgroup beside the load warp the kernel has 13
+#: warps, 152 registers a thread at most (64 K / 416), and ptxas wants 154 for
+#: ``gemm_ws``'s 128 x 256 accumulator (128 registers a thread); 128 x 128 halves it
+BLOCK_M, BLOCK_N, BLOCK_K = g.BLOCK_M, 128, g.BLOCK_K
+#: stages of the ring: A 16 KB + codes 8 KB + scales 2 KB + decoded B 16 KB a stage, the
+#: half-tile store buffer 16 KB
+STAGES = 4
+#: rows a decode step handles at once (the decode warpgroup's registers)
+CHUNK = 32
+#: the decode warpgroup's registers a thread (the MMA warpgroups take the rest)
+DECODE_REGS = 96
+#: group scales a TMA box carries along K: 8 fp16 (16 bytes, TMA's smallest inner box)
+SCALE_BOX = 8
+
+
+def decode_reference(qweight: torch.Tensor, wscales: torch.Tensor, inv_c: torch.Tensor):
+    """The decode warpgroup's arithmetic in PyTorch (int4 g64): ``fp8((code · s_group) ·
+    inv_c)``, the conversion saturating — what must equal the widen's fp8 operand."""
+    b = qweight.to(torch.int32)
+    codes = torch.stack([(b & 0xF) ^ 8, ((b >> 4) & 0xF) ^ 8], dim=-1).flatten(1) - 8
+    sg = wscales.float().repeat_interleave(64, dim=1)
+    v = (codes.float() * sg) * inv_c.unsqueeze(1)
+    return v.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
+if g.HAVE_GLUON:
+
+    @gluon.jit
+    def _int4_value(nib):
+        return ((nib ^ 8) | 0x4B000000).to(gl.float32, bitcast=True) - 8388616.0
+
+    @gluon.jit
+    def _dec_load(a_desc, q_desc, s_desc, a_bufs, q_bufs, s_bufs, ready, empty, M, N, K,
+                  BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
+                  GROUP: gl.constexpr):  # fmt: skip
+        grid_m = gl.cdiv(M, BM)
+        grid_n = gl.cdiv(N, BN)
+        it = 0
+        for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
+            pid_m, pid_n = g._tile_coords(tile, grid_m, grid_n, GROUP)
+            for k in range(0, K, BK):
+                s = it % S
+                mbarrier.wait(empty.index(s), ((it // S) & 1) ^ 1)
+                bar = ready.index(s)
+                mbarrier.expect(
+                    bar,
+                    a_desc.block_type.nbytes + q_desc.block_type.nbytes + s_desc.block_type.nbytes,
+                )
+                tma.async_copy_global_to_shared(a_desc, [pid_m * BM, k], bar, a_bufs.index(s))
+                tma.async_copy_global_to_shared(q_desc, [pid_n * BN, k // 2], bar, q_bufs.index(s))
+                tma.async_copy_global_to_shared(s_desc, [pid_n * BN, k // 64], bar, s_bufs.index(s))
+                it += 1
+
+    @gluon.jit
+    def _dec_decode(q_bufs, s_bufs, b_bufs, ic_smem, ready, decoded, inv_c_ptr, M, N, K,
+                    BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
+                    GROUP: gl.constexpr, RC: gl.constexpr, SB: gl.constexpr):  # fmt: skip
+        # a chunk's codes: RC rows x (BK / 2) bytes, 16 bytes a thread, as [rows, the
+        # step's two groups, a group's 32 bytes] so that each thread's bytes share a scale
+        codes2: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
+        codes3: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 2, 2], [4, 1, 1], [2, 1, 0])
+        scale2: gl.constexpr = gl.SliceLayout(2, codes3)
+        row1: gl.constexpr = gl.SliceLayout(1, scale2)
+        vec: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        # the scale box [RC, SB] (the step's two groups first), one row a thread
+        box2: gl.constexpr = gl.BlockedLayout([1, SB], [32, 1], [4, 1], [1, 0])
+        grid_m = gl.cdiv(M, BM)
+        grid_n = gl.cdiv(N, BN)
+        it = 0
+        for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
+            pid_n = g._tile_coords(tile, grid_m, grid_n, GROUP)[1]
+            # the tile's row scales 1/c once, through shared memory (sliced per chunk)
+            rn = pid_n * BN + gl.arange(0, BN, layout=vec)
+            ic = gl.load(inv_c_ptr + rn, mask=rn < N, other=0.0)
+            gl.thread_barrier()  # the previous tile's chunks have read the old ones
+            ic_smem.store(ic)
+            gl.thread_barrier()
+            for _ in range(0, K, BK):
+                s = it % S
+                mbarrier.wait(ready.index(s), (it // S) & 1)
+                for r0 in gl.static_range(0, BN, RC):
+                    q = q_bufs.index(s).slice(r0, RC, 0).load(codes2)
+                    q = gl.convert_layout(gl.reshape(q, [RC, 2, BK // 4]), codes3)
+                    box = s_bufs.index(s).slice(r0, RC, 0).load(box2)
+                    sg = _two_scales(box, SB, box2, scale2)
+                    icr = ic_smem.slice(r0, RC, 0).load(row1)
+                    b = q.to(gl.int32)
+                    f = gl.expand_dims(sg, 2)
+                    icf = gl.expand_dims(gl.expand_dims(icr, 1), 2)
+                    lo = (_int4_value(b & 0xF) * f) * icf
+                    hi = (_int4_value((b >> 4) & 0xF) * f) * icf
+                    w = gl.reshape(gl.join(lo, hi), [RC, BK])  # column 2j: byte j's low nibble
+                    # the conversion saturates (F2FP.SATFINITE): the widen's clamp to ±448,
+                    # which only code -8 reaches (8/7 of 448), costs nothing here
+                    w = w.to(gl.float8e4nv)
+                    b_bufs.index(s).slice(r0, RC, 0).store(w)
+                fence_async_shared()
+                gl.thread_barrier()
+                mbarrier.arrive(decoded.index(s), count=1)
+                it += 1
+
+    @gluon.jit
+    def _two_scales(box, SB: gl.constexpr, box_layout: gl.constexpr, layout: gl.constexpr):
+        """The step's two group scales ([RC, 2], fp32): the box's first two columns (each
+        step's box starts at its first group)."""
+        cols = gl.expand_dims(gl.arange(0, SB, layout=gl.SliceLayout(0, box_layout)), 0)
+        v = box.to(gl.float32)
+        first = gl.sum(gl.where(cols == 0, v, 0.0), axis=1)
+        second = gl.sum(gl.where(cols == 1, v, 0.0), axis=1)
+        return gl.convert_layout(gl.join(first, second), layout)
+
+    @gluon.jit
+    def _dec_mma(a_bufs, b_bufs, ready, decoded, empty, c_smem, c_desc, sch_ptr, scale_ptr,
+                 M, N, K, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                 S: gl.constexpr, GROUP: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BN, 32]
+        )
+        cols_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
+        vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+        grid_m = gl.cdiv(M, BM)
+        grid_n = gl.cdiv(N, BN)
+        act_scale = gl.load(scale_ptr)
+        it = 0
+        for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
+            pid_m, pid_n = g._tile_coords(tile, grid_m, grid_n, GROUP)
+            vn = pid_n * BN + gl.arange(0, BN, layout=vec_layout)
+            sch_v = gl.load(sch_ptr + vn, mask=vn < N, other=0.0)
+            acc = gl.zeros([BM, BN], gl.float32, acc_layout)
+            for k in range(0, K, BK):
+                s = it % S
+                mbarrier.wait(ready.index(s), (it // S) & 1)  # A landed
+                mbarrier.wait(decoded.index(s), (it // S) & 1)  # B decoded
+                acc = warpgroup_mma(
+                    a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True
+                )
+                acc = warpgroup_mma_wait(1, deps=(acc,))
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index((it + S - 1) % S), count=1, pred=k > 0)
+                it += 1
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index((it + S - 1) % S), count=1)
+            scale = act_scale * gl.convert_layout(sch_v, cols_layout)
+            y = acc * gl.expand_dims(scale, 0)
+            halves = gl.permute(gl.reshape(y.to(c_desc.dtype), [BM, 2, BN // 2]), (0, 2, 1))
+            lo, hi = gl.split(halves)
+            g._store_tile(c_desc, c_smem, lo, hi, pid_m * BM, pid_n * BN, BN)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _ws_decode_kernel(a_desc, q_desc, s_desc, c_desc, inv_c_ptr, sch_ptr, scale_ptr,
+                          M, N, K, S: gl.constexpr, GROUP: gl.constexpr, RC: gl.constexpr,
+                          num_warps: gl.constexpr, DECODE_REGS: gl.constexpr = 96):  # fmt: skip
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = q_desc.block_type.shape[0]
+        SB: gl.constexpr = s_desc.block_type.shape[1]
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [S, BM, BK], a_desc.layout)
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [S, BN, BK // 2], q_desc.layout)
+        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [S, BN, SB], s_desc.layout)
+        b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.float8e4nv)
+        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [S, BN, BK], b_layout)
+        ic_smem = gl.allocate_shared_memory(
+            gl.float32, [BN], gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+        )
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+        decoded = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(S):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(decoded.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize(
+            [
+                (
+                    _dec_mma,
+                    (a_bufs, b_bufs, ready, decoded, empty, c_smem, c_desc, sch_ptr, scale_ptr,
+                     M, N, K, BM, BN, BK, S, GROUP, num_warps),
+                ),
+                (
+                    _dec_load,
+                    (a_desc, q_desc, s_desc, a_bufs, q_bufs, s_bufs, ready, empty, M, N, K,
+                     BM, BN, BK, S, GROUP),
+                ),
+                (
+                    _dec_decode,
+                    (q_bufs, s_bufs, b_bufs, ic_smem, ready, decoded, inv_c_ptr, M, N, K,
+                     BM, BN, BK, S, GROUP, RC, SB),
+                ),
+            ],
+            [1, 4],
+            [40, DECODE_REGS],
+        )  # fmt: skip
+
+
+def ws_decode_gemm(xq, qweight, wscales, inv_c, s_channel, act_scale, out_dtype=torch.bfloat16):
+    """``(xq · widen(qweight)ᵀ) · (S · s_channel)`` with the weight decoded in the GEMM:
+    int4 g64 codes [N, K / 2], fp16 scales [N, K / 64], ``inv_c = 1 / widen_row_scale``."""
+    m, k = xq.shape
+    n = qweight.shape[0]
+    if k % BLOCK_K or n % 8 or qweight.shape[1] * 2 != k or wscales.shape[1] * 64 != k:
+        raise ValueError(f"probe shapes: K a multiple of {BLOCK_K}, N of 8; got {n} x {k}")
+    y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    a = g.GluonDescriptor.from_tensor(
+        xq, [BLOCK_M, BLOCK_K], g._layout(BLOCK_M, BLOCK_K, torch.float8_e4m3fn)
+    )
+    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K // 2], gl.uint8)
+    q = g.GluonDescriptor.from_tensor(qweight, [BLOCK_N, BLOCK_K // 2], q_layout)
+    s_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, SCALE_BOX], gl.float16)
+    sd = g.GluonDescriptor.from_tensor(wscales, [BLOCK_N, SCALE_BOX], s_layout)
+    c_block = [BLOCK_M, BLOCK_N // 2]
+    c = g.GluonDescriptor.from_tensor(y, c_block, g._layout(*c_block, out_dtype))
+    tiles = g.cdiv(m, BLOCK_M) * g.cdiv(n, BLOCK_N)
+    _ws_decode_kernel[(min(tiles, g.num_sms(xq.device)),)](
+        a, q, sd, c, inv_c, s_channel, act_scale.float().reshape(1), m, n, k,
+        S=STAGES, GROUP=g.GROUP_M, RC=CHUNK, num_warps=8, DECODE_REGS=DECODE_REGS,
+    )  # fmt: skip
+    return y
+
+
+def probe_row(m: int, n: int, k: int) -> dict:
+    """One shape: the outputs compared, then each way timed (CUDA graphs, one run)."""
+    import torch.nn.functional as F
+    from gemm import bench_graph
+    from probe_gemm import operands
+
+    from svdquant.kernels import reference as ref
+    from svdquant.kernels import widen
+
+    x, layer, s, xq, lora, wq, s_ch = operands(m, n, k)
+    c = ref.widen_row_scale(layer.wscales, layer.fmt)
+    if not torch.equal(s_ch, c * layer.wtensor_scale.float()):
+        raise AssertionError("widen_row_scale differs from the widen's s_channel / s_tensor")
+    inv_c = 1.0 / c
+    none = (lora[:, :0], layer.up[:, :0], None, torch.bfloat16)
+    stored = (layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
+
+    def widened_gemm():
+        return g.fp8_gemm_ws(xq, *widen.widen_weight(*stored), s, *none)
+
+    def decoded_gemm():
+        return ws_decode_gemm(xq, layer.qweight, layer.wscales, inv_c, s_ch, s)
+
+    ref, got = g.fp8_gemm_ws(xq, wq, s_ch, s, *none), decoded_gemm()
+    return {
+        "M": m,
+        "N": n,
+        "K": k,
+        "equal": bool(torch.equal(ref, got)),
+        "max_abs_diff": (ref.float() - got.float()).abs().max().item(),
+        "bf16_us": bench_graph(lambda: F.linear(x, layer.w16)),
+        "widen_us": bench_graph(lambda: widen.widen_weight(*stored)),
+        "gemm_ws_us": bench_graph(lambda: g.fp8_gemm_ws(xq, wq, s_ch, s, *none)),
+        "widen_gemm_ws_us": bench_graph(widened_gemm),
+        "decode_gemm_us": bench_graph(decoded_gemm),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from gemm import run_info, write_result
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ms", default="512,1024,4096")
+    p.add_argument("--shapes", default="3072x3072,12288x3072,3072x12288,21504x3072")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    args = p.parse_args(argv)
+    rows = []
+    print("    M      N      K | bf16 us | widen | gemm_ws | widen+gemm | decode | x bf16 | equal")
+    for m in (int(v) for v in args.ms.split(",")):
+        for shape in args.shapes.split(","):
+            n, k = (int(v) for v in shape.split("x"))
+            r = probe_row(m, n, k)
+            rows.append(r)
+            print(
+                f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:7.1f} | {r['widen_us']:5.1f} | "
+                f"{r['gemm_ws_us']:7.1f} | {r['widen_gemm_ws_us']:10.1f} | "
+                f"{r['decode_gemm_us']:6.1f} | {r['bf16_us'] / r['decode_gemm_us']:6.2f} | "
+                f"{r['equal']}"
+            )
+    result = {**run_info(), "stages": STAGES, "chunk": CHUNK, "rows": rows}
+    print("->", write_result(result, args.out, "probe_ws_decode"))
+    return result
+
+
+if __name__ == "__main__":
+    main()
