@@ -116,6 +116,43 @@ def test_generate_fuses_projections_unless_told_not_to(quantized, tmp_path, monk
     assert seen == ["PixArtTransformer2DModel"] * 2
 
 
+def test_generate_cpu_offload_fuses_and_wraps_before_the_offload(quantized, tmp_path, monkeypatch):
+    """On a GPU, generate --cpu-offload fuses the denoiser, wraps it in cuda_graphed, and
+    only then enables the offload, so that the hook moves the wrapper (the order the GPU
+    test in test_cuda_graph checks); here with the device's calls recorded, on the CPU."""
+    import diffusers
+
+    import svdquant.cuda_graph
+    import svdquant.fuse
+
+    order = []
+    real_wrap = svdquant.cuda_graph.cuda_graphed
+
+    def fuse(model):
+        order.append(("fuse", type(model).__name__))
+        return 0
+
+    def wrap(model):
+        order.append(("wrap", type(model).__name__))
+        return real_wrap(model)
+
+    def offload(pipe, device=None, **kw):
+        order.append(("offload", type(pipe.transformer).__name__, device))
+
+    monkeypatch.setattr(svdquant.fuse, "fuse_projections", fuse)
+    monkeypatch.setattr(svdquant.cuda_graph, "cuda_graphed", wrap)
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "enable_model_cpu_offload", offload)
+    argv = ["generate", "--model", str(quantized), "--prompt", "a cat", "--cpu-offload"]
+    argv += ["--out", str(tmp_path / "o.png"), "--steps", "1", *SIZE]
+    argv += ["--dtype", "float32", "--device", "cuda"]  # recorded: nothing reaches a GPU
+    assert main(argv) == 0
+    assert order == [
+        ("fuse", "PixArtTransformer2DModel"),
+        ("wrap", "PixArtTransformer2DModel"),
+        ("offload", "CUDAGraphed", "cuda"),
+    ]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_loaded_pipeline_behaves_like_a_diffusers_pipeline(quantized, dtype):
     from svdquant import SVDQLinear

@@ -9,8 +9,8 @@ a quantized FLUX.1-dev transformer (6.6 GB) under that hook took ~9 s an image a
 ~3 s kept on the GPU, at the same 94 ms a step.
 
 ``keep_host_copy(module)`` changes only how ``module`` moves between the CPU and a
-device: the first move in pins its weights (page-locked host memory: copies at the
-link's full speed), each move out gives every tensor that was not changed on the device
+device: the first move in pins its weights (page-locked host memory, which the copy
+engines read directly), each move out gives every tensor that was not changed on the device
 its pinned host copy back instead of copying it (a tensor changed in place, replaced or
 added while there — a LoRA loaded, a strength set — is copied, as before)::
 
@@ -21,6 +21,8 @@ added while there — a LoRA loaded, a strength set — is copied, as before)::
 The cost: the host keeps the weights (pinned) while they are on the GPU too. Casts, and
 moves from one device to another, run as usual and drop the host copies. The module
 stays the same object (its ``_apply`` is extended), so a pipeline sees no difference.
+Not yet timed on the GPU (``bench/offload.py``'s ``offload-fused-graphed-host-copy``
+row); ``svdquant generate --cpu-offload`` does not use it yet.
 """
 
 from __future__ import annotations
