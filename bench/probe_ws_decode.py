@@ -65,11 +65,18 @@ DECODE_REGS = 96
 SCALE_BOX = 8
 
 
-def decode_reference(qweight: torch.Tensor, wscales: torch.Tensor, inv_c: torch.Tensor):
+def decode_reference(
+    qweight: torch.Tensor, wscales: torch.Tensor, inv_c: torch.Tensor, one_mul: bool = False
+) -> torch.Tensor:
     """The decode warpgroup's arithmetic in PyTorch (int4 g64): ``fp8((code · s_group) ·
-    inv_c)``, the conversion saturating — what must equal the widen's fp8 operand."""
+    inv_c)``, the conversion saturating — what must equal the widen's fp8 operand; with
+    ``one_mul`` ``fp8(code · (s_group · inv_c))`` (a product per group, one multiply a
+    code: not the widen's bits, an operand as good)."""
     b = qweight.to(torch.int32)
     codes = torch.stack([(b & 0xF) ^ 8, ((b >> 4) & 0xF) ^ 8], dim=-1).flatten(1) - 8
+    if one_mul:
+        t = (wscales.float() * inv_c.unsqueeze(1)).repeat_interleave(64, dim=1)
+        return (codes.float() * t).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     sg = wscales.float().repeat_interleave(64, dim=1)
     v = (codes.float() * sg) * inv_c.unsqueeze(1)
     return v.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
@@ -106,7 +113,8 @@ if g.HAVE_GLUON:
     @gluon.jit
     def _dec_decode(q_bufs, s_bufs, b_bufs, ic_smem, ready, decoded, inv_c_ptr, M, N, K,
                     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
-                    GROUP: gl.constexpr, RC: gl.constexpr, SB: gl.constexpr):  # fmt: skip
+                    GROUP: gl.constexpr, RC: gl.constexpr, SB: gl.constexpr,
+                    ONE_MUL: gl.constexpr):  # fmt: skip
         # a chunk's codes: RC rows x (BK / 2) bytes, 16 bytes a thread, as [rows, the
         # step's two groups, a group's 32 bytes] so that each thread's bytes share a scale
         codes2: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
@@ -139,8 +147,13 @@ if g.HAVE_GLUON:
                     b = q.to(gl.int32)
                     f = gl.expand_dims(sg, 2)
                     icf = gl.expand_dims(gl.expand_dims(icr, 1), 2)
-                    lo = (_int4_value(b & 0xF) * f) * icf
-                    hi = (_int4_value((b >> 4) & 0xF) * f) * icf
+                    if ONE_MUL:  # s_group · (1 / c) once a group, one multiply a code
+                        t = f * icf
+                        lo = _int4_value(b & 0xF) * t
+                        hi = _int4_value((b >> 4) & 0xF) * t
+                    else:  # the widen's bits: (code · s_group) exact, then · (1 / c)
+                        lo = (_int4_value(b & 0xF) * f) * icf
+                        hi = (_int4_value((b >> 4) & 0xF) * f) * icf
                     w = gl.reshape(gl.join(lo, hi), [RC, BK])  # column 2j: byte j's low nibble
                     # the conversion saturates (F2FP.SATFINITE): the widen's clamp to ±448,
                     # which only code -8 reaches (8/7 of 448), costs nothing here
@@ -203,7 +216,8 @@ if g.HAVE_GLUON:
     @gluon.jit
     def _ws_decode_kernel(a_desc, q_desc, s_desc, c_desc, inv_c_ptr, sch_ptr, scale_ptr,
                           M, N, K, S: gl.constexpr, GROUP: gl.constexpr, RC: gl.constexpr,
-                          num_warps: gl.constexpr, DECODE_REGS: gl.constexpr = 96):  # fmt: skip
+                          num_warps: gl.constexpr, DECODE_REGS: gl.constexpr = 96,
+                          ONE_MUL: gl.constexpr = False):  # fmt: skip
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = q_desc.block_type.shape[0]
@@ -239,7 +253,7 @@ if g.HAVE_GLUON:
                 (
                     _dec_decode,
                     (q_bufs, s_bufs, b_bufs, ic_smem, ready, decoded, inv_c_ptr, M, N, K,
-                     BM, BN, BK, S, GROUP, RC, SB),
+                     BM, BN, BK, S, GROUP, RC, SB, ONE_MUL),
                 ),
             ],
             [1, 4],
@@ -247,9 +261,12 @@ if g.HAVE_GLUON:
         )  # fmt: skip
 
 
-def ws_decode_gemm(xq, qweight, wscales, inv_c, s_channel, act_scale, out_dtype=torch.bfloat16):
+def ws_decode_gemm(
+    xq, qweight, wscales, inv_c, s_channel, act_scale, out_dtype=torch.bfloat16, one_mul=False
+):
     """``(xq · widen(qweight)ᵀ) · (S · s_channel)`` with the weight decoded in the GEMM:
-    int4 g64 codes [N, K / 2], fp16 scales [N, K / 64], ``inv_c = 1 / widen_row_scale``."""
+    int4 g64 codes [N, K / 2], fp16 scales [N, K / 64], ``inv_c = 1 / widen_row_scale``
+    (``one_mul``: ``decode_reference``'s other operand)."""
     m, k = xq.shape
     n = qweight.shape[0]
     if k % BLOCK_K or n % 8 or qweight.shape[1] * 2 != k or wscales.shape[1] * 64 != k:
@@ -268,8 +285,14 @@ def ws_decode_gemm(xq, qweight, wscales, inv_c, s_channel, act_scale, out_dtype=
     _ws_decode_kernel[(min(tiles, g.num_sms(xq.device)),)](
         a, q, sd, c, inv_c, s_channel, act_scale.float().reshape(1), m, n, k,
         S=STAGES, GROUP=g.GROUP_M, RC=CHUNK, num_warps=8, DECODE_REGS=DECODE_REGS,
+        ONE_MUL=one_mul,
     )  # fmt: skip
     return y
+
+
+def probe_decode_reference(layer, inv_c: torch.Tensor) -> torch.Tensor:
+    """``decode_reference(one_mul=True)`` of ``layer``'s weight, on its device."""
+    return decode_reference(layer.qweight, layer.wscales, inv_c, one_mul=True)
 
 
 def probe_row(m: int, n: int, k: int) -> dict:
@@ -292,21 +315,26 @@ def probe_row(m: int, n: int, k: int) -> dict:
     def widened_gemm():
         return g.fp8_gemm_ws(xq, *widen.widen_weight(*stored), s, *none)
 
-    def decoded_gemm():
-        return ws_decode_gemm(xq, layer.qweight, layer.wscales, inv_c, s_ch, s)
+    def decoded_gemm(one_mul: bool = False):
+        return ws_decode_gemm(xq, layer.qweight, layer.wscales, inv_c, s_ch, s, one_mul=one_mul)
 
     ref, got = g.fp8_gemm_ws(xq, wq, s_ch, s, *none), decoded_gemm()
+    # the one-multiply operand, widened in PyTorch, through the same GEMM
+    wq1 = probe_decode_reference(layer, inv_c)
+    ref1, got1 = g.fp8_gemm_ws(xq, wq1, s_ch, s, *none), decoded_gemm(True)
     return {
         "M": m,
         "N": n,
         "K": k,
         "equal": bool(torch.equal(ref, got)),
         "max_abs_diff": (ref.float() - got.float()).abs().max().item(),
+        "one_mul_equal": bool(torch.equal(ref1, got1)),
         "bf16_us": bench_graph(lambda: F.linear(x, layer.w16)),
         "widen_us": bench_graph(lambda: widen.widen_weight(*stored)),
         "gemm_ws_us": bench_graph(lambda: g.fp8_gemm_ws(xq, wq, s_ch, s, *none)),
         "widen_gemm_ws_us": bench_graph(widened_gemm),
         "decode_gemm_us": bench_graph(decoded_gemm),
+        "decode_one_mul_us": bench_graph(lambda: decoded_gemm(True)),
     }
 
 
@@ -319,7 +347,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = p.parse_args(argv)
     rows = []
-    print("    M      N      K | bf16 us | widen | gemm_ws | widen+gemm | decode | x bf16 | equal")
+    print(
+        "    M      N      K | bf16 us | widen | gemm_ws | widen+gemm | decode | 1-mul |"
+        " x bf16 | equal"
+    )
     for m in (int(v) for v in args.ms.split(",")):
         for shape in args.shapes.split(","):
             n, k = (int(v) for v in shape.split("x"))
@@ -328,8 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(
                 f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:7.1f} | {r['widen_us']:5.1f} | "
                 f"{r['gemm_ws_us']:7.1f} | {r['widen_gemm_ws_us']:10.1f} | "
-                f"{r['decode_gemm_us']:6.1f} | {r['bf16_us'] / r['decode_gemm_us']:6.2f} | "
-                f"{r['equal']}"
+                f"{r['decode_gemm_us']:6.1f} | {r['decode_one_mul_us']:5.1f} | "
+                f"{r['bf16_us'] / r['decode_gemm_us']:6.2f} | {r['equal']}/{r['one_mul_equal']}"
             )
     result = {**run_info(), "stages": STAGES, "chunk": CHUNK, "rows": rows}
     print("->", write_result(result, args.out, "probe_ws_decode"))

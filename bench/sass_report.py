@@ -723,6 +723,14 @@ def _ws_decode() -> dict[str, Any]:
     )
 
 
+@_spec("ws_decode_one_mul")
+def _ws_decode_one_mul() -> dict[str, Any]:
+    """The same with one multiply a code (``s_group · (1 / c)`` a group)."""
+    d = _ws_decode()
+    d["consts"].update(ONE_MUL=True)
+    return d
+
+
 def compile_sm90(spec: dict[str, Any]):
     """Compile ``spec['kernel']`` for sm_90 with the given argument types and values
     (integers that are multiples of 16 get triton's divisibility hint, as at launch)."""

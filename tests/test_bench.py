@@ -391,3 +391,7 @@ def test_ws_decode_probe_arithmetic_is_the_widens():
     got = probe.decode_reference(qweight, wscales, 1.0 / c)
     assert torch.equal(got.view(torch.uint8), wq.view(torch.uint8))
     assert got[0].float().min() == -448.0  # the row's largest group: -8 / 7 · 448, saturated
+    one = probe.decode_reference(qweight, wscales, 1.0 / c, one_mul=True)  # another rounding
+    diff = (one.float() - wq.float()).abs()
+    assert (diff <= wq.float().abs() / 8 + 2**-9).all()  # at most one fp8 step apart
+    assert (diff > 0).float().mean() < 0.05
