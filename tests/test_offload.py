@@ -40,6 +40,21 @@ def test_round_trip_gives_back_the_host_tensors():
         plain.to("cpu")
 
 
+def test_a_quantized_layer_round_trips_with_its_format_dtypes():
+    """An ``SVDQLinear`` (uint8 codes, fp16 scales, fp32 smoothing) keeps every buffer's
+    dtype and values through a move to the device and back; its output is unchanged."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    layer = svdquant.quantize_linear(linear, torch.randn(16, 64), rank=4)
+    x = torch.randn(3, 64)
+    ref = layer(x)
+    before = {k: (v.dtype, v.clone()) for k, v in layer.state_dict().items()}
+    svdquant.keep_host_copy(layer).to("meta").to("cpu")
+    for k, v in layer.state_dict().items():
+        assert v.dtype == before[k][0] and torch.equal(v, before[k][1]), k
+    assert torch.equal(layer(x), ref)
+
+
 def test_a_tensor_changed_or_added_on_the_device_is_copied_out():
     m = svdquant.keep_host_copy(_model()).to("meta")
     with torch.no_grad():
