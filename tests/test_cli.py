@@ -153,6 +153,43 @@ def test_generate_cpu_offload_fuses_and_wraps_before_the_offload(quantized, tmp_
     ]
 
 
+def test_generate_falls_back_to_cpu_offload_when_the_pipeline_does_not_fit(
+    quantized, tmp_path, monkeypatch, capsys
+):
+    """A pipeline larger than the GPU's free memory whose largest model fits runs with
+    model CPU offload, saying so; where even that model does not fit, or with --compile,
+    the one-line advice as before. (The device's calls are recorded, on the CPU.)"""
+    import diffusers
+
+    from svdquant.resources import module_bytes
+    from svdquant.pipeline import load_pipeline
+
+    pipe = load_pipeline(quantized, torch_dtype=torch.float32)  # as --dtype float32 loads it
+    total = module_bytes(pipe)
+    largest = max(module_bytes(m) for m in pipe.components.values() if hasattr(m, "parameters"))
+    assert largest < total
+    offloaded = []
+    monkeypatch.setattr(
+        diffusers.DiffusionPipeline,
+        "enable_model_cpu_offload",
+        lambda pipe, device=None, **kw: offloaded.append(device),
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    free = {"bytes": largest + 1}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 2**40))
+    argv = ["generate", "--model", str(quantized), "--prompt", "a cat", "--no-fuse"]
+    argv += ["--out", str(tmp_path / "o.png"), "--steps", "1", *SIZE, "--no-cuda-graph"]
+    argv += ["--dtype", "float32", "--device", "cuda"]
+    assert main(argv) == 0
+    assert offloaded == ["cuda"]
+    assert "each model goes to the GPU only while it runs" in capsys.readouterr().out
+    assert main([*argv, "--compile"]) != 0  # torch.compile cannot offload: the advice
+    assert "--cpu-offload" in capsys.readouterr().err
+    free["bytes"] = largest - 1
+    assert main(argv) != 0
+    assert "needs" in capsys.readouterr().err and offloaded == ["cuda"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_loaded_pipeline_behaves_like_a_diffusers_pipeline(quantized, dtype):
     from svdquant import SVDQLinear

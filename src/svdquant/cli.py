@@ -254,6 +254,29 @@ def register_generate(sub: Any) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _to_device_or_offload(pipe: Any, device: str, compiling: bool) -> bool:
+    """Move ``pipe`` to ``device``; where it does not fit but each of its models does,
+    leave it on the CPU and return True: run with model CPU offload (said on stdout)."""
+    from svdquant.resources import InsufficientMemoryError, fits_one_at_a_time
+
+    try:
+        to_device(pipe, device, "the pipeline")
+        return False
+    except InsufficientMemoryError:
+        if compiling or not device.startswith("cuda"):
+            raise
+        fits, total, largest = fits_one_at_a_time(pipe, device)
+        if not fits:
+            raise
+        pipe.to("cpu")  # whatever an out-of-memory error left on the device
+        print(
+            f"the pipeline needs {total / 2**30:.1f} GiB, more than {device} has free: each "
+            f"model goes to the GPU only while it runs (--cpu-offload; the largest, "
+            f"{largest / 2**30:.1f} GiB, fits)"
+        )
+        return True
+
+
 def _call_kwargs(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
     import inspect
 
@@ -280,8 +303,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dtype = _dtype(args.dtype)
     if args.compile and args.cpu_offload:
         raise CLIError(
-            "--compile and --cpu-offload do not mix: CUDA graphs need the denoiser's weights "
-            "to stay on the GPU (choose one)"
+            "--compile and --cpu-offload do not mix: torch.compile's CUDA graphs need the "
+            "denoiser's weights to stay on the GPU (without --compile, --cpu-offload replays "
+            "svdquant's own graphs)"
         )
     path = Path(args.model)
     if is_quantized_dir(path):
@@ -306,7 +330,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         load_lora(pipe, path, strength=value)
     device = _device(args.device)
     if not args.cpu_offload:
-        to_device(pipe, device, "the pipeline")
+        args.cpu_offload = _to_device_or_offload(pipe, device, compiling=args.compile)
     denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
     if not args.no_fuse:  # after the LoRAs: they are fused with them
         from svdquant.fuse import fuse_projections

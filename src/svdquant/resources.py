@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["InsufficientMemoryError", "module_bytes", "to_device"]
+__all__ = ["InsufficientMemoryError", "fits_one_at_a_time", "module_bytes", "to_device"]
 
 GiB = 2**30
 
@@ -58,6 +58,14 @@ def to_device(obj: Any, device: str | torch.device, what: str = "the model") -> 
         except torch.OutOfMemoryError as e:
             raise InsufficientMemoryError(f"{what} {_advice(needed, device)}") from e
     return obj.to(device)
+
+
+def fits_one_at_a_time(pipe: Any, device: str | torch.device) -> tuple[bool, int, int]:
+    """Whether the largest model of ``pipe`` fits the free memory of CUDA ``device`` (what
+    model CPU offload needs), with the bytes of the whole pipeline and of that model."""
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    largest = max((module_bytes(m) for m in _modules(pipe)), default=0)
+    return largest <= free, module_bytes(pipe), largest
 
 
 def explain_oom(e: torch.OutOfMemoryError, what: str, needed: int, device: str) -> Exception:
