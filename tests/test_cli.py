@@ -161,8 +161,8 @@ def test_generate_falls_back_to_cpu_offload_when_the_pipeline_does_not_fit(
     the one-line advice as before. (The device's calls are recorded, on the CPU.)"""
     import diffusers
 
-    from svdquant.resources import module_bytes
     from svdquant.pipeline import load_pipeline
+    from svdquant.resources import module_bytes
 
     pipe = load_pipeline(quantized, torch_dtype=torch.float32)  # as --dtype float32 loads it
     total = module_bytes(pipe)
