@@ -395,3 +395,30 @@ def test_ws_decode_probe_arithmetic_is_the_widens():
     diff = (one.float() - wq.float()).abs()
     assert (diff <= wq.float().abs() / 8 + 2**-9).all()  # at most one fp8 step apart
     assert (diff > 0).float().mean() < 0.05
+
+
+def test_models_bench_times_each_architecture_both_ways(tmp_path, capsys):
+    """``bench/models.py --tiny``: PixArt-Σ, SDXL and SANA's test denoisers, BF16 and
+    quantized in place (the adapter's layers swapped), a ratio for each; the JSON and a
+    table. Its real-size configs build the published sizes (on the meta device)."""
+    models = _load("models")
+    res = models.main(["--tiny", "--out", str(tmp_path), "--steps", "1"])
+    rows = res["rows"]
+    assert [(r["model"], r["way"]) for r in rows] == [
+        (a, w) for a in ("pixart", "sdxl", "sana") for w in ("bf16", "svdq-int4")
+    ]
+    for r in rows:
+        assert r["median_ms"] > 0 and r["x_bf16"] > 0
+    for bf16, ours in zip(rows[::2], rows[1::2], strict=True):  # the tiny layers: rank 32
+        assert ours["weights_bytes"] != bf16["weights_bytes"] and "fused_modules" in ours
+    (path,) = tmp_path.glob("models-*.json")
+    assert json.loads(path.read_text())["rows"] == rows
+    assert "| sdxl | svdq-int4 | eager | 1 |" in capsys.readouterr().out
+    sizes = {}
+    for arch in ("pixart", "sdxl", "sana"):
+        m = models.build(arch, tiny=False, device="meta")
+        sizes[arch] = sum(p.numel() for p in m.parameters()) / 1e9
+    assert 0.6 < sizes["pixart"] < 0.62 and 2.56 < sizes["sdxl"] < 2.57
+    assert 1.6 < sizes["sana"] < 1.61
+    with pytest.raises(SystemExit, match="unknown"):
+        models.main(["--tiny", "--models", "dit"])

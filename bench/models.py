@@ -1,0 +1,245 @@
+"""A denoiser step of PixArt-Σ, SDXL and SANA: svdquant W4A4 against BF16.
+
+    PYTHONPATH=src python bench/models.py [--models pixart,sdxl,sana] [--batches 1]
+                                          [--steps 5] [--out DIR] [--tiny]
+
+``bench/e2e.py`` measures FLUX.1; this is the same question for the other architectures
+``svdquant quantize`` takes. Each denoiser is built at its real size (random bf16 weights;
+configs below) on the GPU and called at 1024 × 1024 (PixArt-Σ and SDXL: 128 × 128
+latents; SANA: 32 × 32 from its 32× autoencoder) with a prompt's worth of text tokens
+(300 for PixArt-Σ and SANA, 77 for SDXL). Timed on that one model, in this order: BF16
+eagerly and through ``svdquant.cuda_graphed`` (what ``svdquant generate`` runs), then the
+same model quantized in place (``quantize_model``: the architecture's adapter, rank 32,
+α = 0.5, a synthetic calibration on the same inputs; speed does not depend on it) and
+fused as ``generate`` does, eagerly and graphed. Reports the median step of each
+(CUDA events), the weights' GiB and the step's peak, and ours × BF16 of the same run;
+writes ``models-<device>-<date>.json`` under ``--out`` (default ``bench/results``, or
+``$OUT``) and prints a table last. ``--tiny``: the test pipelines' denoisers on the CPU
+(what ``tests/test_bench.py`` runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import e2e
+
+#: The denoisers at their published sizes. SANA: diffusers' defaults are Sana-1.6B at
+#: 1024 px (20 layers of 2240 = 70 heads of 32, cross-attention 20 heads of 112).
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "pixart": (  # PixArt-Σ XL/2 at 1024 px
+        "PixArtTransformer2DModel",
+        dict(
+            num_attention_heads=16,
+            attention_head_dim=72,
+            in_channels=4,
+            out_channels=8,
+            num_layers=28,
+            cross_attention_dim=1152,
+            attention_bias=True,
+            sample_size=128,
+            patch_size=2,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            upcast_attention=False,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+            interpolation_scale=2,
+            use_additional_conditions=False,
+            caption_channels=4096,
+        ),
+    ),
+    "sdxl": (  # SDXL base 1.0's UNet
+        "UNet2DConditionModel",
+        dict(
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        ),
+    ),
+    "sana": ("SanaTransformer2DModel", {}),
+}
+#: text tokens of a prompt at each architecture's usual maximum length
+TEXT_TOKENS = {"pixart": 300, "sdxl": 77, "sana": 300}
+
+
+def build(arch: str, tiny: bool, device: str) -> nn.Module:
+    """The denoiser of ``arch`` in bf16 on ``device``: real size, or the test pipeline's."""
+    import diffusers
+
+    if tiny:
+        from svdquant.models.tiny import tiny_pipeline
+
+        pipe = tiny_pipeline(arch)
+        model = getattr(pipe, "transformer", None) or pipe.unet
+        return model.to(device, torch.bfloat16).eval().requires_grad_(False)
+    cls_name, cfg = CONFIGS[arch]
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = getattr(diffusers, cls_name)(**cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval().requires_grad_(False)
+
+
+def inputs(arch: str, model: nn.Module, batch: int, tiny: bool, device: str) -> dict[str, Any]:
+    """One step's call arguments for ``model`` at ``batch`` (fixed seed)."""
+    cfg = model.config
+    g = torch.Generator(device).manual_seed(batch)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=device).to(torch.bfloat16)
+
+    side = cfg.sample_size
+    text = 8 if tiny else TEXT_TOKENS[arch]
+    t = torch.full((batch,), 500.0, device=device)
+    if arch == "sdxl":
+        time_dims = 6 * cfg.addition_time_embed_dim
+        return dict(
+            sample=rnd(batch, cfg.in_channels, side, side),
+            timestep=t,
+            encoder_hidden_states=rnd(batch, text, cfg.cross_attention_dim),
+            added_cond_kwargs={
+                "text_embeds": rnd(batch, cfg.projection_class_embeddings_input_dim - time_dims),
+                "time_ids": rnd(batch, 6),
+            },
+            return_dict=False,
+        )
+    kw = dict(
+        hidden_states=rnd(batch, cfg.in_channels, side, side),
+        encoder_hidden_states=rnd(batch, text, cfg.caption_channels),
+        timestep=t,
+        return_dict=False,
+    )
+    if arch == "pixart":
+        kw["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    return kw
+
+
+def _time(model: nn.Module, kw: dict[str, Any], mode: str, ctx: e2e.Ctx) -> dict[str, Any]:
+    step = e2e._graph_step(model, kw) if mode == "cudagraph" else (lambda: model(**kw))
+    return e2e.time_steps(step, ctx)
+
+
+def run(arch: str, ctx: e2e.Ctx, modes: Sequence[str]) -> list[dict[str, Any]]:
+    import svdquant
+
+    model = build(arch, ctx.tiny, ctx.device)
+    rows = []
+    for way in ("bf16", "svdq-int4"):
+        if way == "svdq-int4":
+            kw1 = inputs(arch, model, 1, ctx.tiny, ctx.device)
+            cfg = svdquant.QuantizeConfig(alpha=0.5, max_samples=256, progress=False)
+            svdquant.quantize_model(model, lambda m, kw=kw1: m(**kw), cfg)
+            fused = svdquant.fuse_projections(model)
+        e2e._free()
+        weights = e2e.state_bytes(model)
+        for b in ctx.batches:
+            kw = inputs(arch, model, b, ctx.tiny, ctx.device)
+            for mode in modes:
+                res = _time(model, kw, mode, ctx)
+                row = {"model": arch, "way": way, "mode": mode, "batch": b, **res}
+                row["weights_bytes"] = weights
+                if way == "svdq-int4":
+                    row["fused_modules"] = fused
+                rows.append(row)
+    del model
+    e2e._free()
+    return rows
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Ours × BF16 (BF16's median / ours) for each model, mode and batch of the run."""
+    base = {(r["model"], r["mode"], r["batch"]): r for r in rows if r["way"] == "bf16"}
+    for r in rows:
+        b = base.get((r["model"], r["mode"], r["batch"]))
+        r["x_bf16"] = round(b["median_ms"] / r["median_ms"], 3) if b else None
+        r["x_weights"] = round(b["weights_bytes"] / r["weights_bytes"], 2) if b else None
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="pixart,sdxl,sana")
+    p.add_argument("--batches", default="1")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (5; --tiny 2)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="eager rows only")
+    p.add_argument("--tiny", action="store_true", help="the test denoisers, on the CPU")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    args = p.parse_args(argv)
+    archs = [a for a in args.models.split(",") if a]
+    unknown = sorted(set(archs) - set(CONFIGS))
+    if unknown:
+        raise SystemExit(f"models: unknown {unknown}; choose from {sorted(CONFIGS)}")
+    cuda = torch.cuda.is_available() and not args.tiny
+    if not (cuda or args.tiny):
+        raise SystemExit("models: no CUDA device (--tiny runs the test denoisers on the CPU)")
+    ctx = e2e.Ctx(
+        device="cuda" if cuda else "cpu",
+        tiny=args.tiny,
+        cfg={},
+        img_tokens=0,
+        txt_tokens=0,
+        batches=tuple(int(b) for b in args.batches.split(",")),
+        steps=args.steps or (2 if args.tiny else 5),
+        warmup=2,
+    )
+    modes = ("eager",) if args.no_cuda_graphs or not cuda else ("eager", "cudagraph")
+    date = datetime.datetime.now(datetime.UTC)
+    rows: list[dict[str, Any]] = []
+    with torch.no_grad():
+        for arch in archs:
+            rows += run(arch, ctx, modes)
+    add_ratios(rows)
+    res = {
+        "bench": "models",
+        "device": e2e._device_name(ctx),
+        "date": date.isoformat(timespec="seconds"),
+        "commit": e2e._commit(),
+        "torch": torch.__version__,
+        "resolution": "1024x1024" if not args.tiny else "tiny",
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"models-{e2e._device_tag(ctx)}-{date:%Y-%m-%d-%H%M}.json"
+    e2e.write(res, path)
+    print("| model | way | mode | batch | ms/step | × BF16 | weights GiB | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        peak = "–" if r["peak_abs_bytes"] is None else f"{r['peak_abs_bytes'] / 2**30:.2f}"
+        print(
+            f"| {r['model']} | {r['way']} | {r['mode']} | {r['batch']} | "
+            f"{r['median_ms']:.1f} | {r['x_bf16']:.2f}× | {r['weights_bytes'] / 2**30:.2f} | "
+            f"{peak} |"
+        )
+    print(f"-> {path}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
