@@ -254,6 +254,38 @@ def register_generate(sub: Any) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _make_ready(
+    pipe: Any, device: str, *, offload: bool, fuse: bool, graph: bool, compile: bool = False
+) -> None:
+    """Put ``pipe`` where it runs and its denoiser in the form it runs fastest: on
+    ``device`` (or under model CPU offload: asked for, or where only one model at a time
+    fits), projections fused (``fuse``), steps compiled (``compile``) or replayed from
+    CUDA graphs (``graph``, on a GPU). Under offload the wrapper goes in first, so that the
+    offload hook moves it: each image captures once, and the graph leaves with the
+    weights."""
+    import torch
+
+    if not offload:
+        offload = _to_device_or_offload(pipe, device, compiling=compile)
+    denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    if fuse:
+        from svdquant.fuse import fuse_projections
+
+        n = fuse_projections(getattr(pipe, denoiser))
+        if n:
+            print(f"fused the projections of {n} attention modules (--no-fuse keeps them apart)")
+    if compile:
+        print(f"compiling the {denoiser} (mode='reduce-overhead'; the first image waits for it)")
+        setattr(pipe, denoiser, torch.compile(getattr(pipe, denoiser), mode="reduce-overhead"))
+    elif torch.device(device).type == "cuda" and graph:
+        from svdquant.cuda_graph import cuda_graphed
+
+        # our layers launch their kernels from Python: replaying the steps removes that
+        setattr(pipe, denoiser, cuda_graphed(getattr(pipe, denoiser)))
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
+
+
 def _to_device_or_offload(pipe: Any, device: str, compiling: bool) -> bool:
     """Move ``pipe`` to ``device``; where it does not fit but each of its models does,
     leave it on the CPU and return True: run with model CPU offload (said on stdout)."""
@@ -329,27 +361,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             path, value = spec, 1.0  # a ':' that is part of the path
         load_lora(pipe, path, strength=value)
     device = _device(args.device)
-    if not args.cpu_offload:
-        args.cpu_offload = _to_device_or_offload(pipe, device, compiling=args.compile)
-    denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
-    if not args.no_fuse:  # after the LoRAs: they are fused with them
-        from svdquant.fuse import fuse_projections
-
-        n = fuse_projections(getattr(pipe, denoiser))
-        if n:
-            print(f"fused the projections of {n} attention modules (--no-fuse keeps them apart)")
-    if args.compile:
-        print(f"compiling the {denoiser} (mode='reduce-overhead'; the first image waits for it)")
-        setattr(pipe, denoiser, torch.compile(getattr(pipe, denoiser), mode="reduce-overhead"))
-    elif torch.device(device).type == "cuda" and not args.no_cuda_graph:
-        from svdquant.cuda_graph import cuda_graphed
-
-        # our layers launch their kernels from Python: replaying the steps removes that.
-        # Under CPU offload the wrapper goes in first, so that the offload hook moves it:
-        # each image captures once on the GPU, and the graph leaves with the weights.
-        setattr(pipe, denoiser, cuda_graphed(getattr(pipe, denoiser)))
-    if args.cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
+    _make_ready(  # after the LoRAs: the fused layers carry them
+        pipe,
+        device,
+        offload=args.cpu_offload,
+        fuse=not args.no_fuse,
+        graph=not args.no_cuda_graph,
+        compile=args.compile,
+    )
     if torch.device(device).type == "cuda" and is_quantized_dir(Path(args.model)):
         from svdquant.kernels import tile_cache
 
@@ -412,15 +431,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, args.num_images, seed=args.seed)
     dtype = _dtype(args.dtype)
 
-    def ready(pipe: Any) -> Any:
-        if args.cpu_offload:
-            pipe.enable_model_cpu_offload(device=device)
-            return pipe
-        return to_device(pipe, device, "the pipeline")
+    def ready(pipe: Any, fuse: bool) -> Any:  # as `svdquant generate` runs each
+        _make_ready(pipe, device, offload=args.cpu_offload, fuse=fuse, graph=True)
+        return pipe
 
-    reference = lambda: ready(_load_base_pipeline(args.model, dtype))  # noqa: E731
+    reference = lambda: ready(_load_base_pipeline(args.model, dtype), fuse=False)  # noqa: E731
     quantized = lambda: ready(  # noqa: E731
-        load_pipeline(args.quantized, base_model=args.model, torch_dtype=dtype)
+        load_pipeline(args.quantized, base_model=args.model, torch_dtype=dtype), fuse=True
     )
     kw = {
         "num_inference_steps": args.steps,
