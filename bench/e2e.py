@@ -904,6 +904,26 @@ def write(res: dict[str, Any], json_path: Path) -> None:
     tmp.replace(json_path)  # a kill mid-write leaves the previous, complete file
 
 
+def write_run(
+    bench: str, ctx: Ctx, date: datetime.datetime, out: str, body: dict[str, Any]
+) -> tuple[dict[str, Any], Path]:
+    """A smaller benchmark's result (``bench/models.py``, ``bench/offload.py``): the run's
+    head (device, date, commit, torch) and ``body``, written atomically as
+    ``<out>/<bench>-<device>-<date>.json``."""
+    res = {
+        "bench": bench,
+        "device": _device_name(ctx),
+        "date": date.isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "torch": torch.__version__,
+        **body,
+    }
+    Path(out).mkdir(parents=True, exist_ok=True)
+    path = Path(out) / f"{bench}-{_device_tag(ctx)}-{date:%Y-%m-%d-%H%M}.json"
+    write(res, path)
+    return res, path
+
+
 def _plot_and_write(res: dict[str, Any], json_path: Path, png_path: Path, t0: float) -> None:
     try:
         plot(res, png_path)

@@ -215,19 +215,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for arch in archs:
             rows += run(arch, ctx, modes)
     add_ratios(rows)
-    res = {
-        "bench": "models",
-        "device": e2e._device_name(ctx),
-        "date": date.isoformat(timespec="seconds"),
-        "commit": e2e._commit(),
-        "torch": torch.__version__,
-        "resolution": "1024x1024" if not args.tiny else "tiny",
-        "rows": rows,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"models-{e2e._device_tag(ctx)}-{date:%Y-%m-%d-%H%M}.json"
-    e2e.write(res, path)
+    body = {"resolution": "1024x1024" if not args.tiny else "tiny", "rows": rows}
+    res, path = e2e.write_run("models", ctx, date, args.out, body)
     print("| model | way | mode | batch | ms/step | × BF16 | weights GiB | peak GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -142,20 +142,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     date = datetime.datetime.now(datetime.UTC)
     with torch.no_grad():  # as diffusers' pipelines call the denoiser
         rows = run(ctx, args.images, steps)
-    res = {
-        "bench": "offload",
-        "device": e2e._device_name(ctx),
-        "date": date.isoformat(timespec="seconds"),
-        "commit": e2e._commit(),
-        "torch": torch.__version__,
-        "steps": steps,
-        "images": args.images,
-        "rows": rows,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"offload-{e2e._device_tag(ctx)}-{date:%Y-%m-%d-%H%M}.json"
-    e2e.write(res, path)
+    body = {"steps": steps, "images": args.images, "rows": rows}
+    res, path = e2e.write_run("offload", ctx, date, args.out, body)
     print("| way | image s | first step ms | later step ms | captures |\n|---|---|---|---|---|")
     for r in rows:
         imgs = " / ".join(f"{s:.2f}" for s in r["image_s"])
