@@ -67,6 +67,17 @@ def test_a_tensor_changed_or_added_on_the_device_is_copied_out():
         m.to("cpu")
 
 
+def test_moves_under_inference_mode_copy_back():
+    """Moved in under ``torch.inference_mode`` the device tensors keep no version counter:
+    whether they changed cannot be told, so they are copied out (here: from meta, which
+    fails — no stale host copy comes back)."""
+    m = svdquant.keep_host_copy(_model())
+    with torch.inference_mode():
+        m.to("meta")
+    with pytest.raises(NotImplementedError):
+        m.to("cpu")
+
+
 def test_casts_and_partial_moves_drop_the_host_copies():
     m = svdquant.keep_host_copy(_model()).to("meta")
     m.half()  # a cast on the device: the host copies are stale

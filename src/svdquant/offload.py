@@ -19,7 +19,9 @@ added while there — a LoRA loaded, a strength set — is copied, as before)::
     pipe.enable_model_cpu_offload()
 
 The cost: the host keeps the weights (pinned) while they are on the GPU too. Casts, and
-moves from one device to another, run as usual and drop the host copies. The module
+moves from one device to another, run as usual and drop the host copies; weights moved
+in under ``torch.inference_mode`` keep no version counter, so they are copied out as
+before (diffusers' pipelines run under ``torch.no_grad``, which keeps it). The module
 stays the same object (its ``_apply`` is extended), so a pipeline sees no difference.
 Not yet timed on the GPU (``bench/offload.py``'s ``offload-fused-graphed-host-copy``
 row); ``svdquant generate --cpu-offload`` does not use it yet.
