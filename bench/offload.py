@@ -16,7 +16,7 @@ batch 1) four ways on that one model, in this order:
 - ``offload-fused-graphed-host-copy``: the same with ``svdquant.keep_host_copy`` (pinned
   host copies: moved in at the link's speed, out without copying);
 - ``resident-fused-graphed``: the same wrapper with the weights kept on the GPU (no
-  offload): the floor under the two.
+  offload): the floor under the others.
 
 An image's time is its steps' wall time (the first step moves the weights in; under
 ``cuda_graphed`` the second captures) plus moving the weights out again (what the
