@@ -72,3 +72,20 @@ def test_eval_bad_inputs(dirs, tmp_path, capsys):
     base, _ = dirs
     assert main([*eval_argv(base, base, tmp_path), "--device", "cpu"]) == 2
     assert "not a directory written by `svdquant quantize`" in capsys.readouterr().err
+
+
+def test_eval_prepares_each_pipeline_as_generate_does(dirs, tmp_path, monkeypatch):
+    """The quantized pipeline is fused and the 16-bit one is not (the images compared are
+    the ones `svdquant generate` makes); both the same otherwise."""
+    import svdquant.fuse
+
+    fused = []
+    real = svdquant.fuse.fuse_projections
+
+    def record(model):
+        fused.append(any(type(m).__name__ == "SVDQLinear" for m in model.modules()))
+        return real(model)
+
+    monkeypatch.setattr(svdquant.fuse, "fuse_projections", record)
+    assert main([*eval_argv(dirs[0], dirs[1], tmp_path, n=1), "--device", "cpu"]) == 0
+    assert fused == [True]  # once, on the quantized denoiser
