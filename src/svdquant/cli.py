@@ -273,7 +273,7 @@ def _make_ready(
 
         n = fuse_projections(getattr(pipe, denoiser))
         if n:
-            print(f"fused the projections of {n} attention modules (--no-fuse keeps them apart)")
+            print(f"fused the projections of {n} attention modules")
     if compile:
         print(f"compiling the {denoiser} (mode='reduce-overhead'; the first image waits for it)")
         setattr(pipe, denoiser, torch.compile(getattr(pipe, denoiser), mode="reduce-overhead"))
