@@ -352,7 +352,9 @@ def test_offload_bench_runs_each_way(tmp_path, capsys):
     and unfused, then fused and graphed, with host copies, then resident; the JSON
     written, a table last."""
     offload = _load("offload")
-    res = offload.main(["--tiny", "--out", str(tmp_path), "--images", "2", "--steps", "3"])
+    argv = ["--tiny", "--out", str(tmp_path), "--images", "2", "--steps", "3"]
+    res = offload.main([*argv, "--text-encoder"])  # a T5 encoder offloaded before it
+    assert res["text_encoder"] is True
     assert [r["name"] for r in res["rows"]] == [
         "offload-eager-unfused",
         "offload-fused-graphed",
