@@ -547,18 +547,24 @@ def _row_base(method: Method, mode: str, compile_mode: str | None) -> dict[str, 
     }
 
 
-def _build(ctx: Ctx) -> nn.Module:
-    from diffusers import FluxTransformer2DModel
-
+def build_bf16(factory: Callable[[], nn.Module], device: str) -> nn.Module:
+    """``factory()`` built straight in bf16 on ``device`` (seed 0: the same random weights
+    every run), in eval mode without gradients."""
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device(ctx.device):
-            model = FluxTransformer2DModel(**ctx.cfg).eval().requires_grad_(False)
+        with torch.device(device):
+            model = factory()
     finally:
         torch.set_default_dtype(old)
-    return model
+    return model.eval().requires_grad_(False)
+
+
+def _build(ctx: Ctx) -> nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    return build_bf16(lambda: FluxTransformer2DModel(**ctx.cfg), ctx.device)
 
 
 def run_method(

@@ -96,15 +96,7 @@ def build(arch: str, tiny: bool, device: str) -> nn.Module:
         model = getattr(pipe, "transformer", None) or pipe.unet
         return model.to(device, torch.bfloat16).eval().requires_grad_(False)
     cls_name, cfg = CONFIGS[arch]
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = getattr(diffusers, cls_name)(**cfg)
-    finally:
-        torch.set_default_dtype(old)
-    return model.eval().requires_grad_(False)
+    return e2e.build_bf16(lambda: getattr(diffusers, cls_name)(**cfg), device)
 
 
 def inputs(arch: str, model: nn.Module, batch: int, tiny: bool, device: str) -> dict[str, Any]:

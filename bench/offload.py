@@ -70,15 +70,8 @@ def _text_encoder(ctx: e2e.Ctx) -> tuple[nn.Module, torch.Tensor]:
     prompt's token ids (512, FLUX's maximum; 16 with ``--tiny``)."""
     from transformers import T5Config, T5EncoderModel
 
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(ctx.device):
-            te = T5EncoderModel(T5Config(**(T5_TINY if ctx.tiny else T5_XXL)))
-    finally:
-        torch.set_default_dtype(old)
-    te = te.eval().requires_grad_(False).to("cpu")
+    cfg = T5Config(**(T5_TINY if ctx.tiny else T5_XXL))
+    te = e2e.build_bf16(lambda: T5EncoderModel(cfg), ctx.device).to("cpu")
     ids = torch.randint(0, te.config.vocab_size, (1, 16 if ctx.tiny else 512))
     return te, ids
 

@@ -294,8 +294,8 @@ def _to_device_or_offload(pipe: Any, device: str, compiling: bool) -> bool:
     try:
         to_device(pipe, device, "the pipeline")
         return False
-    except InsufficientMemoryError:
-        if compiling or not device.startswith("cuda"):
+    except InsufficientMemoryError:  # raised on a CUDA device only
+        if compiling:
             raise
         fits, total, largest = fits_one_at_a_time(pipe, device)
         if not fits:
