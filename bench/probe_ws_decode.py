@@ -72,8 +72,9 @@ def decode_reference(
     inv_c)``, the conversion saturating — what must equal the widen's fp8 operand; with
     ``one_mul`` ``fp8(code · (s_group · inv_c))`` (a product per group, one multiply a
     code: not the widen's bits, an operand as good)."""
-    b = qweight.to(torch.int32)
-    codes = torch.stack([(b & 0xF) ^ 8, ((b >> 4) & 0xF) ^ 8], dim=-1).flatten(1) - 8
+    from svdquant import formats
+
+    codes = formats.unpack(qweight)  # low nibble first, -8..7
     if one_mul:
         t = (wscales.float() * inv_c.unsqueeze(1)).repeat_interleave(64, dim=1)
         return (codes.float() * t).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
