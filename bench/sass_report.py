@@ -608,32 +608,38 @@ def _gemm_split_lora_parts() -> dict[str, Any]:
     return d
 
 
-def _gemm_ws_spec(sizes: list[int], parts: bool = False) -> dict[str, Any]:
-    """The warp-specialized Gluon GEMM (``kernels/gemm_ws.py``) at M = 4608, K = 3072,
-    N = sum(sizes), the output split into ``sizes`` segments (one: not split)."""
+def _desc(rows: int, cols: int, dtype: Any, gl_dtype: Any, block: list[int]) -> str:
+    """The signature type of a Gluon TMA descriptor over a [rows, cols] ``dtype`` tensor
+    with ``block`` boxes (the default shared layout for them)."""
     import torch
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
+    t = torch.empty(rows, cols, dtype=dtype)
+    return mangle_type(TensorDescriptor.from_tensor(t, block, layout))
+
+
+def _gemm_ws_spec(sizes: list[int], parts: bool = False) -> dict[str, Any]:
+    """The warp-specialized Gluon GEMM (``kernels/gemm_ws.py``) at M = 4608, K = 3072,
+    N = sum(sizes), the output split into ``sizes`` segments (one: not split)."""
+    import torch
+    from triton.experimental.gluon import language as gl
+
     from svdquant.kernels import gemm_ws as g
     from svdquant.kernels._triton_common import inner_bounds, three_bounds
 
-    def desc(rows: int, cols: int, dtype, gl_dtype, block: list[int]) -> str:
-        layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
-        t = torch.empty(rows, cols, dtype=dtype)
-        return mangle_type(TensorDescriptor.from_tensor(t, block, layout))
-
     fp8 = torch.float8_e4m3fn
     m, n = 4608, sum(sizes)
-    outs = [desc(m, w, torch.bfloat16, gl.bfloat16, [g.BLOCK_M, g.BLOCK_N // 2]) for w in sizes]
+    outs = [_desc(m, w, torch.bfloat16, gl.bfloat16, [g.BLOCK_M, g.BLOCK_N // 2]) for w in sizes]
     outs += [outs[-1]] * (4 - len(outs))
     bounds = three_bounds(inner_bounds(sizes), n)
     return dict(
         kernel=g._fp8_gemm_ws_kernel,
         ptrs=dict(
-            a_desc=desc(m, 3072, fp8, gl.float8e4nv, [g.BLOCK_M, g.BLOCK_K]),
-            b_desc=desc(n, 3072, fp8, gl.float8e4nv, [g.BLOCK_N, g.BLOCK_K]),
+            a_desc=_desc(m, 3072, fp8, gl.float8e4nv, [g.BLOCK_M, g.BLOCK_K]),
+            b_desc=_desc(n, 3072, fp8, gl.float8e4nv, [g.BLOCK_N, g.BLOCK_K]),
             **{f"c{i}_desc": d for i, d in enumerate(outs)},
             sch_ptr="*fp32",
             scale_ptr="*fp32",
@@ -693,26 +699,18 @@ def _ws_decode() -> dict[str, Any]:
     M = 512, N = 12288, K = 3072."""
     import torch
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton.runtime.jit import mangle_type
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import probe_ws_decode as p
-
-    def desc(rows: int, cols: int, dtype, gl_dtype, block: list[int]) -> str:
-        layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
-        return mangle_type(
-            TensorDescriptor.from_tensor(torch.empty(rows, cols, dtype=dtype), block, layout)
-        )
 
     m, n, k = 512, 12288, 3072
     return dict(
         kernel=p._ws_decode_kernel,
         ptrs=dict(
-            a_desc=desc(m, k, torch.float8_e4m3fn, gl.float8e4nv, [p.BLOCK_M, p.BLOCK_K]),
-            q_desc=desc(n, k // 2, torch.uint8, gl.uint8, [p.BLOCK_N, p.BLOCK_K // 2]),
-            s_desc=desc(n, k // 64, torch.float16, gl.float16, [p.BLOCK_N, p.SCALE_BOX]),
-            c_desc=desc(m, n, torch.bfloat16, gl.bfloat16, [p.BLOCK_M, p.BLOCK_N // 2]),
+            a_desc=_desc(m, k, torch.float8_e4m3fn, gl.float8e4nv, [p.BLOCK_M, p.BLOCK_K]),
+            q_desc=_desc(n, k // 2, torch.uint8, gl.uint8, [p.BLOCK_N, p.BLOCK_K // 2]),
+            s_desc=_desc(n, k // 64, torch.float16, gl.float16, [p.BLOCK_N, p.SCALE_BOX]),
+            c_desc=_desc(m, n, torch.bfloat16, gl.bfloat16, [p.BLOCK_M, p.BLOCK_N // 2]),
             inv_c_ptr="*fp32",
             sch_ptr="*fp32",
             scale_ptr="*fp32",
