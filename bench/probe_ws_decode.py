@@ -87,6 +87,8 @@ if g.HAVE_GLUON:
 
     @gluon.jit
     def _int4_value(nib):
+        """``_triton_common.int4_value`` for Gluon (a Gluon kernel cannot call a
+        ``@triton.jit`` function)."""
         return ((nib ^ 8) | 0x4B000000).to(gl.float32, bitcast=True) - 8388616.0
 
     @gluon.jit
