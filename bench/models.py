@@ -1,7 +1,7 @@
 """A denoiser step of PixArt-Σ, SDXL and SANA: svdquant W4A4 against BF16.
 
     PYTHONPATH=src python bench/models.py [--models pixart,sdxl,sana] [--batches 1]
-                                          [--steps 5] [--out DIR] [--tiny]
+                                          [--steps 5] [--profile] [--out DIR] [--tiny]
 
 ``bench/e2e.py`` measures FLUX.1; this is the same question for the other architectures
 ``svdquant quantize`` takes. Each denoiser is built at its real size (random bf16 weights;
@@ -12,7 +12,8 @@ eagerly and through ``svdquant.cuda_graphed`` (what ``svdquant generate`` runs),
 same model quantized in place (``quantize_model``: the architecture's adapter, rank 32,
 α = 0.5, a synthetic calibration on the same inputs; speed does not depend on it) and
 fused as ``generate`` does, eagerly and graphed. Reports the median step of each
-(CUDA events), the weights' GiB and the step's peak, and ours × BF16 of the same run;
+(CUDA events), the weights' GiB and the step's peak, and ours × BF16 of the same run
+(``--profile``: also the top ops of one eager step of each way, by GPU time);
 writes ``models-<device>-<date>.json`` under ``--out`` (default ``bench/results``, or
 ``$OUT``) and prints a table last. ``--tiny``: the test pipelines' denoisers on the CPU
 (what ``tests/test_bench.py`` runs).
@@ -156,6 +157,8 @@ def run(arch: str, ctx: e2e.Ctx, modes: Sequence[str]) -> list[dict[str, Any]]:
             for mode in modes:
                 res = _time(model, kw, mode, ctx)
                 row = {"model": arch, "way": way, "mode": mode, "batch": b, **res}
+                if ctx.profile_rows and mode == "eager" and b == ctx.batches[0]:
+                    row["profile"] = e2e.profile_step(lambda kw=kw, m=model: m(**kw), ctx, top=25)
                 row["weights_bytes"] = weights
                 if way == "svdq-int4":
                     row["fused_modules"] = fused
@@ -181,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=None, help="timed steps (5; --tiny 2)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="eager rows only")
     p.add_argument("--tiny", action="store_true", help="the test denoisers, on the CPU")
+    p.add_argument(
+        "--profile", action="store_true", help="a per-op profile of one eager step of each way"
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = p.parse_args(argv)
     archs = [a for a in args.models.split(",") if a]
@@ -199,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batches=tuple(int(b) for b in args.batches.split(",")),
         steps=args.steps or (2 if args.tiny else 5),
         warmup=2,
+        profile_rows=("bf16", "svdq-int4") if args.profile else (),
     )
     modes = ("eager",) if args.no_cuda_graphs or not cuda else ("eager", "cudagraph")
     date = datetime.datetime.now(datetime.UTC)
@@ -218,6 +225,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{r['median_ms']:.1f} | {r['x_bf16']:.2f}× | {r['weights_bytes'] / 2**30:.2f} | "
             f"{peak} |"
         )
+    for r in rows:
+        if "profile" in r:
+            ops = ", ".join(f"{o['name'][:40]} {o['self_ms']:.2f}" for o in r["profile"]["ops"][:8])
+            print(
+                f"profile {r['model']} {r['way']}: total {r['profile']['total_ms']:.1f} ms: {ops}"
+            )
     print(f"-> {path}")
     return res
 

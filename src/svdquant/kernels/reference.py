@@ -223,7 +223,10 @@ def widen_weight_ref(
 def widen_row_scale(wscales: torch.Tensor, fmt: str) -> torch.Tensor:
     """The widen's per-row scale ``c = qmax · max_g(s_group) / 448`` (1 for an all-zero
     row), fp32 [N]: a property of the stored weight alone."""
-    c = formats.get_format(fmt).qmax * wscales.float().amax(-1) / formats.FP8_E4M3_MAX
+    mx = formats.get_format(fmt).qmax * wscales.float().amax(-1)
+    # A tensor divisor: PyTorch's CUDA division by a Python scalar multiplies by its
+    # reciprocal, one rounding away from the kernel's correctly rounded ``div_rn``.
+    c = mx / torch.full_like(mx, formats.FP8_E4M3_MAX)
     return torch.where(c > 0, c, torch.ones_like(c))
 
 
