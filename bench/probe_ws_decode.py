@@ -249,18 +249,18 @@ if g.HAVE_GLUON:
                      M, N, K, BM, BN, BK, S, GROUP, num_warps),
                 ),
                 (
-                    _dec_load,
-                    (a_desc, q_desc, s_desc, a_bufs, q_bufs, s_bufs, ready, empty, M, N, K,
-                     BM, BN, BK, S, GROUP),
-                ),
-                (
                     _dec_decode,
                     (q_bufs, s_bufs, b_bufs, ic_smem, ready, decoded, inv_c_ptr, M, N, K,
                      BM, BN, BK, S, GROUP, RC, SB, ONE_MUL),
                 ),
+                (
+                    _dec_load,
+                    (a_desc, q_desc, s_desc, a_bufs, q_bufs, s_bufs, ready, empty, M, N, K,
+                     BM, BN, BK, S, GROUP),
+                ),
             ],
-            [1, 4],
-            [40, DECODE_REGS],
+            [4, 1],
+            [DECODE_REGS, 40],
         )  # fmt: skip
 
 
