@@ -259,7 +259,7 @@ if g.HAVE_GLUON:
                      BM, BN, BK, S, GROUP),
                 ),
             ],
-            [4, 1],
+            [4, 4],
             [DECODE_REGS, 40],
         )  # fmt: skip
 

@@ -823,6 +823,7 @@ def report(compiled) -> dict[str, Any]:
         "loop_smem_allocs": sum(b.split("scf.yield")[0].count("local_alloc") for b in loops),
         "sass": sass,
         "ttgir": ttgir,
+        "ptx": compiled.asm.get("ptx", ""),
     }
 
 
@@ -844,6 +845,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             Path(a.dump).mkdir(parents=True, exist_ok=True)
             Path(a.dump, f"{name}.sass").write_text(r["sass"])
             Path(a.dump, f"{name}.ttgir").write_text(r["ttgir"])
+            Path(a.dump, f"{name}.ptx").write_text(r["ptx"])
         out[name] = {k: v for k, v in r.items() if k not in ("sass", "ttgir")}
         print(
             f"{name:9} regs {r['registers']:>3}  spill {r['spill_bytes']:>4} B  "
