@@ -117,7 +117,7 @@ if g.HAVE_GLUON:
     def _dec_decode(q_bufs, s_bufs, b_bufs, ic_smem, ready, decoded, inv_c_ptr, M, N, K,
                     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
                     GROUP: gl.constexpr, RC: gl.constexpr, SB: gl.constexpr,
-                    ONE_MUL: gl.constexpr):  # fmt: skip
+                    ONE_MUL: gl.constexpr, DEBUG: gl.constexpr):  # fmt: skip
         # a chunk's codes: RC rows x (BK / 2) bytes, 16 bytes a thread, as [rows, the
         # step's two groups, a group's 32 bytes] so that each thread's bytes share a scale
         codes2: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
@@ -141,27 +141,28 @@ if g.HAVE_GLUON:
             for _ in range(0, K, BK):
                 s = it % S
                 mbarrier.wait(ready.index(s), (it // S) & 1)
-                for r0 in gl.static_range(0, BN, RC):
-                    q = q_bufs.index(s).slice(r0, RC, 0).load(codes2)
-                    q = gl.convert_layout(gl.reshape(q, [RC, 2, BK // 4]), codes3)
-                    box = s_bufs.index(s).slice(r0, RC, 0).load(box2)
-                    sg = _two_scales(box, SB, box2, scale2)
-                    icr = ic_smem.slice(r0, RC, 0).load(row1)
-                    b = q.to(gl.int32)
-                    f = gl.expand_dims(sg, 2)
-                    icf = gl.expand_dims(gl.expand_dims(icr, 1), 2)
-                    if ONE_MUL:  # s_group · (1 / c) once a group, one multiply a code
-                        t = f * icf
-                        lo = _int4_value(b & 0xF) * t
-                        hi = _int4_value((b >> 4) & 0xF) * t
-                    else:  # the widen's bits: (code · s_group) exact, then · (1 / c)
-                        lo = (_int4_value(b & 0xF) * f) * icf
-                        hi = (_int4_value((b >> 4) & 0xF) * f) * icf
-                    w = gl.reshape(gl.join(lo, hi), [RC, BK])  # column 2j: byte j's low nibble
-                    # the conversion saturates (F2FP.SATFINITE): the widen's clamp to ±448,
-                    # which only code -8 reaches (8/7 of 448), costs nothing here
-                    w = w.to(gl.float8e4nv)
-                    b_bufs.index(s).slice(r0, RC, 0).store(w)
+                if DEBUG != 1 and DEBUG != 4:  # DEBUG: 1, 4 leave B undecoded
+                    for r0 in gl.static_range(0, BN, RC):
+                        q = q_bufs.index(s).slice(r0, RC, 0).load(codes2)
+                        q = gl.convert_layout(gl.reshape(q, [RC, 2, BK // 4]), codes3)
+                        box = s_bufs.index(s).slice(r0, RC, 0).load(box2)
+                        sg = _two_scales(box, SB, box2, scale2)
+                        icr = ic_smem.slice(r0, RC, 0).load(row1)
+                        b = q.to(gl.int32)
+                        f = gl.expand_dims(sg, 2)
+                        icf = gl.expand_dims(gl.expand_dims(icr, 1), 2)
+                        if ONE_MUL:  # s_group · (1 / c) once a group, one multiply a code
+                            t = f * icf
+                            lo = _int4_value(b & 0xF) * t
+                            hi = _int4_value((b >> 4) & 0xF) * t
+                        else:  # the widen's bits: (code · s_group) exact, then · (1 / c)
+                            lo = (_int4_value(b & 0xF) * f) * icf
+                            hi = (_int4_value((b >> 4) & 0xF) * f) * icf
+                        w = gl.reshape(gl.join(lo, hi), [RC, BK])  # column 2j: byte j's low nibble
+                        # the conversion saturates (F2FP.SATFINITE): the widen's clamp to ±448,
+                        # which only code -8 reaches (8/7 of 448), costs nothing here
+                        w = w.to(gl.float8e4nv)
+                        b_bufs.index(s).slice(r0, RC, 0).store(w)
                 fence_async_shared()
                 gl.thread_barrier()
                 mbarrier.arrive(decoded.index(s), count=1)
@@ -180,7 +181,8 @@ if g.HAVE_GLUON:
     @gluon.jit
     def _dec_mma(a_bufs, b_bufs, ready, decoded, empty, c_smem, c_desc, sch_ptr, scale_ptr,
                  M, N, K, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-                 S: gl.constexpr, GROUP: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
+                 S: gl.constexpr, GROUP: gl.constexpr, WARPS: gl.constexpr,
+                 DEBUG: gl.constexpr):  # fmt: skip
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BN, 32]
         )
@@ -199,14 +201,16 @@ if g.HAVE_GLUON:
                 s = it % S
                 mbarrier.wait(ready.index(s), (it // S) & 1)  # A landed
                 mbarrier.wait(decoded.index(s), (it // S) & 1)  # B decoded
-                acc = warpgroup_mma(
-                    a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True
-                )
-                acc = warpgroup_mma_wait(1, deps=(acc,))
+                if DEBUG < 3:  # DEBUG: 3, 4 run no MMA
+                    acc = warpgroup_mma(
+                        a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True
+                    )
+                    acc = warpgroup_mma_wait(1, deps=(acc,))
                 gl.thread_barrier()
                 mbarrier.arrive(empty.index((it + S - 1) % S), count=1, pred=k > 0)
                 it += 1
-            acc = warpgroup_mma_wait(0, deps=(acc,))
+            if DEBUG < 3:
+                acc = warpgroup_mma_wait(0, deps=(acc,))
             gl.thread_barrier()
             mbarrier.arrive(empty.index((it + S - 1) % S), count=1)
             scale = act_scale * gl.convert_layout(sch_v, cols_layout)
@@ -220,7 +224,7 @@ if g.HAVE_GLUON:
     def _ws_decode_kernel(a_desc, q_desc, s_desc, c_desc, inv_c_ptr, sch_ptr, scale_ptr,
                           M, N, K, S: gl.constexpr, GROUP: gl.constexpr, RC: gl.constexpr,
                           num_warps: gl.constexpr, DECODE_REGS: gl.constexpr = 96,
-                          ONE_MUL: gl.constexpr = False):  # fmt: skip
+                          ONE_MUL: gl.constexpr = False, DEBUG: gl.constexpr = 0):  # fmt: skip
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = q_desc.block_type.shape[0]
@@ -246,12 +250,12 @@ if g.HAVE_GLUON:
                 (
                     _dec_mma,
                     (a_bufs, b_bufs, ready, decoded, empty, c_smem, c_desc, sch_ptr, scale_ptr,
-                     M, N, K, BM, BN, BK, S, GROUP, num_warps),
+                     M, N, K, BM, BN, BK, S, GROUP, num_warps, DEBUG),
                 ),
                 (
                     _dec_decode,
                     (q_bufs, s_bufs, b_bufs, ic_smem, ready, decoded, inv_c_ptr, M, N, K,
-                     BM, BN, BK, S, GROUP, RC, SB, ONE_MUL),
+                     BM, BN, BK, S, GROUP, RC, SB, ONE_MUL, DEBUG),
                 ),
                 (
                     _dec_load,
@@ -265,7 +269,15 @@ if g.HAVE_GLUON:
 
 
 def ws_decode_gemm(
-    xq, qweight, wscales, inv_c, s_channel, act_scale, out_dtype=torch.bfloat16, one_mul=False
+    xq,
+    qweight,
+    wscales,
+    inv_c,
+    s_channel,
+    act_scale,
+    out_dtype=torch.bfloat16,
+    one_mul=False,
+    debug=0,
 ):
     """``(xq · widen(qweight)ᵀ) · (S · s_channel)`` with the weight decoded in the GEMM:
     int4 g64 codes [N, K / 2], fp16 scales [N, K / 64], ``inv_c = 1 / widen_row_scale``
@@ -288,7 +300,7 @@ def ws_decode_gemm(
     _ws_decode_kernel[(min(tiles, g.num_sms(xq.device)),)](
         a, q, sd, c, inv_c, s_channel, act_scale.float().reshape(1), m, n, k,
         S=STAGES, GROUP=g.GROUP_M, RC=CHUNK, num_warps=8, DECODE_REGS=DECODE_REGS,
-        ONE_MUL=one_mul,
+        ONE_MUL=one_mul, DEBUG=debug,
     )  # fmt: skip
     return y
 
