@@ -133,15 +133,16 @@ if g.HAVE_GLUON:
         for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
             pid_n = g._tile_coords(tile, grid_m, grid_n, GROUP)[1]
             # the tile's row scales 1/c once, through shared memory (sliced per chunk)
-            rn = pid_n * BN + gl.arange(0, BN, layout=vec)
-            ic = gl.load(inv_c_ptr + rn, mask=rn < N, other=0.0)
-            gl.thread_barrier()  # the previous tile's chunks have read the old ones
-            ic_smem.store(ic)
-            gl.thread_barrier()
+            if DEBUG < 5:  # DEBUG 5, 6: none of this, no barrier
+                rn = pid_n * BN + gl.arange(0, BN, layout=vec)
+                ic = gl.load(inv_c_ptr + rn, mask=rn < N, other=0.0)
+                gl.thread_barrier()  # the previous tile's chunks have read the old ones
+                ic_smem.store(ic)
+                gl.thread_barrier()
             for _ in range(0, K, BK):
                 s = it % S
                 mbarrier.wait(ready.index(s), (it // S) & 1)
-                if DEBUG != 1 and DEBUG != 4:  # DEBUG: 1, 4 leave B undecoded
+                if DEBUG != 1 and DEBUG < 4:  # DEBUG: 1, 4, 5 leave B undecoded
                     for r0 in gl.static_range(0, BN, RC):
                         q = q_bufs.index(s).slice(r0, RC, 0).load(codes2)
                         q = gl.convert_layout(gl.reshape(q, [RC, 2, BK // 4]), codes3)
@@ -163,8 +164,9 @@ if g.HAVE_GLUON:
                         # which only code -8 reaches (8/7 of 448), costs nothing here
                         w = w.to(gl.float8e4nv)
                         b_bufs.index(s).slice(r0, RC, 0).store(w)
-                fence_async_shared()
-                gl.thread_barrier()
+                if DEBUG < 5:
+                    fence_async_shared()
+                    gl.thread_barrier()
                 mbarrier.arrive(decoded.index(s), count=1)
                 it += 1
 
@@ -217,7 +219,8 @@ if g.HAVE_GLUON:
             y = acc * gl.expand_dims(scale, 0)
             halves = gl.permute(gl.reshape(y.to(c_desc.dtype), [BM, 2, BN // 2]), (0, 2, 1))
             lo, hi = gl.split(halves)
-            g._store_tile(c_desc, c_smem, lo, hi, pid_m * BM, pid_n * BN, BN)
+            if DEBUG < 6:  # DEBUG 6: DEBUG 5 without the output's store
+                g._store_tile(c_desc, c_smem, lo, hi, pid_m * BM, pid_n * BN, BN)
         tma.store_wait(0)
 
     @gluon.jit
@@ -278,6 +281,7 @@ def ws_decode_gemm(
     out_dtype=torch.bfloat16,
     one_mul=False,
     debug=0,
+    decode_regs=96,
 ):
     """``(xq · widen(qweight)ᵀ) · (S · s_channel)`` with the weight decoded in the GEMM:
     int4 g64 codes [N, K / 2], fp16 scales [N, K / 64], ``inv_c = 1 / widen_row_scale``
@@ -300,7 +304,7 @@ def ws_decode_gemm(
     _ws_decode_kernel[(min(tiles, g.num_sms(xq.device)),)](
         a, q, sd, c, inv_c, s_channel, act_scale.float().reshape(1), m, n, k,
         S=STAGES, GROUP=g.GROUP_M, RC=CHUNK, num_warps=8, DECODE_REGS=DECODE_REGS,
-        ONE_MUL=one_mul, DEBUG=debug,
+        ONE_MUL=one_mul, DEBUG=debug, DECODE_REGS=decode_regs,
     )  # fmt: skip
     return y
 
