@@ -281,7 +281,7 @@ def ws_decode_gemm(
     out_dtype=torch.bfloat16,
     one_mul=False,
     debug=0,
-    decode_regs=96,
+    decode_regs=DECODE_REGS,
 ):
     """``(xq · widen(qweight)ᵀ) · (S · s_channel)`` with the weight decoded in the GEMM:
     int4 g64 codes [N, K / 2], fp16 scales [N, K / 64], ``inv_c = 1 / widen_row_scale``
@@ -303,7 +303,7 @@ def ws_decode_gemm(
     tiles = g.cdiv(m, BLOCK_M) * g.cdiv(n, BLOCK_N)
     _ws_decode_kernel[(min(tiles, g.num_sms(xq.device)),)](
         a, q, sd, c, inv_c, s_channel, act_scale.float().reshape(1), m, n, k,
-        S=STAGES, GROUP=g.GROUP_M, RC=CHUNK, num_warps=8, DECODE_REGS=DECODE_REGS,
+        S=STAGES, GROUP=g.GROUP_M, RC=CHUNK, num_warps=8,
         ONE_MUL=one_mul, DEBUG=debug, DECODE_REGS=decode_regs,
     )  # fmt: skip
     return y
