@@ -61,8 +61,10 @@ STAGES = 4
 CHUNK = 32
 #: the decode warpgroup's registers a thread (the MMA warpgroups take the rest)
 DECODE_REGS = 96
-#: group scales a TMA box carries along K: 8 fp16 (16 bytes, TMA's smallest inner box)
-SCALE_BOX = 8
+#: group scales a TMA box carries along K: 16 fp16 (32 bytes, 32-byte swizzle; each step
+#: uses the box's first two). A box of 8 (16 bytes, no swizzle), TMA's smallest, stopped
+#: the H200 with "Illegal Instruction Parameter" at its UTMALDG (compute-sanitizer, v39)
+SCALE_BOX = 16
 
 
 def decode_reference(
