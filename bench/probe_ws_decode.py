@@ -61,10 +61,6 @@ STAGES = 4
 CHUNK = 32
 #: the decode warpgroup's registers a thread (the MMA warpgroups take the rest)
 DECODE_REGS = 96
-#: group scales a TMA box carries along K: 16 fp16 (32 bytes, 32-byte swizzle; each step
-#: uses the box's first two). A box of 8 (16 bytes, no swizzle), TMA's smallest, stopped
-#: the H200 with "Illegal Instruction Parameter" at its UTMALDG (compute-sanitizer, v39)
-SCALE_BOX = 16
 
 
 def decode_reference(
@@ -94,7 +90,7 @@ if g.HAVE_GLUON:
         return ((nib ^ 8) | 0x4B000000).to(gl.float32, bitcast=True) - 8388616.0
 
     @gluon.jit
-    def _dec_load(a_desc, q_desc, s_desc, a_bufs, q_bufs, s_bufs, ready, empty, M, N, K,
+    def _dec_load(a_desc, q_desc, a_bufs, q_bufs, ready, empty, M, N, K,
                   BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
                   GROUP: gl.constexpr):  # fmt: skip
         grid_m = gl.cdiv(M, BM)
@@ -106,19 +102,16 @@ if g.HAVE_GLUON:
                 s = it % S
                 mbarrier.wait(empty.index(s), ((it // S) & 1) ^ 1)
                 bar = ready.index(s)
-                mbarrier.expect(
-                    bar,
-                    a_desc.block_type.nbytes + q_desc.block_type.nbytes + s_desc.block_type.nbytes,
-                )
+                mbarrier.expect(bar, a_desc.block_type.nbytes + q_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(a_desc, [pid_m * BM, k], bar, a_bufs.index(s))
                 tma.async_copy_global_to_shared(q_desc, [pid_n * BN, k // 2], bar, q_bufs.index(s))
-                tma.async_copy_global_to_shared(s_desc, [pid_n * BN, k // 64], bar, s_bufs.index(s))
                 it += 1
 
     @gluon.jit
-    def _dec_decode(q_bufs, s_bufs, b_bufs, ic_smem, ready, decoded, inv_c_ptr, M, N, K,
+    def _dec_decode(q_bufs, sc_smem, b_bufs, ic_smem, ready, decoded, inv_c_ptr, ws_ptr,
+                    stride_ws, M, N, K,
                     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
-                    GROUP: gl.constexpr, RC: gl.constexpr, SB: gl.constexpr,
+                    GROUP: gl.constexpr, RC: gl.constexpr,
                     ONE_MUL: gl.constexpr, DEBUG: gl.constexpr):  # fmt: skip
         # a chunk's codes: RC rows x (BK / 2) bytes, 16 bytes a thread, as [rows, the
         # step's two groups, a group's 32 bytes] so that each thread's bytes share a scale
@@ -127,8 +120,9 @@ if g.HAVE_GLUON:
         scale2: gl.constexpr = gl.SliceLayout(2, codes3)
         row1: gl.constexpr = gl.SliceLayout(1, scale2)
         vec: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        # the scale box [RC, SB] (the step's two groups first), one row a thread
-        box2: gl.constexpr = gl.BlockedLayout([1, SB], [32, 1], [4, 1], [1, 0])
+        # the step's two group scales of the tile's rows, one row a thread
+        pair: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [4, 1], [1, 0])
+        two = gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(0, pair)), 0)
         grid_m = gl.cdiv(M, BM)
         grid_n = gl.cdiv(N, BN)
         it = 0
@@ -141,15 +135,21 @@ if g.HAVE_GLUON:
                 gl.thread_barrier()  # the previous tile's chunks have read the old ones
                 ic_smem.store(ic)
                 gl.thread_barrier()
-            for _ in range(0, K, BK):
+            rows = gl.expand_dims(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, pair)), 1)
+            for k in range(0, K, BK):
                 s = it % S
+                # the scales by plain loads (a TMA box of them faulted on the H200, v39),
+                # through shared memory to each chunk's layout; the barrier at the end of
+                # the previous step has seen its chunks read the old ones
+                sc = gl.load(ws_ptr + rows * stride_ws + (k // 64 + two), mask=rows < N, other=0.0)
+                sc_smem.store(sc)
+                gl.thread_barrier()
                 mbarrier.wait(ready.index(s), (it // S) & 1)
                 if DEBUG != 1 and DEBUG < 4:  # DEBUG: 1, 4, 5 leave B undecoded
                     for r0 in gl.static_range(0, BN, RC):
                         q = q_bufs.index(s).slice(r0, RC, 0).load(codes2)
                         q = gl.convert_layout(gl.reshape(q, [RC, 2, BK // 4]), codes3)
-                        box = s_bufs.index(s).slice(r0, RC, 0).load(box2)
-                        sg = _two_scales(box, SB, box2, scale2)
+                        sg = sc_smem.slice(r0, RC, 0).load(scale2).to(gl.float32)
                         icr = ic_smem.slice(r0, RC, 0).load(row1)
                         b = q.to(gl.int32)
                         f = gl.expand_dims(sg, 2)
@@ -171,16 +171,6 @@ if g.HAVE_GLUON:
                     gl.thread_barrier()
                 mbarrier.arrive(decoded.index(s), count=1)
                 it += 1
-
-    @gluon.jit
-    def _two_scales(box, SB: gl.constexpr, box_layout: gl.constexpr, layout: gl.constexpr):
-        """The step's two group scales ([RC, 2], fp32): the box's first two columns (each
-        step's box starts at its first group)."""
-        cols = gl.expand_dims(gl.arange(0, SB, layout=gl.SliceLayout(0, box_layout)), 0)
-        v = box.to(gl.float32)
-        first = gl.sum(gl.where(cols == 0, v, 0.0), axis=1)
-        second = gl.sum(gl.where(cols == 1, v, 0.0), axis=1)
-        return gl.convert_layout(gl.join(first, second), layout)
 
     @gluon.jit
     def _dec_mma(a_bufs, b_bufs, ready, decoded, empty, c_smem, c_desc, sch_ptr, scale_ptr,
@@ -226,17 +216,18 @@ if g.HAVE_GLUON:
         tma.store_wait(0)
 
     @gluon.jit
-    def _ws_decode_kernel(a_desc, q_desc, s_desc, c_desc, inv_c_ptr, sch_ptr, scale_ptr,
-                          M, N, K, S: gl.constexpr, GROUP: gl.constexpr, RC: gl.constexpr,
+    def _ws_decode_kernel(a_desc, q_desc, ws_ptr, stride_ws, c_desc, inv_c_ptr, sch_ptr,
+                          scale_ptr, M, N, K, S: gl.constexpr, GROUP: gl.constexpr, RC: gl.constexpr,
                           num_warps: gl.constexpr, DECODE_REGS: gl.constexpr = 96,
                           ONE_MUL: gl.constexpr = False, DEBUG: gl.constexpr = 0):  # fmt: skip
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = q_desc.block_type.shape[0]
-        SB: gl.constexpr = s_desc.block_type.shape[1]
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [S, BM, BK], a_desc.layout)
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [S, BN, BK // 2], q_desc.layout)
-        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [S, BN, SB], s_desc.layout)
+        sc_smem = gl.allocate_shared_memory(
+            gl.float16, [BN, 2], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+        )
         b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.float8e4nv)
         b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [S, BN, BK], b_layout)
         ic_smem = gl.allocate_shared_memory(
@@ -259,12 +250,12 @@ if g.HAVE_GLUON:
                 ),
                 (
                     _dec_decode,
-                    (q_bufs, s_bufs, b_bufs, ic_smem, ready, decoded, inv_c_ptr, M, N, K,
-                     BM, BN, BK, S, GROUP, RC, SB, ONE_MUL, DEBUG),
+                    (q_bufs, sc_smem, b_bufs, ic_smem, ready, decoded, inv_c_ptr, ws_ptr,
+                     stride_ws, M, N, K, BM, BN, BK, S, GROUP, RC, ONE_MUL, DEBUG),
                 ),
                 (
                     _dec_load,
-                    (a_desc, q_desc, s_desc, a_bufs, q_bufs, s_bufs, ready, empty, M, N, K,
+                    (a_desc, q_desc, a_bufs, q_bufs, ready, empty, M, N, K,
                      BM, BN, BK, S, GROUP),
                 ),
             ],
@@ -298,13 +289,11 @@ def ws_decode_gemm(
     )
     q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K // 2], gl.uint8)
     q = g.GluonDescriptor.from_tensor(qweight, [BLOCK_N, BLOCK_K // 2], q_layout)
-    s_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, SCALE_BOX], gl.float16)
-    sd = g.GluonDescriptor.from_tensor(wscales, [BLOCK_N, SCALE_BOX], s_layout)
     c_block = [BLOCK_M, BLOCK_N // 2]
     c = g.GluonDescriptor.from_tensor(y, c_block, g._layout(*c_block, out_dtype))
     tiles = g.cdiv(m, BLOCK_M) * g.cdiv(n, BLOCK_N)
     _ws_decode_kernel[(min(tiles, g.num_sms(xq.device)),)](
-        a, q, sd, c, inv_c, s_channel, act_scale.float().reshape(1), m, n, k,
+        a, q, wscales, wscales.stride(0), c, inv_c, s_channel, act_scale.float().reshape(1), m, n, k,
         S=STAGES, GROUP=g.GROUP_M, RC=CHUNK, num_warps=8,
         ONE_MUL=one_mul, DEBUG=debug, DECODE_REGS=decode_regs,
     )  # fmt: skip

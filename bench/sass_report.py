@@ -709,13 +709,13 @@ def _ws_decode() -> dict[str, Any]:
         ptrs=dict(
             a_desc=_desc(m, k, torch.float8_e4m3fn, gl.float8e4nv, [p.BLOCK_M, p.BLOCK_K]),
             q_desc=_desc(n, k // 2, torch.uint8, gl.uint8, [p.BLOCK_N, p.BLOCK_K // 2]),
-            s_desc=_desc(n, k // 64, torch.float16, gl.float16, [p.BLOCK_N, p.SCALE_BOX]),
+            ws_ptr="*fp16",
             c_desc=_desc(m, n, torch.bfloat16, gl.bfloat16, [p.BLOCK_M, p.BLOCK_N // 2]),
             inv_c_ptr="*fp32",
             sch_ptr="*fp32",
             scale_ptr="*fp32",
         ),
-        ints=dict(M=m, N=n, K=k),
+        ints=dict(stride_ws=k // 64, M=m, N=n, K=k),
         consts=dict(S=p.STAGES, GROUP=8, RC=p.CHUNK, num_warps=8),
         warps=8,
     )
