@@ -10,9 +10,11 @@ gain over BF16, v25). v25's Triton GEMM that decoded the codes inside its K loop
 stream. This probe gives the decode its own warps, the split ``gemm_ws`` already has for
 its loads (NOTES "For the next device session", the decode budget on paper):
 
-* a **load warp** brings A (the fp8 activations) and the weight's packed codes
-  ([BLOCK_N, BLOCK_K / 2] bytes, half the fp8 tile) and group scales by TMA into a ring;
-* a **decode warpgroup** turns each stage's codes into exactly the fp8 tile the widen
+* a **load warpgroup** (one thread issues) brings A (the fp8 activations) and the
+  weight's packed codes ([BLOCK_N, BLOCK_K / 2] bytes, half the fp8 tile) by TMA into a
+  ring;
+* a **decode warpgroup** loads the step's group scales itself and turns each stage's
+  codes into exactly the fp8 tile the widen
   writes (``fp8((code · s_group) · (1 / c))``, ``c`` the row's scale,
   ``reference.widen_row_scale``: a layer could keep it), in 32-row chunks, into the
   stage's B buffer (``decode_reference``: the same arithmetic in PyTorch);
@@ -24,6 +26,18 @@ operands through the same MMAs); the table times, replayed from CUDA graphs in o
 BF16 ``F.linear``, widen alone, ``gemm_ws`` on the widened weight (no low-rank branch),
 widen + that GEMM, and this kernel. GPU only (sm_90, triton 3.6's Gluon); compiled for
 sm_90 on any machine by ``bench/sass_report.py --kernels ws_decode``.
+
+Measured (v39, H200, ``bench/results/probe_ws_decode-h200-2026-11-30-v39.json``): equal
+bit for bit at all 12 shapes, and **1.3-3.2x slower than widen + ``gemm_ws``** (M = 512:
+40 / 104 / 142 / 194 us against 30 / 63 / 89 / 98) — the decode warpgroup, not the MMA,
+sets the pace, and every row tile decodes the weight again. NOTES v39 says what might
+change that. Three things Triton 3.6 did on the way (v39, found with compute-sanitizer):
+a 1-warp partition before the 4-warp one made the decode warps straddle two warpgroups
+(``setmaxnreg`` is per warpgroup: an illegal instruction); 1 load warp + 4 decode warps
+padded with 3 idle warps gave the load partition two warps; and a TMA box of the group
+scales (16 or 32 bytes wide, swizzled or not) stopped the GPU with "Illegal Instruction
+Parameter" at its ``UTMALDG`` — so the load partition has 4 warps and the scales come
+by plain loads.
 """
 
 from __future__ import annotations
@@ -50,12 +64,12 @@ if g.HAVE_GLUON:
         warpgroup_mma_wait,
     )
 
-#: 128 x 128 x 128 tiles: with a decode warpgroup beside the load warp the kernel has 13
-#: warps, 152 registers a thread at most (64 K / 416), and ptxas wants 154 for
+#: 128 x 128 x 128 tiles: with a decode and a load warpgroup beside the MMA's two the
+#: kernel has 16 warps, 128 registers a thread at launch, and ptxas wants 154 for
 #: ``gemm_ws``'s 128 x 256 accumulator (128 registers a thread); 128 x 128 halves it
 BLOCK_M, BLOCK_N, BLOCK_K = g.BLOCK_M, 128, g.BLOCK_K
-#: stages of the ring: A 16 KB + codes 8 KB + scales 2 KB + decoded B 16 KB a stage, the
-#: half-tile store buffer 16 KB
+#: stages of the ring: A 16 KB + codes 8 KB + decoded B 16 KB a stage, the half-tile
+#: store buffer 16 KB
 STAGES = 4
 #: rows a decode step handles at once (the decode warpgroup's registers)
 CHUNK = 32
@@ -112,7 +126,7 @@ if g.HAVE_GLUON:
                     stride_ws, M, N, K,
                     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
                     GROUP: gl.constexpr, RC: gl.constexpr,
-                    ONE_MUL: gl.constexpr, DEBUG: gl.constexpr):  # fmt: skip
+                    ONE_MUL: gl.constexpr):  # fmt: skip
         # a chunk's codes: RC rows x (BK / 2) bytes, 16 bytes a thread, as [rows, the
         # step's two groups, a group's 32 bytes] so that each thread's bytes share a scale
         codes2: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
@@ -129,12 +143,11 @@ if g.HAVE_GLUON:
         for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
             pid_n = g._tile_coords(tile, grid_m, grid_n, GROUP)[1]
             # the tile's row scales 1/c once, through shared memory (sliced per chunk)
-            if DEBUG < 5:  # DEBUG 5, 6: none of this, no barrier
-                rn = pid_n * BN + gl.arange(0, BN, layout=vec)
-                ic = gl.load(inv_c_ptr + rn, mask=rn < N, other=0.0)
-                gl.thread_barrier()  # the previous tile's chunks have read the old ones
-                ic_smem.store(ic)
-                gl.thread_barrier()
+            rn = pid_n * BN + gl.arange(0, BN, layout=vec)
+            ic = gl.load(inv_c_ptr + rn, mask=rn < N, other=0.0)
+            gl.thread_barrier()  # the previous tile's chunks have read the old ones
+            ic_smem.store(ic)
+            gl.thread_barrier()
             rows = gl.expand_dims(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, pair)), 1)
             for k in range(0, K, BK):
                 s = it % S
@@ -145,38 +158,35 @@ if g.HAVE_GLUON:
                 sc_smem.store(sc)
                 gl.thread_barrier()
                 mbarrier.wait(ready.index(s), (it // S) & 1)
-                if DEBUG != 1 and DEBUG < 4:  # DEBUG: 1, 4, 5 leave B undecoded
-                    for r0 in gl.static_range(0, BN, RC):
-                        q = q_bufs.index(s).slice(r0, RC, 0).load(codes2)
-                        q = gl.convert_layout(gl.reshape(q, [RC, 2, BK // 4]), codes3)
-                        sg = sc_smem.slice(r0, RC, 0).load(scale2).to(gl.float32)
-                        icr = ic_smem.slice(r0, RC, 0).load(row1)
-                        b = q.to(gl.int32)
-                        f = gl.expand_dims(sg, 2)
-                        icf = gl.expand_dims(gl.expand_dims(icr, 1), 2)
-                        if ONE_MUL:  # s_group · (1 / c) once a group, one multiply a code
-                            t = f * icf
-                            lo = _int4_value(b & 0xF) * t
-                            hi = _int4_value((b >> 4) & 0xF) * t
-                        else:  # the widen's bits: (code · s_group) exact, then · (1 / c)
-                            lo = (_int4_value(b & 0xF) * f) * icf
-                            hi = (_int4_value((b >> 4) & 0xF) * f) * icf
-                        w = gl.reshape(gl.join(lo, hi), [RC, BK])  # column 2j: byte j's low nibble
-                        # the conversion saturates (F2FP.SATFINITE): the widen's clamp to ±448,
-                        # which only code -8 reaches (8/7 of 448), costs nothing here
-                        w = w.to(gl.float8e4nv)
-                        b_bufs.index(s).slice(r0, RC, 0).store(w)
-                if DEBUG < 5:
-                    fence_async_shared()
-                    gl.thread_barrier()
+                for r0 in gl.static_range(0, BN, RC):
+                    q = q_bufs.index(s).slice(r0, RC, 0).load(codes2)
+                    q = gl.convert_layout(gl.reshape(q, [RC, 2, BK // 4]), codes3)
+                    sg = sc_smem.slice(r0, RC, 0).load(scale2).to(gl.float32)
+                    icr = ic_smem.slice(r0, RC, 0).load(row1)
+                    b = q.to(gl.int32)
+                    f = gl.expand_dims(sg, 2)
+                    icf = gl.expand_dims(gl.expand_dims(icr, 1), 2)
+                    if ONE_MUL:  # s_group · (1 / c) once a group, one multiply a code
+                        t = f * icf
+                        lo = _int4_value(b & 0xF) * t
+                        hi = _int4_value((b >> 4) & 0xF) * t
+                    else:  # the widen's bits: (code · s_group) exact, then · (1 / c)
+                        lo = (_int4_value(b & 0xF) * f) * icf
+                        hi = (_int4_value((b >> 4) & 0xF) * f) * icf
+                    w = gl.reshape(gl.join(lo, hi), [RC, BK])  # column 2j: byte j's low nibble
+                    # the conversion saturates (F2FP.SATFINITE): the widen's clamp to ±448,
+                    # which only code -8 reaches (8/7 of 448), costs nothing here
+                    w = w.to(gl.float8e4nv)
+                    b_bufs.index(s).slice(r0, RC, 0).store(w)
+                fence_async_shared()
+                gl.thread_barrier()
                 mbarrier.arrive(decoded.index(s), count=1)
                 it += 1
 
     @gluon.jit
     def _dec_mma(a_bufs, b_bufs, ready, decoded, empty, c_smem, c_desc, sch_ptr, scale_ptr,
                  M, N, K, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-                 S: gl.constexpr, GROUP: gl.constexpr, WARPS: gl.constexpr,
-                 DEBUG: gl.constexpr):  # fmt: skip
+                 S: gl.constexpr, GROUP: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BN, 32]
         )
@@ -195,31 +205,29 @@ if g.HAVE_GLUON:
                 s = it % S
                 mbarrier.wait(ready.index(s), (it // S) & 1)  # A landed
                 mbarrier.wait(decoded.index(s), (it // S) & 1)  # B decoded
-                if DEBUG < 3:  # DEBUG: 3, 4 run no MMA
-                    acc = warpgroup_mma(
-                        a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True
-                    )
-                    acc = warpgroup_mma_wait(1, deps=(acc,))
+                acc = warpgroup_mma(
+                    a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True
+                )
+                acc = warpgroup_mma_wait(1, deps=(acc,))
                 gl.thread_barrier()
                 mbarrier.arrive(empty.index((it + S - 1) % S), count=1, pred=k > 0)
                 it += 1
-            if DEBUG < 3:
-                acc = warpgroup_mma_wait(0, deps=(acc,))
+            acc = warpgroup_mma_wait(0, deps=(acc,))
             gl.thread_barrier()
             mbarrier.arrive(empty.index((it + S - 1) % S), count=1)
             scale = act_scale * gl.convert_layout(sch_v, cols_layout)
             y = acc * gl.expand_dims(scale, 0)
             halves = gl.permute(gl.reshape(y.to(c_desc.dtype), [BM, 2, BN // 2]), (0, 2, 1))
             lo, hi = gl.split(halves)
-            if DEBUG < 6:  # DEBUG 6: DEBUG 5 without the output's store
-                g._store_tile(c_desc, c_smem, lo, hi, pid_m * BM, pid_n * BN, BN)
+            g._store_tile(c_desc, c_smem, lo, hi, pid_m * BM, pid_n * BN, BN)
         tma.store_wait(0)
 
     @gluon.jit
     def _ws_decode_kernel(a_desc, q_desc, ws_ptr, stride_ws, c_desc, inv_c_ptr, sch_ptr,
-                          scale_ptr, M, N, K, S: gl.constexpr, GROUP: gl.constexpr, RC: gl.constexpr,
+                          scale_ptr, M, N, K, S: gl.constexpr, GROUP: gl.constexpr,
+                          RC: gl.constexpr,
                           num_warps: gl.constexpr, DECODE_REGS: gl.constexpr = 96,
-                          ONE_MUL: gl.constexpr = False, DEBUG: gl.constexpr = 0):  # fmt: skip
+                          ONE_MUL: gl.constexpr = False):  # fmt: skip
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = q_desc.block_type.shape[0]
@@ -246,12 +254,12 @@ if g.HAVE_GLUON:
                 (
                     _dec_mma,
                     (a_bufs, b_bufs, ready, decoded, empty, c_smem, c_desc, sch_ptr, scale_ptr,
-                     M, N, K, BM, BN, BK, S, GROUP, num_warps, DEBUG),
+                     M, N, K, BM, BN, BK, S, GROUP, num_warps),
                 ),
                 (
                     _dec_decode,
                     (q_bufs, sc_smem, b_bufs, ic_smem, ready, decoded, inv_c_ptr, ws_ptr,
-                     stride_ws, M, N, K, BM, BN, BK, S, GROUP, RC, ONE_MUL, DEBUG),
+                     stride_ws, M, N, K, BM, BN, BK, S, GROUP, RC, ONE_MUL),
                 ),
                 (
                     _dec_load,
@@ -273,8 +281,6 @@ def ws_decode_gemm(
     act_scale,
     out_dtype=torch.bfloat16,
     one_mul=False,
-    debug=0,
-    decode_regs=DECODE_REGS,
 ):
     """``(xq · widen(qweight)ᵀ) · (S · s_channel)`` with the weight decoded in the GEMM:
     int4 g64 codes [N, K / 2], fp16 scales [N, K / 64], ``inv_c = 1 / widen_row_scale``
@@ -283,6 +289,8 @@ def ws_decode_gemm(
     n = qweight.shape[0]
     if k % BLOCK_K or n % 8 or qweight.shape[1] * 2 != k or wscales.shape[1] * 64 != k:
         raise ValueError(f"probe shapes: K a multiple of {BLOCK_K}, N of 8; got {n} x {k}")
+    if wscales.dtype != torch.float16 or wscales.stride(1) != 1:
+        raise ValueError("probe: fp16 group scales with contiguous rows (int4's stored format)")
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     a = g.GluonDescriptor.from_tensor(
         xq, [BLOCK_M, BLOCK_K], g._layout(BLOCK_M, BLOCK_K, torch.float8_e4m3fn)
@@ -293,9 +301,10 @@ def ws_decode_gemm(
     c = g.GluonDescriptor.from_tensor(y, c_block, g._layout(*c_block, out_dtype))
     tiles = g.cdiv(m, BLOCK_M) * g.cdiv(n, BLOCK_N)
     _ws_decode_kernel[(min(tiles, g.num_sms(xq.device)),)](
-        a, q, wscales, wscales.stride(0), c, inv_c, s_channel, act_scale.float().reshape(1), m, n, k,
+        a, q, wscales, wscales.stride(0), c, inv_c, s_channel, act_scale.float().reshape(1),
+        m, n, k,
         S=STAGES, GROUP=g.GROUP_M, RC=CHUNK, num_warps=8,
-        ONE_MUL=one_mul, DEBUG=debug, DECODE_REGS=decode_regs,
+        ONE_MUL=one_mul, DECODE_REGS=DECODE_REGS,
     )  # fmt: skip
     return y
 
