@@ -89,3 +89,37 @@ def test_eval_prepares_each_pipeline_as_generate_does(dirs, tmp_path, monkeypatc
     monkeypatch.setattr(svdquant.fuse, "fuse_projections", record)
     assert main([*eval_argv(dirs[0], dirs[1], tmp_path, n=1), "--device", "cpu"]) == 0
     assert fused == [True]  # once, on the quantized denoiser
+
+
+def test_eval_under_offload_keeps_pinned_host_copies(dirs, tmp_path, monkeypatch, capsys):
+    """eval calls each pipeline once an image: under model CPU offload on a GPU, every
+    model of both pipelines keeps pinned host copies (``keep_host_copy``), installed
+    before the offload; ``generate`` (one call) does not. The device's calls are recorded,
+    on the CPU."""
+    import diffusers
+
+    import svdquant.offload
+
+    order = []
+
+    def keep(model):
+        order.append(("keep", type(model).__name__))
+        return model
+
+    def offload(pipe, device=None, **kw):
+        order.append(("offload", device))
+
+    monkeypatch.setattr(svdquant.offload, "keep_host_copy", keep)
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "enable_model_cpu_offload", offload)
+    argv = [*eval_argv(dirs[0], dirs[1], tmp_path, n=1), "--cpu-offload", "--device", "cuda"]
+    assert main(argv) == 0
+    kept = sorted(name for what, name in order if what == "keep")
+    assert kept == sorted(["CUDAGraphed", "T5EncoderModel", "AutoencoderKL"] * 2)
+    assert [o for o in order if o[0] == "offload"] == [("offload", "cuda")] * 2
+    assert order.index(("offload", "cuda")) == 3  # after the first pipeline's three models
+    assert "keep pinned host copies" in capsys.readouterr().out
+    order.clear()
+    gen = ["generate", "--model", str(dirs[1]), "--prompt", "a cat", "--cpu-offload"]
+    gen += ["--out", str(tmp_path / "o.png"), "--steps", "1", *SIZE, "--dtype", "float32"]
+    assert main([*gen, "--device", "cuda"]) == 0
+    assert order == [("offload", "cuda")]

@@ -254,6 +254,62 @@ def test_fused_projections_flux(tmp_path):
     assert svdquant.unfuse_projections(model) == n_attn - 2
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["pixart", "sdxl", "sana"])
+def test_fused_projections_generic_attention(arch, tmp_path):
+    """diffusers' generic ``Attention`` (PixArt-Σ, SDXL, SANA's cross-attention): q/k/v of
+    each self-attention and k/v of each cross-attention run as one layer, and PixArt's
+    GELU-tanh feed-forwards as fused MLPs — the same outputs; fullgraph compiles; unfuse
+    restores the layers bit for bit and diffusers' processors and classes. SANA's linear
+    self-attention keeps its own processor; its cross-attention normalizes q and k
+    across heads, before splitting them (``SanaAttnProcessor2_0``)."""
+    import svdquant
+
+    pipe = tiny_pipeline(arch)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = tiny_call_kwargs(arch)
+    _, model = denoiser(pipe)
+    calib = pipeline_calibration(
+        pipe, PROMPTS, progress=False, **{**kwargs, "num_inference_steps": 1}
+    )
+    quantize_model(model, calib, QuantizeConfig(rank=8, alpha=0.5, progress=False))
+    attns = [m for m in model.modules() if type(m).__name__ == "Attention"]
+    if arch == "sana":  # SANA 1.5's q/k norms across heads (qk_norm="rms_norm_across_heads")
+        gen = torch.Generator().manual_seed(0)
+        for a in attns:
+            a.norm_q, a.norm_k = (nn.RMSNorm(a.inner_dim, eps=1e-6) for _ in range(2))
+            for norm in (a.norm_q, a.norm_k):
+                norm.weight.copy_(torch.rand(a.inner_dim, generator=gen) + 0.5)
+    calls, _ = record_denoiser(pipe, kwargs)
+    args, kw, _ = calls[0]
+    before = _sample(model(*args, **kw))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    generic = ("AttnProcessor2_0", "SanaAttnProcessor2_0")
+    plain = [a for a in attns if type(a.processor).__name__ in generic]
+    selfs = [a for a in plain if not a.is_cross_attention]
+    assert plain and (arch == "sana" or selfs)  # SANA: linear self-attention only
+    assert svdquant.fuse_projections(model) == len(plain)
+    assert svdquant.fuse_projections(model) == 0
+    for a in plain:
+        fused = a.to_kv if a.is_cross_attention else a.to_qkv
+        assert a.fused_projections and isinstance(fused.linear, SVDQLinear)
+        assert not hasattr(a, "to_k") and hasattr(a, "to_q") == a.is_cross_attention
+    for a in set(attns) - set(plain):
+        assert hasattr(a, "to_q") and not a.fused_projections
+    ffs = [type(m).__name__ for m in model.modules() if type(m).__name__.endswith("FeedForward")]
+    assert ("FusedGeluFeedForward" in ffs) == (arch == "pixart")
+    assert rel(_sample(model(*args, **kw)), before) < 1e-5
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert rel(_sample(compiled(*args, **kw)), before) < 1e-5
+    assert svdquant.unfuse_projections(model) == len(plain)
+    assert all(type(a.processor).__name__ in generic for a in plain)
+    assert not any(t.startswith("Fused") for t in map(lambda m: type(m).__name__, model.modules()))
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], state[k]) for k in state)
+    torch._dynamo.reset()
+
+
 def test_fuse_projections_leaves_other_models_alone():
     """Nothing to fuse (16-bit layers, no supported attention): 0, and nothing changes."""
     import svdquant

@@ -25,7 +25,10 @@ columns are stacked after the fused layer's shared base branch): ``unfuse_projec
 restores the separate layers (the same objects, bit for bit, with their LoRAs), the
 attention processors and the blocks, which saving needs (the LoRA calls unfuse and fuse
 again around themselves). Supported: FLUX.1 (``FluxAttention``,
-``FluxSingleTransformerBlock``).
+``FluxSingleTransformerBlock``) and diffusers' generic ``Attention`` with its default
+processor (PixArt-Σ, SDXL, SANA's cross-attention): q/k/v of a self-attention, k/v of a
+cross-attention (its q reads another input), and PixArt's GELU-tanh feed-forwards as
+fused MLPs.
 """
 
 from __future__ import annotations
@@ -575,9 +578,9 @@ def _swap_class(module: nn.Module) -> bool:
 
 
 def _fuse_feed_forward(ff: nn.Module) -> bool:
-    """Run a FLUX ``FeedForward`` (GELU-tanh with an ``SVDQLinear`` projection, dropout,
-    ``SVDQLinear``; activations int4 or fp8) as one fused MLP: its class is swapped, its
-    modules, parameters and state-dict keys stay."""
+    """Run a diffusers ``FeedForward`` (FLUX's, PixArt's: GELU-tanh with an
+    ``SVDQLinear`` projection, dropout, ``SVDQLinear``; activations int4 or fp8) as one
+    fused MLP: its class is swapped, its modules, parameters and state-dict keys stay."""
     net = getattr(ff, "net", None)
     if type(ff).__name__ != "FeedForward" or net is None or len(net) != 3:
         return False
@@ -660,6 +663,110 @@ def _fuse_attention(attn: nn.Module) -> bool:
     return True
 
 
+#: diffusers' attention processors the fused one stands for: whether each applies q/k's
+#: norms before splitting the heads (SANA's cross-attention: across heads) or after
+_GENERIC_PROCESSORS = {"AttnProcessor2_0": False, "SanaAttnProcessor2_0": True}
+
+
+def _generic_attention(attn: nn.Module) -> list[str] | None:
+    """The layers of a diffusers ``Attention`` to fuse (q/k/v of a self-attention, k/v
+    of a cross-attention), or None where its processor is not one of
+    ``_GENERIC_PROCESSORS`` (an IP-adapter's, SANA's linear attention) or it normalizes
+    what the fused processor does not (a spatial or group norm, a normalized context)."""
+    if type(attn).__name__ != "Attention":
+        return None
+    if type(getattr(attn, "processor", None)).__name__ not in _GENERIC_PROCESSORS:
+        return None
+    if attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_cross:
+        return None
+    names = ["to_k", "to_v"] if attn.is_cross_attention else ["to_q", "to_k", "to_v"]
+    if any(getattr(attn, n, None) is None for n in names):
+        return None
+    return names
+
+
+@functools.cache
+def _attention_runtime() -> type:
+    """diffusers' ``AttnProcessor2_0`` with the projections from a fused layer."""
+    import torch.nn.functional as F
+
+    class FusedAttnProcessor:
+        """``AttnProcessor2_0`` (``norm_first``: ``SanaAttnProcessor2_0``, q/k normalized
+        across heads) taking q/k/v from ``attn.to_qkv`` (a self-attention) or k/v from
+        ``attn.to_kv`` (a cross-attention): one quantize and one GEMM for the layers that
+        read one input."""
+
+        def __init__(self, norm_first: bool = False) -> None:
+            self.norm_first = norm_first
+
+        def __call__(
+            self,
+            attn: nn.Module,
+            hidden_states: torch.Tensor,
+            encoder_hidden_states: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            temb: torch.Tensor | None = None,
+            *args: Any,
+            **kwargs: Any,
+        ) -> torch.Tensor:
+            residual = hidden_states
+            image = hidden_states.ndim == 4
+            if image:
+                b, c, h, w = hidden_states.shape
+                hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+            context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            batch, kv_len, _ = context.shape
+            if attention_mask is not None:
+                mask = attn.prepare_attention_mask(attention_mask, kv_len, batch)
+                attention_mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
+            if hasattr(attn, "to_qkv"):
+                query, key, value = attn.to_qkv(hidden_states)
+                if encoder_hidden_states is not None:  # called with a context after all
+                    key, value = attn.to_qkv(context)[1:]
+            else:
+                query = attn.to_q(hidden_states)
+                key, value = attn.to_kv(context)
+            if self.norm_first:
+                query, key = self._norms(attn, query, key)
+            head_dim = key.shape[-1] // attn.heads
+            query, key, value = (
+                t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value)
+            )
+            if not self.norm_first:
+                query, key = self._norms(attn, query, key)
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+            out = attn.to_out[1](attn.to_out[0](out))
+            if image:
+                out = out.transpose(-1, -2).reshape(b, c, h, w)
+            if attn.residual_connection:
+                out = out + residual
+            return out / attn.rescale_output_factor
+
+        @staticmethod
+        def _norms(
+            attn: nn.Module, query: torch.Tensor, key: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            query = query if attn.norm_q is None else attn.norm_q(query)
+            return query, key if attn.norm_k is None else attn.norm_k(key)
+
+    return FusedAttnProcessor
+
+
+def _fuse_generic_attention(attn: nn.Module) -> bool:
+    names = _generic_attention(attn)
+    if names is None or _fusable([getattr(attn, n) for n in names]) is not None:
+        return False
+    setattr(attn, _FUSED_ATTR, {})
+    _fuse_layers(attn, "to_qkv" if len(names) == 3 else "to_kv", names)
+    setattr(attn, _ORIG_PROCESSOR, attn.processor)
+    attn.processor = _attention_runtime()(_GENERIC_PROCESSORS[type(attn.processor).__name__])
+    attn.fused_projections = True
+    return True
+
+
 def _drop_graphs(model: nn.Module) -> None:
     """A ``cuda_graphed`` wrapper's graphs read the layers fusing replaces: drop them."""
     from svdquant.cuda_graph import CUDAGraphed
@@ -674,8 +781,10 @@ def fuse_projections(model: nn.Module) -> int:
     single blocks q/k/v with the MLP's up projection, and their ``proj_out`` reading the
     attention output and the MLP's GELU without concatenating them; each double block's
     feed-forwards as fused MLPs; the blocks' adaptive norms in one pass where
-    ``kernels.modulate.ENABLED``); returns how many attention modules now take fused
-    projections. Layers that carry LoRAs are fused with them (stacked after the shared base
+    ``kernels.modulate.ENABLED``; diffusers' generic ``Attention`` — PixArt-Σ, SDXL, SANA's
+    cross-attention — q/k/v of a self-attention and k/v of a cross-attention, and PixArt's
+    GELU-tanh feed-forwards as fused MLPs); returns how many attention modules now take
+    fused projections. Layers that carry LoRAs are fused with them (stacked after the shared base
     branch: the same outputs); modules whose layers cannot be fused (16-bit, separately
     quantized) or whose attention runs another processor than diffusers' own (an
     IP-adapter's) stay as they are. A ``cuda_graphed`` model's graphs are dropped."""
@@ -693,10 +802,16 @@ def fuse_projections(model: nn.Module) -> int:
         ):
             for part in (module, module.norm1, module.norm1_context):
                 _swap_class(part)
+        elif kind == "BasicTransformerBlock" and getattr(module, "ff", None) is not None:
+            _fuse_feed_forward(module.ff)
     for module in list(model.modules()):
-        if type(module).__name__ != "FluxAttention" or getattr(module, "fused_projections", False):
+        if getattr(module, "fused_projections", False) or hasattr(module, _FUSED_ATTR):
             continue
-        count += _fuse_attention(module)
+        kind = type(module).__name__
+        if kind == "FluxAttention":
+            count += _fuse_attention(module)
+        elif kind == "Attention":
+            count += _fuse_generic_attention(module)
     return count
 
 
