@@ -1901,3 +1901,55 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch, gate_norm):
     assert type(model.transformer_blocks[0]).__name__ == "FluxTransformerBlock"
     assert type(model.single_transformer_blocks[0].norm).__name__ == "AdaLayerNormZeroSingle"
     assert not svdquant.fuse.is_fused(model)
+
+
+@torch.no_grad()
+def test_fused_pixart_runtime_on_the_engine(monkeypatch):
+    """``fuse_projections`` on a tiny PixArt-Σ transformer, on the engine: q/k/v of each
+    self-attention and k/v of each cross-attention as one layer, each feed-forward as a
+    fused MLP — the unfused engine's output within bf16 rounding."""
+    from svdquant.models.tiny import tiny_call_kwargs, tiny_pipeline
+    from svdquant.pipeline import denoiser, pipeline_calibration
+    from svdquant.quantize_model import QuantizeConfig, quantize_model
+
+    pipe = tiny_pipeline("pixart")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {**tiny_call_kwargs("pixart"), "num_inference_steps": 1}
+    _, model = denoiser(pipe)
+    calib = pipeline_calibration(pipe, ["a red fox asleep in fresh snow"], progress=False, **kwargs)
+    quantize_model(model, calib, QuantizeConfig(rank=8, alpha=0.5, progress=False))
+    seen = []
+    model.register_forward_pre_hook(lambda _m, a, kw: seen.append((a, kw)), with_kwargs=True)
+    pipe(prompt=["a lighthouse"], generator=torch.Generator().manual_seed(0), **kwargs)
+    args, kw = seen[0]
+    model.to(DEVICE)
+    args = [a.to(DEVICE) if torch.is_tensor(a) else a for a in args]
+    kw = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in kw.items()}
+    for m in model.modules():
+        if isinstance(m, svdquant.SVDQLinear):
+            m.backend = "triton"
+    calls = {"linear": 0, "split": 0, "mlp": 0}
+    for name, key in (
+        ("svdq_linear_triton", "linear"),
+        ("svdq_linear_split_triton", "split"),
+        ("svdq_mlp_triton", "mlp"),
+    ):
+        real = getattr(svdquant.kernels, name)
+
+        def counted(*a, _real=real, _key=key, **k):
+            calls[_key] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(svdquant.kernels, name, counted)
+    unfused = model(*args, **kw)[0]
+    separate = dict(calls)
+    n_blocks = len(model.transformer_blocks)
+    assert svdquant.fuse_projections(model) == 2 * n_blocks
+    calls.update(linear=0, split=0, mlp=0)
+    fused = model(*args, **kw)[0]
+    # a block's 8 quantized projections (q, k, v, out; the cross-attention's too) and 2
+    # MLP layers; fused: qkv, out, cross q, cross kv, cross out and one fused MLP
+    assert separate == {"linear": 10 * n_blocks, "split": 0, "mlp": 0}
+    assert calls["linear"] + calls["split"] == 5 * n_blocks and calls["mlp"] == n_blocks
+    assert rel_err(fused, unfused) <= TOL
+    svdquant.unfuse_projections(model)
