@@ -1,7 +1,7 @@
 """Can the warp-specialized GEMM decode the stored 4-bit weight itself, hidden under its MMAs?
 
     PYTHONPATH=src python bench/probe_ws_decode.py [--ms 512,1024,4096] [--shapes 3072x3072,...]
-        [--out DIR]
+        [--block-m 128|256] [--stages 4] [--out DIR]
 
 Today every layer widens its whole 4-bit weight into an fp8 copy before the GEMM
 (``kernels/widen.py``: 5 ms of a FLUX step's GPU time; at M = 512 as long as the GEMM's
@@ -281,10 +281,13 @@ def ws_decode_gemm(
     act_scale,
     out_dtype=torch.bfloat16,
     one_mul=False,
+    block_m=BLOCK_M,
+    stages=STAGES,
 ):
     """``(xq · widen(qweight)ᵀ) · (S · s_channel)`` with the weight decoded in the GEMM:
     int4 g64 codes [N, K / 2], fp16 scales [N, K / 64], ``inv_c = 1 / widen_row_scale``
-    (``one_mul``: ``decode_reference``'s other operand)."""
+    (``one_mul``: ``decode_reference``'s other operand; ``block_m`` 256: the two MMA
+    warpgroups take 128 rows each of one decoded weight tile — half the decode a row)."""
     m, k = xq.shape
     n = qweight.shape[0]
     if k % BLOCK_K or n % 8 or qweight.shape[1] * 2 != k or wscales.shape[1] * 64 != k:
@@ -292,18 +295,20 @@ def ws_decode_gemm(
     if wscales.dtype != torch.float16 or wscales.stride(1) != 1:
         raise ValueError("probe: fp16 group scales with contiguous rows (int4's stored format)")
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    if block_m not in (128, 256):
+        raise ValueError(f"probe: block_m 128 or 256, got {block_m}")
     a = g.GluonDescriptor.from_tensor(
-        xq, [BLOCK_M, BLOCK_K], g._layout(BLOCK_M, BLOCK_K, torch.float8_e4m3fn)
+        xq, [block_m, BLOCK_K], g._layout(block_m, BLOCK_K, torch.float8_e4m3fn)
     )
     q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K // 2], gl.uint8)
     q = g.GluonDescriptor.from_tensor(qweight, [BLOCK_N, BLOCK_K // 2], q_layout)
-    c_block = [BLOCK_M, BLOCK_N // 2]
+    c_block = [block_m, BLOCK_N // 2]
     c = g.GluonDescriptor.from_tensor(y, c_block, g._layout(*c_block, out_dtype))
-    tiles = g.cdiv(m, BLOCK_M) * g.cdiv(n, BLOCK_N)
+    tiles = g.cdiv(m, block_m) * g.cdiv(n, BLOCK_N)
     _ws_decode_kernel[(min(tiles, g.num_sms(xq.device)),)](
         a, q, wscales, wscales.stride(0), c, inv_c, s_channel, act_scale.float().reshape(1),
         m, n, k,
-        S=STAGES, GROUP=g.GROUP_M, RC=CHUNK, num_warps=8,
+        S=stages, GROUP=g.GROUP_M, RC=CHUNK, num_warps=8,
         ONE_MUL=one_mul, DECODE_REGS=DECODE_REGS,
     )  # fmt: skip
     return y
@@ -314,7 +319,7 @@ def probe_decode_reference(layer, inv_c: torch.Tensor) -> torch.Tensor:
     return decode_reference(layer.qweight, layer.wscales, inv_c, one_mul=True)
 
 
-def probe_row(m: int, n: int, k: int) -> dict:
+def probe_row(m: int, n: int, k: int, block_m: int = BLOCK_M, stages: int = STAGES) -> dict:
     """One shape: the outputs compared, then each way timed (CUDA graphs, one run)."""
     import torch.nn.functional as F
     from gemm import bench_graph
@@ -335,7 +340,10 @@ def probe_row(m: int, n: int, k: int) -> dict:
         return g.fp8_gemm_ws(xq, *widen.widen_weight(*stored), s, *none)
 
     def decoded_gemm(one_mul: bool = False):
-        return ws_decode_gemm(xq, layer.qweight, layer.wscales, inv_c, s_ch, s, one_mul=one_mul)
+        return ws_decode_gemm(
+            xq, layer.qweight, layer.wscales, inv_c, s_ch, s, one_mul=one_mul,
+            block_m=block_m, stages=stages,
+        )  # fmt: skip
 
     ref, got = g.fp8_gemm_ws(xq, wq, s_ch, s, *none), decoded_gemm()
     # the one-multiply operand, widened in PyTorch, through the same GEMM
@@ -363,6 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ms", default="512,1024,4096")
     p.add_argument("--shapes", default="3072x3072,12288x3072,3072x12288,21504x3072")
+    p.add_argument("--block-m", type=int, default=BLOCK_M, help="rows of a tile: 128 or 256")
+    p.add_argument("--stages", type=int, default=STAGES, help="ring stages (256 rows: 3)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = p.parse_args(argv)
     rows = []
@@ -373,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
     for m in (int(v) for v in args.ms.split(",")):
         for shape in args.shapes.split(","):
             n, k = (int(v) for v in shape.split("x"))
-            r = probe_row(m, n, k)
+            r = probe_row(m, n, k, args.block_m, args.stages)
             rows.append(r)
             print(
                 f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:7.1f} | {r['widen_us']:5.1f} | "
@@ -381,7 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['decode_gemm_us']:6.1f} | {r['decode_one_mul_us']:5.1f} | "
                 f"{r['bf16_us'] / r['decode_gemm_us']:6.2f} | {r['equal']}/{r['one_mul_equal']}"
             )
-    result = {**run_info(), "stages": STAGES, "chunk": CHUNK, "rows": rows}
+    result = {**run_info(), "block_m": args.block_m, "stages": args.stages, "chunk": CHUNK}
+    result["rows"] = rows
     print("->", write_result(result, args.out, "probe_ws_decode"))
     return result
 

@@ -721,6 +721,23 @@ def _ws_decode() -> dict[str, Any]:
     )
 
 
+@_spec("ws_decode_bm256")
+def _ws_decode_bm256() -> dict[str, Any]:
+    """The same with 256-row tiles (each MMA warpgroup 128 rows of one decoded weight
+    tile) and three stages."""
+    d = _ws_decode()  # puts bench/ on the path
+    import probe_ws_decode as p
+    import torch
+    from triton.experimental.gluon import language as gl
+
+    m, k = d["ints"]["M"], d["ints"]["K"]
+    d["ptrs"]["a_desc"] = _desc(m, k, torch.float8_e4m3fn, gl.float8e4nv, [256, p.BLOCK_K])
+    n = 12288
+    d["ptrs"]["c_desc"] = _desc(m, n, torch.bfloat16, gl.bfloat16, [256, p.BLOCK_N // 2])
+    d["consts"].update(S=3)
+    return d
+
+
 @_spec("ws_decode_one_mul")
 def _ws_decode_one_mul() -> dict[str, Any]:
     """The same with one multiply a code (``s_group · (1 / c)`` a group)."""
