@@ -424,3 +424,21 @@ def test_models_bench_times_each_architecture_both_ways(tmp_path, capsys):
     assert 1.6 < sizes["sana"] < 1.61
     with pytest.raises(SystemExit, match="unknown"):
         models.main(["--tiny", "--models", "dit"])
+
+
+def test_probes_of_the_gpu_refuse_the_cpu_clearly(monkeypatch, tmp_path):
+    """``bench/probe_pin.py`` and ``bench/probe_ws_decode.py`` need the GPU: without one
+    a one-line reason, no traceback, nothing written; bad probe arguments are refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        _load("probe_pin").main(["--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+    probe = _load("probe_ws_decode")
+    if probe.g.HAVE_GLUON:  # the launcher checks its arguments before any descriptor
+        x = torch.zeros(4, 256, dtype=torch.float8_e4m3fn)
+        q = torch.zeros(8, 128, dtype=torch.uint8)
+        s = torch.zeros(8, 4, dtype=torch.float16)
+        with pytest.raises(ValueError, match="block_m 128 or 256"):
+            probe.ws_decode_gemm(x, q, s, s[:, 0], s[:, 0], s[0, 0], block_m=64)
+        with pytest.raises(ValueError, match="fp16 group scales"):
+            probe.ws_decode_gemm(x, q, s.float(), s[:, 0], s[:, 0], s[0, 0])
