@@ -25,7 +25,8 @@ before (diffusers' pipelines run under ``torch.no_grad``, which keeps it). The m
 stays the same object (its ``_apply`` is extended), so a pipeline sees no difference.
 On the H200 (v39, ``bench/offload.py --text-encoder``: the denoiser and a T5-XXL-sized
 encoder, both kept): the first image 18.6 s against 14.6 (pinning 16 GB), each later one
-3.6 s against 14.4. ``svdquant eval`` (an image a pipeline call) uses it under offload;
+3.6 s against 14.4. ``svdquant eval`` (an image a pipeline call) uses it under offload
+for the quantized pipeline;
 ``svdquant generate`` (one call) does not.
 """
 
