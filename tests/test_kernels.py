@@ -1827,21 +1827,31 @@ def test_gpu_compile_inductor_and_cuda_graph(act_fmt, k, m, monkeypatch):
     assert rel_err(out, eager) <= TOL
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("gate_norm", [False, True])
-def test_fused_flux_runtime_on_the_engine(monkeypatch, gate_norm):
-    """``fuse_projections`` on a tiny FLUX transformer, on the engine: the single blocks'
-    ``proj_out`` quantizes the attention output and the MLP's GELU where they lie, the
-    double blocks' feed-forwards run as fused MLPs, q and k take the norm + rotary kernel —
-    the unfused engine's output within bf16 rounding, under ``torch.compile(fullgraph=True)``
-    too; unfusing restores diffusers' classes."""
+def _count_kernel_calls(monkeypatch, **keys: str) -> dict[str, int]:
+    """Count the calls of ``svdquant.kernels``' entry points named by ``keys`` (name ->
+    key of the returned, live dict), each still calling through."""
+    calls = dict.fromkeys(keys.values(), 0)
+    for name, key in keys.items():
+        real = getattr(svdquant.kernels, name)
+
+        def counted(*a, _real=real, _key=key, **k):
+            calls[_key] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(svdquant.kernels, name, counted)
+    return calls
+
+
+def _tiny_denoiser_on_the_engine(arch: str):
+    """A tiny ``arch`` denoiser quantized (rank 8) on its pipeline, on ``DEVICE`` with the
+    Triton backend, and one step's call arguments: ``(model, args, kwargs)``."""
     from svdquant.models.tiny import tiny_call_kwargs, tiny_pipeline
     from svdquant.pipeline import denoiser, pipeline_calibration
     from svdquant.quantize_model import QuantizeConfig, quantize_model
 
-    pipe = tiny_pipeline("flux")
+    pipe = tiny_pipeline(arch)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = {**tiny_call_kwargs("flux"), "num_inference_steps": 1}
+    kwargs = {**tiny_call_kwargs(arch), "num_inference_steps": 1}
     _, model = denoiser(pipe)
     calib = pipeline_calibration(pipe, ["a red fox asleep in fresh snow"], progress=False, **kwargs)
     quantize_model(model, calib, QuantizeConfig(rank=8, alpha=0.5, progress=False))
@@ -1855,27 +1865,32 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch, gate_norm):
     for m in model.modules():
         if isinstance(m, svdquant.SVDQLinear):
             m.backend = "triton"
+    return model, args, kw
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("gate_norm", [False, True])
+def test_fused_flux_runtime_on_the_engine(monkeypatch, gate_norm):
+    """``fuse_projections`` on a tiny FLUX transformer, on the engine: the single blocks'
+    ``proj_out`` quantizes the attention output and the MLP's GELU where they lie, the
+    double blocks' feed-forwards run as fused MLPs, q and k take the norm + rotary kernel —
+    the unfused engine's output within bf16 rounding, under ``torch.compile(fullgraph=True)``
+    too; unfusing restores diffusers' classes."""
+    model, args, kw = _tiny_denoiser_on_the_engine("flux")
     unfused = model(*args, **kw)[0]
     from svdquant.kernels import modulate
 
     monkeypatch.setattr(modulate, "ENABLED", True)
     monkeypatch.setattr(modulate, "FUSE_GATE_NORM", gate_norm)
-    calls = {"mlp": 0, "cat": 0, "rope": 0, "norm": 0, "gate": 0, "gate_norm": 0}
-    for name, key in (
-        ("svdq_mlp_triton", "mlp"),
-        ("svdq_linear_cat_triton", "cat"),
-        ("rms_norm_rope", "rope"),
-        ("layer_norm_modulate", "norm"),
-        ("gate_residual", "gate"),
-        ("gate_residual_modulate", "gate_norm"),
-    ):
-        real = getattr(svdquant.kernels, name)
-
-        def counted(*a, _real=real, _key=key, **k):
-            calls[_key] += 1
-            return _real(*a, **k)
-
-        monkeypatch.setattr(svdquant.kernels, name, counted)
+    calls = _count_kernel_calls(
+        monkeypatch,
+        svdq_mlp_triton="mlp",
+        svdq_linear_cat_triton="cat",
+        rms_norm_rope="rope",
+        layer_norm_modulate="norm",
+        gate_residual="gate",
+        gate_residual_modulate="gate_norm",
+    )
     svdquant.fuse_projections(model)
     assert type(model.transformer_blocks[0].ff).__name__ == "FusedGeluFeedForward"
     fused = model(*args, **kw)[0]
@@ -1908,39 +1923,13 @@ def test_fused_pixart_runtime_on_the_engine(monkeypatch):
     """``fuse_projections`` on a tiny PixArt-Σ transformer, on the engine: q/k/v of each
     self-attention and k/v of each cross-attention as one layer, each feed-forward as a
     fused MLP — the unfused engine's output within bf16 rounding."""
-    from svdquant.models.tiny import tiny_call_kwargs, tiny_pipeline
-    from svdquant.pipeline import denoiser, pipeline_calibration
-    from svdquant.quantize_model import QuantizeConfig, quantize_model
-
-    pipe = tiny_pipeline("pixart")
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = {**tiny_call_kwargs("pixart"), "num_inference_steps": 1}
-    _, model = denoiser(pipe)
-    calib = pipeline_calibration(pipe, ["a red fox asleep in fresh snow"], progress=False, **kwargs)
-    quantize_model(model, calib, QuantizeConfig(rank=8, alpha=0.5, progress=False))
-    seen = []
-    model.register_forward_pre_hook(lambda _m, a, kw: seen.append((a, kw)), with_kwargs=True)
-    pipe(prompt=["a lighthouse"], generator=torch.Generator().manual_seed(0), **kwargs)
-    args, kw = seen[0]
-    model.to(DEVICE)
-    args = [a.to(DEVICE) if torch.is_tensor(a) else a for a in args]
-    kw = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in kw.items()}
-    for m in model.modules():
-        if isinstance(m, svdquant.SVDQLinear):
-            m.backend = "triton"
-    calls = {"linear": 0, "split": 0, "mlp": 0}
-    for name, key in (
-        ("svdq_linear_triton", "linear"),
-        ("svdq_linear_split_triton", "split"),
-        ("svdq_mlp_triton", "mlp"),
-    ):
-        real = getattr(svdquant.kernels, name)
-
-        def counted(*a, _real=real, _key=key, **k):
-            calls[_key] += 1
-            return _real(*a, **k)
-
-        monkeypatch.setattr(svdquant.kernels, name, counted)
+    model, args, kw = _tiny_denoiser_on_the_engine("pixart")
+    calls = _count_kernel_calls(
+        monkeypatch,
+        svdq_linear_triton="linear",
+        svdq_linear_split_triton="split",
+        svdq_mlp_triton="mlp",
+    )
     unfused = model(*args, **kw)[0]
     separate = dict(calls)
     n_blocks = len(model.transformer_blocks)
