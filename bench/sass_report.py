@@ -738,6 +738,33 @@ def _ws_decode_bm256() -> dict[str, Any]:
     return d
 
 
+@_spec("group_scaled")
+def _group_scaled() -> dict[str, Any]:
+    """``bench/probe_group_scaled.py``'s GEMM on exact int4 codes with the group scales in
+    its K loop, at M = 512, N = 12288, K = 3072."""
+    import torch
+    from triton.experimental.gluon import language as gl
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import probe_group_scaled as p
+
+    m, n, k = 512, 12288, 3072
+    return dict(
+        kernel=p._group_scaled_kernel,
+        ptrs=dict(
+            a_desc=_desc(m, k, torch.float8_e4m3fn, gl.float8e4nv, [p.BLOCK_M, 64]),
+            q_desc=_desc(n, k // 2, torch.uint8, gl.uint8, [p.BLOCK_N, 64]),
+            ws_ptr="*fp16",
+            c_desc=_desc(m, n, torch.bfloat16, gl.bfloat16, [p.BLOCK_M, p.BLOCK_N // 2]),
+            ts_ptr="*fp32",
+            scale_ptr="*fp32",
+        ),
+        ints=dict(stride_ws=k // 64, M=m, N=n, K=k),
+        consts=dict(S=p.STAGES, GROUP=8, RC=p.CHUNK, num_warps=8, DECODE_REGS=p.DECODE_REGS),
+        warps=8,
+    )
+
+
 @_spec("ws_decode_one_mul")
 def _ws_decode_one_mul() -> dict[str, Any]:
     """The same with one multiply a code (``s_group · (1 / c)`` a group)."""

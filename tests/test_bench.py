@@ -427,11 +427,13 @@ def test_models_bench_times_each_architecture_both_ways(tmp_path, capsys):
 
 
 def test_probes_of_the_gpu_refuse_the_cpu_clearly(monkeypatch, tmp_path):
-    """``bench/probe_pin.py`` and ``bench/probe_ws_decode.py`` need the GPU: without one
-    a one-line reason, no traceback, nothing written; bad probe arguments are refused."""
+    """``bench/probe_pin.py``, ``probe_group_scaled.py`` and ``probe_ws_decode.py`` need
+    the GPU: without one a one-line reason, no traceback, nothing written; bad probe
+    arguments are refused."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-        _load("probe_pin").main(["--out", str(tmp_path)])
+    for name in ("probe_pin", "probe_group_scaled"):
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            _load(name).main(["--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
     probe = _load("probe_ws_decode")
     if probe.g.HAVE_GLUON:  # the launcher checks its arguments before any descriptor
@@ -442,3 +444,26 @@ def test_probes_of_the_gpu_refuse_the_cpu_clearly(monkeypatch, tmp_path):
             probe.ws_decode_gemm(x, q, s, s[:, 0], s[:, 0], s[0, 0], block_m=64)
         with pytest.raises(ValueError, match="fp16 group scales"):
             probe.ws_decode_gemm(x, q, s.float(), s[:, 0], s[:, 0], s[0, 0])
+
+
+def test_group_scaled_reference_is_the_stored_weights_product():
+    """``bench/probe_group_scaled.py``'s reference sums each group's partial product
+    scaled by its group scale: the fp8 activations times the stored 4-bit weight exactly
+    (codes · group scales · tensor scale, no fp8 rounding of the weight), within fp32
+    summation order; the engine's widened operand is within fp8's rounding of it."""
+    from svdquant import formats
+    from svdquant.kernels import reference as ref
+
+    probe = _load("probe_group_scaled")
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 5, 24, 256
+    q = formats.quantize(torch.randn(n, k, generator=g) * 0.02, "int4")
+    xq = (torch.randn(m, k, generator=g) * 64).to(torch.float8_e4m3fn)
+    act = torch.tensor(0.03)
+    got = probe.grouped_reference(xq, q.packed, q.scales, q.tensor_scale, act, torch.float32)
+    w = formats.unpack(q.packed).float() * q.scales.float().repeat_interleave(64, dim=1)
+    exact = (xq.float() @ w.T) * act * q.tensor_scale.float()
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-6)
+    wq, s_ch = ref.widen_weight_ref(q.packed, q.scales, q.tensor_scale, "int4")
+    engine = (xq.float() @ wq.float().T) * s_ch * act
+    assert ((engine - exact).norm() / exact.norm()).item() < 0.05  # fp8's 3 mantissa bits

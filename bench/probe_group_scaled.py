@@ -1,0 +1,329 @@
+"""A GEMM on the stored 4-bit weight with no widen: codes as exact fp8 integers, the
+group scales applied in the K loop.
+
+    PYTHONPATH=src python bench/probe_group_scaled.py [--ms 512,1024,4096]
+        [--shapes 3072x3072,...] [--out DIR]
+
+The engine widens each layer's weight to ``fp8(code · s_group / c)`` before its GEMM
+(``kernels/widen.py``): a pass over the weight every call (5 ms of a FLUX step, and the
+loss at M = 512 and in the small layers of PixArt-Σ, SDXL and SANA, NOTES v39); a GEMM
+that decodes the same values in its own warps (``bench/probe_ws_decode.py``) is equal but
+1.3-3.2x slower — the multiply by ``s_group / c`` and the rounding of every code, once per
+row tile, cost ~3 MMA steps. Here the weight operand is the **code itself** (-8..7: exact
+in e4m3, one conversion a code, no multiply) and each 64-wide group's MMA partial sum is
+scaled by its group scale in the accumulator — the "fine-grained scaling" of fp8 GEMMs:
+
+    y = S · s_tensor · Σ_g s_group[n, g] · (xq[:, g] · codes[n, g]ᵀ)
+
+Per stage (two groups, K = 128): a **load warpgroup** brings A as two [128, 64] boxes and
+the packed codes [128, 64 bytes] by TMA; a **decode warpgroup** turns the codes into two
+fp8 tiles and loads the two groups' scales (plain loads: a TMA box of them faulted on the
+H200, v39); the **MMA warpgroups** run each group's MMA into a partial accumulator
+(``use_acc=False``), wait for it and add it scaled — promoting the fp8 MMA's sums to fp32
+every 64 K, which is also what keeps Hopper's fp8 accumulation exact enough.
+
+Numbers: not the engine's (its weight rounds ``code · s_group / c`` to fp8; these keep
+every code exact — closer to the stored weight), so the check is against
+``grouped_reference`` (fp32 sums of the same products) within bf16 rounding, and the
+engine's output is reported beside. Times (one run, CUDA graphs): BF16 ``F.linear``, widen
++ ``gemm_ws`` (the engine's layer without its low-rank branch and bias), this kernel.
+GPU only (sm_90, triton 3.6's Gluon); compiled for sm_90 on any machine by
+``bench/sass_report.py --kernels group_scaled``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import probe_ws_decode as wsd
+
+from svdquant.kernels import gemm_ws as g
+
+if g.HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+#: a tile's rows and columns, and the K of a stage (two 64-wide groups)
+BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 128
+#: ring stages: A 16 KB + codes 8 KB + the two fp8 code tiles 16 KB + scales 0.5 KB
+STAGES = 4
+#: rows the decode warpgroup converts at once
+CHUNK = 32
+#: the decode warpgroup's registers a thread (no multiplies: fewer than the widen's)
+DECODE_REGS = 80
+
+
+def grouped_reference(
+    xq: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtensor_scale: torch.Tensor,
+    act_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``S · s_tensor · Σ_g s_group[:, g] · (xq_g · codes_gᵀ)`` in fp32 (int4 g64): what
+    the kernel computes, one group's partial sum at a time."""
+    from svdquant import formats
+
+    codes = formats.unpack(qweight).float()  # [N, K], -8..7
+    x = xq.float()
+    y = torch.zeros(x.shape[0], codes.shape[0], dtype=torch.float32, device=x.device)
+    for gi in range(codes.shape[1] // 64):
+        part = x[:, gi * 64 : (gi + 1) * 64] @ codes[:, gi * 64 : (gi + 1) * 64].T
+        y += part * wscales[:, gi].float()
+    return (y * (act_scale.float() * wtensor_scale.float())).to(out_dtype)
+
+
+if g.HAVE_GLUON:
+
+    @gluon.jit
+    def _gs_load(a_desc, q_desc, a_bufs, q_bufs, ready, empty, M, N, K,
+                 BM: gl.constexpr, BN: gl.constexpr, S: gl.constexpr,
+                 GROUP: gl.constexpr):  # fmt: skip
+        grid_m = gl.cdiv(M, BM)
+        grid_n = gl.cdiv(N, BN)
+        it = 0
+        for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
+            pid_m, pid_n = g._tile_coords(tile, grid_m, grid_n, GROUP)
+            for k in range(0, K, 128):
+                s = it % S
+                mbarrier.wait(empty.index(s), ((it // S) & 1) ^ 1)
+                bar = ready.index(s)
+                mbarrier.expect(bar, 2 * a_desc.block_type.nbytes + q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [pid_m * BM, k], bar, a_bufs.index(2 * s))
+                tma.async_copy_global_to_shared(
+                    a_desc, [pid_m * BM, k + 64], bar, a_bufs.index(2 * s + 1)
+                )
+                tma.async_copy_global_to_shared(q_desc, [pid_n * BN, k // 2], bar, q_bufs.index(s))
+                it += 1
+
+    @gluon.jit
+    def _gs_decode(q_bufs, b_bufs, sc_bufs, ready, decoded, ws_ptr, stride_ws, M, N, K,
+                   BM: gl.constexpr, BN: gl.constexpr, S: gl.constexpr, GROUP: gl.constexpr,
+                   RC: gl.constexpr):  # fmt: skip
+        # a chunk's codes: RC rows x 64 bytes (both groups), 16 bytes a thread; then as
+        # [rows, group, 32 bytes] with 8 bytes of each group a thread, so that the two
+        # groups' values can be split apart in registers
+        codes2: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
+        codes3: gl.constexpr = gl.BlockedLayout([1, 2, 8], [8, 1, 4], [4, 1, 1], [2, 1, 0])
+        vec: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        grid_m = gl.cdiv(M, BM)
+        grid_n = gl.cdiv(N, BN)
+        it = 0
+        for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
+            pid_n = g._tile_coords(tile, grid_m, grid_n, GROUP)[1]
+            rn = pid_n * BN + gl.arange(0, BN, layout=vec)
+            for k in range(0, K, 128):
+                s = it % S
+                # the two groups' scales of the tile's rows, loaded while the stage fills;
+                # stored once it is ready (the MMA warps released the stage, read its
+                # old scales, before its loads began)
+                ptrs = ws_ptr + rn * stride_ws + k // 64
+                sc0 = gl.load(ptrs, mask=rn < N, other=0.0)
+                sc1 = gl.load(ptrs + 1, mask=rn < N, other=0.0)
+                mbarrier.wait(ready.index(s), (it // S) & 1)
+                sc_bufs.index(2 * s).store(sc0)
+                sc_bufs.index(2 * s + 1).store(sc1)
+                for r0 in gl.static_range(0, BN, RC):
+                    q = q_bufs.index(s).slice(r0, RC, 0).load(codes2)
+                    b = gl.convert_layout(gl.reshape(q, [RC, 2, 32]), codes3).to(gl.int32)
+                    lo = wsd._int4_value(b & 0xF)
+                    hi = wsd._int4_value((b >> 4) & 0xF)
+                    # [rows, group, 64 values]: value 2j of a group is its byte j's low nibble
+                    w = gl.reshape(gl.join(lo, hi), [RC, 2, 64])
+                    w0, w1 = gl.split(gl.permute(w, (0, 2, 1)))
+                    b_bufs.index(2 * s).slice(r0, RC, 0).store(w0.to(gl.float8e4nv))
+                    b_bufs.index(2 * s + 1).slice(r0, RC, 0).store(w1.to(gl.float8e4nv))
+                fence_async_shared()
+                gl.thread_barrier()
+                mbarrier.arrive(decoded.index(s), count=1)
+                it += 1
+
+    @gluon.jit
+    def _gs_mma(a_bufs, b_bufs, sc_bufs, ready, decoded, empty, c_smem, c_desc, ts_ptr,
+                scale_ptr, M, N, K, BM: gl.constexpr, BN: gl.constexpr, S: gl.constexpr,
+                GROUP: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BN, 32]
+        )
+        cols: gl.constexpr = gl.SliceLayout(0, acc_layout)
+        grid_m = gl.cdiv(M, BM)
+        grid_n = gl.cdiv(N, BN)
+        out_scale = gl.load(scale_ptr) * gl.load(ts_ptr)
+        part = gl.zeros([BM, BN], gl.float32, acc_layout)
+        it = 0
+        for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
+            pid_m, pid_n = g._tile_coords(tile, grid_m, grid_n, GROUP)
+            acc = gl.zeros([BM, BN], gl.float32, acc_layout)
+            for _ in range(0, K, 128):
+                s = it % S
+                mbarrier.wait(ready.index(s), (it // S) & 1)  # A landed
+                mbarrier.wait(decoded.index(s), (it // S) & 1)  # codes and scales ready
+                for gi in gl.static_range(2):
+                    part = warpgroup_mma(
+                        a_bufs.index(2 * s + gi),
+                        b_bufs.index(2 * s + gi).permute((1, 0)),
+                        part,
+                        use_acc=False,
+                        is_async=True,
+                    )
+                    part = warpgroup_mma_wait(0, deps=(part,))
+                    sg = sc_bufs.index(2 * s + gi).load(cols).to(gl.float32)
+                    acc = acc + part * gl.expand_dims(sg, 0)
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(s), count=1)
+                it += 1
+            y = acc * out_scale
+            halves = gl.permute(gl.reshape(y.to(c_desc.dtype), [BM, 2, BN // 2]), (0, 2, 1))
+            lo, hi = gl.split(halves)
+            g._store_tile(c_desc, c_smem, lo, hi, pid_m * BM, pid_n * BN, BN)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _group_scaled_kernel(a_desc, q_desc, ws_ptr, stride_ws, c_desc, ts_ptr, scale_ptr,
+                             M, N, K, S: gl.constexpr, GROUP: gl.constexpr,
+                             RC: gl.constexpr, num_warps: gl.constexpr,
+                             DECODE_REGS: gl.constexpr = 80):  # fmt: skip
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BN: gl.constexpr = q_desc.block_type.shape[0]
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * S, BM, 64], a_desc.layout)
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [S, BN, 64], q_desc.layout)
+        b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, 64], gl.float8e4nv)
+        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2 * S, BN, 64], b_layout)
+        sc_bufs = gl.allocate_shared_memory(
+            gl.float16, [2 * S, BN], gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+        )
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+        decoded = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(S):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(decoded.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize(
+            [
+                (
+                    _gs_mma,
+                    (a_bufs, b_bufs, sc_bufs, ready, decoded, empty, c_smem, c_desc, ts_ptr,
+                     scale_ptr, M, N, K, BM, BN, S, GROUP, num_warps),
+                ),
+                (
+                    _gs_decode,
+                    (q_bufs, b_bufs, sc_bufs, ready, decoded, ws_ptr, stride_ws, M, N, K,
+                     BM, BN, S, GROUP, RC),
+                ),
+                (
+                    _gs_load,
+                    (a_desc, q_desc, a_bufs, q_bufs, ready, empty, M, N, K, BM, BN, S, GROUP),
+                ),
+            ],
+            [4, 4],  # the decode warpgroup first: setmaxnreg is per warpgroup (v39)
+            [DECODE_REGS, 40],
+        )  # fmt: skip
+
+
+def group_scaled_gemm(xq, qweight, wscales, wtensor_scale, act_scale, out_dtype=torch.bfloat16):
+    """``grouped_reference`` on the GPU: xq fp8 [M, K], int4 g64 codes [N, K / 2], fp16
+    scales [N, K / 64]; K a multiple of 128, N of 8."""
+    m, k = xq.shape
+    n = qweight.shape[0]
+    if k % BLOCK_K or n % 8 or qweight.shape[1] * 2 != k or wscales.shape[1] * 64 != k:
+        raise ValueError(f"probe shapes: K a multiple of {BLOCK_K}, N of 8; got {n} x {k}")
+    if wscales.dtype != torch.float16 or wscales.stride(1) != 1:
+        raise ValueError("probe: fp16 group scales with contiguous rows (int4's stored format)")
+    y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    a = g.GluonDescriptor.from_tensor(
+        xq, [BLOCK_M, 64], g._layout(BLOCK_M, 64, torch.float8_e4m3fn)
+    )
+    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 64], gl.uint8)
+    q = g.GluonDescriptor.from_tensor(qweight, [BLOCK_N, 64], q_layout)
+    c_block = [BLOCK_M, BLOCK_N // 2]
+    c = g.GluonDescriptor.from_tensor(y, c_block, g._layout(*c_block, out_dtype))
+    tiles = g.cdiv(m, BLOCK_M) * g.cdiv(n, BLOCK_N)
+    _group_scaled_kernel[(min(tiles, g.num_sms(xq.device)),)](
+        a, q, wscales, wscales.stride(0), c, wtensor_scale.float().reshape(1),
+        act_scale.float().reshape(1), m, n, k,
+        S=STAGES, GROUP=g.GROUP_M, RC=CHUNK, num_warps=8, DECODE_REGS=DECODE_REGS,
+    )  # fmt: skip
+    return y
+
+
+def probe_row(m: int, n: int, k: int) -> dict:
+    """One shape: checked against ``grouped_reference``, then timed (CUDA graphs)."""
+    import torch.nn.functional as F
+    from gemm import bench_graph
+    from probe_gemm import operands
+
+    from svdquant.kernels import widen
+
+    x, layer, s, xq, lora, wq, s_ch = operands(m, n, k)
+    none = (lora[:, :0], layer.up[:, :0], None, torch.bfloat16)
+    stored = (layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
+    ts = layer.wtensor_scale
+
+    def ours():
+        return group_scaled_gemm(xq, layer.qweight, layer.wscales, ts, s)
+
+    got = ours().float()
+    ref = grouped_reference(xq, layer.qweight, layer.wscales, ts, s).float()
+    engine = g.fp8_gemm_ws(xq, wq, s_ch, s, *none).float()
+    return {
+        "M": m,
+        "N": n,
+        "K": k,
+        "rel_err_vs_reference": ((got - ref).norm() / ref.norm()).item(),
+        "rel_diff_vs_engine": ((got - engine).norm() / engine.norm()).item(),
+        "bf16_us": bench_graph(lambda: F.linear(x, layer.w16)),
+        "widen_gemm_ws_us": bench_graph(
+            lambda: g.fp8_gemm_ws(xq, *widen.widen_weight(*stored), s, *none)
+        ),
+        "group_scaled_us": bench_graph(ours),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ms", default="512,1024,4096")
+    p.add_argument("--shapes", default="3072x3072,12288x3072,3072x12288,21504x3072")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    args = p.parse_args(argv)
+    if not (torch.cuda.is_available() and g.HAVE_GLUON):
+        raise SystemExit("probe_group_scaled: needs a CUDA GPU (sm_90) and triton's Gluon")
+    from gemm import run_info, write_result
+
+    rows = []
+    print("    M      N      K | bf16 us | widen+gemm_ws | group-scaled | x bf16 | err ref |"
+          " vs engine")  # fmt: skip
+    for m in (int(v) for v in args.ms.split(",")):
+        for shape in args.shapes.split(","):
+            n, k = (int(v) for v in shape.split("x"))
+            r = probe_row(m, n, k)
+            rows.append(r)
+            print(
+                f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:7.1f} | {r['widen_gemm_ws_us']:13.1f} | "
+                f"{r['group_scaled_us']:12.1f} | {r['bf16_us'] / r['group_scaled_us']:6.2f} | "
+                f"{r['rel_err_vs_reference']:.1e} | {r['rel_diff_vs_engine']:.1e}",
+                flush=True,
+            )
+    result = {**run_info(), "stages": STAGES, "chunk": CHUNK, "rows": rows}
+    print("->", write_result(result, args.out, "probe_group_scaled"))
+    return result
+
+
+if __name__ == "__main__":
+    main()
