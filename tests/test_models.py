@@ -226,6 +226,8 @@ def test_fused_projections_flux(tmp_path):
     assert blk.attn.fused_projections and isinstance(blk.attn.to_qkv.linear, SVDQLinear)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     assert rel(_sample(compiled(*args, **kw)), before) < 1e-5
+    with pytest.raises(ValueError, match="unfuse_projections"):
+        model.set_attn_processor(blk.attn.processor)  # diffusers' own call, on every module
     assert svdquant.unfuse_projections(model) == n_attn
     assert not blk.attn.fused_projections and not hasattr(blk.attn, "to_qkv")
     assert type(single).__name__ == "FluxSingleTransformerBlock"
@@ -301,7 +303,13 @@ def test_fused_projections_generic_attention(arch, tmp_path):
     assert rel(_sample(model(*args, **kw)), before) < 1e-5
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     assert rel(_sample(compiled(*args, **kw)), before) < 1e-5
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    with pytest.raises(ValueError, match="unfuse_projections"):  # not a traceback later
+        plain[0].set_processor(AttnProcessor2_0())
+    assert plain[0].fused_projections
     assert svdquant.unfuse_projections(model) == len(plain)
+    plain[0].set_processor(plain[0].processor)  # unfused: diffusers' own again
     assert all(type(a.processor).__name__ in generic for a in plain)
     assert not any(t.startswith("Fused") for t in map(lambda m: type(m).__name__, model.modules()))
     after = model.state_dict()

@@ -34,6 +34,7 @@ fused MLPs.
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any
 
 import torch
@@ -599,14 +600,31 @@ def _fuse_feed_forward(ff: nn.Module) -> bool:
     return True
 
 
+def _refuse_processor(attn: nn.Module, processor: Any) -> None:
+    raise ValueError(
+        f"this {type(attn).__name__} runs fused projections (svdquant.fuse_projections): "
+        "call svdquant.unfuse_projections(model) before setting another attention "
+        f"processor ({type(processor).__name__}), then fuse_projections again"
+    )
+
+
+def _install_processor(attn: nn.Module, new: Any) -> None:
+    """Run ``attn`` through the fused processor ``new``, keeping the original to restore;
+    until then ``set_processor`` (diffusers' ``set_attn_processor``, an IP-adapter's
+    loading) refuses with a clear error instead of installing a processor that looks
+    for the fused-away layers."""
+    setattr(attn, _ORIG_PROCESSOR, attn.processor)
+    attn.processor = new
+    attn.__dict__["set_processor"] = types.MethodType(_refuse_processor, attn)
+
+
 def _set_fused_processor(attn: nn.Module) -> None:
     processor_cls, _ = _flux_runtime()
     old = attn.processor
     new = processor_cls()
     new._attention_backend = getattr(old, "_attention_backend", None)
     new._parallel_config = getattr(old, "_parallel_config", None)
-    setattr(attn, _ORIG_PROCESSOR, old)
-    attn.processor = new
+    _install_processor(attn, new)
 
 
 def _fuse_layers(owner: nn.Module, fused_name: str, paths: list[str]) -> bool:
@@ -761,8 +779,8 @@ def _fuse_generic_attention(attn: nn.Module) -> bool:
         return False
     setattr(attn, _FUSED_ATTR, {})
     _fuse_layers(attn, "to_qkv" if len(names) == 3 else "to_kv", names)
-    setattr(attn, _ORIG_PROCESSOR, attn.processor)
-    attn.processor = _attention_runtime()(_GENERIC_PROCESSORS[type(attn.processor).__name__])
+    norm_first = _GENERIC_PROCESSORS[type(attn.processor).__name__]
+    _install_processor(attn, _attention_runtime()(norm_first))
     attn.fused_projections = True
     return True
 
@@ -830,6 +848,7 @@ def _restore(owner: nn.Module) -> None:
 
 
 def _restore_processor(attn: nn.Module) -> None:
+    attn.__dict__.pop("set_processor", None)
     attn.processor = getattr(attn, _ORIG_PROCESSOR)
     delattr(attn, _ORIG_PROCESSOR)
     attn.fused_projections = False
