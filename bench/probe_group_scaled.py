@@ -115,11 +115,10 @@ if g.HAVE_GLUON:
     def _gs_decode(q_bufs, b_bufs, sc_bufs, ready, decoded, ws_ptr, stride_ws, M, N, K,
                    BM: gl.constexpr, BN: gl.constexpr, S: gl.constexpr, GROUP: gl.constexpr,
                    RC: gl.constexpr):  # fmt: skip
-        # a chunk's codes: RC rows x 64 bytes (both groups), 16 bytes a thread; then as
-        # [rows, group, 32 bytes] with 8 bytes of each group a thread, so that the two
-        # groups' values can be split apart in registers
-        codes2: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
-        codes3: gl.constexpr = gl.BlockedLayout([1, 2, 8], [8, 1, 4], [4, 1, 1], [2, 1, 0])
+        # a chunk's codes: RC rows x 64 bytes (both groups), 8 bytes of each group a
+        # thread — as [rows, group, 32 bytes] the same registers (no layout conversion), so
+        # that the two groups' values can be split apart in registers
+        codes2: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
         vec: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         grid_m = gl.cdiv(M, BM)
         grid_n = gl.cdiv(N, BN)
@@ -140,7 +139,7 @@ if g.HAVE_GLUON:
                 sc_bufs.index(2 * s + 1).store(sc1)
                 for r0 in gl.static_range(0, BN, RC):
                     q = q_bufs.index(s).slice(r0, RC, 0).load(codes2)
-                    b = gl.convert_layout(gl.reshape(q, [RC, 2, 32]), codes3).to(gl.int32)
+                    b = gl.reshape(q, [RC, 2, 32]).to(gl.int32)
                     lo = wsd._int4_value(b & 0xF)
                     hi = wsd._int4_value((b >> 4) & 0xF)
                     # [rows, group, 64 values]: value 2j of a group is its byte j's low nibble

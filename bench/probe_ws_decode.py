@@ -160,7 +160,7 @@ if g.HAVE_GLUON:
                 mbarrier.wait(ready.index(s), (it // S) & 1)
                 for r0 in gl.static_range(0, BN, RC):
                     q = q_bufs.index(s).slice(r0, RC, 0).load(codes2)
-                    q = gl.convert_layout(gl.reshape(q, [RC, 2, BK // 4]), codes3)
+                    q = gl.reshape(q, [RC, 2, BK // 4])  # codes3's registers, no move
                     sg = sc_smem.slice(r0, RC, 0).load(scale2).to(gl.float32)
                     icr = ic_smem.slice(r0, RC, 0).load(row1)
                     b = q.to(gl.int32)
