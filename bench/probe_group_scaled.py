@@ -26,7 +26,9 @@ Numbers: not the engine's (its weight rounds ``code · s_group / c`` to fp8; the
 every code exact — closer to the stored weight), so the check is against
 ``grouped_reference`` (fp32 sums of the same products) within bf16 rounding, and the
 engine's output is reported beside. Times (one run, CUDA graphs): BF16 ``F.linear``, widen
-+ ``gemm_ws`` (the engine's layer without its low-rank branch and bias), this kernel.
++ ``gemm_ws`` (the engine's layer without its low-rank branch and bias), this kernel with
+the codes converted through fp32 and with ``LUT`` (three byte permutations per 8 codes,
+``lut_decode_word``; the same operand bytes, so the outputs must be equal).
 GPU only (sm_90, triton 3.6's Gluon); compiled for sm_90 on any machine by
 ``bench/sass_report.py --kernels group_scaled``.
 """
@@ -66,6 +68,45 @@ CHUNK = 32
 #: the decode warpgroup's registers a thread (no multiplies: fewer than the widen's)
 DECODE_REGS = 80
 
+#: e4m3 bytes of the int4 codes by their low three bits: 0..7, and -8..-1 (``LUT``)
+E4M3_POS = (0x00, 0x38, 0x40, 0x44, 0x48, 0x4A, 0x4C, 0x4E)
+E4M3_NEG = (0xD0, 0xCE, 0xCC, 0xCA, 0xC8, 0xC4, 0xC0, 0xB8)
+
+
+def _word(table: tuple[int, ...]) -> int:
+    return sum(b << (8 * i) for i, b in enumerate(table))
+
+
+def _prmt(a: int, b: int, sel: int) -> int:
+    """PTX ``prmt.b32`` (default mode): byte i of the result is byte ``sel``'s nibble i
+    (bits 0-2) of {b, a}, or that byte's sign replicated where the nibble's bit 3 is set."""
+    src = a | (b << 32)
+    out = 0
+    for i in range(4):
+        nib = (sel >> (4 * i)) & 0xF
+        byte = (src >> (8 * (nib & 7))) & 0xFF
+        if nib & 8:
+            byte = 0xFF if byte & 0x80 else 0x00
+        out |= byte << (8 * i)
+    return out
+
+
+def lut_decode_word(w: int) -> tuple[int, int]:
+    """The ``LUT`` decode of one 32-bit word of packed codes (bytes j = 0..3, low nibble
+    first) into the e4m3 bytes of its 8 codes in column order, as two words — the inline
+    PTX's steps, in Python: two ``prmt`` lookups of the low three bits (codes 0..7 and
+    -8..-1), and a third that turns each code's sign bit into a byte mask."""
+    pos_lo, pos_hi = _word(E4M3_POS[:4]), _word(E4M3_POS[4:])
+    neg_lo, neg_hi = _word(E4M3_NEG[:4]), _word(E4M3_NEG[4:])
+    out = []
+    for c in (w & 0xFFFF, (w >> 16) & 0xFFFF):  # four codes: nibbles in column order
+        sel = c & 0x7777
+        sign = c & 0x8888
+        mask = _prmt(0x80, 0, sign | ((sign >> 1) ^ 0x4444))  # 0xFF where negative
+        pos, neg = _prmt(pos_lo, pos_hi, sel), _prmt(neg_lo, neg_hi, sel)
+        out.append((neg & mask) | (pos & ~mask & 0xFFFFFFFF))
+    return out[0], out[1]
+
 
 def grouped_reference(
     xq: torch.Tensor,
@@ -88,7 +129,47 @@ def grouped_reference(
     return (y * (act_scale.float() * wtensor_scale.float())).to(out_dtype)
 
 
+def _lut_ptx() -> str:
+    """``lut_decode_word`` in PTX: $2 the word of codes, $0 / $1 columns 0-3 / 4-7."""
+    pos, neg = E4M3_POS, E4M3_NEG
+    pos_t = f"{_word(pos[:4]):#x}, {_word(pos[4:]):#x}"
+    neg_t = f"{_word(neg[:4]):#x}, {_word(neg[4:]):#x}"
+
+    def half(src: str, dst: str) -> list[str]:
+        return [
+            f"and.b32 sel, {src}, 0x7777;",
+            f"and.b32 sgn, {src}, 0x8888;",
+            "shr.b32 t, sgn, 1;",
+            "xor.b32 t, t, 0x4444;",
+            "or.b32 t, t, sgn;",  # 0x8 where negative (sign of 0x80: 0xFF), else 0x4 (0x00)
+            "prmt.b32 m, 0x80, 0, t;",
+            f"prmt.b32 p, {pos_t}, sel;",
+            f"prmt.b32 n, {neg_t}, sel;",
+            "and.b32 n, n, m;",
+            "not.b32 m, m;",
+            "and.b32 p, p, m;",
+            f"or.b32 {dst}, p, n;",
+        ]
+
+    body = [*half("$2", "$0"), "shr.u32 c, $2, 16;", *half("c", "$1")]
+    return "{\n.reg .b32 c, sel, sgn, t, m, p, n;\n" + "\n".join(body) + "\n}"
+
+
 if g.HAVE_GLUON:
+    #: ``lut_decode_word`` in PTX (``_lut_ptx``), for ``inline_asm_elementwise``
+    _LUT_PTX = gl.constexpr(_lut_ptx())
+
+    @gluon.jit
+    def _lut_decode(w):
+        """``lut_decode_word`` on int32 words: (columns 0-3, columns 4-7) as e4m3 bytes."""
+        return gl.inline_asm_elementwise(
+            asm=_LUT_PTX,
+            constraints="=r,=r,r",
+            args=[w],
+            dtype=(gl.int32, gl.int32),
+            is_pure=True,
+            pack=1,
+        )
 
     @gluon.jit
     def _gs_load(a_desc, q_desc, a_bufs, q_bufs, ready, empty, M, N, K,
@@ -114,11 +195,20 @@ if g.HAVE_GLUON:
     @gluon.jit
     def _gs_decode(q_bufs, b_bufs, sc_bufs, ready, decoded, ws_ptr, stride_ws, M, N, K,
                    BM: gl.constexpr, BN: gl.constexpr, S: gl.constexpr, GROUP: gl.constexpr,
-                   RC: gl.constexpr):  # fmt: skip
+                   RC: gl.constexpr, LUT: gl.constexpr):  # fmt: skip
         # a chunk's codes: RC rows x 64 bytes (both groups), 8 bytes of each group a
         # thread — as [rows, group, 32 bytes] the same registers (no layout conversion), so
         # that the two groups' values can be split apart in registers
         codes2: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
+        # LUT: the same bytes as 32-bit words, 2 words of each group a thread, through
+        # 32-bit views of the code and operand buffers (their 64-byte rows and swizzle)
+        words2: gl.constexpr = gl.BlockedLayout([1, 2], [8, 4], [4, 1], [1, 0])
+        q32_layout: gl.constexpr = gl.NVMMASharedLayout(
+            swizzle_byte_width=q_bufs.layout.swizzle_byte_width, element_bitwidth=32, rank=2
+        )
+        b32_layout: gl.constexpr = gl.NVMMASharedLayout(
+            swizzle_byte_width=b_bufs.layout.swizzle_byte_width, element_bitwidth=32, rank=2
+        )
         vec: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         grid_m = gl.cdiv(M, BM)
         grid_n = gl.cdiv(N, BN)
@@ -138,15 +228,28 @@ if g.HAVE_GLUON:
                 sc_bufs.index(2 * s).store(sc0)
                 sc_bufs.index(2 * s + 1).store(sc1)
                 for r0 in gl.static_range(0, BN, RC):
-                    q = q_bufs.index(s).slice(r0, RC, 0).load(codes2)
-                    b = gl.reshape(q, [RC, 2, 32]).to(gl.int32)
-                    lo = wsd._int4_value(b & 0xF)
-                    hi = wsd._int4_value((b >> 4) & 0xF)
-                    # [rows, group, 64 values]: value 2j of a group is its byte j's low nibble
-                    w = gl.reshape(gl.join(lo, hi), [RC, 2, 64])
-                    w0, w1 = gl.split(gl.permute(w, (0, 2, 1)))
-                    b_bufs.index(2 * s).slice(r0, RC, 0).store(w0.to(gl.float8e4nv))
-                    b_bufs.index(2 * s + 1).slice(r0, RC, 0).store(w1.to(gl.float8e4nv))
+                    if LUT:  # 8 codes a word, three byte permutations (``lut_decode_word``)
+                        q32 = q_bufs.index(s)._reinterpret(gl.int32, [BN, 16], q32_layout)
+                        wq = gl.reshape(q32.slice(r0, RC, 0).load(words2), [RC, 2, 8])
+                        a, b = _lut_decode(wq)  # columns 8i..8i+3, 8i+4..8i+7
+                        w = gl.reshape(gl.join(a, b), [RC, 2, 16])
+                        w0, w1 = gl.split(gl.permute(w, (0, 2, 1)))
+                        b_bufs.index(2 * s)._reinterpret(gl.int32, [BN, 16], b32_layout).slice(
+                            r0, RC, 0
+                        ).store(w0)
+                        b_bufs.index(2 * s + 1)._reinterpret(gl.int32, [BN, 16], b32_layout).slice(
+                            r0, RC, 0
+                        ).store(w1)
+                    else:
+                        q = q_bufs.index(s).slice(r0, RC, 0).load(codes2)
+                        b = gl.reshape(q, [RC, 2, 32]).to(gl.int32)
+                        lo = wsd._int4_value(b & 0xF)
+                        hi = wsd._int4_value((b >> 4) & 0xF)
+                        # [rows, group, 64 values]: value 2j of a group is byte j's low nibble
+                        w = gl.reshape(gl.join(lo, hi), [RC, 2, 64])
+                        w0, w1 = gl.split(gl.permute(w, (0, 2, 1)))
+                        b_bufs.index(2 * s).slice(r0, RC, 0).store(w0.to(gl.float8e4nv))
+                        b_bufs.index(2 * s + 1).slice(r0, RC, 0).store(w1.to(gl.float8e4nv))
                 fence_async_shared()
                 gl.thread_barrier()
                 mbarrier.arrive(decoded.index(s), count=1)
@@ -196,7 +299,8 @@ if g.HAVE_GLUON:
     def _group_scaled_kernel(a_desc, q_desc, ws_ptr, stride_ws, c_desc, ts_ptr, scale_ptr,
                              M, N, K, S: gl.constexpr, GROUP: gl.constexpr,
                              RC: gl.constexpr, num_warps: gl.constexpr,
-                             DECODE_REGS: gl.constexpr = 80):  # fmt: skip
+                             DECODE_REGS: gl.constexpr = 80,
+                             LUT: gl.constexpr = False):  # fmt: skip
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BN: gl.constexpr = q_desc.block_type.shape[0]
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * S, BM, 64], a_desc.layout)
@@ -224,7 +328,7 @@ if g.HAVE_GLUON:
                 (
                     _gs_decode,
                     (q_bufs, b_bufs, sc_bufs, ready, decoded, ws_ptr, stride_ws, M, N, K,
-                     BM, BN, S, GROUP, RC),
+                     BM, BN, S, GROUP, RC, LUT),
                 ),
                 (
                     _gs_load,
@@ -236,9 +340,12 @@ if g.HAVE_GLUON:
         )  # fmt: skip
 
 
-def group_scaled_gemm(xq, qweight, wscales, wtensor_scale, act_scale, out_dtype=torch.bfloat16):
+def group_scaled_gemm(
+    xq, qweight, wscales, wtensor_scale, act_scale, out_dtype=torch.bfloat16, lut=False
+):
     """``grouped_reference`` on the GPU: xq fp8 [M, K], int4 g64 codes [N, K / 2], fp16
-    scales [N, K / 64]; K a multiple of 128, N of 8."""
+    scales [N, K / 64]; K a multiple of 128, N of 8. ``lut``: the codes become e4m3 bytes
+    by byte permutation (``lut_decode_word``) instead of through fp32."""
     m, k = xq.shape
     n = qweight.shape[0]
     if k % BLOCK_K or n % 8 or qweight.shape[1] * 2 != k or wscales.shape[1] * 64 != k:
@@ -257,7 +364,7 @@ def group_scaled_gemm(xq, qweight, wscales, wtensor_scale, act_scale, out_dtype=
     _group_scaled_kernel[(min(tiles, g.num_sms(xq.device)),)](
         a, q, wscales, wscales.stride(0), c, wtensor_scale.float().reshape(1),
         act_scale.float().reshape(1), m, n, k,
-        S=STAGES, GROUP=g.GROUP_M, RC=CHUNK, num_warps=8, DECODE_REGS=DECODE_REGS,
+        S=STAGES, GROUP=g.GROUP_M, RC=CHUNK, num_warps=8, DECODE_REGS=DECODE_REGS, LUT=lut,
     )  # fmt: skip
     return y
 
@@ -275,10 +382,10 @@ def probe_row(m: int, n: int, k: int) -> dict:
     stored = (layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
     ts = layer.wtensor_scale
 
-    def ours():
-        return group_scaled_gemm(xq, layer.qweight, layer.wscales, ts, s)
+    def ours(lut=False):
+        return group_scaled_gemm(xq, layer.qweight, layer.wscales, ts, s, lut=lut)
 
-    got = ours().float()
+    got, got_lut = ours().float(), ours(True).float()
     ref = grouped_reference(xq, layer.qweight, layer.wscales, ts, s).float()
     engine = g.fp8_gemm_ws(xq, wq, s_ch, s, *none).float()
     return {
@@ -286,12 +393,14 @@ def probe_row(m: int, n: int, k: int) -> dict:
         "N": n,
         "K": k,
         "rel_err_vs_reference": ((got - ref).norm() / ref.norm()).item(),
+        "lut_equal": bool(torch.equal(got, got_lut)),
         "rel_diff_vs_engine": ((got - engine).norm() / engine.norm()).item(),
         "bf16_us": bench_graph(lambda: F.linear(x, layer.w16)),
         "widen_gemm_ws_us": bench_graph(
             lambda: g.fp8_gemm_ws(xq, *widen.widen_weight(*stored), s, *none)
         ),
         "group_scaled_us": bench_graph(ours),
+        "group_scaled_lut_us": bench_graph(lambda: ours(True)),
     }
 
 
@@ -306,17 +415,19 @@ def main(argv: list[str] | None = None) -> dict:
     from gemm import run_info, write_result
 
     rows = []
-    print("    M      N      K | bf16 us | widen+gemm_ws | group-scaled | x bf16 | err ref |"
-          " vs engine")  # fmt: skip
+    print("    M      N      K | bf16 us | widen+gemm_ws | group-scaled | LUT | x bf16 |"
+          " err ref | vs engine | LUT equal")  # fmt: skip
     for m in (int(v) for v in args.ms.split(",")):
         for shape in args.shapes.split(","):
             n, k = (int(v) for v in shape.split("x"))
             r = probe_row(m, n, k)
             rows.append(r)
+            best = min(r["group_scaled_us"], r["group_scaled_lut_us"])
             print(
                 f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:7.1f} | {r['widen_gemm_ws_us']:13.1f} | "
-                f"{r['group_scaled_us']:12.1f} | {r['bf16_us'] / r['group_scaled_us']:6.2f} | "
-                f"{r['rel_err_vs_reference']:.1e} | {r['rel_diff_vs_engine']:.1e}",
+                f"{r['group_scaled_us']:12.1f} | {r['group_scaled_lut_us']:5.1f} | "
+                f"{r['bf16_us'] / best:6.2f} | {r['rel_err_vs_reference']:.1e} | "
+                f"{r['rel_diff_vs_engine']:.1e} | {r['lut_equal']}",
                 flush=True,
             )
     result = {**run_info(), "stages": STAGES, "chunk": CHUNK, "rows": rows}

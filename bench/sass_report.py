@@ -765,6 +765,14 @@ def _group_scaled() -> dict[str, Any]:
     )
 
 
+@_spec("group_scaled_lut")
+def _group_scaled_lut() -> dict[str, Any]:
+    """The same with the codes turned into e4m3 bytes by byte permutation (``LUT``)."""
+    d = _group_scaled()
+    d["consts"].update(LUT=True)
+    return d
+
+
 @_spec("ws_decode_one_mul")
 def _ws_decode_one_mul() -> dict[str, Any]:
     """The same with one multiply a code (``s_group · (1 / c)`` a group)."""

@@ -467,3 +467,22 @@ def test_group_scaled_reference_is_the_stored_weights_product():
     wq, s_ch = ref.widen_weight_ref(q.packed, q.scales, q.tensor_scale, "int4")
     engine = (xq.float() @ wq.float().T) * s_ch * act
     assert ((engine - exact).norm() / exact.norm()).item() < 0.05  # fp8's 3 mantissa bits
+
+
+def test_group_scaled_lut_decode_is_each_codes_e4m3_byte():
+    """The LUT decode (``probe_group_scaled.lut_decode_word``: the inline PTX's byte
+    permutations, step for step) turns a word of 8 packed int4 codes into their exact e4m3
+    bytes in column order — every code value, in every position."""
+    from svdquant import formats
+
+    probe = _load("probe_group_scaled")
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (300, 4), generator=g, dtype=torch.uint8)
+    packed[:16, 0] = torch.arange(16, dtype=torch.uint8) * 17  # both nibbles: every code
+    want = formats.unpack(packed).float().to(torch.float8_e4m3fn).view(torch.uint8)
+    for row, expect in zip(packed.tolist(), want.tolist(), strict=True):
+        word = sum(b << (8 * i) for i, b in enumerate(row))
+        lo, hi = probe.lut_decode_word(word)
+        got = [(w >> (8 * i)) & 0xFF for w in (lo, hi) for i in range(4)]
+        assert got == expect
+    assert "prmt.b32" in probe._lut_ptx() and probe._lut_ptx().count("$1") == 1
