@@ -10,9 +10,11 @@ latents; SANA: 32 × 32 from its 32× autoencoder) with a prompt's worth of text
 (300 for PixArt-Σ and SANA, 77 for SDXL). Timed on that one model, in this order: BF16
 eagerly and through ``svdquant.cuda_graphed`` (what ``svdquant generate`` runs), then the
 same model quantized in place (``quantize_model``: the architecture's adapter, rank 32,
-α = 0.5, a synthetic calibration on the same inputs; speed does not depend on it) and
-fused as ``generate`` does, eagerly and graphed. Reports the median step of each
-(CUDA events), the weights' GiB and the step's peak, and ours × BF16 of the same run
+α = 0.5, a synthetic calibration on the same inputs; speed does not depend on it),
+eagerly and graphed, unfused (``svdq-int4-unfused``) and then fused as ``generate`` does
+(``svdq-int4``: since v39 the attention projections and PixArt's MLPs). Reports the
+median step of each (CUDA events), the weights' GiB and the step's peak, and ours × BF16
+of the same run
 (``--profile``: also the top ops of one eager step of each way, by GPU time);
 writes ``models-<device>-<date>.json`` under ``--out`` (default ``bench/results``, or
 ``$OUT``) and prints a table last. ``--tiny``: the test pipelines' denoisers on the CPU
@@ -144,11 +146,13 @@ def run(arch: str, ctx: e2e.Ctx, modes: Sequence[str]) -> list[dict[str, Any]]:
 
     model = build(arch, ctx.tiny, ctx.device)
     rows = []
-    for way in ("bf16", "svdq-int4"):
-        if way == "svdq-int4":
+    fused = 0
+    for way in ("bf16", "svdq-int4-unfused", "svdq-int4"):
+        if way == "svdq-int4-unfused":
             kw1 = inputs(arch, model, 1, ctx.tiny, ctx.device)
             cfg = svdquant.QuantizeConfig(alpha=0.5, max_samples=256, progress=False)
             svdquant.quantize_model(model, lambda m, kw=kw1: m(**kw), cfg)
+        elif way == "svdq-int4":  # as generate runs it
             fused = svdquant.fuse_projections(model)
         e2e._free()
         weights = e2e.state_bytes(model)
@@ -160,7 +164,7 @@ def run(arch: str, ctx: e2e.Ctx, modes: Sequence[str]) -> list[dict[str, Any]]:
                 if ctx.profile_rows and mode == "eager" and b == ctx.batches[0]:
                     row["profile"] = e2e.profile_step(lambda kw=kw, m=model: m(**kw), ctx, top=25)
                 row["weights_bytes"] = weights
-                if way == "svdq-int4":
+                if way.startswith("svdq"):
                     row["fused_modules"] = fused
                 rows.append(row)
     del model

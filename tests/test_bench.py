@@ -401,18 +401,20 @@ def test_ws_decode_probe_arithmetic_is_the_widens():
 
 def test_models_bench_times_each_architecture_both_ways(tmp_path, capsys):
     """``bench/models.py --tiny``: PixArt-Σ, SDXL and SANA's test denoisers, BF16 and
-    quantized in place (the adapter's layers swapped), a ratio for each; the JSON and a
-    table. Its real-size configs build the published sizes (on the meta device)."""
+    quantized in place (the adapter's layers swapped), unfused and fused, a ratio for each;
+    the JSON and a table. Its real-size configs build the published sizes (on the meta device)."""
     models = _load("models")
     res = models.main(["--tiny", "--out", str(tmp_path), "--steps", "1"])
     rows = res["rows"]
+    ways = ("bf16", "svdq-int4-unfused", "svdq-int4")
     assert [(r["model"], r["way"]) for r in rows] == [
-        (a, w) for a in ("pixart", "sdxl", "sana") for w in ("bf16", "svdq-int4")
+        (a, w) for a in ("pixart", "sdxl", "sana") for w in ways
     ]
     for r in rows:
         assert r["median_ms"] > 0 and r["x_bf16"] > 0
-    for bf16, ours in zip(rows[::2], rows[1::2], strict=True):  # the tiny layers: rank 32
-        assert ours["weights_bytes"] != bf16["weights_bytes"] and "fused_modules" in ours
+    for bf16, unfused, fused in zip(rows[::3], rows[1::3], rows[2::3], strict=True):
+        assert unfused["weights_bytes"] != bf16["weights_bytes"]  # the tiny layers: rank 32
+        assert unfused["fused_modules"] == 0 < fused["fused_modules"]  # the attentions
     (path,) = tmp_path.glob("models-*.json")
     assert json.loads(path.read_text())["rows"] == rows
     assert "| sdxl | svdq-int4 | eager | 1 |" in capsys.readouterr().out
