@@ -27,8 +27,10 @@ every code exact — closer to the stored weight), so the check is against
 ``grouped_reference`` (fp32 sums of the same products) within bf16 rounding, and the
 engine's output is reported beside. Times (one run, CUDA graphs): BF16 ``F.linear``, widen
 + ``gemm_ws`` (the engine's layer without its low-rank branch and bias), this kernel with
-the codes converted through fp32 and with ``LUT`` (three byte permutations per 8 codes,
-``lut_decode_word``; the same operand bytes, so the outputs must be equal).
+the codes converted through fp32, with ``LUT`` (three byte permutations per 4 codes,
+``lut_decode_word``) and with ``LUT`` + ``PIPE`` (each stage's second MMA in flight while
+the first one's partial sum is scaled) — the same operand bytes and the same sums, so the
+three outputs must be equal.
 GPU only (sm_90, triton 3.6's Gluon); compiled for sm_90 on any machine by
 ``bench/sass_report.py --kernels group_scaled``.
 """
@@ -228,7 +230,7 @@ if g.HAVE_GLUON:
                 sc_bufs.index(2 * s).store(sc0)
                 sc_bufs.index(2 * s + 1).store(sc1)
                 for r0 in gl.static_range(0, BN, RC):
-                    if LUT:  # 8 codes a word, three byte permutations (``lut_decode_word``)
+                    if LUT:  # 8 codes a word, 3 byte permutations per 4 (``lut_decode_word``)
                         q32 = q_bufs.index(s)._reinterpret(gl.int32, [BN, 16], q32_layout)
                         wq = gl.reshape(q32.slice(r0, RC, 0).load(words2), [RC, 2, 8])
                         a, b = _lut_decode(wq)  # columns 8i..8i+3, 8i+4..8i+7
@@ -258,7 +260,7 @@ if g.HAVE_GLUON:
     @gluon.jit
     def _gs_mma(a_bufs, b_bufs, sc_bufs, ready, decoded, empty, c_smem, c_desc, ts_ptr,
                 scale_ptr, M, N, K, BM: gl.constexpr, BN: gl.constexpr, S: gl.constexpr,
-                GROUP: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
+                GROUP: gl.constexpr, WARPS: gl.constexpr, PIPE: gl.constexpr):  # fmt: skip
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BN, 32]
         )
@@ -267,6 +269,7 @@ if g.HAVE_GLUON:
         grid_n = gl.cdiv(N, BN)
         out_scale = gl.load(scale_ptr) * gl.load(ts_ptr)
         part = gl.zeros([BM, BN], gl.float32, acc_layout)
+        part2 = gl.zeros([BM, BN], gl.float32, acc_layout)
         it = 0
         for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
             pid_m, pid_n = g._tile_coords(tile, grid_m, grid_n, GROUP)
@@ -275,17 +278,33 @@ if g.HAVE_GLUON:
                 s = it % S
                 mbarrier.wait(ready.index(s), (it // S) & 1)  # A landed
                 mbarrier.wait(decoded.index(s), (it // S) & 1)  # codes and scales ready
-                for gi in gl.static_range(2):
+                if PIPE:  # the second group's MMA runs while the first one's is scaled
                     part = warpgroup_mma(
-                        a_bufs.index(2 * s + gi),
-                        b_bufs.index(2 * s + gi).permute((1, 0)),
-                        part,
-                        use_acc=False,
-                        is_async=True,
-                    )
-                    part = warpgroup_mma_wait(0, deps=(part,))
-                    sg = sc_bufs.index(2 * s + gi).load(cols).to(gl.float32)
+                        a_bufs.index(2 * s), b_bufs.index(2 * s).permute((1, 0)), part,
+                        use_acc=False, is_async=True,
+                    )  # fmt: skip
+                    part2 = warpgroup_mma(
+                        a_bufs.index(2 * s + 1), b_bufs.index(2 * s + 1).permute((1, 0)),
+                        part2, use_acc=False, is_async=True,
+                    )  # fmt: skip
+                    part = warpgroup_mma_wait(1, deps=(part,))
+                    sg = sc_bufs.index(2 * s).load(cols).to(gl.float32)
                     acc = acc + part * gl.expand_dims(sg, 0)
+                    part2 = warpgroup_mma_wait(0, deps=(part2,))
+                    sg = sc_bufs.index(2 * s + 1).load(cols).to(gl.float32)
+                    acc = acc + part2 * gl.expand_dims(sg, 0)
+                else:
+                    for gi in gl.static_range(2):
+                        part = warpgroup_mma(
+                            a_bufs.index(2 * s + gi),
+                            b_bufs.index(2 * s + gi).permute((1, 0)),
+                            part,
+                            use_acc=False,
+                            is_async=True,
+                        )
+                        part = warpgroup_mma_wait(0, deps=(part,))
+                        sg = sc_bufs.index(2 * s + gi).load(cols).to(gl.float32)
+                        acc = acc + part * gl.expand_dims(sg, 0)
                 gl.thread_barrier()
                 mbarrier.arrive(empty.index(s), count=1)
                 it += 1
@@ -300,7 +319,7 @@ if g.HAVE_GLUON:
                              M, N, K, S: gl.constexpr, GROUP: gl.constexpr,
                              RC: gl.constexpr, num_warps: gl.constexpr,
                              DECODE_REGS: gl.constexpr = 80,
-                             LUT: gl.constexpr = False):  # fmt: skip
+                             LUT: gl.constexpr = False, PIPE: gl.constexpr = False):  # fmt: skip
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BN: gl.constexpr = q_desc.block_type.shape[0]
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * S, BM, 64], a_desc.layout)
@@ -323,7 +342,7 @@ if g.HAVE_GLUON:
                 (
                     _gs_mma,
                     (a_bufs, b_bufs, sc_bufs, ready, decoded, empty, c_smem, c_desc, ts_ptr,
-                     scale_ptr, M, N, K, BM, BN, S, GROUP, num_warps),
+                     scale_ptr, M, N, K, BM, BN, S, GROUP, num_warps, PIPE),
                 ),
                 (
                     _gs_decode,
@@ -341,11 +360,14 @@ if g.HAVE_GLUON:
 
 
 def group_scaled_gemm(
-    xq, qweight, wscales, wtensor_scale, act_scale, out_dtype=torch.bfloat16, lut=False
-):
+    xq, qweight, wscales, wtensor_scale, act_scale, out_dtype=torch.bfloat16, lut=False,
+    pipe=False,
+):  # fmt: skip
     """``grouped_reference`` on the GPU: xq fp8 [M, K], int4 g64 codes [N, K / 2], fp16
     scales [N, K / 64]; K a multiple of 128, N of 8. ``lut``: the codes become e4m3 bytes
-    by byte permutation (``lut_decode_word``) instead of through fp32."""
+    by byte permutation (``lut_decode_word``) instead of through fp32; ``pipe``: each
+    stage's second MMA runs while the first one's partial sum is scaled (two partial
+    accumulators; the decode warps at 64 registers to make room)."""
     m, k = xq.shape
     n = qweight.shape[0]
     if k % BLOCK_K or n % 8 or qweight.shape[1] * 2 != k or wscales.shape[1] * 64 != k:
@@ -364,7 +386,8 @@ def group_scaled_gemm(
     _group_scaled_kernel[(min(tiles, g.num_sms(xq.device)),)](
         a, q, wscales, wscales.stride(0), c, wtensor_scale.float().reshape(1),
         act_scale.float().reshape(1), m, n, k,
-        S=STAGES, GROUP=g.GROUP_M, RC=CHUNK, num_warps=8, DECODE_REGS=DECODE_REGS, LUT=lut,
+        S=STAGES, GROUP=g.GROUP_M, RC=CHUNK, num_warps=8, LUT=lut, PIPE=pipe,
+        DECODE_REGS=64 if pipe else DECODE_REGS,
     )  # fmt: skip
     return y
 
@@ -382,10 +405,10 @@ def probe_row(m: int, n: int, k: int) -> dict:
     stored = (layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
     ts = layer.wtensor_scale
 
-    def ours(lut=False):
-        return group_scaled_gemm(xq, layer.qweight, layer.wscales, ts, s, lut=lut)
+    def ours(lut=False, pipe=False):
+        return group_scaled_gemm(xq, layer.qweight, layer.wscales, ts, s, lut=lut, pipe=pipe)
 
-    got, got_lut = ours().float(), ours(True).float()
+    got, got_lut, got_pipe = ours().float(), ours(True).float(), ours(True, True).float()
     ref = grouped_reference(xq, layer.qweight, layer.wscales, ts, s).float()
     engine = g.fp8_gemm_ws(xq, wq, s_ch, s, *none).float()
     return {
@@ -394,6 +417,7 @@ def probe_row(m: int, n: int, k: int) -> dict:
         "K": k,
         "rel_err_vs_reference": ((got - ref).norm() / ref.norm()).item(),
         "lut_equal": bool(torch.equal(got, got_lut)),
+        "pipe_equal": bool(torch.equal(got, got_pipe)),
         "rel_diff_vs_engine": ((got - engine).norm() / engine.norm()).item(),
         "bf16_us": bench_graph(lambda: F.linear(x, layer.w16)),
         "widen_gemm_ws_us": bench_graph(
@@ -401,6 +425,7 @@ def probe_row(m: int, n: int, k: int) -> dict:
         ),
         "group_scaled_us": bench_graph(ours),
         "group_scaled_lut_us": bench_graph(lambda: ours(True)),
+        "group_scaled_pipe_us": bench_graph(lambda: ours(True, True)),
     }
 
 
@@ -415,19 +440,19 @@ def main(argv: list[str] | None = None) -> dict:
     from gemm import run_info, write_result
 
     rows = []
-    print("    M      N      K | bf16 us | widen+gemm_ws | group-scaled | LUT | x bf16 |"
-          " err ref | vs engine | LUT equal")  # fmt: skip
+    print("    M      N      K | bf16 us | widen+gemm_ws | group-scaled | LUT | +pipe |"
+          " x bf16 | err ref | vs engine | equal")  # fmt: skip
     for m in (int(v) for v in args.ms.split(",")):
         for shape in args.shapes.split(","):
             n, k = (int(v) for v in shape.split("x"))
             r = probe_row(m, n, k)
             rows.append(r)
-            best = min(r["group_scaled_us"], r["group_scaled_lut_us"])
+            times = [r[f"group_scaled{w}_us"] for w in ("", "_lut", "_pipe")]
             print(
                 f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:7.1f} | {r['widen_gemm_ws_us']:13.1f} | "
-                f"{r['group_scaled_us']:12.1f} | {r['group_scaled_lut_us']:5.1f} | "
-                f"{r['bf16_us'] / best:6.2f} | {r['rel_err_vs_reference']:.1e} | "
-                f"{r['rel_diff_vs_engine']:.1e} | {r['lut_equal']}",
+                f"{times[0]:12.1f} | {times[1]:5.1f} | {times[2]:5.1f} | "
+                f"{r['bf16_us'] / min(times):6.2f} | {r['rel_err_vs_reference']:.1e} | "
+                f"{r['rel_diff_vs_engine']:.1e} | {r['lut_equal']}/{r['pipe_equal']}",
                 flush=True,
             )
     result = {**run_info(), "stages": STAGES, "chunk": CHUNK, "rows": rows}

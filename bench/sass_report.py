@@ -773,6 +773,15 @@ def _group_scaled_lut() -> dict[str, Any]:
     return d
 
 
+@_spec("group_scaled_pipe")
+def _group_scaled_pipe() -> dict[str, Any]:
+    """The LUT decode with the second group's MMA in flight while the first's partial
+    sum is scaled (``PIPE``: two partial accumulators), the decode warps at 64 registers."""
+    d = _group_scaled()
+    d["consts"].update(LUT=True, PIPE=True, DECODE_REGS=64)
+    return d
+
+
 @_spec("ws_decode_one_mul")
 def _ws_decode_one_mul() -> dict[str, Any]:
     """The same with one multiply a code (``s_group · (1 / c)`` a group)."""
