@@ -29,8 +29,8 @@ engine's output is reported beside. Times (one run, CUDA graphs): BF16 ``F.linea
 + ``gemm_ws`` (the engine's layer without its low-rank branch and bias), this kernel with
 the codes converted through fp32, with ``LUT`` (three byte permutations per 4 codes,
 ``lut_decode_word``) and with ``LUT`` + ``PIPE`` (each stage's second MMA in flight while
-the first one's partial sum is scaled) — the same operand bytes and the same sums, so the
-three outputs must be equal.
+the first one's partial sum is scaled) and with ``LUT`` in two decode warpgroups — the
+same operand bytes and the same sums, so the four outputs must be equal.
 GPU only (sm_90, triton 3.6's Gluon); compiled for sm_90 on any machine by
 ``bench/sass_report.py --kernels group_scaled``.
 """
@@ -197,10 +197,12 @@ if g.HAVE_GLUON:
     @gluon.jit
     def _gs_decode(q_bufs, b_bufs, sc_bufs, ready, decoded, ws_ptr, stride_ws, M, N, K,
                    BM: gl.constexpr, BN: gl.constexpr, S: gl.constexpr, GROUP: gl.constexpr,
-                   RC: gl.constexpr, LUT: gl.constexpr):  # fmt: skip
-        # a chunk's codes: RC rows x 64 bytes (both groups), 8 bytes of each group a
-        # thread — as [rows, group, 32 bytes] the same registers (no layout conversion), so
-        # that the two groups' values can be split apart in registers
+                   RC: gl.constexpr, LUT: gl.constexpr, ROW0: gl.constexpr,
+                   ROWS: gl.constexpr):  # fmt: skip
+        # this warpgroup decodes the tile's rows ROW0 .. ROW0 + ROWS (two warpgroups: half
+        # each, DECODE_WGS). A chunk's codes: RC rows x 64 bytes (both groups), 8 bytes of
+        # each group a thread — as [rows, group, 32 bytes] the same registers (no layout
+        # conversion), so that the two groups' values can be split apart in registers
         codes2: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
         # LUT: the same bytes as 32-bit words, 2 words of each group a thread, through
         # 32-bit views of the code and operand buffers (their 64-byte rows and swizzle)
@@ -217,7 +219,7 @@ if g.HAVE_GLUON:
         it = 0
         for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
             pid_n = g._tile_coords(tile, grid_m, grid_n, GROUP)[1]
-            rn = pid_n * BN + gl.arange(0, BN, layout=vec)
+            rn = pid_n * BN + ROW0 + gl.arange(0, ROWS, layout=vec)
             for k in range(0, K, 128):
                 s = it % S
                 # the two groups' scales of the tile's rows, loaded while the stage fills;
@@ -227,9 +229,9 @@ if g.HAVE_GLUON:
                 sc0 = gl.load(ptrs, mask=rn < N, other=0.0)
                 sc1 = gl.load(ptrs + 1, mask=rn < N, other=0.0)
                 mbarrier.wait(ready.index(s), (it // S) & 1)
-                sc_bufs.index(2 * s).store(sc0)
-                sc_bufs.index(2 * s + 1).store(sc1)
-                for r0 in gl.static_range(0, BN, RC):
+                sc_bufs.index(2 * s).slice(ROW0, ROWS).store(sc0)
+                sc_bufs.index(2 * s + 1).slice(ROW0, ROWS).store(sc1)
+                for r0 in gl.static_range(ROW0, ROW0 + ROWS, RC):
                     if LUT:  # 8 codes a word, 3 byte permutations per 4 (``lut_decode_word``)
                         q32 = q_bufs.index(s)._reinterpret(gl.int32, [BN, 16], q32_layout)
                         wq = gl.reshape(q32.slice(r0, RC, 0).load(words2), [RC, 2, 8])
@@ -319,7 +321,8 @@ if g.HAVE_GLUON:
                              M, N, K, S: gl.constexpr, GROUP: gl.constexpr,
                              RC: gl.constexpr, num_warps: gl.constexpr,
                              DECODE_REGS: gl.constexpr = 80,
-                             LUT: gl.constexpr = False, PIPE: gl.constexpr = False):  # fmt: skip
+                             LUT: gl.constexpr = False, PIPE: gl.constexpr = False,
+                             DECODE_WGS: gl.constexpr = 1):  # fmt: skip
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BN: gl.constexpr = q_desc.block_type.shape[0]
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * S, BM, 64], a_desc.layout)
@@ -335,8 +338,37 @@ if g.HAVE_GLUON:
         empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(S):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(decoded.index(i), count=1)
+            mbarrier.init(decoded.index(i), count=DECODE_WGS)
             mbarrier.init(empty.index(i), count=1)
+        if DECODE_WGS == 2:  # two decode warpgroups, half the rows each
+            half: gl.constexpr = BN // 2
+            gl.warp_specialize(
+                [
+                    (
+                        _gs_mma,
+                        (a_bufs, b_bufs, sc_bufs, ready, decoded, empty, c_smem, c_desc,
+                         ts_ptr, scale_ptr, M, N, K, BM, BN, S, GROUP, num_warps, PIPE),
+                    ),
+                    (
+                        _gs_decode,
+                        (q_bufs, b_bufs, sc_bufs, ready, decoded, ws_ptr, stride_ws, M, N, K,
+                         BM, BN, S, GROUP, RC, LUT, 0, half),
+                    ),
+                    (
+                        _gs_decode,
+                        (q_bufs, b_bufs, sc_bufs, ready, decoded, ws_ptr, stride_ws, M, N, K,
+                         BM, BN, S, GROUP, RC, LUT, half, half),
+                    ),
+                    (
+                        _gs_load,
+                        (a_desc, q_desc, a_bufs, q_bufs, ready, empty, M, N, K, BM, BN, S,
+                         GROUP),
+                    ),
+                ],
+                [4, 4, 4],
+                [DECODE_REGS, DECODE_REGS, 40],
+            )  # fmt: skip
+            return
         gl.warp_specialize(
             [
                 (
@@ -347,7 +379,7 @@ if g.HAVE_GLUON:
                 (
                     _gs_decode,
                     (q_bufs, b_bufs, sc_bufs, ready, decoded, ws_ptr, stride_ws, M, N, K,
-                     BM, BN, S, GROUP, RC, LUT),
+                     BM, BN, S, GROUP, RC, LUT, 0, BN),
                 ),
                 (
                     _gs_load,
@@ -361,13 +393,17 @@ if g.HAVE_GLUON:
 
 def group_scaled_gemm(
     xq, qweight, wscales, wtensor_scale, act_scale, out_dtype=torch.bfloat16, lut=False,
-    pipe=False,
+    pipe=False, decode_wgs=1,
 ):  # fmt: skip
     """``grouped_reference`` on the GPU: xq fp8 [M, K], int4 g64 codes [N, K / 2], fp16
     scales [N, K / 64]; K a multiple of 128, N of 8. ``lut``: the codes become e4m3 bytes
     by byte permutation (``lut_decode_word``) instead of through fp32; ``pipe``: each
     stage's second MMA runs while the first one's partial sum is scaled (two partial
-    accumulators; the decode warps at 64 registers to make room)."""
+    accumulators; the decode warps at 64 registers to make room); ``decode_wgs`` 2: two
+    decode warpgroups, half the rows each (the decode is latency-bound, NOTES v39; 20
+    warps, 96 registers a thread at launch: not with ``pipe``)."""
+    if decode_wgs not in (1, 2) or (pipe and decode_wgs != 1):
+        raise ValueError(f"probe: decode_wgs 1 or 2, and 1 with pipe; got {decode_wgs}")
     m, k = xq.shape
     n = qweight.shape[0]
     if k % BLOCK_K or n % 8 or qweight.shape[1] * 2 != k or wscales.shape[1] * 64 != k:
@@ -387,7 +423,7 @@ def group_scaled_gemm(
         a, q, wscales, wscales.stride(0), c, wtensor_scale.float().reshape(1),
         act_scale.float().reshape(1), m, n, k,
         S=STAGES, GROUP=g.GROUP_M, RC=CHUNK, num_warps=8, LUT=lut, PIPE=pipe,
-        DECODE_REGS=64 if pipe else DECODE_REGS,
+        DECODE_REGS=64 if pipe or decode_wgs == 2 else DECODE_REGS, DECODE_WGS=decode_wgs,
     )  # fmt: skip
     return y
 
@@ -405,10 +441,13 @@ def probe_row(m: int, n: int, k: int) -> dict:
     stored = (layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
     ts = layer.wtensor_scale
 
-    def ours(lut=False, pipe=False):
-        return group_scaled_gemm(xq, layer.qweight, layer.wscales, ts, s, lut=lut, pipe=pipe)
+    def ours(lut=False, pipe=False, wgs=1):
+        return group_scaled_gemm(
+            xq, layer.qweight, layer.wscales, ts, s, lut=lut, pipe=pipe, decode_wgs=wgs
+        )
 
     got, got_lut, got_pipe = ours().float(), ours(True).float(), ours(True, True).float()
+    got_2wg = ours(True, wgs=2).float()
     ref = grouped_reference(xq, layer.qweight, layer.wscales, ts, s).float()
     engine = g.fp8_gemm_ws(xq, wq, s_ch, s, *none).float()
     return {
@@ -418,6 +457,7 @@ def probe_row(m: int, n: int, k: int) -> dict:
         "rel_err_vs_reference": ((got - ref).norm() / ref.norm()).item(),
         "lut_equal": bool(torch.equal(got, got_lut)),
         "pipe_equal": bool(torch.equal(got, got_pipe)),
+        "two_wg_equal": bool(torch.equal(got, got_2wg)),
         "rel_diff_vs_engine": ((got - engine).norm() / engine.norm()).item(),
         "bf16_us": bench_graph(lambda: F.linear(x, layer.w16)),
         "widen_gemm_ws_us": bench_graph(
@@ -426,6 +466,7 @@ def probe_row(m: int, n: int, k: int) -> dict:
         "group_scaled_us": bench_graph(ours),
         "group_scaled_lut_us": bench_graph(lambda: ours(True)),
         "group_scaled_pipe_us": bench_graph(lambda: ours(True, True)),
+        "group_scaled_2wg_us": bench_graph(lambda: ours(True, wgs=2)),
     }
 
 
@@ -441,18 +482,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = []
     print("    M      N      K | bf16 us | widen+gemm_ws | group-scaled | LUT | +pipe |"
-          " x bf16 | err ref | vs engine | equal")  # fmt: skip
+          " LUT 2wg | x bf16 | err ref | vs engine | equal")  # fmt: skip
     for m in (int(v) for v in args.ms.split(",")):
         for shape in args.shapes.split(","):
             n, k = (int(v) for v in shape.split("x"))
             r = probe_row(m, n, k)
             rows.append(r)
-            times = [r[f"group_scaled{w}_us"] for w in ("", "_lut", "_pipe")]
+            times = [r[f"group_scaled{w}_us"] for w in ("", "_lut", "_pipe", "_2wg")]
             print(
                 f"{m:5d} {n:6d} {k:6d} | {r['bf16_us']:7.1f} | {r['widen_gemm_ws_us']:13.1f} | "
-                f"{times[0]:12.1f} | {times[1]:5.1f} | {times[2]:5.1f} | "
+                f"{times[0]:12.1f} | {times[1]:5.1f} | {times[2]:5.1f} | {times[3]:7.1f} | "
                 f"{r['bf16_us'] / min(times):6.2f} | {r['rel_err_vs_reference']:.1e} | "
-                f"{r['rel_diff_vs_engine']:.1e} | {r['lut_equal']}/{r['pipe_equal']}",
+                f"{r['rel_diff_vs_engine']:.1e} | "
+                f"{r['lut_equal']}/{r['pipe_equal']}/{r['two_wg_equal']}",
                 flush=True,
             )
     result = {**run_info(), "stages": STAGES, "chunk": CHUNK, "rows": rows}

@@ -782,6 +782,15 @@ def _group_scaled_pipe() -> dict[str, Any]:
     return d
 
 
+@_spec("group_scaled_2wg")
+def _group_scaled_2wg() -> dict[str, Any]:
+    """The LUT decode in two warpgroups, half the rows each (``DECODE_WGS``), 64
+    registers a thread."""
+    d = _group_scaled()
+    d["consts"].update(LUT=True, DECODE_WGS=2, DECODE_REGS=64)
+    return d
+
+
 @_spec("ws_decode_one_mul")
 def _ws_decode_one_mul() -> dict[str, Any]:
     """The same with one multiply a code (``s_group · (1 / c)`` a group)."""

@@ -446,6 +446,10 @@ def test_probes_of_the_gpu_refuse_the_cpu_clearly(monkeypatch, tmp_path):
             probe.ws_decode_gemm(x, q, s, s[:, 0], s[:, 0], s[0, 0], block_m=64)
         with pytest.raises(ValueError, match="fp16 group scales"):
             probe.ws_decode_gemm(x, q, s.float(), s[:, 0], s[:, 0], s[0, 0])
+        gs = _load("probe_group_scaled")
+        for kw in ({"decode_wgs": 3}, {"decode_wgs": 2, "pipe": True}):
+            with pytest.raises(ValueError, match="decode_wgs 1 or 2"):
+                gs.group_scaled_gemm(x, q, s, s[0, 0], s[0, 0], **kw)
 
 
 def test_group_scaled_reference_is_the_stored_weights_product():
