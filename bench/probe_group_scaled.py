@@ -404,20 +404,11 @@ def group_scaled_gemm(
     warps, 96 registers a thread at launch: not with ``pipe``)."""
     if decode_wgs not in (1, 2) or (pipe and decode_wgs != 1):
         raise ValueError(f"probe: decode_wgs 1 or 2, and 1 with pipe; got {decode_wgs}")
+    y, q, c = wsd.stored_operands(xq, qweight, wscales, out_dtype, BLOCK_M)
     m, k = xq.shape
     n = qweight.shape[0]
-    if k % BLOCK_K or n % 8 or qweight.shape[1] * 2 != k or wscales.shape[1] * 64 != k:
-        raise ValueError(f"probe shapes: K a multiple of {BLOCK_K}, N of 8; got {n} x {k}")
-    if wscales.dtype != torch.float16 or wscales.stride(1) != 1:
-        raise ValueError("probe: fp16 group scales with contiguous rows (int4's stored format)")
-    y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    a = g.GluonDescriptor.from_tensor(
-        xq, [BLOCK_M, 64], g._layout(BLOCK_M, 64, torch.float8_e4m3fn)
-    )
-    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 64], gl.uint8)
-    q = g.GluonDescriptor.from_tensor(qweight, [BLOCK_N, 64], q_layout)
-    c_block = [BLOCK_M, BLOCK_N // 2]
-    c = g.GluonDescriptor.from_tensor(y, c_block, g._layout(*c_block, out_dtype))
+    a_layout = g._layout(BLOCK_M, 64, torch.float8_e4m3fn)
+    a = g.GluonDescriptor.from_tensor(xq, [BLOCK_M, 64], a_layout)
     tiles = g.cdiv(m, BLOCK_M) * g.cdiv(n, BLOCK_N)
     _group_scaled_kernel[(min(tiles, g.num_sms(xq.device)),)](
         a, q, wscales, wscales.stride(0), c, wtensor_scale.float().reshape(1),

@@ -272,6 +272,25 @@ if g.HAVE_GLUON:
         )  # fmt: skip
 
 
+def stored_operands(xq, qweight, wscales, out_dtype, block_m):
+    """What both decoding probes take and make (this one and ``probe_group_scaled``):
+    the stored int4 g64 weight checked — K a multiple of 128, N of 8, fp16 scales with
+    contiguous rows — the output ``y`` [M, N], the codes' TMA descriptor ([128, 64
+    bytes]) and the output's ([block_m, 64]): ``(y, q_desc, c_desc)``."""
+    m, k = xq.shape
+    n = qweight.shape[0]
+    if k % BLOCK_K or n % 8 or qweight.shape[1] * 2 != k or wscales.shape[1] * 64 != k:
+        raise ValueError(f"probe shapes: K a multiple of {BLOCK_K}, N of 8; got {n} x {k}")
+    if wscales.dtype != torch.float16 or wscales.stride(1) != 1:
+        raise ValueError("probe: fp16 group scales with contiguous rows (int4's stored format)")
+    y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K // 2], gl.uint8)
+    q = g.GluonDescriptor.from_tensor(qweight, [BLOCK_N, BLOCK_K // 2], q_layout)
+    c_block = [block_m, BLOCK_N // 2]
+    c = g.GluonDescriptor.from_tensor(y, c_block, g._layout(*c_block, out_dtype))
+    return y, q, c
+
+
 def ws_decode_gemm(
     xq,
     qweight,
@@ -288,22 +307,14 @@ def ws_decode_gemm(
     int4 g64 codes [N, K / 2], fp16 scales [N, K / 64], ``inv_c = 1 / widen_row_scale``
     (``one_mul``: ``decode_reference``'s other operand; ``block_m`` 256: the two MMA
     warpgroups take 128 rows each of one decoded weight tile — half the decode a row)."""
-    m, k = xq.shape
-    n = qweight.shape[0]
-    if k % BLOCK_K or n % 8 or qweight.shape[1] * 2 != k or wscales.shape[1] * 64 != k:
-        raise ValueError(f"probe shapes: K a multiple of {BLOCK_K}, N of 8; got {n} x {k}")
-    if wscales.dtype != torch.float16 or wscales.stride(1) != 1:
-        raise ValueError("probe: fp16 group scales with contiguous rows (int4's stored format)")
-    y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if block_m not in (128, 256):
         raise ValueError(f"probe: block_m 128 or 256, got {block_m}")
+    y, q, c = stored_operands(xq, qweight, wscales, out_dtype, block_m)
+    m, k = xq.shape
+    n = qweight.shape[0]
     a = g.GluonDescriptor.from_tensor(
         xq, [block_m, BLOCK_K], g._layout(block_m, BLOCK_K, torch.float8_e4m3fn)
     )
-    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K // 2], gl.uint8)
-    q = g.GluonDescriptor.from_tensor(qweight, [BLOCK_N, BLOCK_K // 2], q_layout)
-    c_block = [block_m, BLOCK_N // 2]
-    c = g.GluonDescriptor.from_tensor(y, c_block, g._layout(*c_block, out_dtype))
     tiles = g.cdiv(m, block_m) * g.cdiv(n, BLOCK_N)
     _ws_decode_kernel[(min(tiles, g.num_sms(xq.device)),)](
         a, q, wscales, wscales.stride(0), c, inv_c, s_channel, act_scale.float().reshape(1),
