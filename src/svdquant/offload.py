@@ -9,8 +9,9 @@ a quantized FLUX.1-dev transformer (6.6 GB) under that hook took ~9 s an image a
 ~3 s kept on the GPU, at the same 94 ms a step.
 
 ``keep_host_copy(module)`` changes only how ``module`` moves between the CPU and a
-device: the first move in pins its weights (page-locked host memory, which the copy
-engines read directly), each move out gives every tensor that was not changed on the device
+device: the first move in page-locks its weights' host memory (the copy engines read it
+directly; large weights are registered in place with ``cudaHostRegister``, small ones
+copied into pinned memory), each move out gives every tensor that was not changed on the device
 its pinned host copy back instead of copying it (a tensor changed in place, replaced or
 added while there — a LoRA loaded, a strength set — is copied, as before)::
 
@@ -24,7 +25,8 @@ in under ``torch.inference_mode`` keep no version counter, so they are copied ou
 before (diffusers' pipelines run under ``torch.no_grad``, which keeps it). The module
 stays the same object (its ``_apply`` is extended), so a pipeline sees no difference.
 On the H200 (v39, ``bench/offload.py --text-encoder``: the denoiser and a T5-XXL-sized
-encoder, both kept): the first image 18.6 s against 14.6 (pinning 16 GB), each later one
+encoder, both kept): the first image 18.6 s against 14.6 (pinning 16 GB by copies, since
+v40 in place: ``bench/probe_pin.py``, 8.6 GB in 0.6 s instead of 7.5 s), each later one
 3.6 s against 14.4. ``svdquant eval`` (an image a pipeline call) uses it under offload
 for the quantized pipeline;
 ``svdquant generate`` (one call) does not.
@@ -32,8 +34,10 @@ for the quantized pipeline;
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -42,6 +46,7 @@ from torch import nn
 __all__ = ["keep_host_copy"]
 
 _STATE = "_svdq_host_copies"
+_MIN_REGISTER = 1 << 20  # bytes: smaller weights are copied into pinned memory (cheap)
 
 
 class _Kept(NamedTuple):
@@ -100,14 +105,49 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
-def _pinned(t: torch.Tensor) -> torch.Tensor:
+def _page_locked(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in page-locked host memory: its own memory registered in place where it is
+    large (v40 on the H200: 0.6 s for 8.6 GB against 7.5 s for pinned copies, the copies to
+    the GPU equally fast), else a pinned copy; ``t`` itself where it cannot be pinned."""
     if t.is_pinned() or not torch.cuda.is_available():
+        return t
+    storage = t.untyped_storage()
+    if storage.nbytes() >= _MIN_REGISTER and _register(storage):
         return t
     try:
         return t.pin_memory()
     except RuntimeError as e:  # out of page-locked memory: pageable still works
         warnings.warn(f"keep_host_copy: cannot pin a weight ({e}); it stays pageable", stacklevel=3)
         return t
+
+
+def _register(storage: torch.UntypedStorage) -> bool:
+    """Page-lock ``storage``'s memory in place until the storage is freed; False (and no
+    CUDA error left behind) where the driver refuses, e.g. memory it cannot lock."""
+    ptr = storage.data_ptr()
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostRegister(ptr, storage.nbytes(), 0)) != 0:
+        _clear_cuda_error()
+        return False
+    done = weakref.finalize(storage, _unregister, ptr)
+    done.atexit = False  # the process's exit releases it anyway
+    return True
+
+
+def _unregister(ptr: int) -> None:
+    if int(torch.cuda.cudart().cudaHostUnregister(ptr)) != 0:
+        _clear_cuda_error()
+
+
+def _clear_cuda_error() -> None:
+    """Consume the error a refused CUDA runtime call leaves as the thread's last error, which
+    PyTorch's next kernel launch would otherwise report as its own failure."""
+    get_last = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+    if get_last is not None:
+        get_last()
+        return
+    with contextlib.suppress(RuntimeError):  # PyTorch's launch check reads (and clears) it
+        torch.empty(1, device="cuda").zero_()
 
 
 def _apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
@@ -142,7 +182,7 @@ def _apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
     hosts = {}
     for table, name, t in slots:  # pin once: later moves start from the pinned copies
         data = t.data if isinstance(t, nn.Parameter) else t
-        pinned = _pinned(data)
+        pinned = _page_locked(data)
         if pinned is not data:
             if isinstance(t, nn.Parameter):
                 t.data = pinned
