@@ -91,11 +91,10 @@ def test_eval_prepares_each_pipeline_as_generate_does(dirs, tmp_path, monkeypatc
     assert fused == [True]  # once, on the quantized denoiser
 
 
-def test_eval_under_offload_keeps_pinned_host_copies(dirs, tmp_path, monkeypatch, capsys):
-    """eval calls each pipeline once an image: under model CPU offload on a GPU, every
-    model of the quantized pipeline keeps pinned host copies (``keep_host_copy``),
-    installed before the offload — not the 16-bit one's (twice the pinned memory);
-    ``generate`` (one call) uses none. The device's calls are recorded, on the CPU."""
+def test_offload_keeps_page_locked_host_copies(dirs, tmp_path, monkeypatch, capsys):
+    """Under model CPU offload on a GPU every model of every pipeline moves from
+    page-locked host memory (``keep_host_copy``, installed before the offload): eval's two
+    pipelines and generate's one. The device's calls are recorded, on the CPU."""
     import diffusers
 
     import svdquant.offload
@@ -113,12 +112,13 @@ def test_eval_under_offload_keeps_pinned_host_copies(dirs, tmp_path, monkeypatch
     monkeypatch.setattr(diffusers.DiffusionPipeline, "enable_model_cpu_offload", offload)
     argv = [*eval_argv(dirs[0], dirs[1], tmp_path, n=1), "--cpu-offload", "--device", "cuda"]
     assert main(argv) == 0
+    models = ["T5EncoderModel", "AutoencoderKL"]
     kept = sorted(name for what, name in order if what == "keep")
-    assert kept == sorted(["CUDAGraphed", "T5EncoderModel", "AutoencoderKL"])
-    assert [o[0] for o in order] == ["offload", "keep", "keep", "keep", "offload"]
-    assert "keep pinned host copies" in capsys.readouterr().out
+    assert kept == sorted([*models, *models, "CUDAGraphed", "CUDAGraphed"])
+    assert [o[0] for o in order] == ["keep"] * 3 + ["offload"] + ["keep"] * 3 + ["offload"]
+    assert "move between page-locked host memory and the GPU" in capsys.readouterr().out
     order.clear()
     gen = ["generate", "--model", str(dirs[1]), "--prompt", "a cat", "--cpu-offload"]
     gen += ["--out", str(tmp_path / "o.png"), "--steps", "1", *SIZE, "--dtype", "float32"]
     assert main([*gen, "--device", "cuda"]) == 0
-    assert order == [("offload", "cuda")]
+    assert [o[0] for o in order] == ["keep"] * 3 + ["offload"]
