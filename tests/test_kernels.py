@@ -230,6 +230,73 @@ def test_quantize_act_cat_refuses_bad_input():
         quantize_act(x, s, down, one, 128, "int4", tail=x, tail_act="relu")
 
 
+@pytest.mark.parametrize(
+    ("m", "k", "act", "dtype", "k_out"),
+    [
+        (1, 64, "gelu", torch.bfloat16, 64),
+        (3, 70, "gelu", torch.float16, 128),  # K not a group multiple
+        (257, 192, "gelu", torch.bfloat16, 256),  # k_out past K: zero columns
+        (17, 40, "silu", torch.float32, 64),
+        (5, 130, "none", torch.bfloat16, 192),
+    ],
+)
+@pytest.mark.parametrize("act_fmt", ["int4", "fp8"])
+def test_quantize_act_gated_matches_reference(m, k, act, dtype, k_out, act_fmt):
+    """quantize of ``x · act(gate)`` read from the two halves of a gated linear unit (SDXL's
+    GEGLU: views into the up projection's output, rows 2K apart): value for value the
+    reference's, which writes the activation and the product in x's dtype first."""
+    up = torch.cat([_acts(m, k, dtype, seed=3), _acts(m, k, dtype, seed=4) * 0.7], dim=-1)
+    x, gate = up.chunk(2, dim=-1)
+    s = _smooth(k)
+    down, _ = _lowrank(8, k, 4, dtype)
+    h = (x.float() * ref.activation_ref(gate, act).to(dtype).float()).to(dtype)
+    act_scale = ref.act_scale_from_amax((h.float() / s).abs().amax() * 0.8)
+    xq, lora = quantize_act(
+        x, s, down, act_scale, k_out, act_fmt, tail=gate, tail_act=act, gated=True
+    )
+    xq_ref, lora_ref = ref.quantize_act_gated_ref(x, gate, act, s, down, act_scale, k_out, act_fmt)
+    assert xq.shape == (m, k_out) and lora.shape == (m, 4)
+    if act == "none" or DEVICE == "cpu":
+        assert same_values(xq, xq_ref)
+    else:  # the GPU's erf / exp differ from torch's in the last fp32 bits: a rare bf16 flip
+        assert fp8_close(xq, xq_ref, max_frac=5e-3)
+    assert rel_err(lora, lora_ref) < 1e-4
+    with pytest.raises(ValueError, match="gated input needs a tail of x's shape"):
+        quantize_act(x, s, down, act_scale, k_out, act_fmt, tail=gate[:, 1:], gated=True)
+
+
+@pytest.mark.parametrize("act_fmt", ["int4", "fp8"])
+def test_forward_gated_on_the_engine(act_fmt):
+    """``SVDQLinear.forward_gated`` on the engine = the layer on ``x · gelu(gate)`` (what
+    diffusers' GEGLU hands its down projection); the reference backend multiplies first,
+    the same numbers; bad input is refused; fullgraph compiles."""
+    _, layer, calib = _layer("int4", act_fmt, k=200, n=48)
+    x = calib[:33].reshape(3, 11, 200)
+    up = torch.cat([x, x.flip(0) * 0.5], dim=-1)
+    value, gate = up.chunk(2, dim=-1)
+    h = value * torch.nn.functional.gelu(gate)
+    for backend in ("triton", "reference"):
+        layer.backend = backend
+        y = layer.forward_gated(value, gate, "gelu")
+        assert y.shape == (3, 11, 48)
+        assert rel_err(y, layer(h)) <= TOL
+    with pytest.raises(ValueError, match=r"must both be \[\.\.\., 200\]"):
+        layer.forward_gated(value, gate[..., 1:])
+    with pytest.raises(ValueError, match="share a dtype"):
+        layer.forward_gated(value, gate.half())
+    with pytest.raises(ValueError, match="unknown activation"):
+        layer.forward_gated(value, gate, "relu")
+    layer.act_fmt = "none"
+    with pytest.raises(ValueError, match="act_fmt int4 or fp8"):
+        svdquant.kernels.svdq_linear_gated_triton(layer, value, gate)
+    layer.act_fmt = act_fmt
+    torch._dynamo.reset()
+    layer.backend = "triton"
+    fn = lambda a, b: layer.forward_gated(a, b, "gelu")  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(value, gate), fn(value, gate))
+
+
 @pytest.mark.parametrize("act_fmt", ["int4", "fp8"])
 def test_forward_cat_on_the_engine(act_fmt):
     """``SVDQLinear.forward_cat`` on the engine = the layer on ``cat([x, gelu(tail)])``;
@@ -1942,3 +2009,36 @@ def test_fused_pixart_runtime_on_the_engine(monkeypatch):
     assert calls["linear"] + calls["split"] == 5 * n_blocks and calls["mlp"] == n_blocks
     assert rel_err(fused, unfused) <= TOL
     svdquant.unfuse_projections(model)
+
+
+@torch.no_grad()
+def test_fused_sdxl_runtime_on_the_engine(monkeypatch):
+    """``fuse_projections`` on a tiny SDXL UNet, on the engine: each GEGLU feed-forward's
+    down projection quantizes ``x · gelu(gate)`` from the up projection's two halves
+    (``forward_gated``) — each feed-forward the unfused engine's within bf16 rounding (the
+    whole random tiny UNet amplifies a single fp8 rounding flip, from the kernel's erf
+    against torch's, to the size of the quantization noise); unfusing restores diffusers'
+    classes (``test_forward_gated_on_the_engine`` compiles the gated layer)."""
+    model, args, kw = _tiny_denoiser_on_the_engine("sdxl")
+    calls = _count_kernel_calls(monkeypatch, svdq_linear_gated_triton="gated")
+    ffs = [m for m in model.modules() if type(m).__name__ == "FeedForward"]
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [
+        ff.register_forward_pre_hook(lambda _m, a, i=i: inputs.setdefault(i, a[0]))
+        for i, ff in enumerate(ffs)
+    ]
+    unfused = model(*args, **kw)[0]
+    for h in hooks:
+        h.remove()
+    separate = [ffs[i](x) for i, x in sorted(inputs.items())]
+    assert ffs and len(inputs) == len(ffs) and calls["gated"] == 0
+    svdquant.fuse_projections(model)
+    assert all(type(m).__name__ == "FusedGegluFeedForward" for m in ffs)
+    for (i, x), y in zip(sorted(inputs.items()), separate, strict=True):
+        assert rel_err(ffs[i](x), y) <= TOL
+    assert calls["gated"] == len(ffs)
+    fused = model(*args, **kw)[0]
+    assert rel_err(fused, unfused) <= 0.05
+    svdquant.unfuse_projections(model)
+    assert all(type(m).__name__ == "FeedForward" for m in ffs)
+    assert torch.equal(ffs[0](inputs[0]), separate[0])

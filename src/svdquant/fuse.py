@@ -399,6 +399,33 @@ def _mlp_runtime() -> type:
 
 
 @functools.cache
+def _geglu_runtime() -> type:
+    """diffusers' ``FeedForward`` with a GEGLU (SDXL's: up projection to 2H, ``x ·
+    gelu(gate)``, dropout, linear) with the down projection's quantize reading both halves
+    of the up projection's output (``SVDQLinear.forward_gated``)."""
+    from diffusers.models.attention import FeedForward
+
+    from svdquant import kernels
+
+    class FusedGegluFeedForward(FeedForward):
+        """up -> GEGLU -> down, the GELU, the product and the down projection's quantize in
+        one pass on the fp8 engine; diffusers' own forward elsewhere (the reference
+        backend, training with dropout)."""
+
+        def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            up, drop, down = self.net[0].proj, self.net[1], self.net[2]
+            if (not self.training or drop.p == 0) and all(
+                kernels.resolve_backend(m.backend, hidden_states.device) == "triton"
+                for m in (up, down)
+            ):
+                value, gate = up(hidden_states).chunk(2, dim=-1)
+                return down.forward_gated(value, gate, "gelu")
+            return super().forward(hidden_states, *args, **kwargs)
+
+    return FusedGegluFeedForward
+
+
+@functools.cache
 def _block_runtime() -> dict[str, type]:
     """FLUX's adaptive norms and double block with the norms' modulation and the gated
     residuals in one pass each (``kernels.layer_norm_modulate``, ``kernels.gate_residual``,
@@ -579,24 +606,29 @@ def _swap_class(module: nn.Module) -> bool:
 
 
 def _fuse_feed_forward(ff: nn.Module) -> bool:
-    """Run a diffusers ``FeedForward`` (FLUX's, PixArt's: GELU-tanh with an
-    ``SVDQLinear`` projection, dropout, ``SVDQLinear``; activations int4 or fp8) as one
-    fused MLP: its class is swapped, its modules, parameters and state-dict keys stay."""
+    """Run a diffusers ``FeedForward`` with quantized layers (activations int4 or fp8) fused:
+    FLUX's and PixArt's (GELU-tanh, dropout, linear) as one fused MLP, SDXL's GEGLU with
+    the down projection's quantize applying the gate (``_geglu_runtime``). Its class is
+    swapped; its modules, parameters and state-dict keys stay."""
     net = getattr(ff, "net", None)
     if type(ff).__name__ != "FeedForward" or net is None or len(net) != 3:
         return False
-    gelu, drop, fc2 = net
-    fc1 = getattr(gelu, "proj", None)
+    act, drop, fc2 = net
+    fc1 = getattr(act, "proj", None)
     if not (
-        type(gelu).__name__ == "GELU"
-        and getattr(gelu, "approximate", None) == "tanh"
-        and isinstance(drop, nn.Dropout)
+        isinstance(drop, nn.Dropout)
         and all(isinstance(m, SVDQLinear) and m.act_fmt in ("int4", "fp8") for m in (fc1, fc2))
-        and fc1.out_features == fc2.in_features
     ):
         return False
+    kind = type(act).__name__
+    if kind == "GELU" and act.approximate == "tanh" and fc1.out_features == fc2.in_features:
+        runtime = _mlp_runtime()
+    elif kind == "GEGLU" and fc1.out_features == 2 * fc2.in_features:
+        runtime = _geglu_runtime()
+    else:
+        return False
     setattr(ff, _ORIG_CLASS, type(ff))
-    ff.__class__ = _mlp_runtime()
+    ff.__class__ = runtime
     return True
 
 
@@ -800,8 +832,9 @@ def fuse_projections(model: nn.Module) -> int:
     attention output and the MLP's GELU without concatenating them; each double block's
     feed-forwards as fused MLPs; the blocks' adaptive norms in one pass where
     ``kernels.modulate.ENABLED``; diffusers' generic ``Attention`` — PixArt-Σ, SDXL, SANA's
-    cross-attention — q/k/v of a self-attention and k/v of a cross-attention, and PixArt's
-    GELU-tanh feed-forwards as fused MLPs); returns how many attention modules now take
+    cross-attention — q/k/v of a self-attention and k/v of a cross-attention, PixArt's
+    GELU-tanh feed-forwards as fused MLPs and SDXL's GEGLU feed-forwards with the gate
+    applied in the down projection's quantize); returns how many attention modules now take
     fused projections. Layers that carry LoRAs are fused with them (stacked after the shared base
     branch: the same outputs); modules whose layers cannot be fused (16-bit, separately
     quantized) or whose attention runs another processor than diffusers' own (an

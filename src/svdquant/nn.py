@@ -196,6 +196,24 @@ class SVDQLinear(nn.Module):
         h = kernels.reference.activation_ref(tail, tail_act).to(x.dtype)  # fp32, as fused
         return self.forward(torch.cat([x, h], dim=-1))
 
+    def forward_gated(
+        self, x: torch.Tensor, gate: torch.Tensor, gate_act: str = "gelu"
+    ) -> torch.Tensor:
+        """``forward(x · gate_act(gate))`` — a gated linear unit's down projection (SDXL's
+        GEGLU feed-forwards: ``x, gate = up(h).chunk(2, -1)``). On the fp8 engine the
+        quantize reads both halves where they lie (no activation, product or copy pass);
+        the activation (``"gelu"``, ``"gelu_tanh"``, ``"silu"``, ``"none"``) and the
+        product are rounded to x's dtype, as the unfused modules write them."""
+        kernels.check_gated_inputs(x, gate, self.in_features)
+        self._check_kind(x)
+        self._check_kind(gate)
+        if kernels.resolve_backend(self.backend, x.device) == "triton" and self.act_fmt in (
+            "int4",
+            "fp8",
+        ):
+            return kernels.svdq_linear_gated_triton(self, x, gate, gate_act)
+        return self.forward(x * kernels.reference.activation_ref(gate, gate_act).to(x.dtype))
+
     def quantized_residual(self) -> formats.QuantizedTensor:
         """The 4-bit residual R as a ``QuantizedTensor``."""
         shape = torch.Size((self.out_features, self.in_features))

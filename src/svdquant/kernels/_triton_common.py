@@ -174,7 +174,8 @@ def recip16_rn(y, EXACT: tl.constexpr):
 
 @triton.jit
 def apply_activation(y, ACT: tl.constexpr):
-    """``ACT`` 0: ``y``; 1: GELU, tanh approximation; 2: SiLU — on fp32 ``y``.
+    """``ACT`` 0: ``y``; 1: GELU, tanh approximation; 2: SiLU; 3: GELU (erf, SDXL's
+    GEGLU) — on fp32 ``y``.
 
     GELU as ``y · (1 + tanh(u)) / 2 = y - y / (exp(2u) + 1)`` with
     ``u = √(2/π) · (y + 0.044715 y³)`` and ``exp(2u) = 2^(y · (A + B y²))``: six operations,
@@ -185,11 +186,13 @@ def apply_activation(y, ACT: tl.constexpr):
         y = y - y / (e + 1.0)
     elif ACT == 2:
         y = y / (1.0 + tl.exp(-y))
+    elif ACT == 3:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
     return y
 
 
 #: activation name -> the ``ACT`` code of ``apply_activation``
-ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "silu": 2}
+ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "silu": 2, "gelu": 3}
 
 
 @triton.jit

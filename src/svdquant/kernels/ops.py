@@ -145,6 +145,28 @@ def _(x, tail, tail_act, smooth, lowrank_down, act_scale, k_out, act_fmt):
     return _quantized_like(x, lowrank_down, k_out)
 
 
+@_op("quantize_act_gated")
+def quantize_act_gated(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    gate_act: str,
+    smooth: torch.Tensor,
+    lowrank_down: torch.Tensor,
+    act_scale: torch.Tensor,
+    k_out: int,
+    act_fmt: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.quantize.quantize_act`` of ``x · gate_act(gate)`` as a custom op."""
+    from svdquant.kernels.quantize import quantize_act as impl
+
+    return impl(x, smooth, lowrank_down, act_scale, k_out, act_fmt, gate, gate_act, gated=True)
+
+
+@quantize_act_gated.register_fake
+def _(x, gate, gate_act, smooth, lowrank_down, act_scale, k_out, act_fmt):
+    return _quantized_like(x, lowrank_down, k_out)
+
+
 @_op("widen_weight")
 def widen_weight(
     qweight: torch.Tensor, wscales: torch.Tensor, wtensor_scale: torch.Tensor, fmt: str
@@ -516,19 +538,51 @@ def svdq_linear_cat_triton(
     the quantize reading ``x`` and ``tail`` where they are: no concatenated copy, no
     separate activation pass (FLUX's single-block ``proj_out``). ``x`` [..., K1] and
     ``tail`` [..., K - K1] in the same dtype; the activation (``"none"``, ``"gelu_tanh"``,
-    ``"silu"``) is rounded to that dtype, as the unfused modules' output would be."""
-    if layer.act_fmt not in ("int4", "fp8"):
-        raise ValueError(
-            f"the fused concatenation needs act_fmt int4 or fp8, got {layer.act_fmt!r}"
-        )
+    ``"silu"``, ``"gelu"``) is rounded to that dtype, as the unfused modules' output would
+    be."""
+    _check_fused_input_format(layer, "the fused concatenation")
     check_cat_inputs(x, tail, layer.in_features)
-    k1 = x.shape[-1]
+    return _svdq_linear_two_inputs(layer, x, tail, tail_act, gated=False)
+
+
+def check_gated_inputs(x: torch.Tensor, gate: torch.Tensor, in_features: int) -> None:
+    """Refuse a gated input (``forward_gated``) that is not two [..., in_features] tensors
+    of one shape and dtype."""
+    if x.shape != gate.shape or x.shape[-1] != in_features:
+        raise ValueError(
+            f"x {tuple(x.shape)} and gate {tuple(gate.shape)} must both be [..., {in_features}]"
+        )
+    if x.dtype != gate.dtype:
+        raise ValueError(f"x and gate must share a dtype, got {x.dtype} and {gate.dtype}")
+
+
+def svdq_linear_gated_triton(
+    layer: torch.nn.Module, x: torch.Tensor, gate: torch.Tensor, gate_act: str = "gelu"
+) -> torch.Tensor:
+    """``layer(x · gate_act(gate))`` for an ``SVDQLinear`` on the fp8 engine, the quantize
+    reading both halves of a gated linear unit (SDXL's GEGLU) where the up projection wrote
+    them: no activation, product or copy pass. The activation and the product are rounded
+    to x's dtype, as the unfused modules' outputs would be."""
+    _check_fused_input_format(layer, "the fused gated input")
+    check_gated_inputs(x, gate, layer.in_features)
+    return _svdq_linear_two_inputs(layer, x, gate, gate_act, gated=True)
+
+
+def _check_fused_input_format(layer: torch.nn.Module, what: str) -> None:
+    if layer.act_fmt not in ("int4", "fp8"):
+        raise ValueError(f"{what} needs act_fmt int4 or fp8, got {layer.act_fmt!r}")
+
+
+def _svdq_linear_two_inputs(
+    layer: torch.nn.Module, x: torch.Tensor, tail: torch.Tensor, act: str, gated: bool
+) -> torch.Tensor:
     lead = x.shape[:-1]
-    x2, t2 = x.reshape(-1, k1), tail.reshape(-1, tail.shape[-1])
+    x2, t2 = x.reshape(-1, x.shape[-1]), tail.reshape(-1, tail.shape[-1])
     s = _act_scale(layer.act_amax)
     ops = _ops(x2)
-    xq, lora = ops.quantize_act_cat(
-        x2, t2, tail_act, layer.smooth, layer.lowrank_down, s, layer.qweight.shape[1] * 2,
+    quantize = ops.quantize_act_gated if gated else ops.quantize_act_cat
+    xq, lora = quantize(
+        x2, t2, act, layer.smooth, layer.lowrank_down, s, layer.qweight.shape[1] * 2,
         layer.act_fmt,
     )  # fmt: skip
     wq, s_channel = ops.widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)

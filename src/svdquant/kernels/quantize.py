@@ -21,7 +21,8 @@ A second input (``tail``) makes the quantized input ``cat([x, act(tail)], -1)`` 
 that tensor ever existing: FLUX's single blocks feed ``proj_out`` the attention output
 next to the GELU of the MLP's up projection (a [M, 15360] concatenation and a GELU pass
 per block, unfused).
-Reference: ``reference.quantize_act_ref``, ``reference.quantize_act_cat_ref``.
+Reference: ``reference.quantize_act_ref``, ``reference.quantize_act_cat_ref``,
+``reference.quantize_act_gated_ref``.
 """
 
 from __future__ import annotations
@@ -169,13 +170,19 @@ def quantize_tile(
 
 
 @triton.jit
+def _rounded(t, ROUND_BF16: tl.constexpr):
+    """fp32 ``t`` rounded to bf16 first where the interpreter's own cast would truncate."""
+    if ROUND_BF16:
+        t = round_bf16(t)
+    return t
+
+
+@triton.jit
 def _tail_values(ptrs, mask, ACT: tl.constexpr, ROUND_BF16: tl.constexpr):
     """``ACT`` of the tail's values at ``ptrs`` in fp32, rounded to bf16 first where the
     interpreter's own cast would truncate: what the unfused activation writes."""
     t = apply_activation(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), ACT)
-    if ROUND_BF16:
-        t = round_bf16(t)
-    return t
+    return _rounded(t, ROUND_BF16)
 
 
 @triton.jit
@@ -223,6 +230,7 @@ def _quantize_act_kernel(
     PDL_TRIGGER: tl.constexpr = False,
     PDL_WAIT_LAST: tl.constexpr = False,
     BLOCK_R2: tl.constexpr = 0,
+    GATED: tl.constexpr = False,
 ):
     # With PDL_TRIGGER the next kernel, launched as this one's programmatic dependent (the
     # widen, ``widen.widen_weight(pdl=True)``), may start as soon as every program of this
@@ -253,6 +261,12 @@ def _quantize_act_kernel(
         kmask = cols < K
         if TAIL_ACT < 0:
             x = tl.load(x_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        elif GATED:  # x · act(tail), both [M, K]: each rounded to x's dtype, as written
+            xmask = rmask[:, None] & kmask[None, :]
+            xa = tl.load(x_rows + cols[None, :], mask=xmask, other=0.0)
+            t = _tail_values(t_rows + cols[None, :], xmask, TAIL_ACT, ROUND_BF16)
+            x = _rounded(xa.to(tl.float32) * t.to(xa.dtype).to(tl.float32), ROUND_BF16)
+            x = x.to(xa.dtype)
         elif SEAM_ALIGNED:  # a step lies in x or in the tail: load only that one
             if k0 < K_HEAD:
                 x = tl.load(x_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -314,6 +328,7 @@ def quantize_act(
     trigger: bool = False,
     pdl: bool = False,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    gated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations ``x`` [M, K] for the fp8 GEMM; see ``quantize_act_ref``.
 
@@ -322,7 +337,10 @@ def quantize_act(
     ``cat([x, tail_act(tail)], -1)`` — the activation rounded to x's dtype, as if written
     — read from the two tensors (``quantize_act_cat_ref``): a layer whose input is a
     concatenation (FLUX's single-block ``proj_out``) needs no concatenated copy and no
-    separate activation pass. ``trigger``: let a programmatic dependent launched next
+    separate activation pass. ``gated``: the input is ``x · tail_act(tail)`` instead,
+    ``tail`` [M, K] like ``x`` (``quantize_act_gated_ref``: a gated linear unit such as
+    SDXL's GEGLU, whose halves are read where the up projection wrote them: no activation,
+    product or copy pass). ``trigger``: let a programmatic dependent launched next
     (``widen_weight(pdl=True)``) start early, where the GPU has it. ``pdl``: launched as
     the previous kernel's programmatic dependent — only right after
     ``widen_weight(trigger=True)``, into buffers ``out = (xq, lora_act)`` allocated (the
@@ -335,6 +353,11 @@ def quantize_act(
     if x.stride(-1) != 1:
         x = x.contiguous()
     k_head = x.shape[1]
+    if gated and (tail is None or tail.shape != x.shape):
+        raise ValueError(
+            f"a gated input needs a tail of x's shape {tuple(x.shape)}, got "
+            f"{None if tail is None else tuple(tail.shape)}"
+        )
     if tail is not None:
         if tail.dim() != 2 or tail.shape[0] != x.shape[0] or tail.dtype != x.dtype:
             raise ValueError(
@@ -343,7 +366,7 @@ def quantize_act(
             )
         if tail.stride(-1) != 1:
             tail = tail.contiguous()
-    m, k = x.shape[0], k_head + (tail.shape[1] if tail is not None else 0)
+    m, k = x.shape[0], k_head + (tail.shape[1] if tail is not None and not gated else 0)
     if smooth.shape[0] != k:
         raise ValueError(f"smooth has {smooth.shape[0]} entries for an input of {k} columns")
     r = lowrank_down.shape[0]
@@ -399,7 +422,7 @@ def quantize_act(
         TAIL_ACT=-1 if tail is None else ACTIVATIONS[tail_act],
         # the seam at a step boundary (FLUX: 3072): each step reads one tensor (with both
         # loads and a select per element the kernel took 239 registers, 2 programs per SM)
-        SEAM_ALIGNED=k_head % block_k == 0 and k_per_split % block_k == 0,
+        SEAM_ALIGNED=k_head % block_k == 0 and k_per_split % block_k == 0 and not gated,
         ROUND_BF16=needs_bf16_rounding(x.dtype),
         BLOCK_M=block_m,
         BLOCK_R=block_r,
@@ -409,6 +432,7 @@ def quantize_act(
         PDL_TRIGGER=trigger and pdl_supported(x.device),
         PDL_WAIT_LAST=pdl,
         BLOCK_R2=block_r2,
+        GATED=gated and tail is not None,
         **({"launch_pdl": True} if pdl else {}),
     )
     return xq, lora

@@ -24,6 +24,7 @@ __all__ = [
     "fp8_gemm_quantize_next_ref",
     "fp8_gemm_ref",
     "quantize_act_cat_ref",
+    "quantize_act_gated_ref",
     "quantize_act_ref",
     "quantize_activations",
     "round_e4m3",
@@ -171,9 +172,12 @@ def quantize_act_ref(
 
 
 def activation_ref(y: torch.Tensor, activation: str) -> torch.Tensor:
-    """``activation`` ("none", "gelu_tanh", "silu") of ``y`` computed in fp32, as fp32."""
+    """``activation`` ("none", "gelu_tanh", "silu", "gelu") of ``y`` computed in fp32, as
+    fp32."""
     if activation == "gelu_tanh":
         return torch.nn.functional.gelu(y.float(), approximate="tanh")
+    if activation == "gelu":
+        return torch.nn.functional.gelu(y.float())
     if activation == "silu":
         return torch.nn.functional.silu(y.float())
     if activation != "none":
@@ -194,6 +198,23 @@ def quantize_act_cat_ref(
     """``quantize_act_ref`` of ``cat([x, tail_act(tail)], -1)``, the activation computed in
     fp32 and rounded to x's dtype (the unfused ``cat([x, act(tail)])`` of 16-bit tensors)."""
     h = torch.cat([x, activation_ref(tail, tail_act).to(x.dtype)], dim=-1)
+    return quantize_act_ref(h, smooth, lowrank_down, act_scale, k_out, act_fmt)
+
+
+def quantize_act_gated_ref(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    gate_act: str,
+    smooth: torch.Tensor,
+    lowrank_down: torch.Tensor,
+    act_scale: torch.Tensor,
+    k_out: int,
+    act_fmt: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_act_ref`` of ``x · gate_act(gate)`` (a gated linear unit: SDXL's GEGLU),
+    the activation and the product each rounded to x's dtype, as the unfused 16-bit
+    modules write them."""
+    h = (x.float() * activation_ref(gate, gate_act).to(x.dtype).float()).to(x.dtype)
     return quantize_act_ref(h, smooth, lowrank_down, act_scale, k_out, act_fmt)
 
 
