@@ -126,6 +126,39 @@ def _quantize_cat() -> dict[str, Any]:
     return _quantize_spec(1)
 
 
+@_spec("quantize_gated")
+def _quantize_gated() -> dict[str, Any]:
+    """SDXL's GEGLU down projection's input: x · gelu(gate), the two halves of the up
+    projection's output (K = 5120, rows 2K apart)."""
+    spec = _quantize_spec(3)
+    k = 5120
+    spec["ints"].update(K=k, K_HEAD=k, K_OUT=k, stride_xm=2 * k, stride_tm=2 * k, stride_qm=k,
+                        stride_ldr=k)  # fmt: skip
+    spec["consts"].update(GATED=True, SEAM_ALIGNED=False)
+    return spec
+
+
+@_spec("quantize_gated_tanh")
+def _quantize_gated_tanh() -> dict[str, Any]:
+    spec = _quantize_gated()
+    spec["consts"].update(TAIL_ACT=1)
+    return spec
+
+
+@_spec("quantize_gated_m32")
+def _quantize_gated_m32() -> dict[str, Any]:
+    spec = _quantize_gated()
+    spec["consts"].update(BLOCK_M=32)
+    return spec
+
+
+@_spec("quantize_gated_k64")
+def _quantize_gated_k64() -> dict[str, Any]:
+    spec = _quantize_gated()
+    spec["consts"].update(BLOCK_K=64)
+    return spec
+
+
 @_spec("quantize_fp32_fp16")
 def _quantize_fp32_fp16() -> dict[str, Any]:
     """An fp32 model's input against a 16-bit low-rank branch (mixed dtypes)."""

@@ -256,10 +256,10 @@ def test_quantize_act_gated_matches_reference(m, k, act, dtype, k_out, act_fmt):
     )
     xq_ref, lora_ref = ref.quantize_act_gated_ref(x, gate, act, s, down, act_scale, k_out, act_fmt)
     assert xq.shape == (m, k_out) and lora.shape == (m, 4)
-    if act == "none" or DEVICE == "cpu":
+    if act == "none" or (DEVICE == "cpu" and act != "gelu"):
         assert same_values(xq, xq_ref)
-    else:  # the GPU's erf / exp differ from torch's in the last fp32 bits: a rare bf16 flip
-        assert fp8_close(xq, xq_ref, max_frac=5e-3)
+    else:  # the kernel's erf (|error| ≤ 1.5e-7) and the GPU's exp differ from torch's in
+        assert fp8_close(xq, xq_ref, max_frac=5e-3)  # the last fp32 bits: a rare flip
     assert rel_err(lora, lora_ref) < 1e-4
     with pytest.raises(ValueError, match="gated input needs a tail of x's shape"):
         quantize_act(x, s, down, act_scale, k_out, act_fmt, tail=gate[:, 1:], gated=True)
@@ -1927,8 +1927,14 @@ def _tiny_denoiser_on_the_engine(arch: str):
     pipe(prompt=["a lighthouse"], generator=torch.Generator().manual_seed(0), **kwargs)
     args, kw = seen[0]
     model.to(DEVICE)
-    args = [a.to(DEVICE) if torch.is_tensor(a) else a for a in args]
-    kw = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in kw.items()}
+
+    def to_device(v):  # SDXL's added_cond_kwargs: a dict of tensors
+        if isinstance(v, dict):
+            return {k: to_device(t) for k, t in v.items()}
+        return v.to(DEVICE) if torch.is_tensor(v) else v
+
+    args = [to_device(a) for a in args]
+    kw = {k: to_device(v) for k, v in kw.items()}
     for m in model.modules():
         if isinstance(m, svdquant.SVDQLinear):
             m.backend = "triton"

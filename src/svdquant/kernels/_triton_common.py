@@ -187,8 +187,23 @@ def apply_activation(y, ACT: tl.constexpr):
     elif ACT == 2:
         y = y / (1.0 + tl.exp(-y))
     elif ACT == 3:
-        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        y = y * _normal_cdf(y)
     return y
+
+
+@triton.jit
+def _normal_cdf(y):
+    """Φ(y) = (1 + erf(y / √2)) / 2 in fp32 from erfc(|y| / √2) ≈ p(t) · exp(-y² / 2),
+    t = 1 / (1 + 0.3275911 |y| / √2) (Abramowitz & Stegun 7.1.26: |error| ≤ 1.5e-7):
+    ~15 operations where libdevice's ``erf`` took ~45 an element (the gated quantize's loop
+    6021 against 3065 SASS instructions with GELU-tanh, sm_90)."""
+    z = tl.abs(y) * 0.7071067811865476
+    t = 1.0 / (1.0 + 0.3275911 * z)
+    p = 1.061405429 * t - 1.453152027
+    p = ((p * t + 1.421413741) * t - 0.284496736) * t + 0.254829592
+    p = p * t
+    half_erfc = 0.5 * p * tl.exp(-z * z)
+    return tl.where(y >= 0, 1.0 - half_erfc, half_erfc)
 
 
 #: activation name -> the ``ACT`` code of ``apply_activation``

@@ -65,6 +65,10 @@ TILES = {"small": (16, 64, 4), "medium": (64, 128, 4), "large": (64, 128, 4)}
 #: programs (M = 512, K = 12288 and 15360; M = 1024, K = 12288; M = 4608, K = 3072), one
 #: step 1.03-1.12x where two would leave 96 or 192 (M = 512 and 1024, K = 3072).
 PROGRAMS_PER_SM = 10
+#: The gated input's tile (``gated=True``) from 65 rows on: two input tiles and the
+#: activation a step — at (64, 128) the kernel took 255 registers (sm_90, triton 3.6),
+#: at (64, 64) 174. ``bench/probe_gated.py`` times both against the unfused passes.
+GATED_TILE = (64, 64, 4)
 TWO_STEP_MIN_PER_SM = 2
 #: A rank that is not a power of two (a LoRA stacked on the base branch: 48, 80, 96) is
 #: computed as two low-rank parts, each padded to its own power of two (80 = 64 + 16,
@@ -376,6 +380,8 @@ def quantize_act(
         xq = torch.empty(0, k_out, dtype=torch.float8_e4m3fn, device=x.device)
         return xq, torch.empty(0, r, dtype=torch.float32, device=x.device)
     block_m, block_k, warps = TILES["small" if m <= 64 else "medium" if m <= 1024 else "large"]
+    if gated and m > 64:
+        block_m, block_k, warps = GATED_TILE
     block_r, block_r2 = rank_parts(r)
     block_m = rows_per_program(block_m, block_r + block_r2)  # the sums fit in registers
     steps = cdiv(max(k, k_out), block_k)

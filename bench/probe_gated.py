@@ -1,0 +1,88 @@
+"""A gated linear unit's down-projection input: fused quantize against the unfused passes.
+
+    PYTHONPATH=src:bench python bench/probe_gated.py [--out DIR]
+
+SDXL's feed-forwards are GEGLUs: ``up(h)`` [M, 2H], then ``x · gelu(gate)`` of its halves,
+then the down projection. Unfused, the GELU and the product are two elementwise kernels
+before the down projection's quantize; fused (``quantize_act(gated=True)``,
+``SVDQLinear.forward_gated``), the quantize reads both halves where they lie. Times, at
+SDXL's shapes (1024², batch 1 and 2: H = 2560 at 4096 / 8192 tokens, 5120 at 1024 /
+2048), each replayed from a CUDA graph in one run:
+
+- ``unfused``: ``F.gelu`` + the product + ``quantize_act`` (what the model ran before);
+- ``gated`` with each tile of ``quantize.GATED_TILE`` in ``--tiles``.
+
+Writes ``probe_gated-<date>.json`` under ``--out`` and prints a table. GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SHAPES = ((4096, 2560), (1024, 5120), (8192, 2560), (2048, 5120))
+
+
+def probe(m: int, h: int, tiles: list[tuple[int, int, int]]) -> dict:
+    from gemm import bench_graph
+
+    from svdquant.kernels import quantize as q
+    from svdquant.kernels.reference import act_scale_from_amax
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    up = torch.randn(m, 2 * h, device="cuda", generator=gen).to(torch.bfloat16)
+    x, gate = up.chunk(2, dim=-1)
+    smooth = torch.rand(h, device="cuda", generator=gen) + 0.5
+    down = torch.randn(32, h, device="cuda", generator=gen).to(torch.bfloat16) * 0.02
+    s = act_scale_from_amax((x.float() * F.gelu(gate.float())).abs().amax())
+    row: dict = {"m": m, "h": h}
+
+    def unfused() -> None:
+        q.quantize_act(x * F.gelu(gate), smooth, down, s, h, "int4")
+
+    row["unfused_us"] = bench_graph(unfused)
+    ref = q.quantize_act(x * F.gelu(gate), smooth, down, s, h, "int4")[0]
+    before = q.GATED_TILE
+    try:
+        for tile in tiles:
+            q.GATED_TILE = tile
+            fn = lambda: q.quantize_act(x, smooth, down, s, h, "int4", gate, "gelu", gated=True)  # noqa: E731
+            key = "gated_{}x{}x{}".format(*tile)
+            row[key + "_us"] = bench_graph(fn)
+            got = fn()[0]
+            row[key + "_mismatch"] = float((got.float() != ref.float()).float().mean())
+    finally:
+        q.GATED_TILE = before
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiles", default="64x64x4,64x128x4,32x128x4,128x64x8")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("probe_gated: needs a CUDA GPU")
+    from gemm import run_info, write_result
+
+    tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",") if t]
+    rows = [probe(m, h, tiles) for m, h in SHAPES]
+    keys = ["unfused_us"] + ["gated_{}x{}x{}_us".format(*t) for t in tiles]
+    print("| M | H | " + " | ".join(k[:-3] for k in keys) + " |")
+    print("|---|---|" + "---|" * len(keys))
+    for r in rows:
+        print(f"| {r['m']} | {r['h']} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
+    result = {**run_info(), "tiles": [list(t) for t in tiles], "rows": rows}
+    print("->", write_result(result, args.out, "probe_gated"))
+    return result
+
+
+if __name__ == "__main__":
+    main()
