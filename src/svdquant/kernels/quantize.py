@@ -66,9 +66,12 @@ TILES = {"small": (16, 64, 4), "medium": (64, 128, 4), "large": (64, 128, 4)}
 #: step 1.03-1.12x where two would leave 96 or 192 (M = 512 and 1024, K = 3072).
 PROGRAMS_PER_SM = 10
 #: The gated input's tile (``gated=True``) from 65 rows on: two input tiles and the
-#: activation a step — at (64, 128) the kernel took 255 registers (sm_90, triton 3.6),
-#: at (64, 64) 174. ``bench/probe_gated.py`` times both against the unfused passes.
-GATED_TILE = (64, 64, 4)
+#: activation a step (255 registers at (64, 128), sm_90, triton 3.6; 174 at (64, 64)).
+#: Measured (v40, ``bench/probe_gated.py``, SDXL's shapes, H200): (64, 128, 4) 75.8 /
+#: 49.7 / 123.6 / 76.1 µs at M x H = 4096 x 2560, 1024 x 5120, 8192 x 2560, 2048 x 5120,
+#: (64, 64, 4) 79.2 / 48.6 / 146.6 / 79.9, (32, 128, 4) and (128, 64, 8) slower; the
+#: unfused GELU + product + quantize 82.8 / 47.3 / 153.2 / 84.4.
+GATED_TILE = (64, 128, 4)
 TWO_STEP_MIN_PER_SM = 2
 #: A rank that is not a power of two (a LoRA stacked on the base branch: 48, 80, 96) is
 #: computed as two low-rank parts, each padded to its own power of two (80 = 64 + 16,
