@@ -266,20 +266,29 @@ def test_quantize_act_gated_matches_reference(m, k, act, dtype, k_out, act_fmt):
 
 
 @pytest.mark.parametrize("act_fmt", ["int4", "fp8"])
-def test_forward_gated_on_the_engine(act_fmt):
+def test_forward_gated_on_the_engine(act_fmt, monkeypatch):
     """``SVDQLinear.forward_gated`` on the engine = the layer on ``x · gelu(gate)`` (what
     diffusers' GEGLU hands its down projection); the reference backend multiplies first,
     the same numbers; bad input is refused; fullgraph compiles."""
+    from svdquant.kernels import ops
+
     _, layer, calib = _layer("int4", act_fmt, k=200, n=48)
     x = calib[:33].reshape(3, 11, 200)
     up = torch.cat([x, x.flip(0) * 0.5], dim=-1)
     value, gate = up.chunk(2, dim=-1)
     h = value * torch.nn.functional.gelu(gate)
-    for backend in ("triton", "reference"):
-        layer.backend = backend
-        y = layer.forward_gated(value, gate, "gelu")
-        assert y.shape == (3, 11, 48)
-        assert rel_err(y, layer(h)) <= TOL
+    quantize, calls = ops._EAGER.quantize_act_gated, []
+    counted = lambda *a: calls.append(1) or quantize(*a)  # noqa: E731
+    monkeypatch.setattr(ops._EAGER, "quantize_act_gated", counted)
+    for rows in (1, 34):  # the gated quantize, then (fewer rows) PyTorch's gate
+        monkeypatch.setattr(ops, "GATED_MIN_ROWS", rows)
+        for backend in ("triton", "reference"):
+            layer.backend = backend
+            y = layer.forward_gated(value, gate, "gelu")
+            assert y.shape == (3, 11, 48)
+            assert rel_err(y, layer(h)) <= TOL
+    assert len(calls) == 1
+    monkeypatch.setattr(ops, "GATED_MIN_ROWS", 1)
     with pytest.raises(ValueError, match=r"must both be \[\.\.\., 200\]"):
         layer.forward_gated(value, gate[..., 1:])
     with pytest.raises(ValueError, match="share a dtype"):
@@ -2025,6 +2034,9 @@ def test_fused_sdxl_runtime_on_the_engine(monkeypatch):
     whole random tiny UNet amplifies a single fp8 rounding flip, from the kernel's erf
     against torch's, to the size of the quantization noise); unfusing restores diffusers'
     classes (``test_forward_gated_on_the_engine`` compiles the gated layer)."""
+    from svdquant.kernels import ops
+
+    monkeypatch.setattr(ops, "GATED_MIN_ROWS", 1)  # the tiny model's few tokens too
     model, args, kw = _tiny_denoiser_on_the_engine("sdxl")
     calls = _count_kernel_calls(monkeypatch, svdq_linear_gated_triton="gated")
     ffs = [m for m in model.modules() if type(m).__name__ == "FeedForward"]
