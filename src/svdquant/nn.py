@@ -186,12 +186,7 @@ class SVDQLinear(nn.Module):
         reads both tensors where they are (no concatenated copy, no activation pass);
         ``tail_act``: ``"none"``, ``"gelu_tanh"`` or ``"silu"``, rounded to x's dtype."""
         kernels.check_cat_inputs(x, tail, self.in_features)
-        self._check_kind(x)
-        self._check_kind(tail)
-        if kernels.resolve_backend(self.backend, x.device) == "triton" and self.act_fmt in (
-            "int4",
-            "fp8",
-        ):
+        if self._reads_two_inputs_fused(x, tail):
             return kernels.svdq_linear_cat_triton(self, x, tail, tail_act)
         h = kernels.reference.activation_ref(tail, tail_act).to(x.dtype)  # fp32, as fused
         return self.forward(torch.cat([x, h], dim=-1))
@@ -205,14 +200,16 @@ class SVDQLinear(nn.Module):
         the activation (``"gelu"``, ``"gelu_tanh"``, ``"silu"``, ``"none"``) and the
         product are rounded to x's dtype, as the unfused modules write them."""
         kernels.check_gated_inputs(x, gate, self.in_features)
-        self._check_kind(x)
-        self._check_kind(gate)
-        if kernels.resolve_backend(self.backend, x.device) == "triton" and self.act_fmt in (
-            "int4",
-            "fp8",
-        ):
+        if self._reads_two_inputs_fused(x, gate):
             return kernels.svdq_linear_gated_triton(self, x, gate, gate_act)
         return self.forward(x * kernels.reference.activation_ref(gate, gate_act).to(x.dtype))
+
+    def _reads_two_inputs_fused(self, x: torch.Tensor, other: torch.Tensor) -> bool:
+        """Check both inputs' kind; whether the fp8 engine's quantize reads them itself."""
+        self._check_kind(x)
+        self._check_kind(other)
+        backend = kernels.resolve_backend(self.backend, x.device)
+        return backend == "triton" and self.act_fmt in ("int4", "fp8")
 
     def quantized_residual(self) -> formats.QuantizedTensor:
         """The 4-bit residual R as a ``QuantizedTensor``."""
