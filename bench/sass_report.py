@@ -145,20 +145,6 @@ def _quantize_gated_tanh() -> dict[str, Any]:
     return spec
 
 
-@_spec("quantize_gated_m32")
-def _quantize_gated_m32() -> dict[str, Any]:
-    spec = _quantize_gated()
-    spec["consts"].update(BLOCK_M=32)
-    return spec
-
-
-@_spec("quantize_gated_k64")
-def _quantize_gated_k64() -> dict[str, Any]:
-    spec = _quantize_gated()
-    spec["consts"].update(BLOCK_K=64)
-    return spec
-
-
 @_spec("quantize_fp32_fp16")
 def _quantize_fp32_fp16() -> dict[str, Any]:
     """An fp32 model's input against a 16-bit low-rank branch (mixed dtypes)."""

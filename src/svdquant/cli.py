@@ -450,8 +450,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dtype = _dtype(args.dtype)
 
     def ready(pipe: Any, fuse: bool) -> Any:  # as `svdquant generate` runs each
-        # Pinned host copies for the quantized pipeline only: the 16-bit one's would pin
-        # twice the memory, and PyTorch keeps freed pinned blocks cached for the next one.
         _make_ready(pipe, device, offload=args.cpu_offload, fuse=fuse, graph=True)
         return pipe
 

@@ -195,8 +195,8 @@ def apply_activation(y, ACT: tl.constexpr):
 def _normal_cdf(y):
     """Φ(y) = (1 + erf(y / √2)) / 2 in fp32 from erfc(|y| / √2) ≈ p(t) · exp(-y² / 2),
     t = 1 / (1 + 0.3275911 |y| / √2) (Abramowitz & Stegun 7.1.26: |error| ≤ 1.5e-7):
-    ~15 operations where libdevice's ``erf`` took ~45 an element (the gated quantize's loop
-    6021 against 3065 SASS instructions with GELU-tanh, sm_90)."""
+    fewer operations than libdevice's ``erf`` (the gated quantize's loop: 4,918 SASS
+    instructions against 6,021 with it, 3,065 with GELU-tanh; sm_90, triton 3.6)."""
     z = tl.abs(y) * 0.7071067811865476
     t = 1.0 / (1.0 + 0.3275911 * z)
     p = 1.061405429 * t - 1.453152027
