@@ -111,7 +111,9 @@ class LoraPair:
 @dataclass
 class _Adapter:
     """One LoRA on one layer. ``down`` is A · s for an ``SVDQLinear`` (in the branch's
-    dtype) and A for an ``nn.Linear``; ``up`` is B, unscaled (so the strength can change)."""
+    dtype) and A for an ``nn.Linear``; ``up`` is B, unscaled (so the strength can change).
+    An ``SVDQLinear``'s are kept on the host: the layer holds them stacked into its
+    low-rank branch on its device (``_rebuild``), so the GPU holds a LoRA once."""
 
     down: torch.Tensor
     up: torch.Tensor
@@ -403,10 +405,8 @@ def _rebuild(layer: SVDQLinear) -> None:
     down, up = layer.lowrank_down, layer.lowrank_up
     downs, ups = [down[:r]], [up[:, :r]]
     for a in _adapters(layer).values():
-        a.down = a.down.to(down.device, down.dtype)
-        a.up = a.up.to(up.device)
-        downs.append(a.down)
-        ups.append((a.up.float() * a.factor).to(up.dtype))
+        downs.append(a.down.to(down.device, down.dtype))
+        ups.append((a.up.to(up.device).float() * a.factor).to(up.dtype))
     layer.lowrank_down = torch.cat(downs).contiguous()
     layer.lowrank_up = torch.cat(ups, dim=1).contiguous()
 
@@ -565,10 +565,9 @@ def _load(model: nn.Module, file: Path, strength: float, name: str | None, max_r
         for t in targets:
             layer = layers[t.module]
             up = pair.up[t.rows]
-            if isinstance(layer, SVDQLinear):
-                dev = layer.lowrank_down.device
-                down = pair.down.to(dev).float() * layer.smooth.to(dev).float()
-                down = down.to(layer.lowrank_down.dtype)
+            if isinstance(layer, SVDQLinear):  # on the host (see _Adapter)
+                down = pair.down.cpu().float() * layer.smooth.detach().cpu().float()
+                down, up = down.to(layer.lowrank_down.dtype), up.cpu()
             else:
                 down = pair.down.to(layer.weight.device, layer.weight.dtype)
                 up = up.to(layer.weight.device, layer.weight.dtype)
