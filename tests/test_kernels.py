@@ -2060,3 +2060,30 @@ def test_fused_sdxl_runtime_on_the_engine(monkeypatch):
     svdquant.unfuse_projections(model)
     assert all(type(m).__name__ == "FeedForward" for m in ffs)
     assert torch.equal(ffs[0](inputs[0]), separate[0])
+
+
+def test_eager_calls_on_a_gpu_get_one_hint(monkeypatch):
+    """A model whose quantized layers keep running eagerly on a GPU (a user's own
+    ``pipe(...)`` loop) gets one hint to replay its steps (``cuda_graphed`` or
+    ``torch.compile``), once per process; not on the CPU, not while a graph is captured."""
+    import warnings
+
+    from svdquant.kernels import ops
+
+    _, layer, calib = _layer("int4", "int4", k=64, n=16)
+    layer.backend = "triton"
+    monkeypatch.setattr(ops, "EAGER_HINT_AFTER", 5)
+    monkeypatch.setattr(ops, "_EAGER_CALLS", 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):  # two ops a call
+            layer(calib[:3])
+    assert DEVICE == "cuda" or not [w for w in caught if "cuda_graphed" in str(w.message)]
+    monkeypatch.setattr(ops, "_EAGER_CALLS", 0)
+    monkeypatch.setattr(ops, "_on_gpu_eagerly", lambda x: True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(8):
+            layer(calib[:3])
+    hints = [w for w in caught if "cuda_graphed" in str(w.message)]
+    assert len(hints) == 1 and "torch.compile" in str(hints[0].message)

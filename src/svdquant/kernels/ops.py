@@ -1,8 +1,8 @@
 """The engine's kernels as ``torch.library`` custom ops, and the layer built from them.
 
 Each kernel is one op (``svdquant::quantize_act``, ``::quantize_act_cat``,
-``::widen_weight``, ``::quantize_and_widen``, ``::fp8_gemm``, ``::fp8_gemm_split``,
-``::w4a16_linear``; beside the layer, FLUX's ``::rms_norm_rope``,
+``::quantize_act_gated``, ``::widen_weight``, ``::quantize_and_widen``, ``::fp8_gemm``,
+``::fp8_gemm_split``, ``::w4a16_linear``; beside the layer, FLUX's ``::rms_norm_rope``,
 ``::layer_norm_modulate``, ``::gate_residual`` and ``::gate_residual_modulate``) with a
 fake (meta) implementation that only computes output shapes, so
 ``torch.compile(fullgraph=True)`` traces a layer into three opaque nodes with no graph
@@ -14,6 +14,7 @@ is imported on the first real call, not here.
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -22,12 +23,14 @@ from svdquant.kernels import reference
 
 __all__ = [
     "check_cat_inputs",
+    "check_gated_inputs",
     "gate_residual",
     "gate_residual_modulate",
     "layer_norm_modulate",
     "rms_norm_rope",
     "splits_in_gemm",
     "svdq_linear_cat_triton",
+    "svdq_linear_gated_triton",
     "svdq_linear_split_triton",
     "svdq_linear_triton",
     "svdq_mlp_triton",
@@ -59,7 +62,30 @@ def _ops(x: torch.Tensor):
     without CUDA graphs the step is bound by the host."""
     if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
         return torch.ops.svdquant
+    global _EAGER_CALLS
+    _EAGER_CALLS += 1
+    if _EAGER_CALLS == EAGER_HINT_AFTER and _on_gpu_eagerly(x):
+        warnings.warn(EAGER_HINT, stacklevel=4)
     return _EAGER
+
+
+#: After this many eager op calls on a GPU (~13 FLUX.1 steps, ~10 SDXL steps; a
+#: ``cuda_graphed`` model's first call and capture per input signature run ~3,000 for
+#: FLUX), one hint that the steps should be replayed: our layers launch their kernels from
+#: Python, which bounds a step's speed on the smaller models (v40: PixArt-Σ, SDXL, SANA
+#: 2.3–4× slower eagerly than replayed).
+EAGER_HINT_AFTER = 20_000
+EAGER_HINT = (
+    "svdquant: the quantized layers keep running eagerly on the GPU, where launching their "
+    "kernels from Python bounds the speed (smaller models: 2-4x slower than replayed). "
+    "Replay the steps: pipe.transformer = svdquant.cuda_graphed(pipe.transformer) (or "
+    "pipe.unet), or torch.compile(..., mode='reduce-overhead'); `svdquant generate` does."
+)
+_EAGER_CALLS = 0
+
+
+def _on_gpu_eagerly(x: torch.Tensor) -> bool:
+    return x.is_cuda and not torch.cuda.is_current_stream_capturing()
 
 
 #: on a layer's ``act_amax`` tensor: (its version counter, the scale S computed from it)
