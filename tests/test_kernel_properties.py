@@ -123,6 +123,36 @@ def test_quantize_kernel_equals_reference(shape, act_fmt, seed):
 
 @PROPS
 @given(
+    shape=shapes,
+    act=st.sampled_from(["gelu", "gelu_tanh", "silu"]),
+    act_fmt=st.sampled_from(["int4", "fp8"]),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_gated_quantize_matches_reference(shape, act, act_fmt, dtype, seed):
+    """The gated quantize (a GEGLU's down-projection input ``x · act(gate)``, read from the
+    two halves of the up projection's output) writes the reference's fp8 values but for
+    rare ties (the kernel's erf and exp against torch's in the last fp32 bits), and its
+    low-rank down projection to fp32 summation order."""
+    m, _, k, r = shape
+    x, qw, _, _, smooth, _, down, _, _ = _tensors(seed, m, 1, k, r, "int4", dtype, 1)
+    up = torch.cat([x, x.roll(1, dims=-1) * 0.5], dim=-1)
+    x, gate = up.chunk(2, dim=-1)
+    h = (x.float() * ref.activation_ref(gate, act).to(dtype).float()).to(dtype)
+    amax = (h.float() / smooth).abs().amax() if m else torch.tensor(1.0, device=DEVICE)
+    s = ref.act_scale_from_amax(amax)
+    k_out = qw.shape[1] * 2
+    xq, lora = quantize_act(x, smooth, down, s, k_out, act_fmt, gate, act, gated=True)
+    xq_ref, lora_ref = ref.quantize_act_gated_ref(x, gate, act, smooth, down, s, k_out, act_fmt)
+    assert xq.shape == (m, k_out) and lora.shape == (m, r)
+    if m:
+        assert (xq.float() != xq_ref.float()).float().mean().item() <= 5e-3
+    if r and m:
+        assert _rel_err(lora, lora_ref) <= 1e-4
+
+
+@PROPS
+@given(
     m=st.integers(1, MAX_GEMV_M),
     n=st.integers(1, 200),
     k=st.integers(1, 400),
