@@ -141,12 +141,9 @@ def _unregister(ptr: int) -> None:
 
 def _clear_cuda_error() -> None:
     """Consume the error a refused CUDA runtime call leaves as the thread's last error, which
-    PyTorch's next kernel launch would otherwise report as its own failure."""
-    get_last = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
-    if get_last is not None:
-        get_last()
-        return
-    with contextlib.suppress(RuntimeError):  # PyTorch's launch check reads (and clears) it
+    PyTorch's next kernel launch would otherwise report as its own failure. PyTorch's
+    ``cudart`` binding has no ``cudaGetLastError``; its launch check reads (and clears) it."""
+    with contextlib.suppress(RuntimeError):
         torch.empty(1, device="cuda").zero_()
 
 

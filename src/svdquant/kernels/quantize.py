@@ -431,7 +431,7 @@ def quantize_act(
         TAIL_ACT=-1 if tail is None else ACTIVATIONS[tail_act],
         # the seam at a step boundary (FLUX: 3072): each step reads one tensor (with both
         # loads and a select per element the kernel took 239 registers, 2 programs per SM)
-        SEAM_ALIGNED=k_head % block_k == 0 and k_per_split % block_k == 0 and not gated,
+        SEAM_ALIGNED=k_head % block_k == 0 and k_per_split % block_k == 0,
         ROUND_BF16=needs_bf16_rounding(x.dtype),
         BLOCK_M=block_m,
         BLOCK_R=block_r,
@@ -441,7 +441,7 @@ def quantize_act(
         PDL_TRIGGER=trigger and pdl_supported(x.device),
         PDL_WAIT_LAST=pdl,
         BLOCK_R2=block_r2,
-        GATED=gated and tail is not None,
+        GATED=gated,  # (a gated input has its tail: checked above)
         **({"launch_pdl": True} if pdl else {}),
     )
     return xq, lora
