@@ -1505,6 +1505,28 @@ def test_gpu_layer_pipeline_matches_reference(m, n, k, fmt, act_fmt):
 
 
 @pytest.mark.gpu
+def test_gpu_gemm_tuning_waits_for_the_work_queued_before_it():
+    """A shape's first call times the candidate tiles on a stream of Triton's own: it must
+    wait for the kernels already queued on ours, or the candidates write the output's
+    memory while an earlier kernel still reads what the allocator had there (v41: a
+    model's first call on a new machine came out different, at times NaN)."""
+    from svdquant.kernels import gemm
+
+    m, n, k = 512, 1024, 1024
+    args = _gemm_args(m, n, k, seed=5, r=16)
+    expected = ref.fp8_gemm_ref(*args)
+    for _ in range(3):
+        gemm.clear_tuning()
+        held = torch.ones(m, n, dtype=torch.bfloat16, device="cuda")  # the output's size
+        torch.cuda._sleep(100_000_000)  # ~50 ms of queued work before the sum reads it
+        total = held.sum(dtype=torch.float32)
+        del held  # its memory is free for the GEMM's output, in our stream's order
+        y = fp8_gemm(*args)
+        assert total.item() == m * n
+        assert rel_err(y, expected) <= TOL
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 257, 4608])
 @pytest.mark.parametrize(("n", "k", "r"), [(130, 333, 7), (3072, 3072, 32), (1000, 1000, 0)])
 @pytest.mark.parametrize("tma", [True, False])

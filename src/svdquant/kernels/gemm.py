@@ -107,6 +107,11 @@ def _bench_config(kernel_call, quantiles):
             "model once (a warm-up call with the same shapes) before capturing it"
         )
     if AUTOTUNE_GRAPH:
+        # Triton times the graph on a stream of its own, which does not wait for the work
+        # queued on ours: its candidates would write the output's memory while kernels
+        # queued before still read what the allocator had there (v41: a model's first
+        # call on a new machine came out different, at times NaN). Wait for them first.
+        torch.cuda.synchronize()
         return triton.testing.do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
     return triton.testing.do_bench(kernel_call, quantiles=quantiles)
 
