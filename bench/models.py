@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python bench/models.py [--models pixart,sdxl,sana] [--batches 1]
                                           [--steps 5] [--profile] [--out DIR] [--tiny]
+                                          [--ab 'ops.GEGLU_EPILOGUE=False' ...]
 
 ``bench/e2e.py`` measures FLUX.1; this is the same question for the other architectures
 ``svdquant quantize`` takes. Each denoiser is built at its real size (random bf16 weights;
@@ -15,7 +16,9 @@ eagerly and graphed, unfused (``svdq-int4-unfused``) and then fused as ``generat
 (``svdq-int4``: since v39 the attention projections and PixArt's MLPs). Reports the
 median step of each (CUDA events), the weights' GiB and the step's peak, and ours × BF16
 of the same run
-(``--profile``: also the top ops of one eager step of each way, by GPU time);
+(``--profile``: also the top ops of one eager step of each way, by GPU time; ``--ab``:
+the fused model timed once more with engine constants set, ``probe_layer.parse_set``'s
+``module.NAME=VALUE`` under ``svdquant.kernels``);
 writes ``models-<device>-<date>.json`` under ``--out`` (default ``bench/results``, or
 ``$OUT``) and prints a table last. ``--tiny``: the test pipelines' denoisers on the CPU
 (what ``tests/test_bench.py`` runs).
@@ -141,13 +144,20 @@ def _time(model: nn.Module, kw: dict[str, Any], mode: str, ctx: e2e.Ctx) -> dict
     return e2e.time_steps(step, ctx)
 
 
-def run(arch: str, ctx: e2e.Ctx, modes: Sequence[str]) -> list[dict[str, Any]]:
+def run(
+    arch: str, ctx: e2e.Ctx, modes: Sequence[str], ab: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    from probe_layer import constants, parse_set
+
     import svdquant
 
     model = build(arch, ctx.tiny, ctx.device)
     rows = []
     fused = 0
-    for way in ("bf16", "svdq-int4-unfused", "svdq-int4"):
+    ways = ["bf16", "svdq-int4-unfused", "svdq-int4"] + (
+        [f"svdq-int4 {' '.join(ab)}"] if ab else []
+    )
+    for way in ways:
         if way == "svdq-int4-unfused":
             kw1 = inputs(arch, model, 1, ctx.tiny, ctx.device)
             cfg = svdquant.QuantizeConfig(alpha=0.5, max_samples=256, progress=False)
@@ -156,10 +166,12 @@ def run(arch: str, ctx: e2e.Ctx, modes: Sequence[str]) -> list[dict[str, Any]]:
             fused = svdquant.fuse_projections(model)
         e2e._free()
         weights = e2e.state_bytes(model)
+        sets = [parse_set(spec) for spec in ab] if way.startswith("svdq-int4 ") else []
         for b in ctx.batches:
             kw = inputs(arch, model, b, ctx.tiny, ctx.device)
             for mode in modes:
-                res = _time(model, kw, mode, ctx)
+                with constants(sets):
+                    res = _time(model, kw, mode, ctx)
                 row = {"model": arch, "way": way, "mode": mode, "batch": b, **res}
                 if ctx.profile_rows and mode == "eager" and b == ctx.batches[0]:
                     row["profile"] = e2e.profile_step(lambda kw=kw, m=model: m(**kw), ctx, top=25)
@@ -191,6 +203,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--profile", action="store_true", help="a per-op profile of one eager step of each way"
     )
+    p.add_argument(
+        "--ab",
+        action="append",
+        default=[],
+        metavar="module.NAME=VALUE",
+        help="time the fused model once more with these engine constants set (an A/B in one run)",
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = p.parse_args(argv)
     archs = [a for a in args.models.split(",") if a]
@@ -216,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with torch.no_grad():
         for arch in archs:
-            rows += run(arch, ctx, modes)
+            rows += run(arch, ctx, modes, args.ab)
     add_ratios(rows)
     body = {"resolution": "1024x1024" if not args.tiny else "tiny", "rows": rows}
     res, path = e2e.write_run("models", ctx, date, args.out, body)

@@ -12,6 +12,12 @@ SDXL's shapes (1024², batch 1 and 2: H = 2560 at 4096 / 8192 tokens, 5120 at 10
 - ``unfused``: ``F.gelu`` + the product + ``quantize_act`` (what the model ran before);
 - ``gated`` with each tile of ``quantize.GATED_TILE`` in ``--tiles``.
 
+``--ff``: the whole feed-forward instead (C = 640 at 4096 / 8192 tokens, 1280 at 1024 /
+2048; up C -> 8C, GEGLU, down 4C -> C; random weights quantized at rank 32), three ways in
+one run: BF16 (``F.linear``, ``F.gelu``, the product, ``F.linear``), ours with the gated
+quantize (``SVDQLinear.forward_gated``) and ours with the GEGLU in the up projection's
+epilogue (``kernels.svdq_geglu_triton``), each checked against the other.
+
 Writes ``probe_gated-<date>.json`` under ``--out`` and prints a table. GPU only.
 """
 
@@ -28,6 +34,46 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 
 SHAPES = ((4096, 2560), (1024, 5120), (8192, 2560), (2048, 5120))
+
+
+def probe_ff(m: int, c: int) -> dict:
+    """One GEGLU feed-forward at M tokens, C channels: BF16, gated quantize, epilogue."""
+    from gemm import bench_graph
+
+    import svdquant
+    from svdquant import kernels
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h = 4 * c
+    lin_up = torch.nn.Linear(c, 2 * h).to("cuda", torch.bfloat16)
+    lin_down = torch.nn.Linear(h, c).to("cuda", torch.bfloat16)
+    x = torch.randn(m, c, device="cuda", generator=gen).to(torch.bfloat16)
+
+    def bf16() -> torch.Tensor:
+        v, g = F.linear(x, lin_up.weight, lin_up.bias).chunk(2, dim=-1)
+        return F.linear(v * F.gelu(g), lin_down.weight, lin_down.bias)
+
+    up = svdquant.quantize_linear(lin_up, x, rank=32, alpha=0.5)
+    v, g = lin_up(x).chunk(2, dim=-1)
+    down = svdquant.quantize_linear(lin_down, v * F.gelu(g), rank=32, alpha=0.5)
+
+    def gated() -> torch.Tensor:
+        v, g = up(x).chunk(2, dim=-1)
+        return down.forward_gated(v, g, "gelu")
+
+    def epilogue() -> torch.Tensor:
+        return kernels.svdq_geglu_triton(x, up, down, "gelu")
+
+    a, b, want = gated(), epilogue(), bf16()
+    row: dict = {"m": m, "c": c, "h": h}
+    row["epilogue_vs_gated_max_abs"] = float((a.float() - b.float()).abs().max())
+    row["gated_vs_bf16_rel"] = float((a.float() - want.float()).norm() / want.float().norm())
+    for name, fn in (("bf16", bf16), ("gated", gated), ("epilogue", epilogue)):
+        row[name + "_us"] = bench_graph(fn)
+    return row
+
+
+FF_SHAPES = ((4096, 640), (1024, 1280), (8192, 640), (2048, 1280))
 
 
 def probe(m: int, h: int, tiles: list[tuple[int, int, int]]) -> dict:
@@ -66,11 +112,24 @@ def probe(m: int, h: int, tiles: list[tuple[int, int, int]]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiles", default="64x64x4,64x128x4,32x128x4,128x64x8")
+    p.add_argument("--ff", action="store_true", help="the whole feed-forward, three ways")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("probe_gated: needs a CUDA GPU")
     from gemm import run_info, write_result
+
+    if args.ff:
+        rows = [probe_ff(m, c) for m, c in FF_SHAPES]
+        print("| M | C | BF16 µs | gated quantize µs | epilogue µs | epilogue × BF16 | max |Δ| |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['m']} | {r['c']} | {r['bf16_us']:.1f} | {r['gated_us']:.1f} | "
+                  f"{r['epilogue_us']:.1f} | {r['bf16_us'] / r['epilogue_us']:.2f}× | "
+                  f"{r['epilogue_vs_gated_max_abs']:.3g} |")  # fmt: skip
+        result = {**run_info(), "mode": "ff", "rows": rows}
+        print("->", write_result(result, args.out, "probe_gated_ff"))
+        return result
 
     tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",") if t]
     rows = [probe(m, h, tiles) for m, h in SHAPES]

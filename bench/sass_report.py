@@ -563,6 +563,34 @@ def _gemm_plain() -> dict[str, Any]:
     return _gemm(split=False)
 
 
+@_spec("gemm_gated")
+def _gemm_gated() -> dict[str, Any]:
+    """SDXL's GEGLU up projection (``gemm_gated``: C = 1280, H = 5120 at 1024 tokens):
+    value and gate accumulators, the exact GELU, the int4 quantize of the down
+    projection's input and its low-rank share."""
+    from triton.runtime import JITFunction
+
+    from svdquant.kernels import gemm_gated as gg
+
+    fn = gg._gated_kernel
+    while not isinstance(fn, JITFunction):  # the autotuner's wrapped JIT function
+        fn = fn.fn
+    d = _gemm(split=False, next_int4=True)
+    for name in ("ws_ptr", "cnt_ptr"):
+        del d["ptrs"][name]
+    ints = d["ints"]
+    d["ints"] = dict(M=1024, H=5120, K=1280, R=32, M_BUCKET=1024, stride_am=1280,
+                     stride_bn=1280, stride_lm=32, stride_un=32, K2_OUT=5120, R2=32,
+                     stride_q2m=5120, stride_ld2=5120, stride_l2m=32)  # fmt: skip
+    del ints
+    consts = {k: d["consts"][k] for k in ("HAS_LORA", "HAS_BIAS", "ROUND_BF16", "BLOCK_R",
+                                          "DOT_FP32", "NEXT_INT4", "BLOCK_R2", "BLOCK_M",
+                                          "BLOCK_K", "GROUP_M")}  # fmt: skip
+    d["consts"] = {**consts, "ACT": 3, "BLOCK_H": 128}
+    d["kernel"] = fn
+    return d
+
+
 @_spec("gemm_tma")
 def _gemm_tma() -> dict[str, Any]:
     """The plain GEMM reading its operands through tensor descriptors (``gemm.TMA_LOADS``)."""

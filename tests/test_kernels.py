@@ -564,6 +564,92 @@ def test_fp8_gemm_quantize_next_matches_reference(m, n, activation, act_fmt2):
     assert rel_err(lora2, lora2_ref) < 1e-3
 
 
+GATED_NEXT_CASES = [
+    (1, 64, 128, 8, "gelu", "int4", True),
+    (3, 136, 96, 8, "gelu", "fp8", True),  # H past one tile and not a group multiple
+    (37, 70, 200, 0, "silu", "int4", False),  # no low-rank branch, K not a tile multiple
+    (257, 192, 64, 16, "none", "int4", True),
+]
+
+
+def _gated_next_args(m, h, k, r, activation, act_fmt2, bias):
+    """fp8_gemm_gated_next's arguments: an up projection of 2h rows, a next layer of h."""
+    down2, _ = _lowrank(8, h, 6, torch.bfloat16)
+    xq, wq, s_ch, scale, lora, up, b, dtype = _gemm_args(m, 2 * h, k, m + h + k, r=r)
+    return (xq, wq, s_ch, scale, lora, up, b if bias else None, dtype, activation, _smooth(h),
+            down2, torch.tensor(0.01, device=DEVICE), -(-h // 64) * 64, act_fmt2)  # fmt: skip
+
+
+@pytest.mark.parametrize(("m", "h", "k", "r", "activation", "act_fmt2", "bias"), GATED_NEXT_CASES)
+def test_fp8_gemm_gated_next_matches_reference(m, h, k, r, activation, act_fmt2, bias):
+    """A gated unit's up projection writes its down projection's input (``gemm_gated``):
+    value and gate rows in two accumulators, the gate's activation and the product
+    rounded as the unfused modules write them, then the quantize and its low-rank sums."""
+    from svdquant.kernels.gemm_gated import fp8_gemm_gated_next
+
+    args = _gated_next_args(m, h, k, r, activation, act_fmt2, bias)
+    xq2, lora2 = fp8_gemm_gated_next(*args)
+    xq2_ref, lora2_ref = ref.fp8_gemm_gated_next_ref(*args)
+    assert xq2.shape == (m, args[12]) and lora2.shape == (m, 6)
+    # the kernel's GELU/SiLU differ from torch's by fp32 ulps, which can move a value
+    # across a bf16 or fp8 rounding boundary: almost every element is equal
+    assert (xq2.float() != xq2_ref.float()).float().mean().item() < 0.01
+    assert rel_err(xq2, xq2_ref) < 0.01
+    assert rel_err(lora2, lora2_ref) < 1e-3
+
+
+def test_fp8_gemm_gated_next_refuses_bad_shapes():
+    from svdquant.kernels.gemm_gated import fp8_gemm_gated_next
+
+    args = list(_gated_next_args(3, 64, 64, 4, "gelu", "int4", True))
+    odd = [*args]
+    odd[1] = args[1][:-1]
+    with pytest.raises(ValueError, match="even number of rows"):
+        fp8_gemm_gated_next(*odd)
+    with pytest.raises(ValueError, match="even number of rows"):
+        ref.fp8_gemm_gated_next_ref(*odd)
+    with pytest.raises(ValueError, match="padded K for K = 64"):
+        fp8_gemm_gated_next(*args[:12], 128, "int4")
+    with pytest.raises(ValueError, match="int4 or fp8"):
+        fp8_gemm_gated_next(*args[:13], "none")
+
+
+def _geglu_layers(act_fmt: str, c: int = 96, h: int = 136, n: int = 80):
+    """An up projection (C -> 2H) and a down projection (H -> N) quantized on GEGLU data,
+    on the engine, and inputs [3, 11, C]."""
+    g = _gen(13)
+    lin_up = torch.nn.Linear(c, 2 * h).to(DEVICE, torch.bfloat16)
+    lin_down = torch.nn.Linear(h, n).to(DEVICE, torch.bfloat16)
+    x = (torch.randn(300, c, generator=g) * 2).to(DEVICE, torch.bfloat16)
+    v, gate = lin_up(x).chunk(2, dim=-1)
+    opts = dict(fmt="int4", act_fmt=act_fmt, rank=8, alpha=0.5)
+    up = svdquant.quantize_linear(lin_up, x, **opts)
+    down = svdquant.quantize_linear(lin_down, v * torch.nn.functional.gelu(gate), **opts)
+    up.backend = down.backend = "triton"
+    return up, down, x[:33].reshape(3, 11, c)
+
+
+@pytest.mark.parametrize("act_fmt", ["int4", "fp8"])
+def test_fused_geglu_matches_unfused(act_fmt):
+    """``svdq_geglu_triton`` = down(v · gelu(g)) with v, g = up(x).chunk(2): the unfused
+    layers' numbers without the [..., 2H] output or a quantize pass; bad pairs refused;
+    fullgraph compiles."""
+    up, down, x = _geglu_layers(act_fmt)
+    y = svdquant.kernels.svdq_geglu_triton(x, up, down, "gelu")
+    v, gate = up(x).chunk(2, dim=-1)
+    assert y.shape == (3, 11, 80)
+    assert rel_err(y, down(v * torch.nn.functional.gelu(gate))) <= TOL
+    with pytest.raises(ValueError, match="gives twice as many"):
+        svdquant.kernels.svdq_geglu_triton(x, up, up, "gelu")
+    down.act_fmt = "none"
+    with pytest.raises(ValueError, match="act_fmt in"):
+        svdquant.kernels.svdq_geglu_triton(x, up, down, "gelu")
+    down.act_fmt = act_fmt
+    ff = lambda t: svdquant.kernels.svdq_geglu_triton(t, up, down, "gelu")  # noqa: E731
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(ff, fullgraph=True, backend="aot_eager")(x), ff(x))
+
+
 @pytest.mark.parametrize(("m", "n", "k"), [(100, 200, 333), (20, 60, 200), (70, 512, 96)])
 def test_fp8_gemm_split_k_tail_matches_whole_tiles(monkeypatch, m, n, k):
     """``gemm.TAIL_SPLIT``: the tiles past the last whole wave run as K slices whose fp32
@@ -1505,6 +1591,25 @@ def test_gpu_layer_pipeline_matches_reference(m, n, k, fmt, act_fmt):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("m", "h", "k", "r"), [
+    (1, 64, 128, 8), (3, 136, 200, 32), (257, 5120, 1280, 32), (1024, 5120, 1280, 32),
+    (4096, 2560, 640, 32), (4608, 3000, 1000, 0),
+])  # fmt: skip
+@pytest.mark.parametrize("act_fmt2", ["int4", "fp8"])
+def test_gpu_fp8_gemm_gated_next_matches_reference(m, h, k, r, act_fmt2):
+    """The gated up projection on the GPU, SDXL's GEGLU shapes (C = 640 / 1280) among
+    them: the down projection's input as the reference writes it."""
+    from svdquant.kernels.gemm_gated import fp8_gemm_gated_next
+
+    args = _gated_next_args(m, h, k, r, "gelu", act_fmt2, True)
+    xq2, lora2 = fp8_gemm_gated_next(*args)
+    xq2_ref, lora2_ref = ref.fp8_gemm_gated_next_ref(*args)
+    assert (xq2.float() != xq2_ref.float()).float().mean().item() < 0.01
+    assert rel_err(xq2, xq2_ref) < 0.01
+    assert rel_err(lora2, lora2_ref) < 1e-3
+
+
+@pytest.mark.gpu
 def test_gpu_gemm_tuning_waits_for_the_work_queued_before_it():
     """A shape's first call times the candidate tiles on a stream of Triton's own: it must
     wait for the kernels already queued on ours, or the candidates write the output's
@@ -2049,18 +2154,23 @@ def test_fused_pixart_runtime_on_the_engine(monkeypatch):
 
 
 @torch.no_grad()
-def test_fused_sdxl_runtime_on_the_engine(monkeypatch):
+@pytest.mark.parametrize("epilogue", [True, False])
+def test_fused_sdxl_runtime_on_the_engine(monkeypatch, epilogue):
     """``fuse_projections`` on a tiny SDXL UNet, on the engine: each GEGLU feed-forward's
-    down projection quantizes ``x · gelu(gate)`` from the up projection's two halves
-    (``forward_gated``) — each feed-forward the unfused engine's within bf16 rounding (the
+    up projection writes the down projection's input (``svdq_geglu_triton``; without
+    ``ops.GEGLU_EPILOGUE`` the down projection quantizes ``x · gelu(gate)`` from the up
+    projection's two halves, ``forward_gated``) — each feed-forward the unfused engine's
+    within bf16 rounding (the
     whole random tiny UNet amplifies a single fp8 rounding flip, from the kernel's erf
     against torch's, to the size of the quantization noise); unfusing restores diffusers'
     classes (``test_forward_gated_on_the_engine`` compiles the gated layer)."""
     from svdquant.kernels import ops
 
     monkeypatch.setattr(ops, "GATED_MIN_ROWS", 1)  # the tiny model's few tokens too
+    monkeypatch.setattr(ops, "GEGLU_EPILOGUE", epilogue)
     model, args, kw = _tiny_denoiser_on_the_engine("sdxl")
-    calls = _count_kernel_calls(monkeypatch, svdq_linear_gated_triton="gated")
+    name = "svdq_geglu_triton" if epilogue else "svdq_linear_gated_triton"
+    calls = _count_kernel_calls(monkeypatch, **{name: "gated"})
     ffs = [m for m in model.modules() if type(m).__name__ == "FeedForward"]
     inputs: dict[int, torch.Tensor] = {}
     hooks = [

@@ -27,8 +27,9 @@ attention processors and the blocks, which saving needs (the LoRA calls unfuse a
 again around themselves). Supported: FLUX.1 (``FluxAttention``,
 ``FluxSingleTransformerBlock``) and diffusers' generic ``Attention`` with its default
 processor (PixArt-Σ, SDXL, SANA's cross-attention): q/k/v of a self-attention, k/v of a
-cross-attention (its q reads another input), and PixArt's GELU-tanh feed-forwards as
-fused MLPs.
+cross-attention (its q reads another input), PixArt's GELU-tanh feed-forwards as fused
+MLPs and SDXL's GEGLU feed-forwards with the gate in the up projection's epilogue
+(``kernels.svdq_geglu_triton``: it writes the down projection's quantized input).
 """
 
 from __future__ import annotations
@@ -401,16 +402,18 @@ def _mlp_runtime() -> type:
 @functools.cache
 def _geglu_runtime() -> type:
     """diffusers' ``FeedForward`` with a GEGLU (SDXL's: up projection to 2H, ``x ·
-    gelu(gate)``, dropout, linear) with the down projection's quantize reading both halves
-    of the up projection's output (``SVDQLinear.forward_gated``)."""
+    gelu(gate)``, dropout, linear) with the up projection's GEMM epilogue writing the down
+    projection's quantized input (``kernels.svdq_geglu_triton``; with
+    ``kernels.ops.GEGLU_EPILOGUE`` off, the down projection's quantize reads both halves
+    of the up projection's output: ``SVDQLinear.forward_gated``)."""
     from diffusers.models.attention import FeedForward
 
     from svdquant import kernels
 
     class FusedGegluFeedForward(FeedForward):
-        """up -> GEGLU -> down, the GELU, the product and the down projection's quantize in
-        one pass on the fp8 engine; diffusers' own forward elsewhere (the reference
-        backend, training with dropout)."""
+        """up -> GEGLU -> down with no pass of its own for the GELU, the product and the
+        down projection's quantize on the fp8 engine; diffusers' own forward elsewhere
+        (the reference backend, training with dropout)."""
 
         def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             up, drop, down = self.net[0].proj, self.net[1], self.net[2]
@@ -418,6 +421,9 @@ def _geglu_runtime() -> type:
                 kernels.resolve_backend(m.backend, hidden_states.device) == "triton"
                 for m in (up, down)
             ):
+                if kernels.ops.GEGLU_EPILOGUE:
+                    up._check_input(hidden_states)
+                    return kernels.svdq_geglu_triton(hidden_states, up, down, "gelu")
                 value, gate = up(hidden_states).chunk(2, dim=-1)
                 return down.forward_gated(value, gate, "gelu")
             return super().forward(hidden_states, *args, **kwargs)
@@ -608,7 +614,7 @@ def _swap_class(module: nn.Module) -> bool:
 def _fuse_feed_forward(ff: nn.Module) -> bool:
     """Run a diffusers ``FeedForward`` with quantized layers (activations int4 or fp8) fused:
     FLUX's and PixArt's (GELU-tanh, dropout, linear) as one fused MLP, SDXL's GEGLU with
-    the down projection's quantize applying the gate (``_geglu_runtime``). Its class is
+    the up projection's epilogue applying the gate (``_geglu_runtime``). Its class is
     swapped; its modules, parameters and state-dict keys stay."""
     net = getattr(ff, "net", None)
     if type(ff).__name__ != "FeedForward" or net is None or len(net) != 3:
@@ -834,7 +840,7 @@ def fuse_projections(model: nn.Module) -> int:
     ``kernels.modulate.ENABLED``; diffusers' generic ``Attention`` — PixArt-Σ, SDXL, SANA's
     cross-attention — q/k/v of a self-attention and k/v of a cross-attention, PixArt's
     GELU-tanh feed-forwards as fused MLPs and SDXL's GEGLU feed-forwards with the gate
-    applied in the down projection's quantize); returns how many attention modules now take
+    applied in the up projection's epilogue); returns how many attention modules now take
     fused projections. Layers that carry LoRAs are fused with them (stacked after the shared base
     branch: the same outputs); modules whose layers cannot be fused (16-bit, separately
     quantized) or whose attention runs another processor than diffusers' own (an

@@ -2,9 +2,10 @@
 
 ``reference``: plain PyTorch (``kernels/reference.py``), exact and device-agnostic.
 ``triton``: the Hopper engine — the paper's 4-bit formats in memory, computed on fp8
-tensor cores (``quantize.py``, ``widen.py``, ``gemm.py``, ``gemv.py``; custom ops in
-``ops.py``; ``docs/engine.md``). It runs on CUDA, or on the CPU in triton's interpreter
-(``TRITON_INTERPRET=1`` set before the first kernel call), which is how CI tests it.
+tensor cores (``quantize.py``, ``widen.py``, ``gemm.py``, ``gemm_gated.py``, ``gemv.py``;
+custom ops in ``ops.py``; ``docs/engine.md``). It runs on CUDA, or on the CPU in
+triton's interpreter (``TRITON_INTERPRET=1`` set before the first kernel call), which is
+how CI tests it.
 ``auto``: ``triton`` on CUDA GPUs that have fp8 E4M3 (compute capability 8.9 or later:
 Ada, Hopper, Blackwell) when triton imports, ``reference`` otherwise (with a warning once
 per older GPU: the same outputs within rounding, not the speed).
@@ -27,6 +28,7 @@ from svdquant.kernels.ops import (
     layer_norm_modulate,
     rms_norm_rope,
     splits_in_gemm,
+    svdq_geglu_triton,
     svdq_linear_cat_triton,
     svdq_linear_gated_triton,
     svdq_linear_split_triton,
@@ -51,6 +53,7 @@ __all__ = [
     "resolve_backend",
     "rms_norm_rope",
     "splits_in_gemm",
+    "svdq_geglu_triton",
     "svdq_linear",
     "svdq_linear_cat_triton",
     "svdq_linear_gated_triton",

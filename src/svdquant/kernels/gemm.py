@@ -300,19 +300,14 @@ def _lowrank_operands(lora_ptr, lu_ptr, rm, rn, mmask, nmask, R, stride_lm, stri
 
 
 @triton.jit
-def _epilogue(
-    acc, rm, rn, mmask, nmask, pid_n, c_ptr, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr,
-    M, N, R, stride_cm, stride_lm, stride_un, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr,
-    lora2_ptr, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m, B1, B2, B3,
-    LP, O0, O1, O2, O3, W0, W1, W2, W3,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr,
-    BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr, NEXT: tl.constexpr, SPLIT: tl.constexpr,
-    ACT: tl.constexpr, NEXT_INT4: tl.constexpr, BLOCK_R2: tl.constexpr, PARTS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _output_values(
+    acc, rm, rn, mmask, nmask, pid_n, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr, R,
+    stride_lm, stride_un, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2, W3,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_FP32: tl.constexpr, PARTS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """The tile's fp32 sums ``acc`` -> the layer's output (scales, low-rank up, bias,
-    activation), stored whole, split into segments, or quantized as the next layer's
-    input."""
+    """The layer's output at the tile's fp32 sums ``acc`` (columns ``rn``), in fp32:
+    scales, the low-rank up projection and the bias."""
     # Every operand's load first: two L2 round trips for the tile instead of three (the
     # compiler keeps each load below the barriers of the layout conversions before it).
     # Loading the low-rank operands before the K loop instead (one round trip, 246
@@ -329,46 +324,85 @@ def _epilogue(
         y = dot16(la, tl.trans(lu), y, DOT_FP32)  # the 16-bit low-rank branch: one MMA
     if HAS_BIAS:
         y += bias[None, :]
+    return y
+
+
+@triton.jit
+def as_written(y, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """fp32 ``y`` as a 16-bit tensor of ``dtype`` holds it once written (read back in
+    fp32), rounded to nearest even also where the interpreter's own cast truncates."""
+    if ROUND_BF16:
+        y = round_bf16(y)
+    return y.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def quantize_next(
+    y16, rm, rn, mmask, nmask, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr, lora2_ptr, K2_OUT,
+    R2, stride_q2m, stride_ld2, stride_l2m, DOT_FP32: tl.constexpr, NEXT_INT4: tl.constexpr,
+    BLOCK_R2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Store the 16-bit tile ``y16`` [BLOCK_M, BLOCK_N] (columns ``rn``) as the next
+    layer's quantized input (its groups of 64 lie inside the tile) and add its share of
+    that layer's low-rank down projection; the 16-bit values themselves are never written."""
+    # The low-rank share first: the 16-bit tile is then dead once x̂ is formed (with
+    # both alive through the quantize, the 128x256 tile spilled).
+    inv_s2 = tl.load(inv_s2_ptr + rn, mask=nmask, other=1.0)  # 1/s, taken on the host
+    r2 = tl.arange(0, BLOCK_R2)
+    ld2 = tl.trans(
+        tl.load(
+            ld2_ptr + r2[:, None] * stride_ld2 + rn[None, :],
+            mask=(r2 < R2)[:, None] & nmask[None, :],
+            other=0.0,
+        )
+    )
+    part = tl.zeros([BLOCK_M, BLOCK_R2], dtype=tl.float32)
+    part = folded_lowrank_dot(y16, ld2, inv_s2, part, DOT_FP32)
+    xh = y16.to(tl.float32) * inv_s2[None, :]
+    xh = tl.where(nmask[None, :], xh, 0.0)
+    inv2 = tl.math.div_rn(1.0, tl.load(scale2_ptr))
+    q = quantize_tile(xh, inv2, NEXT_INT4, DOT_FP32, BLOCK_M, BLOCK_N)
+    tl.store(
+        xq2_ptr + rm[:, None] * stride_q2m + rn[None, :],
+        q,
+        mask=mmask[:, None] & (rn < K2_OUT)[None, :],
+    )
+    tl.atomic_add(
+        lora2_ptr + rm[:, None] * stride_l2m + r2[None, :],
+        part,
+        mask=mmask[:, None] & (r2 < R2)[None, :],
+        sem="relaxed",
+    )
+
+
+@triton.jit
+def _epilogue(
+    acc, rm, rn, mmask, nmask, pid_n, c_ptr, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr,
+    M, N, R, stride_cm, stride_lm, stride_un, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr,
+    lora2_ptr, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m, B1, B2, B3,
+    LP, O0, O1, O2, O3, W0, W1, W2, W3,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr, NEXT: tl.constexpr, SPLIT: tl.constexpr,
+    ACT: tl.constexpr, NEXT_INT4: tl.constexpr, BLOCK_R2: tl.constexpr, PARTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The tile's fp32 sums ``acc`` -> the layer's output (scales, low-rank up, bias,
+    activation), stored whole, split into segments, or quantized as the next layer's
+    input."""
+    y = _output_values(acc, rm, rn, mmask, nmask, pid_n, sch_ptr, scale_ptr, lora_ptr,
+                       lu_ptr, bias_ptr, R, stride_lm, stride_un, B1, B2, B3, LP, O0, O1, O2,
+                       O3, W0, W1, W2, W3, HAS_LORA, HAS_BIAS, BLOCK_R, DOT_FP32, PARTS,
+                       BLOCK_N)  # fmt: skip
     if ACT != 0:  # the activation reads the layer output as written: in 16 bits
-        if ROUND_BF16:
-            y = round_bf16(y)
-        y = y.to(c_ptr.dtype.element_ty).to(tl.float32)
+        y = as_written(y, c_ptr.dtype.element_ty, ROUND_BF16)
     y = apply_activation(y, ACT)
     if ROUND_BF16:
         y = round_bf16(y)
     y16 = y.to(c_ptr.dtype.element_ty)
     if NEXT:
-        # This tile is a [BLOCK_M, BLOCK_N] tile of the next layer's input: quantize it
-        # (its groups of 64 lie inside the tile) and add its share of that layer's
-        # low-rank down projection; the 16-bit output itself is never written.
-        # The low-rank share first: the 16-bit tile is then dead once x̂ is formed (with
-        # both alive through the quantize, the 128x256 tile spilled).
-        inv_s2 = tl.load(inv_s2_ptr + rn, mask=nmask, other=1.0)  # 1/s, taken on the host
-        r2 = tl.arange(0, BLOCK_R2)
-        ld2 = tl.trans(
-            tl.load(
-                ld2_ptr + r2[:, None] * stride_ld2 + rn[None, :],
-                mask=(r2 < R2)[:, None] & nmask[None, :],
-                other=0.0,
-            )
-        )
-        part = tl.zeros([BLOCK_M, BLOCK_R2], dtype=tl.float32)
-        part = folded_lowrank_dot(y16, ld2, inv_s2, part, DOT_FP32)
-        xh = y16.to(tl.float32) * inv_s2[None, :]
-        xh = tl.where(nmask[None, :], xh, 0.0)
-        inv2 = tl.math.div_rn(1.0, tl.load(scale2_ptr))
-        q = quantize_tile(xh, inv2, NEXT_INT4, DOT_FP32, BLOCK_M, BLOCK_N)
-        tl.store(
-            xq2_ptr + rm[:, None] * stride_q2m + rn[None, :],
-            q,
-            mask=mmask[:, None] & (rn < K2_OUT)[None, :],
-        )
-        tl.atomic_add(
-            lora2_ptr + rm[:, None] * stride_l2m + r2[None, :],
-            part,
-            mask=mmask[:, None] & (r2 < R2)[None, :],
-            sem="relaxed",
-        )
+        quantize_next(y16, rm, rn, mmask, nmask, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr,
+                      lora2_ptr, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m, DOT_FP32,
+                      NEXT_INT4, BLOCK_R2, BLOCK_M, BLOCK_N)  # fmt: skip
     elif SPLIT:
         # Column segments [0, B1), [B1, B2), [B2, B3), [B3, N) go to separate contiguous
         # [M, width] tensors laid end to end in ``c`` (the segment at column ``start``
@@ -536,22 +570,29 @@ def _launch(
     # the autotuner's key (its ``key`` names and every tensor's dtype) and the flags
     key = (_m_bucket(m), n, k, tail_on, tma, out.dtype, lowrank_up.dtype,
            None if bias is None else bias.dtype, AUTOTUNE_GRAPH, *flags.values())  # fmt: skip
-    config = _PICKED.get((xq.device, key))
+    run_tuned(_fp8_gemm_kernel, grid, args, flags, key, xq.device, (m, n, k), (a, b))
+
+
+def run_tuned(kernel, grid, args, flags, key: tuple, device, shape, operands) -> None:
+    """Launch the autotuned ``kernel`` with the tile picked for ``key``: in this process
+    (``_PICKED``), by an earlier one (``tile_cache``) or now, timed on this first call.
+    ``operands``: the (a, b) a config's pre-hook sizes the descriptors of."""
+    config = _PICKED.get((device, key))
     if config is None:  # tuned by an earlier process?
-        config = tile_cache.lookup(xq.device, key, _fp8_gemm_kernel.configs)
+        config = tile_cache.lookup(device, key, kernel.configs)
         if config is not None:
-            _PICKED[(xq.device, key)] = config
+            _PICKED[(device, key)] = config
     if config is None:
-        if len(_fp8_gemm_kernel.configs) > 1:
-            logger.info("tuning the fp8 GEMM's tile for M ~ %d, N = %d, K = %d", m, n, k)
-        _fp8_gemm_kernel[grid](*args, **flags)  # tunes on the key's first call
-        _PICKED[(xq.device, key)] = _fp8_gemm_kernel.best_config
-        tile_cache.record(xq.device, key, _fp8_gemm_kernel.best_config)
+        if len(kernel.configs) > 1:
+            logger.info("tuning the fp8 GEMM's tile for M ~ %d, N = %d, K = %d", *shape)
+        kernel[grid](*args, **flags)  # tunes on the key's first call
+        _PICKED[(device, key)] = kernel.best_config
+        tile_cache.record(device, key, kernel.best_config)
     else:
-        _fp8_gemm_kernel.best_config = config  # (what the probes read)
+        kernel.best_config = config  # (what the probes read)
         if config.pre_hook is not None:
-            config.pre_hook({"a_ptr": a, "b_ptr": b, **config.kwargs})
-        _fp8_gemm_kernel.fn[grid](*args, **flags, **config.all_kwargs())
+            config.pre_hook({"a_ptr": operands[0], "b_ptr": operands[1], **config.kwargs})
+        kernel.fn[grid](*args, **flags, **config.all_kwargs())
 
 
 #: The tile the autotuner picked, per device and launch key: a call after the first for
@@ -560,12 +601,15 @@ def _launch(
 #: host time an eager layer call pays (``bench/probe_launch.py``). Each pick is also kept
 #: on disk (``tile_cache``), so that the next process does not tune again.
 _PICKED: dict[tuple, triton.Config] = {}
+#: every autotuned GEMM kernel (``gemm_gated`` adds its own), for ``clear_tuning``
+TUNED_KERNELS = [_fp8_gemm_kernel]
 
 
 def clear_tuning() -> None:
     """Forget the GEMM's tuned tiles (the autotuner's, ``_PICKED`` and the tile cache on
     disk): the next call of each shape tunes again."""
-    _fp8_gemm_kernel.cache.clear()
+    for kernel in TUNED_KERNELS:
+        kernel.cache.clear()
     _PICKED.clear()
     tile_cache.forget()
 
@@ -758,31 +802,42 @@ def fp8_gemm_quantize_next(
     quantize pass and without writing fc1's output. Reference:
     ``reference.fp8_gemm_quantize_next_ref``.
     """
+    m, n = xq.shape[0], wq.shape[0]
+    xq2, lora2, nxt = next_layer_input(
+        m, n, xq.device, activation, smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2
+    )
+    if m and n:
+        out = torch.empty(0, dtype=out_dtype, device=xq.device)  # not written
+        _launch(*_contiguous(xq, wq, lora_act, lowrank_up), s_channel, act_scale, bias, out, nxt)
+    return xq2, lora2
+
+
+def next_layer_input(m, k2, device, activation, smooth2, lowrank_down2, act_scale2, k_out2,
+                     act_fmt2):  # fmt: skip
+    """Check an epilogue's next layer (``k2`` input features) and allocate its quantized
+    input ``xq2`` and low-rank sums ``lora2``: ``(xq2, lora2, nxt)``, ``nxt`` the launch's
+    tuple (1/smooth2, ld2, scale2, xq2, lora2, activation, act_fmt2)."""
     if act_fmt2 not in ("int4", "fp8"):
         raise ValueError(f"the next layer's activations must be int4 or fp8, got {act_fmt2!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; supported: {sorted(ACTIVATIONS)}")
-    m, n = xq.shape[0], wq.shape[0]
-    if k_out2 < n or k_out2 > cdiv(n, 64) * 64:
-        raise ValueError(f"k_out2 = {k_out2} must be the next layer's padded K for K = {n}")
-    # every column < k_out2 lies in some BLOCK_N tile (BLOCK_N a multiple of 64): empty is safe
-    xq2 = torch.empty(m, k_out2, dtype=torch.float8_e4m3fn, device=xq.device)
-    lora2 = torch.zeros(m, lowrank_down2.shape[0], dtype=torch.float32, device=xq.device)
-    if m and n:
-        nxt = (
-            # IEEE reciprocals taken here: a division per column in the epilogue would
-            # compile to slow-path calls whose register saves spill the accumulator
-            1.0 / smooth2.float().contiguous(),
-            lowrank_down2.contiguous(),
-            act_scale2.float().reshape(1),
-            xq2,
-            lora2,
-            activation,
-            act_fmt2,
-        )
-        out = torch.empty(0, dtype=out_dtype, device=xq.device)  # not written
-        _launch(*_contiguous(xq, wq, lora_act, lowrank_up), s_channel, act_scale, bias, out, nxt)
-    return xq2, lora2
+    if k_out2 < k2 or k_out2 > cdiv(k2, 64) * 64:
+        raise ValueError(f"k_out2 = {k_out2} must be the next layer's padded K for K = {k2}")
+    # every column < k_out2 lies in some tile (its width a multiple of 64): empty is safe
+    xq2 = torch.empty(m, k_out2, dtype=torch.float8_e4m3fn, device=device)
+    lora2 = torch.zeros(m, lowrank_down2.shape[0], dtype=torch.float32, device=device)
+    nxt = (
+        # IEEE reciprocals taken here: a division per column in the epilogue would
+        # compile to slow-path calls whose register saves spill the accumulator
+        1.0 / smooth2.float().contiguous(),
+        lowrank_down2.contiguous(),
+        act_scale2.float().reshape(1),
+        xq2,
+        lora2,
+        activation,
+        act_fmt2,
+    )
+    return xq2, lora2, nxt
 
 
 def _contiguous(xq, wq, lora_act, lowrank_up):

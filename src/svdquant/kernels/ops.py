@@ -29,6 +29,7 @@ __all__ = [
     "layer_norm_modulate",
     "rms_norm_rope",
     "splits_in_gemm",
+    "svdq_geglu_triton",
     "svdq_linear_cat_triton",
     "svdq_linear_gated_triton",
     "svdq_linear_split_triton",
@@ -382,13 +383,43 @@ def fp8_gemm_quantize_next(
 
 
 @fp8_gemm_quantize_next.register_fake
-def _(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, activation,
-      smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2):  # fmt: skip
+def _next_input_like(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype,
+                     activation, smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2):  # fmt: skip
+    """The fake of an epilogue that writes the next layer's input: (xq2, lora_act2)."""
     m = xq.shape[0]
     return (
         xq.new_empty(m, k_out2, dtype=_FP8),
         xq.new_empty(m, lowrank_down2.shape[0], dtype=torch.float32),
     )
+
+
+@_op("fp8_gemm_gated_next")
+def fp8_gemm_gated_next(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
+    act_scale: torch.Tensor,
+    lora_act: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    activation: str,
+    smooth2: torch.Tensor,
+    lowrank_down2: torch.Tensor,
+    act_scale2: torch.Tensor,
+    k_out2: int,
+    act_fmt2: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.gemm_gated.fp8_gemm_gated_next`` as a custom op."""
+    from svdquant.kernels.gemm_gated import fp8_gemm_gated_next as impl
+
+    return impl(
+        xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, activation,
+        smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2,
+    )  # fmt: skip
+
+
+fp8_gemm_gated_next.register_fake(_next_input_like)
 
 
 @_op("w4a16_linear")
@@ -655,6 +686,45 @@ def svdq_mlp_triton(
     w2, c2 = ops.widen_weight(fc2.qweight, fc2.wscales, fc2.wtensor_scale, fc2.fmt)
     y = ops.fp8_gemm(xq2, w2, c2, s2, lora2, fc2.lowrank_up, fc2.bias, x.dtype)
     return y.reshape(*lead, fc2.out_features)
+
+
+#: Run a fused GEGLU feed-forward (``fuse_projections``) as ``svdq_geglu_triton``: the
+#: gate in the up projection's GEMM epilogue; ``False``: in the down projection's quantize
+#: (``svdq_linear_gated_triton``, v40).
+GEGLU_EPILOGUE = True
+
+
+def svdq_geglu_triton(
+    x: torch.Tensor, up: torch.nn.Module, down: torch.nn.Module, activation: str = "gelu"
+) -> torch.Tensor:
+    """``down(v · activation(g))`` with ``v, g = up(x).chunk(2, -1)`` — a gated linear
+    unit (diffusers' GEGLU: SDXL's feed-forwards) — for two ``SVDQLinear`` layers on the
+    fp8 engine, fused: the up projection's epilogue writes the down projection's
+    quantized input (``fp8_gemm_gated_next``): no [..., 2H] output, no activation,
+    product or quantize pass. Both layers need ``act_fmt`` ``"int4"`` or ``"fp8"``; the
+    numbers are the unfused modules' (each intermediate rounded to x's dtype)."""
+    if up.act_fmt not in ("int4", "fp8") or down.act_fmt not in ("int4", "fp8"):
+        raise ValueError("the fused gated unit needs both layers' act_fmt in ('int4', 'fp8')")
+    if up.out_features != 2 * down.in_features:
+        raise ValueError(
+            f"the up projection gives {up.out_features} features, the down projection takes "
+            f"{down.in_features}: a gated unit's up projection gives twice as many"
+        )
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, up.in_features)
+    ops = _ops(x2)
+    s2 = _act_scale(down.act_amax)
+    xq, lora, w1, c1, s1 = _fp8_operands(
+        x2, up.qweight, up.wscales, up.wtensor_scale, up.smooth, up.act_amax,
+        up.lowrank_down, up.fmt, up.act_fmt,
+    )  # fmt: skip
+    xq2, lora2 = ops.fp8_gemm_gated_next(
+        xq, w1, c1, s1, lora, up.lowrank_up, up.bias, x.dtype, activation,
+        down.smooth, down.lowrank_down, s2, down.qweight.shape[1] * 2, down.act_fmt,
+    )  # fmt: skip
+    w2, c2 = ops.widen_weight(down.qweight, down.wscales, down.wtensor_scale, down.fmt)
+    y = ops.fp8_gemm(xq2, w2, c2, s2, lora2, down.lowrank_up, down.bias, x.dtype)
+    return y.reshape(*lead, down.out_features)
 
 
 @_op("rms_norm_rope")

@@ -21,6 +21,7 @@ __all__ = [
     "ENGINE_ACT_FORMATS",
     "act_scale_from_amax",
     "activation_ref",
+    "fp8_gemm_gated_next_ref",
     "fp8_gemm_quantize_next_ref",
     "fp8_gemm_ref",
     "quantize_act_cat_ref",
@@ -347,6 +348,38 @@ def fp8_gemm_quantize_next_ref(
     y = y.to(out_dtype)  # the layer's output as written (fp32 math inside, like torch's)
     h = activation_ref(y, activation).to(out_dtype)
     return quantize_act_ref(h, smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2)
+
+
+def fp8_gemm_gated_next_ref(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
+    act_scale: torch.Tensor,
+    lora_act: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    activation: str,
+    smooth2: torch.Tensor,
+    lowrank_down2: torch.Tensor,
+    act_scale2: torch.Tensor,
+    k_out2: int,
+    act_fmt2: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gated unit's up projection (value rows, then gate rows) whose epilogue quantizes
+    the down projection's input: ``fp8_gemm_ref`` (rounded to ``out_dtype``) chunked into
+    ``v, g``, then ``quantize_act_gated_ref(v, g, activation, ...)`` — the unfused
+    modules' numbers."""
+    if wq.shape[0] % 2:
+        raise ValueError(
+            f"a gated unit's up projection has an even number of rows, got {wq.shape[0]}"
+        )
+    y = fp8_gemm_ref(xq, wq, s_channel, act_scale, lora_act, lowrank_up, None, torch.float32)
+    if bias is not None:
+        y = y + bias.float()
+    v, g = y.to(out_dtype).chunk(2, dim=-1)  # the layer's output as written
+    return quantize_act_gated_ref(v, g, activation, smooth2, lowrank_down2, act_scale2, k_out2,
+                                  act_fmt2)  # fmt: skip
 
 
 def w4a16_linear_ref(
