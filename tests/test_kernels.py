@@ -589,13 +589,37 @@ def test_fp8_gemm_gated_next_matches_reference(m, h, k, r, activation, act_fmt2,
 
     args = _gated_next_args(m, h, k, r, activation, act_fmt2, bias)
     xq2, lora2 = fp8_gemm_gated_next(*args)
-    xq2_ref, lora2_ref = ref.fp8_gemm_gated_next_ref(*args)
     assert xq2.shape == (m, args[12]) and lora2.shape == (m, 6)
-    # the kernel's GELU/SiLU differ from torch's by fp32 ulps, which can move a value
-    # across a bf16 or fp8 rounding boundary: almost every element is equal
-    assert (xq2.float() != xq2_ref.float()).float().mean().item() < 0.01
-    assert rel_err(xq2, xq2_ref) < 0.01
-    assert rel_err(lora2, lora2_ref) < 1e-3
+    _check_gated_next(args, xq2, lora2)
+
+
+def _check_gated_next(args: tuple, xq2: torch.Tensor, lora2: torch.Tensor) -> None:
+    """``fp8_gemm_gated_next``'s outputs against the reference. In the interpreter (fp32
+    sums) almost code for code: the kernel's GELU/SiLU differ from torch's in the last
+    fp32 bits, which can move a value across a bf16 or fp8 rounding boundary. On the GPU
+    the fp8 tensor cores' sums differ from the fp32 reference's in the last bits too,
+    which moves a few 16-bit roundings of v and g and so whole int4 steps (v41, H200, K =
+    640-1280: 0.1-0.2% of the codes, a norm error of 1.6-2.5%; the low-rank sums
+    1.5-2.1e-3): there the codes are compared with the reference on the GPU's own 16-bit
+    up projection (``fp8_gemm`` on the Triton kernel: the same MMAs)."""
+    xq2_ref, lora2_ref = ref.fp8_gemm_gated_next_ref(*args)
+    if DEVICE == "cpu":
+        assert (xq2.float() != xq2_ref.float()).float().mean().item() < 0.01
+        assert rel_err(xq2, xq2_ref) < 0.01
+        assert rel_err(lora2, lora2_ref) < 1e-3
+        return
+    from svdquant.kernels import gemm
+
+    assert rel_err(xq2, xq2_ref) < 0.05
+    assert rel_err(lora2, lora2_ref) < 5e-3
+    before, gemm.WS_GEMM = gemm.WS_GEMM, False
+    try:
+        v, g = fp8_gemm(*args[:8]).chunk(2, dim=-1)
+    finally:
+        gemm.WS_GEMM = before
+    own, _ = ref.quantize_act_gated_ref(v, g, args[8], *args[9:])
+    flips = (xq2.float() != own.float()).sum().item()
+    assert flips <= max(2, 2e-3 * own.numel()), flips
 
 
 def test_fp8_gemm_gated_next_refuses_bad_shapes():
@@ -1598,15 +1622,11 @@ def test_gpu_layer_pipeline_matches_reference(m, n, k, fmt, act_fmt):
 @pytest.mark.parametrize("act_fmt2", ["int4", "fp8"])
 def test_gpu_fp8_gemm_gated_next_matches_reference(m, h, k, r, act_fmt2):
     """The gated up projection on the GPU, SDXL's GEGLU shapes (C = 640 / 1280) among
-    them: the down projection's input as the reference writes it."""
+    them (``_check_gated_next``: against the reference on the GPU's own up projection)."""
     from svdquant.kernels.gemm_gated import fp8_gemm_gated_next
 
     args = _gated_next_args(m, h, k, r, "gelu", act_fmt2, True)
-    xq2, lora2 = fp8_gemm_gated_next(*args)
-    xq2_ref, lora2_ref = ref.fp8_gemm_gated_next_ref(*args)
-    assert (xq2.float() != xq2_ref.float()).float().mean().item() < 0.01
-    assert rel_err(xq2, xq2_ref) < 0.01
-    assert rel_err(lora2, lora2_ref) < 1e-3
+    _check_gated_next(args, *fp8_gemm_gated_next(*args))
 
 
 @pytest.mark.gpu
