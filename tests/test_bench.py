@@ -426,6 +426,12 @@ def test_models_bench_times_each_architecture_both_ways(tmp_path, capsys):
     assert 1.6 < sizes["sana"] < 1.61
     with pytest.raises(SystemExit, match="unknown"):
         models.main(["--tiny", "--models", "dit"])
+    from svdquant.kernels import ops
+
+    ab = models.main(["--tiny", "--models", "sdxl", "--steps", "1", "--out", str(tmp_path),
+                      "--ab", "ops.GEGLU_EPILOGUE=False"])  # fmt: skip
+    assert [r["way"] for r in ab["rows"]][-1] == "svdq-int4 ops.GEGLU_EPILOGUE=False"
+    assert ops.GEGLU_EPILOGUE is True  # set for that way only
 
 
 def test_probes_of_the_gpu_refuse_the_cpu_clearly(monkeypatch, tmp_path):
