@@ -2174,23 +2174,22 @@ def test_fused_pixart_runtime_on_the_engine(monkeypatch):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("epilogue", [True, False])
-def test_fused_sdxl_runtime_on_the_engine(monkeypatch, epilogue):
+def test_fused_sdxl_runtime_on_the_engine(monkeypatch):
     """``fuse_projections`` on a tiny SDXL UNet, on the engine: each GEGLU feed-forward's
     up projection writes the down projection's input (``svdq_geglu_triton``; without
     ``ops.GEGLU_EPILOGUE`` the down projection quantizes ``x · gelu(gate)`` from the up
     projection's two halves, ``forward_gated``) — each feed-forward the unfused engine's
-    within bf16 rounding (the
-    whole random tiny UNet amplifies a single fp8 rounding flip, from the kernel's erf
-    against torch's, to the size of the quantization noise); unfusing restores diffusers'
-    classes (``test_forward_gated_on_the_engine`` compiles the gated layer)."""
+    within bf16 rounding both ways (the whole random tiny UNet amplifies a single fp8
+    rounding flip, from the kernel's erf against torch's, to the size of the quantization
+    noise); unfusing restores diffusers' classes (``test_forward_gated_on_the_engine`` and
+    ``test_fused_geglu_matches_unfused`` compile the fused paths)."""
     from svdquant.kernels import ops
 
     monkeypatch.setattr(ops, "GATED_MIN_ROWS", 1)  # the tiny model's few tokens too
-    monkeypatch.setattr(ops, "GEGLU_EPILOGUE", epilogue)
     model, args, kw = _tiny_denoiser_on_the_engine("sdxl")
-    name = "svdq_geglu_triton" if epilogue else "svdq_linear_gated_triton"
-    calls = _count_kernel_calls(monkeypatch, **{name: "gated"})
+    calls = _count_kernel_calls(
+        monkeypatch, svdq_geglu_triton="epilogue", svdq_linear_gated_triton="quantize"
+    )
     ffs = [m for m in model.modules() if type(m).__name__ == "FeedForward"]
     inputs: dict[int, torch.Tensor] = {}
     hooks = [
@@ -2201,12 +2200,15 @@ def test_fused_sdxl_runtime_on_the_engine(monkeypatch, epilogue):
     for h in hooks:
         h.remove()
     separate = [ffs[i](x) for i, x in sorted(inputs.items())]
-    assert ffs and len(inputs) == len(ffs) and calls["gated"] == 0
+    assert ffs and len(inputs) == len(ffs) and calls == {"epilogue": 0, "quantize": 0}
     svdquant.fuse_projections(model)
     assert all(type(m).__name__ == "FusedGegluFeedForward" for m in ffs)
-    for (i, x), y in zip(sorted(inputs.items()), separate, strict=True):
-        assert rel_err(ffs[i](x), y) <= TOL
-    assert calls["gated"] == len(ffs)
+    for epilogue in (True, False):
+        monkeypatch.setattr(ops, "GEGLU_EPILOGUE", epilogue)
+        for (i, x), y in zip(sorted(inputs.items()), separate, strict=True):
+            assert rel_err(ffs[i](x), y) <= TOL
+    assert calls == {"epilogue": len(ffs), "quantize": len(ffs)}
+    monkeypatch.setattr(ops, "GEGLU_EPILOGUE", True)
     fused = model(*args, **kw)[0]
     assert rel_err(fused, unfused) <= 0.05
     svdquant.unfuse_projections(model)

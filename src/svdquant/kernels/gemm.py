@@ -300,7 +300,7 @@ def _lowrank_operands(lora_ptr, lu_ptr, rm, rn, mmask, nmask, R, stride_lm, stri
 
 
 @triton.jit
-def _output_values(
+def output_values(
     acc, rm, rn, mmask, nmask, pid_n, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr, R,
     stride_lm, stride_un, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2, W3,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -389,10 +389,10 @@ def _epilogue(
     """The tile's fp32 sums ``acc`` -> the layer's output (scales, low-rank up, bias,
     activation), stored whole, split into segments, or quantized as the next layer's
     input."""
-    y = _output_values(acc, rm, rn, mmask, nmask, pid_n, sch_ptr, scale_ptr, lora_ptr,
-                       lu_ptr, bias_ptr, R, stride_lm, stride_un, B1, B2, B3, LP, O0, O1, O2,
-                       O3, W0, W1, W2, W3, HAS_LORA, HAS_BIAS, BLOCK_R, DOT_FP32, PARTS,
-                       BLOCK_N)  # fmt: skip
+    y = output_values(acc, rm, rn, mmask, nmask, pid_n, sch_ptr, scale_ptr, lora_ptr,
+                      lu_ptr, bias_ptr, R, stride_lm, stride_un, B1, B2, B3, LP, O0, O1, O2,
+                      O3, W0, W1, W2, W3, HAS_LORA, HAS_BIAS, BLOCK_R, DOT_FP32, PARTS,
+                      BLOCK_N)  # fmt: skip
     if ACT != 0:  # the activation reads the layer output as written: in 16 bits
         y = as_written(y, c_ptr.dtype.element_ty, ROUND_BF16)
     y = apply_activation(y, ACT)

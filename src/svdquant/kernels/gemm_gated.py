@@ -26,7 +26,7 @@ from svdquant.kernels._triton_common import (
     needs_bf16_rounding,
     next_pow2,
 )
-from svdquant.kernels.gemm import _output_values, as_written, quantize_next
+from svdquant.kernels.gemm import as_written, output_values, quantize_next
 
 __all__ = ["fp8_gemm_gated_next"]
 
@@ -105,15 +105,15 @@ def _gated_kernel(
         v_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
 
-    yv = _output_values(acc_v, rm, rv, mmask, vmask, 0, sch_ptr, scale_ptr, lora_ptr,
-                        lu_ptr, bias_ptr, R, stride_lm, stride_un, 0, 0, 0, 0, 0, 0, 0,
-                        0, 0, 0, 0, 0, HAS_LORA, HAS_BIAS, BLOCK_R, DOT_FP32, False,
-                        BLOCK_H)  # fmt: skip
+    yv = output_values(acc_v, rm, rv, mmask, vmask, 0, sch_ptr, scale_ptr, lora_ptr,
+                       lu_ptr, bias_ptr, R, stride_lm, stride_un, 0, 0, 0, 0, 0, 0, 0,
+                       0, 0, 0, 0, 0, HAS_LORA, HAS_BIAS, BLOCK_R, DOT_FP32, False,
+                       BLOCK_H)  # fmt: skip
     v = as_written(yv, c_ptr.dtype.element_ty, ROUND_BF16)
-    yg = _output_values(acc_g, rm, rv + H, mmask, vmask, 0, sch_ptr, scale_ptr, lora_ptr,
-                        lu_ptr, bias_ptr, R, stride_lm, stride_un, 0, 0, 0, 0, 0, 0, 0,
-                        0, 0, 0, 0, 0, HAS_LORA, HAS_BIAS, BLOCK_R, DOT_FP32, False,
-                        BLOCK_H)  # fmt: skip
+    yg = output_values(acc_g, rm, rv + H, mmask, vmask, 0, sch_ptr, scale_ptr, lora_ptr,
+                       lu_ptr, bias_ptr, R, stride_lm, stride_un, 0, 0, 0, 0, 0, 0, 0,
+                       0, 0, 0, 0, 0, HAS_LORA, HAS_BIAS, BLOCK_R, DOT_FP32, False,
+                       BLOCK_H)  # fmt: skip
     g = as_written(yg, c_ptr.dtype.element_ty, ROUND_BF16)
     t = as_written(apply_activation(g, ACT), c_ptr.dtype.element_ty, ROUND_BF16)
     h = as_written(v * t, c_ptr.dtype.element_ty, ROUND_BF16).to(c_ptr.dtype.element_ty)

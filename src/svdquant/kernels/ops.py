@@ -671,6 +671,14 @@ def svdq_mlp_triton(
         raise ValueError("the fused MLP needs both layers' act_fmt in ('int4', 'fp8')")
     if fc2.in_features != fc1.out_features:
         raise ValueError(f"fc1 gives {fc1.out_features} features, fc2 takes {fc2.in_features}")
+    return _fused_pair(x, fc1, fc2, activation, gated=False)
+
+
+def _fused_pair(
+    x: torch.Tensor, fc1: torch.nn.Module, fc2: torch.nn.Module, activation: str, gated: bool
+) -> torch.Tensor:
+    """fc1's GEMM writing fc2's quantized input (``fp8_gemm_quantize_next``, or with
+    ``gated`` ``fp8_gemm_gated_next``), then fc2's GEMM."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, fc1.in_features)
     ops = _ops(x2)
@@ -679,7 +687,8 @@ def svdq_mlp_triton(
         x2, fc1.qweight, fc1.wscales, fc1.wtensor_scale, fc1.smooth, fc1.act_amax,
         fc1.lowrank_down, fc1.fmt, fc1.act_fmt,
     )  # fmt: skip
-    xq2, lora2 = ops.fp8_gemm_quantize_next(
+    first = ops.fp8_gemm_gated_next if gated else ops.fp8_gemm_quantize_next
+    xq2, lora2 = first(
         xq, w1, c1, s1, lora, fc1.lowrank_up, fc1.bias, x.dtype, activation,
         fc2.smooth, fc2.lowrank_down, s2, fc2.qweight.shape[1] * 2, fc2.act_fmt,
     )  # fmt: skip
@@ -710,21 +719,7 @@ def svdq_geglu_triton(
             f"the up projection gives {up.out_features} features, the down projection takes "
             f"{down.in_features}: a gated unit's up projection gives twice as many"
         )
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, up.in_features)
-    ops = _ops(x2)
-    s2 = _act_scale(down.act_amax)
-    xq, lora, w1, c1, s1 = _fp8_operands(
-        x2, up.qweight, up.wscales, up.wtensor_scale, up.smooth, up.act_amax,
-        up.lowrank_down, up.fmt, up.act_fmt,
-    )  # fmt: skip
-    xq2, lora2 = ops.fp8_gemm_gated_next(
-        xq, w1, c1, s1, lora, up.lowrank_up, up.bias, x.dtype, activation,
-        down.smooth, down.lowrank_down, s2, down.qweight.shape[1] * 2, down.act_fmt,
-    )  # fmt: skip
-    w2, c2 = ops.widen_weight(down.qweight, down.wscales, down.wtensor_scale, down.fmt)
-    y = ops.fp8_gemm(xq2, w2, c2, s2, lora2, down.lowrank_up, down.bias, x.dtype)
-    return y.reshape(*lead, down.out_features)
+    return _fused_pair(x, up, down, activation, gated=True)
 
 
 @_op("rms_norm_rope")
