@@ -16,7 +16,9 @@ SDXL's shapes (1024², batch 1 and 2: H = 2560 at 4096 / 8192 tokens, 5120 at 10
 2048; up C -> 8C, GEGLU, down 4C -> C; random weights quantized at rank 32), three ways in
 one run: BF16 (``F.linear``, ``F.gelu``, the product, ``F.linear``), ours with the gated
 quantize (``SVDQLinear.forward_gated``) and ours with the GEGLU in the up projection's
-epilogue (``kernels.svdq_geglu_triton``), each checked against the other.
+epilogue (``kernels.svdq_geglu_triton``), each checked against the other; then each piece
+alone (BF16's two GEMMs and gate; our up projection's quantize and widen, gated GEMM, down
+projection's widen and GEMM).
 
 Writes ``probe_gated-<date>.json`` under ``--out`` and prints a table. GPU only.
 """
@@ -70,7 +72,49 @@ def probe_ff(m: int, c: int) -> dict:
     row["gated_vs_bf16_rel"] = float((a.float() - want.float()).norm() / want.float().norm())
     for name, fn in (("bf16", bf16), ("gated", gated), ("epilogue", epilogue)):
         row[name + "_us"] = bench_graph(fn)
+    parts = _ff_parts(x, lin_up, lin_down, up, down)
+    row["parts_us"] = {name: bench_graph(fn) for name, fn in parts}
     return row
+
+
+def _ff_parts(x, lin_up, lin_down, up, down) -> list[tuple[str, object]]:
+    """The feed-forward's pieces each way, each to be timed alone (where the time goes):
+    BF16's up GEMM, gate and down GEMM; ours: the up projection's quantize and widen, the
+    gated GEMM, the down projection's widen and GEMM."""
+    from svdquant.kernels import ops
+
+    x2 = x.reshape(-1, up.in_features)
+    y = F.linear(x, lin_up.weight, lin_up.bias)
+    v, g = y.chunk(2, dim=-1)
+    hid = v * F.gelu(g)
+    xq, lora, w1, c1, s1 = ops._fp8_operands(
+        x2, up.qweight, up.wscales, up.wtensor_scale, up.smooth, up.act_amax,
+        up.lowrank_down, up.fmt, up.act_fmt,
+    )  # fmt: skip
+    s2 = ops._act_scale(down.act_amax)
+    k_out2 = down.qweight.shape[1] * 2
+
+    def gated_gemm():
+        return ops._EAGER.fp8_gemm_gated_next(
+            xq, w1, c1, s1, lora, up.lowrank_up, up.bias, x.dtype, "gelu", down.smooth,
+            down.lowrank_down, s2, k_out2, down.act_fmt,
+        )  # fmt: skip
+
+    xq2, lora2 = gated_gemm()
+    w2, c2 = ops._EAGER.widen_weight(down.qweight, down.wscales, down.wtensor_scale, down.fmt)
+    return [
+        ("bf16_up", lambda: F.linear(x, lin_up.weight, lin_up.bias)),
+        ("bf16_gate", lambda: v * F.gelu(g)),
+        ("bf16_down", lambda: F.linear(hid, lin_down.weight, lin_down.bias)),
+        ("up_quantize_widen", lambda: ops._fp8_operands(
+            x2, up.qweight, up.wscales, up.wtensor_scale, up.smooth, up.act_amax,
+            up.lowrank_down, up.fmt, up.act_fmt)),
+        ("gated_gemm", gated_gemm),
+        ("down_widen", lambda: ops._EAGER.widen_weight(
+            down.qweight, down.wscales, down.wtensor_scale, down.fmt)),
+        ("down_gemm", lambda: ops._EAGER.fp8_gemm(
+            xq2, w2, c2, s2, lora2, down.lowrank_up, down.bias, x.dtype)),
+    ]  # fmt: skip
 
 
 FF_SHAPES = ((4096, 640), (1024, 1280), (8192, 640), (2048, 1280))
@@ -127,6 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {r['m']} | {r['c']} | {r['bf16_us']:.1f} | {r['gated_us']:.1f} | "
                   f"{r['epilogue_us']:.1f} | {r['bf16_us'] / r['epilogue_us']:.2f}× | "
                   f"{r['epilogue_vs_gated_max_abs']:.3g} |")  # fmt: skip
+        for r in rows:
+            print(f"M {r['m']}, C {r['c']}: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in r["parts_us"].items()))  # fmt: skip
         result = {**run_info(), "mode": "ff", "rows": rows}
         print("->", write_result(result, args.out, "probe_gated_ff"))
         return result

@@ -435,13 +435,13 @@ def test_models_bench_times_each_architecture_both_ways(tmp_path, capsys):
 
 
 def test_probes_of_the_gpu_refuse_the_cpu_clearly(monkeypatch, tmp_path):
-    """``bench/probe_pin.py``, ``probe_group_scaled.py`` and ``probe_ws_decode.py`` need
-    the GPU: without one a one-line reason, no traceback, nothing written; bad probe
-    arguments are refused."""
+    """``bench/probe_pin.py``, ``probe_group_scaled.py``, ``probe_gated.py`` and
+    ``probe_ws_decode.py`` need the GPU: without one a one-line reason, no traceback,
+    nothing written; bad probe arguments are refused."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for name in ("probe_pin", "probe_group_scaled"):
+    for name, extra in (("probe_pin", []), ("probe_group_scaled", []), ("probe_gated", ["--ff"])):
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-            _load(name).main(["--out", str(tmp_path)])
+            _load(name).main(["--out", str(tmp_path), *extra])
     assert not any(tmp_path.iterdir())
     probe = _load("probe_ws_decode")
     if probe.g.HAVE_GLUON:  # the launcher checks its arguments before any descriptor
