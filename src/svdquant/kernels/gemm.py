@@ -186,7 +186,6 @@ def _fp8_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row-tiles share the columns they read from L2.
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -206,12 +205,7 @@ def _fp8_gemm_kernel(
         tile = pid
         k_lo = 0
         k_hi = K
-    pid = tile
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    group_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_n = (pid % width) // group_m
+    pid_m, pid_n = grouped_tile(tile, grid_m, grid_n, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -261,6 +255,16 @@ def _fp8_gemm_kernel(
             B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2, W3, HAS_LORA, HAS_BIAS, ROUND_BF16,
             BLOCK_R, DOT_FP32, NEXT, SPLIT, ACT, NEXT_INT4, BLOCK_R2, PARTS, BLOCK_M, BLOCK_N,
         )  # fmt: skip
+
+
+@triton.jit
+def grouped_tile(pid, grid_m, grid_n, GROUP_M: tl.constexpr):
+    """Program ``pid``'s tile (row, column) in grouped order: GROUP_M row-tiles in turn
+    take each column tile, so that they share the columns they read from L2."""
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_m = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % group_m, (pid % width) // group_m
 
 
 @triton.jit

@@ -26,7 +26,7 @@ from svdquant.kernels._triton_common import (
     needs_bf16_rounding,
     next_pow2,
 )
-from svdquant.kernels.gemm import as_written, output_values, quantize_next
+from svdquant.kernels.gemm import as_written, grouped_tile, output_values, quantize_next
 
 __all__ = ["fp8_gemm_gated_next"]
 
@@ -72,11 +72,7 @@ def _gated_kernel(
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(H, BLOCK_H)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    group_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_n = (pid % width) // group_m
+    pid_m, pid_n = grouped_tile(pid, grid_m, grid_n, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rv = pid_n * BLOCK_H + tl.arange(0, BLOCK_H)
