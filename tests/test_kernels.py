@@ -565,29 +565,34 @@ def test_fp8_gemm_quantize_next_matches_reference(m, n, activation, act_fmt2):
 
 
 GATED_NEXT_CASES = [
-    (1, 64, 128, 8, "gelu", "int4", True),
-    (3, 136, 96, 8, "gelu", "fp8", True),  # H past one tile and not a group multiple
-    (37, 70, 200, 0, "silu", "int4", False),  # no low-rank branch, K not a tile multiple
-    (257, 192, 64, 16, "none", "int4", True),
+    (1, 64, 128, 8, "gelu", "int4", True, torch.bfloat16),
+    (3, 136, 96, 8, "gelu", "fp8", True, torch.bfloat16),  # H past a tile, not a group multiple
+    (37, 70, 200, 0, "silu", "int4", False, torch.bfloat16),  # no low-rank branch, K odd
+    (257, 192, 64, 16, "none", "int4", True, torch.bfloat16),
+    (37, 136, 96, 8, "gelu", "int4", True, torch.float16),  # an fp16 model (SDXL's usual)
 ]
 
 
-def _gated_next_args(m, h, k, r, activation, act_fmt2, bias):
-    """fp8_gemm_gated_next's arguments: an up projection of 2h rows, a next layer of h."""
-    down2, _ = _lowrank(8, h, 6, torch.bfloat16)
-    xq, wq, s_ch, scale, lora, up, b, dtype = _gemm_args(m, 2 * h, k, m + h + k, r=r)
-    return (xq, wq, s_ch, scale, lora, up, b if bias else None, dtype, activation, _smooth(h),
-            down2, torch.tensor(0.01, device=DEVICE), -(-h // 64) * 64, act_fmt2)  # fmt: skip
+def _gated_next_args(m, h, k, r, activation, act_fmt2, bias, dtype=torch.bfloat16):
+    """fp8_gemm_gated_next's arguments: an up projection of 2h rows, a next layer of h,
+    the 16-bit tensors and the output in ``dtype``."""
+    down2, _ = _lowrank(8, h, 6, dtype)
+    xq, wq, s_ch, scale, lora, up, b, _ = _gemm_args(m, 2 * h, k, m + h + k, r=r)
+    return (xq, wq, s_ch, scale, lora, up.to(dtype), b.to(dtype) if bias else None, dtype,
+            activation, _smooth(h), down2, torch.tensor(0.01, device=DEVICE),
+            -(-h // 64) * 64, act_fmt2)  # fmt: skip
 
 
-@pytest.mark.parametrize(("m", "h", "k", "r", "activation", "act_fmt2", "bias"), GATED_NEXT_CASES)
-def test_fp8_gemm_gated_next_matches_reference(m, h, k, r, activation, act_fmt2, bias):
+@pytest.mark.parametrize(
+    ("m", "h", "k", "r", "activation", "act_fmt2", "bias", "dtype"), GATED_NEXT_CASES
+)
+def test_fp8_gemm_gated_next_matches_reference(m, h, k, r, activation, act_fmt2, bias, dtype):
     """A gated unit's up projection writes its down projection's input (``gemm_gated``):
     value and gate rows in two accumulators, the gate's activation and the product
     rounded as the unfused modules write them, then the quantize and its low-rank sums."""
     from svdquant.kernels.gemm_gated import fp8_gemm_gated_next
 
-    args = _gated_next_args(m, h, k, r, activation, act_fmt2, bias)
+    args = _gated_next_args(m, h, k, r, activation, act_fmt2, bias, dtype)
     xq2, lora2 = fp8_gemm_gated_next(*args)
     assert xq2.shape == (m, args[12]) and lora2.shape == (m, 6)
     _check_gated_next(args, xq2, lora2)
