@@ -20,6 +20,10 @@ epilogue (``kernels.svdq_geglu_triton``), each checked against the other; then e
 alone (BF16's two GEMMs and gate; our up projection's quantize and widen, gated GEMM, down
 projection's widen and GEMM).
 
+``--configs``: the gated up projection at those shapes with each of its tiles forced, four
+runs each: the same codes every run, and the share of codes that differ from the reference
+on the GPU's own up projection (a tile that computes wrongly shows; rounding does not).
+
 Writes ``probe_gated-<date>.json`` under ``--out`` and prints a table. GPU only.
 """
 
@@ -120,6 +124,63 @@ def _ff_parts(x, lin_up, lin_down, up, down) -> list[tuple[str, object]]:
 FF_SHAPES = ((4096, 640), (1024, 1280), (8192, 640), (2048, 1280))
 
 
+def probe_configs(m: int, h: int, k: int, act_fmt: str, runs: int = 4) -> list[dict]:
+    """The gated up projection with each of its tiles forced, ``runs`` times each: whether
+    a tile gives the same codes every run, and how many codes differ from the reference
+    on the GPU's own 16-bit up projection (``fp8_gemm`` on the Triton kernel, the same
+    MMAs) — a tile that computes wrongly shows here, the fp8 sums' rounding does not."""
+    from svdquant.kernels import gemm, gemm_gated
+    from svdquant.kernels.reference import quantize_act_gated_ref
+
+    gen = torch.Generator().manual_seed(m + h + k)
+    xq = (torch.randn(m, k, generator=gen) * 30).to(torch.float8_e4m3fn).cuda()
+    wq = (torch.randn(2 * h, k, generator=gen) * 100).to(torch.float8_e4m3fn).cuda()
+    s_ch = (torch.rand(2 * h, generator=gen) * 1e-3).cuda()
+    scale = torch.tensor(0.02, device="cuda")
+    lora = torch.randn(m, 32, generator=gen).cuda()
+    up = (torch.randn(2 * h, 32, generator=gen) * 0.1).to("cuda", torch.bfloat16)
+    bias = torch.randn(2 * h, generator=gen).to("cuda", torch.bfloat16)
+    smooth2 = (torch.rand(h, generator=gen) * 2 + 0.25).cuda()
+    down2 = (torch.randn(32, h, generator=gen) / h**0.5).to("cuda", torch.bfloat16)
+    args = (xq, wq, s_ch, scale, lora, up, bias, torch.bfloat16, "gelu", smooth2, down2,
+            torch.tensor(0.01, device="cuda"), -(-h // 64) * 64, act_fmt)  # fmt: skip
+    before = gemm.WS_GEMM
+    gemm.WS_GEMM = False
+    try:
+        v, g = gemm.fp8_gemm(*args[:8]).chunk(2, dim=-1)
+    finally:
+        gemm.WS_GEMM = before
+    own = quantize_act_gated_ref(v, g, "gelu", *args[9:])[0].float()
+    launch: dict = {}
+    real = gemm.run_tuned
+
+    def record(kernel, grid, a, flags, *rest) -> None:  # the launch's arguments, no launch
+        launch.update(grid=grid, args=a, flags=flags)
+
+    gemm.run_tuned = record
+    try:
+        xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*args)
+    finally:
+        gemm.run_tuned = real
+    rows = []
+    for config in gemm_gated._gated_kernel.configs:
+        outs = []
+        for _ in range(runs):
+            lora2.zero_()
+            gemm_gated._gated_kernel.fn[launch["grid"]](
+                *launch["args"], **launch["flags"], **config.all_kwargs()
+            )
+            torch.cuda.synchronize()
+            outs.append(xq2.float().clone())
+        rows.append({
+            "m": m, "h": h, "k": k, "act_fmt": act_fmt, "config": str(config),
+            "same_every_run": all(torch.equal(o, outs[0]) for o in outs),
+            "flips_vs_own": float((outs[0] != own).float().mean()),
+            "max_abs_vs_own": float((outs[0] - own).abs().max()),
+        })  # fmt: skip
+    return rows
+
+
 def probe(m: int, h: int, tiles: list[tuple[int, int, int]]) -> dict:
     from gemm import bench_graph
 
@@ -157,12 +218,27 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiles", default="64x64x4,64x128x4,32x128x4,128x64x8")
     p.add_argument("--ff", action="store_true", help="the whole feed-forward, three ways")
+    p.add_argument(
+        "--configs", action="store_true", help="the gated up projection's tiles, each forced"
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("probe_gated: needs a CUDA GPU")
     from gemm import run_info, write_result
 
+    if args.configs:
+        rows = [r for m, c in FF_SHAPES for fmt in ("int4", "fp8")
+                for r in probe_configs(m, 4 * c, c, fmt)]  # fmt: skip
+        print("| M | H | K | act | tile | same every run | codes ≠ own | max |Δ| |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['m']} | {r['h']} | {r['k']} | {r['act_fmt']} | {r['config'][:60]} | "
+                  f"{r['same_every_run']} | {r['flips_vs_own']:.4%} | "
+                  f"{r['max_abs_vs_own']:.3g} |")  # fmt: skip
+        result = {**run_info(), "mode": "configs", "rows": rows}
+        print("->", write_result(result, args.out, "probe_gated_configs"))
+        return result
     if args.ff:
         rows = [probe_ff(m, c) for m, c in FF_SHAPES]
         print("| M | C | BF16 µs | gated quantize µs | epilogue µs | epilogue × BF16 | max |Δ| |")
