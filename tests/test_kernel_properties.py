@@ -153,6 +153,51 @@ def test_gated_quantize_matches_reference(shape, act, act_fmt, dtype, seed):
 
 @PROPS
 @given(
+    shape=shapes,
+    act=st.sampled_from(["gelu", "gelu_tanh", "silu", "none"]),
+    act_fmt=st.sampled_from(["int4", "fp8"]),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    bias=st.booleans(),
+    r2=st.integers(0, 20),
+    seed=st.integers(0, 2**16),
+)
+def test_gated_up_projection_matches_reference(shape, act, act_fmt, dtype, bias, r2, seed):
+    """The gated up projection (a GEGLU's up projection writing its down projection's
+    quantized input, ``gemm_gated``) on a layer's real operands: the reference's codes but
+    for rare roundings (the kernel's erf and exp against torch's in the last fp32 bits; on
+    a GPU also the fp8 tensor cores' sums), its low-rank sums to fp32 summation order."""
+    from svdquant.kernels.gemm_gated import fp8_gemm_gated_next
+    from svdquant.kernels.widen import widen_weight
+
+    m, h, k, r = shape
+    x, qw, qs, qt, smooth, amax, down, up, b = _tensors(seed, m, 2 * h, k, r, "int4", dtype, 1)
+    s = ref.act_scale_from_amax(amax)
+    xq, lora = quantize_act(x, smooth, down, s, qw.shape[1] * 2, act_fmt)
+    wq, s_ch = widen_weight(qw, qs, qt, "int4")
+    g = torch.Generator().manual_seed(seed + 1)
+    smooth2 = (torch.rand(h, generator=g) * 2 + 0.25).to(DEVICE)
+    down2 = (torch.randn(r2, h, generator=g) / h**0.5).to(DEVICE, dtype)
+    bias_ = b if bias else None
+    v, gate = ref.fp8_gemm_ref(xq, wq, s_ch, s, lora, up, bias_, dtype).chunk(2, dim=-1)
+    hid = v.float() * ref.activation_ref(gate, act).to(dtype).float()
+    amax2 = (hid / smooth2).abs().amax() if m else torch.tensor(1.0, device=DEVICE)
+    args = (xq, wq, s_ch, s, lora, up, bias_, dtype, act, smooth2, down2,
+            ref.act_scale_from_amax(amax2), -(-h // 64) * 64, act_fmt)  # fmt: skip
+    xq2, lora2 = fp8_gemm_gated_next(*args)
+    xq2_ref, lora2_ref = ref.fp8_gemm_gated_next_ref(*args)
+    assert xq2.shape == (m, args[12]) and lora2.shape == (m, r2)
+    if not m:
+        return
+    flips = (xq2.float() != xq2_ref.float()).sum().item()
+    if DEVICE == "cpu":
+        assert flips <= max(2, 0.01 * xq2.numel()), flips
+    assert _rel_err(xq2, xq2_ref) <= (0.02 if DEVICE == "cpu" else 0.05)
+    if r2:
+        assert _rel_err(lora2, lora2_ref) <= (1e-3 if DEVICE == "cpu" else 5e-3)
+
+
+@PROPS
+@given(
     m=st.integers(1, MAX_GEMV_M),
     n=st.integers(1, 200),
     k=st.integers(1, 400),
