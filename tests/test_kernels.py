@@ -2070,9 +2070,10 @@ def _count_kernel_calls(monkeypatch, **keys: str) -> dict[str, int]:
     return calls
 
 
-def _tiny_denoiser_on_the_engine(arch: str):
+def _tiny_denoiser_on_the_engine(arch: str, dtype: torch.dtype | None = None):
     """A tiny ``arch`` denoiser quantized (rank 8) on its pipeline, on ``DEVICE`` with the
-    Triton backend, and one step's call arguments: ``(model, args, kwargs)``."""
+    Triton backend (its floating tensors and inputs cast to ``dtype`` if given), and one
+    step's call arguments: ``(model, args, kwargs)``."""
     from svdquant.models.tiny import tiny_call_kwargs, tiny_pipeline
     from svdquant.pipeline import denoiser, pipeline_calibration
     from svdquant.quantize_model import QuantizeConfig, quantize_model
@@ -2087,12 +2088,14 @@ def _tiny_denoiser_on_the_engine(arch: str):
     model.register_forward_pre_hook(lambda _m, a, kw: seen.append((a, kw)), with_kwargs=True)
     pipe(prompt=["a lighthouse"], generator=torch.Generator().manual_seed(0), **kwargs)
     args, kw = seen[0]
-    model.to(DEVICE)
+    model.to(DEVICE, dtype)
 
     def to_device(v):  # SDXL's added_cond_kwargs: a dict of tensors
         if isinstance(v, dict):
             return {k: to_device(t) for k, t in v.items()}
-        return v.to(DEVICE) if torch.is_tensor(v) else v
+        if not torch.is_tensor(v):
+            return v
+        return v.to(DEVICE, dtype) if dtype is not None and v.is_floating_point() else v.to(DEVICE)
 
     args = [to_device(a) for a in args]
     kw = {k: to_device(v) for k, v in kw.items()}
@@ -2156,26 +2159,69 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch, gate_norm):
 def test_fused_pixart_runtime_on_the_engine(monkeypatch):
     """``fuse_projections`` on a tiny PixArt-Σ transformer, on the engine: q/k/v of each
     self-attention and k/v of each cross-attention as one layer, each feed-forward as a
-    fused MLP — the unfused engine's output within bf16 rounding."""
-    model, args, kw = _tiny_denoiser_on_the_engine("pixart")
+    fused MLP, each block's norms and residual sums in four kernel passes — the unfused
+    engine's output within bf16 rounding (in bf16: the norm and residual kernels take
+    16-bit streams, not the tiny model's fp32); unfusing restores diffusers' block class."""
+    from svdquant.kernels import reference
+
+    model, args, kw = _tiny_denoiser_on_the_engine("pixart", torch.bfloat16)
     calls = _count_kernel_calls(
         monkeypatch,
         svdq_linear_triton="linear",
         svdq_linear_split_triton="split",
         svdq_mlp_triton="mlp",
+        layer_norm_modulate="norm",
+        gate_residual="gate",
+        gate_residual_modulate="gate_norm",
     )
     unfused = model(*args, **kw)[0]
     separate = dict(calls)
     n_blocks = len(model.transformer_blocks)
     assert svdquant.fuse_projections(model) == 2 * n_blocks
-    calls.update(linear=0, split=0, mlp=0)
+    assert {type(b).__name__ for b in model.transformer_blocks} == {"FusedAdaNormSingleBlock"}
+    calls.update(dict.fromkeys(calls, 0))
+    for name in ("layer_norm_modulate_ref", "gate_residual_ref", "gate_residual_modulate_ref"):
+        monkeypatch.setattr(reference, name, None)  # the kernels run, not diffusers' passes
     fused = model(*args, **kw)[0]
     # a block's 8 quantized projections (q, k, v, out; the cross-attention's too) and 2
     # MLP layers; fused: qkv, out, cross q, cross kv, cross out and one fused MLP
-    assert separate == {"linear": 10 * n_blocks, "split": 0, "mlp": 0}
+    assert separate == {"linear": 10 * n_blocks, "split": 0, "mlp": 0, "norm": 0, "gate": 0,
+                        "gate_norm": 0}  # fmt: skip
     assert calls["linear"] + calls["split"] == 5 * n_blocks and calls["mlp"] == n_blocks
+    assert (calls["norm"], calls["gate"], calls["gate_norm"]) == (n_blocks, 2 * n_blocks, n_blocks)
     assert rel_err(fused, unfused) <= TOL
+    monkeypatch.undo()
     svdquant.unfuse_projections(model)
+    assert {type(b).__name__ for b in model.transformer_blocks} == {"BasicTransformerBlock"}
+    assert rel_err(model(*args, **kw)[0], unfused) == 0
+
+
+@torch.no_grad()
+def test_fused_sana_blocks_on_the_engine(monkeypatch):
+    """``fuse_projections`` on a tiny SANA transformer (bf16), on the engine: each block's
+    norms and residual sums in four kernel passes (its GLUMBConv feed-forward in between,
+    on NCHW views) — the unfused engine's output within bf16 rounding; unfusing restores
+    diffusers' block class."""
+    from svdquant.kernels import modulate, reference
+
+    monkeypatch.setattr(modulate, "TILE", (64, 4))  # 512 rows: the interpreter's programs
+    model, args, kw = _tiny_denoiser_on_the_engine("sana", torch.bfloat16)
+    unfused = model(*args, **kw)[0]
+    calls = _count_kernel_calls(
+        monkeypatch, layer_norm_modulate="norm", gate_residual="gate",
+        gate_residual_modulate="gate_norm",
+    )  # fmt: skip
+    svdquant.fuse_projections(model)
+    n = len(model.transformer_blocks)
+    assert {type(b).__name__ for b in model.transformer_blocks} == {"FusedSanaTransformerBlock"}
+    for name in ("layer_norm_modulate_ref", "gate_residual_ref", "gate_residual_modulate_ref"):
+        monkeypatch.setattr(reference, name, None)  # the kernels run, not diffusers' passes
+    fused = model(*args, **kw)[0]
+    assert calls == {"norm": n, "gate": 2 * n, "gate_norm": n}
+    assert rel_err(fused, unfused) <= TOL
+    monkeypatch.undo()
+    svdquant.unfuse_projections(model)
+    assert {type(b).__name__ for b in model.transformer_blocks} == {"SanaTransformerBlock"}
 
 
 @torch.no_grad()

@@ -185,6 +185,22 @@ def test_gpu_flux_sizes(b, s, chunks, dtype):
     assert _close(layer_norm_modulate(*args), ref.layer_norm_modulate_ref(*args))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(("b", "s", "c"), [(1, 4096, 1152), (2, 4096, 1152), (1, 1024, 2240),
+                                           (2, 1024, 2240)])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_pixart_and_sana_sizes(b, s, c, dtype):
+    """PixArt-Σ's (1152 channels, 4096 tokens at 1024²) and SANA 1.6B's (2240, 1024)
+    blocks, batch 1 and 2 (v41's fused blocks): the three kernels against the reference,
+    the gates bit for bit."""
+    args = _case(b, s, c, chunks=6, dtype=dtype, seed=s + c)
+    assert _close(layer_norm_modulate(*args), ref.layer_norm_modulate_ref(*args))
+    g = _gate_case(b, s, c, dtype, seed=c)
+    assert torch.equal(gate_residual(*g), ref.gate_residual_ref(*g))
+    f = _fused_case(b, s, c, dtype, seed=s)
+    assert _close(gate_residual_modulate(*f)[1], ref.gate_residual_modulate_ref(*f)[1])
+
+
 @pytest.mark.parametrize("b", [1, 2])
 @pytest.mark.parametrize("inference", [False, True])
 def test_single_blocks_rejoin_their_halves_without_a_copy(monkeypatch, b, inference):

@@ -29,7 +29,10 @@ again around themselves). Supported: FLUX.1 (``FluxAttention``,
 processor (PixArt-Σ, SDXL, SANA's cross-attention): q/k/v of a self-attention, k/v of a
 cross-attention (its q reads another input), PixArt's GELU-tanh feed-forwards as fused
 MLPs and SDXL's GEGLU feed-forwards with the gate in the up projection's epilogue
-(``kernels.svdq_geglu_triton``: it writes the down projection's quantized input).
+(``kernels.svdq_geglu_triton``: it writes the down projection's quantized input); and
+PixArt-Σ's and SANA's blocks (adaLN-single) run their norms and residual sums through the
+same one-pass kernels as FLUX's (``kernels/modulate.py``: four passes a block instead of
+diffusers' eleven).
 """
 
 from __future__ import annotations
@@ -499,6 +502,131 @@ def _block_runtime() -> dict[str, type]:
     }
 
 
+def _ada_norm_single_step(
+    block: nn.Module,
+    hidden_states: torch.Tensor,
+    timestep: torch.Tensor,
+    self_attention: Any,
+    cross_attention: Any,
+    feed_forward: Any,
+    layer: nn.Module,
+) -> torch.Tensor:
+    """An adaLN-single block (PixArt-Σ's, SANA's) with its norms and residual sums in four
+    kernel passes where diffusers runs eleven: the attention input's norm and modulation,
+    the gated attention output's sum, the cross-attention output's sum with the
+    feed-forward input's norm and modulation, the gated feed-forward output's sum — the
+    same operations in diffusers' order (``kernels/modulate.py``); ``layer``: the engine
+    layer whose backend the kernels follow."""
+    # the patch embedder hands the first block a transposed view; the kernels read rows of
+    # channels, and their outputs (every later block's input) are such rows
+    hidden_states = hidden_states.contiguous()
+    b = hidden_states.shape[0]
+    mods = (block.scale_shift_table[None] + timestep.reshape(b, 6, -1)).chunk(6, dim=1)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (t[:, 0] for t in mods)
+    n = _modulate(block.norm1, hidden_states, scale_msa, shift_msa, layer)
+    h = _gate_add(hidden_states, gate_msa, self_attention(n), layer)
+    one = torch.ones_like(gate_mlp)  # an ungated sum: 1 · x is x, exactly
+    h, n = _gate_add_modulate(h, one, cross_attention(h), block.norm2, scale_mlp, shift_mlp,
+                              layer)  # fmt: skip
+    return _gate_add(h, gate_mlp, feed_forward(n), layer)
+
+
+@functools.cache
+def _ada_norm_single_runtime() -> dict[str, type]:
+    """PixArt-Σ's blocks (diffusers' ``BasicTransformerBlock``, ``ada_norm_single``) and
+    SANA's (``SanaTransformerBlock``) through ``_ada_norm_single_step``, by the name of the
+    class each replaces."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
+
+    class FusedAdaNormSingleBlock(BasicTransformerBlock):
+        """PixArt's block with its norms and residual sums in one pass each; diffusers' own
+        forward for what it does not cover (positional embeddings in the block, GLIGEN,
+        chunked feed-forwards, no or only cross-attention, a 4-D stream)."""
+
+        def forward(
+            self,
+            hidden_states: torch.Tensor,
+            attention_mask: torch.Tensor | None = None,
+            encoder_hidden_states: torch.Tensor | None = None,
+            encoder_attention_mask: torch.Tensor | None = None,
+            timestep: torch.LongTensor | None = None,
+            cross_attention_kwargs: dict[str, Any] | None = None,
+            class_labels: torch.LongTensor | None = None,
+            added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        ) -> torch.Tensor:
+            kwargs = dict(cross_attention_kwargs or {})
+            if (
+                self.pos_embed is not None
+                or "gligen" in kwargs
+                or self._chunk_size is not None
+                or self.attn2 is None
+                or self.only_cross_attention
+                or hidden_states.dim() != 3
+            ):
+                return super().forward(hidden_states, attention_mask, encoder_hidden_states,
+                                       encoder_attention_mask, timestep, cross_attention_kwargs,
+                                       class_labels, added_cond_kwargs)  # fmt: skip
+            return _ada_norm_single_step(
+                self, hidden_states, timestep,
+                lambda n: self.attn1(n, attention_mask=attention_mask, **kwargs),
+                lambda h: self.attn2(h, encoder_hidden_states=encoder_hidden_states,
+                                     attention_mask=encoder_attention_mask, **kwargs),
+                self.ff, self.ff.net[2],
+            )  # fmt: skip
+
+    class FusedSanaTransformerBlock(SanaTransformerBlock):
+        """SANA's block with its norms and residual sums in one pass each; diffusers' own
+        forward without a cross-attention."""
+
+        def forward(
+            self,
+            hidden_states: torch.Tensor,
+            attention_mask: torch.Tensor | None = None,
+            encoder_hidden_states: torch.Tensor | None = None,
+            encoder_attention_mask: torch.Tensor | None = None,
+            timestep: torch.LongTensor | None = None,
+            height: int | None = None,
+            width: int | None = None,
+        ) -> torch.Tensor:
+            if self.attn2 is None or hidden_states.dim() != 3:
+                return super().forward(hidden_states, attention_mask, encoder_hidden_states,
+                                       encoder_attention_mask, timestep, height, width)  # fmt: skip
+
+            def feed_forward(n: torch.Tensor) -> torch.Tensor:  # GLUMBConv works on NCHW
+                y = self.ff(n.unflatten(1, (height, width)).permute(0, 3, 1, 2))
+                return y.flatten(2, 3).permute(0, 2, 1)
+
+            return _ada_norm_single_step(
+                self, hidden_states, timestep, self.attn1,
+                lambda h: self.attn2(h, encoder_hidden_states=encoder_hidden_states,
+                                     attention_mask=encoder_attention_mask),
+                feed_forward, self.ff.conv_point,
+            )  # fmt: skip
+
+    return {
+        "BasicTransformerBlock": FusedAdaNormSingleBlock,
+        "SanaTransformerBlock": FusedSanaTransformerBlock,
+    }
+
+
+def _swap_ada_norm_single(block: nn.Module) -> bool:
+    """Run a PixArt-Σ block (``ada_norm_single``, its feed-forward fused) or a SANA block
+    (its feed-forward's layers quantized) through ``_ada_norm_single_runtime``: the same
+    modules, parameters and state-dict keys; ``unfuse_projections`` swaps back."""
+    kind = type(block).__name__
+    if kind == "BasicTransformerBlock":
+        ok = block.norm_type == "ada_norm_single" and hasattr(block.ff, _ORIG_CLASS)
+    else:
+        point = getattr(getattr(block.ff, "conv_point", None), "linear", None)
+        ok = kind == "SanaTransformerBlock" and isinstance(point, SVDQLinear)
+    if not ok or hasattr(block, _ORIG_CLASS):
+        return False
+    setattr(block, _ORIG_CLASS, type(block))
+    block.__class__ = _ada_norm_single_runtime()[kind]
+    return True
+
+
 def _joined(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """``cat([first, second], 1)``; while ``kernels.modulate.ENABLED``, without the copy
     where the two are the halves of one tensor, side by side — as each single block gets
@@ -839,8 +967,10 @@ def fuse_projections(model: nn.Module) -> int:
     feed-forwards as fused MLPs; the blocks' adaptive norms in one pass where
     ``kernels.modulate.ENABLED``; diffusers' generic ``Attention`` — PixArt-Σ, SDXL, SANA's
     cross-attention — q/k/v of a self-attention and k/v of a cross-attention, PixArt's
-    GELU-tanh feed-forwards as fused MLPs and SDXL's GEGLU feed-forwards with the gate
-    applied in the up projection's epilogue); returns how many attention modules now take
+    GELU-tanh feed-forwards as fused MLPs, SDXL's GEGLU feed-forwards with the gate
+    applied in the up projection's epilogue, and PixArt-Σ's and SANA's adaLN-single blocks
+    with their norms and residual sums in one pass each where ``kernels.modulate.ENABLED``);
+    returns how many attention modules now take
     fused projections. Layers that carry LoRAs are fused with them (stacked after the shared base
     branch: the same outputs); modules whose layers cannot be fused (16-bit, separately
     quantized) or whose attention runs another processor than diffusers' own (an
@@ -861,6 +991,9 @@ def fuse_projections(model: nn.Module) -> int:
                 _swap_class(part)
         elif kind == "BasicTransformerBlock" and getattr(module, "ff", None) is not None:
             _fuse_feed_forward(module.ff)
+            _swap_ada_norm_single(module)
+        elif kind == "SanaTransformerBlock":
+            _swap_ada_norm_single(module)
     for module in list(model.modules()):
         if getattr(module, "fused_projections", False) or hasattr(module, _FUSED_ATTR):
             continue
@@ -901,7 +1034,7 @@ def unfuse_projections(model: nn.Module) -> int:
     count = 0
     for module in list(model.modules()):
         if getattr(module, _FUSED_ATTR, None) is None:
-            if hasattr(module, _ORIG_CLASS):  # a fused feed-forward or adaptive norm
+            if hasattr(module, _ORIG_CLASS):  # a fused feed-forward, norm or generic block
                 module.__class__ = getattr(module, _ORIG_CLASS)
                 delattr(module, _ORIG_CLASS)
             continue
