@@ -598,7 +598,8 @@ def _ada_norm_single_runtime() -> dict[str, type]:
                 return y.flatten(2, 3).permute(0, 2, 1)
 
             return _ada_norm_single_step(
-                self, hidden_states, timestep, self.attn1,
+                self, hidden_states, timestep,
+                lambda n: self.attn1(n.to(hidden_states.dtype)),  # as diffusers casts it
                 lambda h: self.attn2(h, encoder_hidden_states=encoder_hidden_states,
                                      attention_mask=encoder_attention_mask),
                 feed_forward, self.ff.conv_point,
