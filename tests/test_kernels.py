@@ -2161,8 +2161,9 @@ def test_fused_pixart_runtime_on_the_engine(monkeypatch):
     self-attention and k/v of each cross-attention as one layer, each feed-forward as a
     fused MLP, each block's norms and residual sums in four kernel passes — the unfused
     engine's output within bf16 rounding (in bf16: the norm and residual kernels take
-    16-bit streams, not the tiny model's fp32); unfusing restores diffusers' block class."""
-    from svdquant.kernels import reference
+    16-bit streams, not the tiny model's fp32), with ``modulate.ENABLED`` off too
+    (diffusers' passes); unfusing restores diffusers' block class."""
+    from svdquant.kernels import modulate, reference
 
     model, args, kw = _tiny_denoiser_on_the_engine("pixart", torch.bfloat16)
     calls = _count_kernel_calls(
@@ -2190,6 +2191,9 @@ def test_fused_pixart_runtime_on_the_engine(monkeypatch):
     assert calls["linear"] + calls["split"] == 5 * n_blocks and calls["mlp"] == n_blocks
     assert (calls["norm"], calls["gate"], calls["gate_norm"]) == (n_blocks, 2 * n_blocks, n_blocks)
     assert rel_err(fused, unfused) <= TOL
+    monkeypatch.setattr(modulate, "ENABLED", False)  # diffusers' passes in the fused block
+    assert rel_err(model(*args, **kw)[0], unfused) <= TOL
+    assert calls["norm"] + calls["gate"] + calls["gate_norm"] == 4 * n_blocks  # none more
     monkeypatch.undo()
     svdquant.unfuse_projections(model)
     assert {type(b).__name__ for b in model.transformer_blocks} == {"BasicTransformerBlock"}

@@ -517,17 +517,24 @@ def _ada_norm_single_step(
     feed-forward input's norm and modulation, the gated feed-forward output's sum — the
     same operations in diffusers' order (``kernels/modulate.py``); ``layer``: the engine
     layer whose backend the kernels follow."""
-    # the patch embedder hands the first block a transposed view; the kernels read rows of
-    # channels, and their outputs (every later block's input) are such rows
-    hidden_states = hidden_states.contiguous()
+    from svdquant.kernels import modulate
+
+    if modulate.ENABLED:
+        # the patch embedder hands the first block a transposed view; the kernels read
+        # rows of channels, and their outputs (every later block's input) are such rows
+        hidden_states = hidden_states.contiguous()
     b = hidden_states.shape[0]
     mods = (block.scale_shift_table[None] + timestep.reshape(b, 6, -1)).chunk(6, dim=1)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (t[:, 0] for t in mods)
     n = _modulate(block.norm1, hidden_states, scale_msa, shift_msa, layer)
     h = _gate_add(hidden_states, gate_msa, self_attention(n), layer)
-    one = torch.ones_like(gate_mlp)  # an ungated sum: 1 · x is x, exactly
-    h, n = _gate_add_modulate(h, one, cross_attention(h), block.norm2, scale_mlp, shift_mlp,
-                              layer)  # fmt: skip
+    attn = cross_attention(h)
+    if modulate.ENABLED:  # the ungated sum under a gate of ones: 1 · x is x, exactly
+        one = torch.ones_like(gate_mlp)
+        h, n = _gate_add_modulate(h, one, attn, block.norm2, scale_mlp, shift_mlp, layer)
+    else:  # diffusers' passes, nothing added
+        h = attn + h
+        n = _modulate(block.norm2, h, scale_mlp, shift_mlp, layer)
     return _gate_add(h, gate_mlp, feed_forward(n), layer)
 
 
