@@ -129,6 +129,8 @@ def probe_configs(m: int, h: int, k: int, act_fmt: str, runs: int = 4) -> list[d
     a tile gives the same codes every run, and how many codes differ from the reference
     on the GPU's own 16-bit up projection (``fp8_gemm`` on the Triton kernel, the same
     MMAs) — a tile that computes wrongly shows here, the fp8 sums' rounding does not."""
+    from probe_layer import constants
+
     from svdquant.kernels import gemm, gemm_gated
     from svdquant.kernels.reference import quantize_act_gated_ref
 
@@ -144,24 +146,16 @@ def probe_configs(m: int, h: int, k: int, act_fmt: str, runs: int = 4) -> list[d
     down2 = (torch.randn(32, h, generator=gen) / h**0.5).to("cuda", torch.bfloat16)
     args = (xq, wq, s_ch, scale, lora, up, bias, torch.bfloat16, "gelu", smooth2, down2,
             torch.tensor(0.01, device="cuda"), -(-h // 64) * 64, act_fmt)  # fmt: skip
-    before = gemm.WS_GEMM
-    gemm.WS_GEMM = False
-    try:
+    with constants([(gemm, "WS_GEMM", False)]):  # the Triton kernel: the same MMAs
         v, g = gemm.fp8_gemm(*args[:8]).chunk(2, dim=-1)
-    finally:
-        gemm.WS_GEMM = before
     own = quantize_act_gated_ref(v, g, "gelu", *args[9:])[0].float()
     launch: dict = {}
-    real = gemm.run_tuned
 
     def record(kernel, grid, a, flags, *rest) -> None:  # the launch's arguments, no launch
         launch.update(grid=grid, args=a, flags=flags)
 
-    gemm.run_tuned = record
-    try:
+    with constants([(gemm, "run_tuned", record)]):
         xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*args)
-    finally:
-        gemm.run_tuned = real
     rows = []
     for config in gemm_gated._gated_kernel.configs:
         outs = []
@@ -183,6 +177,7 @@ def probe_configs(m: int, h: int, k: int, act_fmt: str, runs: int = 4) -> list[d
 
 def probe(m: int, h: int, tiles: list[tuple[int, int, int]]) -> dict:
     from gemm import bench_graph
+    from probe_layer import constants
 
     from svdquant.kernels import quantize as q
     from svdquant.kernels.reference import act_scale_from_amax
@@ -200,17 +195,13 @@ def probe(m: int, h: int, tiles: list[tuple[int, int, int]]) -> dict:
 
     row["unfused_us"] = bench_graph(unfused)
     ref = q.quantize_act(x * F.gelu(gate), smooth, down, s, h, "int4")[0]
-    before = q.GATED_TILE
-    try:
-        for tile in tiles:
-            q.GATED_TILE = tile
-            fn = lambda: q.quantize_act(x, smooth, down, s, h, "int4", gate, "gelu", gated=True)  # noqa: E731
-            key = "gated_{}x{}x{}".format(*tile)
+    for tile in tiles:
+        fn = lambda: q.quantize_act(x, smooth, down, s, h, "int4", gate, "gelu", gated=True)  # noqa: E731
+        key = "gated_{}x{}x{}".format(*tile)
+        with constants([(q, "GATED_TILE", tile)]):
             row[key + "_us"] = bench_graph(fn)
             got = fn()[0]
-            row[key + "_mismatch"] = float((got.float() != ref.float()).float().mean())
-    finally:
-        q.GATED_TILE = before
+        row[key + "_mismatch"] = float((got.float() != ref.float()).float().mean())
     return row
 
 
