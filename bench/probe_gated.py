@@ -20,9 +20,10 @@ epilogue (``kernels.svdq_geglu_triton``), each checked against the other; then e
 alone (BF16's two GEMMs and gate; our up projection's quantize and widen, gated GEMM, down
 projection's widen and GEMM).
 
-``--configs``: the gated up projection at those shapes with each of its tiles forced, four
-runs each: the same codes every run, and the share of codes that differ from the reference
-on the GPU's own up projection (a tile that computes wrongly shows; rounding does not).
+``--configs``: the gated up projection at those shapes with each of its tiles forced (and
+the ``EXTRA_TILES`` the autotuner does not try), four runs each: the same codes every run,
+the share of codes that differ from the reference on the GPU's own up projection (a tile
+that computes wrongly shows; rounding does not), and its time.
 
 Writes ``probe_gated-<date>.json`` under ``--out`` and prints a table. GPU only.
 """
@@ -38,6 +39,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+#: ``--configs`` also times these tiles (BLOCK_M, BLOCK_H, BLOCK_K, warps, stages), not
+#: among the autotuner's: half-height and half-width tiles for the 1,024-row level.
+EXTRA_TILES = ((64, 128, 128, 8, 3), (64, 128, 128, 8, 4), (128, 64, 128, 8, 4),
+               (64, 64, 128, 4, 3), (128, 128, 64, 8, 4))  # fmt: skip
 
 SHAPES = ((4096, 2560), (1024, 5120), (8192, 2560), (2048, 5120))
 
@@ -156,14 +162,24 @@ def probe_configs(m: int, h: int, k: int, act_fmt: str, runs: int = 4) -> list[d
 
     with constants([(gemm, "run_tuned", record)]):
         xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*args)
+    import triton
+    from gemm import bench_graph
+
     rows = []
-    for config in gemm_gated._gated_kernel.configs:
+    tuned = list(gemm_gated._gated_kernel.configs)
+    extra = [triton.Config({"BLOCK_M": bm, "BLOCK_H": bh, "BLOCK_K": bk, "GROUP_M": 8},
+                           num_warps=w, num_stages=st)
+             for bm, bh, bk, w, st in EXTRA_TILES]  # fmt: skip
+    for i, config in enumerate(tuned + extra):
+        kernel = gemm_gated._gated_kernel.fn[launch["grid"]]
+
+        def run(config=config, kernel=kernel) -> None:
+            kernel(*launch["args"], **launch["flags"], **config.all_kwargs())
+
         outs = []
         for _ in range(runs):
             lora2.zero_()
-            gemm_gated._gated_kernel.fn[launch["grid"]](
-                *launch["args"], **launch["flags"], **config.all_kwargs()
-            )
+            run()
             torch.cuda.synchronize()
             outs.append(xq2.float().clone())
         rows.append({
@@ -171,6 +187,7 @@ def probe_configs(m: int, h: int, k: int, act_fmt: str, runs: int = 4) -> list[d
             "same_every_run": all(torch.equal(o, outs[0]) for o in outs),
             "flips_vs_own": float((outs[0] != own).float().mean()),
             "max_abs_vs_own": float((outs[0] - own).abs().max()),
+            "autotuned": i < len(tuned), "us": bench_graph(run),
         })  # fmt: skip
     return rows
 
@@ -221,11 +238,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.configs:
         rows = [r for m, c in FF_SHAPES for fmt in ("int4", "fp8")
                 for r in probe_configs(m, 4 * c, c, fmt)]  # fmt: skip
-        print("| M | H | K | act | tile | same every run | codes ≠ own | max |Δ| |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| M | H | K | act | tile | tuned | µs | same every run | codes ≠ own | max |Δ| |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['m']} | {r['h']} | {r['k']} | {r['act_fmt']} | {r['config'][:60]} | "
-                  f"{r['same_every_run']} | {r['flips_vs_own']:.4%} | "
+                  f"{r['autotuned']} | {r['us']:.1f} | {r['same_every_run']} | "
+                  f"{r['flips_vs_own']:.4%} | "
                   f"{r['max_abs_vs_own']:.3g} |")  # fmt: skip
         result = {**run_info(), "mode": "configs", "rows": rows}
         print("->", write_result(result, args.out, "probe_gated_configs"))
