@@ -1137,7 +1137,7 @@ ENGINE_CASES = [("int4", "int4"), ("int4", "fp8"), ("nvfp4", "int4"), ("nvfp4", 
 def test_forward_split_gives_contiguous_parts(sizes):
     """``SVDQLinear.forward_split`` (fused projections): each part equals the layer's
     output columns and is contiguous — written by the GEMM directly when the bounds are
-    multiples of 256, split and copied otherwise."""
+    multiples of 256, split and copied otherwise (``contiguous=False``: views, no copy)."""
     _, layer, calib = _layer("int4", "int4", k=64, n=sum(sizes))
     layer.backend = "triton"
     x = calib[:7].reshape(7, 1, 64)
@@ -1148,6 +1148,12 @@ def test_forward_split_gives_contiguous_parts(sizes):
         assert p.shape == (7, 1, w) and p.is_contiguous()
         assert torch.equal(p, y[..., start : start + w])
         start += w
+    views = layer.forward_split(x, sizes, contiguous=False)  # the same values
+    for p, v in zip(parts, views, strict=True):
+        assert torch.equal(p, v)
+    if sizes[0] % 256:  # not split by the GEMM: views of one output, no copy
+        assert len({v.untyped_storage().data_ptr() for v in views}) == 1
+        assert not views[0].is_contiguous()
     with pytest.raises(ValueError, match="add up"):
         layer.forward_split(x, [1, 2])
     if sizes[0] % 256:  # the engine's own split refuses what its GEMM cannot split

@@ -62,7 +62,8 @@ _ORIG_CLASS = "_svdquant_class"
 
 class FusedProjection(nn.Module):
     """Several projections of the same input as one quantized layer: ``forward`` returns
-    the parts (widths ``sizes``) as separate contiguous tensors."""
+    the parts (widths ``sizes``) as separate contiguous tensors (``contiguous=False``:
+    views of one output where the GEMM cannot write them apart, no copy)."""
 
     def __init__(self, linear: SVDQLinear, sizes: list[int]) -> None:
         super().__init__()
@@ -73,8 +74,8 @@ class FusedProjection(nn.Module):
     def out_features(self) -> int:
         return self.linear.out_features
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.linear.forward_split(x, self.sizes)
+    def forward(self, x: torch.Tensor, contiguous: bool = True) -> tuple[torch.Tensor, ...]:
+        return self.linear.forward_split(x, self.sizes, contiguous)
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}"
@@ -855,6 +856,13 @@ def _fuse_attention(attn: nn.Module) -> bool:
     return True
 
 
+#: Whether the generic fused processor copies q/k/v out of the fused output where the
+#: GEMM cannot write them apart (parts meeting off its 256-column tiles: PixArt-Σ's
+#: 1152, SANA's 2240, SDXL's 320 and 640) instead of taking them as views — attention
+#: reads strided rows, so the copies (~1.2 ms of PixArt-Σ's step, v42 profile) buy
+#: nothing. For A/B runs.
+GENERIC_CONTIGUOUS = False
+
 #: diffusers' attention processors the fused one stands for: whether each applies q/k's
 #: norms before splitting the heads (SANA's cross-attention: across heads) or after
 _GENERIC_PROCESSORS = {"AttnProcessor2_0": False, "SanaAttnProcessor2_0": True}
@@ -911,13 +919,14 @@ def _attention_runtime() -> type:
             if attention_mask is not None:
                 mask = attn.prepare_attention_mask(attention_mask, kv_len, batch)
                 attention_mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
+            views = not GENERIC_CONTIGUOUS  # attention takes strided rows
             if hasattr(attn, "to_qkv"):
-                query, key, value = attn.to_qkv(hidden_states)
+                query, key, value = attn.to_qkv(hidden_states, contiguous=not views)
                 if encoder_hidden_states is not None:  # called with a context after all
-                    key, value = attn.to_qkv(context)[1:]
+                    key, value = attn.to_qkv(context, contiguous=not views)[1:]
             else:
                 query = attn.to_q(hidden_states)
-                key, value = attn.to_kv(context)
+                key, value = attn.to_kv(context, contiguous=not views)
             if self.norm_first:
                 query, key = self._norms(attn, query, key)
             head_dim = key.shape[-1] // attn.heads

@@ -164,10 +164,15 @@ class SVDQLinear(nn.Module):
             self.act_fmt,
         )
 
-    def forward_split(self, x: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
-        """``forward(x)`` split along N into contiguous parts of widths ``sizes`` — for a
-        fused projection (``svdquant.fuse_projections``): on the fp8 engine the GEMM
-        writes each part to its own tensor, so the split costs no copy."""
+    def forward_split(
+        self, x: torch.Tensor, sizes: list[int], contiguous: bool = True
+    ) -> tuple[torch.Tensor, ...]:
+        """``forward(x)`` split along N into parts of widths ``sizes`` — for a fused
+        projection (``svdquant.fuse_projections``): on the fp8 engine the GEMM writes each
+        part to its own contiguous tensor, so the split costs no copy. Where it cannot
+        (parts meeting off its tile bounds, other formats) the parts are copied out
+        contiguous, or with ``contiguous=False`` returned as views of one output (for
+        consumers that take strided rows, like attention)."""
         if sum(sizes) != self.out_features:
             raise ValueError(f"sizes {list(sizes)} do not add up to {self.out_features}")
         self._check_input(x)
@@ -176,7 +181,8 @@ class SVDQLinear(nn.Module):
             kernels.splits_in_gemm(self.act_fmt, sizes)
         ):
             return kernels.svdq_linear_split_triton(self, x, sizes)
-        return tuple(t.contiguous() for t in self.forward(x).split(sizes, dim=-1))
+        parts = self.forward(x).split(sizes, dim=-1)
+        return tuple(t.contiguous() for t in parts) if contiguous else parts
 
     def forward_cat(
         self, x: torch.Tensor, tail: torch.Tensor, tail_act: str = "none"
