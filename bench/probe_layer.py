@@ -76,18 +76,30 @@ def _case(what: str, layer: Layer, x: torch.Tensor):
     return lambda: layer(x)
 
 
+def _engine_module(name: str) -> Any:
+    """``svdquant.kernels.<name>`` (``widen``), else ``svdquant.<name>`` (``fuse``)."""
+    try:
+        return importlib.import_module(f"svdquant.kernels.{name}")
+    except ModuleNotFoundError:
+        try:
+            return importlib.import_module(f"svdquant.{name}")
+        except ModuleNotFoundError:
+            raise SystemExit(f"no module svdquant.kernels.{name} or svdquant.{name}") from None
+
+
 def parse_set(spec: str) -> tuple[Any, str, Any]:
     """``"widen.TILE=(8, 512, 2)"`` -> (the module, ``"TILE"``, the value); an entry of a
     dict constant, ``"gemv.TILES['dp4a']=(16, 512, 2)"``, -> (the module, ``"TILES"``, a
-    copy of the dict with that entry replaced)."""
+    copy of the dict with that entry replaced). Modules of ``svdquant.kernels`` first,
+    then of ``svdquant`` (``"fuse.GENERIC_CONTIGUOUS=True"``)."""
     target, sep, literal = spec.partition("=")
     mod_name, _, name = target.strip().rpartition(".")
     if not sep or not mod_name:
         raise SystemExit(f"--set wants module.NAME=VALUE, got {spec!r}")
     name, bracket, key = name.partition("[")
-    module = importlib.import_module(f"svdquant.kernels.{mod_name}")
+    module = _engine_module(mod_name)
     if not hasattr(module, name):
-        raise SystemExit(f"svdquant.kernels.{mod_name} has no constant {name!r}")
+        raise SystemExit(f"{module.__name__} has no constant {name!r}")
     try:
         value = ast.literal_eval(literal.strip())
         if bracket:
@@ -97,7 +109,7 @@ def parse_set(spec: str) -> tuple[Any, str, Any]:
     if bracket:
         table = getattr(module, name)
         if not isinstance(table, dict) or key not in table:
-            raise SystemExit(f"svdquant.kernels.{mod_name}.{name} has no entry {key!r}")
+            raise SystemExit(f"{module.__name__}.{name} has no entry {key!r}")
         value = {**table, key: value}
     return module, name, value
 

@@ -256,11 +256,14 @@ def test_sass_report_guards_the_gemv_layout(tmp_path):
 
 def test_probe_layer_reads_its_overrides():
     """bench/probe_layer.py's ``--set module.NAME=VALUE``: a constant of a kernels module
-    and a Python literal; anything else stops with a message naming what is wrong."""
+    (or of ``svdquant``'s own) and a Python literal; anything else stops with a message
+    naming what is wrong."""
     probe = _load("probe_layer")
     module, name, value = probe.parse_set("widen.TILE=(32, 512, 4)")
     assert module.__name__ == "svdquant.kernels.widen" and name == "TILE"
     assert value == (32, 512, 4)
+    module, name, value = probe.parse_set("fuse.GENERIC_CONTIGUOUS=True")  # svdquant.fuse
+    assert module.__name__ == "svdquant.fuse" and value is True
     # one entry of a dict constant; two entries of one dict merge into one setting
     module, name, value = probe.parse_set("gemv.TILES['dp4a']=(16, 512, 2)")
     assert name == "TILES" and value["dp4a"] == (16, 512, 2)
@@ -284,6 +287,7 @@ def test_probe_layer_reads_its_overrides():
         ("widen.NO_SUCH=1", "no constant"),
         ("widen.TILE=(1,", "not a Python literal"),
         ("gemv.TILES['nope']=(1, 2, 3)", "no entry"),
+        ("nope.X=1", "no module"),
     ]:
         with pytest.raises(SystemExit, match=words):
             probe.parse_set(bad)
