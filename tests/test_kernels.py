@@ -2208,8 +2208,8 @@ def test_fused_pixart_runtime_on_the_engine(monkeypatch):
 def test_fused_sana_blocks_on_the_engine(monkeypatch):
     """``fuse_projections`` on a tiny SANA transformer (bf16), on the engine: each block's
     norms and residual sums in four kernel passes (its GLUMBConv feed-forward in between,
-    on NCHW views) — the unfused engine's output within bf16 rounding; unfusing restores
-    diffusers' block class."""
+    on NCHW views), its linear self-attention's q/k/v as one layer — the unfused engine's
+    output within bf16 rounding; unfusing restores diffusers' block class."""
     from svdquant.kernels import modulate, reference
 
     monkeypatch.setattr(modulate, "TILE", (64, 4))  # 512 rows: the interpreter's programs
@@ -2226,6 +2226,8 @@ def test_fused_sana_blocks_on_the_engine(monkeypatch):
         monkeypatch.setattr(reference, name, None)  # the kernels run, not diffusers' passes
     fused = model(*args, **kw)[0]
     assert calls == {"norm": n, "gate": 2 * n, "gate_norm": n}
+    attn1 = model.transformer_blocks[0].attn1  # the linear self-attention: one q/k/v layer
+    assert type(attn1.processor).__name__ == "FusedLinearAttnProcessor"
     assert rel_err(fused, unfused) <= TOL
     monkeypatch.undo()
     svdquant.unfuse_projections(model)

@@ -263,8 +263,8 @@ def test_fused_projections_generic_attention(arch, tmp_path):
     each self-attention and k/v of each cross-attention run as one layer, and PixArt's
     GELU-tanh feed-forwards as fused MLPs — the same outputs; fullgraph compiles; unfuse
     restores the layers bit for bit and diffusers' processors and classes. SANA's linear
-    self-attention keeps its own processor; its cross-attention normalizes q and k
-    across heads, before splitting them (``SanaAttnProcessor2_0``)."""
+    self-attention takes its q/k/v from one layer too; its cross-attention normalizes q
+    and k across heads, before splitting them (``SanaAttnProcessor2_0``)."""
     import svdquant
 
     pipe = tiny_pipeline(arch)
@@ -286,10 +286,10 @@ def test_fused_projections_generic_attention(arch, tmp_path):
     args, kw, _ = calls[0]
     before = _sample(model(*args, **kw))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    generic = ("AttnProcessor2_0", "SanaAttnProcessor2_0")
+    generic = ("AttnProcessor2_0", "SanaAttnProcessor2_0", "SanaLinearAttnProcessor2_0")
     plain = [a for a in attns if type(a.processor).__name__ in generic]
     selfs = [a for a in plain if not a.is_cross_attention]
-    assert plain and (arch == "sana" or selfs)  # SANA: linear self-attention only
+    assert plain and selfs and len(plain) == len(attns)
     assert svdquant.fuse_projections(model) == len(plain)
     assert svdquant.fuse_projections(model) == 0
     for a in plain:

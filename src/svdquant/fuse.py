@@ -26,8 +26,10 @@ restores the separate layers (the same objects, bit for bit, with their LoRAs), 
 attention processors and the blocks, which saving needs (the LoRA calls unfuse and fuse
 again around themselves). Supported: FLUX.1 (``FluxAttention``,
 ``FluxSingleTransformerBlock``) and diffusers' generic ``Attention`` with its default
-processor (PixArt-Σ, SDXL, SANA's cross-attention): q/k/v of a self-attention, k/v of a
-cross-attention (its q reads another input), PixArt's GELU-tanh feed-forwards as fused
+processor (PixArt-Σ, SDXL, SANA's cross-attention) and SANA's linear self-attention:
+q/k/v of a self-attention, k/v of a cross-attention (its q reads another input) — taken
+as views of one output where the GEMM cannot write them apart (attention reads strided
+rows) — PixArt's GELU-tanh feed-forwards as fused
 MLPs and SDXL's GEGLU feed-forwards with the gate in the up projection's epilogue
 (``kernels.svdq_geglu_triton``: it writes the down projection's quantized input); and
 PixArt-Σ's and SANA's blocks (adaLN-single) run their norms and residual sums through the
@@ -856,6 +858,9 @@ def _fuse_attention(attn: nn.Module) -> bool:
     return True
 
 
+#: diffusers' linear attention (SANA's self-attention), fused by ``_linear_attention_runtime``
+_LINEAR_PROCESSOR = "SanaLinearAttnProcessor2_0"
+
 #: Whether the generic fused processor copies q/k/v out of the fused output where the
 #: GEMM cannot write them apart (parts meeting off its 256-column tiles: PixArt-Σ's
 #: 1152, SANA's 2240, SDXL's 320 and 640) instead of taking them as views — attention
@@ -871,11 +876,13 @@ _GENERIC_PROCESSORS = {"AttnProcessor2_0": False, "SanaAttnProcessor2_0": True}
 def _generic_attention(attn: nn.Module) -> list[str] | None:
     """The layers of a diffusers ``Attention`` to fuse (q/k/v of a self-attention, k/v
     of a cross-attention), or None where its processor is not one of
-    ``_GENERIC_PROCESSORS`` (an IP-adapter's, SANA's linear attention) or it normalizes
-    what the fused processor does not (a spatial or group norm, a normalized context)."""
+    ``_GENERIC_PROCESSORS`` or SANA's linear attention (an IP-adapter's, a user's) or it
+    normalizes what the fused processor does not (a spatial or group norm, a normalized
+    context)."""
     if type(attn).__name__ != "Attention":
         return None
-    if type(getattr(attn, "processor", None)).__name__ not in _GENERIC_PROCESSORS:
+    processor = type(getattr(attn, "processor", None)).__name__
+    if processor not in _GENERIC_PROCESSORS and processor != _LINEAR_PROCESSOR:
         return None
     if attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_cross:
         return None
@@ -956,14 +963,62 @@ def _attention_runtime() -> type:
     return FusedAttnProcessor
 
 
+@functools.cache
+def _linear_attention_runtime() -> type:
+    """diffusers' ``SanaLinearAttnProcessor2_0`` with q/k/v from a fused layer."""
+    import torch.nn.functional as F
+
+    class FusedLinearAttnProcessor:
+        """SANA's ReLU linear attention (``SanaLinearAttnProcessor2_0``: the same
+        operations in the same order, the same numbers) taking q/k/v from
+        ``attn.to_qkv``: one quantize and one GEMM for the three projections."""
+
+        def __call__(
+            self,
+            attn: nn.Module,
+            hidden_states: torch.Tensor,
+            encoder_hidden_states: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None,  # unused, as in diffusers'
+        ) -> torch.Tensor:
+            dtype = hidden_states.dtype
+            contiguous = GENERIC_CONTIGUOUS
+            query, key, value = attn.to_qkv(hidden_states, contiguous=contiguous)
+            if encoder_hidden_states is not None:  # called with a context after all
+                key, value = attn.to_qkv(encoder_hidden_states, contiguous=contiguous)[1:]
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+
+            def heads(t: torch.Tensor) -> torch.Tensor:  # [B, T, C] -> [B, heads, C/heads, T]
+                return t.transpose(1, 2).unflatten(1, (attn.heads, -1))
+
+            # the kernel feature map phi = relu; v gets a row of ones: its product with
+            # phi(k)^T phi(q) carries each query's normalizer
+            query = F.relu(heads(query)).float()
+            key = F.relu(heads(key).transpose(2, 3)).float()
+            value = F.pad(heads(value).float(), (0, 0, 0, 1), mode="constant", value=1.0)
+            out = torch.matmul(torch.matmul(value, key), query)
+            out = out[:, :, :-1] / (out[:, :, -1:] + 1e-15)
+            out = out.flatten(1, 2).transpose(1, 2).to(dtype)
+            out = attn.to_out[1](attn.to_out[0](out))
+            return out.clip(-65504, 65504) if dtype == torch.float16 else out
+
+    return FusedLinearAttnProcessor
+
+
 def _fuse_generic_attention(attn: nn.Module) -> bool:
     names = _generic_attention(attn)
     if names is None or _fusable([getattr(attn, n) for n in names]) is not None:
         return False
     setattr(attn, _FUSED_ATTR, {})
     _fuse_layers(attn, "to_qkv" if len(names) == 3 else "to_kv", names)
-    norm_first = _GENERIC_PROCESSORS[type(attn.processor).__name__]
-    _install_processor(attn, _attention_runtime()(norm_first))
+    kind = type(attn.processor).__name__
+    if kind == _LINEAR_PROCESSOR:
+        _install_processor(attn, _linear_attention_runtime()())
+        attn.fused_projections = True
+        return True
+    _install_processor(attn, _attention_runtime()(_GENERIC_PROCESSORS[kind]))
     attn.fused_projections = True
     return True
 
@@ -983,7 +1038,8 @@ def fuse_projections(model: nn.Module) -> int:
     attention output and the MLP's GELU without concatenating them; each double block's
     feed-forwards as fused MLPs; the blocks' adaptive norms in one pass where
     ``kernels.modulate.ENABLED``; diffusers' generic ``Attention`` — PixArt-Σ, SDXL, SANA's
-    cross-attention — q/k/v of a self-attention and k/v of a cross-attention, PixArt's
+    cross-attention — q/k/v of a self-attention and k/v of a cross-attention, SANA's linear
+    self-attention's q/k/v, PixArt's
     GELU-tanh feed-forwards as fused MLPs, SDXL's GEGLU feed-forwards with the gate
     applied in the up projection's epilogue, and PixArt-Σ's and SANA's adaLN-single blocks
     with their norms and residual sums in one pass each where ``kernels.modulate.ENABLED``);
