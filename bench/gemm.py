@@ -1,6 +1,7 @@
 """Benchmark the fp8 engine's kernels against cuBLAS on FLUX.1 layer shapes (one GPU).
 
-    PYTHONPATH=src python bench/gemm.py [--out DIR] [--quick] [--sweep]
+    PYTHONPATH=src python bench/gemm.py [--out DIR] [--quick] [--sweep] [--ms 1024,4096]
+        [--shapes 3840x1280,10240x1280]   # other (N, K) than the issue's: e.g. SDXL's
 
 Per (M, N, K): cuBLAS BF16 ``F.linear`` with bias; cuBLAS fp8 rowwise
 ``torch._scaled_mm`` (no bias); our quantize alone (GB/s, % of the measured copy
@@ -493,10 +494,23 @@ def main() -> None:
     )
     p.add_argument("--no-table", action="store_true", help="only the sweep")
     p.add_argument("--ms", default=None, help="comma-separated M of the table (default all)")
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated NxK of the table instead of the issue's six (e.g. SDXL's "
+        "3840x1280,10240x1280); the MLP pair and LoRA ranks are then left out",
+    )
     a = p.parse_args()
     torch.manual_seed(0)
     ms, nks = ((4608,), NKS[:3]) if a.quick else (MS, NKS)
     ms = tuple(int(v) for v in a.ms.split(",")) if a.ms else ms
+    if a.shapes:
+        try:
+            nks = tuple(tuple(int(v) for v in s.split("x")) for s in a.shapes.split(","))
+        except ValueError:
+            raise SystemExit(f"--shapes wants NxK,NxK,..., got {a.shapes!r}") from None
+        if any(len(nk) != 2 for nk in nks):
+            raise SystemExit(f"--shapes wants NxK,NxK,..., got {a.shapes!r}")
     ms = () if a.no_table else ms
     copy_gbs = copy_bandwidth()
     tiles = sweep(copy_gbs, a.sweep) if a.sweep else None
@@ -506,11 +520,11 @@ def main() -> None:
             rows.append(bench_shape(m, n, k, copy_gbs))
             print(json.dumps({c: round(v, 3) if isinstance(v, float) else v
                               for c, v in rows[-1].items()}), flush=True)  # fmt: skip
-    mlp = [bench_mlp(m) for m in (512, 4096, 4608) if m in ms]
+    mlp = [] if a.shapes else [bench_mlp(m) for m in (512, 4096, 4608) if m in ms]
     gemv = [bench_gemv(m, 18432, 3072, copy_gbs) for m in (1, 4)]
     lora_ranks = (
         []
-        if a.quick or a.no_table or 4096 not in ms
+        if a.quick or a.no_table or a.shapes or 4096 not in ms
         else [row for n, k in ((3072, 3072), (12288, 3072)) for row in bench_lora_ranks(4096, n, k)]
     )
     result = {

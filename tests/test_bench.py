@@ -502,3 +502,13 @@ def test_group_scaled_lut_decode_is_each_codes_e4m3_byte():
         got = [(w >> (8 * i)) & 0xFF for w in (lo, hi) for i in range(4)]
         assert got == expect
     assert "prmt.b32" in probe._lut_ptx() and probe._lut_ptx().count("$1") == 1
+
+
+def test_gemm_bench_refuses_malformed_shapes(monkeypatch):
+    """bench/gemm.py --shapes NxK,...: anything else stops with the form it wants, before
+    the GPU is touched."""
+    bench = _load("gemm")
+    for bad in ("3072", "3072x", "3072x3072x2", "ax3"):
+        monkeypatch.setattr("sys.argv", ["gemm.py", "--shapes", bad])
+        with pytest.raises(SystemExit, match="NxK"):
+            bench.main()
