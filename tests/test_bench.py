@@ -439,11 +439,16 @@ def test_models_bench_times_each_architecture_both_ways(tmp_path, capsys):
 
 
 def test_probes_of_the_gpu_refuse_the_cpu_clearly(monkeypatch, tmp_path):
-    """``bench/probe_pin.py``, ``probe_group_scaled.py``, ``probe_gated.py`` and
-    ``probe_ws_decode.py`` need the GPU: without one a one-line reason, no traceback,
-    nothing written; bad probe arguments are refused."""
+    """``bench/probe_pin.py``, ``probe_group_scaled.py``, ``probe_gated.py``,
+    ``probe_quantize_memset.py`` and ``probe_ws_decode.py`` need the GPU: without one a
+    one-line reason, no traceback, nothing written; bad probe arguments are refused."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for name, extra in (("probe_pin", []), ("probe_group_scaled", []), ("probe_gated", ["--ff"])):
+    for name, extra in (
+        ("probe_pin", []),
+        ("probe_group_scaled", []),
+        ("probe_gated", ["--ff"]),
+        ("probe_quantize_memset", []),
+    ):
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             _load(name).main(["--out", str(tmp_path), *extra])
     assert not any(tmp_path.iterdir())
