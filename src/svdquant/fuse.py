@@ -29,12 +29,11 @@ again around themselves). Supported: FLUX.1 (``FluxAttention``,
 processor (PixArt-Σ, SDXL, SANA's cross-attention) and SANA's linear self-attention:
 q/k/v of a self-attention, k/v of a cross-attention (its q reads another input) — taken
 as views of one output where the GEMM cannot write them apart (attention reads strided
-rows) — PixArt's GELU-tanh feed-forwards as fused
-MLPs and SDXL's GEGLU feed-forwards with the gate in the up projection's epilogue
-(``kernels.svdq_geglu_triton``: it writes the down projection's quantized input); and
-PixArt-Σ's and SANA's blocks (adaLN-single) run their norms and residual sums through the
-same one-pass kernels as FLUX's (``kernels/modulate.py``: four passes a block instead of
-diffusers' eleven).
+rows) — PixArt's GELU-tanh feed-forwards as fused MLPs and SDXL's GEGLU feed-forwards
+with the gate in the up projection's epilogue (``kernels.svdq_geglu_triton``: it writes
+the down projection's quantized input); and PixArt-Σ's and SANA's blocks (adaLN-single)
+run their norms and residual sums through the same one-pass kernels as FLUX's
+(``kernels/modulate.py``: four passes a block instead of diffusers' eleven).
 """
 
 from __future__ import annotations
@@ -926,14 +925,14 @@ def _attention_runtime() -> type:
             if attention_mask is not None:
                 mask = attn.prepare_attention_mask(attention_mask, kv_len, batch)
                 attention_mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
-            views = not GENERIC_CONTIGUOUS  # attention takes strided rows
+            contiguous = GENERIC_CONTIGUOUS  # (attention takes strided rows: views)
             if hasattr(attn, "to_qkv"):
-                query, key, value = attn.to_qkv(hidden_states, contiguous=not views)
+                query, key, value = attn.to_qkv(hidden_states, contiguous=contiguous)
                 if encoder_hidden_states is not None:  # called with a context after all
-                    key, value = attn.to_qkv(context, contiguous=not views)[1:]
+                    key, value = attn.to_qkv(context, contiguous=contiguous)[1:]
             else:
                 query = attn.to_q(hidden_states)
-                key, value = attn.to_kv(context, contiguous=not views)
+                key, value = attn.to_kv(context, contiguous=contiguous)
             if self.norm_first:
                 query, key = self._norms(attn, query, key)
             head_dim = key.shape[-1] // attn.heads
@@ -1017,10 +1016,10 @@ def _fuse_generic_attention(attn: nn.Module) -> bool:
     _fuse_layers(attn, "to_qkv" if len(names) == 3 else "to_kv", names)
     kind = type(attn.processor).__name__
     if kind == _LINEAR_PROCESSOR:
-        _install_processor(attn, _linear_attention_runtime()())
-        attn.fused_projections = True
-        return True
-    _install_processor(attn, _attention_runtime()(_GENERIC_PROCESSORS[kind]))
+        processor = _linear_attention_runtime()()
+    else:
+        processor = _attention_runtime()(_GENERIC_PROCESSORS[kind])
+    _install_processor(attn, processor)
     attn.fused_projections = True
     return True
 
@@ -1041,12 +1040,11 @@ def fuse_projections(model: nn.Module) -> int:
     feed-forwards as fused MLPs; the blocks' adaptive norms in one pass where
     ``kernels.modulate.ENABLED``; diffusers' generic ``Attention`` — PixArt-Σ, SDXL, SANA's
     cross-attention — q/k/v of a self-attention and k/v of a cross-attention, SANA's linear
-    self-attention's q/k/v, PixArt's
-    GELU-tanh feed-forwards as fused MLPs, SDXL's GEGLU feed-forwards with the gate
-    applied in the up projection's epilogue, and PixArt-Σ's and SANA's adaLN-single blocks
-    with their norms and residual sums in one pass each where ``kernels.modulate.ENABLED``);
-    returns how many attention modules now take
-    fused projections. Layers that carry LoRAs are fused with them (stacked after the shared base
+    self-attention's q/k/v, PixArt's GELU-tanh feed-forwards as fused MLPs, SDXL's GEGLU
+    feed-forwards with the gate applied in the up projection's epilogue, and PixArt-Σ's
+    and SANA's adaLN-single blocks with their norms and residual sums in one pass each
+    where ``kernels.modulate.ENABLED``); returns how many attention modules now take fused
+    projections. Layers that carry LoRAs are fused with them (stacked after the shared base
     branch: the same outputs); modules whose layers cannot be fused (16-bit, separately
     quantized) or whose attention runs another processor than diffusers' own (an
     IP-adapter's) stay as they are. A ``cuda_graphed`` model's graphs are dropped."""
