@@ -2235,6 +2235,28 @@ def test_fused_sana_blocks_on_the_engine(monkeypatch):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("arch", ["pixart", "sana"])
+def test_norm_writes_the_self_attention_input_on_the_engine(monkeypatch, arch):
+    """With ``modulate.NORM_QUANTIZE`` each fused adaLN-single block's attention-input norm
+    writes the fused q/k/v layer's quantized input (``kernels.svdq_norm_linear_triton``,
+    once a block; PixArt-Σ's generic attention and SANA's linear one): the fused step's
+    output within bf16 rounding of the way without it."""
+    from svdquant.kernels import modulate
+
+    if arch == "sana":
+        monkeypatch.setattr(modulate, "TILE", (64, 4))  # 512 rows: the interpreter's programs
+    model, args, kw = _tiny_denoiser_on_the_engine(arch, torch.bfloat16)
+    svdquant.fuse_projections(model)
+    before = model(*args, **kw)[0]
+    calls = _count_kernel_calls(monkeypatch, svdq_norm_linear_triton="norm_linear")
+    assert calls["norm_linear"] == 0 and not modulate.NORM_QUANTIZE  # off by default
+    monkeypatch.setattr(modulate, "NORM_QUANTIZE", True)
+    after = model(*args, **kw)[0]
+    assert calls["norm_linear"] == len(model.transformer_blocks)
+    assert rel_err(after, before) <= TOL
+
+
+@torch.no_grad()
 def test_fused_sdxl_runtime_on_the_engine(monkeypatch):
     """``fuse_projections`` on a tiny SDXL UNet, on the engine: each GEGLU feed-forward's
     up projection writes the down projection's input (``svdq_geglu_triton``; without

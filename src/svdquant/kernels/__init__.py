@@ -26,6 +26,7 @@ from svdquant.kernels.ops import (
     gate_residual,
     gate_residual_modulate,
     layer_norm_modulate,
+    norm_feeds_layer,
     rms_norm_rope,
     splits_in_gemm,
     svdq_geglu_triton,
@@ -34,6 +35,7 @@ from svdquant.kernels.ops import (
     svdq_linear_split_triton,
     svdq_linear_triton,
     svdq_mlp_triton,
+    svdq_norm_linear_triton,
 )
 from svdquant.kernels.reference import ACT_FORMATS, quantize_activations, svdq_linear
 
@@ -49,6 +51,7 @@ __all__ = [
     "gate_residual",
     "gate_residual_modulate",
     "layer_norm_modulate",
+    "norm_feeds_layer",
     "quantize_activations",
     "resolve_backend",
     "rms_norm_rope",
@@ -60,6 +63,7 @@ __all__ = [
     "svdq_linear_split_triton",
     "svdq_linear_triton",
     "svdq_mlp_triton",
+    "svdq_norm_linear_triton",
 ]
 
 
