@@ -787,6 +787,19 @@ def _(x, scale, shift, eps):
     return x.new_empty(x.shape)
 
 
+def _norm_kernel_takes(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+    """Whether the adaptive-norm kernels take ``x`` [B, S, C] and ``scale``/``shift`` of
+    its 16-bit dtype, unit last strides (their shapes checked by the kernels)."""
+    from svdquant.kernels import modulate
+
+    return (
+        x.dim() == 3
+        and modulate.supports(x.shape[-1], x.dtype)
+        and scale.dtype == shift.dtype == x.dtype
+        and scale.stride(-1) == shift.stride(-1) == x.stride(-1) == 1
+    )
+
+
 def layer_norm_modulate(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -798,15 +811,7 @@ def layer_norm_modulate(
     pass (``kernels/modulate.py``) on ``backend`` ``"triton"`` where the kernel takes the
     shape (``x`` [B, S, C], ``scale``/``shift`` [B, C], all one 16-bit dtype), else
     ``reference.layer_norm_modulate_ref`` (diffusers' own passes)."""
-    from svdquant.kernels import modulate
-
-    if (
-        backend == "triton"
-        and x.dim() == 3
-        and modulate.supports(x.shape[-1], x.dtype)
-        and scale.dtype == shift.dtype == x.dtype
-        and scale.stride(-1) == shift.stride(-1) == x.stride(-1) == 1
-    ):
+    if backend == "triton" and _norm_kernel_takes(x, scale, shift):
         return _ops(x).layer_norm_modulate(x, scale, shift, eps)
     return reference.layer_norm_modulate_ref(x, scale, shift, eps)
 
@@ -840,7 +845,6 @@ def norm_feeds_layer(layer: torch.nn.Module, x: torch.Tensor, scale: torch.Tenso
     C], ``scale``/``shift`` [B, C] of one 16-bit dtype, unit last strides) for ``layer``
     (an ``SVDQLinear`` on the fp8 engine's int4/fp8 activations, its low-rank branch one
     part of at most 64 — no stacked LoRA of another width)."""
-    from svdquant.kernels import modulate
     from svdquant.kernels.quantize import rank_parts
 
     r1, r2 = rank_parts(layer.lowrank_down.shape[0])
@@ -848,12 +852,9 @@ def norm_feeds_layer(layer: torch.nn.Module, x: torch.Tensor, scale: torch.Tenso
         layer.act_fmt in ("int4", "fp8")
         and r1 <= 64
         and not r2
-        and x.dim() == 3
+        and _norm_kernel_takes(x, scale, shift)
         and x.shape[-1] == layer.in_features
-        and modulate.supports(x.shape[-1], x.dtype)
         and scale.shape == shift.shape == (x.shape[0], x.shape[-1])
-        and scale.dtype == shift.dtype == x.dtype
-        and scale.stride(-1) == shift.stride(-1) == x.stride(-1) == 1
     )
 
 
