@@ -3,6 +3,7 @@
     PYTHONPATH=src python bench/models.py [--models pixart,sdxl,sana] [--batches 1]
                                           [--steps 5] [--profile] [--out DIR] [--tiny]
                                           [--ab 'ops.GEGLU_EPILOGUE=False' ...]
+                                          [--fp8-weights]
 
 ``bench/e2e.py`` measures FLUX.1; this is the same question for the other architectures
 ``svdquant quantize`` takes. Each denoiser is built at its real size (random bf16 weights;
@@ -18,7 +19,8 @@ median step of each (CUDA events), the weights' GiB and the step's peak, and our
 of the same run
 (``--profile``: also the top ops of one eager step of each way, by GPU time; ``--ab``:
 the fused model timed once more with engine constants set, ``probe_layer.parse_set``'s
-``module.NAME=VALUE`` under ``svdquant.kernels``);
+``module.NAME=VALUE`` under ``svdquant.kernels``; ``--fp8-weights``: then once more with
+``svdquant.keep_fp8_weights`` — no per-step widen, more memory);
 writes ``models-<device>-<date>.json`` under ``--out`` (default ``bench/results``, or
 ``$OUT``) and prints a table last. ``--tiny``: the test pipelines' denoisers on the CPU
 (what ``tests/test_bench.py`` runs).
@@ -145,7 +147,7 @@ def _time(model: nn.Module, kw: dict[str, Any], mode: str, ctx: e2e.Ctx) -> dict
 
 
 def run(
-    arch: str, ctx: e2e.Ctx, modes: Sequence[str], ab: Sequence[str] = ()
+    arch: str, ctx: e2e.Ctx, modes: Sequence[str], ab: Sequence[str] = (), fp8_weights: bool = False
 ) -> list[dict[str, Any]]:
     from probe_layer import constants, parse_set
 
@@ -154,10 +156,14 @@ def run(
     model = build(arch, ctx.tiny, ctx.device)
     rows = []
     fused = 0
-    ways = ["bf16", "svdq-int4-unfused", "svdq-int4"] + (
-        [f"svdq-int4 {' '.join(ab)}"] if ab else []
+    ways = (
+        ["bf16", "svdq-int4-unfused", "svdq-int4"]
+        + ([f"svdq-int4 {' '.join(ab)}"] if ab else [])
+        + (["svdq-int4 keep_fp8_weights"] if fp8_weights else [])
     )
     for way in ways:
+        if way == "svdq-int4 keep_fp8_weights":  # last: it changes the model
+            svdquant.keep_fp8_weights(model)
         if way == "svdq-int4-unfused":
             kw1 = inputs(arch, model, 1, ctx.tiny, ctx.device)
             cfg = svdquant.QuantizeConfig(alpha=0.5, max_samples=256, progress=False)
@@ -166,7 +172,7 @@ def run(
             fused = svdquant.fuse_projections(model)
         e2e._free()
         weights = e2e.state_bytes(model)
-        sets = [parse_set(spec) for spec in ab] if way.startswith("svdq-int4 ") else []
+        sets = [parse_set(spec) for spec in ab] if way == f"svdq-int4 {' '.join(ab)}" else []
         for b in ctx.batches:
             kw = inputs(arch, model, b, ctx.tiny, ctx.device)
             for mode in modes:
@@ -210,6 +216,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         metavar="module.NAME=VALUE",
         help="time the fused model once more with these engine constants set (an A/B in one run)",
     )
+    p.add_argument(
+        "--fp8-weights",
+        action="store_true",
+        help="time the fused model once more with svdquant.keep_fp8_weights (no per-step widen)",
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = p.parse_args(argv)
     archs = [a for a in args.models.split(",") if a]
@@ -235,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with torch.no_grad():
         for arch in archs:
-            rows += run(arch, ctx, modes, args.ab)
+            rows += run(arch, ctx, modes, args.ab, args.fp8_weights)
     add_ratios(rows)
     body = {"resolution": "1024x1024" if not args.tiny else "tiny", "rows": rows}
     res, path = e2e.write_run("models", ctx, date, args.out, body)

@@ -2147,11 +2147,22 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch, gate_norm):
                      "gate": 4 * n_double + n_single - fused_pairs,
                      "gate_norm": fused_pairs}  # fmt: skip
     assert rel_err(fused, unfused) <= TOL
+    # kept fp8 weights (svdquant.keep_fp8_weights): the same step, no widen; compiled too
+    layers = [m for m in model.modules() if isinstance(m, svdquant.SVDQLinear)]
+    layers = [m for m in layers if m.act_fmt != "none"]  # the modulation's W4A16: none
+    assert svdquant.keep_fp8_weights(model) == len(layers)
+    with monkeypatch.context() as mp:
+        banned = lambda *a, **k: pytest.fail("widened at the call")  # noqa: E731
+        mp.setattr(svdquant.kernels.ops._EAGER, "widen_weight", banned)
+        mp.setattr(svdquant.kernels.ops._EAGER, "quantize_and_widen", banned)
+        assert torch.equal(model(*args, **kw)[0], fused)
     torch._dynamo.reset()  # Inductor on the GPU; the CPU checks the trace (no C++ build)
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     assert rel_err(compiled(*args, **kw)[0], fused) <= TOL
-    svdquant.unfuse_projections(model)
+    svdquant.unfuse_projections(model)  # the unfused layers keep theirs
+    layers = [m for m in model.modules() if isinstance(m, svdquant.SVDQLinear)]
+    assert all((m.fp8_weights() is not None) == (m.act_fmt != "none") for m in layers)
     assert type(model.transformer_blocks[0].ff).__name__ == "FeedForward"
     assert type(model.transformer_blocks[0].norm1).__name__ == "AdaLayerNormZero"
     assert type(model.transformer_blocks[0]).__name__ == "FluxTransformerBlock"

@@ -11,6 +11,7 @@ The public API::
     fuse_projections(model) / unfuse_projections(model)       # q/k/v as one layer (FLUX)
     cuda_graphed(module)        # its forward replayed from CUDA graphs (no compilation)
     keep_host_copy(module)      # CPU offload from pinned host copies, no copies back
+    keep_fp8_weights(model)     # speed for memory: no per-step widen of the 4-bit weights
 """
 
 from svdquant.algorithm import METHODS, quantize_linear
@@ -19,7 +20,7 @@ from svdquant.cuda_graph import cuda_graphed
 from svdquant.formats import FORMATS
 from svdquant.fuse import fuse_projections, unfuse_projections
 from svdquant.lora import list_loras, load_lora, set_lora_strength, unload_lora
-from svdquant.nn import SVDQLinear
+from svdquant.nn import SVDQLinear, keep_fp8_weights
 from svdquant.offload import keep_host_copy
 from svdquant.quantize_model import QuantizeConfig, quantize_model
 
@@ -33,6 +34,7 @@ __all__ = [
     "SVDQLinear",
     "cuda_graphed",
     "fuse_projections",
+    "keep_fp8_weights",
     "keep_host_copy",
     "list_loras",
     "load_lora",

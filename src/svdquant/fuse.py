@@ -163,6 +163,8 @@ def _concat(layers: list[SVDQLinear]) -> SVDQLinear:
         fused.lowrank_up = expand_lowrank_parts(torch.cat(own), [r, *extra], sizes)
         _keep_parts(fused, layers, extra)
     fused.alpha = a.alpha
+    if all(m.fp8_weights() is not None for m in layers):  # keep_fp8_weights: kept fused
+        fused.keep_fp8_weights()
     return fused
 
 
@@ -223,6 +225,8 @@ def _refill(layer: SVDQLinear, fused: SVDQLinear, rows: slice) -> None:
     layer.lowrank_up = fused.lowrank_up[rows, :r].clone()
     if lora._adapters(layer):
         lora._rebuild(layer)
+    if fused.fp8_weights() is not None:
+        layer.keep_fp8_weights()
 
 
 @functools.cache

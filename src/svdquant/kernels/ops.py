@@ -450,16 +450,36 @@ MAX_GEMV_M = 16
 
 
 def _fp8_operands(x2, qweight, wscales, wtensor_scale, smooth, act_amax, lowrank_down, fmt,
-                  act_fmt):  # fmt: skip
+                  act_fmt, fp8_weights=None):  # fmt: skip
     """One layer's fp8 GEMM operands from its two memory-bound passes: the activation
-    quantize (with the low-rank down projection) and the weight widen. Returns
-    ``(xq, lora_act, wq, s_channel, S)``."""
+    quantize (with the low-rank down projection) and the weight widen — or the quantize
+    alone where the layer keeps its widened weight (``fp8_weights``: ``(wq, s_channel)``,
+    ``SVDQLinear.keep_fp8_weights``). Returns ``(xq, lora_act, wq, s_channel, S)``."""
     s = _act_scale(act_amax)
-    xq, lora, wq, s_channel = _ops(x2).quantize_and_widen(
-        x2, smooth, lowrank_down, s, qweight.shape[1] * 2, act_fmt, qweight, wscales,
-        wtensor_scale, fmt,
-    )  # fmt: skip
+    ops, kp = _ops(x2), qweight.shape[1] * 2
+    if fp8_weights is not None:
+        xq, lora = ops.quantize_act(x2, smooth, lowrank_down, s, kp, act_fmt)
+        return xq, lora, *fp8_weights, s
+    xq, lora, wq, s_channel = ops.quantize_and_widen(
+        x2, smooth, lowrank_down, s, kp, act_fmt, qweight, wscales, wtensor_scale, fmt
+    )
     return xq, lora, wq, s_channel, s
+
+
+def _layer_operands(layer: torch.nn.Module, x2: torch.Tensor):
+    """``_fp8_operands`` of an ``SVDQLinear`` on ``x2`` [M, K]."""
+    return _fp8_operands(
+        x2, layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth, layer.act_amax,
+        layer.lowrank_down, layer.fmt, layer.act_fmt, layer.fp8_weights(),
+    )  # fmt: skip
+
+
+def _widened(layer: torch.nn.Module, ops) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ``SVDQLinear``'s fp8 weight operand and per-channel scale: kept, or widened."""
+    kept = layer.fp8_weights()
+    if kept is not None:
+        return kept
+    return ops.widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
 
 
 def svdq_linear_triton(
@@ -474,6 +494,7 @@ def svdq_linear_triton(
     bias: torch.Tensor | None,
     fmt: str,
     act_fmt: str,
+    fp8_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The quantized layer on the fp8 engine: ``x`` [..., K] -> [..., N] in ``x.dtype``.
 
@@ -482,7 +503,8 @@ def svdq_linear_triton(
     ``"none"``: the W4A16 GEMV for M ≤ 16, above that the weight dequantized to 16 bits
     (a memory-bound kernel) and cuBLAS; ``"nvfp4"``
     activations (a per-token scale, a row-wide reduction) stay on the torch reference.
-    Computes what ``reference.svdq_linear_fp8_ref`` computes.
+    Computes what ``reference.svdq_linear_fp8_ref`` computes. ``fp8_weights``: the
+    weight already widened (``SVDQLinear.keep_fp8_weights``), for int4/fp8 activations.
     """
     k, n = smooth.shape[0], qweight.shape[0]
     lead = x.shape[:-1]
@@ -499,8 +521,9 @@ def svdq_linear_triton(
             y = y + (xh @ lowrank_down.t().to(x.dtype)) @ lowrank_up.t().to(x.dtype)
     elif act_fmt in ("int4", "fp8"):
         xq, lora, wq, s_channel, s = _fp8_operands(
-            x2, qweight, wscales, wtensor_scale, smooth, act_amax, lowrank_down, fmt, act_fmt
-        )
+            x2, qweight, wscales, wtensor_scale, smooth, act_amax, lowrank_down, fmt, act_fmt,
+            fp8_weights,
+        )  # fmt: skip
         y = _ops(x2).fp8_gemm(xq, wq, s_channel, s, lora, lowrank_up, bias, x.dtype)
     else:
         y = reference.svdq_linear(
@@ -540,10 +563,7 @@ def svdq_linear_split_triton(layer: torch.nn.Module, x: torch.Tensor, sizes: lis
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features)
     m = x2.shape[0]
-    xq, lora, wq, s_channel, s = _fp8_operands(
-        x2, layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth, layer.act_amax,
-        layer.lowrank_down, layer.fmt, layer.act_fmt,
-    )  # fmt: skip
+    xq, lora, wq, s_channel, s = _layer_operands(layer, x2)
     parts, up = _lora_parts(layer, sizes, x2)
     flat = _ops(x2).fp8_gemm_split(
         xq, wq, s_channel, s, lora, up, layer.bias, x.dtype, list(sizes), parts
@@ -656,7 +676,7 @@ def _svdq_linear_two_inputs(
         x2, t2, act, layer.smooth, layer.lowrank_down, s, layer.qweight.shape[1] * 2,
         layer.act_fmt,
     )  # fmt: skip
-    wq, s_channel = ops.widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
+    wq, s_channel = _widened(layer, ops)
     y = ops.fp8_gemm(xq, wq, s_channel, s, lora, layer.lowrank_up, layer.bias, x.dtype)
     return y.reshape(*lead, layer.out_features)
 
@@ -688,16 +708,13 @@ def _fused_pair(
     x2 = x.reshape(-1, fc1.in_features)
     ops = _ops(x2)
     s2 = _act_scale(fc2.act_amax)
-    xq, lora, w1, c1, s1 = _fp8_operands(
-        x2, fc1.qweight, fc1.wscales, fc1.wtensor_scale, fc1.smooth, fc1.act_amax,
-        fc1.lowrank_down, fc1.fmt, fc1.act_fmt,
-    )  # fmt: skip
+    xq, lora, w1, c1, s1 = _layer_operands(fc1, x2)
     first = ops.fp8_gemm_gated_next if gated else ops.fp8_gemm_quantize_next
     xq2, lora2 = first(
         xq, w1, c1, s1, lora, fc1.lowrank_up, fc1.bias, x.dtype, activation,
         fc2.smooth, fc2.lowrank_down, s2, fc2.qweight.shape[1] * 2, fc2.act_fmt,
     )  # fmt: skip
-    w2, c2 = ops.widen_weight(fc2.qweight, fc2.wscales, fc2.wtensor_scale, fc2.fmt)
+    w2, c2 = _widened(fc2, ops)
     y = ops.fp8_gemm(xq2, w2, c2, s2, lora2, fc2.lowrank_up, fc2.bias, x.dtype)
     return y.reshape(*lead, fc2.out_features)
 
@@ -884,7 +901,7 @@ def svdq_norm_linear_triton(
         x, scale, shift, float(eps), layer.smooth, layer.lowrank_down, act,
         layer.qweight.shape[1] * 2, layer.act_fmt,
     )  # fmt: skip
-    wq, s_channel = ops.widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
+    wq, s_channel = _widened(layer, ops)
     if splits_in_gemm(layer.act_fmt, sizes):
         parts, up = _lora_parts(layer, sizes, xq)
         flat = ops.fp8_gemm_split(

@@ -1,0 +1,110 @@
+"""``keep_fp8_weights``: layers that keep their widened fp8 weight instead of widening the
+4-bit codes at every call — the same numbers bit for bit, no widen kernel, never stale.
+
+Without CUDA the engine runs in triton's interpreter (``TRITON_INTERPRET=1``) on small
+layers; the tiny FLUX model's fused runtime checks it too (``test_kernels.py``).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import svdquant
+from svdquant import kernels
+from svdquant.kernels import ops
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _layer(k: int, n: int, act_fmt: str = "int4", fmt: str = "int4", seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(k, n).to(DEVICE, torch.bfloat16)
+    calib = (torch.randn(64, k, generator=g) * 2).to(DEVICE, torch.bfloat16)
+    layer = svdquant.quantize_linear(lin, calib, fmt=fmt, act_fmt=act_fmt, rank=8, alpha=0.5)
+    layer.backend = "triton"
+    return layer, calib
+
+
+def _no_widen(monkeypatch):
+    """Make any widen of the engine (alone or beside the quantize) fail the test."""
+
+    def banned(*a, **k):
+        raise AssertionError("widened at the call")
+
+    monkeypatch.setattr(ops._EAGER, "widen_weight", banned)
+    monkeypatch.setattr(ops._EAGER, "quantize_and_widen", banned)
+
+
+@pytest.mark.parametrize(("fmt", "act_fmt"), [("int4", "int4"), ("nvfp4", "fp8")])
+def test_kept_weights_give_the_same_numbers_without_a_widen(monkeypatch, fmt, act_fmt):
+    """The plain call, the split, the concatenated and the gated input, the fused MLP and
+    the fused gated unit: equal bit for bit with and without kept weights, and no widen
+    runs with them."""
+    layer, x = _layer(96, 512, act_fmt, fmt)
+    fc2, _ = _layer(512, 72, act_fmt, fmt, seed=1)
+    down, _ = _layer(256, 40, act_fmt, fmt, seed=2)
+    x3 = x[:7].reshape(1, 7, 96)
+    half, gate = x3[..., :48], x3[..., 48:]
+    cat, _ = _layer(96, 40, act_fmt, fmt, seed=3)
+    gated, _ = _layer(48, 40, act_fmt, fmt, seed=4)
+
+    def outputs():
+        return [
+            layer(x3),
+            *layer.forward_split(x3, [256, 256]),  # split by the GEMM
+            *layer.forward_split(x3, [100, 412], contiguous=False),
+            cat.forward_cat(half, gate, "gelu_tanh"),
+            kernels.svdq_linear_gated_triton(gated, half, gate, "gelu"),
+            kernels.svdq_mlp_triton(x3, layer, fc2),
+            kernels.svdq_geglu_triton(x3, layer, down, "gelu"),
+        ]
+
+    monkeypatch.setattr(ops, "GATED_MIN_ROWS", 1)  # the gated quantize at 7 rows
+    want = outputs()
+    layers = (layer, fc2, down, cat, gated)
+    assert all(m.keep_fp8_weights() for m in layers)
+    with monkeypatch.context() as mp:
+        _no_widen(mp)
+        got = outputs()
+    for a, w in zip(got, want, strict=True):
+        assert torch.equal(a, w)
+    assert layer.fp8_weight.dtype == torch.float8_e4m3fn
+    assert layer.fp8_weight.shape == (512, layer.qweight.shape[1] * 2)
+
+
+def test_kept_weights_follow_the_layer_and_never_run_stale(monkeypatch):
+    """Outside the state dict (checkpoints unchanged), not cast by ``.to(dtype)``, moved
+    with the layer; a weight loaded since is widened at the call again (new numbers, not
+    the kept ones) until kept anew; ``enabled=False`` releases them; layers off the fp8
+    engine keep none; ``svdquant.keep_fp8_weights`` counts the layers that keep them."""
+    layer, x = _layer(64, 48)
+    keys = set(layer.state_dict())
+    assert svdquant.keep_fp8_weights(torch.nn.Sequential(layer)) == 1
+    assert set(layer.state_dict()) == keys
+    layer.to(torch.float16)
+    assert layer.fp8_weight.dtype == torch.float8_e4m3fn and layer.fp8_weights() is not None
+    layer.to(torch.bfloat16)
+    other, _ = _layer(64, 48, seed=9)
+    layer.load_state_dict(other.state_dict())  # in place: the kept operand is stale
+    assert layer.fp8_weights() is None
+    want = other(x)
+    assert torch.equal(layer(x), want)
+    layer.keep_fp8_weights()
+    with monkeypatch.context() as mp:
+        _no_widen(mp)
+        assert torch.equal(layer(x), want)
+    layer.qweight = other.qweight.clone()  # a new tensor: stale too
+    assert layer.fp8_weights() is None
+    assert not layer.keep_fp8_weights(False) and not hasattr(layer, "fp8_weight")
+    for act_fmt, backend in (("none", "triton"), ("int4", "reference")):
+        m, _ = _layer(64, 48, act_fmt)
+        m.backend = backend
+        assert not m.keep_fp8_weights() and m.fp8_weights() is None
+    with pytest.raises(TypeError, match="takes a torch"):
+        svdquant.keep_fp8_weights(layer.state_dict())
