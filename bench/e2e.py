@@ -19,7 +19,9 @@ the wall time runs out, each with its reason):
     svdq-nvfp4, svdq-w4a8, svdq-int4-fused (q/k/v fused: ``svdquant.fuse_projections``),
     svdq-int4-lora and svdq-int4-fused-lora (a random rank ``--lora-rank`` LoRA on every
     quantized layer, each its own down factor: loaded with ``svdquant.load_lora``, then
-    fused), then with --compile the torch.compile'd variants of the same rows.
+    fused), svdq-int4-fused-fp8w (fused, the widened weights kept:
+    ``svdquant.keep_fp8_weights``), then with --compile the torch.compile'd variants of
+    the same rows.
 
 Each eager row is also replayed from a CUDA graph captured around one step (mode
 ``cudagraph``, through ``svdquant.cuda_graphed`` as ``svdquant generate`` runs it; off with
@@ -148,7 +150,7 @@ def _load_random_lora(model: nn.Module, rank: int) -> None:
 
 
 def _ours(
-    fmt: str, act_fmt: str | None, fuse: bool = False, lora: bool = False
+    fmt: str, act_fmt: str | None, fuse: bool = False, lora: bool = False, fp8w: bool = False
 ) -> Callable[[nn.Module, Ctx], None]:
     def apply(model: nn.Module, ctx: Ctx) -> None:
         import svdquant
@@ -161,6 +163,8 @@ def _ours(
             _load_random_lora(model, LORA_RANK)
         if fuse:  # q/k/v (+ the single blocks' MLP up) as one layer: one quantize, one GEMM
             svdquant.fuse_projections(model)
+        if fp8w:  # the widened fp8 weights kept: no per-step widen, more memory
+            svdquant.keep_fp8_weights(model)
 
     return apply
 
@@ -273,6 +277,9 @@ METHODS: dict[str, Method] = {
         Method("svdq-int4-fused-lora", "svdquant W4A4 int4 + LoRA, fused projections",
                "svdquant", "int4 g64 + rank 32 + LoRA", "int4 g64",
                _ours("int4", None, fuse=True, lora=True), est_s=95),
+        Method("svdq-int4-fused-fp8w", "svdquant W4A4 int4, fused, fp8 weights kept",
+               "svdquant", "int4 g64 + rank 32 (+ fp8 copy)", "int4 g64",
+               _ours("int4", None, fuse=True, fp8w=True), est_s=90),
         Method("nf4", "bitsandbytes NF4 W4A16", "bitsandbytes", "nf4 g64", "bf16", _nf4,
                _no_module("bitsandbytes"), est_s=40),
         Method("svdq-w4a16", "svdquant W4A16 int4", "svdquant", "int4 g64 + rank 32", "bf16",
