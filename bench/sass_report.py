@@ -229,30 +229,6 @@ def _modulate() -> dict[str, Any]:
     )
 
 
-@_spec("norm_quantize")
-def _norm_quantize() -> dict[str, Any]:
-    """PixArt-Σ's attention-input norm writing its fused q/k/v layer's int4 input (4096
-    tokens, 1152 channels, rank 32; ``kernels/norm_quantize.py``)."""
-    from svdquant.kernels import norm_quantize as nq
-    from svdquant.kernels.quantize import rows_per_program
-
-    bm, bk, warps = nq.TILE
-    return dict(
-        kernel=nq._norm_quantize_kernel,
-        ptrs=dict(x_ptr="*bf16", scale_ptr="*bf16", shift_ptr="*bf16", smooth_ptr="*fp32",
-                  ld_ptr="*bf16", act_ptr="*fp32", xq_ptr="*fp8e4nv", lora_ptr="*fp32"),
-        ints=dict(M=4096, S=4096, C=1152, K_OUT=1152, R=32, stride_xm=1152,
-                  stride_sb=6 * 1152, stride_hb=6 * 1152, stride_qm=1152, stride_ldr=1152,
-                  stride_lm=32),
-        floats=dict(eps=1e-6),
-        consts=dict(INT4=True, HAS_LORA=True, EXACT=False, ROUND_BF16=False,
-                    BLOCK_M=rows_per_program(bm, 32), BLOCK_R=32, BLOCK_K=bk),
-        warps=warps,
-        stages=1,
-        options=dict(enable_fp_fusion=False),
-    )  # fmt: skip
-
-
 @_spec("gate_residual")
 def _gate_residual() -> dict[str, Any]:
     """A gated branch joining a double block's image stream."""

@@ -516,16 +516,13 @@ def _ada_norm_single_step(
     cross_attention: Any,
     feed_forward: Any,
     layer: nn.Module,
-    attn1: nn.Module | None = None,
 ) -> torch.Tensor:
     """An adaLN-single block (PixArt-Σ's, SANA's) with its norms and residual sums in four
     kernel passes where diffusers runs eleven: the attention input's norm and modulation,
     the gated attention output's sum, the cross-attention output's sum with the
     feed-forward input's norm and modulation, the gated feed-forward output's sum — the
     same operations in diffusers' order (``kernels/modulate.py``); ``layer``: the engine
-    layer whose backend the kernels follow. ``attn1``: the self-attention module that
-    ``self_attention`` calls with nothing but the norm's output, which the norm may then
-    feed its quantized input directly (``_norm_into_attention``)."""
+    layer whose backend the kernels follow."""
     from svdquant.kernels import modulate
 
     if modulate.ENABLED:
@@ -535,10 +532,8 @@ def _ada_norm_single_step(
     b = hidden_states.shape[0]
     mods = (block.scale_shift_table[None] + timestep.reshape(b, 6, -1)).chunk(6, dim=1)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (t[:, 0] for t in mods)
-    a = _norm_into_attention(attn1, block.norm1, hidden_states, scale_msa, shift_msa)
-    if a is None:
-        a = self_attention(_modulate(block.norm1, hidden_states, scale_msa, shift_msa, layer))
-    h = _gate_add(hidden_states, gate_msa, a, layer)
+    n = _modulate(block.norm1, hidden_states, scale_msa, shift_msa, layer)
+    h = _gate_add(hidden_states, gate_msa, self_attention(n), layer)
     attn = cross_attention(h)
     if modulate.ENABLED:  # the ungated sum under a gate of ones: 1 · x is x, exactly
         one = torch.ones_like(gate_mlp)
@@ -547,39 +542,6 @@ def _ada_norm_single_step(
         h = attn + h
         n = _modulate(block.norm2, h, scale_mlp, shift_mlp, layer)
     return _gate_add(h, gate_mlp, feed_forward(n), layer)
-
-
-def _norm_into_attention(
-    attn: nn.Module | None,
-    norm: nn.Module,
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-) -> torch.Tensor | None:
-    """``attn(norm(x) · (1 + scale) + shift)`` with the norm writing the quantized input of
-    ``attn``'s fused q/k/v layer (``kernels.svdq_norm_linear_triton``: no 16-bit norm
-    output, no quantize pass) where ``kernels.modulate.NORM_QUANTIZE`` and the engine take
-    it — ``attn`` fused by ``fuse_projections`` (its processor's ``attend``), on the
-    ``triton`` backend, without a residual connection or an output rescale; else None."""
-    from svdquant import kernels
-    from svdquant.kernels import modulate
-
-    if attn is None or not modulate.NORM_QUANTIZE or not _plain_norm(norm, x):
-        return None
-    fused = getattr(attn, "to_qkv", None)
-    if (
-        not isinstance(fused, FusedProjection)
-        or not hasattr(attn.processor, "attend")
-        or attn.residual_connection
-        or attn.rescale_output_factor != 1.0
-        or _own_backend(fused, x.device) != "triton"
-        or not kernels.norm_feeds_layer(fused.linear, x, scale, shift)
-    ):
-        return None
-    q, k, v = kernels.svdq_norm_linear_triton(
-        fused.linear, x, scale, shift, norm.eps, fused.sizes, GENERIC_CONTIGUOUS
-    )
-    return attn.processor.attend(attn, q, k, v)
 
 
 @functools.cache
@@ -624,7 +586,6 @@ def _ada_norm_single_runtime() -> dict[str, type]:
                 lambda h: self.attn2(h, encoder_hidden_states=encoder_hidden_states,
                                      attention_mask=encoder_attention_mask, **kwargs),
                 self.ff, self.ff.net[2],
-                attn1=self.attn1 if attention_mask is None and not kwargs else None,
             )  # fmt: skip
 
     class FusedSanaTransformerBlock(SanaTransformerBlock):
@@ -654,7 +615,7 @@ def _ada_norm_single_runtime() -> dict[str, type]:
                 lambda n: self.attn1(n.to(hidden_states.dtype)),  # as diffusers casts it
                 lambda h: self.attn2(h, encoder_hidden_states=encoder_hidden_states,
                                      attention_mask=encoder_attention_mask),
-                feed_forward, self.ff.conv_point, attn1=self.attn1,
+                feed_forward, self.ff.conv_point,
             )  # fmt: skip
 
     return {
@@ -976,26 +937,6 @@ def _attention_runtime() -> type:
             else:
                 query = attn.to_q(hidden_states)
                 key, value = attn.to_kv(context, contiguous=contiguous)
-            out = self.attend(attn, query, key, value, attention_mask)
-            if image:
-                out = out.transpose(-1, -2).reshape(b, c, h, w)
-            if attn.residual_connection:
-                out = out + residual
-            if attn.rescale_output_factor == 1.0:  # x / 1 is x: no pass (one kernel less)
-                return out
-            return out / attn.rescale_output_factor
-
-        def attend(
-            self,
-            attn: nn.Module,
-            query: torch.Tensor,
-            key: torch.Tensor,
-            value: torch.Tensor,
-            attention_mask: torch.Tensor | None = None,
-        ) -> torch.Tensor:
-            """The attention of projected ``query``, ``key``, ``value`` [B, T, C] (rows
-            may be strided; the mask prepared as in ``__call__``) through ``to_out``."""
-            batch = query.shape[0]
             if self.norm_first:
                 query, key = self._norms(attn, query, key)
             head_dim = key.shape[-1] // attn.heads
@@ -1008,7 +949,14 @@ def _attention_runtime() -> type:
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
             )
             out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-            return attn.to_out[1](attn.to_out[0](out))
+            out = attn.to_out[1](attn.to_out[0](out))
+            if image:
+                out = out.transpose(-1, -2).reshape(b, c, h, w)
+            if attn.residual_connection:
+                out = out + residual
+            if attn.rescale_output_factor == 1.0:  # x / 1 is x: no pass (one kernel less)
+                return out
+            return out / attn.rescale_output_factor
 
         @staticmethod
         def _norms(
@@ -1037,23 +985,11 @@ def _linear_attention_runtime() -> type:
             encoder_hidden_states: torch.Tensor | None = None,
             attention_mask: torch.Tensor | None = None,  # unused, as in diffusers'
         ) -> torch.Tensor:
+            dtype = hidden_states.dtype
             contiguous = GENERIC_CONTIGUOUS
             query, key, value = attn.to_qkv(hidden_states, contiguous=contiguous)
             if encoder_hidden_states is not None:  # called with a context after all
                 key, value = attn.to_qkv(encoder_hidden_states, contiguous=contiguous)[1:]
-            return self.attend(attn, query, key, value)
-
-        def attend(
-            self,
-            attn: nn.Module,
-            query: torch.Tensor,
-            key: torch.Tensor,
-            value: torch.Tensor,
-            attention_mask: torch.Tensor | None = None,  # unused, as in diffusers'
-        ) -> torch.Tensor:
-            """The linear attention of projected ``query``, ``key``, ``value`` [B, T, C]
-            (rows may be strided) through ``to_out``."""
-            dtype = query.dtype
             if attn.norm_q is not None:
                 query = attn.norm_q(query)
             if attn.norm_k is not None:

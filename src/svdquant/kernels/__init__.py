@@ -26,7 +26,6 @@ from svdquant.kernels.ops import (
     gate_residual,
     gate_residual_modulate,
     layer_norm_modulate,
-    norm_feeds_layer,
     rms_norm_rope,
     splits_in_gemm,
     svdq_geglu_triton,
@@ -35,7 +34,6 @@ from svdquant.kernels.ops import (
     svdq_linear_split_triton,
     svdq_linear_triton,
     svdq_mlp_triton,
-    svdq_norm_linear_triton,
 )
 from svdquant.kernels.reference import ACT_FORMATS, quantize_activations, svdq_linear
 
@@ -51,7 +49,6 @@ __all__ = [
     "gate_residual",
     "gate_residual_modulate",
     "layer_norm_modulate",
-    "norm_feeds_layer",
     "quantize_activations",
     "resolve_backend",
     "rms_norm_rope",
@@ -63,7 +60,6 @@ __all__ = [
     "svdq_linear_split_triton",
     "svdq_linear_triton",
     "svdq_mlp_triton",
-    "svdq_norm_linear_triton",
 ]
 
 

@@ -46,11 +46,6 @@ ENABLED = True
 #: ``cuda_graphed`` 93.8 → 93.5 ms (1.004×, ``bench/e2e.py --ab
 #: modulate.FUSE_GATE_NORM=True``).
 FUSE_GATE_NORM = True
-#: PixArt-Σ's and SANA's fused blocks (``fuse._ada_norm_single_step``) let the attention
-#: input's norm write the fused q/k/v layer's quantized input (``kernels/norm_quantize.py``:
-#: no 16-bit norm output, no quantize pass, no zeroing fill) when True. Off until timed on
-#: the GPU (v42: written and tested in the interpreter after the device time).
-NORM_QUANTIZE = False
 #: Widest row the kernel holds in registers.
 MAX_C = 8192
 

@@ -568,11 +568,6 @@ def svdq_linear_split_triton(layer: torch.nn.Module, x: torch.Tensor, sizes: lis
     flat = _ops(x2).fp8_gemm_split(
         xq, wq, s_channel, s, lora, up, layer.bias, x.dtype, list(sizes), parts
     )
-    return _split_flat(flat, m, lead, sizes)
-
-
-def _split_flat(flat: torch.Tensor, m: int, lead, sizes: list[int]) -> tuple[torch.Tensor, ...]:
-    """``fp8_gemm_split``'s flat buffer as its ``len(sizes)`` contiguous [*lead, w] parts."""
     out, start = [], 0
     for w in sizes:
         out.append(flat[m * start : m * (start + w)].view(*lead, w))
@@ -804,19 +799,6 @@ def _(x, scale, shift, eps):
     return x.new_empty(x.shape)
 
 
-def _norm_kernel_takes(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> bool:
-    """Whether the adaptive-norm kernels take ``x`` [B, S, C] and ``scale``/``shift`` of
-    its 16-bit dtype, unit last strides (their shapes checked by the kernels)."""
-    from svdquant.kernels import modulate
-
-    return (
-        x.dim() == 3
-        and modulate.supports(x.shape[-1], x.dtype)
-        and scale.dtype == shift.dtype == x.dtype
-        and scale.stride(-1) == shift.stride(-1) == x.stride(-1) == 1
-    )
-
-
 def layer_norm_modulate(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -828,89 +810,17 @@ def layer_norm_modulate(
     pass (``kernels/modulate.py``) on ``backend`` ``"triton"`` where the kernel takes the
     shape (``x`` [B, S, C], ``scale``/``shift`` [B, C], all one 16-bit dtype), else
     ``reference.layer_norm_modulate_ref`` (diffusers' own passes)."""
-    if backend == "triton" and _norm_kernel_takes(x, scale, shift):
+    from svdquant.kernels import modulate
+
+    if (
+        backend == "triton"
+        and x.dim() == 3
+        and modulate.supports(x.shape[-1], x.dtype)
+        and scale.dtype == shift.dtype == x.dtype
+        and scale.stride(-1) == shift.stride(-1) == x.stride(-1) == 1
+    ):
         return _ops(x).layer_norm_modulate(x, scale, shift, eps)
     return reference.layer_norm_modulate_ref(x, scale, shift, eps)
-
-
-@_op("norm_modulate_quantize")
-def norm_modulate_quantize_op(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    eps: float,
-    smooth: torch.Tensor,
-    lowrank_down: torch.Tensor,
-    act_scale: torch.Tensor,
-    k_out: int,
-    act_fmt: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``kernels.norm_quantize.norm_modulate_quantize`` as a custom op."""
-    from svdquant.kernels.norm_quantize import norm_modulate_quantize as impl
-
-    return impl(x, scale, shift, eps, smooth, lowrank_down, act_scale, k_out, act_fmt)
-
-
-@norm_modulate_quantize_op.register_fake
-def _(x, scale, shift, eps, smooth, lowrank_down, act_scale, k_out, act_fmt):
-    return _quantized_like(x.reshape(-1, x.shape[-1]), lowrank_down, k_out)
-
-
-def norm_feeds_layer(layer: torch.nn.Module, x: torch.Tensor, scale: torch.Tensor,
-                     shift: torch.Tensor) -> bool:  # fmt: skip
-    """Whether ``svdq_norm_linear_triton`` takes this adaptive norm's input (``x`` [B, S,
-    C], ``scale``/``shift`` [B, C] of one 16-bit dtype, unit last strides) for ``layer``
-    (an ``SVDQLinear`` on the fp8 engine's int4/fp8 activations, its low-rank branch one
-    part of at most 64 — no stacked LoRA of another width)."""
-    from svdquant.kernels.quantize import rank_parts
-
-    r1, r2 = rank_parts(layer.lowrank_down.shape[0])
-    return (
-        layer.act_fmt in ("int4", "fp8")
-        and r1 <= 64
-        and not r2
-        and _norm_kernel_takes(x, scale, shift)
-        and x.shape[-1] == layer.in_features
-        and scale.shape == shift.shape == (x.shape[0], x.shape[-1])
-    )
-
-
-def svdq_norm_linear_triton(
-    layer: torch.nn.Module,
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    eps: float,
-    sizes: list[int],
-    contiguous: bool = True,
-) -> tuple[torch.Tensor, ...]:
-    """``layer.forward_split(layer_norm_modulate(x, scale, shift, eps), sizes,
-    contiguous)`` with the norm writing the layer's quantized input
-    (``norm_modulate_quantize``: no 16-bit normalized tensor, no quantize pass, no zeroing
-    of the low-rank sums), then the widen and the GEMM (split into ``sizes`` by the GEMM
-    where ``splits_in_gemm``). Needs ``norm_feeds_layer(layer, x, scale, shift)``."""
-    if not norm_feeds_layer(layer, x, scale, shift):
-        raise ValueError(
-            "svdq_norm_linear_triton: the layer or the norm's tensors are not ones it takes "
-            "(kernels.ops.norm_feeds_layer); run the norm, then the layer"
-        )
-    b, s, _ = x.shape
-    ops = _ops(x)
-    act = _act_scale(layer.act_amax)
-    xq, lora = ops.norm_modulate_quantize(
-        x, scale, shift, float(eps), layer.smooth, layer.lowrank_down, act,
-        layer.qweight.shape[1] * 2, layer.act_fmt,
-    )  # fmt: skip
-    wq, s_channel = _widened(layer, ops)
-    if splits_in_gemm(layer.act_fmt, sizes):
-        parts, up = _lora_parts(layer, sizes, xq)
-        flat = ops.fp8_gemm_split(
-            xq, wq, s_channel, act, lora, up, layer.bias, x.dtype, list(sizes), parts
-        )
-        return _split_flat(flat, b * s, (b, s), sizes)
-    y = ops.fp8_gemm(xq, wq, s_channel, act, lora, layer.lowrank_up, layer.bias, x.dtype)
-    out = y.view(b, s, -1).split(list(sizes), dim=-1)
-    return tuple(t.contiguous() for t in out) if contiguous else out
 
 
 @_op("gate_residual")

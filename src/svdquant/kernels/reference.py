@@ -473,25 +473,6 @@ def layer_norm_modulate_ref(
     return n * (1 + scale[:, None]) + shift[:, None]
 
 
-def norm_modulate_quantize_ref(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    eps: float,
-    smooth: torch.Tensor,
-    lowrank_down: torch.Tensor,
-    act_scale: torch.Tensor,
-    k_out: int,
-    act_fmt: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The next layer's quantized input for an adaptive norm's output:
-    ``quantize_act_ref(layer_norm_modulate_ref(x, scale, shift, eps), ...)`` over the rows
-    of ``x`` [B, S, C]. Reference of ``norm_quantize.norm_modulate_quantize``."""
-    n = layer_norm_modulate_ref(x, scale, shift, eps)
-    return quantize_act_ref(n.reshape(-1, x.shape[-1]), smooth, lowrank_down, act_scale,
-                            k_out, act_fmt)  # fmt: skip
-
-
 def gate_residual_ref(
     residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, clip_fp16: bool = False
 ) -> torch.Tensor:
