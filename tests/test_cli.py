@@ -116,6 +116,40 @@ def test_generate_fuses_projections_unless_told_not_to(quantized, tmp_path, monk
     assert seen == ["PixArtTransformer2DModel"] * 2
 
 
+def test_generate_fp8_weights_where_they_pay(quantized, tmp_path, monkeypatch, capsys):
+    """--fp8-weights keeps the denoiser's fp8 weights (svdquant.keep_fp8_weights) on a GPU
+    without offload; on the CPU it says it skips them and generates; with --cpu-offload it
+    is refused; where the copies do not fit, they are released and the run goes on."""
+    import svdquant.cli as cli
+    import svdquant.nn
+
+    argv = ["generate", "--model", str(quantized), "--prompt", "a cat", "--fp8-weights"]
+    argv += ["--out", str(tmp_path / "w.png"), "--steps", "1", *SIZE]
+    argv += ["--dtype", "float32", "--device", "cpu"]
+    assert main(argv) == 0
+    assert "--fp8-weights: not on cpu" in capsys.readouterr().out
+    assert main([*argv, "--cpu-offload"]) != 0
+    assert "do not mix" in capsys.readouterr().err
+    calls = []
+
+    def keep(model, enabled=True):
+        calls.append(enabled)
+        if enabled and len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("no room")
+        return 7
+
+    monkeypatch.setattr(svdquant.nn, "keep_fp8_weights", keep)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    cli._keep_fp8_weights(torch.nn.Linear(2, 2), "cuda", offload=False)
+    assert calls == [True, False]  # tried, then released
+    assert "do not fit on the GPU; running without them" in capsys.readouterr().out
+    cli._keep_fp8_weights(torch.nn.Linear(2, 2), "cuda", offload=False)
+    assert "kept the fp8 weights of 7 layers on the GPU (+0.0 GiB)" in capsys.readouterr().out
+    cli._keep_fp8_weights(torch.nn.Linear(2, 2), "cuda", offload=True)
+    assert "not under CPU offload" in capsys.readouterr().out and len(calls) == 3
+
+
 def test_generate_cpu_offload_fuses_and_wraps_before_the_offload(quantized, tmp_path, monkeypatch):
     """On a GPU, generate --cpu-offload fuses the denoiser, wraps it in cuda_graphed, and
     only then enables the offload, so that the hook moves the wrapper (the order the GPU
