@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python bench/e2e.py [--out DIR] [--budget-s S] [--compile] [--rows a,b]
                                        [--steps N] [--batches 1,4] [--tiny]
-                                       [--set 'gemm.WS_GEMM=False' ...]
+                                       [--set 'gemm.WS_GEMM=False' ...] [--fp8-weights-gib G]
                                        [--ab 'rope.ENABLED=False' ...]
 
 Each row builds the full-size FLUX.1-dev transformer (real config, 11.9B parameters,
@@ -20,7 +20,8 @@ the wall time runs out, each with its reason):
     svdq-int4-lora and svdq-int4-fused-lora (a random rank ``--lora-rank`` LoRA on every
     quantized layer, each its own down factor: loaded with ``svdquant.load_lora``, then
     fused), svdq-int4-fused-fp8w (fused, the widened weights kept:
-    ``svdquant.keep_fp8_weights``), then with --compile the torch.compile'd variants of
+    ``svdquant.keep_fp8_weights``; ``--fp8-weights-gib``: only the smallest layers'
+    within that budget), then with --compile the torch.compile'd variants of
     the same rows.
 
 Each eager row is also replayed from a CUDA graph captured around one step (mode
@@ -122,6 +123,9 @@ def _no_module(mod: str) -> Callable[[Ctx], str | None]:
 #: Rank of the synthetic LoRA the ``*-lora`` rows load on every quantized layer
 #: (``--lora-rank``).
 LORA_RANK = 16
+#: The svdq-int4-fused-fp8w row's byte budget for ``keep_fp8_weights`` in GiB (None: every
+#: layer; ``--fp8-weights-gib``).
+FP8_WEIGHTS_GIB: float | None = None
 
 
 def _load_random_lora(model: nn.Module, rank: int) -> None:
@@ -164,7 +168,8 @@ def _ours(
         if fuse:  # q/k/v (+ the single blocks' MLP up) as one layer: one quantize, one GEMM
             svdquant.fuse_projections(model)
         if fp8w:  # the widened fp8 weights kept: no per-step widen, more memory
-            svdquant.keep_fp8_weights(model)
+            gib = FP8_WEIGHTS_GIB
+            svdquant.keep_fp8_weights(model, max_bytes=None if gib is None else int(gib * 2**30))
 
     return apply
 
@@ -718,6 +723,8 @@ def run_isolated(
         cmd += [f"--set={spec}" for spec in args.sets]
         cmd += [f"--ab={spec}" for spec in args.ab_sets]
         cmd += [f"--lora-rank={args.lora_rank}"]
+        if args.fp8_weights_gib is not None:
+            cmd += [f"--fp8-weights-gib={args.fp8_weights_gib}"]
         try:
             limit = max(time_left, 1.0) if math.isfinite(time_left) else None
             subprocess.run(cmd, timeout=limit, check=False)
@@ -1006,6 +1013,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f"every quantized layer (default {LORA_RANK})",
     )
     p.add_argument(
+        "--fp8-weights-gib",
+        type=float,
+        default=None,
+        help="the svdq-int4-fused-fp8w row keeps the fp8 weights of its smallest layers "
+        "within this many GiB (default: every layer)",
+    )
+    p.add_argument(
         "--isolate",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -1035,8 +1049,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     if args.lora_rank < 1:
         raise SystemExit(f"--lora-rank must be at least 1, got {args.lora_rank}")
-    global LORA_RANK
-    LORA_RANK = args.lora_rank
+    if args.fp8_weights_gib is not None and args.fp8_weights_gib < 0:
+        raise SystemExit(f"--fp8-weights-gib must be >= 0, got {args.fp8_weights_gib}")
+    global LORA_RANK, FP8_WEIGHTS_GIB
+    LORA_RANK, FP8_WEIGHTS_GIB = args.lora_rank, args.fp8_weights_gib
     args.ab_parsed = []
     if args.sets or args.ab_sets:  # both read before any model is built: a typo fails now
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -1107,6 +1123,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "compile_mode": args.compile_mode if args.compile else None,
         "sets": list(args.sets),
         "lora_rank": args.lora_rank,
+        "fp8_weights_gib": args.fp8_weights_gib,
         "notes": (
             "random weights (speed and memory only); quantized rows quantize every linear "
             "inside the transformer blocks, embedders and proj_out stay bf16; ours: "

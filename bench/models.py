@@ -3,7 +3,7 @@
     PYTHONPATH=src python bench/models.py [--models pixart,sdxl,sana] [--batches 1]
                                           [--steps 5] [--profile] [--out DIR] [--tiny]
                                           [--ab 'ops.GEGLU_EPILOGUE=False' ...]
-                                          [--fp8-weights]
+                                          [--fp8-weights [GIB,...]] [--no-eager]
 
 ``bench/e2e.py`` measures FLUX.1; this is the same question for the other architectures
 ``svdquant quantize`` takes. Each denoiser is built at its real size (random bf16 weights;
@@ -20,7 +20,9 @@ of the same run
 (``--profile``: also the top ops of one eager step of each way, by GPU time; ``--ab``:
 the fused model timed once more with engine constants set, ``probe_layer.parse_set``'s
 ``module.NAME=VALUE`` under ``svdquant.kernels``; ``--fp8-weights``: then once more with
-``svdquant.keep_fp8_weights`` — no per-step widen, more memory);
+``svdquant.keep_fp8_weights`` — no per-step widen, more memory — or once per byte budget,
+``--fp8-weights 0.25,1,all`` GiB (``max_bytes``: the smallest layers first);
+``--no-eager``: the graphed rows only);
 writes ``models-<device>-<date>.json`` under ``--out`` (default ``bench/results``, or
 ``$OUT``) and prints a table last. ``--tiny``: the test pipelines' denoisers on the CPU
 (what ``tests/test_bench.py`` runs).
@@ -147,7 +149,11 @@ def _time(model: nn.Module, kw: dict[str, Any], mode: str, ctx: e2e.Ctx) -> dict
 
 
 def run(
-    arch: str, ctx: e2e.Ctx, modes: Sequence[str], ab: Sequence[str] = (), fp8_weights: bool = False
+    arch: str,
+    ctx: e2e.Ctx,
+    modes: Sequence[str],
+    ab: Sequence[str] = (),
+    fp8_budgets: Sequence[float | None] = (),
 ) -> list[dict[str, Any]]:
     from probe_layer import constants, parse_set
 
@@ -159,11 +165,13 @@ def run(
     ways = (
         ["bf16", "svdq-int4-unfused", "svdq-int4"]
         + ([f"svdq-int4 {' '.join(ab)}"] if ab else [])
-        + (["svdq-int4 keep_fp8_weights"] if fp8_weights else [])
+        + [_fp8_way(gib) for gib in fp8_budgets]
     )
     for way in ways:
-        if way == "svdq-int4 keep_fp8_weights":  # last: it changes the model
-            svdquant.keep_fp8_weights(model)
+        for gib in fp8_budgets:  # last: they change the model
+            if way == _fp8_way(gib):
+                budget = None if gib is None else int(gib * 2**30)
+                svdquant.keep_fp8_weights(model, max_bytes=budget)
         if way == "svdq-int4-unfused":
             kw1 = inputs(arch, model, 1, ctx.tiny, ctx.device)
             cfg = svdquant.QuantizeConfig(alpha=0.5, max_samples=256, progress=False)
@@ -188,6 +196,26 @@ def run(
     del model
     e2e._free()
     return rows
+
+
+def _fp8_way(gib: float | None) -> str:
+    return "svdq-int4 keep_fp8_weights" + ("" if gib is None else f" {gib:g} GiB")
+
+
+def _fp8_budgets(spec: str | None) -> list[float | None]:
+    """``--fp8-weights``' budgets in GiB, smallest first (None: all layers, last)."""
+    if spec is None:
+        return []
+    out: list[float | None] = []
+    for part in spec.split(","):
+        part = part.strip().lower()
+        try:
+            out.append(None if part == "all" else float(part))
+        except ValueError as e:
+            raise SystemExit(f"--fp8-weights wants GiB numbers or 'all', got {part!r}") from e
+        if out[-1] is not None and out[-1] < 0:
+            raise SystemExit(f"--fp8-weights: a budget cannot be negative, got {part!r}")
+    return sorted(out, key=lambda g: float("inf") if g is None else g)
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -218,9 +246,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument(
         "--fp8-weights",
-        action="store_true",
-        help="time the fused model once more with svdquant.keep_fp8_weights (no per-step widen)",
+        nargs="?",
+        const="all",
+        default=None,
+        metavar="GIB,...",
+        help="time the fused model once more with svdquant.keep_fp8_weights (no per-step "
+        "widen), or once per byte budget in GiB ('all': no budget)",
     )
+    p.add_argument("--no-eager", action="store_true", help="graphed rows only")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = p.parse_args(argv)
     archs = [a for a in args.models.split(",") if a]
@@ -242,11 +275,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         profile_rows=("bf16", "svdq-int4") if args.profile else (),
     )
     modes = ("eager",) if args.no_cuda_graphs or not cuda else ("eager", "cudagraph")
+    if args.no_eager and cuda and not args.no_cuda_graphs:
+        modes = ("cudagraph",)
+    budgets = _fp8_budgets(args.fp8_weights)
     date = datetime.datetime.now(datetime.UTC)
     rows: list[dict[str, Any]] = []
     with torch.no_grad():
         for arch in archs:
-            rows += run(arch, ctx, modes, args.ab, args.fp8_weights)
+            rows += run(arch, ctx, modes, args.ab, budgets)
     add_ratios(rows)
     body = {"resolution": "1024x1024" if not args.tiny else "tiny", "rows": rows}
     res, path = e2e.write_run("models", ctx, date, args.out, body)

@@ -433,11 +433,14 @@ def test_models_bench_times_each_architecture_both_ways(tmp_path, capsys):
     from svdquant.kernels import ops
 
     ab = models.main(["--tiny", "--models", "sdxl", "--steps", "1", "--out", str(tmp_path),
-                      "--ab", "ops.GEGLU_EPILOGUE=False", "--fp8-weights"])  # fmt: skip
-    assert [r["way"] for r in ab["rows"]][-2:] == [
+                      "--ab", "ops.GEGLU_EPILOGUE=False", "--fp8-weights", "all,0.5"])  # fmt: skip
+    assert [r["way"] for r in ab["rows"]][-3:] == [
         "svdq-int4 ops.GEGLU_EPILOGUE=False",
+        "svdq-int4 keep_fp8_weights 0.5 GiB",
         "svdq-int4 keep_fp8_weights",
     ]
+    with pytest.raises(SystemExit, match="GiB numbers"):
+        models.main(["--tiny", "--fp8-weights", "lots"])
     assert ops.GEGLU_EPILOGUE is True  # set for that way only
 
 

@@ -132,21 +132,26 @@ def test_generate_fp8_weights_where_they_pay(quantized, tmp_path, monkeypatch, c
     assert "do not mix" in capsys.readouterr().err
     calls = []
 
-    def keep(model, enabled=True):
-        calls.append(enabled)
+    def keep(model, enabled=True, max_bytes=None):
+        calls.append((enabled, max_bytes))
         if enabled and len(calls) == 1:
             raise torch.cuda.OutOfMemoryError("no room")
-        return 7
+        return 1
 
+    gib = 2**30
     monkeypatch.setattr(svdquant.nn, "keep_fp8_weights", keep)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    cli._keep_fp8_weights(torch.nn.Linear(2, 2), "cuda", offload=False)
-    assert calls == [True, False]  # tried, then released
+    layers = torch.nn.ModuleList([svdquant.nn.SVDQLinear(64, 64, rank=4) for _ in range(3)])
+    cli._keep_fp8_weights(layers, "cuda", offload=False)
+    assert calls == [(True, 6 * gib), (False, None)]  # tried within 10 - 4 GiB, released
     assert "do not fit on the GPU; running without them" in capsys.readouterr().out
-    cli._keep_fp8_weights(torch.nn.Linear(2, 2), "cuda", offload=False)
-    assert "kept the fp8 weights of 7 layers on the GPU (+0.0 GiB)" in capsys.readouterr().out
-    cli._keep_fp8_weights(torch.nn.Linear(2, 2), "cuda", offload=True)
+    cli._keep_fp8_weights(layers, "cuda", offload=False)
+    out = capsys.readouterr().out
+    assert "kept the fp8 weights of 1 of 3 layers on the GPU (+0.0 GiB)" in out
+    assert "the other 2 widen at each step: 10.0 GiB were free, 4 GiB of it left" in out
+    cli._keep_fp8_weights(layers, "cuda", offload=True)
     assert "not under CPU offload" in capsys.readouterr().out and len(calls) == 3
 
 

@@ -108,3 +108,23 @@ def test_kept_weights_follow_the_layer_and_never_run_stale(monkeypatch):
         assert not m.keep_fp8_weights() and m.fp8_weights() is None
     with pytest.raises(TypeError, match="takes a torch"):
         svdquant.keep_fp8_weights(layer.state_dict())
+
+
+def test_a_byte_budget_keeps_the_smallest_layers():
+    """``max_bytes``: the smallest layers whose copies fit together keep them, the others
+    (kept before included) widen at the call; a budget of 0 keeps none; below 0 refused."""
+    from svdquant.nn import fp8_weight_bytes
+
+    small, _ = _layer(64, 16)
+    mid, _ = _layer(64, 48, seed=1)
+    big, _ = _layer(128, 64, seed=2)
+    model = torch.nn.ModuleList([big, small, mid])
+    assert svdquant.keep_fp8_weights(model) == 3
+    two = fp8_weight_bytes(small) + fp8_weight_bytes(mid)
+    assert fp8_weight_bytes(small) < fp8_weight_bytes(mid) < fp8_weight_bytes(big)
+    assert svdquant.keep_fp8_weights(model, max_bytes=two + 1) == 2
+    assert [m.fp8_weights() is not None for m in (small, mid, big)] == [True, True, False]
+    assert svdquant.keep_fp8_weights(model, max_bytes=0) == 0
+    assert all(m.fp8_weights() is None for m in model)
+    with pytest.raises(ValueError, match="max_bytes"):
+        svdquant.keep_fp8_weights(model, max_bytes=-1)

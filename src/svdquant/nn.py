@@ -297,7 +297,7 @@ class SVDQLinear(nn.Module):
         )
 
 
-def keep_fp8_weights(model: nn.Module, enabled: bool = True) -> int:
+def keep_fp8_weights(model: nn.Module, enabled: bool = True, max_bytes: int | None = None) -> int:
     """Trade memory for speed: every ``SVDQLinear`` of ``model`` on the fp8 engine keeps
     its weight's fp8 tensor-core operand (1 byte a weight, kept beside the 4-bit codes,
     outside the state dict) instead of widening the 4-bit codes into it at every call.
@@ -307,13 +307,34 @@ def keep_fp8_weights(model: nn.Module, enabled: bool = True) -> int:
     95.9 → 91.5 ms, SDXL 0.91 → 0.97× BF16, SANA 0.95 → 1.10×, PixArt-Σ 1.03 → 1.08×.
     The quantized layers' weights then take 1.5 bytes a weight instead of 0.5 (BF16: 2):
     FLUX.1-dev's transformer 14.3 GiB instead of 6.3 (BF16 22.2). The outputs are the same
-    bit for bit. Call it with the model on its GPU, after ``fuse_projections`` (fusing and
-    unfusing keep it); a model already captured by ``cuda_graphed`` goes on replaying its
-    widens until its ``reset()``. ``enabled=False`` releases the kept operands. Returns
-    the number of layers that keep them (layers on the reference backend or with 16-bit
-    activations have none).
+    bit for bit. ``max_bytes``: keep them only for the smallest layers whose copies fit
+    in that many bytes together (the widen's floor costs the small layers most; layers
+    kept before and not chosen now are released). Call it with the model on its GPU,
+    after ``fuse_projections`` (fusing and unfusing keep it); a model already captured by
+    ``cuda_graphed`` goes on replaying its widens until its ``reset()``.
+    ``enabled=False`` releases the kept operands. Returns the number of layers that keep
+    them (layers on the reference backend or with 16-bit activations have none).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"keep_fp8_weights takes a torch.nn.Module, got {type(model).__name__}")
+    if max_bytes is not None and max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
     layers = [m for m in model.modules() if isinstance(m, SVDQLinear)]
-    return sum(m.keep_fp8_weights(enabled) for m in layers)
+    if not enabled or max_bytes is None:
+        return sum(m.keep_fp8_weights(enabled) for m in layers)
+    for m in layers:
+        m.keep_fp8_weights(False)
+    kept = used = 0
+    for m in sorted(layers, key=fp8_weight_bytes):
+        size = fp8_weight_bytes(m)
+        if used + size > max_bytes:
+            break
+        if m.keep_fp8_weights():
+            kept, used = kept + 1, used + size
+    return kept
+
+
+def fp8_weight_bytes(layer: SVDQLinear) -> int:
+    """Bytes ``layer.keep_fp8_weights()`` adds: the fp8 [N, K_pad] operand, the fp32 [N]
+    scale."""
+    return layer.qweight.numel() * 2 + layer.out_features * 4
