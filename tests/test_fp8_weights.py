@@ -128,3 +128,34 @@ def test_a_byte_budget_keeps_the_smallest_layers():
     assert all(m.fp8_weights() is None for m in model)
     with pytest.raises(ValueError, match="max_bytes"):
         svdquant.keep_fp8_weights(model, max_bytes=-1)
+
+
+def test_kept_weights_carry_loras(monkeypatch, tmp_path):
+    """A LoRA loaded, rescaled and unloaded on a layer that keeps its fp8 weight (a LoRA
+    adds low-rank terms and leaves the 4-bit weight as it is): the same outputs as the
+    layer without kept weights, and still no widen."""
+    import copy
+
+    from test_lora import lora_factors, write_lora
+
+    layer, x = _layer(64, 48)
+    plain = torch.nn.Module()
+    plain.to_q = layer
+    kept = copy.deepcopy(plain)
+    assert svdquant.keep_fp8_weights(kept) == 1
+    a, b = lora_factors(48, 64, 4, 0.05, seed=0)
+    write_lora(tmp_path / "l.safetensors", {"to_q": (a, b)}, "peft")
+    for model in (plain, kept):
+        svdquant.load_lora(model, tmp_path / "l.safetensors", strength=0.7)
+    with monkeypatch.context() as mp:
+        _no_widen(mp)
+        got = kept.to_q(x)
+        svdquant.set_lora_strength(kept, "l", 0.3)
+        got_03 = kept.to_q(x)
+        svdquant.unload_lora(kept, "l")
+        got_none = kept.to_q(x)
+    assert torch.equal(got, plain.to_q(x)) and not torch.equal(got, got_none)
+    svdquant.set_lora_strength(plain, "l", 0.3)
+    assert torch.equal(got_03, plain.to_q(x))
+    svdquant.unload_lora(plain, "l")
+    assert torch.equal(got_none, plain.to_q(x))
