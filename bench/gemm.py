@@ -8,10 +8,11 @@ Per (M, N, K): cuBLAS BF16 ``F.linear`` with bias; cuBLAS fp8 rowwise
 bandwidth); widen alone; GEMM + low-rank + bias alone (whole tiles, and with the split-K
 tail forced on: ``gemm.TAIL_SPLIT``); the full layer (quantize + widen + GEMM, the
 default tail policy) with and without the low-rank branch, eagerly and replayed from a
-CUDA graph (no launch overhead). Then the MLP pair (fc1 3072->12288, GELU-tanh,
-fc2 12288->3072), unfused and fused (fc1's epilogue writes fc2's quantized input), and
-the W4A16 GEMV. Times are medians of ``triton.testing.do_bench``; ratios are BF16 time /
-our time (> 1: faster). Writes ``gemm-<date>.json`` under ``--out`` (default
+CUDA graph (no launch overhead), and replayed with the widened weight kept (``keptG``:
+``svdquant.keep_fp8_weights``, quantize + GEMM). Then the MLP pair (fc1 3072->12288,
+GELU-tanh, fc2 12288->3072), unfused and fused (fc1's epilogue writes fc2's quantized
+input), and the W4A16 GEMV. Times are medians of ``triton.testing.do_bench``; ratios are
+BF16 time / our time (> 1: faster). Writes ``gemm-<date>.json`` under ``--out`` (default
 ``bench/results``, or ``$OUT`` when set) and prints a table last.
 """
 
@@ -126,12 +127,14 @@ class Layer:
         self.in_features, self.out_features = k, n
         self.lowrank_down, self.lowrank_up = self.down, self.up  # SVDQLinear's names
 
-    def __call__(self, x: torch.Tensor, act_fmt: str = "int4", lowrank: bool = True):
+    def __call__(self, x: torch.Tensor, act_fmt: str = "int4", lowrank: bool = True,
+                 kept: tuple[torch.Tensor, torch.Tensor] | None = None):  # fmt: skip
+        """The layer; ``kept``: its widened weight kept (``keep_fp8_weights``): no widen."""
         down = self.down if lowrank else self.down[:0]
         up = self.up if lowrank else self.up[:, :0]
         return svdq_linear_triton(
             x, self.qweight, self.wscales, self.wtensor_scale, self.smooth, self.act_amax,
-            down, up, self.bias, self.fmt, act_fmt,
+            down, up, self.bias, self.fmt, act_fmt, kept,
         )  # fmt: skip
 
     def w4a16(self, x: torch.Tensor, lowrank: bool = True) -> torch.Tensor:
@@ -221,6 +224,8 @@ def bench_shape(m: int, n: int, k: int, copy_gbs: float) -> dict:
     row["layer_w4a8_us"] = bench(lambda: layer(x, act_fmt="fp8"))
     row["layer_graph_us"] = bench_graph(lambda: layer(x))
     row["layer_nolr_graph_us"] = bench_graph(lambda: layer(x, lowrank=False))
+    # the layer with its widened weight kept (svdquant.keep_fp8_weights): quantize + GEMM
+    row["layer_kept_graph_us"] = bench_graph(lambda: layer(x, kept=(wq, s_ch)))
     ops_mod.OVERLAP_WIDEN = False  # the quantize and the widen one after the other, no overlap
     try:
         row["layer_seq_graph_us"] = bench_graph(lambda: layer(x))
@@ -547,7 +552,8 @@ def main() -> None:
         print(f"kernel {name}: {rows_}")
     hdr = ("M", "N", "K", "bf16Gus", "fp8cub", "quant%", "quantC%", "widen%", "widenC%",
            "gemm+lrG", "+tailG",
-           "gemm", "layer", "layer-lr", "w4a8", "layerG", "layer-lrG", "layerSeqG")  # fmt: skip
+           "gemm", "layer", "layer-lr", "w4a8", "layerG", "layer-lrG", "layerSeqG",
+           "keptG")  # fmt: skip
     print(" ".join(f"{h:>9}" for h in hdr))
     for r in rows:
         vals = (r["M"], r["N"], r["K"], f"{r['bf16_graph_us']:.0f}", _x(r.get("cublas_fp8_x")),
@@ -556,7 +562,8 @@ def main() -> None:
                 _x(r["gemm_graph_x"]), _x(r.get("gemm_tail_graph_x")),
                 _x(r["gemm_nolr_x"]), _x(r["layer_x"]), _x(r["layer_nolr_x"]),
                 _x(r["layer_w4a8_x"]), _x(r["layer_graph_x"]),
-                _x(r["layer_nolr_graph_x"]), _x(r["layer_seq_graph_x"]))  # fmt: skip
+                _x(r["layer_nolr_graph_x"]), _x(r["layer_seq_graph_x"]),
+                _x(r.get("layer_kept_graph_x")))  # fmt: skip
         print(" ".join(f"{v:>9}" for v in vals))
     for r in mlp:
         print(f"MLP M={r['M']}: bf16 {r['bf16_us']:.0f} us, ours {r['ours_us']:.0f} us "
