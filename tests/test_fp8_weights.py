@@ -5,6 +5,8 @@ Without CUDA the engine runs in triton's interpreter (``TRITON_INTERPRET=1``) on
 layers; the tiny FLUX model's fused runtime checks it too (``test_kernels.py``).
 """
 
+import copy
+import io
 import os
 
 import pytest
@@ -80,8 +82,9 @@ def test_kept_weights_give_the_same_numbers_without_a_widen(monkeypatch, fmt, ac
 
 def test_kept_weights_follow_the_layer_and_never_run_stale(monkeypatch):
     """Outside the state dict (checkpoints unchanged), not cast by ``.to(dtype)``, moved
-    with the layer; a weight loaded since is widened at the call again (new numbers, not
-    the kept ones) until kept anew; ``enabled=False`` releases them; layers off the fp8
+    with the layer (still its weight's after the move); a weight loaded or replaced since
+    is widened at the call again (new numbers, not the kept ones) until kept anew; copies
+    and pickles widen per call; ``enabled=False`` releases them; layers off the fp8
     engine keep none; ``svdquant.keep_fp8_weights`` counts the layers that keep them."""
     layer, x = _layer(64, 48)
     keys = set(layer.state_dict())
@@ -101,6 +104,18 @@ def test_kept_weights_follow_the_layer_and_never_run_stale(monkeypatch):
         assert torch.equal(layer(x), want)
     layer.qweight = other.qweight.clone()  # a new tensor: stale too
     assert layer.fp8_weights() is None
+    for _ in range(3):  # however often replaced (a freed tensor's address reused)
+        layer.qweight = other.qweight.clone()
+        assert layer.fp8_weights() is None
+    layer.keep_fp8_weights()
+    layer._apply(lambda t: t.clone())  # a move: every tensor anew, copy and codes together
+    assert layer.fp8_weights() is not None
+    assert layer.fp8_weights()[0].dtype == torch.float8_e4m3fn
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    for twin in (copy.deepcopy(layer), torch.load(buf, weights_only=False)):
+        assert twin.fp8_weights() is None and torch.equal(twin(x), want)  # widened per call
     assert not layer.keep_fp8_weights(False) and not hasattr(layer, "fp8_weight")
     for act_fmt, backend in (("none", "triton"), ("int4", "reference")):
         m, _ = _layer(64, 48, act_fmt)
@@ -134,8 +149,6 @@ def test_kept_weights_carry_loras(monkeypatch, tmp_path):
     """A LoRA loaded, rescaled and unloaded on a layer that keeps its fp8 weight (a LoRA
     adds low-rank terms and leaves the 4-bit weight as it is): the same outputs as the
     layer without kept weights, and still no widen."""
-    import copy
-
     from test_lora import lora_factors, write_lora
 
     layer, x = _layer(64, 48)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -156,12 +157,21 @@ class SVDQLinear(nn.Module):
         wq, s_channel = widen_weight(self.qweight, self.wscales, self.wtensor_scale, self.fmt)
         self.register_buffer("fp8_weight", wq, persistent=False)
         self.register_buffer("fp8_scale", s_channel, persistent=False)
-        self._fp8_source = self._weight_version()
+        self._fp8_source = self._weight_source()
         return True
 
-    def _weight_version(self) -> tuple[int, ...]:
-        return tuple(
-            v for t in (self.qweight, self.wscales, self.wtensor_scale) for v in (id(t), t._version)
+    def _weight_source(self) -> list[tuple[weakref.ref, int]]:
+        """The 4-bit weight's tensors (weakly: a freed one's address may be reused) and
+        their versions (in-place writes), to tell whether a kept copy is still theirs."""
+        return [
+            (weakref.ref(t), t._version) for t in (self.qweight, self.wscales, self.wtensor_scale)
+        ]
+
+    def _source_unchanged(self) -> bool:
+        source = self.__dict__.get("_fp8_source")
+        tensors = (self.qweight, self.wscales, self.wtensor_scale)
+        return source is not None and all(
+            ref() is t and v == t._version for (ref, v), t in zip(source, tensors, strict=True)
         )
 
     def fp8_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -172,10 +182,17 @@ class SVDQLinear(nn.Module):
         if wq is None:
             return None
         if not torch.compiler.is_compiling() and (
-            wq.device != self.qweight.device or self._fp8_source != self._weight_version()
+            wq.device != self.qweight.device or not self._source_unchanged()
         ):
             return None
         return wq, self._buffers["fp8_scale"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # weak references do not pickle; a copy's kept operand counts as stale (widened
+        # per call) until it is kept again
+        state = dict(self.__dict__)
+        state.pop("_fp8_source", None)
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -282,11 +299,14 @@ class SVDQLinear(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> SVDQLinear:
         fixed = {n: self._buffers[n] for n in _FIXED_DTYPE if self._buffers.get(n) is not None}
+        kept = self.fp8_weights() is not None
         super()._apply(fn, recurse)
         for name, old in fixed.items():
             new = self._buffers[name]
             if new.dtype != old.dtype:  # a dtype cast: keep the format's dtype, take the device
                 self._buffers[name] = old.to(device=new.device)
+        if kept:  # the weight and its kept copy moved together: still each other's
+            self._fp8_source = self._weight_source()
         return self
 
     def extra_repr(self) -> str:
