@@ -123,6 +123,10 @@ def test_kept_weights_follow_the_layer_and_never_run_stale(monkeypatch):
         assert not m.keep_fp8_weights() and m.fp8_weights() is None
     with pytest.raises(TypeError, match="takes a torch"):
         svdquant.keep_fp8_weights(layer.state_dict())
+    graphed = svdquant.cuda_graphed(torch.nn.Sequential(layer))  # its graphs would widen
+    resets = []
+    graphed.reset = lambda: resets.append(1)
+    assert svdquant.keep_fp8_weights(graphed) == 1 and resets == [1]
 
 
 def test_a_byte_budget_keeps_the_smallest_layers():

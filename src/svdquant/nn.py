@@ -330,8 +330,8 @@ def keep_fp8_weights(model: nn.Module, enabled: bool = True, max_bytes: int | No
     bit for bit. ``max_bytes``: keep them only for the smallest layers whose copies fit
     in that many bytes together (the widen's floor costs the small layers most; layers
     kept before and not chosen now are released). Call it with the model on its GPU,
-    after ``fuse_projections`` (fusing and unfusing keep it); a model already captured by
-    ``cuda_graphed`` goes on replaying its widens until its ``reset()``.
+    after ``fuse_projections`` (fusing and unfusing keep it); given a ``cuda_graphed``
+    wrapper, its graphs (which replay the widens) are dropped, to be captured anew.
     ``enabled=False`` releases the kept operands. Returns the number of layers that keep
     them (layers on the reference backend or with 16-bit activations have none).
     """
@@ -339,6 +339,9 @@ def keep_fp8_weights(model: nn.Module, enabled: bool = True, max_bytes: int | No
         raise TypeError(f"keep_fp8_weights takes a torch.nn.Module, got {type(model).__name__}")
     if max_bytes is not None and max_bytes < 0:
         raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
+    from svdquant.fuse import _drop_graphs
+
+    _drop_graphs(model)
     layers = [m for m in model.modules() if isinstance(m, SVDQLinear)]
     if not enabled or max_bytes is None:
         return sum(m.keep_fp8_weights(enabled) for m in layers)
