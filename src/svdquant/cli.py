@@ -330,11 +330,16 @@ def _keep_fp8_weights(model: Any, device: str, offload: bool) -> None:
     ``FP8_RESERVE_BYTES``; else said on stdout, and the run goes on without them."""
     import torch
 
-    from svdquant.nn import SVDQLinear, keep_fp8_weights
+    from svdquant.nn import keep_fp8_weights
 
     if offload or torch.device(device).type != "cuda":
         where = "under CPU offload" if offload else f"on {device}"
         print(f"--fp8-weights: not {where} (the fp8 engine keeps them on the GPU); skipped")
+        return
+    able = len(_fp8_engine_layers(model))
+    if not able:
+        print("--fp8-weights: no layer of the denoiser runs on the fp8 engine here (it needs "
+              "compute capability 8.9+ and int4/fp8 activations); nothing to keep")  # fmt: skip
         return
     before = torch.cuda.memory_allocated(device)
     free, _ = torch.cuda.mem_get_info(device)
@@ -347,13 +352,26 @@ def _keep_fp8_weights(model: Any, device: str, offload: bool) -> None:
         print("--fp8-weights: the fp8 copies do not fit on the GPU; running without them")
         return
     grown = (torch.cuda.memory_allocated(device) - before) / 2**30
-    able = sum(isinstance(m, SVDQLinear) and m.act_fmt in ("int4", "fp8") for m in model.modules())
     print(f"kept the fp8 weights of {n} of {able} layers on the GPU (+{grown:.1f} GiB)")
     if n < able:
         print(
             f"  the other {able - n} widen at each step: {free / 2**30:.1f} GiB were free, "
             f"{FP8_RESERVE_BYTES / 2**30:.0f} GiB of it left for the step and the decoder"
         )
+
+
+def _fp8_engine_layers(model: Any) -> list[Any]:
+    """The quantized layers of ``model`` that run on the fp8 engine where they are."""
+    from svdquant import kernels
+    from svdquant.nn import SVDQLinear
+
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, SVDQLinear)
+        and m.act_fmt in ("int4", "fp8")
+        and kernels.resolve_backend(m.backend, m.smooth.device) == "triton"
+    ]
 
 
 def _to_device_or_offload(pipe: Any, device: str, compiling: bool) -> bool:
