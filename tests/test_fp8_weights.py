@@ -111,6 +111,9 @@ def test_kept_weights_follow_the_layer_and_never_run_stale(monkeypatch):
     layer._apply(lambda t: t.clone())  # a move: every tensor anew, copy and codes together
     assert layer.fp8_weights() is not None
     assert layer.fp8_weights()[0].dtype == torch.float8_e4m3fn
+    with monkeypatch.context() as mp:
+        _no_widen(mp)
+        assert torch.equal(layer(x), want)
     buf = io.BytesIO()
     torch.save(layer, buf)
     buf.seek(0)
