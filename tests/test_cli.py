@@ -146,7 +146,7 @@ def test_generate_fp8_weights_where_they_pay(quantized, tmp_path, monkeypatch, c
     layers = torch.nn.ModuleList([svdquant.nn.SVDQLinear(64, 64, rank=4) for _ in range(3)])
     cli._keep_fp8_weights(layers, "cuda", offload=False)  # on the reference path here
     assert "no layer of the denoiser runs on the fp8 engine" in capsys.readouterr().out
-    monkeypatch.setattr(cli, "_fp8_engine_layers", lambda model: list(model))
+    monkeypatch.setattr(svdquant.nn.SVDQLinear, "on_fp8_engine", lambda self: True)
     cli._keep_fp8_weights(layers, "cuda", offload=False)
     assert calls == [(True, 6 * gib), (False, None)]  # tried within 10 - 4 GiB, released
     assert "do not fit on the GPU; running without them" in capsys.readouterr().out

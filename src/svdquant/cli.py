@@ -330,13 +330,13 @@ def _keep_fp8_weights(model: Any, device: str, offload: bool) -> None:
     ``FP8_RESERVE_BYTES``; else said on stdout, and the run goes on without them."""
     import torch
 
-    from svdquant.nn import keep_fp8_weights
+    from svdquant.nn import SVDQLinear, keep_fp8_weights
 
     if offload or torch.device(device).type != "cuda":
         where = "under CPU offload" if offload else f"on {device}"
         print(f"--fp8-weights: not {where} (the fp8 engine keeps them on the GPU); skipped")
         return
-    able = len(_fp8_engine_layers(model))
+    able = sum(isinstance(m, SVDQLinear) and m.on_fp8_engine() for m in model.modules())
     if not able:
         print("--fp8-weights: no layer of the denoiser runs on the fp8 engine here (it needs "
               "compute capability 8.9+ and int4/fp8 activations); nothing to keep")  # fmt: skip
@@ -358,20 +358,6 @@ def _keep_fp8_weights(model: Any, device: str, offload: bool) -> None:
             f"  the other {able - n} widen at each step: {free / 2**30:.1f} GiB were free, "
             f"{FP8_RESERVE_BYTES / 2**30:.0f} GiB of it left for the step and the decoder"
         )
-
-
-def _fp8_engine_layers(model: Any) -> list[Any]:
-    """The quantized layers of ``model`` that run on the fp8 engine where they are."""
-    from svdquant import kernels
-    from svdquant.nn import SVDQLinear
-
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, SVDQLinear)
-        and m.act_fmt in ("int4", "fp8")
-        and kernels.resolve_backend(m.backend, m.smooth.device) == "triton"
-    ]
 
 
 def _to_device_or_offload(pipe: Any, device: str, compiling: bool) -> bool:

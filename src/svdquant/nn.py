@@ -144,13 +144,14 @@ class SVDQLinear(nn.Module):
         the 4-bit codes) instead of widening the codes into it at every call: speed for
         memory (``svdquant.keep_fp8_weights``). Only where the fp8 engine runs this layer
         (int4/fp8 activations, backend ``"triton"`` on its device); returns whether it is
-        kept. ``enabled=False`` releases it."""
+        kept (a copy kept and still current is not widened again). ``enabled=False``
+        releases it."""
+        if enabled and self.fp8_weights() is not None:
+            return True
         self._buffers.pop("fp8_weight", None)
         self._buffers.pop("fp8_scale", None)
         self.__dict__.pop("_fp8_source", None)
-        if not enabled or self.act_fmt not in ("int4", "fp8") or self.qweight.is_meta:
-            return False
-        if kernels.resolve_backend(self.backend, self.qweight.device) != "triton":
+        if not enabled or not self.on_fp8_engine():
             return False
         from svdquant.kernels.widen import widen_weight
 
@@ -159,6 +160,15 @@ class SVDQLinear(nn.Module):
         self.register_buffer("fp8_scale", s_channel, persistent=False)
         self._fp8_source = self._weight_source()
         return True
+
+    def on_fp8_engine(self) -> bool:
+        """Whether this layer runs on the fp8 engine where it is: int4/fp8 activations,
+        real (not meta) weights, backend ``"triton"`` on their device."""
+        return (
+            self.act_fmt in ("int4", "fp8")
+            and not self.qweight.is_meta
+            and kernels.resolve_backend(self.backend, self.qweight.device) == "triton"
+        )
 
     def _weight_source(self) -> list[tuple[weakref.ref, int]]:
         """The 4-bit weight's tensors (weakly: a freed one's address may be reused) and
@@ -345,16 +355,17 @@ def keep_fp8_weights(model: nn.Module, enabled: bool = True, max_bytes: int | No
     layers = [m for m in model.modules() if isinstance(m, SVDQLinear)]
     if not enabled or max_bytes is None:
         return sum(m.keep_fp8_weights(enabled) for m in layers)
-    for m in layers:
-        m.keep_fp8_weights(False)
-    kept = used = 0
-    for m in sorted(layers, key=fp8_weight_bytes):
-        size = fp8_weight_bytes(m)
-        if used + size > max_bytes:
+    chosen, used = [], 0
+    for m in sorted((m for m in layers if m.on_fp8_engine()), key=fp8_weight_bytes):
+        used += fp8_weight_bytes(m)
+        if used > max_bytes:
             break
-        if m.keep_fp8_weights():
-            kept, used = kept + 1, used + size
-    return kept
+        chosen.append(m)
+    chosen_ids = {id(m) for m in chosen}
+    for m in layers:  # the others released first: shrinking a budget never needs both
+        if id(m) not in chosen_ids:
+            m.keep_fp8_weights(False)
+    return sum(m.keep_fp8_weights() for m in chosen)
 
 
 def fp8_weight_bytes(layer: SVDQLinear) -> int:
