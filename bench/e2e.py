@@ -168,10 +168,16 @@ def _ours(
         if fuse:  # q/k/v (+ the single blocks' MLP up) as one layer: one quantize, one GEMM
             svdquant.fuse_projections(model)
         if fp8w:  # the widened fp8 weights kept: no per-step widen, more memory
-            gib = FP8_WEIGHTS_GIB
-            svdquant.keep_fp8_weights(model, max_bytes=None if gib is None else int(gib * 2**30))
+            keep_fp8_weights(model, FP8_WEIGHTS_GIB)
 
     return apply
+
+
+def keep_fp8_weights(model: nn.Module, gib: float | None) -> int:
+    """``svdquant.keep_fp8_weights`` within ``gib`` GiB (None: every layer)."""
+    import svdquant
+
+    return svdquant.keep_fp8_weights(model, max_bytes=None if gib is None else int(gib * 2**30))
 
 
 def _nf4(model: nn.Module, ctx: Ctx) -> None:

@@ -167,11 +167,10 @@ def run(
         + ([f"svdq-int4 {' '.join(ab)}"] if ab else [])
         + [_fp8_way(gib) for gib in fp8_budgets]
     )
+    budgets = {_fp8_way(gib): gib for gib in fp8_budgets}
     for way in ways:
-        for gib in fp8_budgets:  # last: they change the model
-            if way == _fp8_way(gib):
-                budget = None if gib is None else int(gib * 2**30)
-                svdquant.keep_fp8_weights(model, max_bytes=budget)
+        if way in budgets:  # last: they change the model
+            e2e.keep_fp8_weights(model, budgets[way])
         if way == "svdq-int4-unfused":
             kw1 = inputs(arch, model, 1, ctx.tiny, ctx.device)
             cfg = svdquant.QuantizeConfig(alpha=0.5, max_samples=256, progress=False)
