@@ -112,20 +112,31 @@ def copy_bandwidth() -> float:
 class Layer:
     """A random 4-bit layer (int4 weights) in the engine's stored format."""
 
-    def __init__(self, n: int, k: int, fmt: str = "int4", seed: int = 0) -> None:
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+    def __init__(
+        self, n: int, k: int, fmt: str = "int4", seed: int = 0, device: str = "cuda"
+    ) -> None:
+        g = torch.Generator(device=device).manual_seed(seed)
+        w = torch.randn(n, k, device=device, generator=g) * 0.02
         self.w16 = w.bfloat16()
         q = formats.quantize(w, fmt)
         self.qweight, self.wscales, self.wtensor_scale = q.packed, q.scales, q.tensor_scale
-        self.smooth = torch.rand(k, device="cuda", generator=g) + 0.5
-        self.act_amax = torch.tensor(8.0, device="cuda")
-        self.down = (torch.randn(RANK, k, device="cuda", generator=g) / k**0.5).bfloat16()
-        self.up = (torch.randn(n, RANK, device="cuda", generator=g) * 0.02).bfloat16()
-        self.bias = torch.randn(n, device="cuda", generator=g).bfloat16()
+        self.smooth = torch.rand(k, device=device, generator=g) + 0.5
+        self.act_amax = torch.tensor(8.0, device=device)
+        self.down = (torch.randn(RANK, k, device=device, generator=g) / k**0.5).bfloat16()
+        self.up = (torch.randn(n, RANK, device=device, generator=g) * 0.02).bfloat16()
+        self.bias = torch.randn(n, device=device, generator=g).bfloat16()
         self.fmt, self.act_fmt = fmt, "int4"
         self.in_features, self.out_features = k, n
         self.lowrank_down, self.lowrank_up = self.down, self.up  # SVDQLinear's names
+        self.kept: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def fp8_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The widened weight kept for the fused paths (``SVDQLinear.fp8_weights``)."""
+        return self.kept
+
+    def keep_fp8_weights(self) -> None:
+        """Widen once and keep it (``SVDQLinear.keep_fp8_weights``)."""
+        self.kept = widen_weight(self.qweight, self.wscales, self.wtensor_scale, self.fmt)
 
     def __call__(self, x: torch.Tensor, act_fmt: str = "int4", lowrank: bool = True,
                  kept: tuple[torch.Tensor, torch.Tensor] | None = None):  # fmt: skip
@@ -291,6 +302,12 @@ def bench_mlp(m: int) -> dict:
     row["fused_w4a8_us"] = bench(lambda: fused("fp8"))
     row["fused_graph_us"] = bench_graph(fused)
     row["fused_w4a8_graph_us"] = bench_graph(lambda: fused("fp8"))
+    fc1.keep_fp8_weights()  # the pair with both widened weights kept (keep_fp8_weights)
+    fc2.keep_fp8_weights()
+    try:
+        row["fused_kept_graph_us"] = bench_graph(fused)
+    finally:
+        fc1.kept = fc2.kept = None
     row["ours_w4a8_us"] = bench(lambda: ours("fp8"))
     row["bf16_graph_us"] = bench_graph(bf16)
     row["ours_graph_us"] = bench_graph(ours)
@@ -300,6 +317,7 @@ def bench_mlp(m: int) -> dict:
     row["fused_x"] = row["bf16_us"] / row["fused_us"]
     row["fused_graph_x"] = row["bf16_graph_us"] / row["fused_graph_us"]
     row["fused_w4a8_graph_x"] = row["bf16_graph_us"] / row["fused_w4a8_graph_us"]
+    row["fused_kept_graph_x"] = row["bf16_graph_us"] / row["fused_kept_graph_us"]
     return row
 
 
@@ -572,7 +590,8 @@ def main() -> None:
               f"({r['graph_x']:.2f}x), W4A8 {r['ours_w4a8_graph_us']:.0f} us")  # fmt: skip
         print(f"  fused MLP: {r['fused_us']:.0f} us ({r['fused_x']:.2f}x); CUDA graph "
               f"{r['fused_graph_us']:.0f} us ({r['fused_graph_x']:.2f}x), W4A8 "
-              f"{r['fused_w4a8_graph_us']:.0f} us ({r['fused_w4a8_graph_x']:.2f}x)")  # fmt: skip
+              f"{r['fused_w4a8_graph_us']:.0f} us ({r['fused_w4a8_graph_x']:.2f}x); weights kept "
+              f"{r['fused_kept_graph_us']:.0f} us ({r['fused_kept_graph_x']:.2f}x)")  # fmt: skip
     for r in gemv:
         print(f"W4A16 GEMV M={r['M']} N={r['N']} K={r['K']}: bf16 {r['bf16_us']:.1f} us, "
               f"ours {r['gemv_us']:.1f} us ({r['x']:.2f}x), no low-rank {r['gemv_nolr_us']:.1f}"

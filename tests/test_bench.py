@@ -523,3 +523,24 @@ def test_gemm_bench_refuses_malformed_shapes(monkeypatch):
         monkeypatch.setattr("sys.argv", ["gemm.py", "--shapes", bad])
         with pytest.raises(SystemExit, match="NxK"):
             bench.main()
+
+
+def test_gemm_bench_layer_runs_every_engine_path():
+    """bench/gemm.py's stand-in layer is what the engine's ops read from an SVDQLinear:
+    the plain layer, its kept widened weight and the fused MLP pair (with and without kept
+    weights) run on it and agree — so a new attribute the ops read fails here, not on the
+    GPU halfway through the table."""
+    bench = _load("gemm")
+    fc1 = bench.Layer(72, 40, seed=1, device="cpu")
+    fc2 = bench.Layer(24, 72, seed=2, device="cpu")
+    x = torch.randn(3, 40).bfloat16()
+    plain = fc1(x)
+    fc1.keep_fp8_weights()
+    assert torch.equal(fc1(x, kept=fc1.kept), plain)
+    fused_kept = bench.svdq_mlp_triton(x, fc1, fc2)
+    fc1.kept = None
+    fused = bench.svdq_mlp_triton(x, fc1, fc2)
+    assert torch.equal(fused_kept, fused)
+    unfused = fc2(torch.nn.functional.gelu(plain, approximate="tanh"))
+    assert torch.isfinite(fused).all()
+    assert (fused.float() - unfused.float()).norm() <= 0.05 * unfused.float().norm()
