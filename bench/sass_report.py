@@ -716,8 +716,6 @@ def _gemm_ws_spec(sizes: list[int], parts: bool = False) -> dict[str, Any]:
             GROUP=g.GROUP_M,
             num_warps=8,
             PARTS=parts,
-            LR_EARLY=g.LR_EARLY,
-            LR_STEP=g.LR_STEP,
         ),
         warps=8,
     )

@@ -1682,18 +1682,15 @@ def test_gpu_fp8_gemm_matches_reference(monkeypatch, m, n, k, r, tma):
                                           (264, 240, 32)])  # fmt: skip
 @pytest.mark.parametrize(("bias", "dtype"), [(True, torch.bfloat16), (False, torch.bfloat16),
                                              (True, torch.float16)])  # fmt: skip
-@pytest.mark.parametrize("lr_early", [False, True])
-def test_gpu_fp8_gemm_ws_matches_reference(monkeypatch, m, n, k, r, bias, dtype, lr_early):
+def test_gpu_fp8_gemm_ws_matches_reference(m, n, k, r, bias, dtype):
     """The warp-specialized Gluon GEMM (sm_90) against the reference: rows and columns
     that are not multiples of its tile, ranks 0, 16, 32 and 64, and 48 (its low-rank rows
     copied under a column mask), with and without a bias, a bf16 and an fp16 model; K of
-    one, two and many steps, the low-rank rows converted in the epilogue or in the K loop
-    (``LR_EARLY``, at step ``LR_STEP`` or the last where K has fewer)."""
+    one, two and many steps."""
     from svdquant.kernels import gemm_ws
 
     if not gemm_ws.available(torch.device(DEVICE)):
         pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
-    monkeypatch.setattr(gemm_ws, "LR_EARLY", lr_early)
     args = list(_gemm_args(m, n, k, seed=m + n + r, r=r))
     args[5], args[6], args[7] = args[5].to(dtype), args[6].to(dtype) if bias else None, dtype
     assert rel_err(gemm_ws.fp8_gemm_ws(*args), ref.fp8_gemm_ref(*args)) <= TOL

@@ -107,15 +107,6 @@ RANKS = (0, 16, 32, 48, 64)
 TAKES_PARTS = True
 
 
-#: Convert the tile's fp32 low-rank rows to the 16-bit MMA operand inside the K loop,
-#: after step ``LR_STEP``'s MMA has been issued (the rows' copies, requested at the tile's
-#: start, have landed by then), instead of in the epilogue, where the MMA warps wait for
-#: it: the low-rank branch cost ~1.3 µs a tile in the epilogue (v34's table: +6-7% to the
-#: GEMM at K = 3072, M = 4608). Being measured (v44).
-LR_EARLY = False
-LR_STEP = 2
-
-
 def parts_supported(parts: list[int]) -> bool:
     """Whether this kernel takes a split's ``parts``: every prefix and width a multiple of
     4 columns, so that each 16-byte copy of the fp32 rows lies in one piece."""
@@ -204,16 +195,6 @@ if HAVE_GLUON:
         _store_half(c_desc, c_smem, hi, row, col + BN // 2)
 
     @gluon.jit
-    def _convert_lora(la32_smem, la_smem, lr_layout: gl.constexpr):
-        """The tile's fp32 low-rank rows (landed by cp.async; rows masked past M arrive as
-        zeros) to the 16-bit operand of the epilogue's low-rank MMA."""
-        async_copy.wait_group(0)
-        gl.thread_barrier()
-        la = la32_smem.load(lr_layout)
-        la_smem.store(la.to(la_smem.dtype))
-        fence_async_shared()
-
-    @gluon.jit
     def _mma_warps(
         a_bufs,
         b_bufs,
@@ -263,8 +244,6 @@ if HAVE_GLUON:
         S: gl.constexpr,
         GROUP: gl.constexpr,
         WARPS: gl.constexpr,
-        LR_EARLY: gl.constexpr,
-        LR_STEP: gl.constexpr,
     ):
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BN, 32]
@@ -334,8 +313,6 @@ if HAVE_GLUON:
                 )
                 async_copy.commit_group()
             acc = gl.zeros([BM, BN], gl.float32, acc_layout)
-            # the K step after whose MMA the low-rank rows are converted (``LR_EARLY``)
-            lr_k = gl.minimum(LR_STEP * BK, ((K - 1) // BK) * BK)
             for k in range(0, K, BK):
                 s = it % S
                 mbarrier.wait(ready.index(s), (it // S) & 1)
@@ -347,10 +324,6 @@ if HAVE_GLUON:
                 acc = warpgroup_mma_wait(1, deps=(acc,))
                 gl.thread_barrier()
                 mbarrier.arrive(empty.index((it + S - 1) % S), count=1, pred=k > 0)
-                if HAS_LORA and LR_EARLY:  # noqa: SIM102 (a compile-time branch)
-                    # the fp32 rows to 16 bits while this step's MMA runs, not after the loop
-                    if k == lr_k:
-                        _convert_lora(la32_smem, la_smem, lr_layout)
                 it += 1
             acc = warpgroup_mma_wait(0, deps=(acc,))
             gl.thread_barrier()
@@ -359,8 +332,12 @@ if HAVE_GLUON:
             scale = act_scale * gl.convert_layout(sch_v, cols_layout)
             y = acc * gl.expand_dims(scale, 0)
             if HAS_LORA:
-                if not LR_EARLY:
-                    _convert_lora(la32_smem, la_smem, lr_layout)
+                # cp.async rows masked past M or N arrive as zeros
+                async_copy.wait_group(0)
+                gl.thread_barrier()
+                la = la32_smem.load(lr_layout)
+                la_smem.store(la.to(lu_ptr.dtype.element_ty))
+                fence_async_shared()
                 gl.thread_barrier()
                 y = gl.convert_layout(y, lr_acc_layout, assert_trivial=True)
                 y = warpgroup_mma(la_smem, lu_smem.permute((1, 0)), y)
@@ -429,8 +406,6 @@ if HAVE_GLUON:
         GROUP: gl.constexpr,
         num_warps: gl.constexpr,
         PARTS: gl.constexpr = False,
-        LR_EARLY: gl.constexpr = False,
-        LR_STEP: gl.constexpr = 2,
     ):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -512,8 +487,6 @@ if HAVE_GLUON:
                         S,
                         GROUP,
                         num_warps,
-                        LR_EARLY,
-                        LR_STEP,
                     ),
                 ),
                 (
@@ -638,6 +611,4 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         GROUP=GROUP_M,
         num_warps=8,
         PARTS=parts is not None,
-        LR_EARLY=LR_EARLY,
-        LR_STEP=LR_STEP,
     )
