@@ -668,9 +668,12 @@ def _desc(rows: int, cols: int, dtype: Any, gl_dtype: Any, block: list[int]) -> 
     return mangle_type(TensorDescriptor.from_tensor(t, block, layout))
 
 
-def _gemm_ws_spec(sizes: list[int], parts: bool = False) -> dict[str, Any]:
+def _gemm_ws_spec(
+    sizes: list[int], parts: bool = False, tile=None, rank: int = 32
+) -> dict[str, Any]:
     """The warp-specialized Gluon GEMM (``kernels/gemm_ws.py``) at M = 4608, K = 3072,
-    N = sum(sizes), the output split into ``sizes`` segments (one: not split)."""
+    N = sum(sizes), the output split into ``sizes`` segments (one: not split); ``tile``
+    one of ``gemm_ws.CANDIDATE_TILES`` (default: ``DEFAULT_TILE``)."""
     import torch
     from triton.experimental.gluon import language as gl
 
@@ -679,14 +682,15 @@ def _gemm_ws_spec(sizes: list[int], parts: bool = False) -> dict[str, Any]:
 
     fp8 = torch.float8_e4m3fn
     m, n = 4608, sum(sizes)
-    outs = [_desc(m, w, torch.bfloat16, gl.bfloat16, [g.BLOCK_M, g.BLOCK_N // 2]) for w in sizes]
+    bm, bn, stages, warps, _ = tile or g.DEFAULT_TILE
+    outs = [_desc(m, w, torch.bfloat16, gl.bfloat16, [bm, bn // 2]) for w in sizes]
     outs += [outs[-1]] * (4 - len(outs))
     bounds = three_bounds(inner_bounds(sizes), n)
     return dict(
         kernel=g._fp8_gemm_ws_kernel,
         ptrs=dict(
-            a_desc=_desc(m, 3072, fp8, gl.float8e4nv, [g.BLOCK_M, g.BLOCK_K]),
-            b_desc=_desc(n, 3072, fp8, gl.float8e4nv, [g.BLOCK_N, g.BLOCK_K]),
+            a_desc=_desc(m, 3072, fp8, gl.float8e4nv, [bm, g.BLOCK_K]),
+            b_desc=_desc(n, 3072, fp8, gl.float8e4nv, [bn, g.BLOCK_K]),
             **{f"c{i}_desc": d for i, d in enumerate(outs)},
             sch_ptr="*fp32",
             scale_ptr="*fp32",
@@ -698,9 +702,9 @@ def _gemm_ws_spec(sizes: list[int], parts: bool = False) -> dict[str, Any]:
             M=m,
             N=n,
             K=3072,
-            stride_lm=96 if parts else 32,
-            stride_un=48 if parts else 32,
-            R=48 if parts else 32,
+            stride_lm=96 if parts else rank,
+            stride_un=48 if parts else rank,
+            R=48 if parts else rank,
             B1=bounds[0],
             B2=bounds[1],
             B3=bounds[2],
@@ -711,13 +715,13 @@ def _gemm_ws_spec(sizes: list[int], parts: bool = False) -> dict[str, Any]:
             HAS_BIAS=True,
             SPLIT=len(sizes) > 1,
             MASK_R=parts,
-            BR=64 if parts else 32,
-            S=g.STAGES,
+            BR=64 if parts else max(16, rank),
+            S=stages,
             GROUP=g.GROUP_M,
-            num_warps=8,
+            num_warps=warps,
             PARTS=parts,
         ),
-        warps=8,
+        warps=warps,
     )
 
 

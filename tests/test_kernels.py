@@ -35,6 +35,7 @@ from svdquant.kernels.gemm import (  # noqa: E402
     fp8_gemm_split,
     split_supported,
 )
+from svdquant.kernels.gemm_ws import CANDIDATE_TILES  # noqa: E402
 from svdquant.kernels.gemv import _dp4a, w4a16_linear  # noqa: E402
 from svdquant.kernels.quantize import quantize_act  # noqa: E402
 from svdquant.kernels.widen import dequantize_weight, widen_weight  # noqa: E402
@@ -1694,6 +1695,45 @@ def test_gpu_fp8_gemm_ws_matches_reference(m, n, k, r, bias, dtype):
     args = list(_gemm_args(m, n, k, seed=m + n + r, r=r))
     args[5], args[6], args[7] = args[5].to(dtype), args[6].to(dtype) if bias else None, dtype
     assert rel_err(gemm_ws.fp8_gemm_ws(*args), ref.fp8_gemm_ref(*args)) <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [pytest.param(t, id="x".join(map(str, t)))
+                                  for t in CANDIDATE_TILES])  # fmt: skip
+@pytest.mark.parametrize("m", [3, 257, 4608])
+@pytest.mark.parametrize(("n", "k", "r"), [(136, 336, 16), (1000, 1008, 0), (520, 3072, 48),
+                                          (264, 240, 32), (640, 640, 64)])  # fmt: skip
+def test_gpu_fp8_gemm_ws_tiles_match_reference(monkeypatch, tile, m, n, k, r):
+    """Every candidate tile of the warp-specialized GEMM (one and two MMA warpgroups, 64-
+    and 128-row tiles, two programs a multiprocessor) against the reference, and its
+    split output; a rank the tile cannot hold falls back to the default tile."""
+    from svdquant.kernels import gemm_ws
+
+    if not gemm_ws.available(torch.device(DEVICE)):
+        pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
+    monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", tile)
+    args = _gemm_args(m, n, k, seed=m + n + r, r=r)
+    want = ref.fp8_gemm_ref(*args)
+    assert rel_err(gemm_ws.fp8_gemm_ws(*args), want) <= TOL
+    if n > 256:
+        flat = gemm_ws.fp8_gemm_ws_split(*args, [256, n - 256])
+        got = torch.cat([flat[: m * 256].view(m, 256), flat[m * 256 :].view(m, n - 256)], 1)
+        assert rel_err(got, want) <= TOL
+
+
+def test_gemm_ws_pick_tile_takes_only_tiles_that_fit(monkeypatch):
+    """``pick_tile``: the override where it holds the rank's operands, else the default
+    (above rank 32 the fp32 low-rank rows live in the store buffer: 4 · BR columns)."""
+    from svdquant.kernels import gemm_ws
+
+    small = (64, 128, 3, 4, 2)
+    assert gemm_ws.tile_fits(gemm_ws.DEFAULT_TILE, 64)
+    assert gemm_ws.tile_fits(small, 32) and not gemm_ws.tile_fits(small, 48)
+    assert not gemm_ws.tile_fits((64, 128, 3, 8, 1), 16)  # 64 rows are one warpgroup's
+    monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", small)
+    assert gemm_ws.pick_tile(1024, 1152, 1152, 32) == small
+    assert gemm_ws.pick_tile(1024, 1152, 1152, 64) == gemm_ws.DEFAULT_TILE
+    assert all(gemm_ws.tile_fits(t, 32) for t in gemm_ws.CANDIDATE_TILES)
 
 
 WS_CASES = [(4608, 3072, 3072, 32, True), (512, 3072, 3072, 32, False),

@@ -80,6 +80,21 @@ __all__ = ["available", "fp8_gemm_ws", "fp8_gemm_ws_split", "supports"]
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 256, 128
 STAGES = 3
 GROUP_M = 8
+#: A launch's tile: (BLOCK_M, BLOCK_N, stages, warps of the MMA partition, programs per
+#: multiprocessor). ``BLOCK_M`` 64 takes one MMA warpgroup (4 warps), 128 one or two; two
+#: programs per multiprocessor need each within half its shared memory.
+Tile = tuple[int, int, int, int, int]
+DEFAULT_TILE: Tile = (BLOCK_M, BLOCK_N, STAGES, 8, 1)
+#: The tiles ``pick_tile`` may choose besides the default (``bench/probe_ws_tiles.py``).
+CANDIDATE_TILES: tuple[Tile, ...] = (
+    DEFAULT_TILE,
+    (128, 128, 4, 8, 1),
+    (128, 128, 4, 4, 1),
+    (64, 256, 4, 4, 1),
+    (64, 128, 6, 4, 1),
+    (64, 128, 3, 4, 2),
+    (128, 128, 2, 4, 2),
+)
 #: The triton versions this kernel was compiled and measured with (Gluon changes between
 #: releases; others fall back to the Triton kernel).
 TESTED_TRITON = ("3.6",)
@@ -428,7 +443,7 @@ if HAVE_GLUON:
         # the fp32 low-rank rows, staged for their conversion to 16 bits: above rank 32 in
         # the store buffer (free between a tile's stores and the next tile's epilogue),
         # so that three stages still fit next to rank 64's operands
-        LA_IN_C: gl.constexpr = BR > 32
+        LA_IN_C: gl.constexpr = BR > 32 and BN >= 4 * BR
         la32_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
         if LA_IN_C:
             la32_smem = c_smem._reinterpret(gl.float32, [BM, BR], la32_layout)
@@ -552,6 +567,26 @@ def _layout(rows: int, cols: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPES[dtype])
 
 
+def tile_fits(tile: Tile, r: int) -> bool:
+    """Whether ``tile`` takes a low-rank branch of rank ``r``: its fp32 rows staged in
+    the store buffer need ``BLOCK_N >= 4 · BR`` above rank 32, and a second program per
+    multiprocessor leaves no room for rank 64's operands."""
+    bm, bn, _, warps, per_sm = tile
+    br = max(16, next_pow2(max(r, 1)))
+    return (bm == 128 or warps == 4) and (br <= 32 or (bn >= 4 * br and per_sm == 1))
+
+
+def pick_tile(m: int, n: int, k: int, r: int) -> Tile:
+    """The tile for this shape (``TILE_OVERRIDE`` if set and it fits, else the default)."""
+    if TILE_OVERRIDE is not None and tile_fits(TILE_OVERRIDE, r):
+        return TILE_OVERRIDE
+    return DEFAULT_TILE
+
+
+#: A tile for every launch (``bench/probe_ws_tiles.py`` sets it); ``None``: ``pick_tile``.
+TILE_OVERRIDE: Tile | None = None
+
+
 def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
          parts=None) -> None:  # fmt: skip
     """Launch the kernel writing ``out``: [M, N], or (several ``sizes``) the segments
@@ -560,6 +595,7 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
     n = wq.shape[0]
     r = lowrank_up.shape[1]
     out_dtype = out.dtype
+    bm, bn, stages, warps, per_sm = pick_tile(m, n, k, r)
     if not supports(n, k, r, lowrank_up.dtype, out_dtype):
         raise ValueError(
             f"fp8_gemm_ws takes N a multiple of 8, K of 16, a rank of {RANKS}, a 16-bit "
@@ -570,11 +606,11 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         return
     xq, wq = xq.contiguous(), wq.contiguous()
     lora_act, lowrank_up = lora_act.contiguous(), lowrank_up.contiguous()
-    a_layout = _layout(BLOCK_M, BLOCK_K, torch.float8_e4m3fn)
-    b_layout = _layout(BLOCK_N, BLOCK_K, torch.float8_e4m3fn)
-    a = GluonDescriptor.from_tensor(xq, [BLOCK_M, BLOCK_K], a_layout)
-    b = GluonDescriptor.from_tensor(wq, [BLOCK_N, BLOCK_K], b_layout)
-    c_block = [BLOCK_M, BLOCK_N // 2]
+    a_layout = _layout(bm, BLOCK_K, torch.float8_e4m3fn)
+    b_layout = _layout(bn, BLOCK_K, torch.float8_e4m3fn)
+    a = GluonDescriptor.from_tensor(xq, [bm, BLOCK_K], a_layout)
+    b = GluonDescriptor.from_tensor(wq, [bn, BLOCK_K], b_layout)
+    c_block = [bm, bn // 2]
     c_layout = _layout(*c_block, out_dtype)
     # one descriptor per segment, each a contiguous [M, width] tensor in ``out``
     flat = out.view(-1)
@@ -583,9 +619,11 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
     segments = [flat[m * c : m * c + m * w].view(m, w) for c, w in pairs]
     descs = [GluonDescriptor.from_tensor(seg, c_block, c_layout) for seg in segments]
     descs += [descs[-1]] * (4 - len(descs))
-    tiles = cdiv(m, BLOCK_M) * cdiv(n, BLOCK_N)
+    tiles = cdiv(m, bm) * cdiv(n, bn)
     br = max(16, next_pow2(max(r, 1)))
-    _fp8_gemm_ws_kernel[(min(tiles, num_sms(xq.device)),)](
+    # two programs a multiprocessor share its 64K registers (the MMA warps and the load warp)
+    regs = {} if per_sm == 1 else {"maxnreg": 65536 // (per_sm * (warps + 1) * 32) // 8 * 8}
+    _fp8_gemm_ws_kernel[(min(tiles, per_sm * num_sms(xq.device)),)](
         a,
         b,
         *descs,
@@ -607,8 +645,9 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         SPLIT=len(sizes) > 1,
         MASK_R=r not in (0, br),
         BR=br,
-        S=STAGES,
+        S=stages,
         GROUP=GROUP_M,
-        num_warps=8,
+        num_warps=warps,
         PARTS=parts is not None,
+        **regs,
     )
