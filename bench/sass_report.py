@@ -682,7 +682,7 @@ def _gemm_ws_spec(
 
     fp8 = torch.float8_e4m3fn
     m, n = 4608, sum(sizes)
-    bm, bn, stages, warps, _ = tile or g.DEFAULT_TILE
+    bm, bn, stages, warps = tile or g.DEFAULT_TILE
     outs = [_desc(m, w, torch.bfloat16, gl.bfloat16, [bm, bn // 2]) for w in sizes]
     outs += [outs[-1]] * (4 - len(outs))
     bounds = three_bounds(inner_bounds(sizes), n)

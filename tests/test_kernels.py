@@ -1705,8 +1705,8 @@ def test_gpu_fp8_gemm_ws_matches_reference(m, n, k, r, bias, dtype):
                                           (264, 240, 32), (640, 640, 64)])  # fmt: skip
 def test_gpu_fp8_gemm_ws_tiles_match_reference(monkeypatch, tile, m, n, k, r):
     """Every candidate tile of the warp-specialized GEMM (one and two MMA warpgroups, 64-
-    and 128-row tiles, two programs a multiprocessor) against the reference, and its
-    split output; a rank the tile cannot hold falls back to the default tile."""
+    and 128-row tiles, 128 and 256 columns) against the reference, and its split output;
+    a rank the tile cannot hold runs on one that can (``pick_tile``)."""
     from svdquant.kernels import gemm_ws
 
     if not gemm_ws.available(torch.device(DEVICE)):
@@ -1722,21 +1722,32 @@ def test_gpu_fp8_gemm_ws_tiles_match_reference(monkeypatch, tile, m, n, k, r):
 
 
 def test_gemm_ws_pick_tile_takes_only_tiles_that_fit(monkeypatch):
-    """``pick_tile``: the override where it holds the rank's operands, else the default
-    (above rank 32 the fp32 low-rank rows live in the store buffer: 4 · BR columns)."""
+    """``pick_tile``: the override where it holds the rank's operands (above rank 32 the
+    fp32 low-rank rows live in the store buffer: 4 · BR columns), else the cost model's
+    cheapest tile that does — which at v44's measured shapes is what was fastest."""
     from svdquant.kernels import gemm_ws
 
-    small = (64, 128, 3, 4, 2)
-    assert gemm_ws.tile_fits(gemm_ws.DEFAULT_TILE, 64)
+    small, default = (64, 128, 6, 4), gemm_ws.DEFAULT_TILE
+    assert gemm_ws.tile_fits(default, 64)
     assert gemm_ws.tile_fits(small, 32) and not gemm_ws.tile_fits(small, 48)
-    assert not gemm_ws.tile_fits((64, 128, 3, 8, 1), 16)  # 64 rows are one warpgroup's
-    monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", small)
-    assert gemm_ws.pick_tile(1024, 1152, 1152, 32) == small
-    assert gemm_ws.pick_tile(1024, 1152, 1152, 64) == gemm_ws.DEFAULT_TILE
+    assert not gemm_ws.tile_fits((64, 128, 3, 8), 16)  # 64 rows are one warpgroup's
     assert all(gemm_ws.tile_fits(t, 32) for t in gemm_ws.CANDIDATE_TILES)
+    assert set(gemm_ws.TILE_COSTS) <= set(gemm_ws.CANDIDATE_TILES)
+    monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", small)
+    assert gemm_ws.pick_tile(1024, 1152, 1152, 32, 132) == small
+    assert gemm_ws.pick_tile(1024, 1152, 1152, 64, 132) == default  # the model's, rank 64
+    monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", None)
+    # v44 (H200): few 128 x 256 tiles -> a smaller tile; many -> the default
+    assert gemm_ws.pick_tile(1024, 640, 2560, 32, 132) == small
+    assert gemm_ws.pick_tile(1024, 1280, 5120, 32, 132) == (128, 128, 4, 4)
+    assert gemm_ws.pick_tile(512, 3072, 12288, 32, 132) == (128, 128, 4, 4)
+    assert gemm_ws.pick_tile(4608, 21504, 3072, 32, 132) == default
+    assert gemm_ws.pick_tile(1024, 11200, 2240, 32, 132) == default
+    assert gemm_ws.pick_tile(512, 3072, 12288, 64, 132) == default  # rank 64: only it fits
 
 
-WS_CASES = [(4608, 3072, 3072, 32, True), (512, 3072, 3072, 32, False),
+WS_CASES = [(4608, 3072, 3072, 32, True), (511, 3072, 3072, 32, False),
+            (512, 3072, 3072, 32, True),
             (4608, 3072, 12288, 32, False), (4608, 100, 3072, 32, False),
             (4608, 3072, 3072, 64, True), (1024, 3072, 3072, 128, False),
             (4096, 3072, 12288, 32, True)]  # fmt: skip

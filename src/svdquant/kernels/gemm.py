@@ -676,9 +676,12 @@ def fp8_gemm(
 #: at M = 4096 (K >= 12288 too, where the tail ran until v34); 2% slower at M = 4608,
 #: K >= 12288, where the tail runs instead. At
 #: M = 1024 the layer 1.01-1.06x faster on five shapes, 0.975x at 3072² (``probe_layer``);
-#: at M = 512 the kernel is up to 1.37x slower (128 x 256 tiles: too few for 132 SMs).
+#: at M = 512 the kernel was up to 1.37x slower with its 128 x 256 tiles (too few for 132
+#: SMs) until it chose smaller ones where they pay (``gemm_ws.pick_tile``, v44): then
+#: faster than this kernel at all six of the issue's shapes at M = 512 (17.2 against 20.9
+#: µs at 3072², 46.2 against 49.7 at 3072 x 12288; ``probe_ws_tiles-…-v44.json``).
 WS_GEMM = True
-WS_MIN_M = 1024
+WS_MIN_M = 512
 #: A fused group whose layers carry their own LoRAs (``svdquant.fuse``) runs its split
 #: GEMM on a compact L_up when True: each part reads the base columns and its own LoRA's
 #: (``fp8_gemm_split``'s ``parts``), rank 48 instead of 80/96 for rank-16 LoRAs, a rank

@@ -80,21 +80,35 @@ __all__ = ["available", "fp8_gemm_ws", "fp8_gemm_ws_split", "supports"]
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 256, 128
 STAGES = 3
 GROUP_M = 8
-#: A launch's tile: (BLOCK_M, BLOCK_N, stages, warps of the MMA partition, programs per
-#: multiprocessor). ``BLOCK_M`` 64 takes one MMA warpgroup (4 warps), 128 one or two; two
-#: programs per multiprocessor need each within half its shared memory.
-Tile = tuple[int, int, int, int, int]
-DEFAULT_TILE: Tile = (BLOCK_M, BLOCK_N, STAGES, 8, 1)
-#: The tiles ``pick_tile`` may choose besides the default (``bench/probe_ws_tiles.py``).
+#: A launch's tile: (BLOCK_M, BLOCK_N, stages, warps of the MMA partition). ``BLOCK_M``
+#: 64 takes one MMA warpgroup (4 warps), 128 one (two m64 halves) or two.
+Tile = tuple[int, int, int, int]
+DEFAULT_TILE: Tile = (BLOCK_M, BLOCK_N, STAGES, 8)
+#: The tiles ``bench/probe_ws_tiles.py`` times. Measured on the H200 (v44, 38 shapes of
+#: the four models at M = 512-4608, GEMM + rank-32 low-rank + bias, replayed): one of the
+#: first three was the fastest at every shape; (128, 128, 4, 8) and (64, 256, 4, 4) came
+#: within 1-3% of (128, 128, 4, 4) and won nowhere; two programs a multiprocessor (64 x 128
+#: and 128 x 128 tiles, registers capped at 200) were 1.1-2.2x slower everywhere (dropped).
 CANDIDATE_TILES: tuple[Tile, ...] = (
     DEFAULT_TILE,
-    (128, 128, 4, 8, 1),
-    (128, 128, 4, 4, 1),
-    (64, 256, 4, 4, 1),
-    (64, 128, 6, 4, 1),
-    (64, 128, 3, 4, 2),
-    (128, 128, 2, 4, 2),
+    (128, 128, 4, 4),
+    (64, 128, 6, 4),
+    (128, 128, 4, 8),
+    (64, 256, 4, 4),
 )
+#: Each chosen tile's time, modelled as ``c + waves · (a + b · K)`` µs (``waves`` =
+#: ⌈tiles / multiprocessors⌉: every program of the persistent grid walks that many tiles)
+#: and fitted to v44's 38 shapes (``probe_ws_tiles-h200-2026-12-01-v44.json``): the
+#: cheapest by the model was the fastest measured at 36 of them and within 1% at the
+#: other two. Against the 128 x 256 tile alone: 1.02-1.78x faster at 21 shapes, where few
+#: tiles leave multiprocessors idle (M = 1024, N = 640: 24 tiles of 128 x 256 for 132
+#: SMs; 1.78x with 64 x 128), the same at the others (M = 4608 from N = 9216, wide SANA
+#: and SDXL layers).
+TILE_COSTS: dict[Tile, tuple[float, float, float]] = {
+    DEFAULT_TILE: (-0.154, 5.227, 0.00545),
+    (128, 128, 4, 4): (2.409, 2.124, 0.00323),
+    (64, 128, 6, 4): (3.374, 1.258, 0.00184),
+}
 #: The triton versions this kernel was compiled and measured with (Gluon changes between
 #: releases; others fall back to the Triton kernel).
 TESTED_TRITON = ("3.6",)
@@ -569,21 +583,32 @@ def _layout(rows: int, cols: int, dtype: torch.dtype):
 
 def tile_fits(tile: Tile, r: int) -> bool:
     """Whether ``tile`` takes a low-rank branch of rank ``r``: its fp32 rows staged in
-    the store buffer need ``BLOCK_N >= 4 · BR`` above rank 32, and a second program per
-    multiprocessor leaves no room for rank 64's operands."""
-    bm, bn, _, warps, per_sm = tile
+    the store buffer need ``BLOCK_N >= 4 · BR`` above rank 32 (else no room for them)."""
+    bm, bn, _, warps = tile
     br = max(16, next_pow2(max(r, 1)))
-    return (bm == 128 or warps == 4) and (br <= 32 or (bn >= 4 * br and per_sm == 1))
+    return (bm == 128 or warps == 4) and (br <= 32 or bn >= 4 * br)
 
 
-def pick_tile(m: int, n: int, k: int, r: int) -> Tile:
-    """The tile for this shape (``TILE_OVERRIDE`` if set and it fits, else the default)."""
+def pick_tile(m: int, n: int, k: int, r: int, sms: int) -> Tile:
+    """The tile for this shape: ``TILE_OVERRIDE`` where set and it fits, else the
+    cheapest of ``TILE_COSTS`` that takes rank ``r`` on ``sms`` multiprocessors."""
     if TILE_OVERRIDE is not None and tile_fits(TILE_OVERRIDE, r):
         return TILE_OVERRIDE
-    return DEFAULT_TILE
+    return _cheapest_tile(m, n, k, r, sms)
 
 
-#: A tile for every launch (``bench/probe_ws_tiles.py`` sets it); ``None``: ``pick_tile``.
+@functools.lru_cache(maxsize=4096)
+def _cheapest_tile(m: int, n: int, k: int, r: int, sms: int) -> Tile:
+    def cost(tile: Tile) -> float:
+        c, a, b = TILE_COSTS[tile]
+        waves = cdiv(cdiv(m, tile[0]) * cdiv(n, tile[1]), sms)
+        return c + waves * (a + b * k)
+
+    return min((t for t in TILE_COSTS if tile_fits(t, r)), key=cost)
+
+
+#: A tile for every launch (``bench/probe_ws_tiles.py`` and the tests set it); ``None``:
+#: the cost model's.
 TILE_OVERRIDE: Tile | None = None
 
 
@@ -595,7 +620,8 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
     n = wq.shape[0]
     r = lowrank_up.shape[1]
     out_dtype = out.dtype
-    bm, bn, stages, warps, per_sm = pick_tile(m, n, k, r)
+    sms = num_sms(xq.device)
+    bm, bn, stages, warps = pick_tile(m, n, k, r, sms)
     if not supports(n, k, r, lowrank_up.dtype, out_dtype):
         raise ValueError(
             f"fp8_gemm_ws takes N a multiple of 8, K of 16, a rank of {RANKS}, a 16-bit "
@@ -621,9 +647,7 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
     descs += [descs[-1]] * (4 - len(descs))
     tiles = cdiv(m, bm) * cdiv(n, bn)
     br = max(16, next_pow2(max(r, 1)))
-    # two programs a multiprocessor share its 64K registers (the MMA warps and the load warp)
-    regs = {} if per_sm == 1 else {"maxnreg": 65536 // (per_sm * (warps + 1) * 32) // 8 * 8}
-    _fp8_gemm_ws_kernel[(min(tiles, per_sm * num_sms(xq.device)),)](
+    _fp8_gemm_ws_kernel[(min(tiles, sms),)](
         a,
         b,
         *descs,
@@ -649,5 +673,4 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         GROUP=GROUP_M,
         num_warps=warps,
         PARTS=parts is not None,
-        **regs,
     )
