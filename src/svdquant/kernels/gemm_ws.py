@@ -19,7 +19,9 @@ N = K = 3072):
   leaves through shared memory in two **TMA stores**.
 
 The two MMA warpgroups compute a 128 × 256 tile with asynchronous ``wgmma``, one step in
-flight, and release a stage to the load warp once both have finished reading it; the
+flight, and release a stage to the load warp once both have finished reading it (where
+such tiles are too few for the GPU, one warpgroup computes 128 × 128 or 64 × 128 tiles
+over a deeper ring instead: ``pick_tile``, v44); the
 epilogue applies the per-column scale, the 16-bit low-rank up projection as one more
 MMA and the bias. Measured on the H200 (v33, ``bench/probe_gemm_ws.py``), M = 4608,
 N = K = 3072: the K loop alone 72 µs (cuBLAS's time); stores straight from the MMA
@@ -620,14 +622,14 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
     n = wq.shape[0]
     r = lowrank_up.shape[1]
     out_dtype = out.dtype
-    sms = num_sms(xq.device)
-    bm, bn, stages, warps = pick_tile(m, n, k, r, sms)
     if not supports(n, k, r, lowrank_up.dtype, out_dtype):
         raise ValueError(
             f"fp8_gemm_ws takes N a multiple of 8, K of 16, a rank of {RANKS}, a 16-bit "
             f"L_up and output; got N = {n}, K = {k}, rank {r}, "
             f"{lowrank_up.dtype} L_up, {out_dtype} out"
         )
+    sms = num_sms(xq.device)
+    bm, bn, stages, warps = pick_tile(m, n, k, r, sms)
     if m == 0 or n == 0:
         return
     xq, wq = xq.contiguous(), wq.contiguous()
