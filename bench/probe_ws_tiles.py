@@ -9,7 +9,8 @@ GPU's multiprocessors idle (M = 1024, N = 1152: 40 tiles for 132), a smaller one
 ``picked``: the tile ``gemm_ws.pick_tile``'s cost model chooses there. For NOTES.md and
 ``gemm_ws.TILE_COSTS``.
 
-    PYTHONPATH=src python bench/probe_ws_tiles.py [--ms 1024,4096] [--shapes 1152x1152,...]
+    PYTHONPATH=src python bench/probe_ws_tiles.py [--ms 1024,4096] [--shapes 1152x1152,...] \
+        [--flux-ms 512,1024,4608] [--pingpong]
 """
 
 from __future__ import annotations
@@ -42,7 +43,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _row(m: int, n: int, k: int) -> dict:
+def _variants(pingpong: bool) -> list[tuple[str, tuple, bool]]:
+    """(name, tile, ping-pong) for every candidate, and with ``pingpong`` the
+    one-warpgroup tiles once more as two MMA partitions in turn (``gemm_ws.PINGPONG``)."""
+    out = [("x".join(map(str, t)), t, False) for t in gemm_ws.CANDIDATE_TILES]
+    if pingpong:
+        out += [(name + "pp", t, True) for name, t, _ in out if t[3] == 4]
+    return out
+
+
+def _row(m: int, n: int, k: int, pingpong: bool = False) -> dict:
     x, layer, s, xq, lora, wq, s_ch = operands(m, n, k)
     args = (xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16)
     want = ref.fp8_gemm_ref(*args)
@@ -58,9 +68,8 @@ def _row(m: int, n: int, k: int) -> dict:
         r["triton_us"] = bench_graph(lambda: fp8_gemm(*args))
     finally:
         gemm_mod.WS_GEMM = True
-    for tile in gemm_ws.CANDIDATE_TILES:
-        gemm_ws.TILE_OVERRIDE = tile
-        name = "x".join(map(str, tile))
+    for name, tile, pp in _variants(pingpong):
+        gemm_ws.TILE_OVERRIDE, gemm_ws.PINGPONG = tile, pp
         try:
             err = _rel(gemm_ws.fp8_gemm_ws(*args), want)
             us = bench_graph(lambda: gemm_ws.fp8_gemm_ws(*args))
@@ -68,7 +77,7 @@ def _row(m: int, n: int, k: int) -> dict:
         except Exception as e:  # a tile the GPU cannot launch (shared memory, registers)
             r["tiles"][name] = {"error": str(e)[:200]}
         finally:
-            gemm_ws.TILE_OVERRIDE = None
+            gemm_ws.TILE_OVERRIDE, gemm_ws.PINGPONG = None, False
     # every tile computes the same sums in the same order: an error past the tests' 4e-3
     # that all share is the shape's data (v44: 6.7e-3 at the first shape), not a tile's
     ok = 1.01 * min((v["err"] for v in r["tiles"].values() if "err" in v), default=0.0)
@@ -86,6 +95,9 @@ def main() -> None:
     p.add_argument("--ms", default="1024,4096")
     p.add_argument("--shapes", default=SMALL)
     p.add_argument("--flux-ms", default="512,1024,4608", help="M of the issue's six shapes")
+    p.add_argument(
+        "--pingpong", action="store_true", help="also each one-warpgroup tile ping-ponged"
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
     if not torch.cuda.is_available() or not gemm_ws.available(torch.device("cuda")):
@@ -97,7 +109,7 @@ def main() -> None:
         plan += [(m, n, k) for m in map(int, a.flux_ms.split(",")) for n, k in NKS]
     rows = []
     for m, n, k in plan:
-        rows.append(_row(m, n, k))
+        rows.append(_row(m, n, k, a.pingpong))
         r = rows[-1]
         cells = " ".join(
             f"{t}:{v['us']:.1f}" if "us" in v else f"{t}:err" for t, v in r["tiles"].items()

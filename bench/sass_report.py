@@ -669,7 +669,7 @@ def _desc(rows: int, cols: int, dtype: Any, gl_dtype: Any, block: list[int]) -> 
 
 
 def _gemm_ws_spec(
-    sizes: list[int], parts: bool = False, tile=None, rank: int = 32
+    sizes: list[int], parts: bool = False, tile=None, rank: int = 32, pingpong: bool = False
 ) -> dict[str, Any]:
     """The warp-specialized Gluon GEMM (``kernels/gemm_ws.py``) at M = 4608, K = 3072,
     N = sum(sizes), the output split into ``sizes`` segments (one: not split); ``tile``
@@ -720,6 +720,7 @@ def _gemm_ws_spec(
             GROUP=g.GROUP_M,
             num_warps=warps,
             PARTS=parts,
+            PINGPONG=pingpong,
         ),
         warps=warps,
     )

@@ -1703,15 +1703,20 @@ def test_gpu_fp8_gemm_ws_matches_reference(m, n, k, r, bias, dtype):
 @pytest.mark.parametrize("m", [3, 257, 4608])
 @pytest.mark.parametrize(("n", "k", "r"), [(136, 336, 16), (1000, 1008, 0), (520, 3072, 48),
                                           (264, 240, 32), (640, 640, 64)])  # fmt: skip
-def test_gpu_fp8_gemm_ws_tiles_match_reference(monkeypatch, tile, m, n, k, r):
+@pytest.mark.parametrize("pingpong", [False, True])
+def test_gpu_fp8_gemm_ws_tiles_match_reference(monkeypatch, tile, m, n, k, r, pingpong):
     """Every candidate tile of the warp-specialized GEMM (one and two MMA warpgroups, 64-
-    and 128-row tiles, 128 and 256 columns) against the reference, and its split output;
-    a rank the tile cannot hold runs on one that can (``pick_tile``)."""
+    and 128-row tiles, 128 and 256 columns; the one-warpgroup tiles also as two MMA
+    partitions in turn, ``PINGPONG``) against the reference, and its split output; a rank
+    the tile cannot hold runs on one that can (``pick_tile``)."""
     from svdquant.kernels import gemm_ws
 
     if not gemm_ws.available(torch.device(DEVICE)):
         pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
+    if pingpong and tile[3] != 4:
+        pytest.skip("ping-pong takes the one-warpgroup tiles")
     monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", tile)
+    monkeypatch.setattr(gemm_ws, "PINGPONG", pingpong)
     args = _gemm_args(m, n, k, seed=m + n + r, r=r)
     want = ref.fp8_gemm_ref(*args)
     assert rel_err(gemm_ws.fp8_gemm_ws(*args), want) <= TOL
@@ -1744,6 +1749,21 @@ def test_gemm_ws_pick_tile_takes_only_tiles_that_fit(monkeypatch):
     assert gemm_ws.pick_tile(4608, 21504, 3072, 32, 132) == default
     assert gemm_ws.pick_tile(1024, 11200, 2240, 32, 132) == default
     assert gemm_ws.pick_tile(512, 3072, 12288, 64, 132) == default  # rank 64: only it fits
+
+
+def test_gemm_ws_pingpong_tiles_fit_shared_memory(monkeypatch):
+    """``PINGPONG``: the one-warpgroup tiles as two MMA partitions, each with its own
+    epilogue buffers — a tile whose two sets no longer fit shared memory is not taken
+    (the estimate within 1.1 KB of what triton 3.6 allocates, ``sass_report``)."""
+    from svdquant.kernels import gemm_ws
+
+    assert not gemm_ws.pingpong((128, 128, 4, 4))  # off until measured
+    monkeypatch.setattr(gemm_ws, "PINGPONG", True)
+    assert gemm_ws.pingpong((128, 128, 4, 4)) and not gemm_ws.pingpong(gemm_ws.DEFAULT_TILE)
+    assert gemm_ws._smem_bytes((128, 128, 4, 4), 32, 2) == 229376  # compiled: 230472
+    assert gemm_ws.tile_fits((128, 128, 4, 4), 32) and gemm_ws.tile_fits((64, 128, 6, 4), 32)
+    assert not gemm_ws.tile_fits((64, 256, 4, 4), 32)  # two 64 x 256 epilogues: 248 KB
+    assert gemm_ws.pick_tile(1024, 640, 2560, 32, 132) in gemm_ws.TILE_COSTS
 
 
 WS_CASES = [(4608, 3072, 3072, 32, True), (511, 3072, 3072, 32, False),

@@ -275,7 +275,11 @@ if HAVE_GLUON:
         S: gl.constexpr,
         GROUP: gl.constexpr,
         WARPS: gl.constexpr,
+        FIRST: gl.constexpr = 0,
+        NPART: gl.constexpr = 1,
     ):
+        # NPART MMA partitions take the program's tiles in turn (``PINGPONG``): this one
+        # every NPART-th from its FIRST, its ring positions past the others' tiles
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BN, 32]
         )
@@ -293,8 +297,10 @@ if HAVE_GLUON:
         grid_m = gl.cdiv(M, BM)
         grid_n = gl.cdiv(N, BN)
         act_scale = gl.load(scale_ptr)
-        it = 0
-        for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
+        k_steps = gl.cdiv(K, BK)
+        it = FIRST * k_steps
+        nprog = gl.num_programs(0)
+        for tile in range(gl.program_id(0) + FIRST * nprog, grid_m * grid_n, NPART * nprog):
             pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP)
             # the epilogue's operands are requested before the K loop, so that their
             # latency hides behind it: the low-rank rows by cp.async into shared memory,
@@ -359,6 +365,7 @@ if HAVE_GLUON:
             acc = warpgroup_mma_wait(0, deps=(acc,))
             gl.thread_barrier()
             mbarrier.arrive(empty.index((it + S - 1) % S), count=1)
+            it += (NPART - 1) * k_steps  # the other partitions' tiles between this one's
 
             scale = act_scale * gl.convert_layout(sch_v, cols_layout)
             y = acc * gl.expand_dims(scale, 0)
@@ -437,6 +444,8 @@ if HAVE_GLUON:
         GROUP: gl.constexpr,
         num_warps: gl.constexpr,
         PARTS: gl.constexpr = False,
+        PINGPONG: gl.constexpr = False,
+        PP_REGS: gl.constexpr = 208,
     ):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -448,6 +457,56 @@ if HAVE_GLUON:
         for i in gl.static_range(S):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
+        # the fp32 low-rank rows, staged for their conversion to 16 bits: above rank 32 in
+        # the store buffer (free between a tile's stores and the next tile's epilogue),
+        # so that three stages still fit next to rank 64's operands
+        LA_IN_C: gl.constexpr = BR > 32 and BN >= 4 * BR
+        la, lu, la32, c = _epilogue_buffers(c0_desc, lu_ptr, BM, BN, BR, LA_IN_C)
+        load = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, BM, BN, BK, S, GROUP)
+        # (Gluon takes each partition's arguments as one tuple literal: spelled out per call)
+        if PINGPONG:
+            # two MMA partitions of one warpgroup each, the program's tiles in turn: one
+            # in its K loop while the other is in its epilogue (buffers of its own)
+            la2, lu2, la32_2, c2 = _epilogue_buffers(c0_desc, lu_ptr, BM, BN, BR, LA_IN_C)
+            gl.warp_specialize(
+                [
+                    (_mma_warps, (
+                        a_bufs, b_bufs, ready, empty, la, lu, la32, c, c0_desc, c1_desc,
+                        c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr, M, N,
+                        K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2,
+                        W3, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C, MASK_R, PARTS, BR, BM, BN, BK, S,
+                        GROUP, num_warps, 0, 2)),
+                    (_mma_warps, (
+                        a_bufs, b_bufs, ready, empty, la2, lu2, la32_2, c2, c0_desc, c1_desc,
+                        c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr, M, N,
+                        K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2,
+                        W3, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C, MASK_R, PARTS, BR, BM, BN, BK, S,
+                        GROUP, num_warps, 1, 2)),
+                    (_load_warp, load),
+                ],
+                [num_warps, 1],
+                [PP_REGS, 40],
+            )  # fmt: skip
+        else:
+            gl.warp_specialize(
+                [
+                    (_mma_warps, (
+                        a_bufs, b_bufs, ready, empty, la, lu, la32, c, c0_desc, c1_desc,
+                        c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr, M, N,
+                        K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2,
+                        W3, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C, MASK_R, PARTS, BR, BM, BN, BK, S,
+                        GROUP, num_warps)),
+                    (_load_warp, load),
+                ],
+                [1],
+                [40],
+            )  # fmt: skip
+
+    @gluon.jit
+    def _epilogue_buffers(c0_desc, lu_ptr, BM: gl.constexpr, BN: gl.constexpr,
+                          BR: gl.constexpr, LA_IN_C: gl.constexpr):  # fmt: skip
+        """An MMA partition's epilogue buffers: the low-rank operands (16-bit rows of the
+        activations and of L_up, the fp32 rows staged) and the store buffer."""
         lr_dtype: gl.constexpr = lu_ptr.dtype.element_ty
         la_smem = gl.allocate_shared_memory(
             lr_dtype, [BM, BR], gl.NVMMASharedLayout.get_default_for([BM, BR], lr_dtype)
@@ -456,78 +515,12 @@ if HAVE_GLUON:
             lr_dtype, [BN, BR], gl.NVMMASharedLayout.get_default_for([BN, BR], lr_dtype)
         )
         c_smem = gl.allocate_shared_memory(c0_desc.dtype, c0_desc.block_type.shape, c0_desc.layout)
-        # the fp32 low-rank rows, staged for their conversion to 16 bits: above rank 32 in
-        # the store buffer (free between a tile's stores and the next tile's epilogue),
-        # so that three stages still fit next to rank 64's operands
-        LA_IN_C: gl.constexpr = BR > 32 and BN >= 4 * BR
         la32_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
         if LA_IN_C:
             la32_smem = c_smem._reinterpret(gl.float32, [BM, BR], la32_layout)
         else:
             la32_smem = gl.allocate_shared_memory(gl.float32, [BM, BR], la32_layout)
-        gl.warp_specialize(
-            [
-                (
-                    _mma_warps,
-                    (
-                        a_bufs,
-                        b_bufs,
-                        ready,
-                        empty,
-                        la_smem,
-                        lu_smem,
-                        la32_smem,
-                        c_smem,
-                        c0_desc,
-                        c1_desc,
-                        c2_desc,
-                        c3_desc,
-                        sch_ptr,
-                        scale_ptr,
-                        lora_ptr,
-                        lu_ptr,
-                        bias_ptr,
-                        M,
-                        N,
-                        K,
-                        stride_lm,
-                        stride_un,
-                        R,
-                        B1,
-                        B2,
-                        B3,
-                        LP,
-                        O0,
-                        O1,
-                        O2,
-                        O3,
-                        W0,
-                        W1,
-                        W2,
-                        W3,
-                        HAS_LORA,
-                        HAS_BIAS,
-                        SPLIT,
-                        LA_IN_C,
-                        MASK_R,
-                        PARTS,
-                        BR,
-                        BM,
-                        BN,
-                        BK,
-                        S,
-                        GROUP,
-                        num_warps,
-                    ),
-                ),
-                (
-                    _load_warp,
-                    (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, BM, BN, BK, S, GROUP),
-                ),
-            ],
-            [1],
-            [40],
-        )
+        return la_smem, lu_smem, la32_smem, c_smem
 
 
 def fp8_gemm_ws(
@@ -583,12 +576,43 @@ def _layout(rows: int, cols: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPES[dtype])
 
 
+#: Two MMA partitions of one warpgroup each taking the program's tiles in turn — one in
+#: its K loop while the other is in its epilogue (scale, low-rank MMA, bias, stores: the
+#: cost model's fixed ``a`` per tile, 2.1 µs of 128 x 128's) — for the one-warpgroup tiles,
+#: each partition with epilogue buffers of its own. Built and compiled for sm_90 in v44,
+#: not yet run on a GPU: off until measured (``bench/probe_ws_tiles.py --pingpong``).
+#: Compiled (triton 3.6, ``sass_report``): no spill at 128 x 128 and 64 x 128, rank 0 and
+#: 32, with the second partition's registers capped at 208-224 (``PP_REGS``: 208, the
+#: smallest, so that the register pool's sum stays furthest from the 64K), named barriers
+#: of 128 threads per partition.
+PINGPONG = False
+#: Shared memory of an sm_90 block (227 KB), less a margin for alignment and barriers.
+SMEM_BYTES = 227 * 1024 - 2048
+
+
+def _smem_bytes(tile: Tile, br: int, partitions: int) -> int:
+    """The shared memory a launch of ``tile`` takes (its ring of fp8 stages, and per MMA
+    partition the store buffer and the low-rank operands; ``sass_report`` agrees within
+    1.1 KB at the default tile)."""
+    bm, bn, stages, _ = tile
+    la32 = 0 if br > 32 and bn >= 4 * br else bm * br * 4
+    epilogue = bm * bn + (bm + bn) * br * 2 + la32
+    return stages * (bm + bn) * BLOCK_K + partitions * epilogue
+
+
+def pingpong(tile: Tile) -> bool:
+    """Whether a launch of ``tile`` runs two MMA partitions in turn (``PINGPONG``)."""
+    return PINGPONG and tile[3] == 4
+
+
 def tile_fits(tile: Tile, r: int) -> bool:
     """Whether ``tile`` takes a low-rank branch of rank ``r``: its fp32 rows staged in
-    the store buffer need ``BLOCK_N >= 4 · BR`` above rank 32 (else no room for them)."""
+    the store buffer need ``BLOCK_N >= 4 · BR`` above rank 32 (else no room for them),
+    and everything within shared memory (two sets of epilogue buffers ping-pong)."""
     bm, bn, _, warps = tile
     br = max(16, next_pow2(max(r, 1)))
-    return (bm == 128 or warps == 4) and (br <= 32 or bn >= 4 * br)
+    shaped = (bm == 128 or warps == 4) and (br <= 32 or bn >= 4 * br)
+    return shaped and _smem_bytes(tile, br, 2 if pingpong(tile) else 1) <= SMEM_BYTES
 
 
 def pick_tile(m: int, n: int, k: int, r: int, sms: int) -> Tile:
@@ -599,8 +623,12 @@ def pick_tile(m: int, n: int, k: int, r: int, sms: int) -> Tile:
     return _cheapest_tile(m, n, k, r, sms)
 
 
-@functools.lru_cache(maxsize=4096)
 def _cheapest_tile(m: int, n: int, k: int, r: int, sms: int) -> Tile:
+    return _cheapest_tile_cached(m, n, k, r, sms, PINGPONG)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cheapest_tile_cached(m: int, n: int, k: int, r: int, sms: int, _pp: bool) -> Tile:
     def cost(tile: Tile) -> float:
         c, a, b = TILE_COSTS[tile]
         waves = cdiv(cdiv(m, tile[0]) * cdiv(n, tile[1]), sms)
@@ -675,4 +703,5 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         GROUP=GROUP_M,
         num_warps=warps,
         PARTS=parts is not None,
+        PINGPONG=pingpong((bm, bn, stages, warps)),
     )
