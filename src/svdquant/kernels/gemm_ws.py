@@ -463,7 +463,8 @@ if HAVE_GLUON:
         LA_IN_C: gl.constexpr = BR > 32 and BN >= 4 * BR
         la, lu, la32, c = _epilogue_buffers(c0_desc, lu_ptr, BM, BN, BR, LA_IN_C)
         load = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, BM, BN, BK, S, GROUP)
-        # (Gluon takes each partition's arguments as one tuple literal: spelled out per call)
+        # (each partition's arguments spelled out as one tuple literal: built by tuple
+        # concatenation instead, triton 3.6 failed to compile the partitions)
         if PINGPONG:
             # two MMA partitions of one warpgroup each, the program's tiles in turn: one
             # in its K loop while the other is in its epilogue (buffers of its own)
