@@ -1878,6 +1878,7 @@ def test_gemm_ws_split_launch_plan(monkeypatch):
 
     names = gemm_ws._fp8_gemm_ws_kernel.arg_names
     monkeypatch.setattr(gemm_ws, "_fp8_gemm_ws_kernel", Kernel())
+    monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", gemm_ws.DEFAULT_TILE)  # boxes below
     m, sizes = 300, [256, 256, 136]
     args = _gemm_args(m, sum(sizes), 64, seed=4, r=32)
     flat = gemm_ws.fp8_gemm_ws_split(*args, sizes)
@@ -1899,6 +1900,14 @@ def test_gemm_ws_split_launch_plan(monkeypatch):
     gemm_ws.fp8_gemm_ws(*args)  # unsplit: the whole output, bounds at N
     a, kw = launches[-1]
     assert tuple(a[2].shape) == (m, sum(sizes)) and a[-12:-9] == (648,) * 3 and not kw["SPLIT"]
+    # the cost model's tile: its boxes, its warps and stages
+    monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", None)
+    gemm_ws.fp8_gemm_ws(*args)
+    a, kw = launches[-1]
+    bm, bn, stages, warps = gemm_ws.pick_tile(m, 648, 64, 32, gemm_ws.num_sms(args[0].device))
+    assert list(a[0].block_shape) == [bm, gemm_ws.BLOCK_K] and a[1].block_shape[0] == bn
+    assert list(a[2].block_shape) == [bm, bn // 2] and (kw["S"], kw["num_warps"]) == (stages, warps)
+    assert kw["PINGPONG"] is False and kw["PP_REGS"] == gemm_ws.PP_REGS
     # rank 48: rows padded to 64
     gemm_ws.fp8_gemm_ws(*_gemm_args(m, 512, 64, seed=5, r=48))
     a, kw = launches[-1]

@@ -445,7 +445,7 @@ if HAVE_GLUON:
         num_warps: gl.constexpr,
         PARTS: gl.constexpr = False,
         PINGPONG: gl.constexpr = False,
-        PP_REGS: gl.constexpr = 208,
+        PP_REGS: gl.constexpr = 208,  # the launch passes gemm_ws.PP_REGS
     ):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -587,6 +587,8 @@ def _layout(rows: int, cols: int, dtype: torch.dtype):
 #: smallest, so that the register pool's sum stays furthest from the 64K), named barriers
 #: of 128 threads per partition.
 PINGPONG = False
+#: The second MMA partition's registers when ping-ponged (``setmaxnreg``).
+PP_REGS = 208
 #: Shared memory of an sm_90 block (227 KB), less a margin for alignment and barriers.
 SMEM_BYTES = 227 * 1024 - 2048
 
@@ -705,4 +707,5 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         num_warps=warps,
         PARTS=parts is not None,
         PINGPONG=pingpong((bm, bn, stages, warps)),
+        PP_REGS=PP_REGS,
     )
