@@ -90,7 +90,7 @@ def _row(m: int, n: int, k: int, pingpong: bool = False) -> dict:
     return r
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default="1024,4096")
     p.add_argument("--shapes", default=SMALL)
@@ -99,9 +99,9 @@ def main() -> None:
         "--pingpong", action="store_true", help="also each one-warpgroup tile ping-ponged"
     )
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if not torch.cuda.is_available() or not gemm_ws.available(torch.device("cuda")):
-        raise SystemExit("probe_ws_tiles needs an sm_90 GPU and a triton with Gluon")
+        raise SystemExit("probe_ws_tiles needs a CUDA GPU (sm_90) and a triton with Gluon")
     torch.manual_seed(0)
     nks = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",") if s]
     plan = [(m, n, k) for m in map(int, a.ms.split(",")) for n, k in nks]

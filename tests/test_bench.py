@@ -446,14 +446,16 @@ def test_models_bench_times_each_architecture_both_ways(tmp_path, capsys):
 
 def test_probes_of_the_gpu_refuse_the_cpu_clearly(monkeypatch, tmp_path):
     """``bench/probe_pin.py``, ``probe_group_scaled.py``, ``probe_gated.py``,
-    ``probe_quantize_memset.py`` and ``probe_ws_decode.py`` need the GPU: without one a
-    one-line reason, no traceback, nothing written; bad probe arguments are refused."""
+    ``probe_quantize_memset.py``, ``probe_ws_tiles.py`` and ``probe_ws_decode.py`` need the
+    GPU: without one a one-line reason, no traceback, nothing written; bad probe arguments
+    are refused."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for name, extra in (
         ("probe_pin", []),
         ("probe_group_scaled", []),
         ("probe_gated", ["--ff"]),
         ("probe_quantize_memset", []),
+        ("probe_ws_tiles", ["--pingpong"]),
     ):
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             _load(name).main(["--out", str(tmp_path), *extra])
@@ -471,6 +473,18 @@ def test_probes_of_the_gpu_refuse_the_cpu_clearly(monkeypatch, tmp_path):
         for kw in ({"decode_wgs": 3}, {"decode_wgs": 2, "pipe": True}):
             with pytest.raises(ValueError, match="decode_wgs 1 or 2"):
                 gs.group_scaled_gemm(x, q, s, s[0, 0], s[0, 0], **kw)
+
+
+def test_ws_tiles_probe_times_each_tile_and_its_ping_pong():
+    """``probe_ws_tiles.py``: every candidate tile, and with ``--pingpong`` each
+    one-warpgroup tile once more as two MMA partitions (``…pp``)."""
+    probe = _load("probe_ws_tiles")
+    plain = probe._variants(False)
+    assert [t for _, t, _ in plain] == list(probe.gemm_ws.CANDIDATE_TILES)
+    both = probe._variants(True)
+    pp = [(name, t) for name, t, on in both if on]
+    assert pp and all(name.endswith("pp") and t[3] == 4 for name, t in pp)
+    assert len(both) == len(plain) + sum(t[3] == 4 for t in probe.gemm_ws.CANDIDATE_TILES)
 
 
 def test_group_scaled_reference_is_the_stored_weights_product():
