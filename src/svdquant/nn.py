@@ -333,8 +333,9 @@ def keep_fp8_weights(model: nn.Module, enabled: bool = True, max_bytes: int | No
     outside the state dict) instead of widening the 4-bit codes into it at every call.
 
     The widen is a memory-bound pass per layer per step, with a latency floor that weighs
-    most on small layers. H200, replayed steps at 1024², batch 1 (v43, README): FLUX.1-dev
-    95.9 → 91.5 ms, SDXL 0.91 → 0.97× BF16, SANA 0.95 → 1.10×, PixArt-Σ 1.03 → 1.08×.
+    most on small layers. H200, replayed steps at 1024², batch 1 (README): FLUX.1-dev
+    95.9 → 91.5 ms (v43), SDXL 0.96 → 1.02× BF16, SANA 0.96 → 1.10×, PixArt-Σ 1.09 →
+    1.13× (v44).
     The quantized layers' weights then take 1.5 bytes a weight instead of 0.5 (BF16: 2):
     FLUX.1-dev's transformer 14.3 GiB instead of 6.3 (BF16 22.2). The outputs are the same
     bit for bit. ``max_bytes``: keep them only for the smallest layers whose copies fit
