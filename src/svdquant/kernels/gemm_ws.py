@@ -460,7 +460,8 @@ if HAVE_GLUON:
         # the fp32 low-rank rows, staged for their conversion to 16 bits: above rank 32 in
         # the store buffer (free between a tile's stores and the next tile's epilogue),
         # so that three stages still fit next to rank 64's operands
-        LA_IN_C: gl.constexpr = BR > 32 and BN >= 4 * BR
+        # (``tile_fits`` takes ranks above 32 only with the 4 · BR columns this needs)
+        LA_IN_C: gl.constexpr = BR > 32
         la, lu, la32, c = _epilogue_buffers(c0_desc, lu_ptr, BM, BN, BR, LA_IN_C)
         load = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, BM, BN, BK, S, GROUP)
         # (each partition's arguments spelled out as one tuple literal: built by tuple
@@ -596,9 +597,10 @@ SMEM_BYTES = 227 * 1024 - 2048
 def _smem_bytes(tile: Tile, br: int, partitions: int) -> int:
     """The shared memory a launch of ``tile`` takes (its ring of fp8 stages, and per MMA
     partition the store buffer and the low-rank operands; ``sass_report`` agrees within
-    1.1 KB at the default tile)."""
+    1.1 KB at the default tile); above rank 32 the fp32 rows are staged in the store
+    buffer (``tile_fits``)."""
     bm, bn, stages, _ = tile
-    la32 = 0 if br > 32 and bn >= 4 * br else bm * br * 4
+    la32 = 0 if br > 32 else bm * br * 4
     epilogue = bm * bn + (bm + bn) * br * 2 + la32
     return stages * (bm + bn) * BLOCK_K + partitions * epilogue
 
@@ -623,15 +625,13 @@ def pick_tile(m: int, n: int, k: int, r: int, sms: int) -> Tile:
     cheapest of ``TILE_COSTS`` that takes rank ``r`` on ``sms`` multiprocessors."""
     if TILE_OVERRIDE is not None and tile_fits(TILE_OVERRIDE, r):
         return TILE_OVERRIDE
-    return _cheapest_tile(m, n, k, r, sms)
-
-
-def _cheapest_tile(m: int, n: int, k: int, r: int, sms: int) -> Tile:
-    return _cheapest_tile_cached(m, n, k, r, sms, PINGPONG)
+    return _cheapest_tile(m, n, k, r, sms, PINGPONG)
 
 
 @functools.lru_cache(maxsize=4096)
-def _cheapest_tile_cached(m: int, n: int, k: int, r: int, sms: int, _pp: bool) -> Tile:
+def _cheapest_tile(m: int, n: int, k: int, r: int, sms: int, _pingpong: bool) -> Tile:
+    """``pick_tile``'s model, cached per shape and ``PINGPONG`` (``tile_fits`` reads it)."""
+
     def cost(tile: Tile) -> float:
         c, a, b = TILE_COSTS[tile]
         waves = cdiv(cdiv(m, tile[0]) * cdiv(n, tile[1]), sms)
