@@ -231,6 +231,7 @@ if HAVE_GLUON:
         b_bufs,
         ready,
         empty,
+        turn,
         la_smem,
         lu_smem,
         la32_smem,
@@ -279,7 +280,12 @@ if HAVE_GLUON:
         NPART: gl.constexpr = 1,
     ):
         # NPART MMA partitions take the program's tiles in turn (``PINGPONG``): this one
-        # every NPART-th from its FIRST, its ring positions past the others' tiles
+        # every NPART-th from its FIRST, its ring positions past the others' tiles. The K
+        # loops take turns too (``turn``: each partition's barrier, arrived by the other
+        # when its K loop is done; unused with one partition): a ring barrier's wait is by
+        # phase parity, right only while the load warp is at most one pass ahead or behind,
+        # which a partition starting its K loop before the other's had ended broke (v45:
+        # launch failures on the GPU where a program had more than one tile)
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BN, 32]
         )
@@ -299,6 +305,7 @@ if HAVE_GLUON:
         act_scale = gl.load(scale_ptr)
         k_steps = gl.cdiv(K, BK)
         it = FIRST * k_steps
+        turns = 0
         nprog = gl.num_programs(0)
         for tile in range(gl.program_id(0) + FIRST * nprog, grid_m * grid_n, NPART * nprog):
             pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP)
@@ -349,6 +356,10 @@ if HAVE_GLUON:
                     mask=lu_mask,
                 )
                 async_copy.commit_group()
+            if NPART > 1:
+                # the other partition's K loop before this one's (the first partition's
+                # first waits on a fresh barrier's phase before its first: not at all)
+                mbarrier.wait(turn.index(FIRST), (turns + 1 - FIRST) & 1)
             acc = gl.zeros([BM, BN], gl.float32, acc_layout)
             for k in range(0, K, BK):
                 s = it % S
@@ -365,6 +376,9 @@ if HAVE_GLUON:
             acc = warpgroup_mma_wait(0, deps=(acc,))
             gl.thread_barrier()
             mbarrier.arrive(empty.index((it + S - 1) % S), count=1)
+            if NPART > 1:
+                mbarrier.arrive(turn.index(1 - FIRST), count=1)
+                turns += 1
             it += (NPART - 1) * k_steps  # the other partitions' tiles between this one's
 
             scale = act_scale * gl.convert_layout(sch_v, cols_layout)
@@ -470,20 +484,23 @@ if HAVE_GLUON:
             # two MMA partitions of one warpgroup each, the program's tiles in turn: one
             # in its K loop while the other is in its epilogue (buffers of its own)
             la2, lu2, la32_2, c2 = _epilogue_buffers(c0_desc, lu_ptr, BM, BN, BR, LA_IN_C)
+            turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(2):
+                mbarrier.init(turn.index(i), count=1)
             gl.warp_specialize(
                 [
                     (_mma_warps, (
-                        a_bufs, b_bufs, ready, empty, la, lu, la32, c, c0_desc, c1_desc,
+                        a_bufs, b_bufs, ready, empty, turn, la, lu, la32, c, c0_desc, c1_desc,
                         c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr, M, N,
                         K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2,
                         W3, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C, MASK_R, PARTS, BR, BM, BN, BK, S,
                         GROUP, num_warps, 0, 2)),
                     (_mma_warps, (
-                        a_bufs, b_bufs, ready, empty, la2, lu2, la32_2, c2, c0_desc, c1_desc,
-                        c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr, M, N,
-                        K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2,
-                        W3, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C, MASK_R, PARTS, BR, BM, BN, BK, S,
-                        GROUP, num_warps, 1, 2)),
+                        a_bufs, b_bufs, ready, empty, turn, la2, lu2, la32_2, c2, c0_desc,
+                        c1_desc, c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr,
+                        bias_ptr, M, N, K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2,
+                        O3, W0, W1, W2, W3, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C, MASK_R, PARTS, BR,
+                        BM, BN, BK, S, GROUP, num_warps, 1, 2)),
                     (_load_warp, load),
                 ],
                 [num_warps, 1],
@@ -492,8 +509,9 @@ if HAVE_GLUON:
         else:
             gl.warp_specialize(
                 [
+                    # (one MMA partition takes no turns: ``empty`` stands for ``turn``)
                     (_mma_warps, (
-                        a_bufs, b_bufs, ready, empty, la, lu, la32, c, c0_desc, c1_desc,
+                        a_bufs, b_bufs, ready, empty, empty, la, lu, la32, c, c0_desc, c1_desc,
                         c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr, M, N,
                         K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2,
                         W3, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C, MASK_R, PARTS, BR, BM, BN, BK, S,
