@@ -4,13 +4,14 @@ At each M and (N, K) — the small models' layers (PixArt-Σ 1152, SDXL 640/1280
 and the issue's FLUX shapes — replayed from CUDA graphs in one run: cuBLAS BF16
 ``F.linear`` with bias, cuBLAS fp8 rowwise ``torch._scaled_mm``, the Triton ``fp8_gemm``
 (its tuned tile) and ``fp8_gemm_ws`` (GEMM + rank-32 low-rank + bias) with each candidate
-tile, each checked against ``fp8_gemm_ref``. Where a tile of 128 x 256 leaves most of the
+tile (``…pp``: two MMA partitions taking the tiles in turn), each checked against
+``fp8_gemm_ref``. Where a tile of 128 x 256 leaves most of the
 GPU's multiprocessors idle (M = 1024, N = 1152: 40 tiles for 132), a smaller one may win.
 ``picked``: the tile ``gemm_ws.pick_tile``'s cost model chooses there. For NOTES.md and
-``gemm_ws.TILE_COSTS``.
+``gemm_ws.TILE_COSTS`` (``bench/fit_tile_costs.py`` fits it to a run).
 
     PYTHONPATH=src python bench/probe_ws_tiles.py [--ms 1024,4096] [--shapes 1152x1152,...] \
-        [--flux-ms 512,1024,4608] [--pingpong]
+        [--flux-ms 512,1024,4608]
 """
 
 from __future__ import annotations
@@ -43,16 +44,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _variants(pingpong: bool) -> list[tuple[str, tuple, bool]]:
-    """(name, tile, ping-pong) for every candidate, and with ``pingpong`` the
-    one-warpgroup tiles once more as two MMA partitions in turn (``gemm_ws.PINGPONG``)."""
-    out = [("x".join(map(str, t)), t, False) for t in gemm_ws.CANDIDATE_TILES]
-    if pingpong:
-        out += [(name + "pp", t, True) for name, t, _ in out if t[3] == 4]
-    return out
-
-
-def _row(m: int, n: int, k: int, pingpong: bool = False) -> dict:
+def _row(m: int, n: int, k: int) -> dict:
     x, layer, s, xq, lora, wq, s_ch = operands(m, n, k)
     args = (xq, wq, s_ch, s, lora, layer.up, layer.bias, torch.bfloat16)
     want = ref.fp8_gemm_ref(*args)
@@ -68,8 +60,12 @@ def _row(m: int, n: int, k: int, pingpong: bool = False) -> dict:
         r["triton_us"] = bench_graph(lambda: fp8_gemm(*args))
     finally:
         gemm_mod.WS_GEMM = True
-    for name, tile, pp in _variants(pingpong):
-        gemm_ws.TILE_OVERRIDE, gemm_ws.PINGPONG = tile, pp
+    for tile in gemm_ws.CANDIDATE_TILES:
+        name = gemm_ws.tile_name(tile)
+        if not gemm_ws.tile_fits(tile, 32):  # pick_tile would run another in its place
+            r["tiles"][name] = {"error": "does not fit shared memory at rank 32"}
+            continue
+        gemm_ws.TILE_OVERRIDE = tile
         try:
             err = _rel(gemm_ws.fp8_gemm_ws(*args), want)
             us = bench_graph(lambda: gemm_ws.fp8_gemm_ws(*args))
@@ -77,14 +73,14 @@ def _row(m: int, n: int, k: int, pingpong: bool = False) -> dict:
         except Exception as e:  # a tile the GPU cannot launch (shared memory, registers)
             r["tiles"][name] = {"error": str(e)[:200]}
         finally:
-            gemm_ws.TILE_OVERRIDE, gemm_ws.PINGPONG = None, False
+            gemm_ws.TILE_OVERRIDE = None
     # every tile computes the same sums in the same order: an error past the tests' 4e-3
     # that all share is the shape's data (v44: 6.7e-3 at the first shape), not a tile's
     ok = 1.01 * min((v["err"] for v in r["tiles"].values() if "err" in v), default=0.0)
     timed = {t: v["us"] for t, v in r["tiles"].items() if "us" in v and v["err"] <= max(4e-3, ok)}
-    r["picked"] = "x".join(map(str, gemm_ws.pick_tile(m, n, k, 32, num_sms(x.device))))
+    r["picked"] = gemm_ws.tile_name(gemm_ws.pick_tile(m, n, k, 32, num_sms(x.device)))
     r["best"] = min(timed, key=timed.get) if timed else None
-    default = "x".join(map(str, gemm_ws.DEFAULT_TILE))
+    default = gemm_ws.tile_name(gemm_ws.DEFAULT_TILE)
     if r["best"] and default in timed:
         r["best_vs_default"] = timed[default] / timed[r["best"]]
     return r
@@ -95,9 +91,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ms", default="1024,4096")
     p.add_argument("--shapes", default=SMALL)
     p.add_argument("--flux-ms", default="512,1024,4608", help="M of the issue's six shapes")
-    p.add_argument(
-        "--pingpong", action="store_true", help="also each one-warpgroup tile ping-ponged"
-    )
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args(argv)
     if not torch.cuda.is_available() or not gemm_ws.available(torch.device("cuda")):
@@ -109,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         plan += [(m, n, k) for m in map(int, a.flux_ms.split(",")) for n, k in NKS]
     rows = []
     for m, n, k in plan:
-        rows.append(_row(m, n, k, a.pingpong))
+        rows.append(_row(m, n, k))
         r = rows[-1]
         cells = " ".join(
             f"{t}:{v['us']:.1f}" if "us" in v else f"{t}:err" for t, v in r["tiles"].items()

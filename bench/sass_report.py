@@ -669,7 +669,7 @@ def _desc(rows: int, cols: int, dtype: Any, gl_dtype: Any, block: list[int]) -> 
 
 
 def _gemm_ws_spec(
-    sizes: list[int], parts: bool = False, tile=None, rank: int = 32, pingpong: bool = False
+    sizes: list[int], parts: bool = False, tile=None, rank: int = 32
 ) -> dict[str, Any]:
     """The warp-specialized Gluon GEMM (``kernels/gemm_ws.py``) at M = 4608, K = 3072,
     N = sum(sizes), the output split into ``sizes`` segments (one: not split); ``tile``
@@ -682,7 +682,7 @@ def _gemm_ws_spec(
 
     fp8 = torch.float8_e4m3fn
     m, n = 4608, sum(sizes)
-    bm, bn, stages, warps = tile or g.DEFAULT_TILE
+    bm, bn, stages, warps, partitions = tile or g.DEFAULT_TILE
     outs = [_desc(m, w, torch.bfloat16, gl.bfloat16, [bm, bn // 2]) for w in sizes]
     outs += [outs[-1]] * (4 - len(outs))
     bounds = three_bounds(inner_bounds(sizes), n)
@@ -720,7 +720,8 @@ def _gemm_ws_spec(
             GROUP=g.GROUP_M,
             num_warps=warps,
             PARTS=parts,
-            PINGPONG=pingpong,
+            PINGPONG=partitions == 2,
+            PP_REGS=g.PP_REGS,
         ),
         warps=warps,
     )

@@ -475,16 +475,35 @@ def test_probes_of_the_gpu_refuse_the_cpu_clearly(monkeypatch, tmp_path):
                 gs.group_scaled_gemm(x, q, s, s[0, 0], s[0, 0], **kw)
 
 
-def test_ws_tiles_probe_times_each_tile_and_its_ping_pong():
-    """``probe_ws_tiles.py``: every candidate tile, and with ``--pingpong`` each
-    one-warpgroup tile once more as two MMA partitions (``…pp``)."""
-    probe = _load("probe_ws_tiles")
-    plain = probe._variants(False)
-    assert [t for _, t, _ in plain] == list(probe.gemm_ws.CANDIDATE_TILES)
-    both = probe._variants(True)
-    pp = [(name, t) for name, t, on in both if on]
-    assert pp and all(name.endswith("pp") and t[3] == 4 for name, t in pp)
-    assert len(both) == len(plain) + sum(t[3] == 4 for t in probe.gemm_ws.CANDIDATE_TILES)
+def test_fit_tile_costs_recovers_a_known_model_and_checks_picks():
+    """``bench/fit_tile_costs.py``: timings made from known (c, a, b) per tile come back
+    as those coefficients, the model's pick is the fastest at every shape, and v44's
+    names (a fifth field: programs a multiprocessor) read as today's tiles."""
+    from svdquant.kernels import gemm_ws
+
+    fit = _load("fit_tile_costs")
+    truth = {(128, 256, 3, 8, 1): (5.0, 4.3, 0.005), (64, 128, 6, 4, 2): (7.0, 0.4, 0.0018)}
+    rows = []
+    for m in (512, 1024, 4096):
+        for n, k in ((640, 640), (1152, 4608), (3072, 3072), (12288, 3072)):
+            us = {t: gemm_ws.tile_cost(abc, t, m, n, k, 132) for t, abc in truth.items()}
+            tiles = {gemm_ws.tile_name(t): {"us": v, "err": 1e-3} for t, v in us.items()}
+            rows.append({"M": m, "N": n, "K": k, "tiles": tiles})
+    names = [gemm_ws.tile_name(t) for t in truth]
+    costs = fit.fit(rows, names, 132)
+    for t, abc in truth.items():
+        assert costs[gemm_ws.tile_name(t)] == pytest.approx(abc, rel=1e-3, abs=1e-3)
+    got = fit.check(rows, costs, 132)
+    assert got["shapes"] == 12 and got["fastest"] == 12 and got["worst"][0] == 1.0
+    # a tile that disagrees with the reference is not timed; v44's names
+    rows[0]["tiles"]["64x128x6x4pp"]["err"] = 0.5
+    assert fit._timings(rows[:1], names)[0][3].keys() == {"128x256x3x8"}
+    assert fit.parse_tile("128x128x4x4x1") == (128, 128, 4, 4, 1)
+    assert fit.parse_tile("64x128x6x4pp") == (64, 128, 6, 4, 2)
+    with pytest.raises(ValueError, match="two programs"):
+        fit.parse_tile("64x128x3x4x2")
+    for t in gemm_ws.CANDIDATE_TILES:
+        assert fit.parse_tile(gemm_ws.tile_name(t)) == t
 
 
 def test_group_scaled_reference_is_the_stored_weights_product():

@@ -35,7 +35,7 @@ from svdquant.kernels.gemm import (  # noqa: E402
     fp8_gemm_split,
     split_supported,
 )
-from svdquant.kernels.gemm_ws import CANDIDATE_TILES  # noqa: E402
+from svdquant.kernels.gemm_ws import CANDIDATE_TILES, tile_name  # noqa: E402
 from svdquant.kernels.gemv import _dp4a, w4a16_linear  # noqa: E402
 from svdquant.kernels.quantize import quantize_act  # noqa: E402
 from svdquant.kernels.widen import dequantize_weight, widen_weight  # noqa: E402
@@ -1698,25 +1698,21 @@ def test_gpu_fp8_gemm_ws_matches_reference(m, n, k, r, bias, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", [pytest.param(t, id="x".join(map(str, t)))
-                                  for t in CANDIDATE_TILES])  # fmt: skip
+@pytest.mark.parametrize("tile", [pytest.param(t, id=tile_name(t)) for t in CANDIDATE_TILES])
 @pytest.mark.parametrize("m", [3, 257, 4608])
 @pytest.mark.parametrize(("n", "k", "r"), [(136, 336, 16), (1000, 1008, 0), (520, 3072, 48),
                                           (264, 240, 32), (640, 640, 64)])  # fmt: skip
-@pytest.mark.parametrize("pingpong", [False, True])
-def test_gpu_fp8_gemm_ws_tiles_match_reference(monkeypatch, tile, m, n, k, r, pingpong):
+def test_gpu_fp8_gemm_ws_tiles_match_reference(monkeypatch, tile, m, n, k, r):
     """Every candidate tile of the warp-specialized GEMM (one and two MMA warpgroups, 64-
-    and 128-row tiles, 128 and 256 columns; the one-warpgroup tiles also as two MMA
-    partitions in turn, ``PINGPONG``) against the reference, and its split output; a rank
-    the tile cannot hold runs on one that can (``pick_tile``)."""
+    and 128-row tiles, 128 and 256 columns, two MMA partitions in turn) against the
+    reference, and its split output; a rank the tile cannot hold runs on one that can
+    (``pick_tile``). M = 4608 walks several tiles a program: the ping-ponged partitions'
+    turns (v45: launch failures there before they took turns)."""
     from svdquant.kernels import gemm_ws
 
     if not gemm_ws.available(torch.device(DEVICE)):
         pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
-    if pingpong and tile[3] != 4:
-        pytest.skip("ping-pong takes the one-warpgroup tiles")
     monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", tile)
-    monkeypatch.setattr(gemm_ws, "PINGPONG", pingpong)
     args = _gemm_args(m, n, k, seed=m + n + r, r=r)
     want = ref.fp8_gemm_ref(*args)
     assert rel_err(gemm_ws.fp8_gemm_ws(*args), want) <= TOL
@@ -1729,41 +1725,46 @@ def test_gpu_fp8_gemm_ws_tiles_match_reference(monkeypatch, tile, m, n, k, r, pi
 def test_gemm_ws_pick_tile_takes_only_tiles_that_fit(monkeypatch):
     """``pick_tile``: the override where it holds the rank's operands (above rank 32 the
     fp32 low-rank rows live in the store buffer: 4 · BR columns), else the cost model's
-    cheapest tile that does — which at v44's measured shapes is what was fastest."""
+    cheapest tile that does — which at v45's measured shapes is what was fastest."""
     from svdquant.kernels import gemm_ws
 
-    small, default = (64, 128, 6, 4), gemm_ws.DEFAULT_TILE
+    small, default = (64, 128, 6, 4, 1), gemm_ws.DEFAULT_TILE
     assert gemm_ws.tile_fits(default, 64)
     assert gemm_ws.tile_fits(small, 32) and not gemm_ws.tile_fits(small, 48)
-    assert not gemm_ws.tile_fits((64, 128, 3, 8), 16)  # 64 rows are one warpgroup's
+    assert not gemm_ws.tile_fits((64, 128, 3, 8, 1), 16)  # 64 rows are one warpgroup's
+    assert not gemm_ws.tile_fits((128, 128, 4, 8, 2), 16)  # a partition is one warpgroup
     assert all(gemm_ws.tile_fits(t, 32) for t in gemm_ws.CANDIDATE_TILES)
     assert set(gemm_ws.TILE_COSTS) <= set(gemm_ws.CANDIDATE_TILES)
     monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", small)
     assert gemm_ws.pick_tile(1024, 1152, 1152, 32, 132) == small
     assert gemm_ws.pick_tile(1024, 1152, 1152, 64, 132) == default  # the model's, rank 64
     monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", None)
-    # v44 (H200): few 128 x 256 tiles -> a smaller tile; many -> the default
-    assert gemm_ws.pick_tile(1024, 640, 2560, 32, 132) == small
-    assert gemm_ws.pick_tile(1024, 1280, 5120, 32, 132) == (128, 128, 4, 4)
-    assert gemm_ws.pick_tile(512, 3072, 12288, 32, 132) == (128, 128, 4, 4)
+    # v45 (H200): few 128 x 256 tiles -> a smaller tile; several tiles a program at small
+    # K -> two partitions in turn; many tiles of large K -> the default
+    assert gemm_ws.pick_tile(1024, 1280, 5120, 32, 132) == (128, 128, 4, 4, 1)
+    assert gemm_ws.pick_tile(512, 3072, 12288, 32, 132) == (128, 128, 4, 4, 1)
+    assert gemm_ws.pick_tile(4096, 3456, 1152, 32, 132) == (128, 128, 4, 4, 2)
+    assert gemm_ws.pick_tile(4096, 1152, 1152, 32, 132) == (64, 128, 6, 4, 2)
     assert gemm_ws.pick_tile(4608, 21504, 3072, 32, 132) == default
     assert gemm_ws.pick_tile(1024, 11200, 2240, 32, 132) == default
     assert gemm_ws.pick_tile(512, 3072, 12288, 64, 132) == default  # rank 64: only it fits
+    monkeypatch.setattr(gemm_ws, "PINGPONG", False)  # the A/B switch: one partition only
+    assert gemm_ws.pick_tile(4096, 3456, 1152, 32, 132) == (128, 128, 4, 4, 1)
 
 
-def test_gemm_ws_pingpong_tiles_fit_shared_memory(monkeypatch):
-    """``PINGPONG``: the one-warpgroup tiles as two MMA partitions, each with its own
-    epilogue buffers — a tile whose two sets no longer fit shared memory is not taken
-    (the estimate within 1.1 KB of what triton 3.6 allocates, ``sass_report``)."""
+def test_gemm_ws_pingpong_tiles_fit_shared_memory():
+    """The ping-ponged tiles: two MMA partitions, each with its own epilogue buffers —
+    a tile whose two sets no longer fit shared memory is not taken (the estimate within
+    1.1 KB of what triton 3.6 allocates, ``sass_report``); names as the probe's."""
     from svdquant.kernels import gemm_ws
 
-    assert not gemm_ws.pingpong((128, 128, 4, 4))  # off until measured
-    monkeypatch.setattr(gemm_ws, "PINGPONG", True)
-    assert gemm_ws.pingpong((128, 128, 4, 4)) and not gemm_ws.pingpong(gemm_ws.DEFAULT_TILE)
-    assert gemm_ws._smem_bytes((128, 128, 4, 4), 32, 2) == 229376  # compiled: 230472
-    assert gemm_ws.tile_fits((128, 128, 4, 4), 32) and gemm_ws.tile_fits((64, 128, 6, 4), 32)
-    assert not gemm_ws.tile_fits((64, 256, 4, 4), 32)  # two 64 x 256 epilogues: 248 KB
-    assert gemm_ws.pick_tile(1024, 640, 2560, 32, 132) in gemm_ws.TILE_COSTS
+    assert gemm_ws._smem_bytes((128, 128, 4, 4, 2), 32) == 229376  # compiled: 230472
+    assert gemm_ws.tile_fits((128, 128, 4, 4, 2), 32)
+    assert gemm_ws.tile_fits((64, 128, 6, 4, 2), 32)
+    assert not gemm_ws.tile_fits((64, 256, 4, 4, 2), 32)  # two 64 x 256 epilogues: 248 KB
+    assert not gemm_ws.tile_fits((128, 128, 4, 4, 2), 48)  # rank 64's rows: BLOCK_N 256
+    names = [gemm_ws.tile_name(t) for t in gemm_ws.CANDIDATE_TILES]
+    assert len(set(names)) == len(names) and "128x128x4x4pp" in names
 
 
 WS_CASES = [(4608, 3072, 3072, 32, True), (511, 3072, 3072, 32, False),
@@ -1904,10 +1905,11 @@ def test_gemm_ws_split_launch_plan(monkeypatch):
     monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", None)
     gemm_ws.fp8_gemm_ws(*args)
     a, kw = launches[-1]
-    bm, bn, stages, warps = gemm_ws.pick_tile(m, 648, 64, 32, gemm_ws.num_sms(args[0].device))
+    sms = gemm_ws.num_sms(args[0].device)
+    bm, bn, stages, warps, parts = gemm_ws.pick_tile(m, 648, 64, 32, sms)
     assert list(a[0].block_shape) == [bm, gemm_ws.BLOCK_K] and a[1].block_shape[0] == bn
     assert list(a[2].block_shape) == [bm, bn // 2] and (kw["S"], kw["num_warps"]) == (stages, warps)
-    assert kw["PINGPONG"] is False and kw["PP_REGS"] == gemm_ws.PP_REGS
+    assert kw["PINGPONG"] is (parts == 2) and kw["PP_REGS"] == gemm_ws.PP_REGS
     # rank 48: rows padded to 64
     gemm_ws.fp8_gemm_ws(*_gemm_args(m, 512, 64, seed=5, r=48))
     a, kw = launches[-1]

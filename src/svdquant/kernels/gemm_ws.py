@@ -21,7 +21,8 @@ N = K = 3072):
 The two MMA warpgroups compute a 128 × 256 tile with asynchronous ``wgmma``, one step in
 flight, and release a stage to the load warp once both have finished reading it (where
 such tiles are too few for the GPU, one warpgroup computes 128 × 128 or 64 × 128 tiles
-over a deeper ring instead: ``pick_tile``, v44); the
+over a deeper ring instead: ``pick_tile``, v44 — or two such warpgroups take a program's
+tiles in turn, one's epilogue beside the other's K loop: "ping-pong", v45); the
 epilogue applies the per-column scale, the 16-bit low-rank up projection as one more
 MMA and the bias. Measured on the H200 (v33, ``bench/probe_gemm_ws.py``), M = 4608,
 N = K = 3072: the K loop alone 72 µs (cuBLAS's time); stores straight from the MMA
@@ -82,34 +83,46 @@ __all__ = ["available", "fp8_gemm_ws", "fp8_gemm_ws_split", "supports"]
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 256, 128
 STAGES = 3
 GROUP_M = 8
-#: A launch's tile: (BLOCK_M, BLOCK_N, stages, warps of the MMA partition). ``BLOCK_M``
-#: 64 takes one MMA warpgroup (4 warps), 128 one (two m64 halves) or two.
-Tile = tuple[int, int, int, int]
-DEFAULT_TILE: Tile = (BLOCK_M, BLOCK_N, STAGES, 8)
+#: A launch's tile: (BLOCK_M, BLOCK_N, stages, warps of an MMA partition, MMA
+#: partitions). ``BLOCK_M`` 64 takes one MMA warpgroup (4 warps), 128 one (two m64 halves)
+#: or two. Two partitions (one warpgroup each, "ping-pong") take the program's tiles in
+#: turn over the shared ring, each with epilogue buffers of its own, so that one's
+#: epilogue (scale, low-rank MMA, bias, stores) runs beside the other's K loop.
+Tile = tuple[int, int, int, int, int]
+DEFAULT_TILE: Tile = (BLOCK_M, BLOCK_N, STAGES, 8, 1)
 #: The tiles ``bench/probe_ws_tiles.py`` times. Measured on the H200 (v44, 38 shapes of
 #: the four models at M = 512-4608, GEMM + rank-32 low-rank + bias, replayed): one of the
 #: first three was the fastest at every shape; (128, 128, 4, 8) and (64, 256, 4, 4) came
 #: within 1-3% of (128, 128, 4, 4) and won nowhere; two programs a multiprocessor (64 x 128
 #: and 128 x 128 tiles, registers capped at 200) were 1.1-2.2x slower everywhere (dropped).
+#: v45 (44 shapes, ``probe_ws_tiles-…-v45-pingpong.json``): the two one-warpgroup tiles
+#: ping-ponged 1.03-1.15x faster than every single-partition tile at 18 of them — where a
+#: program walks several tiles of small K (M = 4096 at PixArt-Σ's 3456 x 1152: 40.6 ->
+#: 35.2 µs, BF16 52.0); 64 x 256 ping-ponged needs 248 KB of shared memory.
 CANDIDATE_TILES: tuple[Tile, ...] = (
     DEFAULT_TILE,
-    (128, 128, 4, 4),
-    (64, 128, 6, 4),
-    (128, 128, 4, 8),
-    (64, 256, 4, 4),
+    (128, 128, 4, 4, 1),
+    (64, 128, 6, 4, 1),
+    (128, 128, 4, 8, 1),
+    (64, 256, 4, 4, 1),
+    (128, 128, 4, 4, 2),
+    (64, 128, 6, 4, 2),
 )
 #: Each chosen tile's time, modelled as ``c + waves · (a + b · K)`` µs (``waves`` =
-#: ⌈tiles / multiprocessors⌉: every program of the persistent grid walks that many tiles)
-#: and fitted to v44's 38 shapes (``probe_ws_tiles-h200-2026-12-01-v44.json``): the
-#: cheapest by the model was the fastest measured at 36 of them and within 1% at the
-#: other two. Against the 128 x 256 tile alone: 1.02-1.78x faster at 21 shapes, where few
-#: tiles leave multiprocessors idle (M = 1024, N = 640: 24 tiles of 128 x 256 for 132
-#: SMs; 1.78x with 64 x 128), the same at the others (M = 4608 from N = 9216, wide SANA
-#: and SDXL layers).
+#: ⌈tiles / multiprocessors⌉: every program of the persistent grid walks that many tiles),
+#: fitted by ``bench/fit_tile_costs.py`` to v45's 44 shapes
+#: (``probe_ws_tiles-h200-2026-12-01-v45-pingpong.json``): the model's cheapest tile was
+#: the fastest measured at 39 of them, within 3% at 43, 4.6% slower at one (M = 4096,
+#: 11200 x 2240); out of sample, v44's 32 other shapes (no ping-pong timed there): the
+#: fastest at 29, within 3% at 30, 7% slower at one (M = 2048, 2240²). A ping-ponged tile
+#: halves the fixed cost per tile (``a``: 0.84 against 1.77 µs at 128 x 128) — the
+#: epilogue hidden — for a larger ``c`` (a partition idles where a program has one tile).
 TILE_COSTS: dict[Tile, tuple[float, float, float]] = {
-    DEFAULT_TILE: (-0.154, 5.227, 0.00545),
-    (128, 128, 4, 4): (2.409, 2.124, 0.00323),
-    (64, 128, 6, 4): (3.374, 1.258, 0.00184),
+    DEFAULT_TILE: (4.944, 4.275, 0.004999),
+    (128, 128, 4, 4, 1): (6.009, 1.77, 0.002975),
+    (64, 128, 6, 4, 1): (6.415, 1.094, 0.001712),
+    (128, 128, 4, 4, 2): (7.037, 0.835, 0.003015),
+    (64, 128, 6, 4, 2): (6.93, 0.41, 0.00176),
 }
 #: The triton versions this kernel was compiled and measured with (Gluon changes between
 #: releases; others fall back to the Triton kernel).
@@ -279,7 +292,7 @@ if HAVE_GLUON:
         FIRST: gl.constexpr = 0,
         NPART: gl.constexpr = 1,
     ):
-        # NPART MMA partitions take the program's tiles in turn (``PINGPONG``): this one
+        # NPART MMA partitions take the program's tiles in turn (ping-pong): this one
         # every NPART-th from its FIRST, its ring positions past the others' tiles. The K
         # loops take turns too (``turn``: each partition's barrier, arrived by the other
         # when its K loop is done; unused with one partition): a ring barrier's wait is by
@@ -596,66 +609,72 @@ def _layout(rows: int, cols: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPES[dtype])
 
 
-#: Two MMA partitions of one warpgroup each taking the program's tiles in turn — one in
-#: its K loop while the other is in its epilogue (scale, low-rank MMA, bias, stores: the
-#: cost model's fixed ``a`` per tile, 2.1 µs of 128 x 128's) — for the one-warpgroup tiles,
-#: each partition with epilogue buffers of its own. Built and compiled for sm_90 in v44,
-#: not yet run on a GPU: off until measured (``bench/probe_ws_tiles.py --pingpong``).
-#: Compiled (triton 3.6, ``sass_report``): no spill at 128 x 128 and 64 x 128, rank 0 and
-#: 32, with the second partition's registers capped at 208-224 (``PP_REGS``: 208, the
-#: smallest, so that the register pool's sum stays furthest from the 64K), named barriers
-#: of 128 threads per partition.
-PINGPONG = False
+#: Whether the cost model may pick the ping-ponged tiles (two MMA partitions in turn, the
+#: ``Tile``'s last field): a switch for A/B runs (``bench/models.py --ab
+#: gemm_ws.PINGPONG=False``); ``TILE_OVERRIDE`` launches a ping-ponged tile regardless.
+#: Ping-pong compiled (triton 3.6, ``sass_report``): no spill at 128 x 128 and 64 x 128,
+#: rank 0 and 32, the second partition's registers capped at ``PP_REGS`` (208-224 spilled
+#: nothing; 208, the smallest, keeps the register pool's sum furthest from the 64K), named
+#: barriers of 128 threads per partition; its K loops take turns (v45: without that, launch
+#: failures where a program walked more than one tile).
+PINGPONG = True
 #: The second MMA partition's registers when ping-ponged (``setmaxnreg``).
 PP_REGS = 208
 #: Shared memory of an sm_90 block (227 KB), less a margin for alignment and barriers.
 SMEM_BYTES = 227 * 1024 - 2048
 
 
-def _smem_bytes(tile: Tile, br: int, partitions: int) -> int:
+def _smem_bytes(tile: Tile, br: int) -> int:
     """The shared memory a launch of ``tile`` takes (its ring of fp8 stages, and per MMA
     partition the store buffer and the low-rank operands; ``sass_report`` agrees within
     1.1 KB at the default tile); above rank 32 the fp32 rows are staged in the store
     buffer (``tile_fits``)."""
-    bm, bn, stages, _ = tile
+    bm, bn, stages, _, partitions = tile
     la32 = 0 if br > 32 else bm * br * 4
     epilogue = bm * bn + (bm + bn) * br * 2 + la32
     return stages * (bm + bn) * BLOCK_K + partitions * epilogue
 
 
-def pingpong(tile: Tile) -> bool:
-    """Whether a launch of ``tile`` runs two MMA partitions in turn (``PINGPONG``)."""
-    return PINGPONG and tile[3] == 4
-
-
 def tile_fits(tile: Tile, r: int) -> bool:
     """Whether ``tile`` takes a low-rank branch of rank ``r``: its fp32 rows staged in
     the store buffer need ``BLOCK_N >= 4 · BR`` above rank 32 (else no room for them),
-    and everything within shared memory (two sets of epilogue buffers ping-pong)."""
-    bm, bn, _, warps = tile
+    and everything within shared memory (two sets of epilogue buffers ping-pong, whose
+    partitions are one warpgroup each)."""
+    bm, bn, _, warps, partitions = tile
     br = max(16, next_pow2(max(r, 1)))
-    shaped = (bm == 128 or warps == 4) and (br <= 32 or bn >= 4 * br)
-    return shaped and _smem_bytes(tile, br, 2 if pingpong(tile) else 1) <= SMEM_BYTES
+    shaped = (bm == 128 or warps == 4) and (partitions == 1 or (partitions == 2 and warps == 4))
+    shaped = shaped and (br <= 32 or bn >= 4 * br)
+    return shaped and _smem_bytes(tile, br) <= SMEM_BYTES
+
+
+def tile_name(tile: Tile) -> str:
+    """``tile`` as the probe, the tests and NOTES.md name it: ``128x128x4x4``, with
+    ``pp`` appended where two MMA partitions take its tiles in turn."""
+    return "x".join(map(str, tile[:4])) + ("pp" if tile[4] == 2 else "")
 
 
 def pick_tile(m: int, n: int, k: int, r: int, sms: int) -> Tile:
     """The tile for this shape: ``TILE_OVERRIDE`` where set and it fits, else the
-    cheapest of ``TILE_COSTS`` that takes rank ``r`` on ``sms`` multiprocessors."""
+    cheapest of ``TILE_COSTS`` that takes rank ``r`` on ``sms`` multiprocessors (the
+    ping-ponged ones only with ``PINGPONG``)."""
     if TILE_OVERRIDE is not None and tile_fits(TILE_OVERRIDE, r):
         return TILE_OVERRIDE
     return _cheapest_tile(m, n, k, r, sms, PINGPONG)
 
 
 @functools.lru_cache(maxsize=4096)
-def _cheapest_tile(m: int, n: int, k: int, r: int, sms: int, _pingpong: bool) -> Tile:
-    """``pick_tile``'s model, cached per shape and ``PINGPONG`` (``tile_fits`` reads it)."""
+def _cheapest_tile(m: int, n: int, k: int, r: int, sms: int, pingpong: bool) -> Tile:
+    """``pick_tile``'s model, cached per shape and ``PINGPONG``."""
+    fits = (t for t in TILE_COSTS if tile_fits(t, r) and (pingpong or t[4] == 1))
+    return min(fits, key=lambda t: tile_cost(TILE_COSTS[t], t, m, n, k, sms))
 
-    def cost(tile: Tile) -> float:
-        c, a, b = TILE_COSTS[tile]
-        waves = cdiv(cdiv(m, tile[0]) * cdiv(n, tile[1]), sms)
-        return c + waves * (a + b * k)
 
-    return min((t for t in TILE_COSTS if tile_fits(t, r)), key=cost)
+def tile_cost(abc: tuple[float, float, float], tile: Tile, m: int, n: int, k: int,
+              sms: int) -> float:  # fmt: skip
+    """The modelled µs of ``tile`` at M x N x K: ``c + waves · (a + b · K)`` with
+    ``abc`` = (c, a, b) and ``waves`` the tiles each program of the grid walks."""
+    c, a, b = abc
+    return c + cdiv(cdiv(m, tile[0]) * cdiv(n, tile[1]), sms) * (a + b * k)
 
 
 #: A tile for every launch (``bench/probe_ws_tiles.py`` and the tests set it); ``None``:
@@ -678,7 +697,7 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
             f"{lowrank_up.dtype} L_up, {out_dtype} out"
         )
     sms = num_sms(xq.device)
-    bm, bn, stages, warps = pick_tile(m, n, k, r, sms)
+    bm, bn, stages, warps, partitions = pick_tile(m, n, k, r, sms)
     if m == 0 or n == 0:
         return
     xq, wq = xq.contiguous(), wq.contiguous()
@@ -724,6 +743,6 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         GROUP=GROUP_M,
         num_warps=warps,
         PARTS=parts is not None,
-        PINGPONG=pingpong((bm, bn, stages, warps)),
+        PINGPONG=partitions == 2,
         PP_REGS=PP_REGS,
     )
