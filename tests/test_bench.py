@@ -455,7 +455,7 @@ def test_probes_of_the_gpu_refuse_the_cpu_clearly(monkeypatch, tmp_path):
         ("probe_group_scaled", []),
         ("probe_gated", ["--ff"]),
         ("probe_quantize_memset", []),
-        ("probe_ws_tiles", ["--pingpong"]),
+        ("probe_ws_tiles", []),
     ):
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             _load(name).main(["--out", str(tmp_path), *extra])
