@@ -669,11 +669,12 @@ def _desc(rows: int, cols: int, dtype: Any, gl_dtype: Any, block: list[int]) -> 
 
 
 def _gemm_ws_spec(
-    sizes: list[int], parts: bool = False, tile=None, rank: int = 32
+    sizes: list[int], parts: bool = False, tile=None, rank: int = 32, gated: bool = False
 ) -> dict[str, Any]:
     """The warp-specialized Gluon GEMM (``kernels/gemm_ws.py``) at M = 4608, K = 3072,
     N = sum(sizes), the output split into ``sizes`` segments (one: not split); ``tile``
-    one of ``gemm_ws.CANDIDATE_TILES`` (default: ``DEFAULT_TILE``)."""
+    one of ``gemm_ws.CANDIDATE_TILES`` (default: ``DEFAULT_TILE``); ``gated``: a GEGLU's
+    up projection of 2N rows writing h [M, N] (``fp8_gemm_ws_gated``)."""
     import torch
     from triton.experimental.gluon import language as gl
 
@@ -686,11 +687,13 @@ def _gemm_ws_spec(
     outs = [_desc(m, w, torch.bfloat16, gl.bfloat16, [bm, bn // 2]) for w in sizes]
     outs += [outs[-1]] * (4 - len(outs))
     bounds = three_bounds(inner_bounds(sizes), n)
+    b_desc = _desc(n, 3072, fp8, gl.float8e4nv, [bn // 2 if gated else bn, g.BLOCK_K])
     return dict(
         kernel=g._fp8_gemm_ws_kernel,
         ptrs=dict(
             a_desc=_desc(m, 3072, fp8, gl.float8e4nv, [bm, g.BLOCK_K]),
-            b_desc=_desc(n, 3072, fp8, gl.float8e4nv, [bn, g.BLOCK_K]),
+            b_desc=b_desc,
+            g_desc=b_desc,
             **{f"c{i}_desc": d for i, d in enumerate(outs)},
             sch_ptr="*fp32",
             scale_ptr="*fp32",
@@ -722,6 +725,7 @@ def _gemm_ws_spec(
             PARTS=parts,
             PINGPONG=partitions == 2,
             PP_REGS=g.PP_REGS,
+            GATED=gated,
         ),
         warps=warps,
     )
@@ -744,6 +748,13 @@ def _gemm_ws_parts() -> dict[str, Any]:
     """The same with a rank-16 LoRA on each part, read as parts (``gemm_ws.TAKES_PARTS``):
     the compact rank 48 on the rank-64 operands."""
     return _gemm_ws_spec([3072, 3072, 3072, 12288], parts=True)
+
+
+@_spec("gemm_ws_gated")
+def _gemm_ws_gated() -> dict[str, Any]:
+    """The Gluon GEMM as a GEGLU's up projection (SDXL's at 1,280 wide: 2 x 5120 rows of
+    K = 1280 here at K = 3072) writing h = v · gelu(g), the 128 x 128 tile ping-ponged."""
+    return _gemm_ws_spec([5120], tile=(128, 128, 4, 4, 2), gated=True)
 
 
 @_spec("ws_decode")

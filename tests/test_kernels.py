@@ -1887,8 +1887,9 @@ def test_gemm_ws_split_launch_plan(monkeypatch):
     assert list(names) == names[: len(a)] + list(kw)  # every parameter, in its place
     assert names[len(a) - 13 : len(a)] == ["R", "B1", "B2", "B3", "LP", "O0", "O1", "O2",
                                            "O3", "W0", "W1", "W2", "W3"]  # fmt: skip
-    descs, bounds = a[2:6], a[-12:-9]
-    assert a[-9:] == (0,) * 9 and kw["PARTS"] is False
+    descs, bounds = a[3:7], a[-12:-9]
+    assert a[-9:] == (0,) * 9 and kw["PARTS"] is False and kw["GATED"] is False
+    assert a[2] is a[1]  # not gated: the one weight descriptor twice
     for d, w, start in zip(descs, sizes, (0, 256, 512), strict=False):
         assert tuple(d.shape) == (m, w) and tuple(d.strides) == (w, 1)
         assert d.base.data_ptr() == flat.data_ptr() + m * start * flat.element_size()
@@ -1900,7 +1901,7 @@ def test_gemm_ws_split_launch_plan(monkeypatch):
     assert not kw["MASK_R"] and a[-13] == 32  # the rank is its power of two: no column mask
     gemm_ws.fp8_gemm_ws(*args)  # unsplit: the whole output, bounds at N
     a, kw = launches[-1]
-    assert tuple(a[2].shape) == (m, sum(sizes)) and a[-12:-9] == (648,) * 3 and not kw["SPLIT"]
+    assert tuple(a[3].shape) == (m, sum(sizes)) and a[-12:-9] == (648,) * 3 and not kw["SPLIT"]
     # the cost model's tile: its boxes, its warps and stages
     monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", None)
     gemm_ws.fp8_gemm_ws(*args)
@@ -1908,7 +1909,7 @@ def test_gemm_ws_split_launch_plan(monkeypatch):
     sms = gemm_ws.num_sms(args[0].device)
     bm, bn, stages, warps, parts = gemm_ws.pick_tile(m, 648, 64, 32, sms)
     assert list(a[0].block_shape) == [bm, gemm_ws.BLOCK_K] and a[1].block_shape[0] == bn
-    assert list(a[2].block_shape) == [bm, bn // 2] and (kw["S"], kw["num_warps"]) == (stages, warps)
+    assert list(a[3].block_shape) == [bm, bn // 2] and (kw["S"], kw["num_warps"]) == (stages, warps)
     assert kw["PINGPONG"] is (parts == 2) and kw["PP_REGS"] == gemm_ws.PP_REGS
     # rank 48: rows padded to 64
     gemm_ws.fp8_gemm_ws(*_gemm_args(m, 512, 64, seed=5, r=48))
@@ -1923,6 +1924,119 @@ def test_gemm_ws_split_launch_plan(monkeypatch):
     assert a[-9:] == (8, 0, 4, 16, 24, 4, 12, 8, 0) and kw["PARTS"] is True
     with pytest.raises(ValueError, match="multiples of 4"):
         gemm_ws.fp8_gemm_ws_split(*args[:4], lora, up, *args[6:], sizes, [8, 2, 14, 8])
+
+
+def test_gemm_ws_gated_launch_plan(monkeypatch):
+    """The host side of the GEGLU up projection on the Gluon GEMM (``fp8_gemm_ws_gated``),
+    on any machine: the weight's value and gate halves as two descriptors of half-tile
+    boxes, the [M, H] output's, N = H, the tiles counted over H; odd or misaligned widths
+    refused."""
+    from svdquant.kernels import gemm_ws
+
+    if not gemm_ws.HAVE_GLUON:
+        pytest.skip("this triton has no Gluon")
+    launches = []
+
+    class Kernel:  # records the launch instead of running it
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((grid, a, kw))
+
+    monkeypatch.setattr(gemm_ws, "_fp8_gemm_ws_kernel", Kernel())
+    m, h, k = 300, 520, 64
+    args = _gemm_args(m, 2 * h, k, seed=6, r=32)
+    sms = gemm_ws.num_sms(args[0].device)
+    bm, bn, stages, warps, parts = gemm_ws.pick_tile(m, 2 * h, k, 32, sms)
+    out = gemm_ws.fp8_gemm_ws_gated(*args)
+    ((grid, a, kw),) = launches
+    assert out.shape == (m, h) and out.dtype == torch.bfloat16
+    b, g, c = a[1], a[2], a[3]
+    assert tuple(b.shape) == tuple(g.shape) == (h, k) and list(b.block_shape) == [bn // 2, 128]
+    wq = args[1]
+    assert b.base.data_ptr() == wq.data_ptr()
+    assert g.base.data_ptr() == wq.data_ptr() + h * k * wq.element_size()
+    assert tuple(c.shape) == (m, h) and c.base.data_ptr() == out.data_ptr()
+    assert list(c.block_shape) == [bm, bn // 2]
+    assert a[12:15] == (m, h, k) and kw["GATED"] is True
+    assert not kw["SPLIT"] and kw["PARTS"] is False
+    assert kw["PINGPONG"] is (parts == 2) and (kw["S"], kw["num_warps"]) == (stages, warps)
+    assert grid == (min(-(-m // bm) * -(-h // (bn // 2)), sms),)
+    with pytest.raises(ValueError, match="2H rows with H a multiple of 8"):
+        gemm_ws.fp8_gemm_ws_gated(*_gemm_args(m, 2 * 516, k, seed=6, r=32))  # H = 516
+    with pytest.raises(ValueError, match="2H rows"):
+        gemm_ws.fp8_gemm_ws_gated(*_gemm_args(m, 1041, k, seed=6, r=32))  # odd
+
+
+def test_fp8_gemm_gated_next_hands_geglu_to_gemm_ws(monkeypatch):
+    """With ``gemm_gated.WS_GATED`` a GEGLU's up projection runs on the Gluon GEMM where
+    ``fp8_gemm`` would (its h, then the down projection's quantize): the same outputs as
+    the one-pass kernel's reference; other activations stay on the Triton kernel. On the
+    CPU the Gluon kernel is stood in for by its reference (the GPU tests run it)."""
+    from svdquant.kernels import gemm, gemm_gated, gemm_ws
+
+    calls = []
+
+    def gated_ws(*a):
+        calls.append(a[0].shape)
+        return ref.fp8_gemm_gated_ref(*a)
+
+    monkeypatch.setattr(gemm_gated, "WS_GATED", True)
+    monkeypatch.setattr(gemm, "_ws_wanted", lambda *a: True)
+    monkeypatch.setattr(gemm_ws, "fp8_gemm_ws_gated", gated_ws)
+    args = _gated_next_args(37, 136, 96, 16, "gelu", "int4", True)  # a rank gemm_ws takes
+    xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*args)
+    assert calls == [(37, 96)]
+    _check_gated_next(args, xq2, lora2)
+    silu = _gated_next_args(37, 136, 96, 16, "silu", "int4", True)
+    gemm_gated.fp8_gemm_gated_next(*silu)
+    assert len(calls) == 1  # gemm_ws's epilogue has the GELU only
+    monkeypatch.setattr(gemm_gated, "WS_GATED", False)
+    gemm_gated.fp8_gemm_gated_next(*args)
+    assert len(calls) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [pytest.param(t, id=tile_name(t)) for t in CANDIDATE_TILES])
+@pytest.mark.parametrize(("m", "h", "k", "r", "bias", "dtype"), [
+    (3, 520, 336, 16, True, torch.bfloat16), (257, 1280, 640, 32, True, torch.float16),
+    (4608, 1000, 1008, 0, False, torch.bfloat16), (4608, 264, 240, 32, True, torch.bfloat16),
+])  # fmt: skip
+def test_gpu_fp8_gemm_ws_gated_matches_reference(monkeypatch, tile, m, h, k, r, bias, dtype):
+    """The GEGLU up projection on the Gluon GEMM (``fp8_gemm_ws_gated``), every candidate
+    tile: against the reference, and against the GELU and product of the same kernel's
+    plain [M, 2H] output (the same MMA sums: a few 16-bit roundings may differ, the GELU's
+    erf being Abramowitz & Stegun's, not torch's)."""
+    from svdquant.kernels import gemm_ws
+
+    if not gemm_ws.available(torch.device(DEVICE)):
+        pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
+    monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", tile)
+    xq, wq, s_ch, scale, lora, up, b, _ = _gemm_args(m, 2 * h, k, seed=m + h, r=r)
+    args = (xq, wq, s_ch, scale, lora, up.to(dtype), b.to(dtype) if bias else None, dtype)
+    got = gemm_ws.fp8_gemm_ws_gated(*args)
+    assert got.shape == (m, h) and got.dtype == dtype
+    assert rel_err(got, ref.fp8_gemm_gated_ref(*args)) <= TOL
+    own = ref.gated_ref(*gemm_ws.fp8_gemm_ws(*args).chunk(2, dim=-1), "gelu")
+    assert (got != own).float().mean().item() <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("m", "h", "k"), [(600, 136, 96), (4096, 2560, 640), (1024, 5120, 1280)])
+def test_gpu_fp8_gemm_gated_next_on_gemm_ws(monkeypatch, m, h, k):
+    """``fp8_gemm_gated_next`` with ``WS_GATED``: routed to the Gluon GEMM from
+    ``gemm.WS_MIN_M`` rows (SDXL's feed-forward shapes among them), the outputs the
+    one-pass kernel's (``_check_gated_next``)."""
+    from svdquant.kernels import gemm_gated, gemm_ws
+
+    if not gemm_ws.available(torch.device(DEVICE)):
+        pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
+    calls = []
+    real = gemm_ws.fp8_gemm_ws_gated
+    monkeypatch.setattr(gemm_ws, "fp8_gemm_ws_gated", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(gemm_gated, "WS_GATED", True)
+    args = _gated_next_args(m, h, k, 32, "gelu", "int4", True, torch.float16)
+    xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*args)
+    assert calls == [1]
+    _check_gated_next(args, xq2, lora2)
 
 
 def test_gemm_ws_is_not_used_without_a_hopper_gpu(monkeypatch):

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from svdquant.kernels import gemm
+from svdquant.kernels import gemm, gemm_ws
 from svdquant.kernels._triton_common import (
     apply_activation,
     cdiv,
@@ -27,6 +27,7 @@ from svdquant.kernels._triton_common import (
     next_pow2,
 )
 from svdquant.kernels.gemm import as_written, grouped_tile, output_values, quantize_next
+from svdquant.kernels.quantize import quantize_act
 
 __all__ = ["fp8_gemm_gated_next"]
 
@@ -125,6 +126,29 @@ def _gated_kernel(
 gemm.TUNED_KERNELS.append(_gated_kernel)
 
 
+#: Run a GEGLU's up projection on the warp-specialized GEMM where ``fp8_gemm`` would
+#: (``gemm._ws_wanted``: sm_90, from ``gemm.WS_MIN_M`` rows): its epilogue writes
+#: h = v · gelu(g) in 16 bits, then the down projection's quantize reads h — against this
+#: kernel's one pass, an [M, H] write and read more, but gemm_ws's K loop instead of this
+#: kernel's (v45, ``bench/probe_gated.py --ff``, H200: this kernel 75.4 µs at M = 4096,
+#: SDXL's 640 → 2 x 2560, where cuBLAS BF16's plain up projection takes 46.5; 62.4
+#: against 47.7 at M = 1024, 1280 → 2 x 5120). Built and compiled for sm_90 in v45
+#: (``sass_report``: 168/255 registers, no spill, every candidate tile), not yet run on a
+#: GPU: off until its GPU tests pass and ``bench/models.py --ab gemm_gated.WS_GATED=True``
+#: measures it.
+WS_GATED = False
+
+
+def _ws_gated_wanted(xq, wq, lora_act, lowrank_up, out_dtype, activation) -> bool:
+    n, k = wq.shape[0], xq.shape[1]
+    return (
+        WS_GATED
+        and activation == "gelu"
+        and gemm_ws.supports_gated(n, k, lowrank_up.shape[1], lowrank_up.dtype, out_dtype)
+        and gemm._ws_wanted(xq, wq, lora_act, lowrank_up, out_dtype)
+    )
+
+
 def fp8_gemm_gated_next(
     xq: torch.Tensor,
     wq: torch.Tensor,
@@ -154,6 +178,10 @@ def fp8_gemm_gated_next(
     m, n = xq.shape[0], wq.shape[0]
     if n % 2:
         raise ValueError(f"a gated unit's up projection has an even number of rows: {n}")
+    if _ws_gated_wanted(xq, wq, lora_act, lowrank_up, out_dtype, activation):
+        hv = gemm_ws.fp8_gemm_ws_gated(xq, wq, s_channel, act_scale, lora_act, lowrank_up,
+                                       bias, out_dtype)  # fmt: skip
+        return quantize_act(hv, smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2)
     h = n // 2
     xq2, lora2, nxt = gemm.next_layer_input(
         m, h, xq.device, activation, smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2

@@ -73,7 +73,14 @@ try:  # Gluon's API is young: any triton without these names simply lacks this k
 except ImportError:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
 
-__all__ = ["available", "fp8_gemm_ws", "fp8_gemm_ws_split", "supports"]
+__all__ = [
+    "available",
+    "fp8_gemm_ws",
+    "fp8_gemm_ws_gated",
+    "fp8_gemm_ws_split",
+    "supports",
+    "supports_gated",
+]
 
 #: Tile and ring: 128 × 256 × 128 fp8 tiles (48 KB a stage), ``STAGES`` stages, two MMA
 #: warpgroups (the 128 × 256 fp32 accumulator is 128 registers a thread over 256 threads).
@@ -167,6 +174,13 @@ def supports(n: int, k: int, r: int, lr_dtype: torch.dtype, out_dtype: torch.dty
     )
 
 
+def supports_gated(n: int, k: int, r: int, lr_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether ``fp8_gemm_ws_gated`` takes an up projection of ``n`` = 2H rows: ``supports``
+    for the h output's H columns (its rows and the gate half's weight rows 16-byte
+    aligned)."""
+    return n % 2 == 0 and supports(n // 2, k, r, lr_dtype, out_dtype)
+
+
 def available(device: torch.device) -> bool:
     """Whether this kernel can run on ``device``: a Hopper GPU (sm_90: ``wgmma`` exists on
     no other architecture — Blackwell has its own MMA), a Gluon-capable triton of a
@@ -193,6 +207,7 @@ if HAVE_GLUON:
     def _load_warp(
         a_desc,
         b_desc,
+        g_desc,
         a_bufs,
         b_bufs,
         ready,
@@ -201,13 +216,16 @@ if HAVE_GLUON:
         N,
         K,
         BM: gl.constexpr,
-        BN: gl.constexpr,
+        TN: gl.constexpr,
         BK: gl.constexpr,
         S: gl.constexpr,
         GROUP: gl.constexpr,
+        GATED: gl.constexpr,
     ):
+        # a tile: TN output columns (TN weight rows; gated, TN value rows and the TN gate
+        # rows of the same columns: ``g_desc``, the weight's gate half, below them)
         grid_m = gl.cdiv(M, BM)
-        grid_n = gl.cdiv(N, BN)
+        grid_n = gl.cdiv(N, TN)
         it = 0
         for tile in range(gl.program_id(0), grid_m * grid_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP)
@@ -217,9 +235,17 @@ if HAVE_GLUON:
                 # the first pass over the ring does not wait
                 mbarrier.wait(empty.index(s), ((it // S) & 1) ^ 1)
                 bar = ready.index(s)
-                mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(a_desc, [pid_m * BM, k], bar, a_bufs.index(s))
-                tma.async_copy_global_to_shared(b_desc, [pid_n * BN, k], bar, b_bufs.index(s))
+                if GATED:
+                    nbytes: gl.constexpr = a_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes
+                    mbarrier.expect(bar, nbytes)
+                    tma.async_copy_global_to_shared(a_desc, [pid_m * BM, k], bar, a_bufs.index(s))
+                    b = b_bufs.index(s)
+                    tma.async_copy_global_to_shared(b_desc, [pid_n * TN, k], bar, b.slice(0, TN))
+                    tma.async_copy_global_to_shared(g_desc, [pid_n * TN, k], bar, b.slice(TN, TN))
+                else:
+                    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(a_desc, [pid_m * BM, k], bar, a_bufs.index(s))
+                    tma.async_copy_global_to_shared(b_desc, [pid_n * TN, k], bar, b_bufs.index(s))
                 it += 1
 
     @gluon.jit
@@ -237,6 +263,17 @@ if HAVE_GLUON:
     def _store_tile(c_desc, c_smem, lo, hi, row, col, BN: gl.constexpr):
         _store_half(c_desc, c_smem, lo, row, col)
         _store_half(c_desc, c_smem, hi, row, col + BN // 2)
+
+    @gluon.jit
+    def _gelu(y):
+        """GELU (erf) on fp32 ``y`` as the Triton kernels compute it
+        (``_triton_common._normal_cdf``: Abramowitz & Stegun 7.1.26, |error| ≤ 1.5e-7)."""
+        z = gl.abs(y) * 0.7071067811865476
+        t = 1.0 / (1.0 + 0.3275911 * z)
+        p = 1.061405429 * t - 1.453152027
+        p = ((p * t + 1.421413741) * t - 0.284496736) * t + 0.254829592
+        half_erfc = 0.5 * p * t * gl.exp(-z * z)
+        return y * gl.where(y >= 0, 1.0 - half_erfc, half_erfc)
 
     @gluon.jit
     def _mma_warps(
@@ -289,6 +326,7 @@ if HAVE_GLUON:
         S: gl.constexpr,
         GROUP: gl.constexpr,
         WARPS: gl.constexpr,
+        GATED: gl.constexpr,
         FIRST: gl.constexpr = 0,
         NPART: gl.constexpr = 1,
     ):
@@ -313,8 +351,12 @@ if HAVE_GLUON:
         )
         cols_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
         vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+        # gated (a GEGLU's up projection, ``fp8_gemm_ws_gated``): a tile's BN accumulator
+        # columns are TN value columns, then the TN gate columns of the same outputs
+        # (weight rows N + c); N is the output's width
+        TN: gl.constexpr = BN // 2 if GATED else BN
         grid_m = gl.cdiv(M, BM)
-        grid_n = gl.cdiv(N, BN)
+        grid_n = gl.cdiv(N, TN)
         act_scale = gl.load(scale_ptr)
         k_steps = gl.cdiv(K, BK)
         it = FIRST * k_steps
@@ -325,21 +367,34 @@ if HAVE_GLUON:
             # the epilogue's operands are requested before the K loop, so that their
             # latency hides behind it: the low-rank rows by cp.async into shared memory,
             # the column scales and bias into one register a thread
-            vn = pid_n * BN + gl.arange(0, BN, layout=vec_layout)
-            sch_v = gl.load(sch_ptr + vn, mask=vn < N, other=0.0)
+            if GATED:
+                vj = gl.arange(0, BN, layout=vec_layout)
+                vc = pid_n * TN + vj % TN  # the output column; its value or gate row:
+                vn = gl.where(vj < TN, vc, vc + N)
+                vmask = vc < N
+            else:
+                vn = pid_n * BN + gl.arange(0, BN, layout=vec_layout)
+                vmask = vn < N
+            sch_v = gl.load(sch_ptr + vn, mask=vmask, other=0.0)
             if HAS_BIAS:
-                bias_v = gl.load(bias_ptr + vn, mask=vn < N, other=0.0)
+                bias_v = gl.load(bias_ptr + vn, mask=vmask, other=0.0)
             if HAS_LORA:
                 if LA_IN_C:  # the rows land in the store buffer: the last tile's stores first
                     tma.store_wait(0)
                     gl.thread_barrier()
                 lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, lr_layout))
-                ln = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, lr_layout))
+                if GATED:
+                    lj = gl.arange(0, BN, layout=gl.SliceLayout(1, lr_layout))
+                    lc = pid_n * TN + lj % TN
+                    ln = gl.where(lj < TN, lc, lc + N)
+                    lu_mask = gl.expand_dims(lc < N, 1)
+                else:
+                    ln = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, lr_layout))
+                    lu_mask = gl.expand_dims(ln < N, 1)
                 lr = gl.arange(0, BR, layout=gl.SliceLayout(0, lr_layout))
                 # masked by row; by column too where the rank is not BR (a multiple of 16:
                 # the mask is uniform over each 16-byte copy); masked elements arrive as 0
                 la_mask = gl.expand_dims(lm < M, 1)
-                lu_mask = gl.expand_dims(ln < N, 1)
                 if MASK_R:
                     lu_mask = lu_mask & gl.expand_dims(lr < R, 0)
                 la_cols = lr
@@ -412,11 +467,18 @@ if HAVE_GLUON:
             # the tile goes out through shared memory in two 128-column halves, each one
             # TMA store (stores straight from the MMA layout, 4 bytes a thread, took ~23 µs
             # of the 107 at M = 4608, N = K = 3072); the copy engine clips rows past M
+            # (gated: the halves are the value and the gate columns, the one store h)
             halves = gl.permute(gl.reshape(y.to(c0_desc.dtype), [BM, 2, BN // 2]), (0, 2, 1))
             lo, hi = gl.split(halves)
             row = pid_m * BM
             col = pid_n * BN
-            if SPLIT:
+            if GATED:
+                # h = v · gelu(g), the activation and the product each rounded to the
+                # output's dtype as the unfused modules write them (v and g already are)
+                t = _gelu(hi.to(gl.float32)).to(c0_desc.dtype)
+                h = (lo.to(gl.float32) * t.to(gl.float32)).to(c0_desc.dtype)
+                _store_half(c0_desc, c_smem, h, row, pid_n * TN)
+            elif SPLIT:
                 # a split output: the tile lies in one segment (bounds are multiples of
                 # BN), a contiguous [M, width] tensor of its own with its own descriptor
                 if col < B1:
@@ -435,6 +497,7 @@ if HAVE_GLUON:
     def _fp8_gemm_ws_kernel(
         a_desc,
         b_desc,
+        g_desc,
         c0_desc,
         c1_desc,
         c2_desc,
@@ -473,10 +536,14 @@ if HAVE_GLUON:
         PARTS: gl.constexpr = False,
         PINGPONG: gl.constexpr = False,
         PP_REGS: gl.constexpr = 208,  # the launch passes gemm_ws.PP_REGS
+        GATED: gl.constexpr = False,
     ):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
-        BN: gl.constexpr = b_desc.block_type.shape[0]
+        # a tile's output columns, as many weight rows a load (gated: and as many gate rows
+        # from ``g_desc``, the accumulator twice as wide)
+        TN: gl.constexpr = b_desc.block_type.shape[0]
+        BN: gl.constexpr = 2 * TN if GATED else TN
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [S, BM, BK], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [S, BN, BK], b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
@@ -490,9 +557,9 @@ if HAVE_GLUON:
         # (``tile_fits`` takes ranks above 32 only with the 4 · BR columns this needs)
         LA_IN_C: gl.constexpr = BR > 32
         la, lu, la32, c = _epilogue_buffers(c0_desc, lu_ptr, BM, BN, BR, LA_IN_C)
-        load = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, BM, BN, BK, S, GROUP)
         # (each partition's arguments spelled out as one tuple literal: built by tuple
-        # concatenation instead, triton 3.6 failed to compile the partitions)
+        # concatenation instead, triton 3.6 failed to compile the partitions; held in a
+        # variable, the tuple's constexprs arrive as tensors)
         if PINGPONG:
             # two MMA partitions of one warpgroup each, the program's tiles in turn: one
             # in its K loop while the other is in its epilogue (buffers of its own)
@@ -507,14 +574,15 @@ if HAVE_GLUON:
                         c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr, M, N,
                         K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2,
                         W3, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C, MASK_R, PARTS, BR, BM, BN, BK, S,
-                        GROUP, num_warps, 0, 2)),
+                        GROUP, num_warps, GATED, 0, 2)),
                     (_mma_warps, (
                         a_bufs, b_bufs, ready, empty, turn, la2, lu2, la32_2, c2, c0_desc,
                         c1_desc, c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr,
                         bias_ptr, M, N, K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2,
                         O3, W0, W1, W2, W3, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C, MASK_R, PARTS, BR,
-                        BM, BN, BK, S, GROUP, num_warps, 1, 2)),
-                    (_load_warp, load),
+                        BM, BN, BK, S, GROUP, num_warps, GATED, 1, 2)),
+                    (_load_warp, (a_desc, b_desc, g_desc, a_bufs, b_bufs, ready, empty, M, N, K,
+                                  BM, TN, BK, S, GROUP, GATED)),
                 ],
                 [num_warps, 1],
                 [PP_REGS, 40],
@@ -528,8 +596,9 @@ if HAVE_GLUON:
                         c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr, M, N,
                         K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2,
                         W3, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C, MASK_R, PARTS, BR, BM, BN, BK, S,
-                        GROUP, num_warps)),
-                    (_load_warp, load),
+                        GROUP, num_warps, GATED)),
+                    (_load_warp, (a_desc, b_desc, g_desc, a_bufs, b_bufs, ready, empty, M, N, K,
+                                  BM, TN, BK, S, GROUP, GATED)),
                 ],
                 [1],
                 [40],
@@ -600,6 +669,33 @@ def fp8_gemm_ws_split(
     flat = torch.empty(m * n, dtype=out_dtype, device=xq.device)
     _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, flat, sizes, parts)
     return flat
+
+
+def fp8_gemm_ws_gated(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
+    act_scale: torch.Tensor,
+    lora_act: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """A GEGLU's up projection (``wq`` [2H, K]: value rows, then gate rows) whose
+    epilogue writes ``h = v · gelu(g)`` [M, H] instead of the [M, 2H] output: the layer's
+    output, the GELU (erf) and the product each rounded to ``out_dtype`` as the unfused
+    modules write them. Arguments as ``fp8_gemm_ws``'s (``supports_gated``); reference
+    ``reference.fp8_gemm_gated_ref``."""
+    m, n = xq.shape[0], wq.shape[0]
+    if not supports_gated(n, xq.shape[1], lowrank_up.shape[1], lowrank_up.dtype, out_dtype):
+        raise ValueError(
+            f"fp8_gemm_ws_gated takes 2H rows with H a multiple of 8, K of 16, a rank of "
+            f"{RANKS}, a 16-bit L_up and output; got {n} rows, K = {xq.shape[1]}, rank "
+            f"{lowrank_up.shape[1]}, {lowrank_up.dtype} L_up, {out_dtype} out"
+        )
+    y = torch.empty(m, n // 2, dtype=out_dtype, device=xq.device)
+    _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, y, [n // 2], gated=True)
+    return y
 
 
 @functools.cache
@@ -683,9 +779,9 @@ TILE_OVERRIDE: Tile | None = None
 
 
 def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
-         parts=None) -> None:  # fmt: skip
+         parts=None, gated=False) -> None:  # fmt: skip
     """Launch the kernel writing ``out``: [M, N], or (several ``sizes``) the segments
-    laid end to end in the flat ``out``."""
+    laid end to end in the flat ``out``, or (``gated``) h = v · gelu(g), [M, N / 2]."""
     m, k = xq.shape
     n = wq.shape[0]
     r = lowrank_up.shape[1]
@@ -705,7 +801,13 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
     a_layout = _layout(bm, BLOCK_K, torch.float8_e4m3fn)
     b_layout = _layout(bn, BLOCK_K, torch.float8_e4m3fn)
     a = GluonDescriptor.from_tensor(xq, [bm, BLOCK_K], a_layout)
-    b = GluonDescriptor.from_tensor(wq, [bn, BLOCK_K], b_layout)
+    if gated:  # the value and the gate half, a tile's bn / 2 rows of each
+        b_layout = _layout(bn // 2, BLOCK_K, torch.float8_e4m3fn)
+        b = GluonDescriptor.from_tensor(wq[: n // 2], [bn // 2, BLOCK_K], b_layout)
+        g = GluonDescriptor.from_tensor(wq[n // 2 :], [bn // 2, BLOCK_K], b_layout)
+        n = n // 2
+    else:
+        b = g = GluonDescriptor.from_tensor(wq, [bn, BLOCK_K], b_layout)
     c_block = [bm, bn // 2]
     c_layout = _layout(*c_block, out_dtype)
     # one descriptor per segment, each a contiguous [M, width] tensor in ``out``
@@ -715,11 +817,12 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
     segments = [flat[m * c : m * c + m * w].view(m, w) for c, w in pairs]
     descs = [GluonDescriptor.from_tensor(seg, c_block, c_layout) for seg in segments]
     descs += [descs[-1]] * (4 - len(descs))
-    tiles = cdiv(m, bm) * cdiv(n, bn)
+    tiles = cdiv(m, bm) * cdiv(n, bn // 2 if gated else bn)
     br = max(16, next_pow2(max(r, 1)))
     _fp8_gemm_ws_kernel[(min(tiles, sms),)](
         a,
         b,
+        g,
         *descs,
         s_channel,
         act_scale.float().reshape(1),
@@ -745,4 +848,5 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         PARTS=parts is not None,
         PINGPONG=partitions == 2,
         PP_REGS=PP_REGS,
+        GATED=gated,
     )

@@ -215,8 +215,14 @@ def quantize_act_gated_ref(
     """``quantize_act_ref`` of ``x · gate_act(gate)`` (a gated linear unit: SDXL's GEGLU),
     the activation and the product each rounded to x's dtype, as the unfused 16-bit
     modules write them."""
-    h = (x.float() * activation_ref(gate, gate_act).to(x.dtype).float()).to(x.dtype)
-    return quantize_act_ref(h, smooth, lowrank_down, act_scale, k_out, act_fmt)
+    return quantize_act_ref(gated_ref(x, gate, gate_act), smooth, lowrank_down, act_scale,
+                            k_out, act_fmt)  # fmt: skip
+
+
+def gated_ref(x: torch.Tensor, gate: torch.Tensor, gate_act: str) -> torch.Tensor:
+    """``x · gate_act(gate)`` (a gated linear unit's product), the activation and the
+    product each rounded to x's dtype, as the unfused 16-bit modules write them."""
+    return (x.float() * activation_ref(gate, gate_act).to(x.dtype).float()).to(x.dtype)
 
 
 def _group_scaled(qweight: torch.Tensor, wscales: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -370,6 +376,13 @@ def fp8_gemm_gated_next_ref(
     the down projection's input: ``fp8_gemm_ref`` (rounded to ``out_dtype``) chunked into
     ``v, g``, then ``quantize_act_gated_ref(v, g, activation, ...)`` — the unfused
     modules' numbers."""
+    v, g = _gated_halves(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype)
+    return quantize_act_gated_ref(v, g, activation, smooth2, lowrank_down2, act_scale2, k_out2,
+                                  act_fmt2)  # fmt: skip
+
+
+def _gated_halves(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype):
+    """A gated unit's up projection as the layer writes it, chunked into (value, gate)."""
     if wq.shape[0] % 2:
         raise ValueError(
             f"a gated unit's up projection has an even number of rows, got {wq.shape[0]}"
@@ -377,9 +390,24 @@ def fp8_gemm_gated_next_ref(
     y = fp8_gemm_ref(xq, wq, s_channel, act_scale, lora_act, lowrank_up, None, torch.float32)
     if bias is not None:
         y = y + bias.float()
-    v, g = y.to(out_dtype).chunk(2, dim=-1)  # the layer's output as written
-    return quantize_act_gated_ref(v, g, activation, smooth2, lowrank_down2, act_scale2, k_out2,
-                                  act_fmt2)  # fmt: skip
+    return y.to(out_dtype).chunk(2, dim=-1)
+
+
+def fp8_gemm_gated_ref(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
+    act_scale: torch.Tensor,
+    lora_act: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """A GEGLU's up projection (value rows, then gate rows) writing ``h = v · gelu(g)``
+    [M, H]: ``fp8_gemm_ref`` rounded to ``out_dtype``, chunked, then ``gated_ref`` — the
+    unfused modules' numbers (``gemm_ws.fp8_gemm_ws_gated``)."""
+    v, g = _gated_halves(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype)
+    return gated_ref(v, g, "gelu")
 
 
 def w4a16_linear_ref(
