@@ -16,9 +16,11 @@ SDXL's shapes (1024², batch 1 and 2: H = 2560 at 4096 / 8192 tokens, 5120 at 10
 2048; up C -> 8C, GEGLU, down 4C -> C; random weights quantized at rank 32), three ways in
 one run: BF16 (``F.linear``, ``F.gelu``, the product, ``F.linear``), ours with the gated
 quantize (``SVDQLinear.forward_gated``) and ours with the GEGLU in the up projection's
-epilogue (``kernels.svdq_geglu_triton``), each checked against the other; then each piece
-alone (BF16's two GEMMs and gate; our up projection's quantize and widen, gated GEMM, down
-projection's widen and GEMM).
+epilogue (``kernels.svdq_geglu_triton``), each checked against the other, and (v45, on
+sm_90) that epilogue on the warp-specialized GEMM (``gemm_gated.WS_GATED``: h written,
+then the down projection's quantize); then each piece alone (BF16's two GEMMs and gate;
+our up projection's quantize and widen, gated GEMM, down projection's widen and GEMM; on
+sm_90 the Gluon GEMM writing h and the quantize of h).
 
 ``--configs``: the gated up projection at those shapes with each of its tiles forced (and
 the ``EXTRA_TILES`` the autotuner does not try), four runs each: the same codes every run,
@@ -54,6 +56,7 @@ def probe_ff(m: int, c: int) -> dict:
 
     import svdquant
     from svdquant import kernels
+    from svdquant.kernels import gemm_gated, gemm_ws
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     h = 4 * c
@@ -76,11 +79,22 @@ def probe_ff(m: int, c: int) -> dict:
     def epilogue() -> torch.Tensor:
         return kernels.svdq_geglu_triton(x, up, down, "gelu")
 
+    def ws() -> torch.Tensor:
+        gemm_gated.WS_GATED = True
+        try:
+            return kernels.svdq_geglu_triton(x, up, down, "gelu")
+        finally:
+            gemm_gated.WS_GATED = False
+
     a, b, want = gated(), epilogue(), bf16()
     row: dict = {"m": m, "c": c, "h": h}
     row["epilogue_vs_gated_max_abs"] = float((a.float() - b.float()).abs().max())
     row["gated_vs_bf16_rel"] = float((a.float() - want.float()).norm() / want.float().norm())
-    for name, fn in (("bf16", bf16), ("gated", gated), ("epilogue", epilogue)):
+    ways = [("bf16", bf16), ("gated", gated), ("epilogue", epilogue)]
+    if gemm_ws.available(x.device):
+        row["ws_vs_epilogue_max_abs"] = float((ws().float() - b.float()).abs().max())
+        ways.append(("ws", ws))
+    for name, fn in ways:
         row[name + "_us"] = bench_graph(fn)
     parts = _ff_parts(x, lin_up, lin_down, up, down)
     row["parts_us"] = {name: bench_graph(fn) for name, fn in parts}
@@ -91,7 +105,7 @@ def _ff_parts(x, lin_up, lin_down, up, down) -> list[tuple[str, object]]:
     """The feed-forward's pieces each way, each to be timed alone (where the time goes):
     BF16's up GEMM, gate and down GEMM; ours: the up projection's quantize and widen, the
     gated GEMM, the down projection's widen and GEMM."""
-    from svdquant.kernels import ops
+    from svdquant.kernels import gemm_ws, ops
 
     x2 = x.reshape(-1, up.in_features)
     y = F.linear(x, lin_up.weight, lin_up.bias)
@@ -112,7 +126,18 @@ def _ff_parts(x, lin_up, lin_down, up, down) -> list[tuple[str, object]]:
 
     xq2, lora2 = gated_gemm()
     w2, c2 = ops._EAGER.widen_weight(down.qweight, down.wscales, down.wtensor_scale, down.fmt)
+    ws = []
+    if gemm_ws.available(x.device):  # the Gluon GEMM writing h, then h's quantize
+
+        def ws_gated_gemm():
+            return gemm_ws.fp8_gemm_ws_gated(xq, w1, c1, s1, lora, up.lowrank_up, up.bias,
+                                             x.dtype)  # fmt: skip
+
+        hv = ws_gated_gemm()
+        ws = [("ws_gated_gemm", ws_gated_gemm), ("down_quantize", lambda: ops._EAGER.quantize_act(
+            hv, down.smooth, down.lowrank_down, s2, k_out2, down.act_fmt))]  # fmt: skip
     return [
+        *ws,
         ("bf16_up", lambda: F.linear(x, lin_up.weight, lin_up.bias)),
         ("bf16_gate", lambda: v * F.gelu(g)),
         ("bf16_down", lambda: F.linear(hid, lin_down.weight, lin_down.bias)),
@@ -254,12 +279,17 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     if args.ff:
         rows = [probe_ff(m, c) for m, c in FF_SHAPES]
-        print("| M | C | BF16 µs | gated quantize µs | epilogue µs | epilogue × BF16 | max |Δ| |")
-        print("|---|---|---|---|---|---|---|")
+        print("| M | C | BF16 µs | gated quantize µs | epilogue µs | epilogue × BF16 | max |Δ| "
+              "| gemm_ws µs | gemm_ws × BF16 | its max |Δ| |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
+            ws = "– | – | –"
+            if "ws_us" in r:
+                ws = (f"{r['ws_us']:.1f} | {r['bf16_us'] / r['ws_us']:.2f}× | "
+                      f"{r['ws_vs_epilogue_max_abs']:.3g}")  # fmt: skip
             print(f"| {r['m']} | {r['c']} | {r['bf16_us']:.1f} | {r['gated_us']:.1f} | "
                   f"{r['epilogue_us']:.1f} | {r['bf16_us'] / r['epilogue_us']:.2f}× | "
-                  f"{r['epilogue_vs_gated_max_abs']:.3g} |")  # fmt: skip
+                  f"{r['epilogue_vs_gated_max_abs']:.3g} | {ws} |")  # fmt: skip
         for r in rows:
             print(f"M {r['m']}, C {r['c']}: " + ", ".join(
                 f"{k} {v:.1f}" for k, v in r["parts_us"].items()))  # fmt: skip
