@@ -669,12 +669,19 @@ def _desc(rows: int, cols: int, dtype: Any, gl_dtype: Any, block: list[int]) -> 
 
 
 def _gemm_ws_spec(
-    sizes: list[int], parts: bool = False, tile=None, rank: int = 32, gated: bool = False
+    sizes: list[int],
+    parts: bool = False,
+    tile=None,
+    rank: int = 32,
+    gated: bool = False,
+    next_fmt: str | None = None,
 ) -> dict[str, Any]:
     """The warp-specialized Gluon GEMM (``kernels/gemm_ws.py``) at M = 4608, K = 3072,
     N = sum(sizes), the output split into ``sizes`` segments (one: not split); ``tile``
     one of ``gemm_ws.CANDIDATE_TILES`` (default: ``DEFAULT_TILE``); ``gated``: a GEGLU's
-    up projection of 2N rows writing h [M, N] (``fp8_gemm_ws_gated``)."""
+    up projection of 2N rows writing h [M, N] (``fp8_gemm_ws_gated``); ``next_fmt``
+    ("int4" or "fp8"): the epilogue writing the next layer's quantized input instead,
+    GELU-tanh (GELU when gated) and a rank-32 next layer (``fp8_gemm_ws_next``)."""
     import torch
     from triton.experimental.gluon import language as gl
 
@@ -700,11 +707,21 @@ def _gemm_ws_spec(
             lora_ptr="*fp32",
             lu_ptr="*bf16",
             bias_ptr="*bf16",
+            inv_s2_ptr="*fp32",
+            ld2_ptr="*bf16" if next_fmt else "*fp32",
+            scale2_ptr="*fp32",
+            xq2_ptr="*fp8e4nv" if next_fmt else "*fp32",
+            lora2_ptr="*fp32",
         ),
         ints=dict(
             M=m,
             N=n,
             K=3072,
+            K2_OUT=n if next_fmt else 0,
+            R2=32 if next_fmt else 0,
+            stride_q2m=n if next_fmt else 0,
+            stride_ld2=n if next_fmt else 0,
+            stride_l2m=32 if next_fmt else 0,
             stride_lm=96 if parts else rank,
             stride_un=48 if parts else rank,
             R=48 if parts else rank,
@@ -726,6 +743,10 @@ def _gemm_ws_spec(
             PINGPONG=partitions == 2,
             PP_REGS=g.PP_REGS,
             GATED=gated,
+            ACT=(3 if gated else 1) if next_fmt else 3 if gated else 0,
+            NEXT=next_fmt is not None,
+            NEXT_INT4=next_fmt == "int4",
+            BR2=32 if next_fmt else 16,
         ),
         warps=warps,
     )
@@ -755,6 +776,13 @@ def _gemm_ws_gated() -> dict[str, Any]:
     """The Gluon GEMM as a GEGLU's up projection (SDXL's at 1,280 wide: 2 x 5120 rows of
     K = 1280 here at K = 3072) writing h = v · gelu(g), the 128 x 128 tile ping-ponged."""
     return _gemm_ws_spec([5120], tile=(128, 128, 4, 4, 2), gated=True)
+
+
+@_spec("gemm_ws_next")
+def _gemm_ws_next() -> dict[str, Any]:
+    """The Gluon GEMM as a GELU MLP's fc1 (FLUX's 3072 -> 12288) writing fc2's int4
+    input and low-rank sums (``fp8_gemm_ws_next``)."""
+    return _gemm_ws_spec([12288], next_fmt="int4")
 
 
 @_spec("ws_decode")

@@ -1885,11 +1885,17 @@ def test_gemm_ws_split_launch_plan(monkeypatch):
     flat = gemm_ws.fp8_gemm_ws_split(*args, sizes)
     ((a, kw),) = launches
     assert list(names) == names[: len(a)] + list(kw)  # every parameter, in its place
-    assert names[len(a) - 13 : len(a)] == ["R", "B1", "B2", "B3", "LP", "O0", "O1", "O2",
-                                           "O3", "W0", "W1", "W2", "W3"]  # fmt: skip
-    descs, bounds = a[3:7], a[-12:-9]
-    assert a[-9:] == (0,) * 9 and kw["PARTS"] is False and kw["GATED"] is False
-    assert a[2] is a[1]  # not gated: the one weight descriptor twice
+    parts_of = ("LP", "O0", "O1", "O2", "O3", "W0", "W1", "W2", "W3")
+
+    def named(a: tuple) -> dict:
+        v = dict(zip(names, a, strict=False))
+        return {**v, "bounds": (v["B1"], v["B2"], v["B3"]), "parts": tuple(map(v.get, parts_of))}
+
+    v = named(a)
+    descs, bounds = [v[f"c{i}_desc"] for i in range(4)], v["bounds"]
+    assert v["parts"] == (0,) * 9 and kw["PARTS"] is False and kw["GATED"] is False
+    assert v["g_desc"] is v["b_desc"] and not kw["NEXT"]  # one weight descriptor, twice
+    assert (v["K2_OUT"], v["R2"]) == (0, 0)
     for d, w, start in zip(descs, sizes, (0, 256, 512), strict=False):
         assert tuple(d.shape) == (m, w) and tuple(d.strides) == (w, 1)
         assert d.base.data_ptr() == flat.data_ptr() + m * start * flat.element_size()
@@ -1898,10 +1904,12 @@ def test_gemm_ws_split_launch_plan(monkeypatch):
     # the layouts are asked once per box and dtype: the same as asking each time
     box = [gemm_ws.BLOCK_M, gemm_ws.BLOCK_N // 2]
     assert descs[0].layout == gemm_ws.gl.NVMMASharedLayout.get_default_for(box, gemm_ws.gl.bfloat16)
-    assert not kw["MASK_R"] and a[-13] == 32  # the rank is its power of two: no column mask
+    assert not kw["MASK_R"] and v["R"] == 32  # the rank is its power of two: no column mask
     gemm_ws.fp8_gemm_ws(*args)  # unsplit: the whole output, bounds at N
     a, kw = launches[-1]
-    assert tuple(a[3].shape) == (m, sum(sizes)) and a[-12:-9] == (648,) * 3 and not kw["SPLIT"]
+    v = named(a)
+    assert tuple(v["c0_desc"].shape) == (m, sum(sizes)) and v["bounds"] == (648,) * 3
+    assert not kw["SPLIT"]
     # the cost model's tile: its boxes, its warps and stages
     monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", None)
     gemm_ws.fp8_gemm_ws(*args)
@@ -1914,14 +1922,14 @@ def test_gemm_ws_split_launch_plan(monkeypatch):
     # rank 48: rows padded to 64
     gemm_ws.fp8_gemm_ws(*_gemm_args(m, 512, 64, seed=5, r=48))
     a, kw = launches[-1]
-    assert kw["MASK_R"] and kw["BR"] == 64 and a[-13] == 48
+    assert kw["MASK_R"] and kw["BR"] == 64 and named(a)["R"] == 48
     # a split's parts (each segment's own low-rank columns): prefix, offsets, widths
     launches.clear()
     lora = torch.zeros(m, 8 + 4 + 12 + 8, device=DEVICE)
     up = args[5].new_zeros(sum(sizes), 32)
     gemm_ws.fp8_gemm_ws_split(*args[:4], lora, up, *args[6:], sizes, [8, 4, 12, 8])
     ((a, kw),) = launches
-    assert a[-9:] == (8, 0, 4, 16, 24, 4, 12, 8, 0) and kw["PARTS"] is True
+    assert named(a)["parts"] == (8, 0, 4, 16, 24, 4, 12, 8, 0) and kw["PARTS"] is True
     with pytest.raises(ValueError, match="multiples of 4"):
         gemm_ws.fp8_gemm_ws_split(*args[:4], lora, up, *args[6:], sizes, [8, 2, 14, 8])
 
@@ -1964,6 +1972,161 @@ def test_gemm_ws_gated_launch_plan(monkeypatch):
         gemm_ws.fp8_gemm_ws_gated(*_gemm_args(m, 2 * 516, k, seed=6, r=32))  # H = 516
     with pytest.raises(ValueError, match="2H rows"):
         gemm_ws.fp8_gemm_ws_gated(*_gemm_args(m, 1041, k, seed=6, r=32))  # odd
+
+
+def test_gemm_ws_next_launch_plan(monkeypatch):
+    """The host side of the Gluon GEMM writing the next layer's quantized input
+    (``fp8_gemm_ws_next``), on any machine: the next layer's operands passed, its format
+    and activation as constants, a box-sized stand-in for the unused output descriptor;
+    the outputs are ``next_layer_input``'s buffers."""
+    from svdquant.kernels import gemm, gemm_ws
+
+    if not gemm_ws.HAVE_GLUON:
+        pytest.skip("this triton has no Gluon")
+    launches = []
+
+    class Kernel:  # records the launch instead of running it
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((a, kw))
+
+    names = gemm_ws._fp8_gemm_ws_kernel.arg_names
+    monkeypatch.setattr(gemm_ws, "_fp8_gemm_ws_kernel", Kernel())
+    m, n, k = 300, 640, 64
+    args = _gemm_args(m, n, k, seed=7, r=32)
+    down2, _ = _lowrank(8, n, 24, torch.bfloat16)
+    xq2, lora2, nxt = gemm.next_layer_input(m, n, args[0].device, "gelu_tanh", _smooth(n),
+                                            down2, torch.tensor(0.01), 640, "int4")  # fmt: skip
+    got = gemm_ws.fp8_gemm_ws_next(*args, nxt)
+    assert got[0] is xq2 and got[1] is lora2
+    ((a, kw),) = launches
+    v = dict(zip(names, a, strict=False))
+    assert kw["NEXT"] and kw["NEXT_INT4"] and kw["ACT"] == 1 and kw["BR2"] == 32
+    assert not kw["GATED"] and not kw["SPLIT"] and v["N"] == n
+    assert v["ld2_ptr"] is nxt[1] and v["xq2_ptr"] is xq2 and v["lora2_ptr"] is lora2
+    assert (v["K2_OUT"], v["R2"], v["stride_q2m"]) == (640, 24, 640)
+    assert (v["stride_ld2"], v["stride_l2m"]) == (n, 24)
+    bm, bn = v["a_desc"].block_shape[0], v["b_desc"].block_shape[0]
+    assert tuple(v["c0_desc"].shape) == (bm, bn // 2)  # a stand-in: nothing stored there
+    # a GEGLU: the gate's GELU, h's width the next layer's K
+    h = n // 2
+    one = torch.tensor(0.01)
+    xq2, lora2, nxt = gemm.next_layer_input(
+        m, h, args[0].device, "gelu", _smooth(h), down2[:, :h], one, 320, "fp8"
+    )
+    gemm_ws.fp8_gemm_ws_next(*args, nxt, gated=True)
+    a, kw = launches[-1]
+    v = dict(zip(names, a, strict=False))
+    assert kw["GATED"] and kw["NEXT"] and not kw["NEXT_INT4"] and kw["ACT"] == 3
+    assert v["N"] == n // 2 and v["K2_OUT"] == 320
+    assert gemm_ws.supports_next(n, k, 32, 64, torch.bfloat16, torch.bfloat16)
+    assert not gemm_ws.supports_next(n, k, 32, 80, torch.bfloat16, torch.bfloat16)
+
+
+def test_quantize_next_epilogues_hand_over_to_gemm_ws(monkeypatch):
+    """With ``gemm.WS_NEXT`` the epilogues that write the next layer's input — a GELU
+    MLP's fc1 (``fp8_gemm_quantize_next``) and a GEGLU's up projection
+    (``fp8_gemm_gated_next``) — run on the Gluon GEMM where ``fp8_gemm`` would, into the
+    same buffers; off, on the Triton kernels. The Gluon kernel stood in for by the
+    reference (the GPU tests run it)."""
+    from svdquant.kernels import gemm, gemm_gated, gemm_ws
+
+    calls = []
+
+    def stand_in(xq, wq, s_ch, scale, lora, up, bias, dtype, nxt, gated=False):
+        calls.append(gated)
+        smooth2 = 1.0 / nxt[0]
+        fn = ref.fp8_gemm_gated_next_ref if gated else ref.fp8_gemm_quantize_next_ref
+        want = fn(xq, wq, s_ch, scale, lora, up, bias, dtype, nxt[5], smooth2, nxt[1],
+                  nxt[2].reshape(()), nxt[3].shape[1], nxt[6])  # fmt: skip
+        nxt[3].copy_(want[0])
+        nxt[4].copy_(want[1])
+        return nxt[3], nxt[4]
+
+    monkeypatch.setattr(gemm, "WS_NEXT", True)
+    monkeypatch.setattr(gemm, "_ws_wanted", lambda *a: True)
+    monkeypatch.setattr(gemm_ws, "fp8_gemm_ws_next", stand_in)
+    n, k = 192, 128
+    down2, _ = _lowrank(8, n, 16, torch.bfloat16)
+    args = (*_gemm_args(37, n, k, 9, r=16), "gelu_tanh", _smooth(n), down2,
+            torch.tensor(0.01, device=DEVICE), n, "int4")  # fmt: skip
+    xq2, lora2 = fp8_gemm_quantize_next(*args)
+    assert calls == [False]
+    want = ref.fp8_gemm_quantize_next_ref(*args)
+    assert torch.equal(xq2.float(), want[0].float()) and torch.equal(lora2, want[1])
+    gated = _gated_next_args(37, 136, 96, 16, "gelu", "int4", True)
+    xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*gated)
+    assert calls == [False, True]
+    _check_gated_next(gated, xq2, lora2)
+    monkeypatch.setattr(gemm, "WS_NEXT", False)
+    fp8_gemm_quantize_next(*args)
+    gemm_gated.fp8_gemm_gated_next(*gated)
+    assert len(calls) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [pytest.param(t, id=tile_name(t)) for t in CANDIDATE_TILES])
+@pytest.mark.parametrize(("m", "n", "r2", "activation", "act_fmt2"), [
+    (3, 640, 16, "gelu_tanh", "int4"), (257, 1000, 32, "silu", "fp8"),
+    (4608, 1152, 32, "gelu_tanh", "int4"), (600, 264, 0, "none", "int4"),
+])  # fmt: skip
+def test_gpu_fp8_gemm_ws_next_matches_reference(monkeypatch, tile, m, n, r2, activation,
+                                                 act_fmt2):  # fmt: skip
+    """The Gluon GEMM writing the next layer's quantized input (``gemm.WS_NEXT``), every
+    candidate tile: against the reference as the Triton epilogue is held to, and against
+    the Triton epilogue itself (the same operations: codes differ only where the two
+    GEMMs' fp32 sums round a 16-bit value differently)."""
+    from svdquant.kernels import gemm, gemm_ws
+
+    if not gemm_ws.available(torch.device(DEVICE)):
+        pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
+    monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", tile)
+    k = 336
+    down2, _ = _lowrank(max(r2, 1), n, r2, torch.bfloat16)
+    k_out2 = -(-n // 64) * 64
+    args = (*_gemm_args(m, n, k, m + n, r=32), activation, _smooth(n), down2[:r2],
+            torch.tensor(0.01, device=DEVICE), k_out2, act_fmt2)  # fmt: skip
+    monkeypatch.setattr(gemm, "WS_NEXT", False)
+    triton_q, triton_l = fp8_gemm_quantize_next(*args)
+    monkeypatch.setattr(gemm, "WS_NEXT", True)
+    calls = []
+    real = gemm_ws.fp8_gemm_ws_next
+    monkeypatch.setattr(
+        gemm_ws, "fp8_gemm_ws_next", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    xq2, lora2 = fp8_gemm_quantize_next(*args)
+    assert calls == ([1] if m >= gemm.WS_MIN_M else [])
+    xq2_ref, lora2_ref = ref.fp8_gemm_quantize_next_ref(*args)
+    assert (xq2.float() != xq2_ref.float()).float().mean().item() < 0.01
+    assert rel_err(xq2, xq2_ref) < 0.01
+    if r2:
+        assert rel_err(lora2, lora2_ref) < 1e-3
+    assert (xq2.float() != triton_q.float()).float().mean().item() <= 2e-3
+    if r2:
+        assert rel_err(lora2, triton_l) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [pytest.param(t, id=tile_name(t)) for t in CANDIDATE_TILES])
+@pytest.mark.parametrize(("m", "h", "k"), [(600, 136, 96), (4096, 2560, 640), (1024, 5120, 1280)])
+def test_gpu_fp8_gemm_gated_next_on_gemm_ws_one_pass(monkeypatch, tile, m, h, k):
+    """A GEGLU's up projection writing the down projection's quantized input in gemm_ws's
+    epilogue (``gemm.WS_NEXT``, one pass), every candidate tile, SDXL's shapes: the
+    one-pass Triton kernel's outputs (``_check_gated_next``)."""
+    from svdquant.kernels import gemm, gemm_gated, gemm_ws
+
+    if not gemm_ws.available(torch.device(DEVICE)):
+        pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
+    monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", tile)
+    monkeypatch.setattr(gemm, "WS_NEXT", True)
+    calls = []
+    real = gemm_ws.fp8_gemm_ws_next
+    monkeypatch.setattr(
+        gemm_ws, "fp8_gemm_ws_next", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    args = _gated_next_args(m, h, k, 32, "gelu", "int4", True, torch.float16)
+    xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*args)
+    assert calls == [1]
+    _check_gated_next(args, xq2, lora2)
 
 
 def test_fp8_gemm_gated_next_hands_geglu_to_gemm_ws(monkeypatch):

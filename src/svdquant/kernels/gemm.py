@@ -813,10 +813,34 @@ def fp8_gemm_quantize_next(
     xq2, lora2, nxt = next_layer_input(
         m, n, xq.device, activation, smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2
     )
+    if m and n and ws_next_wanted(xq, wq, lora_act, lowrank_up, out_dtype, nxt):
+        return gemm_ws.fp8_gemm_ws_next(xq, wq, s_channel, act_scale, lora_act, lowrank_up,
+                                        bias, out_dtype, nxt)  # fmt: skip
     if m and n:
         out = torch.empty(0, dtype=out_dtype, device=xq.device)  # not written
         _launch(*_contiguous(xq, wq, lora_act, lowrank_up), s_channel, act_scale, bias, out, nxt)
     return xq2, lora2
+
+
+#: Run an epilogue that writes the next layer's quantized input (``fp8_gemm_quantize_next``:
+#: a GELU MLP's fc1 — FLUX's double blocks, PixArt-Σ; ``gemm_gated.fp8_gemm_gated_next``:
+#: SDXL's GEGLU) on the warp-specialized GEMM where ``fp8_gemm`` would
+#: (``gemm_ws.fp8_gemm_ws_next``: ``quantize_next``'s operations in Gluon, the same
+#: codes). Built and compiled for sm_90 in v45 (every candidate tile, int4 and fp8, plain
+#: and gated: no spill, no shared memory beyond the plain kernel's — L_down's chunk borrows
+#: the store buffer), not yet run on a GPU: off until its GPU tests pass and an A/B
+#: (``bench/models.py`` / ``bench/e2e.py --ab gemm.WS_NEXT=True``) measures it.
+WS_NEXT = False
+
+
+def ws_next_wanted(xq, wq, lora_act, lowrank_up, out_dtype, nxt, gated=False) -> bool:
+    """Whether an epilogue writing the next layer's input (``nxt``) runs on gemm_ws."""
+    return (
+        WS_NEXT
+        and gemm_ws.supports_next(wq.shape[0], xq.shape[1], lowrank_up.shape[1],
+                                  nxt[1].shape[0], lowrank_up.dtype, out_dtype, gated)
+        and _ws_wanted(xq, wq, lora_act, lowrank_up, out_dtype)
+    )  # fmt: skip
 
 
 def next_layer_input(m, k2, device, activation, smooth2, lowrank_down2, act_scale2, k_out2,

@@ -135,7 +135,7 @@ gemm.TUNED_KERNELS.append(_gated_kernel)
 #: against 47.7 at M = 1024, 1280 → 2 x 5120). Built and compiled for sm_90 in v45
 #: (``sass_report``: 168/255 registers, no spill, every candidate tile), not yet run on a
 #: GPU: off until its GPU tests pass and ``bench/models.py --ab gemm_gated.WS_GATED=True``
-#: measures it.
+#: measures it. ``gemm.WS_NEXT`` (the quantize in that epilogue too: one pass) goes first.
 WS_GATED = False
 
 
@@ -178,16 +178,20 @@ def fp8_gemm_gated_next(
     m, n = xq.shape[0], wq.shape[0]
     if n % 2:
         raise ValueError(f"a gated unit's up projection has an even number of rows: {n}")
-    if _ws_gated_wanted(xq, wq, lora_act, lowrank_up, out_dtype, activation):
-        hv = gemm_ws.fp8_gemm_ws_gated(xq, wq, s_channel, act_scale, lora_act, lowrank_up,
-                                       bias, out_dtype)  # fmt: skip
-        return quantize_act(hv, smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2)
     h = n // 2
     xq2, lora2, nxt = gemm.next_layer_input(
         m, h, xq.device, activation, smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2
     )
     if not (m and h):
         return xq2, lora2
+    if gemm.ws_next_wanted(xq, wq, lora_act, lowrank_up, out_dtype, nxt, gated=True):
+        return gemm_ws.fp8_gemm_ws_next(xq, wq, s_channel, act_scale, lora_act, lowrank_up,
+                                        bias, out_dtype, nxt, gated=True)  # fmt: skip
+    if _ws_gated_wanted(xq, wq, lora_act, lowrank_up, out_dtype, activation):
+        hv = gemm_ws.fp8_gemm_ws_gated(xq, wq, s_channel, act_scale, lora_act, lowrank_up,
+                                       bias, out_dtype)  # fmt: skip
+        return quantize_act(hv, smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2,
+                            out=(xq2, lora2))  # fmt: skip
     inv_s2, ld2, sc2, _, _, _, _ = nxt
     xq, wq, lora_act, lowrank_up = gemm._contiguous(xq, wq, lora_act, lowrank_up)
     r, r2, k = lowrank_up.shape[1], ld2.shape[0], xq.shape[1]

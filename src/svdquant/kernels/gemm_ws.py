@@ -45,6 +45,7 @@ import torch
 import triton
 
 from svdquant.kernels._triton_common import (
+    ACTIVATIONS,
     capability_major,
     cdiv,
     inner_bounds,
@@ -81,9 +82,11 @@ __all__ = [
     "available",
     "fp8_gemm_ws",
     "fp8_gemm_ws_gated",
+    "fp8_gemm_ws_next",
     "fp8_gemm_ws_split",
     "supports",
     "supports_gated",
+    "supports_next",
 ]
 
 #: Tile and ring: 128 × 256 × 128 fp8 tiles (48 KB a stage), ``STAGES`` stages, two MMA
@@ -269,15 +272,98 @@ if HAVE_GLUON:
         _store_half(c_desc, c_smem, hi, row, col + BN // 2)
 
     @gluon.jit
-    def _gelu(y):
-        """GELU (erf) on fp32 ``y`` as the Triton kernels compute it
-        (``_triton_common._normal_cdf``: Abramowitz & Stegun 7.1.26, |error| ≤ 1.5e-7)."""
-        z = gl.abs(y) * 0.7071067811865476
-        t = 1.0 / (1.0 + 0.3275911 * z)
-        p = 1.061405429 * t - 1.453152027
-        p = ((p * t + 1.421413741) * t - 0.284496736) * t + 0.254829592
-        half_erfc = 0.5 * p * t * gl.exp(-z * z)
-        return y * gl.where(y >= 0, 1.0 - half_erfc, half_erfc)
+    def _activation(y, ACT: gl.constexpr):
+        """``_triton_common.apply_activation`` in Gluon, the same operations (so the same
+        fp32 results): ``ACT`` 0 none, 1 GELU-tanh, 2 SiLU, 3 GELU (erf by Abramowitz &
+        Stegun 7.1.26, |error| ≤ 1.5e-7)."""
+        if ACT == 1:
+            e = gl.exp2(y * (2.302208198144325 + 0.1029432395800235 * y * y))
+            y = y - y / (e + 1.0)
+        elif ACT == 2:
+            y = y / (1.0 + gl.exp(-y))
+        elif ACT == 3:
+            z = gl.abs(y) * 0.7071067811865476
+            t = 1.0 / (1.0 + 0.3275911 * z)
+            p = 1.061405429 * t - 1.453152027
+            p = ((p * t + 1.421413741) * t - 0.284496736) * t + 0.254829592
+            half_erfc = 0.5 * p * t * gl.exp(-z * z)
+            y = y * gl.where(y >= 0, 1.0 - half_erfc, half_erfc)
+        return y
+
+    @gluon.jit
+    def _quantize_next(h16, row, col, c_smem, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr,
+                       lora2_ptr, M, N, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m,
+                       NEXT_INT4: gl.constexpr, BR2: gl.constexpr, BM: gl.constexpr,
+                       W: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
+        """``gemm.quantize_next`` in Gluon: the 16-bit tile ``h16`` [BM, W] (columns ``col``
+        on, W a multiple of 64: whole groups) stored as the next layer's quantized input
+        and its share of that layer's low-rank down projection added (fp32 atomics); the
+        same operations as the Triton epilogue's on the GPU (``quantize.int4_fp8`` with
+        its division-free IEEE quotients), so the same codes. ``c_smem`` (the store
+        buffer, unused by such a tile) holds L_down's chunk for the MMA."""
+        # rows of 8 contiguous values a thread, 8 threads a 64-column group
+        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+        # the low-rank share first: h · (diag(1/s) · L_downᵀ), L_down's chunk [BR2, W]
+        # scaled by 1/s and rounded to 16 bits (``folded_lowrank_dot``), h from registers
+        rr = gl.arange(0, BR2, layout=gl.SliceLayout(1, blk))
+        cn = col + gl.arange(0, W, layout=gl.SliceLayout(0, blk))
+        cmask = cn < N
+        inv_s2 = gl.load(inv_s2_ptr + cn, mask=cmask, other=1.0)
+        ld_mask = gl.expand_dims(rr < R2, 1) & gl.expand_dims(cmask, 0)
+        ld = gl.load(ld2_ptr + gl.expand_dims(rr, 1) * stride_ld2 + gl.expand_dims(cn, 0),
+                     mask=ld_mask, other=0.0)  # fmt: skip
+        ld16 = (ld.to(gl.float32) * gl.expand_dims(inv_s2, 0)).to(ld2_ptr.dtype.element_ty)
+        ld_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BR2, W], ld16.dtype)
+        ld_smem = c_smem._reinterpret(ld16.dtype, [BR2, W], ld_layout)
+        gl.thread_barrier()  # the buffer's last readers are done
+        ld_smem.store(ld16)
+        fence_async_shared()
+        gl.thread_barrier()
+        part_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BR2, 16]
+        )
+        a_op = gl.convert_layout(
+            h16.to(ld16.dtype), gl.DotOperandLayout(operand_index=0, parent=part_layout, k_width=2)
+        )
+        part = warpgroup_mma(a_op, ld_smem.permute((1, 0)),
+                             gl.zeros([BM, BR2], gl.float32, part_layout))  # fmt: skip
+        pm = row + gl.arange(0, BM, layout=gl.SliceLayout(1, part_layout))
+        pr = gl.arange(0, BR2, layout=gl.SliceLayout(0, part_layout))
+        gl.atomic_add(lora2_ptr + gl.expand_dims(pm, 1) * stride_l2m + gl.expand_dims(pr, 0),
+                      part, mask=gl.expand_dims(pm < M, 1) & gl.expand_dims(pr < R2, 0),
+                      sem="relaxed")  # fmt: skip
+        # the codes: x̂ = h / s, columns past N zero (the padded K's), in h's own registers
+        # (half an accumulator's columns: the accumulator layout of W columns)
+        hl: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, W, 32]
+        )
+        h16 = gl.convert_layout(h16, hl, assert_trivial=True)
+        hn = col + gl.arange(0, W, layout=gl.SliceLayout(0, hl))
+        hmask = hn < N
+        hs = gl.load(inv_s2_ptr + hn, mask=hmask, other=1.0)
+        x = h16.to(gl.float32) * gl.expand_dims(hs, 0)
+        x = gl.where(gl.expand_dims(hmask, 0), x, 0.0)
+        inv2 = gl.div_rn(1.0, gl.load(scale2_ptr))
+        if NEXT_INT4:
+            # the paper's int4 codes per 64-column group, as fp8(code · s_group · inv2)
+            xg = gl.reshape(x, [BM, W // 64, 64])
+            amax = gl.max(gl.abs(xg), axis=2)
+            q0 = amax * 0.142857149243354797363281250  # RN(a / 7) by two FMAs
+            sg = gl.fma(gl.fma(-q0, 7.0, amax), 0.142857149243354797363281250, q0)
+            sg = gl.minimum(sg, 65504.0).to(gl.float16).to(gl.float32)
+            safe = gl.where(sg > 0.0, sg, 1.0)
+            c0 = 1.0 / safe  # RN(1 / s_group): the fast reciprocal and one Newton step
+            inv_sg = gl.where(sg > 0.0, gl.fma(c0, gl.fma(-safe, c0, 1.0), c0), 0.0)
+            f = gl.expand_dims(gl.minimum(sg * inv2, 3.4028234663852886e38), 2)
+            code = gl.fma(xg, gl.expand_dims(inv_sg, 2), 12582912.0) - 12582912.0
+            val = gl.minimum(gl.maximum(code, -7.0), 7.0) * f
+            q = gl.convert_layout(gl.reshape(val.to(gl.float8e4nv), [BM, W]), hl,
+                                  assert_trivial=True)  # fmt: skip
+        else:  # fp8 operands of x̂ itself (``to_e4m3``: saturated at ±448)
+            q = gl.minimum(gl.maximum(x * inv2, -448.0), 448.0).to(gl.float8e4nv)
+        qm = row + gl.arange(0, BM, layout=gl.SliceLayout(1, hl))
+        gl.store(xq2_ptr + gl.expand_dims(qm, 1) * stride_q2m + gl.expand_dims(hn, 0), q,
+                 mask=gl.expand_dims(qm < M, 1) & gl.expand_dims(hn < K2_OUT, 0))  # fmt: skip
 
     @gluon.jit
     def _mma_warps(
@@ -317,6 +403,16 @@ if HAVE_GLUON:
         W1,
         W2,
         W3,
+        inv_s2_ptr,
+        ld2_ptr,
+        scale2_ptr,
+        xq2_ptr,
+        lora2_ptr,
+        K2_OUT,
+        R2,
+        stride_q2m,
+        stride_ld2,
+        stride_l2m,
         HAS_LORA: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         SPLIT: gl.constexpr,
@@ -331,6 +427,10 @@ if HAVE_GLUON:
         GROUP: gl.constexpr,
         WARPS: gl.constexpr,
         GATED: gl.constexpr,
+        ACT: gl.constexpr,
+        NEXT: gl.constexpr,
+        NEXT_INT4: gl.constexpr,
+        BR2: gl.constexpr,
         FIRST: gl.constexpr = 0,
         NPART: gl.constexpr = 1,
     ):
@@ -477,11 +577,27 @@ if HAVE_GLUON:
             row = pid_m * BM
             col = pid_n * BN
             if GATED:
-                # h = v · gelu(g), the activation and the product each rounded to the
+                # h = v · act(g), the activation and the product each rounded to the
                 # output's dtype as the unfused modules write them (v and g already are)
-                t = _gelu(hi.to(gl.float32)).to(c0_desc.dtype)
+                t = _activation(hi.to(gl.float32), ACT).to(c0_desc.dtype)
                 h = (lo.to(gl.float32) * t.to(gl.float32)).to(c0_desc.dtype)
-                _store_half(c0_desc, c_smem, h, row, pid_n * TN)
+                if NEXT:
+                    _quantize_next(h, row, pid_n * TN, c_smem, inv_s2_ptr, ld2_ptr, scale2_ptr,
+                                   xq2_ptr, lora2_ptr, M, N, K2_OUT, R2, stride_q2m, stride_ld2,
+                                   stride_l2m, NEXT_INT4, BR2, BM, TN, WARPS)  # fmt: skip
+                else:
+                    _store_half(c0_desc, c_smem, h, row, pid_n * TN)
+            elif NEXT:
+                # act(output) as the next layer's quantized input, half a tile at a time;
+                # the activation reads the output as written (in 16 bits)
+                h = _activation(lo.to(gl.float32), ACT).to(c0_desc.dtype)
+                _quantize_next(h, row, col, c_smem, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr,
+                               lora2_ptr, M, N, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m,
+                               NEXT_INT4, BR2, BM, BN // 2, WARPS)  # fmt: skip
+                h = _activation(hi.to(gl.float32), ACT).to(c0_desc.dtype)
+                _quantize_next(h, row, col + BN // 2, c_smem, inv_s2_ptr, ld2_ptr, scale2_ptr,
+                               xq2_ptr, lora2_ptr, M, N, K2_OUT, R2, stride_q2m, stride_ld2,
+                               stride_l2m, NEXT_INT4, BR2, BM, BN // 2, WARPS)  # fmt: skip
             elif SPLIT:
                 # a split output: the tile lies in one segment (bounds are multiples of
                 # BN), a contiguous [M, width] tensor of its own with its own descriptor
@@ -529,6 +645,16 @@ if HAVE_GLUON:
         W1,
         W2,
         W3,
+        inv_s2_ptr,
+        ld2_ptr,
+        scale2_ptr,
+        xq2_ptr,
+        lora2_ptr,
+        K2_OUT,
+        R2,
+        stride_q2m,
+        stride_ld2,
+        stride_l2m,
         HAS_LORA: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         SPLIT: gl.constexpr,
@@ -541,6 +667,10 @@ if HAVE_GLUON:
         PINGPONG: gl.constexpr = False,
         PP_REGS: gl.constexpr = 208,  # the launch passes gemm_ws.PP_REGS
         GATED: gl.constexpr = False,
+        ACT: gl.constexpr = 0,
+        NEXT: gl.constexpr = False,
+        NEXT_INT4: gl.constexpr = False,
+        BR2: gl.constexpr = 16,
     ):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -577,14 +707,18 @@ if HAVE_GLUON:
                         a_bufs, b_bufs, ready, empty, turn, la, lu, la32, c, c0_desc, c1_desc,
                         c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr, M, N,
                         K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2,
-                        W3, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C, MASK_R, PARTS, BR, BM, BN, BK, S,
-                        GROUP, num_warps, GATED, 0, 2)),
+                        W3, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr, lora2_ptr, K2_OUT, R2,
+                        stride_q2m, stride_ld2, stride_l2m, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C,
+                        MASK_R, PARTS, BR, BM, BN, BK, S, GROUP, num_warps, GATED, ACT, NEXT,
+                        NEXT_INT4, BR2, 0, 2)),
                     (_mma_warps, (
                         a_bufs, b_bufs, ready, empty, turn, la2, lu2, la32_2, c2, c0_desc,
                         c1_desc, c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr,
                         bias_ptr, M, N, K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2,
-                        O3, W0, W1, W2, W3, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C, MASK_R, PARTS, BR,
-                        BM, BN, BK, S, GROUP, num_warps, GATED, 1, 2)),
+                        O3, W0, W1, W2, W3, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr, lora2_ptr,
+                        K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m, HAS_LORA, HAS_BIAS, SPLIT,
+                        LA_IN_C, MASK_R, PARTS, BR, BM, BN, BK, S, GROUP, num_warps, GATED, ACT,
+                        NEXT, NEXT_INT4, BR2, 1, 2)),
                     (_load_warp, (a_desc, b_desc, g_desc, a_bufs, b_bufs, ready, empty, M, N, K,
                                   BM, TN, BK, S, GROUP, GATED)),
                 ],
@@ -599,8 +733,10 @@ if HAVE_GLUON:
                         a_bufs, b_bufs, ready, empty, empty, la, lu, la32, c, c0_desc, c1_desc,
                         c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr, M, N,
                         K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2,
-                        W3, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C, MASK_R, PARTS, BR, BM, BN, BK, S,
-                        GROUP, num_warps, GATED)),
+                        W3, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr, lora2_ptr, K2_OUT, R2,
+                        stride_q2m, stride_ld2, stride_l2m, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C,
+                        MASK_R, PARTS, BR, BM, BN, BK, S, GROUP, num_warps, GATED, ACT, NEXT,
+                        NEXT_INT4, BR2)),
                     (_load_warp, (a_desc, b_desc, g_desc, a_bufs, b_bufs, ready, empty, M, N, K,
                                   BM, TN, BK, S, GROUP, GATED)),
                 ],
@@ -702,6 +838,40 @@ def fp8_gemm_ws_gated(
     return y
 
 
+def fp8_gemm_ws_next(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    s_channel: torch.Tensor,
+    act_scale: torch.Tensor,
+    lora_act: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    nxt: tuple,
+    gated: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gemm.fp8_gemm_quantize_next`` (``gated``: ``gemm_gated.fp8_gemm_gated_next``) on
+    this kernel: the epilogue writes the next layer's quantized input and adds its
+    low-rank sums (``nxt``: ``gemm.next_layer_input``'s tuple, whose zeroed ``xq2`` and
+    ``lora2`` it fills and returns) — no 16-bit output. ``supports_next`` says whether it
+    takes the shapes."""
+    xq2, lora2 = nxt[3], nxt[4]
+    n = wq.shape[0] // (2 if gated else 1)
+    out = torch.empty(0, dtype=out_dtype, device=xq.device)  # the output's dtype only
+    _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, [n], gated=gated,
+         nxt=nxt)  # fmt: skip
+    return xq2, lora2
+
+
+def supports_next(n: int, k: int, r: int, r2: int, lr_dtype: torch.dtype,
+                  out_dtype: torch.dtype, gated: bool = False) -> bool:  # fmt: skip
+    """Whether ``fp8_gemm_ws_next`` takes an up projection of ``n`` rows (``gated``: 2H)
+    whose next layer has rank ``r2``: ``supports`` / ``supports_gated``, and the next
+    layer's L_down chunk [BR2, half a tile] within the store buffer it borrows (r2 ≤ 64)."""
+    ok = supports_gated if gated else supports
+    return r2 <= 64 and ok(n, k, r, lr_dtype, out_dtype)
+
+
 @functools.cache
 def _layout(rows: int, cols: int, dtype: torch.dtype):
     """The shared-memory layout of a [rows, cols] TMA box (asked once: ~6 µs of host time
@@ -783,9 +953,11 @@ TILE_OVERRIDE: Tile | None = None
 
 
 def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
-         parts=None, gated=False) -> None:  # fmt: skip
+         parts=None, gated=False, nxt=None) -> None:  # fmt: skip
     """Launch the kernel writing ``out``: [M, N], or (several ``sizes``) the segments
-    laid end to end in the flat ``out``, or (``gated``) h = v · gelu(g), [M, N / 2]."""
+    laid end to end in the flat ``out``, or (``gated``) h = v · gelu(g), [M, N / 2]; with
+    ``nxt`` (``gemm.next_layer_input``'s tuple) the next layer's quantized input instead,
+    ``out`` only giving the dtype."""
     m, k = xq.shape
     n = wq.shape[0]
     r = lowrank_up.shape[1]
@@ -814,11 +986,14 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         b = g = GluonDescriptor.from_tensor(wq, [bn, BLOCK_K], b_layout)
     c_block = [bm, bn // 2]
     c_layout = _layout(*c_block, out_dtype)
-    # one descriptor per segment, each a contiguous [M, width] tensor in ``out``
-    flat = out.view(-1)
     bounds = inner_bounds(sizes)
-    pairs = zip([0, *bounds], sizes, strict=True)
-    segments = [flat[m * c : m * c + m * w].view(m, w) for c, w in pairs]
+    if nxt is not None:  # nothing stored through it: a box-sized stand-in for its types
+        out = torch.empty(c_block, dtype=out_dtype, device=xq.device)
+        segments = [out]
+    else:  # one descriptor per segment, each a contiguous [M, width] tensor in ``out``
+        flat = out.view(-1)
+        pairs = zip([0, *bounds], sizes, strict=True)
+        segments = [flat[m * c : m * c + m * w].view(m, w) for c, w in pairs]
     descs = [GluonDescriptor.from_tensor(seg, c_block, c_layout) for seg in segments]
     descs += [descs[-1]] * (4 - len(descs))
     tiles = cdiv(m, bm) * cdiv(n, bn // 2 if gated else bn)
@@ -841,6 +1016,7 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         r,
         *three_bounds(bounds, n),
         *part_args(parts),
+        *_next_args(nxt, s_channel),
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
         SPLIT=len(sizes) > 1,
@@ -853,4 +1029,19 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         PINGPONG=partitions == 2,
         PP_REGS=PP_REGS,
         GATED=gated,
+        ACT=ACTIVATIONS[nxt[5]] if nxt is not None else 3 if gated else 0,
+        NEXT=nxt is not None,
+        NEXT_INT4=nxt is not None and nxt[6] == "int4",
+        BR2=max(16, next_pow2(max(nxt[1].shape[0], 1))) if nxt is not None else 16,
     )
+
+
+def _next_args(nxt, dummy: torch.Tensor) -> tuple:
+    """The kernel's next-layer arguments (1/s, L_down, S, xq2, lora2, K2_OUT, R2 and the
+    strides) from ``gemm.next_layer_input``'s tuple; stand-ins where there is none."""
+    if nxt is None:
+        return (dummy, dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0)
+    inv_s2, ld2, scale2, xq2, lora2 = nxt[:5]
+    r2 = ld2.shape[0]
+    return (inv_s2, ld2, scale2, xq2, lora2, xq2.shape[1], r2, xq2.stride(0),
+            ld2.stride(0) if r2 else 0, lora2.stride(0) if r2 else 0)  # fmt: skip
