@@ -34,6 +34,7 @@ from triton.testing import do_bench
 
 from svdquant import formats
 from svdquant.kernels import gemm as gemm_mod
+from svdquant.kernels import gemm_ws
 from svdquant.kernels import gemv as gemv_mod
 from svdquant.kernels import ops as ops_mod
 from svdquant.kernels import quantize as quantize_mod
@@ -308,6 +309,12 @@ def bench_mlp(m: int) -> dict:
         row["fused_kept_graph_us"] = bench_graph(fused)
     finally:
         fc1.kept = fc2.kept = None
+    if gemm_ws.available(x.device):  # fc1's epilogue on the warp-specialized GEMM (v45)
+        gemm_mod.WS_NEXT = True
+        try:
+            row["fused_ws_graph_us"] = bench_graph(fused)
+        finally:
+            gemm_mod.WS_NEXT = False
     row["ours_w4a8_us"] = bench(lambda: ours("fp8"))
     row["bf16_graph_us"] = bench_graph(bf16)
     row["ours_graph_us"] = bench_graph(ours)
@@ -318,6 +325,8 @@ def bench_mlp(m: int) -> dict:
     row["fused_graph_x"] = row["bf16_graph_us"] / row["fused_graph_us"]
     row["fused_w4a8_graph_x"] = row["bf16_graph_us"] / row["fused_w4a8_graph_us"]
     row["fused_kept_graph_x"] = row["bf16_graph_us"] / row["fused_kept_graph_us"]
+    if "fused_ws_graph_us" in row:
+        row["fused_ws_graph_x"] = row["bf16_graph_us"] / row["fused_ws_graph_us"]
     return row
 
 
@@ -441,8 +450,6 @@ def sweep(copy_gbs: float, parts: str = "quantize,widen,gemv") -> dict:
 def kernel_stats() -> dict:
     """Registers, spills and shared memory of every compiled variant of our kernels, and
     the GEMM's autotuned configs (for NOTES.md)."""
-    from svdquant.kernels import gemm as gemm_mod
-
     fns = {
         "quantize": quantize_mod._quantize_act_kernel,
         "widen": widen_mod._widen_kernel,
@@ -592,6 +599,9 @@ def main() -> None:
               f"{r['fused_graph_us']:.0f} us ({r['fused_graph_x']:.2f}x), W4A8 "
               f"{r['fused_w4a8_graph_us']:.0f} us ({r['fused_w4a8_graph_x']:.2f}x); weights kept "
               f"{r['fused_kept_graph_us']:.0f} us ({r['fused_kept_graph_x']:.2f}x)")  # fmt: skip
+        if "fused_ws_graph_us" in r:
+            print(f"  fused MLP, fc1's epilogue on gemm_ws (gemm.WS_NEXT): CUDA graph "
+                  f"{r['fused_ws_graph_us']:.0f} us ({r['fused_ws_graph_x']:.2f}x)")  # fmt: skip
     for r in gemv:
         print(f"W4A16 GEMV M={r['M']} N={r['N']} K={r['K']}: bf16 {r['bf16_us']:.1f} us, "
               f"ours {r['gemv_us']:.1f} us ({r['x']:.2f}x), no low-rank {r['gemv_nolr_us']:.1f}"

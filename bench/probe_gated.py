@@ -18,7 +18,8 @@ one run: BF16 (``F.linear``, ``F.gelu``, the product, ``F.linear``), ours with t
 quantize (``SVDQLinear.forward_gated``) and ours with the GEGLU in the up projection's
 epilogue (``kernels.svdq_geglu_triton``), each checked against the other, and (v45, on
 sm_90) that epilogue on the warp-specialized GEMM (``gemm_gated.WS_GATED``: h written,
-then the down projection's quantize); then each piece alone (BF16's two GEMMs and gate;
+then the down projection's quantize; ``gemm.WS_NEXT``: the quantize in its epilogue too,
+one pass); then each piece alone (BF16's two GEMMs and gate;
 our up projection's quantize and widen, gated GEMM, down projection's widen and GEMM; on
 sm_90 the Gluon GEMM writing h and the quantize of h).
 
@@ -56,7 +57,7 @@ def probe_ff(m: int, c: int) -> dict:
 
     import svdquant
     from svdquant import kernels
-    from svdquant.kernels import gemm_gated, gemm_ws
+    from svdquant.kernels import gemm, gemm_gated, gemm_ws
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     h = 4 * c
@@ -86,6 +87,13 @@ def probe_ff(m: int, c: int) -> dict:
         finally:
             gemm_gated.WS_GATED = False
 
+    def ws_next() -> torch.Tensor:
+        gemm.WS_NEXT = True
+        try:
+            return kernels.svdq_geglu_triton(x, up, down, "gelu")
+        finally:
+            gemm.WS_NEXT = False
+
     a, b, want = gated(), epilogue(), bf16()
     row: dict = {"m": m, "c": c, "h": h}
     row["epilogue_vs_gated_max_abs"] = float((a.float() - b.float()).abs().max())
@@ -93,7 +101,8 @@ def probe_ff(m: int, c: int) -> dict:
     ways = [("bf16", bf16), ("gated", gated), ("epilogue", epilogue)]
     if gemm_ws.available(x.device):
         row["ws_vs_epilogue_max_abs"] = float((ws().float() - b.float()).abs().max())
-        ways.append(("ws", ws))
+        row["ws_next_vs_epilogue_max_abs"] = float((ws_next().float() - b.float()).abs().max())
+        ways += [("ws", ws), ("ws_next", ws_next)]
     for name, fn in ways:
         row[name + "_us"] = bench_graph(fn)
     parts = _ff_parts(x, lin_up, lin_down, up, down)
@@ -290,6 +299,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {r['m']} | {r['c']} | {r['bf16_us']:.1f} | {r['gated_us']:.1f} | "
                   f"{r['epilogue_us']:.1f} | {r['bf16_us'] / r['epilogue_us']:.2f}× | "
                   f"{r['epilogue_vs_gated_max_abs']:.3g} | {ws} |")  # fmt: skip
+        for r in rows:
+            if "ws_next_us" in r:
+                print(f"M {r['m']}, C {r['c']}: one pass on gemm_ws (gemm.WS_NEXT) "
+                      f"{r['ws_next_us']:.1f} µs ({r['bf16_us'] / r['ws_next_us']:.2f}× BF16), "
+                      f"max |Δ| {r['ws_next_vs_epilogue_max_abs']:.3g}")  # fmt: skip
         for r in rows:
             print(f"M {r['m']}, C {r['c']}: " + ", ".join(
                 f"{k} {v:.1f}" for k, v in r["parts_us"].items()))  # fmt: skip
