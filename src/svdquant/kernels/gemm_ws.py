@@ -301,7 +301,12 @@ if HAVE_GLUON:
         same operations as the Triton epilogue's on the GPU (``quantize.int4_fp8`` with
         its division-free IEEE quotients), so the same codes. ``c_smem`` (the store
         buffer, unused by such a tile) holds L_down's chunk for the MMA."""
-        # rows of 8 contiguous values a thread, 8 threads a 64-column group
+        # h's registers: half an accumulator's columns, the accumulator layout of W columns
+        hl: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, W, 32]
+        )
+        h16 = gl.convert_layout(h16, hl, assert_trivial=True)
+        # L_down's chunk loaded as rows of 8 contiguous values a thread
         blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
         # the low-rank share first: h · (diag(1/s) · L_downᵀ), L_down's chunk [BR2, W]
         # scaled by 1/s and rounded to 16 bits (``folded_lowrank_dot``), h from registers
@@ -333,11 +338,6 @@ if HAVE_GLUON:
                       part, mask=gl.expand_dims(pm < M, 1) & gl.expand_dims(pr < R2, 0),
                       sem="relaxed")  # fmt: skip
         # the codes: x̂ = h / s, columns past N zero (the padded K's), in h's own registers
-        # (half an accumulator's columns: the accumulator layout of W columns)
-        hl: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, W, 32]
-        )
-        h16 = gl.convert_layout(h16, hl, assert_trivial=True)
         hn = col + gl.arange(0, W, layout=gl.SliceLayout(0, hl))
         hmask = hn < N
         hs = gl.load(inv_s2_ptr + hn, mask=hmask, other=1.0)
