@@ -80,19 +80,20 @@ def probe_ff(m: int, c: int) -> dict:
     def epilogue() -> torch.Tensor:
         return kernels.svdq_geglu_triton(x, up, down, "gelu")
 
-    def ws() -> torch.Tensor:
-        gemm_gated.WS_GATED = True
-        try:
-            return kernels.svdq_geglu_triton(x, up, down, "gelu")
-        finally:
-            gemm_gated.WS_GATED = False
+    def switched_on(module, name: str):
+        """``epilogue`` with ``module.name`` set while it runs (a route of gemm_ws's)."""
 
-    def ws_next() -> torch.Tensor:
-        gemm.WS_NEXT = True
-        try:
-            return kernels.svdq_geglu_triton(x, up, down, "gelu")
-        finally:
-            gemm.WS_NEXT = False
+        def run() -> torch.Tensor:
+            setattr(module, name, True)
+            try:
+                return epilogue()
+            finally:
+                setattr(module, name, False)
+
+        return run
+
+    ws = switched_on(gemm_gated, "WS_GATED")  # h written, then the quantize
+    ws_next = switched_on(gemm, "WS_NEXT")  # one pass
 
     a, b, want = gated(), epilogue(), bf16()
     row: dict = {"m": m, "c": c, "h": h}

@@ -1863,22 +1863,34 @@ def test_gpu_fp8_gemm_split_parts(monkeypatch, m, sizes, parts, ws):
         start += w
 
 
+def _record_ws_launches(monkeypatch, with_grid: bool = False) -> tuple[list, list[str]]:
+    """Replace the Gluon GEMM's kernel by a recorder of its launches, on any machine
+    (the kernel itself needs sm_90): ``(launches, the kernel's argument names)``, each
+    launch ``(args, kwargs)`` or with ``with_grid`` ``(grid, args, kwargs)``."""
+    from svdquant.kernels import gemm_ws
+
+    if not gemm_ws.HAVE_GLUON:
+        pytest.skip("this triton has no Gluon")
+    launches: list = []
+
+    class Kernel:  # records the launch instead of running it
+        def __getitem__(self, grid):
+            if with_grid:
+                return lambda *a, **kw: launches.append((grid, a, kw))
+            return lambda *a, **kw: launches.append((a, kw))
+
+    names = gemm_ws._fp8_gemm_ws_kernel.arg_names
+    monkeypatch.setattr(gemm_ws, "_fp8_gemm_ws_kernel", Kernel())
+    return launches, names
+
+
 def test_gemm_ws_split_launch_plan(monkeypatch):
     """The host side of the Gluon GEMM's split output, on any machine (the kernel itself
     needs sm_90): one store descriptor per segment, each a contiguous [M, width] view at
     its offset in the flat output, the inner bounds passed, the unused slots filled."""
     from svdquant.kernels import gemm_ws
 
-    if not gemm_ws.HAVE_GLUON:
-        pytest.skip("this triton has no Gluon")
-    launches = []
-
-    class Kernel:  # records the launch instead of running it
-        def __getitem__(self, grid):
-            return lambda *a, **kw: launches.append((a, kw))
-
-    names = gemm_ws._fp8_gemm_ws_kernel.arg_names
-    monkeypatch.setattr(gemm_ws, "_fp8_gemm_ws_kernel", Kernel())
+    launches, names = _record_ws_launches(monkeypatch)
     monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", gemm_ws.DEFAULT_TILE)  # boxes below
     m, sizes = 300, [256, 256, 136]
     args = _gemm_args(m, sum(sizes), 64, seed=4, r=32)
@@ -1941,15 +1953,7 @@ def test_gemm_ws_gated_launch_plan(monkeypatch):
     refused."""
     from svdquant.kernels import gemm_ws
 
-    if not gemm_ws.HAVE_GLUON:
-        pytest.skip("this triton has no Gluon")
-    launches = []
-
-    class Kernel:  # records the launch instead of running it
-        def __getitem__(self, grid):
-            return lambda *a, **kw: launches.append((grid, a, kw))
-
-    monkeypatch.setattr(gemm_ws, "_fp8_gemm_ws_kernel", Kernel())
+    launches, _ = _record_ws_launches(monkeypatch, with_grid=True)
     m, h, k = 300, 520, 64
     args = _gemm_args(m, 2 * h, k, seed=6, r=32)
     sms = gemm_ws.num_sms(args[0].device)
@@ -1981,16 +1985,7 @@ def test_gemm_ws_next_launch_plan(monkeypatch):
     the outputs are ``next_layer_input``'s buffers."""
     from svdquant.kernels import gemm, gemm_ws
 
-    if not gemm_ws.HAVE_GLUON:
-        pytest.skip("this triton has no Gluon")
-    launches = []
-
-    class Kernel:  # records the launch instead of running it
-        def __getitem__(self, grid):
-            return lambda *a, **kw: launches.append((a, kw))
-
-    names = gemm_ws._fp8_gemm_ws_kernel.arg_names
-    monkeypatch.setattr(gemm_ws, "_fp8_gemm_ws_kernel", Kernel())
+    launches, names = _record_ws_launches(monkeypatch)
     m, n, k = 300, 640, 64
     args = _gemm_args(m, n, k, seed=7, r=32)
     down2, _ = _lowrank(8, n, 24, torch.bfloat16)
