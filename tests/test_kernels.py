@@ -1750,6 +1750,9 @@ def test_gemm_ws_pick_tile_takes_only_tiles_that_fit(monkeypatch):
     assert gemm_ws.pick_tile(512, 3072, 12288, 64, 132) == default  # rank 64: only it fits
     monkeypatch.setattr(gemm_ws, "PINGPONG", False)  # the A/B switch: one partition only
     assert gemm_ws.pick_tile(4096, 3456, 1152, 32, 132) == (128, 128, 4, 4, 1)
+    monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", (128, 256, 3, 8))  # v44's four fields
+    with pytest.raises(ValueError, match="add 1, one partition"):
+        gemm_ws.pick_tile(4096, 3456, 1152, 32, 132)
 
 
 def test_gemm_ws_pingpong_tiles_fit_shared_memory():

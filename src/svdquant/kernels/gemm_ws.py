@@ -927,8 +927,15 @@ def pick_tile(m: int, n: int, k: int, r: int, sms: int) -> Tile:
     """The tile for this shape: ``TILE_OVERRIDE`` where set and it fits, else the
     cheapest of ``TILE_COSTS`` that takes rank ``r`` on ``sms`` multiprocessors (the
     ping-ponged ones only with ``PINGPONG``)."""
-    if TILE_OVERRIDE is not None and tile_fits(TILE_OVERRIDE, r):
-        return TILE_OVERRIDE
+    if TILE_OVERRIDE is not None:
+        if not (isinstance(TILE_OVERRIDE, tuple) and len(TILE_OVERRIDE) == 5):
+            raise ValueError(
+                "gemm_ws.TILE_OVERRIDE must be (BLOCK_M, BLOCK_N, stages, warps, MMA "
+                f"partitions), one of {list(CANDIDATE_TILES)}; got {TILE_OVERRIDE!r} (before "
+                "v45 a tile had four fields: add 1, one partition)"
+            )
+        if tile_fits(TILE_OVERRIDE, r):
+            return TILE_OVERRIDE
     return _cheapest_tile(m, n, k, r, sms, PINGPONG)
 
 
