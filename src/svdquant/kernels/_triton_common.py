@@ -38,6 +38,12 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def block_rank(r: int) -> int:
+    """The width a kernel's low-rank operands take for rank ``r``: its power of two, at
+    least 16 (one 16-bit MMA's K; 0 pads to 16, the branch masked out)."""
+    return max(16, next_pow2(max(r, 1)))
+
+
 def inner_bounds(sizes: list[int]) -> list[int]:
     """The columns where segments of widths ``sizes`` meet (a split output's bounds)."""
     return list(itertools.accumulate(sizes))[:-1]

@@ -20,11 +20,11 @@ import triton.language as tl
 from svdquant.kernels import gemm, gemm_ws
 from svdquant.kernels._triton_common import (
     apply_activation,
+    block_rank,
     cdiv,
     fp8_to_f32,
     interpreting,
     needs_bf16_rounding,
-    next_pow2,
 )
 from svdquant.kernels.gemm import as_written, grouped_tile, output_values, quantize_next
 from svdquant.kernels.quantize import quantize_act
@@ -207,11 +207,11 @@ def fp8_gemm_gated_next(
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
         ROUND_BF16=needs_bf16_rounding(out_dtype),
-        BLOCK_R=max(16, next_pow2(max(r, 1))),
+        BLOCK_R=block_rank(r),
         DOT_FP32=interpreting(),
         ACT=gemm.ACTIVATIONS[activation],
         NEXT_INT4=act_fmt2 == "int4",
-        BLOCK_R2=max(16, next_pow2(max(r2, 1))),
+        BLOCK_R2=block_rank(r2),
     )
 
     def grid(meta):

@@ -46,11 +46,11 @@ import triton
 
 from svdquant.kernels._triton_common import (
     ACTIVATIONS,
+    block_rank,
     capability_major,
     cdiv,
     inner_bounds,
     interpreting,
-    next_pow2,
     num_sms,
     part_args,
     three_bounds,
@@ -272,6 +272,22 @@ if HAVE_GLUON:
         _store_half(c_desc, c_smem, hi, row, col + BN // 2)
 
     @gluon.jit
+    def _tile_rows(pid_n, N, BN: gl.constexpr, GATED: gl.constexpr, layout: gl.constexpr):
+        """The weight rows (of s_channel, bias, L_up) behind a tile's BN accumulator
+        columns, and which of them exist: BN rows from ``pid_n · BN``; gated, TN = BN / 2
+        output columns c, their value rows c and gate rows N + c."""
+        j = gl.arange(0, BN, layout=layout)
+        if GATED:
+            TN: gl.constexpr = BN // 2
+            c = pid_n * TN + j % TN
+            rows = gl.where(j < TN, c, c + N)
+            mask = c < N
+        else:
+            rows = pid_n * BN + j
+            mask = rows < N
+        return rows, mask
+
+    @gluon.jit
     def _activation(y, ACT: gl.constexpr):
         """``_triton_common.apply_activation`` in Gluon, the same operations (so the same
         fp32 results): ``ACT`` 0 none, 1 GELU-tanh, 2 SiLU, 3 GELU (erf by Abramowitz &
@@ -471,14 +487,7 @@ if HAVE_GLUON:
             # the epilogue's operands are requested before the K loop, so that their
             # latency hides behind it: the low-rank rows by cp.async into shared memory,
             # the column scales and bias into one register a thread
-            if GATED:
-                vj = gl.arange(0, BN, layout=vec_layout)
-                vc = pid_n * TN + vj % TN  # the output column; its value or gate row:
-                vn = gl.where(vj < TN, vc, vc + N)
-                vmask = vc < N
-            else:
-                vn = pid_n * BN + gl.arange(0, BN, layout=vec_layout)
-                vmask = vn < N
+            vn, vmask = _tile_rows(pid_n, N, BN, GATED, vec_layout)
             sch_v = gl.load(sch_ptr + vn, mask=vmask, other=0.0)
             if HAS_BIAS:
                 bias_v = gl.load(bias_ptr + vn, mask=vmask, other=0.0)
@@ -487,14 +496,8 @@ if HAVE_GLUON:
                     tma.store_wait(0)
                     gl.thread_barrier()
                 lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, lr_layout))
-                if GATED:
-                    lj = gl.arange(0, BN, layout=gl.SliceLayout(1, lr_layout))
-                    lc = pid_n * TN + lj % TN
-                    ln = gl.where(lj < TN, lc, lc + N)
-                    lu_mask = gl.expand_dims(lc < N, 1)
-                else:
-                    ln = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, lr_layout))
-                    lu_mask = gl.expand_dims(ln < N, 1)
+                ln, lmask = _tile_rows(pid_n, N, BN, GATED, gl.SliceLayout(1, lr_layout))
+                lu_mask = gl.expand_dims(lmask, 1)
                 lr = gl.arange(0, BR, layout=gl.SliceLayout(0, lr_layout))
                 # masked by row; by column too where the rank is not BR (a multiple of 16:
                 # the mask is uniform over each 16-byte copy); masked elements arrive as 0
@@ -911,7 +914,7 @@ def tile_fits(tile: Tile, r: int) -> bool:
     and everything within shared memory (two sets of epilogue buffers ping-pong, whose
     partitions are one warpgroup each)."""
     bm, bn, _, warps, partitions = tile
-    br = max(16, next_pow2(max(r, 1)))
+    br = block_rank(r)
     shaped = (bm == 128 or warps == 4) and (partitions == 1 or (partitions == 2 and warps == 4))
     shaped = shaped and (br <= 32 or bn >= 4 * br)
     return shaped and _smem_bytes(tile, br) <= SMEM_BYTES
@@ -982,15 +985,16 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
     xq, wq = xq.contiguous(), wq.contiguous()
     lora_act, lowrank_up = lora_act.contiguous(), lowrank_up.contiguous()
     a_layout = _layout(bm, BLOCK_K, torch.float8_e4m3fn)
-    b_layout = _layout(bn, BLOCK_K, torch.float8_e4m3fn)
     a = GluonDescriptor.from_tensor(xq, [bm, BLOCK_K], a_layout)
-    if gated:  # the value and the gate half, a tile's bn / 2 rows of each
-        b_layout = _layout(bn // 2, BLOCK_K, torch.float8_e4m3fn)
-        b = GluonDescriptor.from_tensor(wq[: n // 2], [bn // 2, BLOCK_K], b_layout)
-        g = GluonDescriptor.from_tensor(wq[n // 2 :], [bn // 2, BLOCK_K], b_layout)
+    # a tile's weight rows a load: gated, the value and the gate half, bn / 2 rows of each
+    rows = bn // 2 if gated else bn
+    b_layout = _layout(rows, BLOCK_K, torch.float8_e4m3fn)
+    if gated:
+        b = GluonDescriptor.from_tensor(wq[: n // 2], [rows, BLOCK_K], b_layout)
+        g = GluonDescriptor.from_tensor(wq[n // 2 :], [rows, BLOCK_K], b_layout)
         n = n // 2
     else:
-        b = g = GluonDescriptor.from_tensor(wq, [bn, BLOCK_K], b_layout)
+        b = g = GluonDescriptor.from_tensor(wq, [rows, BLOCK_K], b_layout)
     c_block = [bm, bn // 2]
     c_layout = _layout(*c_block, out_dtype)
     bounds = inner_bounds(sizes)
@@ -1003,8 +1007,9 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         segments = [flat[m * c : m * c + m * w].view(m, w) for c, w in pairs]
     descs = [GluonDescriptor.from_tensor(seg, c_block, c_layout) for seg in segments]
     descs += [descs[-1]] * (4 - len(descs))
-    tiles = cdiv(m, bm) * cdiv(n, bn // 2 if gated else bn)
-    br = max(16, next_pow2(max(r, 1)))
+    tiles = cdiv(m, bm) * cdiv(n, rows)
+    br = block_rank(r)
+    next_args, next_consts = _next_args(nxt, s_channel, gated)
     _fp8_gemm_ws_kernel[(min(tiles, sms),)](
         a,
         b,
@@ -1023,7 +1028,7 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         r,
         *three_bounds(bounds, n),
         *part_args(parts),
-        *_next_args(nxt, s_channel),
+        *next_args,
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
         SPLIT=len(sizes) > 1,
@@ -1036,19 +1041,23 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         PINGPONG=partitions == 2,
         PP_REGS=PP_REGS,
         GATED=gated,
-        ACT=ACTIVATIONS[nxt[5]] if nxt is not None else 3 if gated else 0,
-        NEXT=nxt is not None,
-        NEXT_INT4=nxt is not None and nxt[6] == "int4",
-        BR2=max(16, next_pow2(max(nxt[1].shape[0], 1))) if nxt is not None else 16,
+        **next_consts,
     )
 
 
-def _next_args(nxt, dummy: torch.Tensor) -> tuple:
+def _next_args(nxt, dummy: torch.Tensor, gated: bool) -> tuple[tuple, dict]:
     """The kernel's next-layer arguments (1/s, L_down, S, xq2, lora2, K2_OUT, R2 and the
-    strides) from ``gemm.next_layer_input``'s tuple; stand-ins where there is none."""
+    strides) and constants (activation, format, L_down's width) from
+    ``gemm.next_layer_input``'s tuple; stand-ins where there is none (the gated output's
+    activation: GELU)."""
     if nxt is None:
-        return (dummy, dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0)
-    inv_s2, ld2, scale2, xq2, lora2 = nxt[:5]
+        act = ACTIVATIONS["gelu" if gated else "none"]
+        consts = dict(ACT=act, NEXT=False, NEXT_INT4=False, BR2=block_rank(0))
+        return (dummy, dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0), consts
+    inv_s2, ld2, scale2, xq2, lora2, activation, act_fmt2 = nxt
     r2 = ld2.shape[0]
-    return (inv_s2, ld2, scale2, xq2, lora2, xq2.shape[1], r2, xq2.stride(0),
+    args = (inv_s2, ld2, scale2, xq2, lora2, xq2.shape[1], r2, xq2.stride(0),
             ld2.stride(0) if r2 else 0, lora2.stride(0) if r2 else 0)  # fmt: skip
+    consts = dict(ACT=ACTIVATIONS[activation], NEXT=True, NEXT_INT4=act_fmt2 == "int4",
+                  BR2=block_rank(r2))  # fmt: skip
+    return args, consts

@@ -35,12 +35,12 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from svdquant.kernels._triton_common import (
     ACTIVATIONS,
     apply_activation,
+    block_rank,
     cdiv,
     div7_rn,
     folded_lowrank_dot,
     interpreting,
     needs_bf16_rounding,
-    next_pow2,
     num_sms,
     pdl_supported,
     recip16_rn,
@@ -91,11 +91,11 @@ def rank_parts(r: int) -> tuple[int, int]:
     """The low-rank branch's padded widths (first part, second part or 0) for rank ``r``:
     one power of two, or with ``SPLIT_RANK`` the largest power of two below ``r`` and the
     rest's power of two where that is narrower than one part."""
-    whole = max(16, next_pow2(max(r, 1)))
+    whole = block_rank(r)
     if not SPLIT_RANK or whole == r or r <= 16:
         return whole, 0
     first = whole // 2
-    second = max(16, next_pow2(r - first))
+    second = block_rank(r - first)
     return (first, second) if second < first else (whole, 0)
 
 
