@@ -100,6 +100,16 @@ def check(rows: list[dict], costs: dict, sms: int) -> dict:
     return {"shapes": n_shapes, "fastest": hits, "within_3pct": within3, "worst": worst}
 
 
+def _rows(path: str) -> list[dict]:
+    """A probe run's rows, or a one-line reason why not."""
+    try:
+        return json.loads(Path(path).read_text())["rows"]
+    except FileNotFoundError:
+        raise SystemExit(f"fit_tile_costs: no such run {path}") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SystemExit(f"fit_tile_costs: {path} is not a probe_ws_tiles run ({e})") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="a probe_ws_tiles JSON to fit")
@@ -108,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sms", type=int, default=132, help="the GPU's multiprocessors")
     a = p.parse_args(argv)
     names = a.tiles.split(",")
-    rows = json.loads(Path(a.run).read_text())["rows"]
+    rows = _rows(a.run)
     costs = fit(rows, names, a.sms)
     print("TILE_COSTS = {")
     for name, abc in costs.items():
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     print("}")
     print("in sample:", check(rows, costs, a.sms))
     for path in a.check:
-        print(path, check(json.loads(Path(path).read_text())["rows"], costs, a.sms))
+        print(path, check(_rows(path), costs, a.sms))
 
 
 if __name__ == "__main__":

@@ -743,7 +743,7 @@ def _gemm_ws_spec(
             PINGPONG=partitions == 2,
             PP_REGS=g.PP_REGS,
             GATED=gated,
-            ACT=(3 if gated else 1) if next_fmt else 3 if gated else 0,
+            ACT=3 if gated else 1 if next_fmt else 0,  # GELU / GELU-tanh / none
             NEXT=next_fmt is not None,
             NEXT_INT4=next_fmt == "int4",
             BR2=32 if next_fmt else 16,

@@ -475,7 +475,7 @@ def test_probes_of_the_gpu_refuse_the_cpu_clearly(monkeypatch, tmp_path):
                 gs.group_scaled_gemm(x, q, s, s[0, 0], s[0, 0], **kw)
 
 
-def test_fit_tile_costs_recovers_a_known_model_and_checks_picks():
+def test_fit_tile_costs_recovers_a_known_model_and_checks_picks(tmp_path):
     """``bench/fit_tile_costs.py``: timings made from known (c, a, b) per tile come back
     as those coefficients, the model's pick is the fastest at every shape, and v44's
     names (a fifth field: programs a multiprocessor) read as today's tiles."""
@@ -504,6 +504,14 @@ def test_fit_tile_costs_recovers_a_known_model_and_checks_picks():
         fit.parse_tile("64x128x3x4x2")
     for t in gemm_ws.CANDIDATE_TILES:
         assert fit.parse_tile(gemm_ws.tile_name(t)) == t
+    # too few shapes to fit, a missing or foreign file: a one-line reason
+    with pytest.raises(SystemExit, match="need 3"):
+        fit.fit(rows[:2], names, 132)
+    with pytest.raises(SystemExit, match="no such run"):
+        fit.main([str(tmp_path / "missing.json")])
+    (tmp_path / "other.json").write_text('{"bench": "gemm"}')
+    with pytest.raises(SystemExit, match="not a probe_ws_tiles run"):
+        fit.main([str(tmp_path / "other.json")])
 
 
 def test_group_scaled_reference_is_the_stored_weights_product():

@@ -1788,9 +1788,7 @@ def test_gpu_fp8_gemm_hands_large_shapes_to_gemm_ws(monkeypatch, m, n, k, r, ws)
 
     if not gemm_ws.available(torch.device(DEVICE)):
         pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
-    calls = []
-    real = gemm_ws.fp8_gemm_ws
-    monkeypatch.setattr(gemm_ws, "fp8_gemm_ws", lambda *a: calls.append(1) or real(*a))
+    calls = _count_calls(monkeypatch, gemm_ws, "fp8_gemm_ws")
     args = _gemm_args(m, n, k, seed=m + n, r=r)
     assert rel_err(fp8_gemm(*args), ref.fp8_gemm_ref(*args)) <= TOL
     assert bool(calls) == ws
@@ -1814,9 +1812,7 @@ def test_gpu_fp8_gemm_ws_split_writes_each_segment_contiguous(monkeypatch, m, si
     args = _gemm_args(m, n, k, seed=m + n, r=32)
     y = gemm_ws.fp8_gemm_ws(*args)
     assert rel_err(y, ref.fp8_gemm_ref(*args)) <= TOL
-    calls = []
-    real = gemm_ws.fp8_gemm_ws_split
-    monkeypatch.setattr(gemm_ws, "fp8_gemm_ws_split", lambda *a: calls.append(1) or real(*a))
+    calls = _count_calls(monkeypatch, gemm_ws, "fp8_gemm_ws_split")
     monkeypatch.setattr(gemm, "WS_MIN_M", 1)
     flat = fp8_gemm_split(*args, sizes)
     assert calls
@@ -1847,9 +1843,7 @@ def test_gpu_fp8_gemm_split_parts(monkeypatch, m, sizes, parts, ws):
     monkeypatch.setattr(gemm_ws, "TAKES_PARTS", ws)
     monkeypatch.setattr(gemm, "WS_MIN_M", 1 if ws else 1 << 30)
     monkeypatch.setattr(gemm, "TAIL_SPLIT", False)
-    calls = []
-    real = gemm_ws.fp8_gemm_ws_split
-    monkeypatch.setattr(gemm_ws, "fp8_gemm_ws_split", lambda *a: calls.append(1) or real(*a))
+    calls = _count_calls(monkeypatch, gemm_ws, "fp8_gemm_ws_split")
     n, k = sum(sizes), 3072
     xq, wq, s_ch, scale, _, _, b, dtype = _gemm_args(m, n, k, seed=m + n)
     g = _gen(n)
@@ -1864,6 +1858,20 @@ def test_gpu_fp8_gemm_split_parts(monkeypatch, m, sizes, parts, ws):
         seg = flat[m * start : m * (start + w)].view(m, w)
         assert rel_err(seg, y_ref[:, start : start + w]) <= TOL
         start += w
+
+
+def _count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` so that each call appends 1 to the returned list (which
+    kernel a shape was handed to), still calling it."""
+    calls: list = []
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
 
 
 def _record_ws_launches(monkeypatch, with_grid: bool = False) -> tuple[list, list[str]]:
@@ -2086,11 +2094,7 @@ def test_gpu_fp8_gemm_ws_next_matches_reference(monkeypatch, tile, m, n, r2, act
     monkeypatch.setattr(gemm, "WS_NEXT", False)
     triton_q, triton_l = fp8_gemm_quantize_next(*args)
     monkeypatch.setattr(gemm, "WS_NEXT", True)
-    calls = []
-    real = gemm_ws.fp8_gemm_ws_next
-    monkeypatch.setattr(
-        gemm_ws, "fp8_gemm_ws_next", lambda *a, **kw: calls.append(1) or real(*a, **kw)
-    )
+    calls = _count_calls(monkeypatch, gemm_ws, "fp8_gemm_ws_next")
     xq2, lora2 = fp8_gemm_quantize_next(*args)
     assert calls == ([1] if m >= gemm.WS_MIN_M else [])
     xq2_ref, lora2_ref = ref.fp8_gemm_quantize_next_ref(*args)
@@ -2116,11 +2120,7 @@ def test_gpu_fp8_gemm_gated_next_on_gemm_ws_one_pass(monkeypatch, tile, m, h, k)
         pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
     monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", tile)
     monkeypatch.setattr(gemm, "WS_NEXT", True)
-    calls = []
-    real = gemm_ws.fp8_gemm_ws_next
-    monkeypatch.setattr(
-        gemm_ws, "fp8_gemm_ws_next", lambda *a, **kw: calls.append(1) or real(*a, **kw)
-    )
+    calls = _count_calls(monkeypatch, gemm_ws, "fp8_gemm_ws_next")
     args = _gated_next_args(m, h, k, 32, "gelu", "int4", True, torch.float16)
     xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*args)
     assert calls == [1]
@@ -2190,9 +2190,7 @@ def test_gpu_fp8_gemm_gated_next_on_gemm_ws(monkeypatch, m, h, k):
 
     if not gemm_ws.available(torch.device(DEVICE)):
         pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
-    calls = []
-    real = gemm_ws.fp8_gemm_ws_gated
-    monkeypatch.setattr(gemm_ws, "fp8_gemm_ws_gated", lambda *a: calls.append(1) or real(*a))
+    calls = _count_calls(monkeypatch, gemm_ws, "fp8_gemm_ws_gated")
     monkeypatch.setattr(gemm_gated, "WS_GATED", True)
     args = _gated_next_args(m, h, k, 32, "gelu", "int4", True, torch.float16)
     xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*args)
