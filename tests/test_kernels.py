@@ -2164,8 +2164,8 @@ def test_fp8_gemm_gated_next_hands_geglu_to_gemm_ws(monkeypatch):
 def test_gpu_fp8_gemm_ws_gated_matches_reference(monkeypatch, tile, m, h, k, r, bias, dtype):
     """The GEGLU up projection on the Gluon GEMM (``fp8_gemm_ws_gated``), every candidate
     tile: against the reference, and against the GELU and product of the same kernel's
-    plain [M, 2H] output (the same MMA sums: a few 16-bit roundings may differ, the GELU's
-    erf being Abramowitz & Stegun's, not torch's)."""
+    plain [M, 2H] output (the same MMA sums: some 16-bit roundings move by an ulp, the
+    GELU's erf being Abramowitz & Stegun's, not torch's)."""
     from svdquant.kernels import gemm_ws
 
     if not gemm_ws.available(torch.device(DEVICE)):
@@ -2177,7 +2177,11 @@ def test_gpu_fp8_gemm_ws_gated_matches_reference(monkeypatch, tile, m, h, k, r, 
     assert got.shape == (m, h) and got.dtype == dtype
     assert rel_err(got, ref.fp8_gemm_gated_ref(*args)) <= TOL
     own = ref.gated_ref(*gemm_ws.fp8_gemm_ws(*args).chunk(2, dim=-1), "gelu")
-    assert (got != own).float().mean().item() <= 1e-3
+    # the pairing of value and gate columns exact: a few 16-bit ulps where the erf
+    # approximation moves a rounding (v45 on the H200: 0.66% of fp16 values, 0.12% of bf16)
+    diff = (got.float() - own.float()).abs()
+    assert (diff <= 2 * torch.finfo(dtype).eps * own.float().abs() + 1e-6).all()
+    assert (diff > 0).float().mean().item() <= 0.02
 
 
 @pytest.mark.gpu
