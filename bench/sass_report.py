@@ -692,6 +692,8 @@ def _gemm_ws_spec(
     m, n = 4608, sum(sizes)
     bm, bn, stages, warps, partitions = tile or g.DEFAULT_TILE
     outs = [_desc(m, w, torch.bfloat16, gl.bfloat16, [bm, bn // 2]) for w in sizes]
+    if next_fmt:  # the next layer's input, stored by TMA through the second descriptor
+        outs.append(_desc(m, n, fp8, gl.float8e4nv, [bm, bn // 2]))
     outs += [outs[-1]] * (4 - len(outs))
     bounds = three_bounds(inner_bounds(sizes), n)
     b_desc = _desc(n, 3072, fp8, gl.float8e4nv, [bn // 2 if gated else bn, g.BLOCK_K])
@@ -710,16 +712,13 @@ def _gemm_ws_spec(
             inv_s2_ptr="*fp32",
             ld2_ptr="*bf16" if next_fmt else "*fp32",
             scale2_ptr="*fp32",
-            xq2_ptr="*fp8e4nv" if next_fmt else "*fp32",
             lora2_ptr="*fp32",
         ),
         ints=dict(
             M=m,
             N=n,
             K=3072,
-            K2_OUT=n if next_fmt else 0,
             R2=32 if next_fmt else 0,
-            stride_q2m=n if next_fmt else 0,
             stride_ld2=n if next_fmt else 0,
             stride_l2m=32 if next_fmt else 0,
             stride_lm=96 if parts else rank,

@@ -1918,7 +1918,7 @@ def test_gemm_ws_split_launch_plan(monkeypatch):
     descs, bounds = [v[f"c{i}_desc"] for i in range(4)], v["bounds"]
     assert v["parts"] == (0,) * 9 and kw["PARTS"] is False and kw["GATED"] is False
     assert v["g_desc"] is v["b_desc"] and not kw["NEXT"]  # one weight descriptor, twice
-    assert (v["K2_OUT"], v["R2"]) == (0, 0)
+    assert v["R2"] == 0
     for d, w, start in zip(descs, sizes, (0, 256, 512), strict=False):
         assert tuple(d.shape) == (m, w) and tuple(d.strides) == (w, 1)
         assert d.base.data_ptr() == flat.data_ptr() + m * start * flat.element_size()
@@ -2008,11 +2008,12 @@ def test_gemm_ws_next_launch_plan(monkeypatch):
     v = dict(zip(names, a, strict=False))
     assert kw["NEXT"] and kw["NEXT_INT4"] and kw["ACT"] == 1 and kw["BR2"] == 32
     assert not kw["GATED"] and not kw["SPLIT"] and v["N"] == n
-    assert v["ld2_ptr"] is nxt[1] and v["xq2_ptr"] is xq2 and v["lora2_ptr"] is lora2
-    assert (v["K2_OUT"], v["R2"], v["stride_q2m"]) == (640, 24, 640)
-    assert (v["stride_ld2"], v["stride_l2m"]) == (n, 24)
+    assert v["ld2_ptr"] is nxt[1] and v["lora2_ptr"] is lora2
+    assert (v["R2"], v["stride_ld2"], v["stride_l2m"]) == (24, n, 24)
     bm, bn = v["a_desc"].block_shape[0], v["b_desc"].block_shape[0]
     assert tuple(v["c0_desc"].shape) == (bm, bn // 2)  # a stand-in: nothing stored there
+    # the codes go out by TMA, half a tile a box
+    assert v["c1_desc"].base is xq2 and list(v["c1_desc"].block_shape) == [bm, bn // 2]
     # a GEGLU: the gate's GELU, h's width the next layer's K
     h = n // 2
     one = torch.tensor(0.01)
@@ -2023,9 +2024,14 @@ def test_gemm_ws_next_launch_plan(monkeypatch):
     a, kw = launches[-1]
     v = dict(zip(names, a, strict=False))
     assert kw["GATED"] and kw["NEXT"] and not kw["NEXT_INT4"] and kw["ACT"] == 3
-    assert v["N"] == n // 2 and v["K2_OUT"] == 320
-    assert gemm_ws.supports_next(n, k, 32, 64, torch.bfloat16, torch.bfloat16)
-    assert not gemm_ws.supports_next(n, k, 32, 80, torch.bfloat16, torch.bfloat16)
+    assert v["N"] == n // 2 and tuple(v["c1_desc"].shape) == (m, 320)
+    assert gemm_ws.supports_next(n, k, 32, 64, 640, torch.bfloat16, torch.bfloat16)
+    assert not gemm_ws.supports_next(n, k, 32, 80, 640, torch.bfloat16, torch.bfloat16)
+    assert not gemm_ws.supports_next(n, k, 32, 64, 632, torch.bfloat16, torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        gemm_ws.fp8_gemm_ws_next(*args, gemm.next_layer_input(
+            m, 630, args[0].device, "gelu_tanh", _smooth(630), down2[:, :630], one, 632, "int4"
+        )[2])  # fmt: skip
 
 
 def test_quantize_next_epilogues_hand_over_to_gemm_ws(monkeypatch):

@@ -839,7 +839,8 @@ def ws_next_wanted(xq, wq, lora_act, lowrank_up, out_dtype, nxt, gated=False) ->
     return (
         WS_NEXT
         and gemm_ws.supports_next(wq.shape[0], xq.shape[1], lowrank_up.shape[1],
-                                  nxt[1].shape[0], lowrank_up.dtype, out_dtype, gated)
+                                  nxt[1].shape[0], nxt[3].shape[1], lowrank_up.dtype,
+                                  out_dtype, gated)
         and _ws_wanted(xq, wq, lora_act, lowrank_up, out_dtype)
     )  # fmt: skip
 

@@ -307,8 +307,8 @@ if HAVE_GLUON:
         return y
 
     @gluon.jit
-    def _quantize_next(h16, row, col, c_smem, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr,
-                       lora2_ptr, M, N, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m,
+    def _quantize_next(h16, row, col, c_smem, q_desc, inv_s2_ptr, ld2_ptr, scale2_ptr,
+                       lora2_ptr, M, N, R2, stride_ld2, stride_l2m,
                        NEXT_INT4: gl.constexpr, BR2: gl.constexpr, BM: gl.constexpr,
                        W: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
         """``gemm.quantize_next`` in Gluon: the 16-bit tile ``h16`` [BM, W] (columns ``col``
@@ -316,7 +316,10 @@ if HAVE_GLUON:
         and its share of that layer's low-rank down projection added (fp32 atomics); the
         same operations as the Triton epilogue's on the GPU (``quantize.int4_fp8`` with
         its division-free IEEE quotients), so the same codes. ``c_smem`` (the store
-        buffer, unused by such a tile) holds L_down's chunk for the MMA."""
+        buffer, unused by such a tile) holds L_down's chunk for the MMA, then the codes
+        for one TMA store through ``q_desc`` (the next layer's [M, K2_pad] input: the copy
+        engine clips rows past M; stored from the MMA layout, two bytes a thread, the
+        codes took 40 µs more than a standalone quantize at M = 4096, N = 12288)."""
         # h's registers: half an accumulator's columns, the accumulator layout of W columns
         hl: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, W, 32]
@@ -336,7 +339,8 @@ if HAVE_GLUON:
         ld16 = (ld.to(gl.float32) * gl.expand_dims(inv_s2, 0)).to(ld2_ptr.dtype.element_ty)
         ld_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BR2, W], ld16.dtype)
         ld_smem = c_smem._reinterpret(ld16.dtype, [BR2, W], ld_layout)
-        gl.thread_barrier()  # the buffer's last readers are done
+        tma.store_wait(0)
+        gl.thread_barrier()  # the buffer's last readers (the previous TMA store) are done
         ld_smem.store(ld16)
         fence_async_shared()
         gl.thread_barrier()
@@ -377,9 +381,12 @@ if HAVE_GLUON:
                                   assert_trivial=True)  # fmt: skip
         else:  # fp8 operands of x̂ itself (``to_e4m3``: saturated at ±448)
             q = gl.minimum(gl.maximum(x * inv2, -448.0), 448.0).to(gl.float8e4nv)
-        qm = row + gl.arange(0, BM, layout=gl.SliceLayout(1, hl))
-        gl.store(xq2_ptr + gl.expand_dims(qm, 1) * stride_q2m + gl.expand_dims(hn, 0), q,
-                 mask=gl.expand_dims(qm < M, 1) & gl.expand_dims(hn < K2_OUT, 0))  # fmt: skip
+        q_smem = c_smem._reinterpret(gl.float8e4nv, [BM, W], q_desc.layout)
+        gl.thread_barrier()  # every warpgroup's MMA has read L_down's chunk
+        q_smem.store(q)
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(q_desc, [row, col], q_smem)
 
     @gluon.jit
     def _mma_warps(
@@ -422,11 +429,8 @@ if HAVE_GLUON:
         inv_s2_ptr,
         ld2_ptr,
         scale2_ptr,
-        xq2_ptr,
         lora2_ptr,
-        K2_OUT,
         R2,
-        stride_q2m,
         stride_ld2,
         stride_l2m,
         HAS_LORA: gl.constexpr,
@@ -585,22 +589,22 @@ if HAVE_GLUON:
                 t = _activation(hi.to(gl.float32), ACT).to(c0_desc.dtype)
                 h = (lo.to(gl.float32) * t.to(gl.float32)).to(c0_desc.dtype)
                 if NEXT:
-                    _quantize_next(h, row, pid_n * TN, c_smem, inv_s2_ptr, ld2_ptr, scale2_ptr,
-                                   xq2_ptr, lora2_ptr, M, N, K2_OUT, R2, stride_q2m, stride_ld2,
-                                   stride_l2m, NEXT_INT4, BR2, BM, TN, WARPS)  # fmt: skip
+                    _quantize_next(h, row, pid_n * TN, c_smem, c1_desc, inv_s2_ptr, ld2_ptr,
+                                   scale2_ptr, lora2_ptr, M, N, R2, stride_ld2, stride_l2m,
+                                   NEXT_INT4, BR2, BM, TN, WARPS)  # fmt: skip
                 else:
                     _store_half(c0_desc, c_smem, h, row, pid_n * TN)
             elif NEXT:
                 # act(output) as the next layer's quantized input, half a tile at a time;
                 # the activation reads the output as written (in 16 bits)
                 h = _activation(lo.to(gl.float32), ACT).to(c0_desc.dtype)
-                _quantize_next(h, row, col, c_smem, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr,
-                               lora2_ptr, M, N, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m,
-                               NEXT_INT4, BR2, BM, BN // 2, WARPS)  # fmt: skip
+                _quantize_next(h, row, col, c_smem, c1_desc, inv_s2_ptr, ld2_ptr, scale2_ptr,
+                               lora2_ptr, M, N, R2, stride_ld2, stride_l2m, NEXT_INT4, BR2, BM,
+                               BN // 2, WARPS)  # fmt: skip
                 h = _activation(hi.to(gl.float32), ACT).to(c0_desc.dtype)
-                _quantize_next(h, row, col + BN // 2, c_smem, inv_s2_ptr, ld2_ptr, scale2_ptr,
-                               xq2_ptr, lora2_ptr, M, N, K2_OUT, R2, stride_q2m, stride_ld2,
-                               stride_l2m, NEXT_INT4, BR2, BM, BN // 2, WARPS)  # fmt: skip
+                _quantize_next(h, row, col + BN // 2, c_smem, c1_desc, inv_s2_ptr, ld2_ptr,
+                               scale2_ptr, lora2_ptr, M, N, R2, stride_ld2, stride_l2m,
+                               NEXT_INT4, BR2, BM, BN // 2, WARPS)  # fmt: skip
             elif SPLIT:
                 # a split output: the tile lies in one segment (bounds are multiples of
                 # BN), a contiguous [M, width] tensor of its own with its own descriptor
@@ -651,11 +655,8 @@ if HAVE_GLUON:
         inv_s2_ptr,
         ld2_ptr,
         scale2_ptr,
-        xq2_ptr,
         lora2_ptr,
-        K2_OUT,
         R2,
-        stride_q2m,
         stride_ld2,
         stride_l2m,
         HAS_LORA: gl.constexpr,
@@ -710,16 +711,16 @@ if HAVE_GLUON:
                         a_bufs, b_bufs, ready, empty, turn, la, lu, la32, c, c0_desc, c1_desc,
                         c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr, M, N,
                         K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2,
-                        W3, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr, lora2_ptr, K2_OUT, R2,
-                        stride_q2m, stride_ld2, stride_l2m, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C,
+                        W3, inv_s2_ptr, ld2_ptr, scale2_ptr, lora2_ptr, R2,
+                        stride_ld2, stride_l2m, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C,
                         MASK_R, PARTS, BR, BM, BN, BK, S, GROUP, num_warps, GATED, ACT, NEXT,
                         NEXT_INT4, BR2, 0, 2)),
                     (_mma_warps, (
                         a_bufs, b_bufs, ready, empty, turn, la2, lu2, la32_2, c2, c0_desc,
                         c1_desc, c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr,
                         bias_ptr, M, N, K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2,
-                        O3, W0, W1, W2, W3, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr, lora2_ptr,
-                        K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m, HAS_LORA, HAS_BIAS, SPLIT,
+                        O3, W0, W1, W2, W3, inv_s2_ptr, ld2_ptr, scale2_ptr, lora2_ptr,
+                        R2, stride_ld2, stride_l2m, HAS_LORA, HAS_BIAS, SPLIT,
                         LA_IN_C, MASK_R, PARTS, BR, BM, BN, BK, S, GROUP, num_warps, GATED, ACT,
                         NEXT, NEXT_INT4, BR2, 1, 2)),
                     (_load_warp, (a_desc, b_desc, g_desc, a_bufs, b_bufs, ready, empty, M, N, K,
@@ -736,8 +737,8 @@ if HAVE_GLUON:
                         a_bufs, b_bufs, ready, empty, empty, la, lu, la32, c, c0_desc, c1_desc,
                         c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr, M, N,
                         K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2,
-                        W3, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr, lora2_ptr, K2_OUT, R2,
-                        stride_q2m, stride_ld2, stride_l2m, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C,
+                        W3, inv_s2_ptr, ld2_ptr, scale2_ptr, lora2_ptr, R2,
+                        stride_ld2, stride_l2m, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C,
                         MASK_R, PARTS, BR, BM, BN, BK, S, GROUP, num_warps, GATED, ACT, NEXT,
                         NEXT_INT4, BR2)),
                     (_load_warp, (a_desc, b_desc, g_desc, a_bufs, b_bufs, ready, empty, M, N, K,
@@ -860,19 +861,27 @@ def fp8_gemm_ws_next(
     takes the shapes."""
     xq2, lora2 = nxt[3], nxt[4]
     n = wq.shape[0] // (2 if gated else 1)
+    if not supports_next(wq.shape[0], xq.shape[1], lowrank_up.shape[1], nxt[1].shape[0],
+                         xq2.shape[1], lowrank_up.dtype, out_dtype, gated):  # fmt: skip
+        raise ValueError(
+            f"fp8_gemm_ws_next takes a next layer of rank ≤ 64 whose padded input width is "
+            f"a multiple of 16; got rank {nxt[1].shape[0]}, width {xq2.shape[1]}"
+        )
     out = torch.empty(0, dtype=out_dtype, device=xq.device)  # the output's dtype only
     _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, [n], gated=gated,
          nxt=nxt)  # fmt: skip
     return xq2, lora2
 
 
-def supports_next(n: int, k: int, r: int, r2: int, lr_dtype: torch.dtype,
+def supports_next(n: int, k: int, r: int, r2: int, k_out2: int, lr_dtype: torch.dtype,
                   out_dtype: torch.dtype, gated: bool = False) -> bool:  # fmt: skip
     """Whether ``fp8_gemm_ws_next`` takes an up projection of ``n`` rows (``gated``: 2H)
-    whose next layer has rank ``r2``: ``supports`` / ``supports_gated``, and the next
-    layer's L_down chunk [BR2, half a tile] within the store buffer it borrows (r2 ≤ 64)."""
+    whose next layer has rank ``r2`` and a padded input width ``k_out2``: ``supports`` /
+    ``supports_gated``, the next layer's L_down chunk [BR2, half a tile] within the store
+    buffer it borrows (r2 ≤ 64), and its input's rows whole 16-byte units for the TMA
+    store (as its own GEMM's TMA loads need them)."""
     ok = supports_gated if gated else supports
-    return r2 <= 64 and ok(n, k, r, lr_dtype, out_dtype)
+    return r2 <= 64 and k_out2 % 16 == 0 and ok(n, k, r, lr_dtype, out_dtype)
 
 
 @functools.cache
@@ -1006,6 +1015,9 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         pairs = zip([0, *bounds], sizes, strict=True)
         segments = [flat[m * c : m * c + m * w].view(m, w) for c, w in pairs]
     descs = [GluonDescriptor.from_tensor(seg, c_block, c_layout) for seg in segments]
+    if nxt is not None:  # the second: the next layer's fp8 input, stored half a tile a box
+        xq2 = nxt[3]
+        descs.append(GluonDescriptor.from_tensor(xq2, c_block, _layout(*c_block, xq2.dtype)))
     descs += [descs[-1]] * (4 - len(descs))
     tiles = cdiv(m, bm) * cdiv(n, rows)
     br = block_rank(r)
@@ -1046,18 +1058,18 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
 
 
 def _next_args(nxt, dummy: torch.Tensor, gated: bool) -> tuple[tuple, dict]:
-    """The kernel's next-layer arguments (1/s, L_down, S, xq2, lora2, K2_OUT, R2 and the
-    strides) and constants (activation, format, L_down's width) from
+    """The kernel's next-layer arguments (1/s, L_down, S, lora2, R2 and the strides; xq2
+    goes by a descriptor) and constants (activation, format, L_down's width) from
     ``gemm.next_layer_input``'s tuple; stand-ins where there is none (the gated output's
     activation: GELU)."""
     if nxt is None:
         act = ACTIVATIONS["gelu" if gated else "none"]
         consts = dict(ACT=act, NEXT=False, NEXT_INT4=False, BR2=block_rank(0))
-        return (dummy, dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0), consts
-    inv_s2, ld2, scale2, xq2, lora2, activation, act_fmt2 = nxt
+        return (dummy, dummy, dummy, dummy, 0, 0, 0), consts
+    inv_s2, ld2, scale2, _, lora2, activation, act_fmt2 = nxt
     r2 = ld2.shape[0]
-    args = (inv_s2, ld2, scale2, xq2, lora2, xq2.shape[1], r2, xq2.stride(0),
-            ld2.stride(0) if r2 else 0, lora2.stride(0) if r2 else 0)  # fmt: skip
+    args = (inv_s2, ld2, scale2, lora2, r2, ld2.stride(0) if r2 else 0,
+            lora2.stride(0) if r2 else 0)  # fmt: skip
     consts = dict(ACT=ACTIVATIONS[activation], NEXT=True, NEXT_INT4=act_fmt2 == "int4",
                   BR2=block_rank(r2))  # fmt: skip
     return args, consts
