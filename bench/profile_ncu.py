@@ -11,8 +11,9 @@ then each kernel of a FLUX.1 layer shape runs once between ``cudaProfilerStart``
 (N = 18432, K = 3072, rank 32, bias) with its x̂ prep kernel, the activation quantize
 (M = 4608, K = 3072, rank 32), the widen (N = K = 3072) and the fp8 GEMM + low-rank + bias
 (M = 4608, N = K = 3072), the fused MLP's fc1 (quantize-next epilogue), and the
-warp-specialized Gluon GEMM (``gemm_ws``, with and without the low-rank branch). For NOTES.md:
-what limits each kernel (issue slots, memory pipes, stalls), not its time.
+warp-specialized Gluon GEMM (``gemm_ws``, with and without the low-rank branch; the fc1
+writing 16 bits and writing the next layer's codes: ``gemm_ws_fc1``, ``gemm_ws_next``).
+For NOTES.md: what limits each kernel (issue slots, memory pipes, stalls), not its time.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gemm import Layer
 
 from svdquant.kernels import reference as ref
-from svdquant.kernels.gemm import fp8_gemm, fp8_gemm_quantize_next
-from svdquant.kernels.gemm_ws import fp8_gemm_ws
+from svdquant.kernels.gemm import fp8_gemm, fp8_gemm_quantize_next, next_layer_input
+from svdquant.kernels.gemm_ws import fp8_gemm_ws, fp8_gemm_ws_next
 from svdquant.kernels.gemv import w4a16_linear
 from svdquant.kernels.quantize import quantize_act
 from svdquant.kernels.widen import widen_weight
@@ -62,6 +63,11 @@ def cases() -> dict:
         "gemm_ws": lambda: fp8_gemm_ws(xq, wq, s_ch, s, lora, sq.up, sq.bias, torch.bfloat16),
         "gemm_ws_nolr": lambda: fp8_gemm_ws(
             xq, wq, s_ch, s, lora[:, :0], sq.up[:, :0], sq.bias, torch.bfloat16
+        ),
+        # the fused MLP's fc1 on gemm_ws: its 16-bit output, and the next layer's codes
+        "gemm_ws_fc1": lambda: fp8_gemm_ws(*mlp[:8]),
+        "gemm_ws_next": lambda: fp8_gemm_ws_next(
+            *mlp[:8], next_layer_input(4608, 12288, xm.device, *mlp[8:])[2]
         ),
     }
 

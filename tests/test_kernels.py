@@ -1748,6 +1748,9 @@ def test_gemm_ws_pick_tile_takes_only_tiles_that_fit(monkeypatch):
     assert gemm_ws.pick_tile(4608, 21504, 3072, 32, 132) == default
     assert gemm_ws.pick_tile(1024, 11200, 2240, 32, 132) == default
     assert gemm_ws.pick_tile(512, 3072, 12288, 64, 132) == default  # rank 64: only it fits
+    # an epilogue writing the next layer's input: eight warps share it (v46, H200)
+    assert gemm_ws.pick_tile(4096, 4608, 1152, 32, 132, next_layer=True) == gemm_ws.NEXT_TILE
+    assert gemm_ws.tile_fits(gemm_ws.NEXT_TILE, 64)
     monkeypatch.setattr(gemm_ws, "PINGPONG", False)  # the A/B switch: one partition only
     assert gemm_ws.pick_tile(4096, 3456, 1152, 32, 132) == (128, 128, 4, 4, 1)
     monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", (128, 256, 3, 8))  # v44's four fields

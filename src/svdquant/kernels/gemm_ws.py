@@ -935,10 +935,21 @@ def tile_name(tile: Tile) -> str:
     return "x".join(map(str, tile[:4])) + ("pp" if tile[4] == 2 else "")
 
 
-def pick_tile(m: int, n: int, k: int, r: int, sms: int) -> Tile:
-    """The tile for this shape: ``TILE_OVERRIDE`` where set and it fits, else the
-    cheapest of ``TILE_COSTS`` that takes rank ``r`` on ``sms`` multiprocessors (the
-    ping-ponged ones only with ``PINGPONG``)."""
+#: The tile of the epilogues that write the next layer's quantized input
+#: (``fp8_gemm_ws_next``): the epilogue runs in the MMA warps after each tile's K loop,
+#: so eight warps to share it beat the cost model's pick, which times a 16-bit store —
+#: fastest of the seven candidates at all four of ``bench/probe_ws_next.py``'s shapes
+#: (FLUX and PixArt-Σ fc1, SDXL's two GEGLUs; M = 4096, v46); the ping-ponged tiles,
+#: whose one-warpgroup epilogue should hide behind the other partition's K loop, were
+#: 1.05-1.30× slower.
+NEXT_TILE: Tile = (128, 256, 3, 8, 1)
+
+
+def pick_tile(m: int, n: int, k: int, r: int, sms: int, next_layer: bool = False) -> Tile:
+    """The tile for this shape: ``TILE_OVERRIDE`` where set and it fits, else
+    (``next_layer``: an epilogue writing the next layer's input) ``NEXT_TILE`` where it
+    fits, else the cheapest of ``TILE_COSTS`` that takes rank ``r`` on ``sms``
+    multiprocessors (the ping-ponged ones only with ``PINGPONG``)."""
     if TILE_OVERRIDE is not None:
         if not (isinstance(TILE_OVERRIDE, tuple) and len(TILE_OVERRIDE) == 5):
             raise ValueError(
@@ -948,6 +959,8 @@ def pick_tile(m: int, n: int, k: int, r: int, sms: int) -> Tile:
             )
         if tile_fits(TILE_OVERRIDE, r):
             return TILE_OVERRIDE
+    if next_layer and tile_fits(NEXT_TILE, r):
+        return NEXT_TILE
     return _cheapest_tile(m, n, k, r, sms, PINGPONG)
 
 
@@ -988,7 +1001,7 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
             f"{lowrank_up.dtype} L_up, {out_dtype} out"
         )
     sms = num_sms(xq.device)
-    bm, bn, stages, warps, partitions = pick_tile(m, n, k, r, sms)
+    bm, bn, stages, warps, partitions = pick_tile(m, n, k, r, sms, nxt is not None)
     if m == 0 or n == 0:
         return
     xq, wq = xq.contiguous(), wq.contiguous()
