@@ -16,10 +16,10 @@ SDXL's shapes (1024², batch 1 and 2: H = 2560 at 4096 / 8192 tokens, 5120 at 10
 2048; up C -> 8C, GEGLU, down 4C -> C; random weights quantized at rank 32), three ways in
 one run: BF16 (``F.linear``, ``F.gelu``, the product, ``F.linear``), ours with the gated
 quantize (``SVDQLinear.forward_gated``) and ours with the GEGLU in the up projection's
-epilogue (``kernels.svdq_geglu_triton``), each checked against the other, and (v45, on
-sm_90) that epilogue on the warp-specialized GEMM (``gemm_gated.WS_GATED``: h written,
-then the down projection's quantize; ``gemm.WS_NEXT``: the quantize in its epilogue too,
-one pass); then each piece alone (BF16's two GEMMs and gate;
+epilogue (``kernels.svdq_geglu_triton`` with ``gemm_gated.WS_GATED`` off: the Triton
+kernel), each checked against the other, and (on sm_90) that epilogue on the
+warp-specialized GEMM (``WS_GATED``, the default since v46: the down projection's
+quantize in its epilogue too, one pass); then each piece alone (BF16's two GEMMs and gate;
 our up projection's quantize and widen, gated GEMM, down projection's widen and GEMM; on
 sm_90 the Gluon GEMM writing h and the quantize of h).
 
@@ -57,7 +57,7 @@ def probe_ff(m: int, c: int) -> dict:
 
     import svdquant
     from svdquant import kernels
-    from svdquant.kernels import gemm, gemm_gated, gemm_ws
+    from svdquant.kernels import gemm_gated, gemm_ws
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     h = 4 * c
@@ -77,23 +77,19 @@ def probe_ff(m: int, c: int) -> dict:
         v, g = up(x).chunk(2, dim=-1)
         return down.forward_gated(v, g, "gelu")
 
-    def epilogue() -> torch.Tensor:
-        return kernels.svdq_geglu_triton(x, up, down, "gelu")
-
-    def switched_on(module, name: str):
-        """``epilogue`` with ``module.name`` set while it runs (a route of gemm_ws's)."""
+    def geglu_with(ws_gated: bool):
+        """The GEGLU in the up projection's epilogue, on gemm_ws or not."""
 
         def run() -> torch.Tensor:
-            setattr(module, name, True)
+            before, gemm_gated.WS_GATED = gemm_gated.WS_GATED, ws_gated
             try:
-                return epilogue()
+                return kernels.svdq_geglu_triton(x, up, down, "gelu")
             finally:
-                setattr(module, name, False)
+                gemm_gated.WS_GATED = before
 
         return run
 
-    ws = switched_on(gemm_gated, "WS_GATED")  # h written, then the quantize
-    ws_next = switched_on(gemm, "WS_NEXT")  # one pass
+    epilogue, ws = geglu_with(False), geglu_with(True)
 
     a, b, want = gated(), epilogue(), bf16()
     row: dict = {"m": m, "c": c, "h": h}
@@ -102,8 +98,7 @@ def probe_ff(m: int, c: int) -> dict:
     ways = [("bf16", bf16), ("gated", gated), ("epilogue", epilogue)]
     if gemm_ws.available(x.device):
         row["ws_vs_epilogue_max_abs"] = float((ws().float() - b.float()).abs().max())
-        row["ws_next_vs_epilogue_max_abs"] = float((ws_next().float() - b.float()).abs().max())
-        ways += [("ws", ws), ("ws_next", ws_next)]
+        ways += [("ws", ws)]
     for name, fn in ways:
         row[name + "_us"] = bench_graph(fn)
     parts = _ff_parts(x, lin_up, lin_down, up, down)
@@ -115,7 +110,7 @@ def _ff_parts(x, lin_up, lin_down, up, down) -> list[tuple[str, object]]:
     """The feed-forward's pieces each way, each to be timed alone (where the time goes):
     BF16's up GEMM, gate and down GEMM; ours: the up projection's quantize and widen, the
     gated GEMM, the down projection's widen and GEMM."""
-    from svdquant.kernels import gemm_ws, ops
+    from svdquant.kernels import gemm_gated, gemm_ws, ops
 
     x2 = x.reshape(-1, up.in_features)
     y = F.linear(x, lin_up.weight, lin_up.bias)
@@ -128,12 +123,23 @@ def _ff_parts(x, lin_up, lin_down, up, down) -> list[tuple[str, object]]:
     s2 = ops._act_scale(down.act_amax)
     k_out2 = down.qweight.shape[1] * 2
 
-    def gated_gemm():
-        return ops._EAGER.fp8_gemm_gated_next(
-            xq, w1, c1, s1, lora, up.lowrank_up, up.bias, x.dtype, "gelu", down.smooth,
-            down.lowrank_down, s2, k_out2, down.act_fmt,
-        )  # fmt: skip
+    def gated_next(ws_gated: bool):
+        """The up projection writing the down projection's input: the Triton kernel, or
+        (``ws_gated``) gemm_ws's one pass."""
 
+        def run():
+            before, gemm_gated.WS_GATED = gemm_gated.WS_GATED, ws_gated
+            try:
+                return ops._EAGER.fp8_gemm_gated_next(
+                    xq, w1, c1, s1, lora, up.lowrank_up, up.bias, x.dtype, "gelu",
+                    down.smooth, down.lowrank_down, s2, k_out2, down.act_fmt,
+                )  # fmt: skip
+            finally:
+                gemm_gated.WS_GATED = before
+
+        return run
+
+    gated_gemm = gated_next(False)
     xq2, lora2 = gated_gemm()
     w2, c2 = ops._EAGER.widen_weight(down.qweight, down.wscales, down.wtensor_scale, down.fmt)
     ws = []
@@ -145,7 +151,8 @@ def _ff_parts(x, lin_up, lin_down, up, down) -> list[tuple[str, object]]:
 
         hv = ws_gated_gemm()
         ws = [("ws_gated_gemm", ws_gated_gemm), ("down_quantize", lambda: ops._EAGER.quantize_act(
-            hv, down.smooth, down.lowrank_down, s2, k_out2, down.act_fmt))]  # fmt: skip
+            hv, down.smooth, down.lowrank_down, s2, k_out2, down.act_fmt)),
+            ("ws_one_pass", gated_next(True))]  # fmt: skip
     return [
         *ws,
         ("bf16_up", lambda: F.linear(x, lin_up.weight, lin_up.bias)),
@@ -199,7 +206,7 @@ def probe_configs(m: int, h: int, k: int, act_fmt: str, runs: int = 4) -> list[d
     def record(kernel, grid, a, flags, *rest) -> None:  # the launch's arguments, no launch
         launch.update(grid=grid, args=a, flags=flags)
 
-    with constants([(gemm, "run_tuned", record)]):
+    with constants([(gemm, "run_tuned", record), (gemm_gated, "WS_GATED", False)]):
         xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*args)
     import triton
     from gemm import bench_graph
@@ -300,11 +307,6 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {r['m']} | {r['c']} | {r['bf16_us']:.1f} | {r['gated_us']:.1f} | "
                   f"{r['epilogue_us']:.1f} | {r['bf16_us'] / r['epilogue_us']:.2f}× | "
                   f"{r['epilogue_vs_gated_max_abs']:.3g} | {ws} |")  # fmt: skip
-        for r in rows:
-            if "ws_next_us" in r:
-                print(f"M {r['m']}, C {r['c']}: one pass on gemm_ws (gemm.WS_NEXT) "
-                      f"{r['ws_next_us']:.1f} µs ({r['bf16_us'] / r['ws_next_us']:.2f}× BF16), "
-                      f"max |Δ| {r['ws_next_vs_epilogue_max_abs']:.3g}")  # fmt: skip
         for r in rows:
             print(f"M {r['m']}, C {r['c']}: " + ", ".join(
                 f"{k} {v:.1f}" for k, v in r["parts_us"].items()))  # fmt: skip

@@ -574,10 +574,10 @@ GATED_NEXT_CASES = [
 ]
 
 
-def _gated_next_args(m, h, k, r, activation, act_fmt2, bias, dtype=torch.bfloat16):
-    """fp8_gemm_gated_next's arguments: an up projection of 2h rows, a next layer of h,
-    the 16-bit tensors and the output in ``dtype``."""
-    down2, _ = _lowrank(8, h, 6, dtype)
+def _gated_next_args(m, h, k, r, activation, act_fmt2, bias, dtype=torch.bfloat16, r2=6):
+    """fp8_gemm_gated_next's arguments: an up projection of 2h rows, a next layer of h
+    (rank ``r2``), the 16-bit tensors and the output in ``dtype``."""
+    down2, _ = _lowrank(8, h, r2, dtype)
     xq, wq, s_ch, scale, lora, up, b, _ = _gemm_args(m, 2 * h, k, m + h + k, r=r)
     return (xq, wq, s_ch, scale, lora, up.to(dtype), b.to(dtype) if bias else None, dtype,
             activation, _smooth(h), down2, torch.tensor(0.01, device=DEVICE),
@@ -2038,11 +2038,11 @@ def test_gemm_ws_next_launch_plan(monkeypatch):
 
 
 def test_quantize_next_epilogues_hand_over_to_gemm_ws(monkeypatch):
-    """With ``gemm.WS_NEXT`` the epilogues that write the next layer's input — a GELU
-    MLP's fc1 (``fp8_gemm_quantize_next``) and a GEGLU's up projection
-    (``fp8_gemm_gated_next``) — run on the Gluon GEMM where ``fp8_gemm`` would, into the
-    same buffers; off, on the Triton kernels. The Gluon kernel stood in for by the
-    reference (the GPU tests run it)."""
+    """The epilogues that write the next layer's input run on the Gluon GEMM where
+    ``fp8_gemm`` would, into the same buffers — a GELU MLP's fc1
+    (``fp8_gemm_quantize_next``) with ``gemm.WS_NEXT``, a GEGLU's up projection
+    (``fp8_gemm_gated_next``, one pass) with ``gemm_gated.WS_GATED``; off, on the Triton
+    kernels. The Gluon kernel stood in for by the reference (the GPU tests run it)."""
     from svdquant.kernels import gemm, gemm_gated, gemm_ws
 
     calls = []
@@ -2058,6 +2058,7 @@ def test_quantize_next_epilogues_hand_over_to_gemm_ws(monkeypatch):
         return nxt[3], nxt[4]
 
     monkeypatch.setattr(gemm, "WS_NEXT", True)
+    monkeypatch.setattr(gemm_gated, "WS_GATED", True)
     monkeypatch.setattr(gemm, "_ws_wanted", lambda *a: True)
     monkeypatch.setattr(gemm_ws, "fp8_gemm_ws_next", stand_in)
     n, k = 192, 128
@@ -2073,6 +2074,7 @@ def test_quantize_next_epilogues_hand_over_to_gemm_ws(monkeypatch):
     assert calls == [False, True]
     _check_gated_next(gated, xq2, lora2)
     monkeypatch.setattr(gemm, "WS_NEXT", False)
+    monkeypatch.setattr(gemm_gated, "WS_GATED", False)
     fp8_gemm_quantize_next(*args)
     gemm_gated.fp8_gemm_gated_next(*gated)
     assert len(calls) == 2
@@ -2121,14 +2123,14 @@ def test_gpu_fp8_gemm_ws_next_matches_reference(monkeypatch, tile, m, n, r2, act
 @pytest.mark.parametrize(("m", "h", "k"), [(600, 136, 96), (4096, 2560, 640), (1024, 5120, 1280)])
 def test_gpu_fp8_gemm_gated_next_on_gemm_ws_one_pass(monkeypatch, tile, m, h, k):
     """A GEGLU's up projection writing the down projection's quantized input in gemm_ws's
-    epilogue (``gemm.WS_NEXT``, one pass), every candidate tile, SDXL's shapes: the
-    one-pass Triton kernel's outputs (``_check_gated_next``)."""
-    from svdquant.kernels import gemm, gemm_gated, gemm_ws
+    epilogue (``gemm_gated.WS_GATED``, one pass), every candidate tile, SDXL's shapes:
+    the one-pass Triton kernel's outputs (``_check_gated_next``)."""
+    from svdquant.kernels import gemm_gated, gemm_ws
 
     if not gemm_ws.available(torch.device(DEVICE)):
         pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
     monkeypatch.setattr(gemm_ws, "TILE_OVERRIDE", tile)
-    monkeypatch.setattr(gemm, "WS_NEXT", True)
+    monkeypatch.setattr(gemm_gated, "WS_GATED", True)
     calls = _count_calls(monkeypatch, gemm_ws, "fp8_gemm_ws_next")
     args = _gated_next_args(m, h, k, 32, "gelu", "int4", True, torch.float16)
     xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*args)
@@ -2137,8 +2139,9 @@ def test_gpu_fp8_gemm_gated_next_on_gemm_ws_one_pass(monkeypatch, tile, m, h, k)
 
 
 def test_fp8_gemm_gated_next_hands_geglu_to_gemm_ws(monkeypatch):
-    """With ``gemm_gated.WS_GATED`` a GEGLU's up projection runs on the Gluon GEMM where
-    ``fp8_gemm`` would (its h, then the down projection's quantize): the same outputs as
+    """With ``gemm_gated.WS_GATED`` (on) a GEGLU's up projection whose down projection
+    the one-pass epilogue does not take (rank > 64) runs on the Gluon GEMM where
+    ``fp8_gemm`` would, writing h for the down projection's quantize: the same outputs as
     the one-pass kernel's reference; other activations stay on the Triton kernel. On the
     CPU the Gluon kernel is stood in for by its reference (the GPU tests run it)."""
     from svdquant.kernels import gemm, gemm_gated, gemm_ws
@@ -2149,16 +2152,17 @@ def test_fp8_gemm_gated_next_hands_geglu_to_gemm_ws(monkeypatch):
         calls.append(a[0].shape)
         return ref.fp8_gemm_gated_ref(*a)
 
-    monkeypatch.setattr(gemm_gated, "WS_GATED", True)
+    assert gemm_gated.WS_GATED  # the default
     monkeypatch.setattr(gemm, "_ws_wanted", lambda *a: True)
     monkeypatch.setattr(gemm_ws, "fp8_gemm_ws_gated", gated_ws)
-    args = _gated_next_args(37, 136, 96, 16, "gelu", "int4", True)  # a rank gemm_ws takes
+    one_pass = _count_calls(monkeypatch, gemm_ws, "fp8_gemm_ws_next")
+    args = _gated_next_args(37, 136, 96, 16, "gelu", "int4", True, r2=80)
     xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*args)
-    assert calls == [(37, 96)]
+    assert calls == [(37, 96)] and one_pass == []
     _check_gated_next(args, xq2, lora2)
-    silu = _gated_next_args(37, 136, 96, 16, "silu", "int4", True)
+    silu = _gated_next_args(37, 136, 96, 16, "silu", "int4", True, r2=80)
     gemm_gated.fp8_gemm_gated_next(*silu)
-    assert len(calls) == 1  # gemm_ws's epilogue has the GELU only
+    assert len(calls) == 1  # gemm_ws's h-writing epilogue has the GELU only
     monkeypatch.setattr(gemm_gated, "WS_GATED", False)
     gemm_gated.fp8_gemm_gated_next(*args)
     assert len(calls) == 1
@@ -2195,20 +2199,22 @@ def test_gpu_fp8_gemm_ws_gated_matches_reference(monkeypatch, tile, m, h, k, r, 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("m", "h", "k"), [(600, 136, 96), (4096, 2560, 640), (1024, 5120, 1280)])
-def test_gpu_fp8_gemm_gated_next_on_gemm_ws(monkeypatch, m, h, k):
-    """``fp8_gemm_gated_next`` with ``WS_GATED``: routed to the Gluon GEMM from
-    ``gemm.WS_MIN_M`` rows (SDXL's feed-forward shapes among them), the outputs the
-    one-pass kernel's (``_check_gated_next``)."""
+def test_gpu_fp8_gemm_gated_next_on_gemm_ws(m, h, k):
+    """``fp8_gemm_gated_next`` by default (``WS_GATED``): routed to the Gluon GEMM from
+    ``gemm.WS_MIN_M`` rows (SDXL's feed-forward shapes among them) — one pass where the
+    epilogue takes the down projection (rank ≤ 64), else h written and quantized — the
+    outputs the one-pass Triton kernel's (``_check_gated_next``)."""
     from svdquant.kernels import gemm_gated, gemm_ws
 
     if not gemm_ws.available(torch.device(DEVICE)):
         pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
-    calls = _count_calls(monkeypatch, gemm_ws, "fp8_gemm_ws_gated")
-    monkeypatch.setattr(gemm_gated, "WS_GATED", True)
-    args = _gated_next_args(m, h, k, 32, "gelu", "int4", True, torch.float16)
-    xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*args)
-    assert calls == [1]
-    _check_gated_next(args, xq2, lora2)
+    for r2, kernel in ((32, "fp8_gemm_ws_next"), (80, "fp8_gemm_ws_gated")):
+        with pytest.MonkeyPatch.context() as mp:
+            calls = _count_calls(mp, gemm_ws, kernel)
+            args = _gated_next_args(m, h, k, 32, "gelu", "int4", True, torch.float16, r2)
+            xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*args)
+            assert calls == [1]
+            _check_gated_next(args, xq2, lora2)
 
 
 def test_gemm_ws_is_not_used_without_a_hopper_gpu(monkeypatch):

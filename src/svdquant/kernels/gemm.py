@@ -814,7 +814,7 @@ def fp8_gemm_quantize_next(
     xq2, lora2, nxt = next_layer_input(
         m, n, xq.device, activation, smooth2, lowrank_down2, act_scale2, k_out2, act_fmt2
     )
-    if m and n and ws_next_wanted(xq, wq, lora_act, lowrank_up, out_dtype, nxt):
+    if m and n and WS_NEXT and ws_next_fits(xq, wq, lora_act, lowrank_up, out_dtype, nxt):
         return gemm_ws.fp8_gemm_ws_next(xq, wq, s_channel, act_scale, lora_act, lowrank_up,
                                         bias, out_dtype, nxt)  # fmt: skip
     if m and n:
@@ -823,24 +823,27 @@ def fp8_gemm_quantize_next(
     return xq2, lora2
 
 
-#: Run an epilogue that writes the next layer's quantized input (``fp8_gemm_quantize_next``:
-#: a GELU MLP's fc1 — FLUX's double blocks, PixArt-Σ; ``gemm_gated.fp8_gemm_gated_next``:
-#: SDXL's GEGLU) on the warp-specialized GEMM where ``fp8_gemm`` would
-#: (``gemm_ws.fp8_gemm_ws_next``: ``quantize_next``'s operations in Gluon, the same
-#: codes). Built and compiled for sm_90 in v45 (every candidate tile, int4 and fp8, plain
-#: and gated: no spill, no shared memory beyond the plain kernel's — L_down's chunk borrows
-#: the store buffer), not yet run on a GPU: off until its GPU tests pass and an A/B
-#: (``bench/models.py`` / ``bench/e2e.py --ab gemm.WS_NEXT=True``) measures it.
+#: Run the epilogue that writes the next layer's quantized input of a GELU MLP's fc1
+#: (``fp8_gemm_quantize_next``: FLUX's double blocks, PixArt-Σ) on the warp-specialized
+#: GEMM where ``fp8_gemm`` would (``gemm_ws.fp8_gemm_ws_next``: ``quantize_next``'s
+#: operations in Gluon, the same codes). Off: no faster than this kernel's epilogue
+#: (v46, H200, ``bench/probe_ws_next.py``: FLUX fc1 341 / 399 µs against 351 / 403 at
+#: M = 4096 / 4608, PixArt-Σ 98 / 99 against 99 / 100, but 47 against 37 at M = 1024;
+#: PixArt-Σ's step 0.99× with it, ``bench/models.py --ab gemm.WS_NEXT=True``) — the
+#: epilogue, ~37 instructions an element in the MMA warps, takes about as long as the K
+#: loop and cannot overlap it (Nsight Compute: half of those warps' stall samples). A
+#: GEGLU's (``gemm_gated.WS_GATED``), with a K loop twice as long for the same output,
+#: pays.
 WS_NEXT = False
 
 
-def ws_next_wanted(xq, wq, lora_act, lowrank_up, out_dtype, nxt, gated=False) -> bool:
-    """Whether an epilogue writing the next layer's input (``nxt``) runs on gemm_ws."""
+def ws_next_fits(xq, wq, lora_act, lowrank_up, out_dtype, nxt, gated=False) -> bool:
+    """Whether gemm_ws would take an epilogue writing the next layer's input (``nxt``):
+    where ``fp8_gemm`` hands over its GEMM (``_ws_wanted``) and the epilogue takes the
+    next layer (``gemm_ws.supports_next``)."""
     return (
-        WS_NEXT
-        and gemm_ws.supports_next(wq.shape[0], xq.shape[1], lowrank_up.shape[1],
-                                  nxt[1].shape[0], nxt[3].shape[1], lowrank_up.dtype,
-                                  out_dtype, gated)
+        gemm_ws.supports_next(wq.shape[0], xq.shape[1], lowrank_up.shape[1], nxt[1].shape[0],
+                              nxt[3].shape[1], lowrank_up.dtype, out_dtype, gated)
         and _ws_wanted(xq, wq, lora_act, lowrank_up, out_dtype)
     )  # fmt: skip
 

@@ -127,16 +127,17 @@ gemm.TUNED_KERNELS.append(_gated_kernel)
 
 
 #: Run a GEGLU's up projection on the warp-specialized GEMM where ``fp8_gemm`` would
-#: (``gemm._ws_wanted``: sm_90, from ``gemm.WS_MIN_M`` rows): its epilogue writes
-#: h = v · gelu(g) in 16 bits, then the down projection's quantize reads h — against this
-#: kernel's one pass, an [M, H] write and read more, but gemm_ws's K loop instead of this
-#: kernel's (v45, ``bench/probe_gated.py --ff``, H200: this kernel 75.4 µs at M = 4096,
-#: SDXL's 640 → 2 x 2560, where cuBLAS BF16's plain up projection takes 46.5; 62.4
-#: against 47.7 at M = 1024, 1280 → 2 x 5120). Built and compiled for sm_90 in v45
-#: (``sass_report``: 168/255 registers, no spill, every candidate tile), not yet run on a
-#: GPU: off until its GPU tests pass and ``bench/models.py --ab gemm_gated.WS_GATED=True``
-#: measures it. ``gemm.WS_NEXT`` (the quantize in that epilogue too: one pass) goes first.
-WS_GATED = False
+#: (``gemm._ws_wanted``: sm_90, from ``gemm.WS_MIN_M`` rows), its epilogue writing the
+#: down projection's quantized input (``gemm_ws.fp8_gemm_ws_next``, gated: one pass), or
+#: where that epilogue does not take the next layer (rank > 64), h = v · gelu(g) in 16
+#: bits for the down projection's quantize to read (``fp8_gemm_ws_gated``). On: this
+#: kernel's K loop is the slow piece (v45: 75.4 µs at M = 4096, SDXL's 640 → 2 x 2560,
+#: where cuBLAS BF16's plain up projection takes 46.5). v46, H200: the one pass 64 / 74 µs
+#: against this kernel's 75 / 87 at M = 4096 / 4608 (145 / 161 against 175 / 194 at 1280
+#: → 2 x 5120; equal at M = 1024, 640), ``bench/probe_ws_next.py``; SDXL's step 0.95 →
+#: 0.98× BF16 at batch 1, 1.03 → 1.06× at 2 (``bench/models.py --ab
+#: gemm_gated.WS_GATED=True``, one run).
+WS_GATED = True
 
 
 def _ws_gated_wanted(xq, wq, lora_act, lowrank_up, out_dtype, activation) -> bool:
@@ -184,7 +185,7 @@ def fp8_gemm_gated_next(
     )
     if not (m and h):
         return xq2, lora2
-    if gemm.ws_next_wanted(xq, wq, lora_act, lowrank_up, out_dtype, nxt, gated=True):
+    if WS_GATED and gemm.ws_next_fits(xq, wq, lora_act, lowrank_up, out_dtype, nxt, True):
         return gemm_ws.fp8_gemm_ws_next(xq, wq, s_channel, act_scale, lora_act, lowrank_up,
                                         bias, out_dtype, nxt, gated=True)  # fmt: skip
     if _ws_gated_wanted(xq, wq, lora_act, lowrank_up, out_dtype, activation):
