@@ -585,3 +585,36 @@ def test_gemm_bench_layer_runs_every_engine_path():
     unfused = fc2(torch.nn.functional.gelu(plain, approximate="tanh"))
     assert torch.isfinite(fused).all()
     assert (fused.float() - unfused.float()).norm() <= 0.05 * unfused.float().norm()
+
+
+def test_ncu_sass_stalls_groups_a_launch_by_execution_count(tmp_path, capsys):
+    """``bench/ncu_sass_stalls.py``: instructions grouped by how often they ran (a loop,
+    an epilogue), each group's share of the stall samples and reasons, a group's opcode
+    mix; gzipped pages read as plain ones; a missing file or kernel gets one line."""
+    import gzip
+
+    tool = _load("ncu_sass_stalls")
+    head = '"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed",'
+    head += '"stall_barrier","stall_long_sb","stall_wait (Not Issued)"'
+    page = "\n".join([
+        '"Kernel Name","other_kernel",', head, '"0","FADD R1, R2, R3","9","1","9","0","0"',
+        '"Kernel Name","k",', head,
+        '"0","QGMMA.64x256x32 R24","30","100","10","20","5"',
+        '"1","@!P1 BRA 0x10","10","100","0","10","0"',
+        '"2","FMUL R1, R2, R3","40","8","0","40","0"',
+        '"3","@P0 FMUL R1, R1, 0.25","15","8","15","0","0"',
+        '"4","MUFU.RCP R5, R6","5","8","5","0","0"',
+    ])  # fmt: skip
+    (tmp_path / "p.csv.gz").write_bytes(gzip.compress(page.encode()))
+    ((_, rows),) = [x for x in tool.launches(tmp_path / "p.csv.gz") if x[0] == "k"]
+    groups = tool.summary(rows)
+    assert [(g["executed"], g["instructions"]) for g in groups] == [(8, 3), (100, 2)]
+    assert groups[0]["share"] == pytest.approx(0.6) and groups[1]["share"] == pytest.approx(0.4)
+    assert groups[0]["reasons"]["long_sb"] == pytest.approx(40 / 60)
+    assert tool.opcodes(rows, 8) == {"FMUL": 2, "MUFU.RCP": 1}
+    tool.main([str(tmp_path / "p.csv.gz"), "--kernel", "k", "--ops", "8"])
+    assert "executed 8: 3 instructions — FMUL 2, MUFU.RCP 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no launch of 'nope'"):
+        tool.main([str(tmp_path / "p.csv.gz"), "--kernel", "nope"])
+    with pytest.raises(SystemExit, match="no such file"):
+        tool.main([str(tmp_path / "missing.csv")])
