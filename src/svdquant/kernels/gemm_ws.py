@@ -28,9 +28,11 @@ MMA and the bias. Measured on the H200 (v33, ``bench/probe_gemm_ws.py``), M = 46
 N = K = 3072: the K loop alone 72 µs (cuBLAS's time); stores straight from the MMA
 layout (4 bytes a thread) cost 23 µs more, TMA stores 10, with the operands early 9.
 
-``fp8_gemm_ws_gated`` is a GEGLU's up projection on the same kernel (v45, not yet run
-on a GPU): each ring stage holds a tile's value rows and its gate rows, and the epilogue
-writes h = v · gelu(g) instead of the two halves.
+``fp8_gemm_ws_gated`` is a GEGLU's up projection on the same kernel (v45): each ring
+stage holds a tile's value rows and its gate rows, and the epilogue writes h =
+v · gelu(g) instead of the two halves. ``fp8_gemm_ws_next`` writes the next layer's
+quantized input and low-rank sums instead of the output (plain or gated; v46: SDXL's
+GEGLU by default, ``gemm_gated.WS_GATED``; a GELU MLP's fc1 only with ``gemm.WS_NEXT``).
 
 GPU only (sm_90, triton with Gluon: 3.6 is what the device runs): there is no interpreter
 for Gluon, so ``gemm.fp8_gemm`` stays the portable kernel and the reference for the tests
