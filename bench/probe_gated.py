@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from probe_layer import constants, with_constants
 
 #: ``--configs`` also times these tiles (BLOCK_M, BLOCK_H, BLOCK_K, warps, stages), not
 #: among the autotuner's (v42: 1.1-1.9x slower than its best at every shape; the two
@@ -77,19 +78,11 @@ def probe_ff(m: int, c: int) -> dict:
         v, g = up(x).chunk(2, dim=-1)
         return down.forward_gated(v, g, "gelu")
 
-    def geglu_with(ws_gated: bool):
-        """The GEGLU in the up projection's epilogue, on gemm_ws or not."""
+    def geglu() -> torch.Tensor:
+        return kernels.svdq_geglu_triton(x, up, down, "gelu")
 
-        def run() -> torch.Tensor:
-            before, gemm_gated.WS_GATED = gemm_gated.WS_GATED, ws_gated
-            try:
-                return kernels.svdq_geglu_triton(x, up, down, "gelu")
-            finally:
-                gemm_gated.WS_GATED = before
-
-        return run
-
-    epilogue, ws = geglu_with(False), geglu_with(True)
+    epilogue = with_constants(geglu, [(gemm_gated, "WS_GATED", False)])  # the Triton kernel
+    ws = with_constants(geglu, [(gemm_gated, "WS_GATED", True)])  # gemm_ws's one pass
 
     a, b, want = gated(), epilogue(), bf16()
     row: dict = {"m": m, "c": c, "h": h}
@@ -123,23 +116,14 @@ def _ff_parts(x, lin_up, lin_down, up, down) -> list[tuple[str, object]]:
     s2 = ops._act_scale(down.act_amax)
     k_out2 = down.qweight.shape[1] * 2
 
-    def gated_next(ws_gated: bool):
-        """The up projection writing the down projection's input: the Triton kernel, or
-        (``ws_gated``) gemm_ws's one pass."""
+    def gated_next():
+        """The up projection writing the down projection's input."""
+        return ops._EAGER.fp8_gemm_gated_next(
+            xq, w1, c1, s1, lora, up.lowrank_up, up.bias, x.dtype, "gelu", down.smooth,
+            down.lowrank_down, s2, k_out2, down.act_fmt,
+        )  # fmt: skip
 
-        def run():
-            before, gemm_gated.WS_GATED = gemm_gated.WS_GATED, ws_gated
-            try:
-                return ops._EAGER.fp8_gemm_gated_next(
-                    xq, w1, c1, s1, lora, up.lowrank_up, up.bias, x.dtype, "gelu",
-                    down.smooth, down.lowrank_down, s2, k_out2, down.act_fmt,
-                )  # fmt: skip
-            finally:
-                gemm_gated.WS_GATED = before
-
-        return run
-
-    gated_gemm = gated_next(False)
+    gated_gemm = with_constants(gated_next, [(gemm_gated, "WS_GATED", False)])  # Triton's
     xq2, lora2 = gated_gemm()
     w2, c2 = ops._EAGER.widen_weight(down.qweight, down.wscales, down.wtensor_scale, down.fmt)
     ws = []
@@ -150,9 +134,10 @@ def _ff_parts(x, lin_up, lin_down, up, down) -> list[tuple[str, object]]:
                                              x.dtype)  # fmt: skip
 
         hv = ws_gated_gemm()
+        one_pass = with_constants(gated_next, [(gemm_gated, "WS_GATED", True)])
         ws = [("ws_gated_gemm", ws_gated_gemm), ("down_quantize", lambda: ops._EAGER.quantize_act(
             hv, down.smooth, down.lowrank_down, s2, k_out2, down.act_fmt)),
-            ("ws_one_pass", gated_next(True))]  # fmt: skip
+            ("ws_one_pass", one_pass)]  # fmt: skip
     return [
         *ws,
         ("bf16_up", lambda: F.linear(x, lin_up.weight, lin_up.bias)),
@@ -177,7 +162,6 @@ def probe_configs(m: int, h: int, k: int, act_fmt: str, runs: int = 4) -> list[d
     a tile gives the same codes every run, and how many codes differ from the reference
     on the GPU's own 16-bit up projection (``fp8_gemm`` on the Triton kernel, the same
     MMAs) — a tile that computes wrongly shows here, the fp8 sums' rounding does not."""
-    from probe_layer import constants
 
     from svdquant.kernels import gemm, gemm_gated
     from svdquant.kernels.reference import quantize_act_gated_ref
@@ -240,7 +224,6 @@ def probe_configs(m: int, h: int, k: int, act_fmt: str, runs: int = 4) -> list[d
 
 def probe(m: int, h: int, tiles: list[tuple[int, int, int]]) -> dict:
     from gemm import bench_graph
-    from probe_layer import constants
 
     from svdquant.kernels import quantize as q
     from svdquant.kernels.reference import act_scale_from_amax

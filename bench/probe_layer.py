@@ -141,6 +141,17 @@ def constants(sets: list[tuple[Any, str, Any]]) -> Iterator[None]:
             setattr(m, n, v)
 
 
+def with_constants(fn, sets: list[tuple[Any, str, Any]]):
+    """``fn`` as a function that runs it with the engine constants ``sets`` (so a CUDA
+    graph captured from it takes that route)."""
+
+    def run(*args, **kwargs):
+        with constants(sets):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def _both(fn, sets) -> tuple[dict, dict]:
     """``fn()`` and its CUDA-graph time both ways, alternated twice."""
     defaults = [(m, n, getattr(m, n)) for m, n, _ in sets]

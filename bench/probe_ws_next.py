@@ -3,12 +3,13 @@
 At the models' fc1 shapes (a GELU-tanh MLP's up projection: FLUX 12288 x 3072, PixArt-Σ
 4608 x 1152; a GEGLU's: SDXL 2 x 2560 x 640 and 2 x 5120 x 1280) and M tokens, replayed
 from CUDA graphs in one run: BF16 ``F.linear`` + activation; the Triton GEMM with
-``quantize_next``'s epilogue (the default); ``fp8_gemm_ws`` writing its 16-bit output
-(the GEMM's own time, gated: ``fp8_gemm_ws_gated``) and ``fp8_gemm_ws_next`` (the same
-with the codes and low-rank sums written instead) with each candidate tile forced; the
-standalone quantize of the 16-bit output. ``…pp`` tiles run their epilogue beside the
-other MMA partition's K loop, the others after their own. Each way's codes against the
-Triton epilogue's (share of equal bytes) and its low-rank sums (relative error).
+``quantize_next``'s epilogue (the GELU MLPs' default; SDXL's before v46); ``fp8_gemm_ws``
+writing its 16-bit output (the GEMM's own time, gated: ``fp8_gemm_ws_gated``) and
+``fp8_gemm_ws_next`` (the same with the codes and low-rank sums written instead) with
+each candidate tile forced; the standalone quantize of the 16-bit output. ``…pp`` tiles
+run their epilogue beside the other MMA partition's K loop, the others after their own.
+Each way's codes against the Triton epilogue's (share of equal bytes) and its low-rank
+sums (relative error).
 
     PYTHONPATH=src:bench python bench/probe_ws_next.py [--ms 4096] [--shapes flux,pixart,...]
 """
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gemm import Layer, bench_graph, run_info, write_result
+from probe_layer import with_constants
 
 from svdquant.kernels import gemm, gemm_gated, gemm_ws
 from svdquant.kernels import reference as ref
@@ -54,7 +56,10 @@ def _row(m: int, name: str) -> dict:
     s2 = ref.act_scale_from_amax(down.act_amax)
     k_out2 = down.qweight.shape[1] * 2
     nxt_args = (act, down.smooth, down.down, s2, k_out2, "int4")
-    triton = gemm_gated.fp8_gemm_gated_next if gated else gemm.fp8_gemm_quantize_next
+    triton = with_constants(  # the Triton kernel's epilogue, whatever the defaults
+        gemm_gated.fp8_gemm_gated_next if gated else gemm.fp8_gemm_quantize_next,
+        [(gemm_gated, "WS_GATED", False), (gemm, "WS_NEXT", False)],
+    )
     r: dict = {"M": m, "shape": name, "N": n, "K": k, "gated": gated, "tiles": {}}
 
     def bf16() -> torch.Tensor:

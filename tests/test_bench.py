@@ -282,6 +282,12 @@ def test_probe_layer_reads_its_overrides():
     )
     assert len(both) == 2 and both[0][2]["dp4a"] == (16, 512, 2)
     assert both[0][2]["dp4a_multi"] == (8, 512, 2) and both[0][2]["fma"] == module.TILES["fma"]
+    # a function run with constants set (the route a probe times), restored after
+    from svdquant.kernels import gemm_gated
+
+    before = gemm_gated.WS_GATED
+    seen = probe.with_constants(lambda k: (k, gemm_gated.WS_GATED), [(gemm_gated, "WS_GATED", 7)])
+    assert seen("x") == ("x", 7) and gemm_gated.WS_GATED is before
     for bad, words in [
         ("widen.TILE", "module.NAME=VALUE"),
         ("widen.NO_SUCH=1", "no constant"),

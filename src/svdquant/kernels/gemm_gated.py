@@ -134,9 +134,9 @@ gemm.TUNED_KERNELS.append(_gated_kernel)
 #: kernel's K loop is the slow piece (v45: 75.4 µs at M = 4096, SDXL's 640 → 2 x 2560,
 #: where cuBLAS BF16's plain up projection takes 46.5). v46, H200: the one pass 64 / 74 µs
 #: against this kernel's 75 / 87 at M = 4096 / 4608 (145 / 161 against 175 / 194 at 1280
-#: → 2 x 5120; equal at M = 1024, 640), ``bench/probe_ws_next.py``; SDXL's step 0.95 →
-#: 0.98× BF16 at batch 1, 1.03 → 1.06× at 2 (``bench/models.py --ab
-#: gemm_gated.WS_GATED=True``, one run).
+#: → 2 x 5120; 33 against 32 at M = 1024, 640), ``bench/probe_ws_next.py``; SDXL's step
+#: 0.96 → 0.98× BF16 at batch 1, 1.04 → 1.07× at 2 (``bench/models.py --ab
+#: gemm_gated.WS_GATED=False``, one run).
 WS_GATED = True
 
 
