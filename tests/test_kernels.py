@@ -2140,7 +2140,8 @@ def test_gpu_fp8_gemm_gated_next_on_gemm_ws_one_pass(monkeypatch, tile, m, h, k)
 
 def test_fp8_gemm_gated_next_hands_geglu_to_gemm_ws(monkeypatch):
     """With ``gemm_gated.WS_GATED`` (on) a GEGLU's up projection whose down projection
-    the one-pass epilogue does not take (rank > 64) runs on the Gluon GEMM where
+    the one-pass epilogue does not take (rank > 64, or a pair not in ``ONE_PASS_RUN``)
+    runs on the Gluon GEMM where
     ``fp8_gemm`` would, writing h for the down projection's quantize: the same outputs as
     the one-pass kernel's reference; other activations stay on the Triton kernel. On the
     CPU the Gluon kernel is stood in for by its reference (the GPU tests run it)."""
@@ -2163,9 +2164,14 @@ def test_fp8_gemm_gated_next_hands_geglu_to_gemm_ws(monkeypatch):
     silu = _gated_next_args(37, 136, 96, 16, "silu", "int4", True, r2=80)
     gemm_gated.fp8_gemm_gated_next(*silu)
     assert len(calls) == 1  # gemm_ws's h-writing epilogue has the GELU only
+    # a W4A8 down projection: the one pass has not run on a GPU for it (ONE_PASS_RUN)
+    w4a8 = _gated_next_args(37, 136, 96, 16, "gelu", "fp8", True)
+    xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*w4a8)
+    assert len(calls) == 2 and one_pass == []
+    _check_gated_next(w4a8, xq2, lora2)
     monkeypatch.setattr(gemm_gated, "WS_GATED", False)
     gemm_gated.fp8_gemm_gated_next(*args)
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 @pytest.mark.gpu
@@ -2195,6 +2201,27 @@ def test_gpu_fp8_gemm_ws_gated_matches_reference(monkeypatch, tile, m, h, k, r, 
     diff = (got.float() - own.float()).abs()
     assert (diff <= 2 * torch.finfo(dtype).eps * own.float().abs() + 1e-6).all()
     assert (diff > 0).float().mean().item() <= 0.02
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("activation", "act_fmt2", "dtype"), [
+    ("gelu", "fp8", torch.bfloat16), ("gelu", "fp8", torch.float16),
+    ("silu", "int4", torch.bfloat16), ("gelu_tanh", "int4", torch.float16),
+])  # fmt: skip
+def test_gpu_fp8_gemm_ws_next_gated_other_formats(activation, act_fmt2, dtype):
+    """The one pass on gemm_ws (``fp8_gemm_ws_next``, gated) for a W4A8 next layer and
+    other gate activations, at its own tile and SDXL's shapes: the one-pass Triton
+    kernel's outputs (``_check_gated_next``). Until this has run on a GPU,
+    ``gemm_gated.ONE_PASS_RUN`` keeps these pairs off it."""
+    from svdquant.kernels import gemm, gemm_ws
+
+    if not gemm_ws.available(torch.device(DEVICE)):
+        pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
+    for m, h, k in ((4096, 2560, 640), (1000, 136, 96)):
+        args = _gated_next_args(m, h, k, 32, activation, act_fmt2, True, dtype, r2=32)
+        nxt = gemm.next_layer_input(m, h, args[0].device, *args[8:])[2]
+        xq2, lora2 = gemm_ws.fp8_gemm_ws_next(*args[:8], nxt, gated=True)
+        _check_gated_next(args, xq2, lora2)
 
 
 @pytest.mark.gpu
