@@ -2716,3 +2716,66 @@ def test_eager_calls_on_a_gpu_get_one_hint(monkeypatch):
             layer(calib[:3])
     hints = [w for w in caught if "cuda_graphed" in str(w.message)]
     assert len(hints) == 1 and "torch.compile" in str(hints[0].message)
+
+
+def test_act_code_takes_the_fast_reciprocal_only_where_kernels_compile(monkeypatch):
+    """``_triton_common.act_code``: GELU-tanh's fast-reciprocal form (4) only with
+    ``FAST_RCP`` on and the kernels compiled (inline PTX does not run in triton's
+    interpreter); every other activation keeps its code."""
+    from svdquant.kernels import _triton_common as tc
+
+    assert {n: tc.act_code(n) for n in tc.ACTIVATIONS} == tc.ACTIVATIONS  # off by default
+    monkeypatch.setattr(tc, "FAST_RCP", True)
+    monkeypatch.setattr(tc, "interpreting", lambda: False)
+    assert tc.act_code("gelu_tanh") == 4
+    assert [tc.act_code(n) for n in ("none", "silu", "gelu")] == [0, 2, 3]
+    monkeypatch.setattr(tc, "interpreting", lambda: True)
+    assert tc.act_code("gelu_tanh") == 1
+
+
+@pytest.mark.gpu
+def test_gpu_fast_rcp_gives_the_same_bytes(monkeypatch):
+    """``_triton_common.FAST_RCP`` (GELU-tanh's ``1 / (exp(2u) + 1)`` without the
+    division's range check): the same codes, bit for bit, as the division in every kernel
+    that applies GELU-tanh — the Triton GEMM's next-layer epilogue, the gated GEMM, the
+    gated quantize and gemm_ws's next-layer epilogue — on inputs reaching the range
+    check's side (y past ~10); the low-rank sums (fp32 atomics, in any order) within
+    rounding."""
+    from svdquant.kernels import _triton_common as tc
+    from svdquant.kernels import gemm, gemm_gated, gemm_ws, quantize
+
+    def both(fn):
+        outs = []
+        for fast in (False, True):
+            monkeypatch.setattr(tc, "FAST_RCP", fast)
+            outs.append(fn())
+        return outs
+
+    def same(a, b):
+        assert torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8))
+        if a[1].numel():
+            assert rel_err(a[1], b[1]) < 1e-6
+
+    m, n, k = 1000, 640, 336
+    down2, _ = _lowrank(8, n, 32, torch.bfloat16)
+    xq, wq, s_ch, *rest = _gemm_args(m, n, k, 11, r=32)
+    args = (xq, wq, s_ch * 8, *rest, "gelu_tanh", _smooth(n), down2,
+            torch.tensor(0.05, device=DEVICE), n, "int4")  # fmt: skip
+    same(*both(lambda: fp8_gemm_quantize_next(*args)))
+    gated = list(_gated_next_args(m, 320, k, 32, "gelu_tanh", "int4", True, r2=32))
+    gated[2] = gated[2] * 8  # outputs past the division's range check (y > ~10)
+    same(*both(lambda: gemm_gated.fp8_gemm_gated_next(*gated)))
+    x = (torch.randn(m, 2 * n, generator=_gen(12)) * 20).to(DEVICE, torch.bfloat16)
+    v, g = x.chunk(2, dim=-1)
+    s = torch.tensor(0.05, device=DEVICE)
+    same(*both(lambda: quantize.quantize_act(v, _smooth(n), down2, s, n, "int4", g,
+                                             "gelu_tanh", gated=True)))  # fmt: skip
+    if gemm_ws.available(torch.device(DEVICE)):
+        for fmt in ("int4", "fp8"):
+            a = (*args[:13], fmt)
+
+            def ws(a=a):
+                nxt = gemm.next_layer_input(m, n, args[0].device, *a[8:])[2]
+                return gemm_ws.fp8_gemm_ws_next(*a[:8], nxt)
+
+            same(*both(ws))

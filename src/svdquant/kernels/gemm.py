@@ -22,6 +22,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from svdquant.kernels import gemm_ws, tile_cache
 from svdquant.kernels._triton_common import (
     ACTIVATIONS,
+    act_code,
     apply_activation,
     block_rank,
     cdiv,
@@ -565,7 +566,7 @@ def _launch(
         DOT_FP32=interpreting(),
         NEXT=nxt is not None,
         SPLIT=bounds is not None,
-        ACT=ACTIVATIONS[act],
+        ACT=act_code(act),
         NEXT_INT4=int4,
         BLOCK_R2=block_rank(r2),
         TAIL=tail_on,

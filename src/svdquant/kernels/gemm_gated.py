@@ -19,6 +19,7 @@ import triton.language as tl
 
 from svdquant.kernels import gemm, gemm_ws
 from svdquant.kernels._triton_common import (
+    act_code,
     apply_activation,
     block_rank,
     cdiv,
@@ -218,7 +219,7 @@ def fp8_gemm_gated_next(
         ROUND_BF16=needs_bf16_rounding(out_dtype),
         BLOCK_R=block_rank(r),
         DOT_FP32=interpreting(),
-        ACT=gemm.ACTIVATIONS[activation],
+        ACT=act_code(activation),
         NEXT_INT4=act_fmt2 == "int4",
         BLOCK_R2=block_rank(r2),
     )

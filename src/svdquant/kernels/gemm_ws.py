@@ -48,6 +48,7 @@ import triton
 
 from svdquant.kernels._triton_common import (
     ACTIVATIONS,
+    act_code,
     block_rank,
     capability_major,
     cdiv,
@@ -293,10 +294,15 @@ if HAVE_GLUON:
     def _activation(y, ACT: gl.constexpr):
         """``_triton_common.apply_activation`` in Gluon, the same operations (so the same
         fp32 results): ``ACT`` 0 none, 1 GELU-tanh, 2 SiLU, 3 GELU (erf by Abramowitz &
-        Stegun 7.1.26, |error| ≤ 1.5e-7)."""
-        if ACT == 1:
+        Stegun 7.1.26, |error| ≤ 1.5e-7), 4 GELU-tanh with the fast reciprocal."""
+        if ACT == 1 or ACT == 4:
             e = gl.exp2(y * (2.302208198144325 + 0.1029432395800235 * y * y))
-            y = y - y / (e + 1.0)
+            if ACT == 4:  # ``_triton_common.fast_rcp``
+                r = gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [e + 1.0],
+                                              dtype=gl.float32, is_pure=True, pack=1)  # fmt: skip
+                y = y - y * r
+            else:
+                y = y - y / (e + 1.0)
         elif ACT == 2:
             y = y / (1.0 + gl.exp(-y))
         elif ACT == 3:
@@ -1086,6 +1092,6 @@ def _next_args(nxt, dummy: torch.Tensor, gated: bool) -> tuple[tuple, dict]:
     r2 = ld2.shape[0]
     args = (inv_s2, ld2, scale2, lora2, r2, ld2.stride(0) if r2 else 0,
             lora2.stride(0) if r2 else 0)  # fmt: skip
-    consts = dict(ACT=ACTIVATIONS[activation], NEXT=True, NEXT_INT4=act_fmt2 == "int4",
+    consts = dict(ACT=act_code(activation), NEXT=True, NEXT_INT4=act_fmt2 == "int4",
                   BR2=block_rank(r2))  # fmt: skip
     return args, consts

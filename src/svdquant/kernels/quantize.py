@@ -34,6 +34,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from svdquant.kernels._triton_common import (
     ACTIVATIONS,
+    act_code,
     apply_activation,
     block_rank,
     cdiv,
@@ -428,7 +429,7 @@ def quantize_act(
         HAS_LORA=r > 0,
         ATOMIC=split > 1,
         EXACT=interpreting(),
-        TAIL_ACT=-1 if tail is None else ACTIVATIONS[tail_act],
+        TAIL_ACT=-1 if tail is None else act_code(tail_act),
         # the seam at a step boundary (FLUX: 3072): each step reads one tensor (with both
         # loads and a select per element the kernel took 239 registers, 2 programs per SM)
         SEAM_ALIGNED=k_head % block_k == 0 and k_per_split % block_k == 0,
