@@ -9,9 +9,12 @@ writing its 16-bit output (the GEMM's own time, gated: ``fp8_gemm_ws_gated``) an
 each candidate tile forced; the standalone quantize of the 16-bit output. ``…pp`` tiles
 run their epilogue beside the other MMA partition's K loop, the others after their own.
 Each way's codes against the Triton epilogue's (share of equal bytes) and its low-rank
-sums (relative error).
+sums (relative error). ``--fast-rcp``: the GELU-tanh shapes again with
+``_triton_common.FAST_RCP`` (the Triton epilogue and gemm_ws's at its own tile), its codes
+compared byte for byte; ``--tiles next``: only ``gemm_ws.NEXT_TILE`` forced.
 
-    PYTHONPATH=src:bench python bench/probe_ws_next.py [--ms 4096] [--shapes flux,pixart,...]
+    PYTHONPATH=src:bench python bench/probe_ws_next.py [--ms 4096] [--shapes flux,pixart,...] \
+        [--tiles all|next] [--fast-rcp]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gemm import Layer, bench_graph, run_info, write_result
 from probe_layer import with_constants
 
-from svdquant.kernels import gemm, gemm_gated, gemm_ws
+from svdquant.kernels import _triton_common, gemm, gemm_gated, gemm_ws
 from svdquant.kernels import reference as ref
 from svdquant.kernels._triton_common import num_sms
 from svdquant.kernels.quantize import quantize_act
@@ -43,7 +46,7 @@ SHAPES = {
 }
 
 
-def _row(m: int, name: str) -> dict:
+def _row(m: int, name: str, tiles: list, fast_rcp: bool = False) -> dict:
     n, k, gated = SHAPES[name]
     act = "gelu" if gated else "gelu_tanh"
     up = Layer(2 * n if gated else n, k, seed=1)
@@ -78,7 +81,7 @@ def _row(m: int, name: str) -> dict:
     r["quantize_us"] = bench_graph(
         lambda: quantize_act(h, down.smooth, down.down, s2, k_out2, "int4")
     )
-    for tile in gemm_ws.CANDIDATE_TILES:
+    for tile in tiles:
         if not gemm_ws.tile_fits(tile, 32):
             continue
         gemm_ws.TILE_OVERRIDE = tile
@@ -101,6 +104,18 @@ def _row(m: int, name: str) -> dict:
         finally:
             gemm_ws.TILE_OVERRIDE = None
     gemm_ws.TILE_OVERRIDE = None
+    if fast_rcp and act == "gelu_tanh":  # GELU-tanh without the division's range check
+
+        def ws_next():
+            nxt = gemm.next_layer_input(m, n, x.device, *nxt_args)[2]
+            return gemm_ws.fp8_gemm_ws_next(*args, nxt, gated=gated)
+
+        for key, fn in (("triton_next", lambda: triton(*args, *nxt_args)), ("ws_next", ws_next)):
+            before = fn()[0].view(torch.uint8)
+            fast = with_constants(fn, [(_triton_common, "FAST_RCP", True)])
+            r[key + "_fast_rcp_same_bytes"] = torch.equal(fast()[0].view(torch.uint8), before)
+            r[key + "_us_again"] = bench_graph(fn)
+            r[key + "_fast_rcp_us"] = bench_graph(fast)
     sms = num_sms(x.device)
     r["picked"] = gemm_ws.tile_name(gemm_ws.pick_tile(m, 2 * n if gated else n, k, 32, sms))
     return r
@@ -110,6 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default="4096")
     p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--tiles", choices=("all", "next"), default="all",
+                   help="every candidate tile, or only gemm_ws.NEXT_TILE")  # fmt: skip
+    p.add_argument("--fast-rcp", action="store_true",
+                   help="also time the GELU-tanh shapes with _triton_common.FAST_RCP, "
+                   "its codes compared with the division's")  # fmt: skip
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--tag", default=None)
     a = p.parse_args(argv)
@@ -122,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for m in (int(v) for v in a.ms.split(",")):
         for name in a.shapes.split(","):
-            rows.append(_row(m, name))
+            tiles = gemm_ws.CANDIDATE_TILES if a.tiles == "all" else (gemm_ws.NEXT_TILE,)
+            rows.append(_row(m, name, list(tiles), a.fast_rcp))
             print(rows[-1], flush=True)
     stem = "probe_ws_next" + (f"-{a.tag}" if a.tag else "")
     path = write_result({**run_info(), "rows": rows}, a.out, stem)
@@ -139,6 +160,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['M']} | {r['shape']} | {r['bf16_us']:.0f} | {r['triton_next_us']:.0f} | "
               f"{r['quantize_us']:.0f} | " + " | ".join(cells) + f" | {r['picked']} |")  # fmt: skip
     print("(tile cells: µs of the GEMM writing 16 bits / writing the next layer's codes)")
+    for r in rows:
+        for key in ("triton_next", "ws_next"):
+            if key + "_fast_rcp_us" in r:
+                print(f"M {r['M']} {r['shape']} {key}: {r[key + '_us_again']:.1f} µs, with "
+                      f"FAST_RCP {r[key + '_fast_rcp_us']:.1f}, the same bytes: "
+                      f"{r[key + '_fast_rcp_same_bytes']}")  # fmt: skip
     print(f"-> {path}")
 
 
