@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gemm import Layer, bench_graph, run_info, write_result
-from probe_layer import with_constants
+from probe_layer import constants, with_constants
 
 from svdquant.kernels import _triton_common, gemm, gemm_gated, gemm_ws
 from svdquant.kernels import reference as ref
@@ -63,6 +63,14 @@ def _row(m: int, name: str, tiles: list, fast_rcp: bool = False) -> dict:
         gemm_gated.fp8_gemm_gated_next if gated else gemm.fp8_gemm_quantize_next,
         [(gemm_gated, "WS_GATED", False), (gemm, "WS_NEXT", False)],
     )
+
+    def triton_next():
+        return triton(*args, *nxt_args)
+
+    def ws_next():  # gemm_ws's epilogue, at the tile pick_tile or TILE_OVERRIDE gives
+        nxt = gemm.next_layer_input(m, n, x.device, *nxt_args)[2]
+        return gemm_ws.fp8_gemm_ws_next(*args, nxt, gated=gated)
+
     r: dict = {"M": m, "shape": name, "N": n, "K": k, "gated": gated, "tiles": {}}
 
     def bf16() -> torch.Tensor:
@@ -73,8 +81,8 @@ def _row(m: int, name: str, tiles: list, fast_rcp: bool = False) -> dict:
         return F.gelu(y, approximate="tanh")
 
     r["bf16_us"] = bench_graph(bf16)
-    want_q, want_l = triton(*args, *nxt_args)
-    r["triton_next_us"] = bench_graph(lambda: triton(*args, *nxt_args))
+    want_q, want_l = triton_next()
+    r["triton_next_us"] = bench_graph(triton_next)
     plain = gemm_ws.fp8_gemm_ws_gated if gated else gemm_ws.fp8_gemm_ws
     h = plain(*args)
     h = h if gated else ref.activation_ref(h, act).to(h.dtype)
@@ -84,33 +92,19 @@ def _row(m: int, name: str, tiles: list, fast_rcp: bool = False) -> dict:
     for tile in tiles:
         if not gemm_ws.tile_fits(tile, 32):
             continue
-        gemm_ws.TILE_OVERRIDE = tile
-        try:
-            nxt = gemm.next_layer_input(m, n, x.device, *nxt_args)[2]
-            q, lr = gemm_ws.fp8_gemm_ws_next(*args, nxt, gated=gated)
+        with constants([(gemm_ws, "TILE_OVERRIDE", tile)]):
+            q, lr = ws_next()
             r["tiles"][gemm_ws.tile_name(tile)] = {
                 "ws_us": bench_graph(lambda: plain(*args)),
-                "ws_next_us": bench_graph(
-                    lambda: gemm_ws.fp8_gemm_ws_next(
-                        *args, gemm.next_layer_input(m, n, x.device, *nxt_args)[2], gated=gated
-                    )
-                ),
+                "ws_next_us": bench_graph(ws_next),
                 "codes_equal": (q.view(torch.uint8) == want_q.view(torch.uint8))
                 .float()
                 .mean()
                 .item(),
                 "lora2_rel": ((lr - want_l).norm() / want_l.norm().clamp_min(1e-30)).item(),
             }
-        finally:
-            gemm_ws.TILE_OVERRIDE = None
-    gemm_ws.TILE_OVERRIDE = None
     if fast_rcp and act == "gelu_tanh":  # GELU-tanh without the division's range check
-
-        def ws_next():
-            nxt = gemm.next_layer_input(m, n, x.device, *nxt_args)[2]
-            return gemm_ws.fp8_gemm_ws_next(*args, nxt, gated=gated)
-
-        for key, fn in (("triton_next", lambda: triton(*args, *nxt_args)), ("ws_next", ws_next)):
+        for key, fn in (("triton_next", triton_next), ("ws_next", ws_next)):
             before = fn()[0].view(torch.uint8)
             fast = with_constants(fn, [(_triton_common, "FAST_RCP", True)])
             r[key + "_fast_rcp_same_bytes"] = torch.equal(fast()[0].view(torch.uint8), before)

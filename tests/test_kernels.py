@@ -2731,6 +2731,8 @@ def test_act_code_takes_the_fast_reciprocal_only_where_kernels_compile(monkeypat
     assert [tc.act_code(n) for n in ("none", "silu", "gelu")] == [0, 2, 3]
     monkeypatch.setattr(tc, "interpreting", lambda: True)
     assert tc.act_code("gelu_tanh") == 1
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        tc.act_code("relu")
 
 
 @pytest.mark.gpu

@@ -242,6 +242,8 @@ def act_code(name: str) -> int:
     """The kernels' ``ACT`` constant for activation ``name`` (a key of ``ACTIVATIONS``):
     GELU-tanh's fast-reciprocal form where ``FAST_RCP`` is on and kernels run compiled
     (read at each launch, so an A/B in one process compiles both)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; supported: {sorted(ACTIVATIONS)}")
     code = ACTIVATIONS[name]
     return 4 if code == 1 and FAST_RCP and not interpreting() else code
 
