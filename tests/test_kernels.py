@@ -2139,39 +2139,46 @@ def test_gpu_fp8_gemm_gated_next_on_gemm_ws_one_pass(monkeypatch, tile, m, h, k)
 
 
 def test_fp8_gemm_gated_next_hands_geglu_to_gemm_ws(monkeypatch):
-    """With ``gemm_gated.WS_GATED`` (on) a GEGLU's up projection whose down projection
-    the one-pass epilogue does not take (rank > 64, or a pair not in ``ONE_PASS_RUN``)
-    runs on the Gluon GEMM where ``fp8_gemm`` would, writing h for the down projection's
-    quantize: the same outputs as the one-pass kernel's reference; other activations stay
-    on the Triton kernel. On the CPU the Gluon kernel is stood in for by its reference
-    (the GPU tests run it)."""
+    """With ``gemm_gated.WS_GATED`` (on) a gated unit's up projection runs on the Gluon
+    GEMM where ``fp8_gemm`` would: in one pass where its epilogue takes the down
+    projection (rank ≤ 64; any gate activation, int4 or W4A8 — all run on the GPU in
+    v47), else, for a GELU gate, writing h for the down projection's quantize — the same
+    outputs as the one-pass kernel's reference; other gates past rank 64 stay on the
+    Triton kernel. On the CPU the Gluon kernels are stood in for by references (the GPU
+    tests run them)."""
     from svdquant.kernels import gemm, gemm_gated, gemm_ws
 
-    calls = []
+    calls, one_pass = [], []
+    current: list = []
 
     def gated_ws(*a):
         calls.append(a[0].shape)
         return ref.fp8_gemm_gated_ref(*a)
 
+    def next_ws(*a, gated=False):
+        one_pass.append(gated)
+        return ref.fp8_gemm_gated_next_ref(*current[0])
+
+    def run(args):
+        current[:] = [args]
+        return gemm_gated.fp8_gemm_gated_next(*args)
+
     assert gemm_gated.WS_GATED  # the default
     monkeypatch.setattr(gemm, "_ws_wanted", lambda *a: True)
     monkeypatch.setattr(gemm_ws, "fp8_gemm_ws_gated", gated_ws)
-    one_pass = _count_calls(monkeypatch, gemm_ws, "fp8_gemm_ws_next")
+    monkeypatch.setattr(gemm_ws, "fp8_gemm_ws_next", next_ws)
     args = _gated_next_args(37, 136, 96, 16, "gelu", "int4", True, r2=80)
-    xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*args)
+    xq2, lora2 = run(args)
     assert calls == [(37, 96)] and one_pass == []
     _check_gated_next(args, xq2, lora2)
-    silu = _gated_next_args(37, 136, 96, 16, "silu", "int4", True, r2=80)
-    gemm_gated.fp8_gemm_gated_next(*silu)
-    assert len(calls) == 1  # gemm_ws's h-writing epilogue has the GELU only
-    # a W4A8 down projection: the one pass has not run on a GPU for it (ONE_PASS_RUN)
-    w4a8 = _gated_next_args(37, 136, 96, 16, "gelu", "fp8", True)
-    xq2, lora2 = gemm_gated.fp8_gemm_gated_next(*w4a8)
-    assert len(calls) == 2 and one_pass == []
-    _check_gated_next(w4a8, xq2, lora2)
+    run(_gated_next_args(37, 136, 96, 16, "silu", "int4", True, r2=80))
+    assert len(calls) == 1 and one_pass == []  # h-writing: the GELU only
+    for activation, fmt in (("gelu", "fp8"), ("silu", "int4"), ("gelu_tanh", "fp8")):
+        run(_gated_next_args(37, 136, 96, 16, activation, fmt, True, r2=32))
+    assert len(calls) == 1 and one_pass == [True] * 3
     monkeypatch.setattr(gemm_gated, "WS_GATED", False)
     gemm_gated.fp8_gemm_gated_next(*args)
-    assert len(calls) == 2
+    assert len(calls) == 1 and len(one_pass) == 3
 
 
 @pytest.mark.gpu
@@ -2211,8 +2218,7 @@ def test_gpu_fp8_gemm_ws_gated_matches_reference(monkeypatch, tile, m, h, k, r, 
 def test_gpu_fp8_gemm_ws_next_gated_other_formats(activation, act_fmt2, dtype):
     """The one pass on gemm_ws (``fp8_gemm_ws_next``, gated) for a W4A8 next layer and
     other gate activations, at its own tile and SDXL's shapes: the one-pass Triton
-    kernel's outputs (``_check_gated_next``). Until this has run on a GPU,
-    ``gemm_gated.ONE_PASS_RUN`` keeps these pairs off it."""
+    kernel's outputs (``_check_gated_next``); v47 on the H200: passed."""
     from svdquant.kernels import gemm, gemm_ws
 
     if not gemm_ws.available(torch.device(DEVICE)):
@@ -2724,7 +2730,10 @@ def test_act_code_takes_the_fast_reciprocal_only_where_kernels_compile(monkeypat
     interpreter); every other activation keeps its code."""
     from svdquant.kernels import _triton_common as tc
 
-    assert {n: tc.act_code(n) for n in tc.ACTIVATIONS} == tc.ACTIVATIONS  # off by default
+    assert tc.FAST_RCP  # the default since v47
+    monkeypatch.setattr(tc, "FAST_RCP", False)
+    monkeypatch.setattr(tc, "interpreting", lambda: False)
+    assert {n: tc.act_code(n) for n in tc.ACTIVATIONS} == tc.ACTIVATIONS
     monkeypatch.setattr(tc, "FAST_RCP", True)
     monkeypatch.setattr(tc, "interpreting", lambda: False)
     assert tc.act_code("gelu_tanh") == 4

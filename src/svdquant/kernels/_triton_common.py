@@ -233,9 +233,11 @@ ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "silu": 2, "gelu": 3}
 #: ``fma(y, -rcp(d), y)``; past 2^126 (d = exp(2u) + 1, so y > ~10) both give y. Three
 #: fewer instructions an element on sm_90 (triton 3.6, ``bench/sass_report.py``: the fused
 #: MLP's fc1 epilogue 5,096 → 4,704 SASS instructions, the gated quantize with GELU-tanh
-#: 3,432 → 3,048, gemm_ws's next-layer epilogue 5,240 → 4,864). v46, built after the
-#: device time: off until its GPU test (``-k fast_rcp``) has shown the same bytes.
-FAST_RCP = False
+#: 3,432 → 3,048, gemm_ws's next-layer epilogue 5,240 → 4,864). v47, H200: the same bytes
+#: in all four kernels (``-k fast_rcp``); ``bench/probe_ws_next.py --fast-rcp`` at
+#: M = 4096 / 4608: gemm_ws's next-layer epilogue 339.6 → 333.0 / 393.9 → 387.0 µs (FLUX's
+#: fc1), 97.5 → 94.5 / 98.3 → 95.2 (PixArt-Σ's), the Triton epilogue's 0.2–1.5% faster.
+FAST_RCP = True
 
 
 def act_code(name: str) -> int:

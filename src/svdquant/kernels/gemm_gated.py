@@ -140,14 +140,6 @@ gemm.TUNED_KERNELS.append(_gated_kernel)
 #: gemm_gated.WS_GATED=False``, one run).
 WS_GATED = True
 
-#: The (gate activation, next layer's activation format) pairs whose one pass on gemm_ws
-#: has run on a GPU (v46: SDXL's GEGLU, int4 — the fused models' tests and the tile
-#: sweep); the others take the h-writing route (GELU) or this kernel until
-#: ``test_gpu_fp8_gemm_ws_next_gated_other_formats`` has run (the same Gluon code as the
-#: plain epilogue's fp8 and SiLU paths, which have).
-ONE_PASS_RUN = {("gelu", "int4")}
-
-
 def _ws_gated_wanted(xq, wq, lora_act, lowrank_up, out_dtype, activation) -> bool:
     n, k = wq.shape[0], xq.shape[1]
     return (
@@ -193,8 +185,7 @@ def fp8_gemm_gated_next(
     )
     if not (m and h):
         return xq2, lora2
-    one_pass = WS_GATED and (activation, act_fmt2) in ONE_PASS_RUN
-    if one_pass and gemm.ws_next_fits(xq, wq, lora_act, lowrank_up, out_dtype, nxt, True):
+    if WS_GATED and gemm.ws_next_fits(xq, wq, lora_act, lowrank_up, out_dtype, nxt, True):
         return gemm_ws.fp8_gemm_ws_next(xq, wq, s_channel, act_scale, lora_act, lowrank_up,
                                         bias, out_dtype, nxt, gated=True)  # fmt: skip
     if _ws_gated_wanted(xq, wq, lora_act, lowrank_up, out_dtype, activation):
