@@ -14,6 +14,8 @@ trip weigh on any kernel; this probe times, in one run and the same two ways as
 * ``torch_cast``: ``x.to(torch.float8_e4m3fn)`` (the same bytes, PyTorch's cast);
 * ``torch_copy``: ``y.copy_(x)`` (bf16 to bf16: 4 bytes an element);
 * ``quantize``: ours (int4, rank 32), and ``quantize_nolr`` without the low-rank branch;
+* ``quantize_folded``: ours with L_down's smoothing folded once (``fold_lowrank_down``,
+  ``quantize_act(folded=True)``), its outputs checked against ``quantize``'s;
 
 each as a percentage of the copy bandwidth on its own bytes. If ``move`` itself stays far
 below 70% at these sizes, the bar is a property of the GPU at this size, not of the kernel.
@@ -36,7 +38,7 @@ from gemm import RANK, Layer, bench_graph, bench_graph_clean, copy_bandwidth, ru
 from probe_read_floor import best_tile
 
 from svdquant.kernels import reference as ref
-from svdquant.kernels.quantize import quantize_act
+from svdquant.kernels.quantize import fold_lowrank_down, quantize_act
 
 #: (rows, columns, warps) of a ``move`` program, swept: 8 to 64 elements a thread.
 TILES = [
@@ -67,14 +69,15 @@ def move(x: torch.Tensor, tile) -> torch.Tensor:
     return y
 
 
-def probe_shape(m: int, k: int, copy_gbs: float) -> dict:
+def probe_shape(m: int, k: int, copy_gbs: float, with_move: bool = True) -> dict:
     """One shape: the move's tile sweep, then every case timed both ways."""
     x = torch.randn(m, k, device="cuda").bfloat16()
     layer = Layer(3072, k)
     s = ref.act_scale_from_amax(layer.act_amax)
     kp = layer.qweight.shape[1] * 2
     y = torch.empty_like(x)
-    tile, sweep = best_tile(lambda t: move(x, t), TILES)
+    folded = fold_lowrank_down(layer.down, layer.smooth)
+    tile, sweep = best_tile(lambda t: move(x, t), TILES) if with_move else (None, [])
     cases = {
         "move": (lambda: move(x, tile), 3 * m * k),
         "torch_cast": (lambda: x.to(torch.float8_e4m3fn), 3 * m * k),
@@ -84,12 +87,21 @@ def probe_shape(m: int, k: int, copy_gbs: float) -> dict:
             lambda: quantize_act(x, layer.smooth, layer.down, s, kp, "int4"),
             m * k * 2 + m * kp + m * RANK * 4 + RANK * k * 2,
         ),
+        "quantize_folded": (
+            lambda: quantize_act(x, layer.smooth, folded, s, kp, "int4", folded=True),
+            m * k * 2 + m * kp + m * RANK * 4 + RANK * k * 2,
+        ),
         "quantize_nolr": (
             lambda: quantize_act(x, layer.smooth, layer.down[:0], s, kp, "int4"),
             m * k * 2 + m * kp,
         ),
     }
-    row: dict = {"M": m, "K": k, "move_tile": tile, "sweep": sweep}
+    if not with_move:
+        del cases["move"]
+    a, b = cases["quantize"][0](), cases["quantize_folded"][0]()
+    row: dict = {"M": m, "K": k, "move_tile": tile, "sweep": sweep,
+                 "folded_same_codes": torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)),
+                 "folded_lora_rel_err": ((a[1] - b[1]).norm() / a[1].norm()).item()}  # fmt: skip
     for name, (fn, nbytes) in cases.items():
         row[f"{name}_us"] = bench_graph(fn)
         row[f"{name}_clean_us"] = bench_graph_clean(fn)
@@ -102,21 +114,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="4608x3072,4096x3072,1024x3072,4608x12288")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument("--no-move", action="store_true", help="skip the move's tile sweep")
     a = p.parse_args()
     copy_gbs = copy_bandwidth()
     result = {**run_info(), "copy_gbs": copy_gbs, "rows": []}
-    names = ("move", "torch_cast", "torch_copy", "quantize", "quantize_nolr")
+    names = ("move", "torch_cast", "torch_copy", "quantize", "quantize_folded", "quantize_nolr")
+    names = names[a.no_move :]
     print(f"copy bandwidth {copy_gbs:.0f} GB/s; % of it on each case's bytes, CUDA graph "
           "(clean L2 in brackets)")  # fmt: skip
     print("    M      K | move tile      | " + " | ".join(f"{n:>13}" for n in names))
     for shape in a.shapes.split(","):
         m, k = (int(v) for v in shape.split("x"))
-        r = probe_shape(m, k, copy_gbs)
+        r = probe_shape(m, k, copy_gbs, not a.no_move)
         result["rows"].append(r)
         cells = " | ".join(
             f"{r[n + '_pct_copy']:5.1f} ({r[n + '_clean_pct_copy']:5.1f})" for n in names
         )
-        print(f"{m:5d} {k:6d} | {r['move_tile']!s:14} | {cells}")
+        print(f"{m:5d} {k:6d} | {r['move_tile']!s:14} | {cells} | folded: same codes "
+              f"{r['folded_same_codes']}, sums {r['folded_lora_rel_err']:.1e}")  # fmt: skip
     print("->", write_result(result, a.out, "probe_quantize_floor"))
 
 

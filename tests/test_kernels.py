@@ -171,6 +171,31 @@ def test_quantize_act_split_rank_matches_reference(monkeypatch, m, r, tail):
     assert rel_err(lora, lora_ref) < 1e-4
 
 
+@pytest.mark.parametrize(("m", "k", "r", "dtype", "tail"), [
+    (1, 100, 7, torch.bfloat16, False), (257, 320, 32, torch.float16, False),
+    (70, 192, 80, torch.bfloat16, False), (66, 192, 40, torch.bfloat16, True),
+])  # fmt: skip
+def test_quantize_act_folded_is_the_same(m, k, r, dtype, tail):
+    """``quantize_act(folded=True)`` with ``fold_lowrank_down``'s L_down: the codes bit for
+    bit and the low-rank sums (fp32 atomics in any order) of the unfolded call — the fold
+    done once per layer is the one every program does."""
+    from svdquant.kernels.quantize import fold_lowrank_down
+
+    k2 = 128 if tail else 0
+    x = _acts(m, k, dtype, seed=m)
+    t = _acts(m, k2, dtype, seed=m + 1) if tail else None
+    s = _smooth(k + k2)
+    down, _ = _lowrank(8, k + k2, r, dtype)
+    scale = torch.tensor(0.02, device=DEVICE)
+    kw = {"tail": t, "tail_act": "gelu_tanh"} if tail else {}
+    xq, lora = quantize_act(x, s, down, scale, k + k2, "int4", **kw)
+    folded = fold_lowrank_down(down, s)
+    assert folded.dtype == dtype and folded.shape == down.shape
+    xq_f, lora_f = quantize_act(x, s, folded, scale, k + k2, "int4", folded=True, **kw)
+    assert torch.equal(xq.view(torch.uint8), xq_f.view(torch.uint8))
+    assert rel_err(lora_f, lora) < 1e-6
+
+
 def test_quantize_rank_parts_policy(monkeypatch):
     """The low-rank widths the quantize pads a rank to, and its rows per program: one
     power of two by default; with ``SPLIT_RANK`` 48 = 32 + 16, 80 = 64 + 16, 96 = 64 + 32

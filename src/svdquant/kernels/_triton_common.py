@@ -332,18 +332,23 @@ def dot16(a, b, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def folded_lowrank_dot(x, ld_t, inv_s, acc, INTERPRET: tl.constexpr):
+def folded_lowrank_dot(x, ld_t, inv_s, acc, INTERPRET: tl.constexpr, FOLDED: tl.constexpr = False):
     """``acc + x · (diag(1/s) · L_downᵀ)``: the low-rank down projection of x̂ = x · (1/s)
     with the smoothing folded into L_down's chunk ``ld_t`` [BLOCK_K, BLOCK_R] (16-bit),
     rounded to its dtype, and ``x`` rounded to it too (exact when x is 16-bit already).
+    ``FOLDED``: ``ld_t`` is that folded chunk already (``fold_lowrank_down``'s, the same
+    bits) and ``inv_s`` is not read.
 
     Folding keeps ``x`` a plain 16-bit tensor as the MMA's left operand (the big one),
     instead of a computed x̂ that must be rounded and moved into the MMA layout.
     """
-    b = ld_t.to(tl.float32) * inv_s[:, None]
-    if INTERPRET and ld_t.dtype == tl.bfloat16:
-        b = round_bf16(b)
-    b16 = b.to(ld_t.dtype)
+    if FOLDED:
+        b16 = ld_t
+    else:
+        b = ld_t.to(tl.float32) * inv_s[:, None]
+        if INTERPRET and ld_t.dtype == tl.bfloat16:
+            b = round_bf16(b)
+        b16 = b.to(ld_t.dtype)
     # (one return: triton 3.6 compiles the statements after a static branch's return too)
     if INTERPRET or x.dtype != ld_t.dtype or x.dtype == tl.float32:
         out = dot16(x.to(tl.float32), b16, acc, INTERPRET)

@@ -140,6 +140,7 @@ gemm.TUNED_KERNELS.append(_gated_kernel)
 #: gemm_gated.WS_GATED=False``, one run).
 WS_GATED = True
 
+
 def _ws_gated_wanted(xq, wq, lora_act, lowrank_up, out_dtype, activation) -> bool:
     n, k = wq.shape[0], xq.shape[1]
     return (

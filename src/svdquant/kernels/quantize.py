@@ -49,7 +49,7 @@ from svdquant.kernels._triton_common import (
     to_e4m3,
 )
 
-__all__ = ["quantize_act", "quantize_tile"]
+__all__ = ["fold_lowrank_down", "quantize_act", "quantize_tile"]
 
 #: (BLOCK_M, columns per step, num_warps) for few rows (M ≤ 64), up to 1024 (FLUX's text
 #: stream: 512) and more; tuned on the H100 with ``bench/probe_quantize.py`` and
@@ -86,6 +86,15 @@ TWO_STEP_MIN_PER_SM = 2
 #: part, 64, keeps 64 rows already); the LoRA'd fused step 1.019x (``bench/e2e.py
 #: --ab``), 1.060x with ``gemm.LORA_PARTS``.
 SPLIT_RANK = True
+
+
+def fold_lowrank_down(lowrank_down: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
+    """``L_down · diag(1/s)`` rounded to L_down's dtype: the chunk every quantize program
+    otherwise computes (``folded_lowrank_dot``), once per layer — bit for bit the kernel's
+    (one IEEE reciprocal per column, one product, one rounding). For
+    ``quantize_act(folded=True)``."""
+    inv_s = torch.reciprocal(smooth.float())
+    return (lowrank_down.float() * inv_s).to(lowrank_down.dtype)
 
 
 def rank_parts(r: int) -> tuple[int, int]:
@@ -239,6 +248,7 @@ def _quantize_act_kernel(
     PDL_WAIT_LAST: tl.constexpr = False,
     BLOCK_R2: tl.constexpr = 0,
     GATED: tl.constexpr = False,
+    FOLDED: tl.constexpr = False,
 ):
     # With PDL_TRIGGER the next kernel, launched as this one's programmatic dependent (the
     # widen, ``widen.widen_weight(pdl=True)``), may start as soon as every program of this
@@ -309,9 +319,9 @@ def _quantize_act_kernel(
                 ld = tl.load(ld_ptrs, mask=ld_mask, other=0.0)
                 if BLOCK_R2 > 0:
                     ld2 = tl.load(ld2_ptrs, mask=ld2_mask, other=0.0)
-            acc = folded_lowrank_dot(x, tl.trans(ld), inv_s, acc, EXACT)
+            acc = folded_lowrank_dot(x, tl.trans(ld), inv_s, acc, EXACT, FOLDED)
             if BLOCK_R2 > 0:
-                acc2 = folded_lowrank_dot(x, tl.trans(ld2), inv_s, acc2, EXACT)
+                acc2 = folded_lowrank_dot(x, tl.trans(ld2), inv_s, acc2, EXACT, FOLDED)
     if HAS_LORA:
         _store_sums(lora_ptr, rows, rr, acc, rmask, R, stride_lm, ATOMIC)
         if BLOCK_R2 > 0:
@@ -337,6 +347,7 @@ def quantize_act(
     pdl: bool = False,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     gated: bool = False,
+    folded: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations ``x`` [M, K] for the fp8 GEMM; see ``quantize_act_ref``.
 
@@ -352,7 +363,9 @@ def quantize_act(
     (``widen_weight(pdl=True)``) start early, where the GPU has it. ``pdl``: launched as
     the previous kernel's programmatic dependent — only right after
     ``widen_weight(trigger=True)``, into buffers ``out = (xq, lora_act)`` allocated (the
-    latter zeroed) before that launch, so that no kernel comes between.
+    latter zeroed) before that launch, so that no kernel comes between. ``folded``:
+    ``lowrank_down`` is ``fold_lowrank_down(lowrank_down, smooth)`` already — the same
+    results, without the fold's multiply and rounding of L_down's chunk in every program.
     """
     if act_fmt not in ("int4", "fp8"):
         raise ValueError(f"the fp8 engine quantizes activations to int4 or fp8, got {act_fmt!r}")
@@ -443,6 +456,7 @@ def quantize_act(
         PDL_WAIT_LAST=pdl,
         BLOCK_R2=block_r2,
         GATED=gated,  # (a gated input has its tail: checked above)
+        FOLDED=folded,
         **({"launch_pdl": True} if pdl else {}),
     )
     return xq, lora
