@@ -21,7 +21,8 @@ the wall time runs out, each with its reason):
     quantized layer, each its own down factor: loaded with ``svdquant.load_lora``, then
     fused), svdq-int4-fused-fp8w (fused, the widened weights kept:
     ``svdquant.keep_fp8_weights``; ``--fp8-weights-gib``: only the smallest layers'
-    within that budget), then with --compile the torch.compile'd variants of
+    within that budget), svdq-int4-fused-fp8w-host (the same with the 4-bit codes in host
+    memory: ``codes_on_host=True``), then with --compile the torch.compile'd variants of
     the same rows.
 
 Each eager row is also replayed from a CUDA graph captured around one step (mode
@@ -154,7 +155,12 @@ def _load_random_lora(model: nn.Module, rank: int) -> None:
 
 
 def _ours(
-    fmt: str, act_fmt: str | None, fuse: bool = False, lora: bool = False, fp8w: bool = False
+    fmt: str,
+    act_fmt: str | None,
+    fuse: bool = False,
+    lora: bool = False,
+    fp8w: bool = False,
+    codes_on_host: bool = False,
 ) -> Callable[[nn.Module, Ctx], None]:
     def apply(model: nn.Module, ctx: Ctx) -> None:
         import svdquant
@@ -168,16 +174,17 @@ def _ours(
         if fuse:  # q/k/v (+ the single blocks' MLP up) as one layer: one quantize, one GEMM
             svdquant.fuse_projections(model)
         if fp8w:  # the widened fp8 weights kept: no per-step widen, more memory
-            keep_fp8_weights(model, FP8_WEIGHTS_GIB)
+            keep_fp8_weights(model, FP8_WEIGHTS_GIB, codes_on_host)
 
     return apply
 
 
-def keep_fp8_weights(model: nn.Module, gib: float | None) -> int:
+def keep_fp8_weights(model: nn.Module, gib: float | None, codes_on_host: bool = False) -> int:
     """``svdquant.keep_fp8_weights`` within ``gib`` GiB (None: every layer)."""
     import svdquant
 
-    return svdquant.keep_fp8_weights(model, max_bytes=None if gib is None else int(gib * 2**30))
+    budget = None if gib is None else int(gib * 2**30)
+    return svdquant.keep_fp8_weights(model, max_bytes=budget, codes_on_host=codes_on_host)
 
 
 def _nf4(model: nn.Module, ctx: Ctx) -> None:
@@ -291,6 +298,10 @@ METHODS: dict[str, Method] = {
         Method("svdq-int4-fused-fp8w", "svdquant W4A4 int4, fused, fp8 weights kept",
                "svdquant", "int4 g64 + rank 32 (+ fp8 copy)", "int4 g64",
                _ours("int4", None, fuse=True, fp8w=True), est_s=90),
+        Method("svdq-int4-fused-fp8w-host", "svdquant W4A4 int4, fused, fp8 weights kept, "
+               "codes on the host", "svdquant", "int4 g64 + rank 32 (fp8 copy on the GPU)",
+               "int4 g64", _ours("int4", None, fuse=True, fp8w=True, codes_on_host=True),
+               est_s=95),
         Method("nf4", "bitsandbytes NF4 W4A16", "bitsandbytes", "nf4 g64", "bf16", _nf4,
                _no_module("bitsandbytes"), est_s=40),
         Method("svdq-w4a16", "svdquant W4A16 int4", "svdquant", "int4 g64 + rank 32", "bf16",
@@ -395,8 +406,10 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def state_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers (and bitsandbytes' quantization states)."""
+def state_bytes(model: nn.Module, cuda_only: bool = False) -> int:
+    """Bytes of the model's parameters and buffers (and bitsandbytes' quantization states);
+    ``cuda_only``: those on a GPU (``keep_fp8_weights(codes_on_host=True)`` leaves the
+    4-bit codes in host memory)."""
     seen: set[int] = set()
     total = 0
     tensors: list[torch.Tensor] = [*model.parameters(), *model.buffers()]
@@ -408,7 +421,7 @@ def state_bytes(model: nn.Module) -> int:
             if nested is not None:
                 tensors += [v for v in vars(nested).values() if isinstance(v, torch.Tensor)]
     for t in tensors:
-        if id(t) in seen:
+        if id(t) in seen or (cuda_only and not t.is_cuda):
             continue
         seen.add(id(t))
         total += _tensor_bytes(t)
@@ -605,7 +618,7 @@ def run_method(
         setup_s = time.perf_counter() - t0
         _free()
         weights = _allocated() - base if ctx.cuda else None
-        sbytes = state_bytes(model)
+        sbytes = state_bytes(model, cuda_only=ctx.cuda)
         stray = stray_cuda_tensors(model) if ctx.cuda else None
         backend = _svdq_backend(model, ctx)
         for row in rows:

@@ -117,9 +117,10 @@ def test_generate_fuses_projections_unless_told_not_to(quantized, tmp_path, monk
 
 
 def test_generate_fp8_weights_where_they_pay(quantized, tmp_path, monkeypatch, capsys):
-    """--fp8-weights keeps the denoiser's fp8 weights (svdquant.keep_fp8_weights) on a GPU
-    without offload; on the CPU it says it skips them and generates; with --cpu-offload it
-    is refused; where the copies do not fit, they are released and the run goes on."""
+    """--fp8-weights keeps the denoiser's fp8 weights (svdquant.keep_fp8_weights, the 4-bit
+    codes moved to host memory) on a GPU without offload; on the CPU it says it skips them
+    and generates; with --cpu-offload it is refused; where the copies do not fit, they are
+    released and the run goes on."""
     import svdquant.cli as cli
     import svdquant.nn
 
@@ -132,8 +133,8 @@ def test_generate_fp8_weights_where_they_pay(quantized, tmp_path, monkeypatch, c
     assert "do not mix" in capsys.readouterr().err
     calls = []
 
-    def keep(model, enabled=True, max_bytes=None):
-        calls.append((enabled, max_bytes))
+    def keep(model, enabled=True, max_bytes=None, codes_on_host=False):
+        calls.append((enabled, max_bytes) + ((codes_on_host,) if enabled else ()))
         if enabled and len(calls) == 1:
             raise torch.cuda.OutOfMemoryError("no room")
         return 1
@@ -148,7 +149,8 @@ def test_generate_fp8_weights_where_they_pay(quantized, tmp_path, monkeypatch, c
     assert "no layer of the denoiser runs on the fp8 engine" in capsys.readouterr().out
     monkeypatch.setattr(svdquant.nn.SVDQLinear, "on_fp8_engine", lambda self: True)
     cli._keep_fp8_weights(layers, "cuda", offload=False)
-    assert calls == [(True, 6 * gib), (False, None)]  # tried within 10 - 4 GiB, released
+    # tried within 10 - 4 GiB, the codes to the host; released
+    assert calls == [(True, 6 * gib, True), (False, None)]
     assert "do not fit on the GPU; running without them" in capsys.readouterr().out
     cli._keep_fp8_weights(layers, "cuda", offload=False)
     out = capsys.readouterr().out

@@ -179,3 +179,62 @@ def test_kept_weights_carry_loras(monkeypatch, tmp_path):
     assert torch.equal(got_03, plain.to_q(x))
     svdquant.unload_lora(plain, "l")
     assert torch.equal(got_none, plain.to_q(x))
+
+
+def test_codes_on_host_budget_and_cpu_layers():
+    """``codes_on_host``: the budget counts what the copies add on the GPU less the codes
+    that leave; a layer on the CPU keeps its codes where they are (already host memory)
+    and gives the same numbers."""
+    from svdquant.nn import fp8_weight_bytes
+
+    layer, x = _layer(64, 48)
+    codes = layer.qweight.numel()
+    assert fp8_weight_bytes(layer) - fp8_weight_bytes(layer, codes_on_host=True) == codes
+    want = layer(x)
+    assert svdquant.keep_fp8_weights(torch.nn.Sequential(layer), codes_on_host=True) == 1
+    assert layer.qweight.device == layer.wscales.device
+    assert layer.codes_on_host() == (DEVICE != "cpu")
+    assert torch.equal(layer(x), want)
+
+
+@pytest.mark.gpu
+def test_gpu_codes_on_host(monkeypatch):
+    """``keep_fp8_weights(codes_on_host=True)`` on a GPU: the codes in host memory, the GPU
+    holding the kept copy alone (the codes' bytes fewer), the same outputs with no widen;
+    the state dict the same values; casts and moves on the GPU leave the codes on the
+    host and the copy current; a weight loaded in place makes a new copy from the host
+    codes (the new numbers); fusing and unfusing keep the codes on the host;
+    ``enabled=False`` brings them back."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from svdquant.fuse import _concat
+
+    layer, x = _layer(64, 48)
+    other, _ = _layer(64, 48, seed=9)
+    want, state = layer(x), {k: v.clone() for k, v in layer.state_dict().items()}
+    assert layer.keep_fp8_weights()
+    before = torch.cuda.memory_allocated()
+    assert layer.keep_fp8_weights(codes_on_host=True) and layer.codes_on_host()
+    assert layer.qweight.device.type == "cpu"
+    assert before - torch.cuda.memory_allocated() >= layer.qweight.numel()
+    with monkeypatch.context() as mp:
+        _no_widen(mp)
+        assert torch.equal(layer(x), want)
+        layer.to(torch.float16).to(torch.bfloat16).to(DEVICE)
+        assert layer.codes_on_host() and layer.fp8_weights() is not None
+        assert torch.equal(layer(x), want)
+    got = layer.state_dict()
+    assert set(got) == set(state) and all(
+        torch.equal(got[k].cpu(), v.cpu()) for k, v in state.items()
+    )
+    layer.load_state_dict(other.state_dict())  # into the host codes: a new copy from them
+    assert layer.codes_on_host() and torch.equal(layer(x), other(x))
+    parts = [_layer(64, 48, seed=s)[0] for s in (1, 2)]
+    for p in parts:
+        p.keep_fp8_weights(codes_on_host=True)
+    fused = _concat(parts)
+    assert fused.codes_on_host() and fused.fp8_weights() is not None
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], -1))
+    assert not layer.keep_fp8_weights(False) and not layer.codes_on_host()
+    assert layer.qweight.device == layer.wscales.device and torch.equal(layer(x), other(x))
+    assert layer.quantized_residual().packed.device == layer.wscales.device

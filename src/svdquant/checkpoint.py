@@ -145,7 +145,7 @@ def _swap_in_shells(model: nn.Module, layers: dict[str, dict[str, Any]], file: P
                 f"{cfg['in_features']}] but the model's {name!r} is {old!r}: the checkpoint "
                 "is for another model"
             )
-        device = old.qweight.device if isinstance(old, SVDQLinear) else old.weight.device
+        device = old.wscales.device if isinstance(old, SVDQLinear) else old.weight.device
         setattr(parent, child, SVDQLinear.from_config(cfg, device=device))
 
 

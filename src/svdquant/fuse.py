@@ -164,7 +164,9 @@ def _concat(layers: list[SVDQLinear]) -> SVDQLinear:
         _keep_parts(fused, layers, extra)
     fused.alpha = a.alpha
     if all(m.fp8_weights() is not None for m in layers):  # keep_fp8_weights: kept fused
-        fused.keep_fp8_weights()
+        fused.keep_fp8_weights(codes_on_host=all(m.codes_on_host() for m in layers))
+    else:  # (codes some part kept on the host go back to the GPU: nothing widens them there)
+        fused.keep_fp8_weights(False)
     return fused
 
 
@@ -226,7 +228,7 @@ def _refill(layer: SVDQLinear, fused: SVDQLinear, rows: slice) -> None:
     if lora._adapters(layer):
         lora._rebuild(layer)
     if fused.fp8_weights() is not None:
-        layer.keep_fp8_weights()
+        layer.keep_fp8_weights(codes_on_host=fused.codes_on_host())
 
 
 @functools.cache

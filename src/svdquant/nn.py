@@ -133,41 +133,61 @@ class SVDQLinear(nn.Module):
     def _check_kind(self, x: torch.Tensor) -> None:
         if not torch.is_floating_point(x):
             raise ValueError(f"SVDQLinear expects floating-point inputs, got {x.dtype}")
-        if x.device != self.qweight.device:
+        if x.device != self.wscales.device:
             raise ValueError(
-                f"input is on {x.device} but the layer is on {self.qweight.device}; "
+                f"input is on {x.device} but the layer is on {self.wscales.device}; "
                 "move one of them (e.g. layer.to(x.device))"
             )
 
-    def keep_fp8_weights(self, enabled: bool = True) -> bool:
+    def keep_fp8_weights(self, enabled: bool = True, codes_on_host: bool = False) -> bool:
         """Keep the fp8 tensor-core operand of the 4-bit weight (1 byte a weight, beside
         the 4-bit codes) instead of widening the codes into it at every call: speed for
         memory (``svdquant.keep_fp8_weights``). Only where the fp8 engine runs this layer
         (int4/fp8 activations, backend ``"triton"`` on its device); returns whether it is
-        kept (a copy kept and still current is not widened again). ``enabled=False``
-        releases it."""
+        kept (a copy kept and still current is not widened again). ``codes_on_host``: the
+        4-bit codes (``qweight``), which the kept copy replaces in every call, wait in host
+        memory — 1 byte a weight on the GPU instead of 1.5 — for the state dict and for a
+        new copy should the weight change (``codes_on_host()``). ``enabled=False``
+        releases the copy and brings the codes back to the layer's device."""
         if enabled and self.fp8_weights() is not None:
+            self._place_codes(codes_on_host)
             return True
         self._buffers.pop("fp8_weight", None)
         self._buffers.pop("fp8_scale", None)
         self.__dict__.pop("_fp8_source", None)
         if not enabled or not self.on_fp8_engine():
+            self._place_codes(False)
             return False
         from svdquant.kernels.widen import widen_weight
 
-        wq, s_channel = widen_weight(self.qweight, self.wscales, self.wtensor_scale, self.fmt)
+        codes = self.qweight.to(self.wscales.device)  # (from the host: a new copy's source)
+        wq, s_channel = widen_weight(codes, self.wscales, self.wtensor_scale, self.fmt)
         self.register_buffer("fp8_weight", wq, persistent=False)
         self.register_buffer("fp8_scale", s_channel, persistent=False)
-        self._fp8_source = self._weight_source()
+        self._place_codes(codes_on_host)
         return True
+
+    def codes_on_host(self) -> bool:
+        """Whether the 4-bit codes wait in host memory while the layer runs on a GPU from
+        its kept fp8 copy (``keep_fp8_weights(codes_on_host=True)``)."""
+        return self.qweight.device.type == "cpu" and self.wscales.device.type != "cpu"
+
+    def _place_codes(self, on_host: bool) -> None:
+        """The codes to the host or to the layer's device; the kept copy's source noted
+        anew (moving the codes does not change them)."""
+        home = torch.device("cpu") if on_host else self.wscales.device
+        if self.qweight.device != home:
+            self._buffers["qweight"] = self.qweight.to(home)
+        if "fp8_weight" in self._buffers:
+            self._fp8_source = self._weight_source()
 
     def on_fp8_engine(self) -> bool:
         """Whether this layer runs on the fp8 engine where it is: int4/fp8 activations,
         real (not meta) weights, backend ``"triton"`` on their device."""
         return (
             self.act_fmt in ("int4", "fp8")
-            and not self.qweight.is_meta
-            and kernels.resolve_backend(self.backend, self.qweight.device) == "triton"
+            and not self.wscales.is_meta
+            and kernels.resolve_backend(self.backend, self.wscales.device) == "triton"
         )
 
     def _weight_source(self) -> list[tuple[weakref.ref, int]]:
@@ -187,13 +207,19 @@ class SVDQLinear(nn.Module):
     def fp8_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The kept fp8 operand and per-channel scale (``keep_fp8_weights``) if they are
         still the 4-bit weight's — a weight loaded or replaced since is widened again
-        per call (as if not kept: it never runs stale) — else None."""
+        per call (as if not kept: it never runs stale) — else None. With the codes on the
+        host (``codes_on_host``) a stale copy is made anew from them here: the engine
+        cannot widen host memory per call."""
         wq = self._buffers.get("fp8_weight")
         if wq is None:
             return None
         if not torch.compiler.is_compiling() and (
-            wq.device != self.qweight.device or not self._source_unchanged()
+            wq.device != self.wscales.device or not self._source_unchanged()
         ):
+            if self.codes_on_host() and self.on_fp8_engine():
+                del self._buffers["fp8_weight"], self._buffers["fp8_scale"]  # stale
+                self.keep_fp8_weights(codes_on_host=True)
+                return self._buffers["fp8_weight"], self._buffers["fp8_scale"]
             return None
         return wq, self._buffers["fp8_scale"]
 
@@ -290,9 +316,8 @@ class SVDQLinear(nn.Module):
     def quantized_residual(self) -> formats.QuantizedTensor:
         """The 4-bit residual R as a ``QuantizedTensor``."""
         shape = torch.Size((self.out_features, self.in_features))
-        return formats.QuantizedTensor(
-            self.qweight, self.wscales, self.wtensor_scale, self.fmt, shape
-        )
+        codes = self.qweight.to(self.wscales.device)  # (on the host: ``codes_on_host``)
+        return formats.QuantizedTensor(codes, self.wscales, self.wtensor_scale, self.fmt, shape)
 
     @torch.no_grad()
     def dequantize(self) -> torch.Tensor:
@@ -308,13 +333,18 @@ class SVDQLinear(nn.Module):
         return (w / self.smooth.float()).to(self.lowrank_down.dtype)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SVDQLinear:
-        fixed = {n: self._buffers[n] for n in _FIXED_DTYPE if self._buffers.get(n) is not None}
         kept = self.fp8_weights() is not None
+        host_codes = self._buffers.pop("qweight") if self.codes_on_host() else None
+        fixed = {n: self._buffers[n] for n in _FIXED_DTYPE if self._buffers.get(n) is not None}
         super()._apply(fn, recurse)
         for name, old in fixed.items():
             new = self._buffers[name]
             if new.dtype != old.dtype:  # a dtype cast: keep the format's dtype, take the device
                 self._buffers[name] = old.to(device=new.device)
+        if host_codes is not None:  # they stay on the host while the layer is on a GPU
+            self._buffers["qweight"] = (
+                host_codes if self.wscales.device.type != "cpu" else fn(host_codes)
+            )
         if kept:  # the weight and its kept copy moved together: still each other's
             self._fp8_source = self._weight_source()
         return self
@@ -327,7 +357,12 @@ class SVDQLinear(nn.Module):
         )
 
 
-def keep_fp8_weights(model: nn.Module, enabled: bool = True, max_bytes: int | None = None) -> int:
+def keep_fp8_weights(
+    model: nn.Module,
+    enabled: bool = True,
+    max_bytes: int | None = None,
+    codes_on_host: bool = False,
+) -> int:
     """Trade memory for speed: every ``SVDQLinear`` of ``model`` on the fp8 engine keeps
     its weight's fp8 tensor-core operand (1 byte a weight, kept beside the 4-bit codes,
     outside the state dict) instead of widening the 4-bit codes into it at every call.
@@ -337,14 +372,17 @@ def keep_fp8_weights(model: nn.Module, enabled: bool = True, max_bytes: int | No
     95.9 → 91.5 ms (v43), SDXL 0.96 → 1.02× BF16, SANA 0.96 → 1.10×, PixArt-Σ 1.09 →
     1.13× (v44).
     The quantized layers' weights then take 1.5 bytes a weight instead of 0.5 (BF16: 2):
-    FLUX.1-dev's transformer 14.3 GiB instead of 6.3 (BF16 22.2). The outputs are the same
-    bit for bit. ``max_bytes``: keep them only for the smallest layers whose copies fit
-    in that many bytes together (the widen's floor costs the small layers most; layers
-    kept before and not chosen now are released). Call it with the model on its GPU,
-    after ``fuse_projections`` (fusing and unfusing keep it); given a ``cuda_graphed``
-    wrapper, its graphs (which replay the widens) are dropped, to be captured anew.
-    ``enabled=False`` releases the kept operands. Returns the number of layers that keep
-    them (layers on the reference backend or with 16-bit activations have none).
+    FLUX.1-dev's transformer 14.3 GiB instead of 6.3 (BF16 22.2). ``codes_on_host``: the
+    4-bit codes, which the kept copies replace in every call, wait in host memory (for
+    the state dict, and for a new copy should a weight change): 1 byte a weight on the
+    GPU. The outputs are the same bit for bit. ``max_bytes``: keep them only for the
+    smallest layers whose copies add at most that many bytes to the GPU together (the
+    widen's floor costs the small layers most; layers kept before and not chosen now are
+    released). Call it with the model on its GPU, after ``fuse_projections`` (fusing and
+    unfusing keep it); given a ``cuda_graphed`` wrapper, its graphs (which replay the
+    widens) are dropped, to be captured anew. ``enabled=False`` releases the kept
+    operands (and brings the codes back). Returns the number of layers that keep them
+    (layers on the reference backend or with 16-bit activations have none).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"keep_fp8_weights takes a torch.nn.Module, got {type(model).__name__}")
@@ -355,10 +393,10 @@ def keep_fp8_weights(model: nn.Module, enabled: bool = True, max_bytes: int | No
     _drop_graphs(model)
     layers = [m for m in model.modules() if isinstance(m, SVDQLinear)]
     if not enabled or max_bytes is None:
-        return sum(m.keep_fp8_weights(enabled) for m in layers)
+        return sum(m.keep_fp8_weights(enabled, codes_on_host) for m in layers)
     chosen, used = [], 0
     for m in sorted((m for m in layers if m.on_fp8_engine()), key=fp8_weight_bytes):
-        used += fp8_weight_bytes(m)
+        used += fp8_weight_bytes(m, codes_on_host)
         if used > max_bytes:
             break
         chosen.append(m)
@@ -366,10 +404,11 @@ def keep_fp8_weights(model: nn.Module, enabled: bool = True, max_bytes: int | No
     for m in layers:  # the others released first: shrinking a budget never needs both
         if id(m) not in chosen_ids:
             m.keep_fp8_weights(False)
-    return sum(m.keep_fp8_weights() for m in chosen)
+    return sum(m.keep_fp8_weights(codes_on_host=codes_on_host) for m in chosen)
 
 
-def fp8_weight_bytes(layer: SVDQLinear) -> int:
-    """Bytes ``layer.keep_fp8_weights()`` adds: the fp8 [N, K_pad] operand, the fp32 [N]
-    scale."""
-    return layer.qweight.numel() * 2 + layer.out_features * 4
+def fp8_weight_bytes(layer: SVDQLinear, codes_on_host: bool = False) -> int:
+    """Bytes ``layer.keep_fp8_weights(codes_on_host=...)`` adds on the GPU: the fp8
+    [N, K_pad] operand and the fp32 [N] scale, less the 4-bit codes where they leave."""
+    codes = layer.qweight.numel()
+    return codes * (1 if codes_on_host else 2) + layer.out_features * 4
