@@ -192,8 +192,8 @@ def test_codes_on_host_budget_and_cpu_layers():
     assert fp8_weight_bytes(layer) - fp8_weight_bytes(layer, codes_on_host=True) == codes
     want = layer(x)
     assert svdquant.keep_fp8_weights(torch.nn.Sequential(layer), codes_on_host=True) == 1
-    assert layer.qweight.device == layer.wscales.device
     assert layer.codes_on_host() == (DEVICE != "cpu")
+    assert layer.qweight.device.type == "cpu"
     assert torch.equal(layer(x), want)
 
 
@@ -230,11 +230,14 @@ def test_gpu_codes_on_host(monkeypatch):
     layer.load_state_dict(other.state_dict())  # into the host codes: a new copy from them
     assert layer.codes_on_host() and torch.equal(layer(x), other(x))
     parts = [_layer(64, 48, seed=s)[0] for s in (1, 2)]
-    for p in parts:
+    twins = copy.deepcopy(parts)
+    for p, t in zip(parts, twins, strict=True):
         p.keep_fp8_weights(codes_on_host=True)
-    fused = _concat(parts)
+        t.keep_fp8_weights()
+    fused, fused_twin = _concat(parts), _concat(twins)
     assert fused.codes_on_host() and fused.fp8_weights() is not None
-    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], -1))
+    assert not fused_twin.codes_on_host()
+    assert torch.equal(fused(x), fused_twin(x))
     assert not layer.keep_fp8_weights(False) and not layer.codes_on_host()
     assert layer.qweight.device == layer.wscales.device and torch.equal(layer(x), other(x))
     assert layer.quantized_residual().packed.device == layer.wscales.device
