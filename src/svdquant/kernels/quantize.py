@@ -73,6 +73,11 @@ PROGRAMS_PER_SM = 10
 #: (64, 64, 4) 79.2 / 48.6 / 146.6 / 79.9, (32, 128, 4) and (128, 64, 8) slower; the
 #: unfused GELU + product + quantize 82.8 / 47.3 / 153.2 / 84.4.
 GATED_TILE = (64, 128, 4)
+#: Pipeline stages of the quantize's column loop: one (no prefetch). v7 and v18 measured
+#: two to four no better (v18: with 2-4 K splits, programs of many steps); kept a
+#: constant so that ``bench/probe_layer.py --what quantize --set quantize.NUM_STAGES=2``
+#: can time it against today's splits (programs of one or two steps).
+NUM_STAGES = 1
 TWO_STEP_MIN_PER_SM = 2
 #: A rank that is not a power of two (a LoRA stacked on the base branch: 48, 80, 96) is
 #: computed as two low-rank parts, each padded to its own power of two (80 = 64 + 16,
@@ -451,7 +456,7 @@ def quantize_act(
         BLOCK_R=block_r,
         BLOCK_K=block_k,
         num_warps=warps,
-        num_stages=1,  # (bench/probe_quantize.py: no gain from pipelining the loads)
+        num_stages=NUM_STAGES,
         PDL_TRIGGER=trigger and pdl_supported(x.device),
         PDL_WAIT_LAST=pdl,
         BLOCK_R2=block_r2,
