@@ -74,9 +74,10 @@ PROGRAMS_PER_SM = 10
 #: unfused GELU + product + quantize 82.8 / 47.3 / 153.2 / 84.4.
 GATED_TILE = (64, 128, 4)
 #: Pipeline stages of the quantize's column loop: one (no prefetch). v7 and v18 measured
-#: two to four no better (v18: with 2-4 K splits, programs of many steps); kept a
-#: constant so that ``bench/probe_layer.py --what quantize --set quantize.NUM_STAGES=2``
-#: can time it against today's splits (programs of one or two steps).
+#: two to four no better (v18: with 2-4 K splits, programs of many steps); v47 with
+#: today's splits (programs of one or two steps), ``bench/probe_layer.py --what quantize
+#: --set quantize.NUM_STAGES=2``, H200: 0.59-0.70x as fast at M = 1024 / 4096 / 4608, K =
+#: 3072 / 12288 (192 registers instead of 168: two programs an SM instead of three).
 NUM_STAGES = 1
 TWO_STEP_MIN_PER_SM = 2
 #: A rank that is not a power of two (a LoRA stacked on the base branch: 48, 80, 96) is
