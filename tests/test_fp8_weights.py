@@ -201,10 +201,10 @@ def test_codes_on_host_budget_and_cpu_layers():
 def test_gpu_codes_on_host(monkeypatch):
     """``keep_fp8_weights(codes_on_host=True)`` on a GPU: the codes in host memory, the GPU
     holding the kept copy alone (the codes' bytes fewer), the same outputs with no widen;
-    the state dict the same values; casts and moves on the GPU leave the codes on the
-    host and the copy current; a weight loaded in place makes a new copy from the host
-    codes (the new numbers); fusing and unfusing keep the codes on the host;
-    ``enabled=False`` brings them back."""
+    the state dict the same values; casts and moves leave the codes on the host (also
+    after a trip through the CPU) and the copy current; a weight loaded in place makes a
+    new copy from the host codes (the new numbers); fusing and unfusing keep the codes on
+    the host; ``enabled=False`` brings them back."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from svdquant.fuse import _concat
@@ -223,6 +223,10 @@ def test_gpu_codes_on_host(monkeypatch):
         layer.to(torch.float16).to(torch.bfloat16).to(DEVICE)
         assert layer.codes_on_host() and layer.fp8_weights() is not None
         assert torch.equal(layer(x), want)
+        layer.cpu()  # a trip through the CPU: the codes do not come back to the GPU
+        assert not layer.codes_on_host() and layer.fp8_weights() is not None
+        layer.to(DEVICE)
+        assert layer.codes_on_host() and torch.equal(layer(x), want)
     got = layer.state_dict()
     assert set(got) == set(state) and all(
         torch.equal(got[k].cpu(), v.cpu()) for k, v in state.items()

@@ -173,11 +173,13 @@ class SVDQLinear(nn.Module):
         return self.qweight.device.type == "cpu" and self.wscales.device.type != "cpu"
 
     def _place_codes(self, on_host: bool) -> None:
-        """The codes to the host or to the layer's device; the kept copy's source noted
-        anew (moving the codes does not change them)."""
+        """The codes to the host or to the layer's device, and kept there through moves
+        (``_apply``) while ``on_host``; the kept copy's source noted anew (moving the codes
+        does not change them)."""
         home = torch.device("cpu") if on_host else self.wscales.device
         if self.qweight.device != home:
             self._buffers["qweight"] = self.qweight.to(home)
+        self._codes_stay_on_host = on_host
         if "fp8_weight" in self._buffers:
             self._fp8_source = self._weight_source()
 
@@ -334,7 +336,11 @@ class SVDQLinear(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> SVDQLinear:
         kept = self.fp8_weights() is not None
-        host_codes = self._buffers.pop("qweight") if self.codes_on_host() else None
+        # codes put on the host stay there on every move to a GPU, also after a trip of
+        # the whole layer through the CPU (``keep_fp8_weights(codes_on_host=True)``)
+        stay = kept and self.__dict__.get("_codes_stay_on_host", False)
+        on_cpu = self.qweight.device.type == "cpu"
+        host_codes = self._buffers.pop("qweight") if stay and on_cpu else None
         fixed = {n: self._buffers[n] for n in _FIXED_DTYPE if self._buffers.get(n) is not None}
         super()._apply(fn, recurse)
         for name, old in fixed.items():
