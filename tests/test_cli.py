@@ -154,7 +154,7 @@ def test_generate_fp8_weights_where_they_pay(quantized, tmp_path, monkeypatch, c
     assert "do not fit on the GPU; running without them" in capsys.readouterr().out
     cli._keep_fp8_weights(layers, "cuda", offload=False)
     out = capsys.readouterr().out
-    assert "kept the fp8 weights of 1 of 3 layers on the GPU (+0.0 GiB)" in out
+    assert "kept the fp8 weights of 1 of 3 layers on the GPU (+0.0 GiB; their 4-bit" in out
     assert "the other 2 widen at each step: 10.0 GiB were free, 4 GiB of it left" in out
     cli._keep_fp8_weights(layers, "cuda", offload=True)
     assert "not under CPU offload" in capsys.readouterr().out and len(calls) == 3

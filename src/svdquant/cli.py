@@ -355,7 +355,15 @@ def _keep_fp8_weights(model: Any, device: str, offload: bool) -> None:
         print("--fp8-weights: the fp8 copies do not fit on the GPU; running without them")
         return
     grown = (torch.cuda.memory_allocated(device) - before) / 2**30
-    print(f"kept the fp8 weights of {n} of {able} layers on the GPU (+{grown:.1f} GiB)")
+    host = sum(
+        m.qweight.numel()
+        for m in model.modules()
+        if isinstance(m, SVDQLinear) and m.codes_on_host()
+    )
+    print(
+        f"kept the fp8 weights of {n} of {able} layers on the GPU (+{grown:.1f} GiB; their "
+        f"4-bit codes, {host / 2**30:.1f} GiB, wait in host memory)"
+    )
     if n < able:
         print(
             f"  the other {able - n} widen at each step: {free / 2**30:.1f} GiB were free, "
