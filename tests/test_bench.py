@@ -68,6 +68,14 @@ def _check_schema(res: dict, out: Path) -> None:
             assert r["error"], r["name"]
 
 
+def test_state_bytes_counts_gpu_tensors_only_when_asked():
+    """``state_bytes(cuda_only=True)`` (the e2e table's "weights GiB" on a GPU) leaves out
+    tensors in host memory: the codes ``keep_fp8_weights(codes_on_host=True)`` moved."""
+    lin = torch.nn.Linear(4, 3)
+    assert e2e.state_bytes(lin) == (4 * 3 + 3) * 4
+    assert e2e.state_bytes(lin, cuda_only=True) == 0
+
+
 def test_tiny_rows_schema_plot_and_reasons(tmp_path, monkeypatch, capsys):
     def boom(model, ctx):
         raise RuntimeError("planted failure")
