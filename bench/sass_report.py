@@ -751,6 +751,34 @@ def _gemm_ws_spec(
     )
 
 
+@_spec("quantize_ws")
+def _quantize_ws() -> dict[str, Any]:
+    """The Gluon quantize (``kernels/quantize_ws.py``, off by default) at M = 4608,
+    K = 3072, rank 32, int4: x by TMA, the low-rank MMA asynchronous."""
+    import torch
+    from triton.experimental.gluon import language as gl
+
+    from svdquant.kernels import quantize_ws as q
+
+    m, k = 4608, 3072
+    return dict(
+        kernel=q._quantize_ws_kernel,
+        ptrs=dict(
+            x_desc=_desc(m, k, torch.bfloat16, gl.bfloat16, [q.BLOCK_M, q.BLOCK_K]),
+            smooth_ptr="*fp32",
+            ld_ptr="*bf16",
+            scale_ptr="*fp32",
+            xq_ptr="*fp8e4nv",
+            lora_ptr="*fp32",
+        ),
+        ints=dict(
+            M=m, K=k, K_OUT=k, R=32, k_per_split=256, stride_qm=k, stride_ldr=k, stride_lm=32
+        ),
+        consts=dict(INT4=True, HAS_LORA=True, ATOMIC=True, BR=32, WARPS=q.WARPS),
+        warps=q.WARPS,
+    )
+
+
 @_spec("gemm_ws")
 def _gemm_ws() -> dict[str, Any]:
     """The warp-specialized Gluon GEMM at M = 4608, N = K = 3072."""

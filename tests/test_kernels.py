@@ -2275,6 +2275,93 @@ def test_gpu_fp8_gemm_gated_next_on_gemm_ws(m, h, k):
             _check_gated_next(args, xq2, lora2)
 
 
+def test_quantize_ws_launch_plan_and_route(monkeypatch):
+    """The Gluon quantize's host side on any machine (the kernel needs sm_90): the Triton
+    kernel's grid and K split, the flags, a zeroed ``lora_act`` where K is split, its
+    arguments in the kernel's order; ``quantize.WS_QUANTIZE`` sends it only plain 16-bit
+    inputs of more than 64 rows (a tail, a gated input, a programmatic dependent, given
+    buffers or a folded L_down stay on the Triton kernel); a shape it does not take gets
+    a clear error."""
+    from svdquant.kernels import gemm_ws, quantize_ws
+    from svdquant.kernels import quantize as qmod
+    from svdquant.kernels._triton_common import cdiv
+
+    if not gemm_ws.HAVE_GLUON:
+        pytest.skip("this triton has no Gluon")
+    launches: list = []
+
+    class Kernel:  # records the launch instead of running it
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((grid, a, kw))
+
+    names = quantize_ws._quantize_ws_kernel.arg_names
+    monkeypatch.setattr(quantize_ws, "_quantize_ws_kernel", Kernel())
+    monkeypatch.setattr(gemm_ws, "available", lambda device: True)
+    monkeypatch.setattr(quantize_ws, "num_sms", lambda device: 132)  # an H100's
+    m, k, r = 4608, 3072, 32
+    x = torch.zeros(m, k, dtype=torch.bfloat16)
+    down = torch.zeros(r, k, dtype=torch.bfloat16)
+    xq, lora = quantize_ws.quantize_act_ws(x, torch.ones(k), down, torch.tensor(1.0), k, "int4")
+    (grid, args, kw), = launches  # fmt: skip
+    split, per = qmod.k_split(cdiv(m, 64), k // 128, 132)
+    assert grid == (cdiv(m, 64), split) and split > 1
+    bound = dict(zip(names, args, strict=False))
+    assert bound["k_per_split"] == per * 128 and bound["M"] == m and bound["R"] == r
+    assert kw["INT4"] and kw["HAS_LORA"] and kw["ATOMIC"] and kw["BR"] == 32
+    assert xq.shape == (m, k) and xq.dtype == torch.float8_e4m3fn
+    assert lora.shape == (m, r) and not lora.any()  # zeroed for the atomics
+    # the route: only plain inputs of more than 64 rows, only with the switch
+    calls = _count_calls(monkeypatch, quantize_ws, "quantize_act_ws")
+    small = torch.zeros(64, k, dtype=torch.bfloat16)
+    args4 = (torch.ones(k), down, torch.tensor(1.0), k, "int4")
+    monkeypatch.setattr(qmod, "WS_QUANTIZE", True)
+    qmod.quantize_act(x, *args4)
+    assert len(calls) == 1
+    monkeypatch.setattr(qmod, "_quantize_act_kernel", Kernel())  # the Triton kernel's
+    qmod.quantize_act(small, *args4)
+    qmod.quantize_act(x, torch.ones(2 * k), down, torch.tensor(1.0), 2 * k, "int4", tail=x)
+    qmod.quantize_act(x, *args4, gated=True, tail=x)
+    qmod.quantize_act(x, *args4, folded=True)
+    qmod.quantize_act(x, *args4, trigger=True)
+    assert len(calls) == 1 and len(launches) == 2 + 5  # (the routed call's launch too)
+    monkeypatch.setattr(qmod, "WS_QUANTIZE", False)
+    qmod.quantize_act(x, *args4)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="rank of"):
+        quantize_ws.quantize_act_ws(x, torch.ones(k), down[:24], torch.tensor(1.0), k, "int4")
+    with pytest.raises(ValueError, match="int4 or fp8"):
+        quantize_ws.quantize_act_ws(x, torch.ones(k), down, torch.tensor(1.0), k, "nvfp4")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("m", "k", "k_out", "r"), [
+    (65, 200, 256, 16), (257, 3072, 3072, 32), (1000, 1000, 1024, 64), (4608, 3072, 3072, 32),
+    (4096, 12288, 12288, 32), (300, 1152, 1152, 0),
+])  # fmt: skip
+@pytest.mark.parametrize(("act_fmt", "dtype"), [
+    ("int4", torch.bfloat16), ("fp8", torch.float16), ("int4", torch.float16),
+])  # fmt: skip
+def test_gpu_quantize_ws_matches_quantize_act(m, k, k_out, r, act_fmt, dtype):
+    """The Gluon quantize against the Triton kernel: the codes bit for bit (rows and
+    columns past M and K included: zeros up to k_out) and the low-rank sums within fp32
+    rounding (the same 16-bit products, summed in another order)."""
+    from svdquant.kernels import gemm_ws, quantize_ws
+
+    if not gemm_ws.available(torch.device(DEVICE)):
+        pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
+    x = _acts(m, k, dtype, seed=m + k)
+    s = _smooth(k)
+    down, _ = _lowrank(8, k, r, dtype)
+    scale = ref.act_scale_from_amax((x.float() / s).abs().amax() * 0.8)  # some saturate
+    assert quantize_ws.supports(x, down, k_out)
+    xq, lora = quantize_ws.quantize_act_ws(x, s, down, scale, k_out, act_fmt)
+    xq_t, lora_t = quantize_act(x, s, down, scale, k_out, act_fmt)
+    assert torch.equal(xq.view(torch.uint8), xq_t.view(torch.uint8))
+    assert lora.shape == (m, r)
+    if r:
+        assert rel_err(lora, lora_t) < 1e-5
+
+
 def test_gemm_ws_is_not_used_without_a_hopper_gpu(monkeypatch):
     """On the CPU (and under the interpreter) ``fp8_gemm`` never hands over to the Gluon
     kernel, which has no interpreter; its shape rules hold everywhere."""

@@ -315,6 +315,25 @@ if HAVE_GLUON:
         return y
 
     @gluon.jit
+    def int4_codes(x, inv2, BM: gl.constexpr, W: gl.constexpr):
+        """``quantize.int4_fp8`` in Gluon, the same operations on the GPU (so the same
+        codes): fp32 ``x`` [BM, W] (W a multiple of 64: whole groups) as the paper's int4
+        codes per 64-column group, written as fp8(code · s_group · inv2); returned
+        [BM, W], in whatever layout the reshapes leave."""
+        xg = gl.reshape(x, [BM, W // 64, 64])
+        amax = gl.max(gl.abs(xg), axis=2)
+        q0 = amax * 0.142857149243354797363281250  # RN(a / 7) by two FMAs
+        sg = gl.fma(gl.fma(-q0, 7.0, amax), 0.142857149243354797363281250, q0)
+        sg = gl.minimum(sg, 65504.0).to(gl.float16).to(gl.float32)
+        safe = gl.where(sg > 0.0, sg, 1.0)
+        c0 = 1.0 / safe  # RN(1 / s_group): the fast reciprocal and one Newton step
+        inv_sg = gl.where(sg > 0.0, gl.fma(c0, gl.fma(-safe, c0, 1.0), c0), 0.0)
+        f = gl.expand_dims(gl.minimum(sg * inv2, 3.4028234663852886e38), 2)
+        code = gl.fma(xg, gl.expand_dims(inv_sg, 2), 12582912.0) - 12582912.0
+        val = gl.minimum(gl.maximum(code, -7.0), 7.0) * f
+        return gl.reshape(val.to(gl.float8e4nv), [BM, W])
+
+    @gluon.jit
     def _quantize_next(h16, row, col, c_smem, q_desc, inv_s2_ptr, ld2_ptr, scale2_ptr,
                        lora2_ptr, M, N, R2, stride_ld2, stride_l2m,
                        NEXT_INT4: gl.constexpr, BR2: gl.constexpr, BM: gl.constexpr,
@@ -374,20 +393,7 @@ if HAVE_GLUON:
         x = gl.where(gl.expand_dims(hmask, 0), x, 0.0)
         inv2 = gl.div_rn(1.0, gl.load(scale2_ptr))
         if NEXT_INT4:
-            # the paper's int4 codes per 64-column group, as fp8(code · s_group · inv2)
-            xg = gl.reshape(x, [BM, W // 64, 64])
-            amax = gl.max(gl.abs(xg), axis=2)
-            q0 = amax * 0.142857149243354797363281250  # RN(a / 7) by two FMAs
-            sg = gl.fma(gl.fma(-q0, 7.0, amax), 0.142857149243354797363281250, q0)
-            sg = gl.minimum(sg, 65504.0).to(gl.float16).to(gl.float32)
-            safe = gl.where(sg > 0.0, sg, 1.0)
-            c0 = 1.0 / safe  # RN(1 / s_group): the fast reciprocal and one Newton step
-            inv_sg = gl.where(sg > 0.0, gl.fma(c0, gl.fma(-safe, c0, 1.0), c0), 0.0)
-            f = gl.expand_dims(gl.minimum(sg * inv2, 3.4028234663852886e38), 2)
-            code = gl.fma(xg, gl.expand_dims(inv_sg, 2), 12582912.0) - 12582912.0
-            val = gl.minimum(gl.maximum(code, -7.0), 7.0) * f
-            q = gl.convert_layout(gl.reshape(val.to(gl.float8e4nv), [BM, W]), hl,
-                                  assert_trivial=True)  # fmt: skip
+            q = gl.convert_layout(int4_codes(x, inv2, BM, W), hl, assert_trivial=True)
         else:  # fp8 operands of x̂ itself (``to_e4m3``: saturated at ±448)
             q = gl.minimum(gl.maximum(x * inv2, -448.0), 448.0).to(gl.float8e4nv)
         q_smem = c_smem._reinterpret(gl.float8e4nv, [BM, W], q_desc.layout)

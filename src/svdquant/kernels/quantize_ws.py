@@ -1,0 +1,235 @@
+"""The activation quantize in Gluon (Hopper): x through shared memory once, the low-rank MMA
+beside the quantize arithmetic.
+
+Same contract and the same codes as ``quantize.quantize_act`` for a plain 16-bit input
+(no tail, no gated input): ``x`` [M, K] -> fp8 operands [M, k_out] and the low-rank down
+projection's fp32 sums [M, r] (reference ``reference.quantize_act_ref``). Why a second
+kernel: in the Triton kernel the low-rank branch makes the quantize 1.35× longer at
+K = 3072 (v47: 40% of copy against 54% without it) — x goes from registers into shared
+memory for the MMA every step, and the MMA is waited for at once (v47: folding the
+smoothing into L_down once gained nothing there; Triton's two-stage pipeline cost
+registers and ran 0.59–0.70× as fast). Here
+
+* x arrives by **TMA** in shared memory (two buffers: the next step's tile is requested
+  before this one is used; the copy engine holds no registers and zero-fills past M and
+  K), where the **asynchronous** ``wgmma`` reads it directly, while the warps read the same
+  tile into registers for the codes — the MMA runs during the quantize arithmetic and is
+  waited for at the end of the step;
+* L_down's chunk is folded (``· diag(1/s)``, rounded to 16 bits: the Triton kernel's
+  operation) into a small shared buffer before x has arrived.
+
+Same grid as the Triton kernel (row blocks of 64 × the K split; the split's partial sums
+meet through fp32 atomics). Off by default (``quantize.WS_QUANTIZE``) until measured;
+GPU only (sm_90, a triton with Gluon: ``gemm_ws.available``), no interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from svdquant.kernels import gemm_ws
+from svdquant.kernels._triton_common import block_rank, cdiv, num_sms
+
+if gemm_ws.HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    from svdquant.kernels.gemm_ws import int4_codes
+
+__all__ = ["quantize_act_ws", "supports"]
+
+#: rows a program, columns a step, warps (one warpgroup: wgmma's 64 rows)
+BLOCK_M, BLOCK_K, WARPS = 64, 128, 4
+#: ranks it takes: one power-of-two part up to 64 (LoRA-stacked ranks stay on Triton's)
+RANKS = (0, 16, 32, 64)
+
+
+def supports(x: torch.Tensor, lowrank_down: torch.Tensor, k_out: int) -> bool:
+    """Whether this kernel takes the call: a 16-bit contiguous x whose rows TMA can read
+    (K a multiple of 8), L_down in x's dtype at a rank of ``RANKS``, ``k_out`` whole steps
+    or at least K."""
+    k = x.shape[1]
+    return (
+        gemm_ws.available(x.device)
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and lowrank_down.dtype == x.dtype
+        and lowrank_down.shape[0] in RANKS
+        and k % 8 == 0
+        and k_out >= k
+        and k_out % 16 == 0
+    )
+
+
+if gemm_ws.HAVE_GLUON:
+
+    @gluon.jit
+    def _quantize_ws_kernel(
+        x_desc,
+        smooth_ptr,
+        ld_ptr,
+        scale_ptr,
+        xq_ptr,
+        lora_ptr,
+        M,
+        K,
+        K_OUT,
+        R,
+        k_per_split,
+        stride_qm,
+        stride_ldr,
+        stride_lm,
+        INT4: gl.constexpr,
+        HAS_LORA: gl.constexpr,
+        ATOMIC: gl.constexpr,
+        BR: gl.constexpr,
+        WARPS: gl.constexpr,
+    ):
+        BM: gl.constexpr = x_desc.block_type.shape[0]
+        BK: gl.constexpr = x_desc.block_type.shape[1]
+        dtype: gl.constexpr = x_desc.dtype
+        # registers: rows of 8 contiguous 16-bit values a thread (16-byte shared loads)
+        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+        # the step's columns one a thread, for their IEEE reciprocals (one division each,
+        # then spread to the columns' threads, instead of 16 a thread)
+        one: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+        row0 = gl.program_id(0) * BM
+        k_start = gl.program_id(1) * k_per_split
+        k_end = gl.minimum(k_start + k_per_split, gl.maximum(K, K_OUT))
+        steps = gl.cdiv(k_end - k_start, BK)
+        inv_act = gl.div_rn(1.0, gl.load(scale_ptr))
+
+        x_bufs = gl.allocate_shared_memory(dtype, [2, BM, BK], x_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(ready.index(i), count=1)
+        fence_async_shared()
+        mbarrier.expect(ready.index(0), x_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(x_desc, [row0, k_start], ready.index(0), x_bufs.index(0))
+
+        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
+        rmask = rows < M
+        g = gl.arange(0, BK, layout=gl.SliceLayout(0, blk))
+        if HAS_LORA:
+            mma: gl.constexpr = gl.NVMMADistributedLayout(
+                version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BR, 16]
+            )
+            ld_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BR, BK], dtype)
+            ld_smem = gl.allocate_shared_memory(dtype, [BR, BK], ld_layout)
+            rr = gl.arange(0, BR, layout=gl.SliceLayout(1, blk))
+            acc = gl.zeros([BM, BR], gl.float32, mma)
+        for i in range(steps):
+            s = i % 2
+            k0 = k_start + i * BK
+            if i + 1 < steps:  # the next tile requested now (its buffer freed last step)
+                mbarrier.expect(ready.index(1 - s), x_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(
+                    x_desc, [row0, k0 + BK], ready.index(1 - s), x_bufs.index(1 - s)
+                )
+            cols = k0 + g
+            kmask = cols < K
+            c1 = k0 + gl.arange(0, BK, layout=one)
+            inv_s = gl.div_rn(1.0, gl.load(smooth_ptr + c1, mask=c1 < K, other=1.0))
+            inv_s = gl.convert_layout(inv_s, gl.SliceLayout(0, blk))
+            if HAS_LORA:  # L_down's chunk · diag(1/s), rounded to 16 bits (Triton's fold)
+                ld = gl.load(
+                    ld_ptr + gl.expand_dims(rr, 1) * stride_ldr + gl.expand_dims(cols, 0),
+                    mask=gl.expand_dims(rr < R, 1) & gl.expand_dims(kmask, 0),
+                    other=0.0,
+                )
+                ld16 = (ld.to(gl.float32) * gl.expand_dims(inv_s, 0)).to(dtype)
+                ld_smem.store(ld16)
+                fence_async_shared()
+                gl.thread_barrier()
+            x_smem = x_bufs.index(s)
+            mbarrier.wait(ready.index(s), (i // 2) & 1)
+            if HAS_LORA:  # runs while the codes are computed from the same tile
+                acc = warpgroup_mma(x_smem, ld_smem.permute((1, 0)), acc, is_async=True)
+            xh = x_smem.load(blk).to(gl.float32) * gl.expand_dims(inv_s, 0)
+            if INT4:
+                q = gl.convert_layout(int4_codes(xh, inv_act, BM, BK), blk)
+            else:  # fp8 operands of x̂ itself (``to_e4m3``: saturated at ±448)
+                q = gl.minimum(gl.maximum(xh * inv_act, -448.0), 448.0).to(gl.float8e4nv)
+            qmask = gl.expand_dims(rmask, 1) & gl.expand_dims(cols < K_OUT, 0)
+            qptrs = xq_ptr + gl.expand_dims(rows, 1) * stride_qm + gl.expand_dims(cols, 0)
+            gl.store(qptrs, q, mask=qmask)
+            if HAS_LORA:
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+            # every warp done with this buffer (and L_down's) before the next step's
+            # request overwrites it through the copy engine (the async proxy)
+            gl.thread_barrier()
+            fence_async_shared()
+        if HAS_LORA:
+            pm = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
+            pr = gl.arange(0, BR, layout=gl.SliceLayout(0, mma))
+            lptrs = lora_ptr + gl.expand_dims(pm, 1) * stride_lm + gl.expand_dims(pr, 0)
+            lmask = gl.expand_dims(pm < M, 1) & gl.expand_dims(pr < R, 0)
+            if ATOMIC:
+                gl.atomic_add(lptrs, acc, mask=lmask, sem="relaxed")
+            else:
+                gl.store(lptrs, acc, mask=lmask)
+
+
+def quantize_act_ws(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    lowrank_down: torch.Tensor,
+    act_scale: torch.Tensor,
+    k_out: int,
+    act_fmt: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize.quantize_act`` for a plain input on this kernel (``supports``): the same
+    ``(xq fp8 [M, k_out], lora_act fp32 [M, r])``, the codes bit for bit."""
+    from svdquant.kernels.quantize import k_split
+
+    if act_fmt not in ("int4", "fp8"):
+        raise ValueError(f"the fp8 engine quantizes activations to int4 or fp8, got {act_fmt!r}")
+    if not supports(x, lowrank_down, k_out):
+        raise ValueError(
+            "quantize_act_ws takes a 16-bit x with K a multiple of 8 on an sm_90 GPU, L_down "
+            f"in x's dtype at a rank of {RANKS} and k_out >= K, a multiple of 16; got x "
+            f"{tuple(x.shape)} {x.dtype}, L_down {tuple(lowrank_down.shape)} "
+            f"{lowrank_down.dtype}, k_out {k_out}"
+        )
+    m, k = x.shape
+    r = lowrank_down.shape[0]
+    x, lowrank_down = x.contiguous(), lowrank_down.contiguous()
+    steps = cdiv(k_out, BLOCK_K)
+    m_blocks = cdiv(m, BLOCK_M)
+    split, per_split = k_split(m_blocks, steps, num_sms(x.device))
+    xq = torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=x.device)
+    lora = (torch.zeros if split > 1 else torch.empty)(m, r, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return xq, lora
+    layout = gemm_ws._layout(BLOCK_M, BLOCK_K, x.dtype)
+    desc = GluonDescriptor.from_tensor(x, [BLOCK_M, BLOCK_K], layout)
+    _quantize_ws_kernel[(m_blocks, split)](
+        desc,
+        smooth.float().contiguous(),
+        lowrank_down,
+        act_scale.float().reshape(1),
+        xq,
+        lora,
+        m,
+        k,
+        k_out,
+        r,
+        per_split * BLOCK_K,
+        xq.stride(0),
+        lowrank_down.stride(0) if r else 0,
+        lora.stride(0) if r else 0,
+        INT4=act_fmt == "int4",
+        HAS_LORA=r > 0,
+        ATOMIC=split > 1,
+        BR=block_rank(r),
+        WARPS=WARPS,
+        num_warps=WARPS,
+    )
+    return xq, lora
