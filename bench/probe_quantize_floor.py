@@ -16,6 +16,8 @@ trip weigh on any kernel; this probe times, in one run and the same two ways as
 * ``quantize``: ours (int4, rank 32), and ``quantize_nolr`` without the low-rank branch;
 * ``quantize_folded``: ours with L_down's smoothing folded once (``fold_lowrank_down``,
   ``quantize_act(folded=True)``), its outputs checked against ``quantize``'s;
+* ``quantize_ws``: the Gluon quantize (``kernels/quantize_ws.py``: x by TMA, the low-rank
+  MMA asynchronous), its codes checked against ``quantize``'s;
 
 each as a percentage of the copy bandwidth on its own bytes. If ``move`` itself stays far
 below 70% at these sizes, the bar is a property of the GPU at this size, not of the kernel.
@@ -39,6 +41,7 @@ from probe_read_floor import best_tile
 
 from svdquant.kernels import reference as ref
 from svdquant.kernels.quantize import fold_lowrank_down, quantize_act
+from svdquant.kernels.quantize_ws import quantize_act_ws
 
 #: (rows, columns, warps) of a ``move`` program, swept: 8 to 64 elements a thread.
 TILES = [
@@ -91,6 +94,10 @@ def probe_shape(m: int, k: int, copy_gbs: float, with_move: bool = True) -> dict
             lambda: quantize_act(x, layer.smooth, folded, s, kp, "int4", folded=True),
             m * k * 2 + m * kp + m * RANK * 4 + RANK * k * 2,
         ),
+        "quantize_ws": (
+            lambda: quantize_act_ws(x, layer.smooth, layer.down, s, kp, "int4"),
+            m * k * 2 + m * kp + m * RANK * 4 + RANK * k * 2,
+        ),
         "quantize_nolr": (
             lambda: quantize_act(x, layer.smooth, layer.down[:0], s, kp, "int4"),
             m * k * 2 + m * kp,
@@ -98,10 +105,12 @@ def probe_shape(m: int, k: int, copy_gbs: float, with_move: bool = True) -> dict
     }
     if not with_move:
         del cases["move"]
-    a, b = cases["quantize"][0](), cases["quantize_folded"][0]()
-    row: dict = {"M": m, "K": k, "move_tile": tile, "sweep": sweep,
-                 "folded_same_codes": torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)),
-                 "folded_lora_rel_err": ((a[1] - b[1]).norm() / a[1].norm()).item()}  # fmt: skip
+    row: dict = {"M": m, "K": k, "move_tile": tile, "sweep": sweep}
+    a = cases["quantize"][0]()
+    for name in ("folded", "ws"):
+        b = cases[f"quantize_{name}"][0]()
+        row[f"{name}_same_codes"] = torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8))
+        row[f"{name}_lora_rel_err"] = ((a[1] - b[1]).norm() / a[1].norm()).item()
     for name, (fn, nbytes) in cases.items():
         row[f"{name}_us"] = bench_graph(fn)
         row[f"{name}_clean_us"] = bench_graph_clean(fn)
@@ -118,7 +127,8 @@ def main() -> None:
     a = p.parse_args()
     copy_gbs = copy_bandwidth()
     result = {**run_info(), "copy_gbs": copy_gbs, "rows": []}
-    names = ("move", "torch_cast", "torch_copy", "quantize", "quantize_folded", "quantize_nolr")
+    names = ("move", "torch_cast", "torch_copy", "quantize", "quantize_folded", "quantize_ws",
+             "quantize_nolr")  # fmt: skip
     names = names[a.no_move :]
     print(f"copy bandwidth {copy_gbs:.0f} GB/s; % of it on each case's bytes, CUDA graph "
           "(clean L2 in brackets)")  # fmt: skip
@@ -130,8 +140,11 @@ def main() -> None:
         cells = " | ".join(
             f"{r[n + '_pct_copy']:5.1f} ({r[n + '_clean_pct_copy']:5.1f})" for n in names
         )
-        print(f"{m:5d} {k:6d} | {r['move_tile']!s:14} | {cells} | folded: same codes "
-              f"{r['folded_same_codes']}, sums {r['folded_lora_rel_err']:.1e}")  # fmt: skip
+        same = ", ".join(
+            f"{n}: same codes {r[n + '_same_codes']}, sums {r[n + '_lora_rel_err']:.1e}"
+            for n in ("folded", "ws")
+        )
+        print(f"{m:5d} {k:6d} | {r['move_tile']!s:14} | {cells} | {same}")
     print("->", write_result(result, a.out, "probe_quantize_floor"))
 
 
