@@ -1538,20 +1538,26 @@ def test_custom_ops_opcheck():
 
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 @pytest.mark.parametrize("widen_first", [False, True])
-def test_quantize_and_widen_is_the_two_ops(monkeypatch, fmt, widen_first):
+@pytest.mark.parametrize("ws_quantize", [False, True])
+def test_quantize_and_widen_is_the_two_ops(monkeypatch, fmt, widen_first, ws_quantize):
     """One op, two adjacent launches (on Hopper the widen is the quantize's programmatic
     dependent, or with ``WIDEN_FIRST`` the other way round, into buffers allocated before
     both): what the quantize and the widen give apart — called eagerly and, on a GPU,
     replayed from a CUDA graph (where the dependency is a graph edge). The overlap is
-    forced on for these 77 rows (by default it starts at ``OVERLAP_MIN_M``)."""
+    forced on for these 77 rows (by default it starts at ``OVERLAP_MIN_M``). With
+    ``quantize.WS_QUANTIZE`` the quantize beside the widen is the Gluon kernel where it
+    runs (sm_90; elsewhere the switch changes nothing)."""
+    from svdquant.kernels import quantize as qmod
+
     monkeypatch.setattr(svdquant.kernels.ops, "OVERLAP_MIN_M", 0)
     monkeypatch.setattr(svdquant.kernels.ops, "WIDEN_FIRST", widen_first)
-    _, layer, calib = _layer(fmt, "int4", k=320, n=300)
+    _, layer, calib = _layer(fmt, "int4", k=320, n=300, rank=16)
     x = calib[:77]
     s = ref.act_scale_from_amax(layer.act_amax)
     w = (layer.qweight, layer.wscales, layer.wtensor_scale)
     args = (x, layer.smooth, layer.lowrank_down, s, 320, "int4", *w, fmt)
     xq, lora = quantize_act(x, layer.smooth, layer.lowrank_down, s, 320, "int4")
+    monkeypatch.setattr(qmod, "WS_QUANTIZE", ws_quantize)
     wq, s_ch = widen_weight(*w, fmt)
     outs = [torch.ops.svdquant.quantize_and_widen(*args)]
     if x.is_cuda:
@@ -2279,9 +2285,8 @@ def test_quantize_ws_launch_plan_and_route(monkeypatch):
     """The Gluon quantize's host side on any machine (the kernel needs sm_90): the Triton
     kernel's grid and K split, the flags, a zeroed ``lora_act`` where K is split, its
     arguments in the kernel's order; ``quantize.WS_QUANTIZE`` sends it only plain 16-bit
-    inputs of more than 64 rows (a tail, a gated input, a programmatic dependent, given
-    buffers or a folded L_down stay on the Triton kernel); a shape it does not take gets
-    a clear error."""
+    inputs of more than 64 rows, beside the widen too (a tail, a gated input or a folded
+    L_down stay on the Triton kernel); a shape it does not take gets a clear error."""
     from svdquant.kernels import gemm_ws, quantize_ws
     from svdquant.kernels import quantize as qmod
     from svdquant.kernels._triton_common import cdiv
@@ -2316,17 +2321,22 @@ def test_quantize_ws_launch_plan_and_route(monkeypatch):
     args4 = (torch.ones(k), down, torch.tensor(1.0), k, "int4")
     monkeypatch.setattr(qmod, "WS_QUANTIZE", True)
     qmod.quantize_act(x, *args4)
-    assert len(calls) == 1
+    qmod.quantize_act(x, *args4, trigger=True)  # beside the widen, either way round
+    given = (torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.zeros(m, r))
+    got = qmod.quantize_act(x, *args4, pdl=True, out=given)
+    assert len(calls) == 3 and got[0] is given[0] and got[1] is given[1]
+    assert launches[2][2]["PDL_TRIGGER"] is False  # (no PDL on the CPU)
     monkeypatch.setattr(qmod, "_quantize_act_kernel", Kernel())  # the Triton kernel's
     qmod.quantize_act(small, *args4)
     qmod.quantize_act(x, torch.ones(2 * k), down, torch.tensor(1.0), 2 * k, "int4", tail=x)
     qmod.quantize_act(x, *args4, gated=True, tail=x)
     qmod.quantize_act(x, *args4, folded=True)
-    qmod.quantize_act(x, *args4, trigger=True)
-    assert len(calls) == 1 and len(launches) == 2 + 5  # (the routed call's launch too)
+    assert len(calls) == 3 and len(launches) == 4 + 4  # (the routed calls' launches too)
     monkeypatch.setattr(qmod, "WS_QUANTIZE", False)
     qmod.quantize_act(x, *args4)
-    assert len(calls) == 1
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="out must be"):
+        quantize_ws.quantize_act_ws(x, *args4, out=(given[0], torch.zeros(m, r + 1)))
     with pytest.raises(ValueError, match="rank of"):
         quantize_ws.quantize_act_ws(x, torch.ones(k), down[:24], torch.tensor(1.0), k, "int4")
     with pytest.raises(ValueError, match="int4 or fp8"):

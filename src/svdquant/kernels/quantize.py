@@ -80,8 +80,8 @@ GATED_TILE = (64, 128, 4)
 #: 3072 / 12288 (192 registers instead of 168: two programs an SM instead of three).
 NUM_STAGES = 1
 TWO_STEP_MIN_PER_SM = 2
-#: Run a plain 16-bit input's quantize (no tail, not gated, not a programmatic dependent)
-#: from 65 rows on on the Gluon kernel (``quantize_ws``: x by TMA into shared memory, the
+#: Run a plain 16-bit input's quantize (no tail, not gated; beside the widen too) from 65
+#: rows on on the Gluon kernel (``quantize_ws``: x by TMA into shared memory, the
 #: low-rank MMA asynchronous beside the codes; sm_90 SASS: 96 registers instead of 168,
 #: 41 KB of shared memory). Built after v47's device time: off until its GPU test
 #: (``-k quantize_ws``) and ``bench/probe_quantize_floor.py`` have run.
@@ -381,12 +381,14 @@ def quantize_act(
     """
     if act_fmt not in ("int4", "fp8"):
         raise ValueError(f"the fp8 engine quantizes activations to int4 or fp8, got {act_fmt!r}")
-    plain = tail is None and not (gated or trigger or pdl or folded) and out is None
+    plain = tail is None and not (gated or folded)
     if WS_QUANTIZE and plain and x.dim() == 2 and x.shape[0] > 64:
         from svdquant.kernels import quantize_ws
 
         if smooth.shape[0] == x.shape[1] and quantize_ws.supports(x, lowrank_down, k_out):
-            return quantize_ws.quantize_act_ws(x, smooth, lowrank_down, act_scale, k_out, act_fmt)
+            return quantize_ws.quantize_act_ws(
+                x, smooth, lowrank_down, act_scale, k_out, act_fmt, trigger, pdl, out
+            )
     if tail_act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {tail_act!r}; supported: {sorted(ACTIVATIONS)}")
     if x.stride(-1) != 1:

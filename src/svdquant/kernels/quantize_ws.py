@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from svdquant.kernels import gemm_ws
-from svdquant.kernels._triton_common import block_rank, cdiv, num_sms
+from svdquant.kernels._triton_common import block_rank, cdiv, num_sms, pdl_supported
 
 if gemm_ws.HAVE_GLUON:
     from triton.experimental import gluon
@@ -41,6 +41,7 @@ if gemm_ws.HAVE_GLUON:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     from svdquant.kernels.gemm_ws import int4_codes
 
@@ -91,7 +92,14 @@ if gemm_ws.HAVE_GLUON:
         ATOMIC: gl.constexpr,
         BR: gl.constexpr,
         WARPS: gl.constexpr,
+        PDL_TRIGGER: gl.constexpr = False,
+        PDL_WAIT_LAST: gl.constexpr = False,
     ):
+        # programmatic dependent launch, as the Triton kernel's (``quantize_act``'s
+        # ``trigger`` and ``pdl``): the widen launched next may start at once, or (launched
+        # as the widen's dependent) the last program waits for the widen to finish
+        if PDL_TRIGGER:
+            gdc_launch_dependents()
         BM: gl.constexpr = x_desc.block_type.shape[0]
         BK: gl.constexpr = x_desc.block_type.shape[1]
         dtype: gl.constexpr = x_desc.dtype
@@ -175,6 +183,10 @@ if gemm_ws.HAVE_GLUON:
                 gl.atomic_add(lptrs, acc, mask=lmask, sem="relaxed")
             else:
                 gl.store(lptrs, acc, mask=lmask)
+        if PDL_WAIT_LAST:  # (a compile-time branch around a runtime one)
+            last_m = gl.program_id(0) == gl.num_programs(0) - 1
+            if last_m & (gl.program_id(1) == gl.num_programs(1) - 1):
+                gdc_wait()
 
 
 def quantize_act_ws(
@@ -184,9 +196,13 @@ def quantize_act_ws(
     act_scale: torch.Tensor,
     k_out: int,
     act_fmt: str,
+    trigger: bool = False,
+    pdl: bool = False,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize.quantize_act`` for a plain input on this kernel (``supports``): the same
-    ``(xq fp8 [M, k_out], lora_act fp32 [M, r])``, the codes bit for bit."""
+    ``(xq fp8 [M, k_out], lora_act fp32 [M, r])``, the codes bit for bit; ``trigger``,
+    ``pdl`` and ``out`` as there (the widen beside it, ``ops.quantize_and_widen``)."""
     from svdquant.kernels.quantize import k_split
 
     if act_fmt not in ("int4", "fp8"):
@@ -201,11 +217,23 @@ def quantize_act_ws(
     m, k = x.shape
     r = lowrank_down.shape[0]
     x, lowrank_down = x.contiguous(), lowrank_down.contiguous()
+    pdl = pdl and pdl_supported(x.device)
     steps = cdiv(k_out, BLOCK_K)
     m_blocks = cdiv(m, BLOCK_M)
     split, per_split = k_split(m_blocks, steps, num_sms(x.device))
-    xq = torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=x.device)
-    lora = (torch.zeros if split > 1 else torch.empty)(m, r, dtype=torch.float32, device=x.device)
+    if out is not None:  # allocated (the sums zeroed) before the widen's launch
+        xq, lora = out
+        want = ((m, k_out), torch.float8_e4m3fn, (m, r), torch.float32)
+        if (xq.shape, xq.dtype, lora.shape, lora.dtype) != want:
+            raise ValueError(
+                f"out must be (fp8 [{m}, {k_out}], fp32 [{m}, {r}]), got ({xq.dtype} "
+                f"{tuple(xq.shape)}, {lora.dtype} {tuple(lora.shape)})"
+            )
+    else:
+        xq = torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=x.device)
+        lora = (torch.zeros if split > 1 else torch.empty)(
+            m, r, dtype=torch.float32, device=x.device
+        )
     if m == 0:
         return xq, lora
     layout = gemm_ws._layout(BLOCK_M, BLOCK_K, x.dtype)
@@ -230,6 +258,9 @@ def quantize_act_ws(
         ATOMIC=split > 1,
         BR=block_rank(r),
         WARPS=WARPS,
+        PDL_TRIGGER=trigger and pdl_supported(x.device),
+        PDL_WAIT_LAST=pdl,
         num_warps=WARPS,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return xq, lora
