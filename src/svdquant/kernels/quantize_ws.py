@@ -54,13 +54,14 @@ RANKS = (0, 16, 32, 64)
 
 
 def supports(x: torch.Tensor, lowrank_down: torch.Tensor, k_out: int) -> bool:
-    """Whether this kernel takes the call: a 16-bit contiguous x whose rows TMA can read
-    (K a multiple of 8), L_down in x's dtype at a rank of ``RANKS``, ``k_out`` whole steps
-    or at least K."""
+    """Whether this kernel takes the call: a 16-bit x whose rows TMA can read (K a
+    multiple of 8, the data 16-byte aligned), L_down in x's dtype at a rank of ``RANKS``,
+    ``k_out`` at least K and a multiple of 16."""
     k = x.shape[1]
     return (
         gemm_ws.available(x.device)
         and x.dtype in (torch.bfloat16, torch.float16)
+        and x.data_ptr() % 16 == 0
         and lowrank_down.dtype == x.dtype
         and lowrank_down.shape[0] in RANKS
         and k % 8 == 0
