@@ -120,6 +120,7 @@ if gemm_ws.HAVE_GLUON:
         for i in gl.static_range(2):
             mbarrier.init(ready.index(i), count=1)
         fence_async_shared()
+        gl.thread_barrier()  # the barriers initialized for every warp that waits on them
         mbarrier.expect(ready.index(0), x_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(x_desc, [row0, k_start], ready.index(0), x_bufs.index(0))
 
