@@ -109,6 +109,30 @@ def fold_lowrank_down(lowrank_down: torch.Tensor, smooth: torch.Tensor) -> torch
     return (lowrank_down.float() * inv_s).to(lowrank_down.dtype)
 
 
+def outputs(
+    m: int,
+    k_out: int,
+    r: int,
+    split: int,
+    device: torch.device,
+    out: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantize's ``(xq fp8 [m, k_out], lora_act fp32 [m, r])``: ``out`` checked, or new
+    (the sums zeroed where ``split`` > 1: the K splits meet through atomics)."""
+    if out is not None:
+        xq, lora = out
+        want = ((m, k_out), torch.float8_e4m3fn, (m, r), torch.float32)
+        if (xq.shape, xq.dtype, lora.shape, lora.dtype) != want:
+            raise ValueError(
+                f"out must be (fp8 [{m}, {k_out}], fp32 [{m}, {r}]), got ({xq.dtype} "
+                f"{tuple(xq.shape)}, {lora.dtype} {tuple(lora.shape)})"
+            )
+        return xq, lora
+    xq = torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=device)
+    lora = (torch.zeros if split > 1 else torch.empty)(m, r, dtype=torch.float32, device=device)
+    return xq, lora
+
+
 def rank_parts(r: int) -> tuple[int, int]:
     """The low-rank branch's padded widths (first part, second part or 0) for rank ``r``:
     one power of two, or with ``SPLIT_RANK`` the largest power of two below ``r`` and the
@@ -425,19 +449,7 @@ def quantize_act(
     m_blocks = cdiv(m, block_m)
     split, k_per_split = k_split(m_blocks, steps, num_sms(x.device))
     k_per_split *= block_k
-    if out is not None:
-        xq, lora = out
-        want = ((m, k_out), torch.float8_e4m3fn, (m, r), torch.float32)
-        if (xq.shape, xq.dtype, lora.shape, lora.dtype) != want:
-            raise ValueError(
-                f"out must be (fp8 [{m}, {k_out}], fp32 [{m}, {r}]), got ({xq.dtype} "
-                f"{tuple(xq.shape)}, {lora.dtype} {tuple(lora.shape)})"
-            )
-    else:
-        xq = torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=x.device)
-        lora = (torch.zeros if split > 1 else torch.empty)(
-            m, r, dtype=torch.float32, device=x.device
-        )
+    xq, lora = outputs(m, k_out, r, split, x.device, out)
     pdl = pdl and pdl_supported(x.device)
     _quantize_act_kernel[(m_blocks, split)](
         x,

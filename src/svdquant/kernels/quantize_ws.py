@@ -205,7 +205,7 @@ def quantize_act_ws(
     """``quantize.quantize_act`` for a plain input on this kernel (``supports``): the same
     ``(xq fp8 [M, k_out], lora_act fp32 [M, r])``, the codes bit for bit; ``trigger``,
     ``pdl`` and ``out`` as there (the widen beside it, ``ops.quantize_and_widen``)."""
-    from svdquant.kernels.quantize import k_split
+    from svdquant.kernels.quantize import k_split, outputs
 
     if act_fmt not in ("int4", "fp8"):
         raise ValueError(f"the fp8 engine quantizes activations to int4 or fp8, got {act_fmt!r}")
@@ -223,19 +223,7 @@ def quantize_act_ws(
     steps = cdiv(k_out, BLOCK_K)
     m_blocks = cdiv(m, BLOCK_M)
     split, per_split = k_split(m_blocks, steps, num_sms(x.device))
-    if out is not None:  # allocated (the sums zeroed) before the widen's launch
-        xq, lora = out
-        want = ((m, k_out), torch.float8_e4m3fn, (m, r), torch.float32)
-        if (xq.shape, xq.dtype, lora.shape, lora.dtype) != want:
-            raise ValueError(
-                f"out must be (fp8 [{m}, {k_out}], fp32 [{m}, {r}]), got ({xq.dtype} "
-                f"{tuple(xq.shape)}, {lora.dtype} {tuple(lora.shape)})"
-            )
-    else:
-        xq = torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=x.device)
-        lora = (torch.zeros if split > 1 else torch.empty)(
-            m, r, dtype=torch.float32, device=x.device
-        )
+    xq, lora = outputs(m, k_out, r, split, x.device, out)
     if m == 0:
         return xq, lora
     layout = gemm_ws._layout(BLOCK_M, BLOCK_K, x.dtype)
