@@ -207,7 +207,7 @@ def test_gpu_codes_on_host(monkeypatch):
     the host; ``enabled=False`` brings them back."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from svdquant.fuse import _concat
+    from svdquant.fuse import _concat, _split
 
     layer, x = _layer(64, 48)
     other, _ = _layer(64, 48, seed=9)
@@ -242,6 +242,8 @@ def test_gpu_codes_on_host(monkeypatch):
     assert fused.codes_on_host() and fused.fp8_weights() is not None
     assert not fused_twin.codes_on_host()
     assert torch.equal(fused(x), fused_twin(x))
+    for part in _split(fused, [48, 48]):  # unfused: each part kept, its codes on the host
+        assert part.codes_on_host() and part.fp8_weights() is not None
     assert not layer.keep_fp8_weights(False) and not layer.codes_on_host()
     assert layer.qweight.device == layer.wscales.device and torch.equal(layer(x), other(x))
     assert layer.quantized_residual().packed.device == layer.wscales.device
