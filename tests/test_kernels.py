@@ -2372,6 +2372,27 @@ def test_gpu_quantize_ws_matches_quantize_act(m, k, k_out, r, act_fmt, dtype):
         assert rel_err(lora, lora_t) < 1e-5
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(("prefetch", "async_mma"), [(False, True), (True, False)])
+def test_gpu_quantize_ws_probe_variants(monkeypatch, prefetch, async_mma):
+    """The Gluon quantize's A/B variants (``PREFETCH``, ``ASYNC_MMA``) give the same codes
+    and sums as the Triton kernel (an A/B times the same work)."""
+    from svdquant.kernels import gemm_ws, quantize_ws
+
+    if not gemm_ws.available(torch.device(DEVICE)):
+        pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
+    monkeypatch.setattr(quantize_ws, "PREFETCH", prefetch)
+    monkeypatch.setattr(quantize_ws, "ASYNC_MMA", async_mma)
+    x = _acts(4608, 3072, torch.bfloat16, seed=3)
+    s = _smooth(3072)
+    down, _ = _lowrank(8, 3072, 32, torch.bfloat16)
+    scale = ref.act_scale_from_amax((x.float() / s).abs().amax())
+    xq, lora = quantize_ws.quantize_act_ws(x, s, down, scale, 3072, "int4")
+    xq_t, lora_t = quantize_act(x, s, down, scale, 3072, "int4")
+    assert torch.equal(xq.view(torch.uint8), xq_t.view(torch.uint8))
+    assert rel_err(lora, lora_t) < 1e-5
+
+
 def test_gemm_ws_is_not_used_without_a_hopper_gpu(monkeypatch):
     """On the CPU (and under the interpreter) ``fp8_gemm`` never hands over to the Gluon
     kernel, which has no interpreter; its shape rules hold everywhere."""

@@ -51,6 +51,11 @@ __all__ = ["quantize_act_ws", "supports"]
 BLOCK_M, BLOCK_K, WARPS = 64, 128, 4
 #: ranks it takes: one power-of-two part up to 64 (LoRA-stacked ranks stay on Triton's)
 RANKS = (0, 16, 32, 64)
+#: For the probe's A/B (``probe_layer.py --set quantize_ws.PREFETCH=False``): request the
+#: next step's tile before using this one's (else after: one buffer's worth in flight);
+#: wait for the low-rank MMA after the codes (else at once, as the Triton kernel does).
+PREFETCH = True
+ASYNC_MMA = True
 
 
 def supports(x: torch.Tensor, lowrank_down: torch.Tensor, k_out: int) -> bool:
@@ -95,6 +100,8 @@ if gemm_ws.HAVE_GLUON:
         WARPS: gl.constexpr,
         PDL_TRIGGER: gl.constexpr = False,
         PDL_WAIT_LAST: gl.constexpr = False,
+        PREFETCH: gl.constexpr = True,
+        ASYNC_MMA: gl.constexpr = True,
     ):
         # programmatic dependent launch, as the Triton kernel's (``quantize_act``'s
         # ``trigger`` and ``pdl``): the widen launched next may start at once, or (launched
@@ -138,7 +145,7 @@ if gemm_ws.HAVE_GLUON:
         for i in range(steps):
             s = i % 2
             k0 = k_start + i * BK
-            if i + 1 < steps:  # the next tile requested now (its buffer freed last step)
+            if PREFETCH and i + 1 < steps:  # the next tile now (its buffer freed last step)
                 mbarrier.expect(ready.index(1 - s), x_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(
                     x_desc, [row0, k0 + BK], ready.index(1 - s), x_bufs.index(1 - s)
@@ -162,6 +169,8 @@ if gemm_ws.HAVE_GLUON:
             mbarrier.wait(ready.index(s), (i // 2) & 1)
             if HAS_LORA:  # runs while the codes are computed from the same tile
                 acc = warpgroup_mma(x_smem, ld_smem.permute((1, 0)), acc, is_async=True)
+                if not ASYNC_MMA:
+                    acc = warpgroup_mma_wait(0, deps=(acc,))
             xh = x_smem.load(blk).to(gl.float32) * gl.expand_dims(inv_s, 0)
             if INT4:
                 q = gl.convert_layout(int4_codes(xh, inv_act, BM, BK), blk)
@@ -176,6 +185,11 @@ if gemm_ws.HAVE_GLUON:
             # request overwrites it through the copy engine (the async proxy)
             gl.thread_barrier()
             fence_async_shared()
+            if not PREFETCH and i + 1 < steps:  # the next tile only now
+                mbarrier.expect(ready.index(1 - s), x_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(
+                    x_desc, [row0, k0 + BK], ready.index(1 - s), x_bufs.index(1 - s)
+                )
         if HAS_LORA:
             pm = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
             pr = gl.arange(0, BR, layout=gl.SliceLayout(0, mma))
@@ -250,6 +264,8 @@ def quantize_act_ws(
         WARPS=WARPS,
         PDL_TRIGGER=trigger and pdl_supported(x.device),
         PDL_WAIT_LAST=pdl,
+        PREFETCH=PREFETCH,
+        ASYNC_MMA=ASYNC_MMA,
         num_warps=WARPS,
         **({"launch_pdl": True} if pdl else {}),
     )
