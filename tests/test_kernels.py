@@ -2712,6 +2712,13 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch, gate_norm):
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     assert rel_err(compiled(*args, **kw)[0], fused) <= TOL
+    if DEVICE == "cuda":  # the codes in host memory: the same step, eager and compiled
+        svdquant.keep_fp8_weights(model, codes_on_host=True)
+        assert all(m.codes_on_host() for m in layers)
+        assert torch.equal(model(*args, **kw)[0], fused)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        assert rel_err(compiled(*args, **kw)[0], fused) <= TOL
     svdquant.unfuse_projections(model)  # the unfused layers keep theirs
     layers = [m for m in model.modules() if isinstance(m, svdquant.SVDQLinear)]
     assert all((m.fp8_weights() is not None) == (m.act_fmt != "none") for m in layers)
