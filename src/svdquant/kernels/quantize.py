@@ -405,14 +405,6 @@ def quantize_act(
     """
     if act_fmt not in ("int4", "fp8"):
         raise ValueError(f"the fp8 engine quantizes activations to int4 or fp8, got {act_fmt!r}")
-    plain = tail is None and not (gated or folded)
-    if WS_QUANTIZE and plain and x.dim() == 2 and x.shape[0] > 64:
-        from svdquant.kernels import quantize_ws
-
-        if smooth.shape[0] == x.shape[1] and quantize_ws.supports(x, lowrank_down, k_out):
-            return quantize_ws.quantize_act_ws(
-                x, smooth, lowrank_down, act_scale, k_out, act_fmt, trigger, pdl, out
-            )
     if tail_act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {tail_act!r}; supported: {sorted(ACTIVATIONS)}")
     if x.stride(-1) != 1:
@@ -440,6 +432,13 @@ def quantize_act(
     if m == 0:
         xq = torch.empty(0, k_out, dtype=torch.float8_e4m3fn, device=x.device)
         return xq, torch.empty(0, r, dtype=torch.float32, device=x.device)
+    if WS_QUANTIZE and m > 64 and tail is None and not (gated or folded):
+        from svdquant.kernels import quantize_ws
+
+        if quantize_ws.supports(x, lowrank_down, k_out):
+            return quantize_ws.quantize_act_ws(
+                x, smooth, lowrank_down, act_scale, k_out, act_fmt, trigger, pdl, out
+            )
     block_m, block_k, warps = TILES["small" if m <= 64 else "medium" if m <= 1024 else "large"]
     if gated and m > 64:
         block_m, block_k, warps = GATED_TILE
