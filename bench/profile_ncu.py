@@ -9,10 +9,11 @@ Everything is compiled and run once first (autotuning, JIT) outside the profiled
 then each kernel of a FLUX.1 layer shape runs once between ``cudaProfilerStart`` and
 ``cudaProfilerStop``, so ncu sees exactly those launches: the W4A16 GEMV at M = 1 and 4
 (N = 18432, K = 3072, rank 32, bias) with its x̂ prep kernel, the activation quantize
-(M = 4608, K = 3072, rank 32), the widen (N = K = 3072) and the fp8 GEMM + low-rank + bias
-(M = 4608, N = K = 3072), the fused MLP's fc1 (quantize-next epilogue), and the
-warp-specialized Gluon GEMM (``gemm_ws``, with and without the low-rank branch; the fc1
-writing 16 bits and writing the next layer's codes: ``gemm_ws_fc1``, ``gemm_ws_next``).
+(M = 4608, K = 3072, rank 32; and the Gluon one, ``quantize_ws``), the widen
+(N = K = 3072) and the fp8 GEMM + low-rank + bias (M = 4608, N = K = 3072), the fused
+MLP's fc1 (quantize-next epilogue), and the warp-specialized Gluon GEMM (``gemm_ws``, with
+and without the low-rank branch; the fc1 writing 16 bits and writing the next layer's
+codes: ``gemm_ws_fc1``, ``gemm_ws_next``).
 For NOTES.md: what limits each kernel (issue slots, memory pipes, stalls), not its time.
 """
 
@@ -32,6 +33,7 @@ from svdquant.kernels.gemm import fp8_gemm, fp8_gemm_quantize_next, next_layer_i
 from svdquant.kernels.gemm_ws import fp8_gemm_ws, fp8_gemm_ws_next
 from svdquant.kernels.gemv import w4a16_linear
 from svdquant.kernels.quantize import quantize_act
+from svdquant.kernels.quantize_ws import quantize_act_ws
 from svdquant.kernels.widen import widen_weight
 
 
@@ -57,6 +59,9 @@ def cases() -> dict:
         "gemv": lambda: (w4a16_linear(x1, *g, "int4"), w4a16_linear(x4, *g, "int4")),
         "quantize": lambda: quantize_act(xm, sq.smooth, sq.down, s, 3072, "int4"),
         "quantize_nolr": lambda: quantize_act(xm, sq.smooth, sq.down[:0], s, 3072, "int4"),
+        # the Gluon quantize (``quantize_ws``, off by default) on the same input
+        "quantize_ws": lambda: quantize_act_ws(xm, sq.smooth, sq.down, s, 3072, "int4"),
+        "quantize_ws_nolr": lambda: quantize_act_ws(xm, sq.smooth, sq.down[:0], s, 3072, "int4"),
         "widen": lambda: widen_weight(*wargs),
         "gemm": lambda: fp8_gemm(xq, wq, s_ch, s, lora, sq.up, sq.bias, torch.bfloat16),
         "mlp_fc1": lambda: fp8_gemm_quantize_next(*mlp),

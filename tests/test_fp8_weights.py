@@ -247,3 +247,29 @@ def test_gpu_codes_on_host(monkeypatch):
     assert not layer.keep_fp8_weights(False) and not layer.codes_on_host()
     assert layer.qweight.device == layer.wscales.device and torch.equal(layer(x), other(x))
     assert layer.quantized_residual().packed.device == layer.wscales.device
+
+
+@pytest.mark.gpu
+def test_gpu_codes_on_host_keep_cuda_graphs(monkeypatch):
+    """``torch.compile(mode="reduce-overhead")`` (``generate --compile --fp8-weights``) of
+    layers whose codes wait in host memory still runs as CUDA graphs — no host tensor
+    reaches the graph, so Inductor skips no graph — with the eager numbers and no widen."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from torch._dynamo.utils import counters
+
+    fc1, x = _layer(64, 96)
+    fc2, _ = _layer(96, 48, seed=1)
+    model = torch.nn.Sequential(fc1, torch.nn.GELU(approximate="tanh"), fc2)
+    for layer in (fc1, fc2):
+        assert layer.keep_fp8_weights(codes_on_host=True) and layer.codes_on_host()
+    want = model(x)
+    _no_widen(monkeypatch)
+    torch._dynamo.reset()
+    counters.clear()
+    graphed = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):
+        got = graphed(x).clone()
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() <= 4e-3
+    assert fc1.qweight.device.type == "cpu" and fc2.qweight.device.type == "cpu"
