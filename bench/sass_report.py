@@ -765,16 +765,14 @@ def _quantize_ws() -> dict[str, Any]:
         kernel=q._quantize_ws_kernel,
         ptrs=dict(
             x_desc=_desc(m, k, torch.bfloat16, gl.bfloat16, [q.BLOCK_M, q.BLOCK_K]),
+            ld_desc=_desc(32, k, torch.bfloat16, gl.bfloat16, [32, q.BLOCK_K]),
             smooth_ptr="*fp32",
-            ld_ptr="*bf16",
             scale_ptr="*fp32",
             xq_ptr="*fp8e4nv",
             lora_ptr="*fp32",
         ),
-        ints=dict(
-            M=m, K=k, K_OUT=k, R=32, k_per_split=256, stride_qm=k, stride_ldr=k, stride_lm=32
-        ),
-        consts=dict(INT4=True, HAS_LORA=True, ATOMIC=True, BR=32, WARPS=q.WARPS),
+        ints=dict(M=m, K=k, K_OUT=k, R=32, k_per_split=256, stride_qm=k, stride_lm=32),
+        consts=dict(INT4=True, HAS_LORA=True, ATOMIC=True, WARPS=q.WARPS),
         warps=q.WARPS,
     )
 

@@ -10,13 +10,16 @@ memory for the MMA every step, and the MMA is waited for at once (v47: folding t
 smoothing into L_down once gained nothing there; Triton's two-stage pipeline cost
 registers and ran 0.59–0.70× as fast). Here
 
-* x arrives by **TMA** in shared memory (two buffers: the next step's tile is requested
+* x arrives by **TMA** in shared memory (two stages: the next step's tile is requested
   before this one is used; the copy engine holds no registers and zero-fills past M and
   K), where the **asynchronous** ``wgmma`` reads it directly, while the warps read the same
   tile into registers for the codes — the MMA runs during the quantize arithmetic and is
   waited for at the end of the step;
-* L_down's chunk is folded (``· diag(1/s)``, rounded to 16 bits: the Triton kernel's
-  operation) into a small shared buffer before x has arrived.
+* L_down's chunk comes by TMA in the same stage (one barrier for both) and is folded
+  (``· diag(1/s)``, rounded to 16 bits: the Triton kernel's operation) in place, and the
+  smoothing vector is loaded a step ahead: v48's first version loaded both when the step
+  began, and Nsight Compute found its warps waiting there most (the reciprocal of s:
+  18% of the stall samples, 31% without the low-rank branch).
 
 Same grid as the Triton kernel (row blocks of 64 × the K split; the split's partial sums
 meet through fp32 atomics). Off by default (``quantize.WS_QUANTIZE``) until measured;
@@ -28,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from svdquant.kernels import gemm_ws
-from svdquant.kernels._triton_common import block_rank, cdiv, num_sms, pdl_supported
+from svdquant.kernels._triton_common import cdiv, num_sms, pdl_supported
 
 if gemm_ws.HAVE_GLUON:
     from triton.experimental import gluon
@@ -59,8 +62,8 @@ ASYNC_MMA = True
 
 
 def supports(x: torch.Tensor, lowrank_down: torch.Tensor, k_out: int) -> bool:
-    """Whether this kernel takes the call: a 16-bit x whose rows TMA can read (K a
-    multiple of 8, the data 16-byte aligned), L_down in x's dtype at a rank of ``RANKS``,
+    """Whether this kernel takes the call: a 16-bit x and L_down whose rows TMA can read
+    (K a multiple of 8, the data 16-byte aligned), L_down in x's dtype at a rank of ``RANKS``,
     ``k_out`` at least K and a multiple of 16."""
     k = x.shape[1]
     return (
@@ -68,6 +71,7 @@ def supports(x: torch.Tensor, lowrank_down: torch.Tensor, k_out: int) -> bool:
         and x.dtype in (torch.bfloat16, torch.float16)
         and x.data_ptr() % 16 == 0
         and lowrank_down.dtype == x.dtype
+        and (lowrank_down.shape[0] == 0 or lowrank_down.data_ptr() % 16 == 0)
         and lowrank_down.shape[0] in RANKS
         and k % 8 == 0
         and k_out >= k
@@ -80,8 +84,8 @@ if gemm_ws.HAVE_GLUON:
     @gluon.jit
     def _quantize_ws_kernel(
         x_desc,
+        ld_desc,
         smooth_ptr,
-        ld_ptr,
         scale_ptr,
         xq_ptr,
         lora_ptr,
@@ -91,12 +95,10 @@ if gemm_ws.HAVE_GLUON:
         R,
         k_per_split,
         stride_qm,
-        stride_ldr,
         stride_lm,
         INT4: gl.constexpr,
         HAS_LORA: gl.constexpr,
         ATOMIC: gl.constexpr,
-        BR: gl.constexpr,
         WARPS: gl.constexpr,
         PDL_TRIGGER: gl.constexpr = False,
         PDL_WAIT_LAST: gl.constexpr = False,
@@ -110,6 +112,7 @@ if gemm_ws.HAVE_GLUON:
             gdc_launch_dependents()
         BM: gl.constexpr = x_desc.block_type.shape[0]
         BK: gl.constexpr = x_desc.block_type.shape[1]
+        BR: gl.constexpr = ld_desc.block_type.shape[0]
         dtype: gl.constexpr = x_desc.dtype
         # registers: rows of 8 contiguous 16-bit values a thread (16-byte shared loads)
         blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
@@ -121,53 +124,62 @@ if gemm_ws.HAVE_GLUON:
         k_end = gl.minimum(k_start + k_per_split, gl.maximum(K, K_OUT))
         steps = gl.cdiv(k_end - k_start, BK)
         inv_act = gl.div_rn(1.0, gl.load(scale_ptr))
+        nbytes: gl.constexpr = x_desc.block_type.nbytes + (
+            ld_desc.block_type.nbytes if HAS_LORA else 0
+        )
 
+        # a stage: x's tile and (with the low-rank branch) L_down's chunk, one barrier
         x_bufs = gl.allocate_shared_memory(dtype, [2, BM, BK], x_desc.layout)
+        if HAS_LORA:
+            ld_bufs = gl.allocate_shared_memory(dtype, [2, BR, BK], ld_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(ready.index(i), count=1)
         fence_async_shared()
         gl.thread_barrier()  # the barriers initialized for every warp that waits on them
-        mbarrier.expect(ready.index(0), x_desc.block_type.nbytes)
+        mbarrier.expect(ready.index(0), nbytes)
         tma.async_copy_global_to_shared(x_desc, [row0, k_start], ready.index(0), x_bufs.index(0))
+        if HAS_LORA:
+            tma.async_copy_global_to_shared(ld_desc, [0, k_start], ready.index(0), ld_bufs.index(0))
 
         rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
         rmask = rows < M
         g = gl.arange(0, BK, layout=gl.SliceLayout(0, blk))
+        c1 = k_start + gl.arange(0, BK, layout=one)
+        s_next = gl.load(smooth_ptr + c1, mask=c1 < K, other=1.0)
         if HAS_LORA:
             mma: gl.constexpr = gl.NVMMADistributedLayout(
                 version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BR, 16]
             )
-            ld_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BR, BK], dtype)
-            ld_smem = gl.allocate_shared_memory(dtype, [BR, BK], ld_layout)
-            rr = gl.arange(0, BR, layout=gl.SliceLayout(1, blk))
             acc = gl.zeros([BM, BR], gl.float32, mma)
         for i in range(steps):
             s = i % 2
             k0 = k_start + i * BK
-            if PREFETCH and i + 1 < steps:  # the next tile now (its buffer freed last step)
-                mbarrier.expect(ready.index(1 - s), x_desc.block_type.nbytes)
+            if PREFETCH and i + 1 < steps:  # the next stage now (its buffers freed last step)
+                mbarrier.expect(ready.index(1 - s), nbytes)
                 tma.async_copy_global_to_shared(
                     x_desc, [row0, k0 + BK], ready.index(1 - s), x_bufs.index(1 - s)
                 )
+                if HAS_LORA:
+                    tma.async_copy_global_to_shared(
+                        ld_desc, [0, k0 + BK], ready.index(1 - s), ld_bufs.index(1 - s)
+                    )
+            # this step's smoothing (loaded a step ahead: its latency hidden), the next's
+            smooth = s_next
+            c1 = k0 + BK + gl.arange(0, BK, layout=one)
+            s_next = gl.load(smooth_ptr + c1, mask=c1 < K, other=1.0)
+            inv_s = gl.convert_layout(gl.div_rn(1.0, smooth), gl.SliceLayout(0, blk))
             cols = k0 + g
-            kmask = cols < K
-            c1 = k0 + gl.arange(0, BK, layout=one)
-            inv_s = gl.div_rn(1.0, gl.load(smooth_ptr + c1, mask=c1 < K, other=1.0))
-            inv_s = gl.convert_layout(inv_s, gl.SliceLayout(0, blk))
-            if HAS_LORA:  # L_down's chunk · diag(1/s), rounded to 16 bits (Triton's fold)
-                ld = gl.load(
-                    ld_ptr + gl.expand_dims(rr, 1) * stride_ldr + gl.expand_dims(cols, 0),
-                    mask=gl.expand_dims(rr < R, 1) & gl.expand_dims(kmask, 0),
-                    other=0.0,
-                )
-                ld16 = (ld.to(gl.float32) * gl.expand_dims(inv_s, 0)).to(dtype)
+            x_smem = x_bufs.index(s)
+            mbarrier.wait(ready.index(s), (i // 2) & 1)
+            if HAS_LORA:  # L_down's chunk · diag(1/s), rounded to 16 bits (Triton's fold),
+                # in place; then the MMA runs while the codes come from the same x tile
+                ld_smem = ld_bufs.index(s)
+                ld16 = (ld_smem.load(blk).to(gl.float32) * gl.expand_dims(inv_s, 0)).to(dtype)
+                gl.thread_barrier()  # every warp has read the raw chunk
                 ld_smem.store(ld16)
                 fence_async_shared()
                 gl.thread_barrier()
-            x_smem = x_bufs.index(s)
-            mbarrier.wait(ready.index(s), (i // 2) & 1)
-            if HAS_LORA:  # runs while the codes are computed from the same tile
                 acc = warpgroup_mma(x_smem, ld_smem.permute((1, 0)), acc, is_async=True)
                 if not ASYNC_MMA:
                     acc = warpgroup_mma_wait(0, deps=(acc,))
@@ -181,15 +193,19 @@ if gemm_ws.HAVE_GLUON:
             gl.store(qptrs, q, mask=qmask)
             if HAS_LORA:
                 acc = warpgroup_mma_wait(0, deps=(acc,))
-            # every warp done with this buffer (and L_down's) before the next step's
-            # request overwrites it through the copy engine (the async proxy)
+            # every warp done with this stage before the next request overwrites it through
+            # the copy engine (the async proxy)
             gl.thread_barrier()
             fence_async_shared()
-            if not PREFETCH and i + 1 < steps:  # the next tile only now
-                mbarrier.expect(ready.index(1 - s), x_desc.block_type.nbytes)
+            if not PREFETCH and i + 1 < steps:  # the next stage only now
+                mbarrier.expect(ready.index(1 - s), nbytes)
                 tma.async_copy_global_to_shared(
                     x_desc, [row0, k0 + BK], ready.index(1 - s), x_bufs.index(1 - s)
                 )
+                if HAS_LORA:
+                    tma.async_copy_global_to_shared(
+                        ld_desc, [0, k0 + BK], ready.index(1 - s), ld_bufs.index(1 - s)
+                    )
         if HAS_LORA:
             pm = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
             pr = gl.arange(0, BR, layout=gl.SliceLayout(0, mma))
@@ -242,10 +258,14 @@ def quantize_act_ws(
         return xq, lora
     layout = gemm_ws._layout(BLOCK_M, BLOCK_K, x.dtype)
     desc = GluonDescriptor.from_tensor(x, [BLOCK_M, BLOCK_K], layout)
+    ld_desc = desc  # (a stand-in without the low-rank branch: never read)
+    if r:
+        ld_layout = gemm_ws._layout(r, BLOCK_K, x.dtype)
+        ld_desc = GluonDescriptor.from_tensor(lowrank_down, [r, BLOCK_K], ld_layout)
     _quantize_ws_kernel[(m_blocks, split)](
         desc,
+        ld_desc,
         smooth.float().contiguous(),
-        lowrank_down,
         act_scale.float().reshape(1),
         xq,
         lora,
@@ -255,12 +275,10 @@ def quantize_act_ws(
         r,
         per_split * BLOCK_K,
         xq.stride(0),
-        lowrank_down.stride(0) if r else 0,
         lora.stride(0) if r else 0,
         INT4=act_fmt == "int4",
         HAS_LORA=r > 0,
         ATOMIC=split > 1,
-        BR=block_rank(r),
         WARPS=WARPS,
         PDL_TRIGGER=trigger and pdl_supported(x.device),
         PDL_WAIT_LAST=pdl,
