@@ -1558,6 +1558,7 @@ def test_quantize_and_widen_is_the_two_ops(monkeypatch, fmt, widen_first, ws_qua
     args = (x, layer.smooth, layer.lowrank_down, s, 320, "int4", *w, fmt)
     xq, lora = quantize_act(x, layer.smooth, layer.lowrank_down, s, 320, "int4")
     monkeypatch.setattr(qmod, "WS_QUANTIZE", ws_quantize)
+    monkeypatch.setattr(qmod, "WS_QUANTIZE_MIN_M", 0)  # (these 77 rows on it too)
     wq, s_ch = widen_weight(*w, fmt)
     outs = [torch.ops.svdquant.quantize_and_widen(*args)]
     if x.is_cuda:
@@ -2285,8 +2286,9 @@ def test_quantize_ws_launch_plan_and_route(monkeypatch):
     """The Gluon quantize's host side on any machine (the kernel needs sm_90): the Triton
     kernel's grid and K split, the flags, a zeroed ``lora_act`` where K is split, its
     arguments in the kernel's order; ``quantize.WS_QUANTIZE`` sends it only plain 16-bit
-    inputs of more than 64 rows, beside the widen too (a tail, a gated input or a folded
-    L_down stay on the Triton kernel); a shape it does not take gets a clear error."""
+    inputs of ``WS_QUANTIZE_MIN_M`` rows or more, beside the widen too (a tail, a gated
+    input or a folded L_down stay on the Triton kernel); a shape it does not take gets a
+    clear error."""
     from svdquant.kernels import gemm_ws, quantize_ws
     from svdquant.kernels import quantize as qmod
     from svdquant.kernels._triton_common import cdiv
@@ -2316,9 +2318,9 @@ def test_quantize_ws_launch_plan_and_route(monkeypatch):
     assert bound["ld_desc"].block_shape == [r, 128]  # L_down's chunk by TMA beside x's tile
     assert xq.shape == (m, k) and xq.dtype == torch.float8_e4m3fn
     assert lora.shape == (m, r) and not lora.any()  # zeroed for the atomics
-    # the route: only plain inputs of more than 64 rows, only with the switch
+    # the route: only plain inputs from WS_QUANTIZE_MIN_M rows, only with the switch
     calls = _count_calls(monkeypatch, quantize_ws, "quantize_act_ws")
-    small = torch.zeros(64, k, dtype=torch.bfloat16)
+    small = torch.zeros(qmod.WS_QUANTIZE_MIN_M - 1, k, dtype=torch.bfloat16)
     args4 = (torch.ones(k), down, torch.tensor(1.0), k, "int4")
     monkeypatch.setattr(qmod, "WS_QUANTIZE", True)
     qmod.quantize_act(x, *args4)

@@ -80,12 +80,14 @@ GATED_TILE = (64, 128, 4)
 #: 3072 / 12288 (192 registers instead of 168: two programs an SM instead of three).
 NUM_STAGES = 1
 TWO_STEP_MIN_PER_SM = 2
-#: Run a plain 16-bit input's quantize (no tail, not gated; beside the widen too) from 65
-#: rows on on the Gluon kernel (``quantize_ws``: x by TMA into shared memory, the
-#: low-rank MMA asynchronous beside the codes; sm_90 SASS: 96 registers instead of 168,
-#: 41 KB of shared memory). Built after v47's device time: off until its GPU test
-#: (``-k quantize_ws``) and ``bench/probe_quantize_floor.py`` have run.
+#: Run a plain 16-bit input's quantize (no tail, not gated; beside the widen too) from
+#: ``WS_QUANTIZE_MIN_M`` rows on the Gluon kernel (``quantize_ws``: x and L_down's chunk by
+#: TMA into shared memory, the low-rank MMA asynchronous beside the codes; 95 registers
+#: instead of 168). v48, H200, against this kernel in one run (``probe_layer.py --what
+#: quantize --set quantize.WS_QUANTIZE=True``): 1.02-1.23x as fast at M = 4096 / 4608,
+#: K = 3072 / 12288; 0.86x at M = 1024, K = 3072 (192 programs: too few in flight).
 WS_QUANTIZE = False
+WS_QUANTIZE_MIN_M = 2048
 #: A rank that is not a power of two (a LoRA stacked on the base branch: 48, 80, 96) is
 #: computed as two low-rank parts, each padded to its own power of two (80 = 64 + 16,
 #: 96 = 64 + 32), instead of one padded to the next (128) — less MMA, fewer registers,
@@ -432,7 +434,7 @@ def quantize_act(
     if m == 0:
         xq = torch.empty(0, k_out, dtype=torch.float8_e4m3fn, device=x.device)
         return xq, torch.empty(0, r, dtype=torch.float32, device=x.device)
-    if WS_QUANTIZE and m > 64 and tail is None and not (gated or folded):
+    if WS_QUANTIZE and m >= WS_QUANTIZE_MIN_M and tail is None and not (gated or folded):
         from svdquant.kernels import quantize_ws
 
         if quantize_ws.supports(x, lowrank_down, k_out):
