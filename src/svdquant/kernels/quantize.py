@@ -85,7 +85,9 @@ TWO_STEP_MIN_PER_SM = 2
 #: TMA into shared memory, the low-rank MMA asynchronous beside the codes; 95 registers
 #: instead of 168). v48, H200, against this kernel in one run (``probe_layer.py --what
 #: quantize --set quantize.WS_QUANTIZE=True``): 1.02-1.23x as fast at M = 4096 / 4608,
-#: K = 3072 / 12288; 0.86x at M = 1024, K = 3072 (192 programs: too few in flight).
+#: K = 3072 / 12288; 0.86x at M = 1024, K = 3072 (192 programs: too few in flight). Off:
+#: the layer (the quantize beside the widen) 0.96-1.03x, the PixArt-Sigma, SDXL and FLUX.1
+#: steps 0.99-1.00x (``bench/NOTES.md`` v48).
 WS_QUANTIZE = False
 WS_QUANTIZE_MIN_M = 2048
 #: A rank that is not a power of two (a LoRA stacked on the base branch: 48, 80, 96) is
