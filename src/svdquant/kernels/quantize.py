@@ -53,8 +53,9 @@ __all__ = ["fold_lowrank_down", "quantize_act", "quantize_tile"]
 
 #: (BLOCK_M, columns per step, num_warps) for few rows (M ≤ 64), up to 1024 (FLUX's text
 #: stream: 512) and more; tuned on the H100 with ``bench/probe_quantize.py`` and
-#: ``bench/gemm.py --sweep`` ("medium" not yet: the large tile until the sweep says
-#: otherwise).
+#: ``bench/gemm.py --sweep``, "medium" and "large" swept again on the H200 (v33,
+#: ``probe_layer.py --what quantize``: (64, 128, 4) won at every M and K; a 32-row tile ran
+#: 0.32-0.63x as fast, its low-rank MMA below wgmma's 64 rows).
 TILES = {"small": (16, 64, 4), "medium": (64, 128, 4), "large": (64, 128, 4)}
 #: The K split aims for ``PROGRAMS_PER_SM`` programs per multiprocessor. Programs of one
 #: step each (one atomic add of their low-rank partial sums per step) only where programs
