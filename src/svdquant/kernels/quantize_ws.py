@@ -24,7 +24,8 @@ registers and ran 0.59–0.70× as fast). Here
 Same grid as the Triton kernel (row blocks of 64 × the K split; the split's partial sums
 meet through fp32 atomics). Off by default (``quantize.WS_QUANTIZE``): alone 1.02–1.23×
 as fast as the Triton kernel from 4096 rows, but no faster in the layer or a model's step
-(``bench/NOTES.md`` v48); GPU only (sm_90, a triton with Gluon: ``gemm_ws.available``), no interpreter.
+(``bench/NOTES.md`` v48); GPU only (sm_90, a triton with Gluon: ``gemm_ws.available``),
+no interpreter.
 """
 
 from __future__ import annotations
