@@ -84,6 +84,16 @@ def supports(x: torch.Tensor, lowrank_down: torch.Tensor, k_out: int) -> bool:
 if gemm_ws.HAVE_GLUON:
 
     @gluon.jit
+    def _request_stage(x_desc, ld_desc, bar, x_buf, ld_buf, row0, k, NBYTES: gl.constexpr,
+                       HAS_LORA: gl.constexpr):  # fmt: skip
+        """One stage by TMA, on one barrier: x's tile at (row0, k) and (with the low-rank
+        branch) L_down's chunk at column k."""
+        mbarrier.expect(bar, NBYTES)
+        tma.async_copy_global_to_shared(x_desc, [row0, k], bar, x_buf)
+        if HAS_LORA:
+            tma.async_copy_global_to_shared(ld_desc, [0, k], bar, ld_buf)
+
+    @gluon.jit
     def _quantize_ws_kernel(
         x_desc,
         ld_desc,
@@ -134,15 +144,15 @@ if gemm_ws.HAVE_GLUON:
         x_bufs = gl.allocate_shared_memory(dtype, [2, BM, BK], x_desc.layout)
         if HAS_LORA:
             ld_bufs = gl.allocate_shared_memory(dtype, [2, BR, BK], ld_desc.layout)
+        else:
+            ld_bufs = x_bufs  # (a stand-in: without the low-rank branch never requested)
         ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(ready.index(i), count=1)
         fence_async_shared()
         gl.thread_barrier()  # the barriers initialized for every warp that waits on them
-        mbarrier.expect(ready.index(0), nbytes)
-        tma.async_copy_global_to_shared(x_desc, [row0, k_start], ready.index(0), x_bufs.index(0))
-        if HAS_LORA:
-            tma.async_copy_global_to_shared(ld_desc, [0, k_start], ready.index(0), ld_bufs.index(0))
+        _request_stage(x_desc, ld_desc, ready.index(0), x_bufs.index(0), ld_bufs.index(0),
+                       row0, k_start, nbytes, HAS_LORA)  # fmt: skip
 
         rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
         rmask = rows < M
@@ -158,14 +168,8 @@ if gemm_ws.HAVE_GLUON:
             s = i % 2
             k0 = k_start + i * BK
             if PREFETCH and i + 1 < steps:  # the next stage now (its buffers freed last step)
-                mbarrier.expect(ready.index(1 - s), nbytes)
-                tma.async_copy_global_to_shared(
-                    x_desc, [row0, k0 + BK], ready.index(1 - s), x_bufs.index(1 - s)
-                )
-                if HAS_LORA:
-                    tma.async_copy_global_to_shared(
-                        ld_desc, [0, k0 + BK], ready.index(1 - s), ld_bufs.index(1 - s)
-                    )
+                _request_stage(x_desc, ld_desc, ready.index(1 - s), x_bufs.index(1 - s),
+                               ld_bufs.index(1 - s), row0, k0 + BK, nbytes, HAS_LORA)  # fmt: skip
             # this step's smoothing (loaded a step ahead: its latency hidden), the next's
             smooth = s_next
             c1 = k0 + BK + gl.arange(0, BK, layout=one)
@@ -200,14 +204,8 @@ if gemm_ws.HAVE_GLUON:
             gl.thread_barrier()
             fence_async_shared()
             if not PREFETCH and i + 1 < steps:  # the next stage only now
-                mbarrier.expect(ready.index(1 - s), nbytes)
-                tma.async_copy_global_to_shared(
-                    x_desc, [row0, k0 + BK], ready.index(1 - s), x_bufs.index(1 - s)
-                )
-                if HAS_LORA:
-                    tma.async_copy_global_to_shared(
-                        ld_desc, [0, k0 + BK], ready.index(1 - s), ld_bufs.index(1 - s)
-                    )
+                _request_stage(x_desc, ld_desc, ready.index(1 - s), x_bufs.index(1 - s),
+                               ld_bufs.index(1 - s), row0, k0 + BK, nbytes, HAS_LORA)  # fmt: skip
         if HAS_LORA:
             pm = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
             pr = gl.arange(0, BR, layout=gl.SliceLayout(0, mma))
