@@ -407,6 +407,34 @@ def _gemv_packed_g2() -> dict[str, Any]:
     return _packed_spec(2)
 
 
+def _gluon_gemv_spec(m: int) -> dict[str, Any]:
+    """The Gluon tensor-core GEMV (``kernels/gemv_gluon.py``) at ``m`` tokens, N = 18432,
+    K = 3072, rank 32, split in 4 (12 groups a program)."""
+    from svdquant.kernels import gemv_gluon as g
+
+    bn, gs, warps = g.TILE
+    return dict(
+        kernel=g._w4a16_gluon_kernel,
+        ptrs=dict(xh_ptr="*fp16", xo_ptr="*fp32", q_ptr="*u8", sc_ptr="*fp16", ts_ptr="*fp32",
+                  lora_ptr="*fp32", lu_ptr="*bf16", bias_ptr="*bf16", out_ptr="*fp32"),
+        ints=dict(M=m, N=18432, G=48, R=32, S=24, groups_per_split=16, stride_qn=1536,
+                  stride_sn=48, stride_ls=128, stride_lm=32, stride_un=32, stride_om=18432),
+        consts=dict(ATOMIC=True, HAS_LORA=True, HAS_BIAS=True, PDL=True, BN=bn, GS=gs, SG=16,
+                    T=g.tokens(m), RB=32),
+        warps=warps,
+    )  # fmt: skip
+
+
+@_spec("gemv_gluon")
+def _gemv_gluon() -> dict[str, Any]:
+    return _gluon_gemv_spec(4)
+
+
+@_spec("gemv_gluon_m16")
+def _gemv_gluon_m16() -> dict[str, Any]:
+    return _gluon_gemv_spec(16)
+
+
 @_spec("gemv_prep")
 def _gemv_prep() -> dict[str, Any]:
     from svdquant.kernels import gemv as g

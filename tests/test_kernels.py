@@ -1143,6 +1143,105 @@ def test_w4a16_packed_kernel_empty_split(monkeypatch, tile):
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
+def _f16x_to_dense(xh, m: int, kp: int) -> torch.Tensor:
+    """x̂ [m, kp] back from ``F16X``: each group's fp16 plane values times its power of two,
+    read at the positions ``gemv._store_f16`` documents."""
+    planes, scales = xh.planes.float().cpu(), xh.scales.float().cpu()
+    t = planes.shape[-1]
+    n = torch.arange(t)
+    b = torch.arange(32)
+    lane = 4 * (n % 8)[:, None] + (b // 8)[None, :]  # [t, 32]
+    j = 8 * (n // 8)[:, None] + (b % 8)[None, :]
+    out = torch.zeros(t, kp)
+    for g in range(kp // 64):
+        for p in range(2):
+            out[:, 64 * g + 2 * b + p] = planes[g, p][lane, j] * scales[g, 0][:, None]
+    return out[:m]
+
+
+@pytest.mark.parametrize(("m", "k", "t"), [(1, 64, 8), (3, 333, 8), (8, 200, 8), (9, 256, 16),
+                                           (16, 1000, 16)])  # fmt: skip
+def test_w4a16_f16_prep_layout(m, k, t):
+    """The Gluon GEMV's x̂ (``prep(..., f16=t)``): read back at the documented positions it
+    is x · (1/s) to fp16 rounding, every group's largest value of a token in [2⁹, 2¹⁰),
+    zero past M and K; the offset is 1032 · P · Σ of the stored values."""
+    from svdquant.kernels import gemv
+
+    kp = -(-k // 64) * 64
+    x = _acts(m, k, torch.bfloat16)
+    s = _smooth(k)
+    down, _ = _lowrank(8, k, 5, torch.bfloat16)
+    xh, lora = gemv.prep(x, s, down, kp, "int4", fma=False, f16=t)
+    assert xh.planes.shape == (kp // 64, 2, 32, t) and xh.scales.shape == (kp // 64, 2, t)
+    want = torch.zeros(m, kp)
+    want[:, :k] = x.float().cpu() / s.float().cpu()
+    got = _f16x_to_dense(xh, m, kp)
+    assert ((got - want).abs() <= want.abs() * 2**-11 + 1e-30).all()
+    scaled = got / xh.scales[:, 0].float().cpu().repeat_interleave(64, 0).t()[:m]
+    gmax = scaled.reshape(m, -1, 64).abs().amax(-1)
+    assert ((gmax >= 512) & (gmax < 1024) | (gmax == 0)).all()
+    full = _f16x_to_dense(xh, t, kp)
+    assert (full[m:] == 0).all()
+    sums = (full / xh.scales[:, 0].float().cpu().repeat_interleave(64, 0).t()).reshape(t, -1, 64)
+    offset = 1032 * xh.scales[:, 0].float().cpu().t() * sums.sum(-1)
+    torch.testing.assert_close(xh.scales[:, 1].float().cpu().t(), offset, rtol=1e-6, atol=0)
+    want_lora = (x.float() / s.float()) @ down.float().t()
+    torch.testing.assert_close(lora.sum(0), want_lora, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize(("n", "k"), [(130, 333), (18432, 3072), (300, 4500), (3072, 3072)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_w4a16_gluon_kernel(monkeypatch, m, n, k, dtype):
+    """The Gluon tensor-core GEMV (``gemv.GLUON``) against the reference: 8 and 16 token
+    slots, K splits with a short last split (K = 333, 4500), with and without bias."""
+    from svdquant.kernels import gemv, gemv_gluon
+
+    if not gemv_gluon.available(torch.device("cuda")):
+        pytest.skip("the Gluon GEMV needs sm_90 and a Gluon triton")
+    monkeypatch.setattr(gemv, "GLUON", True)
+    monkeypatch.setattr(gemv, "GLUON_MIN_M", 1)
+    x, args = _w4a16_case(m, n, k, 32, "int4", dtype, bias_seed=9 if m % 2 else None)
+    y = w4a16_linear(x, *args)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [4, 16])
+@pytest.mark.parametrize(("n", "k", "r"), [(18432, 3072, 32), (300, 4500, 0), (130, 333, 48)])
+@pytest.mark.parametrize("tile", [(64, 1, 4), (64, 4, 4), (128, 1, 4), (128, 4, 4)])
+@pytest.mark.parametrize("max_groups", [8, 16])
+def test_gpu_w4a16_gluon_kernel_over_tiles(monkeypatch, m, n, k, r, tile, max_groups):
+    """The Gluon GEMV's tiles and groups a program (ranks 0 and 48: no low-rank branch,
+    two rank blocks)."""
+    from svdquant.kernels import gemv, gemv_gluon
+
+    if not gemv_gluon.available(torch.device("cuda")):
+        pytest.skip("the Gluon GEMV needs sm_90 and a Gluon triton")
+    monkeypatch.setattr(gemv, "GLUON", True)
+    monkeypatch.setattr(gemv_gluon, "TILE", tile)
+    monkeypatch.setattr(gemv_gluon, "MAX_GROUPS", max_groups)
+    x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=9)
+    assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
+@pytest.mark.gpu
+def test_gpu_w4a16_gluon_kernel_keeps_non_finite(monkeypatch):
+    """An Inf in a token's activations reaches that token's outputs (and no other's)."""
+    from svdquant.kernels import gemv, gemv_gluon
+
+    if not gemv_gluon.available(torch.device("cuda")):
+        pytest.skip("the Gluon GEMV needs sm_90 and a Gluon triton")
+    monkeypatch.setattr(gemv, "GLUON", True)
+    x, args = _w4a16_case(4, 300, 640, 16, "int4", torch.bfloat16, bias_seed=None)
+    x[2, 100] = float("inf")
+    y = w4a16_linear(x, *args)
+    assert not torch.isfinite(y[2]).any()
+    assert torch.isfinite(y[[0, 1, 3]]).all()
+
+
 # --- the layer ------------------------------------------------------------------------
 
 

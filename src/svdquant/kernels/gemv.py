@@ -43,6 +43,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from svdquant import formats
+from svdquant.kernels import gemv_gluon
 from svdquant.kernels._triton_common import (
     cdiv,
     dot_precision,
@@ -126,6 +127,11 @@ DP4A_X_ROWS_MAX_M = 1
 #: the old order): 1.03x at one token, 1.04-1.08x at 2-4 (N = 18432 / 9216), 1.01-1.02x
 #: at 8 (the packed kernel). Same outputs bit for bit.
 PREP_LD_FIRST = True
+#: int4 weights at ``GLUON_MIN_M`` to 16 tokens on the Gluon tensor-core kernel
+#: (``kernels/gemv_gluon.py``: the codes straight into the MMA's registers, x̂ one fp16
+#: plane) where the GPU has it (sm_90).
+GLUON = False
+GLUON_MIN_M = 2
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
 PDL = True
@@ -161,6 +167,7 @@ def _prep_kernel(
     INTERPRET: tl.constexpr = False,
     I16: tl.constexpr = False,
     LD_FIRST: tl.constexpr = False,
+    F16: tl.constexpr = 0,
 ):
     """x̂ = x · (1/s) for this program's CHUNK columns, written as [M, PLANES, KP/PLANES]
     (plane p holds the columns c ≡ p mod PLANES; zero past K; with ``PRESCALE``, plane p
@@ -190,6 +197,9 @@ def _prep_kernel(
     if I16:  # the dp4a kernel's x̂ (``Int16X``): byte planes and group scales
         _store_i16(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, stride_hm,
                    pid_k, x_first, CHUNK, LD_FIRST)  # fmt: skip
+    elif F16:  # the Gluon kernel's x̂ (``F16X``), F16 token slots
+        _store_f16(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k, CHUNK, F16,
+                   INTERPRET)  # fmt: skip
     elif PACKED:  # the packed kernel's x̂ (``PackedX``); the sums go after the planes
         _store_packed(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k, CHUNK,
                       INTERPRET)  # fmt: skip
@@ -272,6 +282,41 @@ def _store_i16(x_ptr, xq_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, stride_
         tl.store(dst + 2 * KW, tl.sum(le << shifts, axis=1), mask=wmask)
         tl.store(dst + 3 * KW, tl.sum(lo << shifts, axis=1), mask=wmask)
         tl.store(xs_ptr + m * (KP // 64) + g, amax * (1.0 / 524272.0), mask=g < KP // 64)
+
+
+@triton.jit
+def _store_f16(x_ptr, xh_ptr, xo_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k,
+               CHUNK: tl.constexpr, T: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """This chunk's x̂ for the Gluon kernel (``gemv_gluon``): per group of 64 columns and
+    token slot (T of them, zero past M) x̂ times a power of two ``1 / P`` that puts the
+    group's largest value in [2⁹, 2¹⁰), as fp16 in the order the kernel's MMA reads it —
+    [group][plane: even, odd columns][lane][T], byte ``b = 8c + 2q + e`` of the group's
+    codes at lane ``4 (n mod 8) + c``, value ``8 (n // 8) + 2q + e`` for token n — and
+    per group and token ``(P, 1032 · P · Σ x̂ / P)`` (the offset the decode's ``1032 +
+    code`` adds, from the rounded values), fp32 [KP/64, 2, T]. A non-finite group stays
+    non-finite (its outputs NaN or Inf)."""
+    GPC: tl.constexpr = CHUNK // 64
+    g = pid_k * GPC + tl.arange(0, GPC)
+    w = c % 64
+    b = w // 2
+    lane_c = b // 8
+    jq = b % 8  # 2q + e
+    base = ((c // 64) * 2 + w % 2) * 32
+    for m in range(T):
+        real = c * 0 + m < M  # a tensor mask (token slots past M hold zeros)
+        xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask & real, other=0.0)
+        xg = tl.reshape(xv.to(tl.float32) * inv_s, [GPC, 64])
+        e = (tl.max(tl.abs(xg), axis=1).to(tl.int32, bitcast=True) >> 23) & 255
+        e = tl.minimum(tl.maximum(e, 10), 254)
+        inv = ((263 - e) << 23).to(tl.float32, bitcast=True)
+        pw = ((e - 9) << 23).to(tl.float32, bitcast=True)
+        h16 = (xg * inv[:, None]).to(tl.float16)  # nearest even, here and in the interpreter
+        dst = ((base + 4 * (m % 8) + lane_c) * T + 8 * (m // 8) + jq)
+        tl.store(xh_ptr + dst, tl.reshape(h16, [CHUNK]), mask=c < KP)
+        o = 1032.0 * pw * tl.sum(h16.to(tl.float32), axis=1)
+        gmask = g < KP // 64
+        tl.store(xo_ptr + g * (2 * T) + m, pw, mask=gmask)
+        tl.store(xo_ptr + g * (2 * T) + T + m, o, mask=gmask)
 
 
 @triton.jit
@@ -897,6 +942,15 @@ def w4a16_linear(
     if m == 0 or n == 0:
         return x.new_empty(m, n)
     path = _path(m, fmt)
+    if GLUON and fmt == "int4" and m >= GLUON_MIN_M and gemv_gluon.available(x.device):
+        qweight, wscales, wtensor_scale, lowrank_up = _operands(
+            qweight, wscales, wtensor_scale, lowrank_up, fma=False
+        )
+        pdl = _pdl(x.device)
+        xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=False, pdl=pdl,
+                        f16=gemv_gluon.tokens(m))  # fmt: skip
+        return gemv_gluon.gemv_gluon(xh.planes, xh.scales, lora, qweight, wscales, wtensor_scale,
+                                     lowrank_up, bias, m, x.dtype, pdl=pdl)  # fmt: skip
     fma, packed, i16 = path == "fma", path == "packed", path == "dp4a"
     # every copy the GEMV's operands need is made before the prep kernel, so that the
     # prep kernel is the GEMV's immediate predecessor (its programmatic dependency)
@@ -942,6 +996,16 @@ class Int16X:
 
 
 @dataclass
+class F16X:
+    """x̂ for the Gluon kernel (``prep(..., f16=T)``): fp16 ``planes`` [kp/64, 2, 32, T] (per
+    group and token a power of two ``1 / P`` times x̂, in the MMA's order: ``_store_f16``)
+    and fp32 ``scales`` [kp/64, 2, T] (P, then the decode's offset ``1032 · Σ x̂``)."""
+
+    planes: torch.Tensor
+    scales: torch.Tensor
+
+
+@dataclass
 class PackedX:
     """x̂ for the packed tensor-core kernel (``prep(..., packed=True)``): bf16 ``planes``
     [4, kp/2, 16] (x̂'s hi part at even and odd columns, then its lo part; 16 token slots,
@@ -961,7 +1025,8 @@ def prep(
     pdl: bool = False,
     packed: bool = False,
     i16: bool = False,
-) -> tuple[torch.Tensor | PackedX | Int16X, torch.Tensor]:
+    f16: int = 0,
+) -> tuple[torch.Tensor | PackedX | Int16X | F16X, torch.Tensor]:
     """x̂ = x · (1/s) as [M, planes, kp/planes] fp32 (plane p: the columns ≡ p mod planes;
     8 for the FMA kernel — for int4 weights each plane scaled by the power of two its
     shift-free decode needs — 2, even and odd, for the tensor-core kernel) and the
@@ -969,7 +1034,8 @@ def prep(
     columns). ``gemv`` takes both; ``pdl``: the next kernel is launched as this one's
     programmatic dependent (``gemv(..., pdl=True)``); ``packed``: x̂ as ``PackedX``, for
     the packed tensor-core kernel (int4, kp a multiple of 64); ``i16``: x̂ as ``Int16X``,
-    for the dp4a kernel (int4)."""
+    for the dp4a kernel (int4); ``f16``: x̂ as ``F16X`` with that many token slots, for the
+    Gluon kernel (int4, kp a multiple of 64)."""
     planes = 8 if fma else 2
     m, k = x.shape
     if x.stride(-1) != 1:
@@ -982,6 +1048,9 @@ def prep(
     if packed:
         xh = torch.empty(4, kp // 2, 16, dtype=torch.bfloat16, device=x.device)
         sums = torch.empty(kp // 64, 16, dtype=torch.float32, device=x.device)
+    elif f16:
+        xh = torch.empty(kp // 64, 2, 32, f16, dtype=torch.float16, device=x.device)
+        sums = torch.empty(kp // 64, 2, f16, dtype=torch.float32, device=x.device)
     elif i16:
         xh = torch.empty(m, 4, kp // 8, dtype=torch.int32, device=x.device)
         sums = torch.empty(m, kp // 64, dtype=torch.float32, device=x.device)
@@ -992,8 +1061,11 @@ def prep(
         x, smooth, lowrank_down, xh, lora, sums, m, k, kp, r,
         x.stride(0), lowrank_down.stride(0), xh.stride(0), lora.stride(0), lora.stride(1),
         CHUNK=LORA_CHUNK, PLANES=planes, PRESCALE=fma and fmt == "int4", PDL=pdl,
-        PACKED=packed, INTERPRET=interpreting(), I16=i16, LD_FIRST=PREP_LD_FIRST, num_warps=4,
+        PACKED=packed, INTERPRET=interpreting(), I16=i16, LD_FIRST=PREP_LD_FIRST, F16=f16,
+        num_warps=4,
     )  # fmt: skip
+    if f16:
+        return F16X(xh, sums), lora[..., :r]
     if packed:
         return PackedX(xh, sums), lora[..., :r]
     return (Int16X(xh, sums) if i16 else xh), lora[..., :r]

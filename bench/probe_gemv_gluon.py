@@ -1,0 +1,104 @@
+"""The Gluon tensor-core W4A16 GEMV against today's path, on the GPU.
+
+``kernels/gemv_gluon.py`` (``gemv.GLUON``) against the default W4A16 path of the same run
+(the dp4a kernel up to 4 tokens, the packed tensor-core kernel above) and BF16
+``F.linear``: the whole ``w4a16_linear`` (prep + GEMV, rank 32, bias), replayed from a
+CUDA graph, N = 18432 / 9216, K = 3072, and each path's error against the reference.
+``--sweep``: the Gluon kernel's tiles (rows a program, groups a step) and groups a
+program at 4 and 16 tokens.
+
+    PYTHONPATH=src python bench/probe_gemv_gluon.py [--ms 1,2,3,4,5,8,16] [--sweep] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gemm import Layer, bench_graph, run_info, write_result
+
+from svdquant.kernels import gemv, gemv_gluon
+from svdquant.kernels import reference as ref
+
+
+def _rel(y: torch.Tensor, want: torch.Tensor) -> float:
+    return ((y.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def _case(layer: Layer, x: torch.Tensor, gluon: bool) -> tuple[float, float]:
+    gemv.GLUON, gemv.GLUON_MIN_M = gluon, 1
+    try:
+        y = layer.w4a16(x)
+        w = (layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth)
+        err = _rel(y, ref.w4a16_linear_ref(x, *w, layer.down, layer.up, layer.bias, "int4"))
+        return bench_graph(lambda: layer.w4a16(x)), err
+    finally:
+        gemv.GLUON = False
+
+
+def table(ms: list[int]) -> list[dict]:
+    rows = []
+    print(f"{'M':>3} {'N':>6} | bf16 us | default us (err) | gluon us (err) | gluon x bf16, x default")
+    for n in (18432, 9216):
+        layer = Layer(n, 3072)
+        for m in ms:
+            x = torch.randn(m, 3072, device="cuda").bfloat16()
+            bf16 = bench_graph(lambda x=x, layer=layer: F.linear(x, layer.w16, layer.bias))
+            d_us, d_err = _case(layer, x, False)
+            g_us, g_err = _case(layer, x, True)
+            rows.append(dict(M=m, N=n, K=3072, bf16_us=bf16, default_us=d_us, default_err=d_err,
+                             gluon_us=g_us, gluon_err=g_err))  # fmt: skip
+            print(f"{m:3d} {n:6d} | {bf16:7.1f} | {d_us:6.1f} ({d_err:.1e}) | {g_us:6.1f} "
+                  f"({g_err:.1e}) | {bf16 / g_us:.2f}x {d_us / g_us:.2f}x")  # fmt: skip
+    return rows
+
+
+def sweep() -> list[dict]:
+    rows = []
+    saved = (gemv_gluon.TILE, gemv_gluon.MAX_GROUPS, gemv_gluon.PROGRAMS_PER_SM)
+    layer = Layer(18432, 3072)
+    try:
+        for m in (4, 16):
+            x = torch.randn(m, 3072, device="cuda").bfloat16()
+            for bn, gs, mg, pps in itertools.product((64, 128), (1, 2, 4), (8, 16), (4, 8)):
+                if gs > mg:
+                    continue
+                gemv_gluon.TILE, gemv_gluon.MAX_GROUPS = (bn, gs, 4), mg
+                gemv_gluon.PROGRAMS_PER_SM = pps
+                try:
+                    us, err = _case(layer, x, True)
+                except Exception as e:  # noqa: BLE001 - a tile that does not compile
+                    print(f"M={m} tile {bn}x{gs} groups {mg} pps {pps}: {type(e).__name__}: {e}")
+                    continue
+                rows.append(dict(M=m, block_n=bn, groups_per_step=gs, max_groups=mg,
+                                 programs_per_sm=pps, us=us, err=err))  # fmt: skip
+                print(f"M={m:2d} BN {bn:3d} GS {gs} groups {mg:2d} pps {pps}: {us:6.1f} us "
+                      f"(err {err:.1e})")  # fmt: skip
+    finally:
+        gemv_gluon.TILE, gemv_gluon.MAX_GROUPS, gemv_gluon.PROGRAMS_PER_SM = saved
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ms", default="1,2,3,4,5,8,16")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    a = p.parse_args()
+    result = {**run_info(), "tile": gemv_gluon.TILE, "max_groups": gemv_gluon.MAX_GROUPS,
+              "programs_per_sm": gemv_gluon.PROGRAMS_PER_SM}  # fmt: skip
+    if a.sweep:
+        result["sweep"] = sweep()
+    result["rows"] = table([int(v) for v in a.ms.split(",")])
+    print(write_result(result, a.out, "probe_gemv_gluon-h200"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""The W4A16 GEMV for 2–16 tokens on the tensor cores, in Gluon (Hopper): the codes go
+from global memory straight into the MMA's operand registers.
+
+Same contract as ``gemv.w4a16_linear`` for int4 weights (reference
+``reference.w4a16_linear_ref``). Why a second kernel: triton's tensor-core GEMV
+(``gemv._w4a16_packed_kernel``) was as slow at 5 tokens as BF16 reading four times the
+bytes (v25: 46 µs at N = 18432, K = 3072, flat in M) — it moves each step's codes through
+shared memory into the MMA layout, and multiplies four times (x̂ as two bf16 parts, the
+16-token tile). Here
+
+* each thread loads its 8 bytes of a row (one 64-bit load) in an order chosen so that,
+  relabelled, they *are* its part of the MMA's A operand: the group's 32 K positions are
+  permuted (the x̂ planes are written in the same order by the prep kernel), so no layout
+  conversion moves data (``convert_layout(..., assert_trivial=True)``);
+* the codes are decoded two at a time by a few PTX instructions into fp16 ``1032 + code``
+  (exact), and x̂ is one fp16 plane per group scaled by a power of two per group and token
+  (its largest value in [2⁹, 2¹⁰): 11 bits, tf32's precision), so one MMA per nibble plane;
+  the offset ``1032 · Σ x̂`` and the power of two come from the prep kernel;
+* 8 token slots up to 8 tokens (the MMA's narrowest N), 16 above;
+* x̂ for the program's K range is staged once in shared memory (all its warps read it),
+  the next step's codes and group scales are loaded before this step's MMAs.
+
+GPU only (sm_90, a triton with Gluon: ``gemm_ws.available``), no interpreter; the prep
+kernel (``gemv.prep(..., f16=...)``) is triton and runs anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from svdquant.kernels import gemm_ws
+from svdquant.kernels._triton_common import cdiv, next_pow2, num_sms
+
+if gemm_ws.HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.language.extra.cuda import gdc_wait
+
+__all__ = ["OFFSET", "available", "gemv_gluon"]
+
+#: ``1032 + code``: the fp16 value the decode makes of an int4 code (1024's exponent, the
+#: nibble ``code + 8`` in the mantissa's low bits).
+OFFSET = 1032.0
+#: (rows a program: 64 or 128, groups of 64 columns a step, num_warps)
+TILE = (128, 2, 4)
+#: K split until the grid has this many programs per SM, in powers of two of groups a
+#: program, at most ``MAX_GROUPS`` (the staged x̂ and the unrolled loop grow with them).
+PROGRAMS_PER_SM = 4
+MAX_GROUPS = 16
+
+
+def available(device: torch.device) -> bool:
+    """Whether the Gluon GEMV can run on ``device`` (see ``gemm_ws.available``)."""
+    return gemm_ws.available(device)
+
+
+if gemm_ws.HAVE_GLUON:
+
+    @gluon.constexpr_function
+    def _code_layout(bn, vector):
+        """The layout of a program's [bn, 32] code bytes of one group: lane ``4g + c``
+        holds bytes 8c … 8c + 7 of rows g, g + 8 (+ 64) of each warp's 16 rows. ``vector``:
+        the 8 bytes in consecutive registers (one 64-bit load); else in the order of the
+        MMA operand (after the K permutation)."""
+        regs = [[0, 1], [0, 2], [0, 4], [8, 0]] if vector else [[0, 1], [8, 0], [0, 2], [0, 4]]
+        if bn == 128:
+            regs.append([64, 0])
+        return gl.DistributedLinearLayout(
+            reg_bases=regs,
+            lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[16, 0], [32, 0]],
+            block_bases=[],
+            shape=[bn, 32],
+        )
+
+    @gluon.constexpr_function
+    def _xhat_layout(t):
+        """x̂'s [32 lanes, t] fp16 of one group and plane as stored: each lane's t values
+        contiguous, every warp the same."""
+        regs = [[0, 1], [0, 2], [0, 4]] + ([[0, 8]] if t == 16 else [])
+        return gl.DistributedLinearLayout(
+            reg_bases=regs,
+            lane_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [16, 0]],
+            warp_bases=[[0, 0], [0, 0]],
+            block_bases=[],
+            shape=[32, t],
+        )
+
+    @gluon.constexpr_function
+    def _stage_layout(t):
+        """The [64 · groups, t] x̂ of a program (group, plane, lane) as loaded for staging:
+        16-byte loads."""
+        if t == 16:
+            return gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])
+        return gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])
+
+    @gluon.jit
+    def _decode(b):
+        """uint8 code pairs -> (low nibbles, high nibbles) as fp16 ``1032 + code``: xor
+        0x88 makes each nibble ``code + 8``, ``prmt`` spreads the two bytes over the
+        16-bit halves, ``lop3`` keeps a nibble per half and ORs in fp16 1024's bits."""
+        return gl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, a, c;
+            .reg .b16 h;
+            xor.b16 h, $2, 0x8888;
+            cvt.u32.u16 t, h;
+            prmt.b32 a, t, 0, 0x4140;
+            shr.b32 c, a, 4;
+            lop3.b32 $0, a, 0x000F000F, 0x64006400, 0xea;
+            lop3.b32 $1, c, 0x000F000F, 0x64006400, 0xea;
+            }""",
+            "=r,=r,h",
+            [b],
+            dtype=(gl.float16, gl.float16),
+            is_pure=True,
+            pack=2,
+        )
+
+    @gluon.jit
+    def _as_operand(v, A: gl.constexpr, BN: gl.constexpr):
+        """[BN, 32] decoded codes (memory byte order) -> the MMA's A operand: K position
+        ``8q + 2c + e`` is byte ``8c + 2q + e`` — a relabelling, no data moved."""
+        v = gl.reshape(gl.permute(gl.reshape(v, [BN, 4, 4, 2]), [0, 2, 1, 3]), [BN, 32])
+        return gl.convert_layout(v, A, assert_trivial=True)
+
+    @gluon.jit
+    def _x_operand(v, B: gl.constexpr, T: gl.constexpr):
+        """One group's plane of the staged x̂ ([32 lanes, T] as stored) as the MMA's B
+        operand [32, T]: lane ``4g' + c``'s value ``8h + 2q + e`` is K position
+        ``8q + 2c + e``, token ``8h + g'`` — a relabelling, no data moved."""
+        v = gl.reshape(gl.permute(gl.reshape(v, [8, 4, T // 8, 4, 2]), [3, 1, 4, 2, 0]), [32, T])
+        return gl.convert_layout(v, B, assert_trivial=True)
+
+    @gluon.jit
+    def _w4a16_gluon_kernel(
+        xh_ptr, xo_ptr, q_ptr, sc_ptr, ts_ptr, lora_ptr, lu_ptr, bias_ptr, out_ptr,
+        M, N, G, R, S, groups_per_split,
+        stride_qn, stride_sn, stride_ls, stride_lm, stride_un, stride_om,
+        ATOMIC: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
+        PDL: gl.constexpr, BN: gl.constexpr, GS: gl.constexpr, SG: gl.constexpr,
+        T: gl.constexpr, RB: gl.constexpr,
+    ):  # fmt: skip
+        """``y[:, rows] = Σ_g ((Σ (1032 + code) · x̂_g) · P_g − O_g) · s_g · s_tensor + lora ·
+        L_upᵀ + b`` for this program's rows and its K split's groups (``SG`` at most, GS a
+        step); ``xo_ptr`` holds (P, O) per group and token slot [G, 2, T]."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8]
+        )
+        A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        UV: gl.constexpr = _code_layout(BN, True)
+        UA: gl.constexpr = _code_layout(BN, False)
+        XL: gl.constexpr = _xhat_layout(T)
+        ROWS: gl.constexpr = gl.SliceLayout(1, mma)
+        COLS: gl.constexpr = gl.SliceLayout(0, mma)
+        STAGE: gl.constexpr = _stage_layout(T)
+        FLAT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        g0 = pid_k * groups_per_split
+        n_groups = gl.minimum(groups_per_split, G - g0)
+        # this program's code bytes: rows (clamped: unmasked loads) x the group's 32 bytes
+        qr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, UV)), N - 1)
+        qb = gl.arange(0, 32, layout=gl.SliceLayout(0, UV))
+        q_tile = q_ptr + qr[:, None] * stride_qn + qb[None, :]
+        rows = pid_n * BN + gl.arange(0, BN, layout=ROWS)
+        rows_c = gl.minimum(rows, N - 1)
+        s_rows = sc_ptr + rows_c * stride_sn
+        tok = gl.arange(0, T, layout=COLS)
+
+        # the first step's codes and scales: weights, no earlier kernel's output
+        q_next = ()
+        s_next = ()
+        for i in gl.static_range(GS):
+            gi = g0 + gl.minimum(i, n_groups - 1)
+            q_next = q_next + (gl.load(q_tile + gi * 32),)  # noqa: RUF005
+            s_next = s_next + (gl.load(s_rows + gi).to(gl.float32),)  # noqa: RUF005
+        if PDL:
+            gdc_wait()
+        # x̂ of this program's groups, once, into shared memory (every warp reads it)
+        si = gl.arange(0, 64 * SG, layout=gl.SliceLayout(1, STAGE))
+        sj = gl.arange(0, T, layout=gl.SliceLayout(0, STAGE))
+        xs = gl.allocate_shared_memory(
+            gl.float16, [64 * SG, T], FLAT,
+            value=gl.load(
+                xh_ptr + (64 * g0 + si)[:, None] * T + sj[None, :],
+                mask=(si < 64 * n_groups)[:, None], other=0.0,
+            ),
+        )  # fmt: skip
+        gl.thread_barrier()
+
+        acc = gl.zeros([BN, T], gl.float32, layout=mma)
+        for k0 in gl.static_range(0, SG, GS):  # unrolled: the staged x̂ is sliced statically
+            q_cur = q_next
+            s_cur = s_next
+            q_next = ()
+            s_next = ()
+            for i in gl.static_range(GS):  # the next step's (the last step: its own again)
+                gi = g0 + gl.minimum(k0 + GS + i, n_groups - 1)
+                q_next = q_next + (gl.load(q_tile + gi * 32),)  # noqa: RUF005
+                s_next = s_next + (gl.load(s_rows + gi).to(gl.float32),)  # noqa: RUF005
+            for i in gl.static_range(GS):
+                g = k0 + i
+                lo, hi = _decode(gl.convert_layout(q_cur[i], UA))
+                part = gl.zeros([BN, T], gl.float32, layout=mma)
+                x_even = _x_operand(xs.slice((2 * k0 + 2 * i) * 32, 32).load(XL), B, T)
+                x_odd = _x_operand(xs.slice((2 * k0 + 2 * i + 1) * 32, 32).load(XL), B, T)
+                part = mma_v2(_as_operand(lo, A, BN), x_even, part)
+                part = mma_v2(_as_operand(hi, A, BN), x_odd, part)
+                po = xo_ptr + (g0 + g) * 2 * T + tok
+                live = (tok * 0 + g) < n_groups  # a split's groups past G add nothing
+                p = gl.load(po, mask=live, other=0.0)
+                o = gl.load(po + T, mask=live, other=0.0)
+                acc += (part * p[None, :] - o[None, :]) * s_cur[i][:, None]
+
+        # the epilogue: · s_tensor, + low-rank (first split only), + bias, store or add
+        y = acc * gl.load(ts_ptr)
+        nmask = rows < N
+        mmask = tok < M
+        if pid_k == 0:
+            if HAS_LORA:
+                LR: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [4, 1], [1, 0])
+                for r0 in range(0, R, RB):
+                    rr = r0 + gl.arange(0, RB, layout=gl.SliceLayout(0, LR))
+                    tt = gl.arange(0, T, layout=gl.SliceLayout(1, LR))
+                    lmask = (tt < M)[:, None] & (rr < R)[None, :]
+                    la = gl.zeros([T, RB], gl.float32, layout=LR)
+                    for s in range(S):
+                        la += gl.load(
+                            lora_ptr + s * stride_ls + tt[:, None] * stride_lm + rr[None, :],
+                            mask=lmask, other=0.0,
+                        )  # fmt: skip
+                    UL: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
+                    ur = r0 + gl.arange(0, RB, layout=gl.SliceLayout(0, UL))
+                    un = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, UL))
+                    un = gl.minimum(un, N - 1)
+                    lu = gl.load(
+                        lu_ptr + un[:, None] * stride_un + ur[None, :],
+                        mask=(ur < R)[None, :], other=0.0,
+                    ).to(gl.float32)  # fmt: skip
+                    # tf32 (the reference: "in tf32"; 3xTF32 does not lower for mma_v2 in Gluon)
+                    A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=1)
+                    B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=1)
+                    part = gl.zeros([BN, T], gl.float32, layout=mma)
+                    part = mma_v2(
+                        gl.convert_layout(lu, A32),
+                        gl.convert_layout(gl.permute(la, [1, 0]), B32),
+                        part,
+                        input_precision="tf32",
+                    )
+                    y += part
+            if HAS_BIAS:
+                y += gl.load(bias_ptr + rows_c).to(gl.float32)[:, None]
+        optr = out_ptr + tok[None, :] * stride_om + rows[:, None]
+        omask = nmask[:, None] & mmask[None, :]
+        if ATOMIC:
+            gl.atomic_add(optr, y, mask=omask, sem="relaxed")
+        else:
+            gl.store(optr, y.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+def tokens(m: int) -> int:
+    """The token slots of the MMA's N for ``m`` tokens: 8 up to 8, else 16."""
+    return 8 if m <= 8 else 16
+
+
+def gemv_gluon(
+    xh: torch.Tensor,
+    xo: torch.Tensor,
+    lora: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtensor_scale: torch.Tensor,
+    lowrank_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    m: int,
+    out_dtype: torch.dtype,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """The GEMV proper on ``gemv.prep(..., f16=True)``'s outputs (x̂ planes ``xh``, the
+    per-group powers of two and offsets ``xo``, the low-rank partial sums ``lora``
+    [chunks, m, r]): [m, N] in ``out_dtype``. int4 weights only."""
+    n, kp = qweight.shape[0], qweight.shape[1] * 2
+    groups = kp // 64
+    t = tokens(m)
+    bn, gs, warps = TILE
+    n_blocks = cdiv(n, bn)
+    want = max(1, PROGRAMS_PER_SM * num_sms(qweight.device) // n_blocks)
+    per_split = min(MAX_GROUPS, max(gs, next_pow2(cdiv(groups, want))))
+    gs = min(gs, per_split)
+    split = cdiv(groups, per_split)
+    chunks, _, r = lora.shape
+    if split > 1:
+        out = torch.zeros(m, n, dtype=torch.float32, device=qweight.device)
+    else:
+        out = torch.empty(m, n, dtype=out_dtype, device=qweight.device)
+    _w4a16_gluon_kernel[(n_blocks, split)](
+        xh, xo, qweight, wscales, wtensor_scale, lora, lowrank_up,
+        bias if bias is not None else out, out, m, n, groups, r, chunks, per_split,
+        qweight.stride(0), wscales.stride(0), lora.stride(0), lora.stride(1),
+        lowrank_up.stride(0) if r else 0, out.stride(0),
+        ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs,
+        SG=per_split, T=t, RB=32, num_warps=warps, **({"launch_pdl": True} if pdl else {}),
+    )  # fmt: skip
+    return out if split == 1 else out.to(out_dtype)
