@@ -45,7 +45,8 @@ def _case(layer: Layer, x: torch.Tensor, gluon: bool) -> tuple[float, float]:
 
 def table(ms: list[int]) -> list[dict]:
     rows = []
-    print(f"{'M':>3} {'N':>6} | bf16 us | default us (err) | gluon us (err) | gluon x bf16, x default")
+    print(f"{'M':>3} {'N':>6} | bf16 us | default us (err) | gluon us (err) | "
+          "gluon x bf16, x default")  # fmt: skip
     for n in (18432, 9216):
         layer = Layer(n, 3072)
         for m in ms:
@@ -74,7 +75,7 @@ def sweep() -> list[dict]:
                 gemv_gluon.PROGRAMS_PER_SM = pps
                 try:
                     us, err = _case(layer, x, True)
-                except Exception as e:  # noqa: BLE001 - a tile that does not compile
+                except Exception as e:  # a tile that does not compile
                     print(f"M={m} tile {bn}x{gs} groups {mg} pps {pps}: {type(e).__name__}: {e}")
                     continue
                 rows.append(dict(M=m, block_n=bn, groups_per_step=gs, max_groups=mg,

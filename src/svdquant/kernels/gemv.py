@@ -311,7 +311,7 @@ def _store_f16(x_ptr, xh_ptr, xo_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k,
         inv = ((263 - e) << 23).to(tl.float32, bitcast=True)
         pw = ((e - 9) << 23).to(tl.float32, bitcast=True)
         h16 = (xg * inv[:, None]).to(tl.float16)  # nearest even, here and in the interpreter
-        dst = ((base + 4 * (m % 8) + lane_c) * T + 8 * (m // 8) + jq)
+        dst = (base + 4 * (m % 8) + lane_c) * T + 8 * (m // 8) + jq
         tl.store(xh_ptr + dst, tl.reshape(h16, [CHUNK]), mask=c < KP)
         o = 1032.0 * pw * tl.sum(h16.to(tl.float32), axis=1)
         gmask = g < KP // 64
