@@ -68,7 +68,7 @@ def sweep() -> list[dict]:
     try:
         for m in (4, 16):
             x = torch.randn(m, 3072, device="cuda").bfloat16()
-            for bn, gs, mg, pps in itertools.product((64, 128), (1, 2, 4), (8, 16), (4, 8)):
+            for bn, gs, mg, pps in itertools.product((64, 128), (1, 2, 4), (2, 4, 8, 16), (64,)):
                 if gs > mg:
                     continue
                 gemv_gluon.TILE, gemv_gluon.MAX_GROUPS = (bn, gs, 4), mg

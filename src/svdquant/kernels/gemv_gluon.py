@@ -190,6 +190,22 @@ if gemm_ws.HAVE_GLUON:
                 mask=(si < 64 * n_groups)[:, None], other=0.0,
             ),
         )  # fmt: skip
+        # and the groups' powers of two and offsets (read once per group: no L2 round trip
+        # inside the loop)
+        PL: gl.constexpr = gl.BlockedLayout([1, 1], [32 // T, T], [4, 1], [1, 0])
+        pg = gl.arange(0, SG, layout=gl.SliceLayout(1, PL))
+        pt = gl.arange(0, T, layout=gl.SliceLayout(0, PL))
+        p_off = (g0 + pg)[:, None] * (2 * T) + pt[None, :]
+        p_mask = (pg < n_groups)[:, None]
+        FLAT1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        p_s = gl.allocate_shared_memory(
+            gl.float32, [SG * T], FLAT1,
+            value=gl.reshape(gl.load(xo_ptr + p_off, mask=p_mask, other=0.0), [SG * T]),
+        )  # fmt: skip
+        o_s = gl.allocate_shared_memory(
+            gl.float32, [SG * T], FLAT1,
+            value=gl.reshape(gl.load(xo_ptr + T + p_off, mask=p_mask, other=0.0), [SG * T]),
+        )  # fmt: skip
         gl.thread_barrier()
 
         acc = gl.zeros([BN, T], gl.float32, layout=mma)
@@ -203,17 +219,15 @@ if gemm_ws.HAVE_GLUON:
                 q_next = q_next + (gl.load(q_tile + gi * 32),)  # noqa: RUF005
                 s_next = s_next + (gl.load(s_rows + gi).to(gl.float32),)  # noqa: RUF005
             for i in gl.static_range(GS):
-                g = k0 + i
                 lo, hi = _decode(gl.convert_layout(q_cur[i], UA))
                 part = gl.zeros([BN, T], gl.float32, layout=mma)
                 x_even = _x_operand(xs.slice((2 * k0 + 2 * i) * 32, 32).load(XL), B, T)
                 x_odd = _x_operand(xs.slice((2 * k0 + 2 * i + 1) * 32, 32).load(XL), B, T)
                 part = mma_v2(_as_operand(lo, A, BN), x_even, part)
                 part = mma_v2(_as_operand(hi, A, BN), x_odd, part)
-                po = xo_ptr + (g0 + g) * 2 * T + tok
-                live = (tok * 0 + g) < n_groups  # a split's groups past G add nothing
-                p = gl.load(po, mask=live, other=0.0)
-                o = gl.load(po + T, mask=live, other=0.0)
+                # (a split's groups past G: P = O = 0, they add nothing)
+                p = p_s.slice((k0 + i) * T, T).load(COLS)
+                o = o_s.slice((k0 + i) * T, T).load(COLS)
                 acc += (part * p[None, :] - o[None, :]) * s_cur[i][:, None]
 
         # the epilogue: · s_tensor, + low-rank (first split only), + bias, store or add
