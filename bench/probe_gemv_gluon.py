@@ -87,16 +87,43 @@ def sweep() -> list[dict]:
     return rows
 
 
+def split(ms: list[int]) -> list[dict]:
+    """The prep alone, the Gluon GEMV alone on its outputs, and the two (PDL), at N = 18432."""
+    rows = []
+    layer = Layer(18432, 3072)
+    kp = layer.qweight.shape[1] * 2
+    w = gemv._operands(layer.qweight, layer.wscales, layer.wtensor_scale, layer.up, fma=False)
+    for m in ms:
+        x = torch.randn(m, 3072, device="cuda").bfloat16()
+        t = gemv_gluon.tokens(m)
+        xh, lora = gemv.prep(x, layer.smooth, layer.down, kp, "int4", fma=False, f16=t)
+        prep_us = bench_graph(
+            lambda x=x, t=t: gemv.prep(x, layer.smooth, layer.down, kp, "int4", fma=False, f16=t)
+        )
+        gemv_us = bench_graph(
+            lambda xh=xh, lora=lora, m=m: gemv_gluon.gemv_gluon(
+                xh.planes, xh.scales, lora, w[0], w[1], w[2], w[3], layer.bias, m, torch.bfloat16
+            )
+        )
+        both_us, _ = _case(layer, x, True)
+        rows.append(dict(M=m, prep_us=prep_us, gemv_us=gemv_us, both_us=both_us))
+        print(f"split M={m:2d}: prep {prep_us:5.1f} us, gemv {gemv_us:5.1f}, both {both_us:5.1f}")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default="1,2,3,4,5,8,16")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--split", action="store_true", help="the prep and the GEMV timed apart")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
     result = {**run_info(), "tile": gemv_gluon.TILE, "max_groups": gemv_gluon.MAX_GROUPS,
               "programs_per_sm": gemv_gluon.PROGRAMS_PER_SM}  # fmt: skip
     if a.sweep:
         result["sweep"] = sweep()
+    if a.split:
+        result["split"] = split([1, 4, 8, 16])
     result["rows"] = table([int(v) for v in a.ms.split(",")])
     print(write_result(result, a.out, "probe_gemv_gluon-h200"))
 
