@@ -63,27 +63,25 @@ def table(ms: list[int]) -> list[dict]:
 
 def sweep() -> list[dict]:
     rows = []
-    saved = (gemv_gluon.TILE, gemv_gluon.MAX_GROUPS, gemv_gluon.PROGRAMS_PER_SM)
+    saved = (gemv_gluon.TILE, gemv_gluon.MAX_GROUPS, gemv_gluon.STAGES)
     layer = Layer(18432, 3072)
     try:
         for m in (4, 16):
             x = torch.randn(m, 3072, device="cuda").bfloat16()
-            for bn, gs, mg, pps in itertools.product((64, 128), (1, 2, 4), (2, 4, 8, 16), (64,)):
-                if gs > mg:
-                    continue
+            for bn, gs, mg, stages in itertools.product((128,), (1, 2, 4), (8, 16), (0, 3, 4, 6)):
                 gemv_gluon.TILE, gemv_gluon.MAX_GROUPS = (bn, gs, 4), mg
-                gemv_gluon.PROGRAMS_PER_SM = pps
+                gemv_gluon.STAGES = stages
                 try:
                     us, err = _case(layer, x, True)
                 except Exception as e:  # a tile that does not compile
-                    print(f"M={m} tile {bn}x{gs} groups {mg} pps {pps}: {type(e).__name__}: {e}")
+                    print(f"M={m} tile {bn}x{gs} groups {mg} stages {stages}: {type(e).__name__}")
                     continue
                 rows.append(dict(M=m, block_n=bn, groups_per_step=gs, max_groups=mg,
-                                 programs_per_sm=pps, us=us, err=err))  # fmt: skip
-                print(f"M={m:2d} BN {bn:3d} GS {gs} groups {mg:2d} pps {pps}: {us:6.1f} us "
+                                 stages=stages, us=us, err=err))  # fmt: skip
+                print(f"M={m:2d} BN {bn:3d} GS {gs} groups {mg:2d} stages {stages}: {us:6.1f} us "
                       f"(err {err:.1e})")  # fmt: skip
     finally:
-        gemv_gluon.TILE, gemv_gluon.MAX_GROUPS, gemv_gluon.PROGRAMS_PER_SM = saved
+        gemv_gluon.TILE, gemv_gluon.MAX_GROUPS, gemv_gluon.STAGES = saved
     return rows
 
 
@@ -119,7 +117,8 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
     result = {**run_info(), "tile": gemv_gluon.TILE, "max_groups": gemv_gluon.MAX_GROUPS,
-              "programs_per_sm": gemv_gluon.PROGRAMS_PER_SM}  # fmt: skip
+              "programs_per_sm": gemv_gluon.PROGRAMS_PER_SM,
+              "stages": gemv_gluon.STAGES}  # fmt: skip
     if a.sweep:
         result["sweep"] = sweep()
     if a.split:

@@ -410,17 +410,23 @@ def _gemv_packed_g2() -> dict[str, Any]:
 def _gluon_gemv_spec(m: int) -> dict[str, Any]:
     """The Gluon tensor-core GEMV (``kernels/gemv_gluon.py``) at ``m`` tokens, N = 18432,
     K = 3072, rank 32, split in 4 (12 groups a program)."""
+    import torch
+    from triton.experimental.gluon import language as gl
+
     from svdquant.kernels import gemv_gluon as g
 
     bn, gs, warps = g.TILE
+    flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
     return dict(
         kernel=g._w4a16_gluon_kernel,
-        ptrs=dict(xh_ptr="*fp16", xo_ptr="*fp32", q_ptr="*u8", sc_ptr="*fp16", ts_ptr="*fp32",
+        ptrs=dict(xh_ptr="*fp16", xo_ptr="*fp32", q_ptr="*u8",
+                  q_desc=_desc(18432, 1536, torch.uint8, gl.uint8, [bn, 32 * gs], flat),
+                  sc_ptr="*fp16", ts_ptr="*fp32",
                   lora_ptr="*fp32", lu_ptr="*bf16", bias_ptr="*bf16", out_ptr="*fp32"),
         ints=dict(M=m, N=18432, G=48, R=32, S=24, groups_per_split=16, stride_qn=1536,
                   stride_sn=48, stride_ls=128, stride_lm=32, stride_un=32, stride_om=18432),
         consts=dict(ATOMIC=True, HAS_LORA=True, HAS_BIAS=True, PDL=True, BN=bn, GS=gs, SG=16,
-                    T=g.tokens(m), RB=32),
+                    T=g.tokens(m), RB=32, STAGES=g.STAGES),
         warps=warps,
     )  # fmt: skip
 
@@ -683,15 +689,17 @@ def _gemm_split_lora_parts() -> dict[str, Any]:
     return d
 
 
-def _desc(rows: int, cols: int, dtype: Any, gl_dtype: Any, block: list[int]) -> str:
+def _desc(
+    rows: int, cols: int, dtype: Any, gl_dtype: Any, block: list[int], layout: Any = None
+) -> str:
     """The signature type of a Gluon TMA descriptor over a [rows, cols] ``dtype`` tensor
-    with ``block`` boxes (the default shared layout for them)."""
+    with ``block`` boxes (``layout``, or the default shared layout for them)."""
     import torch
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
+    layout = layout or gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
     t = torch.empty(rows, cols, dtype=dtype)
     return mangle_type(TensorDescriptor.from_tensor(t, block, layout))
 

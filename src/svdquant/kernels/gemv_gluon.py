@@ -35,6 +35,12 @@ if gemm_ws.HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     from triton.language.extra.cuda import gdc_wait
 
 __all__ = ["OFFSET", "available", "gemv_gluon"]
@@ -44,6 +50,9 @@ __all__ = ["OFFSET", "available", "gemv_gluon"]
 OFFSET = 1032.0
 #: (rows a program: 64 or 128, groups of 64 columns a step, num_warps)
 TILE = (128, 2, 4)
+#: The codes by TMA through a ring of this many steps (0: plain loads into registers, the
+#: next step's before this step's MMAs).
+STAGES = 4
 #: K split until the grid has this many programs per SM, in powers of two of groups a
 #: program, at most ``MAX_GROUPS`` (the staged x̂ and the unrolled loop grow with them).
 PROGRAMS_PER_SM = 4
@@ -135,12 +144,12 @@ if gemm_ws.HAVE_GLUON:
 
     @gluon.jit
     def _w4a16_gluon_kernel(
-        xh_ptr, xo_ptr, q_ptr, sc_ptr, ts_ptr, lora_ptr, lu_ptr, bias_ptr, out_ptr,
+        xh_ptr, xo_ptr, q_ptr, q_desc, sc_ptr, ts_ptr, lora_ptr, lu_ptr, bias_ptr, out_ptr,
         M, N, G, R, S, groups_per_split,
         stride_qn, stride_sn, stride_ls, stride_lm, stride_un, stride_om,
         ATOMIC: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
         PDL: gl.constexpr, BN: gl.constexpr, GS: gl.constexpr, SG: gl.constexpr,
-        T: gl.constexpr, RB: gl.constexpr,
+        T: gl.constexpr, RB: gl.constexpr, STAGES: gl.constexpr,
     ):  # fmt: skip
         """``y[:, rows] = Σ_g ((Σ (1032 + code) · x̂_g) · P_g − O_g) · s_g · s_tensor + lora ·
         L_upᵀ + b`` for this program's rows and its K split's groups (``SG`` at most, GS a
@@ -176,8 +185,22 @@ if gemm_ws.HAVE_GLUON:
         s_next = ()
         for i in gl.static_range(GS):
             gi = g0 + gl.minimum(i, n_groups - 1)
-            q_next = q_next + (gl.load(q_tile + gi * 32),)  # noqa: RUF005
+            if STAGES == 0:
+                q_next = q_next + (gl.load(q_tile + gi * 32),)  # noqa: RUF005
             s_next = s_next + (gl.load(s_rows + gi).to(gl.float32),)  # noqa: RUF005
+        if STAGES > 0:  # the codes by TMA through a ring of STAGES steps (past KP: zeros)
+            q_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, 32 * GS], q_desc.layout)
+            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(STAGES):
+                mbarrier.init(ready.index(i), count=1)
+            fence_async_shared()
+            gl.thread_barrier()
+            for i in gl.static_range(STAGES - 1):
+                if i < SG // GS:
+                    mbarrier.expect(ready.index(i), BN * 32 * GS)
+                    tma.async_copy_global_to_shared(
+                        q_desc, [pid_n * BN, (g0 + i * GS) * 32], ready.index(i), q_bufs.index(i)
+                    )
         if PDL:
             gdc_wait()
         # x̂ of this program's groups, once, into shared memory (every warp reads it)
@@ -216,10 +239,17 @@ if gemm_ws.HAVE_GLUON:
             s_next = ()
             for i in gl.static_range(GS):  # the next step's (the last step: its own again)
                 gi = g0 + gl.minimum(k0 + GS + i, n_groups - 1)
-                q_next = q_next + (gl.load(q_tile + gi * 32),)  # noqa: RUF005
+                if STAGES == 0:
+                    q_next = q_next + (gl.load(q_tile + gi * 32),)  # noqa: RUF005
                 s_next = s_next + (gl.load(s_rows + gi).to(gl.float32),)  # noqa: RUF005
+            if STAGES > 0:
+                mbarrier.wait(ready.index((k0 // GS) % STAGES), ((k0 // GS) // STAGES) & 1)
             for i in gl.static_range(GS):
-                lo, hi = _decode(gl.convert_layout(q_cur[i], UA))
+                if STAGES > 0:
+                    q = q_bufs.index((k0 // GS) % STAGES).slice(32 * i, 32, dim=1).load(UV)
+                else:
+                    q = q_cur[i]
+                lo, hi = _decode(gl.convert_layout(q, UA))
                 part = gl.zeros([BN, T], gl.float32, layout=mma)
                 x_even = _x_operand(xs.slice((2 * k0 + 2 * i) * 32, 32).load(XL), B, T)
                 x_odd = _x_operand(xs.slice((2 * k0 + 2 * i + 1) * 32, 32).load(XL), B, T)
@@ -229,6 +259,16 @@ if gemm_ws.HAVE_GLUON:
                 p = p_s.slice((k0 + i) * T, T).load(COLS)
                 o = o_s.slice((k0 + i) * T, T).load(COLS)
                 acc += (part * p[None, :] - o[None, :]) * s_cur[i][:, None]
+            if STAGES > 0:  # every warp is done with the slot STAGES - 1 steps back: refill it
+                gl.thread_barrier()
+                if k0 // GS + STAGES - 1 < SG // GS:
+                    fence_async_shared()
+                    slot = (k0 // GS + STAGES - 1) % STAGES
+                    mbarrier.expect(ready.index(slot), BN * 32 * GS)
+                    tma.async_copy_global_to_shared(
+                        q_desc, [pid_n * BN, (g0 + k0 + (STAGES - 1) * GS) * 32],
+                        ready.index(slot), q_bufs.index(slot),
+                    )  # fmt: skip
 
         # the epilogue: · s_tensor, + low-rank (first split only), + bias, store or add
         y = acc * gl.load(ts_ptr)
@@ -311,12 +351,17 @@ def gemv_gluon(
         out = torch.zeros(m, n, dtype=torch.float32, device=qweight.device)
     else:
         out = torch.empty(m, n, dtype=out_dtype, device=qweight.device)
+    stages = STAGES if qweight.data_ptr() % 16 == 0 and qweight.stride(0) % 16 == 0 else 0
+    q_desc = qweight  # (a stand-in without TMA: never read)
+    if stages:
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
+        q_desc = GluonDescriptor.from_tensor(qweight.view(torch.uint8), [bn, 32 * gs], layout)
     _w4a16_gluon_kernel[(n_blocks, split)](
-        xh, xo, qweight, wscales, wtensor_scale, lora, lowrank_up,
+        xh, xo, qweight, q_desc, wscales, wtensor_scale, lora, lowrank_up,
         bias if bias is not None else out, out, m, n, groups, r, chunks, per_split,
         qweight.stride(0), wscales.stride(0), lora.stride(0), lora.stride(1),
         lowrank_up.stride(0) if r else 0, out.stride(0),
         ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs,
-        SG=per_split, T=t, RB=32, num_warps=warps, **({"launch_pdl": True} if pdl else {}),
+        SG=per_split, T=t, RB=32, STAGES=stages, num_warps=warps, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out if split == 1 else out.to(out_dtype)
