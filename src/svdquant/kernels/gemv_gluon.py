@@ -362,6 +362,7 @@ def gemv_gluon(
         qweight.stride(0), wscales.stride(0), lora.stride(0), lora.stride(1),
         lowrank_up.stride(0) if r else 0, out.stride(0),
         ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs,
-        SG=per_split, T=t, RB=32, STAGES=stages, num_warps=warps, **({"launch_pdl": True} if pdl else {}),
+        SG=per_split, T=t, RB=32, STAGES=stages, num_warps=warps,
+        **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out if split == 1 else out.to(out_dtype)
