@@ -48,15 +48,18 @@ __all__ = ["OFFSET", "available", "gemv_gluon"]
 #: ``1032 + code``: the fp16 value the decode makes of an int4 code (1024's exponent, the
 #: nibble ``code + 8`` in the mantissa's low bits).
 OFFSET = 1032.0
-#: (rows a program: 64 or 128, groups of 64 columns a step, num_warps)
+#: (rows a program: 64 or 128, groups of 64 columns a step, num_warps), with
+#: ``MAX_GROUPS`` and ``STAGES`` the best of 24 at 4 and 16 tokens (H200, N = 18432,
+#: K = 3072, ``probe_gemv_gluon-h200-2026-12-01-v49-tma.json``: 28.7 / 35.1 µs; 4 stages
+#: and 16 groups 29.4 / 49.4; the register prefetch 36.5 / 50.9)
 TILE = (128, 2, 4)
 #: The codes by TMA through a ring of this many steps (0: plain loads into registers, the
 #: next step's before this step's MMAs).
-STAGES = 4
+STAGES = 3
 #: K split until the grid has this many programs per SM, in powers of two of groups a
 #: program, at most ``MAX_GROUPS`` (the staged x̂ and the unrolled loop grow with them).
 PROGRAMS_PER_SM = 4
-MAX_GROUPS = 16
+MAX_GROUPS = 8
 
 
 def available(device: torch.device) -> bool:
