@@ -8,7 +8,8 @@
 Everything is compiled and run once first (autotuning, JIT) outside the profiled range;
 then each kernel of a FLUX.1 layer shape runs once between ``cudaProfilerStart`` and
 ``cudaProfilerStop``, so ncu sees exactly those launches: the W4A16 GEMV at M = 1 and 4
-(N = 18432, K = 3072, rank 32, bias) with its x̂ prep kernel, the activation quantize
+(N = 18432, K = 3072, rank 32, bias) with its x̂ prep kernel (and the Gluon one at 4 and
+16 tokens, ``gemv_gluon``), the activation quantize
 (M = 4608, K = 3072, rank 32; and the Gluon one, ``quantize_ws``), the widen
 (N = K = 3072) and the fp8 GEMM + low-rank + bias (M = 4608, N = K = 3072), the fused
 MLP's fc1 (quantize-next epilogue), and the warp-specialized Gluon GEMM (``gemm_ws``, with
@@ -37,6 +38,18 @@ from svdquant.kernels.quantize_ws import quantize_act_ws
 from svdquant.kernels.widen import widen_weight
 
 
+def _gluon(fn):
+    """``fn()`` with the Gluon GEMV on from one token."""
+    from svdquant.kernels import gemv
+
+    saved = gemv.GLUON, gemv.GLUON_MIN_M
+    gemv.GLUON, gemv.GLUON_MIN_M = True, 1
+    try:
+        return fn()
+    finally:
+        gemv.GLUON, gemv.GLUON_MIN_M = saved
+
+
 def cases() -> dict:
     """name -> a function running that case's kernels once."""
     torch.manual_seed(0)
@@ -45,6 +58,7 @@ def cases() -> dict:
     fc1, fc2 = Layer(12288, 3072, seed=1), Layer(3072, 12288, seed=2)
     x1 = torch.randn(1, 3072, device="cuda").bfloat16()
     x4 = torch.randn(4, 3072, device="cuda").bfloat16()
+    x16 = torch.randn(16, 3072, device="cuda").bfloat16()
     xm = torch.randn(4608, 3072, device="cuda").bfloat16()
     s = ref.act_scale_from_amax(sq.act_amax)
     g = (big.qweight, big.wscales, big.wtensor_scale, big.smooth, big.down, big.up, big.bias)
@@ -57,6 +71,9 @@ def cases() -> dict:
     mlp += (fc2.smooth, fc2.down, s2, 12288, "int4")
     return {
         "gemv": lambda: (w4a16_linear(x1, *g, "int4"), w4a16_linear(x4, *g, "int4")),
+        # the Gluon tensor-core GEMV (``gemv.GLUON``) at 4 and 16 tokens
+        "gemv_gluon": lambda: _gluon(lambda: (w4a16_linear(x4, *g, "int4"),
+                                              w4a16_linear(x16, *g, "int4"))),  # fmt: skip
         "quantize": lambda: quantize_act(xm, sq.smooth, sq.down, s, 3072, "int4"),
         "quantize_nolr": lambda: quantize_act(xm, sq.smooth, sq.down[:0], s, 3072, "int4"),
         # the Gluon quantize (``quantize_ws``, off by default) on the same input
