@@ -72,8 +72,9 @@ def cases() -> dict:
     return {
         "gemv": lambda: (w4a16_linear(x1, *g, "int4"), w4a16_linear(x4, *g, "int4")),
         # the Gluon tensor-core GEMV (``gemv.GLUON``) at 4 and 16 tokens
-        "gemv_gluon": lambda: _gluon(lambda: (w4a16_linear(x4, *g, "int4"),
-                                              w4a16_linear(x16, *g, "int4"))),  # fmt: skip
+        "gemv_gluon": lambda: _gluon(
+            lambda: (w4a16_linear(x4, *g, "int4"), w4a16_linear(x16, *g, "int4"))
+        ),
         "quantize": lambda: quantize_act(xm, sq.smooth, sq.down, s, 3072, "int4"),
         "quantize_nolr": lambda: quantize_act(xm, sq.smooth, sq.down[:0], s, 3072, "int4"),
         # the Gluon quantize (``quantize_ws``, off by default) on the same input
