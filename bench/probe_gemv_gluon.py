@@ -95,24 +95,12 @@ def split(ms: list[int]) -> list[dict]:
         x = torch.randn(m, 3072, device="cuda").bfloat16()
         t = gemv_gluon.tokens(m)
         xh, lora = gemv.prep(x, layer.smooth, layer.down, kp, "int4", fma=False, f16=t)
-        plan = gemv_gluon.make_plan(m, 18432, kp, x.device)  # (its workspace not re-zeroed:
-        # the timing is the same, the last split's store skipped)
         prep_us = bench_graph(
             lambda x=x, t=t: gemv.prep(x, layer.smooth, layer.down, kp, "int4", fma=False, f16=t)
         )
         gemv_us = bench_graph(
-            lambda xh=xh, lora=lora, m=m, plan=plan: gemv_gluon.gemv_gluon(
-                xh.planes,
-                xh.scales,
-                lora,
-                w[0],
-                w[1],
-                w[2],
-                w[3],
-                layer.bias,
-                m,
-                torch.bfloat16,
-                plan=plan,
+            lambda xh=xh, lora=lora, m=m: gemv_gluon.gemv_gluon(
+                xh.planes, xh.scales, lora, w[0], w[1], w[2], w[3], layer.bias, m, torch.bfloat16
             )
         )
         both_us, _ = _case(layer, x, True)

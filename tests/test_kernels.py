@@ -1189,19 +1189,6 @@ def test_w4a16_f16_prep_layout(m, k, t):
     torch.testing.assert_close(lora.sum(0), want_lora, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("words", [1, 1000, 5000, 3 * 1024 + 7])
-def test_w4a16_prep_zeroes_the_workspace(words):
-    """``prep(..., zero=w)`` fills every word of ``w`` with zeros (the Gluon GEMV's K-split
-    sums and counters), its programs' shares covering it whatever its length."""
-    from svdquant.kernels import gemv
-
-    x = _acts(3, 333, torch.bfloat16)
-    down, _ = _lowrank(8, 333, 4, torch.bfloat16)
-    w = torch.full((words,), -1, dtype=torch.int32, device=DEVICE)
-    gemv.prep(x, _smooth(333), down, 384, "int4", fma=False, f16=8, zero=w)
-    assert (w == 0).all()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16])
 @pytest.mark.parametrize(("n", "k"), [(130, 333), (18432, 3072), (300, 4500), (3072, 3072)])

@@ -168,9 +168,6 @@ def _prep_kernel(
     I16: tl.constexpr = False,
     LD_FIRST: tl.constexpr = False,
     F16: tl.constexpr = 0,
-    zero_ptr=None,
-    n_zero=0,
-    ZERO: tl.constexpr = False,
 ):
     """x̂ = x · (1/s) for this program's CHUNK columns, written as [M, PLANES, KP/PLANES]
     (plane p holds the columns c ≡ p mod PLANES; zero past K; with ``PRESCALE``, plane p
@@ -180,9 +177,7 @@ def _prep_kernel(
     A handful of tokens: no tensor-core tile to fill (a 16-row ``tl.dot`` for one token
     took 255 registers and 10 µs, v9), many small programs, a couple of memory round
     trips. With ``PDL`` it lets the GEMV launch at once (the GEMV waits for this
-    kernel's writes before it reads them). ``ZERO``: also zero this program's share of
-    the ``n_zero`` 32-bit words at ``zero_ptr`` (the Gluon GEMV's K-split sums and
-    counters: no fill kernel between this one and its dependent)."""
+    kernel's writes before it reads them)."""
     if PDL:
         gdc_launch_dependents()
     pid_k = tl.program_id(0)
@@ -221,12 +216,6 @@ def _prep_kernel(
         ld = _ld_block(ld_ptr, r0, c, cmask, R, stride_ldr)
         _lora_block(x_ptr, lora_ptr, ld, r0, c, cmask, inv_s, M, R, stride_xm, stride_ls,
                     stride_lm, pid_k)  # fmt: skip
-    if ZERO:
-        per = tl.cdiv(n_zero, tl.num_programs(0))
-        for z0 in range(pid_k * per, (pid_k + 1) * per, 1024):
-            zi = z0 + tl.arange(0, 1024)
-            tl.store(zero_ptr + zi, tl.zeros([1024], dtype=tl.int32),
-                     mask=(zi < n_zero) & (zi < (pid_k + 1) * per))  # fmt: skip
 
 
 @triton.jit
@@ -961,11 +950,10 @@ def w4a16_linear(
             qweight, wscales, wtensor_scale, lowrank_up, fma=False
         )
         pdl = _pdl(x.device)
-        plan = gemv_gluon.make_plan(m, n, kp, x.device)
         xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=False, pdl=pdl,
-                        f16=gemv_gluon.tokens(m), zero=plan.workspace)  # fmt: skip
+                        f16=gemv_gluon.tokens(m))  # fmt: skip
         return gemv_gluon.gemv_gluon(xh.planes, xh.scales, lora, qweight, wscales, wtensor_scale,
-                                     lowrank_up, bias, m, x.dtype, pdl=pdl, plan=plan)  # fmt: skip
+                                     lowrank_up, bias, m, x.dtype, pdl=pdl)  # fmt: skip
     fma, packed, i16 = path == "fma", path == "packed", path == "dp4a"
     # every copy the GEMV's operands need is made before the prep kernel, so that the
     # prep kernel is the GEMV's immediate predecessor (its programmatic dependency)
@@ -1041,7 +1029,6 @@ def prep(
     packed: bool = False,
     i16: bool = False,
     f16: int = 0,
-    zero: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | PackedX | Int16X | F16X, torch.Tensor]:
     """x̂ = x · (1/s) as [M, planes, kp/planes] fp32 (plane p: the columns ≡ p mod planes;
     8 for the FMA kernel — for int4 weights each plane scaled by the power of two its
@@ -1051,8 +1038,7 @@ def prep(
     programmatic dependent (``gemv(..., pdl=True)``); ``packed``: x̂ as ``PackedX``, for
     the packed tensor-core kernel (int4, kp a multiple of 64); ``i16``: x̂ as ``Int16X``,
     for the dp4a kernel (int4); ``f16``: x̂ as ``F16X`` with that many token slots, for the
-    Gluon kernel (int4, kp a multiple of 64); ``zero``: a contiguous int32 buffer the
-    kernel also fills with zeros."""
+    Gluon kernel (int4, kp a multiple of 64)."""
     planes = 8 if fma else 2
     m, k = x.shape
     if x.stride(-1) != 1:
@@ -1079,8 +1065,7 @@ def prep(
         x.stride(0), lowrank_down.stride(0), xh.stride(0), lora.stride(0), lora.stride(1),
         CHUNK=LORA_CHUNK, PLANES=planes, PRESCALE=fma and fmt == "int4", PDL=pdl,
         PACKED=packed, INTERPRET=interpreting(), I16=i16, LD_FIRST=PREP_LD_FIRST, F16=f16,
-        zero_ptr=zero if zero is not None else lora, n_zero=zero.numel() if zero is not None else 0,
-        ZERO=zero is not None, num_warps=4,
+        num_warps=4,
     )  # fmt: skip
     if f16:
         return F16X(xh, sums), lora[..., :r]

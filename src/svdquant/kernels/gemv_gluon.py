@@ -26,8 +26,6 @@ kernel (``gemv.prep(..., f16=...)``) is triton and runs anywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from svdquant.kernels import gemm_ws
@@ -45,7 +43,7 @@ if gemm_ws.HAVE_GLUON:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     from triton.language.extra.cuda import gdc_wait
 
-__all__ = ["OFFSET", "Plan", "available", "gemv_gluon", "make_plan", "tokens"]
+__all__ = ["OFFSET", "available", "gemv_gluon"]
 
 #: ``1032 + code``: the fp16 value the decode makes of an int4 code (1024's exponent, the
 #: nibble ``code + 8`` in the mantissa's low bits).
@@ -150,7 +148,7 @@ if gemm_ws.HAVE_GLUON:
     @gluon.jit
     def _w4a16_gluon_kernel(
         xh_ptr, xo_ptr, q_ptr, q_desc, sc_ptr, ts_ptr, lora_ptr, lu_ptr, bias_ptr, out_ptr,
-        ws_ptr, cnt_ptr, M, N, G, R, S, groups_per_split, splits,
+        M, N, G, R, S, groups_per_split,
         stride_qn, stride_sn, stride_ls, stride_lm, stride_un, stride_om,
         ATOMIC: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
         PDL: gl.constexpr, BN: gl.constexpr, GS: gl.constexpr, SG: gl.constexpr,
@@ -315,15 +313,8 @@ if gemm_ws.HAVE_GLUON:
                 y += gl.load(bias_ptr + rows_c).to(gl.float32)[:, None]
         optr = out_ptr + tok[None, :] * stride_om + rows[:, None]
         omask = nmask[:, None] & mmask[None, :]
-        if ATOMIC:  # the splits' sums meet in fp32 (zeroed by the prep kernel); the last
-            # split of the row block to arrive writes them out
-            wptr = ws_ptr + tok[None, :] * N + rows[:, None]
-            gl.atomic_add(wptr, y, mask=omask, sem="relaxed")
-            gl.thread_barrier()
-            done = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-            if done == splits - 1:
-                tot = gl.load(wptr, mask=omask, other=0.0, cache_modifier=".cg")
-                gl.store(optr, tot.to(out_ptr.dtype.element_ty), mask=omask)
+        if ATOMIC:
+            gl.atomic_add(optr, y, mask=omask, sem="relaxed")
         else:
             gl.store(optr, y.to(out_ptr.dtype.element_ty), mask=omask)
 
@@ -331,35 +322,6 @@ if gemm_ws.HAVE_GLUON:
 def tokens(m: int) -> int:
     """The token slots of the MMA's N for ``m`` tokens: 8 up to 8, else 16."""
     return 8 if m <= 8 else 16
-
-
-@dataclass
-class Plan:
-    """How ``gemv_gluon`` splits a call: the tile, groups a program, K splits, and (with a
-    split) the int32 workspace the prep kernel zeroes — the splits' fp32 sums [M, N], then
-    a counter per row block."""
-
-    block_n: int
-    groups_per_step: int
-    warps: int
-    per_split: int
-    split: int
-    workspace: torch.Tensor | None
-
-
-def make_plan(m: int, n: int, kp: int, device: torch.device) -> Plan:
-    """The launch plan of ``gemv_gluon`` for [m tokens, n rows, kp columns]."""
-    groups = kp // 64
-    bn, gs, warps = TILE
-    n_blocks = cdiv(n, bn)
-    want = max(1, PROGRAMS_PER_SM * num_sms(device) // n_blocks)
-    per_split = min(MAX_GROUPS, max(gs, next_pow2(cdiv(groups, want))))
-    gs = min(gs, per_split)
-    split = cdiv(groups, per_split)
-    workspace = None
-    if split > 1:
-        workspace = torch.empty(m * n + n_blocks, dtype=torch.int32, device=device)
-    return Plan(bn, gs, warps, per_split, split, workspace)
 
 
 def gemv_gluon(
@@ -374,27 +336,24 @@ def gemv_gluon(
     m: int,
     out_dtype: torch.dtype,
     pdl: bool = False,
-    plan: Plan | None = None,
 ) -> torch.Tensor:
     """The GEMV proper on ``gemv.prep(..., f16=True)``'s outputs (x̂ planes ``xh``, the
     per-group powers of two and offsets ``xo``, the low-rank partial sums ``lora``
-    [chunks, m, r]): [m, N] in ``out_dtype``. int4 weights only. ``plan``:
-    ``make_plan``'s, its workspace zeroed by the prep kernel (``prep(...,
-    zero=plan.workspace)``)."""
+    [chunks, m, r]): [m, N] in ``out_dtype``. int4 weights only."""
     n, kp = qweight.shape[0], qweight.shape[1] * 2
-    if plan is None:  # (the workspace then zeroed here: a fill kernel)
-        plan = make_plan(m, n, kp, qweight.device)
-        if plan.workspace is not None:
-            plan.workspace.zero_()
+    groups = kp // 64
     t = tokens(m)
-    bn, gs, warps, per_split, split = (
-        plan.block_n, plan.groups_per_step, plan.warps, plan.per_split, plan.split,
-    )  # fmt: skip
+    bn, gs, warps = TILE
     n_blocks = cdiv(n, bn)
+    want = max(1, PROGRAMS_PER_SM * num_sms(qweight.device) // n_blocks)
+    per_split = min(MAX_GROUPS, max(gs, next_pow2(cdiv(groups, want))))
+    gs = min(gs, per_split)
+    split = cdiv(groups, per_split)
     chunks, _, r = lora.shape
-    out = torch.empty(m, n, dtype=out_dtype, device=qweight.device)
-    ws = plan.workspace if plan.workspace is not None else out
-    sums, counters = (ws[: m * n].view(torch.float32), ws[m * n :]) if split > 1 else (ws, ws)
+    if split > 1:
+        out = torch.zeros(m, n, dtype=torch.float32, device=qweight.device)
+    else:
+        out = torch.empty(m, n, dtype=out_dtype, device=qweight.device)
     stages = STAGES if qweight.data_ptr() % 16 == 0 and qweight.stride(0) % 16 == 0 else 0
     q_desc = qweight  # (a stand-in without TMA: never read)
     if stages:
@@ -402,12 +361,11 @@ def gemv_gluon(
         q_desc = GluonDescriptor.from_tensor(qweight.view(torch.uint8), [bn, 32 * gs], layout)
     _w4a16_gluon_kernel[(n_blocks, split)](
         xh, xo, qweight, q_desc, wscales, wtensor_scale, lora, lowrank_up,
-        bias if bias is not None else out, out, sums, counters, m, n, kp // 64, r, chunks,
-        per_split, split,
+        bias if bias is not None else out, out, m, n, groups, r, chunks, per_split,
         qweight.stride(0), wscales.stride(0), lora.stride(0), lora.stride(1),
         lowrank_up.stride(0) if r else 0, out.stride(0),
         ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs,
         SG=per_split, T=t, RB=32, STAGES=stages, num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
-    return out
+    return out if split == 1 else out.to(out_dtype)
