@@ -780,12 +780,22 @@ def test_widen_tile_policy():
 
 
 @pytest.fixture
+def no_gluon(monkeypatch):
+    """For the tests of the dp4a kernel at 3-4 tokens: the Gluon kernel, which takes int4
+    weights there on an H100/H200 (``gemv.GLUON``), off."""
+    from svdquant.kernels import gemv
+
+    monkeypatch.setattr(gemv, "GLUON", False)
+
+
+@pytest.fixture
 def no_dp4a(monkeypatch):
-    """For the tests of the other GEMV kernels: the dp4a kernel, which takes int4 weights
-    first (``gemv.DP4A_MAX_M``), off."""
+    """For the tests of the other GEMV kernels: the dp4a kernel and (on the GPU) the Gluon
+    one, which take int4 weights first (``gemv.DP4A_MAX_M``, ``gemv.GLUON``), off."""
     from svdquant.kernels import gemv
 
     monkeypatch.setattr(gemv, "DP4A_MAX_M", 0)
+    monkeypatch.setattr(gemv, "GLUON", False)
 
 
 def _w4a16_case(m, n, k, r, fmt, dtype, bias_seed):
@@ -860,6 +870,7 @@ def test_w4a16_dp4a_matches_reference(monkeypatch, m, n, k, r):
     from svdquant.kernels import gemv
 
     monkeypatch.setattr(gemv, "DP4A_MAX_M", 16)
+    monkeypatch.setattr(gemv, "GLUON", False)
     assert gemv._path(m, "int4") == "dp4a"
     x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=5)
     y = w4a16_linear(x, *args)
@@ -980,7 +991,8 @@ def test_w4a16_dp4a_prep_planes_decode_to_x_hat():
 
 
 def test_w4a16_default_path(monkeypatch):
-    """The default routing: int4 on the dp4a kernel up to ``DP4A_MAX_M`` (4) tokens;
+    """The default routing: int4 on the Gluon kernel from ``GLUON_MIN_M`` (3) tokens where
+    the GPU has it, else on the dp4a kernel up to ``DP4A_MAX_M`` (4) tokens;
     nvfp4 (and int4 with the dp4a kernel off) on the FMA kernel up to ``FMA_MAX_M`` (4)
     tokens, above it int4 on the packed kernel (``PACKED_MMA``) and nvfp4 on
     ``_w4a16_mma_kernel``; ``PACKED_MMA`` off sends int4 there too. ``w4a16_linear``
@@ -988,6 +1000,12 @@ def test_w4a16_default_path(monkeypatch):
     from svdquant.kernels import gemv
 
     assert gemv.PACKED_MMA and gemv.FMA_MAX_M == 4 and gemv.DP4A_MAX_M == 4
+    assert gemv.GLUON and gemv.GLUON_MIN_M == 3
+    # where the GPU has the Gluon kernel: int4 from 3 tokens on it, nvfp4 never
+    assert [gemv._path(m, "int4", True) for m in (1, 2, 3, 4, 16)] == ["dp4a"] * 2 + ["gluon"] * 3
+    assert gemv._path(16, "nvfp4", True) == "mma"
+    monkeypatch.setattr(gemv, "GLUON", False)  # (and below: the other kernels, on any GPU)
+    assert gemv._path(16, "int4", True) == "packed"
     assert [gemv._path(m, "int4") for m in (1, 4, 5, 8, 16)] == ["dp4a"] * 2 + ["packed"] * 3
     assert [gemv._path(m, "nvfp4") for m in (1, 4, 5, 16)] == ["fma"] * 2 + ["mma"] * 2
     monkeypatch.setattr(gemv, "DP4A_MAX_M", 0)
@@ -2549,11 +2567,13 @@ def test_gpu_w4a16_dp4a_kernel(monkeypatch, m, n, k):
     from svdquant.kernels import gemv
 
     monkeypatch.setattr(gemv, "DP4A_MAX_M", 16)
+    monkeypatch.setattr(gemv, "GLUON", False)
     assert gemv._path(m, "int4") == "dp4a"
     x, args = _w4a16_case(m, n, k, 32, "int4", torch.bfloat16, bias_seed=9)
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
+@pytest.mark.usefixtures("no_gluon")
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.parametrize(
@@ -2571,6 +2591,7 @@ def test_gpu_w4a16_dp4a_kernel_over_tiles(monkeypatch, m, tile):
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
+@pytest.mark.usefixtures("no_gluon")
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2, 4, 8])
 @pytest.mark.parametrize(("n", "k", "r"), [(18432, 3072, 32), (130, 333, 40), (9216, 3072, 0)])
@@ -2591,6 +2612,7 @@ def test_gpu_w4a16_prep_loads_first(monkeypatch, m, n, k, r):
     assert rel_err(y1, ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
+@pytest.mark.usefixtures("no_gluon")
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2, 4])
 @pytest.mark.parametrize("tile", [(8, 512, 1), (16, 512, 1), (16, 512, 2), (32, 512, 2)])

@@ -128,10 +128,15 @@ DP4A_X_ROWS_MAX_M = 1
 #: at 8 (the packed kernel). Same outputs bit for bit.
 PREP_LD_FIRST = True
 #: int4 weights at ``GLUON_MIN_M`` to 16 tokens on the Gluon tensor-core kernel
-#: (``kernels/gemv_gluon.py``: the codes straight into the MMA's registers, x̂ one fp16
-#: plane) where the GPU has it (sm_90).
-GLUON = False
-GLUON_MIN_M = 2
+#: (``kernels/gemv_gluon.py``: the codes by TMA straight into the MMA's registers, x̂ one
+#: fp16 plane) where the GPU has it (sm_90). H200, 2026-12-01 (``bench/probe_gemv_gluon.py``,
+#: the whole ``w4a16_linear`` against this path's other kernels in one run, CUDA graph,
+#: ``probe_gemv_gluon-h200-2026-12-01-v49-defaults.json``): N = 18432 1.10x at 3 tokens,
+#: 1.13x at 4, 1.47-1.59x at 5-16 (28.5 µs at 4: 1.45x BF16; 29.7 at 8: 1.40x; 35.5 at 16:
+#: 1.17x, where the packed kernel was 0.79x); N = 9216 0.97x / 0.99x at 3 / 4, 1.48-1.53x
+#: at 5-16; 0.70x at one token and 0.81-0.93x at two (the dp4a kernel's).
+GLUON = True
+GLUON_MIN_M = 3
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
 PDL = True
@@ -944,8 +949,8 @@ def w4a16_linear(
     n, kp = qweight.shape[0], qweight.shape[1] * 2
     if m == 0 or n == 0:
         return x.new_empty(m, n)
-    path = _path(m, fmt)
-    if GLUON and fmt == "int4" and m >= GLUON_MIN_M and gemv_gluon.available(x.device):
+    path = _path(m, fmt, gemv_gluon.available(x.device))
+    if path == "gluon":
         qweight, wscales, wtensor_scale, lowrank_up = _operands(
             qweight, wscales, wtensor_scale, lowrank_up, fma=False
         )
@@ -965,11 +970,15 @@ def w4a16_linear(
     return gemv(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, fmt, x.dtype, pdl=pdl)
 
 
-def _path(m: int, fmt: str) -> str:
-    """The GEMV kernel for ``m`` tokens of ``fmt`` weights: int4 on "dp4a"
+def _path(m: int, fmt: str, gluon: bool = False) -> str:
+    """The GEMV kernel for ``m`` tokens of ``fmt`` weights: int4 on "gluon"
+    (``kernels/gemv_gluon.py``) from ``GLUON_MIN_M`` tokens where ``gluon`` (the GPU has
+    it) and ``GLUON``; int4 on "dp4a"
     (``_w4a16_dp4a_kernel``) up to ``DP4A_MAX_M`` tokens; otherwise "fma" up to
     ``FMA_MAX_M`` tokens; above, "packed" (``_w4a16_packed_kernel``) for int4 when
     ``PACKED_MMA``, otherwise "mma" (``_w4a16_mma_kernel``; always for nvfp4)."""
+    if fmt == "int4" and gluon and GLUON and m >= GLUON_MIN_M:
+        return "gluon"
     if fmt == "int4" and m <= DP4A_MAX_M:
         return "dp4a"
     if m <= FMA_MAX_M:
