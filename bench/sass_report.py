@@ -471,18 +471,6 @@ def _gemv_prep() -> dict[str, Any]:
     )
 
 
-@_spec("gemv_prep_f16")
-def _gemv_prep_f16() -> dict[str, Any]:
-    """The prep kernel writing the Gluon GEMV's x̂ (``F16X``), 4 tokens in 8 slots, its
-    low-rank down projection as one dot over every token."""
-    d = _gemv_prep()
-    d["ptrs"] |= {"xh_ptr": "*fp16"}
-    d["ints"] |= {"M": 4, "stride_lm": 32, "stride_ls": 128}
-    d["consts"] |= {"PLANES": 2, "PRESCALE": False, "F16": 8, "LD_FIRST": True,
-                    "FP32_PREC": "tf32x3"}  # fmt: skip
-    return d
-
-
 def _prep_dp4a_spec(ld_first: bool) -> dict[str, Any]:
     """The prep kernel writing the dp4a GEMV's x̂ (``Int16X``), one token."""
     d = _gemv_prep()

@@ -173,7 +173,6 @@ def _prep_kernel(
     I16: tl.constexpr = False,
     LD_FIRST: tl.constexpr = False,
     F16: tl.constexpr = 0,
-    FP32_PREC: tl.constexpr = "ieee",
 ):
     """x̂ = x · (1/s) for this program's CHUNK columns, written as [M, PLANES, KP/PLANES]
     (plane p holds the columns c ≡ p mod PLANES; zero past K; with ``PRESCALE``, plane p
@@ -215,21 +214,13 @@ def _prep_kernel(
             tl.store(dst + m * stride_hm, xv.to(tl.float32) * plane_inv_s, mask=c < KP)
     r_start = 0
     if LD_FIRST:
-        if F16:
-            _lora_tokens(x_ptr, lora_ptr, ld, 0, c, cmask, inv_s, M, R, stride_xm, stride_ls,
-                         stride_lm, pid_k, FP32_PREC)  # fmt: skip
-        else:
-            _lora_block(x_ptr, lora_ptr, ld, 0, c, cmask, inv_s, M, R, stride_xm, stride_ls,
-                        stride_lm, pid_k)  # fmt: skip
+        _lora_block(x_ptr, lora_ptr, ld, 0, c, cmask, inv_s, M, R, stride_xm, stride_ls,
+                    stride_lm, pid_k)  # fmt: skip
         r_start = 32
     for r0 in range(r_start, R, 32):
         ld = _ld_block(ld_ptr, r0, c, cmask, R, stride_ldr)
-        if F16:
-            _lora_tokens(x_ptr, lora_ptr, ld, r0, c, cmask, inv_s, M, R, stride_xm, stride_ls,
-                         stride_lm, pid_k, FP32_PREC)  # fmt: skip
-        else:
-            _lora_block(x_ptr, lora_ptr, ld, r0, c, cmask, inv_s, M, R, stride_xm, stride_ls,
-                        stride_lm, pid_k)  # fmt: skip
+        _lora_block(x_ptr, lora_ptr, ld, r0, c, cmask, inv_s, M, R, stride_xm, stride_ls,
+                    stride_lm, pid_k)  # fmt: skip
 
 
 @triton.jit
@@ -252,25 +243,6 @@ def _lora_block(x_ptr, lora_ptr, ld, r0, c, cmask, inv_s, M, R, stride_xm, strid
         xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask, other=0.0)
         part = tl.sum(ld * (xv.to(tl.float32) * inv_s)[None, :], axis=1)
         tl.store(lora_ptr + pid_k * stride_ls + m * stride_lm + rr, part, mask=rr < R)
-
-
-@triton.jit
-def _lora_tokens(x_ptr, lora_ptr, ld, r0, c, cmask, inv_s, M, R, stride_xm, stride_ls,
-                 stride_lm, pid_k, FP32_PREC: tl.constexpr):  # fmt: skip
-    """``_lora_block`` for up to 16 tokens at once: one load of every token's x and one
-    ~fp32 dot (v49: the token loop chained a memory round trip per token before the
-    GEMV, which waits for this kernel)."""
-    n = tl.arange(0, 16)
-    xv = tl.load(
-        x_ptr + n[:, None] * stride_xm + c[None, :], mask=(n < M)[:, None] & cmask[None, :],
-        other=0.0,
-    ).to(tl.float32) * inv_s[None, :]  # fmt: skip
-    part = tl.dot(xv, tl.trans(ld), input_precision=FP32_PREC)
-    rr = r0 + tl.arange(0, 32)
-    tl.store(
-        lora_ptr + pid_k * stride_ls + n[:, None] * stride_lm + rr[None, :], part,
-        mask=(n < M)[:, None] & (rr < R)[None, :],
-    )  # fmt: skip
 
 
 @triton.jit
@@ -1102,7 +1074,7 @@ def prep(
         x.stride(0), lowrank_down.stride(0), xh.stride(0), lora.stride(0), lora.stride(1),
         CHUNK=LORA_CHUNK, PLANES=planes, PRESCALE=fma and fmt == "int4", PDL=pdl,
         PACKED=packed, INTERPRET=interpreting(), I16=i16, LD_FIRST=PREP_LD_FIRST, F16=f16,
-        FP32_PREC=dot_precision(), num_warps=4,
+        num_warps=4,
     )  # fmt: skip
     if f16:
         return F16X(xh, sums), lora[..., :r]
