@@ -409,7 +409,7 @@ def _gemv_packed_g2() -> dict[str, Any]:
 
 def _gluon_gemv_spec(m: int) -> dict[str, Any]:
     """The Gluon tensor-core GEMV (``kernels/gemv_gluon.py``) at ``m`` tokens, N = 18432,
-    K = 3072, rank 32, split in 4 (12 groups a program)."""
+    K = 3072, rank 32, split in 6 (8 groups a program)."""
     import torch
     from triton.experimental.gluon import language as gl
 
@@ -423,9 +423,9 @@ def _gluon_gemv_spec(m: int) -> dict[str, Any]:
                   q_desc=_desc(18432, 1536, torch.uint8, gl.uint8, [bn, 32 * gs], flat),
                   sc_ptr="*fp16", ts_ptr="*fp32",
                   lora_ptr="*fp32", lu_ptr="*bf16", bias_ptr="*bf16", out_ptr="*fp32"),
-        ints=dict(M=m, N=18432, G=48, R=32, S=24, groups_per_split=16, stride_qn=1536,
+        ints=dict(M=m, N=18432, G=48, R=32, S=24, groups_per_split=8, stride_qn=1536,
                   stride_sn=48, stride_ls=128, stride_lm=32, stride_un=32, stride_om=18432),
-        consts=dict(ATOMIC=True, HAS_LORA=True, HAS_BIAS=True, PDL=True, BN=bn, GS=gs, SG=16,
+        consts=dict(ATOMIC=True, HAS_LORA=True, HAS_BIAS=True, PDL=True, BN=bn, GS=gs, SG=8,
                     T=g.tokens(m), RB=32, STAGES=g.STAGES),
         warps=warps,
     )  # fmt: skip

@@ -1037,20 +1037,28 @@ def test_w4a16_default_path(monkeypatch):
     assert launched[-3:] == ["dp4a", "dp4a", "mma"]
 
 
-def test_packed_decode_ptx_recipe():
-    """The packed kernel's PTX decode (``gemv._decode_pair``), emulated bit for bit — xor
-    0x8888, ``prmt`` 0x4140, shift by 4, ``lop3`` (x & 0x000F000F) | 0x43004300 — gives
-    bf16 ``136 + code`` for both nibbles of a byte pair, for every byte. (The interpreter
-    cannot run inline PTX: the kernel's tests there use integer ops for the same values.)"""
+@pytest.mark.parametrize(
+    ("half", "dtype", "offset"), [(0x4300, torch.bfloat16, 136.0), (0x6400, torch.float16, 1032.0)]
+)
+def test_packed_decode_ptx_recipe(half, dtype, offset):
+    """The GEMVs' PTX decode (``nibble_pair_ptx``: bf16 for ``gemv._decode_pair``, fp16 for
+    the Gluon kernel), emulated bit for bit — xor 0x8888, ``prmt`` 0x4140, shift by 4,
+    ``lop3`` (x & 0x000F000F) | half — gives ``offset + code`` for both nibbles of a byte
+    pair, for every byte. (The interpreter cannot run inline PTX: the kernels' tests there
+    use integer ops for the same values.)"""
+    from svdquant.kernels._triton_common import nibble_pair_ptx
+
+    ptx = nibble_pair_ptx(half)
+    assert "0x8888" in ptx and "0x4140" in ptx and f"0x{half:04X}{half:04X}" in ptx
 
     def decode(b0: int, b1: int) -> list[float]:
         t = (b0 | b1 << 8) ^ 0x8888
         a = (t & 0xFF) | ((t >> 8) & 0xFF) << 16
         out = []
         for word in (a, a >> 4):
-            word = (word & 0x000F000F) | 0x43004300
+            word = (word & 0x000F000F) | (half << 16 | half)
             halves = torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32)
-            out += halves.to(torch.int16).view(torch.bfloat16).float().tolist()
+            out += halves.to(torch.int16).view(dtype).float().tolist()
         return out  # low nibble of b0, of b1, high nibble of b0, of b1
 
     def code(nibble: int) -> int:
@@ -1059,7 +1067,7 @@ def test_packed_decode_ptx_recipe():
     for b0 in range(256):
         b1 = (b0 * 37 + 11) % 256
         want = [code(b0 & 15), code(b1 & 15), code(b0 >> 4), code(b1 >> 4)]
-        assert decode(b0, b1) == [136.0 + c for c in want]
+        assert decode(b0, b1) == [offset + c for c in want]
 
 
 @pytest.mark.usefixtures("no_dp4a")

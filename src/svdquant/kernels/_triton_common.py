@@ -116,6 +116,26 @@ def dot_precision() -> str:
     return "ieee" if interpreting() else "tf32x3"
 
 
+def nibble_pair_ptx(half: int) -> str:
+    """PTX for ``inline_asm_elementwise(..., "=r,=r,h", pack=2)``: two uint8 codes bytes ->
+    their low and their high nibbles as two pairs of 16-bit floats ``half + nibble``,
+    exact: ``xor`` 0x88 makes each nibble ``code + 8``, ``prmt`` moves the second byte to
+    bit 16, ``lop3`` keeps one nibble per 16-bit half and ORs in ``half``'s bits (a value
+    whose ulp is 1: bf16 128 = 0x4300, fp16 1024 = 0x6400). Six instructions per four
+    codes, in the register layout of the bytes (two K-adjacent bytes per thread)."""
+    bits = f"0x{half:04X}{half:04X}"
+    return f"""{{
+        .reg .b32 t, a, c;
+        .reg .b16 h;
+        xor.b16 h, $2, 0x8888;
+        cvt.u32.u16 t, h;
+        prmt.b32 a, t, 0, 0x4140;
+        shr.b32 c, a, 4;
+        lop3.b32 $0, a, 0x000F000F, {bits}, 0xea;
+        lop3.b32 $1, c, 0x000F000F, {bits}, 0xea;
+        }}"""
+
+
 @triton.jit
 def rint_even(x):
     """Round fp32 ``x`` to the nearest integer, ties to even (``torch.round``).

@@ -52,6 +52,7 @@ from svdquant.kernels._triton_common import (
     interpreting,
     needs_bf16_rounding,
     next_pow2,
+    nibble_pair_ptx,
     num_sms,
     pdl_supported,
     round_bf16,
@@ -665,29 +666,15 @@ def _w4a16_mma_kernel(
     )  # fmt: skip
 
 
+_PAIR_BF16 = tl.constexpr(nibble_pair_ptx(0x4300))
+
+
 @triton.jit
 def _decode_pair(b):
-    """uint8 bytes -> (low nibbles, high nibbles) as bf16 ``136 + code``, two bytes per
-    instance of the PTX: ``xor`` 0x88 makes each nibble ``code + 8``, ``prmt`` moves the
-    second byte to bit 16, and ``lop3`` keeps one nibble per 16-bit half and ORs in the
-    bits of bf16 128 (0x4300): ``128 + code + 8``, exact. Four instructions per four
-    codes, in the MMA operand's register layout (two K-adjacent bytes per thread)."""
+    """uint8 bytes -> (low nibbles, high nibbles) as bf16 ``136 + code`` (bf16 128's bits
+    ORed with ``code + 8``: ``nibble_pair_ptx``), in the MMA operand's register layout."""
     return tl.inline_asm_elementwise(
-        """{
-        .reg .b32 t, a, c;
-        .reg .b16 h;
-        xor.b16 h, $2, 0x8888;
-        cvt.u32.u16 t, h;
-        prmt.b32 a, t, 0, 0x4140;
-        shr.b32 c, a, 4;
-        lop3.b32 $0, a, 0x000F000F, 0x43004300, 0xea;
-        lop3.b32 $1, c, 0x000F000F, 0x43004300, 0xea;
-        }""",
-        "=r,=r,h",
-        [b],
-        dtype=(tl.bfloat16, tl.bfloat16),
-        is_pure=True,
-        pack=2,
+        _PAIR_BF16, "=r,=r,h", [b], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2
     )
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from svdquant.kernels import gemm_ws
-from svdquant.kernels._triton_common import cdiv, next_pow2, num_sms
+from svdquant.kernels._triton_common import cdiv, next_pow2, nibble_pair_ptx, num_sms
 
 if gemm_ws.HAVE_GLUON:
     from triton.experimental import gluon
@@ -107,27 +107,14 @@ if gemm_ws.HAVE_GLUON:
             return gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])
         return gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])
 
+    _PAIR_F16 = gl.constexpr(nibble_pair_ptx(0x6400))
+
     @gluon.jit
     def _decode(b):
-        """uint8 code pairs -> (low nibbles, high nibbles) as fp16 ``1032 + code``: xor
-        0x88 makes each nibble ``code + 8``, ``prmt`` spreads the two bytes over the
-        16-bit halves, ``lop3`` keeps a nibble per half and ORs in fp16 1024's bits."""
+        """uint8 code pairs -> (low nibbles, high nibbles) as fp16 ``1032 + code`` (fp16
+        1024's bits ORed with ``code + 8``: ``nibble_pair_ptx``)."""
         return gl.inline_asm_elementwise(
-            """{
-            .reg .b32 t, a, c;
-            .reg .b16 h;
-            xor.b16 h, $2, 0x8888;
-            cvt.u32.u16 t, h;
-            prmt.b32 a, t, 0, 0x4140;
-            shr.b32 c, a, 4;
-            lop3.b32 $0, a, 0x000F000F, 0x64006400, 0xea;
-            lop3.b32 $1, c, 0x000F000F, 0x64006400, 0xea;
-            }""",
-            "=r,=r,h",
-            [b],
-            dtype=(gl.float16, gl.float16),
-            is_pure=True,
-            pack=2,
+            _PAIR_F16, "=r,=r,h", [b], dtype=(gl.float16, gl.float16), is_pure=True, pack=2
         )
 
     @gluon.jit
