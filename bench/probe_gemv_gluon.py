@@ -99,8 +99,8 @@ def split(ms: list[int]) -> list[dict]:
             lambda x=x, t=t: gemv.prep(x, layer.smooth, layer.down, kp, "int4", fma=False, f16=t)
         )
         gemv_us = bench_graph(
-            lambda xh=xh, lora=lora, m=m: gemv_gluon.gemv_gluon(
-                xh.planes, xh.scales, lora, w[0], w[1], w[2], w[3], layer.bias, m, torch.bfloat16
+            lambda xh=xh, lora=lora: gemv_gluon.gemv_gluon(
+                xh, lora, w[0], w[1], w[2], w[3], layer.bias, torch.bfloat16
             )
         )
         both_us, _ = _case(layer, x, True)

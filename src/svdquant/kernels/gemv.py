@@ -944,8 +944,8 @@ def w4a16_linear(
         pdl = _pdl(x.device)
         xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=False, pdl=pdl,
                         f16=gemv_gluon.tokens(m))  # fmt: skip
-        return gemv_gluon.gemv_gluon(xh.planes, xh.scales, lora, qweight, wscales, wtensor_scale,
-                                     lowrank_up, bias, m, x.dtype, pdl=pdl)  # fmt: skip
+        return gemv(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, fmt, x.dtype,
+                    pdl=pdl)  # fmt: skip
     fma, packed, i16 = path == "fma", path == "packed", path == "dp4a"
     # every copy the GEMV's operands need is made before the prep kernel, so that the
     # prep kernel is the GEMV's immediate predecessor (its programmatic dependency)
@@ -1071,7 +1071,7 @@ def prep(
 
 
 def gemv(
-    xh: torch.Tensor | PackedX | Int16X,
+    xh: torch.Tensor | PackedX | Int16X | F16X,
     lora: torch.Tensor,
     qweight: torch.Tensor,
     wscales: torch.Tensor,
@@ -1086,6 +1086,9 @@ def gemv(
     as the previous kernel's programmatic dependent — only when that kernel is the prep
     (or a fill after it) and wrote none of the weights (``w4a16_linear`` arranges both)."""
     f = formats.get_format(fmt)
+    if isinstance(xh, F16X):  # (the weights already as ``_operands`` gives them)
+        return gemv_gluon.gemv_gluon(xh, lora, qweight, wscales, wtensor_scale, lowrank_up,
+                                     bias, out_dtype, pdl)  # fmt: skip
     if isinstance(xh, PackedX):
         return _gemv_packed(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias,
                             out_dtype, pdl)  # fmt: skip

@@ -26,10 +26,15 @@ kernel (``gemv.prep(..., f16=...)``) is triton and runs anywhere.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from svdquant.kernels import gemm_ws
 from svdquant.kernels._triton_common import cdiv, next_pow2, nibble_pair_ptx, num_sms
+
+if TYPE_CHECKING:
+    from svdquant.kernels.gemv import F16X
 
 if gemm_ws.HAVE_GLUON:
     from triton.experimental import gluon
@@ -312,21 +317,21 @@ def tokens(m: int) -> int:
 
 
 def gemv_gluon(
-    xh: torch.Tensor,
-    xo: torch.Tensor,
+    xh: F16X,
     lora: torch.Tensor,
     qweight: torch.Tensor,
     wscales: torch.Tensor,
     wtensor_scale: torch.Tensor,
     lowrank_up: torch.Tensor,
     bias: torch.Tensor | None,
-    m: int,
     out_dtype: torch.dtype,
     pdl: bool = False,
 ) -> torch.Tensor:
-    """The GEMV proper on ``gemv.prep(..., f16=True)``'s outputs (x̂ planes ``xh``, the
-    per-group powers of two and offsets ``xo``, the low-rank partial sums ``lora``
-    [chunks, m, r]): [m, N] in ``out_dtype``. int4 weights only."""
+    """The GEMV proper on ``gemv.prep(..., f16=T)``'s outputs (``gemv.F16X`` ``xh``: x̂'s
+    planes, the per-group powers of two and offsets; the low-rank partial sums ``lora``
+    [chunks, M, r]) and the weights as ``gemv._operands`` gives them: [M, N] in
+    ``out_dtype``. int4 weights only; ``gemv.gemv``'s ``pdl``."""
+    xh, xo, m = xh.planes, xh.scales, lora.shape[1]
     n, kp = qweight.shape[0], qweight.shape[1] * 2
     groups = kp // 64
     t = tokens(m)
