@@ -15,7 +15,10 @@ many of them as possible are in flight:
   int4 weights at up to ``DP4A_MAX_M`` tokens multiply on the integer dot-product
   unit (``_w4a16_dp4a_kernel``): x̂ as 16-bit integers per group in byte planes, the
   codes as signed bytes by one or two logic ops, four products per ``dp4a``, one
-  conversion to fp32 per group. Otherwise up to ``FMA_MAX_M`` tokens multiply on the
+  conversion to fp32 per group; on Hopper int4 weights at 3 (``GLUON_MIN_M``) to 16 tokens
+  run on a tensor-core kernel in Gluon instead (``kernels/gemv_gluon.py``: the codes by
+  TMA straight into the MMA's registers, x̂ one fp16 plane per group). Otherwise up to
+  ``FMA_MAX_M`` tokens multiply on the
   FMA units — per group ``Σ code · x̂`` then one multiply by the group scale; more
   tokens use the tensor cores with the raw
   codes (exact in bf16) against x̂ split into two bf16 parts (hi + lo,
@@ -204,8 +207,7 @@ def _prep_kernel(
         _store_i16(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, stride_hm,
                    pid_k, x_first, CHUNK, LD_FIRST)  # fmt: skip
     elif F16:  # the Gluon kernel's x̂ (``F16X``), F16 token slots
-        _store_f16(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k, CHUNK, F16,
-                   INTERPRET)  # fmt: skip
+        _store_f16(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k, CHUNK, F16)
     elif PACKED:  # the packed kernel's x̂ (``PackedX``); the sums go after the planes
         _store_packed(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k, CHUNK,
                       INTERPRET)  # fmt: skip
@@ -292,15 +294,15 @@ def _store_i16(x_ptr, xq_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, stride_
 
 @triton.jit
 def _store_f16(x_ptr, xh_ptr, xo_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k,
-               CHUNK: tl.constexpr, T: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+               CHUNK: tl.constexpr, T: tl.constexpr):  # fmt: skip
     """This chunk's x̂ for the Gluon kernel (``gemv_gluon``): per group of 64 columns and
     token slot (T of them, zero past M) x̂ times a power of two ``1 / P`` that puts the
     group's largest value in [2⁹, 2¹⁰), as fp16 in the order the kernel's MMA reads it —
     [group][plane: even, odd columns][lane][T], byte ``b = 8c + 2q + e`` of the group's
     codes at lane ``4 (n mod 8) + c``, value ``8 (n // 8) + 2q + e`` for token n — and
-    per group and token ``(P, 1032 · P · Σ x̂ / P)`` (the offset the decode's ``1032 +
-    code`` adds, from the rounded values), fp32 [KP/64, 2, T]. A non-finite group stays
-    non-finite (its outputs NaN or Inf)."""
+    per group and token ``P`` and ``1032 · P · Σ`` of the group's stored values (the
+    offset the decode's ``1032 + code`` adds), fp32 [KP/64, 2, T]. A non-finite group
+    stays non-finite (its outputs NaN or Inf)."""
     GPC: tl.constexpr = CHUNK // 64
     g = pid_k * GPC + tl.arange(0, GPC)
     n = tl.arange(0, T)
