@@ -1,5 +1,5 @@
-"""The W4A16 GEMV for 2–16 tokens on the tensor cores, in Gluon (Hopper): the codes go
-from global memory straight into the MMA's operand registers.
+"""The W4A16 GEMV for 3–16 tokens (``gemv.GLUON_MIN_M``) on the tensor cores, in Gluon
+(Hopper): the codes go from memory straight into the MMA's operand registers.
 
 Same contract as ``gemv.w4a16_linear`` for int4 weights (reference
 ``reference.w4a16_linear_ref``). Why a second kernel: triton's tensor-core GEMV
@@ -8,17 +8,21 @@ bytes (v25: 46 µs at N = 18432, K = 3072, flat in M) — it moves each step's c
 shared memory into the MMA layout, and multiplies four times (x̂ as two bf16 parts, the
 16-token tile). Here
 
-* each thread loads its 8 bytes of a row (one 64-bit load) in an order chosen so that,
-  relabelled, they *are* its part of the MMA's A operand: the group's 32 K positions are
-  permuted (the x̂ planes are written in the same order by the prep kernel), so no layout
-  conversion moves data (``convert_layout(..., assert_trivial=True)``);
+* the codes come by TMA through a ring of ``STAGES`` steps (requested before the PDL
+  wait: weights, no earlier kernel's output); each thread reads its 8 bytes of a row
+  (one 64-bit shared-memory load) in an order chosen so that, relabelled, they *are* its
+  part of the MMA's A operand: the group's 32 K positions are permuted (the x̂ planes are
+  written in the same order by the prep kernel), so no layout conversion moves data
+  (``convert_layout(..., assert_trivial=True)``);
 * the codes are decoded two at a time by a few PTX instructions into fp16 ``1032 + code``
   (exact), and x̂ is one fp16 plane per group scaled by a power of two per group and token
   (its largest value in [2⁹, 2¹⁰): 11 bits, tf32's precision), so one MMA per nibble plane;
   the offset ``1032 · Σ x̂`` and the power of two come from the prep kernel;
 * 8 token slots up to 8 tokens (the MMA's narrowest N), 16 above;
-* x̂ for the program's K range is staged once in shared memory (all its warps read it),
-  the next step's codes and group scales are loaded before this step's MMAs.
+* x̂, the powers of two and offsets for the program's K range are staged once in shared
+  memory (all its warps read them); the group scales are loaded a step ahead; a K
+  split's sums meet through fp32 atomics (a zeroed buffer and a cast around the kernel:
+  finishing them inside it was slower, ``bench/NOTES.md`` v49).
 
 GPU only (sm_90, a triton with Gluon: ``gemm_ws.available``), no interpreter; the prep
 kernel (``gemv.prep(..., f16=...)``) is triton and runs anywhere.
@@ -48,11 +52,8 @@ if gemm_ws.HAVE_GLUON:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     from triton.language.extra.cuda import gdc_wait
 
-__all__ = ["OFFSET", "available", "gemv_gluon"]
+__all__ = ["available", "gemv_gluon", "tokens"]
 
-#: ``1032 + code``: the fp16 value the decode makes of an int4 code (1024's exponent, the
-#: nibble ``code + 8`` in the mantissa's low bits).
-OFFSET = 1032.0
 #: (rows a program: 64 or 128, groups of 64 columns a step, num_warps), with
 #: ``MAX_GROUPS`` and ``STAGES`` the best of 24 at 4 and 16 tokens (H200, N = 18432,
 #: K = 3072, ``probe_gemv_gluon-h200-2026-12-01-v49-tma.json``: 28.7 / 35.1 µs; 4 stages
