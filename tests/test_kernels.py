@@ -1254,6 +1254,22 @@ def test_gpu_w4a16_gluon_kernel_over_tiles(monkeypatch, m, n, k, r, tile, max_gr
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [3, 16])
+@pytest.mark.parametrize(("n", "k"), [(18432, 3072), (300, 4500)])
+def test_gpu_w4a16_gluon_kernel_without_tma(monkeypatch, m, n, k):
+    """The Gluon GEMV's register-prefetch variant (``STAGES = 0``: what it runs where TMA
+    cannot read the codes, a weight not 16-byte aligned)."""
+    from svdquant.kernels import gemv, gemv_gluon
+
+    if not gemv_gluon.available(torch.device("cuda")):
+        pytest.skip("the Gluon GEMV needs sm_90 and a Gluon triton")
+    monkeypatch.setattr(gemv, "GLUON", True)
+    monkeypatch.setattr(gemv_gluon, "STAGES", 0)
+    x, args = _w4a16_case(m, n, k, 32, "int4", torch.bfloat16, bias_seed=9)
+    assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
+@pytest.mark.gpu
 def test_gpu_w4a16_gluon_kernel_keeps_non_finite(monkeypatch):
     """An Inf in a token's activations reaches that token's outputs (and no other's)."""
     from svdquant.kernels import gemv, gemv_gluon
