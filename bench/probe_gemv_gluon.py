@@ -1,11 +1,12 @@
 """The Gluon tensor-core W4A16 GEMV against today's path, on the GPU.
 
-``kernels/gemv_gluon.py`` (``gemv.GLUON``) against the default W4A16 path of the same run
-(the dp4a kernel up to 4 tokens, the packed tensor-core kernel above) and BF16
+``kernels/gemv_gluon.py`` (``gemv.GLUON``, forced on from one token) against the W4A16
+path without it ("default" in the table: the dp4a kernel up to 4 tokens, the packed
+tensor-core kernel above — the path before v49) in the same run and BF16
 ``F.linear``: the whole ``w4a16_linear`` (prep + GEMV, rank 32, bias), replayed from a
 CUDA graph, N = 18432 / 9216, K = 3072, and each path's error against the reference.
-``--sweep``: the Gluon kernel's tiles (rows a program, groups a step) and groups a
-program at 4 and 16 tokens.
+``--sweep``: the Gluon kernel's groups a step, groups a program and TMA stages at 4 and 16
+tokens; ``--split``: the prep and the GEMV timed apart.
 
     PYTHONPATH=src python bench/probe_gemv_gluon.py [--ms 1,2,3,4,5,8,16] [--sweep] [--out DIR]
 """
@@ -33,6 +34,9 @@ def _rel(y: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _case(layer: Layer, x: torch.Tensor, gluon: bool) -> tuple[float, float]:
+    """(µs replayed, error against the reference) of ``w4a16_linear`` with the Gluon GEMV
+    at every token count (``gluon``) or off."""
+    saved = gemv.GLUON, gemv.GLUON_MIN_M
     gemv.GLUON, gemv.GLUON_MIN_M = gluon, 1
     try:
         y = layer.w4a16(x)
@@ -40,7 +44,7 @@ def _case(layer: Layer, x: torch.Tensor, gluon: bool) -> tuple[float, float]:
         err = _rel(y, ref.w4a16_linear_ref(x, *w, layer.down, layer.up, layer.bias, "int4"))
         return bench_graph(lambda: layer.w4a16(x)), err
     finally:
-        gemv.GLUON = False
+        gemv.GLUON, gemv.GLUON_MIN_M = saved
 
 
 def table(ms: list[int]) -> list[dict]:
