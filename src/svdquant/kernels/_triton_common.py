@@ -12,6 +12,7 @@ import functools
 import itertools
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -114,6 +115,14 @@ def dot_precision() -> str:
     computes in fp32 whatever it is told.
     """
     return "ieee" if interpreting() else "tf32x3"
+
+
+def split_output(m: int, n: int, split: int, out_dtype, device):
+    """A GEMV's [m, n] output: with a K split a zeroed fp32 buffer its programs add into
+    (cast to ``out_dtype`` after), else the output itself."""
+    if split > 1:
+        return torch.zeros(m, n, dtype=torch.float32, device=device)
+    return torch.empty(m, n, dtype=out_dtype, device=device)
 
 
 def nibble_pair_ptx(half: int) -> str:

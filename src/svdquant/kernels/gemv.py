@@ -59,6 +59,7 @@ from svdquant.kernels._triton_common import (
     num_sms,
     pdl_supported,
     round_bf16,
+    split_output,
 )
 
 __all__ = ["MAX_GEMV_M", "w4a16_linear"]
@@ -1174,9 +1175,7 @@ def _split_k(m, n, kp, block_k, n_blocks, out_dtype, device):
     split = max(1, min(steps, PROGRAMS_PER_SM * num_sms(device, cpu=4) // n_blocks))
     kps = cdiv(steps, split) * block_k
     split = cdiv(kp, kps)
-    if split > 1:
-        return split, kps, torch.zeros(m, n, dtype=torch.float32, device=device)
-    return split, kps, torch.empty(m, n, dtype=out_dtype, device=device)
+    return split, kps, split_output(m, n, split, out_dtype, device)
 
 
 def _gemv_packed(
