@@ -1197,8 +1197,10 @@ def test_w4a16_f16_prep_layout(m, k, t):
     x = _acts(m, k, torch.bfloat16)
     s = _smooth(k)
     down, _ = _lowrank(8, k, 5, torch.bfloat16)
-    xh, lora = gemv.prep(x, s, down, kp, "int4", fma=False, f16=t)
+    xh, lora = gemv.prep(x, s, down, kp, "int4", fma=False, f16=t, n=1500)
     assert xh.planes.shape == (kp // 64, 2, 32, t) and xh.scales.shape == (kp // 64, 2, t)
+    assert xh.out.shape == (m, 1500) and xh.out.dtype == torch.float32
+    assert (xh.out == 0).all()  # the GEMV's sums, zeroed by the prep's programs
     want = torch.zeros(m, kp)
     want[:, :k] = x.float().cpu() / s.float().cpu()
     got = _f16x_to_dense(xh, m, kp)
@@ -1219,15 +1221,18 @@ def test_w4a16_f16_prep_layout(m, k, t):
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16])
 @pytest.mark.parametrize(("n", "k"), [(130, 333), (18432, 3072), (300, 4500), (3072, 3072)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_w4a16_gluon_kernel(monkeypatch, m, n, k, dtype):
-    """The Gluon tensor-core GEMV (``gemv.GLUON``) against the reference: 8 and 16 token
-    slots, K splits with a short last split (K = 333, 4500), with and without bias."""
+@pytest.mark.parametrize("persistent", [True, False])
+def test_gpu_w4a16_gluon_kernel(monkeypatch, m, n, k, dtype, persistent):
+    """The Gluon tensor-core GEMV (``gemv.GLUON``), persistent and not, against the
+    reference: 8 and 16 token slots, K splits with a short last split (K = 333, 4500), with
+    and without bias."""
     from svdquant.kernels import gemv, gemv_gluon
 
     if not gemv_gluon.available(torch.device("cuda")):
         pytest.skip("the Gluon GEMV needs sm_90 and a Gluon triton")
     monkeypatch.setattr(gemv, "GLUON", True)
     monkeypatch.setattr(gemv, "GLUON_MIN_M", 1)
+    monkeypatch.setattr(gemv_gluon, "PERSISTENT", persistent)
     x, args = _w4a16_case(m, n, k, 32, "int4", dtype, bias_seed=9 if m % 2 else None)
     y = w4a16_linear(x, *args)
     assert y.dtype == dtype and y.shape == (m, n)
@@ -1247,6 +1252,7 @@ def test_gpu_w4a16_gluon_kernel_over_tiles(monkeypatch, m, n, k, r, tile, max_gr
     if not gemv_gluon.available(torch.device("cuda")):
         pytest.skip("the Gluon GEMV needs sm_90 and a Gluon triton")
     monkeypatch.setattr(gemv, "GLUON", True)
+    monkeypatch.setattr(gemv_gluon, "PERSISTENT", False)
     monkeypatch.setattr(gemv_gluon, "TILE", tile)
     monkeypatch.setattr(gemv_gluon, "MAX_GROUPS", max_groups)
     x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=9)
@@ -1264,8 +1270,31 @@ def test_gpu_w4a16_gluon_kernel_without_tma(monkeypatch, m, n, k):
     if not gemv_gluon.available(torch.device("cuda")):
         pytest.skip("the Gluon GEMV needs sm_90 and a Gluon triton")
     monkeypatch.setattr(gemv, "GLUON", True)
+    monkeypatch.setattr(gemv_gluon, "PERSISTENT", False)
     monkeypatch.setattr(gemv_gluon, "STAGES", 0)
     x, args = _w4a16_case(m, n, k, 32, "int4", torch.bfloat16, bias_seed=9)
+    assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize(("n", "k", "r"), [(18432, 3072, 32), (300, 4500, 0), (130, 333, 48)])
+@pytest.mark.parametrize("tile", [(64, 1, 4, 2), (64, 2, 4, 4), (128, 1, 4, 6), (128, 4, 4, 3)])
+@pytest.mark.parametrize("per_sm", [1, 4])
+def test_gpu_w4a16_gluon_persistent_over_tiles(monkeypatch, m, n, k, r, tile, per_sm):
+    """The persistent Gluon GEMV's tiles, ring depths and programs an SM (shares of one
+    unit to whole row blocks and more; ranks 0 and 48)."""
+    from svdquant.kernels import gemv, gemv_gluon
+
+    if not gemv_gluon.available(torch.device("cuda")):
+        pytest.skip("the Gluon GEMV needs sm_90 and a Gluon triton")
+    monkeypatch.setattr(gemv, "GLUON", True)
+    monkeypatch.setattr(gemv, "GLUON_MIN_M", 1)
+    monkeypatch.setattr(gemv_gluon, "PERSISTENT", True)
+    monkeypatch.setattr(gemv_gluon, "PERSISTENT_TILE", tile[:3])
+    monkeypatch.setattr(gemv_gluon, "PERSISTENT_STAGES", tile[3])
+    monkeypatch.setattr(gemv_gluon, "PERSISTENT_PER_SM", per_sm)
+    x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=9)
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
 
 

@@ -178,6 +178,9 @@ def _prep_kernel(
     I16: tl.constexpr = False,
     LD_FIRST: tl.constexpr = False,
     F16: tl.constexpr = 0,
+    zero_ptr=None,
+    zero_numel=0,
+    ZERO: tl.constexpr = False,
 ):
     """x̂ = x · (1/s) for this program's CHUNK columns, written as [M, PLANES, KP/PLANES]
     (plane p holds the columns c ≡ p mod PLANES; zero past K; with ``PRESCALE``, plane p
@@ -187,7 +190,9 @@ def _prep_kernel(
     A handful of tokens: no tensor-core tile to fill (a 16-row ``tl.dot`` for one token
     took 255 registers and 10 µs, v9), many small programs, a couple of memory round
     trips. With ``PDL`` it lets the GEMV launch at once (the GEMV waits for this
-    kernel's writes before it reads them)."""
+    kernel's writes before it reads them). ``ZERO``: the programs also zero the
+    ``zero_numel`` fp32 at ``zero_ptr`` (the GEMV's K-split sums: no fill kernel between
+    this one and its programmatic dependent)."""
     if PDL:
         gdc_launch_dependents()
     pid_k = tl.program_id(0)
@@ -225,6 +230,12 @@ def _prep_kernel(
         ld = _ld_block(ld_ptr, r0, c, cmask, R, stride_ldr)
         _lora_block(x_ptr, lora_ptr, ld, r0, c, cmask, inv_s, M, R, stride_xm, stride_ls,
                     stride_lm, pid_k)  # fmt: skip
+    if ZERO:
+        share = tl.cdiv(zero_numel, tl.num_programs(0))
+        for z in range(pid_k * share, (pid_k + 1) * share, 1024):
+            zi = z + tl.arange(0, 1024)
+            tl.store(zero_ptr + zi, tl.zeros([1024], tl.float32),
+                     mask=(zi < zero_numel) & (zi < (pid_k + 1) * share))  # fmt: skip
 
 
 @triton.jit
@@ -946,7 +957,7 @@ def w4a16_linear(
         )
         pdl = _pdl(x.device)
         xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=False, pdl=pdl,
-                        f16=gemv_gluon.tokens(m))  # fmt: skip
+                        f16=gemv_gluon.tokens(m), n=n)  # fmt: skip
         return gemv(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, fmt, x.dtype,
                     pdl=pdl)  # fmt: skip
     fma, packed, i16 = path == "fma", path == "packed", path == "dp4a"
@@ -1001,10 +1012,12 @@ class Int16X:
 class F16X:
     """x̂ for the Gluon kernel (``prep(..., f16=T)``): fp16 ``planes`` [kp/64, 2, 32, T] (per
     group and token a power of two ``1 / P`` times x̂, in the MMA's order: ``_store_f16``)
-    and fp32 ``scales`` [kp/64, 2, T] (P, then the decode's offset ``1032 · Σ x̂``)."""
+    and fp32 ``scales`` [kp/64, 2, T] (P, then the decode's offset ``1032 · Σ x̂``);
+    ``out``: a zeroed fp32 [M, N] buffer for the GEMV's sums (``prep(..., n=N)``) or None."""
 
     planes: torch.Tensor
     scales: torch.Tensor
+    out: torch.Tensor | None = None
 
 
 @dataclass
@@ -1028,6 +1041,7 @@ def prep(
     packed: bool = False,
     i16: bool = False,
     f16: int = 0,
+    n: int = 0,
 ) -> tuple[torch.Tensor | PackedX | Int16X | F16X, torch.Tensor]:
     """x̂ = x · (1/s) as [M, planes, kp/planes] fp32 (plane p: the columns ≡ p mod planes;
     8 for the FMA kernel — for int4 weights each plane scaled by the power of two its
@@ -1037,7 +1051,7 @@ def prep(
     programmatic dependent (``gemv(..., pdl=True)``); ``packed``: x̂ as ``PackedX``, for
     the packed tensor-core kernel (int4, kp a multiple of 64); ``i16``: x̂ as ``Int16X``,
     for the dp4a kernel (int4); ``f16``: x̂ as ``F16X`` with that many token slots, for the
-    Gluon kernel (int4, kp a multiple of 64)."""
+    Gluon kernel (int4, kp a multiple of 64), with ``n``: and its zeroed [M, n] fp32 sums."""
     planes = 8 if fma else 2
     m, k = x.shape
     if x.stride(-1) != 1:
@@ -1059,15 +1073,19 @@ def prep(
     else:
         xh = torch.empty(m, planes, kp // planes, dtype=torch.float32, device=x.device)
         sums = lora  # never written
+    zero = None
+    if f16 and n:
+        zero = torch.empty(m, n, dtype=torch.float32, device=x.device)
     _prep_kernel[(chunks,)](
         x, smooth, lowrank_down, xh, lora, sums, m, k, kp, r,
         x.stride(0), lowrank_down.stride(0), xh.stride(0), lora.stride(0), lora.stride(1),
         CHUNK=LORA_CHUNK, PLANES=planes, PRESCALE=fma and fmt == "int4", PDL=pdl,
         PACKED=packed, INTERPRET=interpreting(), I16=i16, LD_FIRST=PREP_LD_FIRST, F16=f16,
-        num_warps=4,
+        zero_ptr=zero, zero_numel=zero.numel() if zero is not None else 0,
+        ZERO=zero is not None, num_warps=4,
     )  # fmt: skip
     if f16:
-        return F16X(xh, sums), lora[..., :r]
+        return F16X(xh, sums, zero), lora[..., :r]
     if packed:
         return PackedX(xh, sums), lora[..., :r]
     return (Int16X(xh, sums) if i16 else xh), lora[..., :r]
