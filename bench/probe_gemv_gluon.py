@@ -129,30 +129,39 @@ def sweep() -> list[dict]:
 
 
 def split(ms: list[int]) -> list[dict]:
-    """The prep alone, the Gluon GEMV alone on its outputs, and the two (PDL), at N = 18432."""
+    """The prep alone, the Gluon GEMV alone on its outputs (persistent and not), and the two
+    (PDL), at N = 18432."""
     rows = []
     layer = Layer(18432, 3072)
     kp = layer.qweight.shape[1] * 2
     w = gemv._operands(layer.qweight, layer.wscales, layer.wtensor_scale, layer.up, fma=False)
-    for m in ms:
-        x = torch.randn(m, 3072, device="cuda").bfloat16()
-        t = gemv_gluon.tokens(m)
-        xh, lora = gemv.prep(x, layer.smooth, layer.down, kp, "int4", fma=False, f16=t)
-        prep_us = bench_graph(
-            lambda x=x, t=t: gemv.prep(x, layer.smooth, layer.down, kp, "int4", fma=False, f16=t)
-        )
-        gemv_us = bench_graph(
-            lambda xh=xh, lora=lora: gemv_gluon.gemv_gluon(
-                xh, lora, w[0], w[1], w[2], w[3], layer.bias, torch.bfloat16
+    saved = gemv_gluon.PERSISTENT
+    try:
+        for m in ms:
+            x = torch.randn(m, 3072, device="cuda").bfloat16()
+            t = gemv_gluon.tokens(m)
+            xh, lora = gemv.prep(x, layer.smooth, layer.down, kp, "int4", fma=False, f16=t,
+                                 n=18432)  # fmt: skip
+            prep_us = bench_graph(
+                lambda x=x, t=t: gemv.prep(
+                    x, layer.smooth, layer.down, kp, "int4", fma=False, f16=t, n=18432
+                )
             )
-        )
-        both_us, _ = _case(layer, x, True)
-        # what a K split adds around the kernel: the zeroed fp32 buffer and the cast
-        frame_us = bench_graph(lambda m=m: torch.zeros(m, 18432, device="cuda").to(torch.bfloat16))
-        rows.append(dict(M=m, prep_us=prep_us, gemv_us=gemv_us, both_us=both_us,
-                         zeros_and_cast_us=frame_us))  # fmt: skip
-        print(f"split M={m:2d}: prep {prep_us:5.1f} us, gemv {gemv_us:5.1f}, both {both_us:5.1f}, "
-              f"zeros + cast alone {frame_us:4.1f}")  # fmt: skip
+            row = dict(M=m, prep_us=prep_us)
+            for persistent in (False, True):
+                gemv_gluon.PERSISTENT = persistent
+                key = "persistent" if persistent else "split"
+                row[f"{key}_gemv_us"] = bench_graph(
+                    lambda xh=xh, lora=lora: gemv_gluon.gemv_gluon(
+                        xh, lora, w[0], w[1], w[2], w[3], layer.bias, torch.bfloat16
+                    )
+                )
+                row[f"{key}_both_us"] = _case(layer, x, True, persistent)[0]
+            rows.append(row)
+            print(f"split M={m:2d}: " + ", ".join(f"{k} {v:5.1f}" for k, v in row.items()
+                                                   if k != "M"))  # fmt: skip
+    finally:
+        gemv_gluon.PERSISTENT = saved
     return rows
 
 
