@@ -461,8 +461,8 @@ def _gluon_persistent_spec(m: int) -> dict[str, Any]:
                   lu_ptr="*bf16", bias_ptr="*bf16", out_ptr="*fp32"),
         ints=dict(M=m, N=18432, G=48, R=32, S=24, NB=144, J=24, stride_sn=48, stride_ls=128,
                   stride_lm=32, stride_un=32, stride_om=18432),
-        consts=dict(HAS_LORA=True, HAS_BIAS=True, PDL=True, BN=bn, GS=gs, T=t, GP=64, RP=32,
-                    STAGES=g.PERSISTENT_STAGES, SB=8),
+        consts=dict(HAS_LORA=True, HAS_BIAS=True, PDL=True, BN=bn, GS=gs, T=t, RP=32,
+                    STAGES=g.PERSISTENT_STAGES, SB=32),
         warps=warps,
     )  # fmt: skip
 

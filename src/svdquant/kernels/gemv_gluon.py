@@ -342,13 +342,30 @@ if gemm_ws.HAVE_GLUON:
             tma.async_copy_global_to_shared(x_desc, [j * GS * 64, 0], bar, x_buf)
 
     @gluon.jit
+    def _unit_loads(sc_ptr, xo_ptr, b, j, rl, tok, N, G, stride_sn, BN: gl.constexpr,
+                    GS: gl.constexpr, T: gl.constexpr):  # fmt: skip
+        """Unit (``b``, ``j``)'s group scales [BN] and its groups' powers of two and offsets
+        [T] (zero past G), a tuple of GS of each."""
+        s_rows = sc_ptr + gl.minimum(b * BN + rl, N - 1) * stride_sn
+        s = ()
+        p = ()
+        o = ()
+        for i in gl.static_range(GS):
+            g = j * GS + i
+            s = s + (gl.load(s_rows + gl.minimum(g, G - 1)).to(gl.float32),)  # noqa: RUF005
+            ptr = xo_ptr + g * (2 * T) + tok
+            p = p + (gl.load(ptr, mask=(tok < T) & (g < G), other=0.0),)  # noqa: RUF005
+            o = o + (gl.load(ptr + T, mask=(tok < T) & (g < G), other=0.0),)  # noqa: RUF005
+        return s, p, o
+
+    @gluon.jit
     def _w4a16_gluon_persistent_kernel(
         q_desc, x_desc, xo_ptr, sc_ptr, ts_ptr, lora_ptr, lu_ptr, bias_ptr, out_ptr,
         M, N, G, R, S, NB, J,
         stride_sn, stride_ls, stride_lm, stride_un, stride_om,
         HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
-        BN: gl.constexpr, GS: gl.constexpr, T: gl.constexpr, GP: gl.constexpr,
-        RP: gl.constexpr, STAGES: gl.constexpr, SB: gl.constexpr,
+        BN: gl.constexpr, GS: gl.constexpr, T: gl.constexpr, RP: gl.constexpr,
+        STAGES: gl.constexpr, SB: gl.constexpr,
     ):  # fmt: skip
         """``_w4a16_gluon_kernel``'s sums over an even share of the (row block, step of GS
         groups) units: ``J`` steps a row block, ``NB`` row blocks, units in row-major order
@@ -370,7 +387,6 @@ if gemm_ws.HAVE_GLUON:
         ROWS: gl.constexpr = gl.SliceLayout(1, mma)
         COLS: gl.constexpr = gl.SliceLayout(0, mma)
         FLAT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        PL: gl.constexpr = gl.BlockedLayout([1, 1], [32 // T, T], [4, 1], [1, 0])
         CODE_BYTES: gl.constexpr = BN * 32 * GS
         BYTES: gl.constexpr = CODE_BYTES + 64 * GS * T * 2
 
@@ -392,34 +408,19 @@ if gemm_ws.HAVE_GLUON:
             if i < n_units:
                 _request_unit(q_desc, x_desc, ready.index(i), q_bufs.index(i), x_bufs.index(i),
                               (u0 + i) // J * BN, (u0 + i) % J, GS, True, False, BYTES)  # fmt: skip
-        # their group scales (a unit ahead from here on)
-        gcol = gl.arange(0, GS, layout=COLS)
         rl = gl.arange(0, BN, layout=ROWS)
-        s_rows = gl.minimum((u0 // J) * BN + rl, N - 1)
-        s_cols = gl.minimum((u0 % J) * GS + gcol, G - 1)
-        s_next = gl.load(sc_ptr + s_rows[:, None] * stride_sn + s_cols[None, :]).to(gl.float32)
+        tok = gl.arange(0, T, layout=COLS)
         if PDL:
             gdc_wait()
         for i in gl.static_range(STAGES):
             if i < n_units:
                 _request_unit(q_desc, x_desc, ready.index(i), q_bufs.index(i), x_bufs.index(i),
                               0, (u0 + i) % J, GS, False, True, BYTES)  # fmt: skip
-        # every group's power of two and offset (3-16 KB), and the low-rank sums
-        pg = gl.arange(0, GP, layout=gl.SliceLayout(1, PL))
-        pt = gl.arange(0, T, layout=gl.SliceLayout(0, PL))
-        p_off = pg[:, None] * (2 * T) + pt[None, :]
-        p_mask = (pg < G)[:, None]
-        p_s = gl.allocate_shared_memory(
-            gl.float32, [GP, T], FLAT, value=gl.load(xo_ptr + p_off, mask=p_mask, other=0.0)
-        )
-        o_s = gl.allocate_shared_memory(
-            gl.float32, [GP, T], FLAT, value=gl.load(xo_ptr + T + p_off, mask=p_mask, other=0.0)
-        )
-        # (viewed with a rank-1 layout: one group's [T] indexed at run time)
-        FLAT1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        p_s = p_s._reinterpret(gl.float32, [GP, T], FLAT1)
-        o_s = o_s._reinterpret(gl.float32, [GP, T], FLAT1)
-        if HAS_LORA:  # Σ over the prep's chunks, SB loads in flight at a time: [RP, T]
+        # the first unit's scales, powers of two and offsets (a unit ahead from here on)
+        s_next, p_next, o_next = _unit_loads(sc_ptr, xo_ptr, u0 // J, u0 % J, rl, tok, N, G,
+                                             stride_sn, BN, GS, T)  # fmt: skip
+        # the low-rank sums
+        if HAS_LORA:  # Σ over the prep's chunks, SB chunks' loads in flight at once: [RP, T]
             LR: gl.constexpr = gl.BlockedLayout([1, 1], [32 // T, T], [4, 1], [1, 0])
             rr = gl.arange(0, RP, layout=gl.SliceLayout(1, LR))
             tt = gl.arange(0, T, layout=gl.SliceLayout(0, LR))
@@ -433,7 +434,6 @@ if gemm_ws.HAVE_GLUON:
             la_s = gl.allocate_shared_memory(gl.float32, [RP, T], FLAT, value=la)
         gl.thread_barrier()
 
-        tok = gl.arange(0, T, layout=COLS)
         ts = gl.load(ts_ptr)
         acc = gl.zeros([BN, T], gl.float32, layout=mma)
         for i in range(n_units):
@@ -441,10 +441,11 @@ if gemm_ws.HAVE_GLUON:
             b = u // J
             j = u % J
             s_cur = s_next
-            un = gl.minimum(u + 1, u0 + n_units - 1)  # the next unit's scales
-            s_rows = gl.minimum((un // J) * BN + rl, N - 1)
-            s_cols = gl.minimum((un % J) * GS + gcol, G - 1)
-            s_next = gl.load(sc_ptr + s_rows[:, None] * stride_sn + s_cols[None, :]).to(gl.float32)
+            p_cur = p_next
+            o_cur = o_next
+            un = gl.minimum(u + 1, u0 + n_units - 1)  # the next unit's
+            s_next, p_next, o_next = _unit_loads(sc_ptr, xo_ptr, un // J, un % J, rl, tok, N, G,
+                                                 stride_sn, BN, GS, T)  # fmt: skip
             slot = i % STAGES
             mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
             for g in gl.static_range(GS):
@@ -457,10 +458,7 @@ if gemm_ws.HAVE_GLUON:
                 part = mma_v2(_as_operand(lo, A, BN), x_even, part)
                 part = mma_v2(_as_operand(hi, A, BN), x_odd, part)
                 # (groups past G: P = O = 0, they add nothing)
-                p = p_s.index(j * GS + g).load(COLS)
-                o = o_s.index(j * GS + g).load(COLS)
-                s_g = gl.sum(gl.where((gcol == g)[None, :], s_cur, 0.0), axis=1)
-                acc += (part * p[None, :] - o[None, :]) * s_g[:, None]
+                acc += (part * p_cur[g][None, :] - o_cur[g][None, :]) * s_cur[g][:, None]
             gl.thread_barrier()  # every warp is done with this slot: refill it
             if i + STAGES < n_units:
                 fence_async_shared()
@@ -575,7 +573,7 @@ def _gemv_persistent(xh, xo, m, t, lora, qweight, wscales, wtensor_scale, lowran
         wscales.stride(0), lora.stride(0), lora.stride(1), lowrank_up.stride(0) if r else 0,
         out.stride(0),
         HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs, T=t,
-        GP=next_pow2(steps * gs), RP=max(32, next_pow2(r)), STAGES=PERSISTENT_STAGES, SB=8,
+        RP=max(32, next_pow2(r)), STAGES=PERSISTENT_STAGES, SB=min(32, next_pow2(chunks)),
         num_warps=warps, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out.to(out_dtype)
