@@ -5,14 +5,10 @@ path without it ("default" in the table: the dp4a kernel up to 4 tokens, the pac
 tensor-core kernel above — the path before v49) in the same run and BF16
 ``F.linear``: the whole ``w4a16_linear`` (prep + GEMV, rank 32, bias), replayed from a
 CUDA graph, N = 18432 / 9216, K = 3072, and each path's error against the reference.
-The Gluon kernel both ways: persistent (``gemv_gluon.PERSISTENT``: even shares of the
-(row block, step) units, one TMA ring through them) and one program per row block and K
-split. ``--sweep``: the split kernel's groups a step, groups a program and TMA stages at 4
-and 16 tokens; ``--psweep``: the persistent kernel's tile, ring depth and programs an SM at
-1, 4 and 16 tokens; ``--split``: the prep and the GEMV timed apart.
+``--sweep``: the Gluon kernel's groups a step, groups a program and TMA stages at 4 and 16
+tokens; ``--split``: the prep and the GEMV timed apart.
 
-    PYTHONPATH=src python bench/probe_gemv_gluon.py [--ms 1,2,3,4,5,8,16] [--sweep] [--psweep]
-        [--split] [--out DIR]
+    PYTHONPATH=src python bench/probe_gemv_gluon.py [--ms 1,2,3,4,5,8,16] [--sweep] [--out DIR]
 """
 
 from __future__ import annotations
@@ -37,68 +33,35 @@ def _rel(y: torch.Tensor, want: torch.Tensor) -> float:
     return ((y.float() - want.float()).norm() / want.float().norm()).item()
 
 
-def _case(
-    layer: Layer, x: torch.Tensor, gluon: bool, persistent: bool = True
-) -> tuple[float, float]:
+def _case(layer: Layer, x: torch.Tensor, gluon: bool) -> tuple[float, float]:
     """(µs replayed, error against the reference) of ``w4a16_linear`` with the Gluon GEMV
-    (``persistent`` or not) at every token count (``gluon``) or off."""
-    saved = gemv.GLUON, gemv.GLUON_MIN_M, gemv_gluon.PERSISTENT
-    gemv.GLUON, gemv.GLUON_MIN_M, gemv_gluon.PERSISTENT = gluon, 1, persistent
+    at every token count (``gluon``) or off."""
+    saved = gemv.GLUON, gemv.GLUON_MIN_M
+    gemv.GLUON, gemv.GLUON_MIN_M = gluon, 1
     try:
         y = layer.w4a16(x)
         w = (layer.qweight, layer.wscales, layer.wtensor_scale, layer.smooth)
         err = _rel(y, ref.w4a16_linear_ref(x, *w, layer.down, layer.up, layer.bias, "int4"))
         return bench_graph(lambda: layer.w4a16(x)), err
     finally:
-        gemv.GLUON, gemv.GLUON_MIN_M, gemv_gluon.PERSISTENT = saved
+        gemv.GLUON, gemv.GLUON_MIN_M = saved
 
 
 def table(ms: list[int]) -> list[dict]:
     rows = []
-    print(f"{'M':>3} {'N':>6} | bf16 us | no gluon us (err) | split us (err) | persistent us "
-          "(err) | persistent x bf16, x no gluon, x split")  # fmt: skip
+    print(f"{'M':>3} {'N':>6} | bf16 us | default us (err) | gluon us (err) | "
+          "gluon x bf16, x default")  # fmt: skip
     for n in (18432, 9216):
         layer = Layer(n, 3072)
         for m in ms:
             x = torch.randn(m, 3072, device="cuda").bfloat16()
             bf16 = bench_graph(lambda x=x, layer=layer: F.linear(x, layer.w16, layer.bias))
             d_us, d_err = _case(layer, x, False)
-            s_us, s_err = _case(layer, x, True, persistent=False)
             g_us, g_err = _case(layer, x, True)
             rows.append(dict(M=m, N=n, K=3072, bf16_us=bf16, default_us=d_us, default_err=d_err,
-                             split_us=s_us, split_err=s_err, persistent_us=g_us,
-                             persistent_err=g_err))  # fmt: skip
-            print(f"{m:3d} {n:6d} | {bf16:7.1f} | {d_us:6.1f} ({d_err:.1e}) | {s_us:6.1f} "
-                  f"({s_err:.1e}) | {g_us:6.1f} ({g_err:.1e}) | {bf16 / g_us:.2f}x "
-                  f"{d_us / g_us:.2f}x {s_us / g_us:.2f}x")  # fmt: skip
-    return rows
-
-
-def psweep() -> list[dict]:
-    """The persistent kernel's (tile, ring depth, programs an SM) at 1, 4 and 16 tokens."""
-    rows = []
-    saved = (gemv_gluon.PERSISTENT_TILE, gemv_gluon.PERSISTENT_STAGES,
-             gemv_gluon.PERSISTENT_PER_SM)  # fmt: skip
-    layer = Layer(18432, 3072)
-    try:
-        for m in (1, 4, 16):
-            x = torch.randn(m, 3072, device="cuda").bfloat16()
-            for tile, stages, per_sm in itertools.product(
-                ((128, 2, 4), (128, 4, 4)), (3, 4), (2, 4)
-            ):
-                gemv_gluon.PERSISTENT_TILE, gemv_gluon.PERSISTENT_STAGES = tile, stages
-                gemv_gluon.PERSISTENT_PER_SM = per_sm
-                try:
-                    us, err = _case(layer, x, True)
-                except Exception as e:  # too much shared memory, ...
-                    print(f"M={m} {tile} stages {stages} per SM {per_sm}: {type(e).__name__}")
-                    continue
-                rows.append(dict(M=m, tile=tile, stages=stages, per_sm=per_sm, us=us, err=err))
-                print(f"M={m:2d} {tile} stages {stages} per SM {per_sm}: {us:6.1f} us "
-                      f"(err {err:.1e})")  # fmt: skip
-    finally:
-        (gemv_gluon.PERSISTENT_TILE, gemv_gluon.PERSISTENT_STAGES,
-         gemv_gluon.PERSISTENT_PER_SM) = saved  # fmt: skip
+                             gluon_us=g_us, gluon_err=g_err))  # fmt: skip
+            print(f"{m:3d} {n:6d} | {bf16:7.1f} | {d_us:6.1f} ({d_err:.1e}) | {g_us:6.1f} "
+                  f"({g_err:.1e}) | {bf16 / g_us:.2f}x {d_us / g_us:.2f}x")  # fmt: skip
     return rows
 
 
@@ -113,7 +76,7 @@ def sweep() -> list[dict]:
                 gemv_gluon.TILE, gemv_gluon.MAX_GROUPS = (bn, gs, 4), mg
                 gemv_gluon.STAGES = stages
                 try:
-                    us, err = _case(layer, x, True, persistent=False)
+                    us, err = _case(layer, x, True)
                 except Exception as e:  # a tile that does not compile
                     print(f"M={m} tile {bn}x{gs} groups {mg} stages {stages}: {type(e).__name__}")
                     continue
@@ -127,39 +90,32 @@ def sweep() -> list[dict]:
 
 
 def split(ms: list[int]) -> list[dict]:
-    """The prep alone, the Gluon GEMV alone on its outputs (persistent and not), and the two
-    (PDL), at N = 18432."""
+    """The prep alone, the Gluon GEMV alone on its outputs, and the two (PDL), at N = 18432."""
     rows = []
     layer = Layer(18432, 3072)
     kp = layer.qweight.shape[1] * 2
     w = gemv._operands(layer.qweight, layer.wscales, layer.wtensor_scale, layer.up, fma=False)
-    saved = gemv_gluon.PERSISTENT
-    try:
-        for m in ms:
-            x = torch.randn(m, 3072, device="cuda").bfloat16()
-            t = gemv_gluon.tokens(m)
-            xh, lora = gemv.prep(x, layer.smooth, layer.down, kp, "int4", fma=False, f16=t,
-                                 n=18432)  # fmt: skip
-            prep_us = bench_graph(
-                lambda x=x, t=t: gemv.prep(
-                    x, layer.smooth, layer.down, kp, "int4", fma=False, f16=t, n=18432
-                )
+    for m in ms:
+        x = torch.randn(m, 3072, device="cuda").bfloat16()
+        t = gemv_gluon.tokens(m)
+        xh, lora = gemv.prep(x, layer.smooth, layer.down, kp, "int4", fma=False, f16=t, n=18432)
+        prep_us = bench_graph(
+            lambda x=x, t=t: gemv.prep(
+                x, layer.smooth, layer.down, kp, "int4", fma=False, f16=t, n=18432
             )
-            row = dict(M=m, prep_us=prep_us)
-            for persistent in (False, True):
-                gemv_gluon.PERSISTENT = persistent
-                key = "persistent" if persistent else "split"
-                row[f"{key}_gemv_us"] = bench_graph(
-                    lambda xh=xh, lora=lora: gemv_gluon.gemv_gluon(
-                        xh, lora, w[0], w[1], w[2], w[3], layer.bias, torch.bfloat16
-                    )
-                )
-                row[f"{key}_both_us"] = _case(layer, x, True, persistent)[0]
-            rows.append(row)
-            print(f"split M={m:2d}: " + ", ".join(f"{k} {v:5.1f}" for k, v in row.items()
-                                                   if k != "M"))  # fmt: skip
-    finally:
-        gemv_gluon.PERSISTENT = saved
+        )
+        gemv_us = bench_graph(
+            lambda xh=xh, lora=lora: gemv_gluon.gemv_gluon(
+                xh, lora, w[0], w[1], w[2], w[3], layer.bias, torch.bfloat16
+            )
+        )
+        both_us, _ = _case(layer, x, True)
+        # what a K split adds around the kernel: the zeroed fp32 buffer and the cast
+        frame_us = bench_graph(lambda m=m: torch.zeros(m, 18432, device="cuda").to(torch.bfloat16))
+        rows.append(dict(M=m, prep_us=prep_us, gemv_us=gemv_us, both_us=both_us,
+                         zeros_and_cast_us=frame_us))  # fmt: skip
+        print(f"split M={m:2d}: prep {prep_us:5.1f} us, gemv {gemv_us:5.1f}, both {both_us:5.1f}, "
+              f"zeros + cast alone {frame_us:4.1f}")  # fmt: skip
     return rows
 
 
@@ -167,19 +123,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default="1,2,3,4,5,8,16")
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--psweep", action="store_true", help="the persistent kernel's settings")
     p.add_argument("--split", action="store_true", help="the prep and the GEMV timed apart")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
     result = {**run_info(), "tile": gemv_gluon.TILE, "max_groups": gemv_gluon.MAX_GROUPS,
               "programs_per_sm": gemv_gluon.PROGRAMS_PER_SM,
-              "stages": gemv_gluon.STAGES, "persistent_tile": gemv_gluon.PERSISTENT_TILE,
-              "persistent_stages": gemv_gluon.PERSISTENT_STAGES,
-              "persistent_per_sm": gemv_gluon.PERSISTENT_PER_SM}  # fmt: skip
+              "stages": gemv_gluon.STAGES}  # fmt: skip
     if a.sweep:
         result["sweep"] = sweep()
-    if a.psweep:
-        result["psweep"] = psweep()
     if a.split:
         result["split"] = split([1, 4, 8, 16])
     result["rows"] = table([int(v) for v in a.ms.split(",")])

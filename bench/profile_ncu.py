@@ -9,7 +9,7 @@ Everything is compiled and run once first (autotuning, JIT) outside the profiled
 then each kernel of a FLUX.1 layer shape runs once between ``cudaProfilerStart`` and
 ``cudaProfilerStop``, so ncu sees exactly those launches: the W4A16 GEMV at M = 1 and 4
 (N = 18432, K = 3072, rank 32, bias) with its x̂ prep kernel (and the Gluon one at 4 and
-16 tokens, ``gemv_gluon``, and not persistent at 4, ``gemv_gluon_split``), the activation quantize
+16 tokens, ``gemv_gluon``), the activation quantize
 (M = 4608, K = 3072, rank 32; and the Gluon one, ``quantize_ws``), the widen
 (N = K = 3072) and the fp8 GEMM + low-rank + bias (M = 4608, N = K = 3072), the fused
 MLP's fc1 (quantize-next epilogue), and the warp-specialized Gluon GEMM (``gemm_ws``, with
@@ -38,16 +38,16 @@ from svdquant.kernels.quantize_ws import quantize_act_ws
 from svdquant.kernels.widen import widen_weight
 
 
-def _gluon(fn, persistent: bool = True):
-    """``fn()`` with the Gluon GEMV on from one token (``persistent`` or not)."""
-    from svdquant.kernels import gemv, gemv_gluon
+def _gluon(fn):
+    """``fn()`` with the Gluon GEMV on from one token."""
+    from svdquant.kernels import gemv
 
-    saved = gemv.GLUON, gemv.GLUON_MIN_M, gemv_gluon.PERSISTENT
-    gemv.GLUON, gemv.GLUON_MIN_M, gemv_gluon.PERSISTENT = True, 1, persistent
+    saved = gemv.GLUON, gemv.GLUON_MIN_M
+    gemv.GLUON, gemv.GLUON_MIN_M = True, 1
     try:
         return fn()
     finally:
-        gemv.GLUON, gemv.GLUON_MIN_M, gemv_gluon.PERSISTENT = saved
+        gemv.GLUON, gemv.GLUON_MIN_M = saved
 
 
 def cases() -> dict:
@@ -75,8 +75,6 @@ def cases() -> dict:
         "gemv_gluon": lambda: _gluon(
             lambda: (w4a16_linear(x4, *g, "int4"), w4a16_linear(x16, *g, "int4"))
         ),
-        # the Gluon GEMV with a program per row block and K split (not persistent), 4 tokens
-        "gemv_gluon_split": lambda: _gluon(lambda: w4a16_linear(x4, *g, "int4"), False),
         "quantize": lambda: quantize_act(xm, sq.smooth, sq.down, s, 3072, "int4"),
         "quantize_nolr": lambda: quantize_act(xm, sq.smooth, sq.down[:0], s, 3072, "int4"),
         # the Gluon quantize (``quantize_ws``, off by default) on the same input

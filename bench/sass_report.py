@@ -441,42 +441,6 @@ def _gemv_gluon_m16() -> dict[str, Any]:
     return _gluon_gemv_spec(16)
 
 
-def _gluon_persistent_spec(m: int) -> dict[str, Any]:
-    """The persistent Gluon GEMV (``gemv_gluon.PERSISTENT``) at ``m`` tokens, N = 18432,
-    K = 3072, rank 32."""
-    import torch
-    from triton.experimental.gluon import language as gl
-
-    from svdquant.kernels import gemv_gluon as g
-
-    bn, gs, warps = g.PERSISTENT_TILE
-    t = g.tokens(m)
-    q_flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
-    x_flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
-    return dict(
-        kernel=g._w4a16_gluon_persistent_kernel,
-        ptrs=dict(q_desc=_desc(18432, 1536, torch.uint8, gl.uint8, [bn, 32 * gs], q_flat),
-                  x_desc=_desc(3072, t, torch.float16, gl.float16, [64 * gs, t], x_flat),
-                  xo_ptr="*fp32", sc_ptr="*fp16", ts_ptr="*fp32", lora_ptr="*fp32",
-                  lu_ptr="*bf16", bias_ptr="*bf16", out_ptr="*fp32"),
-        ints=dict(M=m, N=18432, G=48, R=32, S=24, NB=144, J=24, stride_sn=48, stride_ls=128,
-                  stride_lm=32, stride_un=32, stride_om=18432),
-        consts=dict(HAS_LORA=True, HAS_BIAS=True, PDL=True, BN=bn, GS=gs, T=t, RP=32,
-                    STAGES=g.PERSISTENT_STAGES, SB=32),
-        warps=warps,
-    )  # fmt: skip
-
-
-@_spec("gemv_gluon_persistent")
-def _gemv_gluon_persistent() -> dict[str, Any]:
-    return _gluon_persistent_spec(4)
-
-
-@_spec("gemv_gluon_persistent_m16")
-def _gemv_gluon_persistent_m16() -> dict[str, Any]:
-    return _gluon_persistent_spec(16)
-
-
 @_spec("gemv_prep")
 def _gemv_prep() -> dict[str, Any]:
     from svdquant.kernels import gemv as g

@@ -22,7 +22,8 @@ shared memory into the MMA layout, and multiplies four times (x̂ as two bf16 pa
 * x̂, the powers of two and offsets for the program's K range are staged once in shared
   memory (all its warps read them); the group scales are loaded a step ahead; a K
   split's sums meet through fp32 atomics (a zeroed buffer and a cast around the kernel:
-  finishing them inside it was slower, ``bench/NOTES.md`` v49).
+  finishing them inside it was slower, ``bench/NOTES.md`` v49; the prep kernel zeroes the
+  buffer: no fill kernel between the two).
 
 GPU only (sm_90, a triton with Gluon: ``gemm_ws.available``), no interpreter; the prep
 kernel (``gemv.prep(..., f16=...)``) is triton and runs anywhere.
@@ -72,13 +73,6 @@ STAGES = 3
 #: program, at most ``MAX_GROUPS`` (the staged x̂ and the unrolled loop grow with them).
 PROGRAMS_PER_SM = 4
 MAX_GROUPS = 8
-#: The persistent kernel (``_w4a16_gluon_persistent_kernel``) where TMA can read the codes:
-#: (rows a program: 64 or 128, groups a unit, num_warps), its ring's depth, its programs
-#: an SM.
-PERSISTENT = True
-PERSISTENT_TILE = (128, 2, 4)
-PERSISTENT_STAGES = 4
-PERSISTENT_PER_SM = 4
 
 
 def available(device: torch.device) -> bool:
@@ -328,169 +322,6 @@ if gemm_ws.HAVE_GLUON:
             gl.store(optr, y.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-if gemm_ws.HAVE_GLUON:
-
-    @gluon.jit
-    def _request_unit(q_desc, x_desc, bar, q_buf, x_buf, row, j, GS: gl.constexpr,
-                      CODES: gl.constexpr, XHAT: gl.constexpr, NBYTES: gl.constexpr):  # fmt: skip
-        """A unit's TMA requests on ``bar`` (``NBYTES`` in all): its codes (``CODES``: the
-        [BN, 32 · GS] bytes at ``row``, step ``j``) and/or its x̂ (``XHAT``: [64 · GS, T])."""
-        if CODES:
-            mbarrier.expect(bar, NBYTES)
-            tma.async_copy_global_to_shared(q_desc, [row, j * GS * 32], bar, q_buf)
-        if XHAT:
-            tma.async_copy_global_to_shared(x_desc, [j * GS * 64, 0], bar, x_buf)
-
-    @gluon.jit
-    def _unit_loads(sc_ptr, xo_ptr, b, j, rl, tok, N, G, stride_sn, BN: gl.constexpr,
-                    GS: gl.constexpr, T: gl.constexpr):  # fmt: skip
-        """Unit (``b``, ``j``)'s group scales [BN] and its groups' powers of two and offsets
-        [T] (zero past G), a tuple of GS of each."""
-        s_rows = sc_ptr + gl.minimum(b * BN + rl, N - 1) * stride_sn
-        s = ()
-        p = ()
-        o = ()
-        for i in gl.static_range(GS):
-            g = j * GS + i
-            s = s + (gl.load(s_rows + gl.minimum(g, G - 1)).to(gl.float32),)  # noqa: RUF005
-            ptr = xo_ptr + g * (2 * T) + tok
-            p = p + (gl.load(ptr, mask=(tok < T) & (g < G), other=0.0),)  # noqa: RUF005
-            o = o + (gl.load(ptr + T, mask=(tok < T) & (g < G), other=0.0),)  # noqa: RUF005
-        return s, p, o
-
-    @gluon.jit
-    def _w4a16_gluon_persistent_kernel(
-        q_desc, x_desc, xo_ptr, sc_ptr, ts_ptr, lora_ptr, lu_ptr, bias_ptr, out_ptr,
-        M, N, G, R, S, NB, J,
-        stride_sn, stride_ls, stride_lm, stride_un, stride_om,
-        HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
-        BN: gl.constexpr, GS: gl.constexpr, T: gl.constexpr, RP: gl.constexpr,
-        STAGES: gl.constexpr, SB: gl.constexpr,
-    ):  # fmt: skip
-        """``_w4a16_gluon_kernel``'s sums over an even share of the (row block, step of GS
-        groups) units: ``J`` steps a row block, ``NB`` row blocks, units in row-major order
-        split evenly over the programs (each sees one or a few row blocks' contiguous
-        steps), codes and x̂ by TMA through one ring for all of them; at a row block's
-        last step (or the share's end) the block's partial sums are added into the
-        zeroed fp32 ``out`` — with the low-rank term and bias by the share that holds
-        the block's first step."""
-        mma: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8]
-        )
-        A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-        A32: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=1)
-        B32: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=1)
-        UV: gl.constexpr = _code_layout(BN, True)
-        UA: gl.constexpr = _code_layout(BN, False)
-        XL: gl.constexpr = _xhat_layout(T)
-        ROWS: gl.constexpr = gl.SliceLayout(1, mma)
-        COLS: gl.constexpr = gl.SliceLayout(0, mma)
-        FLAT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        CODE_BYTES: gl.constexpr = BN * 32 * GS
-        BYTES: gl.constexpr = CODE_BYTES + 64 * GS * T * 2
-
-        pid = gl.program_id(0)
-        nprog = gl.num_programs(0)
-        units = NB * J
-        u0 = pid * units // nprog
-        n_units = (pid + 1) * units // nprog - u0
-
-        q_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, 32 * GS], q_desc.layout)
-        x_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, 64 * GS, T], x_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-        fence_async_shared()
-        gl.thread_barrier()
-        # the first units' codes: weights, no earlier kernel's output
-        for i in gl.static_range(STAGES):
-            if i < n_units:
-                _request_unit(q_desc, x_desc, ready.index(i), q_bufs.index(i), x_bufs.index(i),
-                              (u0 + i) // J * BN, (u0 + i) % J, GS, True, False, BYTES)  # fmt: skip
-        rl = gl.arange(0, BN, layout=ROWS)
-        tok = gl.arange(0, T, layout=COLS)
-        if PDL:
-            gdc_wait()
-        for i in gl.static_range(STAGES):
-            if i < n_units:
-                _request_unit(q_desc, x_desc, ready.index(i), q_bufs.index(i), x_bufs.index(i),
-                              0, (u0 + i) % J, GS, False, True, BYTES)  # fmt: skip
-        # the first unit's scales, powers of two and offsets (a unit ahead from here on)
-        s_next, p_next, o_next = _unit_loads(sc_ptr, xo_ptr, u0 // J, u0 % J, rl, tok, N, G,
-                                             stride_sn, BN, GS, T)  # fmt: skip
-        # the low-rank sums
-        if HAS_LORA:  # Σ over the prep's chunks, SB chunks' loads in flight at once: [RP, T]
-            LR: gl.constexpr = gl.BlockedLayout([1, 1], [32 // T, T], [4, 1], [1, 0])
-            rr = gl.arange(0, RP, layout=gl.SliceLayout(1, LR))
-            tt = gl.arange(0, T, layout=gl.SliceLayout(0, LR))
-            l_ptr = lora_ptr + tt[None, :] * stride_lm + rr[:, None]
-            l_mask = (tt < M)[None, :] & (rr < R)[:, None]
-            la = gl.zeros([RP, T], gl.float32, layout=LR)
-            for s0 in range(0, S, SB):
-                for k in gl.static_range(SB):
-                    la += gl.load(l_ptr + (s0 + k) * stride_ls, mask=l_mask & (s0 + k < S),
-                                  other=0.0)  # fmt: skip
-            la_s = gl.allocate_shared_memory(gl.float32, [RP, T], FLAT, value=la)
-        gl.thread_barrier()
-
-        ts = gl.load(ts_ptr)
-        acc = gl.zeros([BN, T], gl.float32, layout=mma)
-        for i in range(n_units):
-            u = u0 + i
-            b = u // J
-            j = u % J
-            s_cur = s_next
-            p_cur = p_next
-            o_cur = o_next
-            un = gl.minimum(u + 1, u0 + n_units - 1)  # the next unit's
-            s_next, p_next, o_next = _unit_loads(sc_ptr, xo_ptr, un // J, un % J, rl, tok, N, G,
-                                                 stride_sn, BN, GS, T)  # fmt: skip
-            slot = i % STAGES
-            mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
-            for g in gl.static_range(GS):
-                q = q_bufs.index(slot).slice(32 * g, 32, dim=1).load(UV)
-                lo, hi = _decode(gl.convert_layout(q, UA))
-                xb = x_bufs.index(slot)
-                x_even = _x_operand(xb.slice(64 * g, 32).load(XL), B, T)
-                x_odd = _x_operand(xb.slice(64 * g + 32, 32).load(XL), B, T)
-                part = gl.zeros([BN, T], gl.float32, layout=mma)
-                part = mma_v2(_as_operand(lo, A, BN), x_even, part)
-                part = mma_v2(_as_operand(hi, A, BN), x_odd, part)
-                # (groups past G: P = O = 0, they add nothing)
-                acc += (part * p_cur[g][None, :] - o_cur[g][None, :]) * s_cur[g][:, None]
-            gl.thread_barrier()  # every warp is done with this slot: refill it
-            if i + STAGES < n_units:
-                fence_async_shared()
-                _request_unit(q_desc, x_desc, ready.index(slot), q_bufs.index(slot),
-                              x_bufs.index(slot), (u + STAGES) // J * BN, (u + STAGES) % J, GS,
-                              True, True, BYTES)  # fmt: skip
-            if (j == J - 1) | (i == n_units - 1):  # the block's sums so far, out
-                y = acc * ts
-                rows = b * BN + rl
-                rows_c = gl.minimum(rows, N - 1)
-                if u0 <= b * J:  # this share holds the block's first step
-                    if HAS_LORA:
-                        UL: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
-                        un_ = gl.minimum(b * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, UL)),
-                                         N - 1)  # fmt: skip
-                        # tf32, as in _w4a16_gluon_kernel
-                        for r0 in gl.static_range(0, RP, 32):
-                            ur = r0 + gl.arange(0, 32, layout=gl.SliceLayout(0, UL))
-                            lu = gl.load(lu_ptr + un_[:, None] * stride_un + ur[None, :],
-                                         mask=(ur < R)[None, :], other=0.0)  # fmt: skip
-                            lb = la_s.slice(r0, 32).load(LR)
-                            lu = gl.convert_layout(lu.to(gl.float32), A32)
-                            y = mma_v2(lu, gl.convert_layout(lb, B32), y,
-                                       input_precision="tf32")  # fmt: skip
-                    if HAS_BIAS:
-                        y += gl.load(bias_ptr + rows_c).to(gl.float32)[:, None]
-                omask = (rows < N)[:, None] & (tok < M)[None, :]
-                gl.atomic_add(out_ptr + tok[None, :] * stride_om + rows[:, None], y, mask=omask,
-                              sem="relaxed")  # fmt: skip
-                acc = gl.zeros([BN, T], gl.float32, layout=mma)
-
-
 def tokens(m: int) -> int:
     """The token slots of the MMA's N for ``m`` tokens: 8 up to 8, else 16."""
     return 8 if m <= 8 else 16
@@ -511,7 +342,7 @@ def gemv_gluon(
     planes, the per-group powers of two and offsets; the low-rank partial sums ``lora``
     [chunks, M, r]) and the weights as ``gemv._operands`` gives them: [M, N] in
     ``out_dtype``. int4 weights only; ``gemv.gemv``'s ``pdl``."""
-    zeroed = xh.out
+    zeroed = xh.out  # (the prep's zeroed fp32 sums, or None)
     xh, xo, m = xh.planes, xh.scales, lora.shape[1]
     n, kp = qweight.shape[0], qweight.shape[1] * 2
     groups = kp // 64
@@ -523,16 +354,12 @@ def gemv_gluon(
     gs = min(gs, per_split)
     split = cdiv(groups, per_split)
     chunks, _, r = lora.shape
-    tma_ok = qweight.data_ptr() % 16 == 0 and qweight.stride(0) % 16 == 0
-    if PERSISTENT and tma_ok:
-        return _gemv_persistent(xh, xo, m, t, lora, qweight, wscales, wtensor_scale, lowrank_up,
-                                bias, out_dtype, pdl, zeroed)  # fmt: skip
     out = (
         zeroed
         if split > 1 and zeroed is not None
         else split_output(m, n, split, out_dtype, qweight.device)
     )
-    stages = STAGES if tma_ok else 0
+    stages = STAGES if qweight.data_ptr() % 16 == 0 and qweight.stride(0) % 16 == 0 else 0
     q_desc = qweight  # (a stand-in without TMA: never read)
     if stages:
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
@@ -547,33 +374,3 @@ def gemv_gluon(
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out if split == 1 else out.to(out_dtype)
-
-
-def _gemv_persistent(xh, xo, m, t, lora, qweight, wscales, wtensor_scale, lowrank_up, bias,
-                     out_dtype, pdl, out=None):  # fmt: skip
-    """``gemv_gluon`` on ``_w4a16_gluon_persistent_kernel``: ``PERSISTENT_PER_SM`` programs
-    an SM (at most one a unit), each an even share of the units; ``out``: a zeroed fp32
-    [M, N] buffer (the prep's, ``F16X.out``) or None (one is made here)."""
-    n, kp = qweight.shape[0], qweight.shape[1] * 2
-    groups = kp // 64
-    bn, gs, warps = PERSISTENT_TILE
-    steps = cdiv(groups, gs)
-    n_blocks = cdiv(n, bn)
-    chunks, _, r = lora.shape
-    if out is None:
-        out = torch.zeros(m, n, dtype=torch.float32, device=qweight.device)
-    programs = min(n_blocks * steps, PERSISTENT_PER_SM * num_sms(qweight.device))
-    q_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
-    x_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
-    q_desc = GluonDescriptor.from_tensor(qweight.view(torch.uint8), [bn, 32 * gs], q_layout)
-    x_desc = GluonDescriptor.from_tensor(xh.view(-1, t), [64 * gs, t], x_layout)
-    _w4a16_gluon_persistent_kernel[(programs,)](
-        q_desc, x_desc, xo, wscales, wtensor_scale, lora, lowrank_up,
-        bias if bias is not None else out, out, m, n, groups, r, chunks, n_blocks, steps,
-        wscales.stride(0), lora.stride(0), lora.stride(1), lowrank_up.stride(0) if r else 0,
-        out.stride(0),
-        HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs, T=t,
-        RP=max(32, next_pow2(r)), STAGES=PERSISTENT_STAGES, SB=min(32, next_pow2(chunks)),
-        num_warps=warps, **({"launch_pdl": True} if pdl else {}),
-    )  # fmt: skip
-    return out.to(out_dtype)
