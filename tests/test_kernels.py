@@ -1170,8 +1170,8 @@ def test_w4a16_packed_kernel_empty_split(monkeypatch, tile):
 
 
 def _f16x_to_dense(xh, m: int, kp: int) -> torch.Tensor:
-    """x̂ [m, kp] back from ``F16X``: each group's fp16 plane values times its power of two,
-    read at the positions ``gemv._store_f16`` documents."""
+    """x̂ [m, kp] back from ``F16X``: each group's fp16 plane values times its power of two
+    (the odd plane's times 16 too), read at the positions ``gemv._store_f16`` documents."""
     planes, scales = xh.planes.float().cpu(), xh.scales.float().cpu()
     t = planes.shape[-1]
     n = torch.arange(t)
@@ -1181,7 +1181,7 @@ def _f16x_to_dense(xh, m: int, kp: int) -> torch.Tensor:
     out = torch.zeros(t, kp)
     for g in range(kp // 64):
         for p in range(2):
-            out[:, 64 * g + 2 * b + p] = planes[g, p][lane, j] * scales[g, 0][:, None]
+            out[:, 64 * g + 2 * b + p] = planes[g, p][lane, j] * scales[g, 0][:, None] * 16**p
     return out[:m]
 
 
@@ -1189,8 +1189,9 @@ def _f16x_to_dense(xh, m: int, kp: int) -> torch.Tensor:
                                            (16, 1000, 16)])  # fmt: skip
 def test_w4a16_f16_prep_layout(m, k, t):
     """The Gluon GEMV's x̂ (``prep(..., f16=t)``): read back at the documented positions it
-    is x · (1/s) to fp16 rounding, every group's largest value of a token in [2⁹, 2¹⁰),
-    zero past M and K; the offset is 1032 · P · Σ of the stored values."""
+    is x · (1/s) to fp16 rounding, every group's largest value of a token in [2⁹, 2¹⁰)
+    (before the odd plane's / 16), zero past M and K; the offset is
+    P · (1032 · Σ even + 1152 · Σ odd) of the stored values."""
     from svdquant.kernels import gemv
 
     kp = -(-k // 64) * 64
@@ -1211,8 +1212,11 @@ def test_w4a16_f16_prep_layout(m, k, t):
     full = _f16x_to_dense(xh, t, kp)
     assert (full[m:] == 0).all()
     sums = (full / xh.scales[:, 0].float().cpu().repeat_interleave(64, 0).t()).reshape(t, -1, 64)
-    offset = 1032 * xh.scales[:, 0].float().cpu().t() * sums.sum(-1)
-    torch.testing.assert_close(xh.scales[:, 1].float().cpu().t(), offset, rtol=1e-6, atol=0)
+    pw = xh.scales[:, 0].float().cpu().t()
+    offset = pw * (1032 * sums[..., 0::2].sum(-1) + 72 * sums[..., 1::2].sum(-1))
+    # (fp32 sums in another order: within 2⁻²⁰ of the sum of magnitudes)
+    size = pw * (1032 * sums[..., 0::2].abs().sum(-1) + 72 * sums[..., 1::2].abs().sum(-1))
+    assert ((xh.scales[:, 1].float().cpu().t() - offset).abs() <= size * 2**-20).all()
     want_lora = (x.float() / s.float()) @ down.float().t()
     torch.testing.assert_close(lora.sum(0), want_lora, rtol=1e-4, atol=1e-4)
 

@@ -145,6 +145,25 @@ def nibble_pair_ptx(half: int) -> str:
         }}"""
 
 
+def nibble_quad_ptx() -> str:
+    """PTX for ``inline_asm_elementwise(..., "=r,=r,=r,=r,r", pack=4)``: four uint8 code bytes
+    (one word) -> their low nibbles as four fp16 ``1032 + code`` and their high nibbles as
+    four fp16 ``1152 + 16 · code`` (``1024 + 16 · (code + 8)``), exact: two ``prmt`` spread
+    bytes 0, 1 and 2, 3 to the 16-bit halves of two words, then per word and nibble one
+    ``lop3`` keeps the nibble and XORs in fp16 1024's bits with the nibble's sign bit
+    (making it ``code + 8``). Six instructions per eight codes (``nibble_pair_ptx``:
+    twelve, and each 16-bit input cut out of a word)."""
+    return """{
+        .reg .b32 a, b;
+        prmt.b32 a, $4, 0, 0x4140;
+        prmt.b32 b, $4, 0, 0x4342;
+        lop3.b32 $0, a, 0x000F000F, 0x64086408, 0x6a;
+        lop3.b32 $1, b, 0x000F000F, 0x64086408, 0x6a;
+        lop3.b32 $2, a, 0x00F000F0, 0x64806480, 0x6a;
+        lop3.b32 $3, b, 0x00F000F0, 0x64806480, 0x6a;
+        }"""
+
+
 @triton.jit
 def rint_even(x):
     """Round fp32 ``x`` to the nearest integer, ties to even (``torch.round``).

@@ -309,12 +309,14 @@ def _store_f16(x_ptr, xh_ptr, xo_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k,
                CHUNK: tl.constexpr, T: tl.constexpr):  # fmt: skip
     """This chunk's x̂ for the Gluon kernel (``gemv_gluon``): per group of 64 columns and
     token slot (T of them, zero past M) x̂ times a power of two ``1 / P`` that puts the
-    group's largest value in [2⁹, 2¹⁰), as fp16 in the order the kernel's MMA reads it —
-    [group][plane: even, odd columns][lane][T], byte ``b = 8c + 2q + e`` of the group's
-    codes at lane ``4 (n mod 8) + c``, value ``8 (n // 8) + 2q + e`` for token n — and
-    per group and token ``P`` and ``1032 · P · Σ`` of the group's stored values (the
-    offset the decode's ``1032 + code`` adds), fp32 [KP/64, 2, T]. A non-finite group
-    stays non-finite (its outputs NaN or Inf)."""
+    group's largest value in [2⁹, 2¹⁰) — the odd columns' (the codes' high nibbles, which
+    the kernel decodes to 16 · (72 + code)) then divided by 16 — as fp16 in the order the
+    kernel's MMA reads it — [group][plane: even, odd columns][lane][T], byte
+    ``b = 8c + 2q + e`` of the group's codes at lane ``4 (n mod 8) + c``, value
+    ``8 (n // 8) + 2q + e`` for token n — and per group and token ``P`` and
+    ``P · (1032 · Σ even + 1152 · Σ odd)`` of the group's stored values (the offset the
+    decode adds), fp32 [KP/64, 2, T]. A non-finite group stays non-finite (its outputs NaN
+    or Inf)."""
     GPC: tl.constexpr = CHUNK // 64
     g = pid_k * GPC + tl.arange(0, GPC)
     n = tl.arange(0, T)
@@ -329,13 +331,16 @@ def _store_f16(x_ptr, xh_ptr, xo_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k,
     e = tl.minimum(tl.maximum(e, 10), 254)
     inv = ((263 - e) << 23).to(tl.float32, bitcast=True)
     pw = ((e - 9) << 23).to(tl.float32, bitcast=True)
-    h16 = (xg * inv[:, :, None]).to(tl.float16)  # nearest even, here and in the interpreter
     w = c % 64
+    odd = tl.reshape(w % 2, [GPC, 64])[None, :, :]  # the high nibbles' columns: x̂ / 16
+    inv = inv[:, :, None] * tl.where(odd == 1, 0.0625, 1.0)
+    h16 = (xg * inv).to(tl.float16)  # nearest even, here and in the interpreter
     b = w // 2
     col = ((c // 64) * 2 + w % 2) * 32 + b // 8  # [CHUNK]: (group, plane, lane's c) ...
     dst = (col[None, :] + 4 * (n % 8)[:, None]) * T + (8 * (n // 8))[:, None] + (b % 8)[None, :]
     tl.store(xh_ptr + dst, tl.reshape(h16, [T, CHUNK]), mask=(c < KP)[None, :])
-    o = 1032.0 * pw * tl.sum(h16.to(tl.float32), axis=2)  # [T, GPC]
+    # the decode's offsets: 1032 for a low nibble, 1152 for a high one
+    o = pw * tl.sum(h16.to(tl.float32) * tl.where(odd == 1, 1152.0, 1032.0), axis=2)  # [T, GPC]
     po = xo_ptr + g[None, :] * (2 * T) + n[:, None]
     gmask = (g < KP // 64)[None, :]
     tl.store(po, pw, mask=gmask)
@@ -1011,8 +1016,9 @@ class Int16X:
 @dataclass
 class F16X:
     """x̂ for the Gluon kernel (``prep(..., f16=T)``): fp16 ``planes`` [kp/64, 2, 32, T] (per
-    group and token a power of two ``1 / P`` times x̂, in the MMA's order: ``_store_f16``)
-    and fp32 ``scales`` [kp/64, 2, T] (P, then the decode's offset ``1032 · Σ x̂``);
+    group and token a power of two ``1 / P`` times x̂ — the odd plane's then / 16 — in the
+    MMA's order: ``_store_f16``) and fp32 ``scales`` [kp/64, 2, T] (P, then the decode's
+    offset);
     ``out``: a zeroed fp32 [M, N] buffer for the GEMV's sums (``prep(..., n=N)``) or None."""
 
     planes: torch.Tensor

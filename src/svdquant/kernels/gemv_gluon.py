@@ -39,7 +39,7 @@ from svdquant.kernels import gemm_ws
 from svdquant.kernels._triton_common import (
     cdiv,
     next_pow2,
-    nibble_pair_ptx,
+    nibble_quad_ptx,
     num_sms,
     split_output,
 )
@@ -120,14 +120,15 @@ if gemm_ws.HAVE_GLUON:
             return gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])
         return gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])
 
-    _PAIR_F16 = gl.constexpr(nibble_pair_ptx(0x6400))
+    _QUAD_F16 = gl.constexpr(nibble_quad_ptx())
 
     @gluon.jit
     def _decode(b):
-        """uint8 code pairs -> (low nibbles, high nibbles) as fp16 ``1032 + code`` (fp16
-        1024's bits ORed with ``code + 8``: ``nibble_pair_ptx``)."""
+        """uint8 codes, four bytes a word -> (low nibbles as fp16 ``1032 + code``, high
+        nibbles as fp16 ``16 · (72 + code)``): ``nibble_quad_ptx``, six instructions per
+        eight codes. The x̂ of the high nibbles' plane is stored divided by 16."""
         return gl.inline_asm_elementwise(
-            _PAIR_F16, "=r,=r,h", [b], dtype=(gl.float16, gl.float16), is_pure=True, pack=2
+            _QUAD_F16, "=r,=r,=r,=r,r", [b], dtype=(gl.float16, gl.float16), is_pure=True, pack=4
         )
 
     @gluon.jit
@@ -256,7 +257,9 @@ if gemm_ws.HAVE_GLUON:
                     q = q_bufs.index((k0 // GS) % STAGES).slice(32 * i, 32, dim=1).load(UV)
                 else:
                     q = q_cur[i]
-                lo, hi = _decode(gl.convert_layout(q, UA))
+                lo, hi = _decode(q)  # (in the loaded order: each thread's bytes 4 a word)
+                lo = gl.convert_layout(lo, UA)  # (whole fp16 pairs renamed, no data moved)
+                hi = gl.convert_layout(hi, UA)
                 part = gl.zeros([BN, T], gl.float32, layout=mma)
                 x_even = _x_operand(xs.slice((2 * k0 + 2 * i) * 32, 32).load(XL), B, T)
                 x_odd = _x_operand(xs.slice((2 * k0 + 2 * i + 1) * 32, 32).load(XL), B, T)
