@@ -6,9 +6,11 @@ tensor-core kernel above — the path before v49) in the same run and BF16
 ``F.linear``: the whole ``w4a16_linear`` (prep + GEMV, rank 32, bias), replayed from a
 CUDA graph, N = 18432 / 9216, K = 3072, and each path's error against the reference.
 ``--sweep``: the Gluon kernel's groups a step, groups a program and TMA stages at 4 and 16
-tokens; ``--split``: the prep and the GEMV timed apart.
+tokens; ``--split``: the prep and the GEMV timed apart; ``--prep-chunks``: the Gluon path
+at each of these prep chunk widths (``gemv.F16_CHUNK``).
 
-    PYTHONPATH=src python bench/probe_gemv_gluon.py [--ms 1,2,3,4,5,8,16] [--sweep] [--out DIR]
+    PYTHONPATH=src python bench/probe_gemv_gluon.py [--ms 1,2,3,4,5,8,16] [--sweep] [--split]
+        [--prep-chunks 128,64] [--out DIR]
 """
 
 from __future__ import annotations
@@ -47,21 +49,33 @@ def _case(layer: Layer, x: torch.Tensor, gluon: bool) -> tuple[float, float]:
         gemv.GLUON, gemv.GLUON_MIN_M = saved
 
 
-def table(ms: list[int]) -> list[dict]:
+def table(ms: list[int], chunks: list[int]) -> list[dict]:
+    """BF16, the path without the Gluon GEMV, and with it at each of the prep's ``chunks``
+    (``gemv.F16_CHUNK``; the first is the reference of the "x chunk" column)."""
     rows = []
-    print(f"{'M':>3} {'N':>6} | bf16 us | default us (err) | gluon us (err) | "
-          "gluon x bf16, x default")  # fmt: skip
-    for n in (18432, 9216):
-        layer = Layer(n, 3072)
-        for m in ms:
-            x = torch.randn(m, 3072, device="cuda").bfloat16()
-            bf16 = bench_graph(lambda x=x, layer=layer: F.linear(x, layer.w16, layer.bias))
-            d_us, d_err = _case(layer, x, False)
-            g_us, g_err = _case(layer, x, True)
-            rows.append(dict(M=m, N=n, K=3072, bf16_us=bf16, default_us=d_us, default_err=d_err,
-                             gluon_us=g_us, gluon_err=g_err))  # fmt: skip
-            print(f"{m:3d} {n:6d} | {bf16:7.1f} | {d_us:6.1f} ({d_err:.1e}) | {g_us:6.1f} "
-                  f"({g_err:.1e}) | {bf16 / g_us:.2f}x {d_us / g_us:.2f}x")  # fmt: skip
+    print(f"{'M':>3} {'N':>6} | bf16 us | default us (err) | chunk: gluon us (err) | "
+          "gluon x bf16, x default, x first chunk")  # fmt: skip
+    saved = gemv.F16_CHUNK
+    try:
+        for n in (18432, 9216):
+            layer = Layer(n, 3072)
+            for m in ms:
+                x = torch.randn(m, 3072, device="cuda").bfloat16()
+                bf16 = bench_graph(lambda x=x, layer=layer: F.linear(x, layer.w16, layer.bias))
+                d_us, d_err = _case(layer, x, False)
+                first = None
+                for chunk in chunks:
+                    gemv.F16_CHUNK = chunk
+                    g_us, g_err = _case(layer, x, True)
+                    first = first or g_us
+                    rows.append(dict(M=m, N=n, K=3072, bf16_us=bf16, default_us=d_us,
+                                     default_err=d_err, prep_chunk=chunk, gluon_us=g_us,
+                                     gluon_err=g_err))  # fmt: skip
+                    print(f"{m:3d} {n:6d} | {bf16:7.1f} | {d_us:6.1f} ({d_err:.1e}) | {chunk:3d}: "
+                          f"{g_us:6.1f} ({g_err:.1e}) | {bf16 / g_us:.2f}x {d_us / g_us:.2f}x "
+                          f"{first / g_us:.2f}x")  # fmt: skip
+    finally:
+        gemv.F16_CHUNK = saved
     return rows
 
 
@@ -124,6 +138,11 @@ def main() -> None:
     p.add_argument("--ms", default="1,2,3,4,5,8,16")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--split", action="store_true", help="the prep and the GEMV timed apart")
+    p.add_argument(
+        "--prep-chunks",
+        default=str(gemv.F16_CHUNK),
+        help="the prep's columns a program (gemv.F16_CHUNK), comma-separated",
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
     result = {**run_info(), "tile": gemv_gluon.TILE, "max_groups": gemv_gluon.MAX_GROUPS,
@@ -133,7 +152,8 @@ def main() -> None:
         result["sweep"] = sweep()
     if a.split:
         result["split"] = split([1, 4, 8, 16])
-    result["rows"] = table([int(v) for v in a.ms.split(",")])
+    result["rows"] = table([int(v) for v in a.ms.split(",")],
+                           [int(v) for v in a.prep_chunks.split(",")])  # fmt: skip
     print(write_result(result, a.out, "probe_gemv_gluon-h200"))
 
 

@@ -426,7 +426,7 @@ def _gluon_gemv_spec(m: int) -> dict[str, Any]:
         ints=dict(M=m, N=18432, G=48, R=32, S=24, groups_per_split=8, stride_qn=1536,
                   stride_sn=48, stride_ls=128, stride_lm=32, stride_un=32, stride_om=18432),
         consts=dict(ATOMIC=True, HAS_LORA=True, HAS_BIAS=True, PDL=True, BN=bn, GS=gs, SG=8,
-                    T=g.tokens(m), RB=32, STAGES=g.STAGES),
+                    T=g.tokens(m), RB=32, STAGES=g.STAGES, SB=32),
         warps=warps,
     )  # fmt: skip
 

@@ -1187,13 +1187,15 @@ def _f16x_to_dense(xh, m: int, kp: int) -> torch.Tensor:
 
 @pytest.mark.parametrize(("m", "k", "t"), [(1, 64, 8), (3, 333, 8), (8, 200, 8), (9, 256, 16),
                                            (16, 1000, 16)])  # fmt: skip
-def test_w4a16_f16_prep_layout(m, k, t):
+@pytest.mark.parametrize("chunk", [128, 64])
+def test_w4a16_f16_prep_layout(monkeypatch, m, k, t, chunk):
     """The Gluon GEMV's x̂ (``prep(..., f16=t)``): read back at the documented positions it
     is x · (1/s) to fp16 rounding, every group's largest value of a token in [2⁹, 2¹⁰)
     (before the odd plane's / 16), zero past M and K; the offset is
-    P · (1032 · Σ even + 1152 · Σ odd) of the stored values."""
+    P · (1032 · Σ even + 1152 · Σ odd) of the stored values; at both prep chunk widths."""
     from svdquant.kernels import gemv
 
+    monkeypatch.setattr(gemv, "F16_CHUNK", chunk)
     kp = -(-k // 64) * 64
     x = _acts(m, k, torch.bfloat16)
     s = _smooth(k)

@@ -96,6 +96,8 @@ FMA_MAX_M = 4
 MAGIC_2P23 = 0x4B000000
 #: Columns per program of the x̂ / low-rank down kernel (its K split).
 LORA_CHUNK = 128
+#: The same for the Gluon GEMV's x̂ (``prep(..., f16=...)``; a multiple of 64).
+F16_CHUNK = 128
 #: int4 weights at more than ``FMA_MAX_M`` tokens on the packed-decode tensor-core kernel
 #: (``_w4a16_packed_kernel``: two codes per decode instruction, ~4 instructions per code
 #: in its sm_90 SASS against 8.4 for ``_w4a16_mma_kernel``; nvfp4 stays on the latter).
@@ -1052,12 +1054,13 @@ def prep(
     """x̂ = x · (1/s) as [M, planes, kp/planes] fp32 (plane p: the columns ≡ p mod planes;
     8 for the FMA kernel — for int4 weights each plane scaled by the power of two its
     shift-free decode needs — 2, even and odd, for the tensor-core kernel) and the
-    low-rank down projection's partial sums [chunks, M, r] (one per ``LORA_CHUNK``
-    columns). ``gemv`` takes both; ``pdl``: the next kernel is launched as this one's
-    programmatic dependent (``gemv(..., pdl=True)``); ``packed``: x̂ as ``PackedX``, for
-    the packed tensor-core kernel (int4, kp a multiple of 64); ``i16``: x̂ as ``Int16X``,
-    for the dp4a kernel (int4); ``f16``: x̂ as ``F16X`` with that many token slots, for the
-    Gluon kernel (int4, kp a multiple of 64), with ``n``: and its zeroed [M, n] fp32 sums."""
+    low-rank down projection's partial sums [chunks, M, r] (one per ``LORA_CHUNK`` —
+    for ``f16``, ``F16_CHUNK`` — columns). ``gemv`` takes both; ``pdl``: the next kernel is
+    launched as this one's programmatic dependent (``gemv(..., pdl=True)``); ``packed``: x̂
+    as ``PackedX``, for the packed tensor-core kernel (int4, kp a multiple of 64); ``i16``:
+    x̂ as ``Int16X``, for the dp4a kernel (int4); ``f16``: x̂ as ``F16X`` with that many
+    token slots, for the Gluon kernel (int4, kp a multiple of 64), with ``n``: and its
+    zeroed [M, n] fp32 sums."""
     planes = 8 if fma else 2
     m, k = x.shape
     if x.stride(-1) != 1:
@@ -1065,7 +1068,8 @@ def prep(
     smooth = smooth.float().contiguous()
     lowrank_down = lowrank_down.contiguous()
     r = lowrank_down.shape[0]
-    chunks = cdiv(kp, LORA_CHUNK)
+    chunk = F16_CHUNK if f16 else LORA_CHUNK
+    chunks = cdiv(kp, chunk)
     lora = torch.empty(chunks, m, max(r, 1), dtype=torch.float32, device=x.device)
     if packed:
         xh = torch.empty(4, kp // 2, 16, dtype=torch.bfloat16, device=x.device)
@@ -1085,7 +1089,7 @@ def prep(
     _prep_kernel[(chunks,)](
         x, smooth, lowrank_down, xh, lora, sums, m, k, kp, r,
         x.stride(0), lowrank_down.stride(0), xh.stride(0), lora.stride(0), lora.stride(1),
-        CHUNK=LORA_CHUNK, PLANES=planes, PRESCALE=fma and fmt == "int4", PDL=pdl,
+        CHUNK=chunk, PLANES=planes, PRESCALE=fma and fmt == "int4", PDL=pdl,
         PACKED=packed, INTERPRET=interpreting(), I16=i16, LD_FIRST=PREP_LD_FIRST, F16=f16,
         zero_ptr=zero, zero_numel=zero.numel() if zero is not None else 0,
         ZERO=zero is not None, num_warps=4,

@@ -159,7 +159,7 @@ if gemm_ws.HAVE_GLUON:
         stride_qn, stride_sn, stride_ls, stride_lm, stride_un, stride_om,
         ATOMIC: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
         PDL: gl.constexpr, BN: gl.constexpr, GS: gl.constexpr, SG: gl.constexpr,
-        T: gl.constexpr, RB: gl.constexpr, STAGES: gl.constexpr,
+        T: gl.constexpr, RB: gl.constexpr, STAGES: gl.constexpr, SB: gl.constexpr,
     ):  # fmt: skip
         """``y[:, rows] = Σ_g ((Σ (1032 + code) · x̂_g) · P_g − O_g) · s_g · s_tensor + lora ·
         L_upᵀ + b`` for this program's rows and its K split's groups (``SG`` at most, GS a
@@ -289,11 +289,11 @@ if gemm_ws.HAVE_GLUON:
                     tt = gl.arange(0, T, layout=gl.SliceLayout(1, LR))
                     lmask = (tt < M)[:, None] & (rr < R)[None, :]
                     la = gl.zeros([T, RB], gl.float32, layout=LR)
-                    for s in range(S):
-                        la += gl.load(
-                            lora_ptr + s * stride_ls + tt[:, None] * stride_lm + rr[None, :],
-                            mask=lmask, other=0.0,
-                        )  # fmt: skip
+                    l_ptr = lora_ptr + tt[:, None] * stride_lm + rr[None, :]
+                    for s0 in range(0, S, SB):  # SB chunks' loads in flight at once
+                        for s in gl.static_range(SB):
+                            la += gl.load(l_ptr + (s0 + s) * stride_ls,
+                                          mask=lmask & (s0 + s < S), other=0.0)  # fmt: skip
                     UL: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
                     ur = r0 + gl.arange(0, RB, layout=gl.SliceLayout(0, UL))
                     un = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, UL))
@@ -373,7 +373,7 @@ def gemv_gluon(
         qweight.stride(0), wscales.stride(0), lora.stride(0), lora.stride(1),
         lowrank_up.stride(0) if r else 0, out.stride(0),
         ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs,
-        SG=per_split, T=t, RB=32, STAGES=stages, num_warps=warps,
+        SG=per_split, T=t, RB=32, STAGES=stages, SB=min(32, next_pow2(chunks)), num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out if split == 1 else out.to(out_dtype)
