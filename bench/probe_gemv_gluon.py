@@ -86,7 +86,7 @@ def sweep() -> list[dict]:
     try:
         for m in (4, 16):
             x = torch.randn(m, 3072, device="cuda").bfloat16()
-            for bn, gs, mg, stages in itertools.product((128,), (1, 2), (4, 8), (2, 3)):
+            for bn, gs, mg, stages in itertools.product((128,), (1, 2), (8, 16), (3, 4)):
                 gemv_gluon.TILE, gemv_gluon.MAX_GROUPS = (bn, gs, 4), mg
                 gemv_gluon.STAGES = stages
                 try:
