@@ -141,7 +141,11 @@ PREP_LD_FIRST = True
 #: ``probe_gemv_gluon-h200-2026-12-01-v49-defaults.json``): N = 18432 1.10x at 3 tokens,
 #: 1.13x at 4, 1.47-1.59x at 5-16 (28.5 µs at 4: 1.45x BF16; 29.7 at 8: 1.40x; 35.5 at 16:
 #: 1.17x, where the packed kernel was 0.79x); N = 9216 0.97x / 0.99x at 3 / 4, 1.48-1.53x
-#: at 5-16; 0.70x at one token and 0.81-0.93x at two (the dp4a kernel's).
+#: at 5-16; 0.70x at one token and 0.81-0.93x at two (the dp4a kernel's). v50, four code
+#: bytes decoded a word (``probe_gemv_gluon-h200-2026-12-01-v50-quad-decode.json``):
+#: N = 18432 1.29-1.30x the dp4a kernel at 3-4 tokens (24.8 µs at 4: 1.72x BF16), 1.78x
+#: the packed kernel at 5-8, 1.47x at 16; N = 9216 1.07-1.10x at 3-4; at two tokens 1.09x
+#: (18432) and 0.92x (9216), at one 0.81-0.84x: the threshold stays at 3.
 GLUON = True
 GLUON_MIN_M = 3
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
