@@ -24,10 +24,10 @@ shared memory into the MMA layout, and multiplies four times (x̂ as two bf16 pa
   come from the prep kernel;
 * 8 token slots up to 8 tokens (the MMA's narrowest N), 16 above;
 * x̂, the powers of two and offsets for the program's K range are staged once in shared
-  memory (all its warps read them); the group scales are loaded a step ahead; a K
-  split's sums meet through fp32 atomics (a zeroed buffer and a cast around the kernel:
-  finishing them inside it was slower, ``bench/NOTES.md`` v49; the prep kernel zeroes the
-  buffer: no fill kernel between the two).
+  memory (all its warps read them), and so are its group scales (loaded at its start, a
+  row's in one load; v49 loaded each step's a step ahead and the loop waited on them); a
+  K split's sums meet through fp32 atomics (a buffer the prep kernel zeroes, a cast after
+  the kernel: finishing them inside it was slower, ``bench/NOTES.md`` v49).
 
 GPU only (sm_90, a triton with Gluon: ``gemm_ws.available``), no interpreter; the prep
 kernel (``gemv.prep(..., f16=...)``) is triton and runs anywhere.
@@ -191,17 +191,20 @@ if gemm_ws.HAVE_GLUON:
         q_tile = q_ptr + qr[:, None] * stride_qn + qb[None, :]
         rows = pid_n * BN + gl.arange(0, BN, layout=ROWS)
         rows_c = gl.minimum(rows, N - 1)
-        s_rows = sc_ptr + rows_c * stride_sn
         tok = gl.arange(0, T, layout=COLS)
 
-        # the first step's codes and scales: weights, no earlier kernel's output
+        # the program's group scales, all at once (a row's SG in one load), and the first
+        # step's codes: weights, no earlier kernel's output
+        SL: gl.constexpr = gl.BlockedLayout([1, SG], [32, 1], [4, 1], [1, 0])
+        sr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, SL)), N - 1)
+        sg = gl.arange(0, SG, layout=gl.SliceLayout(0, SL))  # (past the split's groups: 0)
+        s_all = gl.load(sc_ptr + sr[:, None] * stride_sn + (g0 + sg)[None, :],
+                        mask=(sg < n_groups)[None, :], other=0.0)  # fmt: skip
         q_next = ()
-        s_next = ()
         for i in gl.static_range(GS):
             gi = g0 + gl.minimum(i, n_groups - 1)
             if STAGES == 0:
                 q_next = q_next + (gl.load(q_tile + gi * 32),)  # noqa: RUF005
-            s_next = s_next + (gl.load(s_rows + gi).to(gl.float32),)  # noqa: RUF005
         if STAGES > 0:  # the codes by TMA through a ring of STAGES steps (past KP: zeros)
             q_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, 32 * GS], q_desc.layout)
             ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -241,19 +244,20 @@ if gemm_ws.HAVE_GLUON:
             gl.float32, [SG * T], FLAT1,
             value=gl.reshape(gl.load(xo_ptr + T + p_off, mask=p_mask, other=0.0), [SG * T]),
         )  # fmt: skip
+        # the scales as [SG, BN] (a group's row read at a time: no memory round trip in the
+        # loop; v49 loaded each step's a step ahead, and ncu found the loop waiting on them)
+        s_s = gl.allocate_shared_memory(gl.float16, [SG, BN], FLAT, value=gl.permute(s_all, [1, 0]))
+        s_s = s_s._reinterpret(gl.float16, [SG, BN], FLAT1)
         gl.thread_barrier()
 
         acc = gl.zeros([BN, T], gl.float32, layout=mma)
         for k0 in gl.static_range(0, SG, GS):  # unrolled: the staged x̂ is sliced statically
             q_cur = q_next
-            s_cur = s_next
             q_next = ()
-            s_next = ()
             for i in gl.static_range(GS):  # the next step's (the last step: its own again)
                 gi = g0 + gl.minimum(k0 + GS + i, n_groups - 1)
                 if STAGES == 0:
                     q_next = q_next + (gl.load(q_tile + gi * 32),)  # noqa: RUF005
-                s_next = s_next + (gl.load(s_rows + gi).to(gl.float32),)  # noqa: RUF005
             if STAGES > 0:
                 mbarrier.wait(ready.index((k0 // GS) % STAGES), ((k0 // GS) // STAGES) & 1)
             for i in gl.static_range(GS):
@@ -272,7 +276,8 @@ if gemm_ws.HAVE_GLUON:
                 # (a split's groups past G: P = O = 0, they add nothing)
                 p = p_s.slice((k0 + i) * T, T).load(COLS)
                 o = o_s.slice((k0 + i) * T, T).load(COLS)
-                acc += (part * p[None, :] - o[None, :]) * s_cur[i][:, None]
+                s_g = s_s.index(k0 + i).load(ROWS).to(gl.float32)
+                acc += (part * p[None, :] - o[None, :]) * s_g[:, None]
             if STAGES > 0:  # every warp is done with the slot STAGES - 1 steps back: refill it
                 gl.thread_barrier()
                 if k0 // GS + STAGES - 1 < SG // GS:
