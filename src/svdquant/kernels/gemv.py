@@ -1024,8 +1024,8 @@ class F16X:
     """x̂ for the Gluon kernel (``prep(..., f16=T)``): fp16 ``planes`` [kp/64, 2, 32, T] (per
     group and token a power of two ``1 / P`` times x̂ — the odd plane's then / 16 — in the
     MMA's order: ``_store_f16``) and fp32 ``scales`` [kp/64, 2, T] (P, then the decode's
-    offset);
-    ``out``: a zeroed fp32 [M, N] buffer for the GEMV's sums (``prep(..., n=N)``) or None."""
+    offset); ``out``: a zeroed fp32 [M, N] buffer for the GEMV's sums (``prep(..., n=N)``)
+    or None."""
 
     planes: torch.Tensor
     scales: torch.Tensor
