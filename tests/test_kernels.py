@@ -1223,6 +1223,21 @@ def test_w4a16_f16_prep_layout(monkeypatch, m, k, t, chunk):
     torch.testing.assert_close(lora.sum(0), want_lora, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(1, 5), (4, 1500), (16, 3000)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cast_after(shape, dtype):
+    """The K split's cast kernel (``cast_after``; without PDL here) is ``Tensor.to``,
+    sizes not a multiple of its block, Inf and NaN kept."""
+    from svdquant.kernels._triton_common import cast_after
+
+    src = torch.randn(shape, generator=_gen(3)).to(DEVICE) * 1000
+    src[0, 0] = float("inf")
+    src[-1, -1] = float("nan")
+    got = cast_after(src, dtype, pdl=False)
+    assert got.dtype == dtype and got.shape == src.shape
+    torch.testing.assert_close(got, src.to(dtype), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16])
 @pytest.mark.parametrize(("n", "k"), [(130, 333), (18432, 3072), (300, 4500), (3072, 3072)])

@@ -15,6 +15,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 #: The largest finite fp8 E4M3 value.
 E4M3_MAX: float = 448.0
@@ -123,6 +124,34 @@ def split_output(m: int, n: int, split: int, out_dtype, device):
     if split > 1:
         return torch.zeros(m, n, dtype=torch.float32, device=device)
     return torch.empty(m, n, dtype=out_dtype, device=device)
+
+
+@triton.jit
+def _cast_kernel(src_ptr, dst_ptr, numel, BLOCK: tl.constexpr, PDL: tl.constexpr,
+                 ROUND_BF16: tl.constexpr):  # fmt: skip
+    """``dst = src`` converted to ``dst``'s dtype; with ``PDL`` after the previous kernel
+    (this one launched as its programmatic dependent)."""
+    if PDL:
+        gdc_wait()
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(src_ptr + i, mask=i < numel)
+    if ROUND_BF16:
+        v = round_bf16(v)
+    tl.store(dst_ptr + i, v.to(dst_ptr.dtype.element_ty), mask=i < numel)
+
+
+def cast_after(src: torch.Tensor, dtype: torch.dtype, pdl: bool) -> torch.Tensor:
+    """``src.to(dtype)`` for a contiguous ``src``; with ``pdl``, launched as the previous
+    kernel's programmatic dependent (which must allow it: ``gdc_launch_dependents``), so
+    that its launch hides behind that kernel's last programs."""
+    dst = torch.empty(src.shape, dtype=dtype, device=src.device)
+    n = src.numel()
+    block = 1024
+    _cast_kernel[(cdiv(n, block),)](
+        src, dst, n, BLOCK=block, PDL=pdl, ROUND_BF16=needs_bf16_rounding(dtype), num_warps=4,
+        **({"launch_pdl": True} if pdl else {}),
+    )  # fmt: skip
+    return dst
 
 
 def nibble_pair_ptx(half: int) -> str:

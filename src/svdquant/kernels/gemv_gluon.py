@@ -27,7 +27,8 @@ shared memory into the MMA layout, and multiplies four times (x̂ as two bf16 pa
   memory (all its warps read them), and so are its group scales (loaded at its start, a
   row's in one load; v49 loaded each step's a step ahead and the loop waited on them); a
   K split's sums meet through fp32 atomics (a buffer the prep kernel zeroes, a cast after
-  the kernel: finishing them inside it was slower, ``bench/NOTES.md`` v49).
+  the kernel — its programmatic dependent, ``CAST_PDL`` —: finishing them inside it was
+  slower, ``bench/NOTES.md`` v49).
 
 GPU only (sm_90, a triton with Gluon: ``gemm_ws.available``), no interpreter; the prep
 kernel (``gemv.prep(..., f16=...)``) is triton and runs anywhere.
@@ -41,6 +42,7 @@ import torch
 
 from svdquant.kernels import gemm_ws
 from svdquant.kernels._triton_common import (
+    cast_after,
     cdiv,
     next_pow2,
     nibble_quad_ptx,
@@ -61,7 +63,7 @@ if gemm_ws.HAVE_GLUON:
         tma,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
-    from triton.language.extra.cuda import gdc_wait
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 __all__ = ["available", "gemv_gluon", "tokens"]
 
@@ -77,6 +79,9 @@ STAGES = 3
 #: program, at most ``MAX_GROUPS`` (the staged x̂ and the unrolled loop grow with them).
 PROGRAMS_PER_SM = 4
 MAX_GROUPS = 8
+#: The K split's cast to the output dtype launched as the kernel's programmatic dependent
+#: (with ``pdl``): its launch hides behind the kernel's last programs.
+CAST_PDL = True
 
 
 def available(device: torch.device) -> bool:
@@ -181,6 +186,8 @@ if gemm_ws.HAVE_GLUON:
         STAGE: gl.constexpr = _stage_layout(T)
         FLAT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
 
+        if PDL:  # the K split's cast may launch behind this kernel's last programs
+            gdc_launch_dependents()
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
         g0 = pid_k * groups_per_split
@@ -385,4 +392,4 @@ def gemv_gluon(
         SG=per_split, T=t, RB=32, STAGES=stages, SB=min(32, next_pow2(chunks)), num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
-    return out if split == 1 else out.to(out_dtype)
+    return out if split == 1 else cast_after(out, out_dtype, pdl and CAST_PDL)
