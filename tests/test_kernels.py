@@ -1223,6 +1223,18 @@ def test_w4a16_f16_prep_layout(monkeypatch, m, k, t, chunk):
     torch.testing.assert_close(lora.sum(0), want_lora, rtol=1e-4, atol=1e-4)
 
 
+def test_gluon_gemv_k_split_plan(monkeypatch):
+    """The prep zeroes the Gluon GEMV's fp32 sums only where its launcher splits K
+    (``splits_k`` and the launcher share one plan)."""
+    from svdquant.kernels import gemv_gluon
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(gemv_gluon, "num_sms", lambda device: 132)
+    assert gemv_gluon.splits_k(18432, 3072, cpu)  # 144 row blocks: 6 splits of 8 groups
+    assert gemv_gluon._k_split(18432, 3072, cpu) == (8, 6)
+    assert not gemv_gluon.splits_k(130, 128, cpu)  # two groups: one program's worth
+
+
 @pytest.mark.parametrize("shape", [(1, 5), (4, 1500), (16, 3000)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cast_after(shape, dtype):

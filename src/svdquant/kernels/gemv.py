@@ -968,7 +968,8 @@ def w4a16_linear(
         )
         pdl = _pdl(x.device)
         xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=False, pdl=pdl,
-                        f16=gemv_gluon.tokens(m), n=n)  # fmt: skip
+                        f16=gemv_gluon.tokens(m),
+                        n=n if gemv_gluon.splits_k(n, kp, x.device) else 0)  # fmt: skip
         return gemv(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, fmt, x.dtype,
                     pdl=pdl)  # fmt: skip
     fma, packed, i16 = path == "fma", path == "packed", path == "dp4a"

@@ -65,7 +65,7 @@ if gemm_ws.HAVE_GLUON:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["available", "gemv_gluon", "tokens"]
+__all__ = ["available", "gemv_gluon", "splits_k", "tokens"]
 
 #: (rows a program: 64 or 128, groups of 64 columns a step, num_warps), with
 #: ``MAX_GROUPS`` and ``STAGES`` the best of 24 at 4 and 16 tokens (H200, N = 18432,
@@ -346,6 +346,22 @@ def tokens(m: int) -> int:
     return 8 if m <= 8 else 16
 
 
+def _k_split(n: int, kp: int, device: torch.device) -> tuple[int, int]:
+    """(groups a program, K splits) for an [n, kp] weight: split until the grid has
+    ``PROGRAMS_PER_SM`` programs an SM, at most ``MAX_GROUPS`` groups a program."""
+    groups = kp // 64
+    bn, gs, _ = TILE
+    want = max(1, PROGRAMS_PER_SM * num_sms(device) // cdiv(n, bn))
+    per_split = min(MAX_GROUPS, max(gs, next_pow2(cdiv(groups, want))))
+    return per_split, cdiv(groups, per_split)
+
+
+def splits_k(n: int, kp: int, device: torch.device) -> bool:
+    """Whether ``gemv_gluon`` splits K for an [n, kp] weight (it then adds into a zeroed
+    fp32 buffer: ``gemv.prep(..., n=n)`` zeroes one)."""
+    return _k_split(n, kp, device)[1] > 1
+
+
 def gemv_gluon(
     xh: F16X,
     lora: torch.Tensor,
@@ -368,10 +384,8 @@ def gemv_gluon(
     t = tokens(m)
     bn, gs, warps = TILE
     n_blocks = cdiv(n, bn)
-    want = max(1, PROGRAMS_PER_SM * num_sms(qweight.device) // n_blocks)
-    per_split = min(MAX_GROUPS, max(gs, next_pow2(cdiv(groups, want))))
+    per_split, split = _k_split(n, kp, qweight.device)
     gs = min(gs, per_split)
-    split = cdiv(groups, per_split)
     chunks, _, r = lora.shape
     out = (
         zeroed
