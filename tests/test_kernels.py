@@ -1223,6 +1223,25 @@ def test_w4a16_f16_prep_layout(monkeypatch, m, k, t, chunk):
     torch.testing.assert_close(lora.sum(0), want_lora, rtol=1e-4, atol=1e-4)
 
 
+def test_w4a16_f16_prep_without_xhat():
+    """``prep(..., f16=t, xhat=False)`` (the Gluon GEMV's ``XHAT_IN_KERNEL``): no x̂, the
+    GEMV's inputs handed on (x contiguous, s as fp32), the same low-rank sums and zeroing
+    as with x̂."""
+    from svdquant.kernels import gemv
+
+    m, k, kp = 3, 333, 384
+    x = _acts(m, 2 * k, torch.bfloat16)[:, ::2]  # (strided: the prep makes it contiguous)
+    s = _smooth(k).to(torch.bfloat16)
+    down, _ = _lowrank(8, k, 5, torch.bfloat16)
+    xh, lora = gemv.prep(x, s, down, kp, "int4", fma=False, f16=8, n=700, xhat=False)
+    assert xh.planes is None and xh.scales is None
+    assert xh.x.is_contiguous() and torch.equal(xh.x, x)
+    assert xh.smooth.dtype == torch.float32 and torch.equal(xh.smooth, s.float())
+    assert xh.out.shape == (m, 700) and (xh.out == 0).all()
+    _, want = gemv.prep(x, s, down, kp, "int4", fma=False, f16=8, n=700)
+    torch.testing.assert_close(lora, want, rtol=0, atol=0)
+
+
 def test_gluon_gemv_k_split_plan(monkeypatch):
     """The prep zeroes the Gluon GEMV's fp32 sums only where its launcher splits K
     (``splits_k`` and the launcher share one plan)."""
@@ -1302,6 +1321,27 @@ def test_gpu_w4a16_gluon_kernel_without_tma(monkeypatch, m, n, k):
     monkeypatch.setattr(gemv_gluon, "STAGES", 0)
     x, args = _w4a16_case(m, n, k, 32, "int4", torch.bfloat16, bias_seed=9)
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 4, 9, 16])
+@pytest.mark.parametrize(("n", "k", "r"), [(18432, 3072, 32), (300, 4500, 16), (130, 333, 0)])
+def test_gpu_w4a16_gluon_xhat_in_kernel(monkeypatch, m, n, k, r):
+    """x̂ computed in the Gluon GEMV (``XHAT_IN_KERNEL``) against the reference, and
+    against the GEMV reading the prep's x̂: the same x̂ (the same rounding), so the same
+    outputs up to the fp32 sums' order."""
+    from svdquant.kernels import gemv, gemv_gluon
+
+    if not gemv_gluon.available(torch.device("cuda")):
+        pytest.skip("the Gluon GEMV needs sm_90 and a Gluon triton")
+    monkeypatch.setattr(gemv, "GLUON", True)
+    monkeypatch.setattr(gemv, "GLUON_MIN_M", 1)
+    x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=9)
+    monkeypatch.setattr(gemv_gluon, "XHAT_IN_KERNEL", True)
+    y = w4a16_linear(x, *args)
+    assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
+    monkeypatch.setattr(gemv_gluon, "XHAT_IN_KERNEL", False)
+    assert rel_err(y, w4a16_linear(x, *args)) <= 2e-4  # (a few bf16 roundings may differ)
 
 
 @pytest.mark.gpu

@@ -187,6 +187,7 @@ def _prep_kernel(
     zero_ptr=None,
     zero_numel=0,
     ZERO: tl.constexpr = False,
+    XHAT: tl.constexpr = True,
 ):
     """x̂ = x · (1/s) for this program's CHUNK columns, written as [M, PLANES, KP/PLANES]
     (plane p holds the columns c ≡ p mod PLANES; zero past K; with ``PRESCALE``, plane p
@@ -198,7 +199,9 @@ def _prep_kernel(
     trips. With ``PDL`` it lets the GEMV launch at once (the GEMV waits for this
     kernel's writes before it reads them). ``ZERO``: the programs also zero the
     ``zero_numel`` fp32 at ``zero_ptr`` (the GEMV's K-split sums: no fill kernel between
-    this one and its programmatic dependent)."""
+    this one and its programmatic dependent). ``XHAT`` false (``F16`` only): no x̂, only
+    the low-rank sums (and the zeroing): the Gluon GEMV computes its own x̂
+    (``gemv_gluon.XHAT_IN_KERNEL``)."""
     if PDL:
         gdc_launch_dependents()
     pid_k = tl.program_id(0)
@@ -219,7 +222,9 @@ def _prep_kernel(
         _store_i16(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, stride_hm,
                    pid_k, x_first, CHUNK, LD_FIRST)  # fmt: skip
     elif F16:  # the Gluon kernel's x̂ (``F16X``), F16 token slots
-        _store_f16(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k, CHUNK, F16)
+        if XHAT:
+            _store_f16(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k, CHUNK,
+                       F16)  # fmt: skip
     elif PACKED:  # the packed kernel's x̂ (``PackedX``); the sums go after the planes
         _store_packed(x_ptr, xh_ptr, xs_ptr, c, cmask, inv_s, M, KP, stride_xm, pid_k, CHUNK,
                       INTERPRET)  # fmt: skip
@@ -969,7 +974,8 @@ def w4a16_linear(
         pdl = _pdl(x.device)
         xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=False, pdl=pdl,
                         f16=gemv_gluon.tokens(m),
-                        n=n if gemv_gluon.splits_k(n, kp, x.device) else 0)  # fmt: skip
+                        n=n if gemv_gluon.splits_k(n, kp, x.device) else 0,
+                        xhat=not gemv_gluon.XHAT_IN_KERNEL)  # fmt: skip
         return gemv(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, fmt, x.dtype,
                     pdl=pdl)  # fmt: skip
     fma, packed, i16 = path == "fma", path == "packed", path == "dp4a"
@@ -1026,11 +1032,14 @@ class F16X:
     group and token a power of two ``1 / P`` times x̂ — the odd plane's then / 16 — in the
     MMA's order: ``_store_f16``) and fp32 ``scales`` [kp/64, 2, T] (P, then the decode's
     offset); ``out``: a zeroed fp32 [M, N] buffer for the GEMV's sums (``prep(..., n=N)``)
-    or None."""
+    or None. With ``prep(..., xhat=False)`` no planes nor scales (None): the GEMV computes
+    them from ``x`` and ``smooth`` (fp32, contiguous) itself."""
 
-    planes: torch.Tensor
-    scales: torch.Tensor
+    planes: torch.Tensor | None
+    scales: torch.Tensor | None
     out: torch.Tensor | None = None
+    x: torch.Tensor | None = None
+    smooth: torch.Tensor | None = None
 
 
 @dataclass
@@ -1055,6 +1064,7 @@ def prep(
     i16: bool = False,
     f16: int = 0,
     n: int = 0,
+    xhat: bool = True,
 ) -> tuple[torch.Tensor | PackedX | Int16X | F16X, torch.Tensor]:
     """x̂ = x · (1/s) as [M, planes, kp/planes] fp32 (plane p: the columns ≡ p mod planes;
     8 for the FMA kernel — for int4 weights each plane scaled by the power of two its
@@ -1065,7 +1075,8 @@ def prep(
     as ``PackedX``, for the packed tensor-core kernel (int4, kp a multiple of 64); ``i16``:
     x̂ as ``Int16X``, for the dp4a kernel (int4); ``f16``: x̂ as ``F16X`` with that many
     token slots, for the Gluon kernel (int4, kp a multiple of 64), with ``n``: and its
-    zeroed [M, n] fp32 sums."""
+    zeroed [M, n] fp32 sums; ``xhat`` false (with ``f16``): no x̂, only the low-rank sums
+    (and the zeroing) — the Gluon kernel's ``XHAT_IN_KERNEL``."""
     planes = 8 if fma else 2
     m, k = x.shape
     if x.stride(-1) != 1:
@@ -1079,6 +1090,8 @@ def prep(
     if packed:
         xh = torch.empty(4, kp // 2, 16, dtype=torch.bfloat16, device=x.device)
         sums = torch.empty(kp // 64, 16, dtype=torch.float32, device=x.device)
+    elif f16 and not xhat:  # (never written: the GEMV computes x̂ itself)
+        xh = sums = lora
     elif f16:
         xh = torch.empty(kp // 64, 2, 32, f16, dtype=torch.float16, device=x.device)
         sums = torch.empty(kp // 64, 2, f16, dtype=torch.float32, device=x.device)
@@ -1097,8 +1110,10 @@ def prep(
         CHUNK=chunk, PLANES=planes, PRESCALE=fma and fmt == "int4", PDL=pdl,
         PACKED=packed, INTERPRET=interpreting(), I16=i16, LD_FIRST=PREP_LD_FIRST, F16=f16,
         zero_ptr=zero, zero_numel=zero.numel() if zero is not None else 0,
-        ZERO=zero is not None, num_warps=4,
+        ZERO=zero is not None, XHAT=xhat or not f16, num_warps=4,
     )  # fmt: skip
+    if f16 and not xhat:
+        return F16X(None, None, zero, x, smooth), lora[..., :r]
     if f16:
         return F16X(xh, sums, zero), lora[..., :r]
     if packed:

@@ -82,6 +82,11 @@ MAX_GROUPS = 8
 #: The K split's cast to the output dtype launched as the kernel's programmatic dependent
 #: (with ``pdl``): its launch hides behind the kernel's last programs.
 CAST_PDL = True
+#: Each program computes its own x̂ (powers of two and offsets) from x and the smoothing
+#: vector, before any wait; the prep kernel then only sums the low-rank branch (and
+#: zeroes the K split's sums), which the GEMV waits for at its epilogue — the prep off
+#: the critical path (else the GEMV waits for the prep's x̂ before its loop).
+XHAT_IN_KERNEL = True
 
 
 def available(device: torch.device) -> bool:
@@ -156,6 +161,46 @@ if gemm_ws.HAVE_GLUON:
         return gl.convert_layout(v, B, assert_trivial=True)
 
     @gluon.jit
+    def _xhat(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG: gl.constexpr, T: gl.constexpr):
+        """x̂ of groups g0 … g0 + SG - 1 as ``gemv._store_f16`` writes it (the same values:
+        x̂ = x · (1/s) times the power of two ``1 / P`` that puts a group's largest value of
+        a token in [2⁹, 2¹⁰) — the odd columns' then / 16 — in fp16), as the [64 · SG, T]
+        the kernel stages (group, plane, lane, value), and P and the decode's offset ``P ·
+        (1032 · Σ even + 1152 · Σ odd)`` as [SG · T] (group, token); zero past M and K.
+        A thread takes 8 columns (one 16-byte load a token) of T / 2 tokens: a group is 8
+        lanes (3 shuffles a reduction), and each 1/s is computed for 8 columns only."""
+        XB: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, 4], [1, 0])
+        n = gl.arange(0, T, layout=gl.SliceLayout(1, XB))
+        c = 64 * g0 + gl.arange(0, 64 * SG, layout=gl.SliceLayout(0, XB))
+        cmask = c < K
+        s = gl.load(smooth_ptr + c, mask=cmask, other=1.0)
+        xv = gl.load(x_ptr + n[:, None] * stride_xm + c[None, :],
+                     mask=(n < M)[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+        inv_s = gl.inline_asm_elementwise(  # (= div_rn(1, s): both correctly rounded)
+            "rcp.rn.f32 $0, $1;", "=r,r", [s], dtype=gl.float32, is_pure=True, pack=1
+        )
+        xg = xv.to(gl.float32) * inv_s[None, :]
+        even, odd = gl.split(gl.reshape(xg, [T, SG, 32, 2]))  # (each [T, SG, 32])
+        amax = gl.max(gl.maximum(gl.abs(even), gl.abs(odd)), axis=2)
+        e = (amax.to(gl.int32, bitcast=True) >> 23) & 255
+        e = gl.minimum(gl.maximum(e, 10), 254)
+        inv = ((263 - e) << 23).to(gl.float32, bitcast=True)
+        pw = ((e - 9) << 23).to(gl.float32, bitcast=True)
+        h_even = (even * gl.expand_dims(inv, 2)).to(gl.float16)
+        h_odd = (odd * gl.expand_dims(inv * 0.0625, 2)).to(gl.float16)
+        off = 1032.0 * h_even.to(gl.float32) + 1152.0 * h_odd.to(gl.float32)
+        off = pw * gl.sum(off, axis=2)
+        # [T, SG, b, plane] -> (token: 8 nh + nl, b: 8 bh + bl) -> the staged order
+        # (group, plane, lane 4 nl + bh, value 8 nh + bl): a relabelling
+        h = gl.reshape(gl.join(h_even, h_odd), [T // 8, 8, SG, 4, 8, 2])
+        h = gl.reshape(gl.permute(h, [2, 5, 1, 3, 0, 4]), [64 * SG, T])
+        return (
+            h,
+            gl.reshape(gl.permute(pw, [1, 0]), [SG * T]),
+            gl.reshape(gl.permute(off, [1, 0]), [SG * T]),
+        )
+
+    @gluon.jit
     def _request_codes(q_desc, bar, buf, row, col, NBYTES: gl.constexpr):
         """One step's codes by TMA: the [BN, 32 · GS] bytes at (row, col), on ``bar``."""
         mbarrier.expect(bar, NBYTES)
@@ -163,16 +208,19 @@ if gemm_ws.HAVE_GLUON:
 
     @gluon.jit
     def _w4a16_gluon_kernel(
-        xh_ptr, xo_ptr, q_ptr, q_desc, sc_ptr, ts_ptr, lora_ptr, lu_ptr, bias_ptr, out_ptr,
-        M, N, G, R, S, groups_per_split,
-        stride_qn, stride_sn, stride_ls, stride_lm, stride_un, stride_om,
+        xh_ptr, xo_ptr, x_ptr, smooth_ptr, q_ptr, q_desc, sc_ptr, ts_ptr, lora_ptr, lu_ptr,
+        bias_ptr, out_ptr, M, N, K, G, R, S, groups_per_split,
+        stride_xm, stride_qn, stride_sn, stride_ls, stride_lm, stride_un, stride_om,
         ATOMIC: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
         PDL: gl.constexpr, BN: gl.constexpr, GS: gl.constexpr, SG: gl.constexpr,
         T: gl.constexpr, RB: gl.constexpr, STAGES: gl.constexpr, SB: gl.constexpr,
+        XIN: gl.constexpr,
     ):  # fmt: skip
         """``y[:, rows] = Σ_g ((Σ (1032 + code) · x̂_g) · P_g − O_g) · s_g · s_tensor + lora ·
         L_upᵀ + b`` for this program's rows and its K split's groups (``SG`` at most, GS a
-        step); ``xo_ptr`` holds (P, O) per group and token slot [G, 2, T]."""
+        step); ``xo_ptr`` holds (P, O) per group and token slot [G, 2, T] — or with ``XIN``
+        the program computes x̂, P and O of its groups from ``x_ptr`` and ``smooth_ptr``
+        (``_xhat``), and waits for the prep only at its epilogue."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(
             version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8]
         )
@@ -223,34 +271,40 @@ if gemm_ws.HAVE_GLUON:
                 if i < SG // GS:
                     _request_codes(q_desc, ready.index(i), q_bufs.index(i), pid_n * BN,
                                    (g0 + i * GS) * 32, BN * 32 * GS)  # fmt: skip
-        if PDL:
-            gdc_wait()
-        # x̂ of this program's groups, once, into shared memory (every warp reads it)
-        si = gl.arange(0, 64 * SG, layout=gl.SliceLayout(1, STAGE))
-        sj = gl.arange(0, T, layout=gl.SliceLayout(0, STAGE))
-        xs = gl.allocate_shared_memory(
-            gl.float16, [64 * SG, T], FLAT,
-            value=gl.load(
-                xh_ptr + (64 * g0 + si)[:, None] * T + sj[None, :],
-                mask=(si < 64 * n_groups)[:, None], other=0.0,
-            ),
-        )  # fmt: skip
-        # and the groups' powers of two and offsets (read once per group: no L2 round trip
-        # inside the loop)
-        PL: gl.constexpr = gl.BlockedLayout([1, 1], [32 // T, T], [4, 1], [1, 0])
-        pg = gl.arange(0, SG, layout=gl.SliceLayout(1, PL))
-        pt = gl.arange(0, T, layout=gl.SliceLayout(0, PL))
-        p_off = (g0 + pg)[:, None] * (2 * T) + pt[None, :]
-        p_mask = (pg < n_groups)[:, None]
         FLAT1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        p_s = gl.allocate_shared_memory(
-            gl.float32, [SG * T], FLAT1,
-            value=gl.reshape(gl.load(xo_ptr + p_off, mask=p_mask, other=0.0), [SG * T]),
-        )  # fmt: skip
-        o_s = gl.allocate_shared_memory(
-            gl.float32, [SG * T], FLAT1,
-            value=gl.reshape(gl.load(xo_ptr + T + p_off, mask=p_mask, other=0.0), [SG * T]),
-        )  # fmt: skip
+        if XIN:  # x is the prep's input (valid once the prep runs): no wait
+            xhat, pw, off = _xhat(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG, T)
+            xs = gl.allocate_shared_memory(gl.float16, [64 * SG, T], FLAT, value=xhat)
+            p_s = gl.allocate_shared_memory(gl.float32, [SG * T], FLAT1, value=pw)
+            o_s = gl.allocate_shared_memory(gl.float32, [SG * T], FLAT1, value=off)
+        else:
+            if PDL:
+                gdc_wait()
+            # x̂ of this program's groups, once, into shared memory (every warp reads it)
+            si = gl.arange(0, 64 * SG, layout=gl.SliceLayout(1, STAGE))
+            sj = gl.arange(0, T, layout=gl.SliceLayout(0, STAGE))
+            xs = gl.allocate_shared_memory(
+                gl.float16, [64 * SG, T], FLAT,
+                value=gl.load(
+                    xh_ptr + (64 * g0 + si)[:, None] * T + sj[None, :],
+                    mask=(si < 64 * n_groups)[:, None], other=0.0,
+                ),
+            )  # fmt: skip
+            # and the groups' powers of two and offsets (read once per group: no L2 round
+            # trip inside the loop)
+            PL: gl.constexpr = gl.BlockedLayout([1, 1], [32 // T, T], [4, 1], [1, 0])
+            pg = gl.arange(0, SG, layout=gl.SliceLayout(1, PL))
+            pt = gl.arange(0, T, layout=gl.SliceLayout(0, PL))
+            p_off = (g0 + pg)[:, None] * (2 * T) + pt[None, :]
+            p_mask = (pg < n_groups)[:, None]
+            p_s = gl.allocate_shared_memory(
+                gl.float32, [SG * T], FLAT1,
+                value=gl.reshape(gl.load(xo_ptr + p_off, mask=p_mask, other=0.0), [SG * T]),
+            )  # fmt: skip
+            o_s = gl.allocate_shared_memory(
+                gl.float32, [SG * T], FLAT1,
+                value=gl.reshape(gl.load(xo_ptr + T + p_off, mask=p_mask, other=0.0), [SG * T]),
+            )  # fmt: skip
         # the scales as [SG, BN] (a group's row read at a time: no memory round trip in the
         # loop; v49 loaded each step's a step ahead, and ncu found the loop waiting on them)
         s_s = gl.allocate_shared_memory(gl.float16, [SG, BN], FLAT, value=gl.permute(s_all, [1, 0]))
@@ -294,6 +348,8 @@ if gemm_ws.HAVE_GLUON:
                                    (g0 + k0 + (STAGES - 1) * GS) * 32, BN * 32 * GS)  # fmt: skip
 
         # the epilogue: · s_tensor, + low-rank (first split only), + bias, store or add
+        if XIN and PDL:  # the prep's low-rank sums and zeroed output
+            gdc_wait()
         y = acc * gl.load(ts_ptr)
         nmask = rows < N
         mmask = tok < M
@@ -378,7 +434,10 @@ def gemv_gluon(
     [chunks, M, r]) and the weights as ``gemv._operands`` gives them: [M, N] in
     ``out_dtype``. int4 weights only; ``gemv.gemv``'s ``pdl``."""
     zeroed = xh.out  # (the prep's zeroed fp32 sums, or None)
-    xh, xo, m = xh.planes, xh.scales, lora.shape[1]
+    xin = xh.planes is None  # (x̂ computed in the kernel: ``XHAT_IN_KERNEL``)
+    x, smooth = (xh.x, xh.smooth) if xin else (lora, lora)  # (stand-ins: never read)
+    xh, xo = (lora, lora) if xin else (xh.planes, xh.scales)
+    m = lora.shape[1]
     n, kp = qweight.shape[0], qweight.shape[1] * 2
     groups = kp // 64
     t = tokens(m)
@@ -398,12 +457,13 @@ def gemv_gluon(
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
         q_desc = GluonDescriptor.from_tensor(qweight.view(torch.uint8), [bn, 32 * gs], layout)
     _w4a16_gluon_kernel[(n_blocks, split)](
-        xh, xo, qweight, q_desc, wscales, wtensor_scale, lora, lowrank_up,
-        bias if bias is not None else out, out, m, n, groups, r, chunks, per_split,
-        qweight.stride(0), wscales.stride(0), lora.stride(0), lora.stride(1),
-        lowrank_up.stride(0) if r else 0, out.stride(0),
+        xh, xo, x, smooth, qweight, q_desc, wscales, wtensor_scale, lora, lowrank_up,
+        bias if bias is not None else out, out, m, n, x.shape[1] if xin else kp, groups, r,
+        chunks, per_split, x.stride(0) if xin else 0, qweight.stride(0), wscales.stride(0),
+        lora.stride(0), lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs,
-        SG=per_split, T=t, RB=32, STAGES=stages, SB=min(32, next_pow2(chunks)), num_warps=warps,
+        SG=per_split, T=t, RB=32, STAGES=stages, SB=min(32, next_pow2(chunks)), XIN=xin,
+        num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out if split == 1 else cast_after(out, out_dtype, pdl and CAST_PDL)
