@@ -480,6 +480,19 @@ def _prep_dp4a_spec(ld_first: bool) -> dict[str, Any]:
     return d
 
 
+@_spec("gemv_prep_gluon")
+def _gemv_prep_gluon() -> dict[str, Any]:
+    """The Gluon GEMV's prep without x̂ (``gemv_gluon.XHAT_IN_KERNEL``): the low-rank sums
+    of 16 token slots as one dot a rank block, the zeroing; four tokens."""
+    d = _gemv_prep()
+    d["ints"].update(M=4, stride_ls=4 * 32)
+    d["ptrs"]["zero_ptr"] = "*fp32"
+    d["ints"]["zero_numel"] = 4 * 18432
+    d["consts"].update(CHUNK=128, PLANES=2, PRESCALE=False, F16=8, LD_FIRST=True, ZERO=True,
+                       XHAT=False, DOT_PREC="tf32x3")  # fmt: skip
+    return d
+
+
 @_spec("gemv_prep_dp4a")
 def _gemv_prep_dp4a() -> dict[str, Any]:
     """The dp4a GEMV's prep, L_down requested first (``gemv.PREP_LD_FIRST``)."""

@@ -1000,9 +1000,9 @@ def test_w4a16_default_path(monkeypatch):
     from svdquant.kernels import gemv
 
     assert gemv.PACKED_MMA and gemv.FMA_MAX_M == 4 and gemv.DP4A_MAX_M == 4
-    assert gemv.GLUON and gemv.GLUON_MIN_M == 3
-    # where the GPU has the Gluon kernel: int4 from 3 tokens on it, nvfp4 never
-    assert [gemv._path(m, "int4", True) for m in (1, 2, 3, 4, 16)] == ["dp4a"] * 2 + ["gluon"] * 3
+    assert gemv.GLUON and gemv.GLUON_MIN_M == 2
+    # where the GPU has the Gluon kernel: int4 from 2 tokens on it, nvfp4 never
+    assert [gemv._path(m, "int4", True) for m in (1, 2, 3, 4, 16)] == ["dp4a"] + ["gluon"] * 4
     assert gemv._path(16, "nvfp4", True) == "mma"
     monkeypatch.setattr(gemv, "GLUON", False)  # (and below: the other kernels, on any GPU)
     assert gemv._path(16, "int4", True) == "packed"
@@ -1341,7 +1341,9 @@ def test_gpu_w4a16_gluon_xhat_in_kernel(monkeypatch, m, n, k, r):
     y = w4a16_linear(x, *args)
     assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
     monkeypatch.setattr(gemv_gluon, "XHAT_IN_KERNEL", False)
-    assert rel_err(y, w4a16_linear(x, *args)) <= 2e-4  # (a few bf16 roundings may differ)
+    y2 = w4a16_linear(x, *args).float()
+    # (the K split's fp32 sums in another order: at most a bf16 rounding apart)
+    assert ((y.float() - y2).abs() <= y2.abs() * 2**-7 + y2.abs().max() * 1e-4).all()
 
 
 @pytest.mark.gpu

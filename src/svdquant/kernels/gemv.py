@@ -15,7 +15,7 @@ many of them as possible are in flight:
   int4 weights at up to ``DP4A_MAX_M`` tokens multiply on the integer dot-product
   unit (``_w4a16_dp4a_kernel``): x̂ as 16-bit integers per group in byte planes, the
   codes as signed bytes by one or two logic ops, four products per ``dp4a``, one
-  conversion to fp32 per group; on Hopper int4 weights at 3 (``GLUON_MIN_M``) to 16 tokens
+  conversion to fp32 per group; on Hopper int4 weights at 2 (``GLUON_MIN_M``) to 16 tokens
   run on a tensor-core kernel in Gluon instead (``kernels/gemv_gluon.py``: the codes by
   TMA straight into the MMA's registers, x̂ one fp16 plane per group). Otherwise up to
   ``FMA_MAX_M`` tokens multiply on the
@@ -145,9 +145,12 @@ PREP_LD_FIRST = True
 #: bytes decoded a word (``probe_gemv_gluon-h200-2026-12-01-v50-quad-decode.json``):
 #: N = 18432 1.29-1.30x the dp4a kernel at 3-4 tokens (24.8 µs at 4: 1.72x BF16), 1.78x
 #: the packed kernel at 5-8, 1.47x at 16; N = 9216 1.07-1.10x at 3-4; at two tokens 1.09x
-#: (18432) and 0.92x (9216), at one 0.81-0.84x: the threshold stays at 3.
+#: (18432) and 0.92x (9216), at one 0.81-0.84x: the threshold stays at 3. v51, x̂ computed
+#: in the Gluon kernel (``gemv_gluon.XHAT_IN_KERNEL``,
+#: ``probe_gemv_gluon-h200-2026-12-01-v51-xhat-in-kernel.json``): two tokens 1.22x the dp4a
+#: kernel at N = 18432, 1.13x at 9216; one token 0.89x / 0.96x: from 2 tokens.
 GLUON = True
-GLUON_MIN_M = 3
+GLUON_MIN_M = 2
 #: Launch the GEMV as the prep kernel's programmatic dependent where the GPU has it
 #: (sm_90+; never under the interpreter, which has no inline assembly).
 PDL = True
@@ -188,6 +191,7 @@ def _prep_kernel(
     zero_numel=0,
     ZERO: tl.constexpr = False,
     XHAT: tl.constexpr = True,
+    DOT_PREC: tl.constexpr = "ieee",
 ):
     """x̂ = x · (1/s) for this program's CHUNK columns, written as [M, PLANES, KP/PLANES]
     (plane p holds the columns c ≡ p mod PLANES; zero past K; with ``PRESCALE``, plane p
@@ -208,6 +212,7 @@ def _prep_kernel(
     c = pid_k * CHUNK + tl.arange(0, CHUNK)
     cmask = c < K
     x_first = c * 0.0
+    ld = x_first  # (a stand-in where L_down's first block is not loaded first)
     if LD_FIRST:  # L_down's first 32 ranks and token 0 requested with s, before any wait
         ld = _ld_block(ld_ptr, 0, c, cmask, R, stride_ldr)
         if I16:
@@ -232,15 +237,19 @@ def _prep_kernel(
         for m in range(M):
             xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask, other=0.0)
             tl.store(dst + m * stride_hm, xv.to(tl.float32) * plane_inv_s, mask=c < KP)
-    r_start = 0
-    if LD_FIRST:
-        _lora_block(x_ptr, lora_ptr, ld, 0, c, cmask, inv_s, M, R, stride_xm, stride_ls,
-                    stride_lm, pid_k)  # fmt: skip
-        r_start = 32
-    for r0 in range(r_start, R, 32):
-        ld = _ld_block(ld_ptr, r0, c, cmask, R, stride_ldr)
-        _lora_block(x_ptr, lora_ptr, ld, r0, c, cmask, inv_s, M, R, stride_xm, stride_ls,
-                    stride_lm, pid_k)  # fmt: skip
+    if F16:  # every token slot in one dot a rank block
+        _lora_tokens(x_ptr, ld_ptr, lora_ptr, ld, c, cmask, inv_s, M, R, stride_xm, stride_ldr,
+                     stride_ls, stride_lm, pid_k, LD_FIRST, DOT_PREC)  # fmt: skip
+    else:
+        r_start = 0
+        if LD_FIRST:
+            _lora_block(x_ptr, lora_ptr, ld, 0, c, cmask, inv_s, M, R, stride_xm, stride_ls,
+                        stride_lm, pid_k)  # fmt: skip
+            r_start = 32
+        for r0 in range(r_start, R, 32):
+            blk = _ld_block(ld_ptr, r0, c, cmask, R, stride_ldr)
+            _lora_block(x_ptr, lora_ptr, blk, r0, c, cmask, inv_s, M, R, stride_xm, stride_ls,
+                        stride_lm, pid_k)  # fmt: skip
     if ZERO:
         share = tl.cdiv(zero_numel, tl.num_programs(0))
         for z in range(pid_k * share, (pid_k + 1) * share, 1024):
@@ -269,6 +278,32 @@ def _lora_block(x_ptr, lora_ptr, ld, r0, c, cmask, inv_s, M, R, stride_xm, strid
         xv = tl.load(x_ptr + m * stride_xm + c, mask=cmask, other=0.0)
         part = tl.sum(ld * (xv.to(tl.float32) * inv_s)[None, :], axis=1)
         tl.store(lora_ptr + pid_k * stride_ls + m * stride_lm + rr, part, mask=rr < R)
+
+
+@triton.jit
+def _lora_tokens(x_ptr, ld_ptr, lora_ptr, ld, c, cmask, inv_s, M, R, stride_xm, stride_ldr,
+                 stride_ls, stride_lm, pid_k, LD_FIRST: tl.constexpr,
+                 DOT_PREC: tl.constexpr):  # fmt: skip
+    """This chunk's share of ``x̂ · L_downᵀ`` for every token at once (16 slots): x loaded
+    once, one fp32 ``tl.dot`` (``DOT_PREC``) per 32 ranks — ``_lora_block``'s loop took a
+    memory round trip a token (v51: the prep 15 µs at 16 tokens). ``ld``: the first block
+    when ``LD_FIRST``."""
+    n = tl.arange(0, 16)
+    rr = tl.arange(0, 32)
+    xt = tl.load(x_ptr + n[:, None] * stride_xm + c[None, :],
+                 mask=(n < M)[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+    xt = xt.to(tl.float32) * inv_s[None, :]
+    dst = lora_ptr + pid_k * stride_ls + n[:, None] * stride_lm + rr[None, :]
+    if LD_FIRST:  # noqa: SIM108 (a static branch: only the taken side is traced)
+        first = ld
+    else:
+        first = _ld_block(ld_ptr, 0, c, cmask, R, stride_ldr)
+    part = tl.dot(xt, tl.trans(first), input_precision=DOT_PREC)
+    tl.store(dst, part, mask=(n < M)[:, None] & (rr < R)[None, :])
+    for r0 in range(32, R, 32):
+        blk = _ld_block(ld_ptr, r0, c, cmask, R, stride_ldr)
+        part = tl.dot(xt, tl.trans(blk), input_precision=DOT_PREC)
+        tl.store(dst + r0, part, mask=(n < M)[:, None] & (r0 + rr < R)[None, :])
 
 
 @triton.jit
@@ -1110,7 +1145,7 @@ def prep(
         CHUNK=chunk, PLANES=planes, PRESCALE=fma and fmt == "int4", PDL=pdl,
         PACKED=packed, INTERPRET=interpreting(), I16=i16, LD_FIRST=PREP_LD_FIRST, F16=f16,
         zero_ptr=zero, zero_numel=zero.numel() if zero is not None else 0,
-        ZERO=zero is not None, XHAT=xhat or not f16, num_warps=4,
+        ZERO=zero is not None, XHAT=xhat or not f16, DOT_PREC=dot_precision(), num_warps=4,
     )  # fmt: skip
     if f16 and not xhat:
         return F16X(None, None, zero, x, smooth), lora[..., :r]

@@ -1,4 +1,4 @@
-"""The W4A16 GEMV for 3–16 tokens (``gemv.GLUON_MIN_M``) on the tensor cores, in Gluon
+"""The W4A16 GEMV for 2–16 tokens (``gemv.GLUON_MIN_M``) on the tensor cores, in Gluon
 (Hopper): the codes go from memory straight into the MMA's operand registers.
 
 Same contract as ``gemv.w4a16_linear`` for int4 weights (reference
