@@ -20,10 +20,15 @@ shared memory into the MMA layout, and multiplies four times (x̂ as two bf16 pa
   shuffled into the MMA's order: the loop 36% fewer instructions, 1.12 -> 1.30x the dp4a
   kernel at 4 tokens, v50); x̂ is one fp16 plane per group scaled by a power of two per
   group and token (its largest value in [2⁹, 2¹⁰): 11 bits, tf32's precision; the high
-  nibbles' plane then / 16), so one MMA per nibble plane; the offsets and the power of two
-  come from the prep kernel;
+  nibbles' plane then / 16), so one MMA per nibble plane, with per group an offset and the
+  power of two;
+* each program computes x̂, the powers and the offsets of its groups itself from x and the
+  smoothing vector (``XHAT_IN_KERNEL``, v51), before it waits for anything: the prep
+  kernel then only sums the low-rank down projection and zeroes the K split's sums, and
+  the GEMV waits for it at its epilogue — the prep left the critical path (1.07–1.22x at
+  3–8 tokens; else the prep writes x̂ and the GEMV waits for it before its loop);
 * 8 token slots up to 8 tokens (the MMA's narrowest N), 16 above;
-* x̂, the powers of two and offsets for the program's K range are staged once in shared
+* x̂, the powers of two and offsets of the program's K range are staged once in shared
   memory (all its warps read them), and so are its group scales (loaded at its start, a
   row's in one load; v49 loaded each step's a step ahead and the loop waited on them); a
   K split's sums meet through fp32 atomics (a buffer the prep kernel zeroes, a cast after
@@ -430,9 +435,11 @@ def gemv_gluon(
     pdl: bool = False,
 ) -> torch.Tensor:
     """The GEMV proper on ``gemv.prep(..., f16=T)``'s outputs (``gemv.F16X`` ``xh``: x̂'s
-    planes, the per-group powers of two and offsets; the low-rank partial sums ``lora``
-    [chunks, M, r]) and the weights as ``gemv._operands`` gives them: [M, N] in
-    ``out_dtype``. int4 weights only; ``gemv.gemv``'s ``pdl``."""
+    planes, the per-group powers of two and offsets — or, from ``prep(..., xhat=False)``,
+    x and the smoothing vector, from which the kernel computes them —; the low-rank partial
+    sums ``lora`` [chunks, M, r]) and the weights as ``gemv._operands`` gives them: [M, N]
+    in ``out_dtype``. int4 weights only; ``gemv.gemv``'s ``pdl`` (then x is read before the
+    kernel waits: the prep must be a plain launch, so that x is complete when it runs)."""
     zeroed = xh.out  # (the prep's zeroed fp32 sums, or None)
     xin = xh.planes is None  # (x̂ computed in the kernel: ``XHAT_IN_KERNEL``)
     x, smooth = (xh.x, xh.smooth) if xin else (lora, lora)  # (stand-ins: never read)
