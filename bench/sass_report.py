@@ -427,8 +427,7 @@ def _gluon_gemv_spec(m: int) -> dict[str, Any]:
                   stride_qn=1536, stride_sn=48, stride_ls=128, stride_lm=32, stride_un=32,
                   stride_om=18432),
         consts=dict(ATOMIC=True, HAS_LORA=True, HAS_BIAS=True, PDL=True, BN=bn, GS=gs, SG=8,
-                    T=g.tokens(m), RB=32, STAGES=g.STAGES, SB=32, XIN=g.XHAT_IN_KERNEL,
-                    TX=g.tokens(m) // 2 if g.XHAT_HALF and m <= g.tokens(m) // 2 else g.tokens(m)),
+                    T=g.tokens(m), RB=32, STAGES=g.STAGES, SB=32, XIN=g.XHAT_IN_KERNEL),
         warps=warps,
     )  # fmt: skip
 

@@ -92,9 +92,6 @@ CAST_PDL = True
 #: zeroes the K split's sums), which the GEMV waits for at its epilogue — the prep off
 #: the critical path (else the GEMV waits for the prep's x̂ before its loop).
 XHAT_IN_KERNEL = True
-#: With ``XHAT_IN_KERNEL``, at most 4 tokens in the 8 slots: x̂ computed for 4 slots only
-#: (the other 4 are zeros).
-XHAT_HALF = True
 
 
 def available(device: torch.device) -> bool:
@@ -169,19 +166,16 @@ if gemm_ws.HAVE_GLUON:
         return gl.convert_layout(v, B, assert_trivial=True)
 
     @gluon.jit
-    def _xhat(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG: gl.constexpr, T: gl.constexpr,
-              TX: gl.constexpr):  # fmt: skip
+    def _xhat(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG: gl.constexpr, T: gl.constexpr):
         """x̂ of groups g0 … g0 + SG - 1 as ``gemv._store_f16`` writes it (the same values:
         x̂ = x · (1/s) times the power of two ``1 / P`` that puts a group's largest value of
         a token in [2⁹, 2¹⁰) — the odd columns' then / 16 — in fp16), as the [64 · SG, T]
         the kernel stages (group, plane, lane, value), and P and the decode's offset ``P ·
         (1032 · Σ even + 1152 · Σ odd)`` as [SG · T] (group, token); zero past M and K.
-        Computed for the first ``TX`` token slots (T, or T / 2 when M ≤ T / 2: the upper
-        half is zeros, P = O = 0 there). A thread takes 8 columns (one 16-byte load a token)
-        of TX / 2 tokens: a group is 8 lanes (3 shuffles a reduction), and each 1/s is
-        computed for 8 columns only."""
+        A thread takes 8 columns (one 16-byte load a token) of T / 2 tokens: a group is 8
+        lanes (3 shuffles a reduction), and each 1/s is computed for 8 columns only."""
         XB: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, 4], [1, 0])
-        n = gl.arange(0, TX, layout=gl.SliceLayout(1, XB))
+        n = gl.arange(0, T, layout=gl.SliceLayout(1, XB))
         c = 64 * g0 + gl.arange(0, 64 * SG, layout=gl.SliceLayout(0, XB))
         cmask = c < K
         s = gl.load(smooth_ptr + c, mask=cmask, other=1.0)
@@ -191,7 +185,7 @@ if gemm_ws.HAVE_GLUON:
             "rcp.rn.f32 $0, $1;", "=r,r", [s], dtype=gl.float32, is_pure=True, pack=1
         )
         xg = xv.to(gl.float32) * inv_s[None, :]
-        even, odd = gl.split(gl.reshape(xg, [TX, SG, 32, 2]))  # (each [TX, SG, 32])
+        even, odd = gl.split(gl.reshape(xg, [T, SG, 32, 2]))  # (each [T, SG, 32])
         amax = gl.max(gl.maximum(gl.abs(even), gl.abs(odd)), axis=2)
         e = (amax.to(gl.int32, bitcast=True) >> 23) & 255
         e = gl.minimum(gl.maximum(e, 10), 254)
@@ -203,19 +197,13 @@ if gemm_ws.HAVE_GLUON:
         off = pw * gl.sum(off, axis=2)
         # [T, SG, b, plane] -> (token: 8 nh + nl, b: 8 bh + bl) -> the staged order
         # (group, plane, lane 4 nl + bh, value 8 nh + bl): a relabelling
-        h = gl.join(h_even, h_odd)
-        if TX < T:  # (T = 8: nl = 4 · upper + the computed slot; the upper half zeros)
-            h = gl.reshape(h, [TX, SG, 4, 8, 2])
-            h = gl.join(h, gl.zeros_like(h))
-            h = gl.reshape(gl.permute(h, [1, 4, 5, 0, 2, 3]), [64 * SG, T])
-            pw_t = gl.reshape(gl.permute(gl.join(pw, gl.zeros_like(pw)), [1, 2, 0]), [SG * T])
-            off_t = gl.reshape(gl.permute(gl.join(off, gl.zeros_like(off)), [1, 2, 0]), [SG * T])
-        else:
-            h = gl.reshape(h, [T // 8, 8, SG, 4, 8, 2])
-            h = gl.reshape(gl.permute(h, [2, 5, 1, 3, 0, 4]), [64 * SG, T])
-            pw_t = gl.reshape(gl.permute(pw, [1, 0]), [SG * T])
-            off_t = gl.reshape(gl.permute(off, [1, 0]), [SG * T])
-        return h, pw_t, off_t
+        h = gl.reshape(gl.join(h_even, h_odd), [T // 8, 8, SG, 4, 8, 2])
+        h = gl.reshape(gl.permute(h, [2, 5, 1, 3, 0, 4]), [64 * SG, T])
+        return (
+            h,
+            gl.reshape(gl.permute(pw, [1, 0]), [SG * T]),
+            gl.reshape(gl.permute(off, [1, 0]), [SG * T]),
+        )
 
     @gluon.jit
     def _request_codes(q_desc, bar, buf, row, col, NBYTES: gl.constexpr):
@@ -231,13 +219,13 @@ if gemm_ws.HAVE_GLUON:
         ATOMIC: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
         PDL: gl.constexpr, BN: gl.constexpr, GS: gl.constexpr, SG: gl.constexpr,
         T: gl.constexpr, RB: gl.constexpr, STAGES: gl.constexpr, SB: gl.constexpr,
-        XIN: gl.constexpr, TX: gl.constexpr,
+        XIN: gl.constexpr,
     ):  # fmt: skip
         """``y[:, rows] = Σ_g ((Σ (1032 + code) · x̂_g) · P_g − O_g) · s_g · s_tensor + lora ·
         L_upᵀ + b`` for this program's rows and its K split's groups (``SG`` at most, GS a
         step); ``xo_ptr`` holds (P, O) per group and token slot [G, 2, T] — or with ``XIN``
         the program computes x̂, P and O of its groups from ``x_ptr`` and ``smooth_ptr``
-        (``_xhat``, for ``TX`` token slots), and waits for the prep only at its epilogue."""
+        (``_xhat``), and waits for the prep only at its epilogue."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(
             version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8]
         )
@@ -290,7 +278,7 @@ if gemm_ws.HAVE_GLUON:
                                    (g0 + i * GS) * 32, BN * 32 * GS)  # fmt: skip
         FLAT1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         if XIN:  # x is the prep's input (valid once the prep runs): no wait
-            xhat, pw, off = _xhat(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG, T, TX)
+            xhat, pw, off = _xhat(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG, T)
             xs = gl.allocate_shared_memory(gl.float16, [64 * SG, T], FLAT, value=xhat)
             p_s = gl.allocate_shared_memory(gl.float32, [SG * T], FLAT1, value=pw)
             o_s = gl.allocate_shared_memory(gl.float32, [SG * T], FLAT1, value=off)
@@ -482,7 +470,7 @@ def gemv_gluon(
         lora.stride(0), lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs,
         SG=per_split, T=t, RB=32, STAGES=stages, SB=min(32, next_pow2(chunks)), XIN=xin,
-        TX=t // 2 if XHAT_HALF and m <= t // 2 else t, num_warps=warps,
+        num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out if split == 1 else cast_after(out, out_dtype, pdl and CAST_PDL)
