@@ -79,12 +79,7 @@ __all__ = ["available", "gemv_gluon", "splits_k", "tokens"]
 TILE = (128, 2, 4)
 #: The codes by TMA through a ring of this many steps (0: plain loads into registers, the
 #: next step's before this step's MMAs).
-STAGES = 2
-#: A register cap at 8 token slots (``maxnreg``; None: the compiler's choice, 96): with 72
-#: and 2 stages (27 KB of shared memory) 7 programs fit an SM, so that the 864 programs of
-#: N = 18432, K = 3072 run in one wave instead of 1.31 (sm_90: no spills, 2280 instructions
-#: against 2248). 16 slots keep the compiler's 138.
-MAXNREG = 72
+STAGES = 3
 #: K split until the grid has this many programs per SM, in powers of two of groups a
 #: program, at most ``MAX_GROUPS`` (the staged x̂ and the unrolled loop grow with them).
 PROGRAMS_PER_SM = 4
@@ -475,7 +470,7 @@ def gemv_gluon(
         lora.stride(0), lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs,
         SG=per_split, T=t, RB=32, STAGES=stages, SB=min(32, next_pow2(chunks)), XIN=xin,
-        num_warps=warps, **({"maxnreg": MAXNREG} if MAXNREG and t == 8 else {}),
+        num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out if split == 1 else cast_after(out, out_dtype, pdl and CAST_PDL)
