@@ -1242,6 +1242,26 @@ def test_w4a16_f16_prep_without_xhat():
     torch.testing.assert_close(lora, want, rtol=0, atol=0)
 
 
+def test_w4a16_f16_prep_zeroes_the_counters(monkeypatch):
+    """``prep(..., counters=c)`` (the Gluon GEMV's ``FINISH_IN_KERNEL``): one zeroed flat
+    buffer, the [M, n] fp32 sums then c int32 counters; ``gemv_gluon.counters`` asks for one
+    a row block only with the setting on and a K split."""
+    from svdquant.kernels import gemv, gemv_gluon
+
+    x = _acts(2, 200, torch.bfloat16)
+    down, _ = _lowrank(8, 200, 4, torch.bfloat16)
+    xh, _ = gemv.prep(x, _smooth(200), down, 256, "int4", fma=False, f16=8, n=300, xhat=False,
+                      counters=3)  # fmt: skip
+    assert xh.out.shape == (2 * 300 + 3,) and (xh.out == 0).all()
+    assert (xh.out[600:].view(torch.int32) == 0).all()
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(gemv_gluon, "num_sms", lambda device: 132)
+    assert gemv_gluon.counters(18432, 3072, cpu) == 0  # (off by default)
+    monkeypatch.setattr(gemv_gluon, "FINISH_IN_KERNEL", True)
+    assert gemv_gluon.counters(18432, 3072, cpu) == 144  # 144 row blocks, 6 splits
+    assert gemv_gluon.counters(130, 128, cpu) == 0  # no K split: nothing to finish
+
+
 def test_gluon_gemv_k_split_plan(monkeypatch):
     """The prep zeroes the Gluon GEMV's fp32 sums only where its launcher splits K
     (``splits_k`` and the launcher share one plan)."""
@@ -1341,6 +1361,29 @@ def test_gpu_w4a16_gluon_xhat_in_kernel(monkeypatch, m, n, k, r):
     y = w4a16_linear(x, *args)
     assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
     monkeypatch.setattr(gemv_gluon, "XHAT_IN_KERNEL", False)
+    y2 = w4a16_linear(x, *args).float()
+    # (the K split's fp32 sums in another order: at most a bf16 rounding apart)
+    assert ((y.float() - y2).abs() <= y2.abs() * 2**-7 + y2.abs().max() * 1e-4).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 9, 16])
+@pytest.mark.parametrize(("n", "k", "r"), [(18432, 3072, 32), (300, 4500, 16), (130, 333, 0)])
+def test_gpu_w4a16_gluon_finish_in_kernel(monkeypatch, m, n, k, r):
+    """The K split finished by the row block's last split (``FINISH_IN_KERNEL``) against
+    the reference and, element by element, against the cast kernel's path."""
+    from svdquant.kernels import gemv, gemv_gluon
+
+    if not gemv_gluon.available(torch.device("cuda")):
+        pytest.skip("the Gluon GEMV needs sm_90 and a Gluon triton")
+    monkeypatch.setattr(gemv, "GLUON", True)
+    monkeypatch.setattr(gemv, "GLUON_MIN_M", 1)
+    x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=9)
+    monkeypatch.setattr(gemv_gluon, "FINISH_IN_KERNEL", True)
+    y = w4a16_linear(x, *args)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
+    monkeypatch.setattr(gemv_gluon, "FINISH_IN_KERNEL", False)
     y2 = w4a16_linear(x, *args).float()
     # (the K split's fp32 sums in another order: at most a bf16 rounding apart)
     assert ((y.float() - y2).abs() <= y2.abs() * 2**-7 + y2.abs().max() * 1e-4).all()
