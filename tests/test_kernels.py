@@ -1343,50 +1343,46 @@ def test_gpu_w4a16_gluon_kernel_without_tma(monkeypatch, m, n, k):
     assert rel_err(w4a16_linear(x, *args), ref.w4a16_linear_ref(x, *args)) <= TOL
 
 
+def _gluon_setting_agrees(monkeypatch, setting: str, m: int, n: int, k: int, r: int) -> None:
+    """The Gluon GEMV with ``gemv_gluon.<setting>`` on against the reference, and element
+    by element against it off: at most a bf16 rounding apart (the K split's fp32 sums add
+    in any order)."""
+    from svdquant.kernels import gemv, gemv_gluon
+
+    if not gemv_gluon.available(torch.device("cuda")):
+        pytest.skip("the Gluon GEMV needs sm_90 and a Gluon triton")
+    monkeypatch.setattr(gemv, "GLUON", True)
+    monkeypatch.setattr(gemv, "GLUON_MIN_M", 1)
+    x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=9)
+    monkeypatch.setattr(gemv_gluon, setting, True)
+    y = w4a16_linear(x, *args)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
+    monkeypatch.setattr(gemv_gluon, setting, False)
+    y2 = w4a16_linear(x, *args).float()
+    assert ((y.float() - y2).abs() <= y2.abs() * 2**-7 + y2.abs().max() * 1e-4).all()
+
+
+_GLUON_SETTING_CASES = [(18432, 3072, 32), (300, 4500, 16), (130, 333, 0)]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 4, 9, 16])
-@pytest.mark.parametrize(("n", "k", "r"), [(18432, 3072, 32), (300, 4500, 16), (130, 333, 0)])
+@pytest.mark.parametrize(("n", "k", "r"), _GLUON_SETTING_CASES)
 def test_gpu_w4a16_gluon_xhat_in_kernel(monkeypatch, m, n, k, r):
     """x̂ computed in the Gluon GEMV (``XHAT_IN_KERNEL``) against the reference, and
     against the GEMV reading the prep's x̂: the same x̂ (the same rounding), so the same
     outputs up to the fp32 sums' order."""
-    from svdquant.kernels import gemv, gemv_gluon
-
-    if not gemv_gluon.available(torch.device("cuda")):
-        pytest.skip("the Gluon GEMV needs sm_90 and a Gluon triton")
-    monkeypatch.setattr(gemv, "GLUON", True)
-    monkeypatch.setattr(gemv, "GLUON_MIN_M", 1)
-    x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=9)
-    monkeypatch.setattr(gemv_gluon, "XHAT_IN_KERNEL", True)
-    y = w4a16_linear(x, *args)
-    assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
-    monkeypatch.setattr(gemv_gluon, "XHAT_IN_KERNEL", False)
-    y2 = w4a16_linear(x, *args).float()
-    # (the K split's fp32 sums in another order: at most a bf16 rounding apart)
-    assert ((y.float() - y2).abs() <= y2.abs() * 2**-7 + y2.abs().max() * 1e-4).all()
+    _gluon_setting_agrees(monkeypatch, "XHAT_IN_KERNEL", m, n, k, r)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 4, 9, 16])
-@pytest.mark.parametrize(("n", "k", "r"), [(18432, 3072, 32), (300, 4500, 16), (130, 333, 0)])
+@pytest.mark.parametrize(("n", "k", "r"), _GLUON_SETTING_CASES)
 def test_gpu_w4a16_gluon_finish_in_kernel(monkeypatch, m, n, k, r):
     """The K split finished by the row block's last split (``FINISH_IN_KERNEL``) against
     the reference and, element by element, against the cast kernel's path."""
-    from svdquant.kernels import gemv, gemv_gluon
-
-    if not gemv_gluon.available(torch.device("cuda")):
-        pytest.skip("the Gluon GEMV needs sm_90 and a Gluon triton")
-    monkeypatch.setattr(gemv, "GLUON", True)
-    monkeypatch.setattr(gemv, "GLUON_MIN_M", 1)
-    x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=9)
-    monkeypatch.setattr(gemv_gluon, "FINISH_IN_KERNEL", True)
-    y = w4a16_linear(x, *args)
-    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-    assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
-    monkeypatch.setattr(gemv_gluon, "FINISH_IN_KERNEL", False)
-    y2 = w4a16_linear(x, *args).float()
-    # (the K split's fp32 sums in another order: at most a bf16 rounding apart)
-    assert ((y.float() - y2).abs() <= y2.abs() * 2**-7 + y2.abs().max() * 1e-4).all()
+    _gluon_setting_agrees(monkeypatch, "FINISH_IN_KERNEL", m, n, k, r)
 
 
 @pytest.mark.gpu
