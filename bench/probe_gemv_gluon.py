@@ -109,15 +109,13 @@ def split(ms: list[int]) -> list[dict]:
     layer = Layer(18432, 3072)
     kp = layer.qweight.shape[1] * 2
     w = gemv._operands(layer.qweight, layer.wscales, layer.wtensor_scale, layer.up, fma=False)
-    xhat = not gemv_gluon.XHAT_IN_KERNEL  # (the prep without x̂ where the GEMV makes it)
     for m in ms:
         x = torch.randn(m, 3072, device="cuda").bfloat16()
-        t = gemv_gluon.tokens(m)
-        xh, lora = gemv.prep(x, layer.smooth, layer.down, kp, "int4", fma=False, f16=t,
-                             n=18432, xhat=xhat)  # fmt: skip
+        args = gemv_gluon.prep_args(m, 18432, kp, x.device)  # (as ``w4a16_linear`` calls it)
+        xh, lora = gemv.prep(x, layer.smooth, layer.down, kp, "int4", fma=False, **args)
         prep_us = bench_graph(
-            lambda x=x, t=t: gemv.prep(
-                x, layer.smooth, layer.down, kp, "int4", fma=False, f16=t, n=18432, xhat=xhat
+            lambda x=x, args=args: gemv.prep(
+                x, layer.smooth, layer.down, kp, "int4", fma=False, **args
             )
         )
         gemv_us = bench_graph(

@@ -1264,7 +1264,7 @@ def test_w4a16_f16_prep_zeroes_the_counters(monkeypatch):
 
 def test_gluon_gemv_k_split_plan(monkeypatch):
     """The prep zeroes the Gluon GEMV's fp32 sums only where its launcher splits K
-    (``splits_k`` and the launcher share one plan)."""
+    (``splits_k``, ``prep_args`` and the launcher share one plan)."""
     from svdquant.kernels import gemv_gluon
 
     cpu = torch.device("cpu")
@@ -1272,6 +1272,10 @@ def test_gluon_gemv_k_split_plan(monkeypatch):
     assert gemv_gluon.splits_k(18432, 3072, cpu)  # 144 row blocks: 6 splits of 8 groups
     assert gemv_gluon._k_split(18432, 3072, cpu) == (8, 6)
     assert not gemv_gluon.splits_k(130, 128, cpu)  # two groups: one program's worth
+    # what ``w4a16_linear`` hands the prep: x̂ in the kernel, sums only where K is split
+    assert gemv_gluon.prep_args(4, 18432, 3072, cpu) == dict(f16=8, n=18432, xhat=False,
+                                                            counters=0)  # fmt: skip
+    assert gemv_gluon.prep_args(9, 130, 128, cpu) == dict(f16=16, n=0, xhat=False, counters=0)
 
 
 @pytest.mark.parametrize("shape", [(1, 5), (4, 1500), (16, 3000)])

@@ -1008,10 +1008,7 @@ def w4a16_linear(
         )
         pdl = _pdl(x.device)
         xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=False, pdl=pdl,
-                        f16=gemv_gluon.tokens(m),
-                        n=n if gemv_gluon.splits_k(n, kp, x.device) else 0,
-                        xhat=not gemv_gluon.XHAT_IN_KERNEL,
-                        counters=gemv_gluon.counters(n, kp, x.device))  # fmt: skip
+                        **gemv_gluon.prep_args(m, n, kp, x.device))  # fmt: skip
         return gemv(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, fmt, x.dtype,
                     pdl=pdl)  # fmt: skip
     fma, packed, i16 = path == "fma", path == "packed", path == "dp4a"

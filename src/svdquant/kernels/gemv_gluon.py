@@ -70,7 +70,7 @@ if gemm_ws.HAVE_GLUON:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["available", "counters", "gemv_gluon", "splits_k", "tokens"]
+__all__ = ["available", "counters", "gemv_gluon", "prep_args", "splits_k", "tokens"]
 
 #: (rows a program: 64 or 128, groups of 64 columns a step, num_warps), with
 #: ``MAX_GROUPS`` and ``STAGES`` the best of 24 at 4 and 16 tokens (H200, N = 18432,
@@ -443,6 +443,15 @@ def counters(n: int, kp: int, device: torch.device) -> int:
     (one a row block with ``FINISH_IN_KERNEL`` and a K split; else 0)."""
     split = _k_split(n, kp, device)[1]
     return cdiv(n, TILE[0]) if FINISH_IN_KERNEL and split > 1 else 0
+
+
+def prep_args(m: int, n: int, kp: int, device: torch.device) -> dict:
+    """``gemv.prep``'s keyword arguments for this kernel at ``m`` tokens and an [n, kp]
+    weight under the current settings: the token slots, the zeroed sums where K is split
+    (and their counters, ``FINISH_IN_KERNEL``), x̂ or not (``XHAT_IN_KERNEL``)."""
+    split = splits_k(n, kp, device)
+    return dict(f16=tokens(m), n=n if split else 0, xhat=not XHAT_IN_KERNEL,
+                counters=counters(n, kp, device) if split else 0)  # fmt: skip
 
 
 def gemv_gluon(
