@@ -407,10 +407,9 @@ def _gemv_packed_g2() -> dict[str, Any]:
     return _packed_spec(2)
 
 
-def _gluon_gemv_spec(m: int, finish: bool = False) -> dict[str, Any]:
+def _gluon_gemv_spec(m: int) -> dict[str, Any]:
     """The Gluon tensor-core GEMV (``kernels/gemv_gluon.py``) at ``m`` tokens, N = 18432,
-    K = 3072, rank 32, split in 6 (8 groups a program); ``finish``: the last split of a
-    row block writes the output (``gemv_gluon.FINISH_IN_KERNEL``)."""
+    K = 3072, rank 32, split in 6 (8 groups a program)."""
     import torch
     from triton.experimental.gluon import language as gl
 
@@ -423,14 +422,12 @@ def _gluon_gemv_spec(m: int, finish: bool = False) -> dict[str, Any]:
         ptrs=dict(xh_ptr="*fp16", xo_ptr="*fp32", x_ptr="*bf16", smooth_ptr="*fp32", q_ptr="*u8",
                   q_desc=_desc(18432, 1536, torch.uint8, gl.uint8, [bn, 32 * gs], flat),
                   sc_ptr="*fp16", ts_ptr="*fp32",
-                  lora_ptr="*fp32", lu_ptr="*bf16", bias_ptr="*bf16",
-                  out_ptr="*bf16" if finish else "*fp32", sums_ptr="*fp32", cnt_ptr="*i32"),
-        ints=dict(M=m, N=18432, K=3072, G=48, R=32, S=24, groups_per_split=8, splits=6,
-                  stride_xm=3072, stride_qn=1536, stride_sn=48, stride_ls=128, stride_lm=32,
-                  stride_un=32, stride_om=18432),
+                  lora_ptr="*fp32", lu_ptr="*bf16", bias_ptr="*bf16", out_ptr="*fp32"),
+        ints=dict(M=m, N=18432, K=3072, G=48, R=32, S=24, groups_per_split=8, stride_xm=3072,
+                  stride_qn=1536, stride_sn=48, stride_ls=128, stride_lm=32, stride_un=32,
+                  stride_om=18432),
         consts=dict(ATOMIC=True, HAS_LORA=True, HAS_BIAS=True, PDL=True, BN=bn, GS=gs, SG=8,
-                    T=g.tokens(m), RB=32, STAGES=g.STAGES, SB=32, XIN=g.XHAT_IN_KERNEL,
-                    FINISH=finish),
+                    T=g.tokens(m), RB=32, STAGES=g.STAGES, SB=32, XIN=g.XHAT_IN_KERNEL),
         warps=warps,
     )  # fmt: skip
 
@@ -443,11 +440,6 @@ def _gemv_gluon() -> dict[str, Any]:
 @_spec("gemv_gluon_m16")
 def _gemv_gluon_m16() -> dict[str, Any]:
     return _gluon_gemv_spec(16)
-
-
-@_spec("gemv_gluon_finish")
-def _gemv_gluon_finish() -> dict[str, Any]:
-    return _gluon_gemv_spec(4, finish=True)
 
 
 @_spec("gemv_prep")

@@ -1242,26 +1242,6 @@ def test_w4a16_f16_prep_without_xhat():
     torch.testing.assert_close(lora, want, rtol=0, atol=0)
 
 
-def test_w4a16_f16_prep_zeroes_the_counters(monkeypatch):
-    """``prep(..., counters=c)`` (the Gluon GEMV's ``FINISH_IN_KERNEL``): one zeroed flat
-    buffer, the [M, n] fp32 sums then c int32 counters; ``gemv_gluon.counters`` asks for one
-    a row block only with the setting on and a K split."""
-    from svdquant.kernels import gemv, gemv_gluon
-
-    x = _acts(2, 200, torch.bfloat16)
-    down, _ = _lowrank(8, 200, 4, torch.bfloat16)
-    xh, _ = gemv.prep(x, _smooth(200), down, 256, "int4", fma=False, f16=8, n=300, xhat=False,
-                      counters=3)  # fmt: skip
-    assert xh.out.shape == (2 * 300 + 3,) and (xh.out == 0).all()
-    assert (xh.out[600:].view(torch.int32) == 0).all()
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(gemv_gluon, "num_sms", lambda device: 132)
-    assert gemv_gluon.counters(18432, 3072, cpu) == 0  # (off by default)
-    monkeypatch.setattr(gemv_gluon, "FINISH_IN_KERNEL", True)
-    assert gemv_gluon.counters(18432, 3072, cpu) == 144  # 144 row blocks, 6 splits
-    assert gemv_gluon.counters(130, 128, cpu) == 0  # no K split: nothing to finish
-
-
 def test_gluon_gemv_k_split_plan(monkeypatch):
     """The prep zeroes the Gluon GEMV's fp32 sums only where its launcher splits K
     (``splits_k``, ``prep_args`` and the launcher share one plan)."""
@@ -1273,9 +1253,8 @@ def test_gluon_gemv_k_split_plan(monkeypatch):
     assert gemv_gluon._k_split(18432, 3072, cpu) == (8, 6)
     assert not gemv_gluon.splits_k(130, 128, cpu)  # two groups: one program's worth
     # what ``w4a16_linear`` hands the prep: x̂ in the kernel, sums only where K is split
-    assert gemv_gluon.prep_args(4, 18432, 3072, cpu) == dict(f16=8, n=18432, xhat=False,
-                                                            counters=0)  # fmt: skip
-    assert gemv_gluon.prep_args(9, 130, 128, cpu) == dict(f16=16, n=0, xhat=False, counters=0)
+    assert gemv_gluon.prep_args(4, 18432, 3072, cpu) == dict(f16=8, n=18432, xhat=False)
+    assert gemv_gluon.prep_args(9, 130, 128, cpu) == dict(f16=16, n=0, xhat=False)
 
 
 @pytest.mark.parametrize("shape", [(1, 5), (4, 1500), (16, 3000)])
@@ -1381,14 +1360,6 @@ def test_gpu_w4a16_gluon_xhat_in_kernel(monkeypatch, m, n, k, r):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 4, 9, 16])
-@pytest.mark.parametrize(("n", "k", "r"), _GLUON_SETTING_CASES)
-def test_gpu_w4a16_gluon_finish_in_kernel(monkeypatch, m, n, k, r):
-    """The K split finished by the row block's last split (``FINISH_IN_KERNEL``) against
-    the reference and, element by element, against the cast kernel's path."""
-    _gluon_setting_agrees(monkeypatch, "FINISH_IN_KERNEL", m, n, k, r)
-
-
 @pytest.mark.gpu
 def test_gpu_w4a16_gluon_kernel_keeps_non_finite(monkeypatch):
     """An Inf in a token's activations reaches that token's outputs (and no other's)."""

@@ -1064,10 +1064,9 @@ class F16X:
     """x̂ for the Gluon kernel (``prep(..., f16=T)``): fp16 ``planes`` [kp/64, 2, 32, T] (per
     group and token a power of two ``1 / P`` times x̂ — the odd plane's then / 16 — in the
     MMA's order: ``_store_f16``) and fp32 ``scales`` [kp/64, 2, T] (P, then the decode's
-    offset); ``out``: a zeroed fp32 [M, N] buffer for the GEMV's sums (``prep(..., n=N)``;
-    flat [M · N + counters] with ``counters``) or None. With ``prep(..., xhat=False)`` no
-    planes nor scales (None): the GEMV computes them from ``x`` and ``smooth`` (fp32,
-    contiguous) itself."""
+    offset); ``out``: a zeroed fp32 [M, N] buffer for the GEMV's sums (``prep(..., n=N)``)
+    or None. With ``prep(..., xhat=False)`` no planes nor scales (None): the GEMV computes
+    them from ``x`` and ``smooth`` (fp32, contiguous) itself."""
 
     planes: torch.Tensor | None
     scales: torch.Tensor | None
@@ -1099,7 +1098,6 @@ def prep(
     f16: int = 0,
     n: int = 0,
     xhat: bool = True,
-    counters: int = 0,
 ) -> tuple[torch.Tensor | PackedX | Int16X | F16X, torch.Tensor]:
     """x̂ = x · (1/s) as [M, planes, kp/planes] fp32 (plane p: the columns ≡ p mod planes;
     8 for the FMA kernel — for int4 weights each plane scaled by the power of two its
@@ -1110,10 +1108,8 @@ def prep(
     as ``PackedX``, for the packed tensor-core kernel (int4, kp a multiple of 64); ``i16``:
     x̂ as ``Int16X``, for the dp4a kernel (int4); ``f16``: x̂ as ``F16X`` with that many
     token slots, for the Gluon kernel (int4, kp a multiple of 64), with ``n``: and its
-    zeroed [M, n] fp32 sums — with ``counters``, that many zeroed int32 after them (one
-    [M · n + counters] buffer: ``gemv_gluon.FINISH_IN_KERNEL``); ``xhat`` false (with
-    ``f16``): no x̂, only the low-rank sums (and the zeroing) — the Gluon kernel's
-    ``XHAT_IN_KERNEL``."""
+    zeroed [M, n] fp32 sums; ``xhat`` false (with ``f16``): no x̂, only the low-rank sums
+    (and the zeroing) — the Gluon kernel's ``XHAT_IN_KERNEL``."""
     planes = 8 if fma else 2
     m, k = x.shape
     if x.stride(-1) != 1:
@@ -1139,9 +1135,7 @@ def prep(
         xh = torch.empty(m, planes, kp // planes, dtype=torch.float32, device=x.device)
         sums = lora  # never written
     zero = None
-    if f16 and n and counters:  # (0.0's bits are int32 0: the counters zeroed alike)
-        zero = torch.empty(m * n + counters, dtype=torch.float32, device=x.device)
-    elif f16 and n:
+    if f16 and n:
         zero = torch.empty(m, n, dtype=torch.float32, device=x.device)
     _prep_kernel[(chunks,)](
         x, smooth, lowrank_down, xh, lora, sums, m, k, kp, r,

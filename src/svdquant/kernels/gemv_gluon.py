@@ -70,7 +70,7 @@ if gemm_ws.HAVE_GLUON:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["available", "counters", "gemv_gluon", "prep_args", "splits_k", "tokens"]
+__all__ = ["available", "gemv_gluon", "prep_args", "splits_k", "tokens"]
 
 #: (rows a program: 64 or 128, groups of 64 columns a step, num_warps), with
 #: ``MAX_GROUPS`` and ``STAGES`` the best of 24 at 4 and 16 tokens (H200, N = 18432,
@@ -92,12 +92,6 @@ CAST_PDL = True
 #: zeroes the K split's sums), which the GEMV waits for at its epilogue — the prep off
 #: the critical path (else the GEMV waits for the prep's x̂ before its loop).
 XHAT_IN_KERNEL = True
-#: A K split's last program of a row block to arrive (a counter per row block, zeroed by
-#: the prep with the sums) writes the row block's output itself: no cast kernel after.
-#: v49 measured it slower (1.07× against 1.13× for the fill + cast) when the GEMV still
-#: waited for the prep's x̂ — the two then stopped overlapping; with ``XHAT_IN_KERNEL``
-#: not yet measured: off.
-FINISH_IN_KERNEL = False
 
 
 def available(device: torch.device) -> bool:
@@ -220,20 +214,18 @@ if gemm_ws.HAVE_GLUON:
     @gluon.jit
     def _w4a16_gluon_kernel(
         xh_ptr, xo_ptr, x_ptr, smooth_ptr, q_ptr, q_desc, sc_ptr, ts_ptr, lora_ptr, lu_ptr,
-        bias_ptr, out_ptr, sums_ptr, cnt_ptr, M, N, K, G, R, S, groups_per_split, splits,
+        bias_ptr, out_ptr, M, N, K, G, R, S, groups_per_split,
         stride_xm, stride_qn, stride_sn, stride_ls, stride_lm, stride_un, stride_om,
         ATOMIC: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
         PDL: gl.constexpr, BN: gl.constexpr, GS: gl.constexpr, SG: gl.constexpr,
         T: gl.constexpr, RB: gl.constexpr, STAGES: gl.constexpr, SB: gl.constexpr,
-        XIN: gl.constexpr, FINISH: gl.constexpr,
+        XIN: gl.constexpr,
     ):  # fmt: skip
         """``y[:, rows] = Σ_g ((Σ (1032 + code) · x̂_g) · P_g − O_g) · s_g · s_tensor + lora ·
         L_upᵀ + b`` for this program's rows and its K split's groups (``SG`` at most, GS a
         step); ``xo_ptr`` holds (P, O) per group and token slot [G, 2, T] — or with ``XIN``
         the program computes x̂, P and O of its groups from ``x_ptr`` and ``smooth_ptr``
-        (``_xhat``), and waits for the prep only at its epilogue. ``FINISH`` (with
-        ``ATOMIC``): the sums meet at ``sums_ptr`` and the row block's last split to
-        arrive (``cnt_ptr``) writes ``out_ptr``."""
+        (``_xhat``), and waits for the prep only at its epilogue."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(
             version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8]
         )
@@ -404,14 +396,7 @@ if gemm_ws.HAVE_GLUON:
                 y += gl.load(bias_ptr + rows_c).to(gl.float32)[:, None]
         optr = out_ptr + tok[None, :] * stride_om + rows[:, None]
         omask = nmask[:, None] & mmask[None, :]
-        if ATOMIC and FINISH:  # the last split of the row block to arrive writes it out
-            sptr = sums_ptr + tok[None, :] * N + rows[:, None]
-            gl.atomic_add(sptr, y, mask=omask, sem="relaxed")
-            gl.thread_barrier()
-            if gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == splits - 1:
-                tot = gl.load(sptr, mask=omask, other=0.0, cache_modifier=".cg")
-                gl.store(optr, tot.to(out_ptr.dtype.element_ty), mask=omask)
-        elif ATOMIC:
+        if ATOMIC:
             gl.atomic_add(optr, y, mask=omask, sem="relaxed")
         else:
             gl.store(optr, y.to(out_ptr.dtype.element_ty), mask=omask)
@@ -438,20 +423,12 @@ def splits_k(n: int, kp: int, device: torch.device) -> bool:
     return _k_split(n, kp, device)[1] > 1
 
 
-def counters(n: int, kp: int, device: torch.device) -> int:
-    """The int32 counters ``gemv_gluon`` needs after its zeroed sums for an [n, kp] weight
-    (one a row block with ``FINISH_IN_KERNEL`` and a K split; else 0)."""
-    split = _k_split(n, kp, device)[1]
-    return cdiv(n, TILE[0]) if FINISH_IN_KERNEL and split > 1 else 0
-
-
 def prep_args(m: int, n: int, kp: int, device: torch.device) -> dict:
     """``gemv.prep``'s keyword arguments for this kernel at ``m`` tokens and an [n, kp]
-    weight under the current settings: the token slots, the zeroed sums where K is split
-    (and their counters, ``FINISH_IN_KERNEL``), x̂ or not (``XHAT_IN_KERNEL``)."""
+    weight under the current settings: the token slots, the zeroed sums where K is split,
+    x̂ or not (``XHAT_IN_KERNEL``)."""
     split = splits_k(n, kp, device)
-    return dict(f16=tokens(m), n=n if split else 0, xhat=not XHAT_IN_KERNEL,
-                counters=counters(n, kp, device) if split else 0)  # fmt: skip
+    return dict(f16=tokens(m), n=n if split else 0, xhat=not XHAT_IN_KERNEL)
 
 
 def gemv_gluon(
@@ -484,17 +461,11 @@ def gemv_gluon(
     per_split, split = _k_split(n, kp, qweight.device)
     gs = min(gs, per_split)
     chunks, _, r = lora.shape
-    finish = split > 1 and zeroed is not None and zeroed.numel() == m * n + n_blocks
-    if finish:  # (the prep zeroed the sums and a counter per row block: ``counters``)
-        out = torch.empty(m, n, dtype=out_dtype, device=qweight.device)
-        sums, cnt = zeroed[: m * n], zeroed[m * n :].view(torch.int32)
-    else:
-        out = (
-            zeroed.view(m, n)
-            if split > 1 and zeroed is not None
-            else split_output(m, n, split, out_dtype, qweight.device)
-        )
-        sums = cnt = out  # (stand-ins: never read)
+    out = (
+        zeroed
+        if split > 1 and zeroed is not None
+        else split_output(m, n, split, out_dtype, qweight.device)
+    )
     stages = STAGES if qweight.data_ptr() % 16 == 0 and qweight.stride(0) % 16 == 0 else 0
     q_desc = qweight  # (a stand-in without TMA: never read)
     if stages:
@@ -502,13 +473,12 @@ def gemv_gluon(
         q_desc = GluonDescriptor.from_tensor(qweight.view(torch.uint8), [bn, 32 * gs], layout)
     _w4a16_gluon_kernel[(n_blocks, split)](
         xh, xo, x, smooth, qweight, q_desc, wscales, wtensor_scale, lora, lowrank_up,
-        bias if bias is not None else out, out, sums, cnt, m, n, x.shape[1] if xin else kp,
-        groups, r, chunks, per_split, split, x.stride(0) if xin else 0, qweight.stride(0),
-        wscales.stride(0),
+        bias if bias is not None else out, out, m, n, x.shape[1] if xin else kp, groups, r,
+        chunks, per_split, x.stride(0) if xin else 0, qweight.stride(0), wscales.stride(0),
         lora.stride(0), lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs,
         SG=per_split, T=t, RB=32, STAGES=stages, SB=min(32, next_pow2(chunks)), XIN=xin,
-        FINISH=finish, num_warps=warps,
+        num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
-    return out if split == 1 or finish else cast_after(out, out_dtype, pdl and CAST_PDL)
+    return out if split == 1 else cast_after(out, out_dtype, pdl and CAST_PDL)
