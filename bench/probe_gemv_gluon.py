@@ -7,10 +7,12 @@ tensor-core kernel above — the path before v49) in the same run and BF16
 CUDA graph, N = 18432 / 9216, K = 3072, and each path's error against the reference.
 ``--sweep``: the Gluon kernel's groups a step, groups a program and TMA stages at 4 and 16
 tokens; ``--split``: the prep and the GEMV timed apart; ``--prep-chunks``: the Gluon path
-at each of these prep chunk widths (``gemv.F16_CHUNK``).
+at each of these prep chunk widths (``gemv.F16_CHUNK``); ``--timeline``: where each
+program's time goes (``gemv_gluon.TIMELINE``: global-timer stamps per program, between
+two stamps around the whole call, L2 emptied before each replay).
 
     PYTHONPATH=src python bench/probe_gemv_gluon.py [--ms 1,2,3,4,5,8,16] [--sweep] [--split]
-        [--prep-chunks 128,64] [--out DIR]
+        [--timeline] [--prep-chunks 128,64] [--out DIR]
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import globaltimer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gemm import Layer, bench_graph, run_info, write_result
+from gemm import Layer, _graph, bench_graph, bench_graph_clean, run_info, write_result
 
 from svdquant.kernels import gemv, gemv_gluon
 from svdquant.kernels import reference as ref
@@ -133,11 +138,92 @@ def split(ms: list[int]) -> list[dict]:
     return rows
 
 
+@triton.jit
+def _stamp(ptr, i):
+    tl.store(ptr + i, globaltimer())
+
+
+_PHASES = ("start", "staged", "looped", "waited", "end")
+
+
+def _pct(v: torch.Tensor, q: float) -> float:
+    return v.float().quantile(q).item()
+
+
+def timeline(ms: list[int], reps: int = 30) -> list[dict]:
+    """Per program of the Gluon GEMV (N = 18432 and 9216): when it starts and ends, and
+    how long its phases take (x̂ staged, the loop, the wait for the prep, the epilogue),
+    against a stamp before the whole ``w4a16_linear`` (prep, GEMV, cast) and one after;
+    medians over ``reps`` replays with the L2 emptied (read) before each, in µs."""
+    rows = []
+    sweep = torch.ones(2**27, device="cuda")
+    stamps = torch.zeros(2, dtype=torch.int64, device="cuda")
+    saved = gemv.GLUON, gemv.GLUON_MIN_M, gemv_gluon.TIMELINE
+    gemv.GLUON, gemv.GLUON_MIN_M = True, 1
+    try:
+        for n in (18432, 9216):
+            layer = Layer(n, 3072)
+            for m in ms:
+                x = torch.randn(m, 3072, device="cuda").bfloat16()
+                gemv_gluon.TIMELINE = None
+                plain_us = bench_graph_clean(lambda x=x, layer=layer: layer.w4a16(x))
+                _, split = gemv_gluon._k_split(n, 3072, x.device)
+                programs = -(-n // gemv_gluon.TILE[0]) * split
+                buf = torch.zeros(programs * 8, dtype=torch.int64, device="cuda")
+                gemv_gluon.TIMELINE = buf
+
+                def call(x=x, layer=layer):
+                    _stamp[(1,)](stamps, 0)
+                    layer.w4a16(x)
+                    _stamp[(1,)](stamps, 1)
+
+                timed_us = bench_graph_clean(call)
+                g = _graph(call)
+                runs = []
+                for _ in range(reps):
+                    sweep.sum()
+                    g.replay()
+                    torch.cuda.synchronize()
+                    t = buf.view(programs, 8)[:, :6].clone()
+                    t0 = stamps[0].item()
+                    rel = (t[:, 1:6] - t0).double() / 1e3  # µs after the first stamp
+                    runs.append(dict(
+                        call_us=(stamps[1].item() - t0) / 1e3,
+                        first_start=rel[:, 0].min().item(),
+                        last_start=rel[:, 0].max().item(),
+                        **{f"start_p{q}": _pct(rel[:, 0], q / 100) for q in (25, 50, 75, 90)},
+                        last_end=rel[:, 4].max().item(),
+                        end_p50=_pct(rel[:, 4], 0.5),
+                        **{f"{a}_{b}_p50": _pct(rel[:, j + 1] - rel[:, j], 0.5)
+                           for j, (a, b) in enumerate(itertools.pairwise(_PHASES))},
+                        program_p50=_pct(rel[:, 4] - rel[:, 0], 0.5),
+                        program_p90=_pct(rel[:, 4] - rel[:, 0], 0.9),
+                        sms=int(t[:, 0].unique().numel()),
+                    ))  # fmt: skip
+                med = {k: sorted(r[k] for r in runs)[reps // 2] for k in runs[0]}
+                rows.append(dict(M=m, N=n, K=3072, programs=programs, split=split,
+                                 plain_clean_us=plain_us, stamped_clean_us=timed_us,
+                                 **med))  # fmt: skip
+                print(f"timeline M={m:2d} N={n:5d} ({programs} programs): call "
+                      f"{med['call_us']:.1f} us (plain {plain_us:.1f}); programs start "
+                      f"{med['first_start']:.1f} (p50 {med['start_p50']:.1f}, p75 "
+                      f"{med['start_p75']:.1f}) - {med['last_start']:.1f}, end p50 "
+                      f"{med['end_p50']:.1f}, last "
+                      f"{med['last_end']:.1f}; a program p50 {med['program_p50']:.1f} "
+                      f"(p90 {med['program_p90']:.1f}): staged {med['start_staged_p50']:.2f}, "
+                      f"loop {med['staged_looped_p50']:.2f}, wait {med['looped_waited_p50']:.2f}, "
+                      f"epilogue {med['waited_end_p50']:.2f}")  # fmt: skip
+    finally:
+        gemv.GLUON, gemv.GLUON_MIN_M, gemv_gluon.TIMELINE = saved
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default="1,2,3,4,5,8,16")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--split", action="store_true", help="the prep and the GEMV timed apart")
+    p.add_argument("--timeline", action="store_true", help="per-program timestamps only")
     p.add_argument(
         "--prep-chunks",
         default=str(gemv.F16_CHUNK),
@@ -152,6 +238,10 @@ def main() -> None:
         result["sweep"] = sweep()
     if a.split:
         result["split"] = split([1, 4, 8, 16])
+    if a.timeline:
+        result["timeline"] = timeline([int(v) for v in a.ms.split(",")])
+        print(write_result(result, a.out, "probe_gemv_gluon-h200"))
+        return
     result["rows"] = table([int(v) for v in a.ms.split(",")],
                            [int(v) for v in a.prep_chunks.split(",")])  # fmt: skip
     print(write_result(result, a.out, "probe_gemv_gluon-h200"))

@@ -422,12 +422,14 @@ def _gluon_gemv_spec(m: int) -> dict[str, Any]:
         ptrs=dict(xh_ptr="*fp16", xo_ptr="*fp32", x_ptr="*bf16", smooth_ptr="*fp32", q_ptr="*u8",
                   q_desc=_desc(18432, 1536, torch.uint8, gl.uint8, [bn, 32 * gs], flat),
                   sc_ptr="*fp16", ts_ptr="*fp32",
-                  lora_ptr="*fp32", lu_ptr="*bf16", bias_ptr="*bf16", out_ptr="*fp32"),
+                  lora_ptr="*fp32", lu_ptr="*bf16", bias_ptr="*bf16", out_ptr="*fp32",
+                  times_ptr="*i64"),
         ints=dict(M=m, N=18432, K=3072, G=48, R=32, S=24, groups_per_split=8, stride_xm=3072,
                   stride_qn=1536, stride_sn=48, stride_ls=128, stride_lm=32, stride_un=32,
                   stride_om=18432),
         consts=dict(ATOMIC=True, HAS_LORA=True, HAS_BIAS=True, PDL=True, BN=bn, GS=gs, SG=8,
-                    T=g.tokens(m), RB=32, STAGES=g.STAGES, SB=32, XIN=g.XHAT_IN_KERNEL),
+                    T=g.tokens(m), RB=32, STAGES=g.STAGES, SB=32, XIN=g.XHAT_IN_KERNEL,
+                    TIMES=False),
         warps=warps,
     )  # fmt: skip
 

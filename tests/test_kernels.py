@@ -1360,6 +1360,29 @@ def test_gpu_w4a16_gluon_xhat_in_kernel(monkeypatch, m, n, k, r):
 
 
 @pytest.mark.gpu
+def test_gpu_w4a16_gluon_timeline(monkeypatch):
+    """The diagnostic ``gemv_gluon.TIMELINE``: each program's SM and five stamps, in
+    order, and the same output as without it."""
+    from svdquant.kernels import gemv, gemv_gluon
+
+    if not gemv_gluon.available(torch.device("cuda")):
+        pytest.skip("the Gluon GEMV needs sm_90 and a Gluon triton")
+    monkeypatch.setattr(gemv, "GLUON", True)
+    x, args = _w4a16_case(4, 18432, 3072, 32, "int4", torch.bfloat16, bias_seed=9)
+    y = w4a16_linear(x, *args).float()
+    _, split = gemv_gluon._k_split(18432, 3072, x.device)
+    programs = 18432 // gemv_gluon.TILE[0] * split
+    buf = torch.full((programs * 8,), -1, dtype=torch.int64, device="cuda")
+    monkeypatch.setattr(gemv_gluon, "TIMELINE", buf)
+    y2 = w4a16_linear(x, *args).float()
+    assert ((y - y2).abs() <= y.abs() * 2**-7 + y.abs().max() * 1e-4).all()
+    t = buf.view(programs, 8)[:, :6].cpu()
+    assert (
+        (t[:, 0] >= 0) & (t[:, 0] < torch.cuda.get_device_properties(0).multi_processor_count)
+    ).all()
+    assert (t[:, 2:] >= t[:, 1:5]).all() and (t[:, 1] > 0).all()
+
+
 @pytest.mark.gpu
 def test_gpu_w4a16_gluon_kernel_keeps_non_finite(monkeypatch):
     """An Inf in a token's activations reaches that token's outputs (and no other's)."""

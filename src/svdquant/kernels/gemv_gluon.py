@@ -68,7 +68,7 @@ if gemm_ws.HAVE_GLUON:
         tma,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait, globaltimer, smid
 
 __all__ = ["available", "gemv_gluon", "prep_args", "splits_k", "tokens"]
 
@@ -92,6 +92,11 @@ CAST_PDL = True
 #: zeroes the K split's sums), which the GEMV waits for at its epilogue — the prep off
 #: the critical path (else the GEMV waits for the prep's x̂ before its loop).
 XHAT_IN_KERNEL = True
+#: A diagnostic (``bench/probe_gemv_gluon.py --timeline``): an int64 CUDA tensor of at
+#: least 8 a program, into which each program writes its SM and the global timer (ns) at
+#: its start, once x̂ is staged, after its loop, after its wait for the prep and at its
+#: end. None: nothing recorded (the kernel is compiled without it).
+TIMELINE: torch.Tensor | None = None
 
 
 def available(device: torch.device) -> bool:
@@ -214,18 +219,19 @@ if gemm_ws.HAVE_GLUON:
     @gluon.jit
     def _w4a16_gluon_kernel(
         xh_ptr, xo_ptr, x_ptr, smooth_ptr, q_ptr, q_desc, sc_ptr, ts_ptr, lora_ptr, lu_ptr,
-        bias_ptr, out_ptr, M, N, K, G, R, S, groups_per_split,
+        bias_ptr, out_ptr, times_ptr, M, N, K, G, R, S, groups_per_split,
         stride_xm, stride_qn, stride_sn, stride_ls, stride_lm, stride_un, stride_om,
         ATOMIC: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
         PDL: gl.constexpr, BN: gl.constexpr, GS: gl.constexpr, SG: gl.constexpr,
         T: gl.constexpr, RB: gl.constexpr, STAGES: gl.constexpr, SB: gl.constexpr,
-        XIN: gl.constexpr,
+        XIN: gl.constexpr, TIMES: gl.constexpr,
     ):  # fmt: skip
         """``y[:, rows] = Σ_g ((Σ (1032 + code) · x̂_g) · P_g − O_g) · s_g · s_tensor + lora ·
         L_upᵀ + b`` for this program's rows and its K split's groups (``SG`` at most, GS a
         step); ``xo_ptr`` holds (P, O) per group and token slot [G, 2, T] — or with ``XIN``
         the program computes x̂, P and O of its groups from ``x_ptr`` and ``smooth_ptr``
-        (``_xhat``), and waits for the prep only at its epilogue."""
+        (``_xhat``), and waits for the prep only at its epilogue. ``TIMES``: the program's
+        SM and timestamps into ``times_ptr`` (``TIMELINE``)."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(
             version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8]
         )
@@ -243,6 +249,10 @@ if gemm_ws.HAVE_GLUON:
             gdc_launch_dependents()
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
+        if TIMES:
+            t_ptr = times_ptr + (pid_k * gl.cdiv(N, BN) + pid_n) * 8
+            gl.store(t_ptr + 1, globaltimer())
+            gl.store(t_ptr, smid().to(gl.int64))
         g0 = pid_k * groups_per_split
         n_groups = gl.minimum(groups_per_split, G - g0)
         # this program's code bytes: rows (clamped: unmasked loads) x the group's 32 bytes
@@ -315,6 +325,8 @@ if gemm_ws.HAVE_GLUON:
         s_s = gl.allocate_shared_memory(gl.float16, [SG, BN], FLAT, value=gl.permute(s_all, [1, 0]))
         s_s = s_s._reinterpret(gl.float16, [SG, BN], FLAT1)
         gl.thread_barrier()
+        if TIMES:
+            gl.store(t_ptr + 2, globaltimer())
 
         acc = gl.zeros([BN, T], gl.float32, layout=mma)
         for k0 in gl.static_range(0, SG, GS):  # unrolled: the staged x̂ is sliced statically
@@ -353,8 +365,12 @@ if gemm_ws.HAVE_GLUON:
                                    (g0 + k0 + (STAGES - 1) * GS) * 32, BN * 32 * GS)  # fmt: skip
 
         # the epilogue: · s_tensor, + low-rank (first split only), + bias, store or add
+        if TIMES:
+            gl.store(t_ptr + 3, globaltimer())
         if XIN and PDL:  # the prep's low-rank sums and zeroed output
             gdc_wait()
+        if TIMES:
+            gl.store(t_ptr + 4, globaltimer())
         y = acc * gl.load(ts_ptr)
         nmask = rows < N
         mmask = tok < M
@@ -400,6 +416,8 @@ if gemm_ws.HAVE_GLUON:
             gl.atomic_add(optr, y, mask=omask, sem="relaxed")
         else:
             gl.store(optr, y.to(out_ptr.dtype.element_ty), mask=omask)
+        if TIMES:
+            gl.store(t_ptr + 5, globaltimer())
 
 
 def tokens(m: int) -> int:
@@ -473,12 +491,13 @@ def gemv_gluon(
         q_desc = GluonDescriptor.from_tensor(qweight.view(torch.uint8), [bn, 32 * gs], layout)
     _w4a16_gluon_kernel[(n_blocks, split)](
         xh, xo, x, smooth, qweight, q_desc, wscales, wtensor_scale, lora, lowrank_up,
-        bias if bias is not None else out, out, m, n, x.shape[1] if xin else kp, groups, r,
-        chunks, per_split, x.stride(0) if xin else 0, qweight.stride(0), wscales.stride(0),
+        bias if bias is not None else out, out, out if TIMELINE is None else TIMELINE, m, n,
+        x.shape[1] if xin else kp, groups, r, chunks, per_split, x.stride(0) if xin else 0,
+        qweight.stride(0), wscales.stride(0),
         lora.stride(0), lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs,
         SG=per_split, T=t, RB=32, STAGES=stages, SB=min(32, next_pow2(chunks)), XIN=xin,
-        num_warps=warps,
+        TIMES=TIMELINE is not None, num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out if split == 1 else cast_after(out, out_dtype, pdl and CAST_PDL)
