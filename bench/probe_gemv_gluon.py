@@ -184,10 +184,14 @@ def timeline(ms: list[int], reps: int = 30) -> list[dict]:
                     sweep.sum()
                     g.replay()
                     torch.cuda.synchronize()
-                    t = buf.view(programs, 8)[:, :6].clone()
+                    t = buf.view(programs, 8).clone()
                     t0 = stamps[0].item()
-                    rel = (t[:, 1:6] - t0).double() / 1e3  # µs after the first stamp
+                    rel = (t[:, 1:8] - t0).double() / 1e3  # µs after the first stamp
                     runs.append(dict(
+                        raw=[[int(t[i, 0])] + [round(v, 3) for v in rel[i].tolist()]
+                             for i in range(programs)],
+                        xhat_p50=_pct(rel[:, 5] - rel[:, 0], 0.5),
+                        first_codes_p50=_pct(rel[:, 6] - rel[:, 1], 0.5),
                         call_us=(stamps[1].item() - t0) / 1e3,
                         first_start=rel[:, 0].min().item(),
                         last_start=rel[:, 0].max().item(),
@@ -200,7 +204,10 @@ def timeline(ms: list[int], reps: int = 30) -> list[dict]:
                         program_p90=_pct(rel[:, 4] - rel[:, 0], 0.9),
                         sms=int(t[:, 0].unique().numel()),
                     ))  # fmt: skip
-                med = {k: sorted(r[k] for r in runs)[reps // 2] for k in runs[0]}
+                med = {k: sorted(r[k] for r in runs)[reps // 2] for k in runs[0] if k != "raw"}
+                # one replay's stamps, the one whose call took the median time: [SM, start,
+                # staged, looped, waited, end, x̂ computed, first codes] per program, in µs
+                med["raw"] = next(r["raw"] for r in runs if r["call_us"] == med["call_us"])
                 rows.append(dict(M=m, N=n, K=3072, programs=programs, split=split,
                                  plain_clean_us=plain_us, stamped_clean_us=timed_us,
                                  **med))  # fmt: skip
@@ -210,7 +217,9 @@ def timeline(ms: list[int], reps: int = 30) -> list[dict]:
                       f"{med['start_p75']:.1f}) - {med['last_start']:.1f}, end p50 "
                       f"{med['end_p50']:.1f}, last "
                       f"{med['last_end']:.1f}; a program p50 {med['program_p50']:.1f} "
-                      f"(p90 {med['program_p90']:.1f}): staged {med['start_staged_p50']:.2f}, "
+                      f"(p90 {med['program_p90']:.1f}): x̂ {med['xhat_p50']:.2f}, staged "
+                      f"{med['start_staged_p50']:.2f}, first codes {med['first_codes_p50']:.2f} "
+                      f"after, "
                       f"loop {med['staged_looped_p50']:.2f}, wait {med['looped_waited_p50']:.2f}, "
                       f"epilogue {med['waited_end_p50']:.2f}")  # fmt: skip
     finally:

@@ -1361,7 +1361,7 @@ def test_gpu_w4a16_gluon_xhat_in_kernel(monkeypatch, m, n, k, r):
 
 @pytest.mark.gpu
 def test_gpu_w4a16_gluon_timeline(monkeypatch):
-    """The diagnostic ``gemv_gluon.TIMELINE``: each program's SM and five stamps, in
+    """The diagnostic ``gemv_gluon.TIMELINE``: each program's SM and seven stamps, in
     order, and the same output as without it."""
     from svdquant.kernels import gemv, gemv_gluon
 
@@ -1376,11 +1376,14 @@ def test_gpu_w4a16_gluon_timeline(monkeypatch):
     monkeypatch.setattr(gemv_gluon, "TIMELINE", buf)
     y2 = w4a16_linear(x, *args).float()
     assert ((y - y2).abs() <= y.abs() * 2**-7 + y.abs().max() * 1e-4).all()
-    t = buf.view(programs, 8)[:, :6].cpu()
+    t = buf.view(programs, 8).cpu()
     assert (
         (t[:, 0] >= 0) & (t[:, 0] < torch.cuda.get_device_properties(0).multi_processor_count)
     ).all()
-    assert (t[:, 2:] >= t[:, 1:5]).all() and (t[:, 1] > 0).all()
+    assert (t[:, 2:6] >= t[:, 1:5]).all() and (t[:, 1] > 0).all()
+    # x̂ computed before it is staged; the first codes after that
+    assert (t[:, 1] <= t[:, 6]).all() and (t[:, 6] <= t[:, 2]).all()
+    assert (t[:, 2] <= t[:, 7]).all() and (t[:, 7] <= t[:, 3]).all()
 
 
 @pytest.mark.gpu

@@ -94,8 +94,9 @@ CAST_PDL = True
 XHAT_IN_KERNEL = True
 #: A diagnostic (``bench/probe_gemv_gluon.py --timeline``): an int64 CUDA tensor of at
 #: least 8 a program, into which each program writes its SM and the global timer (ns) at
-#: its start, once x̂ is staged, after its loop, after its wait for the prep and at its
-#: end. None: nothing recorded (the kernel is compiled without it).
+#: its start, once x̂ is staged, after its loop, after its wait for the prep, at its end,
+#: once x̂ is computed (``XHAT_IN_KERNEL``) and when its first codes have arrived. None:
+#: nothing recorded (the kernel is compiled without it).
 TIMELINE: torch.Tensor | None = None
 
 
@@ -292,6 +293,8 @@ if gemm_ws.HAVE_GLUON:
             xs = gl.allocate_shared_memory(gl.float16, [64 * SG, T], FLAT, value=xhat)
             p_s = gl.allocate_shared_memory(gl.float32, [SG * T], FLAT1, value=pw)
             o_s = gl.allocate_shared_memory(gl.float32, [SG * T], FLAT1, value=off)
+            if TIMES:
+                gl.store(t_ptr + 6, globaltimer())
         else:
             if PDL:
                 gdc_wait()
@@ -338,6 +341,8 @@ if gemm_ws.HAVE_GLUON:
                     q_next = q_next + (gl.load(q_tile + gi * 32),)  # noqa: RUF005
             if STAGES > 0:
                 mbarrier.wait(ready.index((k0 // GS) % STAGES), ((k0 // GS) // STAGES) & 1)
+            if TIMES and k0 == 0:
+                gl.store(t_ptr + 7, globaltimer())
             for i in gl.static_range(GS):
                 if STAGES > 0:
                     q = q_bufs.index((k0 // GS) % STAGES).slice(32 * i, 32, dim=1).load(UV)
