@@ -92,6 +92,13 @@ CAST_PDL = True
 #: zeroes the K split's sums), which the GEMV waits for at its epilogue — the prep off
 #: the critical path (else the GEMV waits for the prep's x̂ before its loop).
 XHAT_IN_KERNEL = True
+#: With ``XHAT_IN_KERNEL``, each program requests its x and smoothing factors before its
+#: codes (else after them: the timeline found a program's x̂ waiting ~5 µs for x behind
+#: the first wave's ~10 MB of code requests, v52).
+X_FIRST = False
+#: The ring's first fill takes all ``STAGES`` slots and each consumed slot is refilled at
+#: once with the step ``STAGES`` ahead (else ``STAGES - 1``: one slot waits a step).
+RING_FULL = False
 #: A diagnostic (``bench/probe_gemv_gluon.py --timeline``): an int64 CUDA tensor of at
 #: least 8 a program, into which each program writes its SM and the global timer (ns) at
 #: its start, once x̂ is staged, after its loop, after its wait for the prep, at its end,
@@ -172,14 +179,9 @@ if gemm_ws.HAVE_GLUON:
         return gl.convert_layout(v, B, assert_trivial=True)
 
     @gluon.jit
-    def _xhat(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG: gl.constexpr, T: gl.constexpr):
-        """x̂ of groups g0 … g0 + SG - 1 as ``gemv._store_f16`` writes it (the same values:
-        x̂ = x · (1/s) times the power of two ``1 / P`` that puts a group's largest value of
-        a token in [2⁹, 2¹⁰) — the odd columns' then / 16 — in fp16), as the [64 · SG, T]
-        the kernel stages (group, plane, lane, value), and P and the decode's offset ``P ·
-        (1032 · Σ even + 1152 · Σ odd)`` as [SG · T] (group, token); zero past M and K.
-        A thread takes 8 columns (one 16-byte load a token) of T / 2 tokens: a group is 8
-        lanes (3 shuffles a reduction), and each 1/s is computed for 8 columns only."""
+    def _xhat_loads(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG: gl.constexpr, T: gl.constexpr):
+        """The x and smoothing factors ``_xhat`` takes for groups g0 … g0 + SG - 1 (zero x
+        and unit factors past M and K), in its layout."""
         XB: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, 4], [1, 0])
         n = gl.arange(0, T, layout=gl.SliceLayout(1, XB))
         c = 64 * g0 + gl.arange(0, 64 * SG, layout=gl.SliceLayout(0, XB))
@@ -187,6 +189,18 @@ if gemm_ws.HAVE_GLUON:
         s = gl.load(smooth_ptr + c, mask=cmask, other=1.0)
         xv = gl.load(x_ptr + n[:, None] * stride_xm + c[None, :],
                      mask=(n < M)[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+        return xv, s
+
+    @gluon.jit
+    def _xhat(xv, s, SG: gl.constexpr, T: gl.constexpr):
+        """x̂ of groups g0 … g0 + SG - 1 (``_xhat_loads``' x and factors) as
+        ``gemv._store_f16`` writes it (the same values:
+        x̂ = x · (1/s) times the power of two ``1 / P`` that puts a group's largest value of
+        a token in [2⁹, 2¹⁰) — the odd columns' then / 16 — in fp16), as the [64 · SG, T]
+        the kernel stages (group, plane, lane, value), and P and the decode's offset ``P ·
+        (1032 · Σ even + 1152 · Σ odd)`` as [SG · T] (group, token); zero past M and K.
+        A thread takes 8 columns (one 16-byte load a token) of T / 2 tokens: a group is 8
+        lanes (3 shuffles a reduction), and each 1/s is computed for 8 columns only."""
         inv_s = gl.inline_asm_elementwise(  # (= div_rn(1, s): both correctly rounded)
             "rcp.rn.f32 $0, $1;", "=r,r", [s], dtype=gl.float32, is_pure=True, pack=1
         )
@@ -225,14 +239,15 @@ if gemm_ws.HAVE_GLUON:
         ATOMIC: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
         PDL: gl.constexpr, BN: gl.constexpr, GS: gl.constexpr, SG: gl.constexpr,
         T: gl.constexpr, RB: gl.constexpr, STAGES: gl.constexpr, SB: gl.constexpr,
-        XIN: gl.constexpr, TIMES: gl.constexpr,
+        XIN: gl.constexpr, TIMES: gl.constexpr, X_FIRST: gl.constexpr, RING_FULL: gl.constexpr,
     ):  # fmt: skip
         """``y[:, rows] = Σ_g ((Σ (1032 + code) · x̂_g) · P_g − O_g) · s_g · s_tensor + lora ·
         L_upᵀ + b`` for this program's rows and its K split's groups (``SG`` at most, GS a
         step); ``xo_ptr`` holds (P, O) per group and token slot [G, 2, T] — or with ``XIN``
         the program computes x̂, P and O of its groups from ``x_ptr`` and ``smooth_ptr``
         (``_xhat``), and waits for the prep only at its epilogue. ``TIMES``: the program's
-        SM and timestamps into ``times_ptr`` (``TIMELINE``)."""
+        SM and timestamps into ``times_ptr`` (``TIMELINE``). ``X_FIRST``, ``RING_FULL``:
+        the settings of those names."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(
             version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8]
         )
@@ -264,6 +279,8 @@ if gemm_ws.HAVE_GLUON:
         rows_c = gl.minimum(rows, N - 1)
         tok = gl.arange(0, T, layout=COLS)
 
+        if XIN and X_FIRST:  # x (the prep's input: complete) before the codes' requests
+            xv, sv = _xhat_loads(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG, T)
         # the program's group scales, all at once (a row's SG in one load), and the first
         # step's codes: weights, no earlier kernel's output
         SL: gl.constexpr = gl.BlockedLayout([1, SG], [32, 1], [4, 1], [1, 0])
@@ -283,13 +300,15 @@ if gemm_ws.HAVE_GLUON:
                 mbarrier.init(ready.index(i), count=1)
             fence_async_shared()
             gl.thread_barrier()
-            for i in gl.static_range(STAGES - 1):
+            for i in gl.static_range(STAGES - 1 + RING_FULL):  # (``AHEAD`` steps)
                 if i < SG // GS:
                     _request_codes(q_desc, ready.index(i), q_bufs.index(i), pid_n * BN,
                                    (g0 + i * GS) * 32, BN * 32 * GS)  # fmt: skip
         FLAT1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         if XIN:  # x is the prep's input (valid once the prep runs): no wait
-            xhat, pw, off = _xhat(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG, T)
+            if not X_FIRST:
+                xv, sv = _xhat_loads(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG, T)
+            xhat, pw, off = _xhat(xv, sv, SG, T)
             xs = gl.allocate_shared_memory(gl.float16, [64 * SG, T], FLAT, value=xhat)
             p_s = gl.allocate_shared_memory(gl.float32, [SG * T], FLAT1, value=pw)
             o_s = gl.allocate_shared_memory(gl.float32, [SG * T], FLAT1, value=off)
@@ -332,6 +351,7 @@ if gemm_ws.HAVE_GLUON:
             gl.store(t_ptr + 2, globaltimer())
 
         acc = gl.zeros([BN, T], gl.float32, layout=mma)
+        AHEAD: gl.constexpr = STAGES - 1 + RING_FULL  # (steps requested ahead of the one used)
         for k0 in gl.static_range(0, SG, GS):  # unrolled: the staged x̂ is sliced statically
             q_cur = q_next
             q_next = ()
@@ -361,13 +381,14 @@ if gemm_ws.HAVE_GLUON:
                 o = o_s.slice((k0 + i) * T, T).load(COLS)
                 s_g = s_s.index(k0 + i).load(ROWS).to(gl.float32)
                 acc += (part * p[None, :] - o[None, :]) * s_g[:, None]
-            if STAGES > 0:  # every warp is done with the slot STAGES - 1 steps back: refill it
+            if STAGES > 0:  # every warp is done with this step's slot (with ``RING_FULL``;
+                # else the last step's): refill it with the step STAGES ahead (or one less)
                 gl.thread_barrier()
-                if k0 // GS + STAGES - 1 < SG // GS:
+                if k0 // GS + AHEAD < SG // GS:
                     fence_async_shared()
-                    slot = (k0 // GS + STAGES - 1) % STAGES
+                    slot = (k0 // GS + AHEAD) % STAGES
                     _request_codes(q_desc, ready.index(slot), q_bufs.index(slot), pid_n * BN,
-                                   (g0 + k0 + (STAGES - 1) * GS) * 32, BN * 32 * GS)  # fmt: skip
+                                   (g0 + k0 + AHEAD * GS) * 32, BN * 32 * GS)  # fmt: skip
 
         # the epilogue: · s_tensor, + low-rank (first split only), + bias, store or add
         if TIMES:
@@ -502,7 +523,7 @@ def gemv_gluon(
         lora.stride(0), lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs,
         SG=per_split, T=t, RB=32, STAGES=stages, SB=min(32, next_pow2(chunks)), XIN=xin,
-        TIMES=TIMELINE is not None, num_warps=warps,
+        TIMES=TIMELINE is not None, X_FIRST=X_FIRST, RING_FULL=RING_FULL, num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out if split == 1 else cast_after(out, out_dtype, pdl and CAST_PDL)
