@@ -169,7 +169,7 @@ def timeline(ms: list[int], reps: int = 30) -> list[dict]:
                 plain_us = bench_graph_clean(lambda x=x, layer=layer: layer.w4a16(x))
                 _, split = gemv_gluon._k_split(n, 3072, x.device)
                 programs = -(-n // gemv_gluon.TILE[0]) * split
-                buf = torch.zeros(programs * 8, dtype=torch.int64, device="cuda")
+                buf = torch.zeros(programs * 16, dtype=torch.int64, device="cuda")
                 gemv_gluon.TIMELINE = buf
 
                 def call(x=x, layer=layer):
@@ -184,13 +184,15 @@ def timeline(ms: list[int], reps: int = 30) -> list[dict]:
                     sweep.sum()
                     g.replay()
                     torch.cuda.synchronize()
-                    t = buf.view(programs, 8).clone()
+                    t = buf.view(programs, 16).clone()
                     t0 = stamps[0].item()
-                    rel = (t[:, 1:8] - t0).double() / 1e3  # µs after the first stamp
+                    rel = (t[:, 1:10] - t0).double() / 1e3  # µs after the first stamp
                     runs.append(dict(
                         raw=[[int(t[i, 0])] + [round(v, 3) for v in rel[i].tolist()]
                              for i in range(programs)],
                         xhat_p50=_pct(rel[:, 5] - rel[:, 0], 0.5),
+                        x_in_p50=_pct(rel[:, 7] - rel[:, 0], 0.5),
+                        scales_in_p50=_pct(rel[:, 8] - rel[:, 0], 0.5),
                         first_codes_p50=_pct(rel[:, 6] - rel[:, 1], 0.5),
                         call_us=(stamps[1].item() - t0) / 1e3,
                         first_start=rel[:, 0].min().item(),
@@ -206,7 +208,8 @@ def timeline(ms: list[int], reps: int = 30) -> list[dict]:
                     ))  # fmt: skip
                 med = {k: sorted(r[k] for r in runs)[reps // 2] for k in runs[0] if k != "raw"}
                 # one replay's stamps, the one whose call took the median time: [SM, start,
-                # staged, looped, waited, end, x̂ computed, first codes] per program, in µs
+                # staged, looped, waited, end, x̂ computed, first codes, x arrived, scales
+                # arrived] per program, in µs
                 med["raw"] = next(r["raw"] for r in runs if r["call_us"] == med["call_us"])
                 rows.append(dict(M=m, N=n, K=3072, programs=programs, split=split,
                                  plain_clean_us=plain_us, stamped_clean_us=timed_us,
@@ -217,7 +220,8 @@ def timeline(ms: list[int], reps: int = 30) -> list[dict]:
                       f"{med['start_p75']:.1f}) - {med['last_start']:.1f}, end p50 "
                       f"{med['end_p50']:.1f}, last "
                       f"{med['last_end']:.1f}; a program p50 {med['program_p50']:.1f} "
-                      f"(p90 {med['program_p90']:.1f}): x̂ {med['xhat_p50']:.2f}, staged "
+                      f"(p90 {med['program_p90']:.1f}): x in {med['x_in_p50']:.2f}, scales in "
+                      f"{med['scales_in_p50']:.2f}, x̂ {med['xhat_p50']:.2f}, staged "
                       f"{med['start_staged_p50']:.2f}, first codes {med['first_codes_p50']:.2f} "
                       f"after, "
                       f"loop {med['staged_looped_p50']:.2f}, wait {med['looped_waited_p50']:.2f}, "

@@ -1371,7 +1371,7 @@ def test_gpu_w4a16_gluon_load_order(monkeypatch, setting, m, n, k, r):
 
 @pytest.mark.gpu
 def test_gpu_w4a16_gluon_timeline(monkeypatch):
-    """The diagnostic ``gemv_gluon.TIMELINE``: each program's SM and seven stamps, in
+    """The diagnostic ``gemv_gluon.TIMELINE``: each program's SM and nine stamps, in
     order, and the same output as without it."""
     from svdquant.kernels import gemv, gemv_gluon
 
@@ -1382,11 +1382,11 @@ def test_gpu_w4a16_gluon_timeline(monkeypatch):
     y = w4a16_linear(x, *args).float()
     _, split = gemv_gluon._k_split(18432, 3072, x.device)
     programs = 18432 // gemv_gluon.TILE[0] * split
-    buf = torch.full((programs * 8,), -1, dtype=torch.int64, device="cuda")
+    buf = torch.full((programs * 16,), -1, dtype=torch.int64, device="cuda")
     monkeypatch.setattr(gemv_gluon, "TIMELINE", buf)
     y2 = w4a16_linear(x, *args).float()
     assert ((y - y2).abs() <= y.abs() * 2**-7 + y.abs().max() * 1e-4).all()
-    t = buf.view(programs, 8).cpu()
+    t = buf.view(programs, 16).cpu()
     assert (
         (t[:, 0] >= 0) & (t[:, 0] < torch.cuda.get_device_properties(0).multi_processor_count)
     ).all()
@@ -1394,6 +1394,8 @@ def test_gpu_w4a16_gluon_timeline(monkeypatch):
     # x̂ computed before it is staged; the first codes after that
     assert (t[:, 1] <= t[:, 6]).all() and (t[:, 6] <= t[:, 2]).all()
     assert (t[:, 2] <= t[:, 7]).all() and (t[:, 7] <= t[:, 3]).all()
+    # x and the scales arrived before x̂ was computed
+    assert (t[:, 1] <= t[:, 8]).all() and (t[:, 8] <= t[:, 9]).all() and (t[:, 9] <= t[:, 6]).all()
 
 
 @pytest.mark.gpu

@@ -100,10 +100,11 @@ X_FIRST = False
 #: once with the step ``STAGES`` ahead (else ``STAGES - 1``: one slot waits a step).
 RING_FULL = False
 #: A diagnostic (``bench/probe_gemv_gluon.py --timeline``): an int64 CUDA tensor of at
-#: least 8 a program, into which each program writes its SM and the global timer (ns) at
+#: least 16 a program, into which each program writes its SM and the global timer (ns) at
 #: its start, once x̂ is staged, after its loop, after its wait for the prep, at its end,
-#: once x̂ is computed (``XHAT_IN_KERNEL``) and when its first codes have arrived. None:
-#: nothing recorded (the kernel is compiled without it).
+#: once x̂ is computed (``XHAT_IN_KERNEL``), when its first codes have arrived, once its x
+#: and smoothing factors have arrived and then its group scales. None: nothing recorded
+#: (the kernel is compiled without it).
 TIMELINE: torch.Tensor | None = None
 
 
@@ -226,6 +227,15 @@ if gemm_ws.HAVE_GLUON:
         )
 
     @gluon.jit
+    def _stamp_after(ptr, v):
+        """The global timer into ``ptr`` once the scalar ``v`` is known (a timeline's stamp
+        that waits for what ``v`` depends on)."""
+        t = gl.inline_asm_elementwise(
+            "mov.u64 $0, %globaltimer;", "=l,r", [v], dtype=gl.int64, is_pure=False, pack=1
+        )
+        gl.store(ptr, t)
+
+    @gluon.jit
     def _request_codes(q_desc, bar, buf, row, col, NBYTES: gl.constexpr):
         """One step's codes by TMA: the [BN, 32 · GS] bytes at (row, col), on ``bar``."""
         mbarrier.expect(bar, NBYTES)
@@ -266,7 +276,7 @@ if gemm_ws.HAVE_GLUON:
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
         if TIMES:
-            t_ptr = times_ptr + (pid_k * gl.cdiv(N, BN) + pid_n) * 8
+            t_ptr = times_ptr + (pid_k * gl.cdiv(N, BN) + pid_n) * 16
             gl.store(t_ptr + 1, globaltimer())
             gl.store(t_ptr, smid().to(gl.int64))
         g0 = pid_k * groups_per_split
@@ -308,6 +318,9 @@ if gemm_ws.HAVE_GLUON:
         if XIN:  # x is the prep's input (valid once the prep runs): no wait
             if not X_FIRST:
                 xv, sv = _xhat_loads(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG, T)
+            if TIMES:  # (the waits these force: x and the factors, then the scales)
+                _stamp_after(t_ptr + 8, gl.sum(gl.sum(xv.to(gl.float32), 1), 0) + gl.sum(sv, 0))
+                _stamp_after(t_ptr + 9, gl.sum(gl.sum(s_all.to(gl.float32), 1), 0))
             xhat, pw, off = _xhat(xv, sv, SG, T)
             xs = gl.allocate_shared_memory(gl.float16, [64 * SG, T], FLAT, value=xhat)
             p_s = gl.allocate_shared_memory(gl.float32, [SG * T], FLAT1, value=pw)
