@@ -92,10 +92,12 @@ CAST_PDL = True
 #: zeroes the K split's sums), which the GEMV waits for at its epilogue — the prep off
 #: the critical path (else the GEMV waits for the prep's x̂ before its loop).
 XHAT_IN_KERNEL = True
-#: With ``XHAT_IN_KERNEL``, each program requests its x and smoothing factors before its
-#: codes (else after them: the timeline found a program's x̂ waiting ~5 µs for x behind
-#: the first wave's ~10 MB of code requests, v52).
-X_FIRST = False
+#: With ``XHAT_IN_KERNEL``, each program requests its codes only once its x, smoothing
+#: factors and group scales have arrived (else at once: the timeline found x arriving
+#: ~4 µs after a program's start, queued behind the code requests of the programs on its
+#: SM, and the x̂ computed after it — the DRAM then idle; requesting x first, before its own
+#: codes only, changed nothing: 0.96-1.03x, v52).
+CODES_AFTER_X = False
 #: The ring's first fill takes all ``STAGES`` slots and each consumed slot is refilled at
 #: once with the step ``STAGES`` ahead (else ``STAGES - 1``: one slot waits a step).
 RING_FULL = False
@@ -236,6 +238,13 @@ if gemm_ws.HAVE_GLUON:
         gl.store(ptr, t)
 
     @gluon.jit
+    def _zero_after(v):
+        """int32 0 once the scalar ``v`` is known: what depends on it waits for ``v``."""
+        return gl.inline_asm_elementwise(
+            "mov.u32 $0, 0;", "=r,r", [v], dtype=gl.int32, is_pure=False, pack=1
+        )
+
+    @gluon.jit
     def _request_codes(q_desc, bar, buf, row, col, NBYTES: gl.constexpr):
         """One step's codes by TMA: the [BN, 32 · GS] bytes at (row, col), on ``bar``."""
         mbarrier.expect(bar, NBYTES)
@@ -249,14 +258,15 @@ if gemm_ws.HAVE_GLUON:
         ATOMIC: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
         PDL: gl.constexpr, BN: gl.constexpr, GS: gl.constexpr, SG: gl.constexpr,
         T: gl.constexpr, RB: gl.constexpr, STAGES: gl.constexpr, SB: gl.constexpr,
-        XIN: gl.constexpr, TIMES: gl.constexpr, X_FIRST: gl.constexpr, RING_FULL: gl.constexpr,
+        XIN: gl.constexpr, TIMES: gl.constexpr, CODES_AFTER_X: gl.constexpr,
+        RING_FULL: gl.constexpr,
     ):  # fmt: skip
         """``y[:, rows] = Σ_g ((Σ (1032 + code) · x̂_g) · P_g − O_g) · s_g · s_tensor + lora ·
         L_upᵀ + b`` for this program's rows and its K split's groups (``SG`` at most, GS a
         step); ``xo_ptr`` holds (P, O) per group and token slot [G, 2, T] — or with ``XIN``
         the program computes x̂, P and O of its groups from ``x_ptr`` and ``smooth_ptr``
         (``_xhat``), and waits for the prep only at its epilogue. ``TIMES``: the program's
-        SM and timestamps into ``times_ptr`` (``TIMELINE``). ``X_FIRST``, ``RING_FULL``:
+        SM and timestamps into ``times_ptr`` (``TIMELINE``). ``CODES_AFTER_X``, ``RING_FULL``:
         the settings of those names."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(
             version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8]
@@ -289,7 +299,7 @@ if gemm_ws.HAVE_GLUON:
         rows_c = gl.minimum(rows, N - 1)
         tok = gl.arange(0, T, layout=COLS)
 
-        if XIN and X_FIRST:  # x (the prep's input: complete) before the codes' requests
+        if XIN and CODES_AFTER_X:  # x (the prep's input: complete) before the codes
             xv, sv = _xhat_loads(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG, T)
         # the program's group scales, all at once (a row's SG in one load), and the first
         # step's codes: weights, no earlier kernel's output
@@ -298,6 +308,13 @@ if gemm_ws.HAVE_GLUON:
         sg = gl.arange(0, SG, layout=gl.SliceLayout(0, SL))  # (past the split's groups: 0)
         s_all = gl.load(sc_ptr + sr[:, None] * stride_sn + (g0 + sg)[None, :],
                         mask=(sg < n_groups)[None, :], other=0.0)  # fmt: skip
+        col0 = g0 * 32  # (the first step's code column; with ``CODES_AFTER_X`` known only
+        # once x and the scales are: a zero that depends on them)
+        if XIN and CODES_AFTER_X:
+            col0 += _zero_after(
+                gl.sum(gl.sum(xv.to(gl.float32), 1), 0) + gl.sum(sv, 0)
+                + gl.sum(gl.sum(s_all.to(gl.float32), 1), 0)
+            )  # fmt: skip
         q_next = ()
         for i in gl.static_range(GS):
             gi = g0 + gl.minimum(i, n_groups - 1)
@@ -313,10 +330,10 @@ if gemm_ws.HAVE_GLUON:
             for i in gl.static_range(STAGES - 1 + RING_FULL):  # (``AHEAD`` steps)
                 if i < SG // GS:
                     _request_codes(q_desc, ready.index(i), q_bufs.index(i), pid_n * BN,
-                                   (g0 + i * GS) * 32, BN * 32 * GS)  # fmt: skip
+                                   col0 + i * GS * 32, BN * 32 * GS)  # fmt: skip
         FLAT1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         if XIN:  # x is the prep's input (valid once the prep runs): no wait
-            if not X_FIRST:
+            if not CODES_AFTER_X:
                 xv, sv = _xhat_loads(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG, T)
             if TIMES:  # (the waits these force: x and the factors, then the scales)
                 _stamp_after(t_ptr + 8, gl.sum(gl.sum(xv.to(gl.float32), 1), 0) + gl.sum(sv, 0))
@@ -536,7 +553,8 @@ def gemv_gluon(
         lora.stride(0), lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs,
         SG=per_split, T=t, RB=32, STAGES=stages, SB=min(32, next_pow2(chunks)), XIN=xin,
-        TIMES=TIMELINE is not None, X_FIRST=X_FIRST, RING_FULL=RING_FULL, num_warps=warps,
+        TIMES=TIMELINE is not None, CODES_AFTER_X=CODES_AFTER_X,
+        RING_FULL=RING_FULL, num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out if split == 1 else cast_after(out, out_dtype, pdl and CAST_PDL)
