@@ -150,11 +150,13 @@ def _pct(v: torch.Tensor, q: float) -> float:
     return v.float().quantile(q).item()
 
 
-def timeline(ms: list[int], reps: int = 30) -> list[dict]:
+def timeline(ms: list[int], reps: int = 30, warm_code: bool = False) -> list[dict]:
     """Per program of the Gluon GEMV (N = 18432 and 9216): when it starts and ends, and
     how long its phases take (x̂ staged, the loop, the wait for the prep, the epilogue),
     against a stamp before the whole ``w4a16_linear`` (prep, GEMV, cast) and one after;
-    medians over ``reps`` replays with the L2 emptied (read) before each, in µs."""
+    medians over ``reps`` replays with the L2 emptied (read) before each, in µs.
+    ``warm_code``: after emptying the L2, the same call on another weight first (the
+    kernel's code and x in the caches, the weight's bytes not)."""
     rows = []
     sweep = torch.ones(2**27, device="cuda")
     stamps = torch.zeros(2, dtype=torch.int64, device="cuda")
@@ -179,19 +181,25 @@ def timeline(ms: list[int], reps: int = 30) -> list[dict]:
 
                 timed_us = bench_graph_clean(call)
                 g = _graph(call)
+                other = Layer(n, 3072) if warm_code else None
+                g_warm = _graph(lambda x=x, other=other: other.w4a16(x)) if warm_code else None
                 runs = []
                 for _ in range(reps):
                     sweep.sum()
+                    if g_warm is not None:
+                        g_warm.replay()
                     g.replay()
                     torch.cuda.synchronize()
                     t = buf.view(programs, 16).clone()
                     t0 = stamps[0].item()
-                    rel = (t[:, 1:10] - t0).double() / 1e3  # µs after the first stamp
+                    rel = (t[:, 1:12] - t0).double() / 1e3  # µs after the first stamp
                     runs.append(dict(
                         raw=[[int(t[i, 0])] + [round(v, 3) for v in rel[i].tolist()]
                              for i in range(programs)],
                         xhat_p50=_pct(rel[:, 5] - rel[:, 0], 0.5),
                         x_in_p50=_pct(rel[:, 7] - rel[:, 0], 0.5),
+                        requested_p50=_pct(rel[:, 9] - rel[:, 0], 0.5),
+                        x_issued_p50=_pct(rel[:, 10] - rel[:, 0], 0.5),
                         scales_in_p50=_pct(rel[:, 8] - rel[:, 0], 0.5),
                         first_codes_p50=_pct(rel[:, 6] - rel[:, 1], 0.5),
                         call_us=(stamps[1].item() - t0) / 1e3,
@@ -209,9 +217,10 @@ def timeline(ms: list[int], reps: int = 30) -> list[dict]:
                 med = {k: sorted(r[k] for r in runs)[reps // 2] for k in runs[0] if k != "raw"}
                 # one replay's stamps, the one whose call took the median time: [SM, start,
                 # staged, looped, waited, end, x̂ computed, first codes, x arrived, scales
-                # arrived] per program, in µs
+                # arrived, codes requested, x's loads issued] per program, in µs
                 med["raw"] = next(r["raw"] for r in runs if r["call_us"] == med["call_us"])
                 rows.append(dict(M=m, N=n, K=3072, programs=programs, split=split,
+                                 warm_code=warm_code,
                                  plain_clean_us=plain_us, stamped_clean_us=timed_us,
                                  **med))  # fmt: skip
                 print(f"timeline M={m:2d} N={n:5d} ({programs} programs): call "
@@ -220,7 +229,9 @@ def timeline(ms: list[int], reps: int = 30) -> list[dict]:
                       f"{med['start_p75']:.1f}) - {med['last_start']:.1f}, end p50 "
                       f"{med['end_p50']:.1f}, last "
                       f"{med['last_end']:.1f}; a program p50 {med['program_p50']:.1f} "
-                      f"(p90 {med['program_p90']:.1f}): x in {med['x_in_p50']:.2f}, scales in "
+                      f"(p90 {med['program_p90']:.1f}): codes requested "
+                      f"{med['requested_p50']:.2f}, x issued {med['x_issued_p50']:.2f}, x in "
+                      f"{med['x_in_p50']:.2f}, scales in "
                       f"{med['scales_in_p50']:.2f}, x̂ {med['xhat_p50']:.2f}, staged "
                       f"{med['start_staged_p50']:.2f}, first codes {med['first_codes_p50']:.2f} "
                       f"after, "
@@ -237,6 +248,8 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--split", action="store_true", help="the prep and the GEMV timed apart")
     p.add_argument("--timeline", action="store_true", help="per-program timestamps only")
+    p.add_argument("--warm-code", action="store_true",
+                   help="--timeline: the kernel's code and x in the caches")  # fmt: skip
     p.add_argument(
         "--prep-chunks",
         default=str(gemv.F16_CHUNK),
@@ -252,7 +265,7 @@ def main() -> None:
     if a.split:
         result["split"] = split([1, 4, 8, 16])
     if a.timeline:
-        result["timeline"] = timeline([int(v) for v in a.ms.split(",")])
+        result["timeline"] = timeline([int(v) for v in a.ms.split(",")], warm_code=a.warm_code)
         print(write_result(result, a.out, "probe_gemv_gluon-h200"))
         return
     result["rows"] = table([int(v) for v in a.ms.split(",")],

@@ -105,8 +105,9 @@ RING_FULL = False
 #: least 16 a program, into which each program writes its SM and the global timer (ns) at
 #: its start, once x̂ is staged, after its loop, after its wait for the prep, at its end,
 #: once x̂ is computed (``XHAT_IN_KERNEL``), when its first codes have arrived, once its x
-#: and smoothing factors have arrived and then its group scales. None: nothing recorded
-#: (the kernel is compiled without it).
+#: and smoothing factors have arrived and then its group scales, once its first codes'
+#: requests are issued, once its x̂'s loads are. None: nothing recorded (the kernel is
+#: compiled without it).
 TIMELINE: torch.Tensor | None = None
 
 
@@ -331,11 +332,15 @@ if gemm_ws.HAVE_GLUON:
                 if i < SG // GS:
                     _request_codes(q_desc, ready.index(i), q_bufs.index(i), pid_n * BN,
                                    col0 + i * GS * 32, BN * 32 * GS)  # fmt: skip
+        if TIMES:
+            gl.store(t_ptr + 10, globaltimer())
         FLAT1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         if XIN:  # x is the prep's input (valid once the prep runs): no wait
             if not CODES_AFTER_X:
                 xv, sv = _xhat_loads(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG, T)
-            if TIMES:  # (the waits these force: x and the factors, then the scales)
+            if TIMES:
+                gl.store(t_ptr + 11, globaltimer())
+                # (the waits these force: x and the factors, then the scales)
                 _stamp_after(t_ptr + 8, gl.sum(gl.sum(xv.to(gl.float32), 1), 0) + gl.sum(sv, 0))
                 _stamp_after(t_ptr + 9, gl.sum(gl.sum(s_all.to(gl.float32), 1), 0))
             xhat, pw, off = _xhat(xv, sv, SG, T)
