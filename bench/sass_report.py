@@ -429,7 +429,8 @@ def _gluon_gemv_spec(m: int) -> dict[str, Any]:
                   stride_om=18432),
         consts=dict(ATOMIC=True, HAS_LORA=True, HAS_BIAS=True, PDL=True, BN=bn, GS=gs, SG=8,
                     T=g.tokens(m), RB=32, STAGES=g.STAGES, SB=32, XIN=g.XHAT_IN_KERNEL,
-                    TIMES=False, CODES_AFTER_X=g.CODES_AFTER_X, RING_FULL=g.RING_FULL),
+                    TIMES=False, CODES_AFTER_X=g.CODES_AFTER_X,
+                    SCALES_LATE=g.SCALES_LATE, RING_FULL=g.RING_FULL),
         warps=warps,
     )  # fmt: skip
 

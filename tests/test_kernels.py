@@ -1360,12 +1360,13 @@ def test_gpu_w4a16_gluon_xhat_in_kernel(monkeypatch, m, n, k, r):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("setting", ["CODES_AFTER_X", "RING_FULL"])
+@pytest.mark.parametrize("setting", ["CODES_AFTER_X", "RING_FULL", "SCALES_LATE"])
 @pytest.mark.parametrize("m", [1, 4, 16])
 @pytest.mark.parametrize(("n", "k", "r"), _GLUON_SETTING_CASES)
 def test_gpu_w4a16_gluon_load_order(monkeypatch, setting, m, n, k, r):
     """The codes requested once x has arrived (``CODES_AFTER_X``), the ring filled whole
-    (``RING_FULL``): the same sums in another order of loads."""
+    (``RING_FULL``), the scales loaded after the codes' requests (``SCALES_LATE``): the
+    same sums in another order of loads."""
     _gluon_setting_agrees(monkeypatch, setting, m, n, k, r)
 
 

@@ -101,6 +101,11 @@ CODES_AFTER_X = False
 #: The ring's first fill takes all ``STAGES`` slots and each consumed slot is refilled at
 #: once with the step ``STAGES`` ahead (else ``STAGES - 1``: one slot waits a step).
 RING_FULL = False
+#: The group scales' load issued after the codes' requests (else before them). The v52
+#: timeline: a program's codes requested ~2.9 µs after its start at N = 18432 (1.1 at
+#: 9216), the instructions between them its set-up, the scales' load and the ring's
+#: barriers — as if the barriers' fence waited for the scales from DRAM.
+SCALES_LATE = False
 #: A diagnostic (``bench/probe_gemv_gluon.py --timeline``): an int64 CUDA tensor of at
 #: least 16 a program, into which each program writes its SM and the global timer (ns) at
 #: its start, once x̂ is staged, after its loop, after its wait for the prep, at its end,
@@ -260,14 +265,15 @@ if gemm_ws.HAVE_GLUON:
         PDL: gl.constexpr, BN: gl.constexpr, GS: gl.constexpr, SG: gl.constexpr,
         T: gl.constexpr, RB: gl.constexpr, STAGES: gl.constexpr, SB: gl.constexpr,
         XIN: gl.constexpr, TIMES: gl.constexpr, CODES_AFTER_X: gl.constexpr,
-        RING_FULL: gl.constexpr,
+        RING_FULL: gl.constexpr, SCALES_LATE: gl.constexpr,
     ):  # fmt: skip
         """``y[:, rows] = Σ_g ((Σ (1032 + code) · x̂_g) · P_g − O_g) · s_g · s_tensor + lora ·
         L_upᵀ + b`` for this program's rows and its K split's groups (``SG`` at most, GS a
         step); ``xo_ptr`` holds (P, O) per group and token slot [G, 2, T] — or with ``XIN``
         the program computes x̂, P and O of its groups from ``x_ptr`` and ``smooth_ptr``
         (``_xhat``), and waits for the prep only at its epilogue. ``TIMES``: the program's
-        SM and timestamps into ``times_ptr`` (``TIMELINE``). ``CODES_AFTER_X``, ``RING_FULL``:
+        SM and timestamps into ``times_ptr`` (``TIMELINE``). ``CODES_AFTER_X``, ``RING_FULL``,
+        ``SCALES_LATE``:
         the settings of those names."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(
             version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8]
@@ -307,8 +313,9 @@ if gemm_ws.HAVE_GLUON:
         SL: gl.constexpr = gl.BlockedLayout([1, SG], [32, 1], [4, 1], [1, 0])
         sr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, SL)), N - 1)
         sg = gl.arange(0, SG, layout=gl.SliceLayout(0, SL))  # (past the split's groups: 0)
-        s_all = gl.load(sc_ptr + sr[:, None] * stride_sn + (g0 + sg)[None, :],
-                        mask=(sg < n_groups)[None, :], other=0.0)  # fmt: skip
+        s_ptrs = sc_ptr + sr[:, None] * stride_sn + (g0 + sg)[None, :]
+        if not SCALES_LATE:
+            s_all = gl.load(s_ptrs, mask=(sg < n_groups)[None, :], other=0.0)
         col0 = g0 * 32  # (the first step's code column; with ``CODES_AFTER_X`` known only
         # once x and the scales are: a zero that depends on them)
         if XIN and CODES_AFTER_X:
@@ -332,6 +339,8 @@ if gemm_ws.HAVE_GLUON:
                 if i < SG // GS:
                     _request_codes(q_desc, ready.index(i), q_bufs.index(i), pid_n * BN,
                                    col0 + i * GS * 32, BN * 32 * GS)  # fmt: skip
+        if SCALES_LATE:  # (after the codes' requests: see ``SCALES_LATE``)
+            s_all = gl.load(s_ptrs, mask=(sg < n_groups)[None, :], other=0.0)
         if TIMES:
             gl.store(t_ptr + 10, globaltimer())
         FLAT1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
@@ -559,7 +568,7 @@ def gemv_gluon(
         ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs,
         SG=per_split, T=t, RB=32, STAGES=stages, SB=min(32, next_pow2(chunks)), XIN=xin,
         TIMES=TIMELINE is not None, CODES_AFTER_X=CODES_AFTER_X,
-        RING_FULL=RING_FULL, num_warps=warps,
+        RING_FULL=RING_FULL, SCALES_LATE=SCALES_LATE, num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out if split == 1 else cast_after(out, out_dtype, pdl and CAST_PDL)
