@@ -1242,6 +1242,21 @@ def test_w4a16_f16_prep_without_xhat():
     torch.testing.assert_close(lora, want, rtol=0, atol=0)
 
 
+def test_w4a16_prep_prefetch_arguments():
+    """``prep(..., prefetch=...)``: at most two tensors (a third is an error); under the
+    interpreter the prefetch is left out and the outputs are the same."""
+    from svdquant.kernels import gemv
+
+    x = _acts(2, 200, torch.bfloat16)
+    down, up = _lowrank(300, 200, 8, torch.bfloat16)
+    kw = dict(fma=False, f16=8, n=300, xhat=False)
+    want = gemv.prep(x, _smooth(200), down, 256, "int4", **kw)[1]
+    got = gemv.prep(x, _smooth(200), down, 256, "int4", prefetch=(up, down), **kw)[1]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at most two"):
+        gemv.prep(x, _smooth(200), down, 256, "int4", prefetch=(up, down, up), **kw)
+
+
 def test_gluon_gemv_k_split_plan(monkeypatch):
     """The prep zeroes the Gluon GEMV's fp32 sums only where its launcher splits K
     (``splits_k``, ``prep_args`` and the launcher share one plan)."""
@@ -1337,11 +1352,12 @@ def _gluon_setting_agrees(monkeypatch, setting: str, m: int, n: int, k: int, r: 
     monkeypatch.setattr(gemv, "GLUON", True)
     monkeypatch.setattr(gemv, "GLUON_MIN_M", 1)
     x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=9)
-    monkeypatch.setattr(gemv_gluon, setting, True)
+    mod = gemv if setting.startswith("PREP_") else gemv_gluon
+    monkeypatch.setattr(mod, setting, True)
     y = w4a16_linear(x, *args)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
-    monkeypatch.setattr(gemv_gluon, setting, False)
+    monkeypatch.setattr(mod, setting, False)
     y2 = w4a16_linear(x, *args).float()
     assert ((y.float() - y2).abs() <= y2.abs() * 2**-7 + y2.abs().max() * 1e-4).all()
 
@@ -1360,13 +1376,14 @@ def test_gpu_w4a16_gluon_xhat_in_kernel(monkeypatch, m, n, k, r):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("setting", ["CODES_AFTER_X", "RING_FULL", "SCALES_LATE"])
+@pytest.mark.parametrize("setting", ["CODES_AFTER_X", "RING_FULL", "SCALES_LATE", "PREP_PREFETCH"])
 @pytest.mark.parametrize("m", [1, 4, 16])
 @pytest.mark.parametrize(("n", "k", "r"), _GLUON_SETTING_CASES)
 def test_gpu_w4a16_gluon_load_order(monkeypatch, setting, m, n, k, r):
     """The codes requested once x has arrived (``CODES_AFTER_X``), the ring filled whole
-    (``RING_FULL``), the scales loaded after the codes' requests (``SCALES_LATE``): the
-    same sums in another order of loads."""
+    (``RING_FULL``), the scales loaded after the codes' requests (``SCALES_LATE``), the
+    scales and L_up prefetched by the prep (``gemv.PREP_PREFETCH``): the same sums in
+    another order of loads."""
     _gluon_setting_agrees(monkeypatch, setting, m, n, k, r)
 
 
