@@ -7,12 +7,13 @@ tensor-core kernel above — the path before v49) in the same run and BF16
 CUDA graph, N = 18432 / 9216, K = 3072, and each path's error against the reference.
 ``--sweep``: the Gluon kernel's groups a step, groups a program and TMA stages at 4 and 16
 tokens; ``--split``: the prep and the GEMV timed apart; ``--prep-chunks``: the Gluon path
-at each of these prep chunk widths (``gemv.F16_CHUNK``); ``--timeline``: where each
-program's time goes (``gemv_gluon.TIMELINE``: global-timer stamps per program, between
-two stamps around the whole call, L2 emptied before each replay).
+at each of these prep chunk widths (``gemv.F16_CHUNK``); ``--timeline``: when each of the
+Gluon GEMV's programs starts, ends and reaches each phase (``gemv_gluon.TIMELINE``),
+against stamps around the whole call, the L2 emptied before each replay (``--warm-code``:
+the same call on another weight first, so the kernel's code and x are cached).
 
     PYTHONPATH=src python bench/probe_gemv_gluon.py [--ms 1,2,3,4,5,8,16] [--sweep] [--split]
-        [--timeline] [--prep-chunks 128,64] [--out DIR]
+        [--timeline [--warm-code]] [--prep-chunks 128,64] [--out DIR]
 """
 
 from __future__ import annotations
@@ -143,20 +144,25 @@ def _stamp(ptr, i):
     tl.store(ptr + i, globaltimer())
 
 
-_PHASES = ("start", "staged", "looped", "waited", "end")
+#: ``gemv_gluon.TIMELINE``'s stamps after the SM and the end, in order
+PHASES = ("start", "requested", "xhat", "staged", "first_codes", "looped", "waited")
 
 
-def _pct(v: torch.Tensor, q: float) -> float:
-    return v.float().quantile(q).item()
+def _stamps(buf: torch.Tensor, programs: int, t0: int) -> torch.Tensor:
+    """[programs, 1 + len(PHASES) + 1]: the SM, then each phase and the end in µs after
+    ``t0`` (the low 32 bits of each stamp widened against the program's 64-bit end)."""
+    t = buf.view(programs, 8).cpu()
+    end = t[:, 1]
+    full = end[:, None] - ((end[:, None] & 0xFFFFFFFF) - t[:, 2:]) % 2**32
+    rel = (torch.cat([full, end[:, None]], 1) - t0).double() / 1e3
+    return torch.cat([t[:, :1].double(), rel], 1)
 
 
 def timeline(ms: list[int], reps: int = 30, warm_code: bool = False) -> list[dict]:
-    """Per program of the Gluon GEMV (N = 18432 and 9216): when it starts and ends, and
-    how long its phases take (x̂ staged, the loop, the wait for the prep, the epilogue),
-    against a stamp before the whole ``w4a16_linear`` (prep, GEMV, cast) and one after;
-    medians over ``reps`` replays with the L2 emptied (read) before each, in µs.
-    ``warm_code``: after emptying the L2, the same call on another weight first (the
-    kernel's code and x in the caches, the weight's bytes not)."""
+    """The Gluon GEMV's programs (N = 18432 and 9216): medians over ``reps`` replays (L2
+    emptied by reading before each) of when they start and end and how long each phase
+    takes, against a stamp before the whole ``w4a16_linear`` (prep, GEMV, cast) and one
+    after it, in µs; and one replay's stamps per program (the median call's)."""
     rows = []
     sweep = torch.ones(2**27, device="cuda")
     stamps = torch.zeros(2, dtype=torch.int64, device="cuda")
@@ -165,13 +171,14 @@ def timeline(ms: list[int], reps: int = 30, warm_code: bool = False) -> list[dic
     try:
         for n in (18432, 9216):
             layer = Layer(n, 3072)
+            other = Layer(n, 3072) if warm_code else None
             for m in ms:
                 x = torch.randn(m, 3072, device="cuda").bfloat16()
                 gemv_gluon.TIMELINE = None
                 plain_us = bench_graph_clean(lambda x=x, layer=layer: layer.w4a16(x))
                 _, split = gemv_gluon._k_split(n, 3072, x.device)
                 programs = -(-n // gemv_gluon.TILE[0]) * split
-                buf = torch.zeros(programs * 16, dtype=torch.int64, device="cuda")
+                buf = torch.zeros(programs * 8, dtype=torch.int64, device="cuda")
                 gemv_gluon.TIMELINE = buf
 
                 def call(x=x, layer=layer):
@@ -179,9 +186,7 @@ def timeline(ms: list[int], reps: int = 30, warm_code: bool = False) -> list[dic
                     layer.w4a16(x)
                     _stamp[(1,)](stamps, 1)
 
-                timed_us = bench_graph_clean(call)
                 g = _graph(call)
-                other = Layer(n, 3072) if warm_code else None
                 g_warm = _graph(lambda x=x, other=other: other.w4a16(x)) if warm_code else None
                 runs = []
                 for _ in range(reps):
@@ -190,53 +195,27 @@ def timeline(ms: list[int], reps: int = 30, warm_code: bool = False) -> list[dic
                         g_warm.replay()
                     g.replay()
                     torch.cuda.synchronize()
-                    t = buf.view(programs, 16).clone()
-                    t0 = stamps[0].item()
-                    rel = (t[:, 1:12] - t0).double() / 1e3  # µs after the first stamp
-                    runs.append(dict(
-                        raw=[[int(t[i, 0])] + [round(v, 3) for v in rel[i].tolist()]
-                             for i in range(programs)],
-                        xhat_p50=_pct(rel[:, 5] - rel[:, 0], 0.5),
-                        x_in_p50=_pct(rel[:, 7] - rel[:, 0], 0.5),
-                        requested_p50=_pct(rel[:, 9] - rel[:, 0], 0.5),
-                        x_issued_p50=_pct(rel[:, 10] - rel[:, 0], 0.5),
-                        scales_in_p50=_pct(rel[:, 8] - rel[:, 0], 0.5),
-                        first_codes_p50=_pct(rel[:, 6] - rel[:, 1], 0.5),
-                        call_us=(stamps[1].item() - t0) / 1e3,
-                        first_start=rel[:, 0].min().item(),
-                        last_start=rel[:, 0].max().item(),
-                        **{f"start_p{q}": _pct(rel[:, 0], q / 100) for q in (25, 50, 75, 90)},
-                        last_end=rel[:, 4].max().item(),
-                        end_p50=_pct(rel[:, 4], 0.5),
-                        **{f"{a}_{b}_p50": _pct(rel[:, j + 1] - rel[:, j], 0.5)
-                           for j, (a, b) in enumerate(itertools.pairwise(_PHASES))},
-                        program_p50=_pct(rel[:, 4] - rel[:, 0], 0.5),
-                        program_p90=_pct(rel[:, 4] - rel[:, 0], 0.9),
-                        sms=int(t[:, 0].unique().numel()),
-                    ))  # fmt: skip
+                    t0, t1 = stamps.tolist()
+                    a = _stamps(buf, programs, t0)
+                    run = dict(call_us=(t1 - t0) / 1e3, first_start=a[:, 1].min().item(),
+                               last_start=a[:, 1].max().item(), end_p50=a[:, -1].median().item(),
+                               last_end=a[:, -1].max().item(),
+                               program_p50=(a[:, -1] - a[:, 1]).median().item(),
+                               sms=int(a[:, 0].unique().numel()))  # fmt: skip
+                    for j, phase in enumerate((*PHASES[1:], "end"), start=2):
+                        run[f"{phase}_p50"] = (a[:, j] - a[:, j - 1]).median().item()
+                    run["raw"] = [[round(v, 3) for v in row] for row in a.tolist()]
+                    runs.append(run)
                 med = {k: sorted(r[k] for r in runs)[reps // 2] for k in runs[0] if k != "raw"}
-                # one replay's stamps, the one whose call took the median time: [SM, start,
-                # staged, looped, waited, end, x̂ computed, first codes, x arrived, scales
-                # arrived, codes requested, x's loads issued] per program, in µs
+                # (the replay whose call took the median time: [SM, *PHASES, end] a program)
                 med["raw"] = next(r["raw"] for r in runs if r["call_us"] == med["call_us"])
                 rows.append(dict(M=m, N=n, K=3072, programs=programs, split=split,
-                                 warm_code=warm_code,
-                                 plain_clean_us=plain_us, stamped_clean_us=timed_us,
-                                 **med))  # fmt: skip
-                print(f"timeline M={m:2d} N={n:5d} ({programs} programs): call "
-                      f"{med['call_us']:.1f} us (plain {plain_us:.1f}); programs start "
-                      f"{med['first_start']:.1f} (p50 {med['start_p50']:.1f}, p75 "
-                      f"{med['start_p75']:.1f}) - {med['last_start']:.1f}, end p50 "
-                      f"{med['end_p50']:.1f}, last "
-                      f"{med['last_end']:.1f}; a program p50 {med['program_p50']:.1f} "
-                      f"(p90 {med['program_p90']:.1f}): codes requested "
-                      f"{med['requested_p50']:.2f}, x issued {med['x_issued_p50']:.2f}, x in "
-                      f"{med['x_in_p50']:.2f}, scales in "
-                      f"{med['scales_in_p50']:.2f}, x̂ {med['xhat_p50']:.2f}, staged "
-                      f"{med['start_staged_p50']:.2f}, first codes {med['first_codes_p50']:.2f} "
-                      f"after, "
-                      f"loop {med['staged_looped_p50']:.2f}, wait {med['looped_waited_p50']:.2f}, "
-                      f"epilogue {med['waited_end_p50']:.2f}")  # fmt: skip
+                                 warm_code=warm_code, plain_clean_us=plain_us, **med))  # fmt: skip
+                steps = ", ".join(f"{p} +{med[p + '_p50']:.2f}" for p in (*PHASES[1:], "end"))
+                print(f"timeline M={m:2d} N={n:5d}: call {med['call_us']:.1f} us (plain "
+                      f"{plain_us:.1f}); starts {med['first_start']:.1f}-{med['last_start']:.1f},"
+                      f" ends p50 {med['end_p50']:.1f}, last {med['last_end']:.1f}; a program "
+                      f"p50 {med['program_p50']:.1f}: {steps}")  # fmt: skip
     finally:
         gemv.GLUON, gemv.GLUON_MIN_M, gemv_gluon.TIMELINE = saved
     return rows
@@ -249,7 +228,7 @@ def main() -> None:
     p.add_argument("--split", action="store_true", help="the prep and the GEMV timed apart")
     p.add_argument("--timeline", action="store_true", help="per-program timestamps only")
     p.add_argument("--warm-code", action="store_true",
-                   help="--timeline: the kernel's code and x in the caches")  # fmt: skip
+                   help="--timeline: the kernel's code and x cached first")  # fmt: skip
     p.add_argument(
         "--prep-chunks",
         default=str(gemv.F16_CHUNK),

@@ -429,8 +429,7 @@ def _gluon_gemv_spec(m: int) -> dict[str, Any]:
                   stride_om=18432),
         consts=dict(ATOMIC=True, HAS_LORA=True, HAS_BIAS=True, PDL=True, BN=bn, GS=gs, SG=8,
                     T=g.tokens(m), RB=32, STAGES=g.STAGES, SB=32, XIN=g.XHAT_IN_KERNEL,
-                    TIMES=False, CODES_AFTER_X=g.CODES_AFTER_X,
-                    SCALES_LATE=g.SCALES_LATE, RING_FULL=g.RING_FULL),
+                    TIMES=False),
         warps=warps,
     )  # fmt: skip
 
@@ -486,19 +485,13 @@ def _prep_dp4a_spec(ld_first: bool) -> dict[str, Any]:
 @_spec("gemv_prep_gluon")
 def _gemv_prep_gluon() -> dict[str, Any]:
     """The Gluon GEMV's prep without x̂ (``gemv_gluon.XHAT_IN_KERNEL``): the low-rank sums
-    of 16 token slots as one dot a rank block, the zeroing; four tokens (with
-    ``gemv.PREP_PREFETCH``, the L2 prefetch of the GEMV's scales and L_up)."""
-    from svdquant.kernels import gemv as g
-
+    of 16 token slots as one dot a rank block, the zeroing; four tokens."""
     d = _gemv_prep()
     d["ints"].update(M=4, stride_ls=4 * 32)
     d["ptrs"]["zero_ptr"] = "*fp32"
     d["ints"]["zero_numel"] = 4 * 18432
     d["consts"].update(CHUNK=128, PLANES=2, PRESCALE=False, F16=8, LD_FIRST=True, ZERO=True,
-                       XHAT=False, DOT_PREC="tf32x3", PREFETCH=g.PREP_PREFETCH)  # fmt: skip
-    if g.PREP_PREFETCH:  # (the GEMV's scales and L_up)
-        d["ptrs"].update(pf_ptr="*u8", pf2_ptr="*u8")
-        d["ints"].update(pf_bytes=18432 * 48 * 2, pf2_bytes=18432 * 32 * 2)
+                       XHAT=False, DOT_PREC="tf32x3")  # fmt: skip
     return d
 
 

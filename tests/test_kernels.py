@@ -1242,21 +1242,6 @@ def test_w4a16_f16_prep_without_xhat():
     torch.testing.assert_close(lora, want, rtol=0, atol=0)
 
 
-def test_w4a16_prep_prefetch_arguments():
-    """``prep(..., prefetch=...)``: at most two tensors (a third is an error); under the
-    interpreter the prefetch is left out and the outputs are the same."""
-    from svdquant.kernels import gemv
-
-    x = _acts(2, 200, torch.bfloat16)
-    down, up = _lowrank(300, 200, 8, torch.bfloat16)
-    kw = dict(fma=False, f16=8, n=300, xhat=False)
-    want = gemv.prep(x, _smooth(200), down, 256, "int4", **kw)[1]
-    got = gemv.prep(x, _smooth(200), down, 256, "int4", prefetch=(up, down), **kw)[1]
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="at most two"):
-        gemv.prep(x, _smooth(200), down, 256, "int4", prefetch=(up, down, up), **kw)
-
-
 def test_gluon_gemv_k_split_plan(monkeypatch):
     """The prep zeroes the Gluon GEMV's fp32 sums only where its launcher splits K
     (``splits_k``, ``prep_args`` and the launcher share one plan)."""
@@ -1352,12 +1337,11 @@ def _gluon_setting_agrees(monkeypatch, setting: str, m: int, n: int, k: int, r: 
     monkeypatch.setattr(gemv, "GLUON", True)
     monkeypatch.setattr(gemv, "GLUON_MIN_M", 1)
     x, args = _w4a16_case(m, n, k, r, "int4", torch.bfloat16, bias_seed=9)
-    mod = gemv if setting.startswith("PREP_") else gemv_gluon
-    monkeypatch.setattr(mod, setting, True)
+    monkeypatch.setattr(gemv_gluon, setting, True)
     y = w4a16_linear(x, *args)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     assert rel_err(y, ref.w4a16_linear_ref(x, *args)) <= TOL
-    monkeypatch.setattr(mod, setting, False)
+    monkeypatch.setattr(gemv_gluon, setting, False)
     y2 = w4a16_linear(x, *args).float()
     assert ((y.float() - y2).abs() <= y2.abs() * 2**-7 + y2.abs().max() * 1e-4).all()
 
@@ -1376,21 +1360,9 @@ def test_gpu_w4a16_gluon_xhat_in_kernel(monkeypatch, m, n, k, r):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("setting", ["CODES_AFTER_X", "RING_FULL", "SCALES_LATE", "PREP_PREFETCH"])
-@pytest.mark.parametrize("m", [1, 4, 16])
-@pytest.mark.parametrize(("n", "k", "r"), _GLUON_SETTING_CASES)
-def test_gpu_w4a16_gluon_load_order(monkeypatch, setting, m, n, k, r):
-    """The codes requested once x has arrived (``CODES_AFTER_X``), the ring filled whole
-    (``RING_FULL``), the scales loaded after the codes' requests (``SCALES_LATE``), the
-    scales and L_up prefetched by the prep (``gemv.PREP_PREFETCH``): the same sums in
-    another order of loads."""
-    _gluon_setting_agrees(monkeypatch, setting, m, n, k, r)
-
-
-@pytest.mark.gpu
 def test_gpu_w4a16_gluon_timeline(monkeypatch):
-    """The diagnostic ``gemv_gluon.TIMELINE``: each program's SM and nine stamps, in
-    order, and the same output as without it."""
+    """The diagnostic ``gemv_gluon.TIMELINE``: each program's SM and stamps, in order, and
+    the same output as without it."""
     from svdquant.kernels import gemv, gemv_gluon
 
     if not gemv_gluon.available(torch.device("cuda")):
@@ -1400,20 +1372,17 @@ def test_gpu_w4a16_gluon_timeline(monkeypatch):
     y = w4a16_linear(x, *args).float()
     _, split = gemv_gluon._k_split(18432, 3072, x.device)
     programs = 18432 // gemv_gluon.TILE[0] * split
-    buf = torch.full((programs * 16,), -1, dtype=torch.int64, device="cuda")
+    buf = torch.full((programs * 8,), -1, dtype=torch.int64, device="cuda")
     monkeypatch.setattr(gemv_gluon, "TIMELINE", buf)
     y2 = w4a16_linear(x, *args).float()
     assert ((y - y2).abs() <= y.abs() * 2**-7 + y.abs().max() * 1e-4).all()
-    t = buf.view(programs, 16).cpu()
-    assert (
-        (t[:, 0] >= 0) & (t[:, 0] < torch.cuda.get_device_properties(0).multi_processor_count)
-    ).all()
-    assert (t[:, 2:6] >= t[:, 1:5]).all() and (t[:, 1] > 0).all()
-    # x̂ computed before it is staged; the first codes after that
-    assert (t[:, 1] <= t[:, 6]).all() and (t[:, 6] <= t[:, 2]).all()
-    assert (t[:, 2] <= t[:, 7]).all() and (t[:, 7] <= t[:, 3]).all()
-    # x and the scales arrived before x̂ was computed
-    assert (t[:, 1] <= t[:, 8]).all() and (t[:, 8] <= t[:, 9]).all() and (t[:, 9] <= t[:, 6]).all()
+    t = buf.view(programs, 8).cpu()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert ((t[:, 0] >= 0) & (t[:, 0] < sms)).all()
+    # the stamps widened against the 64-bit end: in order, within a few ms
+    full = t[:, 1:2] - ((t[:, 1:2] & 0xFFFFFFFF) - t[:, 2:]) % 2**32
+    steps = torch.cat([full, t[:, 1:2]], 1).diff(dim=1)
+    assert (steps >= 0).all() and (steps < 10**7).all()
 
 
 @pytest.mark.gpu

@@ -134,12 +134,6 @@ DP4A_X_ROWS_MAX_M = 1
 #: the old order): 1.03x at one token, 1.04-1.08x at 2-4 (N = 18432 / 9216), 1.01-1.02x
 #: at 8 (the packed kernel). Same outputs bit for bit.
 PREP_LD_FIRST = True
-#: Before the Gluon GEMV, the prep kernel asks the L2 for the GEMV's group scales and
-#: L_up (``prefetch.global.L2``), so that the GEMV reads them from the L2 rather than
-#: from a DRAM busy with its code stream (v52: each program's first code request waits,
-#: at the ring's fence, for its group scales; loading them after the requests instead
-#: was slower, 0.92-0.97x — they then queue behind the codes).
-PREP_PREFETCH = False
 #: int4 weights at ``GLUON_MIN_M`` to 16 tokens on the Gluon tensor-core kernel
 #: (``kernels/gemv_gluon.py``: the codes by TMA straight into the MMA's registers, x̂ one
 #: fp16 plane) where the GPU has it (sm_90). H200, 2026-12-01 (``bench/probe_gemv_gluon.py``,
@@ -198,11 +192,6 @@ def _prep_kernel(
     ZERO: tl.constexpr = False,
     XHAT: tl.constexpr = True,
     DOT_PREC: tl.constexpr = "ieee",
-    pf_ptr=None,
-    pf_bytes=0,
-    pf2_ptr=None,
-    pf2_bytes=0,
-    PREFETCH: tl.constexpr = False,
 ):
     """x̂ = x · (1/s) for this program's CHUNK columns, written as [M, PLANES, KP/PLANES]
     (plane p holds the columns c ≡ p mod PLANES; zero past K; with ``PRESCALE``, plane p
@@ -216,15 +205,10 @@ def _prep_kernel(
     ``zero_numel`` fp32 at ``zero_ptr`` (the GEMV's K-split sums: no fill kernel between
     this one and its programmatic dependent). ``XHAT`` false (``F16`` only): no x̂, only
     the low-rank sums (and the zeroing): the Gluon GEMV computes its own x̂
-    (``gemv_gluon.XHAT_IN_KERNEL``). ``PREFETCH``: the programs first ask the L2 for the
-    ``pf_bytes`` at ``pf_ptr`` and the ``pf2_bytes`` at ``pf2_ptr`` (the GEMV's group scales
-    and L_up: ``PREP_PREFETCH``)."""
+    (``gemv_gluon.XHAT_IN_KERNEL``)."""
     if PDL:
         gdc_launch_dependents()
     pid_k = tl.program_id(0)
-    if PREFETCH:
-        _prefetch_l2(pf_ptr, pf_bytes, pid_k)
-        _prefetch_l2(pf2_ptr, pf2_bytes, pid_k)
     c = pid_k * CHUNK + tl.arange(0, CHUNK)
     cmask = c < K
     x_first = c * 0.0
@@ -272,22 +256,6 @@ def _prep_kernel(
             zi = z + tl.arange(0, 1024)
             tl.store(zero_ptr + zi, tl.zeros([1024], tl.float32),
                      mask=(zi < zero_numel) & (zi < (pid_k + 1) * share))  # fmt: skip
-
-
-@triton.jit
-def _prefetch_l2(ptr, nbytes, pid):
-    """This program's share of the ``nbytes`` at ``ptr`` (byte pointer) requested into the
-    L2, a 128-byte line a thread: ``prefetch.global.L2``, nothing waits for it (GPU only)."""
-    lines = tl.cdiv(nbytes, 128)
-    share = tl.cdiv(lines, tl.num_programs(0))
-    for l0 in range(pid * share, (pid + 1) * share, 128):
-        li = l0 + tl.arange(0, 128)
-        want = ((li < lines) & (li < (pid + 1) * share)).to(tl.int32)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-            "=r,l,r", [ptr + li.to(tl.int64) * 128, want], dtype=tl.int32, is_pure=False,
-            pack=1,
-        )  # fmt: skip
 
 
 @triton.jit
@@ -1040,7 +1008,6 @@ def w4a16_linear(
         )
         pdl = _pdl(x.device)
         xh, lora = prep(x, smooth, lowrank_down, kp, fmt, fma=False, pdl=pdl,
-                        prefetch=(wscales, lowrank_up) if PREP_PREFETCH else (),
                         **gemv_gluon.prep_args(m, n, kp, x.device))  # fmt: skip
         return gemv(xh, lora, qweight, wscales, wtensor_scale, lowrank_up, bias, fmt, x.dtype,
                     pdl=pdl)  # fmt: skip
@@ -1131,7 +1098,6 @@ def prep(
     f16: int = 0,
     n: int = 0,
     xhat: bool = True,
-    prefetch: tuple[torch.Tensor, ...] = (),
 ) -> tuple[torch.Tensor | PackedX | Int16X | F16X, torch.Tensor]:
     """x̂ = x · (1/s) as [M, planes, kp/planes] fp32 (plane p: the columns ≡ p mod planes;
     8 for the FMA kernel — for int4 weights each plane scaled by the power of two its
@@ -1143,8 +1109,7 @@ def prep(
     x̂ as ``Int16X``, for the dp4a kernel (int4); ``f16``: x̂ as ``F16X`` with that many
     token slots, for the Gluon kernel (int4, kp a multiple of 64), with ``n``: and its
     zeroed [M, n] fp32 sums; ``xhat`` false (with ``f16``): no x̂, only the low-rank sums
-    (and the zeroing) — the Gluon kernel's ``XHAT_IN_KERNEL``; ``prefetch``: up to two
-    tensors the next kernel reads, requested into the L2 first (on the GPU)."""
+    (and the zeroing) — the Gluon kernel's ``XHAT_IN_KERNEL``."""
     planes = 8 if fma else 2
     m, k = x.shape
     if x.stride(-1) != 1:
@@ -1172,16 +1137,6 @@ def prep(
     zero = None
     if f16 and n:
         zero = torch.empty(m, n, dtype=torch.float32, device=x.device)
-    # (contiguous ones only, as bytes; none under the interpreter: PTX)
-    ok = [t for t in prefetch if t is not None and t.numel() and t.is_contiguous()]
-    if len(ok) > 2:
-        raise ValueError(f"prep prefetches at most two tensors, got {len(ok)}")
-    pf = [] if interpreting() else [t.reshape(-1).view(torch.uint8) for t in ok]
-    pf_args = {}
-    if pf:
-        pf2 = pf[1] if len(pf) > 1 else pf[0]
-        pf_args = dict(pf_ptr=pf[0], pf_bytes=pf[0].numel(), pf2_ptr=pf2,
-                       pf2_bytes=pf2.numel() if len(pf) > 1 else 0)  # fmt: skip
     _prep_kernel[(chunks,)](
         x, smooth, lowrank_down, xh, lora, sums, m, k, kp, r,
         x.stride(0), lowrank_down.stride(0), xh.stride(0), lora.stride(0), lora.stride(1),
@@ -1189,7 +1144,6 @@ def prep(
         PACKED=packed, INTERPRET=interpreting(), I16=i16, LD_FIRST=PREP_LD_FIRST, F16=f16,
         zero_ptr=zero, zero_numel=zero.numel() if zero is not None else 0,
         ZERO=zero is not None, XHAT=xhat or not f16, DOT_PREC=dot_precision(), num_warps=4,
-        PREFETCH=bool(pf), **pf_args,
     )  # fmt: skip
     if f16 and not xhat:
         return F16X(None, None, zero, x, smooth), lora[..., :r]

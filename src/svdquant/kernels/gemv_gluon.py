@@ -92,27 +92,13 @@ CAST_PDL = True
 #: zeroes the K split's sums), which the GEMV waits for at its epilogue — the prep off
 #: the critical path (else the GEMV waits for the prep's x̂ before its loop).
 XHAT_IN_KERNEL = True
-#: With ``XHAT_IN_KERNEL``, each program requests its codes only once its x, smoothing
-#: factors and group scales have arrived (else at once: the timeline found x arriving
-#: ~4 µs after a program's start, queued behind the code requests of the programs on its
-#: SM, and the x̂ computed after it — the DRAM then idle; requesting x first, before its own
-#: codes only, changed nothing: 0.96-1.03x, v52).
-CODES_AFTER_X = False
-#: The ring's first fill takes all ``STAGES`` slots and each consumed slot is refilled at
-#: once with the step ``STAGES`` ahead (else ``STAGES - 1``: one slot waits a step).
-RING_FULL = False
-#: The group scales' load issued after the codes' requests (else before them). The v52
-#: timeline: a program's codes requested ~2.9 µs after its start at N = 18432 (1.1 at
-#: 9216), the instructions between them its set-up, the scales' load and the ring's
-#: barriers — as if the barriers' fence waited for the scales from DRAM.
-SCALES_LATE = False
-#: A diagnostic (``bench/probe_gemv_gluon.py --timeline``): an int64 CUDA tensor of at
-#: least 16 a program, into which each program writes its SM and the global timer (ns) at
-#: its start, once x̂ is staged, after its loop, after its wait for the prep, at its end,
-#: once x̂ is computed (``XHAT_IN_KERNEL``), when its first codes have arrived, once its x
-#: and smoothing factors have arrived and then its group scales, once its first codes'
-#: requests are issued, once its x̂'s loads are. None: nothing recorded (the kernel is
-#: compiled without it).
+#: A diagnostic (``bench/probe_gemv_gluon.py --timeline``): an int64 CUDA tensor of 8 a
+#: program, into which each program writes its SM, the global timer (ns) at its end, and
+#: the low 32 bits of the timer at its start, once its first codes are requested, once x̂
+#: is computed, once x̂ and the scales are staged, once its first codes have arrived,
+#: after its loop and after its wait for the prep. Kept in registers until the end: a
+#: store before the ring's fence would make the fence wait for it (v52). None: nothing
+#: recorded (the kernel is compiled without it).
 TIMELINE: torch.Tensor | None = None
 
 
@@ -188,9 +174,14 @@ if gemm_ws.HAVE_GLUON:
         return gl.convert_layout(v, B, assert_trivial=True)
 
     @gluon.jit
-    def _xhat_loads(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG: gl.constexpr, T: gl.constexpr):
-        """The x and smoothing factors ``_xhat`` takes for groups g0 … g0 + SG - 1 (zero x
-        and unit factors past M and K), in its layout."""
+    def _xhat(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG: gl.constexpr, T: gl.constexpr):
+        """x̂ of groups g0 … g0 + SG - 1 as ``gemv._store_f16`` writes it (the same values:
+        x̂ = x · (1/s) times the power of two ``1 / P`` that puts a group's largest value of
+        a token in [2⁹, 2¹⁰) — the odd columns' then / 16 — in fp16), as the [64 · SG, T]
+        the kernel stages (group, plane, lane, value), and P and the decode's offset ``P ·
+        (1032 · Σ even + 1152 · Σ odd)`` as [SG · T] (group, token); zero past M and K.
+        A thread takes 8 columns (one 16-byte load a token) of T / 2 tokens: a group is 8
+        lanes (3 shuffles a reduction), and each 1/s is computed for 8 columns only."""
         XB: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, 4], [1, 0])
         n = gl.arange(0, T, layout=gl.SliceLayout(1, XB))
         c = 64 * g0 + gl.arange(0, 64 * SG, layout=gl.SliceLayout(0, XB))
@@ -198,18 +189,6 @@ if gemm_ws.HAVE_GLUON:
         s = gl.load(smooth_ptr + c, mask=cmask, other=1.0)
         xv = gl.load(x_ptr + n[:, None] * stride_xm + c[None, :],
                      mask=(n < M)[:, None] & cmask[None, :], other=0.0)  # fmt: skip
-        return xv, s
-
-    @gluon.jit
-    def _xhat(xv, s, SG: gl.constexpr, T: gl.constexpr):
-        """x̂ of groups g0 … g0 + SG - 1 (``_xhat_loads``' x and factors) as
-        ``gemv._store_f16`` writes it (the same values:
-        x̂ = x · (1/s) times the power of two ``1 / P`` that puts a group's largest value of
-        a token in [2⁹, 2¹⁰) — the odd columns' then / 16 — in fp16), as the [64 · SG, T]
-        the kernel stages (group, plane, lane, value), and P and the decode's offset ``P ·
-        (1032 · Σ even + 1152 · Σ odd)`` as [SG · T] (group, token); zero past M and K.
-        A thread takes 8 columns (one 16-byte load a token) of T / 2 tokens: a group is 8
-        lanes (3 shuffles a reduction), and each 1/s is computed for 8 columns only."""
         inv_s = gl.inline_asm_elementwise(  # (= div_rn(1, s): both correctly rounded)
             "rcp.rn.f32 $0, $1;", "=r,r", [s], dtype=gl.float32, is_pure=True, pack=1
         )
@@ -235,19 +214,10 @@ if gemm_ws.HAVE_GLUON:
         )
 
     @gluon.jit
-    def _stamp_after(ptr, v):
-        """The global timer into ``ptr`` once the scalar ``v`` is known (a timeline's stamp
-        that waits for what ``v`` depends on)."""
-        t = gl.inline_asm_elementwise(
-            "mov.u64 $0, %globaltimer;", "=l,r", [v], dtype=gl.int64, is_pure=False, pack=1
-        )
-        gl.store(ptr, t)
-
-    @gluon.jit
-    def _zero_after(v):
-        """int32 0 once the scalar ``v`` is known: what depends on it waits for ``v``."""
+    def _timer_lo():
+        """The global timer's low 32 bits (ns): a timeline's stamp, one register."""
         return gl.inline_asm_elementwise(
-            "mov.u32 $0, 0;", "=r,r", [v], dtype=gl.int32, is_pure=False, pack=1
+            "mov.u32 $0, %globaltimer_lo;", "=r", [], dtype=gl.int32, is_pure=False, pack=1
         )
 
     @gluon.jit
@@ -264,17 +234,14 @@ if gemm_ws.HAVE_GLUON:
         ATOMIC: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
         PDL: gl.constexpr, BN: gl.constexpr, GS: gl.constexpr, SG: gl.constexpr,
         T: gl.constexpr, RB: gl.constexpr, STAGES: gl.constexpr, SB: gl.constexpr,
-        XIN: gl.constexpr, TIMES: gl.constexpr, CODES_AFTER_X: gl.constexpr,
-        RING_FULL: gl.constexpr, SCALES_LATE: gl.constexpr,
+        XIN: gl.constexpr, TIMES: gl.constexpr,
     ):  # fmt: skip
         """``y[:, rows] = Σ_g ((Σ (1032 + code) · x̂_g) · P_g − O_g) · s_g · s_tensor + lora ·
         L_upᵀ + b`` for this program's rows and its K split's groups (``SG`` at most, GS a
         step); ``xo_ptr`` holds (P, O) per group and token slot [G, 2, T] — or with ``XIN``
         the program computes x̂, P and O of its groups from ``x_ptr`` and ``smooth_ptr``
         (``_xhat``), and waits for the prep only at its epilogue. ``TIMES``: the program's
-        SM and timestamps into ``times_ptr`` (``TIMELINE``). ``CODES_AFTER_X``, ``RING_FULL``,
-        ``SCALES_LATE``:
-        the settings of those names."""
+        SM and timestamps into ``times_ptr`` (``TIMELINE``)."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(
             version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8]
         )
@@ -293,9 +260,7 @@ if gemm_ws.HAVE_GLUON:
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
         if TIMES:
-            t_ptr = times_ptr + (pid_k * gl.cdiv(N, BN) + pid_n) * 16
-            gl.store(t_ptr + 1, globaltimer())
-            gl.store(t_ptr, smid().to(gl.int64))
+            t_start = _timer_lo()
         g0 = pid_k * groups_per_split
         n_groups = gl.minimum(groups_per_split, G - g0)
         # this program's code bytes: rows (clamped: unmasked loads) x the group's 32 bytes
@@ -306,23 +271,13 @@ if gemm_ws.HAVE_GLUON:
         rows_c = gl.minimum(rows, N - 1)
         tok = gl.arange(0, T, layout=COLS)
 
-        if XIN and CODES_AFTER_X:  # x (the prep's input: complete) before the codes
-            xv, sv = _xhat_loads(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG, T)
         # the program's group scales, all at once (a row's SG in one load), and the first
         # step's codes: weights, no earlier kernel's output
         SL: gl.constexpr = gl.BlockedLayout([1, SG], [32, 1], [4, 1], [1, 0])
         sr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, SL)), N - 1)
         sg = gl.arange(0, SG, layout=gl.SliceLayout(0, SL))  # (past the split's groups: 0)
-        s_ptrs = sc_ptr + sr[:, None] * stride_sn + (g0 + sg)[None, :]
-        if not SCALES_LATE:
-            s_all = gl.load(s_ptrs, mask=(sg < n_groups)[None, :], other=0.0)
-        col0 = g0 * 32  # (the first step's code column; with ``CODES_AFTER_X`` known only
-        # once x and the scales are: a zero that depends on them)
-        if XIN and CODES_AFTER_X:
-            col0 += _zero_after(
-                gl.sum(gl.sum(xv.to(gl.float32), 1), 0) + gl.sum(sv, 0)
-                + gl.sum(gl.sum(s_all.to(gl.float32), 1), 0)
-            )  # fmt: skip
+        s_all = gl.load(sc_ptr + sr[:, None] * stride_sn + (g0 + sg)[None, :],
+                        mask=(sg < n_groups)[None, :], other=0.0)  # fmt: skip
         q_next = ()
         for i in gl.static_range(GS):
             gi = g0 + gl.minimum(i, n_groups - 1)
@@ -335,29 +290,20 @@ if gemm_ws.HAVE_GLUON:
                 mbarrier.init(ready.index(i), count=1)
             fence_async_shared()
             gl.thread_barrier()
-            for i in gl.static_range(STAGES - 1 + RING_FULL):  # (``AHEAD`` steps)
+            for i in gl.static_range(STAGES - 1):
                 if i < SG // GS:
                     _request_codes(q_desc, ready.index(i), q_bufs.index(i), pid_n * BN,
-                                   col0 + i * GS * 32, BN * 32 * GS)  # fmt: skip
-        if SCALES_LATE:  # (after the codes' requests: see ``SCALES_LATE``)
-            s_all = gl.load(s_ptrs, mask=(sg < n_groups)[None, :], other=0.0)
+                                   (g0 + i * GS) * 32, BN * 32 * GS)  # fmt: skip
         if TIMES:
-            gl.store(t_ptr + 10, globaltimer())
+            t_requested = _timer_lo()
         FLAT1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         if XIN:  # x is the prep's input (valid once the prep runs): no wait
-            if not CODES_AFTER_X:
-                xv, sv = _xhat_loads(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG, T)
-            if TIMES:
-                gl.store(t_ptr + 11, globaltimer())
-                # (the waits these force: x and the factors, then the scales)
-                _stamp_after(t_ptr + 8, gl.sum(gl.sum(xv.to(gl.float32), 1), 0) + gl.sum(sv, 0))
-                _stamp_after(t_ptr + 9, gl.sum(gl.sum(s_all.to(gl.float32), 1), 0))
-            xhat, pw, off = _xhat(xv, sv, SG, T)
+            xhat, pw, off = _xhat(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG, T)
             xs = gl.allocate_shared_memory(gl.float16, [64 * SG, T], FLAT, value=xhat)
             p_s = gl.allocate_shared_memory(gl.float32, [SG * T], FLAT1, value=pw)
             o_s = gl.allocate_shared_memory(gl.float32, [SG * T], FLAT1, value=off)
             if TIMES:
-                gl.store(t_ptr + 6, globaltimer())
+                t_xhat = _timer_lo()
         else:
             if PDL:
                 gdc_wait()
@@ -392,10 +338,12 @@ if gemm_ws.HAVE_GLUON:
         s_s = s_s._reinterpret(gl.float16, [SG, BN], FLAT1)
         gl.thread_barrier()
         if TIMES:
-            gl.store(t_ptr + 2, globaltimer())
+            t_staged = _timer_lo()
+            if not XIN:
+                t_xhat = t_staged
+            t_first = t_staged
 
         acc = gl.zeros([BN, T], gl.float32, layout=mma)
-        AHEAD: gl.constexpr = STAGES - 1 + RING_FULL  # (steps requested ahead of the one used)
         for k0 in gl.static_range(0, SG, GS):  # unrolled: the staged x̂ is sliced statically
             q_cur = q_next
             q_next = ()
@@ -406,7 +354,7 @@ if gemm_ws.HAVE_GLUON:
             if STAGES > 0:
                 mbarrier.wait(ready.index((k0 // GS) % STAGES), ((k0 // GS) // STAGES) & 1)
             if TIMES and k0 == 0:
-                gl.store(t_ptr + 7, globaltimer())
+                t_first = _timer_lo()
             for i in gl.static_range(GS):
                 if STAGES > 0:
                     q = q_bufs.index((k0 // GS) % STAGES).slice(32 * i, 32, dim=1).load(UV)
@@ -425,22 +373,21 @@ if gemm_ws.HAVE_GLUON:
                 o = o_s.slice((k0 + i) * T, T).load(COLS)
                 s_g = s_s.index(k0 + i).load(ROWS).to(gl.float32)
                 acc += (part * p[None, :] - o[None, :]) * s_g[:, None]
-            if STAGES > 0:  # every warp is done with this step's slot (with ``RING_FULL``;
-                # else the last step's): refill it with the step STAGES ahead (or one less)
+            if STAGES > 0:  # every warp is done with the slot STAGES - 1 steps back: refill it
                 gl.thread_barrier()
-                if k0 // GS + AHEAD < SG // GS:
+                if k0 // GS + STAGES - 1 < SG // GS:
                     fence_async_shared()
-                    slot = (k0 // GS + AHEAD) % STAGES
+                    slot = (k0 // GS + STAGES - 1) % STAGES
                     _request_codes(q_desc, ready.index(slot), q_bufs.index(slot), pid_n * BN,
-                                   (g0 + k0 + AHEAD * GS) * 32, BN * 32 * GS)  # fmt: skip
+                                   (g0 + k0 + (STAGES - 1) * GS) * 32, BN * 32 * GS)  # fmt: skip
 
         # the epilogue: · s_tensor, + low-rank (first split only), + bias, store or add
         if TIMES:
-            gl.store(t_ptr + 3, globaltimer())
+            t_looped = _timer_lo()
         if XIN and PDL:  # the prep's low-rank sums and zeroed output
             gdc_wait()
         if TIMES:
-            gl.store(t_ptr + 4, globaltimer())
+            t_waited = _timer_lo()
         y = acc * gl.load(ts_ptr)
         nmask = rows < N
         mmask = tok < M
@@ -487,7 +434,12 @@ if gemm_ws.HAVE_GLUON:
         else:
             gl.store(optr, y.to(out_ptr.dtype.element_ty), mask=omask)
         if TIMES:
-            gl.store(t_ptr + 5, globaltimer())
+            t_ptr = times_ptr + (pid_k * gl.cdiv(N, BN) + pid_n) * 8
+            gl.store(t_ptr + 1, globaltimer())
+            gl.store(t_ptr, smid().to(gl.int64))
+            stamps = (t_start, t_requested, t_xhat, t_staged, t_first, t_looped, t_waited)
+            for i in gl.static_range(7):
+                gl.store(t_ptr + 2 + i, stamps[i].to(gl.int64) & 0xFFFFFFFF)
 
 
 def tokens(m: int) -> int:
@@ -567,8 +519,7 @@ def gemv_gluon(
         lora.stride(0), lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs,
         SG=per_split, T=t, RB=32, STAGES=stages, SB=min(32, next_pow2(chunks)), XIN=xin,
-        TIMES=TIMELINE is not None, CODES_AFTER_X=CODES_AFTER_X,
-        RING_FULL=RING_FULL, SCALES_LATE=SCALES_LATE, num_warps=warps,
+        TIMES=TIMELINE is not None, num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out if split == 1 else cast_after(out, out_dtype, pdl and CAST_PDL)
