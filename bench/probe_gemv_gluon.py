@@ -151,7 +151,7 @@ PHASES = ("start", "requested", "xhat", "staged", "first_codes", "looped", "wait
 def _stamps(buf: torch.Tensor, programs: int, t0: int) -> torch.Tensor:
     """[programs, 1 + len(PHASES) + 1]: the SM, then each phase and the end in µs after
     ``t0`` (the low 32 bits of each stamp widened against the program's 64-bit end)."""
-    t = buf.view(programs, 8).cpu()
+    t = buf.view(programs, 16)[:, :9].cpu()
     end = t[:, 1]
     full = end[:, None] - ((end[:, None] & 0xFFFFFFFF) - t[:, 2:]) % 2**32
     rel = (torch.cat([full, end[:, None]], 1) - t0).double() / 1e3
@@ -178,7 +178,7 @@ def timeline(ms: list[int], reps: int = 30, warm_code: bool = False) -> list[dic
                 plain_us = bench_graph_clean(lambda x=x, layer=layer: layer.w4a16(x))
                 _, split = gemv_gluon._k_split(n, 3072, x.device)
                 programs = -(-n // gemv_gluon.TILE[0]) * split
-                buf = torch.zeros(programs * 8, dtype=torch.int64, device="cuda")
+                buf = torch.zeros(programs * 16, dtype=torch.int64, device="cuda")
                 gemv_gluon.TIMELINE = buf
 
                 def call(x=x, layer=layer):

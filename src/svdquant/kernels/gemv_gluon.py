@@ -92,7 +92,7 @@ CAST_PDL = True
 #: zeroes the K split's sums), which the GEMV waits for at its epilogue — the prep off
 #: the critical path (else the GEMV waits for the prep's x̂ before its loop).
 XHAT_IN_KERNEL = True
-#: A diagnostic (``bench/probe_gemv_gluon.py --timeline``): an int64 CUDA tensor of 8 a
+#: A diagnostic (``bench/probe_gemv_gluon.py --timeline``): an int64 CUDA tensor of 16 a
 #: program, into which each program writes its SM, the global timer (ns) at its end, and
 #: the low 32 bits of the timer at its start, once its first codes are requested, once x̂
 #: is computed, once x̂ and the scales are staged, once its first codes have arrived,
@@ -434,7 +434,7 @@ if gemm_ws.HAVE_GLUON:
         else:
             gl.store(optr, y.to(out_ptr.dtype.element_ty), mask=omask)
         if TIMES:
-            t_ptr = times_ptr + (pid_k * gl.cdiv(N, BN) + pid_n) * 8
+            t_ptr = times_ptr + (pid_k * gl.cdiv(N, BN) + pid_n) * 16
             gl.store(t_ptr + 1, globaltimer())
             gl.store(t_ptr, smid().to(gl.int64))
             stamps = (t_start, t_requested, t_xhat, t_staged, t_first, t_looped, t_waited)
