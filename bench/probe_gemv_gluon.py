@@ -198,11 +198,11 @@ def timeline(ms: list[int], reps: int = 30, warm_code: bool = False) -> list[dic
                     t0, t1 = stamps.tolist()
                     a = _stamps(buf, programs, t0)
                     run = dict(call_us=(t1 - t0) / 1e3, first_start=a[:, 1].min().item(),
-                               last_start=a[:, 1].max().item(), end_p50=a[:, -1].median().item(),
+                               last_start=a[:, 1].max().item(), ends_p50=a[:, -1].median().item(),
                                last_end=a[:, -1].max().item(),
                                program_p50=(a[:, -1] - a[:, 1]).median().item(),
                                sms=int(a[:, 0].unique().numel()))  # fmt: skip
-                    for j, phase in enumerate((*PHASES[1:], "end"), start=2):
+                    for j, phase in enumerate((*PHASES[1:], "end"), start=2):  # (durations)
                         run[f"{phase}_p50"] = (a[:, j] - a[:, j - 1]).median().item()
                     run["raw"] = [[round(v, 3) for v in row] for row in a.tolist()]
                     runs.append(run)
@@ -214,7 +214,7 @@ def timeline(ms: list[int], reps: int = 30, warm_code: bool = False) -> list[dic
                 steps = ", ".join(f"{p} +{med[p + '_p50']:.2f}" for p in (*PHASES[1:], "end"))
                 print(f"timeline M={m:2d} N={n:5d}: call {med['call_us']:.1f} us (plain "
                       f"{plain_us:.1f}); starts {med['first_start']:.1f}-{med['last_start']:.1f},"
-                      f" ends p50 {med['end_p50']:.1f}, last {med['last_end']:.1f}; a program "
+                      f" ends p50 {med['ends_p50']:.1f}, last {med['last_end']:.1f}; a program "
                       f"p50 {med['program_p50']:.1f}: {steps}")  # fmt: skip
     finally:
         gemv.GLUON, gemv.GLUON_MIN_M, gemv_gluon.TIMELINE = saved
