@@ -1242,6 +1242,22 @@ def test_w4a16_f16_prep_without_xhat():
     torch.testing.assert_close(lora, want, rtol=0, atol=0)
 
 
+def test_gluon_gemv_timeline_buffer_checked():
+    """``gemv_gluon.TIMELINE`` (a diagnostic): a buffer too small, of another dtype or on
+    another device is refused before any launch."""
+    from svdquant.kernels import gemv_gluon
+
+    cpu = torch.device("cpu")
+    gemv_gluon.check_timeline(None, 864, cpu)
+    gemv_gluon.check_timeline(torch.zeros(16 * 864, dtype=torch.int64), 864, cpu)
+    for bad in (torch.zeros(8 * 864, dtype=torch.int64), torch.zeros(16 * 864)):
+        with pytest.raises(ValueError, match="16 a program"):
+            gemv_gluon.check_timeline(bad, 864, cpu)
+    with pytest.raises(ValueError, match="16 a program"):
+        gemv_gluon.check_timeline(torch.zeros(16 * 864, dtype=torch.int64), 864,
+                                  torch.device("cuda"))  # fmt: skip
+
+
 def test_gluon_gemv_k_split_plan(monkeypatch):
     """The prep zeroes the Gluon GEMV's fp32 sums only where its launcher splits K
     (``splits_k``, ``prep_args`` and the launcher share one plan)."""

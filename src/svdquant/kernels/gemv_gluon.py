@@ -70,7 +70,7 @@ if gemm_ws.HAVE_GLUON:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait, globaltimer, smid
 
-__all__ = ["available", "gemv_gluon", "prep_args", "splits_k", "tokens"]
+__all__ = ["available", "check_timeline", "gemv_gluon", "prep_args", "splits_k", "tokens"]
 
 #: (rows a program: 64 or 128, groups of 64 columns a step, num_warps), with
 #: ``MAX_GROUPS`` and ``STAGES`` the best of 24 at 4 and 16 tokens (H200, N = 18432,
@@ -463,6 +463,19 @@ def splits_k(n: int, kp: int, device: torch.device) -> bool:
     return _k_split(n, kp, device)[1] > 1
 
 
+def check_timeline(buf: torch.Tensor | None, programs: int, device: torch.device) -> None:
+    """A ``TIMELINE`` buffer must hold 16 int64 a program on the kernel's device (None:
+    no timeline): a clear error rather than writes past its end."""
+    if buf is None:
+        return
+    if buf.dtype != torch.int64 or buf.device != device or buf.numel() < 16 * programs:
+        raise ValueError(
+            f"gemv_gluon.TIMELINE must be an int64 tensor of at least {16 * programs} "
+            f"elements on {device} (16 a program), got {buf.dtype} [{buf.numel()}] on "
+            f"{buf.device}"
+        )
+
+
 def prep_args(m: int, n: int, kp: int, device: torch.device) -> dict:
     """``gemv.prep``'s keyword arguments for this kernel at ``m`` tokens and an [n, kp]
     weight under the current settings: the token slots, the zeroed sums where K is split,
@@ -506,6 +519,7 @@ def gemv_gluon(
         if split > 1 and zeroed is not None
         else split_output(m, n, split, out_dtype, qweight.device)
     )
+    check_timeline(TIMELINE, n_blocks * split, qweight.device)
     stages = STAGES if qweight.data_ptr() % 16 == 0 and qweight.stride(0) % 16 == 0 else 0
     q_desc = qweight  # (a stand-in without TMA: never read)
     if stages:
