@@ -176,7 +176,7 @@ def timeline(ms: list[int], reps: int = 30, warm_code: bool = False) -> list[dic
                 x = torch.randn(m, 3072, device="cuda").bfloat16()
                 gemv_gluon.TIMELINE = None
                 plain_us = bench_graph_clean(lambda x=x, layer=layer: layer.w4a16(x))
-                _, split = gemv_gluon._k_split(n, 3072, x.device)
+                _, split = gemv_gluon._k_split(n, 3072, x.device, gemv_gluon.tokens(m))
                 programs = -(-n // gemv_gluon.TILE[0]) * split
                 buf = torch.zeros(programs * 16, dtype=torch.int64, device="cuda")
                 gemv_gluon.TIMELINE = buf
