@@ -13,7 +13,11 @@ against stamps around the whole call, the L2 emptied before each replay (``--war
 the same call on another weight first, so the kernel's code and x are cached).
 
     PYTHONPATH=src python bench/probe_gemv_gluon.py [--ms 1,2,3,4,5,8,16] [--sweep] [--split]
-        [--timeline [--warm-code]] [--prep-chunks 128,64] [--out DIR]
+        [--timeline [--warm-code]] [--prep-chunks 128,64] [--set MOD.NAME=VALUE ...]
+        [--out DIR]
+
+``--set`` (``probe_layer.py``'s): engine constants for the whole run, e.g.
+``--set gemv_gluon.ONE_WAVE=True``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from triton.language.extra.cuda import globaltimer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gemm import Layer, _graph, bench_graph, bench_graph_clean, run_info, write_result
+from probe_layer import constants, merge_sets, parse_set
 
 from svdquant.kernels import gemv, gemv_gluon
 from svdquant.kernels import reference as ref
@@ -234,9 +239,17 @@ def main() -> None:
         default=str(gemv.F16_CHUNK),
         help="the prep's columns a program (gemv.F16_CHUNK), comma-separated",
     )
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="MOD.NAME=VALUE")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
-    result = {**run_info(), "tile": gemv_gluon.TILE, "max_groups": gemv_gluon.MAX_GROUPS,
+    sets = merge_sets([parse_set(v) for v in a.sets])
+    with constants(sets):
+        _run(a)
+
+
+def _run(a: argparse.Namespace) -> None:
+    result = {**run_info(), "set": a.sets, "tile": gemv_gluon.TILE,
+              "max_groups": gemv_gluon.MAX_GROUPS,
               "programs_per_sm": gemv_gluon.PROGRAMS_PER_SM,
               "stages": gemv_gluon.STAGES}  # fmt: skip
     if a.sweep:

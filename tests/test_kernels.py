@@ -1398,11 +1398,12 @@ _GLUON_SETTING_CASES = [(18432, 3072, 32), (300, 4500, 16), (130, 333, 0)]
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 4, 9, 16])
 @pytest.mark.parametrize(
-    ("n", "k", "r"), [*_GLUON_SETTING_CASES, (9216, 3072, 32), (6144, 3000, 8)]
+    ("n", "k", "r"), [*_GLUON_SETTING_CASES, (9216, 3072, 32), (6144, 3000, 8), (18432, 3000, 16)]
 )
 def test_gpu_w4a16_gluon_one_wave(monkeypatch, m, n, k, r):
     """The K split fitted to one wave (``ONE_WAVE``: 12 groups a program at N = 18432, 6 at
-    9216 — x̂ in two parts — 4 at 6144) against the reference and the power-of-two split."""
+    9216 — x̂ in two parts — 4 at 6144; K = 3000: a shorter last split) against the
+    reference and the power-of-two split."""
     _gluon_setting_agrees(monkeypatch, "ONE_WAVE", m, n, k, r)
 
 
