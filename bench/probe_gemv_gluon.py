@@ -149,18 +149,15 @@ def _stamp(ptr, i):
     tl.store(ptr + i, globaltimer())
 
 
-#: ``gemv_gluon.TIMELINE``'s stamps after the SM and the end, in order
+#: ``gemv_gluon.read_timeline``'s stamps after the SM and before the end, in order
 PHASES = ("start", "requested", "xhat", "staged", "first_codes", "looped", "waited")
 
 
 def _stamps(buf: torch.Tensor, programs: int, t0: int) -> torch.Tensor:
     """[programs, 1 + len(PHASES) + 1]: the SM, then each phase and the end in µs after
-    ``t0`` (the low 32 bits of each stamp widened against the program's 64-bit end)."""
-    t = buf.view(programs, 16)[:, :9].cpu()
-    end = t[:, 1]
-    full = end[:, None] - ((end[:, None] & 0xFFFFFFFF) - t[:, 2:]) % 2**32
-    rel = (torch.cat([full, end[:, None]], 1) - t0).double() / 1e3
-    return torch.cat([t[:, :1].double(), rel], 1)
+    ``t0``."""
+    t = gemv_gluon.read_timeline(buf, programs).cpu()
+    return torch.cat([t[:, :1].double(), (t[:, 1:] - t0).double() / 1e3], 1)
 
 
 def timeline(ms: list[int], reps: int = 30, warm_code: bool = False) -> list[dict]:
@@ -182,7 +179,7 @@ def timeline(ms: list[int], reps: int = 30, warm_code: bool = False) -> list[dic
                 gemv_gluon.TIMELINE = None
                 plain_us = bench_graph_clean(lambda x=x, layer=layer: layer.w4a16(x))
                 _, split = gemv_gluon._k_split(n, 3072, x.device, gemv_gluon.tokens(m))
-                programs = -(-n // gemv_gluon.TILE[0]) * split
+                programs = gemv_gluon.programs(n, 3072, x.device, gemv_gluon.tokens(m))
                 buf = torch.zeros(programs * 16, dtype=torch.int64, device="cuda")
                 gemv_gluon.TIMELINE = buf
 

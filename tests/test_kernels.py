@@ -1272,6 +1272,22 @@ def test_gluon_gemv_one_wave_plan(monkeypatch):
     assert [prev_pow2(v) for v in (0, 1, 6, 8, 12, 16)] == [0, 1, 4, 8, 8, 16]
 
 
+def test_gluon_gemv_read_timeline(monkeypatch):
+    """``read_timeline``: the SM, the stamps widened against the 64-bit end (across a wrap
+    of their low 32 bits too) and the end; ``programs`` counts row blocks × K splits."""
+    from svdquant.kernels import gemv_gluon
+
+    monkeypatch.setattr(gemv_gluon, "num_sms", lambda device: 132)
+    assert gemv_gluon.programs(18432, 3072, torch.device("cpu")) == 144 * 6
+    end = 5 * 2**32 + 100  # (the low 32 bits wrapped between the stamps and the end)
+    want = [end - 900 + 100 * i for i in range(7)]
+    buf = torch.zeros(2 * 16, dtype=torch.int64)
+    buf[16:18] = torch.tensor([7, end])
+    buf[18:25] = torch.tensor(want) & 0xFFFFFFFF
+    t = gemv_gluon.read_timeline(buf, 2)
+    assert t.shape == (2, 9) and t[1].tolist() == [7, *want, end]
+
+
 def test_gluon_gemv_timeline_buffer_checked():
     """``gemv_gluon.TIMELINE`` (a diagnostic): a buffer too small, of another dtype or on
     another device is refused before any launch."""
@@ -1428,18 +1444,16 @@ def test_gpu_w4a16_gluon_timeline(monkeypatch):
     monkeypatch.setattr(gemv, "GLUON", True)
     x, args = _w4a16_case(4, 18432, 3072, 32, "int4", torch.bfloat16, bias_seed=9)
     y = w4a16_linear(x, *args).float()
-    _, split = gemv_gluon._k_split(18432, 3072, x.device)
-    programs = 18432 // gemv_gluon.TILE[0] * split
+    programs = gemv_gluon.programs(18432, 3072, x.device)
     buf = torch.full((programs * 16,), -1, dtype=torch.int64, device="cuda")
     monkeypatch.setattr(gemv_gluon, "TIMELINE", buf)
     y2 = w4a16_linear(x, *args).float()
     assert ((y - y2).abs() <= y.abs() * 2**-7 + y.abs().max() * 1e-4).all()
-    t = buf.view(programs, 16)[:, :9].cpu()
+    t = gemv_gluon.read_timeline(buf, programs).cpu()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert ((t[:, 0] >= 0) & (t[:, 0] < sms)).all()
     # the stamps widened against the 64-bit end: in order, within a few ms
-    full = t[:, 1:2] - ((t[:, 1:2] & 0xFFFFFFFF) - t[:, 2:]) % 2**32
-    steps = torch.cat([full, t[:, 1:2]], 1).diff(dim=1)
+    steps = t[:, 1:].diff(dim=1)
     assert (steps >= 0).all() and (steps < 10**7).all()
 
 

@@ -71,7 +71,16 @@ if gemm_ws.HAVE_GLUON:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait, globaltimer, smid
 
-__all__ = ["available", "check_timeline", "gemv_gluon", "prep_args", "splits_k", "tokens"]
+__all__ = [
+    "available",
+    "check_timeline",
+    "gemv_gluon",
+    "prep_args",
+    "programs",
+    "read_timeline",
+    "splits_k",
+    "tokens",
+]
 
 #: (rows a program: 64 or 128, groups of 64 columns a step, num_warps), with
 #: ``MAX_GROUPS`` and ``STAGES`` the best of 24 at 4 and 16 tokens (H200, N = 18432,
@@ -418,7 +427,8 @@ if gemm_ws.HAVE_GLUON:
                 part = mma_v2(_as_operand(lo, A, BN), x_even, part)
                 part = mma_v2(_as_operand(hi, A, BN), x_odd, part)
                 # (a split's groups past G: P = O = 0, they add nothing)
-                if SG == SGP or k0 + i < SG0:
+                if SG == SGP or k0 + i < SG0:  # (apart from the x̂ above: loaded after the
+                    # MMAs, as before ``ONE_WAVE`` — the default's SASS unchanged)
                     p, o = _staged_po(p_s, o_s, k0 + i, COLS, T)
                 else:
                     p, o = _staged_po(p_s1, o_s1, k0 + i - SG0, COLS, T)
@@ -520,6 +530,23 @@ def splits_k(n: int, kp: int, device: torch.device, t: int = 8) -> bool:
     """Whether ``gemv_gluon`` splits K for an [n, kp] weight at ``t`` token slots (it then
     adds into a zeroed fp32 buffer: ``gemv.prep(..., n=n)`` zeroes one)."""
     return _k_split(n, kp, device, t)[1] > 1
+
+
+def programs(n: int, kp: int, device: torch.device, t: int = 8) -> int:
+    """The kernel's programs (row blocks × K splits) for an [n, kp] weight at ``t`` token
+    slots: a ``TIMELINE`` buffer holds 16 int64 for each."""
+    return cdiv(n, TILE[0]) * _k_split(n, kp, device, t)[1]
+
+
+def read_timeline(buf: torch.Tensor, count: int) -> torch.Tensor:
+    """A ``TIMELINE`` buffer of ``count`` programs as [count, 9] int64: each program's SM,
+    then its stamps (start, codes requested, x̂ computed, staged, first codes in, loop end,
+    prep waited) and its end in global-timer ns — the stamps' low 32 bits widened against
+    the 64-bit end."""
+    t = buf.view(count, 16)[:, :9]
+    end = t[:, 1:2]
+    full = end - ((end & 0xFFFFFFFF) - t[:, 2:]) % 2**32
+    return torch.cat([t[:, :1], full, end], 1)
 
 
 def check_timeline(buf: torch.Tensor | None, programs: int, device: torch.device) -> None:
