@@ -17,7 +17,7 @@ the same call on another weight first, so the kernel's code and x are cached).
         [--out DIR]
 
 ``--set`` (``probe_layer.py``'s): engine constants for the whole run, e.g.
-``--set gemv_gluon.ONE_WAVE=True``.
+``--set gemv_gluon.STAGES=2``.
 """
 
 from __future__ import annotations
@@ -178,8 +178,8 @@ def timeline(ms: list[int], reps: int = 30, warm_code: bool = False) -> list[dic
                 x = torch.randn(m, 3072, device="cuda").bfloat16()
                 gemv_gluon.TIMELINE = None
                 plain_us = bench_graph_clean(lambda x=x, layer=layer: layer.w4a16(x))
-                _, split = gemv_gluon._k_split(n, 3072, x.device, gemv_gluon.tokens(m))
-                programs = gemv_gluon.programs(n, 3072, x.device, gemv_gluon.tokens(m))
+                _, split = gemv_gluon._k_split(n, 3072, x.device)
+                programs = gemv_gluon.programs(n, 3072, x.device)
                 buf = torch.zeros(programs * 16, dtype=torch.int64, device="cuda")
                 gemv_gluon.TIMELINE = buf
 

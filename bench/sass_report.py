@@ -407,14 +407,13 @@ def _gemv_packed_g2() -> dict[str, Any]:
     return _packed_spec(2)
 
 
-def _gluon_gemv_spec(m: int, sg: int = 8) -> dict[str, Any]:
+def _gluon_gemv_spec(m: int) -> dict[str, Any]:
     """The Gluon tensor-core GEMV (``kernels/gemv_gluon.py``) at ``m`` tokens, N = 18432,
-    K = 3072, rank 32, ``sg`` groups a program (8: split in 6; 12, ``ONE_WAVE``: in 4)."""
+    K = 3072, rank 32, split in 6 (8 groups a program)."""
     import torch
     from triton.experimental.gluon import language as gl
 
     from svdquant.kernels import gemv_gluon as g
-    from svdquant.kernels._triton_common import next_pow2, prev_pow2
 
     bn, gs, warps = g.TILE
     flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
@@ -425,12 +424,12 @@ def _gluon_gemv_spec(m: int, sg: int = 8) -> dict[str, Any]:
                   sc_ptr="*fp16", ts_ptr="*fp32",
                   lora_ptr="*fp32", lu_ptr="*bf16", bias_ptr="*bf16", out_ptr="*fp32",
                   times_ptr="*i64"),
-        ints=dict(M=m, N=18432, K=3072, G=48, R=32, S=24, groups_per_split=sg, stride_xm=3072,
+        ints=dict(M=m, N=18432, K=3072, G=48, R=32, S=24, groups_per_split=8, stride_xm=3072,
                   stride_qn=1536, stride_sn=48, stride_ls=128, stride_lm=32, stride_un=32,
                   stride_om=18432),
-        consts=dict(ATOMIC=True, HAS_LORA=True, HAS_BIAS=True, PDL=True, BN=bn, GS=gs, SG=sg,
+        consts=dict(ATOMIC=True, HAS_LORA=True, HAS_BIAS=True, PDL=True, BN=bn, GS=gs, SG=8,
                     T=g.tokens(m), RB=32, STAGES=g.STAGES, SB=32, XIN=g.XHAT_IN_KERNEL,
-                    TIMES=False, SGP=next_pow2(sg), SG0=prev_pow2(sg)),
+                    TIMES=False),
         warps=warps,
     )  # fmt: skip
 
@@ -443,14 +442,6 @@ def _gemv_gluon() -> dict[str, Any]:
 @_spec("gemv_gluon_m16")
 def _gemv_gluon_m16() -> dict[str, Any]:
     return _gluon_gemv_spec(16)
-
-
-@_spec("gemv_gluon_one_wave")
-def _gemv_gluon_one_wave() -> dict[str, Any]:
-    """``gemv_gluon.ONE_WAVE`` at 4 tokens: 12 groups a program, the register cap on."""
-    from svdquant.kernels import gemv_gluon as g
-
-    return {**_gluon_gemv_spec(4, sg=12), "options": {"maxnreg": g.ONE_WAVE_MAXNREG[8]}}
 
 
 @_spec("gemv_prep")

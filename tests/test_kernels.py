@@ -1242,36 +1242,6 @@ def test_w4a16_f16_prep_without_xhat():
     torch.testing.assert_close(lora, want, rtol=0, atol=0)
 
 
-def test_gluon_gemv_one_wave_plan(monkeypatch):
-    """``gemv_gluon.ONE_WAVE``: the most programs that fit one wave (5 an SM at 8 token
-    slots, 3 at 16; 132 SMs), in groups a program that are powers of two or sums of two;
-    the prep's plan the same; off, or without x̂ in the kernel, the power-of-two plan."""
-    from svdquant.kernels import gemv_gluon
-    from svdquant.kernels._triton_common import prev_pow2
-
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(gemv_gluon, "num_sms", lambda device: 132)
-    monkeypatch.setattr(gemv_gluon, "ONE_WAVE", True)
-    assert gemv_gluon._k_split(18432, 3072, cpu) == (12, 4)  # 576 programs <= 660
-    assert gemv_gluon._k_split(9216, 3072, cpu) == (6, 8)  # 576
-    assert gemv_gluon._k_split(6144, 3072, cpu) == (4, 12)  # 576
-    assert gemv_gluon._k_split(3072, 3072, cpu) == (2, 24)  # 576
-    assert gemv_gluon._k_split(18432, 3072, cpu, 16) == (16, 3)  # none fits 396: the largest
-    assert gemv_gluon._k_split(130, 128, cpu) == (2, 1)
-    assert gemv_gluon.prep_args(4, 18432, 3072, cpu) == dict(f16=8, n=18432, xhat=False)
-    for g in gemv_gluon.ONE_WAVE_GROUPS:  # (x̂ in two power-of-two parts)
-        assert g % gemv_gluon.TILE[1] == 0 and (g - prev_pow2(g)) in (
-            0,
-            prev_pow2(g - prev_pow2(g)),
-        )
-    monkeypatch.setattr(gemv_gluon, "XHAT_IN_KERNEL", False)
-    assert gemv_gluon._k_split(18432, 3072, cpu) == (8, 6)
-    monkeypatch.setattr(gemv_gluon, "XHAT_IN_KERNEL", True)
-    monkeypatch.setattr(gemv_gluon, "ONE_WAVE", False)
-    assert gemv_gluon._k_split(18432, 3072, cpu) == (8, 6)
-    assert [prev_pow2(v) for v in (0, 1, 6, 8, 12, 16)] == [0, 1, 4, 8, 8, 16]
-
-
 def test_gluon_gemv_read_timeline(monkeypatch):
     """``read_timeline``: the SM, the stamps widened against the 64-bit end (across a wrap
     of their low 32 bits too) and the end; ``programs`` counts row blocks × K splits."""
@@ -1409,18 +1379,6 @@ def _gluon_setting_agrees(monkeypatch, setting: str, m: int, n: int, k: int, r: 
 
 
 _GLUON_SETTING_CASES = [(18432, 3072, 32), (300, 4500, 16), (130, 333, 0)]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 4, 9, 16])
-@pytest.mark.parametrize(
-    ("n", "k", "r"), [*_GLUON_SETTING_CASES, (9216, 3072, 32), (6144, 3000, 8), (18432, 3000, 16)]
-)
-def test_gpu_w4a16_gluon_one_wave(monkeypatch, m, n, k, r):
-    """The K split fitted to one wave (``ONE_WAVE``: 12 groups a program at N = 18432, 6 at
-    9216 — x̂ in two parts — 4 at 6144; K = 3000: a shorter last split) against the
-    reference and the power-of-two split."""
-    _gluon_setting_agrees(monkeypatch, "ONE_WAVE", m, n, k, r)
 
 
 @pytest.mark.gpu

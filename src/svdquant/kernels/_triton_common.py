@@ -40,11 +40,6 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
-def prev_pow2(n: int) -> int:
-    """The largest power of two ≤ ``n`` (0 for 0)."""
-    return 1 << (n.bit_length() - 1) if n > 0 else 0
-
-
 def block_rank(r: int) -> int:
     """The width a kernel's low-rank operands take for rank ``r``: its power of two, at
     least 16 (one 16-bit MMA's K; 0 pads to 16, the branch masked out)."""

@@ -52,7 +52,6 @@ from svdquant.kernels._triton_common import (
     next_pow2,
     nibble_quad_ptx,
     num_sms,
-    prev_pow2,
     split_output,
 )
 
@@ -102,22 +101,6 @@ CAST_PDL = True
 #: zeroes the K split's sums), which the GEMV waits for at its epilogue — the prep off
 #: the critical path (else the GEMV waits for the prep's x̂ before its loop).
 XHAT_IN_KERNEL = True
-#: With ``XHAT_IN_KERNEL``: the K split chosen so that the whole grid fits in one wave —
-#: the most programs (the fewest groups a program, from ``ONE_WAVE_GROUPS``) for which
-#: row blocks × splits ≤ ``ONE_WAVE_PER_SM[token slots]`` × SMs (N = 18432, K = 3072: 4
-#: splits of 12 groups, 576 programs, instead of 6 of 8, 864 = 1.31 waves). v52's timeline:
-#: a quarter of the programs started 4–9 µs late and ran to the end with the GPU half
-#: empty. Prepared, not yet measured: off.
-ONE_WAVE = False
-#: Programs an SM at 8 and 16 token slots, and the register cap (``maxnreg``) that keeps
-#: them there: 12 groups a program take 108 registers uncapped (4 an SM), 96 capped with
-#: no spills (sm_90, triton 3.6, ``sass_report --kernels gemv_gluon_one_wave``); shared
-#: memory 42 / 55 KB (5 / 4 an SM).
-ONE_WAVE_PER_SM = {8: 5, 16: 3}
-ONE_WAVE_MAXNREG = {8: 96, 16: 168}
-#: Groups a program ``ONE_WAVE`` picks from: each a power of two or the sum of two (x̂ is
-#: computed in power-of-two parts), a multiple of the groups a step.
-ONE_WAVE_GROUPS = (2, 4, 6, 8, 12, 16)
 #: A diagnostic (``bench/probe_gemv_gluon.py --timeline``): an int64 CUDA tensor of 16 a
 #: program, into which each program writes its SM, the global timer (ns) at its end, and
 #: the low 32 bits of the timer at its start, once its first codes are requested, once x̂
@@ -200,18 +183,6 @@ if gemm_ws.HAVE_GLUON:
         return gl.convert_layout(v, B, assert_trivial=True)
 
     @gluon.jit
-    def _staged_x(xs, J: gl.constexpr, XL: gl.constexpr, B: gl.constexpr, T: gl.constexpr):
-        """Group ``J``'s staged x̂ planes (even, odd) as the MMA's B operands."""
-        x_even = _x_operand(xs.slice((2 * J) * 32, 32).load(XL), B, T)
-        x_odd = _x_operand(xs.slice((2 * J + 1) * 32, 32).load(XL), B, T)
-        return x_even, x_odd
-
-    @gluon.jit
-    def _staged_po(p_s, o_s, J: gl.constexpr, COLS: gl.constexpr, T: gl.constexpr):
-        """Group ``J``'s staged powers of two and offsets (token slots)."""
-        return p_s.slice(J * T, T).load(COLS), o_s.slice(J * T, T).load(COLS)
-
-    @gluon.jit
     def _xhat(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG: gl.constexpr, T: gl.constexpr):
         """x̂ of groups g0 … g0 + SG - 1 as ``gemv._store_f16`` writes it (the same values:
         x̂ = x · (1/s) times the power of two ``1 / P`` that puts a group's largest value of
@@ -272,17 +243,14 @@ if gemm_ws.HAVE_GLUON:
         ATOMIC: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
         PDL: gl.constexpr, BN: gl.constexpr, GS: gl.constexpr, SG: gl.constexpr,
         T: gl.constexpr, RB: gl.constexpr, STAGES: gl.constexpr, SB: gl.constexpr,
-        XIN: gl.constexpr, TIMES: gl.constexpr, SGP: gl.constexpr, SG0: gl.constexpr,
+        XIN: gl.constexpr, TIMES: gl.constexpr,
     ):  # fmt: skip
         """``y[:, rows] = Σ_g ((Σ (1032 + code) · x̂_g) · P_g − O_g) · s_g · s_tensor + lora ·
         L_upᵀ + b`` for this program's rows and its K split's groups (``SG`` at most, GS a
         step); ``xo_ptr`` holds (P, O) per group and token slot [G, 2, T] — or with ``XIN``
         the program computes x̂, P and O of its groups from ``x_ptr`` and ``smooth_ptr``
         (``_xhat``), and waits for the prep only at its epilogue. ``TIMES``: the program's
-        SM and timestamps into ``times_ptr`` (``TIMELINE``). ``SG`` need not be a power
-        of two with ``XIN`` (``ONE_WAVE``: 6 or 12): ``SGP`` is the power of two at or
-        above it (the shapes of the scales and the staged x̂), ``SG0`` the one at or below
-        it (x̂ computed as SG0 groups, then SG - SG0: a power of two too)."""
+        SM and timestamps into ``times_ptr`` (``TIMELINE``)."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(
             version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8]
         )
@@ -314,9 +282,9 @@ if gemm_ws.HAVE_GLUON:
 
         # the program's group scales, all at once (a row's SG in one load), and the first
         # step's codes: weights, no earlier kernel's output
-        SL: gl.constexpr = gl.BlockedLayout([1, SGP], [32, 1], [4, 1], [1, 0])
+        SL: gl.constexpr = gl.BlockedLayout([1, SG], [32, 1], [4, 1], [1, 0])
         sr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, SL)), N - 1)
-        sg = gl.arange(0, SGP, layout=gl.SliceLayout(0, SL))  # (past the split's groups: 0)
+        sg = gl.arange(0, SG, layout=gl.SliceLayout(0, SL))  # (past the split's groups: 0)
         s_all = gl.load(sc_ptr + sr[:, None] * stride_sn + (g0 + sg)[None, :],
                         mask=(sg < n_groups)[None, :], other=0.0)  # fmt: skip
         q_next = ()
@@ -338,24 +306,11 @@ if gemm_ws.HAVE_GLUON:
         if TIMES:
             t_requested = _timer_lo()
         FLAT1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        if XIN and SG == SGP:  # x is the prep's input (valid once the prep runs): no wait
+        if XIN:  # x is the prep's input (valid once the prep runs): no wait
             xhat, pw, off = _xhat(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG, T)
             xs = gl.allocate_shared_memory(gl.float16, [64 * SG, T], FLAT, value=xhat)
             p_s = gl.allocate_shared_memory(gl.float32, [SG * T], FLAT1, value=pw)
             o_s = gl.allocate_shared_memory(gl.float32, [SG * T], FLAT1, value=off)
-            if TIMES:
-                t_xhat = _timer_lo()
-        elif XIN:  # (SG not a power of two: x̂ in two parts, SG0 groups and the rest, each
-            # staged in its own buffers: shapes are powers of two)
-            xhat, pw, off = _xhat(x_ptr, smooth_ptr, M, K, g0, stride_xm, SG0, T)
-            xs = gl.allocate_shared_memory(gl.float16, [64 * SG0, T], FLAT, value=xhat)
-            p_s = gl.allocate_shared_memory(gl.float32, [SG0 * T], FLAT1, value=pw)
-            o_s = gl.allocate_shared_memory(gl.float32, [SG0 * T], FLAT1, value=off)
-            SG1: gl.constexpr = SG - SG0
-            xhat, pw, off = _xhat(x_ptr, smooth_ptr, M, K, g0 + SG0, stride_xm, SG1, T)
-            xs1 = gl.allocate_shared_memory(gl.float16, [64 * SG1, T], FLAT, value=xhat)
-            p_s1 = gl.allocate_shared_memory(gl.float32, [SG1 * T], FLAT1, value=pw)
-            o_s1 = gl.allocate_shared_memory(gl.float32, [SG1 * T], FLAT1, value=off)
             if TIMES:
                 t_xhat = _timer_lo()
         else:
@@ -388,9 +343,8 @@ if gemm_ws.HAVE_GLUON:
             )  # fmt: skip
         # the scales as [SG, BN] (a group's row read at a time: no memory round trip in the
         # loop; v49 loaded each step's a step ahead, and ncu found the loop waiting on them)
-        s_s = gl.allocate_shared_memory(gl.float16, [SGP, BN], FLAT,
-                                        value=gl.permute(s_all, [1, 0]))  # fmt: skip
-        s_s = s_s._reinterpret(gl.float16, [SGP, BN], FLAT1)
+        s_s = gl.allocate_shared_memory(gl.float16, [SG, BN], FLAT, value=gl.permute(s_all, [1, 0]))
+        s_s = s_s._reinterpret(gl.float16, [SG, BN], FLAT1)
         gl.thread_barrier()
         if TIMES:
             t_staged = _timer_lo()
@@ -419,19 +373,13 @@ if gemm_ws.HAVE_GLUON:
                 lo = gl.convert_layout(lo, UA)  # (whole fp16 pairs renamed, no data moved)
                 hi = gl.convert_layout(hi, UA)
                 part = gl.zeros([BN, T], gl.float32, layout=mma)
-                # (the group's staged x̂: the first part's, or the second's)
-                if SG == SGP or k0 + i < SG0:
-                    x_even, x_odd = _staged_x(xs, k0 + i, XL, B, T)
-                else:
-                    x_even, x_odd = _staged_x(xs1, k0 + i - SG0, XL, B, T)
+                x_even = _x_operand(xs.slice((2 * k0 + 2 * i) * 32, 32).load(XL), B, T)
+                x_odd = _x_operand(xs.slice((2 * k0 + 2 * i + 1) * 32, 32).load(XL), B, T)
                 part = mma_v2(_as_operand(lo, A, BN), x_even, part)
                 part = mma_v2(_as_operand(hi, A, BN), x_odd, part)
                 # (a split's groups past G: P = O = 0, they add nothing)
-                if SG == SGP or k0 + i < SG0:  # (apart from the x̂ above: loaded after the
-                    # MMAs, as before ``ONE_WAVE`` — the default's SASS unchanged)
-                    p, o = _staged_po(p_s, o_s, k0 + i, COLS, T)
-                else:
-                    p, o = _staged_po(p_s1, o_s1, k0 + i - SG0, COLS, T)
+                p = p_s.slice((k0 + i) * T, T).load(COLS)
+                o = o_s.slice((k0 + i) * T, T).load(COLS)
                 s_g = s_s.index(k0 + i).load(ROWS).to(gl.float32)
                 acc += (part * p[None, :] - o[None, :]) * s_g[:, None]
             if STAGES > 0:  # every warp is done with the slot STAGES - 1 steps back: refill it
@@ -508,34 +456,26 @@ def tokens(m: int) -> int:
     return 8 if m <= 8 else 16
 
 
-def _k_split(n: int, kp: int, device: torch.device, t: int = 8) -> tuple[int, int]:
-    """(groups a program, K splits) for an [n, kp] weight at ``t`` token slots: split
-    until the grid has ``PROGRAMS_PER_SM`` programs an SM, at most ``MAX_GROUPS`` groups a
-    program — or with ``ONE_WAVE`` (and ``XHAT_IN_KERNEL``) the most programs that still
-    fit in one wave (``ONE_WAVE_PER_SM`` an SM), in ``ONE_WAVE_GROUPS`` a program."""
+def _k_split(n: int, kp: int, device: torch.device) -> tuple[int, int]:
+    """(groups a program, K splits) for an [n, kp] weight: split until the grid has
+    ``PROGRAMS_PER_SM`` programs an SM, at most ``MAX_GROUPS`` groups a program."""
     groups = kp // 64
     bn, gs, _ = TILE
-    blocks = cdiv(n, bn)
-    if ONE_WAVE and XHAT_IN_KERNEL:
-        slots = ONE_WAVE_PER_SM[t] * num_sms(device)
-        fits = [g for g in ONE_WAVE_GROUPS if blocks * cdiv(groups, g) <= slots]
-        per_split = fits[0] if fits else ONE_WAVE_GROUPS[-1]
-        return per_split, cdiv(groups, per_split)
-    want = max(1, PROGRAMS_PER_SM * num_sms(device) // blocks)
+    want = max(1, PROGRAMS_PER_SM * num_sms(device) // cdiv(n, bn))
     per_split = min(MAX_GROUPS, max(gs, next_pow2(cdiv(groups, want))))
     return per_split, cdiv(groups, per_split)
 
 
-def splits_k(n: int, kp: int, device: torch.device, t: int = 8) -> bool:
-    """Whether ``gemv_gluon`` splits K for an [n, kp] weight at ``t`` token slots (it then
-    adds into a zeroed fp32 buffer: ``gemv.prep(..., n=n)`` zeroes one)."""
-    return _k_split(n, kp, device, t)[1] > 1
+def splits_k(n: int, kp: int, device: torch.device) -> bool:
+    """Whether ``gemv_gluon`` splits K for an [n, kp] weight (it then adds into a zeroed
+    fp32 buffer: ``gemv.prep(..., n=n)`` zeroes one)."""
+    return _k_split(n, kp, device)[1] > 1
 
 
-def programs(n: int, kp: int, device: torch.device, t: int = 8) -> int:
-    """The kernel's programs (row blocks × K splits) for an [n, kp] weight at ``t`` token
-    slots: a ``TIMELINE`` buffer holds 16 int64 for each."""
-    return cdiv(n, TILE[0]) * _k_split(n, kp, device, t)[1]
+def programs(n: int, kp: int, device: torch.device) -> int:
+    """The kernel's programs (row blocks × K splits) for an [n, kp] weight: a
+    ``TIMELINE`` buffer holds 16 int64 for each."""
+    return cdiv(n, TILE[0]) * _k_split(n, kp, device)[1]
 
 
 def read_timeline(buf: torch.Tensor, count: int) -> torch.Tensor:
@@ -566,7 +506,7 @@ def prep_args(m: int, n: int, kp: int, device: torch.device) -> dict:
     """``gemv.prep``'s keyword arguments for this kernel at ``m`` tokens and an [n, kp]
     weight under the current settings: the token slots, the zeroed sums where K is split,
     x̂ or not (``XHAT_IN_KERNEL``)."""
-    split = splits_k(n, kp, device, tokens(m))
+    split = splits_k(n, kp, device)
     return dict(f16=tokens(m), n=n if split else 0, xhat=not XHAT_IN_KERNEL)
 
 
@@ -597,9 +537,7 @@ def gemv_gluon(
     t = tokens(m)
     bn, gs, warps = TILE
     n_blocks = cdiv(n, bn)
-    per_split, split = _k_split(n, kp, qweight.device, t)
-    if per_split != next_pow2(per_split) and not xin:  # (``_k_split`` keeps them together)
-        raise ValueError(f"{per_split} groups a program need x̂ computed in the kernel")
+    per_split, split = _k_split(n, kp, qweight.device)
     gs = min(gs, per_split)
     chunks, _, r = lora.shape
     out = (
@@ -620,10 +558,8 @@ def gemv_gluon(
         qweight.stride(0), wscales.stride(0),
         lora.stride(0), lora.stride(1), lowrank_up.stride(0) if r else 0, out.stride(0),
         ATOMIC=split > 1, HAS_LORA=r > 0, HAS_BIAS=bias is not None, PDL=pdl, BN=bn, GS=gs,
-        SG=per_split, SGP=next_pow2(per_split), SG0=prev_pow2(per_split), T=t, RB=32,
-        STAGES=stages, SB=min(32, next_pow2(chunks)), XIN=xin, TIMES=TIMELINE is not None,
-        num_warps=warps,
+        SG=per_split, T=t, RB=32, STAGES=stages, SB=min(32, next_pow2(chunks)), XIN=xin,
+        TIMES=TIMELINE is not None, num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
-        **({"maxnreg": ONE_WAVE_MAXNREG[t]} if ONE_WAVE and xin else {}),
     )  # fmt: skip
     return out if split == 1 else cast_after(out, out_dtype, pdl and CAST_PDL)
