@@ -116,6 +116,8 @@ for _name, _tail, _rank, _split in (
     ("quantize_rank96", -1, 96, False),
     ("quantize_rank96_split", -1, 96, True),
     ("quantize_cat_rank96_split", 1, 96, True),
+    ("quantize_rank160", -1, 160, False),
+    ("quantize_rank160_split", -1, 160, True),
 ):
     SPECS[_name] = functools.partial(_quantize_spec, _tail, rank=_rank, split=_split)
 
