@@ -147,7 +147,7 @@ def test_quantize_act_matches_reference(m, act_fmt, k, k_out, r):
         assert rel_err(lora, lora_ref) < 1e-5
 
 
-@pytest.mark.parametrize(("m", "r"), [(1, 48), (70, 80), (257, 96), (5, 160), (3, 33), (66, 40)])
+@pytest.mark.parametrize(("m", "r"), [(1, 48), (70, 80), (257, 96), (5, 192), (3, 33), (66, 40)])
 @pytest.mark.parametrize("tail", [False, True])
 def test_quantize_act_split_rank_matches_reference(monkeypatch, m, r, tail):
     """A rank that is no power of two as two low-rank parts (``quantize.SPLIT_RANK``): the
@@ -199,7 +199,8 @@ def test_quantize_act_folded_is_the_same(m, k, r, dtype, tail):
 def test_quantize_rank_parts_policy(monkeypatch):
     """The low-rank widths the quantize pads a rank to, and its rows per program: one
     power of two by default; with ``SPLIT_RANK`` 48 = 32 + 16, 80 = 64 + 16, 96 = 64 + 32
-    at 64 rows (a LoRA stacked on the fused runtime's q/k/v), not 128 wide at 32 rows."""
+    at 64 rows (a LoRA stacked on the fused runtime's q/k/v), not 128 wide at 32 rows; 192
+    = 128 + 64; 144 and 160 one 256-wide part (their two parts measured slower)."""
     from svdquant.kernels import quantize as qmod
 
     monkeypatch.setattr(qmod, "SPLIT_RANK", False)
@@ -207,10 +208,13 @@ def test_quantize_rank_parts_policy(monkeypatch):
         (16, 0), (16, 0), (32, 0), (64, 0), (128, 0), (128, 0)]  # fmt: skip
     assert [qmod.rows_per_program(64, w) for w in (16, 32, 64, 128, 256)] == [64, 64, 64, 32, 16]
     monkeypatch.setattr(qmod, "SPLIT_RANK", True)
-    parts = [qmod.rank_parts(r) for r in (32, 48, 64, 80, 96, 112, 128, 160)]
+    parts = [qmod.rank_parts(r) for r in (32, 48, 64, 80, 96, 112, 128, 144, 160, 192, 288)]
+    # (144 and 160: 128 + 16 / 32 at 32 rows measured slower than one 256-wide part; 192 =
+    # 128 + 64 faster; 288 = 256 + 32 would run 16 rows: one part)
     assert parts == [(32, 0), (32, 16), (64, 0), (64, 16), (64, 32), (128, 0), (128, 0),
-                     (128, 32)]  # fmt: skip
-    assert [qmod.rows_per_program(64, a + b) for a, b in parts] == [64, 64, 64, 64, 64, 32, 32, 32]
+                     (256, 0), (256, 0), (128, 64), (512, 0)]  # fmt: skip
+    assert [qmod.rows_per_program(64, a + b) for a, b in parts] == [
+        64, 64, 64, 64, 64, 32, 32, 16, 16, 32, 16]  # fmt: skip
     assert qmod.rows_per_program(16, 96) == 16  # the few-row tile stays
 
 
@@ -2851,7 +2855,7 @@ def test_gpu_fused_mlp_matches_unfused(act_fmt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("r", [48, 80, 96])
+@pytest.mark.parametrize("r", [48, 80, 96, 192])
 @pytest.mark.parametrize(("m", "k"), [(4096, 3072), (512, 3072), (4608, 15360), (3, 3072)])
 def test_gpu_quantize_split_rank_matches_reference(monkeypatch, m, k, r):
     """The two-part low-rank quantize at FLUX's sizes on the GPU: the one-part kernel's
@@ -2862,8 +2866,10 @@ def test_gpu_quantize_split_rank_matches_reference(monkeypatch, m, k, r):
     s = _smooth(k)
     down, _ = _lowrank(8, k, r, torch.bfloat16)
     act_scale = ref.act_scale_from_amax((x.float() / s).abs().amax())
+    monkeypatch.setattr(qmod, "SPLIT_RANK", False)
     one = quantize_act(x, s, down, act_scale, k, "int4")
     monkeypatch.setattr(qmod, "SPLIT_RANK", True)
+    assert qmod.rank_parts(r)[1] > 0  # (the two-part kernel runs)
     two = quantize_act(x, s, down, act_scale, k, "int4")
     _, lora_ref = ref.quantize_act_ref(x, s, down, act_scale, k, "int4")
     assert torch.equal(two[0].view(torch.uint8), one[0].view(torch.uint8))

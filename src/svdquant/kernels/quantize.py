@@ -103,6 +103,17 @@ WS_QUANTIZE_MIN_M = 2048
 #: part, 64, keeps 64 rows already); the LoRA'd fused step 1.019x (``bench/e2e.py
 #: --ab``), 1.060x with ``gemm.LORA_PARTS``.
 SPLIT_RANK = True
+#: Two parts only where they keep a program at ``SPLIT_MIN_ROWS`` rows (the low-rank MMA at
+#: wgmma's 64) or their second part is ``SPLIT_MIN_SECOND`` wide. v53, H200, rank-128 LoRAs
+#: on a rank-16/32/64 layer (``bench/probe_layer.py --rank R --set
+#: quantize.SPLIT_RANK=False``, M = 1024 / 4096, N = 3072 / 12288, K = 3072): one 256-wide
+#: part against 128 + 32 at 32 rows 1.29-1.64x faster for the layer at rank 160 (the
+#: quantize alone 1.97-2.21x, M up to 4608, K up to 12288), against 128 + 16 1.23-1.50x
+#: at 144 — but 128 + 64 (rank 192) 1.00-1.09x faster than one part. The split had been
+#: measured at 48, 80, 96 only (v38); the v45-v53 tables' rank-160 row (250 -> 407 µs at
+#: 3072²) was this.
+SPLIT_MIN_ROWS = 64
+SPLIT_MIN_SECOND = 64
 
 
 def fold_lowrank_down(lowrank_down: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
@@ -141,13 +152,20 @@ def outputs(
 def rank_parts(r: int) -> tuple[int, int]:
     """The low-rank branch's padded widths (first part, second part or 0) for rank ``r``:
     one power of two, or with ``SPLIT_RANK`` the largest power of two below ``r`` and the
-    rest's power of two where that is narrower than one part."""
+    rest's power of two where that is narrower than one part — and where the two parts
+    measured faster: where they keep a program at 64 rows (48, 80, 96) or the second part
+    is 64 wide (192 = 128 + 64), not at 144 or 160 (see ``SPLIT_MIN_ROWS``)."""
     whole = block_rank(r)
     if not SPLIT_RANK or whole == r or r <= 16:
         return whole, 0
     first = whole // 2
     second = block_rank(r - first)
-    return (first, second) if second < first else (whole, 0)
+    if second >= first:
+        return whole, 0
+    rows = rows_per_program(TILES["large"][0], first + second)
+    if rows < SPLIT_MIN_ROWS and second < SPLIT_MIN_SECOND:
+        return whole, 0
+    return first, second
 
 
 def rows_per_program(block_m: int, width: int) -> int:
