@@ -1,7 +1,7 @@
 """The whole layer (or one of its kernels) with engine constants set two ways, on the GPU.
 
     PYTHONPATH=src python bench/probe_layer.py --set 'widen.TILE=(32, 512, 4)' \\
-        [--set ...] [--what layer|quantize|widen|gemv] [--ms 512,1024,4608] \\
+        [--set ...] [--what layer|quantize|widen|gemv|kept] [--ms 512,1024,4608] \\
         [--shapes 3072x3072,...] [--rank R] [--mlp] [--out DIR]
 
 Each ``--set module.NAME=VALUE`` names a constant of a module under
@@ -16,7 +16,8 @@ quantize alone (x [M, K], rank 32 or ``--rank``: e.g. ``--rank 96 --set
 quantize.SPLIT_RANK=True``), ``--what widen`` the weight widen alone (M unused;
 BF16 is then the layer's ``F.linear``, for scale) and ``--what gemv`` the W4A16 path
 (``w4a16_linear``: 16-bit activations, the modulation linears; e.g. ``--ms 1,4 --shapes
-18432x3072``). Outputs are compared between the two ways (the
+18432x3072``); ``--what kept`` the layer with its widened weight kept (quantize + GEMM,
+``keep_fp8_weights``). Outputs are compared between the two ways (the
 low-rank sums meet through atomics: equal to rounding, not bit for bit). A probe of
 constants read at launch time; the GEMM's autotuned tiles are kept per shape (its key
 includes ``TMA`` and the tail, not the other constants).
@@ -44,7 +45,7 @@ from svdquant.kernels.ops import _act_scale, svdq_mlp_triton
 from svdquant.kernels.quantize import quantize_act
 from svdquant.kernels.widen import widen_weight
 
-WHAT = ("layer", "quantize", "widen", "gemv")
+WHAT = ("layer", "quantize", "widen", "gemv", "kept")
 
 
 def _first(out):
@@ -73,6 +74,9 @@ def _case(what: str, layer: Layer, x: torch.Tensor):
         return lambda: widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
     if what == "gemv":
         return lambda: layer.w4a16(x)
+    if what == "kept":  # the layer with its widened weight kept (``keep_fp8_weights``)
+        kept = widen_weight(layer.qweight, layer.wscales, layer.wtensor_scale, layer.fmt)
+        return lambda: layer(x, kept=kept)
     return lambda: layer(x)
 
 
