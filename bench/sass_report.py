@@ -729,16 +729,13 @@ def _gemm_ws_spec(
     rank: int = 32,
     gated: bool = False,
     next_fmt: str | None = None,
-    pdl: bool = False,
 ) -> dict[str, Any]:
     """The warp-specialized Gluon GEMM (``kernels/gemm_ws.py``) at M = 4608, K = 3072,
     N = sum(sizes), the output split into ``sizes`` segments (one: not split); ``tile``
     one of ``gemm_ws.CANDIDATE_TILES`` (default: ``DEFAULT_TILE``); ``gated``: a GEGLU's
     up projection of 2N rows writing h [M, N] (``fp8_gemm_ws_gated``); ``next_fmt``
     ("int4" or "fp8"): the epilogue writing the next layer's quantized input instead,
-    GELU-tanh (GELU when gated) and a rank-32 next layer (``fp8_gemm_ws_next``); ``pdl``:
-    launched as a programmatic dependent (``gemm_ws.PDL``: the wait before warp
-    specialization)."""
+    GELU-tanh (GELU when gated) and a rank-32 next layer (``fp8_gemm_ws_next``)."""
     import torch
     from triton.experimental.gluon import language as gl
 
@@ -803,7 +800,6 @@ def _gemm_ws_spec(
             NEXT=next_fmt is not None,
             NEXT_INT4=next_fmt == "int4",
             BR2=32 if next_fmt else 16,
-            **({"PDL_WAIT": True} if pdl else {}),
         ),
         warps=warps,
     )
@@ -839,12 +835,6 @@ def _quantize_ws() -> dict[str, Any]:
 def _gemm_ws() -> dict[str, Any]:
     """The warp-specialized Gluon GEMM at M = 4608, N = K = 3072."""
     return _gemm_ws_spec([3072])
-
-
-@_spec("gemm_ws_pdl")
-def _gemm_ws_pdl() -> dict[str, Any]:
-    """The same launched as a programmatic dependent (``gemm_ws.PDL``)."""
-    return _gemm_ws_spec([3072], pdl=True)
 
 
 @_spec("gemm_ws_split")

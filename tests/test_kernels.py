@@ -2120,45 +2120,6 @@ def test_gpu_fp8_gemm_hands_large_shapes_to_gemm_ws(monkeypatch, m, n, k, r, ws)
     assert bool(calls) == ws
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("kept", [False, True])
-@pytest.mark.parametrize(("m", "n"), [(512, 3072), (1030, 1536), (4608, 3072)])
-def test_gpu_gemm_ws_pdl_layer(monkeypatch, m, n, kept):
-    """``gemm_ws.PDL``: the GEMM launched as the quantize's programmatic dependent (the
-    quantize triggering it from its start) gives the layer's output of the plain launch —
-    eagerly and replayed from a CUDA graph over changing inputs (a GEMM reading the
-    quantized input before the quantize is done would not), with the widen per call or
-    the fp8 weight kept."""
-    from svdquant.kernels import gemm_ws
-
-    if not gemm_ws.available(torch.device(DEVICE)):
-        pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
-    calls = _count_calls(monkeypatch, gemm_ws, "fp8_gemm_ws")
-    _, layer, _ = _layer("int4", "int4", k=3072, n=n, rank=32)
-    layer.backend = "triton"
-    if kept:
-        assert layer.keep_fp8_weights()
-    xs = [torch.randn(m, 3072, generator=_gen(m + i)).to(DEVICE, torch.bfloat16) for i in range(3)]
-    with torch.no_grad():
-        plain = [layer(x) for x in xs]
-        monkeypatch.setattr(gemm_ws, "PDL", True)
-        assert gemm_ws.pdl_wanted(m, torch.device(DEVICE))
-        for x, want in zip(xs, plain, strict=True):
-            assert rel_err(layer(x), want) <= 1e-5  # (the quantize's sums meet by atomics)
-        static = xs[0].clone()
-        layer(static)  # (compiled and tuned before the capture)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = layer(static)
-        for x, want in zip(reversed(xs), reversed(plain), strict=True):
-            static.copy_(x)
-            graph.replay()
-            torch.cuda.synchronize()
-            assert rel_err(out, want) <= 1e-5
-    assert calls
-
-
 WS_SPLITS = [(1, [256, 512, 256, 296]), (300, [512, 136]), (1100, [3072, 3072, 3072]),
              (4608, [256, 3072])]  # fmt: skip
 

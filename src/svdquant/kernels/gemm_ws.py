@@ -56,7 +56,6 @@ from svdquant.kernels._triton_common import (
     interpreting,
     num_sms,
     part_args,
-    pdl_supported,
     three_bounds,
 )
 
@@ -72,7 +71,6 @@ try:  # Gluon's API is young: any triton without these names simply lacks this k
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
-    from triton.language.extra.cuda import gdc_wait
 
     HAVE_GLUON = True
     _GL_DTYPES = {
@@ -168,21 +166,6 @@ RANKS = (0, 16, 32, 48, 64)
 #: this kernel (``bench/sass_report.py --kernels gemm_ws_parts``: 168 registers, no
 #: spill); with ``gemm.LORA_PARTS`` the LoRA'd fused FLUX step 1.035x (v38, H200).
 TAKES_PARTS = True
-#: Launch this kernel as the previous kernel's programmatic dependent (PDL) at up to
-#: ``PDL_MAX_M`` rows (None: any): its launch, shared-memory set-up and barriers overlap
-#: the previous kernel's last programs, and it waits (``griddepcontrol.wait``, before any
-#: global memory access: correct after any kernel) for that kernel's results. The
-#: activation quantize lets its dependents launch from its start (``quantize_act``'s
-#: trigger) while this is on. v32 measured the same on the Triton GEMM: 1.26x the layer
-#: at M = 512, 3072², 1.13x at 3072 x 15360, 0.97-1.03x elsewhere. Off until measured on
-#: this kernel.
-PDL = False
-PDL_MAX_M: int | None = None
-
-
-def pdl_wanted(m: int, device: torch.device) -> bool:
-    """Whether a launch at ``m`` rows goes as a programmatic dependent (``PDL``)."""
-    return PDL and (PDL_MAX_M is None or m <= PDL_MAX_M) and pdl_supported(device)
 
 
 def parts_supported(parts: list[int]) -> bool:
@@ -248,12 +231,9 @@ if HAVE_GLUON:
         S: gl.constexpr,
         GROUP: gl.constexpr,
         GATED: gl.constexpr,
-        PDL_WAIT: gl.constexpr = False,
     ):
         # a tile: TN output columns (TN weight rows; gated, TN value rows and the TN gate
         # rows of the same columns: ``g_desc``, the weight's gate half, below them)
-        if PDL_WAIT:  # (the default partition waited too; the TMA loads' own thread waits)
-            gdc_wait()
         grid_m = gl.cdiv(M, BM)
         grid_n = gl.cdiv(N, TN)
         it = 0
@@ -710,7 +690,6 @@ if HAVE_GLUON:
         NEXT: gl.constexpr = False,
         NEXT_INT4: gl.constexpr = False,
         BR2: gl.constexpr = 16,
-        PDL_WAIT: gl.constexpr = False,
     ):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -731,9 +710,6 @@ if HAVE_GLUON:
         # (``tile_fits`` takes ranks above 32 only with the 4 · BR columns this needs)
         LA_IN_C: gl.constexpr = BR > 32
         la, lu, la32, c = _epilogue_buffers(c0_desc, lu_ptr, BM, BN, BR, LA_IN_C)
-        if PDL_WAIT:  # launched early (``PDL``): the set-up above is shared memory only;
-            # every thread waits for the previous kernel before any global memory access
-            gdc_wait()
         # (each partition's arguments spelled out as one tuple literal: built by tuple
         # concatenation instead, triton 3.6 failed to compile the partitions; held in a
         # variable, the tuple's constexprs arrive as tensors)
@@ -763,7 +739,7 @@ if HAVE_GLUON:
                         LA_IN_C, MASK_R, PARTS, BR, BM, BN, BK, S, GROUP, num_warps, GATED, ACT,
                         NEXT, NEXT_INT4, BR2, 1, 2)),
                     (_load_warp, (a_desc, b_desc, g_desc, a_bufs, b_bufs, ready, empty, M, N, K,
-                                  BM, TN, BK, S, GROUP, GATED, PDL_WAIT)),
+                                  BM, TN, BK, S, GROUP, GATED)),
                 ],
                 [num_warps, 1],
                 [PP_REGS, 40],
@@ -781,7 +757,7 @@ if HAVE_GLUON:
                         MASK_R, PARTS, BR, BM, BN, BK, S, GROUP, num_warps, GATED, ACT, NEXT,
                         NEXT_INT4, BR2)),
                     (_load_warp, (a_desc, b_desc, g_desc, a_bufs, b_bufs, ready, empty, M, N, K,
-                                  BM, TN, BK, S, GROUP, GATED, PDL_WAIT)),
+                                  BM, TN, BK, S, GROUP, GATED)),
                 ],
                 [1],
                 [40],
@@ -1106,7 +1082,6 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         PP_REGS=PP_REGS,
         GATED=gated,
         **next_consts,
-        **({"PDL_WAIT": True, "launch_pdl": True} if pdl_wanted(m, xq.device) else {}),
     )
 
 

@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from svdquant.kernels import gemm_ws
 from svdquant.kernels._triton_common import (
     ACTIVATIONS,
     act_code,
@@ -507,8 +506,7 @@ def quantize_act(
         BLOCK_K=block_k,
         num_warps=warps,
         num_stages=NUM_STAGES,
-        # (with ``gemm_ws.PDL`` the GEMM after it launches as its dependent: let it start)
-        PDL_TRIGGER=(trigger or gemm_ws.PDL) and pdl_supported(x.device),
+        PDL_TRIGGER=trigger and pdl_supported(x.device),
         PDL_WAIT_LAST=pdl,
         BLOCK_R2=block_r2,
         GATED=gated,  # (a gated input has its tail: checked above)
