@@ -49,7 +49,12 @@ def _spec(name: str):
 
 
 def _quantize_spec(
-    tail_act: int, x: str = "bf16", ld: str = "bf16", rank: int = 32, split: bool = False
+    tail_act: int,
+    x: str = "bf16",
+    ld: str = "bf16",
+    rank: int = 32,
+    split: bool = False,
+    sliced: bool = False,
 ) -> dict[str, Any]:
     from svdquant.kernels import quantize as q
 
@@ -57,6 +62,8 @@ def _quantize_spec(
     before, q.SPLIT_RANK = q.SPLIT_RANK, split
     br, br2 = q.rank_parts(rank)
     q.SPLIT_RANK = before
+    if sliced:  # (``quantize.RANK_SLICES``: a slice of 64 columns a program)
+        br, br2 = q.RANK_SLICE, 0
     bm = q.rows_per_program(bm, br + br2)
     k = 15360 if tail_act >= 0 else 3072  # with a tail: FLUX's single-block proj_out input
     return dict(
@@ -95,6 +102,7 @@ def _quantize_spec(
             BLOCK_R=br,
             BLOCK_K=bk,
             BLOCK_R2=br2,
+            **({"R_SLICED": True} if sliced else {}),
         ),
         warps=warps,
         stages=1,
@@ -120,6 +128,9 @@ for _name, _tail, _rank, _split in (
     ("quantize_rank160_split", -1, 160, True),
 ):
     SPECS[_name] = functools.partial(_quantize_spec, _tail, rank=_rank, split=_split)
+# ranks over 128 in slices of 64 columns, a program each (``quantize.RANK_SLICES``)
+SPECS["quantize_rank160_sliced"] = functools.partial(_quantize_spec, -1, rank=160, sliced=True)
+SPECS["quantize_cat_rank160_sliced"] = functools.partial(_quantize_spec, 1, rank=160, sliced=True)
 
 
 @_spec("quantize_cat")

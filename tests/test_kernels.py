@@ -171,6 +171,55 @@ def test_quantize_act_split_rank_matches_reference(monkeypatch, m, r, tail):
     assert rel_err(lora, lora_ref) < 1e-4
 
 
+@pytest.mark.parametrize(("m", "r", "kind"), [
+    (70, 160, "plain"), (130, 112, "tail"), (65, 256, "gated"), (200, 192, "plain"),
+    (66, 129, "tail"),
+])  # fmt: skip
+def test_quantize_act_rank_slices_match_reference(monkeypatch, m, r, kind):
+    """``quantize.RANK_SLICES``: a rank over 128 (or 112 / 128 at 32 rows) as slices of 64
+    columns, a program each at 64 rows — the reference's codes (written by the first
+    slice only) and sums, plain, with a tail and gated, K split or not."""
+    from svdquant.kernels import quantize as qmod
+
+    monkeypatch.setattr(qmod, "RANK_SLICES", True)
+    k1, k2 = 192, (128 if kind == "tail" else 0)
+    assert qmod.rank_slices(r, m, 64) == -(-r // 64)
+    x = _acts(m, k1, torch.bfloat16, seed=5)
+    t = _acts(m, k1 if kind == "gated" else k2, torch.bfloat16, seed=6) if kind != "plain" else None
+    s = _smooth(k1 + k2)
+    down, _ = _lowrank(8, k1 + k2, r, torch.bfloat16)
+    if kind == "gated":
+        h = (x.float() * ref.activation_ref(t, "gelu").to(x.dtype).float()).to(x.dtype)
+        kw = {"tail": t, "tail_act": "gelu", "gated": True}
+    elif kind == "tail":
+        h = torch.cat([x, ref.activation_ref(t, "gelu_tanh").to(x.dtype)], -1)
+        kw = {"tail": t, "tail_act": "gelu_tanh"}
+    else:
+        h, kw = x, {}
+    act_scale = ref.act_scale_from_amax((h.float() / s).abs().amax())
+    xq, lora = quantize_act(x, s, down, act_scale, k1 + k2, "int4", **kw)
+    xq_ref, lora_ref = ref.quantize_act_ref(h, s, down, act_scale, k1 + k2, "int4")
+    assert lora.shape == (m, r)
+    assert fp8_close(xq, xq_ref, max_frac=0 if DEVICE == "cpu" else 5e-3)
+    assert rel_err(lora, lora_ref) < 1e-4
+    monkeypatch.setattr(qmod, "RANK_SLICES", False)  # (the one-program kernel: the same)
+    xq1, lora1 = quantize_act(x, s, down, act_scale, k1 + k2, "int4", **kw)
+    assert torch.equal(xq.view(torch.uint8), xq1.view(torch.uint8))
+    assert rel_err(lora, lora1) < 1e-5
+
+
+def test_quantize_rank_slices_policy(monkeypatch):
+    """Slices only where ``RANK_SLICES`` is on, above the few-row tile, and where the
+    ranks' parts would leave a program fewer rows than its tile."""
+    from svdquant.kernels import quantize as qmod
+
+    assert qmod.rank_slices(160, 4096, 64) == 1  # (off by default)
+    monkeypatch.setattr(qmod, "RANK_SLICES", True)
+    got = {r: qmod.rank_slices(r, 4096, 64) for r in (32, 48, 64, 80, 96, 112, 128, 160, 192, 256)}
+    assert got == {32: 1, 48: 1, 64: 1, 80: 1, 96: 1, 112: 2, 128: 2, 160: 3, 192: 3, 256: 4}
+    assert qmod.rank_slices(256, 64, 16) == 1  # the few-row tile
+
+
 @pytest.mark.parametrize(("m", "k", "r", "dtype", "tail"), [
     (1, 100, 7, torch.bfloat16, False), (257, 320, 32, torch.float16, False),
     (70, 192, 80, torch.bfloat16, False), (66, 192, 40, torch.bfloat16, True),
@@ -2852,6 +2901,27 @@ def test_gpu_fused_mlp_matches_unfused(act_fmt):
     y = svdquant.kernels.svdq_mlp_triton(x, q1, q2)
     y_unfused = q2(torch.nn.functional.gelu(q1(x), approximate="tanh"))
     assert rel_err(y, y_unfused) <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [112, 128, 160, 256])
+@pytest.mark.parametrize(("m", "k"), [(4096, 3072), (512, 3072), (4608, 15360), (100, 3072)])
+def test_gpu_quantize_rank_slices_match_reference(monkeypatch, m, k, r):
+    """The rank in slices of 64 (``RANK_SLICES``) at FLUX's sizes on the GPU: the one-program
+    kernel's codes and the reference's sums."""
+    from svdquant.kernels import quantize as qmod
+
+    x = _acts(m, k, torch.bfloat16, seed=7)
+    s = _smooth(k)
+    down, _ = _lowrank(8, k, r, torch.bfloat16)
+    act_scale = ref.act_scale_from_amax((x.float() / s).abs().amax())
+    one = quantize_act(x, s, down, act_scale, k, "int4")
+    monkeypatch.setattr(qmod, "RANK_SLICES", True)
+    assert qmod.rank_slices(r, m, 64) > 1  # (the sliced kernel runs)
+    sliced = quantize_act(x, s, down, act_scale, k, "int4")
+    _, lora_ref = ref.quantize_act_ref(x, s, down, act_scale, k, "int4")
+    assert torch.equal(sliced[0].view(torch.uint8), one[0].view(torch.uint8))
+    assert rel_err(sliced[1], lora_ref) < 1e-4
 
 
 @pytest.mark.gpu

@@ -114,6 +114,14 @@ SPLIT_RANK = True
 #: 3072²) was this.
 SPLIT_MIN_ROWS = 64
 SPLIT_MIN_SECOND = 64
+#: A rank whose low-rank sums would leave a program fewer than its tile's rows even in two
+#: parts (over 128 but 192; 112 and 128 at 32 rows) computed in slices of ``RANK_SLICE``
+#: columns, one program each (a third grid axis), every slice at the tile's 64 rows: the
+#: slices read x once each, and only the first writes the codes. Predicted (v53): at rank
+#: 160, M = 4096, K = 3072 the quantize 144 µs at 16 rows a program (the one 256-wide
+#: part) against ~3 reads of x (~35 µs). Prepared, not yet measured on the GPU: off.
+RANK_SLICES = False
+RANK_SLICE = 64
 
 
 def fold_lowrank_down(lowrank_down: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
@@ -166,6 +174,16 @@ def rank_parts(r: int) -> tuple[int, int]:
     if rows < SPLIT_MIN_ROWS and second < SPLIT_MIN_SECOND:
         return whole, 0
     return first, second
+
+
+def rank_slices(r: int, m: int, block_m: int) -> int:
+    """Programs along the rank (``RANK_SLICES``) for rank ``r`` at ``m`` rows and a tile of
+    ``block_m``: 1, or slices of ``RANK_SLICE`` columns where ``rank_parts`` would leave a
+    program fewer rows than its tile (not for the few-row tile: 64 rows or fewer)."""
+    if not RANK_SLICES or m <= 64 or r <= RANK_SLICE:
+        return 1
+    first, second = rank_parts(r)
+    return cdiv(r, RANK_SLICE) if rows_per_program(block_m, first + second) < block_m else 1
 
 
 def rows_per_program(block_m: int, width: int) -> int:
@@ -308,6 +326,7 @@ def _quantize_act_kernel(
     BLOCK_R2: tl.constexpr = 0,
     GATED: tl.constexpr = False,
     FOLDED: tl.constexpr = False,
+    R_SLICED: tl.constexpr = False,
 ):
     # With PDL_TRIGGER the next kernel, launched as this one's programmatic dependent (the
     # widen, ``widen.widen_weight(pdl=True)``), may start as soon as every program of this
@@ -323,6 +342,8 @@ def _quantize_act_kernel(
     rmask = rows < M
     g = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
+    if R_SLICED:  # this program's slice of the low-rank sums' columns (``RANK_SLICES``)
+        rr += tl.program_id(2) * BLOCK_R
     inv_act = tl.math.div_rn(1.0, tl.load(scale_ptr))
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, tl.maximum(K, K_OUT))
@@ -371,8 +392,13 @@ def _quantize_act_kernel(
                 ld2 = tl.load(ld2_ptrs, mask=ld2_mask, other=0.0)
         inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + cols, mask=kmask, other=1.0))
         xh = x.to(tl.float32) * inv_s[None, :]
-        q = quantize_tile(xh, inv_act, INT4, EXACT, BLOCK_M, BLOCK_K)
-        tl.store(q_rows + cols[None, :], q, mask=rmask[:, None] & (cols < K_OUT)[None, :])
+        if R_SLICED:  # the codes by the first slice's programs only
+            if tl.program_id(2) == 0:
+                q = quantize_tile(xh, inv_act, INT4, EXACT, BLOCK_M, BLOCK_K)
+                tl.store(q_rows + cols[None, :], q, mask=rmask[:, None] & (cols < K_OUT)[None, :])
+        else:
+            q = quantize_tile(xh, inv_act, INT4, EXACT, BLOCK_M, BLOCK_K)
+            tl.store(q_rows + cols[None, :], q, mask=rmask[:, None] & (cols < K_OUT)[None, :])
         if HAS_LORA:
             if TAIL_ACT >= 0:
                 ld = tl.load(ld_ptrs, mask=ld_mask, other=0.0)
@@ -389,6 +415,7 @@ def _quantize_act_kernel(
         # launched as the widen's programmatic dependent (``quantize_act(pdl=True)``): this
         # kernel reads nothing the widen writes, but the kernels after it need both done —
         # the program launched last waits for the widen, so this kernel ends after it
+        # (with slices, the last program of each: the one launched last among them)
         if (pid_m == tl.num_programs(0) - 1) & (pid_k == tl.num_programs(1) - 1):
             gdc_wait()
 
@@ -466,14 +493,17 @@ def quantize_act(
     if gated and m > 64:
         block_m, block_k, warps = GATED_TILE
     block_r, block_r2 = rank_parts(r)
+    slices = rank_slices(r, m, block_m)
+    if slices > 1:
+        block_r, block_r2 = RANK_SLICE, 0
     block_m = rows_per_program(block_m, block_r + block_r2)  # the sums fit in registers
     steps = cdiv(max(k, k_out), block_k)
     m_blocks = cdiv(m, block_m)
-    split, k_per_split = k_split(m_blocks, steps, num_sms(x.device))
+    split, k_per_split = k_split(m_blocks * slices, steps, num_sms(x.device))
     k_per_split *= block_k
     xq, lora = outputs(m, k_out, r, split, x.device, out)
     pdl = pdl and pdl_supported(x.device)
-    _quantize_act_kernel[(m_blocks, split)](
+    _quantize_act_kernel[(m_blocks, split, slices)](
         x,
         x if tail is None else tail,
         smooth,
@@ -511,6 +541,7 @@ def quantize_act(
         BLOCK_R2=block_r2,
         GATED=gated,  # (a gated input has its tail: checked above)
         FOLDED=folded,
+        R_SLICED=slices > 1,
         **({"launch_pdl": True} if pdl else {}),
     )
     return xq, lora
