@@ -208,6 +208,26 @@ def test_quantize_act_rank_slices_match_reference(monkeypatch, m, r, kind):
     assert rel_err(lora, lora1) < 1e-5
 
 
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("sliced", [False, True])
+def test_quantize_rank_widths_cover_every_rank(monkeypatch, split, sliced):
+    """For every rank up to 512 and either switch: the parts (or slices) cover the rank,
+    each part a power of two of at least 16, the second narrower than the first, and a
+    program keeps at least 16 rows — whatever the measured rules pick."""
+    from svdquant.kernels import quantize as qmod
+
+    monkeypatch.setattr(qmod, "SPLIT_RANK", split)
+    monkeypatch.setattr(qmod, "RANK_SLICES", sliced)
+    for r in range(513):
+        first, second = qmod.rank_parts(r)
+        assert first + second >= r and first >= 16 and first & (first - 1) == 0
+        assert second == 0 or (second & (second - 1) == 0 and 16 <= second < first)
+        slices = qmod.rank_slices(r, 4096, 64)
+        assert slices == 1 or (sliced and slices * qmod.RANK_SLICE >= r > qmod.RANK_SLICE)
+        width = qmod.RANK_SLICE if slices > 1 else first + second
+        assert qmod.rows_per_program(64, width) >= 16
+
+
 def test_quantize_rank_slices_policy(monkeypatch):
     """Slices only where ``RANK_SLICES`` is on, above the few-row tile, and where the
     ranks' parts would leave a program fewer rows than its tile."""
