@@ -280,6 +280,15 @@ def _tail_values(ptrs, mask, ACT: tl.constexpr, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
+def _store_codes(q_rows, cols, xh, inv_act, rmask, K_OUT, INT4: tl.constexpr,
+                 EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """A step's x̂ tile quantized (``quantize_tile``) and stored at columns ``cols`` of the
+    rows ``q_rows`` (those below ``K_OUT``)."""
+    q = quantize_tile(xh, inv_act, INT4, EXACT, BLOCK_M, BLOCK_K)
+    tl.store(q_rows + cols[None, :], q, mask=rmask[:, None] & (cols < K_OUT)[None, :])
+
+
+@triton.jit
 def _store_sums(lora_ptr, rows, rr, acc, rmask, R, stride_lm, ATOMIC: tl.constexpr):
     """The low-rank sums ``acc`` of columns ``rr`` into ``lora_act``: added by atomics
     where K is split, else stored."""
@@ -394,11 +403,9 @@ def _quantize_act_kernel(
         xh = x.to(tl.float32) * inv_s[None, :]
         if R_SLICED:  # the codes by the first slice's programs only
             if tl.program_id(2) == 0:
-                q = quantize_tile(xh, inv_act, INT4, EXACT, BLOCK_M, BLOCK_K)
-                tl.store(q_rows + cols[None, :], q, mask=rmask[:, None] & (cols < K_OUT)[None, :])
+                _store_codes(q_rows, cols, xh, inv_act, rmask, K_OUT, INT4, EXACT, BLOCK_M, BLOCK_K)
         else:
-            q = quantize_tile(xh, inv_act, INT4, EXACT, BLOCK_M, BLOCK_K)
-            tl.store(q_rows + cols[None, :], q, mask=rmask[:, None] & (cols < K_OUT)[None, :])
+            _store_codes(q_rows, cols, xh, inv_act, rmask, K_OUT, INT4, EXACT, BLOCK_M, BLOCK_K)
         if HAS_LORA:
             if TAIL_ACT >= 0:
                 ld = tl.load(ld_ptrs, mask=ld_mask, other=0.0)
