@@ -233,7 +233,9 @@ def test_quantize_rank_slices_policy(monkeypatch):
     ranks' parts would leave a program fewer rows than its tile."""
     from svdquant.kernels import quantize as qmod
 
-    assert qmod.rank_slices(160, 4096, 64) == 1  # (off by default)
+    assert qmod.rank_slices(160, 4096, 64) == 3  # (on by default)
+    monkeypatch.setattr(qmod, "RANK_SLICES", False)
+    assert qmod.rank_slices(160, 4096, 64) == 1
     monkeypatch.setattr(qmod, "RANK_SLICES", True)
     got = {r: qmod.rank_slices(r, 4096, 64) for r in (32, 48, 64, 80, 96, 112, 128, 160, 192, 256)}
     assert got == {32: 1, 48: 1, 64: 1, 80: 1, 96: 1, 112: 2, 128: 2, 160: 3, 192: 3, 256: 4}
@@ -2935,6 +2937,7 @@ def test_gpu_quantize_rank_slices_match_reference(monkeypatch, m, k, r):
     s = _smooth(k)
     down, _ = _lowrank(8, k, r, torch.bfloat16)
     act_scale = ref.act_scale_from_amax((x.float() / s).abs().amax())
+    monkeypatch.setattr(qmod, "RANK_SLICES", False)
     one = quantize_act(x, s, down, act_scale, k, "int4")
     monkeypatch.setattr(qmod, "RANK_SLICES", True)
     assert qmod.rank_slices(r, m, 64) > 1  # (the sliced kernel runs)
@@ -2948,14 +2951,15 @@ def test_gpu_quantize_rank_slices_match_reference(monkeypatch, m, k, r):
 @pytest.mark.parametrize("r", [48, 80, 96, 192])
 @pytest.mark.parametrize(("m", "k"), [(4096, 3072), (512, 3072), (4608, 15360), (3, 3072)])
 def test_gpu_quantize_split_rank_matches_reference(monkeypatch, m, k, r):
-    """The two-part low-rank quantize at FLUX's sizes on the GPU: the one-part kernel's
-    codes and the reference's sums."""
+    """The two-part low-rank quantize at FLUX's sizes on the GPU (the slices off: 192 runs
+    in slices by default): the one-part kernel's codes and the reference's sums."""
     from svdquant.kernels import quantize as qmod
 
     x = _acts(m, k, torch.bfloat16, seed=7)
     s = _smooth(k)
     down, _ = _lowrank(8, k, r, torch.bfloat16)
     act_scale = ref.act_scale_from_amax((x.float() / s).abs().amax())
+    monkeypatch.setattr(qmod, "RANK_SLICES", False)  # (the parts, not the slices, at 192)
     monkeypatch.setattr(qmod, "SPLIT_RANK", False)
     one = quantize_act(x, s, down, act_scale, k, "int4")
     monkeypatch.setattr(qmod, "SPLIT_RANK", True)

@@ -115,12 +115,15 @@ SPLIT_RANK = True
 SPLIT_MIN_ROWS = 64
 SPLIT_MIN_SECOND = 64
 #: A rank whose low-rank sums would leave a program fewer than its tile's rows even in two
-#: parts (over 128 but 192; 112 and 128 at 32 rows) computed in slices of ``RANK_SLICE``
-#: columns, one program each (a third grid axis), every slice at the tile's 64 rows: the
-#: slices read x once each, and only the first writes the codes. Predicted (v53): at rank
-#: 160, M = 4096, K = 3072 the quantize 144 µs at 16 rows a program (the one 256-wide
-#: part) against ~3 reads of x (~35 µs). Prepared, not yet measured on the GPU: off.
-RANK_SLICES = False
+#: parts (over 128, 192 included; 112 and 128 at 32 rows) computed in slices of
+#: ``RANK_SLICE`` columns, one program each (a third grid axis), every slice at the tile's
+#: 64 rows: the slices read x once each, and only the first writes the codes. Measured
+#: (v54, H200, ``bench/probe_layer.py --what quantize|layer --rank R --set
+#: quantize.RANK_SLICES=True``, M = 1024 / 4096 / 4608, K = 3072 / 12288, N = 3072): the
+#: quantize 1.45-1.84x faster at rank 128, 2.29-3.25x at 160, 2.26-2.71x at 192 (against
+#: its two parts), 2.14-2.50x at 256; the layer 1.50-1.81x at 160, 1.47-1.58x at 192,
+#: 1.44-1.62x at 256 (rank 160 at M = 4096, 3072²: 252 -> 156 µs).
+RANK_SLICES = True
 RANK_SLICE = 64
 
 
