@@ -55,7 +55,6 @@ def _quantize_spec(
     rank: int = 32,
     split: bool = False,
     sliced: bool = False,
-    apart: bool = False,
 ) -> dict[str, Any]:
     from svdquant.kernels import quantize as q
 
@@ -103,8 +102,7 @@ def _quantize_spec(
             BLOCK_R=br,
             BLOCK_K=bk,
             BLOCK_R2=br2,
-            **({"R_SLICED": True} if sliced or apart else {}),
-            **({"CODES_APART": True} if apart else {}),
+            **({"R_SLICED": True} if sliced else {}),
         ),
         warps=warps,
         stages=1,
@@ -133,11 +131,6 @@ for _name, _tail, _rank, _split in (
 # ranks over 128 in slices of 64 columns, a program each (``quantize.RANK_SLICES``)
 SPECS["quantize_rank160_sliced"] = functools.partial(_quantize_spec, -1, rank=160, sliced=True)
 SPECS["quantize_cat_rank160_sliced"] = functools.partial(_quantize_spec, 1, rank=160, sliced=True)
-# the codes and the sums by programs of their own (``quantize.CODES_APART``)
-SPECS["quantize_apart"] = functools.partial(_quantize_spec, -1, apart=True)
-SPECS["quantize_rank160_apart"] = functools.partial(
-    _quantize_spec, -1, rank=160, sliced=True, apart=True
-)
 
 
 @_spec("quantize_cat")

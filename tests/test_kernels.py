@@ -208,42 +208,6 @@ def test_quantize_act_rank_slices_match_reference(monkeypatch, m, r, kind):
     assert rel_err(lora, lora1) < 1e-5
 
 
-@pytest.mark.parametrize(("m", "r", "kind", "first"), [
-    (70, 32, "plain", True), (130, 160, "tail", True), (65, 64, "gated", False),
-    (200, 192, "plain", False), (66, 20, "tail", False), (257, 48, "plain", True),
-])  # fmt: skip
-def test_quantize_act_codes_apart_matches_default(monkeypatch, m, r, kind, first):
-    """``quantize.CODES_APART`` (the codes and the sums by programs of their own) and
-    ``SLICES_FIRST`` (a row block's slices launched together): the default kernel's codes
-    bit for bit and its sums, plain, with a tail and gated, folded or not, K split or not
-    (rank 48's two parts stay together)."""
-    from svdquant.kernels import quantize as qmod
-
-    k1, k2 = 192, (128 if kind == "tail" else 0)
-    x = _acts(m, k1, torch.bfloat16, seed=5)
-    t = _acts(m, k1 if kind == "gated" else k2, torch.bfloat16, seed=6) if kind != "plain" else None
-    s = _smooth(k1 + k2)
-    down, _ = _lowrank(8, k1 + k2, r, torch.bfloat16)
-    kw = {}
-    if kind == "gated":
-        h = (x.float() * ref.activation_ref(t, "gelu").to(x.dtype).float()).to(x.dtype)
-        kw = {"tail": t, "tail_act": "gelu", "gated": True}
-    elif kind == "tail":
-        h = torch.cat([x, ref.activation_ref(t, "gelu_tanh").to(x.dtype)], -1)
-        kw = {"tail": t, "tail_act": "gelu_tanh"}
-    else:
-        h = x
-    act_scale = ref.act_scale_from_amax((h.float() / s).abs().amax())
-    xq0, lora0 = quantize_act(x, s, down, act_scale, k1 + k2, "int4", **kw)
-    monkeypatch.setattr(qmod, "CODES_APART", True)
-    monkeypatch.setattr(qmod, "SLICES_FIRST", first)
-    for folded in (False, True):
-        ld = qmod.fold_lowrank_down(down, s) if folded else down
-        xq, lora = quantize_act(x, s, ld, act_scale, k1 + k2, "int4", folded=folded, **kw)
-        assert torch.equal(xq.view(torch.uint8), xq0.view(torch.uint8))
-        assert rel_err(lora, lora0) < 1e-5
-
-
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("sliced", [False, True])
 def test_quantize_rank_widths_cover_every_rank(monkeypatch, split, sliced):
@@ -2981,28 +2945,6 @@ def test_gpu_quantize_rank_slices_match_reference(monkeypatch, m, k, r):
     _, lora_ref = ref.quantize_act_ref(x, s, down, act_scale, k, "int4")
     assert torch.equal(sliced[0].view(torch.uint8), one[0].view(torch.uint8))
     assert rel_err(sliced[1], lora_ref) < 1e-4
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("first", [False, True])
-@pytest.mark.parametrize("r", [32, 64, 160])
-@pytest.mark.parametrize(("m", "k"), [(4096, 3072), (512, 3072), (4608, 15360), (100, 3072)])
-def test_gpu_quantize_codes_apart_matches_default(monkeypatch, m, k, r, first):
-    """``CODES_APART`` / ``SLICES_FIRST`` at FLUX's sizes on the GPU: the default kernel's
-    codes bit for bit, the reference's sums."""
-    from svdquant.kernels import quantize as qmod
-
-    x = _acts(m, k, torch.bfloat16, seed=7)
-    s = _smooth(k)
-    down, _ = _lowrank(8, k, r, torch.bfloat16)
-    act_scale = ref.act_scale_from_amax((x.float() / s).abs().amax())
-    one = quantize_act(x, s, down, act_scale, k, "int4")
-    monkeypatch.setattr(qmod, "CODES_APART", True)
-    monkeypatch.setattr(qmod, "SLICES_FIRST", first)
-    apart = quantize_act(x, s, down, act_scale, k, "int4")
-    _, lora_ref = ref.quantize_act_ref(x, s, down, act_scale, k, "int4")
-    assert torch.equal(apart[0].view(torch.uint8), one[0].view(torch.uint8))
-    assert rel_err(apart[1], lora_ref) < 1e-4
 
 
 @pytest.mark.gpu

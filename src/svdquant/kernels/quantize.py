@@ -125,14 +125,6 @@ SPLIT_MIN_SECOND = 64
 #: 1.44-1.62x at 256 (rank 160 at M = 4096, 3072²: 252 -> 156 µs).
 RANK_SLICES = True
 RANK_SLICE = 64
-#: The codes and the low-rank sums written by programs of their own (one more slice, the
-#: first: codes only; the others: sums only), so that neither carries the other's
-#: registers — x read once more (from L2 with ``SLICES_FIRST``). Prepared (v54), off.
-CODES_APART = False
-#: A row block's slices launched next to each other (the grid's first axis), so that they
-#: read x at about the same time: one read from memory, the others from L2. Prepared
-#: (v54), off.
-SLICES_FIRST = False
 
 
 def fold_lowrank_down(lowrank_down: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
@@ -341,96 +333,6 @@ def _store_sums(lora_ptr, rows, rr, acc, rmask, R, stride_lm, ATOMIC: tl.constex
 
 
 @triton.jit
-def _codes_and_sums(x_rows, t_rows, q_rows, ld_ptr, smooth_ptr, lora_ptr, inv_act, rows,
-                    rmask, rr, g, k_start, k_end, pid_s, K, K_HEAD, K_OUT, R, stride_ldr,
-                    stride_lm, INT4: tl.constexpr, HAS_LORA: tl.constexpr,
-                    ATOMIC: tl.constexpr, EXACT: tl.constexpr, TAIL_ACT: tl.constexpr,
-                    SEAM_ALIGNED: tl.constexpr, ROUND_BF16: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_R2: tl.constexpr, GATED: tl.constexpr, FOLDED: tl.constexpr,
-                    R_SLICED: tl.constexpr):  # fmt: skip
-    """One pass over a program's rows and share of K writing both the codes (by the first
-    slice only where the rank is sliced) and the low-rank sums: the default."""
-    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    if BLOCK_R2 > 0:  # L_down's rows from BLOCK_R on: a second MMA of their own width
-        rr2 = BLOCK_R + tl.arange(0, BLOCK_R2)
-        acc2 = tl.zeros([BLOCK_M, BLOCK_R2], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        cols = k0 + g
-        kmask = cols < K
-        x = _step_x(x_rows, t_rows, cols, k0, rmask, kmask, K_HEAD, TAIL_ACT, GATED,
-                    SEAM_ALIGNED, ROUND_BF16)  # fmt: skip
-        # L_down's chunk is loaded before the quantize's store (a load after it waits for
-        # it: an L2 round trip per step before the MMA), except with a tail, where the
-        # early tile took the kernel from 168 to 255 registers (triton 3.6, sm_90)
-        ld_ptrs = ld_ptr + rr[:, None] * stride_ldr + cols[None, :]  # [BLOCK_R, BLOCK_K]
-        ld_mask = (rr < R)[:, None] & kmask[None, :]
-        if BLOCK_R2 > 0:
-            ld2_ptrs = ld_ptr + rr2[:, None] * stride_ldr + cols[None, :]
-            ld2_mask = (rr2 < R)[:, None] & kmask[None, :]
-        if HAS_LORA and TAIL_ACT < 0:
-            ld = tl.load(ld_ptrs, mask=ld_mask, other=0.0)
-            if BLOCK_R2 > 0:
-                ld2 = tl.load(ld2_ptrs, mask=ld2_mask, other=0.0)
-        inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + cols, mask=kmask, other=1.0))
-        xh = x.to(tl.float32) * inv_s[None, :]
-        if R_SLICED:  # the codes by the first slice's programs only
-            if pid_s == 0:
-                _store_codes(q_rows, cols, xh, inv_act, rmask, K_OUT, INT4, EXACT, BLOCK_M, BLOCK_K)
-        else:
-            _store_codes(q_rows, cols, xh, inv_act, rmask, K_OUT, INT4, EXACT, BLOCK_M, BLOCK_K)
-        if HAS_LORA:
-            if TAIL_ACT >= 0:
-                ld = tl.load(ld_ptrs, mask=ld_mask, other=0.0)
-                if BLOCK_R2 > 0:
-                    ld2 = tl.load(ld2_ptrs, mask=ld2_mask, other=0.0)
-            acc = folded_lowrank_dot(x, tl.trans(ld), inv_s, acc, EXACT, FOLDED)
-            if BLOCK_R2 > 0:
-                acc2 = folded_lowrank_dot(x, tl.trans(ld2), inv_s, acc2, EXACT, FOLDED)
-    if HAS_LORA:
-        _store_sums(lora_ptr, rows, rr, acc, rmask, R, stride_lm, ATOMIC)
-        if BLOCK_R2 > 0:
-            _store_sums(lora_ptr, rows, rr2, acc2, rmask, R, stride_lm, ATOMIC)
-
-
-@triton.jit
-def _codes_pass(x_rows, t_rows, q_rows, smooth_ptr, inv_act, rmask, g, k_start, k_end, K,
-                K_HEAD, K_OUT, INT4: tl.constexpr, EXACT: tl.constexpr, TAIL_ACT: tl.constexpr,
-                GATED: tl.constexpr, SEAM_ALIGNED: tl.constexpr, ROUND_BF16: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """The codes alone over a program's rows and share of K (``CODES_APART``)."""
-    for k0 in range(k_start, k_end, BLOCK_K):
-        cols = k0 + g
-        kmask = cols < K
-        x = _step_x(x_rows, t_rows, cols, k0, rmask, kmask, K_HEAD, TAIL_ACT, GATED,
-                    SEAM_ALIGNED, ROUND_BF16)  # fmt: skip
-        inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + cols, mask=kmask, other=1.0))
-        xh = x.to(tl.float32) * inv_s[None, :]
-        _store_codes(q_rows, cols, xh, inv_act, rmask, K_OUT, INT4, EXACT, BLOCK_M, BLOCK_K)
-
-
-@triton.jit
-def _sums_pass(x_rows, t_rows, ld_ptr, smooth_ptr, rr, R, stride_ldr, rmask, g, k_start,
-               k_end, K, K_HEAD, EXACT: tl.constexpr, TAIL_ACT: tl.constexpr,
-               GATED: tl.constexpr, SEAM_ALIGNED: tl.constexpr, ROUND_BF16: tl.constexpr,
-               FOLDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-               BLOCK_K: tl.constexpr):  # fmt: skip
-    """The low-rank sums alone (columns ``rr``) over a program's rows and share of K
-    (``CODES_APART``)."""
-    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        cols = k0 + g
-        kmask = cols < K
-        x = _step_x(x_rows, t_rows, cols, k0, rmask, kmask, K_HEAD, TAIL_ACT, GATED,
-                    SEAM_ALIGNED, ROUND_BF16)  # fmt: skip
-        ld = tl.load(ld_ptr + rr[:, None] * stride_ldr + cols[None, :],
-                     mask=(rr < R)[:, None] & kmask[None, :], other=0.0)  # fmt: skip
-        inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + cols, mask=kmask, other=1.0))
-        acc = folded_lowrank_dot(x, tl.trans(ld), inv_s, acc, EXACT, FOLDED)
-    return acc
-
-
-@triton.jit
 def _quantize_act_kernel(
     x_ptr,
     tail_ptr,
@@ -466,8 +368,6 @@ def _quantize_act_kernel(
     GATED: tl.constexpr = False,
     FOLDED: tl.constexpr = False,
     R_SLICED: tl.constexpr = False,
-    CODES_APART: tl.constexpr = False,
-    SLICES_FIRST: tl.constexpr = False,
 ):
     # With PDL_TRIGGER the next kernel, launched as this one's programmatic dependent (the
     # widen, ``widen.widen_weight(pdl=True)``), may start as soon as every program of this
@@ -477,52 +377,66 @@ def _quantize_act_kernel(
     # Each program walks BLOCK_K columns (whole groups) at a time through its rows' share
     # of K: the group max is a reduction within the tile, and the low-rank partial sums
     # stay in registers until the end (one atomic add per program when K is split).
-    if SLICES_FIRST:  # a row block's slices launched together (x from L2 for all but one)
-        pid_s = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-    else:
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        pid_s = tl.program_id(2)
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     g = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
     if R_SLICED:  # this program's slice of the low-rank sums' columns (``RANK_SLICES``)
-        rr += (pid_s - CODES_APART) * BLOCK_R
+        rr += tl.program_id(2) * BLOCK_R
     inv_act = tl.math.div_rn(1.0, tl.load(scale_ptr))
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, tl.maximum(K, K_OUT))
     x_rows = x_ptr + rows[:, None] * stride_xm
     t_rows = tail_ptr + rows[:, None] * stride_tm
     q_rows = xq_ptr + rows[:, None] * stride_qm
-    if CODES_APART:  # the first slice writes the codes, the others the sums (``CODES_APART``)
-        if pid_s == 0:
-            _codes_pass(x_rows, t_rows, q_rows, smooth_ptr, inv_act, rmask, g, k_start, k_end,
-                        K, K_HEAD, K_OUT, INT4, EXACT, TAIL_ACT, GATED, SEAM_ALIGNED, ROUND_BF16,
-                        BLOCK_M, BLOCK_K)  # fmt: skip
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    if BLOCK_R2 > 0:  # L_down's rows from BLOCK_R on: a second MMA of their own width
+        rr2 = BLOCK_R + tl.arange(0, BLOCK_R2)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_R2], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        cols = k0 + g
+        kmask = cols < K
+        x = _step_x(x_rows, t_rows, cols, k0, rmask, kmask, K_HEAD, TAIL_ACT, GATED,
+                    SEAM_ALIGNED, ROUND_BF16)  # fmt: skip
+        # L_down's chunk is loaded before the quantize's store (a load after it waits for
+        # it: an L2 round trip per step before the MMA), except with a tail, where the
+        # early tile took the kernel from 168 to 255 registers (triton 3.6, sm_90)
+        ld_ptrs = ld_ptr + rr[:, None] * stride_ldr + cols[None, :]  # [BLOCK_R, BLOCK_K]
+        ld_mask = (rr < R)[:, None] & kmask[None, :]
+        if BLOCK_R2 > 0:
+            ld2_ptrs = ld_ptr + rr2[:, None] * stride_ldr + cols[None, :]
+            ld2_mask = (rr2 < R)[:, None] & kmask[None, :]
+        if HAS_LORA and TAIL_ACT < 0:
+            ld = tl.load(ld_ptrs, mask=ld_mask, other=0.0)
+            if BLOCK_R2 > 0:
+                ld2 = tl.load(ld2_ptrs, mask=ld2_mask, other=0.0)
+        inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + cols, mask=kmask, other=1.0))
+        xh = x.to(tl.float32) * inv_s[None, :]
+        if R_SLICED:  # the codes by the first slice's programs only
+            if tl.program_id(2) == 0:
+                _store_codes(q_rows, cols, xh, inv_act, rmask, K_OUT, INT4, EXACT, BLOCK_M, BLOCK_K)
         else:
-            acc = _sums_pass(x_rows, t_rows, ld_ptr, smooth_ptr, rr, R, stride_ldr, rmask, g,
-                             k_start, k_end, K, K_HEAD, EXACT, TAIL_ACT, GATED, SEAM_ALIGNED,
-                             ROUND_BF16, FOLDED, BLOCK_M, BLOCK_R, BLOCK_K)  # fmt: skip
-            _store_sums(lora_ptr, rows, rr, acc, rmask, R, stride_lm, ATOMIC)
-    else:
-        _codes_and_sums(x_rows, t_rows, q_rows, ld_ptr, smooth_ptr, lora_ptr, inv_act, rows,
-                        rmask, rr, g, k_start, k_end, pid_s, K, K_HEAD, K_OUT, R, stride_ldr,
-                        stride_lm, INT4, HAS_LORA, ATOMIC, EXACT, TAIL_ACT, SEAM_ALIGNED,
-                        ROUND_BF16, BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_R2, GATED, FOLDED,
-                        R_SLICED)  # fmt: skip
-    if PDL_WAIT_LAST:
+            _store_codes(q_rows, cols, xh, inv_act, rmask, K_OUT, INT4, EXACT, BLOCK_M, BLOCK_K)
+        if HAS_LORA:
+            if TAIL_ACT >= 0:
+                ld = tl.load(ld_ptrs, mask=ld_mask, other=0.0)
+                if BLOCK_R2 > 0:
+                    ld2 = tl.load(ld2_ptrs, mask=ld2_mask, other=0.0)
+            acc = folded_lowrank_dot(x, tl.trans(ld), inv_s, acc, EXACT, FOLDED)
+            if BLOCK_R2 > 0:
+                acc2 = folded_lowrank_dot(x, tl.trans(ld2), inv_s, acc2, EXACT, FOLDED)
+    if HAS_LORA:
+        _store_sums(lora_ptr, rows, rr, acc, rmask, R, stride_lm, ATOMIC)
+        if BLOCK_R2 > 0:
+            _store_sums(lora_ptr, rows, rr2, acc2, rmask, R, stride_lm, ATOMIC)
+    if PDL_WAIT_LAST:  # noqa: SIM102 (a compile-time branch around a runtime one)
         # launched as the widen's programmatic dependent (``quantize_act(pdl=True)``): this
         # kernel reads nothing the widen writes, but the kernels after it need both done —
         # the program launched last waits for the widen, so this kernel ends after it
         # (with slices, the last program of each: the one launched last among them)
-        if SLICES_FIRST:
-            last = (pid_m == tl.num_programs(1) - 1) & (pid_k == tl.num_programs(2) - 1)
-        else:
-            last = (pid_m == tl.num_programs(0) - 1) & (pid_k == tl.num_programs(1) - 1)
-        if last:
+        if (pid_m == tl.num_programs(0) - 1) & (pid_k == tl.num_programs(1) - 1):
             gdc_wait()
 
 
@@ -600,10 +514,8 @@ def quantize_act(
         block_m, block_k, warps = GATED_TILE
     block_r, block_r2 = rank_parts(r)
     slices = rank_slices(r, m, block_m)
-    apart = CODES_APART and r > 0 and m > 64 and (slices > 1 or block_r2 == 0)
     if slices > 1:
         block_r, block_r2 = RANK_SLICE, 0
-    slices += apart  # (one more: the codes' programs)
     block_m = rows_per_program(block_m, block_r + block_r2)  # the sums fit in registers
     steps = cdiv(max(k, k_out), block_k)
     m_blocks = cdiv(m, block_m)
@@ -611,9 +523,7 @@ def quantize_act(
     k_per_split *= block_k
     xq, lora = outputs(m, k_out, r, split, x.device, out)
     pdl = pdl and pdl_supported(x.device)
-    first = SLICES_FIRST and slices > 1 and m_blocks <= 65535  # (the grid's y limit)
-    grid = (slices, m_blocks, split) if first else (m_blocks, split, slices)
-    _quantize_act_kernel[grid](
+    _quantize_act_kernel[(m_blocks, split, slices)](
         x,
         x if tail is None else tail,
         smooth,
@@ -652,8 +562,6 @@ def quantize_act(
         GATED=gated,  # (a gated input has its tail: checked above)
         FOLDED=folded,
         R_SLICED=slices > 1,
-        CODES_APART=apart,
-        SLICES_FIRST=first,
         **({"launch_pdl": True} if pdl else {}),
     )
     return xq, lora
