@@ -740,6 +740,7 @@ def _gemm_ws_spec(
     rank: int = 32,
     gated: bool = False,
     next_fmt: str | None = None,
+    chunks: int = 1,
 ) -> dict[str, Any]:
     """The warp-specialized Gluon GEMM (``kernels/gemm_ws.py``) at M = 4608, K = 3072,
     N = sum(sizes), the output split into ``sizes`` segments (one: not split); ``tile``
@@ -798,8 +799,8 @@ def _gemm_ws_spec(
             HAS_LORA=True,
             HAS_BIAS=True,
             SPLIT=len(sizes) > 1,
-            MASK_R=parts,
-            BR=64 if parts else max(16, rank),
+            MASK_R=parts or (chunks > 1 and rank % 64 != 0),
+            BR=64 if parts or chunks > 1 else max(16, rank),
             S=stages,
             GROUP=g.GROUP_M,
             num_warps=warps,
@@ -811,6 +812,7 @@ def _gemm_ws_spec(
             NEXT=next_fmt is not None,
             NEXT_INT4=next_fmt == "int4",
             BR2=32 if next_fmt else 16,
+            **({"RCHUNKS": chunks} if chunks > 1 else {}),
         ),
         warps=warps,
     )
@@ -846,6 +848,13 @@ def _quantize_ws() -> dict[str, Any]:
 def _gemm_ws() -> dict[str, Any]:
     """The warp-specialized Gluon GEMM at M = 4608, N = K = 3072."""
     return _gemm_ws_spec([3072])
+
+
+@_spec("gemm_ws_rank160")
+def _gemm_ws_rank160() -> dict[str, Any]:
+    """Rank 160 (a rank-128 LoRA on a rank-32 model) in three chunks of 64 through rank
+    64's buffers (``gemm_ws.CHUNK_RANKS``)."""
+    return _gemm_ws_spec([3072], rank=160, chunks=3)
 
 
 @_spec("gemm_ws_split")

@@ -2152,6 +2152,28 @@ def test_gemm_ws_pick_tile_takes_only_tiles_that_fit(monkeypatch):
         gemm_ws.pick_tile(4096, 3456, 1152, 32, 132)
 
 
+def test_gemm_ws_chunked_ranks_policy(monkeypatch):
+    """``gemm_ws.CHUNK_RANKS``: ranks over 64 (multiples of 16, up to 256) taken in chunks
+    of 64 through rank 64's buffers — only by tiles that hold rank 64 — and not without
+    the switch; ``RANKS`` as before."""
+    from svdquant.kernels import gemm_ws
+
+    bf = torch.bfloat16
+    monkeypatch.setattr(gemm_ws, "CHUNK_RANKS", False)
+    assert not gemm_ws.supports(3072, 3072, 128, bf, bf)
+    assert gemm_ws.rank_chunks(160) == (256, 1) and gemm_ws.rank_chunks(48) == (64, 1)
+    monkeypatch.setattr(gemm_ws, "CHUNK_RANKS", True)
+    for r, want in ((48, (64, 1)), (64, (64, 1)), (80, (64, 2)), (96, (64, 2)),
+                    (128, (64, 2)), (160, (64, 3)), (256, (64, 4)), (32, (32, 1))):  # fmt: skip
+        assert gemm_ws.rank_chunks(r) == want
+    assert all(gemm_ws.supports(3072, 3072, r, bf, bf) for r in (80, 96, 128, 160, 192, 256))
+    assert not any(gemm_ws.supports(3072, 3072, r, bf, bf) for r in (36, 100, 272, 512))
+    for t in gemm_ws.CANDIDATE_TILES:
+        assert gemm_ws.tile_fits(t, 160) == gemm_ws.tile_fits(t, 64)
+    pick = gemm_ws.pick_tile
+    assert pick(4096, 3072, 3072, 160, 132) == pick(4096, 3072, 3072, 64, 132)
+
+
 def test_gemm_ws_pingpong_tiles_fit_shared_memory():
     """The ping-ponged tiles: two MMA partitions, each with its own epilogue buffers —
     a tile whose two sets no longer fit shared memory is not taken (the estimate within
@@ -2165,6 +2187,42 @@ def test_gemm_ws_pingpong_tiles_fit_shared_memory():
     assert not gemm_ws.tile_fits((128, 128, 4, 4, 2), 48)  # rank 64's rows: BLOCK_N 256
     names = [gemm_ws.tile_name(t) for t in gemm_ws.CANDIDATE_TILES]
     assert len(set(names)) == len(names) and "128x128x4x4pp" in names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [3, 257, 4608])
+@pytest.mark.parametrize(("n", "k", "r"), [(264, 3072, 96), (1000, 1008, 128), (3072, 3072, 160),
+                                          (520, 336, 256), (136, 240, 80)])  # fmt: skip
+@pytest.mark.parametrize(("bias", "dtype"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_gpu_fp8_gemm_ws_chunked_ranks_match_reference(monkeypatch, m, n, k, r, bias, dtype):
+    """Ranks over 64 in chunks of 64 (``gemm_ws.CHUNK_RANKS``): the reference's output,
+    the last chunk masked where the rank is not a multiple of 64; the GEGLU's up
+    projection too."""
+    from svdquant.kernels import gemm_ws
+
+    if not gemm_ws.available(torch.device(DEVICE)):
+        pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
+    monkeypatch.setattr(gemm_ws, "CHUNK_RANKS", True)
+    args = list(_gemm_args(m, n, k, seed=m + n + r, r=r))
+    args[5], args[6], args[7] = args[5].to(dtype), args[6].to(dtype) if bias else None, dtype
+    assert rel_err(gemm_ws.fp8_gemm_ws(*args), ref.fp8_gemm_ref(*args)) <= TOL
+    if n % 16 == 0:
+        assert rel_err(gemm_ws.fp8_gemm_ws_gated(*args), ref.fp8_gemm_gated_ref(*args)) <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [96, 160])
+def test_gpu_fp8_gemm_hands_chunked_ranks_to_gemm_ws(monkeypatch, r):
+    """With ``CHUNK_RANKS`` ``fp8_gemm`` runs a rank over 64 on the Gluon kernel."""
+    from svdquant.kernels import gemm_ws
+
+    if not gemm_ws.available(torch.device(DEVICE)):
+        pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
+    monkeypatch.setattr(gemm_ws, "CHUNK_RANKS", True)
+    calls = _count_calls(monkeypatch, gemm_ws, "fp8_gemm_ws")
+    args = _gemm_args(4096, 3072, 3072, seed=r, r=r)
+    assert rel_err(fp8_gemm(*args), ref.fp8_gemm_ref(*args)) <= TOL
+    assert calls
 
 
 WS_CASES = [(4608, 3072, 3072, 32, True), (511, 3072, 3072, 32, False),
@@ -2227,17 +2285,20 @@ def test_gpu_fp8_gemm_ws_split_writes_each_segment_contiguous(monkeypatch, m, si
     ("m", "sizes", "parts"),
     [(4096, [3072, 3072, 3072], [32, 16, 16, 16]),
      (4096, [3072, 3072, 3072, 12288], [32, 16, 16, 16, 16]),
-     (1100, [3072, 3072, 3072], [32, 4, 0, 12]), (7, [256, 512], [32, 8, 16])],
+     (1100, [3072, 3072, 3072], [32, 4, 0, 12]), (7, [256, 512], [32, 8, 16]),
+     (4096, [3072, 3072, 3072], [32, 64, 64, 64])],
 )  # fmt: skip
 def test_gpu_fp8_gemm_split_parts(monkeypatch, m, sizes, parts, ws):
     """A split's parts (each segment its shared prefix and own low-rank columns, a compact
     L_up) on the GPU, on the Triton kernel and on gemm_ws (``TAKES_PARTS``): the full
-    L_up's product (``reference.expand_lowrank_parts``)."""
+    L_up's product (``reference.expand_lowrank_parts``); a compact rank of 96 in chunks
+    (``gemm_ws.CHUNK_RANKS``)."""
     from svdquant.kernels import gemm, gemm_ws
 
     if ws and not gemm_ws.available(torch.device(DEVICE)):
         pytest.skip("needs sm_90 and a triton with Gluon of a tested version")
     monkeypatch.setattr(gemm_ws, "TAKES_PARTS", ws)
+    monkeypatch.setattr(gemm_ws, "CHUNK_RANKS", True)
     monkeypatch.setattr(gemm, "WS_MIN_M", 1 if ws else 1 << 30)
     monkeypatch.setattr(gemm, "TAIL_SPLIT", False)
     calls = _count_calls(monkeypatch, gemm_ws, "fp8_gemm_ws_split")
@@ -2245,7 +2306,8 @@ def test_gpu_fp8_gemm_split_parts(monkeypatch, m, sizes, parts, ws):
     xq, wq, s_ch, scale, _, _, b, dtype = _gemm_args(m, n, k, seed=m + n)
     g = _gen(n)
     lora = torch.randn(m, parts[0] + sum(parts[1:]), generator=g).to(DEVICE)
-    compact = (torch.randn(n, 48, generator=g) * 0.1).to(DEVICE, dtype)
+    up_rank = max(48, parts[0] + max(parts[1:]))
+    compact = (torch.randn(n, up_rank, generator=g) * 0.1).to(DEVICE, dtype)
     full = ref.expand_lowrank_parts(compact, parts, sizes)
     flat = fp8_gemm_split(xq, wq, s_ch, scale, lora, compact, b, dtype, sizes, parts)
     assert bool(calls) == ws

@@ -161,6 +161,30 @@ TESTED_TRITON = ("3.6",)
 #: 48``, alternated twice): 1.04-1.06x faster at M = 1024 / 4096 where N = 12288 and at
 #: M = 4096, 3072², equal at M = 1024, 3072².
 RANKS = (0, 16, 32, 48, 64)
+#: Ranks over 64 (a LoRA of rank 64 or more stacked on the base rank: 96, 128, 160, up to
+#: ``lora.MAX_RANK``, multiples of 16) in chunks of ``RANK_CHUNK`` through rank 64's
+#: buffers: the first chunk requested before the K loop as now, each next one after the
+#: last one's MMA, its copy's latency in the epilogue. Prepared (v54), not yet run on the
+#: GPU: off (those ranks run on the Triton kernel).
+CHUNK_RANKS = False
+RANK_CHUNK = 64
+MAX_CHUNKED_RANK = 256
+
+
+def rank_chunks(r: int) -> tuple[int, int]:
+    """(the low-rank buffers' width BR, chunks) for rank ``r``: one chunk of its padded
+    width for ``RANKS``, else (``CHUNK_RANKS``) chunks of ``RANK_CHUNK``."""
+    if r in RANKS or not CHUNK_RANKS:
+        return block_rank(r), 1
+    return RANK_CHUNK, cdiv(r, RANK_CHUNK)
+
+
+def _rank_taken(r: int) -> bool:
+    """Whether the low-rank operands of rank ``r`` fit (``RANKS``, ``CHUNK_RANKS``)."""
+    chunked = CHUNK_RANKS and RANK_CHUNK < r <= MAX_CHUNKED_RANK and r % 16 == 0
+    return r in RANKS or chunked
+
+
 #: ``gemm.fp8_gemm_split``'s ``parts`` (each segment reading only its own low-rank
 #: columns: a fused group's LoRAs at the compact rank, e.g. 48 instead of 80) handed to
 #: this kernel (``bench/sass_report.py --kernels gemm_ws_parts``: 168 registers, no
@@ -177,10 +201,14 @@ def parts_supported(parts: list[int]) -> bool:
 def supports(n: int, k: int, r: int, lr_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
     """Whether ``fp8_gemm_ws`` takes this shape: rows of the output and of the operands
     16-byte aligned (TMA), the low-rank rows copied whole (cp.async, 16 bytes at a time),
-    the low-rank operands within shared memory (``RANKS``)."""
+    the low-rank operands within shared memory (``RANKS``, ``CHUNK_RANKS``)."""
     sixteen = (torch.bfloat16, torch.float16)
     return (
-        n % 8 == 0 and k % 16 == 0 and r in RANKS and lr_dtype in sixteen and out_dtype in sixteen
+        n % 8 == 0
+        and k % 16 == 0
+        and _rank_taken(r)
+        and lr_dtype in sixteen
+        and out_dtype in sixteen
     )
 
 
@@ -404,6 +432,49 @@ if HAVE_GLUON:
         tma.async_copy_shared_to_global(q_desc, [row, col], q_smem)
 
     @gluon.jit
+    def _lowrank_copies(la32_smem, lu_smem, lora_ptr, lu_ptr, pid_m, pid_n, M, N, R,
+                        stride_lm, stride_un, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2, W3,
+                        C0: gl.constexpr, MASK_R: gl.constexpr, PARTS: gl.constexpr,
+                        GATED: gl.constexpr, BR: gl.constexpr, BM: gl.constexpr,
+                        BN: gl.constexpr, lr_layout: gl.constexpr):  # fmt: skip
+        """A tile's low-rank operands, columns ``C0`` to ``C0 + BR`` of the rank, requested
+        by cp.async into shared memory: the fp32 activations' rows and L_up's rows."""
+        lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, lr_layout))
+        ln, lmask = _tile_rows(pid_n, N, BN, GATED, gl.SliceLayout(1, lr_layout))
+        lu_mask = gl.expand_dims(lmask, 1)
+        lr = C0 + gl.arange(0, BR, layout=gl.SliceLayout(0, lr_layout))
+        # masked by row; by column too where the rank is not BR (a multiple of 16:
+        # the mask is uniform over each 16-byte copy); masked elements arrive as 0
+        la_mask = gl.expand_dims(lm < M, 1)
+        if MASK_R:
+            lu_mask = lu_mask & gl.expand_dims(lr < R, 0)
+        la_cols = lr
+        if PARTS:
+            # the tile's segment takes the shared prefix and its own block of
+            # columns (``gemm.fp8_gemm_split``'s parts; multiples of 4: each
+            # 16-byte copy lies in one piece)
+            col = pid_n * BN
+            off = gl.where(col >= B3, O3, gl.where(col >= B2, O2, gl.where(col >= B1, O1, O0)))
+            width = LP + gl.where(
+                col >= B3, W3, gl.where(col >= B2, W2, gl.where(col >= B1, W1, W0))
+            )
+            la_cols = gl.where(lr < LP, lr, lr + off)
+            la_mask = la_mask & gl.expand_dims(lr < width, 0)
+        elif MASK_R:
+            la_mask = la_mask & gl.expand_dims(lr < R, 0)
+        async_copy.async_copy_global_to_shared(
+            la32_smem,
+            lora_ptr + gl.expand_dims(lm, 1) * stride_lm + gl.expand_dims(la_cols, 0),
+            mask=la_mask,
+        )
+        async_copy.async_copy_global_to_shared(
+            lu_smem,
+            lu_ptr + gl.expand_dims(ln, 1) * stride_un + gl.expand_dims(lr, 0),
+            mask=lu_mask,
+        )
+        async_copy.commit_group()
+
+    @gluon.jit
     def _mma_warps(
         a_bufs,
         b_bufs,
@@ -468,6 +539,7 @@ if HAVE_GLUON:
         BR2: gl.constexpr,
         FIRST: gl.constexpr = 0,
         NPART: gl.constexpr = 1,
+        RCHUNKS: gl.constexpr = 1,
     ):
         # NPART MMA partitions take the program's tiles in turn (ping-pong): this one
         # every NPART-th from its FIRST, its ring positions past the others' tiles. The K
@@ -514,42 +586,10 @@ if HAVE_GLUON:
                 if LA_IN_C:  # the rows land in the store buffer: the last tile's stores first
                     tma.store_wait(0)
                     gl.thread_barrier()
-                lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, lr_layout))
-                ln, lmask = _tile_rows(pid_n, N, BN, GATED, gl.SliceLayout(1, lr_layout))
-                lu_mask = gl.expand_dims(lmask, 1)
-                lr = gl.arange(0, BR, layout=gl.SliceLayout(0, lr_layout))
-                # masked by row; by column too where the rank is not BR (a multiple of 16:
-                # the mask is uniform over each 16-byte copy); masked elements arrive as 0
-                la_mask = gl.expand_dims(lm < M, 1)
-                if MASK_R:
-                    lu_mask = lu_mask & gl.expand_dims(lr < R, 0)
-                la_cols = lr
-                if PARTS:
-                    # the tile's segment takes the shared prefix and its own block of
-                    # columns (``gemm.fp8_gemm_split``'s parts; multiples of 4: each
-                    # 16-byte copy lies in one piece)
-                    col = pid_n * BN
-                    off = gl.where(
-                        col >= B3, O3, gl.where(col >= B2, O2, gl.where(col >= B1, O1, O0))
-                    )
-                    width = LP + gl.where(
-                        col >= B3, W3, gl.where(col >= B2, W2, gl.where(col >= B1, W1, W0))
-                    )
-                    la_cols = gl.where(lr < LP, lr, lr + off)
-                    la_mask = la_mask & gl.expand_dims(lr < width, 0)
-                elif MASK_R:
-                    la_mask = la_mask & gl.expand_dims(lr < R, 0)
-                async_copy.async_copy_global_to_shared(
-                    la32_smem,
-                    lora_ptr + gl.expand_dims(lm, 1) * stride_lm + gl.expand_dims(la_cols, 0),
-                    mask=la_mask,
-                )
-                async_copy.async_copy_global_to_shared(
-                    lu_smem,
-                    lu_ptr + gl.expand_dims(ln, 1) * stride_un + gl.expand_dims(lr, 0),
-                    mask=lu_mask,
-                )
-                async_copy.commit_group()
+                _lowrank_copies(la32_smem, lu_smem, lora_ptr, lu_ptr, pid_m, pid_n, M, N, R,
+                                stride_lm, stride_un, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1,
+                                W2, W3, 0, MASK_R, PARTS, GATED, BR, BM, BN,
+                                lr_layout)  # fmt: skip
             if NPART > 1:
                 # the other partition's K loop before this one's (the first partition's
                 # first waits on a fresh barrier's phase before its first: not at all)
@@ -578,16 +618,25 @@ if HAVE_GLUON:
             scale = act_scale * gl.convert_layout(sch_v, cols_layout)
             y = acc * gl.expand_dims(scale, 0)
             if HAS_LORA:
-                # cp.async rows masked past M or N arrive as zeros
-                async_copy.wait_group(0)
-                gl.thread_barrier()
-                la = la32_smem.load(lr_layout)
-                la_smem.store(la.to(lu_ptr.dtype.element_ty))
-                fence_async_shared()
-                gl.thread_barrier()
-                y = gl.convert_layout(y, lr_acc_layout, assert_trivial=True)
-                y = warpgroup_mma(la_smem, lu_smem.permute((1, 0)), y)
-                y = gl.convert_layout(y, acc_layout, assert_trivial=True)
+                # cp.async rows masked past M or N arrive as zeros; a rank over the
+                # buffers' BR in RCHUNKS chunks of BR, each after the last one's MMA
+                # (``CHUNK_RANKS``: the first requested before the K loop, the others here)
+                for c in gl.static_range(RCHUNKS):
+                    if c > 0:
+                        gl.thread_barrier()  # (the last chunk's MMA has read the buffers)
+                        _lowrank_copies(la32_smem, lu_smem, lora_ptr, lu_ptr, pid_m, pid_n, M,
+                                        N, R, stride_lm, stride_un, B1, B2, B3, LP, O0, O1, O2,
+                                        O3, W0, W1, W2, W3, c * BR, MASK_R, PARTS, GATED, BR,
+                                        BM, BN, lr_layout)  # fmt: skip
+                    async_copy.wait_group(0)
+                    gl.thread_barrier()
+                    la = la32_smem.load(lr_layout)
+                    la_smem.store(la.to(lu_ptr.dtype.element_ty))
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    y = gl.convert_layout(y, lr_acc_layout, assert_trivial=True)
+                    y = warpgroup_mma(la_smem, lu_smem.permute((1, 0)), y)
+                    y = gl.convert_layout(y, acc_layout, assert_trivial=True)
             if HAS_BIAS:
                 y += gl.expand_dims(gl.convert_layout(bias_v, cols_layout).to(gl.float32), 0)
             # the tile goes out through shared memory in two 128-column halves, each one
@@ -690,6 +739,7 @@ if HAVE_GLUON:
         NEXT: gl.constexpr = False,
         NEXT_INT4: gl.constexpr = False,
         BR2: gl.constexpr = 16,
+        RCHUNKS: gl.constexpr = 1,
     ):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -729,7 +779,7 @@ if HAVE_GLUON:
                         W3, inv_s2_ptr, ld2_ptr, scale2_ptr, lora2_ptr, R2,
                         stride_ld2, stride_l2m, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C,
                         MASK_R, PARTS, BR, BM, BN, BK, S, GROUP, num_warps, GATED, ACT, NEXT,
-                        NEXT_INT4, BR2, 0, 2)),
+                        NEXT_INT4, BR2, 0, 2, RCHUNKS)),
                     (_mma_warps, (
                         a_bufs, b_bufs, ready, empty, turn, la2, lu2, la32_2, c2, c0_desc,
                         c1_desc, c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr,
@@ -737,7 +787,7 @@ if HAVE_GLUON:
                         O3, W0, W1, W2, W3, inv_s2_ptr, ld2_ptr, scale2_ptr, lora2_ptr,
                         R2, stride_ld2, stride_l2m, HAS_LORA, HAS_BIAS, SPLIT,
                         LA_IN_C, MASK_R, PARTS, BR, BM, BN, BK, S, GROUP, num_warps, GATED, ACT,
-                        NEXT, NEXT_INT4, BR2, 1, 2)),
+                        NEXT, NEXT_INT4, BR2, 1, 2, RCHUNKS)),
                     (_load_warp, (a_desc, b_desc, g_desc, a_bufs, b_bufs, ready, empty, M, N, K,
                                   BM, TN, BK, S, GROUP, GATED)),
                 ],
@@ -755,7 +805,7 @@ if HAVE_GLUON:
                         W3, inv_s2_ptr, ld2_ptr, scale2_ptr, lora2_ptr, R2,
                         stride_ld2, stride_l2m, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C,
                         MASK_R, PARTS, BR, BM, BN, BK, S, GROUP, num_warps, GATED, ACT, NEXT,
-                        NEXT_INT4, BR2)),
+                        NEXT_INT4, BR2, 0, 1, RCHUNKS)),
                     (_load_warp, (a_desc, b_desc, g_desc, a_bufs, b_bufs, ready, empty, M, N, K,
                                   BM, TN, BK, S, GROUP, GATED)),
                 ],
@@ -938,7 +988,7 @@ def tile_fits(tile: Tile, r: int) -> bool:
     and everything within shared memory (two sets of epilogue buffers ping-pong, whose
     partitions are one warpgroup each)."""
     bm, bn, _, warps, partitions = tile
-    br = block_rank(r)
+    br = rank_chunks(r)[0]
     shaped = (bm == 128 or warps == 4) and (partitions == 1 or (partitions == 2 and warps == 4))
     shaped = shaped and (br <= 32 or bn >= 4 * br)
     return shaped and _smem_bytes(tile, br) <= SMEM_BYTES
@@ -1011,7 +1061,8 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
     out_dtype = out.dtype
     if not supports(n, k, r, lowrank_up.dtype, out_dtype):
         raise ValueError(
-            f"fp8_gemm_ws takes N a multiple of 8, K of 16, a rank of {RANKS}, a 16-bit "
+            f"fp8_gemm_ws takes N a multiple of 8, K of 16, a rank of {RANKS} (with "
+            f"CHUNK_RANKS: a multiple of 16 up to {MAX_CHUNKED_RANK}), a 16-bit "
             f"L_up and output; got N = {n}, K = {k}, rank {r}, "
             f"{lowrank_up.dtype} L_up, {out_dtype} out"
         )
@@ -1048,7 +1099,7 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         descs.append(GluonDescriptor.from_tensor(xq2, c_block, _layout(*c_block, xq2.dtype)))
     descs += [descs[-1]] * (4 - len(descs))
     tiles = cdiv(m, bm) * cdiv(n, rows)
-    br = block_rank(r)
+    br, chunks = rank_chunks(r)
     next_args, next_consts = _next_args(nxt, s_channel, gated)
     _fp8_gemm_ws_kernel[(min(tiles, sms),)](
         a,
@@ -1072,8 +1123,9 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
         SPLIT=len(sizes) > 1,
-        MASK_R=r not in (0, br),
+        MASK_R=r not in (0, br * chunks),
         BR=br,
+        RCHUNKS=chunks,
         S=stages,
         GROUP=GROUP_M,
         num_warps=warps,
