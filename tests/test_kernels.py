@@ -2159,6 +2159,7 @@ def test_gemm_ws_chunked_ranks_policy(monkeypatch):
     from svdquant.kernels import gemm_ws
 
     bf = torch.bfloat16
+    assert gemm_ws.CHUNK_RANKS  # (on by default)
     monkeypatch.setattr(gemm_ws, "CHUNK_RANKS", False)
     assert not gemm_ws.supports(3072, 3072, 128, bf, bf)
     assert gemm_ws.rank_chunks(160) == (256, 1) and gemm_ws.rank_chunks(48) == (64, 1)
@@ -2228,7 +2229,8 @@ def test_gpu_fp8_gemm_hands_chunked_ranks_to_gemm_ws(monkeypatch, r):
 WS_CASES = [(4608, 3072, 3072, 32, True), (511, 3072, 3072, 32, False),
             (512, 3072, 3072, 32, True),
             (4608, 3072, 12288, 32, False), (4608, 100, 3072, 32, False),
-            (4608, 3072, 3072, 64, True), (1024, 3072, 3072, 128, False),
+            (4608, 3072, 3072, 64, True), (1024, 3072, 3072, 128, True),
+            (1024, 3072, 3072, 100, False),
             (4096, 3072, 12288, 32, True)]  # fmt: skip
 
 
@@ -2237,7 +2239,8 @@ WS_CASES = [(4608, 3072, 3072, 32, True), (511, 3072, 3072, 32, False),
 def test_gpu_fp8_gemm_hands_large_shapes_to_gemm_ws(monkeypatch, m, n, k, r, ws):
     """``fp8_gemm`` runs the Gluon kernel from ``WS_MIN_M`` rows where it takes the shape
     and the split-K tail does not pay, else its own (a base rank with a LoRA on top:
-    64 fits its shared memory, 128 does not); the numbers are the reference's either
+    64 fits its shared memory, 128 in chunks of 64 — ``CHUNK_RANKS`` —, 100 neither: not a
+    multiple of 16); the numbers are the reference's either
     way."""
     from svdquant.kernels import gemm_ws
 

@@ -146,27 +146,30 @@ TILE_COSTS: dict[Tile, tuple[float, float, float]] = {
 TESTED_TRITON = ("3.6",)
 
 
-#: The low-rank ranks it takes. Its shared memory holds the ring (144 KB), the store buffer
-#: (32 KB) and the low-rank operands (L_up's rows and the activations' 16-bit rows, 0.75 KB
-#: per unit of rank, with their fp32 rows staged: 0.5 KB more — in the store buffer above
-#: rank 32). Rank 64: 224 KB of the 227 KB of an sm_90 block; rank 128 does not fit
-#: (v34: with the fp32 rows apart, rank 64 and 128 failed to launch, "out of resource:
-#: shared memory"); other ranks (a LoRA on top of the base rank: 33-64 pad to 64) run on
-#: the Triton kernel. The layer at rank 64, M = 4096, against the Triton kernel (v34, two
-#: runs each way): 94.9 / 94.7 against 98.7 / 98.8 µs at 3072², 313.1 / 319.6 against
-#: 328.8 / 330.1 at N = 12288; next to a two-stage ring instead (bd2bf9c) it had been
-#: 1.15-1.19x slower. Ranks must be multiples of 16 (the low-rank rows' copies are 16
-#: bytes, masked by column where the rank is not its power of two). Rank 48 (a rank-16
-#: LoRA on a rank-32 model) against the Triton kernel (v35, ``bench/probe_layer.py --rank
-#: 48``, alternated twice): 1.04-1.06x faster at M = 1024 / 4096 where N = 12288 and at
-#: M = 4096, 3072², equal at M = 1024, 3072².
+#: The low-rank ranks it takes. Its shared memory holds the ring (144 KB), the store buffer (32 KB)
+#: and the low-rank operands (L_up's rows and the activations' 16-bit rows, 0.75 KB per unit of
+#: rank, with their fp32 rows staged: 0.5 KB more — in the store buffer above rank 32). Rank 64: 224
+#: KB of the 227 KB of an sm_90 block; rank 128 does not fit (v34: with the fp32 rows apart, rank 64
+#: and 128 failed to launch, "out of resource: shared memory"): ranks over 64 go in chunks
+#: (``CHUNK_RANKS``); a LoRA on top of the base rank that is no multiple of 16 runs on the Triton
+#: kernel. The layer at rank 64, M = 4096, against the Triton kernel (v34, two runs each way): 94.9
+#: / 94.7 against 98.7 / 98.8 µs at 3072², 313.1 / 319.6 against 328.8 / 330.1 at N = 12288; next to
+#: a two-stage ring instead (bd2bf9c) it had been 1.15-1.19x slower. Ranks must be multiples of 16
+#: (the low-rank rows' copies are 16 bytes, masked by column where the rank is not its power of
+#: two). Rank 48 (a rank-16 LoRA on a rank-32 model) against the Triton kernel (v35,
+#: ``bench/probe_layer.py --rank 48``, alternated twice): 1.04-1.06x faster at M = 1024 / 4096 where
+#: N = 12288 and at M = 4096, 3072², equal at M = 1024, 3072².
 RANKS = (0, 16, 32, 48, 64)
 #: Ranks over 64 (a LoRA of rank 64 or more stacked on the base rank: 96, 128, 160, up to
 #: ``lora.MAX_RANK``, multiples of 16) in chunks of ``RANK_CHUNK`` through rank 64's
 #: buffers: the first chunk requested before the K loop as now, each next one after the
-#: last one's MMA, its copy's latency in the epilogue. Prepared (v54), not yet run on the
-#: GPU: off (those ranks run on the Triton kernel).
-CHUNK_RANKS = False
+#: last one's MMA, its copy's latency in the epilogue — instead of the Triton kernel.
+#: Measured (v54, H200, ``bench/probe_layer.py --what layer --rank R --set
+#: gemm_ws.CHUNK_RANKS=True``, M = 1024 / 4096 / 4608, N x K = 3072², 12288 x 3072,
+#: 3072 x 12288, replayed): the layer 1.00-1.22x as fast at rank 160, 1.00-1.20x at 256,
+#: 0.99-1.07x at 128, 0.99-1.08x at 96 (the two 0.99s within a run's spread; most
+#: gained where N = 12288: its tiles' epilogues overlap the other partition's K loop).
+CHUNK_RANKS = True
 RANK_CHUNK = 64
 MAX_CHUNKED_RANK = 256
 
@@ -1125,7 +1128,6 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         SPLIT=len(sizes) > 1,
         MASK_R=r not in (0, br * chunks),
         BR=br,
-        RCHUNKS=chunks,
         S=stages,
         GROUP=GROUP_M,
         num_warps=warps,
@@ -1134,6 +1136,7 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         PP_REGS=PP_REGS,
         GATED=gated,
         **next_consts,
+        RCHUNKS=chunks,
     )
 
 
