@@ -122,7 +122,9 @@ SPLIT_MIN_SECOND = 64
 #: quantize.RANK_SLICES=True``, M = 1024 / 4096 / 4608, K = 3072 / 12288, N = 3072): the
 #: quantize 1.45-1.84x faster at rank 128, 2.29-3.25x at 160, 2.26-2.71x at 192 (against
 #: its two parts), 2.14-2.50x at 256; the layer 1.50-1.81x at 160, 1.47-1.58x at 192,
-#: 1.44-1.62x at 256 (rank 160 at M = 4096, 3072²: 252 -> 156 µs).
+#: 1.44-1.62x at 256 (rank 160 at M = 4096, 3072²: 252 -> 156 µs). Not at 80 / 96, whose
+#: two parts keep 64 rows: two slices ran the quantize 0.72-0.96x as fast; and 32-column
+#: slices lost to 64 (0.83-1.03x at ranks 128 / 256, ``…-v54-policy-*.json``).
 RANK_SLICES = True
 RANK_SLICE = 64
 
