@@ -146,19 +146,21 @@ TILE_COSTS: dict[Tile, tuple[float, float, float]] = {
 TESTED_TRITON = ("3.6",)
 
 
-#: The low-rank ranks it takes. Its shared memory holds the ring (144 KB), the store buffer (32 KB)
-#: and the low-rank operands (L_up's rows and the activations' 16-bit rows, 0.75 KB per unit of
-#: rank, with their fp32 rows staged: 0.5 KB more — in the store buffer above rank 32). Rank 64: 224
-#: KB of the 227 KB of an sm_90 block; rank 128 does not fit (v34: with the fp32 rows apart, rank 64
-#: and 128 failed to launch, "out of resource: shared memory"): ranks over 64 go in chunks
-#: (``CHUNK_RANKS``); a LoRA on top of the base rank that is no multiple of 16 runs on the Triton
-#: kernel. The layer at rank 64, M = 4096, against the Triton kernel (v34, two runs each way): 94.9
-#: / 94.7 against 98.7 / 98.8 µs at 3072², 313.1 / 319.6 against 328.8 / 330.1 at N = 12288; next to
-#: a two-stage ring instead (bd2bf9c) it had been 1.15-1.19x slower. Ranks must be multiples of 16
-#: (the low-rank rows' copies are 16 bytes, masked by column where the rank is not its power of
-#: two). Rank 48 (a rank-16 LoRA on a rank-32 model) against the Triton kernel (v35,
-#: ``bench/probe_layer.py --rank 48``, alternated twice): 1.04-1.06x faster at M = 1024 / 4096 where
-#: N = 12288 and at M = 4096, 3072², equal at M = 1024, 3072².
+#: The low-rank ranks it takes. Its shared memory holds the ring (144 KB), the store
+#: buffer (32 KB) and the low-rank operands (L_up's rows and the activations' 16-bit
+#: rows, 0.75 KB per unit of rank, with their fp32 rows staged: 0.5 KB more — in the
+#: store buffer above rank 32). Rank 64: 224 KB of the 227 KB of an sm_90 block; rank 128
+#: does not fit (v34: with the fp32 rows apart, rank 64 and 128 failed to launch, "out of
+#: resource: shared memory"): ranks over 64 go in chunks (``CHUNK_RANKS``); a LoRA on top
+#: of the base rank that is no multiple of 16 runs on the Triton kernel. The layer at
+#: rank 64, M = 4096, against the Triton kernel (v34, two runs each way): 94.9 / 94.7
+#: against 98.7 / 98.8 µs at 3072², 313.1 / 319.6 against 328.8 / 330.1 at N = 12288;
+#: next to a two-stage ring instead (bd2bf9c) it had been 1.15-1.19x slower. Ranks must
+#: be multiples of 16 (the low-rank rows' copies are 16 bytes, masked by column where the
+#: rank is not its power of two). Rank 48 (a rank-16 LoRA on a rank-32 model) against the
+#: Triton kernel (v35, ``bench/probe_layer.py --rank 48``, alternated twice): 1.04-1.06x
+#: faster at M = 1024 / 4096 where N = 12288 and at M = 4096, 3072², equal at M = 1024,
+#: 3072².
 RANKS = (0, 16, 32, 48, 64)
 #: Ranks over 64 (a LoRA of rank 64 or more stacked on the base rank: 96, 128, 160, up to
 #: ``lora.MAX_RANK``, multiples of 16) in chunks of ``RANK_CHUNK`` through rank 64's
@@ -949,7 +951,10 @@ def supports_next(n: int, k: int, r: int, r2: int, k_out2: int, lr_dtype: torch.
     buffer it borrows (r2 ≤ 64), and its input's rows whole 16-byte units for the TMA
     store (as its own GEMM's TMA loads need them)."""
     ok = supports_gated if gated else supports
-    return r2 <= 64 and k_out2 % 16 == 0 and ok(n, k, r, lr_dtype, out_dtype)
+    # (this layer's rank in chunks, ``CHUNK_RANKS``, not yet run on the GPU with the
+    # next-layer epilogue: those ranks keep the Triton kernel's)
+    unchunked = r in RANKS
+    return unchunked and r2 <= 64 and k_out2 % 16 == 0 and ok(n, k, r, lr_dtype, out_dtype)
 
 
 @functools.cache
