@@ -11,8 +11,8 @@ bias, ``ops.svdq_linear_triton``) is replayed from a CUDA graph with today's con
 ("default") and with the overrides ("set"), alternated twice, against BF16 ``F.linear``
 of the same run, at each M and (N, K) of ``bench/gemm.py`` (``--rank``: the low-rank
 branch's rank instead of the model's 32, e.g. a loaded LoRA's); ``--mlp`` adds the fused MLP
-pair (fc1 3072 -> 12288, GELU-tanh, fc2). ``--what quantize`` times the activation
-quantize alone (x [M, K], rank 32 or ``--rank``: e.g. ``--rank 96 --set
+pair (fc1 3072 -> 12288, GELU-tanh, fc2; ``--rank`` for both). ``--what quantize`` times
+the activation quantize alone (x [M, K], rank 32 or ``--rank``: e.g. ``--rank 96 --set
 quantize.SPLIT_RANK=True``), ``--what widen`` the weight widen alone (M unused;
 BF16 is then the layer's ``F.linear``, for scale) and ``--what gemv`` the W4A16 path
 (``w4a16_linear``: 16-bit activations, the modulation linears; e.g. ``--ms 1,4 --shapes
@@ -209,6 +209,8 @@ def main() -> None:
                           lambda la=layer, t=x: F.linear(t, la.w16, la.bias)))  # fmt: skip
         if a.mlp and a.what == "layer":
             fc1, fc2 = Layer(12288, 3072, seed=1), Layer(3072, 12288, seed=2)
+            if a.rank is not None:  # (both layers: fc2's rank is what fc1's epilogue sums)
+                fc1, fc2 = _with_rank(fc1, a.rank), _with_rank(fc2, a.rank)
             x = torch.randn(m, 3072, device="cuda").bfloat16()
             cases.append(("mlp", 3072, lambda x=x, f1=fc1, f2=fc2: svdq_mlp_triton(x, f1, f2),
                           lambda x=x, f1=fc1, f2=fc2: mlp_bf16(x, f1, f2)))  # fmt: skip
