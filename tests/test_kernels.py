@@ -2878,7 +2878,9 @@ def test_gemm_ws_is_not_used_without_a_hopper_gpu(monkeypatch):
         assert not gemm._ws_wanted(args[0], args[1], args[4], args[5], torch.bfloat16)
     assert gemm_ws.supports(3072, 3072, 32, torch.bfloat16, torch.bfloat16)
     assert not gemm_ws.supports(3072, 3072, 7, torch.bfloat16, torch.bfloat16)  # rank 7
-    assert not gemm_ws.supports(3072, 3072, 128, torch.bfloat16, torch.bfloat16)  # smem
+    assert gemm_ws.supports(3072, 3072, 128, torch.bfloat16, torch.bfloat16)  # in chunks
+    assert not gemm_ws.supports(3072, 3072, 272, torch.bfloat16, torch.bfloat16)  # > 256
+    assert not gemm_ws.supports(3072, 3072, 100, torch.bfloat16, torch.bfloat16)  # 16s
     assert not gemm_ws.supports(130, 3072, 32, torch.bfloat16, torch.bfloat16)  # N % 8
     assert not gemm_ws.supports(3072, 3072, 32, torch.float32, torch.bfloat16)  # fp32 L_up
     with pytest.raises(ValueError, match="rank 5"):  # refused before anything is launched
