@@ -2683,11 +2683,14 @@ def test_gpu_fp8_gemm_ws_gated_matches_reference(monkeypatch, tile, m, h, k, r, 
     got = gemm_ws.fp8_gemm_ws_gated(*args)
     assert got.shape == (m, h) and got.dtype == dtype
     assert rel_err(got, ref.fp8_gemm_gated_ref(*args)) <= TOL
-    own = ref.gated_ref(*gemm_ws.fp8_gemm_ws(*args).chunk(2, dim=-1), "gelu")
+    v, g = gemm_ws.fp8_gemm_ws(*args).float().chunk(2, dim=-1)
+    own = ref.gated_ref(v.to(dtype), g.to(dtype), "gelu").float()
     # the pairing of value and gate columns exact: a few 16-bit ulps where the erf
-    # approximation moves a rounding (v46 on the H200: 0.66% of fp16 values, 0.12% of bf16)
-    diff = (got.float() - own.float()).abs()
-    assert (diff <= 2 * torch.finfo(dtype).eps * own.float().abs() + 1e-6).all()
+    # approximation moves a rounding (v46 on the H200: 0.66% of fp16 values, 0.12% of bf16),
+    # plus that approximation's own error, |Δerf| ≤ 1.5e-7, times v · g / 2: many ulps of a
+    # gate deep in GELU's tail (g ≈ -4: gelu(g) ≈ -1e-4), which K = 3072's sums reach
+    diff = (got.float() - own).abs()
+    assert (diff <= 2 * torch.finfo(dtype).eps * own.abs() + (v * g).abs() * 1e-7 + 1e-6).all()
     assert (diff > 0).float().mean().item() <= 0.02
 
 
