@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python bench/probe_layer.py --set 'widen.TILE=(32, 512, 4)' \\
         [--set ...] [--what layer|quantize|widen|gemv|kept] [--ms 512,1024,4608] \\
-        [--shapes 3072x3072,...] [--rank R] [--mlp] [--out DIR]
+        [--shapes 3072x3072,...] [--rank R] [--mlp [--rank2 R2]] [--out DIR]
 
 Each ``--set module.NAME=VALUE`` names a constant of a module under
 ``svdquant.kernels`` (or one entry of a dict constant: ``gemv.TILES['dp4a']``) and a
@@ -11,7 +11,9 @@ bias, ``ops.svdq_linear_triton``) is replayed from a CUDA graph with today's con
 ("default") and with the overrides ("set"), alternated twice, against BF16 ``F.linear``
 of the same run, at each M and (N, K) of ``bench/gemm.py`` (``--rank``: the low-rank
 branch's rank instead of the model's 32, e.g. a loaded LoRA's); ``--mlp`` adds the fused MLP
-pair (fc1 3072 -> 12288, GELU-tanh, fc2; ``--rank`` for both). ``--what quantize`` times
+pair (fc1 3072 -> 12288, GELU-tanh, fc2; ``--rank`` for both, ``--rank2`` fc2's apart: fc1's
+epilogue sums fc2's low-rank down, so a LoRA on fc1 alone is ``--rank 96 --rank2 32``).
+``--what quantize`` times
 the activation quantize alone (x [M, K], rank 32 or ``--rank``: e.g. ``--rank 96 --set
 quantize.SPLIT_RANK=True``), ``--what widen`` the weight widen alone (M unused;
 BF16 is then the layer's ``F.linear``, for scale) and ``--what gemv`` the W4A16 path
@@ -190,12 +192,15 @@ def main() -> None:
     p.add_argument("--what", choices=WHAT, default="layer", help="what to time")
     p.add_argument("--mlp", action="store_true", help="also the fused MLP pair")
     p.add_argument("--rank", type=int, default=None, help="the low-rank branch's rank")
+    p.add_argument("--rank2", type=int, default=None, help="the MLP's fc2 rank (default --rank)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
     if not a.sets:
         raise SystemExit("nothing to compare: give at least one --set module.NAME=VALUE")
     sets = merge_sets([parse_set(s) for s in a.sets])
-    result = {**run_info(), "set": a.sets, "what": a.what, "rank": a.rank, "rows": []}
+    rank2 = a.rank if a.rank2 is None else a.rank2
+    result = {**run_info(), "set": a.sets, "what": a.what, "rank": a.rank, "rank2": rank2,
+              "rows": []}  # fmt: skip
     print(f"{a.what}, set:", "; ".join(a.sets))
     print(f"{'M':>5} {'N':>6} {'K':>6} | bf16 us | default x2      | set x2          | "
           "set vs default, x BF16 default -> set")  # fmt: skip
@@ -209,8 +214,8 @@ def main() -> None:
                           lambda la=layer, t=x: F.linear(t, la.w16, la.bias)))  # fmt: skip
         if a.mlp and a.what == "layer":
             fc1, fc2 = Layer(12288, 3072, seed=1), Layer(3072, 12288, seed=2)
-            if a.rank is not None:  # (both layers: fc2's rank is what fc1's epilogue sums)
-                fc1, fc2 = _with_rank(fc1, a.rank), _with_rank(fc2, a.rank)
+            fc1 = fc1 if a.rank is None else _with_rank(fc1, a.rank)
+            fc2 = fc2 if rank2 is None else _with_rank(fc2, rank2)
             x = torch.randn(m, 3072, device="cuda").bfloat16()
             cases.append(("mlp", 3072, lambda x=x, f1=fc1, f2=fc2: svdq_mlp_triton(x, f1, f2),
                           lambda x=x, f1=fc1, f2=fc2: mlp_bf16(x, f1, f2)))  # fmt: skip
