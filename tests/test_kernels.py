@@ -2691,7 +2691,9 @@ def test_gpu_fp8_gemm_ws_gated_matches_reference(monkeypatch, tile, m, h, k, r, 
     # gate deep in GELU's tail (g ≈ -4: gelu(g) ≈ -1e-4), which K = 3072's sums reach
     diff = (got.float() - own).abs()
     assert (diff <= 2 * torch.finfo(dtype).eps * own.abs() + (v * g).abs() * 1e-7 + 1e-6).all()
-    assert (diff > 0).float().mean().item() <= 0.02
+    # outside that tail few values move (a CPU emulation: 0.16% of rank 160's; in the tail,
+    # g ≤ -3, 3.8% of all its values — 3.4% of everything on the H200 at v55)
+    assert ((diff > 0) & (g.abs() < 3)).float().mean().item() <= 0.02
 
 
 @pytest.mark.gpu
