@@ -174,10 +174,10 @@ RANKS = (0, 16, 32, 48, 64)
 CHUNK_RANKS = True
 RANK_CHUNK = 64
 MAX_CHUNKED_RANK = 256
-#: ... and with the next-layer epilogue (``fp8_gemm_ws_next``): the same code path, but not
-#: yet run on the GPU there (v54: the device time ran out) — off, so those ranks keep the
-#: Triton kernel's epilogue; ``test_gpu_fp8_gemm_ws_next_chunked_ranks`` sets it.
-CHUNK_NEXT = False
+#: Not with the next-layer epilogue (``fp8_gemm_ws_next``): that took chunked ranks too
+#: (v54's ``CHUNK_NEXT``), but measured equal there (v55: the fused MLP at fc1 rank 96 /
+#: 160, fc2 rank 32, M = 1024 / 4608: 0.99-1.00x, ``probe_layer-h200-2026-12-02-v55-
+#: chunk-next-*.json``) and was removed: those ranks keep the Triton kernel's epilogue.
 
 
 def rank_chunks(r: int) -> tuple[int, int]:
@@ -955,8 +955,7 @@ def supports_next(n: int, k: int, r: int, r2: int, k_out2: int, lr_dtype: torch.
     buffer it borrows (r2 ≤ 64), and its input's rows whole 16-byte units for the TMA
     store (as its own GEMM's TMA loads need them)."""
     ok = supports_gated if gated else supports
-    taken = r in RANKS or CHUNK_NEXT  # (this layer's rank in chunks: ``CHUNK_NEXT``)
-    return taken and r2 <= 64 and k_out2 % 16 == 0 and ok(n, k, r, lr_dtype, out_dtype)
+    return r in RANKS and r2 <= 64 and k_out2 % 16 == 0 and ok(n, k, r, lr_dtype, out_dtype)
 
 
 @functools.cache
