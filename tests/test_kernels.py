@@ -1586,6 +1586,43 @@ def test_fused_layer_with_loras_equals_its_parts(monkeypatch, lora_parts):
     assert torch.equal(full, fused.lowrank_up)
 
 
+def test_fused_group_stacks_past_max_rank_by_parts(monkeypatch):
+    """A group whose LoRAs stack past ``lora.MAX_RANK`` fuses when each part reads only its
+    own columns (``gemm.LORA_PARTS``) and each part's rank stays within it, up to
+    ``gemm.MAX_STACKED_RANK`` stacked columns; each part's output is its layer's (the
+    quantize's stacked sums in rank slices, the GEMM's parts in rank chunks on the GPU)."""
+    from svdquant import lora
+    from svdquant.fuse import _concat, _fusable, _split
+    from svdquant.kernels import gemm
+
+    sizes = [256, 256, 512]
+    _, layer, calib = _layer("int4", "int4", k=64, n=sum(sizes), rank=16)
+    layers = _split(layer, sizes)
+    g = _gen(12)
+    for part in layers:  # a rank-128 LoRA on each: 16 + 3 x 128 = 400 stacked, 144 a part
+        a = torch.randn(128, 64, generator=g).to(DEVICE, part.lowrank_down.dtype) * 0.1
+        bu = torch.randn(part.out_features, 128, generator=g).to(DEVICE, a.dtype) * 0.1
+        part.lowrank_down = torch.cat([part.lowrank_down, a])
+        part.lowrank_up = torch.cat([part.lowrank_up, bu], dim=1)
+    monkeypatch.setattr(gemm, "MAX_STACKED_RANK", 256)
+    assert "MAX_STACKED_RANK = 256" in _fusable(layers)
+    monkeypatch.setattr(gemm, "MAX_STACKED_RANK", 400)
+    assert _fusable(layers) is None
+    with monkeypatch.context() as mp:
+        mp.setattr(lora, "MAX_RANK", 128)  # a part's 144 columns past it
+        assert "a part's LoRAs stacked to rank 144" in _fusable(layers)
+        mp.setattr(gemm, "LORA_PARTS", False)  # the whole stacked L_up in every part
+        assert "stacked to rank 400, above lora.MAX_RANK" in _fusable(layers)
+    fused = _concat(layers)
+    assert fused.lora_parts == [16, 128, 128, 128]
+    for m in (*layers, fused):
+        m.backend = "triton"
+    x = torch.randn(600 if DEVICE == "cuda" else 70, 64, generator=g).to(DEVICE, calib.dtype)
+    outs = svdquant.kernels.svdq_linear_split_triton(fused, x, sizes)
+    for out, part in zip(outs, layers, strict=True):
+        assert rel_err(out, part(x)) < (1e-5 if DEVICE == "cpu" else TOL)
+
+
 @pytest.mark.parametrize("act_fmt", ["int4", "fp8"])
 def test_fused_layer_equals_its_parts(act_fmt):
     """``svdquant.fuse_projections``'s concatenation on the engine: one quantize and one

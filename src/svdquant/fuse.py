@@ -99,10 +99,30 @@ def _fusable(layers: list[nn.Module]) -> str | None:
                 return f"different {name} (not quantized as one group)"
         if not torch.equal(_base_down(m), _base_down(a)):  # past it: each layer's LoRAs
             return "different lowrank_down (not quantized as one group)"
+    return _rank_refused(layers)
+
+
+def _rank_refused(layers: list[SVDQLinear]) -> str | None:
+    """Why the layers' stacked low-rank branches are too wide to fuse (None if not): the
+    stacked rank within ``lora.MAX_RANK`` — or, where each part reads only its own LoRA
+    columns (``kernels.gemm.LORA_PARTS``), each part's rank within it and the stacked
+    columns within ``kernels.gemm.MAX_STACKED_RANK``."""
+    from svdquant.kernels import gemm
     from svdquant.lora import MAX_RANK
 
-    if (rank := _concat_rank(layers)) > MAX_RANK:
+    rank = _concat_rank(layers)
+    if rank <= MAX_RANK:
+        return None
+    if not gemm.LORA_PARTS or _shared_extra(layers):
         return f"their LoRAs stacked to rank {rank}, above lora.MAX_RANK = {MAX_RANK}"
+    part = layers[0].rank + max(m.lowrank_down.shape[0] - m.rank for m in layers)
+    if part > MAX_RANK:
+        return f"a part's LoRAs stacked to rank {part}, above lora.MAX_RANK = {MAX_RANK}"
+    if rank > gemm.MAX_STACKED_RANK:
+        return (
+            f"their LoRAs stacked to rank {rank}, above kernels.gemm.MAX_STACKED_RANK = "
+            f"{gemm.MAX_STACKED_RANK}"
+        )
     return None
 
 
