@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import types
+import warnings
 from typing import Any
 
 import torch
@@ -99,7 +100,15 @@ def _fusable(layers: list[nn.Module]) -> str | None:
                 return f"different {name} (not quantized as one group)"
         if not torch.equal(_base_down(m), _base_down(a)):  # past it: each layer's LoRAs
             return "different lowrank_down (not quantized as one group)"
-    return _rank_refused(layers)
+    reason = _rank_refused(layers)
+    if reason is not None and _rank_refusals is not None:
+        _rank_refusals[id(layers[0])] = reason
+    return reason
+
+
+#: While ``fuse_projections`` runs: the groups its LoRAs' stacked rank kept apart (by
+#: their first layer), for one warning — a user loses the fusion's speed there.
+_rank_refusals: dict[int, str] | None = None
 
 
 def _rank_refused(layers: list[SVDQLinear]) -> str | None:
@@ -1073,8 +1082,27 @@ def fuse_projections(model: nn.Module) -> int:
     projections. Layers that carry LoRAs are fused with them (stacked after the shared base
     branch: the same outputs); modules whose layers cannot be fused (16-bit, separately
     quantized) or whose attention runs another processor than diffusers' own (an
-    IP-adapter's) stay as they are. A ``cuda_graphed`` model's graphs are dropped."""
+    IP-adapter's) stay as they are; groups whose LoRAs stack past the kernels' rank limits
+    too, with a warning. A ``cuda_graphed`` model's graphs are dropped."""
+    global _rank_refusals
     _drop_graphs(model)
+    _rank_refusals = {}
+    try:
+        count = _fuse_all(model)
+    finally:
+        refused, _rank_refusals = _rank_refusals, None
+    if refused:
+        warnings.warn(
+            f"svdquant: {len(refused)} group(s) of projections left unfused, e.g. "
+            f"{next(iter(refused.values()))}: their layers run apart, slower (a LoRA's "
+            "rank adds to the stacked rank of every group it touches; docs/lora.md)",
+            stacklevel=2,
+        )
+    return count
+
+
+def _fuse_all(model: nn.Module) -> int:
+    """``fuse_projections``' work; returns how many attention modules it fused."""
     count = 0
     for module in list(model.modules()):
         if getattr(module, _FUSED_ATTR, None) is not None or hasattr(module, _ORIG_CLASS):
