@@ -55,10 +55,11 @@ def _quantize_spec(
     rank: int = 32,
     split: bool = False,
     sliced: bool = False,
+    tile: str = "large",
 ) -> dict[str, Any]:
     from svdquant.kernels import quantize as q
 
-    bm, bk, warps = q.TILES["large"]
+    bm, bk, warps = q.TILES[tile]
     before, q.SPLIT_RANK = q.SPLIT_RANK, split
     br, br2 = q.rank_parts(rank)
     q.SPLIT_RANK = before
@@ -131,6 +132,14 @@ for _name, _tail, _rank, _split in (
 # ranks over 128 in slices of 64 columns, a program each (``quantize.RANK_SLICES``)
 SPECS["quantize_rank160_sliced"] = functools.partial(_quantize_spec, -1, rank=160, sliced=True)
 SPECS["quantize_cat_rank160_sliced"] = functools.partial(_quantize_spec, 1, rank=160, sliced=True)
+# a fused FLUX single block with a rank-128 LoRA on each layer (32 + 4 x 128) at 64 rows
+# or fewer: one 1024-wide part against slices (``quantize.rank_slices`` past 256)
+SPECS["quantize_small_rank544"] = functools.partial(
+    _quantize_spec, -1, rank=544, split=True, tile="small"
+)
+SPECS["quantize_small_rank544_sliced"] = functools.partial(
+    _quantize_spec, -1, rank=544, sliced=True, tile="small"
+)
 
 
 @_spec("quantize_cat")

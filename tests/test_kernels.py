@@ -1613,6 +1613,9 @@ def test_fused_group_stacks_past_max_rank_by_parts(monkeypatch):
         assert "a part's LoRAs stacked to rank 144" in _fusable(layers)
         mp.setattr(gemm, "LORA_PARTS", False)  # the whole stacked L_up in every part
         assert "stacked to rank 400, above lora.MAX_RANK" in _fusable(layers)
+    with monkeypatch.context() as mp:  # parts the GEMM cannot split: not past MAX_RANK
+        mp.setattr(gemm, "SPLIT_ALIGN", 512)
+        assert "do not split in the GEMM" in _fusable(layers)
     fused = _concat(layers)
     assert fused.lora_parts == [16, 128, 128, 128]
     for m in (*layers, fused):

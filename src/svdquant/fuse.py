@@ -115,8 +115,9 @@ def _rank_refused(layers: list[SVDQLinear]) -> str | None:
     """Why the layers' stacked low-rank branches are too wide to fuse (None if not): the
     stacked rank within ``lora.MAX_RANK`` — or, where each part reads only its own LoRA
     columns (``kernels.gemm.LORA_PARTS``), each part's rank within it and the stacked
-    columns within ``kernels.gemm.MAX_STACKED_RANK``."""
+    columns within ``kernels.gemm.MAX_STACKED_RANK``, the parts split in the GEMM."""
     from svdquant.kernels import gemm
+    from svdquant.kernels.ops import splits_in_gemm
     from svdquant.lora import MAX_RANK
 
     rank = _concat_rank(layers)
@@ -127,6 +128,12 @@ def _rank_refused(layers: list[SVDQLinear]) -> str | None:
     part = layers[0].rank + max(m.lowrank_down.shape[0] - m.rank for m in layers)
     if part > MAX_RANK:
         return f"a part's LoRAs stacked to rank {part}, above lora.MAX_RANK = {MAX_RANK}"
+    sizes = [m.out_features for m in layers]
+    if not splits_in_gemm(layers[0].act_fmt, sizes):  # (else the whole stacked L_up runs)
+        return (
+            f"their LoRAs stacked to rank {rank}, above lora.MAX_RANK = {MAX_RANK}, and "
+            f"parts of {sizes} columns do not split in the GEMM"
+        )
     if rank > gemm.MAX_STACKED_RANK:
         return (
             f"their LoRAs stacked to rank {rank}, above kernels.gemm.MAX_STACKED_RANK = "
