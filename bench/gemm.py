@@ -266,7 +266,7 @@ def bench_lora_ranks(m: int, n: int, k: int) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(7)
     rows = []
     bf16 = bench_graph(lambda: F.linear(x, layer.w16, layer.bias))
-    for r in (0, 16, 32, 48, 64, 96, 128, 160, 256):
+    for r in (0, 16, 32, 36, 40, 48, 64, 96, 128, 160, 256):  # 36, 40: rank-4 / 8 LoRAs
         layer.down = (torch.randn(r, k, device="cuda", generator=g) / k**0.5).bfloat16()
         layer.up = (torch.randn(n, r, device="cuda", generator=g) * 0.02).bfloat16()
         try:
