@@ -1590,7 +1590,8 @@ def test_fused_group_stacks_past_max_rank_by_parts(monkeypatch):
     """A group whose LoRAs stack past ``lora.MAX_RANK`` fuses when each part reads only its
     own columns (``gemm.LORA_PARTS``) and each part's rank stays within it, up to
     ``gemm.MAX_STACKED_RANK`` stacked columns; each part's output is its layer's (the
-    quantize's stacked sums in rank slices, the GEMM's parts in rank chunks on the GPU)."""
+    quantize's stacked sums in rank slices, the GEMM's parts in rank chunks on the GPU),
+    the fused layer holding only the compact L_up."""
     from svdquant import lora
     from svdquant.fuse import _concat, _fusable, _split
     from svdquant.kernels import gemm
@@ -1618,12 +1619,25 @@ def test_fused_group_stacks_past_max_rank_by_parts(monkeypatch):
         assert "do not split in the GEMM" in _fusable(layers)
     fused = _concat(layers)
     assert fused.lora_parts == [16, 128, 128, 128]
+    # only the compact L_up [U_i, B_i] (16 + 128 columns), not the stacked [N, 400]
+    assert fused.lowrank_up.shape == (sum(sizes), 144)
+    assert not hasattr(fused, "lowrank_up_parts")
     for m in (*layers, fused):
         m.backend = "triton"
     x = torch.randn(600 if DEVICE == "cuda" else 70, 64, generator=g).to(DEVICE, calib.dtype)
-    outs = svdquant.kernels.svdq_linear_split_triton(fused, x, sizes)
-    for out, part in zip(outs, layers, strict=True):
-        assert rel_err(out, part(x)) < (1e-5 if DEVICE == "cpu" else TOL)
+    want = [part(x) for part in layers]
+    for lora_parts in (True, False):  # (the compact L_up is read by parts either way)
+        monkeypatch.setattr(gemm, "LORA_PARTS", lora_parts)
+        outs = svdquant.kernels.svdq_linear_split_triton(fused, x, sizes)
+        for out, w in zip(outs, want, strict=True):
+            assert rel_err(out, w) < (1e-5 if DEVICE == "cpu" else TOL)
+    # the paths that read the whole L_up get it expanded: the plain forward, dequantize
+    whole = fused(x[:5])
+    assert rel_err(whole, torch.cat([w[:5] for w in want], dim=-1)) < TOL
+    weights = torch.cat([part.dequantize() for part in layers])
+    assert rel_err(fused.dequantize(), weights) < 1e-3  # (fp32 sums of other lengths)
+    for back, part in zip(_split(fused, sizes), layers, strict=True):  # unfused: the base
+        assert torch.equal(back.lowrank_up, part.lowrank_up[:, :16])
 
 
 @pytest.mark.parametrize("act_fmt", ["int4", "fp8"])

@@ -514,6 +514,45 @@ def test_fused_runtime_carries_loras(flux, tmp_path):
     assert all(torch.equal(u, v) for u, v in zip(outputs(q, calls), base, strict=True))
 
 
+def test_fused_runtime_stacks_loras_past_max_rank_by_parts(flux, tmp_path, monkeypatch):
+    """Groups whose LoRAs stack past ``lora.MAX_RANK`` fuse by their parts
+    (``kernels.gemm.MAX_STACKED_RANK``): the same outputs, without a warning, the fused
+    layers holding only the compact L_up; a LoRA change and unfusing as ever."""
+    import warnings
+
+    from svdquant import fuse_projections, lora, unfuse_projections
+    from svdquant.kernels import gemm
+
+    _pipe, model, quant, calls = flux
+    q = copy.deepcopy(quant)
+    factors, _ = _peft_lora(model)
+    write_lora(tmp_path / "every.safetensors", factors, "peft", alpha=2.0)
+    load_lora(q, tmp_path / "every.safetensors", strength=0.8, name="style")
+    with_lora, state = outputs(q, calls), {k: v.clone() for k, v in q.state_dict().items()}
+    r = q.transformer_blocks[0].attn.to_q.rank
+    monkeypatch.setattr(lora, "MAX_RANK", r + 4)  # a part's rank; q/k/v stack to r + 12
+    monkeypatch.setattr(gemm, "MAX_STACKED_RANK", 1024)
+    monkeypatch.setattr(gemm, "SPLIT_ALIGN", 16)  # (the tiny model's parts "split")
+    n_attn = len(q.transformer_blocks) + len(q.single_transformer_blocks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fuse_projections(q) == n_attn
+    double, single = q.transformer_blocks[0].attn.to_qkv, q.single_transformer_blocks[0].qkv_mlp
+    for fused, stacked in ((double.linear, r + 12), (single.linear, r + 16)):
+        assert fused.lowrank_down.shape[0] == stacked
+        assert fused.lowrank_up.shape[1] == -(-(r + 4) // 16) * 16  # compact only
+    assert error(outputs(q, calls), with_lora) < 1e-5
+    set_lora_strength(q, "style", 0.0)  # unfused for the change, fused again
+    assert q.transformer_blocks[0].attn.fused_projections
+    set_lora_strength(q, "style", 0.8)
+    assert error(outputs(q, calls), with_lora) < 1e-5
+    assert unfuse_projections(q) == n_attn
+    assert all(torch.equal(v, state[k]) for k, v in q.state_dict().items())
+    monkeypatch.setattr(gemm, "MAX_STACKED_RANK", r + 4)  # as today: apart, with a warning
+    with pytest.warns(UserWarning, match="left unfused"):
+        assert fuse_projections(q) == 0
+
+
 @pytest.mark.gpu
 @torch.no_grad()
 @pytest.mark.parametrize("parts", [False, True])

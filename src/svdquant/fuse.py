@@ -174,7 +174,9 @@ def _concat(layers: list[SVDQLinear]) -> SVDQLinear:
     ``lowrank_down``, columns to its ``lowrank_up``) are stacked after the shared base
     branch — ``[base; A_1; A_2; ...]`` down, ``[U_i, 0, .., B_i, .., 0]`` up for layer i's
     rows — so every output column gets exactly its own layer's low-rank terms; LoRA rows
-    the layers share are kept once."""
+    the layers share are kept once. A group stacked past ``lora.MAX_RANK`` (fused by its
+    parts, ``kernels.gemm.MAX_STACKED_RANK``) keeps only the compact L_up ``[U_i, B_i]``
+    (``lora_parts``, ``_compact_sizes``): the stacked one would be mostly zeros."""
     a = layers[0]
     r = a.rank
     fused = _shell(a, sum(m.out_features for m in layers))
@@ -195,15 +197,26 @@ def _concat(layers: list[SVDQLinear]) -> SVDQLinear:
             nn.functional.pad(m.lowrank_up, (0, max(extra) - e))
             for m, e in zip(layers, extra, strict=True)
         ]
-        sizes = [m.out_features for m in layers]
-        fused.lowrank_up = expand_lowrank_parts(torch.cat(own), [r, *extra], sizes)
-        _keep_parts(fused, layers, extra)
+        sizes, compact = [m.out_features for m in layers], torch.cat(own)
+        if fused.lowrank_down.shape[0] > _max_rank():  # fused by its parts (``_rank_refused``)
+            width = -(-compact.shape[1] // 16) * 16  # as ``compact_lowrank_parts`` pads it
+            fused.lowrank_up = nn.functional.pad(compact, (0, width - compact.shape[1]))
+            fused.lora_parts, fused._compact_sizes = [r, *extra], sizes
+        else:
+            fused.lowrank_up = expand_lowrank_parts(compact, [r, *extra], sizes)
+            _keep_parts(fused, layers, extra)
     fused.alpha = a.alpha
     if all(m.fp8_weights() is not None for m in layers):  # keep_fp8_weights: kept fused
         fused.keep_fp8_weights(codes_on_host=all(m.codes_on_host() for m in layers))
     else:  # (codes some part kept on the host go back to the GPU: nothing widens them there)
         fused.keep_fp8_weights(False)
     return fused
+
+
+def _max_rank() -> int:
+    from svdquant.lora import MAX_RANK
+
+    return MAX_RANK
 
 
 def _keep_parts(fused: SVDQLinear, layers: list[SVDQLinear], extra: list[int]) -> None:

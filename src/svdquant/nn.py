@@ -232,6 +232,15 @@ class SVDQLinear(nn.Module):
         state.pop("_fp8_source", None)
         return state
 
+    def _whole_lowrank_up(self) -> torch.Tensor:
+        """``lowrank_up`` against the whole ``lowrank_down``: a fused group's compact one
+        (``svdquant.fuse``, stacked past ``lora.MAX_RANK`` and kept by parts alone)
+        expanded, for the paths that do not read it by parts."""
+        sizes = getattr(self, "_compact_sizes", None)
+        if sizes is None:
+            return self.lowrank_up
+        return kernels.reference.expand_lowrank_parts(self.lowrank_up, self.lora_parts, sizes)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if kernels.resolve_backend(self.backend, x.device) == "triton":
@@ -243,7 +252,7 @@ class SVDQLinear(nn.Module):
                 self.smooth,
                 self.act_amax,
                 self.lowrank_down,
-                self.lowrank_up,
+                self._whole_lowrank_up(),
                 self.bias,
                 self.fmt,
                 self.act_fmt,
@@ -256,7 +265,7 @@ class SVDQLinear(nn.Module):
             self.wtensor_scale,
             self.smooth,
             self.lowrank_down,
-            self.lowrank_up,
+            self._whole_lowrank_up(),
             self.bias,
             self.fmt,
             self.act_fmt,
@@ -331,7 +340,7 @@ class SVDQLinear(nn.Module):
         """
         w = formats.dequantize(self.quantized_residual())
         if self.rank:
-            w = w + self.lowrank_up.float() @ self.lowrank_down.float()
+            w = w + self._whole_lowrank_up().float() @ self.lowrank_down.float()
         return (w / self.smooth.float()).to(self.lowrank_down.dtype)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SVDQLinear:

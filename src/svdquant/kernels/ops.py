@@ -582,6 +582,8 @@ def _lora_parts(layer: torch.nn.Module, sizes: list[int], x: torch.Tensor):
     which then run the stacked L_up), else (None, the stacked L_up)."""
     from svdquant.kernels import gemm
 
+    if getattr(layer, "_compact_sizes", None) is not None:  # its only L_up (``fuse``)
+        return layer.lora_parts, layer.lowrank_up
     parts = getattr(layer, "lora_parts", None) if gemm.LORA_PARTS else None
     if parts is None:
         return None, layer.lowrank_up
