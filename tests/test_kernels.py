@@ -1549,6 +1549,16 @@ def test_forward_split_gives_contiguous_parts(sizes):
             svdquant.kernels.svdq_linear_split_triton(layer, x, sizes)
 
 
+def _append_lora_rows(part, extra: int, g: torch.Generator) -> None:
+    """Give ``part`` a random rank-``extra`` LoRA of its own, rows after its base branch
+    (as ``lora._rebuild`` appends a loaded one)."""
+    k = part.in_features
+    a = torch.randn(extra, k, generator=g).to(DEVICE, part.lowrank_down.dtype) * 0.1
+    bu = torch.randn(part.out_features, extra, generator=g).to(DEVICE, a.dtype) * 0.1
+    part.lowrank_down = torch.cat([part.lowrank_down, a])
+    part.lowrank_up = torch.cat([part.lowrank_up, bu], dim=1)
+
+
 @pytest.mark.parametrize("lora_parts", [False, True])
 def test_fused_layer_with_loras_equals_its_parts(monkeypatch, lora_parts):
     """A fused group whose layers carry their own LoRAs (rows stacked after the shared
@@ -1563,10 +1573,7 @@ def test_fused_layer_with_loras_equals_its_parts(monkeypatch, lora_parts):
     layers = _split(layer, sizes)
     g = _gen(11)
     for part, extra in zip(layers, (4, 0, 12), strict=True):  # the middle one: no LoRA
-        a = torch.randn(extra, 64, generator=g).to(DEVICE, part.lowrank_down.dtype) * 0.1
-        bu = torch.randn(part.out_features, extra, generator=g).to(DEVICE, a.dtype) * 0.1
-        part.lowrank_down = torch.cat([part.lowrank_down, a])
-        part.lowrank_up = torch.cat([part.lowrank_up, bu], dim=1)
+        _append_lora_rows(part, extra, g)
     fused = _concat(layers)
     assert fused.lowrank_down.shape[0] == 8 + 16
     assert fused.lora_parts == [8, 4, 0, 12]
@@ -1601,10 +1608,7 @@ def test_fused_group_stacks_past_max_rank_by_parts(monkeypatch):
     layers = _split(layer, sizes)
     g = _gen(12)
     for part in layers:  # a rank-128 LoRA on each: 16 + 3 x 128 = 400 stacked, 144 a part
-        a = torch.randn(128, 64, generator=g).to(DEVICE, part.lowrank_down.dtype) * 0.1
-        bu = torch.randn(part.out_features, 128, generator=g).to(DEVICE, a.dtype) * 0.1
-        part.lowrank_down = torch.cat([part.lowrank_down, a])
-        part.lowrank_up = torch.cat([part.lowrank_up, bu], dim=1)
+        _append_lora_rows(part, 128, g)
     monkeypatch.setattr(gemm, "MAX_STACKED_RANK", 256)
     assert "MAX_STACKED_RANK = 256" in _fusable(layers)
     monkeypatch.setattr(gemm, "MAX_STACKED_RANK", 400)

@@ -188,7 +188,8 @@ def _concat(layers: list[SVDQLinear]) -> SVDQLinear:
         fused.lowrank_down = a.lowrank_down
         fused.lowrank_up = torch.cat([m.lowrank_up for m in layers])
     else:
-        from svdquant.kernels.reference import expand_lowrank_parts
+        from svdquant.kernels.reference import compact_width, expand_lowrank_parts
+        from svdquant.lora import MAX_RANK
 
         extra = [m.lowrank_down.shape[0] - r for m in layers]
         fused.lowrank_down = torch.cat([_base_down(a)] + [m.lowrank_down[r:] for m in layers])
@@ -198,10 +199,10 @@ def _concat(layers: list[SVDQLinear]) -> SVDQLinear:
             for m, e in zip(layers, extra, strict=True)
         ]
         sizes, compact = [m.out_features for m in layers], torch.cat(own)
-        if fused.lowrank_down.shape[0] > _max_rank():  # fused by its parts (``_rank_refused``)
-            width = -(-compact.shape[1] // 16) * 16  # as ``compact_lowrank_parts`` pads it
-            fused.lowrank_up = nn.functional.pad(compact, (0, width - compact.shape[1]))
+        if fused.lowrank_down.shape[0] > MAX_RANK:  # fused by its parts (``_rank_refused``)
             fused.lora_parts, fused._compact_sizes = [r, *extra], sizes
+            width = compact_width(fused.lora_parts)
+            fused.lowrank_up = nn.functional.pad(compact, (0, width - compact.shape[1]))
         else:
             fused.lowrank_up = expand_lowrank_parts(compact, [r, *extra], sizes)
             _keep_parts(fused, layers, extra)
@@ -211,12 +212,6 @@ def _concat(layers: list[SVDQLinear]) -> SVDQLinear:
     else:  # (codes some part kept on the host go back to the GPU: nothing widens them there)
         fused.keep_fp8_weights(False)
     return fused
-
-
-def _max_rank() -> int:
-    from svdquant.lora import MAX_RANK
-
-    return MAX_RANK
 
 
 def _keep_parts(fused: SVDQLinear, layers: list[SVDQLinear], extra: list[int]) -> None:

@@ -579,7 +579,8 @@ def _lora_parts(layer: torch.nn.Module, sizes: list[int], x: torch.Tensor):
     """(``parts``, L_up) for a fused layer's split GEMM: a fused group's own LoRAs with
     each part reading its own columns under ``gemm.LORA_PARTS`` (the compact L_up made at
     the first eager call that wants it: not while tracing or capturing a CUDA graph,
-    which then run the stacked L_up), else (None, the stacked L_up)."""
+    which then run the stacked L_up), else (None, the stacked L_up). A group fused past
+    ``lora.MAX_RANK`` keeps the compact L_up alone: read by parts whatever the switch."""
     from svdquant.kernels import gemm
 
     if getattr(layer, "_compact_sizes", None) is not None:  # its only L_up (``fuse``)

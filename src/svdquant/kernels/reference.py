@@ -316,13 +316,18 @@ def expand_lowrank_parts(lowrank_up: torch.Tensor, parts: list[int], sizes: list
     return full
 
 
+def compact_width(parts: list[int]) -> int:
+    """The compact L_up's columns for ``parts``: the base and the widest segment's own,
+    padded to a multiple of 16 (a rank the GEMMs take whole)."""
+    return -(-(parts[0] + max(parts[1:], default=0)) // 16) * 16
+
+
 def compact_lowrank_parts(lowrank_up: torch.Tensor, parts: list[int], sizes: list[int]):
     """The compact L_up of a full one (the inverse of ``expand_lowrank_parts``), its
     columns padded with zeros to a multiple of 16: segment i's rows keep their first P
     columns, then their own block's w_i."""
     p = parts[0]
-    width = -(-(p + max(parts[1:], default=0)) // 16) * 16
-    out = lowrank_up.new_zeros(lowrank_up.shape[0], width)
+    out = lowrank_up.new_zeros(lowrank_up.shape[0], compact_width(parts))
     out[:, :p] = lowrank_up[:, :p]
     for rows, own, compact in _part_columns(parts, sizes):
         out[rows, compact] = lowrank_up[rows, own]
