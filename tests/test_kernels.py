@@ -173,7 +173,7 @@ def test_quantize_act_split_rank_matches_reference(monkeypatch, m, r, tail):
 
 @pytest.mark.parametrize(("m", "r", "kind"), [
     (70, 160, "plain"), (130, 112, "tail"), (65, 256, "gated"), (200, 192, "plain"),
-    (66, 129, "tail"),
+    (66, 129, "tail"), (70, 544, "plain"),
 ])  # fmt: skip
 def test_quantize_act_rank_slices_match_reference(monkeypatch, m, r, kind):
     """``quantize.RANK_SLICES``: a rank over 128 (or 112 / 128 at 32 rows) as slices of 64
@@ -3044,11 +3044,13 @@ def test_gpu_fused_mlp_matches_unfused(act_fmt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("r", [112, 128, 160, 256])
+@pytest.mark.parametrize("r", [112, 128, 160, 256, 544, 928])
 @pytest.mark.parametrize(("m", "k"), [(4096, 3072), (512, 3072), (4608, 15360), (100, 3072)])
 def test_gpu_quantize_rank_slices_match_reference(monkeypatch, m, k, r):
     """The rank in slices of 64 (``RANK_SLICES``) at FLUX's sizes on the GPU: the one-program
-    kernel's codes and the reference's sums."""
+    kernel's codes and the reference's sums — up to the stacked LoRA columns of a fused
+    group (544: a rank-128 LoRA on FLUX's four single-block parts; 928: every part at
+    ``lora.MAX_RANK``, within ``gemm.MAX_STACKED_RANK``)."""
     from svdquant.kernels import quantize as qmod
 
     x = _acts(m, k, torch.bfloat16, seed=7)

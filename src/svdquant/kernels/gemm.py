@@ -696,10 +696,12 @@ WS_MIN_M = 512
 LORA_PARTS = True
 #: With ``LORA_PARTS``, how many columns a fused group's stacked low-rank input (the base
 #: rows, then every layer's own LoRA rows: the quantize's ``lora_act``) may have while each
-#: part's compact rank stays within ``lora.MAX_RANK`` (``svdquant.fuse``). At 256 a rank-64
-#: LoRA on every linear leaves FLUX's single blocks unfused (32 + 4 x 64 = 288), a rank-128
-#: one every block (v55: the LoRA'd step 1.84x the plain one's time, rank 64 1.20x).
-MAX_STACKED_RANK = 256
+#: part's compact rank stays within ``lora.MAX_RANK`` (``svdquant.fuse``).
+#: At 256 (the rule before v56) a rank-64 LoRA on every linear left FLUX's single blocks
+#: unfused (32 + 4 x 64 = 288), a rank-128 one every block (v55: the LoRA'd step 1.84x the
+#: plain one's time, rank 64 1.20x). At 1024 (v56, H200, ``bench/e2e.py --set``) rank 64
+#: took 1.11x; 1024 holds FLUX's widest group (4 parts) at the largest part rank allowed.
+MAX_STACKED_RANK = 1024
 #: ``fp8_gemm_split`` (fused projections) hands over the same way (gemm_ws's split output:
 #: one TMA store descriptor per segment).
 WS_SPLIT = True
