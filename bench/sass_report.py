@@ -103,7 +103,7 @@ def _quantize_spec(
             BLOCK_R=br,
             BLOCK_K=bk,
             BLOCK_R2=br2,
-            **({"R_SLICED": True, "SLICES_FIRST": q.SLICES_FIRST} if sliced else {}),
+            **({"R_SLICED": True} if sliced else {}),
         ),
         warps=warps,
         stages=1,

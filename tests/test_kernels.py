@@ -175,16 +175,13 @@ def test_quantize_act_split_rank_matches_reference(monkeypatch, m, r, tail):
     (70, 160, "plain"), (130, 112, "tail"), (65, 256, "gated"), (200, 192, "plain"),
     (66, 129, "tail"), (70, 544, "plain"),
 ])  # fmt: skip
-@pytest.mark.parametrize("first", [True, False])
-def test_quantize_act_rank_slices_match_reference(monkeypatch, m, r, kind, first):
+def test_quantize_act_rank_slices_match_reference(monkeypatch, m, r, kind):
     """``quantize.RANK_SLICES``: a rank over 128 (or 112 / 128 at 32 rows) as slices of 64
     columns, a program each at 64 rows — the reference's codes (written by the first
-    slice only) and sums, plain, with a tail and gated, K split or not, the slices the
-    grid's first axis or its last (``SLICES_FIRST``)."""
+    slice only) and sums, plain, with a tail and gated, K split or not."""
     from svdquant.kernels import quantize as qmod
 
     monkeypatch.setattr(qmod, "RANK_SLICES", True)
-    monkeypatch.setattr(qmod, "SLICES_FIRST", first)
     k1, k2 = 192, (128 if kind == "tail" else 0)
     assert qmod.rank_slices(r, m, 64) == -(-r // 64)
     x = _acts(m, k1, torch.bfloat16, seed=5)
@@ -3053,8 +3050,7 @@ def test_gpu_quantize_rank_slices_match_reference(monkeypatch, m, k, r):
     """The rank in slices of 64 (``RANK_SLICES``) at FLUX's sizes on the GPU: the one-program
     kernel's codes and the reference's sums — up to the stacked LoRA columns of a fused
     group (544: a rank-128 LoRA on FLUX's four single-block parts; 928: every part at
-    ``lora.MAX_RANK``, within ``gemm.MAX_STACKED_RANK``), the slices the grid's first
-    axis or its last (``SLICES_FIRST``)."""
+    ``lora.MAX_RANK``, within ``gemm.MAX_STACKED_RANK``)."""
     from svdquant.kernels import quantize as qmod
 
     x = _acts(m, k, torch.bfloat16, seed=7)
@@ -3065,12 +3061,10 @@ def test_gpu_quantize_rank_slices_match_reference(monkeypatch, m, k, r):
     one = quantize_act(x, s, down, act_scale, k, "int4")
     monkeypatch.setattr(qmod, "RANK_SLICES", True)
     assert qmod.rank_slices(r, m, 64) > 1  # (the sliced kernel runs)
+    sliced = quantize_act(x, s, down, act_scale, k, "int4")
     _, lora_ref = ref.quantize_act_ref(x, s, down, act_scale, k, "int4")
-    for first in (True, False):
-        monkeypatch.setattr(qmod, "SLICES_FIRST", first)
-        sliced = quantize_act(x, s, down, act_scale, k, "int4")
-        assert torch.equal(sliced[0].view(torch.uint8), one[0].view(torch.uint8))
-        assert rel_err(sliced[1], lora_ref) < 1e-4
+    assert torch.equal(sliced[0].view(torch.uint8), one[0].view(torch.uint8))
+    assert rel_err(sliced[1], lora_ref) < 1e-4
 
 
 @pytest.mark.gpu

@@ -127,11 +127,6 @@ SPLIT_MIN_SECOND = 64
 #: slices lost to 64 (0.83-1.03x at ranks 128 / 256, ``…-v54-policy-*.json``).
 RANK_SLICES = True
 RANK_SLICE = 64
-#: The slices as the grid's first axis: the slices of one row block launch side by side
-#: and read its x through L2 once, where slices as the last axis launched every row block
-#: of one slice before the next slice's, each slice re-reading x from memory once the
-#: input outgrows L2 (FLUX's single-block proj_out: 4608 x 15360 bf16 = 141 MB).
-SLICES_FIRST = True
 
 
 def fold_lowrank_down(lowrank_down: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
@@ -375,7 +370,6 @@ def _quantize_act_kernel(
     GATED: tl.constexpr = False,
     FOLDED: tl.constexpr = False,
     R_SLICED: tl.constexpr = False,
-    SLICES_FIRST: tl.constexpr = False,
 ):
     # With PDL_TRIGGER the next kernel, launched as this one's programmatic dependent (the
     # widen, ``widen.widen_weight(pdl=True)``), may start as soon as every program of this
@@ -385,22 +379,14 @@ def _quantize_act_kernel(
     # Each program walks BLOCK_K columns (whole groups) at a time through its rows' share
     # of K: the group max is a reduction within the tile, and the low-rank partial sums
     # stay in registers until the end (one atomic add per program when K is split).
-    if R_SLICED and SLICES_FIRST:  # the grid (slices, row blocks, K splits)
-        pid_r = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        last_m, last_k = tl.num_programs(1) - 1, tl.num_programs(2) - 1
-    else:  # (row blocks, K splits, slices)
-        pid_r = tl.program_id(2)
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        last_m, last_k = tl.num_programs(0) - 1, tl.num_programs(1) - 1
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     g = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
     if R_SLICED:  # this program's slice of the low-rank sums' columns (``RANK_SLICES``)
-        rr += pid_r * BLOCK_R
+        rr += tl.program_id(2) * BLOCK_R
     inv_act = tl.math.div_rn(1.0, tl.load(scale_ptr))
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, tl.maximum(K, K_OUT))
@@ -431,7 +417,7 @@ def _quantize_act_kernel(
         inv_s = tl.math.div_rn(1.0, tl.load(smooth_ptr + cols, mask=kmask, other=1.0))
         xh = x.to(tl.float32) * inv_s[None, :]
         if R_SLICED:  # the codes by the first slice's programs only
-            if pid_r == 0:
+            if tl.program_id(2) == 0:
                 _store_codes(q_rows, cols, xh, inv_act, rmask, K_OUT, INT4, EXACT, BLOCK_M, BLOCK_K)
         else:
             _store_codes(q_rows, cols, xh, inv_act, rmask, K_OUT, INT4, EXACT, BLOCK_M, BLOCK_K)
@@ -452,7 +438,7 @@ def _quantize_act_kernel(
         # kernel reads nothing the widen writes, but the kernels after it need both done —
         # the program launched last waits for the widen, so this kernel ends after it
         # (with slices, the last program of each: the one launched last among them)
-        if (pid_m == last_m) & (pid_k == last_k):
+        if (pid_m == tl.num_programs(0) - 1) & (pid_k == tl.num_programs(1) - 1):
             gdc_wait()
 
 
@@ -539,8 +525,7 @@ def quantize_act(
     k_per_split *= block_k
     xq, lora = outputs(m, k_out, r, split, x.device, out)
     pdl = pdl and pdl_supported(x.device)
-    first = slices > 1 and SLICES_FIRST
-    _quantize_act_kernel[(slices, m_blocks, split) if first else (m_blocks, split, slices)](
+    _quantize_act_kernel[(m_blocks, split, slices)](
         x,
         x if tail is None else tail,
         smooth,
@@ -579,7 +564,6 @@ def quantize_act(
         GATED=gated,  # (a gated input has its tail: checked above)
         FOLDED=folded,
         R_SLICED=slices > 1,
-        SLICES_FIRST=first,
         **({"launch_pdl": True} if pdl else {}),
     )
     return xq, lora
