@@ -1,0 +1,77 @@
+"""A wide low-rank input (a fused group's stacked LoRA columns) computed by the quantize's
+rank slices, or by the quantize at the base rank plus one cuBLAS GEMM for the LoRA columns.
+
+    PYTHONPATH=src python bench/probe_lora_act.py [--ms 1024,4608] [--ks 3072,15360] \\
+        [--ranks 160,544] [--base 32] [--out DIR]
+
+The sliced quantize re-reads x and recomputes x̂ once per 64-column slice (v56: rank 544
+at 4608 x 3072 took longer than BF16's 3072² GEMM). The alternative: ``quantize_act`` at
+the base rank, then ``x @ (L_down · diag(1/s))ᵀ`` for the other columns with fp32 output
+(``torch.mm(out_dtype=torch.float32)``, the same bf16 products and fp32 sums as the kernel's
+folded dot). Each is replayed from a CUDA graph; the two ways' LoRA columns are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gemm import bench_graph, run_info, write_result
+
+from svdquant.kernels.quantize import fold_lowrank_down, quantize_act
+
+
+def _mm_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ wᵀ`` with fp32 output from bf16 inputs (fp32 sums)."""
+    return torch.mm(x, w.t(), out_dtype=torch.float32)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ms", default="1024,4608")
+    p.add_argument("--ks", default="3072,15360")
+    p.add_argument("--ranks", default="160,544")
+    p.add_argument("--base", type=int, default=32)
+    p.add_argument("--out", default="bench/results")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("probe_lora_act.py needs a CUDA GPU")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    print("    M      K    r | sliced us | base us | mm us | base+mm us | sliced/(base+mm) | err")
+    for m in (int(v) for v in a.ms.split(",")):
+        for k in (int(v) for v in a.ks.split(",")):
+            x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+            s = torch.rand(k, device="cuda", generator=g) + 0.5
+            scale = (x.float() / s).abs().amax() / 7
+            for r in (int(v) for v in a.ranks.split(",")):
+                down = (torch.randn(r, k, device="cuda", generator=g) / k**0.5).bfloat16()
+                base, extra = down[: a.base].contiguous(), fold_lowrank_down(down, s)[a.base :]
+                extra = extra.contiguous()
+                sliced = bench_graph(lambda: quantize_act(x, s, down, scale, k, "int4"))
+                t_base = bench_graph(lambda: quantize_act(x, s, base, scale, k, "int4"))
+                t_mm = bench_graph(lambda: _mm_fp32(x, extra))
+
+                def both():
+                    quantize_act(x, s, base, scale, k, "int4")
+                    _mm_fp32(x, extra)
+
+                t_both = bench_graph(both)
+                want = quantize_act(x, s, down, scale, k, "int4")[1][:, a.base :]
+                err = ((_mm_fp32(x, extra) - want).norm() / want.norm()).item()
+                rows.append(dict(m=m, k=k, rank=r, base=a.base, sliced_us=sliced,
+                                 base_us=t_base, mm_us=t_mm, base_mm_us=t_both,
+                                 rel_err=err))  # fmt: skip
+                print(f"{m:5d} {k:6d} {r:4d} | {sliced:9.1f} | {t_base:7.1f} | {t_mm:5.1f} | "
+                      f"{t_both:10.1f} | {sliced / t_both:15.2f}x | {err:.1e}")  # fmt: skip
+    path = write_result({**run_info(), "bench": "probe_lora_act", "rows": rows}, a.out,
+                        "probe_lora_act")  # fmt: skip
+    print("->", path)
+
+
+if __name__ == "__main__":
+    main()
