@@ -30,6 +30,28 @@ def _mm_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.mm(x, w.t(), out_dtype=torch.float32)
 
 
+def _row(x: torch.Tensor, s: torch.Tensor, scale: torch.Tensor, r: int, base: int,
+         g: torch.Generator) -> dict:  # fmt: skip
+    """One rank's timings (µs) both ways at input ``x``, and their LoRA columns' error."""
+    m, k = x.shape
+    down = (torch.randn(r, k, device="cuda", generator=g) / k**0.5).bfloat16()
+    head, extra = down[:base].contiguous(), fold_lowrank_down(down, s)[base:].contiguous()
+
+    def both():
+        quantize_act(x, s, head, scale, k, "int4")
+        _mm_fp32(x, extra)
+
+    want = quantize_act(x, s, down, scale, k, "int4")[1][:, base:]
+    return dict(
+        m=m, k=k, rank=r, base=base,
+        sliced_us=bench_graph(lambda: quantize_act(x, s, down, scale, k, "int4")),
+        base_us=bench_graph(lambda: quantize_act(x, s, head, scale, k, "int4")),
+        mm_us=bench_graph(lambda: _mm_fp32(x, extra)),
+        base_mm_us=bench_graph(both),
+        rel_err=((_mm_fp32(x, extra) - want).norm() / want.norm()).item(),
+    )  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default="1024,4608")
@@ -49,25 +71,12 @@ def main() -> None:
             s = torch.rand(k, device="cuda", generator=g) + 0.5
             scale = (x.float() / s).abs().amax() / 7
             for r in (int(v) for v in a.ranks.split(",")):
-                down = (torch.randn(r, k, device="cuda", generator=g) / k**0.5).bfloat16()
-                base, extra = down[: a.base].contiguous(), fold_lowrank_down(down, s)[a.base :]
-                extra = extra.contiguous()
-                sliced = bench_graph(lambda: quantize_act(x, s, down, scale, k, "int4"))
-                t_base = bench_graph(lambda: quantize_act(x, s, base, scale, k, "int4"))
-                t_mm = bench_graph(lambda: _mm_fp32(x, extra))
-
-                def both():
-                    quantize_act(x, s, base, scale, k, "int4")
-                    _mm_fp32(x, extra)
-
-                t_both = bench_graph(both)
-                want = quantize_act(x, s, down, scale, k, "int4")[1][:, a.base :]
-                err = ((_mm_fp32(x, extra) - want).norm() / want.norm()).item()
-                rows.append(dict(m=m, k=k, rank=r, base=a.base, sliced_us=sliced,
-                                 base_us=t_base, mm_us=t_mm, base_mm_us=t_both,
-                                 rel_err=err))  # fmt: skip
-                print(f"{m:5d} {k:6d} {r:4d} | {sliced:9.1f} | {t_base:7.1f} | {t_mm:5.1f} | "
-                      f"{t_both:10.1f} | {sliced / t_both:15.2f}x | {err:.1e}")  # fmt: skip
+                row = _row(x, s, scale, r, a.base, g)
+                rows.append(row)
+                ratio = row["sliced_us"] / row["base_mm_us"]
+                print(f"{m:5d} {k:6d} {r:4d} | {row['sliced_us']:9.1f} | {row['base_us']:7.1f} | "
+                      f"{row['mm_us']:5.1f} | {row['base_mm_us']:10.1f} | {ratio:15.2f}x | "
+                      f"{row['rel_err']:.1e}")  # fmt: skip
     path = write_result({**run_info(), "bench": "probe_lora_act", "rows": rows}, a.out,
                         "probe_lora_act")  # fmt: skip
     print("->", path)
