@@ -8,7 +8,9 @@ The sliced quantize re-reads x and recomputes x̂ once per 64-column slice (v56:
 at 4608 x 3072 took longer than BF16's 3072² GEMM). The alternative: ``quantize_act`` at
 the base rank, then ``x @ (L_down · diag(1/s))ᵀ`` for the other columns with fp32 output
 (``torch.mm(out_dtype=torch.float32)``, the same bf16 products and fp32 sums as the kernel's
-folded dot). Each is replayed from a CUDA graph; the two ways' LoRA columns are compared.
+folded dot); and the engine's route for it, ``quantize.WIDE_BY_MM`` (the first 64 columns
+in the kernel, L_down's other rows folded in every call). Each is replayed from a CUDA
+graph; the two ways' LoRA columns are compared.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from gemm import bench_graph, run_info, write_result
 
+from svdquant.kernels import quantize as qmod
 from svdquant.kernels.quantize import fold_lowrank_down, quantize_act
 
 
@@ -42,12 +45,18 @@ def _row(x: torch.Tensor, s: torch.Tensor, scale: torch.Tensor, r: int, base: in
         _mm_fp32(x, extra)
 
     want = quantize_act(x, s, down, scale, k, "int4")[1][:, base:]
+    qmod.WIDE_BY_MM, before = True, qmod.WIDE_BY_MM
+    try:  # the engine's route: the fold of L_down's other rows in every call too
+        route = bench_graph(lambda: quantize_act(x, s, down, scale, k, "int4"))
+    finally:
+        qmod.WIDE_BY_MM = before
     return dict(
         m=m, k=k, rank=r, base=base,
         sliced_us=bench_graph(lambda: quantize_act(x, s, down, scale, k, "int4")),
         base_us=bench_graph(lambda: quantize_act(x, s, head, scale, k, "int4")),
         mm_us=bench_graph(lambda: _mm_fp32(x, extra)),
         base_mm_us=bench_graph(both),
+        wide_by_mm_us=route,
         rel_err=((_mm_fp32(x, extra) - want).norm() / want.norm()).item(),
     )  # fmt: skip
 
@@ -64,7 +73,8 @@ def main() -> None:
         sys.exit("probe_lora_act.py needs a CUDA GPU")
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    print("    M      K    r | sliced us | base us | mm us | base+mm us | sliced/(base+mm) | err")
+    print("    M      K    r | sliced us | base us | mm us | base+mm us | sliced/(base+mm) | "
+          "WIDE_BY_MM us | sliced/that | err")  # fmt: skip
     for m in (int(v) for v in a.ms.split(",")):
         for k in (int(v) for v in a.ks.split(",")):
             x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
@@ -76,6 +86,8 @@ def main() -> None:
                 ratio = row["sliced_us"] / row["base_mm_us"]
                 print(f"{m:5d} {k:6d} {r:4d} | {row['sliced_us']:9.1f} | {row['base_us']:7.1f} | "
                       f"{row['mm_us']:5.1f} | {row['base_mm_us']:10.1f} | {ratio:15.2f}x | "
+                      f"{row['wide_by_mm_us']:13.1f} | "
+                      f"{row['sliced_us'] / row['wide_by_mm_us']:10.2f}x | "
                       f"{row['rel_err']:.1e}")  # fmt: skip
     path = write_result({**run_info(), "bench": "probe_lora_act", "rows": rows}, a.out,
                         "probe_lora_act")  # fmt: skip

@@ -208,6 +208,41 @@ def test_quantize_act_rank_slices_match_reference(monkeypatch, m, r, kind):
     assert rel_err(lora, lora1) < 1e-5
 
 
+@pytest.mark.parametrize(("m", "r"), [(70, 160), (130, 544), (66, 129)])
+@pytest.mark.parametrize("folded", [False, True])
+def test_quantize_wide_rank_by_mm_matches_reference(monkeypatch, m, r, folded):
+    """``quantize.WIDE_BY_MM``: a rank the quantize would slice, on a plain input, as its
+    first slice in the kernel and the rest by one GEMM — the slices' codes bit for bit and
+    the reference's sums, into given buffers too (the widen-first overlap's); a tail, a
+    gate or a trigger keep the slices."""
+    from svdquant.kernels import quantize as qmod
+
+    gemms = _count_calls(monkeypatch, qmod, "lowrank_mm")
+    k = 192
+    x, s = _acts(m, k, torch.bfloat16, seed=5), _smooth(k)
+    down, _ = _lowrank(8, k, r, torch.bfloat16)
+    act_scale = ref.act_scale_from_amax((x.float() / s).abs().amax())
+    ld = qmod.fold_lowrank_down(down, s) if folded else down
+    assert qmod.rank_slices(r, m, 64) > 1
+    sliced = quantize_act(x, s, ld, act_scale, k, "int4", folded=folded)
+    assert not gemms
+    monkeypatch.setattr(qmod, "WIDE_BY_MM", True)
+    xq, lora = quantize_act(x, s, ld, act_scale, k, "int4", folded=folded)
+    assert len(gemms) == 1
+    xq_ref, lora_ref = ref.quantize_act_ref(x, s, down, act_scale, k, "int4")
+    assert torch.equal(xq.view(torch.uint8), sliced[0].view(torch.uint8))
+    assert fp8_close(xq, xq_ref, max_frac=0 if DEVICE == "cpu" else 5e-3)
+    assert lora.shape == (m, r) and rel_err(lora, lora_ref) < 1e-4
+    given = (torch.empty_like(xq), torch.zeros_like(lora))
+    got = quantize_act(x, s, ld, act_scale, k, "int4", folded=folded, out=given)
+    assert got[0] is given[0] and got[1] is given[1] and rel_err(got[1], lora_ref) < 1e-4
+    t = _acts(m, 64, torch.bfloat16, seed=6)
+    down2, _ = _lowrank(8, k + 64, r, torch.bfloat16)
+    quantize_act(x, _smooth(k + 64), down2, act_scale, k + 64, "int4", tail=t, tail_act="gelu")
+    quantize_act(x, s, ld, act_scale, k, "int4", trigger=True, folded=folded)
+    assert len(gemms) == 2
+
+
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("sliced", [False, True])
 def test_quantize_rank_widths_cover_every_rank(monkeypatch, split, sliced):
@@ -3065,6 +3100,34 @@ def test_gpu_quantize_rank_slices_match_reference(monkeypatch, m, k, r):
     _, lora_ref = ref.quantize_act_ref(x, s, down, act_scale, k, "int4")
     assert torch.equal(sliced[0].view(torch.uint8), one[0].view(torch.uint8))
     assert rel_err(sliced[1], lora_ref) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [160, 416, 544])
+@pytest.mark.parametrize(("m", "k"), [(4608, 3072), (512, 3072), (4608, 15360), (100, 3072)])
+def test_gpu_quantize_wide_rank_by_mm_matches_reference(monkeypatch, m, k, r):
+    """``WIDE_BY_MM`` at FLUX's sizes on the GPU (cuBLAS's fp32-output GEMM for the
+    columns past the first slice): the slices' codes and the reference's sums, also
+    after the widen as its programmatic dependent (``pdl``, into given buffers)."""
+    from svdquant.kernels import quantize as qmod
+    from svdquant.kernels.widen import widen_weight
+
+    x, s = _acts(m, k, torch.bfloat16, seed=7), _smooth(k)
+    down, _ = _lowrank(8, k, r, torch.bfloat16)
+    act_scale = ref.act_scale_from_amax((x.float() / s).abs().amax())
+    sliced = quantize_act(x, s, down, act_scale, k, "int4")
+    _, lora_ref = ref.quantize_act_ref(x, s, down, act_scale, k, "int4")
+    monkeypatch.setattr(qmod, "WIDE_BY_MM", True)
+    xq, lora = quantize_act(x, s, down, act_scale, k, "int4")
+    assert torch.equal(xq.view(torch.uint8), sliced[0].view(torch.uint8))
+    assert rel_err(lora, lora_ref) < 1e-4
+    w = _weight(256, k, "int4")
+    given = (torch.empty_like(xq), torch.zeros_like(lora))
+    widen_weight(w.packed, w.scales, w.tensor_scale, "int4", trigger=True)
+    got = quantize_act(x, s, down, act_scale, k, "int4", pdl=True, out=given)
+    torch.cuda.synchronize()
+    assert torch.equal(got[0].view(torch.uint8), sliced[0].view(torch.uint8))
+    assert rel_err(got[1], lora_ref) < 1e-4
 
 
 @pytest.mark.gpu

@@ -127,6 +127,16 @@ SPLIT_MIN_SECOND = 64
 #: slices lost to 64 (0.83-1.03x at ranks 128 / 256, ``…-v54-policy-*.json``).
 RANK_SLICES = True
 RANK_SLICE = 64
+#: A rank the quantize would compute in slices, on a plain input (no tail, no gate) and
+#: not as a dependent's trigger: its first ``RANK_SLICE`` columns in the kernel, the rest
+#: by one cuBLAS GEMM ``x @ (L_down · diag(1/s))ᵀ`` with fp32 sums (the same bf16 products
+#: as the kernel's, summed in another order). The slices re-read x and recompute x̂ for
+#: every 64 columns: v56 (H200, ``bench/probe_lora_act.py``, the base rank's quantize
+#: plus the GEMM against the slices): 1.36-1.67x faster at rank 160 (1.01x at 1024 x
+#: 3072), 1.90-3.18x at 544 (a rank-128 LoRA stacked on FLUX's four single-block parts),
+#: M = 1024 / 4608, K = 3072 / 12288 / 15360. Off until the layer and the step are
+#: measured with it (``probe_layer.py --set quantize.WIDE_BY_MM=True``, ``e2e.py --ab``).
+WIDE_BY_MM = False
 
 
 def fold_lowrank_down(lowrank_down: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
@@ -442,6 +452,32 @@ def _quantize_act_kernel(
             gdc_wait()
 
 
+def lowrank_mm(x: torch.Tensor, folded_down: torch.Tensor) -> torch.Tensor:
+    """``x @ folded_downᵀ`` [M, r] with fp32 sums of the bf16 / fp16 products (cuBLAS's
+    fp32-output GEMM on the GPU; elsewhere in fp32, the products exact there too)."""
+    if x.is_cuda:
+        return torch.mm(x, folded_down.t(), out_dtype=torch.float32)
+    return x.float() @ folded_down.float().t()
+
+
+def _wide_by_mm(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl, out, folded):
+    """``quantize_act`` of a wide rank (``WIDE_BY_MM``): the first ``RANK_SLICE`` columns'
+    sums beside the codes in the kernel, the others by ``lowrank_mm`` into the same
+    ``lora_act`` (after the kernel: a ``pdl`` launch stays right after the widen)."""
+    m, r = x.shape[0], lowrank_down.shape[0]
+    if out is None:  # (zeroed: the kernel's columns may meet through atomics)
+        out = (
+            torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=x.device),
+            torch.zeros(m, r, dtype=torch.float32, device=x.device),
+        )
+    xq, lora = outputs(m, k_out, r, 1, x.device, out)
+    head, rest = lowrank_down[:RANK_SLICE], lowrank_down[RANK_SLICE:]
+    quantize_act(x, smooth, head, act_scale, k_out, act_fmt, pdl=pdl,
+                 out=(xq, lora[:, :RANK_SLICE]), folded=folded)  # fmt: skip
+    lora[:, RANK_SLICE:] = lowrank_mm(x, rest if folded else fold_lowrank_down(rest, smooth))
+    return xq, lora
+
+
 def quantize_act(
     x: torch.Tensor,
     smooth: torch.Tensor,
@@ -516,6 +552,9 @@ def quantize_act(
         block_m, block_k, warps = GATED_TILE
     block_r, block_r2 = rank_parts(r)
     slices = rank_slices(r, m, block_m)
+    plain = tail is None and not trigger and lowrank_down.shape[1] == k
+    if slices > 1 and WIDE_BY_MM and plain and x.dtype == lowrank_down.dtype:
+        return _wide_by_mm(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl, out, folded)
     if slices > 1:
         block_r, block_r2 = RANK_SLICE, 0
     block_m = rows_per_program(block_m, block_r + block_r2)  # the sums fit in registers
