@@ -127,8 +127,8 @@ SPLIT_MIN_SECOND = 64
 #: slices lost to 64 (0.83-1.03x at ranks 128 / 256, ``…-v54-policy-*.json``).
 RANK_SLICES = True
 RANK_SLICE = 64
-#: A rank the quantize would compute in slices, on a plain input (no tail, no gate) and
-#: not as a dependent's trigger: its first ``RANK_SLICE`` columns in the kernel, the rest
+#: A rank the quantize would compute in slices, on a plain bf16 input (no tail, no gate)
+#: and not as a dependent's trigger: its first ``RANK_SLICE`` columns in the kernel, the rest
 #: by one cuBLAS GEMM ``x @ (L_down · diag(1/s))ᵀ`` with fp32 sums (the same bf16 products
 #: as the kernel's, summed in another order). The slices re-read x and recompute x̂ for
 #: every 64 columns: v56 (H200, ``bench/probe_lora_act.py``, the base rank's quantize
@@ -553,7 +553,7 @@ def quantize_act(
     block_r, block_r2 = rank_parts(r)
     slices = rank_slices(r, m, block_m)
     plain = tail is None and not trigger and lowrank_down.shape[1] == k
-    if slices > 1 and WIDE_BY_MM and plain and x.dtype == lowrank_down.dtype:
+    if slices > 1 and WIDE_BY_MM and plain and x.dtype == lowrank_down.dtype == torch.bfloat16:
         return _wide_by_mm(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl, out, folded)
     if slices > 1:
         block_r, block_r2 = RANK_SLICE, 0
