@@ -16,6 +16,7 @@ graph; the two ways' LoRA columns are compared.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -33,6 +34,16 @@ def _mm_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.mm(x, w.t(), out_dtype=torch.float32)
 
 
+@contextlib.contextmanager
+def _wide_by_mm(on: bool):
+    """``quantize.WIDE_BY_MM`` set to ``on`` inside, restored after."""
+    before, qmod.WIDE_BY_MM = qmod.WIDE_BY_MM, on
+    try:
+        yield
+    finally:
+        qmod.WIDE_BY_MM = before
+
+
 def _row(x: torch.Tensor, s: torch.Tensor, scale: torch.Tensor, r: int, base: int,
          g: torch.Generator) -> dict:  # fmt: skip
     """One rank's timings (µs) both ways at input ``x``, and their LoRA columns' error."""
@@ -44,15 +55,14 @@ def _row(x: torch.Tensor, s: torch.Tensor, scale: torch.Tensor, r: int, base: in
         quantize_act(x, s, head, scale, k, "int4")
         _mm_fp32(x, extra)
 
-    want = quantize_act(x, s, down, scale, k, "int4")[1][:, base:]
-    qmod.WIDE_BY_MM, before = True, qmod.WIDE_BY_MM
-    try:  # the engine's route: the fold of L_down's other rows in every call too
-        route = bench_graph(lambda: quantize_act(x, s, down, scale, k, "int4"))
-    finally:
-        qmod.WIDE_BY_MM = before
+    whole = lambda: quantize_act(x, s, down, scale, k, "int4")  # noqa: E731
+    with _wide_by_mm(False):
+        want, sliced = whole()[1][:, base:], bench_graph(whole)
+    with _wide_by_mm(True):  # the engine's route: the fold of L_down's other rows each call
+        route = bench_graph(whole)
     return dict(
         m=m, k=k, rank=r, base=base,
-        sliced_us=bench_graph(lambda: quantize_act(x, s, down, scale, k, "int4")),
+        sliced_us=sliced,
         base_us=bench_graph(lambda: quantize_act(x, s, head, scale, k, "int4")),
         mm_us=bench_graph(lambda: _mm_fp32(x, extra)),
         base_mm_us=bench_graph(both),

@@ -213,8 +213,8 @@ def test_quantize_act_rank_slices_match_reference(monkeypatch, m, r, kind):
 def test_quantize_wide_rank_by_mm_matches_reference(monkeypatch, m, r, folded):
     """``quantize.WIDE_BY_MM``: a rank the quantize would slice, on a plain input, as its
     first slice in the kernel and the rest by one GEMM — the slices' codes bit for bit and
-    the reference's sums, into given buffers too (the widen-first overlap's); a tail, a
-    gate or a trigger keep the slices."""
+    the reference's sums, into given buffers too (the widen-first overlap's); a tail (a
+    gate is one too) or a trigger keep the slices."""
     from svdquant.kernels import quantize as qmod
 
     gemms = _count_calls(monkeypatch, qmod, "lowrank_mm")
@@ -1759,6 +1759,33 @@ def test_fused_mlp_matches_unfused(act_fmt):
     assert rel_err(y, y_unfused) <= TOL
 
 
+def test_fused_mlp_runs_apart_past_its_next_rank(monkeypatch):
+    """``ops.MLP_NEXT_MAX_RANK``: an fc2 whose rank (a LoRA stacked on it) passes it runs
+    apart — fc1, the activation in fc1's dtype, fc2 — the unfused modules' numbers; at or
+    below it, the fused pair."""
+    from svdquant.kernels import ops
+
+    g = _gen(14)
+    fc1 = torch.nn.Linear(64, 128).to(DEVICE, torch.bfloat16)
+    fc2 = torch.nn.Linear(128, 48).to(DEVICE, torch.bfloat16)
+    x = torch.randn(70, 64, generator=g).to(DEVICE, torch.bfloat16)
+    h = torch.nn.functional.gelu(fc1(x), approximate="tanh")
+    q1 = svdquant.quantize_linear(fc1, x, rank=8, alpha=0.5)
+    q2 = svdquant.quantize_linear(fc2, h, rank=8, alpha=0.5)
+    q1.backend = q2.backend = "triton"
+    pairs = _count_calls(monkeypatch, ops, "_fused_pair")
+    fused = ops.svdq_mlp_triton(x, q1, q2)
+    monkeypatch.setattr(ops, "MLP_NEXT_MAX_RANK", 8)  # fc2's rank 8: still fused
+    assert torch.equal(ops.svdq_mlp_triton(x, q1, q2), fused) and len(pairs) == 2
+    monkeypatch.setattr(ops, "MLP_NEXT_MAX_RANK", 4)
+    apart = ops.svdq_mlp_triton(x, q1, q2)
+    assert len(pairs) == 2
+    assert torch.equal(apart, q2(torch.nn.functional.gelu(q1(x), approximate="tanh")))
+    assert rel_err(apart, fused) <= TOL
+    with pytest.raises(ValueError, match="unknown activation"):
+        ops.svdq_mlp_triton(x, q1, q2, "relu6")
+
+
 def test_fused_mlp_compiles_fullgraph():
     g = _gen(12)
     fc1 = torch.nn.Linear(64, 128).to(DEVICE, torch.bfloat16)
@@ -3112,6 +3139,7 @@ def test_gpu_quantize_wide_rank_by_mm_matches_reference(monkeypatch, m, k, r):
     from svdquant.kernels import quantize as qmod
     from svdquant.kernels.widen import widen_weight
 
+    gemms = _count_calls(monkeypatch, qmod, "lowrank_mm")
     x, s = _acts(m, k, torch.bfloat16, seed=7), _smooth(k)
     down, _ = _lowrank(8, k, r, torch.bfloat16)
     act_scale = ref.act_scale_from_amax((x.float() / s).abs().amax())
@@ -3127,7 +3155,7 @@ def test_gpu_quantize_wide_rank_by_mm_matches_reference(monkeypatch, m, k, r):
     got = quantize_act(x, s, down, act_scale, k, "int4", pdl=True, out=given)
     torch.cuda.synchronize()
     assert torch.equal(got[0].view(torch.uint8), sliced[0].view(torch.uint8))
-    assert rel_err(got[1], lora_ref) < 1e-4
+    assert rel_err(got[1], lora_ref) < 1e-4 and len(gemms) == 2  # (the route, both times)
 
 
 @pytest.mark.gpu

@@ -679,6 +679,16 @@ def _svdq_linear_two_inputs(
     return y.reshape(*lead, layer.out_features)
 
 
+#: fc2's rank (its LoRAs stacked on the base branch) above which ``svdq_mlp_triton`` runs
+#: the two layers apart (fc1, the activation written out, fc2) instead of fc1's epilogue
+#: summing fc2's low-rank down projection: that epilogue's [BM, r2] sums (a power of two:
+#: 256 for a rank-128 LoRA's 160) meet through atomics from every fc1 tile. None: always
+#: fused. To be measured (v56: a rank-128 LoRA added 8.9 ms to the FLUX step's 76 Triton
+#: GEMMs, the double blocks' fc1 with that epilogue among them): ``bench/e2e.py --rows
+#: svdq-int4-fused-lora --lora-rank 128 --ab ops.MLP_NEXT_MAX_RANK=64``.
+MLP_NEXT_MAX_RANK: int | None = None
+
+
 def svdq_mlp_triton(
     x: torch.Tensor, fc1: torch.nn.Module, fc2: torch.nn.Module, activation: str = "gelu_tanh"
 ) -> torch.Tensor:
@@ -694,6 +704,8 @@ def svdq_mlp_triton(
         raise ValueError("the fused MLP needs both layers' act_fmt in ('int4', 'fp8')")
     if fc2.in_features != fc1.out_features:
         raise ValueError(f"fc1 gives {fc1.out_features} features, fc2 takes {fc2.in_features}")
+    if MLP_NEXT_MAX_RANK is not None and fc2.lowrank_down.shape[0] > MLP_NEXT_MAX_RANK:
+        return fc2(reference.activation_like(fc1(x), activation))
     return _fused_pair(x, fc1, fc2, activation, gated=False)
 
 

@@ -186,6 +186,21 @@ def activation_ref(y: torch.Tensor, activation: str) -> torch.Tensor:
     return y.float()
 
 
+def activation_like(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """``activation_ref`` rounded to y's dtype, in one pass of torch's own kernel (which
+    computes a bf16 / fp16 input in fp32 inside): for an engine path that writes the
+    activation out, where ``activation_ref``'s fp32 copies would be three passes."""
+    fns = {
+        "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+        "gelu": torch.nn.functional.gelu,
+        "silu": torch.nn.functional.silu,
+        "none": lambda t: t,
+    }
+    if activation not in fns:
+        raise ValueError(f"unknown activation {activation!r}")
+    return fns[activation](y)
+
+
 def quantize_act_cat_ref(
     x: torch.Tensor,
     tail: torch.Tensor,
