@@ -1556,6 +1556,21 @@ def _layer(fmt: str, act_fmt: str, k: int = 200, n: int = 130, rank: int = 8):
 ENGINE_CASES = [("int4", "int4"), ("int4", "fp8"), ("nvfp4", "int4"), ("nvfp4", "fp8")]
 
 
+def test_layer_with_wide_rank_by_mm_is_the_same(monkeypatch):
+    """A layer whose rank the quantize slices (a rank-160 branch: a LoRA stacked on it) on
+    the engine, ``quantize.WIDE_BY_MM`` on: the quantize beside the widen as ever, its
+    first slice in the kernel and the rest by one GEMM — the sliced layer's output."""
+    from svdquant.kernels import quantize as qmod
+
+    _, layer, calib = _layer("int4", "int4", k=192, n=176, rank=160)
+    layer.backend = "triton"
+    gemms = _count_calls(monkeypatch, qmod, "lowrank_mm")
+    x = calib[:70]
+    sliced = layer(x)
+    monkeypatch.setattr(qmod, "WIDE_BY_MM", True)
+    assert rel_err(layer(x), sliced) < 1e-5 and len(gemms) == 1
+
+
 @pytest.mark.parametrize("sizes", [[256, 256, 512], [40, 40, 16]])
 def test_forward_split_gives_contiguous_parts(sizes):
     """``SVDQLinear.forward_split`` (fused projections): each part equals the layer's
