@@ -1774,19 +1774,26 @@ def test_fused_mlp_matches_unfused(act_fmt):
     assert rel_err(y, y_unfused) <= TOL
 
 
+def _mlp_pair(k: int, hidden: int, n: int, rows: int, rank: int, seed: int):
+    """An input [rows, k] and a quantized MLP pair k -> hidden -> n (GELU-tanh between),
+    each layer calibrated on its own input."""
+    g = _gen(seed)
+    fc1 = torch.nn.Linear(k, hidden).to(DEVICE, torch.bfloat16)
+    fc2 = torch.nn.Linear(hidden, n).to(DEVICE, torch.bfloat16)
+    x = torch.randn(rows, k, generator=g).to(DEVICE, torch.bfloat16)
+    h = torch.nn.functional.gelu(fc1(x), approximate="tanh")
+    q1 = svdquant.quantize_linear(fc1, x, rank=rank, alpha=0.5)
+    q2 = svdquant.quantize_linear(fc2, h, rank=rank, alpha=0.5)
+    return x, q1, q2
+
+
 def test_fused_mlp_runs_apart_past_its_next_rank(monkeypatch):
     """``ops.MLP_NEXT_MAX_RANK``: an fc2 whose rank (a LoRA stacked on it) passes it runs
     apart — fc1, the activation in fc1's dtype, fc2 — the unfused modules' numbers; at or
     below it, the fused pair."""
     from svdquant.kernels import ops
 
-    g = _gen(14)
-    fc1 = torch.nn.Linear(64, 128).to(DEVICE, torch.bfloat16)
-    fc2 = torch.nn.Linear(128, 48).to(DEVICE, torch.bfloat16)
-    x = torch.randn(70, 64, generator=g).to(DEVICE, torch.bfloat16)
-    h = torch.nn.functional.gelu(fc1(x), approximate="tanh")
-    q1 = svdquant.quantize_linear(fc1, x, rank=8, alpha=0.5)
-    q2 = svdquant.quantize_linear(fc2, h, rank=8, alpha=0.5)
+    x, q1, q2 = _mlp_pair(64, 128, 48, rows=70, rank=8, seed=14)
     q1.backend = q2.backend = "triton"
     pairs = _count_calls(monkeypatch, ops, "_fused_pair")
     fused = ops.svdq_mlp_triton(x, q1, q2)
@@ -1802,13 +1809,7 @@ def test_fused_mlp_runs_apart_past_its_next_rank(monkeypatch):
 
 
 def test_fused_mlp_compiles_fullgraph():
-    g = _gen(12)
-    fc1 = torch.nn.Linear(64, 128).to(DEVICE, torch.bfloat16)
-    fc2 = torch.nn.Linear(128, 64).to(DEVICE, torch.bfloat16)
-    x = torch.randn(40, 64, generator=g).to(DEVICE, torch.bfloat16)
-    h = torch.nn.functional.gelu(fc1(x), approximate="tanh")
-    q1 = svdquant.quantize_linear(fc1, x, rank=4, alpha=0.5)
-    q2 = svdquant.quantize_linear(fc2, h, rank=4, alpha=0.5)
+    x, q1, q2 = _mlp_pair(64, 128, 64, rows=40, rank=4, seed=12)
     mlp = lambda t: svdquant.kernels.svdq_mlp_triton(t, q1, q2)  # noqa: E731
     torch._dynamo.reset()
     assert torch.equal(torch.compile(mlp, fullgraph=True, backend="aot_eager")(x), mlp(x))
