@@ -186,19 +186,25 @@ def activation_ref(y: torch.Tensor, activation: str) -> torch.Tensor:
     return y.float()
 
 
+#: The activations by name, as torch's own kernels in the input's dtype.
+_TORCH_ACTIVATIONS = {
+    "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+    "gelu": torch.nn.functional.gelu,
+    "silu": torch.nn.functional.silu,
+    "none": lambda t: t,
+}
+
+
 def activation_like(y: torch.Tensor, activation: str) -> torch.Tensor:
     """``activation_ref`` rounded to y's dtype, in one pass of torch's own kernel (which
     computes a bf16 / fp16 input in fp32 inside): for an engine path that writes the
     activation out, where ``activation_ref``'s fp32 copies would be three passes."""
-    fns = {
-        "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
-        "gelu": torch.nn.functional.gelu,
-        "silu": torch.nn.functional.silu,
-        "none": lambda t: t,
-    }
-    if activation not in fns:
-        raise ValueError(f"unknown activation {activation!r}")
-    return fns[activation](y)
+    fn = _TORCH_ACTIVATIONS.get(activation)
+    if fn is None:
+        raise ValueError(
+            f"unknown activation {activation!r}; supported: {sorted(_TORCH_ACTIVATIONS)}"
+        )
+    return fn(y)
 
 
 def quantize_act_cat_ref(
