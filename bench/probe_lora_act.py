@@ -8,9 +8,10 @@ The sliced quantize re-reads x and recomputes x̂ once per 64-column slice (v56:
 at 4608 x 3072 took longer than BF16's 3072² GEMM). The alternative: ``quantize_act`` at
 the base rank, then ``x @ (L_down · diag(1/s))ᵀ`` for the other columns with fp32 output
 (``torch.mm(out_dtype=torch.float32)``, the same bf16 products and fp32 sums as the kernel's
-folded dot); and the engine's route for it, ``quantize.WIDE_BY_MM`` (the first 64 columns
-in the kernel, L_down's other rows folded in every call). Each is replayed from a CUDA
-graph; the two ways' LoRA columns are compared.
+folded dot); and the engine's route for it, ``quantize.WIDE_BY_MM`` (the codes by the
+kernel at rank 0, every low-rank column by that GEMM, L_down folded once: v56's route
+folded it in every call). Each is replayed from a CUDA graph; the two ways' LoRA columns
+are compared.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _row(x: torch.Tensor, s: torch.Tensor, scale: torch.Tensor, r: int, base: in
     whole = lambda: quantize_act(x, s, down, scale, k, "int4")  # noqa: E731
     with _wide_by_mm(False):
         want, sliced = whole()[1][:, base:], bench_graph(whole)
-    with _wide_by_mm(True):  # the engine's route: the fold of L_down's other rows each call
+    with _wide_by_mm(True):  # the engine's route: rank-0 codes, then all columns by cuBLAS
         route = bench_graph(whole)
     return dict(
         m=m, k=k, rank=r, base=base,

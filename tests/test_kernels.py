@@ -243,6 +243,45 @@ def test_quantize_wide_rank_by_mm_matches_reference(monkeypatch, m, r, folded):
     assert len(gemms) == 2
 
 
+def test_wide_rank_by_mm_folds_once_per_lowrank_down(monkeypatch):
+    """``WIDE_BY_MM`` folds an L_down once and keeps it while L_down and the smoothing
+    are the same, unchanged tensors: changed in place, replaced, or a view of other rows,
+    they fold anew (never a stale fold); a freed L_down drops its fold."""
+    import gc
+
+    from svdquant.kernels import quantize as qmod
+
+    monkeypatch.setattr(qmod, "WIDE_BY_MM", True)
+    folds = _count_calls(monkeypatch, qmod, "fold_lowrank_down")
+    m, k, r = 70, 192, 160
+    x, s = _acts(m, k, torch.bfloat16, seed=5), _smooth(k)
+    down, _ = _lowrank(8, k, 2 * r, torch.bfloat16)
+    act_scale = ref.act_scale_from_amax((x.float() / s).abs().amax())
+
+    def sums(ld, smooth=s):
+        want = ref.quantize_act_ref(x, smooth, ld, act_scale, k, "int4")[1]
+        got = quantize_act(x, smooth, ld, act_scale, k, "int4")[1]
+        assert rel_err(got, want) < 1e-4
+        return got
+
+    part = down[:r]
+    sums(part), sums(part), sums(down[:r])  # (a new view of the same rows: the same fold)
+    assert len(folds) == 1
+    sums(down[r:])  # other rows of the same L_down
+    assert len(folds) == 2
+    part.mul_(0.5)  # in place: its version moves on
+    sums(part)
+    assert len(folds) == 3
+    s2 = s.clone()
+    s2[:5] *= 2  # another smoothing
+    sums(part, s2)
+    assert len(folds) == 4
+    n = len(qmod._FOLDS)
+    del part, down
+    gc.collect()
+    assert len(qmod._FOLDS) <= n - 2
+
+
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("sliced", [False, True])
 def test_quantize_rank_widths_cover_every_rank(monkeypatch, split, sliced):
@@ -567,6 +606,22 @@ def test_fp8_gemm_matches_reference(monkeypatch, m, n, k, r, bias, dtype, tma):
     y_ref = ref.fp8_gemm_ref(xq, wq, s_ch, act_scale, lora, up, b, dtype)
     assert y.dtype == dtype and y.shape == (m, n)
     assert rel_err(y, y_ref) <= TOL
+
+
+@pytest.mark.parametrize(("m", "r", "bias"), [(3, 300, True), (70, 544, False)])
+def test_fp8_gemm_adds_a_branch_past_the_epilogues_rank_apart(monkeypatch, m, r, bias):
+    """A low-rank branch wider than the epilogues take (``gemm.MAX_EPILOGUE_RANK``: a
+    layer quantized with a larger rank, a fused group's whole stacked branch) is added
+    after the GEMM: the reference's output, no kernel asked for a rank it cannot hold."""
+    from svdquant.kernels import gemm
+
+    apart = _count_calls(monkeypatch, gemm, "_wide_lowrank_apart")
+    assert r > gemm.MAX_EPILOGUE_RANK
+    args = list(_gemm_args(m, 45, 128, seed=m + r, r=r))
+    if not bias:
+        args[6] = None
+    assert rel_err(fp8_gemm(*args), ref.fp8_gemm_ref(*args)) <= TOL
+    assert len(apart) == 1
 
 
 def test_fp8_gemm_keeps_no_memory_between_calls(monkeypatch):
@@ -2208,6 +2263,16 @@ def test_gpu_fp8_gemm_matches_reference(monkeypatch, m, n, k, r, tma):
 
     monkeypatch.setattr(gemm, "TMA_LOADS", tma)
     args = _gemm_args(m, n, k, seed=m + n, r=r)
+    assert rel_err(fp8_gemm(*args), ref.fp8_gemm_ref(*args)) <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 257, 4608])
+@pytest.mark.parametrize("r", [288, 544])
+def test_gpu_fp8_gemm_adds_a_wide_branch_apart(m, r):
+    """Past ``gemm.MAX_EPILOGUE_RANK`` on the GPU (rank 544 in the epilogue ran out of
+    shared memory): the reference's output."""
+    args = _gemm_args(m, 3072, 3072, seed=m + r, r=r)
     assert rel_err(fp8_gemm(*args), ref.fp8_gemm_ref(*args)) <= TOL
 
 

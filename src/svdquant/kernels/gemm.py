@@ -660,6 +660,9 @@ def fp8_gemm(
     ``lora_act`` fp32 [M, r], ``lowrank_up`` [N, r]. See ``fp8_gemm_ref``.
     """
     m, n = xq.shape[0], wq.shape[0]
+    if lowrank_up.shape[1] > MAX_EPILOGUE_RANK:
+        return _wide_lowrank_apart(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias,
+                                   out_dtype)  # fmt: skip
     if _ws_wanted(xq, wq, lora_act, lowrank_up, out_dtype):
         return gemm_ws.fp8_gemm_ws(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias,
                                    out_dtype)  # fmt: skip
@@ -667,6 +670,28 @@ def fp8_gemm(
     if m and n:
         _launch(*_contiguous(xq, wq, lora_act, lowrank_up), s_channel, act_scale, bias, y, None)
     return y
+
+
+#: The widest low-rank branch the GEMMs' epilogues take (``lora.MAX_RANK``, the widest
+#: tested): its operands live in registers and shared memory, and at rank 544 every tile
+#: of the Triton kernel ran out of shared memory (v57, H200). A wider branch (a layer
+#: quantized with a larger rank; a fused group's whole stacked one, outside its parts)
+#: adds its up projection after the GEMM instead (``_wide_lowrank_apart``).
+MAX_EPILOGUE_RANK = 256
+
+
+def _wide_lowrank_apart(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype):
+    """``fp8_gemm`` of a branch wider than ``MAX_EPILOGUE_RANK``: the GEMM in fp32, then
+    the up projection (fp32 sums of the same 16-bit products) and the bias, rounded once."""
+    from svdquant.kernels.quantize import lowrank_mm
+
+    empty = lora_act[:, :0], lowrank_up[:, :0]
+    y = fp8_gemm(xq, wq, s_channel, act_scale, *empty, None, torch.float32)
+    up = lowrank_mm(lora_act.to(lowrank_up.dtype), lowrank_up, torch.empty_like(y))
+    y += up
+    if bias is not None:
+        y += bias.float()
+    return y.to(out_dtype)
 
 
 #: Hand ``fp8_gemm`` to the warp-specialized Gluon kernel (``gemm_ws``: a TMA load warp,

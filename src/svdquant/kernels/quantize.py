@@ -27,6 +27,8 @@ Reference: ``reference.quantize_act_ref``, ``reference.quantize_act_cat_ref``,
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -127,15 +129,17 @@ SPLIT_MIN_SECOND = 64
 #: slices lost to 64 (0.83-1.03x at ranks 128 / 256, ``…-v54-policy-*.json``).
 RANK_SLICES = True
 RANK_SLICE = 64
-#: A rank the quantize would compute in slices, on a plain bf16 input (no tail, no gate)
-#: and not as a dependent's trigger: its first ``RANK_SLICE`` columns in the kernel, the rest
-#: by one cuBLAS GEMM ``x @ (L_down · diag(1/s))ᵀ`` with fp32 sums (the same bf16 products
-#: as the kernel's, summed in another order). The slices re-read x and recompute x̂ for
-#: every 64 columns: v56 (H200, ``bench/probe_lora_act.py``, the base rank's quantize
+#: A rank the quantize would compute in slices, on a plain 16-bit input (no tail, no gate)
+#: and not as a dependent's trigger: the kernel writes the codes alone (rank 0) and one
+#: cuBLAS GEMM ``x @ (L_down · diag(1/s))ᵀ`` with fp32 sums writes all the low-rank columns
+#: (the same 16-bit products as the kernel's, summed in another order); the folded L_down is
+#: made once per L_down and smoothing (``folded_down``). The slices re-read x and recompute
+#: x̂ for every 64 columns: v56 (H200, ``bench/probe_lora_act.py``, the base rank's quantize
 #: plus the GEMM against the slices): 1.36-1.67x faster at rank 160 (1.01x at 1024 x
 #: 3072), 1.90-3.18x at 544 (a rank-128 LoRA stacked on FLUX's four single-block parts),
-#: M = 1024 / 4608, K = 3072 / 12288 / 15360. Off until the layer and the step are
-#: measured with it (``probe_layer.py --set quantize.WIDE_BY_MM=True``, ``e2e.py --ab``).
+#: M = 1024 / 4608, K = 3072 / 12288 / 15360. v57: with the fold in every call (four small
+#: kernels, a zero fill and a copy) the route gave most of that back (0.58-0.95x the slices
+#: at rank 160), hence the cache.
 WIDE_BY_MM = False
 
 
@@ -452,29 +456,55 @@ def _quantize_act_kernel(
             gdc_wait()
 
 
-def lowrank_mm(x: torch.Tensor, folded_down: torch.Tensor) -> torch.Tensor:
-    """``x @ folded_downᵀ`` [M, r] with fp32 sums of the bf16 / fp16 products (cuBLAS's
-    fp32-output GEMM on the GPU; elsewhere in fp32, the products exact there too)."""
+def lowrank_mm(x: torch.Tensor, folded_down: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``x @ folded_downᵀ`` into ``out`` fp32 [M, r], with fp32 sums of the bf16 / fp16
+    products (cuBLAS's fp32-output GEMM on the GPU; elsewhere in fp32, the products exact
+    there too)."""
     if x.is_cuda:
-        return torch.mm(x, folded_down.t(), out_dtype=torch.float32)
-    return x.float() @ folded_down.float().t()
+        return torch.mm(x, folded_down.t(), out_dtype=torch.float32, out=out)
+    return torch.mm(x.float(), folded_down.float().t(), out=out)
+
+
+#: ``folded_down``'s folds, by the L_down (view) they fold: (L_down's base, weakly; the
+#: smoothing's, weakly; both tensors' addresses, shapes and versions; the fold).
+_FOLDS: dict[tuple, tuple[weakref.ref, weakref.ref, tuple, torch.Tensor]] = {}
+
+
+def _base(t: torch.Tensor) -> torch.Tensor:
+    return t if t._base is None else t._base
+
+
+def folded_down(lowrank_down: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
+    """``fold_lowrank_down(lowrank_down, smooth)``, made once and kept while both tensors
+    live unchanged (the same objects, addresses and versions: a LoRA loaded, fused or
+    removed since folds anew; a freed L_down drops its fold). Tensors without a version
+    counter (made under ``torch.inference_mode``) fold in every call."""
+    try:
+        ld, sm = lowrank_down, smooth
+        stamp = (ld.data_ptr(), ld.shape, ld.stride(), ld._version, sm.data_ptr(), sm.shape,
+                 sm._version)  # fmt: skip
+    except RuntimeError:  # an inference tensor: changes in place would go unseen
+        return fold_lowrank_down(lowrank_down, smooth)
+    base, s_base = _base(lowrank_down), _base(smooth)
+    key = (id(base), stamp[0], stamp[1])
+    hit = _FOLDS.get(key)
+    if hit is not None and hit[0]() is base and hit[1]() is s_base and hit[2] == stamp:
+        return hit[3]
+    fold = fold_lowrank_down(lowrank_down, smooth)
+    _FOLDS[key] = (weakref.ref(base, lambda _, key=key: _FOLDS.pop(key, None)),
+                   weakref.ref(s_base), stamp, fold)  # fmt: skip
+    return fold
 
 
 def _wide_by_mm(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl, out, folded):
-    """``quantize_act`` of a wide rank (``WIDE_BY_MM``): the first ``RANK_SLICE`` columns'
-    sums beside the codes in the kernel, the others by ``lowrank_mm`` into the same
-    ``lora_act`` (after the kernel: a ``pdl`` launch stays right after the widen)."""
+    """``quantize_act`` of a wide rank (``WIDE_BY_MM``): the codes by the kernel (rank 0),
+    every low-rank column by ``lowrank_mm`` into ``lora_act`` (after the kernel: a ``pdl``
+    launch stays right after the widen)."""
     m, r = x.shape[0], lowrank_down.shape[0]
-    if out is None:  # (zeroed: the kernel's columns may meet through atomics)
-        out = (
-            torch.empty(m, k_out, dtype=torch.float8_e4m3fn, device=x.device),
-            torch.zeros(m, r, dtype=torch.float32, device=x.device),
-        )
-    xq, lora = outputs(m, k_out, r, 1, x.device, out)
-    head, rest = lowrank_down[:RANK_SLICE], lowrank_down[RANK_SLICE:]
-    quantize_act(x, smooth, head, act_scale, k_out, act_fmt, pdl=pdl,
-                 out=(xq, lora[:, :RANK_SLICE]), folded=folded)  # fmt: skip
-    lora[:, RANK_SLICE:] = lowrank_mm(x, rest if folded else fold_lowrank_down(rest, smooth))
+    xq, lora = outputs(m, k_out, r, 1, x.device, out)  # (cuBLAS writes every column)
+    quantize_act(x, smooth, lowrank_down[:0], act_scale, k_out, act_fmt, pdl=pdl,
+                 out=(xq, lora[:, :0]))  # fmt: skip
+    lowrank_mm(x, lowrank_down if folded else folded_down(lowrank_down, smooth), lora)
     return xq, lora
 
 
