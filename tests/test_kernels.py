@@ -182,6 +182,7 @@ def test_quantize_act_rank_slices_match_reference(monkeypatch, m, r, kind):
     from svdquant.kernels import quantize as qmod
 
     monkeypatch.setattr(qmod, "RANK_SLICES", True)
+    monkeypatch.setattr(qmod, "WIDE_BY_MM", False)  # (the slices, not the GEMM, plain too)
     k1, k2 = 192, (128 if kind == "tail" else 0)
     assert qmod.rank_slices(r, m, 64) == -(-r // 64)
     x = _acts(m, k1, torch.bfloat16, seed=5)
@@ -224,6 +225,7 @@ def test_quantize_wide_rank_by_mm_matches_reference(monkeypatch, m, r, folded):
     act_scale = ref.act_scale_from_amax((x.float() / s).abs().amax())
     ld = qmod.fold_lowrank_down(down, s) if folded else down
     assert qmod.rank_slices(r, m, 64) > 1
+    monkeypatch.setattr(qmod, "WIDE_BY_MM", False)
     sliced = quantize_act(x, s, ld, act_scale, k, "int4", folded=folded)
     assert not gemms
     monkeypatch.setattr(qmod, "WIDE_BY_MM", True)
@@ -1623,6 +1625,7 @@ def test_layer_with_wide_rank_by_mm_is_the_same(monkeypatch):
     layer.backend = "triton"
     gemms = _count_calls(monkeypatch, qmod, "lowrank_mm")
     x = calib[:70]
+    monkeypatch.setattr(qmod, "WIDE_BY_MM", False)
     sliced = layer(x).float()
     monkeypatch.setattr(qmod, "WIDE_BY_MM", True)
     wide = layer(x).float()
@@ -3208,6 +3211,7 @@ def test_gpu_quantize_rank_slices_match_reference(monkeypatch, m, k, r):
     monkeypatch.setattr(qmod, "RANK_SLICES", False)
     one = quantize_act(x, s, down, act_scale, k, "int4")
     monkeypatch.setattr(qmod, "RANK_SLICES", True)
+    monkeypatch.setattr(qmod, "WIDE_BY_MM", False)
     assert qmod.rank_slices(r, m, 64) > 1  # (the sliced kernel runs)
     sliced = quantize_act(x, s, down, act_scale, k, "int4")
     _, lora_ref = ref.quantize_act_ref(x, s, down, act_scale, k, "int4")
@@ -3229,6 +3233,7 @@ def test_gpu_quantize_wide_rank_by_mm_matches_reference(monkeypatch, m, k, r):
     x, s = _acts(m, k, torch.bfloat16, seed=7), _smooth(k)
     down, _ = _lowrank(8, k, r, torch.bfloat16)
     act_scale = ref.act_scale_from_amax((x.float() / s).abs().amax())
+    monkeypatch.setattr(qmod, "WIDE_BY_MM", False)
     sliced = quantize_act(x, s, down, act_scale, k, "int4")
     _, lora_ref = ref.quantize_act_ref(x, s, down, act_scale, k, "int4")
     monkeypatch.setattr(qmod, "WIDE_BY_MM", True)

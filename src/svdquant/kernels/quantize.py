@@ -139,8 +139,12 @@ RANK_SLICE = 64
 #: 3072), 1.90-3.18x at 544 (a rank-128 LoRA stacked on FLUX's four single-block parts),
 #: M = 1024 / 4608, K = 3072 / 12288 / 15360. v57: with the fold in every call (four small
 #: kernels, a zero fill and a copy) the route gave most of that back (0.58-0.95x the slices
-#: at rank 160), hence the cache.
-WIDE_BY_MM = False
+#: at rank 160), hence the cache; with it (v57, same probe): 1.22-1.81x the slices at rank
+#: 160, 1.90-2.96x at 416, 2.16-3.15x at 544; the rank-160 layer 1.01-1.14x
+#: (``probe_layer.py``, M = 1024 / 4608, N = 3072 / 12288); the FLUX step with a rank-128
+#: LoRA through ``cuda_graphed`` 125.9 -> 121.5 ms (1.030x, ``e2e.py --ab``). The kept
+#: folds cost L_down's memory once more for the layers that take the route.
+WIDE_BY_MM = True
 
 
 def fold_lowrank_down(lowrank_down: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
