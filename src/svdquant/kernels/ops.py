@@ -683,10 +683,13 @@ def _svdq_linear_two_inputs(
 #: the two layers apart (fc1, the activation written out, fc2) instead of fc1's epilogue
 #: summing fc2's low-rank down projection: that epilogue's [BM, r2] sums (a power of two:
 #: 256 for a rank-128 LoRA's 160) meet through atomics from every fc1 tile. None: always
-#: fused. To be measured (v56: a rank-128 LoRA added 8.9 ms to the FLUX step's 76 Triton
-#: GEMMs, the double blocks' fc1 with that epilogue among them): ``bench/e2e.py --rows
-#: svdq-int4-fused-lora --lora-rank 128 --ab ops.MLP_NEXT_MAX_RANK=64``.
-MLP_NEXT_MAX_RANK: int | None = None
+#: fused. v56: a rank-128 LoRA added 8.9 ms to the FLUX step's 76 Triton GEMMs, the double
+#: blocks' fc1 with that epilogue among them. Measured (v57, H200, ``bench/e2e.py --rows
+#: svdq-int4-fused-lora --ab ops.MLP_NEXT_MAX_RANK=64``, through ``cuda_graphed``, with
+#: ``quantize.WIDE_BY_MM`` taking fc2's wide rank apart): a rank-128 LoRA's step 122.9 ->
+#: 118.6 ms (1.037x); rank 64 (fc2 rank 96) 1.003x, equal; the plain step (rank 32, fused
+#: as ever) 0.996x.
+MLP_NEXT_MAX_RANK: int | None = 64
 
 
 def svdq_mlp_triton(
