@@ -469,6 +469,14 @@ def lowrank_mm(x: torch.Tensor, folded_down: torch.Tensor, out: torch.Tensor) ->
     return torch.mm(x.float(), folded_down.float().t(), out=out)
 
 
+#: Keep ``WIDE_BY_MM``'s folded L_down per layer (``folded_down``), or fold it in every
+#: call. Kept, they cost that L_down's memory once more: v57 (H200, FLUX.1-dev with a
+#: rank-128 LoRA on every linear, ``bench/e2e.py``) the eager step's peak 8.68 -> 8.99 GB
+#: (``e2e-h200-2026-12-02-0352-v56-lora128-default.json`` against ``…-0543-v57-lora128-
+#: mlp-next-max64.json``). Not kept: four small kernels per call (not measured since the
+#: route writes every column by cuBLAS; v56's route, the fold with a copy and a zero fill,
+#: ran 0.58-0.95x the slices at rank 160).
+KEEP_FOLDS = True
 #: ``folded_down``'s folds, by the L_down (view) they fold: (L_down's base, weakly; the
 #: smoothing's, weakly; both tensors' addresses, shapes and versions; the fold).
 _FOLDS: dict[tuple, tuple[weakref.ref, weakref.ref, tuple, torch.Tensor]] = {}
@@ -482,7 +490,10 @@ def folded_down(lowrank_down: torch.Tensor, smooth: torch.Tensor) -> torch.Tenso
     """``fold_lowrank_down(lowrank_down, smooth)``, made once and kept while both tensors
     live unchanged (the same objects, addresses and versions: a LoRA loaded, fused or
     removed since folds anew; a freed L_down drops its fold). Tensors without a version
-    counter (made under ``torch.inference_mode``) fold in every call."""
+    counter (made under ``torch.inference_mode``) fold in every call, as all do without
+    ``KEEP_FOLDS``."""
+    if not KEEP_FOLDS:
+        return fold_lowrank_down(lowrank_down, smooth)
     try:
         ld, sm = lowrank_down, smooth
         stamp = (ld.data_ptr(), ld.shape, ld.stride(), ld._version, sm.data_ptr(), sm.shape,
