@@ -2,7 +2,7 @@
 rank slices, or by the quantize at the base rank plus one cuBLAS GEMM for the LoRA columns.
 
     PYTHONPATH=src python bench/probe_lora_act.py [--ms 1024,4608] [--ks 3072,15360] \\
-        [--ranks 160,544] [--base 32] [--out DIR]
+        [--ranks 160,544] [--base 32] [--tail 12288] [--out DIR]
 
 The sliced quantize re-reads x and recomputes x̂ once per 64-column slice (v56: rank 544
 at 4608 x 3072 took longer than BF16's 3072² GEMM). The alternative: ``quantize_act`` at
@@ -11,7 +11,9 @@ the base rank, then ``x @ (L_down · diag(1/s))ᵀ`` for the other columns with 
 folded dot); and the engine's route for it, ``quantize.WIDE_BY_MM`` (the codes by the
 kernel at rank 0, every low-rank column by that GEMM, L_down folded once: v56's route
 folded it in every call). Each is replayed from a CUDA graph; the two ways' LoRA columns
-are compared.
+are compared. The route with ``quantize.KEEP_FOLDS`` off is timed too (the fold in every
+call). ``--tail N``: the input ``cat([x, gelu_tanh(tail)])`` of FLUX's single-block
+``proj_out`` instead, the slices against ``quantize.WIDE_TAIL_BY_MM``.
 """
 
 from __future__ import annotations
@@ -36,20 +38,27 @@ def _mm_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _wide_by_mm(on: bool):
-    """``quantize.WIDE_BY_MM`` set to ``on`` inside, restored after."""
-    before, qmod.WIDE_BY_MM = qmod.WIDE_BY_MM, on
+def _set(**values):
+    """``quantize``'s constants set to ``values`` inside, restored after."""
+    before = {name: getattr(qmod, name) for name in values}
+    for name, value in values.items():
+        setattr(qmod, name, value)
     try:
         yield
     finally:
-        qmod.WIDE_BY_MM = before
+        for name, value in before.items():
+            setattr(qmod, name, value)
+
+
+def _wide_by_mm(on: bool):
+    return _set(WIDE_BY_MM=on)
 
 
 def _row(x: torch.Tensor, s: torch.Tensor, scale: torch.Tensor, r: int, base: int,
          g: torch.Generator) -> dict:  # fmt: skip
     """One rank's timings (µs) both ways at input ``x``, and their LoRA columns' error."""
     m, k = x.shape
-    down = (torch.randn(r, k, device="cuda", generator=g) / k**0.5).bfloat16()
+    down = (torch.randn(r, k, device=x.device, generator=g) / k**0.5).bfloat16()
     head, extra = down[:base].contiguous(), fold_lowrank_down(down, s)[base:].contiguous()
 
     def both():
@@ -61,6 +70,8 @@ def _row(x: torch.Tensor, s: torch.Tensor, scale: torch.Tensor, r: int, base: in
         want, sliced = whole()[1][:, base:], bench_graph(whole)
     with _wide_by_mm(True):  # the engine's route: rank-0 codes, then all columns by cuBLAS
         route = bench_graph(whole)
+        with _set(KEEP_FOLDS=False):  # the same, L_down folded in every call
+            fold_each = bench_graph(whole)
     return dict(
         m=m, k=k, rank=r, base=base,
         sliced_us=sliced,
@@ -68,8 +79,25 @@ def _row(x: torch.Tensor, s: torch.Tensor, scale: torch.Tensor, r: int, base: in
         mm_us=bench_graph(lambda: _mm_fp32(x, extra)),
         base_mm_us=bench_graph(both),
         wide_by_mm_us=route,
+        wide_by_mm_fold_each_us=fold_each,
         rel_err=((_mm_fp32(x, extra) - want).norm() / want.norm()).item(),
     )  # fmt: skip
+
+
+def _tail_row(x: torch.Tensor, tail: torch.Tensor, s: torch.Tensor, scale: torch.Tensor,
+              r: int, g: torch.Generator) -> dict:  # fmt: skip
+    """The quantize of ``cat([x, gelu_tanh(tail)])`` (``proj_out``) at rank ``r``: in
+    slices against ``WIDE_TAIL_BY_MM`` (the codes alone, torch's GELU written out, two
+    GEMMs), µs, and their LoRA columns' error."""
+    m, k = x.shape[0], x.shape[1] + tail.shape[1]
+    down = (torch.randn(r, k, device=x.device, generator=g) / k**0.5).bfloat16()
+    call = lambda: quantize_act(x, s, down, scale, k, "int4", tail, "gelu_tanh")  # noqa: E731
+    with _set(WIDE_TAIL_BY_MM=False):
+        want, sliced = call()[1], bench_graph(call)
+    with _set(WIDE_TAIL_BY_MM=True):
+        got, route = call()[1], bench_graph(call)
+    return dict(m=m, k=k, k_tail=tail.shape[1], rank=r, sliced_us=sliced, wide_tail_us=route,
+                rel_err=((got - want).norm() / want.norm()).item())  # fmt: skip
 
 
 def main() -> None:
@@ -78,14 +106,37 @@ def main() -> None:
     p.add_argument("--ks", default="3072,15360")
     p.add_argument("--ranks", default="160,544")
     p.add_argument("--base", type=int, default=32)
+    p.add_argument("--tail", type=int, default=0,
+                   help="a GELU-tanh tail of this many columns after each K (proj_out: "
+                        "--ks 3072 --tail 12288): the sliced quantize against "
+                        "WIDE_TAIL_BY_MM instead")  # fmt: skip
     p.add_argument("--out", default="bench/results")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("probe_lora_act.py needs a CUDA GPU")
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
+    if a.tail:
+        print("    M      K    r | sliced us | WIDE_TAIL_BY_MM us |      x | err")
+        for m in (int(v) for v in a.ms.split(",")):
+            for k in (int(v) for v in a.ks.split(",")):
+                x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+                t = torch.randn(m, a.tail, device="cuda", generator=g).bfloat16()
+                s = torch.rand(k + a.tail, device="cuda", generator=g) + 0.5
+                scale = torch.tensor(4.0, device="cuda") / 7
+                for r in (int(v) for v in a.ranks.split(",")):
+                    row = _tail_row(x, t, s, scale, r, g)
+                    rows.append(row)
+                    print(f"{m:5d} {row['k']:6d} {r:4d} | {row['sliced_us']:9.1f} | "
+                          f"{row['wide_tail_us']:18.1f} | "
+                          f"{row['sliced_us'] / row['wide_tail_us']:5.2f}x | "
+                          f"{row['rel_err']:.1e}")  # fmt: skip
+        path = write_result({**run_info(), "bench": "probe_lora_act", "tail": a.tail,
+                             "rows": rows}, a.out, "probe_lora_act")  # fmt: skip
+        print("->", path)
+        return
     print("    M      K    r | sliced us | base us | mm us | base+mm us | sliced/(base+mm) | "
-          "WIDE_BY_MM us | sliced/that | err")  # fmt: skip
+          "WIDE_BY_MM us | sliced/that | folded each call us | err")  # fmt: skip
     for m in (int(v) for v in a.ms.split(",")):
         for k in (int(v) for v in a.ks.split(",")):
             x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
@@ -99,6 +150,7 @@ def main() -> None:
                       f"{row['mm_us']:5.1f} | {row['base_mm_us']:10.1f} | {ratio:15.2f}x | "
                       f"{row['wide_by_mm_us']:13.1f} | "
                       f"{row['sliced_us'] / row['wide_by_mm_us']:10.2f}x | "
+                      f"{row['wide_by_mm_fold_each_us']:18.1f} | "
                       f"{row['rel_err']:.1e}")  # fmt: skip
     path = write_result({**run_info(), "bench": "probe_lora_act", "rows": rows}, a.out,
                         "probe_lora_act")  # fmt: skip

@@ -245,6 +245,37 @@ def test_quantize_wide_rank_by_mm_matches_reference(monkeypatch, m, r, folded):
     assert len(gemms) == 2
 
 
+@pytest.mark.parametrize(("m", "r", "act"), [(70, 160, "gelu_tanh"), (130, 544, "silu")])
+def test_quantize_wide_tailed_rank_by_mm_matches_reference(monkeypatch, m, r, act):
+    """``quantize.WIDE_TAIL_BY_MM``: a sliced rank on ``cat([x, act(tail)])`` (FLUX's
+    ``proj_out``) as the codes alone in the kernel and two GEMMs (x's columns, the
+    activated tail's) — the slices' codes bit for bit, the reference's sums; a gate keeps
+    the slices."""
+    from svdquant.kernels import quantize as qmod
+
+    gemms = _count_calls(monkeypatch, qmod, "lowrank_mm")
+    k1, k2 = 192, 128
+    x, t = _acts(m, k1, torch.bfloat16, seed=5), _acts(m, k2, torch.bfloat16, seed=6)
+    s = _smooth(k1 + k2)
+    down, _ = _lowrank(8, k1 + k2, r, torch.bfloat16)
+    h = torch.cat([x, ref.activation_ref(t, act).to(x.dtype)], -1)
+    act_scale = ref.act_scale_from_amax((h.float() / s).abs().amax())
+    kw = {"tail": t, "tail_act": act}
+    monkeypatch.setattr(qmod, "WIDE_TAIL_BY_MM", False)
+    sliced = quantize_act(x, s, down, act_scale, k1 + k2, "int4", **kw)
+    assert not gemms
+    monkeypatch.setattr(qmod, "WIDE_TAIL_BY_MM", True)
+    xq, lora = quantize_act(x, s, down, act_scale, k1 + k2, "int4", **kw)
+    assert len(gemms) == 2
+    _, lora_ref = ref.quantize_act_cat_ref(x, t, act, s, down, act_scale, k1 + k2, "int4")
+    assert torch.equal(xq.view(torch.uint8), sliced[0].view(torch.uint8))
+    assert lora.shape == (m, r) and rel_err(lora, lora_ref) < 1e-4
+    s1 = _smooth(k1)
+    g = _acts(m, k1, torch.bfloat16, seed=7)
+    quantize_act(x, s1, down[:, :k1], act_scale, k1, "int4", tail=g, tail_act=act, gated=True)
+    assert len(gemms) == 2
+
+
 def test_wide_rank_by_mm_folds_once_per_lowrank_down(monkeypatch):
     """``WIDE_BY_MM`` folds an L_down once and keeps it while L_down and the smoothing
     are the same, unchanged tensors: changed in place, replaced, or a view of other rows,
@@ -3250,6 +3281,29 @@ def test_gpu_quantize_wide_rank_by_mm_matches_reference(monkeypatch, m, k, r):
     torch.cuda.synchronize()
     assert torch.equal(got[0].view(torch.uint8), sliced[0].view(torch.uint8))
     assert rel_err(got[1], lora_ref) < 1e-4 and len(gemms) == 2  # (the route, both times)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [160, 544])
+@pytest.mark.parametrize("m", [4608, 512, 100])
+def test_gpu_quantize_wide_tailed_rank_by_mm_matches_reference(monkeypatch, m, r):
+    """``WIDE_TAIL_BY_MM`` at FLUX's ``proj_out`` (attention output 3072 + GELU-tanh of
+    the MLP's 12288) on the GPU: the slices' codes, the reference's sums."""
+    from svdquant.kernels import quantize as qmod
+
+    x, t = _acts(m, 3072, torch.bfloat16, seed=7), _acts(m, 12288, torch.bfloat16, seed=8)
+    s = _smooth(15360)
+    down, _ = _lowrank(8, 15360, r, torch.bfloat16)
+    h = torch.cat([x, ref.activation_ref(t, "gelu_tanh").to(x.dtype)], -1)
+    act_scale = ref.act_scale_from_amax((h.float() / s).abs().amax())
+    kw = {"tail": t, "tail_act": "gelu_tanh"}
+    monkeypatch.setattr(qmod, "WIDE_TAIL_BY_MM", False)
+    sliced = quantize_act(x, s, down, act_scale, 15360, "int4", **kw)
+    monkeypatch.setattr(qmod, "WIDE_TAIL_BY_MM", True)
+    xq, lora = quantize_act(x, s, down, act_scale, 15360, "int4", **kw)
+    _, lora_ref = ref.quantize_act_cat_ref(x, t, "gelu_tanh", s, down, act_scale, 15360, "int4")
+    assert torch.equal(xq.view(torch.uint8), sliced[0].view(torch.uint8))
+    assert rel_err(lora, lora_ref) < 1e-4
 
 
 @pytest.mark.gpu

@@ -145,6 +145,13 @@ RANK_SLICE = 64
 #: LoRA through ``cuda_graphed`` 125.9 -> 121.5 ms (1.030x, ``e2e.py --ab``). The kept
 #: folds cost L_down's memory once more for the layers that take the route.
 WIDE_BY_MM = True
+#: The same route for a concatenated input ``cat([x, act(tail)])`` (FLUX's single-block
+#: ``proj_out``: rank 160 at K = 15360 with a rank-128 LoRA, 224.8 µs sliced at 4608
+#: rows, v56): the kernel writes the codes alone, torch writes ``act(tail)`` in x's dtype
+#: (``reference.activation_like``, one pass), and two cuBLAS GEMMs sum x's columns and the
+#: activated tail's. Off: not yet measured (``probe_lora_act.py --tail``, ``e2e.py --ab``;
+#: predicted ~225 -> ~150 µs there).
+WIDE_TAIL_BY_MM = False
 
 
 def fold_lowrank_down(lowrank_down: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
@@ -511,15 +518,25 @@ def folded_down(lowrank_down: torch.Tensor, smooth: torch.Tensor) -> torch.Tenso
     return fold
 
 
-def _wide_by_mm(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl, out, folded):
-    """``quantize_act`` of a wide rank (``WIDE_BY_MM``): the codes by the kernel (rank 0),
-    every low-rank column by ``lowrank_mm`` into ``lora_act`` (after the kernel: a ``pdl``
-    launch stays right after the widen)."""
+def _wide_by_mm(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl, out, folded,
+                tail=None, tail_act="none"):  # fmt: skip
+    """``quantize_act`` of a wide rank (``WIDE_BY_MM``, ``WIDE_TAIL_BY_MM``): the codes by
+    the kernel (rank 0), every low-rank column by ``lowrank_mm`` into ``lora_act`` (after
+    the kernel: a ``pdl`` launch stays right after the widen); with a ``tail``, x's
+    columns first, then the activated tail's added."""
+    from svdquant.kernels.reference import activation_like
+
     m, r = x.shape[0], lowrank_down.shape[0]
     xq, lora = outputs(m, k_out, r, 1, x.device, out)  # (cuBLAS writes every column)
-    quantize_act(x, smooth, lowrank_down[:0], act_scale, k_out, act_fmt, pdl=pdl,
-                 out=(xq, lora[:, :0]))  # fmt: skip
-    lowrank_mm(x, lowrank_down if folded else folded_down(lowrank_down, smooth), lora)
+    quantize_act(x, smooth, lowrank_down[:0], act_scale, k_out, act_fmt, tail, tail_act,
+                 pdl=pdl, out=(xq, lora[:, :0]))  # fmt: skip
+    fold = lowrank_down if folded else folded_down(lowrank_down, smooth)
+    if tail is None:
+        lowrank_mm(x, fold, lora)
+        return xq, lora
+    k_head = x.shape[1]
+    lowrank_mm(x, fold[:, :k_head], lora)
+    lora += lowrank_mm(activation_like(tail, tail_act), fold[:, k_head:], torch.empty_like(lora))
     return xq, lora
 
 
@@ -598,8 +615,13 @@ def quantize_act(
     block_r, block_r2 = rank_parts(r)
     slices = rank_slices(r, m, block_m)
     plain = tail is None and not trigger and lowrank_down.shape[1] == k
-    if slices > 1 and WIDE_BY_MM and plain and x.dtype == lowrank_down.dtype == torch.bfloat16:
+    bf16 = x.dtype == lowrank_down.dtype == torch.bfloat16
+    if slices > 1 and WIDE_BY_MM and plain and bf16:
         return _wide_by_mm(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl, out, folded)
+    cat = tail is not None and not (gated or trigger) and lowrank_down.shape[1] == k
+    if slices > 1 and WIDE_TAIL_BY_MM and cat and bf16:
+        return _wide_by_mm(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl, out, folded,
+                           tail, tail_act)  # fmt: skip
     if slices > 1:
         block_r, block_r2 = RANK_SLICE, 0
     block_m = rows_per_program(block_m, block_r + block_r2)  # the sums fit in registers
