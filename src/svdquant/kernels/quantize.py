@@ -129,7 +129,7 @@ SPLIT_MIN_SECOND = 64
 #: slices lost to 64 (0.83-1.03x at ranks 128 / 256, ``…-v54-policy-*.json``).
 RANK_SLICES = True
 RANK_SLICE = 64
-#: A rank the quantize would compute in slices, on a plain 16-bit input (no tail, no gate)
+#: A rank the quantize would compute in slices, on a plain bf16 input (no tail, no gate)
 #: and not as a dependent's trigger: the kernel writes the codes alone (rank 0) and one
 #: cuBLAS GEMM ``x @ (L_down · diag(1/s))ᵀ`` with fp32 sums writes all the low-rank columns
 #: (the same 16-bit products as the kernel's, summed in another order); the folded L_down is
