@@ -198,3 +198,65 @@ def test_gpu_graphed_and_fused_under_cpu_offload(host_copy):
         assert graphed.num_graphs == 0 and graphed.module.device.type == "cpu"
         if host_copy:
             assert all(t.is_pinned() for t in graphed.module.parameters())
+
+
+def test_kept_copies_record_their_sources():
+    """``kernels.kept``: inside ``recording`` (a capture) a kept copy used — the folded
+    L_down served again, not made — notes its sources; they count as unchanged until
+    changed in place or freed."""
+    from svdquant.kernels import kept
+    from svdquant.kernels import quantize as qmod
+
+    ld, s = torch.randn(160, 64).bfloat16(), torch.rand(64) + 0.5
+    with kept.recording() as sources:
+        qmod.folded_down(ld, s)  # made now (a graph would replay the making): not noted
+        assert not sources
+        qmod.folded_down(ld, s)
+    assert len(sources) == 2 and kept.unchanged(sources)
+    kept.used(ld)  # outside a recording: nothing
+    assert len(sources) == 2
+    s.mul_(2)
+    assert not kept.unchanged(sources)
+    t = torch.ones(3)
+    with kept.recording() as gone:
+        kept.used(t)
+    assert kept.unchanged(gone)
+    del t
+    assert not kept.unchanged(gone)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the device: pytest -m gpu)")
+@torch.no_grad()
+@pytest.mark.parametrize("keep_fp8", [False, True])
+def test_gpu_graphs_never_replay_a_stale_kept_copy(keep_fp8):
+    """A graphed layer whose replay uses a copy the engine keeps — the folded L_down of a
+    rank-160 branch (``quantize.WIDE_BY_MM``), a kept fp8 weight — and whose source then
+    changes in place (``load_state_dict``): the next call gives the eager numbers of the
+    changed layer, and the graph is captured again."""
+    g = torch.Generator().manual_seed(3)
+    layers = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        lin = torch.nn.Linear(192, 176).to(DEVICE, torch.bfloat16)
+        calib = (torch.randn(256, 192, generator=g) * 2).to(DEVICE, torch.bfloat16)
+        layers.append(svdquant.quantize_linear(lin, calib, rank=160, alpha=0.5))
+    layer, other = layers
+    if keep_fp8:
+        layer.keep_fp8_weights()
+    graphed = svdquant.cuda_graphed(layer)
+    x = calib[:70]
+
+    def close(a, b):  # (a stale copy gives another layer's numbers: far off)
+        return (a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max()
+
+    for _ in range(3):
+        y = graphed(x)
+    assert graphed.num_graphs == 1 and close(y, layer(x))
+    assert all(e.sources for e in graphed._graphs.values())  # (the kept copy was replayed)
+    layer.load_state_dict(other.state_dict())  # in place
+    assert close(graphed(x), other(x))
+    assert graphed.num_graphs == 0
+    for _ in range(3):
+        y = graphed(x)
+    assert graphed.num_graphs == 1 and close(y, other(x))

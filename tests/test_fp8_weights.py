@@ -285,3 +285,19 @@ def test_gpu_codes_on_host_keep_cuda_graphs(monkeypatch):
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() <= 4e-3
     assert fc1.qweight.device.type == "cpu" and fc2.qweight.device.type == "cpu"
+
+
+def test_kept_weights_note_their_sources_for_graphs():
+    """A kept fp8 weight used inside ``kernels.kept.recording`` (a CUDA graph's capture)
+    notes the 4-bit weight's tensors, so that ``cuda_graphed`` captures again once they
+    change: unchanged until a weight is loaded in place."""
+    from svdquant.kernels import kept
+
+    layer, x = _layer(64, 48)
+    other, _ = _layer(64, 48, seed=9)
+    layer.keep_fp8_weights()
+    with kept.recording() as sources:
+        layer(x)
+    assert len(sources) == 3 and kept.unchanged(sources)
+    layer.load_state_dict(other.state_dict())
+    assert not kept.unchanged(sources)

@@ -1649,9 +1649,9 @@ ENGINE_CASES = [("int4", "int4"), ("int4", "fp8"), ("nvfp4", "int4"), ("nvfp4", 
 
 def test_layer_with_wide_rank_by_mm_is_the_same(monkeypatch):
     """A layer whose rank the quantize slices (a rank-160 branch: a LoRA stacked on it) on
-    the engine, ``quantize.WIDE_BY_MM`` on: the quantize beside the widen as ever, its
-    first slice in the kernel and the rest by one GEMM — the sliced layer's output: the
-    same codes, the low-rank sums only in another order, so each output within one
+    the engine, ``quantize.WIDE_BY_MM`` on: the quantize beside the widen as ever, writing
+    the codes alone, and every low-rank column by one GEMM — the sliced layer's output:
+    the same codes, the low-rank sums only in another order, so each output within one
     rounding of its 16-bit value."""
     from svdquant.kernels import quantize as qmod
 

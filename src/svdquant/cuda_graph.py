@@ -16,7 +16,10 @@ captures, later ones copy the inputs into the graph's buffers and replay. What t
 reads besides its inputs — weights, LoRA factors, activation scales — is read at the
 addresses it had at capture: ``svdquant.load_lora`` and its siblings drop the graphs when
 given the pipeline or the wrapper; after other changes that are not in place, call
-``reset()``.
+``reset()``. Changes in place are read by the next replay, and where the graph replays a
+copy the engine keeps (a wide-rank layer's folded L_down, a kept fp8 weight:
+``kernels.kept``), a change to its source makes the next call run eagerly and the graph
+be captured again.
 Calls the graph cannot serve run eagerly: on the CPU, with a CPU tensor among the inputs,
 with gradients enabled (pipelines run under ``torch.no_grad()``), while another capture
 is running, past ``max_graphs`` signatures, or after a capture failed (with one warning
@@ -33,6 +36,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from svdquant.kernels import kept
 
 __all__ = ["CUDAGraphed", "cuda_graphed"]
 
@@ -51,6 +56,7 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: list[torch.Tensor]  # the static buffers, in the order ``_flatten`` gives
     output: Any
+    sources: list  # what the engine's kept copies it replays were made from (``kernels.kept``)
 
 
 def _flatten(value: Any, tensors: list[torch.Tensor]) -> Any:
@@ -159,6 +165,10 @@ class CUDAGraphed(nn.Module):
         if not tensors or torch.cuda.is_current_stream_capturing():
             return self.module(*args, **kwargs)
         entry = self._graphs.get(key)
+        if entry is not None and not kept.unchanged(entry.sources):
+            self.reset()  # a kept copy it replays is stale: captured again from the next call
+            self._seen.add(key)
+            return self.module(*args, **kwargs)
         if entry is None:
             if len(self._graphs) >= self.max_graphs:
                 return self.module(*args, **kwargs)
@@ -190,7 +200,7 @@ class CUDAGraphed(nn.Module):
             with torch.cuda.stream(side):  # a warm-up on a side stream, as capture asks
                 self.module(*s_args, **s_kwargs)
             torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph, pool=self._pool):
+            with kept.recording() as sources, torch.cuda.graph(graph, pool=self._pool):
                 output = self.module(*s_args, **s_kwargs)
         except Exception as e:  # a host sync, a CPU op, an allocation the capture refuses
             self._failed = f"{type(e).__name__}: {e}"
@@ -204,7 +214,7 @@ class CUDAGraphed(nn.Module):
             return None
         if self._pool is None:
             self._pool = graph.pool()
-        entry = _Graph(graph, statics, output)
+        entry = _Graph(graph, statics, output, sources)
         self._graphs[key] = entry
         return entry
 

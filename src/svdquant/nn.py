@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from svdquant import formats, kernels
+from svdquant.kernels import kept
 
 __all__ = ["SVDQLinear", "keep_fp8_weights"]
 
@@ -223,6 +224,8 @@ class SVDQLinear(nn.Module):
                 self.keep_fp8_weights(codes_on_host=True)
                 return self._buffers["fp8_weight"], self._buffers["fp8_scale"]
             return None
+        if not torch.compiler.is_compiling():  # (a CUDA graph replaying it re-captures on a change)
+            kept.used(self.qweight, self.wscales, self.wtensor_scale)
         return wq, self._buffers["fp8_scale"]
 
     def __getstate__(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from svdquant.kernels import kept
 from svdquant.kernels._triton_common import (
     ACTIVATIONS,
     act_code,
@@ -482,7 +483,9 @@ def lowrank_mm(x: torch.Tensor, folded_down: torch.Tensor, out: torch.Tensor) ->
 #: (``e2e-h200-2026-12-02-0352-v56-lora128-default.json`` against ``…-0543-v57-lora128-
 #: mlp-next-max64.json``). Not kept: four small kernels per call (not measured since the
 #: route writes every column by cuBLAS; v56's route, the fold with a copy and a zero fill,
-#: ran 0.58-0.95x the slices at rank 160).
+#: ran 0.58-0.95x the slices at rank 160). A CUDA graph replays the fold it captured:
+#: ``cuda_graphed`` captures again once L_down or the smoothing change (``kernels.kept``);
+#: ``torch.compile``'s own graphs (``mode="reduce-overhead"``) do not check.
 KEEP_FOLDS = True
 #: ``folded_down``'s folds, by the L_down (view) they fold: (L_down's base, weakly; the
 #: smoothing's, weakly; both tensors' addresses, shapes and versions; the fold).
@@ -511,6 +514,7 @@ def folded_down(lowrank_down: torch.Tensor, smooth: torch.Tensor) -> torch.Tenso
     key = (id(base), stamp[0], stamp[1])
     hit = _FOLDS.get(key)
     if hit is not None and hit[0]() is base and hit[1]() is s_base and hit[2] == stamp:
+        kept.used(base, s_base)  # (a CUDA graph replaying it is captured again on a change)
         return hit[3]
     fold = fold_lowrank_down(lowrank_down, smooth)
     _FOLDS[key] = (weakref.ref(base, lambda _, key=key: _FOLDS.pop(key, None)),
