@@ -312,7 +312,7 @@ def test_wide_rank_by_mm_folds_once_per_lowrank_down(monkeypatch):
     n = len(qmod._FOLDS)
     monkeypatch.setattr(qmod, "KEEP_FOLDS", False)  # (memory before speed: every call)
     sums(part, s2), sums(part, s2)
-    assert len(folds) == 6 and len(qmod._FOLDS) == n
+    assert len(folds) == 6 and len(qmod._FOLDS) <= n  # (other tests' folds may die now)
     del part, down
     gc.collect()
     assert len(qmod._FOLDS) <= n - 2
