@@ -3415,6 +3415,28 @@ def _tiny_denoiser_on_the_engine(arch: str, dtype: torch.dtype | None = None):
 
 
 @torch.no_grad()
+def test_fused_flux_takes_the_wide_rank_route_alike(monkeypatch):
+    """A fused tiny FLUX transformer whose quantizes take the wide-rank route
+    (``quantize.WIDE_BY_MM``, ``WIDE_TAIL_BY_MM``; forced on its rank-8 branches, which
+    take it only past rank 128): the fused groups' stacked inputs, the out projections and
+    ``proj_out``'s concatenated one — the kernels' own sums' output within bf16 rounding."""
+    from svdquant.kernels import quantize as qmod
+
+    model, args, kw = _tiny_denoiser_on_the_engine("flux", torch.bfloat16)
+    svdquant.fuse_projections(model)
+    monkeypatch.setattr(qmod, "WIDE_BY_MM", False)
+    want = model(*args, **kw)[0]
+    monkeypatch.setattr(qmod, "WIDE_BY_MM", True)
+    monkeypatch.setattr(qmod, "WIDE_TAIL_BY_MM", True)
+    real = qmod.rank_slices
+    monkeypatch.setattr(qmod, "rank_slices", lambda r, m, bm: max(real(r, m, bm), 2 * (r > 0)))
+    gemms = _count_calls(monkeypatch, qmod, "lowrank_mm")
+    got = model(*args, **kw)[0]
+    assert len(gemms) >= len(model.single_transformer_blocks) * 3  # (two for a tail)
+    assert rel_err(got, want) <= TOL
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("gate_norm", [False, True])
 def test_fused_flux_runtime_on_the_engine(monkeypatch, gate_norm):
     """``fuse_projections`` on a tiny FLUX transformer, on the engine: the single blocks'
