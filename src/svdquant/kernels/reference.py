@@ -172,20 +172,6 @@ def quantize_act_ref(
     return xq, x.to(dt).float() @ folded.t()
 
 
-def activation_ref(y: torch.Tensor, activation: str) -> torch.Tensor:
-    """``activation`` ("none", "gelu_tanh", "silu", "gelu") of ``y`` computed in fp32, as
-    fp32."""
-    if activation == "gelu_tanh":
-        return torch.nn.functional.gelu(y.float(), approximate="tanh")
-    if activation == "gelu":
-        return torch.nn.functional.gelu(y.float())
-    if activation == "silu":
-        return torch.nn.functional.silu(y.float())
-    if activation != "none":
-        raise ValueError(f"unknown activation {activation!r}")
-    return y.float()
-
-
 #: The activations by name, as torch's own kernels in the input's dtype.
 _TORCH_ACTIVATIONS = {
     "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
@@ -193,6 +179,12 @@ _TORCH_ACTIVATIONS = {
     "silu": torch.nn.functional.silu,
     "none": lambda t: t,
 }
+
+
+def activation_ref(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """``activation`` ("none", "gelu_tanh", "silu", "gelu") of ``y`` computed in fp32, as
+    fp32."""
+    return activation_like(y.float(), activation)
 
 
 def activation_like(y: torch.Tensor, activation: str) -> torch.Tensor:
