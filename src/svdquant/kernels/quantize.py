@@ -618,12 +618,9 @@ def quantize_act(
         block_m, block_k, warps = GATED_TILE
     block_r, block_r2 = rank_parts(r)
     slices = rank_slices(r, m, block_m)
-    plain = tail is None and not trigger and lowrank_down.shape[1] == k
+    routed = WIDE_BY_MM if tail is None else WIDE_TAIL_BY_MM and not gated
     bf16 = x.dtype == lowrank_down.dtype == torch.bfloat16
-    if slices > 1 and WIDE_BY_MM and plain and bf16:
-        return _wide_by_mm(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl, out, folded)
-    cat = tail is not None and not (gated or trigger) and lowrank_down.shape[1] == k
-    if slices > 1 and WIDE_TAIL_BY_MM and cat and bf16:
+    if slices > 1 and routed and bf16 and not trigger and lowrank_down.shape[1] == k:
         return _wide_by_mm(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl, out, folded,
                            tail, tail_act)  # fmt: skip
     if slices > 1:
