@@ -240,8 +240,11 @@ def test_quantize_wide_rank_by_mm_matches_reference(monkeypatch, m, r, folded):
     assert got[0] is given[0] and got[1] is given[1] and rel_err(got[1], lora_ref) < 1e-4
     t = _acts(m, 64, torch.bfloat16, seed=6)
     down2, _ = _lowrank(8, k + 64, r, torch.bfloat16)
+    monkeypatch.setattr(qmod, "WIDE_TAIL_BY_MM", False)  # (a tail has its own switch)
     quantize_act(x, _smooth(k + 64), down2, act_scale, k + 64, "int4", tail=t, tail_act="gelu")
     quantize_act(x, s, ld, act_scale, k, "int4", trigger=True, folded=folded)
+    monkeypatch.setattr(qmod, "FP32_OUT_MM", False)  # (torch < 2.8: no fp32-output GEMM)
+    quantize_act(x, s, ld, act_scale, k, "int4", folded=folded)
     assert len(gemms) == 2
 
 

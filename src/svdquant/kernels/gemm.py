@@ -687,8 +687,7 @@ def _wide_lowrank_apart(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias
 
     empty = lora_act[:, :0], lowrank_up[:, :0]
     y = fp8_gemm(xq, wq, s_channel, act_scale, *empty, None, torch.float32)
-    up = lowrank_mm(lora_act.to(lowrank_up.dtype), lowrank_up, torch.empty_like(y))
-    y += up
+    lowrank_mm(lora_act.to(lowrank_up.dtype), lowrank_up, y, accumulate=True)
     if bias is not None:
         y += bias.float()
     return y.to(out_dtype)

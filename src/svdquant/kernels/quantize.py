@@ -150,9 +150,11 @@ WIDE_BY_MM = True
 #: ``proj_out``: rank 160 at K = 15360 with a rank-128 LoRA, 224.8 µs sliced at 4608
 #: rows, v56): the kernel writes the codes alone, torch writes ``act(tail)`` in x's dtype
 #: (``reference.activation_like``, one pass), and two cuBLAS GEMMs sum x's columns and the
-#: activated tail's. Off: not yet measured (``probe_lora_act.py --tail``, ``e2e.py --ab``;
-#: predicted ~225 -> ~150 µs there).
-WIDE_TAIL_BY_MM = False
+#: activated tail's into the same sums (``addmm``). v58 (H200, ``probe_lora_act.py --tail
+#: 12288``, the tail's sums in a second buffer then added): 1.71-2.11x the slices at rank
+#: 160, 2.84-3.88x at 416 (M = 1024 / 4608); the FLUX step with a rank-128 LoRA through
+#: ``cuda_graphed`` 120.0 -> 111.1 ms (1.070x, ``e2e.py --ab``).
+WIDE_TAIL_BY_MM = True
 
 
 def fold_lowrank_down(lowrank_down: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
@@ -468,12 +470,23 @@ def _quantize_act_kernel(
             gdc_wait()
 
 
-def lowrank_mm(x: torch.Tensor, folded_down: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``x @ folded_downᵀ`` into ``out`` fp32 [M, r], with fp32 sums of the bf16 / fp16
-    products (cuBLAS's fp32-output GEMM on the GPU; elsewhere in fp32, the products exact
-    there too)."""
-    if x.is_cuda:
+#: torch's fp16 / bf16 GEMMs with fp32 outputs (``mm`` / ``addmm`` with ``out_dtype``,
+#: CUDA only) came in torch 2.8: before it the wide ranks keep the sliced quantize.
+FP32_OUT_MM = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
+def lowrank_mm(
+    x: torch.Tensor, folded_down: torch.Tensor, out: torch.Tensor, accumulate: bool = False
+) -> torch.Tensor:
+    """``x @ folded_downᵀ`` into ``out`` fp32 [M, r] (added to it with ``accumulate``), with
+    fp32 sums of the bf16 / fp16 products (cuBLAS's fp32-output GEMM on the GPU; elsewhere
+    in fp32, the products exact there too; so also on CUDA before torch 2.8)."""
+    if x.is_cuda and FP32_OUT_MM:
+        if accumulate:  # (cuBLAS's beta = 1: no second buffer, no add pass)
+            return torch.addmm(out, x, folded_down.t(), out_dtype=torch.float32, out=out)
         return torch.mm(x, folded_down.t(), out_dtype=torch.float32, out=out)
+    if accumulate:
+        return torch.addmm(out, x.float(), folded_down.float().t(), out=out)
     return torch.mm(x.float(), folded_down.float().t(), out=out)
 
 
@@ -540,7 +553,7 @@ def _wide_by_mm(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl, out, fo
         return xq, lora
     k_head = x.shape[1]
     lowrank_mm(x, fold[:, :k_head], lora)
-    lora += lowrank_mm(activation_like(tail, tail_act), fold[:, k_head:], torch.empty_like(lora))
+    lowrank_mm(activation_like(tail, tail_act), fold[:, k_head:], lora, accumulate=True)
     return xq, lora
 
 
@@ -620,7 +633,8 @@ def quantize_act(
     slices = rank_slices(r, m, block_m)
     routed = WIDE_BY_MM if tail is None else WIDE_TAIL_BY_MM and not gated
     bf16 = x.dtype == lowrank_down.dtype == torch.bfloat16
-    if slices > 1 and routed and bf16 and not trigger and lowrank_down.shape[1] == k:
+    by_mm = routed and bf16 and FP32_OUT_MM and not trigger and lowrank_down.shape[1] == k
+    if slices > 1 and by_mm:
         return _wide_by_mm(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl, out, folded,
                            tail, tail_act)  # fmt: skip
     if slices > 1:
