@@ -605,6 +605,7 @@ def _gemm(
             B3=9216,
             NUM_SMS=132,
             **_no_parts(),
+            ACT_FROM=9216,
         ),
         consts=dict(
             HAS_LORA=True,
@@ -688,6 +689,14 @@ def _gemm_next() -> dict[str, Any]:
 def _gemm_split() -> dict[str, Any]:
     """The fused single block's q/k/v/mlp GEMM writing four contiguous outputs."""
     return _gemm(split=True)
+
+
+@_spec("gemm_split_act")
+def _gemm_split_act() -> dict[str, Any]:
+    """The same writing the MLP part as its GELU-tanh (``fp8_gemm_split(last_act=...)``)."""
+    d = _gemm(split=True)
+    d["consts"]["ACT"] = 4  # (GELU-tanh, the fast reciprocal)
+    return d
 
 
 @_spec("gemm_split_lora")
@@ -803,6 +812,7 @@ def _gemm_ws_spec(
             B2=bounds[1],
             B3=bounds[2],
             **(_lora_parts() if parts else _no_parts()),
+            ACT_FROM=n - sizes[-1],
         ),
         consts=dict(
             HAS_LORA=True,
@@ -870,6 +880,23 @@ def _gemm_ws_rank160() -> dict[str, Any]:
 def _gemm_ws_split() -> dict[str, Any]:
     """The Gluon GEMM writing the single block's q/k/v/mlp as four contiguous outputs."""
     return _gemm_ws_spec([3072, 3072, 3072, 12288])
+
+
+@_spec("gemm_ws_split_act")
+def _gemm_ws_split_act() -> dict[str, Any]:
+    """The same writing the MLP part as its GELU-tanh (``fp8_gemm_ws_split(last_act=...)``)."""
+    d = _gemm_ws_spec([3072, 3072, 3072, 12288])
+    d["consts"]["ACT"] = 4  # (GELU-tanh, the fast reciprocal)
+    return d
+
+
+@_spec("gemm_ws_act")
+def _gemm_ws_act() -> dict[str, Any]:
+    """The Gluon GEMM as a GELU MLP's fc1 writing its GELU-tanh (``fp8_gemm_ws(activation=
+    ...)``: a LoRA'd fc2 run apart, ``ops.MLP_NEXT_MAX_RANK``), rank 160."""
+    d = _gemm_ws_spec([12288], rank=160, chunks=3)
+    d["consts"]["ACT"] = 4
+    return d
 
 
 @_spec("gemm_ws_parts")

@@ -743,6 +743,45 @@ def test_fp8_gemm_split_writes_each_segment_contiguous(m, sizes):
 
 
 @pytest.mark.parametrize(
+    ("m", "n", "k", "r", "activation"),
+    [(1, 45, 128, 7, "gelu_tanh"), (3, 130, 208, 0, "silu"), (257, 70, 200, 3, "gelu"),
+     (70, 45, 128, 300, "gelu_tanh")],
+)  # fmt: skip
+def test_fp8_gemm_applies_an_activation_as_written(monkeypatch, m, n, k, r, activation):
+    """``fp8_gemm(activation=...)`` (an MLP's fc1 whose fc2 runs apart): the activation
+    of the output as written, rounded again — the reference's, and the plain GEMM's
+    output through torch's activation within one rounding; a branch past the epilogues'
+    rank too (added after the GEMM)."""
+    from svdquant.kernels import gemm
+
+    monkeypatch.setattr(gemm, "TMA_MIN_M", 1)
+    args = _gemm_args(m, n, k, seed=m + n, r=r)
+    y = fp8_gemm(*args, activation)
+    y_ref = ref.fp8_gemm_ref(*args, activation)
+    assert y.dtype == torch.bfloat16 and rel_err(y, y_ref) <= TOL
+    assert rel_err(y, ref.activation_like(fp8_gemm(*args), activation)) <= TOL
+    with pytest.raises(ValueError, match="unknown activation"):
+        fp8_gemm(*args, "relu6")
+
+
+@pytest.mark.parametrize(("m", "sizes"), [(1, [256, 256]), (37, [256, 512, 256, 300])])
+def test_fp8_gemm_split_applies_the_last_activation(m, sizes):
+    """``fp8_gemm_split(last_act=...)`` (FLUX's single blocks: the MLP part's GELU, which
+    only ``proj_out`` reads): the other segments the plain split's, value for value, the
+    last the activation of its columns as written."""
+    n, k = sum(sizes), 64
+    args = _gemm_args(m, n, k, m + 1, x_scale=50)
+    plain = fp8_gemm_split(*args, sizes)
+    flat = fp8_gemm_split(*args, sizes, None, "gelu_tanh")
+    last = m * (n - sizes[-1])
+    assert torch.equal(flat[:last], plain[:last])
+    want = ref.activation_ref(plain[last:], "gelu_tanh").to(plain.dtype)
+    assert rel_err(flat[last:], want) <= TOL
+    with pytest.raises(ValueError, match="unknown activation"):
+        fp8_gemm_split(*args, sizes, None, "relu6")
+
+
+@pytest.mark.parametrize(
     ("m", "sizes", "parts"),
     [(1, [256, 256], [8, 4, 12]), (37, [256, 512, 256, 300], [16, 16, 0, 8, 16]),
      (70, [512, 256, 256], [0, 4, 4, 4])],
@@ -1694,6 +1733,13 @@ def test_forward_split_gives_contiguous_parts(sizes):
         assert not views[0].is_contiguous()
     with pytest.raises(ValueError, match="add up"):
         layer.forward_split(x, [1, 2])
+    for backend in ("triton", "reference"):  # the last part as its activation, either way
+        layer.backend = backend
+        acted, plain = layer.forward_split(x, sizes, last_act="silu"), layer.forward_split(x, sizes)
+        want = ref.activation_ref(plain[-1], "silu").to(x.dtype)
+        assert all(torch.equal(a, p) for a, p in zip(acted[:-1], plain, strict=False))
+        assert acted[-1].is_contiguous() and rel_err(acted[-1], want) <= TOL
+    layer.backend = "triton"
     if sizes[0] % 256:  # the engine's own split refuses what its GEMM cannot split
         with pytest.raises(ValueError, match="multiples of 256"):
             svdquant.kernels.svdq_linear_split_triton(layer, x, sizes)
@@ -1900,10 +1946,13 @@ def test_fused_mlp_runs_apart_past_its_next_rank(monkeypatch):
     monkeypatch.setattr(ops, "MLP_NEXT_MAX_RANK", 8)  # fc2's rank 8: still fused
     assert torch.equal(ops.svdq_mlp_triton(x, q1, q2), fused) and len(pairs) == 2
     monkeypatch.setattr(ops, "MLP_NEXT_MAX_RANK", 4)
+    monkeypatch.setattr(ops, "ACT_IN_GEMM", False)
     apart = ops.svdq_mlp_triton(x, q1, q2)
     assert len(pairs) == 2
     assert torch.equal(apart, q2(torch.nn.functional.gelu(q1(x), approximate="tanh")))
     assert rel_err(apart, fused) <= TOL
+    monkeypatch.setattr(ops, "ACT_IN_GEMM", True)  # (fc1's GELU in its GEMM's epilogue)
+    assert rel_err(ops.svdq_mlp_triton(x, q1, q2), apart) <= TOL and len(pairs) == 2
     with pytest.raises(ValueError, match="unknown activation"):
         ops.svdq_mlp_triton(x, q1, q2, "relu6")
 
@@ -2512,6 +2561,40 @@ def test_gpu_fp8_gemm_ws_split_writes_each_segment_contiguous(monkeypatch, m, si
         start += w
     with pytest.raises(ValueError, match="multiples of 256"):
         gemm_ws.fp8_gemm_ws_split(*args, [128, n - 128])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("m", "sizes"), [*WS_SPLITS, (4608, [3072, 3072, 3072, 12288])])
+@pytest.mark.parametrize("ws", [False, True])
+def test_gpu_fp8_gemm_split_applies_the_last_activation(monkeypatch, m, sizes, ws):
+    """The split's last segment as its GELU-tanh on the GPU (FLUX's q/k/v/MLP: the MLP's
+    GELU in the epilogue), on the Triton kernel and on gemm_ws: the other segments the
+    plain split's, value for value; the last the activation of the plain one's."""
+    from svdquant.kernels import gemm, gemm_ws
+
+    monkeypatch.setattr(gemm, "WS_SPLIT", ws)
+    monkeypatch.setattr(gemm, "WS_MIN_M", 1)
+    n = sum(sizes)
+    args = _gemm_args(m, n, 3072, seed=m + n, r=32)
+    calls = _count_calls(monkeypatch, gemm_ws, "fp8_gemm_ws_split")
+    plain = fp8_gemm_split(*args, sizes)
+    flat = fp8_gemm_split(*args, sizes, None, "gelu_tanh")
+    assert bool(calls) == ws  # (the GPU tests run on sm_90)
+    last = m * (n - sizes[-1])
+    assert torch.equal(flat[:last], plain[:last])
+    want = ref.activation_ref(plain[last:], "gelu_tanh").to(plain.dtype)
+    assert rel_err(flat[last:], want) <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [3, 257, 4608])
+@pytest.mark.parametrize(("n", "r"), [(12288, 160), (1000, 32), (3072, 288)])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "silu"])
+def test_gpu_fp8_gemm_applies_an_activation_as_written(m, n, r, activation):
+    """``fp8_gemm(activation=...)`` on the GPU (gemm_ws from 512 rows, the Triton kernel
+    below; a branch past the epilogues' rank after the GEMM): the reference's output."""
+    args = _gemm_args(m, n, 3072, seed=m + n + r, r=r)
+    assert rel_err(fp8_gemm(*args, activation), ref.fp8_gemm_ref(*args, activation)) <= TOL
 
 
 @pytest.mark.gpu
@@ -3477,6 +3560,9 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch, gate_norm):
                      "gate": 4 * n_double + n_single - fused_pairs,
                      "gate_norm": fused_pairs}  # fmt: skip
     assert rel_err(fused, unfused) <= TOL
+    with monkeypatch.context() as mp:  # the MLP's GELU in the quantize of proj_out instead
+        mp.setattr(svdquant.kernels.ops, "ACT_IN_GEMM", False)
+        assert rel_err(model(*args, **kw)[0], fused) <= TOL
     # kept fp8 weights (svdquant.keep_fp8_weights): the same step, no widen; compiled too
     layers = [m for m in model.modules() if isinstance(m, svdquant.SVDQLinear)]
     layers = [m for m in layers if m.act_fmt != "none"]  # the modulation's W4A16: none

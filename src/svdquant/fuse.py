@@ -76,8 +76,10 @@ class FusedProjection(nn.Module):
     def out_features(self) -> int:
         return self.linear.out_features
 
-    def forward(self, x: torch.Tensor, contiguous: bool = True) -> tuple[torch.Tensor, ...]:
-        return self.linear.forward_split(x, self.sizes, contiguous)
+    def forward(
+        self, x: torch.Tensor, contiguous: bool = True, last_act: str = "none"
+    ) -> tuple[torch.Tensor, ...]:
+        return self.linear.forward_split(x, self.sizes, contiguous, last_act)
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}"
@@ -368,7 +370,11 @@ def _flux_runtime() -> tuple[type, type]:
             hidden_states = _joined(encoder_hidden_states, hidden_states)
             residual = hidden_states
             norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
-            q, k, v, mlp = self.qkv_mlp(norm_hidden_states)
+            gelu_cat = isinstance(self.proj_out, SVDQLinear) and _is_gelu_tanh(self.act_mlp)
+            # the GELU that only proj_out reads: in the fused GEMM's epilogue, or its quantize
+            in_gemm = gelu_cat and _act_in_gemm()
+            mlp_act, tail_act = ("gelu_tanh", "none") if in_gemm else ("none", "gelu_tanh")
+            q, k, v, mlp = self.qkv_mlp(norm_hidden_states, last_act=mlp_act)
             attn_output = self.attn.processor(
                 self.attn,
                 norm_hidden_states,
@@ -376,9 +382,9 @@ def _flux_runtime() -> tuple[type, type]:
                 qkv=(q, k, v),
                 backend=_own_backend(self.qkv_mlp, hidden_states.device),
             )
-            if isinstance(self.proj_out, SVDQLinear) and _is_gelu_tanh(self.act_mlp):
+            if gelu_cat:
                 # the quantize reads both parts: no [M, 15360] concatenation, no GELU pass
-                proj = self.proj_out.forward_cat(attn_output, mlp, "gelu_tanh")
+                proj = self.proj_out.forward_cat(attn_output, mlp, tail_act)
             else:
                 proj = self.proj_out(torch.cat([attn_output, self.act_mlp(mlp)], dim=2))
             hidden_states = _gate_add(residual, gate, proj, self.qkv_mlp, clip_fp16=True)
@@ -423,6 +429,14 @@ def _norm_rope(
     cos, sin = (t.to(x.device) for t in rotary)
     hw = None if head_norm is None else head_norm.weight
     return kernels.rms_norm_rope(x, norm.weight, eps, cos, sin, head, hw, backend=backend)
+
+
+def _act_in_gemm() -> bool:
+    """``kernels.ops.ACT_IN_GEMM``: an activation only the next layer reads goes in the
+    GEMM's epilogue of the layer before."""
+    from svdquant.kernels import ops
+
+    return ops.ACT_IN_GEMM
 
 
 def _is_gelu_tanh(module: nn.Module) -> bool:

@@ -275,14 +275,16 @@ class SVDQLinear(nn.Module):
         )
 
     def forward_split(
-        self, x: torch.Tensor, sizes: list[int], contiguous: bool = True
+        self, x: torch.Tensor, sizes: list[int], contiguous: bool = True, last_act: str = "none"
     ) -> tuple[torch.Tensor, ...]:
         """``forward(x)`` split along N into parts of widths ``sizes`` — for a fused
         projection (``svdquant.fuse_projections``): on the fp8 engine the GEMM writes each
         part to its own contiguous tensor, so the split costs no copy. Where it cannot
         (parts meeting off its tile bounds, other formats) the parts are copied out
         contiguous, or with ``contiguous=False`` returned as views of one output (for
-        consumers that take strided rows, like attention)."""
+        consumers that take strided rows, like attention). ``last_act`` (``"gelu_tanh"``,
+        ``"silu"``, ...): the last part as that activation of it, rounded to x's dtype
+        (on the fp8 engine, in the GEMM's epilogue: FLUX's single blocks' MLP)."""
         if sum(sizes) != self.out_features:
             raise ValueError(f"sizes {list(sizes)} do not add up to {self.out_features}")
         self._check_input(x)
@@ -290,9 +292,11 @@ class SVDQLinear(nn.Module):
         if kernels.resolve_backend(self.backend, x.device) == "triton" and (
             kernels.splits_in_gemm(self.act_fmt, sizes)
         ):
-            return kernels.svdq_linear_split_triton(self, x, sizes)
-        parts = self.forward(x).split(sizes, dim=-1)
-        return tuple(t.contiguous() for t in parts) if contiguous else parts
+            return kernels.svdq_linear_split_triton(self, x, sizes, last_act)
+        parts = list(self.forward(x).split(sizes, dim=-1))
+        if last_act != "none":
+            parts[-1] = kernels.reference.activation_ref(parts[-1], last_act).to(x.dtype)
+        return tuple(t.contiguous() for t in parts) if contiguous else tuple(parts)
 
     def forward_cat(
         self, x: torch.Tensor, tail: torch.Tensor, tail_act: str = "none"

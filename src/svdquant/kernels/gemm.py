@@ -170,6 +170,7 @@ def _fp8_gemm_kernel(
     W1,
     W2,
     W3,
+    ACT_FROM,
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
@@ -254,8 +255,9 @@ def _fp8_gemm_kernel(
             acc, rm, rn, mmask, nmask, pid_n, c_ptr, sch_ptr, scale_ptr, lora_ptr, lu_ptr,
             bias_ptr, M, N, R, stride_cm, stride_lm, stride_un, inv_s2_ptr, ld2_ptr,
             scale2_ptr, xq2_ptr, lora2_ptr, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m,
-            B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2, W3, HAS_LORA, HAS_BIAS, ROUND_BF16,
-            BLOCK_R, DOT_FP32, NEXT, SPLIT, ACT, NEXT_INT4, BLOCK_R2, PARTS, BLOCK_M, BLOCK_N,
+            B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2, W3, ACT_FROM, HAS_LORA, HAS_BIAS,
+            ROUND_BF16, BLOCK_R, DOT_FP32, NEXT, SPLIT, ACT, NEXT_INT4, BLOCK_R2, PARTS,
+            BLOCK_M, BLOCK_N,
         )  # fmt: skip
 
 
@@ -386,7 +388,7 @@ def _epilogue(
     acc, rm, rn, mmask, nmask, pid_n, c_ptr, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr,
     M, N, R, stride_cm, stride_lm, stride_un, inv_s2_ptr, ld2_ptr, scale2_ptr, xq2_ptr,
     lora2_ptr, K2_OUT, R2, stride_q2m, stride_ld2, stride_l2m, B1, B2, B3,
-    LP, O0, O1, O2, O3, W0, W1, W2, W3,
+    LP, O0, O1, O2, O3, W0, W1, W2, W3, ACT_FROM,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr, NEXT: tl.constexpr, SPLIT: tl.constexpr,
     ACT: tl.constexpr, NEXT_INT4: tl.constexpr, BLOCK_R2: tl.constexpr, PARTS: tl.constexpr,
@@ -394,14 +396,18 @@ def _epilogue(
 ):  # fmt: skip
     """The tile's fp32 sums ``acc`` -> the layer's output (scales, low-rank up, bias,
     activation), stored whole, split into segments, or quantized as the next layer's
-    input."""
+    input. Stored, the activation applies to the columns from ``ACT_FROM`` on (a split
+    output's last segments; 0: all)."""
     y = output_values(acc, rm, rn, mmask, nmask, pid_n, sch_ptr, scale_ptr, lora_ptr,
                       lu_ptr, bias_ptr, R, stride_lm, stride_un, B1, B2, B3, LP, O0, O1, O2,
                       O3, W0, W1, W2, W3, HAS_LORA, HAS_BIAS, BLOCK_R, DOT_FP32, PARTS,
                       BLOCK_N)  # fmt: skip
     if ACT != 0:  # the activation reads the layer output as written: in 16 bits
         y = as_written(y, c_ptr.dtype.element_ty, ROUND_BF16)
-    y = apply_activation(y, ACT)
+        if NEXT:  # noqa: SIM114 (a compile-time branch beside a runtime one)
+            y = apply_activation(y, ACT)
+        elif pid_n * BLOCK_N >= ACT_FROM:  # (a tile lies in one segment)
+            y = apply_activation(y, ACT)
     if ROUND_BF16:
         y = round_bf16(y)
     y16 = y.to(c_ptr.dtype.element_ty)
@@ -486,11 +492,13 @@ def _dummy(device: torch.device) -> torch.Tensor:
 
 
 def _launch(
-    xq, wq, lora_act, lowrank_up, s_channel, act_scale, bias, out, nxt, bounds=None, parts=None
-) -> None:
+    xq, wq, lora_act, lowrank_up, s_channel, act_scale, bias, out, nxt, bounds=None, parts=None,
+    act="none", act_from=0,
+) -> None:  # fmt: skip
     """Launch the GEMM; ``nxt`` = (1/smooth2, ld2, scale2, xq2, lora2, act, act_fmt2) or None;
     ``bounds``: the inner column bounds of a split output, ``parts`` its segments'
-    low-rank columns (see ``fp8_gemm_split``)."""
+    low-rank columns (see ``fp8_gemm_split``); without ``nxt``, ``act`` applied to the
+    stored columns from ``act_from`` on."""
     m, k = xq.shape
     n = wq.shape[0]
     r = lowrank_up.shape[1]
@@ -498,7 +506,7 @@ def _launch(
         s2 = ld2 = sc2 = xq2 = s_channel  # never read
         lora2 = _dummy(xq.device)  # autotune zeroes it between trials
         k2_out = r2 = 0
-        act, int4 = "none", False
+        int4 = False
         strides2 = (0, 0, 0)
     else:
         s2, ld2, sc2, xq2, lora2, act, act_fmt2 = nxt
@@ -557,6 +565,7 @@ def _launch(
         cnt,
         sms,
         *part_args(parts),
+        act_from,
     )
     flags = dict(
         HAS_LORA=r > 0,
@@ -653,23 +662,34 @@ def fp8_gemm(
     lowrank_up: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    activation: str = "none",
 ) -> torch.Tensor:
     """``(xq · wqᵀ) · (S · s_channel) + lora_act · L_upᵀ + b`` -> [M, N] in ``out_dtype``.
 
     ``xq`` fp8 [M, K], ``wq`` fp8 [N, K], ``s_channel`` fp32 [N], ``act_scale`` fp32 [],
-    ``lora_act`` fp32 [M, r], ``lowrank_up`` [N, r]. See ``fp8_gemm_ref``.
+    ``lora_act`` fp32 [M, r], ``lowrank_up`` [N, r]. ``activation`` (``"gelu_tanh"``,
+    ``"silu"``, ...) of that output, each rounded to ``out_dtype`` as written: an MLP's
+    fc1 whose activation needs no pass of its own. See ``fp8_gemm_ref``.
     """
     m, n = xq.shape[0], wq.shape[0]
+    check_activation(activation)
     if lowrank_up.shape[1] > MAX_EPILOGUE_RANK:
         return _wide_lowrank_apart(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias,
-                                   out_dtype)  # fmt: skip
+                                   out_dtype, activation)  # fmt: skip
     if _ws_wanted(xq, wq, lora_act, lowrank_up, out_dtype):
         return gemm_ws.fp8_gemm_ws(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias,
-                                   out_dtype)  # fmt: skip
+                                   out_dtype, activation)  # fmt: skip
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m and n:
-        _launch(*_contiguous(xq, wq, lora_act, lowrank_up), s_channel, act_scale, bias, y, None)
+        _launch(*_contiguous(xq, wq, lora_act, lowrank_up), s_channel, act_scale, bias, y, None,
+                act=activation)  # fmt: skip
     return y
+
+
+def check_activation(activation: str) -> None:
+    """Refuse an activation the GEMMs' epilogues do not compute."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; supported: {sorted(ACTIVATIONS)}")
 
 
 #: The widest low-rank branch the GEMMs' epilogues take (``lora.MAX_RANK``, the widest
@@ -680,17 +700,21 @@ def fp8_gemm(
 MAX_EPILOGUE_RANK = 256
 
 
-def _wide_lowrank_apart(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype):
+def _wide_lowrank_apart(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype,
+                        activation="none"):  # fmt: skip
     """``fp8_gemm`` of a branch wider than ``MAX_EPILOGUE_RANK``: the GEMM in fp32, then
-    the up projection (fp32 sums of the same 16-bit products) and the bias, rounded once."""
+    the up projection (fp32 sums of the same 16-bit products) and the bias, rounded once
+    (then the activation, rounded again)."""
     from svdquant.kernels.quantize import lowrank_mm
+    from svdquant.kernels.reference import activation_like
 
     empty = lora_act[:, :0], lowrank_up[:, :0]
     y = fp8_gemm(xq, wq, s_channel, act_scale, *empty, None, torch.float32)
     lowrank_mm(lora_act.to(lowrank_up.dtype), lowrank_up, y, accumulate=True)
     if bias is not None:
         y += bias.float()
-    return y.to(out_dtype)
+    y = y.to(out_dtype)
+    return y if activation == "none" else activation_like(y, activation)
 
 
 #: Hand ``fp8_gemm`` to the warp-specialized Gluon kernel (``gemm_ws``: a TMA load warp,
@@ -763,6 +787,7 @@ def fp8_gemm_split(
     out_dtype: torch.dtype,
     sizes: list[int],
     parts: list[int] | None = None,
+    last_act: str = "none",
 ) -> torch.Tensor:
     """``fp8_gemm`` whose output columns go to ``len(sizes)`` separate contiguous tensors,
     returned end to end in one flat buffer of M · N elements: segment i (``sizes[i]``
@@ -778,8 +803,12 @@ def fp8_gemm_split(
     + max w_i]: segment i's rows multiply the prefix and its own block only, instead of
     zeros for every other segment's block (``reference.expand_lowrank_parts`` gives the
     full L_up of the same product).
+
+    ``last_act``: the last segment written as ``activation(output)``, rounded as written
+    (FLUX's single blocks: the MLP's up projection beside q/k/v, its GELU for ``proj_out``).
     """
     m, n = xq.shape[0], wq.shape[0]
+    check_activation(last_act)
     if sum(sizes) != n or not split_supported(sizes):
         raise ValueError(
             f"fp8_gemm_split takes 2-4 segments summing to N = {n} whose inner bounds are "
@@ -792,12 +821,12 @@ def fp8_gemm_split(
     )
     if WS_SPLIT and ws_parts and _ws_wanted(xq, wq, lora_act, lowrank_up, out_dtype):
         return gemm_ws.fp8_gemm_ws_split(xq, wq, s_channel, act_scale, lora_act, lowrank_up,
-                                         bias, out_dtype, sizes, parts)  # fmt: skip
+                                         bias, out_dtype, sizes, parts, last_act)  # fmt: skip
     flat = torch.empty(m * n, dtype=out_dtype, device=xq.device)
     if m and n:
         _launch(
             *_contiguous(xq, wq, lora_act, lowrank_up), s_channel, act_scale, bias, flat, None,
-            inner_bounds(sizes), parts,
+            inner_bounds(sizes), parts, last_act, n - sizes[-1],
         )  # fmt: skip
     return flat
 
@@ -888,8 +917,7 @@ def next_layer_input(m, k2, device, activation, smooth2, lowrank_down2, act_scal
     tuple (1/smooth2, ld2, scale2, xq2, lora2, activation, act_fmt2)."""
     if act_fmt2 not in ("int4", "fp8"):
         raise ValueError(f"the next layer's activations must be int4 or fp8, got {act_fmt2!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; supported: {sorted(ACTIVATIONS)}")
+    check_activation(activation)
     if k_out2 < k2 or k_out2 > cdiv(k2, 64) * 64:
         raise ValueError(f"k_out2 = {k_out2} must be the next layer's padded K for K = {k2}")
     # every column < k_out2 lies in some tile (its width a multiple of 64): empty is safe

@@ -528,6 +528,7 @@ if HAVE_GLUON:
         R2,
         stride_ld2,
         stride_l2m,
+        ACT_FROM,
         HAS_LORA: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         SPLIT: gl.constexpr,
@@ -680,7 +681,12 @@ if HAVE_GLUON:
                                NEXT_INT4, BR2, BM, BN // 2, WARPS)  # fmt: skip
             elif SPLIT:
                 # a split output: the tile lies in one segment (bounds are multiples of
-                # BN), a contiguous [M, width] tensor of its own with its own descriptor
+                # BN), a contiguous [M, width] tensor of its own with its own descriptor;
+                # the segments from ACT_FROM on as act(output), read as written
+                if ACT != 0:  # noqa: SIM102 (a compile-time branch around a runtime one)
+                    if col >= ACT_FROM:
+                        lo = _activation(lo.to(gl.float32), ACT).to(c0_desc.dtype)
+                        hi = _activation(hi.to(gl.float32), ACT).to(c0_desc.dtype)
                 if col < B1:
                     _store_tile(c0_desc, c_smem, lo, hi, row, col, BN)
                 elif col < B2:
@@ -690,6 +696,9 @@ if HAVE_GLUON:
                 else:
                     _store_tile(c3_desc, c_smem, lo, hi, row, col - B3, BN)
             else:
+                if ACT != 0:  # act(output), read as written
+                    lo = _activation(lo.to(gl.float32), ACT).to(c0_desc.dtype)
+                    hi = _activation(hi.to(gl.float32), ACT).to(c0_desc.dtype)
                 _store_tile(c0_desc, c_smem, lo, hi, row, col, BN)
         tma.store_wait(0)
 
@@ -732,6 +741,7 @@ if HAVE_GLUON:
         R2,
         stride_ld2,
         stride_l2m,
+        ACT_FROM,
         HAS_LORA: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         SPLIT: gl.constexpr,
@@ -786,7 +796,7 @@ if HAVE_GLUON:
                         c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr, M, N,
                         K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2,
                         W3, inv_s2_ptr, ld2_ptr, scale2_ptr, lora2_ptr, R2,
-                        stride_ld2, stride_l2m, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C,
+                        stride_ld2, stride_l2m, ACT_FROM, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C,
                         MASK_R, PARTS, BR, BM, BN, BK, S, GROUP, num_warps, GATED, ACT, NEXT,
                         NEXT_INT4, BR2, 0, 2, RCHUNKS)),
                     (_mma_warps, (
@@ -794,7 +804,7 @@ if HAVE_GLUON:
                         c1_desc, c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr,
                         bias_ptr, M, N, K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2,
                         O3, W0, W1, W2, W3, inv_s2_ptr, ld2_ptr, scale2_ptr, lora2_ptr,
-                        R2, stride_ld2, stride_l2m, HAS_LORA, HAS_BIAS, SPLIT,
+                        R2, stride_ld2, stride_l2m, ACT_FROM, HAS_LORA, HAS_BIAS, SPLIT,
                         LA_IN_C, MASK_R, PARTS, BR, BM, BN, BK, S, GROUP, num_warps, GATED, ACT,
                         NEXT, NEXT_INT4, BR2, 1, 2, RCHUNKS)),
                     (_load_warp, (a_desc, b_desc, g_desc, a_bufs, b_bufs, ready, empty, M, N, K,
@@ -812,7 +822,7 @@ if HAVE_GLUON:
                         c2_desc, c3_desc, sch_ptr, scale_ptr, lora_ptr, lu_ptr, bias_ptr, M, N,
                         K, stride_lm, stride_un, R, B1, B2, B3, LP, O0, O1, O2, O3, W0, W1, W2,
                         W3, inv_s2_ptr, ld2_ptr, scale2_ptr, lora2_ptr, R2,
-                        stride_ld2, stride_l2m, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C,
+                        stride_ld2, stride_l2m, ACT_FROM, HAS_LORA, HAS_BIAS, SPLIT, LA_IN_C,
                         MASK_R, PARTS, BR, BM, BN, BK, S, GROUP, num_warps, GATED, ACT, NEXT,
                         NEXT_INT4, BR2, 0, 1, RCHUNKS)),
                     (_load_warp, (a_desc, b_desc, g_desc, a_bufs, b_bufs, ready, empty, M, N, K,
@@ -852,12 +862,13 @@ def fp8_gemm_ws(
     lowrank_up: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    activation: str = "none",
 ) -> torch.Tensor:
     """``gemm.fp8_gemm`` on this kernel (same arguments and result); needs
     ``available(xq.device)``, contiguous 16-byte-aligned operands and a 16-bit L_up."""
     m, n = xq.shape[0], wq.shape[0]
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, y, [n])
+    _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, y, [n], act=activation)
     return y
 
 
@@ -872,6 +883,7 @@ def fp8_gemm_ws_split(
     out_dtype: torch.dtype,
     sizes: list[int],
     parts: list[int] | None = None,
+    last_act: str = "none",
 ) -> torch.Tensor:
     """``gemm.fp8_gemm_split`` on this kernel (same arguments and flat result: segment i
     contiguous at ``M · c_i``); the inner bounds must be multiples of ``BLOCK_N``;
@@ -885,7 +897,8 @@ def fp8_gemm_ws_split(
     if parts is not None and not parts_supported(parts):
         raise ValueError(f"fp8_gemm_ws_split takes parts that are multiples of 4, got {parts}")
     flat = torch.empty(m * n, dtype=out_dtype, device=xq.device)
-    _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, flat, sizes, parts)
+    _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, flat, sizes, parts,
+         act=last_act, act_from=n - sizes[-1])  # fmt: skip
     return flat
 
 
@@ -1059,11 +1072,12 @@ TILE_OVERRIDE: Tile | None = None
 
 
 def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
-         parts=None, gated=False, nxt=None) -> None:  # fmt: skip
+         parts=None, gated=False, nxt=None, act="none", act_from=0) -> None:  # fmt: skip
     """Launch the kernel writing ``out``: [M, N], or (several ``sizes``) the segments
     laid end to end in the flat ``out``, or (``gated``) h = v · gelu(g), [M, N / 2]; with
     ``nxt`` (``gemm.next_layer_input``'s tuple) the next layer's quantized input instead,
-    ``out`` only giving the dtype."""
+    ``out`` only giving the dtype. ``act``: stored (not gated, no ``nxt``), the columns
+    from ``act_from`` on as ``act(output)``."""
     m, k = xq.shape
     n = wq.shape[0]
     r = lowrank_up.shape[1]
@@ -1109,7 +1123,7 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
     descs += [descs[-1]] * (4 - len(descs))
     tiles = cdiv(m, bm) * cdiv(n, rows)
     br, chunks = rank_chunks(r)
-    next_args, next_consts = _next_args(nxt, s_channel, gated)
+    next_args, next_consts = _next_args(nxt, s_channel, gated, act)
     _fp8_gemm_ws_kernel[(min(tiles, sms),)](
         a,
         b,
@@ -1129,6 +1143,7 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
         *three_bounds(bounds, n),
         *part_args(parts),
         *next_args,
+        act_from,
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
         SPLIT=len(sizes) > 1,
@@ -1146,14 +1161,14 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
     )
 
 
-def _next_args(nxt, dummy: torch.Tensor, gated: bool) -> tuple[tuple, dict]:
+def _next_args(nxt, dummy: torch.Tensor, gated: bool, act: str = "none") -> tuple[tuple, dict]:
     """The kernel's next-layer arguments (1/s, L_down, S, lora2, R2 and the strides; xq2
     goes by a descriptor) and constants (activation, format, L_down's width) from
-    ``gemm.next_layer_input``'s tuple; stand-ins where there is none (the gated output's
-    activation: GELU)."""
+    ``gemm.next_layer_input``'s tuple; stand-ins where there is none (the activation: the
+    gated output's GELU, or ``act`` of a stored one)."""
     if nxt is None:
-        act = ACTIVATIONS["gelu" if gated else "none"]
-        consts = dict(ACT=act, NEXT=False, NEXT_INT4=False, BR2=block_rank(0))
+        code = ACTIVATIONS["gelu"] if gated else act_code(act)
+        consts = dict(ACT=code, NEXT=False, NEXT_INT4=False, BR2=block_rank(0))
         return (dummy, dummy, dummy, dummy, 0, 0, 0), consts
     inv_s2, ld2, scale2, _, lora2, activation, act_fmt2 = nxt
     r2 = ld2.shape[0]

@@ -319,15 +319,16 @@ def fp8_gemm(
     lowrank_up: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    activation: str = "none",
 ) -> torch.Tensor:
     """``kernels.gemm.fp8_gemm`` as a custom op."""
     from svdquant.kernels.gemm import fp8_gemm as impl
 
-    return impl(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype)
+    return impl(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, activation)
 
 
 @fp8_gemm.register_fake
-def _(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype):
+def _(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, activation="none"):
     return xq.new_empty(xq.shape[0], wq.shape[0], dtype=out_dtype)
 
 
@@ -343,16 +344,19 @@ def fp8_gemm_split(
     out_dtype: torch.dtype,
     sizes: list[int],
     parts: list[int] | None = None,
+    last_act: str = "none",
 ) -> torch.Tensor:
     """``kernels.gemm.fp8_gemm_split`` as a custom op (the flat buffer; the caller views
     the segments: a custom op may not return aliasing outputs)."""
     from svdquant.kernels.gemm import fp8_gemm_split as impl
 
-    return impl(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, sizes, parts)
+    return impl(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, sizes,
+                parts, last_act)  # fmt: skip
 
 
 @fp8_gemm_split.register_fake
-def _(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, sizes, parts=None):
+def _(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out_dtype, sizes, parts=None,
+      last_act="none"):  # fmt: skip
     return xq.new_empty(xq.shape[0] * wq.shape[0], dtype=out_dtype)
 
 
@@ -549,11 +553,13 @@ def splits_in_gemm(act_fmt: str, sizes: list[int]) -> bool:
     return act_fmt in ("int4", "fp8") and split_supported(list(sizes))
 
 
-def svdq_linear_split_triton(layer: torch.nn.Module, x: torch.Tensor, sizes: list[int]):
+def svdq_linear_split_triton(
+    layer: torch.nn.Module, x: torch.Tensor, sizes: list[int], last_act: str = "none"
+):
     """An ``SVDQLinear``'s output split along N into ``len(sizes)`` contiguous tensors
     [..., sizes[i]], the GEMM writing each part to its own tensor — for a fused projection
-    (q/k/v in one layer) whose consumers want each part contiguous. Needs
-    ``splits_in_gemm(layer.act_fmt, sizes)``."""
+    (q/k/v in one layer) whose consumers want each part contiguous; the last part as
+    ``last_act(part)`` (rounded as written). Needs ``splits_in_gemm(layer.act_fmt, sizes)``."""
     if not splits_in_gemm(layer.act_fmt, sizes):
         raise ValueError(
             f"the GEMM splits only int4/fp8 activations into 2-4 parts meeting at multiples "
@@ -566,7 +572,7 @@ def svdq_linear_split_triton(layer: torch.nn.Module, x: torch.Tensor, sizes: lis
     xq, lora, wq, s_channel, s = _layer_operands(layer, x2)
     parts, up = _lora_parts(layer, sizes, x2)
     flat = _ops(x2).fp8_gemm_split(
-        xq, wq, s_channel, s, lora, up, layer.bias, x.dtype, list(sizes), parts
+        xq, wq, s_channel, s, lora, up, layer.bias, x.dtype, list(sizes), parts, last_act
     )
     out, start = [], 0
     for w in sizes:
@@ -690,6 +696,12 @@ def _svdq_linear_two_inputs(
 #: 118.6 ms (1.037x); rank 64 (fc2 rank 96) 1.003x, equal; the plain step (rank 32, fused
 #: as ever) 0.996x.
 MLP_NEXT_MAX_RANK: int | None = 64
+#: Apply an activation that only the next layer reads in the GEMM's epilogue of the layer
+#: before, instead of a pass of torch's over its output: a fused MLP's fc1 run apart from
+#: fc2 (``MLP_NEXT_MAX_RANK``) and FLUX's single blocks' MLP up projection (the last part
+#: of their fused q/k/v/MLP GEMM, whose GELU ``proj_out`` reads). The same numbers (the
+#: activation of the output as written, rounded again).
+ACT_IN_GEMM = True
 
 
 def svdq_mlp_triton(
@@ -708,8 +720,23 @@ def svdq_mlp_triton(
     if fc2.in_features != fc1.out_features:
         raise ValueError(f"fc1 gives {fc1.out_features} features, fc2 takes {fc2.in_features}")
     if MLP_NEXT_MAX_RANK is not None and fc2.lowrank_down.shape[0] > MLP_NEXT_MAX_RANK:
-        return fc2(reference.activation_like(fc1(x), activation))
+        if not ACT_IN_GEMM:
+            return fc2(reference.activation_like(fc1(x), activation))
+        return fc2(_activated(fc1, x, activation))
     return _fused_pair(x, fc1, fc2, activation, gated=False)
+
+
+def _activated(layer: torch.nn.Module, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """``activation(layer(x))`` for an ``SVDQLinear`` with int4 / fp8 activations, the
+    activation in the GEMM's epilogue (no pass over the output; its numbers rounded as
+    written, as the two apart)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, layer.in_features)
+    xq, lora, wq, s_channel, s = _layer_operands(layer, x2)
+    y = _ops(x2).fp8_gemm(
+        xq, wq, s_channel, s, lora, layer._whole_lowrank_up(), layer.bias, x.dtype, activation
+    )
+    return y.reshape(*lead, layer.out_features)
 
 
 def _fused_pair(

@@ -292,11 +292,13 @@ def fp8_gemm_ref(
     lowrank_up: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    activation: str = "none",
 ) -> torch.Tensor:
     """The fp8 GEMM: ``(xq · wqᵀ) · (S · s_channel) + lora_act · L_upᵀ + b`` in ``out_dtype``.
 
     fp8 x fp8 products are exact in fp32; the sums are fp32. The low-rank term is 16-bit:
-    ``lora_act`` is rounded to L_up's dtype (a 16-bit MMA in the kernel).
+    ``lora_act`` is rounded to L_up's dtype (a 16-bit MMA in the kernel). ``activation``:
+    of the output as written, in fp32, rounded to ``out_dtype`` again.
     """
     acc = xq.float() @ wq.float().t()
     y = acc * (act_scale.float() * s_channel.float())
@@ -304,7 +306,8 @@ def fp8_gemm_ref(
         y = y + lora_act.to(lowrank_up.dtype).float() @ lowrank_up.float().t()
     if bias is not None:
         y = y + bias.float()
-    return y.to(out_dtype)
+    y = y.to(out_dtype)
+    return y if activation == "none" else activation_ref(y, activation).to(out_dtype)
 
 
 def _part_columns(parts: list[int], sizes: list[int]):
