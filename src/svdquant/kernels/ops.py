@@ -700,7 +700,11 @@ MLP_NEXT_MAX_RANK: int | None = 64
 #: before, instead of a pass of torch's over its output: a fused MLP's fc1 run apart from
 #: fc2 (``MLP_NEXT_MAX_RANK``) and FLUX's single blocks' MLP up projection (the last part
 #: of their fused q/k/v/MLP GEMM, whose GELU ``proj_out`` reads). The same numbers (the
-#: activation of the output as written, rounded again).
+#: activation of the output as written, rounded again). v58 (H200, ``bench/e2e.py --ab
+#: ops.ACT_IN_GEMM=False``, through ``cuda_graphed``): the FLUX step with a rank-128 LoRA
+#: 108.8 -> 106.3 ms (1.023x: the torch GELU passes over the apart fc1's output and, for
+#: ``quantize.WIDE_TAIL_BY_MM``'s cuBLAS sums, over the MLP part); the plain step equal
+#: (93.8 against 93.4-94.0: the GELU moved from proj_out's quantize to the GEMM).
 ACT_IN_GEMM = True
 
 
