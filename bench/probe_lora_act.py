@@ -2,7 +2,7 @@
 rank slices, or by the quantize at the base rank plus one cuBLAS GEMM for the LoRA columns.
 
     PYTHONPATH=src python bench/probe_lora_act.py [--ms 1024,4608] [--ks 3072,15360] \\
-        [--ranks 160,544] [--base 32] [--tail 12288] [--out DIR]
+        [--ranks 160,544] [--base 32] [--tail 12288] [--dtype float16] [--out DIR]
 
 The sliced quantize re-reads x and recomputes x̂ once per 64-column slice (v56: rank 544
 at 4608 x 3072 took longer than BF16's 3072² GEMM). The alternative: ``quantize_act`` at
@@ -13,7 +13,9 @@ kernel at rank 0, every low-rank column by that GEMM, L_down folded once: v56's 
 folded it in every call). Each is replayed from a CUDA graph; the two ways' LoRA columns
 are compared. The route with ``quantize.KEEP_FOLDS`` off is timed too (the fold in every
 call). ``--tail N``: the input ``cat([x, gelu_tanh(tail)])`` of FLUX's single-block
-``proj_out`` instead, the slices against ``quantize.WIDE_TAIL_BY_MM``.
+``proj_out`` instead, the slices against ``quantize.WIDE_TAIL_BY_MM``. ``--dtype float16``:
+an fp16 model's inputs. ``--ranks 32 --base 0``: the plain layer's rank-32 quantize
+(``sliced us``) against the codes alone (``base us``) and a rank-32 GEMM (``mm us``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from svdquant.kernels.quantize import fold_lowrank_down, quantize_act
 
 
 def _mm_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ wᵀ`` with fp32 output from bf16 inputs (fp32 sums)."""
+    """``x @ wᵀ`` with fp32 output from 16-bit inputs (fp32 sums)."""
     return torch.mm(x, w.t(), out_dtype=torch.float32)
 
 
@@ -58,7 +60,7 @@ def _row(x: torch.Tensor, s: torch.Tensor, scale: torch.Tensor, r: int, base: in
          g: torch.Generator) -> dict:  # fmt: skip
     """One rank's timings (µs) both ways at input ``x``, and their LoRA columns' error."""
     m, k = x.shape
-    down = (torch.randn(r, k, device=x.device, generator=g) / k**0.5).bfloat16()
+    down = (torch.randn(r, k, device=x.device, generator=g) / k**0.5).to(x.dtype)
     head, extra = down[:base].contiguous(), fold_lowrank_down(down, s)[base:].contiguous()
 
     def both():
@@ -90,7 +92,7 @@ def _tail_row(x: torch.Tensor, tail: torch.Tensor, s: torch.Tensor, scale: torch
     slices against ``WIDE_TAIL_BY_MM`` (the codes alone, torch's GELU written out, two
     GEMMs), µs, and their LoRA columns' error."""
     m, k = x.shape[0], x.shape[1] + tail.shape[1]
-    down = (torch.randn(r, k, device=x.device, generator=g) / k**0.5).bfloat16()
+    down = (torch.randn(r, k, device=x.device, generator=g) / k**0.5).to(x.dtype)
     call = lambda: quantize_act(x, s, down, scale, k, "int4", tail, "gelu_tanh")  # noqa: E731
     with _set(WIDE_TAIL_BY_MM=False):
         want, sliced = call()[1], bench_graph(call)
@@ -110,8 +112,15 @@ def main() -> None:
                    help="a GELU-tanh tail of this many columns after each K (proj_out: "
                         "--ks 3072 --tail 12288): the sliced quantize against "
                         "WIDE_TAIL_BY_MM instead")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16"],
+        default="bfloat16",
+        help="the inputs' and L_down's dtype (an fp16 model: SDXL's usual)",
+    )
     p.add_argument("--out", default="bench/results")
     a = p.parse_args()
+    dtype = getattr(torch, a.dtype)
     if not torch.cuda.is_available():
         sys.exit("probe_lora_act.py needs a CUDA GPU")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -120,8 +129,8 @@ def main() -> None:
         print("    M      K    r | sliced us | WIDE_TAIL_BY_MM us |      x | err")
         for m in (int(v) for v in a.ms.split(",")):
             for k in (int(v) for v in a.ks.split(",")):
-                x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
-                t = torch.randn(m, a.tail, device="cuda", generator=g).bfloat16()
+                x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+                t = torch.randn(m, a.tail, device="cuda", generator=g).to(dtype)
                 s = torch.rand(k + a.tail, device="cuda", generator=g) + 0.5
                 scale = torch.tensor(4.0, device="cuda") / 7
                 for r in (int(v) for v in a.ranks.split(",")):
@@ -132,14 +141,14 @@ def main() -> None:
                           f"{row['sliced_us'] / row['wide_tail_us']:5.2f}x | "
                           f"{row['rel_err']:.1e}")  # fmt: skip
         path = write_result({**run_info(), "bench": "probe_lora_act", "tail": a.tail,
-                             "rows": rows}, a.out, "probe_lora_act")  # fmt: skip
+                             "dtype": a.dtype, "rows": rows}, a.out, "probe_lora_act")  # fmt: skip
         print("->", path)
         return
     print("    M      K    r | sliced us | base us | mm us | base+mm us | sliced/(base+mm) | "
           "WIDE_BY_MM us | sliced/that | folded each call us | err")  # fmt: skip
     for m in (int(v) for v in a.ms.split(",")):
         for k in (int(v) for v in a.ks.split(",")):
-            x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+            x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
             s = torch.rand(k, device="cuda", generator=g) + 0.5
             scale = (x.float() / s).abs().amax() / 7
             for r in (int(v) for v in a.ranks.split(",")):
@@ -152,8 +161,8 @@ def main() -> None:
                       f"{row['sliced_us'] / row['wide_by_mm_us']:10.2f}x | "
                       f"{row['wide_by_mm_fold_each_us']:18.1f} | "
                       f"{row['rel_err']:.1e}")  # fmt: skip
-    path = write_result({**run_info(), "bench": "probe_lora_act", "rows": rows}, a.out,
-                        "probe_lora_act")  # fmt: skip
+    path = write_result({**run_info(), "bench": "probe_lora_act", "dtype": a.dtype,
+                         "rows": rows}, a.out, "probe_lora_act")  # fmt: skip
     print("->", path)
 
 

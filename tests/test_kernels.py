@@ -248,6 +248,47 @@ def test_quantize_wide_rank_by_mm_matches_reference(monkeypatch, m, r, folded):
     assert len(gemms) == 2
 
 
+def _wide_routes_fp16(monkeypatch, m: int, k1: int, k2: int, r: int) -> None:
+    """Both wide-rank routes on fp16 inputs (an fp16 model: SDXL's usual dtype) against
+    the slices' codes, bit for bit, and the reference's sums; each route taken once."""
+    from svdquant.kernels import quantize as qmod
+
+    gemms = _count_calls(monkeypatch, qmod, "lowrank_mm")
+    f16 = torch.float16
+    x, t = _acts(m, k1, f16, seed=5), _acts(m, k2, f16, seed=6)
+    for tail in (None, t):
+        k = k1 + (0 if tail is None else k2)
+        s = _smooth(k)
+        down, _ = _lowrank(8, k, r, f16)
+        kw = {} if tail is None else {"tail": tail, "tail_act": "gelu_tanh"}
+        h = x if tail is None else torch.cat([x, ref.activation_ref(t, "gelu_tanh").to(f16)], -1)
+        act_scale = ref.act_scale_from_amax((h.float() / s).abs().amax())
+        monkeypatch.setattr(qmod, "WIDE_BY_MM", False)
+        monkeypatch.setattr(qmod, "WIDE_TAIL_BY_MM", False)
+        sliced = quantize_act(x, s, down, act_scale, k, "int4", **kw)
+        monkeypatch.setattr(qmod, "WIDE_BY_MM", True)
+        monkeypatch.setattr(qmod, "WIDE_TAIL_BY_MM", True)
+        before = len(gemms)
+        xq, lora = quantize_act(x, s, down, act_scale, k, "int4", **kw)
+        assert len(gemms) == before + (1 if tail is None else 2)  # (the route, not the slices)
+        _, lora_ref = ref.quantize_act_ref(h, s, down, act_scale, k, "int4")
+        assert torch.equal(xq.view(torch.uint8), sliced[0].view(torch.uint8))
+        assert rel_err(lora, lora_ref) < 1e-4
+
+
+def test_quantize_wide_ranks_by_mm_take_fp16(monkeypatch):
+    """``WIDE_BY_MM`` and ``WIDE_TAIL_BY_MM`` on an fp16 model's inputs (v58)."""
+    _wide_routes_fp16(monkeypatch, 70, 192, 128, 160)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [4608, 100])
+def test_gpu_quantize_wide_ranks_by_mm_take_fp16(monkeypatch, m):
+    """The same at FLUX's ``proj_out`` sizes on the GPU (cuBLAS's fp32-output GEMMs of
+    fp16 operands)."""
+    _wide_routes_fp16(monkeypatch, m, 3072, 12288, 160)
+
+
 @pytest.mark.parametrize(("m", "r", "act"), [(70, 160, "gelu_tanh"), (130, 544, "silu")])
 def test_quantize_wide_tailed_rank_by_mm_matches_reference(monkeypatch, m, r, act):
     """``quantize.WIDE_TAIL_BY_MM``: a sliced rank on ``cat([x, act(tail)])`` (FLUX's

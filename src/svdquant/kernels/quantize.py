@@ -130,7 +130,7 @@ SPLIT_MIN_SECOND = 64
 #: slices lost to 64 (0.83-1.03x at ranks 128 / 256, ``…-v54-policy-*.json``).
 RANK_SLICES = True
 RANK_SLICE = 64
-#: A rank the quantize would compute in slices, on a plain bf16 input (no tail, no gate)
+#: A rank the quantize would compute in slices, on a plain 16-bit input (no tail, no gate)
 #: and not as a dependent's trigger: the kernel writes the codes alone (rank 0) and one
 #: cuBLAS GEMM ``x @ (L_down · diag(1/s))ᵀ`` with fp32 sums writes all the low-rank columns
 #: (the same 16-bit products as the kernel's, summed in another order); the folded L_down is
@@ -144,11 +144,12 @@ RANK_SLICE = 64
 #: 160, 1.90-2.96x at 416, 2.16-3.15x at 544; the rank-160 layer 1.01-1.14x
 #: (``probe_layer.py``, M = 1024 / 4608, N = 3072 / 12288); the FLUX step with a rank-128
 #: LoRA through ``cuda_graphed`` 125.9 -> 121.5 ms (1.030x, ``e2e.py --ab``). The kept
-#: folds cost L_down's memory once more for the layers that take the route.
+#: folds cost L_down's memory once more for the layers that take the route. bf16 and
+#: fp16 inputs (fp16 since v58: an fp16 model, SDXL's common dtype, took the slices).
 WIDE_BY_MM = True
 #: The same route for a concatenated input ``cat([x, act(tail)])`` (FLUX's single-block
-#: ``proj_out``: rank 160 at K = 15360 with a rank-128 LoRA, 224.8 µs sliced at 4608
-#: rows, v56): the kernel writes the codes alone, torch writes ``act(tail)`` in x's dtype
+#: ``proj_out``: rank 160 at K = 15360 with a rank-128 LoRA, 438 µs sliced at 4608
+#: rows, v58): the kernel writes the codes alone, torch writes ``act(tail)`` in x's dtype
 #: (``reference.activation_like``, one pass), and two cuBLAS GEMMs sum x's columns and the
 #: activated tail's into the same sums (``addmm``). v58 (H200, ``probe_lora_act.py --tail
 #: 12288``, the tail's sums in a second buffer then added): 1.71-2.11x the slices at rank
@@ -632,8 +633,8 @@ def quantize_act(
     block_r, block_r2 = rank_parts(r)
     slices = rank_slices(r, m, block_m)
     routed = WIDE_BY_MM if tail is None else WIDE_TAIL_BY_MM and not gated
-    bf16 = x.dtype == lowrank_down.dtype == torch.bfloat16
-    by_mm = routed and bf16 and FP32_OUT_MM and not trigger and lowrank_down.shape[1] == k
+    sixteen = x.dtype == lowrank_down.dtype and x.dtype in (torch.bfloat16, torch.float16)
+    by_mm = routed and sixteen and FP32_OUT_MM and not trigger and lowrank_down.shape[1] == k
     if slices > 1 and by_mm:
         return _wide_by_mm(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl, out, folded,
                            tail, tail_act)  # fmt: skip
