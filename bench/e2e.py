@@ -129,11 +129,17 @@ LORA_RANK = 16
 FP8_WEIGHTS_GIB: float | None = None
 
 
-def _load_random_lora(model: nn.Module, rank: int) -> None:
-    """A random rank-``rank`` LoRA in diffusers/PEFT form on every quantized layer of the
-    blocks — its own down factor per layer, as LoRAs trained with diffusers have (q, k and
-    v each their own: the fused layers stack them, the costliest case) — written to a
-    temporary file and loaded with ``svdquant.load_lora``, as a user's would be."""
+def _load_random_lora(
+    model: nn.Module,
+    rank: int,
+    keep: Callable[[str], bool] = _in_blocks,
+    dtype: torch.dtype = torch.bfloat16,
+) -> None:
+    """A random rank-``rank`` LoRA in diffusers/PEFT form on every quantized layer whose
+    name ``keep`` takes (by default those of FLUX's blocks) — its own down factor per
+    layer, as LoRAs trained with diffusers have (q, k and v each their own: the fused
+    layers stack them, the costliest case) — written to a temporary file in ``dtype`` and
+    loaded with ``svdquant.load_lora``, as a user's would be."""
     import tempfile
 
     from safetensors.torch import save_file
@@ -143,11 +149,11 @@ def _load_random_lora(model: nn.Module, rank: int) -> None:
     g = torch.Generator().manual_seed(0)
     factors = {}
     for name, m in model.named_modules():
-        if isinstance(m, svdquant.SVDQLinear) and _in_blocks(name):
+        if isinstance(m, svdquant.SVDQLinear) and keep(name):
             a = torch.randn(rank, m.in_features, generator=g) / m.in_features**0.5
             b = torch.randn(m.out_features, rank, generator=g) * 0.01
-            factors[f"transformer.{name}.lora_A.weight"] = a.to(torch.bfloat16)
-            factors[f"transformer.{name}.lora_B.weight"] = b.to(torch.bfloat16)
+            factors[f"transformer.{name}.lora_A.weight"] = a.to(dtype)
+            factors[f"transformer.{name}.lora_B.weight"] = b.to(dtype)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lora.safetensors"
         save_file(factors, str(path))

@@ -4,6 +4,7 @@
                                           [--steps 5] [--profile] [--out DIR] [--tiny]
                                           [--ab 'ops.GEGLU_EPILOGUE=False' ...]
                                           [--fp8-weights [GIB,...]] [--no-eager]
+                                          [--lora-rank R] [--dtype float16]
 
 ``bench/e2e.py`` measures FLUX.1; this is the same question for the other architectures
 ``svdquant quantize`` takes. Each denoiser is built at its real size (random bf16 weights;
@@ -22,7 +23,9 @@ the fused model timed once more with engine constants set, ``probe_layer.parse_s
 ``module.NAME=VALUE`` under ``svdquant.kernels``; ``--fp8-weights``: then once more with
 ``svdquant.keep_fp8_weights`` — no per-step widen, more memory — or once per byte budget,
 ``--fp8-weights 0.25,1,all`` GiB (``max_bytes``: the smallest layers first);
-``--no-eager``: the graphed rows only);
+``--no-eager``: the graphed rows only; ``--lora-rank R``: then once more with a random
+rank-R LoRA on every quantized layer, loaded as a user's would be; ``--dtype float16``:
+the model, its baseline included, in fp16 — SDXL's usual dtype);
 writes ``models-<device>-<date>.json`` under ``--out`` (default ``bench/results``, or
 ``$OUT``) and prints a table last. ``--tiny``: the test pipelines' denoisers on the CPU
 (what ``tests/test_bench.py`` runs).
@@ -95,8 +98,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 TEXT_TOKENS = {"pixart": 300, "sdxl": 77, "sana": 300}
 
 
-def build(arch: str, tiny: bool, device: str) -> nn.Module:
-    """The denoiser of ``arch`` in bf16 on ``device``: real size, or the test pipeline's."""
+def build(arch: str, tiny: bool, device: str, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The denoiser of ``arch`` in ``dtype`` on ``device``: real size, or the test pipeline's."""
     import diffusers
 
     if tiny:
@@ -104,18 +107,19 @@ def build(arch: str, tiny: bool, device: str) -> nn.Module:
 
         pipe = tiny_pipeline(arch)
         model = getattr(pipe, "transformer", None) or pipe.unet
-        return model.to(device, torch.bfloat16).eval().requires_grad_(False)
+        return model.to(device, dtype).eval().requires_grad_(False)
     cls_name, cfg = CONFIGS[arch]
-    return e2e.build_bf16(lambda: getattr(diffusers, cls_name)(**cfg), device)
+    return e2e.build_bf16(lambda: getattr(diffusers, cls_name)(**cfg), device).to(dtype)
 
 
 def inputs(arch: str, model: nn.Module, batch: int, tiny: bool, device: str) -> dict[str, Any]:
-    """One step's call arguments for ``model`` at ``batch`` (fixed seed)."""
+    """One step's call arguments for ``model`` at ``batch`` (fixed seed), in its dtype."""
     cfg = model.config
     g = torch.Generator(device).manual_seed(batch)
+    dtype = next(model.parameters()).dtype
 
     def rnd(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, device=device).to(torch.bfloat16)
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
 
     side = cfg.sample_size
     text = 8 if tiny else TEXT_TOKENS[arch]
@@ -154,23 +158,31 @@ def run(
     modes: Sequence[str],
     ab: Sequence[str] = (),
     fp8_budgets: Sequence[float | None] = (),
+    lora_rank: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> list[dict[str, Any]]:
     from probe_layer import constants, parse_set
 
     import svdquant
 
-    model = build(arch, ctx.tiny, ctx.device)
+    model = build(arch, ctx.tiny, ctx.device, dtype)
     rows = []
     fused = 0
+    lora_way = f"svdq-int4 + LoRA r{lora_rank}"
     ways = (
-        ["bf16", "svdq-int4-unfused", "svdq-int4"]
+        [BASELINE[dtype], "svdq-int4-unfused", "svdq-int4"]
         + ([f"svdq-int4 {' '.join(ab)}"] if ab else [])
         + [_fp8_way(gib) for gib in fp8_budgets]
+        + ([lora_way] if lora_rank else [])
     )
     budgets = {_fp8_way(gib): gib for gib in fp8_budgets}
     for way in ways:
         if way in budgets:  # last: they change the model
             e2e.keep_fp8_weights(model, budgets[way])
+        if way == lora_way:  # on every quantized layer, then fused again (as generate does)
+            svdquant.unfuse_projections(model)
+            e2e._load_random_lora(model, lora_rank, keep=lambda name: True, dtype=dtype)
+            fused = svdquant.fuse_projections(model)
         if way == "svdq-int4-unfused":
             kw1 = inputs(arch, model, 1, ctx.tiny, ctx.device)
             cfg = svdquant.QuantizeConfig(alpha=0.5, max_samples=256, progress=False)
@@ -217,9 +229,14 @@ def _fp8_budgets(spec: str | None) -> list[float | None]:
     return sorted(out, key=lambda g: float("inf") if g is None else g)
 
 
+#: The 16-bit model's way, by ``--dtype``: what every ratio of the run is against.
+BASELINE = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Ours × BF16 (BF16's median / ours) for each model, mode and batch of the run."""
-    base = {(r["model"], r["mode"], r["batch"]): r for r in rows if r["way"] == "bf16"}
+    """Ours × 16-bit (the 16-bit model's median / ours: ``x_bf16``, against fp16 under
+    ``--dtype float16``) for each model, mode and batch of the run."""
+    base = {(r["model"], r["mode"], r["batch"]): r for r in rows if r["way"] in ("bf16", "fp16")}
     for r in rows:
         b = base.get((r["model"], r["mode"], r["batch"]))
         r["x_bf16"] = round(b["median_ms"] / r["median_ms"], 3) if b else None
@@ -253,8 +270,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "widen), or once per byte budget in GiB ('all': no budget)",
     )
     p.add_argument("--no-eager", action="store_true", help="graphed rows only")
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="time the fused model once more with a random LoRA of this rank on every "
+        "quantized layer (loaded with svdquant.load_lora)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16"],
+        default="bfloat16",
+        help="the model's dtype, baseline included (float16: SDXL's usual)",
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = p.parse_args(argv)
+    if args.lora_rank < 0:
+        raise SystemExit(f"--lora-rank must be positive, got {args.lora_rank}")
+    if args.lora_rank and args.fp8_weights is not None:
+        raise SystemExit("--lora-rank and --fp8-weights change the same model: time them apart")
+    dtype = getattr(torch, args.dtype)
     archs = [a for a in args.models.split(",") if a]
     unknown = sorted(set(archs) - set(CONFIGS))
     if unknown:
@@ -281,11 +316,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with torch.no_grad():
         for arch in archs:
-            rows += run(arch, ctx, modes, args.ab, budgets)
+            rows += run(arch, ctx, modes, args.ab, budgets, args.lora_rank, dtype)
     add_ratios(rows)
-    body = {"resolution": "1024x1024" if not args.tiny else "tiny", "rows": rows}
+    body = {"resolution": "1024x1024" if not args.tiny else "tiny", "dtype": args.dtype,
+            "lora_rank": args.lora_rank, "rows": rows}  # fmt: skip
     res, path = e2e.write_run("models", ctx, date, args.out, body)
-    print("| model | way | mode | batch | ms/step | × BF16 | weights GiB | peak GiB |")
+    base = BASELINE[dtype].upper()
+    print(f"| model | way | mode | batch | ms/step | × {base} | weights GiB | peak GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = "–" if r["peak_abs_bytes"] is None else f"{r['peak_abs_bytes'] / 2**30:.2f}"
