@@ -19,13 +19,14 @@ eagerly and graphed, unfused (``svdq-int4-unfused``) and then fused as ``generat
 median step of each (CUDA events), the weights' GiB and the step's peak, and ours × BF16
 of the same run
 (``--profile``: also the top ops of one eager step of each way, by GPU time; ``--ab``:
-the fused model timed once more with engine constants set, ``probe_layer.parse_set``'s
-``module.NAME=VALUE`` under ``svdquant.kernels``; ``--fp8-weights``: then once more with
-``svdquant.keep_fp8_weights`` — no per-step widen, more memory — or once per byte budget,
-``--fp8-weights 0.25,1,all`` GiB (``max_bytes``: the smallest layers first);
-``--no-eager``: the graphed rows only; ``--lora-rank R``: then once more with a random
-rank-R LoRA on every quantized layer, loaded as a user's would be; ``--dtype float16``:
-the model, its baseline included, in fp16 — SDXL's usual dtype);
+the fused model (or the LoRA'd one) timed once more with engine constants set,
+``probe_layer.parse_set``'s ``module.NAME=VALUE`` under ``svdquant.kernels``;
+``--fp8-weights``: then once more with ``svdquant.keep_fp8_weights`` — no per-step
+widen, more memory — or once per byte budget, ``--fp8-weights 0.25,1,all`` GiB
+(``max_bytes``: the smallest layers first); ``--no-eager``: the graphed rows only;
+``--lora-rank R``: then once more with a random rank-R LoRA on every quantized layer,
+loaded as a user's would be; ``--dtype float16``: the model, its baseline included, in
+fp16 — SDXL's usual dtype);
 writes ``models-<device>-<date>.json`` under ``--out`` (default ``bench/results``, or
 ``$OUT``) and prints a table last. ``--tiny``: the test pipelines' denoisers on the CPU
 (what ``tests/test_bench.py`` runs).
@@ -169,11 +170,13 @@ def run(
     rows = []
     fused = 0
     lora_way = f"svdq-int4 + LoRA r{lora_rank}"
+    last = lora_way if lora_rank else "svdq-int4"  # what --ab times again
+    ab_way = f"{last} {' '.join(ab)}"
     ways = (
         [BASELINE[dtype], "svdq-int4-unfused", "svdq-int4"]
-        + ([f"svdq-int4 {' '.join(ab)}"] if ab else [])
-        + [_fp8_way(gib) for gib in fp8_budgets]
         + ([lora_way] if lora_rank else [])
+        + ([ab_way] if ab else [])
+        + [_fp8_way(gib) for gib in fp8_budgets]
     )
     budgets = {_fp8_way(gib): gib for gib in fp8_budgets}
     for way in ways:
@@ -191,7 +194,7 @@ def run(
             fused = svdquant.fuse_projections(model)
         e2e._free()
         weights = e2e.state_bytes(model)
-        sets = [parse_set(spec) for spec in ab] if way == f"svdq-int4 {' '.join(ab)}" else []
+        sets = [parse_set(spec) for spec in ab] if ab and way == ab_way else []
         for b in ctx.batches:
             kw = inputs(arch, model, b, ctx.tiny, ctx.device)
             for mode in modes:
@@ -258,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         action="append",
         default=[],
         metavar="module.NAME=VALUE",
-        help="time the fused model once more with these engine constants set (an A/B in one run)",
+        help="time the fused model (with --lora-rank: the LoRA'd one) once more with these "
+        "engine constants set (an A/B in one run)",
     )
     p.add_argument(
         "--fp8-weights",

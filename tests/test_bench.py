@@ -458,11 +458,18 @@ def test_models_bench_times_each_architecture_both_ways(tmp_path, capsys):
     assert ops.GEGLU_EPILOGUE is True  # set for that way only
     # an fp16 model with a LoRA on every quantized layer (the fused model takes it)
     lo = models.main(["--tiny", "--models", "sdxl", "--steps", "1", "--out", str(tmp_path),
-                      "--lora-rank", "4", "--dtype", "float16"])  # fmt: skip
+                      "--lora-rank", "4", "--dtype", "float16",
+                      "--ab", "ops.GEGLU_EPILOGUE=False"])  # fmt: skip
     ways = [r["way"] for r in lo["rows"]]
-    assert ways == ["fp16", "svdq-int4-unfused", "svdq-int4", "svdq-int4 + LoRA r4"]
+    assert ways == [
+        "fp16",
+        "svdq-int4-unfused",
+        "svdq-int4",
+        "svdq-int4 + LoRA r4",
+        "svdq-int4 + LoRA r4 ops.GEGLU_EPILOGUE=False",
+    ]  # (the A/B on the LoRA'd)
     assert all(r["x_bf16"] > 0 for r in lo["rows"])  # (against the fp16 model)
-    assert lo["rows"][-1]["weights_bytes"] > lo["rows"][-2]["weights_bytes"]
+    assert lo["rows"][3]["weights_bytes"] > lo["rows"][2]["weights_bytes"]
     assert "| model | way | mode | batch | ms/step | × FP16 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="apart"):
         models.main(["--tiny", "--lora-rank", "4", "--fp8-weights", "all"])
