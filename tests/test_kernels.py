@@ -3601,9 +3601,17 @@ def test_fused_flux_runtime_on_the_engine(monkeypatch, gate_norm):
                      "gate": 4 * n_double + n_single - fused_pairs,
                      "gate_norm": fused_pairs}  # fmt: skip
     assert rel_err(fused, unfused) <= TOL
-    with monkeypatch.context() as mp:  # the MLP's GELU in the quantize of proj_out instead
-        mp.setattr(svdquant.kernels.ops, "ACT_IN_GEMM", False)
-        assert rel_err(model(*args, **kw)[0], fused) <= TOL
+    split = svdquant.SVDQLinear.forward_split
+    # the MLP's GELU in the fused GEMM (ops.ACT_IN_GEMM), or in proj_out's quantize
+    for in_gemm in (True, False) if not gate_norm else ():
+        with monkeypatch.context() as mp:
+            acts: list[str] = []
+            mp.setattr(svdquant.kernels.ops, "ACT_IN_GEMM", in_gemm)
+            mp.setattr(svdquant.SVDQLinear, "forward_split",
+                       lambda *a, acts=acts, **k: acts.append(k.get("last_act", a[-1]))
+                       or split(*a, **k))  # fmt: skip
+            assert rel_err(model(*args, **kw)[0], fused) <= TOL
+            assert acts.count("gelu_tanh") == (n_single if in_gemm else 0)
     # kept fp8 weights (svdquant.keep_fp8_weights): the same step, no widen; compiled too
     layers = [m for m in model.modules() if isinstance(m, svdquant.SVDQLinear)]
     layers = [m for m in layers if m.act_fmt != "none"]  # the modulation's W4A16: none
