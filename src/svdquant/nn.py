@@ -295,7 +295,7 @@ class SVDQLinear(nn.Module):
             return kernels.svdq_linear_split_triton(self, x, sizes, last_act)
         parts = list(self.forward(x).split(sizes, dim=-1))
         if last_act != "none":
-            parts[-1] = kernels.reference.activation_ref(parts[-1], last_act).to(x.dtype)
+            parts[-1] = kernels.reference.activation_like(parts[-1], last_act)
         return tuple(t.contiguous() for t in parts) if contiguous else tuple(parts)
 
     def forward_cat(

@@ -317,12 +317,17 @@ ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "silu": 2, "gelu": 3}
 FAST_RCP = True
 
 
+def check_activation(name: str) -> None:
+    """Refuse an activation the kernels do not compute (before anything is launched)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+
+
 def act_code(name: str) -> int:
     """The kernels' ``ACT`` constant for activation ``name`` (a key of ``ACTIVATIONS``):
     GELU-tanh's fast-reciprocal form where ``FAST_RCP`` is on and kernels run compiled
     (read at each launch, so an A/B in one process compiles both)."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    check_activation(name)
     code = ACTIVATIONS[name]
     return 4 if code == 1 and FAST_RCP and not interpreting() else code
 

@@ -21,11 +21,11 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from svdquant.kernels import gemm_ws, tile_cache
 from svdquant.kernels._triton_common import (
-    ACTIVATIONS,
     act_code,
     apply_activation,
     block_rank,
     cdiv,
+    check_activation,
     dot16,
     folded_lowrank_dot,
     fp8_to_f32,
@@ -684,12 +684,6 @@ def fp8_gemm(
         _launch(*_contiguous(xq, wq, lora_act, lowrank_up), s_channel, act_scale, bias, y, None,
                 act=activation)  # fmt: skip
     return y
-
-
-def check_activation(activation: str) -> None:
-    """Refuse an activation the GEMMs' epilogues do not compute."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; supported: {sorted(ACTIVATIONS)}")
 
 
 #: The widest low-rank branch the GEMMs' epilogues take (``lora.MAX_RANK``, the widest

@@ -36,11 +36,11 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from svdquant.kernels import kept
 from svdquant.kernels._triton_common import (
-    ACTIVATIONS,
     act_code,
     apply_activation,
     block_rank,
     cdiv,
+    check_activation,
     div7_rn,
     folded_lowrank_dot,
     interpreting,
@@ -593,8 +593,7 @@ def quantize_act(
     """
     if act_fmt not in ("int4", "fp8"):
         raise ValueError(f"the fp8 engine quantizes activations to int4 or fp8, got {act_fmt!r}")
-    if tail_act not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {tail_act!r}; supported: {sorted(ACTIVATIONS)}")
+    check_activation(tail_act)
     if x.stride(-1) != 1:
         x = x.contiguous()
     k_head = x.shape[1]
