@@ -473,6 +473,8 @@ def test_models_bench_times_each_architecture_both_ways(tmp_path, capsys):
     assert "| model | way | mode | batch | ms/step | × FP16 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="apart"):
         models.main(["--tiny", "--lora-rank", "4", "--fp8-weights", "all"])
+    with pytest.raises(SystemExit, match="positive"):
+        models.main(["--tiny", "--lora-rank", "-1"])
 
 
 def test_probes_of_the_gpu_refuse_the_cpu_clearly(monkeypatch, tmp_path):

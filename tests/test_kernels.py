@@ -1780,6 +1780,8 @@ def test_forward_split_gives_contiguous_parts(sizes):
         want = ref.activation_ref(plain[-1], "silu").to(x.dtype)
         assert all(torch.equal(a, p) for a, p in zip(acted[:-1], plain, strict=False))
         assert acted[-1].is_contiguous() and rel_err(acted[-1], want) <= TOL
+        with pytest.raises(ValueError, match="unknown activation"):
+            layer.forward_split(x, sizes, last_act="relu6")
     layer.backend = "triton"
     if sizes[0] % 256:  # the engine's own split refuses what its GEMM cannot split
         with pytest.raises(ValueError, match="multiples of 256"):
