@@ -140,7 +140,7 @@ def test_lora_rows_load_a_lora_and_fuse_with_it(tmp_path, monkeypatch):
 
     def fuse(model):
         layers = [m for m in model.modules() if isinstance(m, svdquant.SVDQLinear)]
-        seen.append((len(svdquant.list_loras(model)), layers[0].lowrank_down.shape[0]))
+        seen.append((len(svdquant.list_loras(model)), svdquant.lora.lora_rows(layers[0])))
         return real(model)
 
     monkeypatch.setattr(svdquant, "fuse_projections", fuse)
@@ -150,8 +150,8 @@ def test_lora_rows_load_a_lora_and_fuse_with_it(tmp_path, monkeypatch):
     _check_schema(res, tmp_path)
     assert [r["status"] for r in res["rows"]] == ["ok"] * len(res["rows"])
     assert res["lora_rank"] == 3
-    # the fused row: one LoRA loaded, then fused; each layer's branch: base rank + 3
-    assert seen == [(1, svdquant.QuantizeConfig().rank + 3)]
+    # the fused row: one LoRA loaded, then fused; each layer's branch: base rank + 3 rows
+    assert seen == [(1, 3)]
 
 
 def test_budget_skips_rows_with_reason(tmp_path):

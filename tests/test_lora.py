@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from svdquant import SVDQLinear, quantize_linear
+from svdquant.kernels import gemm_ws
 from svdquant.lora import (
     LoraError,
     LoraFileError,
@@ -20,6 +21,7 @@ from svdquant.lora import (
     LoraRankError,
     list_loras,
     load_lora,
+    lora_rows,
     set_lora_strength,
     unload_lora,
 )
@@ -123,8 +125,12 @@ def test_delta_is_exact(two, tmp_path, fmt, dtype):
     err, err2 = rel(y1 - y0, ref), rel(z1 - z0, ref2)
     print(f"{fmt} {dtype}: delta error {err:.2e} (SVDQLinear), {err2:.2e} (nn.Linear)")
     assert err < tol and err2 < tol  # nn.Linear: the fp32 add-on vs the 16-bit reference
-    assert model.attn.to_q.lowrank_down.shape == (16 + 8, 256)
-    assert model.attn.to_q.lowrank_up.shape == (192, 16 + 8)
+    # rank 16 + 8 padded with zeros to 32 (``lora.RANK_MULTIPLE``: the GEMM's ranks)
+    q = model.attn.to_q
+    assert q.lowrank_down.shape == (32, 256) and q.lowrank_up.shape == (192, 32)
+    assert lora_rows(q) == 8 and not q.lowrank_down[24:].any() and not q.lowrank_up[:, 24:].any()
+    sixteen = (torch.bfloat16, torch.bfloat16)  # on the GPU: the warp-specialized GEMM
+    assert gemm_ws.supports(192, 256, 32, *sixteen) and not gemm_ws.supports(192, 256, 24, *sixteen)
 
 
 def test_unload_strength_and_sum(two, tmp_path):
@@ -161,7 +167,7 @@ def test_unload_strength_and_sum(two, tmp_path):
     # both at once: the sum of the separate deltas
     load_lora(model, tmp_path / "one.safetensors", strength=0.5)
     assert [i.name for i in list_loras(model)] == ["two", "one"]
-    assert q.lowrank_down.shape[0] == 16 + 12 + 8
+    assert q.lowrank_down.shape[0] == 48 and lora_rows(q) == 12 + 8  # 16 + 20, padded
     y_both = run()
     for i in range(2):
         want = y0[i] + (y_one[i] - y0[i]) + (y_two[i] - y0[i])
@@ -631,8 +637,8 @@ def test_fused_runtime_keeps_a_shared_lora_once(flux, tmp_path, monkeypatch):
     assert error(fused_out, with_lora) < 1e-5
     assert fuse_projections(q) == n_attn
     double, single = q.transformer_blocks[0].attn.to_qkv, q.single_transformer_blocks[0].qkv_mlp
-    for fused in (double.linear, single.linear):
-        assert fused.lowrank_down.shape[0] == fused.rank + 4
+    for fused in (double.linear, single.linear):  # base + 4 once, padded to 16s
+        assert fused.lowrank_down.shape[0] == -(-(fused.rank + 4) // 16) * 16
     assert error(outputs(q, calls), with_lora) < 1e-5
     assert unfuse_projections(q) == n_attn
     monkeypatch.setattr(lora, "MAX_RANK", q.transformer_blocks[0].attn.to_q.rank + 3)

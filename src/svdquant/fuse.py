@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from svdquant.lora import lora_rows
 from svdquant.nn import SVDQLinear
 
 __all__ = ["FusedProjection", "fuse_projections", "unfuse_projections"]
@@ -127,7 +128,7 @@ def _rank_refused(layers: list[SVDQLinear]) -> str | None:
         return None
     if not gemm.LORA_PARTS or _shared_extra(layers):
         return f"their LoRAs stacked to rank {rank}, above lora.MAX_RANK = {MAX_RANK}"
-    part = layers[0].rank + max(m.lowrank_down.shape[0] - m.rank for m in layers)
+    part = layers[0].rank + max(lora_rows(m) for m in layers)
     if part > MAX_RANK:
         return f"a part's LoRAs stacked to rank {part}, above lora.MAX_RANK = {MAX_RANK}"
     sizes = [m.out_features for m in layers]
@@ -148,7 +149,7 @@ def _shared_extra(layers: list[SVDQLinear]) -> bool:
     """Whether the layers' LoRA rows are one (none, or a LoRA whose down factor the group
     shares, as a kohya/BFL ``qkv`` LoRA's): the fused layer then keeps them once."""
     a = layers[0]
-    return all(torch.equal(m.lowrank_down[m.rank :], a.lowrank_down[a.rank :]) for m in layers)
+    return all(torch.equal(_lora_down(m), _lora_down(a)) for m in layers)
 
 
 def _concat_rank(layers: list[SVDQLinear]) -> int:
@@ -156,12 +157,19 @@ def _concat_rank(layers: list[SVDQLinear]) -> int:
     a = layers[0]
     if _shared_extra(layers):
         return a.lowrank_down.shape[0]
-    return a.rank + sum(m.lowrank_down.shape[0] - m.rank for m in layers)
+    return a.rank + sum(lora_rows(m) for m in layers)
 
 
 def _base_down(layer: SVDQLinear) -> torch.Tensor:
     """The quantization's own low-rank down projection (a LoRA appends rows after it)."""
     return layer.lowrank_down[: layer.rank]
+
+
+def _lora_down(layer: SVDQLinear) -> torch.Tensor:
+    """The LoRA rows of ``layer``'s low-rank down projection, without the zero rows that
+    pad a lone layer's branch (``lora.RANK_MULTIPLE``: a fused group pads its compact
+    L_up instead, ``compact_width``)."""
+    return layer.lowrank_down[layer.rank : layer.rank + lora_rows(layer)]
 
 
 def _shell(like: SVDQLinear, out_features: int) -> SVDQLinear:
@@ -193,11 +201,11 @@ def _concat(layers: list[SVDQLinear]) -> SVDQLinear:
         from svdquant.kernels.reference import compact_width, expand_lowrank_parts
         from svdquant.lora import MAX_RANK
 
-        extra = [m.lowrank_down.shape[0] - r for m in layers]
-        fused.lowrank_down = torch.cat([_base_down(a)] + [m.lowrank_down[r:] for m in layers])
+        extra = [lora_rows(m) for m in layers]
+        fused.lowrank_down = torch.cat([_base_down(a)] + [_lora_down(m) for m in layers])
         # the layers' own [U_i, B_i] rows, stacked: the compact L_up of the parts [r, *extra]
         own = [
-            nn.functional.pad(m.lowrank_up, (0, max(extra) - e))
+            nn.functional.pad(m.lowrank_up[:, : r + e], (0, max(extra) - e))
             for m, e in zip(layers, extra, strict=True)
         ]
         sizes, compact = [m.out_features for m in layers], torch.cat(own)

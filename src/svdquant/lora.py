@@ -399,16 +399,38 @@ def _linear_hook(module: nn.Linear, args: tuple, out: torch.Tensor) -> torch.Ten
     return out
 
 
+#: A LoRA'd layer's branch is padded with zero rows (L_down) and columns (L_up) to a
+#: multiple of this: the warp-specialized GEMM takes ranks of 16s only (a rank-8 LoRA on a
+#: rank-32 layer, 40, would run on the slower Triton GEMM), the quantize computes the
+#: same parts either way (40 and 48 are both 32 + 16 there), and zeros add exact zeros.
+RANK_MULTIPLE = 16
+
+_PAD_ATTR = "_svdquant_lora_pad"  # on each LoRA'd layer: the zero rows padding its branch
+
+
+def lora_rows(layer: SVDQLinear) -> int:
+    """The LoRA rows of ``layer``'s low-rank branch, past its base rank and before the
+    zero rows padding it (``RANK_MULTIPLE``)."""
+    return layer.lowrank_down.shape[0] - layer.rank - layer.__dict__.get(_PAD_ATTR, 0)
+
+
 def _rebuild(layer: SVDQLinear) -> None:
-    """Set ``lowrank_down``/``lowrank_up`` to the base branch followed by each LoRA."""
+    """Set ``lowrank_down``/``lowrank_up`` to the base branch followed by each LoRA,
+    padded with zeros to a multiple of ``RANK_MULTIPLE`` (none without LoRAs)."""
     r = layer.rank
     down, up = layer.lowrank_down, layer.lowrank_up
     downs, ups = [down[:r]], [up[:, :r]]
     for a in _adapters(layer).values():
         downs.append(a.down.to(down.device, down.dtype))
         ups.append((a.up.to(up.device).float() * a.factor).to(up.dtype))
+    rows = sum(d.shape[0] for d in downs)
+    pad = -rows % RANK_MULTIPLE if len(downs) > 1 else 0
+    if pad:
+        downs.append(down.new_zeros(pad, down.shape[1]))
+        ups.append(up.new_zeros(up.shape[0], pad))
     layer.lowrank_down = torch.cat(downs).contiguous()
     layer.lowrank_up = torch.cat(ups, dim=1).contiguous()
+    layer.__dict__[_PAD_ATTR] = pad
 
 
 def _attach(layer: nn.Module, name: str, adapter: _Adapter) -> None:
@@ -436,6 +458,7 @@ def _detach(layer: nn.Module, name: str) -> None:
         for h in layer.__dict__.pop(_HOOKS_ATTR, []):
             h.remove()
         layer.__dict__.pop(_LAYER_ATTR, None)
+        layer.__dict__.pop(_PAD_ATTR, None)
 
 
 def _model(model_or_pipe: Any, changes: bool = True) -> nn.Module:
