@@ -531,6 +531,12 @@ def main() -> None:
         help="first sweep the memory-bound kernels' tiles (all, or e.g. 'gemv,quantize')",
     )
     p.add_argument("--no-table", action="store_true", help="only the sweep")
+    p.add_argument(
+        "--lora-ranks-only",
+        action="store_true",
+        help="only the layer at growing low-rank ranks (a LoRA's), at --ms (default 4096) "
+        "and --shapes (default 3072x3072,12288x3072)",
+    )
     p.add_argument("--ms", default=None, help="comma-separated M of the table (default all)")
     p.add_argument(
         "--shapes",
@@ -550,6 +556,14 @@ def main() -> None:
         if any(len(nk) != 2 for nk in nks):
             raise SystemExit(f"--shapes wants NxK,NxK,..., got {a.shapes!r}")
     ms = () if a.no_table else ms
+    if a.lora_ranks_only:
+        ranks_ms = tuple(int(v) for v in a.ms.split(",")) if a.ms else (4096,)
+        ranks_nks = nks if a.shapes else ((3072, 3072), (12288, 3072))
+        ranks = [row for m in ranks_ms for n, k in ranks_nks for row in bench_lora_ranks(m, n, k)]
+        path = write_result({**run_info(), "rank": RANK, "lora_ranks": ranks}, a.out, "gemm")
+        _print_lora_ranks(ranks)
+        print(f"-> {path}")
+        return
     copy_gbs = copy_bandwidth()
     tiles = sweep(copy_gbs, a.sweep) if a.sweep else None
     rows = []
@@ -618,7 +632,11 @@ def main() -> None:
               f"bf16 {r['bf16_graph_us']:.1f} us, ours {r['gemv_graph_us']:.1f} us "
               f"({r['graph_x']:.2f}x); clean L2: bf16 {r['bf16_clean_us']:.1f} us, ours "
               f"{r['gemv_clean_us']:.1f} us ({r['clean_x']:.2f}x)")  # fmt: skip
-    for r in lora_ranks:
+    _print_lora_ranks(lora_ranks)
+
+
+def _print_lora_ranks(rows: list[dict]) -> None:
+    for r in rows:
         if "error" in r:
             print(f"LoRA rank {r['rank']} M={r['M']} N={r['N']}: {r['error']}")
         else:
