@@ -1028,6 +1028,10 @@ def test_split_k_tail_policy(monkeypatch):
     assert not gemm._tail_wanted(4608, 3072, 3072, 132)  # short K slices: slower
     assert not gemm._tail_wanted(1024, 3072, 12288, 132)  # no whole wave: all tail
     assert not gemm._tail_wanted(4096, 3072, 12288, 132)  # the last wave 91% full
+    # past rank 128 (a rank-128 LoRA on rank 32) gemm_ws's chunks beat the tail (v59)
+    assert gemm._tail_keeps(4608, 3072, 15360, 128, 132)
+    assert not gemm._tail_keeps(4608, 3072, 15360, 160, 132)
+    assert not gemm._tail_keeps(4608, 3072, 3072, 32, 132)
     monkeypatch.setattr(gemm, "TAIL_SPLIT", True)
     assert gemm._tail_wanted(16, 16, 16, 132)
     monkeypatch.setattr(gemm, "TAIL_SPLIT", False)

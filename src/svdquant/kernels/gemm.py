@@ -456,6 +456,14 @@ TAIL_MIN_K = 8192
 #: nothing (v17) and gemm_ws's whole tiles are faster than it (v34's table: 2.00 / 2.04
 #: against 1.89 / 1.89x BF16 at K = 12288 / 15360).
 TAIL_MAX_LAST_WAVE = 0.5
+#: ... and only up to this low-rank rank where gemm_ws could run the shape instead: past
+#: it (a rank-128 LoRA on a rank-32 layer: 160) the Triton kernel's epilogue pads the rank
+#: to 256 and gemm_ws's chunks are faster. H200, the layer at M = 4608, N = 3072, replayed,
+#: the tail against gemm_ws (v59, ``bench/probe_layer.py --rank R --set
+#: gemm.TAIL_SPLIT=False``): rank 160 1.033x / 1.057x faster on gemm_ws at K = 15360 /
+#: 12288 (FLUX's single blocks' ``proj_out`` and its MLP's fc2), rank 96 0.976x / 0.973x,
+#: rank 32 0.960x / 0.953x (the tail stays). 128 pads to 128 like 96 in both kernels.
+TAIL_MAX_RANK = 128
 
 
 def _tail_wanted(m: int, n: int, k: int, sms: int) -> bool:
@@ -464,6 +472,12 @@ def _tail_wanted(m: int, n: int, k: int, sms: int) -> bool:
         return TAIL_SPLIT
     tiles = cdiv(m, 128) * cdiv(n, 256)
     return k >= TAIL_MIN_K and tiles >= sms and tiles % sms <= TAIL_MAX_LAST_WAVE * sms
+
+
+def _tail_keeps(m: int, n: int, k: int, r: int, sms: int) -> bool:
+    """Whether this kernel's split-K tail keeps a shape gemm_ws could run: where the tail
+    pays (``_tail_wanted``), up to rank ``TAIL_MAX_RANK``."""
+    return _tail_wanted(m, n, k, sms) and r <= TAIL_MAX_RANK
 
 
 def _tail_plan(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int):
@@ -760,7 +774,7 @@ def _ws_wanted(xq: torch.Tensor, wq: torch.Tensor, lora_act: torch.Tensor,
         and gemm_ws.supports(n, k, lowrank_up.shape[1], lowrank_up.dtype, out_dtype)
         # its TMA and 16-byte cp.async copies start at aligned addresses
         and all(t.data_ptr() % 16 == 0 for t in (xq, wq, lora_act, lowrank_up))
-        and not _tail_wanted(m, n, k, num_sms(xq.device))
+        and not _tail_keeps(m, n, k, lowrank_up.shape[1], num_sms(xq.device))
     )
 
 
