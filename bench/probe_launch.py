@@ -86,11 +86,51 @@ def _rope_cases() -> dict:
     }
 
 
+def _lora_cases(mod: svdquant.SVDQLinear, nk: int, rank: int) -> dict:
+    """``mod`` with ``rank`` more low-rank rows (a LoRA's), called on 256 rows (the
+    routes need more than 64): through ``quantize.WIDE_BY_MM``'s cuBLAS sums and through
+    the sliced quantize kernel."""
+    import copy
+
+    from svdquant.kernels import quantize
+
+    lora = copy.deepcopy(mod)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    down = torch.randn(rank, nk, device="cuda", generator=g).bfloat16() / nk**0.5
+    up = torch.randn(lora.out_features, rank, device="cuda", generator=g).bfloat16() * 0.02
+    lora.lowrank_down = torch.cat([lora.lowrank_down, down]).contiguous()
+    lora.lowrank_up = torch.cat([lora.lowrank_up, up], dim=1).contiguous()
+    x = torch.randn(256, nk, device="cuda").bfloat16()
+
+    def run(route: bool):
+        def call():
+            before, quantize.WIDE_BY_MM = quantize.WIDE_BY_MM, route
+            try:
+                return lora(x)
+            finally:
+                quantize.WIDE_BY_MM = before
+
+        return call
+
+    return {
+        f"SVDQLinear.forward + LoRA {rank}, route": run(True),
+        f"SVDQLinear.forward + LoRA {rank}, slices": run(False),
+        "SVDQLinear.forward, 256 rows": lambda: mod(x),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--m", type=int, default=64)
     p.add_argument("--nk", type=int, default=256)
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="also a layer with a LoRA of this rank on its rank 32, at 256 rows (a wide "
+        "rank's routes: quantize.WIDE_BY_MM on and off), and its cProfile",
+    )
     a = p.parse_args()
     torch.manual_seed(0)
     m, nk = a.m, a.nk
@@ -123,15 +163,18 @@ def main() -> None:
         "SVDQLinear.forward": lambda: mod(x),
         "W4A16 layer, M = 1": lambda: layer(x1, act_fmt="none"),
         **_rope_cases(),
+        **(_lora_cases(mod, nk, a.lora_rank) if a.lora_rank else {}),
     }
     result: dict = {**run_info(), "M": m, "N": nk, "K": nk, "host_us": {}}
     for name, fn in cases.items():
         result["host_us"][name] = host_us(fn)
         print(f"{name:30s} {result['host_us'][name]:8.1f} µs", flush=True)
     prof = cProfile.Profile()
+    route = f"SVDQLinear.forward + LoRA {a.lora_rank}, route"
+    profiled = cases[route] if a.lora_rank else cases["SVDQLinear.forward"]
     prof.enable()
     for _ in range(300):
-        mod(x)
+        profiled()
     torch.cuda.synchronize()
     prof.disable()
     buf = io.StringIO()
