@@ -112,10 +112,38 @@ def _lora_cases(mod: svdquant.SVDQLinear, nk: int, rank: int) -> dict:
 
         return call
 
+    down_all, smooth = lora.lowrank_down, lora.smooth
+    fold = quantize.folded_down(down_all, smooth)
+    buf = torch.empty(256, down_all.shape[0], device="cuda")
+    s, kp = ops._act_scale(lora.act_amax), lora.qweight.shape[1] * 2
+
+    def quantize_only(route: bool, r: int | None = None):
+        down = down_all if r is None else down_all[:r]
+
+        def call():
+            before, quantize.WIDE_BY_MM = quantize.WIDE_BY_MM, route
+            try:
+                return quantize_act(x, smooth, down, s, kp, "int4")
+            finally:
+                quantize.WIDE_BY_MM = before
+
+        return call
+
     return {
         f"SVDQLinear.forward + LoRA {rank}, route": run(True),
         f"SVDQLinear.forward + LoRA {rank}, slices": run(False),
         "SVDQLinear.forward, 256 rows": lambda: mod(x),
+        f"quantize_act rank {rank + 32}, route": quantize_only(True),
+        f"quantize_act rank {rank + 32}, slices": quantize_only(False),
+        "quantize_act rank 0": quantize_only(False, 0),
+        "folded_down (kept)": lambda: quantize.folded_down(down_all, smooth),
+        "torch.mm bf16": lambda: torch.mm(x, fold.t()),
+        "torch.mm out_dtype fp32": lambda: torch.mm(x, fold.t(), out_dtype=torch.float32),
+        "torch.mm out_dtype fp32, out=": lambda: torch.mm(
+            x, fold.t(), out_dtype=torch.float32, out=buf
+        ),
+        "lowrank_mm": lambda: quantize.lowrank_mm(x, fold, buf),
+        "torch.empty + zero_": lambda: torch.empty(256, 160, device="cuda").zero_(),
     }
 
 
