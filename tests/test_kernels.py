@@ -2273,6 +2273,38 @@ def test_quantize_and_widen_is_the_two_ops(monkeypatch, fmt, widen_first, ws_qua
         assert torch.equal(got[2].view(torch.uint8), wq.view(torch.uint8))
 
 
+@pytest.mark.parametrize("case", ["k_split", "one_split", "wide_route"])
+def test_quantize_and_widen_zeroes_only_sums_that_accumulate(monkeypatch, case):
+    """The widen-first overlap allocates the quantize's buffers before both launches and
+    zeroes the low-rank sums only where programs along K add into them
+    (``quantize.sums_accumulate``): otherwise every column is written once — one program
+    along K, or a wide rank's cuBLAS sums — and buffers as they come (NaN here) are fine."""
+    from svdquant.kernels import ops
+    from svdquant.kernels import quantize as qmod
+
+    monkeypatch.setattr(ops, "OVERLAP_MIN_M", 0)
+    monkeypatch.setattr(ops, "WIDEN_FIRST", True)
+    monkeypatch.setattr(qmod, "WIDE_BY_MM", True)
+    like = ops._quantized_like
+
+    def poisoned(x, lowrank_down, k_out):
+        xq, lora = like(x, lowrank_down, k_out)
+        return xq, lora.fill_(float("nan"))
+
+    monkeypatch.setattr(ops, "_quantized_like", poisoned)
+    if case == "one_split":
+        monkeypatch.setattr(qmod, "PROGRAMS_PER_SM", 0)  # one program along K
+    _, layer, calib = _layer("int4", "int4", k=320, n=300, rank=160 if case == "wide_route" else 16)
+    x = calib[:300]
+    s = ref.act_scale_from_amax(layer.act_amax)
+    w = (layer.qweight, layer.wscales, layer.wtensor_scale)
+    assert qmod.sums_accumulate(x, layer.lowrank_down, 320) == (case == "k_split")
+    xq, lora = quantize_act(x, layer.smooth, layer.lowrank_down, s, 320, "int4")
+    got = ops.quantize_and_widen(x, layer.smooth, layer.lowrank_down, s, 320, "int4", *w, "int4")
+    assert torch.equal(got[0].view(torch.uint8), xq.view(torch.uint8))
+    assert not got[1].isnan().any() and torch.allclose(got[1], lora, rtol=1e-5, atol=1e-6)
+
+
 def test_quantize_act_checks_its_output_buffers():
     """``out`` buffers of the wrong shape or dtype are refused, not written past."""
     x = torch.randn(5, 64, device=DEVICE)

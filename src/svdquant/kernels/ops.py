@@ -253,6 +253,7 @@ def quantize_and_widen(
     (``WIDEN_FIRST``) or the other way round. The weights' conversions come first, so no
     copy kernel sits between."""
     from svdquant.kernels.quantize import quantize_act as quantize
+    from svdquant.kernels.quantize import sums_accumulate
     from svdquant.kernels.widen import widen_weight as widen
 
     qweight, wscales, wtensor_scale = (
@@ -271,7 +272,8 @@ def quantize_and_widen(
         x, smooth = x.contiguous(), smooth.float().contiguous()
         lowrank_down = lowrank_down.contiguous()
         out = _quantized_like(x, lowrank_down, k_out)
-        out[1].zero_()  # the K splits' low-rank partial sums meet in it
+        if sums_accumulate(x, lowrank_down, k_out):
+            out[1].zero_()  # the K splits' low-rank partial sums meet in it
         wq, s_channel = widen(qweight, wscales, wtensor_scale, fmt, trigger=True)
         xq, lora = quantize(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl=True, out=out)
         return xq, lora, wq, s_channel

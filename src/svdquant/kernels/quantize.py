@@ -558,6 +558,46 @@ def _wide_by_mm(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl, out, fo
     return xq, lora
 
 
+def _plan(x: torch.Tensor, lowrank_down: torch.Tensor, k: int, k_out: int, tailed: bool,
+          gated: bool, trigger: bool) -> tuple[int, ...] | None:  # fmt: skip
+    """How ``quantize_act`` runs the kernel on ``x`` [M, ...] (``k`` input columns, a tail
+    or not): ``(BLOCK_M, BLOCK_K, warps, BLOCK_R, BLOCK_R2, slices, row blocks, programs
+    along K, columns each)`` — or None where a wide rank's sums come by cuBLAS instead
+    (``WIDE_BY_MM``, ``WIDE_TAIL_BY_MM``)."""
+    m, r = x.shape[0], lowrank_down.shape[0]
+    block_m, block_k, warps = TILES["small" if m <= 64 else "medium" if m <= 1024 else "large"]
+    if gated and m > 64:
+        block_m, block_k, warps = GATED_TILE
+    block_r, block_r2 = rank_parts(r)
+    slices = rank_slices(r, m, block_m)
+    routed = WIDE_TAIL_BY_MM and not gated if tailed else WIDE_BY_MM
+    sixteen = x.dtype == lowrank_down.dtype and x.dtype in (torch.bfloat16, torch.float16)
+    by_mm = routed and sixteen and FP32_OUT_MM and not trigger and lowrank_down.shape[1] == k
+    if slices > 1 and by_mm:
+        return None
+    if slices > 1:
+        block_r, block_r2 = RANK_SLICE, 0
+    block_m = rows_per_program(block_m, block_r + block_r2)  # the sums fit in registers
+    steps = cdiv(max(k, k_out), block_k)
+    m_blocks = cdiv(m, block_m)
+    split, per_split = k_split(m_blocks * slices, steps, num_sms(x.device))
+    return block_m, block_k, warps, block_r, block_r2, slices, m_blocks, split, per_split * block_k
+
+
+def sums_accumulate(x: torch.Tensor, lowrank_down: torch.Tensor, k_out: int) -> bool:
+    """Whether ``quantize_act(x, ..., lowrank_down, k_out)`` (a plain input) adds its
+    low-rank sums into ``lora_act`` (programs along K, through atomics), so that buffers
+    passed as ``out`` must come zeroed — not where every column is written once (one
+    program along K, or a wide rank's cuBLAS sums)."""
+    m, r, k = x.shape[0], lowrank_down.shape[0], x.shape[1]
+    if m == 0 or r == 0:
+        return False
+    if WS_QUANTIZE and m >= WS_QUANTIZE_MIN_M:
+        return True  # (the Gluon quantize's own split)
+    plan = _plan(x, lowrank_down, k, k_out, False, False, False)
+    return plan is not None and plan[7] > 1
+
+
 def quantize_act(
     x: torch.Tensor,
     smooth: torch.Tensor,
@@ -626,24 +666,11 @@ def quantize_act(
             return quantize_ws.quantize_act_ws(
                 x, smooth, lowrank_down, act_scale, k_out, act_fmt, trigger, pdl, out
             )
-    block_m, block_k, warps = TILES["small" if m <= 64 else "medium" if m <= 1024 else "large"]
-    if gated and m > 64:
-        block_m, block_k, warps = GATED_TILE
-    block_r, block_r2 = rank_parts(r)
-    slices = rank_slices(r, m, block_m)
-    routed = WIDE_BY_MM if tail is None else WIDE_TAIL_BY_MM and not gated
-    sixteen = x.dtype == lowrank_down.dtype and x.dtype in (torch.bfloat16, torch.float16)
-    by_mm = routed and sixteen and FP32_OUT_MM and not trigger and lowrank_down.shape[1] == k
-    if slices > 1 and by_mm:
+    plan = _plan(x, lowrank_down, k, k_out, tail is not None, gated, trigger)
+    if plan is None:
         return _wide_by_mm(x, smooth, lowrank_down, act_scale, k_out, act_fmt, pdl, out, folded,
                            tail, tail_act)  # fmt: skip
-    if slices > 1:
-        block_r, block_r2 = RANK_SLICE, 0
-    block_m = rows_per_program(block_m, block_r + block_r2)  # the sums fit in registers
-    steps = cdiv(max(k, k_out), block_k)
-    m_blocks = cdiv(m, block_m)
-    split, k_per_split = k_split(m_blocks * slices, steps, num_sms(x.device))
-    k_per_split *= block_k
+    block_m, block_k, warps, block_r, block_r2, slices, m_blocks, split, k_per_split = plan
     xq, lora = outputs(m, k_out, r, split, x.device, out)
     pdl = pdl and pdl_supported(x.device)
     _quantize_act_kernel[(m_blocks, split, slices)](
