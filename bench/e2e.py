@@ -40,7 +40,8 @@ few tokens on the CPU (CPU timers, no memory columns): what ``tests/test_bench.p
 row (as in ``probe_layer.py``; recorded in the JSON): one engine path against another.
 ``--ab module.NAME=VALUE`` times each eager and CUDA-graph row again with the constant set,
 on the same model in the same process, alternated with the default (``ab`` in the row):
-the comparison to quote, free of the spread between processes and hosts.
+the comparison to quote, free of the spread between processes and hosts. A constant of
+``svdquant.lora`` (``lora.RANK_MULTIPLE=1``) stacks the loaded LoRAs again each way.
 """
 
 from __future__ import annotations
@@ -707,14 +708,19 @@ def ab_times(
     after the row's own timing (``default_ms``), on the same model in the same process —
     one path against another without the host-to-host spread of separate runs (v35:
     eager steps of one commit 132-229 ms in different processes). CUDA-graph mode
-    captures a new graph each way (the constants are read while the step is traced)."""
+    captures a new graph each way (the constants are read while the step is traced).
+    A constant of ``svdquant.lora`` (``lora.RANK_MULTIPLE``) is read where a LoRA's rows
+    are stacked into a layer: the loaded LoRAs are stacked again each way."""
     olds = [(m, n, getattr(m, n)) for m, n, _ in sets]
+    restack = any(m.__name__ == "svdquant.lora" for m, _, _ in sets)
     out: dict[str, Any] = {"default_ms": [round(default_ms, 3)], "set_ms": []}
     try:
         for _ in range(2):
             for way in ("set_ms", "default_ms"):
                 for (m, n, v), (_, _, old) in zip(sets, olds, strict=True):
                     setattr(m, n, v if way == "set_ms" else old)
+                if restack:
+                    _restack_loras(model)
                 with torch.inference_mode():
                     if mode == "cudagraph":
                         model(**kw)  # eager warm-up of this path (autotuning) before capture
@@ -728,8 +734,19 @@ def ab_times(
     finally:
         for m, n, old in olds:
             setattr(m, n, old)
+        if restack:
+            _restack_loras(model)
     out["set_vs_default"] = round(min(out["default_ms"]) / min(out["set_ms"]), 4)
     return out
+
+
+def _restack_loras(model: nn.Module) -> None:
+    """Stack each loaded LoRA into its layers again, as the ``svdquant.lora`` constants now
+    say: its strength set to what it is (a fused model is unfused for it and fused again)."""
+    import svdquant
+
+    for info in svdquant.list_loras(model):
+        svdquant.set_lora_strength(model, info.name, info.strength)
 
 
 def run_isolated(

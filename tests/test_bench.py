@@ -185,6 +185,28 @@ def test_ab_times_a_row_both_ways_in_one_process(tmp_path, capsys):
                   "--ab", "rope.ENABLD=False"])  # fmt: skip
 
 
+def test_ab_of_a_lora_constant_stacks_the_loras_again(tmp_path, monkeypatch):
+    """``--ab lora.RANK_MULTIPLE=1``: a constant read where a LoRA's rows are stacked —
+    the loaded LoRA is stacked again each way (unpadded, then padded), and as it was after."""
+    from svdquant import lora
+
+    widths = []
+    real = lora._rebuild
+
+    def rebuild(layer):
+        real(layer)
+        widths.append((lora.RANK_MULTIPLE, layer.lowrank_down.shape[0] - layer.rank))
+
+    monkeypatch.setattr(lora, "_rebuild", rebuild)
+    res = e2e.main(["--tiny", "--out", str(tmp_path), "--rows", "svdq-int4-fused-lora",
+                    "--batches", "1", "--lora-rank", "3", "--no-isolate",
+                    "--ab", "lora.RANK_MULTIPLE=1"])  # fmt: skip
+    (row,) = [r for r in res["rows"] if r["mode"] == "eager"]
+    assert row["status"] == "ok", row.get("error")
+    assert len(row["ab"]["b1"]["set_ms"]) == 2 and lora.RANK_MULTIPLE == 16
+    assert {w for m, w in widths if m == 1} == {3} and {w for m, w in widths if m == 16} == {16}
+
+
 def test_compiled_row_is_marked(tmp_path):
     # the eager backend exercises the compile path quickly; inductor is what the GPU runs
     res = e2e.main(
