@@ -2276,9 +2276,10 @@ def test_quantize_and_widen_is_the_two_ops(monkeypatch, fmt, widen_first, ws_qua
 @pytest.mark.parametrize("case", ["k_split", "one_split", "wide_route"])
 def test_quantize_and_widen_zeroes_only_sums_that_accumulate(monkeypatch, case):
     """The widen-first overlap allocates the quantize's buffers before both launches and
-    zeroes the low-rank sums only where programs along K add into them
-    (``quantize.sums_accumulate``): otherwise every column is written once — one program
-    along K, or a wide rank's cuBLAS sums — and buffers as they come (NaN here) are fine."""
+    zeroes the low-rank sums only where programs along K may add into them
+    (``quantize.sums_accumulate``: planned for wide ranks, assumed for the others):
+    otherwise every column is written once — one program along K, or a wide rank's cuBLAS
+    sums — and buffers as they come (NaN here) are fine."""
     from svdquant.kernels import ops
     from svdquant.kernels import quantize as qmod
 
@@ -2294,11 +2295,13 @@ def test_quantize_and_widen_zeroes_only_sums_that_accumulate(monkeypatch, case):
     monkeypatch.setattr(ops, "_quantized_like", poisoned)
     if case == "one_split":
         monkeypatch.setattr(qmod, "PROGRAMS_PER_SM", 0)  # one program along K
-    _, layer, calib = _layer("int4", "int4", k=320, n=300, rank=160 if case == "wide_route" else 16)
+    rank = {"k_split": 16, "one_split": 96, "wide_route": 160}[case]  # 96: two parts, no route
+    _, layer, calib = _layer("int4", "int4", k=320, n=300, rank=rank)
     x = calib[:300]
     s = ref.act_scale_from_amax(layer.act_amax)
     w = (layer.qweight, layer.wscales, layer.wtensor_scale)
     assert qmod.sums_accumulate(x, layer.lowrank_down, 320) == (case == "k_split")
+    assert qmod.sums_accumulate(x, layer.lowrank_down[:16], 320)  # a small rank: assumed
     xq, lora = quantize_act(x, layer.smooth, layer.lowrank_down, s, 320, "int4")
     got = ops.quantize_and_widen(x, layer.smooth, layer.lowrank_down, s, 320, "int4", *w, "int4")
     assert torch.equal(got[0].view(torch.uint8), xq.view(torch.uint8))

@@ -585,15 +585,16 @@ def _plan(x: torch.Tensor, lowrank_down: torch.Tensor, k: int, k_out: int, taile
 
 
 def sums_accumulate(x: torch.Tensor, lowrank_down: torch.Tensor, k_out: int) -> bool:
-    """Whether ``quantize_act(x, ..., lowrank_down, k_out)`` (a plain input) adds its
+    """Whether ``quantize_act(x, ..., lowrank_down, k_out)`` (a plain input) may add its
     low-rank sums into ``lora_act`` (programs along K, through atomics), so that buffers
-    passed as ``out`` must come zeroed — not where every column is written once (one
-    program along K, or a wide rank's cuBLAS sums)."""
+    passed as ``out`` must come zeroed. False where every column is written once: no
+    rank, or a wide rank's cuBLAS sums, or (planned only for ranks over ``RANK_SLICE``,
+    where the route can apply: the plan costs ~5 µs of host time) one program along K."""
     m, r, k = x.shape[0], lowrank_down.shape[0], x.shape[1]
     if m == 0 or r == 0:
         return False
-    if WS_QUANTIZE and m >= WS_QUANTIZE_MIN_M:
-        return True  # (the Gluon quantize's own split)
+    if r <= RANK_SLICE or (WS_QUANTIZE and m >= WS_QUANTIZE_MIN_M):
+        return True  # (no route; the Gluon quantize has its own split)
     plan = _plan(x, lowrank_down, k, k_out, False, False, False)
     return plan is not None and plan[7] > 1
 
