@@ -32,6 +32,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gemm import Layer, run_info, write_result
+from probe_layer import with_constants
 
 import svdquant
 from svdquant.kernels import ops
@@ -101,41 +102,24 @@ def _lora_cases(mod: svdquant.SVDQLinear, nk: int, rank: int) -> dict:
     lora.lowrank_down = torch.cat([lora.lowrank_down, down]).contiguous()
     lora.lowrank_up = torch.cat([lora.lowrank_up, up], dim=1).contiguous()
     x = torch.randn(256, nk, device="cuda").bfloat16()
-
-    def run(route: bool):
-        def call():
-            before, quantize.WIDE_BY_MM = quantize.WIDE_BY_MM, route
-            try:
-                return lora(x)
-            finally:
-                quantize.WIDE_BY_MM = before
-
-        return call
-
     down_all, smooth = lora.lowrank_down, lora.smooth
     fold = quantize.folded_down(down_all, smooth)
     buf = torch.empty(256, down_all.shape[0], device="cuda")
     s, kp = ops._act_scale(lora.act_amax), lora.qweight.shape[1] * 2
 
-    def quantize_only(route: bool, r: int | None = None):
-        down = down_all if r is None else down_all[:r]
+    def routed(route: bool, fn):
+        return with_constants(fn, [(quantize, "WIDE_BY_MM", route)])
 
-        def call():
-            before, quantize.WIDE_BY_MM = quantize.WIDE_BY_MM, route
-            try:
-                return quantize_act(x, smooth, down, s, kp, "int4")
-            finally:
-                quantize.WIDE_BY_MM = before
-
-        return call
+    def quantize_rank(r: int):
+        return lambda: quantize_act(x, smooth, down_all[:r], s, kp, "int4")
 
     return {
-        f"SVDQLinear.forward + LoRA {rank}, route": run(True),
-        f"SVDQLinear.forward + LoRA {rank}, slices": run(False),
+        f"SVDQLinear.forward + LoRA {rank}, route": routed(True, lambda: lora(x)),
+        f"SVDQLinear.forward + LoRA {rank}, slices": routed(False, lambda: lora(x)),
         "SVDQLinear.forward, 256 rows": lambda: mod(x),
-        f"quantize_act rank {rank + 32}, route": quantize_only(True),
-        f"quantize_act rank {rank + 32}, slices": quantize_only(False),
-        "quantize_act rank 0": quantize_only(False, 0),
+        f"quantize_act rank {rank + 32}, route": routed(True, quantize_rank(rank + 32)),
+        f"quantize_act rank {rank + 32}, slices": routed(False, quantize_rank(rank + 32)),
+        "quantize_act rank 0": routed(False, quantize_rank(0)),
         "folded_down (kept)": lambda: quantize.folded_down(down_all, smooth),
         "torch.mm bf16": lambda: torch.mm(x, fold.t()),
         "torch.mm out_dtype fp32": lambda: torch.mm(x, fold.t(), out_dtype=torch.float32),
