@@ -35,6 +35,7 @@ from gemm import Layer, run_info, write_result
 from probe_layer import with_constants
 
 import svdquant
+from svdquant.kernels import launch as launch_mod
 from svdquant.kernels import ops
 from svdquant.kernels.gemm import fp8_gemm
 from svdquant.kernels.quantize import quantize_act
@@ -57,6 +58,21 @@ def host_us(fn, n: int = 400) -> float:
         fn()
     sync()
     return (time.perf_counter() - t0) / n * 1e6
+
+
+def bound_ab(fn) -> tuple[float, float]:
+    """``host_us(fn)`` with ``kernels.launch.BOUND`` on and off, alternated twice: the
+    faster of each way (the host's time moves by tens of percent between runs)."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    before = launch_mod.BOUND
+    try:
+        for _ in range(2):
+            for way in (True, False):
+                launch_mod.BOUND = way
+                times[way].append(host_us(fn))
+    finally:
+        launch_mod.BOUND = before
+    return min(times[True]), min(times[False])
 
 
 def module(layer: Layer) -> svdquant.SVDQLinear:
@@ -143,12 +159,19 @@ def main() -> None:
         help="also a layer with a LoRA of this rank on its rank 32, at 256 rows (a wide "
         "rank's routes: quantize.WIDE_BY_MM on and off), and its cProfile",
     )
+    p.add_argument(
+        "--bound-ab",
+        action="store_true",
+        help="time every case with kernels.launch.BOUND on and off (alternated twice, the "
+        "faster of each way): the bound launches' host time against Triton's run",
+    )
     a = p.parse_args()
     torch.manual_seed(0)
     m, nk = a.m, a.nk
     layer = Layer(nk, nk)
     x = torch.randn(m, nk, device="cuda").bfloat16()
     x1 = x[:1].clone()
+    x1024 = torch.randn(1024, nk, device="cuda").bfloat16()
     w16 = layer.w16
     s = ops._act_scale(layer.act_amax)
     kp = layer.qweight.shape[1] * 2
@@ -159,6 +182,7 @@ def main() -> None:
     cases = {
         "F.linear bf16": lambda: F.linear(x, w16, layer.bias),
         "empty triton kernel": lambda: _empty_kernel[(1,)](x, 1),
+        "empty triton kernel, kernels.launch": lambda: launch_mod.launch(_empty_kernel, (1,), x, 1),
         "quantize_act (launcher)": lambda: quantize_act(x, layer.smooth, layer.down, s, kp, "int4"),
         "widen_weight (launcher)": lambda: widen_weight(*w, "int4"),
         "fp8_gemm (launcher)": lambda: fp8_gemm(
@@ -173,12 +197,21 @@ def main() -> None:
         ),
         "svdq_linear_triton": lambda: layer(x),
         "SVDQLinear.forward": lambda: mod(x),
+        "SVDQLinear.forward, 1024 rows": lambda: mod(x1024),
         "W4A16 layer, M = 1": lambda: layer(x1, act_fmt="none"),
         **_rope_cases(),
         **(_lora_cases(mod, nk, a.lora_rank) if a.lora_rank else {}),
     }
     result: dict = {**run_info(), "M": m, "N": nk, "K": nk, "host_us": {}}
+    if a.bound_ab:
+        result["host_us_unbound"] = {}
     for name, fn in cases.items():
+        if a.bound_ab:
+            on, off = bound_ab(fn)
+            result["host_us"][name], result["host_us_unbound"][name] = on, off
+            print(f"{name:40s} {on:8.1f} µs bound, {off:8.1f} through run ({off / on:.2f}x)",
+                  flush=True)  # fmt: skip
+            continue
         result["host_us"][name] = host_us(fn)
         print(f"{name:30s} {result['host_us'][name]:8.1f} µs", flush=True)
     prof = cProfile.Profile()

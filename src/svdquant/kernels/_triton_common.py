@@ -144,10 +144,12 @@ def cast_after(src: torch.Tensor, dtype: torch.dtype, pdl: bool) -> torch.Tensor
     """``src.to(dtype)`` for a contiguous ``src``; with ``pdl``, launched as the previous
     kernel's programmatic dependent (which must allow it: ``gdc_launch_dependents``), so
     that its launch hides behind that kernel's last programs."""
+    from svdquant.kernels.launch import launch  # (it imports this module)
+
     dst = torch.empty(src.shape, dtype=dtype, device=src.device)
     n = src.numel()
     block = 1024
-    _cast_kernel[(cdiv(n, block),)](
+    launch(_cast_kernel, (cdiv(n, block),),
         src, dst, n, BLOCK=block, PDL=pdl, ROUND_BF16=needs_bf16_rounding(dtype), num_warps=4,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip

@@ -39,6 +39,7 @@ from svdquant.kernels._triton_common import (
     round_bf16,
     three_bounds,
 )
+from svdquant.kernels.launch import launch
 from svdquant.kernels.quantize import quantize_tile
 
 __all__ = ["fp8_gemm", "fp8_gemm_quantize_next", "fp8_gemm_split", "split_supported"]
@@ -621,7 +622,8 @@ def run_tuned(kernel, grid, args, flags, key: tuple, device, shape, operands) ->
         kernel.best_config = config  # (what the probes read)
         if config.pre_hook is not None:
             config.pre_hook({"a_ptr": operands[0], "b_ptr": operands[1], **config.kwargs})
-        kernel.fn[grid](*args, **flags, **config.all_kwargs())
+        options = config.all_kwargs()
+        launch(kernel.fn, grid(options) if callable(grid) else grid, *args, **flags, **options)
 
 
 #: The tile the autotuner picked, per device and launch key: a call after the first for

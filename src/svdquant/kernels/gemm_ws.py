@@ -58,6 +58,7 @@ from svdquant.kernels._triton_common import (
     part_args,
     three_bounds,
 )
+from svdquant.kernels.launch import launch
 
 try:  # Gluon's API is young: any triton without these names simply lacks this kernel
     from triton.experimental import gluon
@@ -1124,7 +1125,9 @@ def _run(xq, wq, s_channel, act_scale, lora_act, lowrank_up, bias, out, sizes,
     tiles = cdiv(m, bm) * cdiv(n, rows)
     br, chunks = rank_chunks(r)
     next_args, next_consts = _next_args(nxt, s_channel, gated, act)
-    _fp8_gemm_ws_kernel[(min(tiles, sms),)](
+    launch(
+        _fp8_gemm_ws_kernel,
+        (min(tiles, sms),),
         a,
         b,
         g,

@@ -61,6 +61,7 @@ from svdquant.kernels._triton_common import (
     round_bf16,
     split_output,
 )
+from svdquant.kernels.launch import launch
 
 __all__ = ["MAX_GEMV_M", "w4a16_linear"]
 
@@ -1137,7 +1138,7 @@ def prep(
     zero = None
     if f16 and n:
         zero = torch.empty(m, n, dtype=torch.float32, device=x.device)
-    _prep_kernel[(chunks,)](
+    launch(_prep_kernel, (chunks,),
         x, smooth, lowrank_down, xh, lora, sums, m, k, kp, r,
         x.stride(0), lowrank_down.stride(0), xh.stride(0), lora.stride(0), lora.stride(1),
         CHUNK=chunk, PLANES=planes, PRESCALE=fma and fmt == "int4", PDL=pdl,
@@ -1213,9 +1214,11 @@ def gemv(
         **_shared_flags(split, r, bias, out_dtype, pdl),
     )
     if fma:
-        _w4a16_fma_kernel[(n_blocks, split)](*common, MAGIC_2P23, BLOCK_M=next_pow2(m), **flags)
+        launch(
+            _w4a16_fma_kernel, (n_blocks, split), *common, MAGIC_2P23, BLOCK_M=next_pow2(m), **flags
+        )
     else:
-        _w4a16_mma_kernel[(n_blocks, split)](*common, DOT_FP32=interpreting(), **flags)
+        launch(_w4a16_mma_kernel, (n_blocks, split), *common, DOT_FP32=interpreting(), **flags)
     return out if split == 1 else out.to(out_dtype)
 
 
@@ -1272,7 +1275,7 @@ def _gemv_packed(
     gps = _groups_per_step(kp, gps)
     n_blocks = cdiv(n, block_n)
     split, kps, out = _split_k(m, n, kp, 64 * gps, n_blocks, out_dtype, qweight.device)
-    _w4a16_packed_kernel[(n_blocks, split)](
+    launch(_w4a16_packed_kernel, (n_blocks, split),
         xh.planes, xh.sums, qweight, wscales, wtensor_scale, lora, lowrank_up,
         bias if bias is not None else out, out, m, n, kp, r, chunks, kps,
         qweight.stride(0), wscales.stride(0), lora.stride(0), lora.stride(1),
@@ -1297,7 +1300,7 @@ def _gemv_dp4a(
     block_k = _word_step(kp, block_k, 64)
     n_blocks = cdiv(n, block_n)
     split, kps, out = _split_k(m, n, kp, block_k, n_blocks, out_dtype, qweight.device)
-    _w4a16_dp4a_kernel[(n_blocks, split)](
+    launch(_w4a16_dp4a_kernel, (n_blocks, split),
         xh.planes, xh.scales, qweight, wscales, wtensor_scale, lora, lowrank_up,
         bias if bias is not None else out, out, m, n, kp // 8, r, chunks, kps // 8,
         xh.planes.stride(0), qweight.stride(0), wscales.stride(0), lora.stride(0),

@@ -54,6 +54,7 @@ from svdquant.kernels._triton_common import (
     num_sms,
     split_output,
 )
+from svdquant.kernels.launch import launch
 
 if TYPE_CHECKING:
     from svdquant.kernels.gemv import F16X
@@ -551,7 +552,7 @@ def gemv_gluon(
     if stages:
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
         q_desc = GluonDescriptor.from_tensor(qweight.view(torch.uint8), [bn, 32 * gs], layout)
-    _w4a16_gluon_kernel[(n_blocks, split)](
+    launch(_w4a16_gluon_kernel, (n_blocks, split),
         xh, xo, x, smooth, qweight, q_desc, wscales, wtensor_scale, lora, lowrank_up,
         bias if bias is not None else out, out, out if TIMELINE is None else TIMELINE, m, n,
         x.shape[1] if xin else kp, groups, r, chunks, per_split, x.stride(0) if xin else 0,

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from svdquant.kernels._triton_common import cdiv, needs_bf16_rounding, next_pow2, round_bf16
+from svdquant.kernels.launch import launch
 
 __all__ = ["gate_residual", "gate_residual_modulate", "layer_norm_modulate", "supports"]
 
@@ -135,7 +136,7 @@ def _rowwise(kernel, inputs: tuple, like: torch.Tensor, scalars: tuple, outs: in
     out = tuple(torch.empty(b, s, c, dtype=like.dtype, device=like.device) for _ in range(outs))
     if b * s:
         rows, warps = TILE
-        kernel[(cdiv(b * s, rows),)](
+        launch(kernel, (cdiv(b * s, rows),),
             *inputs, *out, b * s, s, c, *scalars, **consts,
             ROUND_BF16=needs_bf16_rounding(like.dtype), BLOCK_C=next_pow2(c), ROWS=rows,
             num_warps=warps, enable_fp_fusion=False,

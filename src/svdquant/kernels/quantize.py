@@ -51,6 +51,7 @@ from svdquant.kernels._triton_common import (
     round_bf16,
     to_e4m3,
 )
+from svdquant.kernels.launch import launch
 
 __all__ = ["fold_lowrank_down", "quantize_act", "quantize_tile"]
 
@@ -674,7 +675,9 @@ def quantize_act(
     block_m, block_k, warps, block_r, block_r2, slices, m_blocks, split, k_per_split = plan
     xq, lora = outputs(m, k_out, r, split, x.device, out)
     pdl = pdl and pdl_supported(x.device)
-    _quantize_act_kernel[(m_blocks, split, slices)](
+    launch(
+        _quantize_act_kernel,
+        (m_blocks, split, slices),
         x,
         x if tail is None else tail,
         smooth,

@@ -34,6 +34,7 @@ import torch
 
 from svdquant.kernels import gemm_ws
 from svdquant.kernels._triton_common import cdiv, num_sms, pdl_supported
+from svdquant.kernels.launch import launch
 
 if gemm_ws.HAVE_GLUON:
     from triton.experimental import gluon
@@ -262,7 +263,9 @@ def quantize_act_ws(
     if r:
         ld_layout = gemm_ws._layout(r, BLOCK_K, x.dtype)
         ld_desc = GluonDescriptor.from_tensor(lowrank_down, [r, BLOCK_K], ld_layout)
-    _quantize_ws_kernel[(m_blocks, split)](
+    launch(
+        _quantize_ws_kernel,
+        (m_blocks, split),
         desc,
         ld_desc,
         smooth.float().contiguous(),

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from svdquant.kernels._triton_common import cdiv, needs_bf16_rounding, round_bf16
+from svdquant.kernels.launch import launch
 
 __all__ = ["rms_norm_rope", "supports"]
 
@@ -280,7 +281,7 @@ def rms_norm_rope(
     hd = head if head is not None else x
     w = weight if weight is not None else cos  # unread without HAS_W
     wh = head_weight if head_weight is not None else w
-    _rms_norm_rope_kernel[(cdiv(rows, block_r),)](
+    launch(_rms_norm_rope_kernel, (cdiv(rows, block_r),),
         x, hd, w.contiguous(), wh.contiguous(), cos, sin, out,
         rows, s_head, s_all, h, float(eps),
         x.stride(0), x.stride(1), x.stride(2), hd.stride(0), hd.stride(1), hd.stride(2),
@@ -321,7 +322,7 @@ def _launch_packed(x, weight, eps, cos, sin, head, head_weight, out) -> bool:
     w = w if w is not None else xw  # unread without HAS_W
     block_r, warps = PACKED_TILE
     rows = b * out.shape[1] * h
-    _rms_norm_rope_packed_kernel[(cdiv(rows, block_r),)](
+    launch(_rms_norm_rope_packed_kernel, (cdiv(rows, block_r),),
         xw, hw, w, wh if wh is not None else w, cw, sw, ow,
         rows, out.shape[1] - s, out.shape[1], h, float(eps),
         xw.stride(0), xw.stride(1), xw.stride(2), hw.stride(0), hw.stride(1), hw.stride(2),

@@ -33,6 +33,7 @@ from svdquant.kernels._triton_common import (
     round_bf16,
     to_e4m3,
 )
+from svdquant.kernels.launch import launch
 
 __all__ = ["dequantize_weight", "widen_weight"]
 
@@ -222,7 +223,9 @@ def _launch(
     pdl = pdl and pdl_supported(qweight.device)
     block_n, block_k, warps = tile(n, kp, dequant, overlapped=pdl or trigger)
     grid = (cdiv(n, block_n), cdiv(kp, block_k))
-    _widen_kernel[grid[::-1] if K_FAST else grid](
+    launch(
+        _widen_kernel,
+        grid[::-1] if K_FAST else grid,
         qweight,
         wscales,
         wtensor_scale.float().reshape(1),

@@ -1,0 +1,147 @@
+"""Launch a Triton (or Gluon) kernel again without redoing what its first launch decided.
+
+``kernel[grid](*args, **kwargs)`` goes through ``JITFunction.run`` on every call: it binds
+the arguments to the signature, specializes each one, hashes the result into a cache key,
+checks the kernel's globals, reads Triton's settings and builds launch metadata — host
+time an eager layer call pays three to four times (``bench/probe_launch.py``; a FLUX.1
+step launches ~2000 kernels, an SDXL UNet step ~2800). ``launch`` does the first call of
+each argument signature that way and keeps the compiled kernel; later calls with the same
+signature go straight to its launcher.
+
+The signature is at least as fine as Triton's own specialization, so a kept kernel is the
+one ``run`` would pick: every constexpr and option by value, every integer and bool by
+value (Triton specializes integers on 1, on divisibility by 16 and on their width), every
+tensor by dtype and 16-byte alignment of its address (what Triton specializes pointers
+on), a tensor descriptor by its dtype, block shape, layout and padding, floats by type.
+Anything else (a callable grid, an unhashable argument, a launch hook set in Triton's
+settings, the interpreter) takes Triton's own path every time. ``BOUND`` turns the
+shortcut off (a probe's A/B).
+"""
+
+from __future__ import annotations
+
+import torch
+from triton import knobs
+from triton.runtime import driver
+
+from svdquant.kernels._triton_common import interpreting
+
+__all__ = ["launch"]
+
+#: Launch kept kernels directly (False: every call through ``JITFunction.run``).
+BOUND = True
+#: Signatures kept per kernel; past it the kernel's are dropped and kept again as they come
+#: (a new token count is a new signature: integers are keyed by value).
+MAX_SIGNATURES = 256
+
+
+class _Unkeyable(Exception):
+    """An argument ``launch`` cannot key exactly: Triton's own path takes the call."""
+
+
+def _spec(value):
+    """What of ``value`` Triton's specialization can depend on (see the module docstring)."""
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, value.data_ptr() & 15 == 0)
+    if value is None or isinstance(value, (bool, str)):
+        return (type(value), value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return float
+    base = getattr(value, "base", None)
+    if isinstance(base, torch.Tensor) and hasattr(value, "block_shape"):  # a descriptor
+        layout = getattr(value, "layout", None)
+        return (type(value), base.dtype, base.data_ptr() & 15 == 0,
+                tuple(value.block_shape), layout, getattr(value, "padding", None))  # fmt: skip
+    try:
+        hash(value)
+    except TypeError as e:
+        raise _Unkeyable(type(value).__name__) from e
+    return (type(value), value)  # a constexpr's value (a triton dtype, a tuple)
+
+
+class _Kernel:
+    """One kernel's kept launches: its parameters' names and defaults, and per signature
+    the compiled kernel and how to complete a call's arguments."""
+
+    def __init__(self, fn) -> None:
+        params = fn.signature.parameters
+        self.names = list(params)
+        self.defaults = {n: p.default for n, p in params.items()}
+        self.kept: dict[tuple, object] = {}
+
+
+_KERNELS: dict[int, _Kernel] = {}
+
+
+def _kernel(fn) -> _Kernel:
+    entry = _KERNELS.get(id(fn))
+    if entry is None:
+        entry = _KERNELS[id(fn)] = _Kernel(fn)
+    return entry
+
+
+def _launcher(compiled):
+    """How to launch ``compiled`` (what ``run`` returned) directly: ``(call, middle)`` with
+    ``call(gx, gy, gz, stream, function, *middle, *args)``, or None where it is not Triton
+    3.6's ``CompiledKernel`` (another version simply keeps ``run``'s path). Without scratch
+    memory the launcher's own C entry point, else its Python wrapper that allocates it."""
+    if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+        return None
+    runner, meta = compiled.run, compiled.packed_metadata
+    direct = getattr(runner, "launch", None)
+    scratch = (
+        getattr(runner, "global_scratch_size", 1),
+        getattr(runner, "profile_scratch_size", 1),
+    )
+    if direct is not None and scratch == (0, 0) and hasattr(runner, "launch_pdl"):
+        coop = runner.launch_cooperative_grid
+        return direct, (coop, runner.launch_pdl, None, None, meta, None, None, None)
+    return runner, (meta, None, None, None)
+
+
+def _stream(device: int) -> int:
+    """The current CUDA stream's handle on ``device``, as ``run`` reads it."""
+    return driver.active.get_current_stream(device)
+
+
+def _hooked() -> bool:
+    """Whether a launch hook is set (a profiler's): then every launch goes through ``run``,
+    which calls it. Triton 3.6 keeps them as (empty) hook chains."""
+    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
+def launch(fn, grid, *args, **kwargs) -> None:
+    """``fn[grid](*args, **kwargs)``; after a signature's first call, without
+    ``JITFunction.run`` (see the module docstring)."""
+    if not BOUND or interpreting() or not isinstance(grid, tuple) or _hooked():
+        fn[grid](*args, **kwargs)
+        return
+    entry = _kernel(fn)
+    device = torch.cuda.current_device()
+    try:
+        key = (device, tuple(map(_spec, args)), tuple((k, _spec(v)) for k, v in kwargs.items()))
+        kept = entry.kept.get(key)
+    except _Unkeyable:
+        fn[grid](*args, **kwargs)
+        return
+    if kept is None:
+        compiled = fn[grid](*args, **kwargs)
+        how = _launcher(compiled)
+        if how is not None:
+            if len(entry.kept) >= MAX_SIGNATURES:
+                entry.kept.clear()
+            entry.kept[key] = (compiled.function, *how)
+        return
+    function, call, middle = kept
+    names, defaults = entry.names, entry.defaults
+    bound = list(args)
+    for name in names[len(args) :]:
+        bound.append(kwargs[name] if name in kwargs else defaults[name])
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    call(grid[0], g1, g2, _stream(device), function, *middle, *bound)
