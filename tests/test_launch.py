@@ -145,6 +145,18 @@ def test_falls_back_to_tritons_path(bound, monkeypatch):
     assert len(k.run_calls) == 9
 
 
+def test_a_tensor_among_the_keyword_arguments_is_never_kept(bound):
+    """A tensor keyed by value would be another signature every call, and its address is
+    not in the key: such calls keep Triton's path."""
+    k = _FakeKernel()
+    x = torch.zeros(8)
+    for _ in range(2):
+        launch(k, (1,), x, x, 8, BLOCK=16, scale=1.0)
+        launch(k, (1,), x, x, 8, 1.0, BLOCK=16, FLAG=torch.zeros(2))
+    assert len(k.run_calls) == 3  # the float one kept after its first call
+    assert len(launch_mod._KERNELS[id(k)].kept) == 1
+
+
 def test_a_launch_hook_takes_tritons_path(bound, monkeypatch):
     from triton import knobs
 

@@ -3,19 +3,19 @@
 ``kernel[grid](*args, **kwargs)`` goes through ``JITFunction.run`` on every call: it binds
 the arguments to the signature, specializes each one, hashes the result into a cache key,
 checks the kernel's globals, reads Triton's settings and builds launch metadata — host
-time an eager layer call pays three to four times (``bench/probe_launch.py``; a FLUX.1
-step launches ~2000 kernels, an SDXL UNet step ~2800). ``launch`` does the first call of
-each argument signature that way and keeps the compiled kernel; later calls with the same
-signature go straight to its launcher.
+time an eager layer call pays three to four times (``bench/probe_launch.py``). ``launch``
+does the first call of each argument signature that way and keeps the compiled kernel;
+later calls with the same signature go straight to its launcher.
 
 The signature is at least as fine as Triton's own specialization, so a kept kernel is the
-one ``run`` would pick: every constexpr and option by value, every integer and bool by
-value (Triton specializes integers on 1, on divisibility by 16 and on their width), every
-tensor by dtype and 16-byte alignment of its address (what Triton specializes pointers
-on), a tensor descriptor by its dtype, block shape, layout and padding, floats by type.
-Anything else (a callable grid, an unhashable argument, a launch hook set in Triton's
-settings, the interpreter) takes Triton's own path every time. ``BOUND`` turns the
-shortcut off (a probe's A/B).
+one ``run`` would pick: the keyword arguments (constexprs, launch options) by name and
+value, positional integers by value (Triton specializes integers on 1, on divisibility by
+16 and on their width), positional tensors by dtype and the 16-byte alignment of their
+address (what Triton specializes pointers on), a tensor descriptor by its dtype, block
+shape, layout and padding, floats by type, anything else by value. A call with a tensor
+among its keyword arguments, an unhashable argument, a callable grid, a launch hook set
+in Triton's settings (a profiler's) or under the interpreter takes Triton's own path every
+time. ``BOUND`` turns the shortcut off (a probe's A/B).
 """
 
 from __future__ import annotations
@@ -40,15 +40,9 @@ class _Unkeyable(Exception):
 
 
 def _spec(value):
-    """What of ``value`` Triton's specialization can depend on (see the module docstring)."""
-    if isinstance(value, torch.Tensor):
+    """The key of a positional argument that is no plain int, tensor or float."""
+    if isinstance(value, torch.Tensor):  # a subclass (a Parameter)
         return (value.dtype, value.data_ptr() & 15 == 0)
-    if value is None or isinstance(value, (bool, str)):
-        return (type(value), value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return float
     base = getattr(value, "base", None)
     if isinstance(base, torch.Tensor) and hasattr(value, "block_shape"):  # a descriptor
         layout = getattr(value, "layout", None)
@@ -58,18 +52,39 @@ def _spec(value):
         hash(value)
     except TypeError as e:
         raise _Unkeyable(type(value).__name__) from e
-    return (type(value), value)  # a constexpr's value (a triton dtype, a tuple)
+    return (type(value), value)  # bool, None, a string, a triton dtype
+
+
+def _key(device: int, args: tuple, kwargs: dict) -> tuple:
+    """A launch's signature (see the module docstring). Flat: a bare dtype only ever comes
+    from a tensor and is followed by its alignment; every other kind is a bare int, the
+    type ``float`` or a tuple, so two signatures never read alike."""
+    key = [device, tuple(kwargs), tuple(kwargs.values())]
+    append = key.append
+    tensor = torch.Tensor
+    for v in args:
+        t = type(v)
+        if t is int:
+            append(v)
+        elif t is tensor:
+            append(v.dtype)
+            append(v.data_ptr() & 15 == 0)
+        elif t is float:
+            append(float)
+        else:
+            append(_spec(v))
+    return tuple(key)
 
 
 class _Kernel:
     """One kernel's kept launches: its parameters' names and defaults, and per signature
-    the compiled kernel and how to complete a call's arguments."""
+    how to launch it."""
 
     def __init__(self, fn) -> None:
         params = fn.signature.parameters
         self.names = list(params)
         self.defaults = {n: p.default for n, p in params.items()}
-        self.kept: dict[tuple, object] = {}
+        self.kept: dict[tuple, tuple] = {}
 
 
 _KERNELS: dict[int, _Kernel] = {}
@@ -118,30 +133,28 @@ def _hooked() -> bool:
 def launch(fn, grid, *args, **kwargs) -> None:
     """``fn[grid](*args, **kwargs)``; after a signature's first call, without
     ``JITFunction.run`` (see the module docstring)."""
-    if not BOUND or interpreting() or not isinstance(grid, tuple) or _hooked():
+    if not BOUND or interpreting() or type(grid) is not tuple or _hooked():
         fn[grid](*args, **kwargs)
         return
     entry = _kernel(fn)
     device = torch.cuda.current_device()
     try:
-        key = (device, tuple(map(_spec, args)), tuple((k, _spec(v)) for k, v in kwargs.items()))
+        key = _key(device, args, kwargs)
         kept = entry.kept.get(key)
-    except _Unkeyable:
+    except (_Unkeyable, TypeError):  # (TypeError: an unhashable keyword argument)
         fn[grid](*args, **kwargs)
         return
     if kept is None:
         compiled = fn[grid](*args, **kwargs)
         how = _launcher(compiled)
-        if how is not None:
+        if how is not None and not any(isinstance(v, torch.Tensor) for v in kwargs.values()):
             if len(entry.kept) >= MAX_SIGNATURES:
                 entry.kept.clear()
-            entry.kept[key] = (compiled.function, *how)
+            # the parameters after the positional ones: keyed by value, the same every call
+            tail = tuple(kwargs.get(n, entry.defaults[n]) for n in entry.names[len(args) :])
+            entry.kept[key] = (compiled.function, *how, tail)
         return
-    function, call, middle = kept
-    names, defaults = entry.names, entry.defaults
-    bound = list(args)
-    for name in names[len(args) :]:
-        bound.append(kwargs[name] if name in kwargs else defaults[name])
+    function, call, middle, tail = kept
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
-    call(grid[0], g1, g2, _stream(device), function, *middle, *bound)
+    call(grid[0], g1, g2, _stream(device), function, *middle, *args, *tail)
