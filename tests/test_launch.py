@@ -206,8 +206,9 @@ def test_signatures_are_bounded(bound, monkeypatch):
 @pytest.mark.gpu
 def test_gpu_bound_launches_match_tritons_path():
     """The real kernels: a layer's forward three times with the bound launches, the same
-    bits as through ``run``; and a cast of a misaligned input after an aligned one (a new
-    specialization: Triton compiles another kernel) still right."""
+    numbers as through ``run`` (within the atomics' rounding); and a cast of a misaligned
+    input after an aligned one (a new specialization: Triton compiles another kernel)
+    still right."""
     import svdquant
     from svdquant.kernels._triton_common import cast_after
 
@@ -225,8 +226,12 @@ def test_gpu_bound_launches_match_tritons_path():
         got = [q(x) for _ in range(3)]
     finally:
         launch_mod.BOUND = before
+    # not bit for bit: the quantize's K splits add their low-rank sums by atomics in any
+    # order, so two runs of one path may differ by a bf16 rounding (v60: an equality check
+    # here failed once in the GPU suite); a wrong kernel would be far off
     for g in got:
-        assert torch.equal(g, want)
+        err = (g.float() - want.float()).norm() / want.float().norm()
+        assert err < 4e-3, err
     base = torch.randn(4097, device="cuda")
     for src in (base[:4096], base[1:], base[:4096], base[1:]):
         assert torch.equal(cast_after(src, torch.bfloat16, False), src.bfloat16())
