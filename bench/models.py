@@ -20,7 +20,9 @@ median step of each (CUDA events), the weights' GiB and the step's peak, and our
 of the same run
 (``--profile``: also the top ops of one eager step of each way, by GPU time; ``--ab``:
 the fused model (or the LoRA'd one) timed once more with engine constants set,
-``probe_layer.parse_set``'s ``module.NAME=VALUE`` under ``svdquant.kernels``;
+``probe_layer.parse_set``'s ``module.NAME=VALUE`` under ``svdquant.kernels``, then both
+ways alternated twice on the same model (``e2e.ab_times``; the row's ``ab``, printed
+as an ``A/B`` line — the eager steps' host spread between rows is tens of percent);
 ``--fp8-weights``: then once more with ``svdquant.keep_fp8_weights`` — no per-step
 widen, more memory — or once per byte budget, ``--fp8-weights 0.25,1,all`` GiB
 (``max_bytes``: the smallest layers first); ``--no-eager``: the graphed rows only;
@@ -201,6 +203,10 @@ def run(
                 with constants(sets):
                     res = _time(model, kw, mode, ctx)
                 row = {"model": arch, "way": way, "mode": mode, "batch": b, **res}
+                if sets:  # and alternated with the default on the same model (e2e's A/B)
+                    default = next(r for r in rows if r["way"] == last and r["mode"] == mode
+                                   and r["batch"] == b)  # fmt: skip
+                    row["ab"] = e2e.ab_times(model, kw, mode, ctx, sets, default["median_ms"])
                 if ctx.profile_rows and mode == "eager" and b == ctx.batches[0]:
                     row["profile"] = e2e.profile_step(lambda kw=kw, m=model: m(**kw), ctx, top=25)
                 row["weights_bytes"] = weights
@@ -335,6 +341,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{r['median_ms']:.1f} | {r['x_bf16']:.2f}× | {r['weights_bytes'] / 2**30:.2f} | "
             f"{peak} |"
         )
+    for r in rows:
+        if "ab" in r:
+            a = r["ab"]
+            print(f"A/B {r['model']} {r['way']} {r['mode']} b{r['batch']}: default "
+                  f"{a['default_ms']} ms, set {a['set_ms']} ms: set {a['set_vs_default']}x as "
+                  "fast (alternated)")  # fmt: skip
     for r in rows:
         if "profile" in r:
             ops = ", ".join(f"{o['name'][:40]} {o['self_ms']:.2f}" for o in r["profile"]["ops"][:8])

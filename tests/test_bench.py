@@ -478,6 +478,9 @@ def test_models_bench_times_each_architecture_both_ways(tmp_path, capsys):
     with pytest.raises(SystemExit, match="GiB numbers"):
         models.main(["--tiny", "--fp8-weights", "lots"])
     assert ops.GEGLU_EPILOGUE is True  # set for that way only
+    alternated = ab["rows"][-3]["ab"]  # both ways twice after the row, on the same model
+    assert len(alternated["set_ms"]) == 2 and len(alternated["default_ms"]) == 3
+    assert alternated["set_vs_default"] > 0
     # an fp16 model with a LoRA on every quantized layer (the fused model takes it)
     lo = models.main(["--tiny", "--models", "sdxl", "--steps", "1", "--out", str(tmp_path),
                       "--lora-rank", "4", "--dtype", "float16",
@@ -490,9 +493,12 @@ def test_models_bench_times_each_architecture_both_ways(tmp_path, capsys):
         "svdq-int4 + LoRA r4",
         "svdq-int4 + LoRA r4 ops.GEGLU_EPILOGUE=False",
     ]  # (the A/B on the LoRA'd)
+    assert "ab" in lo["rows"][-1] and "ab" not in lo["rows"][-2]
     assert all(r["x_bf16"] > 0 for r in lo["rows"])  # (against the fp16 model)
     assert lo["rows"][3]["weights_bytes"] > lo["rows"][2]["weights_bytes"]
-    assert "| model | way | mode | batch | ms/step | × FP16 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| model | way | mode | batch | ms/step | × FP16 |" in printed
+    assert "A/B sdxl svdq-int4 + LoRA r4 ops.GEGLU_EPILOGUE=False eager b1" in printed
     with pytest.raises(SystemExit, match="apart"):
         models.main(["--tiny", "--lora-rank", "4", "--fp8-weights", "all"])
     with pytest.raises(SystemExit, match="positive"):
