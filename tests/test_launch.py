@@ -68,6 +68,7 @@ def bound(monkeypatch):
     """``launch`` as on a GPU: not interpreting, device 0, a stream handle of 77."""
     monkeypatch.setattr(launch_mod, "interpreting", lambda: False)
     monkeypatch.setattr(launch_mod, "BOUND", True)
+    monkeypatch.setattr(launch_mod, "SUPPORTED", True)
     monkeypatch.setattr(launch_mod, "_stream", lambda device: 77)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(launch_mod, "_KERNELS", {})
@@ -167,6 +168,15 @@ def test_a_launch_hook_takes_tritons_path(bound, monkeypatch):
         monkeypatch.setattr(hook, "calls", [lambda metadata: None])
     else:
         monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda metadata: None)
+    for _ in range(2):
+        launch(k, (1,), x, x, 8, 1.0, BLOCK=16)
+    assert len(k.run_calls) == 2
+
+
+def test_another_triton_takes_tritons_path(bound, monkeypatch):
+    monkeypatch.setattr(launch_mod, "SUPPORTED", False)
+    k = _FakeKernel()
+    x = torch.zeros(8)
     for _ in range(2):
         launch(k, (1,), x, x, 8, 1.0, BLOCK=16)
     assert len(k.run_calls) == 2

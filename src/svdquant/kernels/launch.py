@@ -14,15 +14,21 @@ value, positional integers by value (Triton specializes integers on 1, on divisi
 address (what Triton specializes pointers on), a tensor descriptor by its dtype, block
 shape, layout and padding, floats by type, anything else by value. A call with a tensor
 among its keyword arguments, an unhashable argument, a callable grid, a launch hook set
-in Triton's settings (a profiler's) or under the interpreter takes Triton's own path every
-time. ``BOUND`` turns the shortcut off (a probe's A/B).
+in Triton's settings (a profiler's), under the interpreter or with a triton other than
+the one it was checked against (``SUPPORTED``: 3.6) takes Triton's own path every time.
+``BOUND`` turns the shortcut off (a probe's A/B).
 """
 
 from __future__ import annotations
 
 import torch
-from triton import knobs
+import triton
 from triton.runtime import driver
+
+try:  # (triton >= 3.4)
+    from triton import knobs
+except ImportError:  # pragma: no cover - depends on the installed triton
+    knobs = None
 
 from svdquant.kernels._triton_common import interpreting
 
@@ -30,6 +36,11 @@ __all__ = ["launch"]
 
 #: Launch kept kernels directly (False: every call through ``JITFunction.run``).
 BOUND = True
+#: Whether the installed triton launches as this module expects: the compiled kernel's
+#: launcher called with every parameter in order, constexprs included, and hook chains in
+#: ``triton.knobs`` — checked against 3.6 (the GPU suite, v60). Other versions (3.2's
+#: launcher takes the non-constexpr arguments only) keep Triton's path.
+SUPPORTED = triton.__version__.startswith("3.6.") and knobs is not None
 #: Signatures kept per kernel; past it the kernel's are dropped and kept again as they come
 #: (a new token count is a new signature: integers are keyed by value).
 MAX_SIGNATURES = 256
@@ -133,7 +144,7 @@ def _hooked() -> bool:
 def launch(fn, grid, *args, **kwargs) -> None:
     """``fn[grid](*args, **kwargs)``; after a signature's first call, without
     ``JITFunction.run`` (see the module docstring)."""
-    if not BOUND or interpreting() or type(grid) is not tuple or _hooked():
+    if not (BOUND and SUPPORTED) or interpreting() or type(grid) is not tuple or _hooked():
         fn[grid](*args, **kwargs)
         return
     entry = _kernel(fn)
