@@ -158,32 +158,21 @@ def test_a_tensor_among_the_keyword_arguments_is_never_kept(bound):
     assert len(launch_mod._KERNELS[id(k)].kept) == 1
 
 
-def test_a_launch_hook_takes_tritons_path(bound, monkeypatch):
+@pytest.mark.parametrize("why", ["a launch hook", "another triton", "the interpreter"])
+def test_takes_tritons_path_every_call(bound, monkeypatch, why):
+    """A profiler's launch hook, a triton whose launcher was not checked, the interpreter."""
     from triton import knobs
 
-    k = _FakeKernel()
-    x = torch.zeros(8)
-    hook = knobs.runtime.launch_enter_hook
-    if hasattr(hook, "add"):
-        monkeypatch.setattr(hook, "calls", [lambda metadata: None])
+    if why == "a launch hook":
+        hook = knobs.runtime.launch_enter_hook
+        if hasattr(hook, "add"):
+            monkeypatch.setattr(hook, "calls", [lambda metadata: None])
+        else:
+            monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda metadata: None)
+    elif why == "another triton":
+        monkeypatch.setattr(launch_mod, "SUPPORTED", False)
     else:
-        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda metadata: None)
-    for _ in range(2):
-        launch(k, (1,), x, x, 8, 1.0, BLOCK=16)
-    assert len(k.run_calls) == 2
-
-
-def test_another_triton_takes_tritons_path(bound, monkeypatch):
-    monkeypatch.setattr(launch_mod, "SUPPORTED", False)
-    k = _FakeKernel()
-    x = torch.zeros(8)
-    for _ in range(2):
-        launch(k, (1,), x, x, 8, 1.0, BLOCK=16)
-    assert len(k.run_calls) == 2
-
-
-def test_interpreter_takes_tritons_path(monkeypatch):
-    monkeypatch.setattr(launch_mod, "interpreting", lambda: True)
+        monkeypatch.setattr(launch_mod, "interpreting", lambda: True)
     k = _FakeKernel()
     x = torch.zeros(8)
     for _ in range(2):
