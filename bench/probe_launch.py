@@ -32,7 +32,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gemm import Layer, run_info, write_result
-from probe_layer import with_constants
+from probe_layer import constants, with_constants
 
 import svdquant
 from svdquant.kernels import launch as launch_mod
@@ -64,14 +64,10 @@ def bound_ab(fn) -> tuple[float, float]:
     """``host_us(fn)`` with ``kernels.launch.BOUND`` on and off, alternated twice: the
     faster of each way (the host's time moves by tens of percent between runs)."""
     times: dict[bool, list[float]] = {True: [], False: []}
-    before = launch_mod.BOUND
-    try:
-        for _ in range(2):
-            for way in (True, False):
-                launch_mod.BOUND = way
+    for _ in range(2):
+        for way in (True, False):
+            with constants([(launch_mod, "BOUND", way)]):
                 times[way].append(host_us(fn))
-    finally:
-        launch_mod.BOUND = before
     return min(times[True]), min(times[False])
 
 
