@@ -36,7 +36,7 @@ from probe_layer import constants, with_constants
 
 import svdquant
 from svdquant.kernels import launch as launch_mod
-from svdquant.kernels import ops
+from svdquant.kernels import ops, replay
 from svdquant.kernels.gemm import fp8_gemm
 from svdquant.kernels.quantize import quantize_act
 from svdquant.kernels.widen import widen_weight
@@ -60,22 +60,22 @@ def host_us(fn, n: int = 400) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def bound_ab(fn) -> tuple[float, float]:
-    """``host_us(fn)`` with ``kernels.launch.BOUND`` on and off, alternated twice: the
+def switch_ab(fn, module, name: str) -> tuple[float, float]:
+    """``host_us(fn)`` with the switch ``module.name`` on and off, alternated twice: the
     faster of each way (the host's time moves by tens of percent between runs)."""
     times: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(2):
         for way in (True, False):
-            with constants([(launch_mod, "BOUND", way)]):
+            with constants([(module, name, way)]):
                 times[way].append(host_us(fn))
     return min(times[True]), min(times[False])
 
 
-def module(layer: Layer) -> svdquant.SVDQLinear:
-    """An ``SVDQLinear`` holding ``layer``'s tensors (backend ``triton``)."""
+def module(layer: Layer, act_fmt: str = "int4") -> svdquant.SVDQLinear:
+    """An ``SVDQLinear`` of ``layer``'s shape (backend ``triton``)."""
     lin = torch.nn.Linear(layer.in_features, layer.out_features).cuda().bfloat16()
     calib = torch.randn(64, layer.in_features, device="cuda").bfloat16()
-    mod = svdquant.quantize_linear(lin, calib, fmt="int4", act_fmt="int4", rank=32)
+    mod = svdquant.quantize_linear(lin, calib, fmt="int4", act_fmt=act_fmt, rank=32)
     mod.backend = "triton"
     return mod
 
@@ -161,6 +161,12 @@ def main() -> None:
         help="time every case with kernels.launch.BOUND on and off (alternated twice, the "
         "faster of each way): the bound launches' host time against Triton's run",
     )
+    p.add_argument(
+        "--replay-ab",
+        action="store_true",
+        help="the same with kernels.replay.ENABLED: replayed layer calls against their own "
+        "path (the cases that call an SVDQLinear)",
+    )
     a = p.parse_args()
     torch.manual_seed(0)
     m, nk = a.m, a.nk
@@ -175,6 +181,11 @@ def main() -> None:
     xq, lora = quantize_act(x, layer.smooth, layer.down, s, kp, "int4")
     wq, s_ch = widen_weight(*w, "int4")
     mod = module(layer)
+    kept_mod = module(layer)
+    svdquant.keep_fp8_weights(kept_mod)
+    w4a16_mod = module(layer, act_fmt="none")
+    h = torch.randn(2048, 2 * nk, device="cuda").bfloat16()
+    halves = h[:, :nk], h[:, nk:]  # (a GEGLU's up projection, read where it lies)
     cases = {
         "F.linear bf16": lambda: F.linear(x, w16, layer.bias),
         "empty triton kernel": lambda: _empty_kernel[(1,)](x, 1),
@@ -194,19 +205,25 @@ def main() -> None:
         "svdq_linear_triton": lambda: layer(x),
         "SVDQLinear.forward": lambda: mod(x),
         "SVDQLinear.forward, 1024 rows": lambda: mod(x1024),
+        "SVDQLinear.forward, kept fp8 weights": lambda: kept_mod(x),
+        "SVDQLinear.forward_gated, 2048 rows": lambda: mod.forward_gated(*halves),
+        "SVDQLinear.forward, W4A16, one token": lambda: w4a16_mod(x1),
         "W4A16 layer, M = 1": lambda: layer(x1, act_fmt="none"),
         **_rope_cases(),
         **(_lora_cases(mod, nk, a.lora_rank) if a.lora_rank else {}),
     }
     result: dict = {**run_info(), "M": m, "N": nk, "K": nk, "host_us": {}}
-    if a.bound_ab:
-        result["host_us_unbound"] = {}
+    switch = None
+    if a.bound_ab or a.replay_ab:
+        switch = (launch_mod, "BOUND") if a.bound_ab else (replay, "ENABLED")
+        off_key = "host_us_unbound" if a.bound_ab else "host_us_not_replayed"
+        result[off_key] = {}
     for name, fn in cases.items():
-        if a.bound_ab:
-            on, off = bound_ab(fn)
-            result["host_us"][name], result["host_us_unbound"][name] = on, off
-            print(f"{name:40s} {on:8.1f} µs bound, {off:8.1f} through run ({off / on:.2f}x)",
-                  flush=True)  # fmt: skip
+        if switch is not None:
+            on, off = switch_ab(fn, *switch)
+            result["host_us"][name], result[off_key][name] = on, off
+            print(f"{name:40s} {on:8.1f} µs with {switch[1]}, {off:8.1f} without "
+                  f"({off / on:.2f}x)", flush=True)  # fmt: skip
             continue
         result["host_us"][name] = host_us(fn)
         print(f"{name:30s} {result['host_us'][name]:8.1f} µs", flush=True)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from svdquant import formats, kernels
-from svdquant.kernels import kept
+from svdquant.kernels import kept, replay
 
 __all__ = ["SVDQLinear", "keep_fp8_weights"]
 
@@ -233,6 +233,7 @@ class SVDQLinear(nn.Module):
         # per call) until it is kept again
         state = dict(self.__dict__)
         state.pop("_fp8_source", None)
+        replay.forget_state(state)  # (compiled launchers: recorded again by a copy)
         return state
 
     def _whole_lowrank_up(self) -> torch.Tensor:
@@ -247,20 +248,7 @@ class SVDQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if kernels.resolve_backend(self.backend, x.device) == "triton":
-            return kernels.svdq_linear_triton(
-                x,
-                self.qweight,
-                self.wscales,
-                self.wtensor_scale,
-                self.smooth,
-                self.act_amax,
-                self.lowrank_down,
-                self._whole_lowrank_up(),
-                self.bias,
-                self.fmt,
-                self.act_fmt,
-                self.fp8_weights(),
-            )
+            return replay.call(self, ("forward",), (x,), self._forward_triton, self._replay_state)
         return kernels.svdq_linear(
             x,
             self.qweight,
@@ -272,6 +260,37 @@ class SVDQLinear(nn.Module):
             self.bias,
             self.fmt,
             self.act_fmt,
+        )
+
+    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.svdq_linear_triton(
+            x,
+            self.qweight,
+            self.wscales,
+            self.wtensor_scale,
+            self.smooth,
+            self.act_amax,
+            self.lowrank_down,
+            self._whole_lowrank_up(),
+            self.bias,
+            self.fmt,
+            self.act_fmt,
+            self.fp8_weights(),
+        )
+
+    def _replay_state(self) -> tuple:
+        """What an engine call's launches depend on besides its inputs (``kernels.replay``):
+        the layer's tensors (a kept fp8 copy counted while current), its settings, a fused
+        group's parts."""
+        return (
+            *self._buffers.values(),
+            *self._parameters.values(),
+            self.fp8_weights() is not None,
+            self.fmt,
+            self.act_fmt,
+            self.backend,
+            getattr(self, "lora_parts", None),
+            getattr(self, "_compact_sizes", None),
         )
 
     def forward_split(
@@ -292,7 +311,13 @@ class SVDQLinear(nn.Module):
         if kernels.resolve_backend(self.backend, x.device) == "triton" and (
             kernels.splits_in_gemm(self.act_fmt, sizes)
         ):
-            return kernels.svdq_linear_split_triton(self, x, sizes, last_act)
+            return replay.call(
+                self,
+                ("split", tuple(sizes), last_act),
+                (x,),
+                lambda x: kernels.svdq_linear_split_triton(self, x, sizes, last_act),
+                self._replay_state,
+            )
         parts = list(self.forward(x).split(sizes, dim=-1))
         if last_act != "none":
             parts[-1] = kernels.reference.activation_like(parts[-1], last_act)
@@ -307,7 +332,13 @@ class SVDQLinear(nn.Module):
         ``tail_act``: ``"none"``, ``"gelu_tanh"`` or ``"silu"``, rounded to x's dtype."""
         kernels.check_cat_inputs(x, tail, self.in_features)
         if self._reads_two_inputs_fused(x, tail):
-            return kernels.svdq_linear_cat_triton(self, x, tail, tail_act)
+            return replay.call(
+                self,
+                ("cat", tail_act),
+                (x, tail),
+                lambda x, tail: kernels.svdq_linear_cat_triton(self, x, tail, tail_act),
+                self._replay_state,
+            )
         h = kernels.reference.activation_ref(tail, tail_act).to(x.dtype)  # fp32, as fused
         return self.forward(torch.cat([x, h], dim=-1))
 
@@ -320,8 +351,14 @@ class SVDQLinear(nn.Module):
         the activation (``"gelu"``, ``"gelu_tanh"``, ``"silu"``, ``"none"``) and the
         product are rounded to x's dtype, as the unfused modules write them."""
         kernels.check_gated_inputs(x, gate, self.in_features)
-        if self._reads_two_inputs_fused(x, gate):
-            return kernels.svdq_linear_gated_triton(self, x, gate, gate_act)
+        if self._reads_two_inputs_fused(x, gate) and kernels.gated_in_quantize(x):
+            return replay.call(
+                self,
+                ("gated", gate_act),
+                (x, gate),
+                lambda x, gate: kernels.svdq_linear_gated_triton(self, x, gate, gate_act),
+                self._replay_state,
+            )
         return self.forward(x * kernels.reference.activation_ref(gate, gate_act).to(x.dtype))
 
     def _reads_two_inputs_fused(self, x: torch.Tensor, other: torch.Tensor) -> bool:
@@ -351,6 +388,7 @@ class SVDQLinear(nn.Module):
         return (w / self.smooth.float()).to(self.lowrank_down.dtype)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SVDQLinear:
+        replay.forget(self)  # (its held tensors would keep the old copies alive)
         kept = self.fp8_weights() is not None
         # codes put on the host stay there on every move to a GPU, also after a trip of
         # the whole layer through the CPU (``keep_fp8_weights(codes_on_host=True)``)

@@ -16,7 +16,8 @@ shape, layout and padding, floats by type, anything else by value. A call with a
 among its keyword arguments, an unhashable argument, a callable grid, a launch hook set
 in Triton's settings (a profiler's), under the interpreter or with a triton other than
 the one it was checked against (``SUPPORTED``: 3.6) takes Triton's own path every time.
-``BOUND`` turns the shortcut off (a probe's A/B).
+``BOUND`` turns the shortcut off (a probe's A/B). While ``RECORDER`` is set (``replay``
+records a layer call), every launch is also reported to it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ except ImportError:  # pragma: no cover - depends on the installed triton
 
 from svdquant.kernels._triton_common import interpreting
 
-__all__ = ["launch"]
+__all__ = ["kept_launcher", "launch"]
 
 #: Launch kept kernels directly (False: every call through ``JITFunction.run``).
 BOUND = True
@@ -44,6 +45,8 @@ SUPPORTED = triton.__version__.startswith("3.6.") and knobs is not None
 #: Signatures kept per kernel; past it the kernel's are dropped and kept again as they come
 #: (a new token count is a new signature: integers are keyed by value).
 MAX_SIGNATURES = 256
+#: The recorder of a layer call (``replay``), told of every launch; None when none records.
+RECORDER = None
 
 
 class _Unkeyable(Exception):
@@ -132,7 +135,7 @@ def _stream(device: int) -> int:
     return driver.active.get_current_stream(device)
 
 
-def _hooked() -> bool:
+def hooked() -> bool:
     """Whether a launch hook is set (a profiler's): then every launch goes through ``run``,
     which calls it. Triton 3.6 keeps them as (empty) hook chains."""
     for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
@@ -144,7 +147,16 @@ def _hooked() -> bool:
 def launch(fn, grid, *args, **kwargs) -> None:
     """``fn[grid](*args, **kwargs)``; after a signature's first call, without
     ``JITFunction.run`` (see the module docstring)."""
-    if not (BOUND and SUPPORTED) or interpreting() or type(grid) is not tuple or _hooked():
+    if RECORDER is not None:  # (what the kernel's own run does is not the call's)
+        RECORDER.note_launch(fn, grid, args, kwargs)
+        with RECORDER.paused():
+            _launch(fn, grid, args, kwargs)
+    else:
+        _launch(fn, grid, args, kwargs)
+
+
+def _launch(fn, grid, args: tuple, kwargs: dict) -> None:
+    if not (BOUND and SUPPORTED) or interpreting() or type(grid) is not tuple or hooked():
         fn[grid](*args, **kwargs)
         return
     entry = _kernel(fn)
@@ -169,3 +181,33 @@ def launch(fn, grid, *args, **kwargs) -> None:
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     call(grid[0], g1, g2, _stream(device), function, *middle, *args, *tail)
+
+
+def untracked() -> None:
+    """Tell the recorder (if any) that a kernel ran without ``launch`` (an autotuning run):
+    the recorded call cannot be replayed."""
+    if RECORDER is not None:
+        RECORDER.note_untracked()
+
+
+def kept_launcher(fn, grid, args: tuple, kwargs: dict):
+    """``fn[grid](*args, **kwargs)``'s kept launcher — made by an earlier ``launch`` of that
+    signature — as ``go(args)`` launching the kernel on ``args`` (of the same signature) on
+    the current stream; None where ``launch`` keeps none (then launch through it)."""
+    if not (BOUND and SUPPORTED) or interpreting() or type(grid) is not tuple:
+        return None
+    device = torch.cuda.current_device()
+    try:
+        kept = _kernel(fn).kept.get(_key(device, args, kwargs))
+    except (_Unkeyable, TypeError):
+        return None
+    if kept is None:
+        return None
+    function, call, middle, tail = kept
+    g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+    get_stream = driver.active.get_current_stream
+
+    def go(args: list) -> None:
+        call(*g, get_stream(device), function, *middle, *args, *tail)
+
+    return go

@@ -651,6 +651,12 @@ def check_gated_inputs(x: torch.Tensor, gate: torch.Tensor, in_features: int) ->
 GATED_MIN_ROWS = 2048
 
 
+def gated_in_quantize(x: torch.Tensor) -> bool:
+    """Whether ``svdq_linear_gated_triton`` reads x and the gate in the quantize
+    (``GATED_MIN_ROWS``) rather than applying the gate with PyTorch first."""
+    return x.numel() >= GATED_MIN_ROWS * x.shape[-1]
+
+
 def svdq_linear_gated_triton(
     layer: torch.nn.Module, x: torch.Tensor, gate: torch.Tensor, gate_act: str = "gelu"
 ) -> torch.Tensor:
@@ -660,7 +666,7 @@ def svdq_linear_gated_triton(
     to x's dtype, as the unfused modules' outputs would be."""
     _check_fused_input_format(layer, "the fused gated input")
     check_gated_inputs(x, gate, layer.in_features)
-    if x.numel() < GATED_MIN_ROWS * x.shape[-1]:  # the unfused passes are as fast there
+    if not gated_in_quantize(x):  # the unfused passes are as fast there
         return layer(x * reference.activation_ref(gate, gate_act).to(x.dtype))
     return _svdq_linear_two_inputs(layer, x, gate, gate_act, gated=True)
 
