@@ -711,8 +711,6 @@ def ab_times(
     captures a new graph each way (the constants are read while the step is traced).
     A constant of ``svdquant.lora`` (``lora.RANK_MULTIPLE``) is read where a LoRA's rows
     are stacked into a layer: the loaded LoRAs are stacked again each way."""
-    from svdquant.kernels import replay
-
     olds = [(m, n, getattr(m, n)) for m, n, _ in sets]
     restack = any(m.__name__ == "svdquant.lora" for m, _, _ in sets)
     out: dict[str, Any] = {"default_ms": [round(default_ms, 3)], "set_ms": []}
@@ -721,7 +719,6 @@ def ab_times(
             for way in ("set_ms", "default_ms"):
                 for (m, n, v), (_, _, old) in zip(sets, olds, strict=True):
                     setattr(m, n, v if way == "set_ms" else old)
-                replay.clear()  # (the layers' replays follow the constants)
                 if restack:
                     _restack_loras(model)
                 with torch.inference_mode():
@@ -737,7 +734,6 @@ def ab_times(
     finally:
         for m, n, old in olds:
             setattr(m, n, old)
-        replay.clear()
         if restack:
             _restack_loras(model)
     out["set_vs_default"] = round(min(out["default_ms"]) / min(out["set_ms"]), 4)

@@ -43,7 +43,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from gemm import NKS, Layer, bench_graph, mlp_bf16, run_info, write_result
 
-from svdquant.kernels import replay
 from svdquant.kernels.ops import _act_scale, svdq_mlp_triton
 from svdquant.kernels.quantize import quantize_act
 from svdquant.kernels.widen import widen_weight
@@ -142,12 +141,10 @@ def constants(sets: list[tuple[Any, str, Any]]) -> Iterator[None]:
     try:
         for m, n, v in sets:
             setattr(m, n, v)
-        replay.clear()  # (a layer's replays follow the constants it was recorded under)
         yield
     finally:
         for m, n, v in reversed(olds):
             setattr(m, n, v)
-        replay.clear()
 
 
 def with_constants(fn, sets: list[tuple[Any, str, Any]]):
@@ -170,13 +167,11 @@ def _both(fn, sets) -> tuple[dict, dict]:
             for way in ("default", "set"):
                 for (m, n, v), (_, _, new) in zip(defaults, sets, strict=True):
                     setattr(m, n, new if way == "set" else v)
-                replay.clear()
                 outs[way] = fn()
                 times[f"{way}_us_{i}"] = bench_graph(fn)
     finally:
         for m, n, v in defaults:
             setattr(m, n, v)
-        replay.clear()
     return outs, times
 
 

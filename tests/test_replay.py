@@ -126,6 +126,18 @@ def test_a_changed_weight_drops_the_replays():
     assert not _has_plan(owner)
 
 
+def test_setting_an_engine_constant_drops_the_replays(monkeypatch):
+    from svdquant.kernels import gemm
+
+    owner = _Owner(_Kernel())
+    for _ in range(3):
+        owner(torch.randn(4, 8))
+    assert _has_plan(owner)  # (each recording set launch.RECORDER: not an engine constant)
+    monkeypatch.setattr(gemm, "WS_GEMM", not gemm.WS_GEMM)
+    owner(torch.randn(4, 8))
+    assert not _has_plan(owner)
+
+
 def test_calls_it_cannot_redo_stay_on_their_own_path():
     k = _Kernel()
 

@@ -285,7 +285,7 @@ class SVDQLinear(nn.Module):
         return (
             *self._buffers.values(),
             *self._parameters.values(),
-            self.fp8_weights() is not None,
+            "fp8_weight" in self._buffers and self._source_unchanged(),
             self.fmt,
             self.act_fmt,
             self.backend,

@@ -22,7 +22,8 @@ on its own path, every time. What it returns must be fresh buffers or views of t
 For one layer call it is what a CUDA graph is for a whole step (``svdquant.cuda_graphed``),
 without capturing: new buffers every call, the current stream, nothing fixed but the
 layer's own tensors. ``ENABLED = False`` turns it off (a probe's A/B); ``clear()`` forgets
-every recording (after changing the engine's module constants).
+every recording — done by itself whenever a constant (an upper-case name) of a svdquant
+module is set, as a probe's ``--set`` or a test's ``monkeypatch`` does.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import contextlib
 import dataclasses
 import importlib
 import os
+import sys
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -47,8 +50,10 @@ MAX_PLANS = 16
 GENERATION = 0
 
 _ATTR = "_svdquant_replay"
-#: ``kernels.launch``, imported at the first call (this module imports without triton)
+#: ``kernels.launch`` and ``kernels.ops``, imported at the first call (this module
+#: imports without triton)
 launch_mod: Any = None
+ops_mod: Any = None
 _aten = torch.ops.aten
 #: allocations, and whether they come zeroed
 _FACTORIES = {
@@ -88,6 +93,30 @@ def clear() -> None:
     the engine's module constants, which decide what a call launches."""
     global GENERATION
     GENERATION += 1
+
+
+class _Watched(types.ModuleType):
+    """A svdquant module whose constants decide what a call launches: setting one (an
+    upper-case name) drops every replay (``clear``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name.isupper() and name != "RECORDER":  # (``launch.RECORDER``: set by a recording)
+            clear()
+
+
+_WATCHED_AT = 0
+
+
+def _watch() -> None:
+    """Watch svdquant's modules imported since the last look (``_Watched``)."""
+    global _WATCHED_AT
+    if len(sys.modules) == _WATCHED_AT:
+        return
+    _WATCHED_AT = len(sys.modules)
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "svdquant" and type(module) is types.ModuleType:
+            module.__class__ = _Watched
 
 
 def forget(owner: Any) -> None:
@@ -396,9 +425,11 @@ def usable(inputs: Sequence[torch.Tensor]) -> bool:
     """Whether a call on ``inputs`` may be recorded or replayed: eagerly on plain tensors,
     on the GPU outside a capture (or in the Triton interpreter, for tests), and not inside
     another call's recording."""
-    global launch_mod
+    global launch_mod, ops_mod
     if launch_mod is None:
         launch_mod = importlib.import_module("svdquant.kernels.launch")
+        ops_mod = importlib.import_module("svdquant.kernels.ops")
+    _watch()
     if not ENABLED or launch_mod.RECORDER is not None or torch.compiler.is_compiling():
         return False
     if any(type(t) is not torch.Tensor for t in inputs):
@@ -429,6 +460,7 @@ def call(owner: Any, extra: tuple, inputs: Sequence[torch.Tensor], fn: Callable,
     except TypeError:  # an unhashable argument
         return fn(*inputs)
     if isinstance(entry, _Plan):
+        ops_mod._ops(inputs[0])  # (an eager call: counted toward ``ops.EAGER_HINT``)
         return entry.run(inputs)
     out, rec = _record(fn, inputs)
     if rec is None:
