@@ -13,6 +13,9 @@ whole ``svdq_linear_triton`` and ``SVDQLinear.forward`` (with its input checks),
 W4A16 path at one token, and attention's q/k norm + rotary (``kernels.rms_norm_rope``
 against diffusers' passes, 8 text + 8 image tokens, 2 heads of 128); then a cProfile of
 the whole layer call (top functions by own time) written beside the JSON.
+``--bound-ab`` times every case with ``kernels.launch.BOUND`` on and off, ``--replay-ab``
+with ``kernels.replay.ENABLED`` on and off (the ``SVDQLinear`` cases: plain, its fp8
+weight kept, a GEGLU's gated input at 2048 rows, W4A16 at one token), alternated twice.
 """
 
 from __future__ import annotations

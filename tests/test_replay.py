@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -282,10 +284,19 @@ def test_a_layer_follows_its_weights_and_copies():
         finally:
             replay.ENABLED = True
     assert not torch.equal(got, got2)
+    _calls(q, "forward", [(x,) for x in xs])
+    assert _has_plan(q)
+    old = weakref.ref(q.bias)
+    q.bias = torch.nn.Parameter(torch.ones_like(q.bias))  # replaced: the replays let it go
+    gc.collect()
+    assert old() is None and not _has_plan(q)
+    with torch.no_grad():
+        got3 = q(xs[0])
+    assert torch.allclose(got3.float(), got2.float() + 1.0, atol=0.07)
     for clone in (copy.deepcopy(q), pickle.loads(pickle.dumps(q))):
         assert replay._ATTR not in clone.__dict__
         with torch.no_grad():
-            assert torch.equal(clone(xs[0]), got2)
+            assert torch.equal(clone(xs[0]), got3)
 
 
 @pytest.mark.gpu

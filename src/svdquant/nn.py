@@ -124,6 +124,11 @@ class SVDQLinear(nn.Module):
         cfg["dtype"] = getattr(torch, cfg["dtype"])
         return cls(**cfg, **kwargs)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if value is None or isinstance(value, torch.Tensor):  # a tensor replaced
+            replay.forget(self)  # (its replays would keep the old one alive)
+        super().__setattr__(name, value)
+
     def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(
@@ -150,6 +155,7 @@ class SVDQLinear(nn.Module):
         memory — 1 byte a weight on the GPU instead of 1.5 — for the state dict and for a
         new copy should the weight change (``codes_on_host()``). ``enabled=False``
         releases the copy and brings the codes back to the layer's device."""
+        replay.forget(self)  # (the tensors it swaps: replays would keep the old ones)
         if enabled and self.fp8_weights() is not None:
             self._place_codes(codes_on_host)
             return True

@@ -34,6 +34,7 @@ import importlib
 import os
 import sys
 import types
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -407,15 +408,16 @@ def _signature(inputs: Sequence[torch.Tensor], extra: tuple) -> tuple:
     return tuple(sig)
 
 
-def _state(values: Sequence) -> tuple:
-    """The layer's side of a call: its tensors by identity and in-place version, its
-    settings by value."""
+def _state(values: Sequence, refs: list) -> tuple:
+    """The layer's side of a call: its tensors by identity and in-place version (each
+    also weakly into ``refs``), its settings by value."""
     state: list = []
     for v in values:
         if isinstance(v, torch.Tensor):
             state.append((id(v), v._version))
+            refs.append(weakref.ref(v))
         elif isinstance(v, (tuple, list)):
-            state.append(_state(v))
+            state.append(_state(v, refs))
         else:
             state.append(v)
     return tuple(state)
@@ -426,11 +428,13 @@ def usable(inputs: Sequence[torch.Tensor]) -> bool:
     on the GPU outside a capture (or in the Triton interpreter, for tests), and not inside
     another call's recording."""
     global launch_mod, ops_mod
+    if not ENABLED or torch.compiler.is_compiling():  # (before anything dynamo would trace)
+        return False
     if launch_mod is None:
         launch_mod = importlib.import_module("svdquant.kernels.launch")
         ops_mod = importlib.import_module("svdquant.kernels.ops")
     _watch()
-    if not ENABLED or launch_mod.RECORDER is not None or torch.compiler.is_compiling():
+    if launch_mod.RECORDER is not None:
         return False
     if any(type(t) is not torch.Tensor for t in inputs):
         return False
@@ -447,12 +451,13 @@ def call(owner: Any, extra: tuple, inputs: Sequence[torch.Tensor], fn: Callable,
     arguments (hashable)."""
     if not usable(inputs):
         return fn(*inputs)
-    values = state()
-    now = (GENERATION, _state(values))
+    refs: list = []
+    now = (GENERATION, _state(state(), refs))
     held = owner.__dict__.get(_ATTR)
-    if held is None or held[0] != now:
-        # (the state's tensors held with it: their ids stay theirs while it is compared)
-        held = owner.__dict__[_ATTR] = (now, values, {})
+    if held is None or held[0] != now or any(r() is None for r in held[1]):
+        # (held weakly: a tensor replaced and freed is no longer kept by this; an id of
+        # a freed one, taken by another, shows as a dead reference)
+        held = owner.__dict__[_ATTR] = (now, refs, {})
     plans = held[2]
     try:
         sig = _signature(inputs, extra)
